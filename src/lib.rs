@@ -1,0 +1,14 @@
+//! jobd — a batch scheduler for shared GPU machines.
+//!
+//! Layers (a module uses only modules of lower layers; see ARCHITECTURE.md):
+//! - L0 [`spec`]: job files, states, records, API types, the worker contract. No IO.
+//! - L1 [`store`] (sled), [`gpu`] (inventory), [`proc`] (child processes), [`config`].
+//! - L2 [`sched`] (the single writer of job state), [`train`] (Candle, worker only),
+//!   [`publish`] (GGUF + Ollama store).
+//! - L3 [`api`] (axum), [`client`] (HTTP client for jobctl).
+//! - L4 [`daemon`] (wiring, recovery, shutdown), [`cli`] (jobctl subcommands).
+//! - L5 `src/bin/jobd.rs`, `src/bin/jobctl.rs`: thin.
+
+pub mod publish;
+pub mod spec;
+pub mod train;

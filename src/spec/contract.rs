@@ -1,0 +1,77 @@
+//! The worker contract: what a job's process is given and what it may leave behind.
+//!
+//! Every job runs in its own process group with a cleared environment plus the variables
+//! below. Its job directory (`JOBD_JOB_DIR`) holds:
+//!
+//! | file | written by | what |
+//! |---|---|---|
+//! | `job.toml` | daemon | the job file as submitted |
+//! | `spec.json` | daemon | the resolved job spec (absolute paths); `jobd worker` reads it |
+//! | `stdout.log`, `stderr.log` | the job | its output, appended across attempts |
+//! | `checkpoints/` | the job | `JOBD_CHECKPOINT_DIR`: survives retries and preemption |
+//! | `output/` | the job | `JOBD_OUTPUT_DIR`: the result (train jobs: the model) |
+//! | `metrics.jsonl` | train worker | one JSON object per logged step |
+//! | `progress.json` | train worker | step / planned steps, replaced atomically |
+//!
+//! Exit codes: `0` success; [`EXIT_PREEMPTED`] "I saved my state after SIGTERM, run me again";
+//! anything else is a failure (retried per `[retry]`). On SIGTERM a job should save what it
+//! can and exit within the grace period (`JOBD_GRACE_SECONDS`); after it, the whole process
+//! group gets SIGKILL.
+
+/// Exit code meaning "stopped on request after checkpointing; requeue me" (BSD `EX_TEMPFAIL`).
+pub const EXIT_PREEMPTED: i32 = 75;
+
+/// `PATH` given to jobs that do not set their own.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The job's id.
+pub const ENV_JOB_ID: &str = "JOBD_JOB_ID";
+/// The job's directory (see the module docs).
+pub const ENV_JOB_DIR: &str = "JOBD_JOB_DIR";
+/// Where to save checkpoints; kept across attempts.
+pub const ENV_CHECKPOINT_DIR: &str = "JOBD_CHECKPOINT_DIR";
+/// Where to put the job's result.
+pub const ENV_OUTPUT_DIR: &str = "JOBD_OUTPUT_DIR";
+/// 1 for the first run, 2 after the first retry or resume, and so on.
+pub const ENV_ATTEMPT: &str = "JOBD_ATTEMPT";
+/// Seconds between SIGTERM and SIGKILL.
+pub const ENV_GRACE_SECONDS: &str = "JOBD_GRACE_SECONDS";
+/// VRAM reserved for the job on each of its GPUs, in bytes (absent for CPU jobs).
+pub const ENV_VRAM_BYTES: &str = "JOBD_VRAM_BYTES";
+/// The exit code that means "preempted, requeue me" (`75`).
+pub const ENV_PREEMPT_EXIT_CODE: &str = "JOBD_PREEMPT_EXIT_CODE";
+/// GPUs given to the job, as UUIDs (comma separated); empty for CPU jobs.
+pub const ENV_GPU_UUIDS: &str = "JOBD_GPU_UUIDS";
+/// Set to `1` when the GPUs are simulated (`--gpus fake:...`): the job must run on CPU.
+pub const ENV_FAKE_GPUS: &str = "JOBD_FAKE_GPUS";
+
+/// File names inside a job directory.
+pub mod files {
+    pub const JOB_TOML: &str = "job.toml";
+    pub const SPEC_JSON: &str = "spec.json";
+    pub const STDOUT: &str = "stdout.log";
+    pub const STDERR: &str = "stderr.log";
+    pub const CHECKPOINTS: &str = "checkpoints";
+    pub const OUTPUT: &str = "output";
+    pub const METRICS: &str = "metrics.jsonl";
+    pub const PROGRESS: &str = "progress.json";
+}
+
+/// Progress a worker reports in `progress.json` (replaced atomically), read by the daemon.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Steps planned in total.
+    pub total_steps: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Peak device memory measured by the worker, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+    /// Current stage, e.g. "tokenizing", "training", "saving".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+}

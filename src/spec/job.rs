@@ -1,0 +1,682 @@
+//! The job file: typed TOML with unknown fields rejected, semantic validation and path
+//! resolution. A job file is parsed by `jobctl` (to fail early, with line and column) and again
+//! by the daemon (the authority, also for HTTP clients).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::JobId;
+use super::publish::PublishSpec;
+use super::toml_source::{Issue, Source, SourceError};
+use super::train::{DataSpec, LoraSpec, ModelSpec, TrainingArgs};
+use super::units::{ByteSize, HumanDuration};
+
+/// Largest job file accepted, in bytes.
+pub const MAX_JOB_FILE_BYTES: usize = 256 * 1024;
+/// Priorities range over `-MAX_PRIORITY..=MAX_PRIORITY`; higher runs first.
+pub const MAX_PRIORITY: i32 = 1000;
+/// Variables the scheduler sets for every job; a job file may not override them.
+pub const RESERVED_ENV: [&str; 2] = ["CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"];
+
+/// A job as written in a job file (after `resolve_paths`, with absolute paths).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Display name; defaults to the job file's stem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Higher runs first; may preempt lower-priority running jobs.
+    #[serde(default)]
+    pub priority: i32,
+    /// What the worker does: run `[command]`, or fine-tune with Candle.
+    pub kind: JobKind,
+    /// Ids of jobs that must succeed before this one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<JobId>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandSpec>,
+    #[serde(default)]
+    pub retry: RetrySpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingArgs>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<PublishSpec>,
+    /// Directory the job file's relative paths were resolved against (set at submit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_dir: Option<PathBuf>,
+}
+
+/// What kind of work a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// Run `[command] argv` directly (no shell).
+    Command,
+    /// Fine-tune a model with Candle in `jobd worker`.
+    Train,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Command => "command",
+            JobKind::Train => "train",
+        }
+    }
+}
+
+/// What a job needs to run.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Number of GPUs; 0 runs on CPU only.
+    #[serde(default)]
+    pub gpus: u32,
+    /// VRAM per GPU: a size such as "20GiB", or "auto" (the estimate for train jobs, the whole
+    /// card for command jobs).
+    #[serde(default)]
+    pub vram: VramRequest,
+    /// Only these GPUs (index or UUID) may be used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only_gpus: Vec<GpuSelector>,
+    /// These GPUs are tried first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefer_gpus: Vec<GpuSelector>,
+    /// CPU threads for the job (sets `OMP_NUM_THREADS`, `RAYON_NUM_THREADS`); default: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+}
+
+/// A VRAM request: a fixed size per GPU, or "auto".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VramRequest {
+    #[default]
+    Auto,
+    PerGpu(ByteSize),
+}
+
+impl Serialize for VramRequest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            VramRequest::Auto => s.serialize_str("auto"),
+            VramRequest::PerGpu(b) => b.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for VramRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected \"auto\" or a size such as \"20GiB\"")
+        })? {
+            Raw::Int(n) => Ok(VramRequest::PerGpu(ByteSize(n))),
+            Raw::Text(t) if t.trim().eq_ignore_ascii_case("auto") => Ok(VramRequest::Auto),
+            Raw::Text(t) => t
+                .parse()
+                .map(VramRequest::PerGpu)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A GPU named by its index (as `nvidia-smi` numbers them, PCI bus order) or its UUID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum GpuSelector {
+    Index(u32),
+    Uuid(String),
+}
+
+impl std::fmt::Display for GpuSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GpuSelector::Index(i) => write!(f, "{i}"),
+            GpuSelector::Uuid(u) => f.write_str(u),
+        }
+    }
+}
+
+/// `[command]`: what a command job runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    /// Program and arguments, run directly (no shell). A relative program path with a `/`
+    /// resolves against the job file's directory; a bare name is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment variables (the environment is otherwise cleared).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; default: the job file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<PathBuf>,
+}
+
+/// `[retry]`: run again after a failure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// How many times to retry (0 = never).
+    #[serde(default)]
+    pub max: u32,
+    /// Retry only on these exit codes; empty = any failure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_exit_codes: Vec<i32>,
+    /// Wait before the first retry; doubles for each further retry (capped at 1 hour).
+    #[serde(default = "default_backoff")]
+    pub backoff: HumanDuration,
+}
+
+fn default_backoff() -> HumanDuration {
+    HumanDuration::secs(10)
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        RetrySpec {
+            max: 0,
+            on_exit_codes: Vec::new(),
+            backoff: default_backoff(),
+        }
+    }
+}
+
+impl RetrySpec {
+    /// Delay before retry number `n` (1-based): `backoff * 2^(n-1)`, capped at one hour.
+    pub fn delay_for(&self, n: u32) -> std::time::Duration {
+        let cap = std::time::Duration::from_secs(3600);
+        let factor = 1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.backoff.0.checked_mul(factor).unwrap_or(cap).min(cap)
+    }
+
+    /// Should a run that exited with `code` (None: killed by a signal) be retried?
+    pub fn retries_on(&self, code: Option<i32>) -> bool {
+        match code {
+            Some(0) => false,
+            Some(c) => self.on_exit_codes.is_empty() || self.on_exit_codes.contains(&c),
+            None => self.on_exit_codes.is_empty(),
+        }
+    }
+}
+
+/// Parses and validates job-file text. `origin` names the file in messages.
+pub fn parse(origin: &str, text: &str) -> Result<JobSpec, SourceError> {
+    if text.len() > MAX_JOB_FILE_BYTES {
+        return Err(SourceError {
+            origin: origin.to_string(),
+            problems: vec![super::toml_source::Problem {
+                key: None,
+                line: None,
+                column: None,
+                message: format!(
+                    "job file is {} bytes; the limit is {MAX_JOB_FILE_BYTES}",
+                    text.len()
+                ),
+            }],
+        });
+    }
+    let source = Source::parse(origin, text)?;
+    let spec: JobSpec = source.deserialize()?;
+    let issues = spec.validate();
+    if issues.is_empty() {
+        Ok(spec)
+    } else {
+        Err(source.locate(issues))
+    }
+}
+
+/// Parses, validates, resolves relative paths against `base_dir` and checks that named files
+/// exist: everything `jobctl validate` and a submit do before a job is accepted.
+pub fn parse_and_resolve(
+    origin: &str,
+    text: &str,
+    base_dir: &Path,
+) -> Result<JobSpec, SourceError> {
+    let mut spec = parse(origin, text)?;
+    spec.resolve_paths(base_dir);
+    let issues = spec.check_paths();
+    if issues.is_empty() {
+        Ok(spec)
+    } else {
+        // Parse again only to locate the problems; this path is rare.
+        Err(Source::parse(origin, text)?.locate(issues))
+    }
+}
+
+impl JobSpec {
+    /// The display name: `name`, else the given fallback (the job file's stem).
+    pub fn display_name(&self, fallback: &str) -> String {
+        self.name.clone().unwrap_or_else(|| fallback.to_string())
+    }
+
+    /// Problems that make the job meaningless, whatever the machine.
+    pub fn validate(&self) -> Vec<Issue> {
+        let mut issues = Vec::new();
+        if let Some(name) = &self.name {
+            if name.trim().is_empty() || name.chars().count() > 128 {
+                issues.push(Issue::new("name", "must be 1 to 128 characters"));
+            } else if name.chars().any(char::is_control) {
+                issues.push(Issue::new("name", "must not contain control characters"));
+            }
+        }
+        if self.priority.abs() > MAX_PRIORITY {
+            issues.push(Issue::new(
+                "priority",
+                format!("must be between -{MAX_PRIORITY} and {MAX_PRIORITY}"),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, dep) in self.depends_on.iter().enumerate() {
+            if *dep == 0 || !seen.insert(*dep) {
+                issues.push(Issue::new(
+                    format!("depends_on[{i}]"),
+                    "must be a distinct job id (a positive number)",
+                ));
+            }
+        }
+        self.validate_resources(&mut issues);
+        match self.kind {
+            JobKind::Command => {
+                match &self.command {
+                    None => issues.push(Issue::new(
+                        "command",
+                        "kind = \"command\" needs a [command] table with argv",
+                    )),
+                    Some(cmd) => validate_command(cmd, &mut issues),
+                }
+                for (present, section) in [
+                    (self.model.is_some(), "model"),
+                    (self.data.is_some(), "data"),
+                    (self.training.is_some(), "training"),
+                    (self.lora.is_some(), "lora"),
+                    (self.publish.is_some(), "publish"),
+                ] {
+                    if present {
+                        issues.push(Issue::new(
+                            section,
+                            format!("[{section}] only applies to kind = \"train\""),
+                        ));
+                    }
+                }
+            }
+            JobKind::Train => {
+                if self.command.is_some() {
+                    issues.push(Issue::new(
+                        "command",
+                        "[command] only applies to kind = \"command\"",
+                    ));
+                }
+                issues.extend(super::train::validate(self));
+                if let Some(publish) = &self.publish {
+                    issues.extend(super::publish::validate(publish));
+                }
+            }
+        }
+        let r = &self.retry;
+        if r.max > 100 {
+            issues.push(Issue::new("retry.max", "must be at most 100"));
+        }
+        for (i, code) in r.on_exit_codes.iter().enumerate() {
+            if !(1..=255).contains(code) {
+                issues.push(Issue::new(
+                    format!("retry.on_exit_codes[{i}]"),
+                    "exit codes are 1 to 255",
+                ));
+            }
+        }
+        if r.backoff.0 > std::time::Duration::from_secs(24 * 3600) {
+            issues.push(Issue::new("retry.backoff", "must be at most 24h"));
+        }
+        issues
+    }
+
+    fn validate_resources(&self, issues: &mut Vec<Issue>) {
+        let r = &self.resources;
+        if r.gpus > 64 {
+            issues.push(Issue::new("resources.gpus", "must be at most 64"));
+        }
+        if r.gpus == 0 {
+            if let VramRequest::PerGpu(_) = r.vram {
+                issues.push(Issue::new(
+                    "resources.vram",
+                    "a VRAM amount needs resources.gpus of at least 1",
+                ));
+            }
+            if !r.only_gpus.is_empty() {
+                issues.push(Issue::new(
+                    "resources.only_gpus",
+                    "needs resources.gpus of at least 1",
+                ));
+            }
+            if !r.prefer_gpus.is_empty() {
+                issues.push(Issue::new(
+                    "resources.prefer_gpus",
+                    "needs resources.gpus of at least 1",
+                ));
+            }
+        }
+        if r.vram == VramRequest::PerGpu(ByteSize(0)) {
+            issues.push(Issue::new(
+                "resources.vram",
+                "must be more than 0 (or \"auto\")",
+            ));
+        }
+        if !r.only_gpus.is_empty() && (r.only_gpus.len() as u32) < r.gpus {
+            issues.push(Issue::new(
+                "resources.only_gpus",
+                format!(
+                    "lists {} GPUs but resources.gpus = {}",
+                    r.only_gpus.len(),
+                    r.gpus
+                ),
+            ));
+        }
+        for (i, p) in r.prefer_gpus.iter().enumerate() {
+            if !r.only_gpus.is_empty() && !r.only_gpus.contains(p) {
+                issues.push(Issue::new(
+                    format!("resources.prefer_gpus[{i}]"),
+                    format!("GPU {p} is not in resources.only_gpus"),
+                ));
+            }
+        }
+        for (key, list) in [("only_gpus", &r.only_gpus), ("prefer_gpus", &r.prefer_gpus)] {
+            for (i, sel) in list.iter().enumerate() {
+                if let GpuSelector::Uuid(u) = sel {
+                    if u.trim().is_empty() {
+                        issues.push(Issue::new(
+                            format!("resources.{key}[{i}]"),
+                            "a GPU is an index or a UUID such as \"GPU-8f1c...\"",
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(cpus) = r.cpus {
+            if cpus == 0 || cpus > 4096 {
+                issues.push(Issue::new("resources.cpus", "must be between 1 and 4096"));
+            }
+        }
+    }
+
+    /// Makes every relative path absolute against `base_dir` (the job file's directory) and
+    /// records `base_dir`.
+    pub fn resolve_paths(&mut self, base_dir: &Path) {
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base_dir.join(p)
+            }
+        };
+        if let Some(cmd) = &mut self.command {
+            if let Some(program) = cmd.argv.first_mut() {
+                if program.contains('/') && !Path::new(program.as_str()).is_absolute() {
+                    *program = abs(Path::new(program.as_str()))
+                        .to_string_lossy()
+                        .into_owned();
+                }
+            }
+            cmd.workdir = Some(match &cmd.workdir {
+                Some(w) => abs(w),
+                None => base_dir.to_path_buf(),
+            });
+        }
+        super::train::resolve_paths(self, base_dir);
+        self.base_dir = Some(base_dir.to_path_buf());
+    }
+
+    /// Checks that the files and directories the job names exist (after `resolve_paths`).
+    pub fn check_paths(&self) -> Vec<Issue> {
+        let mut issues = Vec::new();
+        if let Some(cmd) = &self.command {
+            if let Some(w) = &cmd.workdir {
+                if !w.is_dir() {
+                    issues.push(Issue::new(
+                        "command.workdir",
+                        format!("{} is not a directory", w.display()),
+                    ));
+                }
+            }
+            if let Some(program) = cmd.argv.first() {
+                let path_var = cmd
+                    .env
+                    .get("PATH")
+                    .map(String::as_str)
+                    .unwrap_or(super::contract::DEFAULT_PATH);
+                if let Err(why) = find_program(program, path_var) {
+                    issues.push(Issue::new("command.argv[0]", why));
+                }
+            }
+        }
+        issues.extend(super::train::check_paths(self));
+        issues
+    }
+}
+
+fn validate_command(cmd: &CommandSpec, issues: &mut Vec<Issue>) {
+    match cmd.argv.first() {
+        None => issues.push(Issue::new("command.argv", "must name a program to run")),
+        Some(p) if p.trim().is_empty() => {
+            issues.push(Issue::new("command.argv[0]", "program must not be empty"))
+        }
+        _ => {}
+    }
+    for (i, arg) in cmd.argv.iter().enumerate() {
+        if arg.contains('\0') {
+            issues.push(Issue::new(
+                format!("command.argv[{i}]"),
+                "must not contain NUL",
+            ));
+        }
+    }
+    for (k, v) in &cmd.env {
+        let key = format!("command.env.{k}");
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            issues.push(Issue::new(
+                key,
+                "variable names must be non-empty without '=' or NUL",
+            ));
+        } else if RESERVED_ENV.contains(&k.as_str()) || k.starts_with("JOBD_") {
+            issues.push(Issue::new(
+                key,
+                format!("{k} is set by the scheduler and cannot be overridden"),
+            ));
+        }
+    }
+}
+
+/// Finds `program` as the worker would: a path (containing `/`) must be an executable file;
+/// a bare name is searched in `path_var`.
+pub fn find_program(program: &str, path_var: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        let p = Path::new(program);
+        if !p.exists() {
+            return Err(format!("{program} does not exist"));
+        }
+        if !executable(p) {
+            return Err(format!("{program} is not an executable file"));
+        }
+        return Ok(p.to_path_buf());
+    }
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(program))
+        .find(|p| executable(p))
+        .ok_or_else(|| format!("program {program:?} not found in PATH ({path_var})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(text: &str) -> JobSpec {
+        parse("job.toml", text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse("job.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_command_job() {
+        let spec = parse_ok("kind = \"command\"\n[command]\nargv = [\"echo\", \"hi\"]\n");
+        assert_eq!(spec.kind, JobKind::Command);
+        assert_eq!(spec.resources.gpus, 0);
+        assert_eq!(spec.resources.vram, VramRequest::Auto);
+        assert_eq!(spec.retry.max, 0);
+    }
+
+    #[test]
+    fn full_command_job() {
+        let spec = parse_ok(
+            r#"
+name = "sweep"
+priority = 5
+kind = "command"
+depends_on = [3, 4]
+[resources]
+gpus = 2
+vram = "20GiB"
+only_gpus = [0, 1, "GPU-abc"]
+prefer_gpus = [1]
+[command]
+argv = ["python", "train.py"]
+env = { WANDB_MODE = "offline" }
+workdir = "src"
+[retry]
+max = 3
+on_exit_codes = [137]
+backoff = "30s"
+"#,
+        );
+        assert_eq!(spec.resources.vram, VramRequest::PerGpu(ByteSize::gib(20)));
+        assert_eq!(
+            spec.resources.only_gpus[2],
+            GpuSelector::Uuid("GPU-abc".into())
+        );
+        assert_eq!(spec.retry.backoff, HumanDuration::secs(30));
+        assert_eq!(spec.depends_on, vec![3, 4]);
+    }
+
+    #[test]
+    fn unknown_field_names_field_and_line() {
+        let e = parse_err("kind = \"command\"\n[resources]\ngpu = 1\n[command]\nargv=[\"x\"]\n");
+        assert!(e.contains("job.toml:3:1"), "{e}");
+        assert!(e.contains("unknown field `gpu`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let e = parse_err("kind = \"command\"\npriority = \"high\"\n[command]\nargv=[\"x\"]\n");
+        assert!(e.starts_with("job.toml:2:12: priority:"), "{e}");
+    }
+
+    #[test]
+    fn bad_vram_and_kind() {
+        let e = parse_err(
+            "kind = \"command\"\n[resources]\ngpus = 1\nvram = \"lots\"\n[command]\nargv=[\"x\"]\n",
+        );
+        assert!(e.contains("resources.vram"), "{e}");
+        assert!(e.contains("invalid size"), "{e}");
+        let e = parse_err("kind = \"shell\"\n");
+        assert!(e.contains("kind") && e.contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_are_located() {
+        let e =
+            parse_err("kind = \"command\"\n[resources]\nvram = \"10GiB\"\n[command]\nargv = []\n");
+        assert!(
+            e.contains("job.toml:3:8: resources.vram: a VRAM amount needs"),
+            "{e}"
+        );
+        assert!(
+            e.contains("job.toml:5:8: command.argv: must name a program"),
+            "{e}"
+        );
+        let e = parse_err("kind = \"command\"\n");
+        assert!(e.contains("needs a [command] table"), "{e}");
+        let e = parse_err(
+            "kind = \"command\"\n[command]\nargv=[\"x\"]\nenv = { CUDA_VISIBLE_DEVICES = \"3\" }\n",
+        );
+        assert!(e.contains("cannot be overridden"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_base_dir() {
+        let mut spec =
+            parse_ok("kind = \"command\"\n[command]\nargv = [\"./run.sh\", \"data/x\"]\n");
+        spec.resolve_paths(Path::new("/jobs/exp"));
+        let cmd = spec.command.unwrap();
+        assert_eq!(cmd.argv, vec!["/jobs/exp/./run.sh", "data/x"]);
+        assert_eq!(cmd.workdir.unwrap(), PathBuf::from("/jobs/exp"));
+        assert_eq!(spec.base_dir.unwrap(), PathBuf::from("/jobs/exp"));
+    }
+
+    #[test]
+    fn missing_program_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = parse_and_resolve(
+            "job.toml",
+            "kind = \"command\"\n[command]\nargv = [\"no-such-program-xyz\"]\n",
+            dir.path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("command.argv[0]: program \"no-such-program-xyz\" not found"),
+            "{e}"
+        );
+        let e = parse_and_resolve(
+            "job.toml",
+            "kind = \"command\"\n[command]\nargv = [\"true\"]\nworkdir = \"nope\"\n",
+            dir.path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("command.workdir") && e.contains("is not a directory"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn retry_backoff_doubles_and_caps() {
+        let r = RetrySpec {
+            max: 5,
+            on_exit_codes: vec![],
+            backoff: HumanDuration::secs(10),
+        };
+        assert_eq!(r.delay_for(1).as_secs(), 10);
+        assert_eq!(r.delay_for(3).as_secs(), 40);
+        assert_eq!(r.delay_for(40).as_secs(), 3600);
+        assert!(r.retries_on(Some(1)) && !r.retries_on(Some(0)));
+        let r = RetrySpec {
+            on_exit_codes: vec![137],
+            ..r
+        };
+        assert!(!r.retries_on(Some(1)) && r.retries_on(Some(137)));
+    }
+}

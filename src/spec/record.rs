@@ -1,0 +1,162 @@
+//! The durable job record and its event history (stored by `store`, served by `api`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::job::{JobKind, JobSpec};
+use super::state::JobState;
+use super::{JobId, Millis};
+
+/// Version of the stored record layout; bumped with a migration in `store`.
+pub const RECORD_VERSION: u32 = 1;
+
+/// Who submitted a job; jobs run as this user when the daemon runs as root.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Owner {
+    pub user: String,
+    pub uid: u32,
+}
+
+/// One job as stored. Only `sched` changes it (through `store`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Layout version of this record.
+    pub v: u32,
+    pub id: JobId,
+    pub name: String,
+    pub owner: Owner,
+    pub kind: JobKind,
+    /// Current priority (starts as the job file's, may be changed later).
+    pub priority: i32,
+    pub state: JobState,
+    /// The resolved job spec the worker runs.
+    pub spec: JobSpec,
+    /// The job file's text as submitted.
+    pub source: String,
+    /// Where the job file was, if submitted from a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_path: Option<PathBuf>,
+    pub submitted_at: Millis,
+    pub updated_at: Millis,
+    /// Start of the current or last run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Millis>,
+    /// How many times a worker was started.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Retries used of `[retry] max`.
+    #[serde(default)]
+    pub retries: u32,
+    /// Not to be started before this time (retry backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Millis>,
+    /// Resources held by the current or last run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+    /// The worker process of the current run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessInfo>,
+    /// How the last run ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitInfo>,
+    /// Why the job is in its state (the last event's reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A stop asked of the running worker (cancel or preemption), applied when it exits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<StopKind>,
+    /// Estimated VRAM per GPU, bytes (train jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram_estimate: Option<u64>,
+    /// Peak VRAM the worker measured, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram_peak: Option<u64>,
+    /// GPU-seconds used so far (sum over runs of GPUs × wall time).
+    #[serde(default)]
+    pub gpu_seconds: f64,
+    /// Number of events recorded; the next event's sequence number.
+    #[serde(default)]
+    pub event_count: u32,
+}
+
+/// Resources given to a run.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Placement {
+    /// GPUs (may be empty for CPU jobs).
+    pub gpus: Vec<GpuSlot>,
+    /// VRAM reserved on each GPU, bytes.
+    pub vram_per_gpu: u64,
+}
+
+/// One GPU of a placement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuSlot {
+    pub index: u32,
+    pub uuid: String,
+}
+
+/// The worker process of a run, enough to find it again after a daemon crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: i32,
+    /// Process group (equal to `pid`: each job leads its own group).
+    pub pgid: i32,
+    /// Start time of `pid` in clock ticks since boot (`/proc/PID/stat` field 22), to tell our
+    /// process from a later one that reused the pid.
+    pub start_ticks: u64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exit code {c}"),
+            (None, Some(s)) => {
+                let name = nix::sys::signal::Signal::try_from(s)
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_else(|_| format!("signal {s}"));
+                write!(f, "killed by {name}")
+            }
+            (None, None) => f.write_str("unknown exit status"),
+        }
+    }
+}
+
+/// Why a running worker is being stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum StopKind {
+    /// A user cancelled the job.
+    Cancel { by: String },
+    /// A higher-priority job needs the resources; requeue after.
+    Preempt { for_job: JobId },
+    /// The daemon is shutting down; requeue at next start.
+    Shutdown,
+}
+
+/// One entry of a job's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub seq: u32,
+    pub at: Millis,
+    pub state: JobState,
+    pub reason: String,
+}
+
+impl JobRecord {
+    /// The job's directory under the daemon's state directory.
+    pub fn dir(&self, jobs_root: &std::path::Path) -> PathBuf {
+        jobs_root.join(self.id.to_string())
+    }
+}

@@ -1,0 +1,311 @@
+//! Parsing TOML into typed structs with errors that name the file, line, column and key.
+//!
+//! Used for job files and the daemon config. Serde errors from `toml` carry a byte span; this
+//! module turns spans into `line:column` and into the dotted key path (`resources.gpus`) so that
+//! every message names what is wrong and where, including errors found after parsing
+//! (semantic validation reports a key path, which is mapped back to its span).
+
+use std::fmt;
+use std::ops::Range;
+
+use serde::de::DeserializeOwned;
+use serde_spanned::Spanned;
+use toml::de::{DeTable, DeValue};
+
+/// One problem in a TOML document.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Problem {
+    /// Dotted key path (`resources.vram`, `command.argv[0]`), when known.
+    pub key: Option<String>,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+/// All problems found in one document, with the name of the document.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+pub struct SourceError {
+    pub origin: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            write!(f, "{line}:{column}: ")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            if p.line.is_some() {
+                write!(f, "{}:{p}", self.origin)?;
+            } else {
+                write!(f, "{}: {p}", self.origin)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A semantic problem found after deserializing: the key path it concerns and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    pub key: String,
+    pub message: String,
+}
+
+impl Issue {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Issue {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A parsed TOML document kept with its text, so later problems can be located.
+pub struct Source<'a> {
+    origin: &'a str,
+    text: &'a str,
+    table: Option<Spanned<DeTable<'a>>>,
+}
+
+impl<'a> Source<'a> {
+    /// Parses `text` (named `origin` in messages) as TOML syntax.
+    pub fn parse(origin: &'a str, text: &'a str) -> Result<Self, SourceError> {
+        match DeTable::parse(text) {
+            Ok(table) => Ok(Source {
+                origin,
+                text,
+                table: Some(table),
+            }),
+            Err(e) => Err(SourceError {
+                origin: origin.to_string(),
+                problems: vec![problem_at(text, e.span(), None, e.message())],
+            }),
+        }
+    }
+
+    /// Deserializes the document into `T`, naming the key of any type or field error.
+    pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, SourceError> {
+        toml::from_str::<T>(self.text).map_err(|e| {
+            let key = e.span().and_then(|span| self.key_at(span));
+            SourceError {
+                origin: self.origin.to_string(),
+                problems: vec![problem_at(self.text, e.span(), key, e.message())],
+            }
+        })
+    }
+
+    /// Turns semantic issues into located problems.
+    pub fn locate(&self, issues: Vec<Issue>) -> SourceError {
+        let problems = issues
+            .into_iter()
+            .map(|issue| {
+                let span = self.span_of(&issue.key);
+                problem_at(self.text, span, Some(issue.key), &issue.message)
+            })
+            .collect();
+        SourceError {
+            origin: self.origin.to_string(),
+            problems,
+        }
+    }
+
+    /// The span of the value at a dotted key path (falls back to the nearest existing parent).
+    fn span_of(&self, key: &str) -> Option<Range<usize>> {
+        let root = self.table.as_ref()?;
+        let mut best = None;
+        let mut current: Option<&DeValue<'_>> = None;
+        let mut table: Option<&DeTable<'_>> = Some(root.get_ref());
+        for segment in split_key(key) {
+            let next = match (segment, table, current) {
+                (Segment::Key(k), Some(t), _) => t
+                    .iter()
+                    .find(|(name, _)| name.get_ref().as_ref() == k)
+                    .map(|(_, v)| v),
+                (Segment::Index(i), _, Some(DeValue::Array(a))) => a.get(i),
+                _ => None,
+            };
+            let Some(value) = next else { break };
+            best = Some(value.span());
+            current = Some(value.get_ref());
+            table = match value.get_ref() {
+                DeValue::Table(t) => Some(t),
+                _ => None,
+            };
+        }
+        best
+    }
+
+    /// The deepest dotted key whose value contains `span`. Table values span only their
+    /// header, so every table is searched.
+    fn key_at(&self, span: Range<usize>) -> Option<String> {
+        fn contains(r: &Range<usize>, span: &Range<usize>) -> bool {
+            r.start <= span.start && span.end <= r.end.max(r.start + 1)
+        }
+        fn search(value: &DeValue<'_>, span: &Range<usize>, key: &str) -> Option<String> {
+            match value {
+                DeValue::Table(t) => t.iter().find_map(|(name, v)| {
+                    let k = if key.is_empty() {
+                        name.get_ref().to_string()
+                    } else {
+                        format!("{key}.{}", name.get_ref())
+                    };
+                    search(v.get_ref(), span, &k).or_else(|| {
+                        (contains(&v.span(), span) || contains(&name.span(), span)).then_some(k)
+                    })
+                }),
+                DeValue::Array(a) => a.iter().enumerate().find_map(|(i, item)| {
+                    let k = format!("{key}[{i}]");
+                    search(item.get_ref(), span, &k)
+                        .or_else(|| contains(&item.span(), span).then_some(k))
+                }),
+                _ => None,
+            }
+        }
+        let root = DeValue::Table(self.table.as_ref()?.get_ref().clone());
+        search(&root, &span, "")
+    }
+}
+
+enum Segment<'k> {
+    Key(&'k str),
+    Index(usize),
+}
+
+/// Splits `a.b[2].c` into segments.
+fn split_key(key: &str) -> Vec<Segment<'_>> {
+    let mut out = Vec::new();
+    for part in key.split('.') {
+        let mut rest = part;
+        if let Some(open) = rest.find('[') {
+            out.push(Segment::Key(&rest[..open]));
+            rest = &rest[open..];
+            while let Some(close) = rest.find(']') {
+                if let Ok(i) = rest[1..close].parse() {
+                    out.push(Segment::Index(i));
+                }
+                rest = &rest[close + 1..];
+                if !rest.starts_with('[') {
+                    break;
+                }
+            }
+        } else {
+            out.push(Segment::Key(rest));
+        }
+    }
+    out
+}
+
+fn problem_at(
+    text: &str,
+    span: Option<Range<usize>>,
+    key: Option<String>,
+    message: &str,
+) -> Problem {
+    let (line, column) = match span {
+        Some(span) => {
+            let (l, c) = line_col(text, span.start);
+            (Some(l), Some(c))
+        }
+        None => (None, None),
+    };
+    Problem {
+        key,
+        line,
+        column,
+        message: message.trim().to_string(),
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary(offset)];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    pub struct Doc {
+        name: String,
+        #[serde(default)]
+        inner: Inner,
+    }
+    #[derive(serde::Deserialize, Debug, Default)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    pub struct Inner {
+        #[serde(default)]
+        count: u32,
+        #[serde(default)]
+        list: Vec<String>,
+    }
+
+    #[test]
+    fn type_errors_name_key_line_and_column() {
+        let text = "name = \"x\"\n\n[inner]\ncount = \"two\"\n";
+        let src = Source::parse("job.toml", text).unwrap();
+        let err = src.deserialize::<Doc>().unwrap_err();
+        let p = &err.problems[0];
+        assert_eq!(p.key.as_deref(), Some("inner.count"));
+        assert_eq!((p.line, p.column), (Some(4), Some(9)));
+        assert!(
+            err.to_string()
+                .starts_with("job.toml:4:9: inner.count: invalid type"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let text = "name = \"x\"\n[inner]\ncuont = 2\n";
+        let err = Source::parse("f", text)
+            .unwrap()
+            .deserialize::<Doc>()
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field `cuont`"), "{msg}");
+        assert!(msg.starts_with("f:3:1"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_errors_have_a_position() {
+        let err = Source::parse("f", "name = \n").err().unwrap();
+        assert_eq!(err.problems[0].line, Some(1));
+    }
+
+    #[test]
+    fn semantic_issues_are_located_by_key_path() {
+        let text = "name = \"x\"\n[inner]\nlist = [\"a\", \"\"]\n";
+        let src = Source::parse("f", text).unwrap();
+        let err = src.locate(vec![Issue::new("inner.list[1]", "must not be empty")]);
+        assert_eq!(err.to_string(), "f:3:14: inner.list[1]: must not be empty");
+        let err = src.locate(vec![Issue::new("inner.missing", "is required")]);
+        assert_eq!(
+            err.problems[0].line,
+            Some(2),
+            "falls back to the parent table"
+        );
+    }
+}
