@@ -9,6 +9,12 @@
 //! - L4 [`daemon`] (wiring, recovery, shutdown), [`cli`] (jobctl subcommands).
 //! - L5 `src/bin/jobd.rs`, `src/bin/jobctl.rs`: thin.
 
+pub mod config;
+pub mod estimate;
+pub mod gpu;
+pub mod proc;
 pub mod publish;
+pub mod sched;
 pub mod spec;
+pub mod store;
 pub mod train;

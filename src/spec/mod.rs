@@ -25,6 +25,26 @@ pub fn now_ms() -> Millis {
         .unwrap_or(0)
 }
 
+/// Who is asking: established by the API layer (peer uid on the unix socket, bearer token on
+/// TCP) and checked by the scheduler before any change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// User name; `None` for an anonymous TCP reader.
+    pub user: Option<String>,
+    pub uid: Option<u32>,
+    /// May change any job.
+    pub admin: bool,
+    /// May submit jobs (a root daemon: any known user; otherwise itself and trusted users).
+    pub can_submit: bool,
+}
+
+impl Caller {
+    /// May this caller change a job owned by `owner`?
+    pub fn may_change(&self, owner: &str) -> bool {
+        self.admin || self.user.as_deref() == Some(owner)
+    }
+}
+
 pub use job::{JobKind, JobSpec};
 pub use record::{JobEvent, JobRecord, Owner};
 pub use state::JobState;

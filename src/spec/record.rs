@@ -39,6 +39,9 @@ pub struct JobRecord {
     pub source_path: Option<PathBuf>,
     pub submitted_at: Millis,
     pub updated_at: Millis,
+    /// When the job last became queued (submit, retry, requeue): its place in line.
+    #[serde(default)]
+    pub queued_at: Millis,
     /// Start of the current or last run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Millis>,
@@ -89,6 +92,9 @@ pub struct Placement {
     pub gpus: Vec<GpuSlot>,
     /// VRAM reserved on each GPU, bytes.
     pub vram_per_gpu: u64,
+    /// The job has its GPUs to itself (command jobs with `vram = "auto"`).
+    #[serde(default)]
+    pub exclusive: bool,
 }
 
 /// One GPU of a placement.

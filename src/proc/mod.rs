@@ -1,0 +1,416 @@
+//! L1: child processes — the only module that spawns or signals them.
+//!
+//! Every job runs as the leader of its own process group, with a cleared environment plus the
+//! variables the caller gives, stdout/stderr appended to files, and (when the daemon is root)
+//! the owner's uid, gid and supplementary groups. One tokio task supervises each child; the
+//! caller holds a cheap [`ChildHandle`] to stop it: SIGTERM to the group, a grace period, then
+//! SIGKILL to the group. When the leader exits, stragglers left in its group are killed, so a
+//! job never leaves orphans behind.
+
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::{Gid, Pid, Uid};
+use tokio::sync::mpsc;
+
+use crate::spec::record::{ExitInfo, ProcessInfo};
+
+/// Errors starting a process, naming what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("cannot open {path}: {source}")]
+    Output {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("unknown user {0:?}: jobs run as their owner, who needs an account on this machine")]
+    UnknownUser(String),
+    #[error("cannot look up user {user:?}: {source}")]
+    UserLookup { user: String, source: nix::Error },
+    #[error("cannot hand {path} to user {user}: {source}")]
+    Chown {
+        path: PathBuf,
+        user: String,
+        source: nix::Error,
+    },
+}
+
+/// A Unix account to run a process as.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+    pub groups: Vec<u32>,
+}
+
+impl RunAs {
+    /// Looks up `user` in the system's account database.
+    pub fn lookup(user: &str) -> Result<RunAs, ProcError> {
+        let u = nix::unistd::User::from_name(user)
+            .map_err(|source| ProcError::UserLookup {
+                user: user.into(),
+                source,
+            })?
+            .ok_or_else(|| ProcError::UnknownUser(user.into()))?;
+        let name = CString::new(user).map_err(|_| ProcError::UnknownUser(user.into()))?;
+        let groups = nix::unistd::getgrouplist(&name, u.gid)
+            .map(|g| g.into_iter().map(Gid::as_raw).collect())
+            .unwrap_or_else(|_| vec![u.gid.as_raw()]);
+        Ok(RunAs {
+            user: user.into(),
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+            home: u.dir,
+            groups,
+        })
+    }
+
+    /// Gives `path` to this user (for job directories and output files).
+    pub fn chown(&self, path: &Path) -> Result<(), ProcError> {
+        nix::unistd::chown(
+            path,
+            Some(Uid::from_raw(self.uid)),
+            Some(Gid::from_raw(self.gid)),
+        )
+        .map_err(|source| ProcError::Chown {
+            path: path.into(),
+            user: self.user.clone(),
+            source,
+        })
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct SpawnRequest {
+    pub program: String,
+    pub args: Vec<String>,
+    /// The complete environment (nothing is inherited).
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    /// Appended to; created if missing.
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    /// Run as this account (only when the daemon is root); `None` runs as the daemon.
+    pub run_as: Option<RunAs>,
+}
+
+/// Handle to a supervised child; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ChildHandle {
+    pgid: i32,
+    stop: mpsc::UnboundedSender<Duration>,
+}
+
+impl ChildHandle {
+    /// Asks the child to stop: SIGTERM to its group now, SIGKILL after `grace`.
+    pub fn stop(&self, grace: Duration) {
+        // If the supervisor is gone the child has exited already.
+        let _ = self.stop.send(grace);
+    }
+
+    pub fn pgid(&self) -> i32 {
+        self.pgid
+    }
+}
+
+/// Starts a child as described and supervises it; `on_exit` runs once when it has exited and
+/// its group is gone.
+pub fn spawn(
+    req: SpawnRequest,
+    on_exit: impl FnOnce(ExitInfo) + Send + 'static,
+) -> Result<(ProcessInfo, ChildHandle), ProcError> {
+    let open = |path: &Path| {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| ProcError::Output {
+                path: path.into(),
+                source,
+            })?;
+        if let Some(r) = &req.run_as {
+            r.chown(path)?;
+        }
+        Ok::<_, ProcError>(file)
+    };
+    let stdout = open(&req.stdout)?;
+    let stderr = open(&req.stderr)?;
+
+    let mut cmd = std::process::Command::new(&req.program);
+    cmd.args(&req.args)
+        .env_clear()
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&req.cwd)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0);
+    if let Some(r) = req.run_as.clone() {
+        let groups: Vec<Gid> = r.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        // SAFETY: only async-signal-safe syscalls between fork and exec; the group list was
+        // computed in the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setgroups(&groups)?;
+                nix::unistd::setgid(Gid::from_raw(r.gid))?;
+                nix::unistd::setuid(Uid::from_raw(r.uid))?;
+                Ok(())
+            });
+        }
+    }
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|source| ProcError::Spawn {
+            program: req.program.clone(),
+            source,
+        })?;
+    let pid = child.id().expect("a just-spawned child has a pid") as i32;
+    let info = ProcessInfo {
+        pid,
+        pgid: pid,
+        start_ticks: start_ticks(pid).unwrap_or(0),
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<Duration>();
+    let handle = ChildHandle {
+        pgid: pid,
+        stop: tx,
+    };
+
+    tokio::spawn(async move {
+        let mut kill_at: Option<tokio::time::Instant> = None;
+        let status = loop {
+            let deadline = async {
+                match kill_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                status = child.wait() => break status,
+                Some(grace) = rx.recv() => {
+                    signal_group(pid, Signal::SIGTERM);
+                    let at = tokio::time::Instant::now() + grace;
+                    kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
+                }
+                () = deadline => {
+                    signal_group(pid, Signal::SIGKILL);
+                    kill_at = None;
+                }
+            }
+        };
+        // The leader is gone; nothing of the job may outlive it.
+        signal_group(pid, Signal::SIGKILL);
+        let exit = match status {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                ExitInfo {
+                    code: s.code(),
+                    signal: s.signal(),
+                }
+            }
+            Err(_) => ExitInfo {
+                code: None,
+                signal: None,
+            },
+        };
+        on_exit(exit);
+    });
+    Ok((info, handle))
+}
+
+/// Sends `sig` to process group `pgid`, ignoring a group that is already gone.
+pub fn signal_group(pgid: i32, sig: Signal) {
+    let _ = killpg(Pid::from_raw(pgid), sig);
+}
+
+/// Is any process of group `pgid` alive? Zombies (dead, waiting to be reaped by init) do
+/// not count.
+pub fn group_alive(pgid: i32) -> bool {
+    if killpg(Pid::from_raw(pgid), None).is_err() {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    entries.flatten().any(|e| {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { return false };
+        matches!(stat_fields(pid), Some((state, pgrp, _)) if pgrp == pgid && state != 'Z' && state != 'X')
+    })
+}
+
+/// State, process group and start time (ticks) of `pid` from `/proc/PID/stat`.
+fn stat_fields(pid: i32) -> Option<(char, i32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2 (comm) may contain spaces and parentheses: parse after the last ')'.
+    let mut rest = stat[stat.rfind(')')? + 2..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let _ppid = rest.next()?;
+    let pgrp = rest.next()?.parse().ok()?;
+    let start = rest.nth(16)?.parse().ok()?;
+    Some((state, pgrp, start))
+}
+
+/// Start time of `pid` in clock ticks since boot (`/proc/PID/stat` field 22).
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    stat_fields(pid).map(|(_, _, start)| start)
+}
+
+/// Is the worker recorded in `info` (from an earlier daemon run) still around? True when its
+/// leader is alive with the same start time, or when members of its group remain.
+pub fn worker_alive(info: &ProcessInfo) -> bool {
+    match start_ticks(info.pid) {
+        Some(t) if t == info.start_ticks => true,
+        // Another process has the pid now: Linux never reuses a pid that still names a
+        // process group, so our group is gone.
+        Some(_) => false,
+        // The leader is gone; members of its group may remain (the pgid cannot have been
+        // reused while they exist).
+        None => group_alive(info.pgid),
+    }
+}
+
+/// Stops a worker left over from an earlier daemon run (not our child): SIGTERM to its group,
+/// wait up to `grace` for the group to go away, then SIGKILL. Returns whether it was alive.
+pub async fn stop_leftover(info: &ProcessInfo, grace: Duration) -> bool {
+    if !worker_alive(info) {
+        return false;
+    }
+    signal_group(info.pgid, Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    // Not our child: no exit notification exists, so look every 50 ms (recovery only).
+    while group_alive(info.pgid) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if group_alive(info.pgid) {
+        signal_group(info.pgid, Signal::SIGKILL);
+        while group_alive(info.pgid) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn req(dir: &Path, script: &str) -> SpawnRequest {
+        SpawnRequest {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("GREETING".into(), "hi".into()),
+            ],
+            cwd: dir.to_path_buf(),
+            stdout: dir.join("out"),
+            stderr: dir.join("err"),
+            run_as: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_with_cleared_env_and_own_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (info, _h) = spawn(
+            req(
+                dir.path(),
+                "echo $GREETING ${HOME:-nohome}; echo oops >&2; ps -o pgid= -p $$; exit 3",
+            ),
+            move |e| tx.send(e).unwrap(),
+        )
+        .unwrap();
+        let exit = rx.await.unwrap();
+        assert_eq!(exit.code, Some(3));
+        let out = std::fs::read_to_string(dir.path().join("out")).unwrap();
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some("hi nohome"));
+        if let Some(pgid) = lines.next() {
+            assert_eq!(
+                pgid.trim(),
+                info.pid.to_string(),
+                "leads its own process group"
+            );
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("err")).unwrap(),
+            "oops\n"
+        );
+        assert!(info.start_ticks > 0);
+    }
+
+    #[tokio::test]
+    async fn stop_escalates_to_sigkill_and_leaves_no_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // The shell and its background child both ignore SIGTERM.
+        let (info, h) = spawn(
+            req(dir.path(), "trap '' TERM; sleep 1000 & echo started; wait"),
+            move |e| tx.send(e).unwrap(),
+        )
+        .unwrap();
+        while !std::fs::read_to_string(dir.path().join("out"))
+            .unwrap_or_default()
+            .contains("started")
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t = Instant::now();
+        h.stop(Duration::from_millis(300));
+        let exit = rx.await.unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "waited for the grace period"
+        );
+        assert_eq!(exit.signal, Some(9));
+        assert!(!group_alive(info.pgid), "no process of the job survives");
+    }
+
+    #[tokio::test]
+    async fn leftover_workers_are_found_and_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        // Simulate a worker of a crashed daemon: a process group we do not supervise.
+        let child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 1000"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let info = ProcessInfo {
+            pid,
+            pgid: pid,
+            start_ticks: start_ticks(pid).unwrap(),
+        };
+        assert!(worker_alive(&info));
+        let reused = ProcessInfo {
+            start_ticks: info.start_ticks + 1,
+            ..info.clone()
+        };
+        assert!(
+            !worker_alive(&reused),
+            "a pid with another start time is another process"
+        );
+        assert!(stop_leftover(&info, Duration::from_secs(5)).await);
+        // Reap our test child so it is not a zombie.
+        let _ = child.wait_with_output();
+        assert!(!group_alive(pid));
+        assert!(!worker_alive(&info));
+        drop(dir);
+    }
+}

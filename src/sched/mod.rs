@@ -1,0 +1,1016 @@
+//! L2: the scheduler — the single writer of job state.
+//!
+//! One tokio task owns every job record (mirrored in memory, written through the [`Store`]),
+//! the GPU inventory and the running children. Everything that can change a job arrives as a
+//! message: a submit, a cancel, a priority change, a child's exit, a timer. The loop takes a
+//! batch of messages, applies them, runs [`plan::plan`] (a pure function) and applies its
+//! decisions, then flushes the store **once for the whole batch** before answering anyone —
+//! group commit: durable, and fast under load. Readers (the API) see an immutable snapshot
+//! ([`View`]) that is swapped after each flush, and subscribe to [`JobChange`]s.
+//!
+//! There is no polling: the loop sleeps until the next message or the next deadline (a retry
+//! backoff ending, a starvation limit, the periodic GPU refresh).
+
+pub mod plan;
+mod recovery;
+mod usage;
+mod worker_env;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use crate::config::SchedulerConfig;
+use crate::gpu::{Inventory, Snapshot};
+use crate::proc::{self, ChildHandle};
+use crate::spec::api::JobChange;
+use crate::spec::contract::{self, EXIT_PREEMPTED, Progress};
+use crate::spec::record::{ExitInfo, Placement, RECORD_VERSION, StopKind};
+use crate::spec::{
+    Caller, JobEvent, JobId, JobKind, JobRecord, JobSpec, JobState, Millis, Owner, now_ms,
+};
+use crate::store::{Change, Store, StoreError};
+
+pub use plan::{Need, Wait, Waiting};
+
+/// What the scheduler needs to know about its surroundings.
+#[derive(Debug, Clone)]
+pub struct SchedSettings {
+    pub jobs_dir: PathBuf,
+    pub grace: Duration,
+    pub max_cpu_jobs: u32,
+    pub policy: SchedulerConfig,
+    /// The `jobd` executable, for `jobd worker`.
+    pub worker_exe: PathBuf,
+    /// Run jobs as their owners (the daemon is root).
+    pub run_as_owner: bool,
+}
+
+/// Errors answered to callers.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedError {
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("this job can never run here: {0}")]
+    Infeasible(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A job to submit, already parsed and resolved by the caller's layer.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub spec: JobSpec,
+    pub source: String,
+    pub source_path: Option<PathBuf>,
+    pub name: String,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, SchedError>>;
+
+enum Msg {
+    Submit {
+        owner: Owner,
+        caller: Caller,
+        sub: Box<Submission>,
+        reply: Reply<JobRecord>,
+    },
+    Cancel {
+        caller: Caller,
+        id: JobId,
+        reply: Reply<JobRecord>,
+    },
+    SetPriority {
+        caller: Caller,
+        id: JobId,
+        priority: i32,
+        reply: Reply<JobRecord>,
+    },
+    Requeue {
+        caller: Caller,
+        id: JobId,
+        reply: Reply<JobRecord>,
+    },
+    Exited {
+        id: JobId,
+        attempt: u32,
+        exit: ExitInfo,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// What readers see: swapped whole after every flushed batch.
+#[derive(Debug, Default)]
+pub struct View {
+    pub jobs: BTreeMap<JobId, Arc<JobRecord>>,
+    pub waiting: HashMap<JobId, Waiting>,
+    pub gpus: Option<Snapshot>,
+    pub now: Millis,
+}
+
+impl View {
+    /// Jobs holding resources on the GPU with this UUID.
+    pub fn jobs_on_gpu<'a>(
+        &'a self,
+        uuid: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<JobRecord>> + 'a {
+        self.jobs.values().filter(move |j| {
+            j.state.holds_resources()
+                && j.placement
+                    .as_ref()
+                    .is_some_and(|p| p.gpus.iter().any(|g| g.uuid == uuid))
+        })
+    }
+}
+
+struct Shared {
+    view: RwLock<Arc<View>>,
+    changes: broadcast::Sender<JobChange>,
+}
+
+/// Cheap, cloneable access to the scheduler for the API layer.
+#[derive(Clone)]
+pub struct SchedHandle {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl SchedHandle {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, SchedError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| SchedError::ShuttingDown)?;
+        rx.await.map_err(|_| SchedError::ShuttingDown)?
+    }
+
+    /// Queues a job; answers once it is durable.
+    pub async fn submit(
+        &self,
+        caller: &Caller,
+        owner: Owner,
+        sub: Submission,
+    ) -> Result<JobRecord, SchedError> {
+        self.ask(|reply| Msg::Submit {
+            owner,
+            caller: caller.clone(),
+            sub: Box::new(sub),
+            reply,
+        })
+        .await
+    }
+
+    /// Cancels a job (queued: at once; running: SIGTERM, grace, SIGKILL).
+    pub async fn cancel(&self, caller: &Caller, id: JobId) -> Result<JobRecord, SchedError> {
+        self.ask(|reply| Msg::Cancel {
+            caller: caller.clone(),
+            id,
+            reply,
+        })
+        .await
+    }
+
+    /// Changes a job's priority.
+    pub async fn set_priority(
+        &self,
+        caller: &Caller,
+        id: JobId,
+        priority: i32,
+    ) -> Result<JobRecord, SchedError> {
+        self.ask(|reply| Msg::SetPriority {
+            caller: caller.clone(),
+            id,
+            priority,
+            reply,
+        })
+        .await
+    }
+
+    /// Puts a failed or cancelled job back in the queue.
+    pub async fn requeue(&self, caller: &Caller, id: JobId) -> Result<JobRecord, SchedError> {
+        self.ask(|reply| Msg::Requeue {
+            caller: caller.clone(),
+            id,
+            reply,
+        })
+        .await
+    }
+
+    /// The current snapshot.
+    pub fn view(&self) -> Arc<View> {
+        self.shared.view.read().expect("view lock").clone()
+    }
+
+    /// Every change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobChange> {
+        self.shared.changes.subscribe()
+    }
+}
+
+/// The scheduler task's state.
+pub struct Scheduler {
+    store: Store,
+    inventory: Inventory,
+    settings: SchedSettings,
+    jobs: BTreeMap<JobId, JobRecord>,
+    children: HashMap<JobId, ChildHandle>,
+    rx: mpsc::Receiver<Msg>,
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+    gpus: Snapshot,
+    gpus_at: Instant,
+    usage: usage::Ledger,
+    waiting: HashMap<JobId, Waiting>,
+    shutting_down: Option<oneshot::Sender<()>>,
+    /// Changes made in the current batch, published after the flush.
+    pending: Vec<JobChange>,
+}
+
+/// Maximum messages handled per batch (and so per flush).
+const BATCH: usize = 512;
+
+impl Scheduler {
+    /// Loads the store, recovers jobs left running by an earlier daemon (stopping leftover
+    /// workers) and returns the scheduler and its handle. Run it with [`Scheduler::run`].
+    pub async fn start(
+        store: Store,
+        inventory: Inventory,
+        settings: SchedSettings,
+    ) -> Result<(Scheduler, SchedHandle), StoreError> {
+        let records = store.all_jobs()?;
+        let (tx, rx) = mpsc::channel(4096);
+        let (changes, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            view: RwLock::new(Arc::new(View::default())),
+            changes,
+        });
+        let gpus = inventory.snapshot(&|_| false);
+        let mut s = Scheduler {
+            store,
+            inventory,
+            usage: usage::Ledger::new(settings.policy.fair_share_half_life),
+            settings,
+            jobs: records.into_iter().map(|r| (r.id, r)).collect(),
+            children: HashMap::new(),
+            rx,
+            tx: tx.clone(),
+            shared: shared.clone(),
+            gpus,
+            gpus_at: Instant::now(),
+            waiting: HashMap::new(),
+            shutting_down: None,
+            pending: Vec::new(),
+        };
+        for job in s.jobs.values() {
+            s.usage.record_finished(job);
+        }
+        recovery::recover(&mut s).await?;
+        s.store.flush().await?;
+        s.replan();
+        s.store.flush().await?;
+        s.publish_view();
+        Ok((s, SchedHandle { tx, shared }))
+    }
+
+    /// The event loop; returns after a shutdown request once every worker has stopped.
+    pub async fn run(mut self) {
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            let deadline = self.next_deadline();
+            let got = tokio::select! {
+                n = self.rx.recv_many(&mut batch, BATCH) => n,
+                () = sleep_until(deadline) => 0,
+            };
+            let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+            for msg in batch.drain(..) {
+                if let Some(r) = self.handle(msg) {
+                    replies.push(r);
+                }
+            }
+            if got == 0 && self.rx.is_closed() && self.children.is_empty() {
+                break;
+            }
+            if self.shutting_down.is_none() {
+                self.replan();
+            }
+            if let Err(e) = self.store.flush().await {
+                // A store that cannot persist must not keep accepting work.
+                error!(error = %e, "cannot flush the job store; stopping");
+                std::process::exit(70);
+            }
+            self.publish_view();
+            for r in replies {
+                r();
+            }
+            if self.shutting_down.is_some() && self.children.is_empty() {
+                if let Some(done) = self.shutting_down.take() {
+                    let _ = done.send(());
+                }
+                return;
+            }
+        }
+    }
+
+    /// The sender used for child-exit notifications and shutdown.
+    fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        let now = now_ms();
+        let mut next: Option<Millis> = None;
+        for w in self.waiting.values() {
+            if let Wait::Backoff { until } = w.wait {
+                next = Some(next.map_or(until, |n| n.min(until)));
+            }
+        }
+        let starvation = self.settings.policy.starvation_after.as_millis() as Millis;
+        for job in self.jobs.values().filter(|j| j.state == JobState::Queued) {
+            let t = job.queued_at.max(job.submitted_at) + starvation;
+            if t > now {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        let mut at = next
+            .map(|t| tokio::time::Instant::now() + Duration::from_millis((t - now).max(0) as u64));
+        let has_gpu_work = self
+            .jobs
+            .values()
+            .any(|j| !j.state.is_terminal() && j.spec.resources.gpus > 0);
+        if has_gpu_work {
+            let refresh =
+                tokio::time::Instant::from_std(self.gpus_at + self.settings.policy.gpu_refresh);
+            at = Some(at.map_or(refresh, |a| a.min(refresh)));
+        }
+        at
+    }
+
+    fn handle(&mut self, msg: Msg) -> Option<Box<dyn FnOnce() + Send>> {
+        fn reply<T: Send + 'static>(
+            tx: Reply<T>,
+            r: Result<T, SchedError>,
+        ) -> Option<Box<dyn FnOnce() + Send>> {
+            Some(Box::new(move || {
+                let _ = tx.send(r);
+            }))
+        }
+        match msg {
+            Msg::Submit {
+                owner,
+                caller,
+                sub,
+                reply: tx,
+            } => {
+                let r = self.submit(&caller, owner, *sub);
+                reply(tx, r)
+            }
+            Msg::Cancel {
+                caller,
+                id,
+                reply: tx,
+            } => {
+                let r = self.cancel(&caller, id);
+                reply(tx, r)
+            }
+            Msg::SetPriority {
+                caller,
+                id,
+                priority,
+                reply: tx,
+            } => {
+                let r = self.set_priority(&caller, id, priority);
+                reply(tx, r)
+            }
+            Msg::Requeue {
+                caller,
+                id,
+                reply: tx,
+            } => {
+                let r = self.requeue(&caller, id);
+                reply(tx, r)
+            }
+            Msg::Exited { id, attempt, exit } => {
+                self.exited(id, attempt, exit);
+                None
+            }
+            Msg::Shutdown { reply } => {
+                self.begin_shutdown(reply);
+                None
+            }
+        }
+    }
+
+    // ---- changes -------------------------------------------------------------------------
+
+    /// Applies a change through the store and mirrors it; queues the change for subscribers.
+    fn apply(
+        &mut self,
+        id: JobId,
+        to: Option<JobState>,
+        reason: String,
+        edit: &dyn Fn(&mut JobRecord),
+    ) -> Result<JobRecord, StoreError> {
+        let (rec, event) = self.store.apply(
+            id,
+            &Change {
+                to,
+                expect: &[],
+                reason,
+                edit,
+            },
+        )?;
+        self.note_change(rec.clone(), Some(event));
+        Ok(rec)
+    }
+
+    fn note_change(&mut self, rec: JobRecord, event: Option<JobEvent>) {
+        if rec.state != JobState::Queued {
+            self.waiting.remove(&rec.id);
+        }
+        self.pending.push(JobChange {
+            job: crate::spec::api::JobView {
+                record: rec.clone(),
+                progress: None,
+                waiting: None,
+            },
+            event,
+        });
+        self.jobs.insert(rec.id, rec);
+    }
+
+    fn submit(
+        &mut self,
+        caller: &Caller,
+        owner: Owner,
+        sub: Submission,
+    ) -> Result<JobRecord, SchedError> {
+        if self.shutting_down.is_some() {
+            return Err(SchedError::ShuttingDown);
+        }
+        if !caller.can_submit {
+            return Err(SchedError::Forbidden(format!(
+                "user {} may not submit jobs to this daemon (it runs as another user; ask its admin to add you to trusted_users)",
+                caller.user.as_deref().unwrap_or("anonymous")
+            )));
+        }
+        for (i, dep) in sub.spec.depends_on.iter().enumerate() {
+            if !self.jobs.contains_key(dep) {
+                return Err(SchedError::Invalid(format!(
+                    "depends_on[{i}]: job {dep} does not exist"
+                )));
+            }
+        }
+        let now = now_ms();
+        let mut rec = JobRecord {
+            v: RECORD_VERSION,
+            id: 0,
+            name: sub.name,
+            owner,
+            kind: sub.spec.kind,
+            priority: sub.spec.priority,
+            state: JobState::Queued,
+            spec: sub.spec,
+            source: sub.source,
+            source_path: sub.source_path,
+            submitted_at: now,
+            updated_at: now,
+            queued_at: now,
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            retries: 0,
+            not_before: None,
+            placement: None,
+            process: None,
+            exit: None,
+            reason: None,
+            stop: None,
+            vram_estimate: None,
+            vram_peak: None,
+            gpu_seconds: 0.0,
+            event_count: 0,
+        };
+        if rec.kind == JobKind::Train && rec.spec.resources.gpus > 0 {
+            rec.vram_estimate = crate::estimate::per_gpu_bytes(&rec.spec);
+        }
+        self.refresh_gpus(true);
+        plan::feasible(
+            &rec,
+            &self.gpus.gpus,
+            &self.settings.policy,
+            self.gpus.note.as_deref(),
+        )
+        .map_err(SchedError::Infeasible)?;
+        let reason = format!("submitted by {}", caller.user.as_deref().unwrap_or("?"));
+        let (rec, event) = self
+            .store
+            .insert(&reason, &|id| JobRecord { id, ..rec.clone() })?;
+        info!(job_id = rec.id, owner = %rec.owner.user, name = %rec.name, "job submitted");
+        self.note_change(rec.clone(), Some(event));
+        Ok(rec)
+    }
+
+    fn get_for_change(&self, caller: &Caller, id: JobId) -> Result<&JobRecord, SchedError> {
+        let rec = self.jobs.get(&id).ok_or(SchedError::NotFound(id))?;
+        if !caller.may_change(&rec.owner.user) {
+            return Err(SchedError::Forbidden(format!(
+                "job {id} belongs to {}; only its owner or an admin may change it",
+                rec.owner.user
+            )));
+        }
+        Ok(rec)
+    }
+
+    fn cancel(&mut self, caller: &Caller, id: JobId) -> Result<JobRecord, SchedError> {
+        let rec = self.get_for_change(caller, id)?;
+        let by = caller.user.clone().unwrap_or_default();
+        match rec.state {
+            JobState::Queued | JobState::Interrupted => Ok(self.apply(
+                id,
+                Some(JobState::Cancelled),
+                format!("cancelled by {by}"),
+                &|r| {
+                    r.finished_at = Some(now_ms());
+                },
+            )?),
+            JobState::Starting | JobState::Running => {
+                if matches!(rec.stop, Some(StopKind::Cancel { .. })) {
+                    return Ok(rec.clone());
+                }
+                let grace = self.settings.grace;
+                let stop = StopKind::Cancel { by: by.clone() };
+                let rec = self.apply(
+                    id,
+                    None,
+                    format!(
+                        "cancel requested by {by}; stopping the worker (grace {}s)",
+                        grace.as_secs()
+                    ),
+                    &|r| {
+                        r.stop = Some(stop.clone());
+                    },
+                )?;
+                if let Some(child) = self.children.get(&id) {
+                    child.stop(grace);
+                }
+                Ok(rec)
+            }
+            JobState::Publishing => Err(SchedError::Conflict(format!(
+                "job {id} is publishing its model; wait for it to finish"
+            ))),
+            s => Err(SchedError::Conflict(format!(
+                "job {id} has already {}",
+                finished_word(s)
+            ))),
+        }
+    }
+
+    fn set_priority(
+        &mut self,
+        caller: &Caller,
+        id: JobId,
+        priority: i32,
+    ) -> Result<JobRecord, SchedError> {
+        let rec = self.get_for_change(caller, id)?;
+        if priority.abs() > crate::spec::job::MAX_PRIORITY {
+            return Err(SchedError::Invalid(format!(
+                "priority must be between -{0} and {0}",
+                crate::spec::job::MAX_PRIORITY
+            )));
+        }
+        let old = rec.priority;
+        let by = caller.user.clone().unwrap_or_default();
+        Ok(self.apply(
+            id,
+            None,
+            format!("priority {old} → {priority} by {by}"),
+            &|r| r.priority = priority,
+        )?)
+    }
+
+    fn requeue(&mut self, caller: &Caller, id: JobId) -> Result<JobRecord, SchedError> {
+        let rec = self.get_for_change(caller, id)?;
+        if !matches!(rec.state, JobState::Failed | JobState::Cancelled) {
+            return Err(SchedError::Conflict(format!(
+                "job {id} is {}; only failed or cancelled jobs can be requeued",
+                rec.state
+            )));
+        }
+        let by = caller.user.clone().unwrap_or_default();
+        Ok(self.apply(
+            id,
+            Some(JobState::Queued),
+            format!("requeued by {by}"),
+            &|r| {
+                r.queued_at = now_ms();
+                r.retries = 0;
+                r.not_before = None;
+                r.stop = None;
+                r.finished_at = None;
+            },
+        )?)
+    }
+
+    fn exited(&mut self, id: JobId, attempt: u32, exit: ExitInfo) {
+        let Some(rec) = self.jobs.get(&id) else {
+            return;
+        };
+        if rec.attempts != attempt || !rec.state.holds_resources() {
+            return;
+        }
+        self.children.remove(&id);
+        let now = now_ms();
+        let gpus = rec.placement.as_ref().map_or(0, |p| p.gpus.len());
+        let seconds = gpus as f64
+            * rec
+                .started_at
+                .map_or(0.0, |s| (now - s).max(0) as f64 / 1000.0);
+        self.usage.add(&rec.owner.user, seconds, now);
+        let job_dir = rec.dir(&self.settings.jobs_dir);
+        let peak = read_progress(&job_dir).and_then(|p| p.peak_memory_bytes);
+        let stop = rec.stop.clone();
+        let retry = rec.spec.retry.clone();
+        let retries = rec.retries;
+        let exit_info = exit.clone();
+        let finish = move |r: &mut JobRecord| {
+            r.exit = Some(exit_info.clone());
+            r.gpu_seconds += seconds;
+            r.process = None;
+            r.stop = None;
+            if peak.is_some() {
+                r.vram_peak = peak;
+            }
+        };
+        let result = match (&stop, exit.code) {
+            (Some(StopKind::Cancel { by }), _) => {
+                let reason = format!("cancelled by {by} ({exit})");
+                self.apply(id, Some(JobState::Cancelled), reason, &|r| {
+                    finish(r);
+                    r.finished_at = Some(now);
+                })
+            }
+            (Some(StopKind::Shutdown), _) => self.apply(
+                id,
+                Some(JobState::Interrupted),
+                format!("daemon stopping ({exit}); resumes at next start"),
+                &finish,
+            ),
+            (Some(StopKind::Preempt { for_job }), _) => {
+                let for_job = *for_job;
+                self.apply(
+                    id,
+                    Some(JobState::Interrupted),
+                    format!("preempted for job {for_job} ({exit})"),
+                    &finish,
+                )
+                .and_then(|_| {
+                    self.requeue_now(
+                        id,
+                        "requeued after preemption; resumes from its last checkpoint".into(),
+                    )
+                })
+            }
+            (None, Some(0)) => self.apply(
+                id,
+                Some(JobState::Succeeded),
+                "finished (exit code 0)".into(),
+                &|r| {
+                    finish(r);
+                    r.finished_at = Some(now);
+                },
+            ),
+            (None, Some(EXIT_PREEMPTED)) => self
+                .apply(
+                    id,
+                    Some(JobState::Interrupted),
+                    format!(
+                        "worker checkpointed and asked to be requeued (exit code {EXIT_PREEMPTED})"
+                    ),
+                    &finish,
+                )
+                .and_then(|_| {
+                    self.requeue_now(id, "requeued; resumes from its last checkpoint".into())
+                }),
+            (None, code) if retries < retry.max && retry.retries_on(code) => {
+                let n = retries + 1;
+                let delay = retry.delay_for(n);
+                let until = now + delay.as_millis() as Millis;
+                self.apply(
+                    id,
+                    Some(JobState::Queued),
+                    format!(
+                        "{exit}; retry {n} of {} in {}",
+                        retry.max,
+                        humantime::format_duration(delay)
+                    ),
+                    &|r| {
+                        finish(r);
+                        r.retries = n;
+                        r.not_before = Some(until);
+                        r.queued_at = now;
+                    },
+                )
+            }
+            (None, _) => self.apply(
+                id,
+                Some(JobState::Failed),
+                format!("failed: {exit}"),
+                &|r| {
+                    finish(r);
+                    r.finished_at = Some(now);
+                },
+            ),
+        };
+        if let Err(e) = result {
+            error!(job_id = id, error = %e, "cannot record a job's exit");
+        }
+    }
+
+    fn requeue_now(&mut self, id: JobId, reason: String) -> Result<JobRecord, StoreError> {
+        self.apply(id, Some(JobState::Queued), reason, &|r| {
+            r.queued_at = now_ms();
+        })
+    }
+
+    fn begin_shutdown(&mut self, reply: oneshot::Sender<()>) {
+        info!(
+            running = self.children.len(),
+            "shutting down: stopping workers"
+        );
+        let grace = self.settings.grace;
+        let ids: Vec<JobId> = self.children.keys().copied().collect();
+        for id in ids {
+            if let Err(e) = self.apply(
+                id,
+                None,
+                format!(
+                    "daemon stopping; asking the worker to checkpoint and exit (grace {}s)",
+                    grace.as_secs()
+                ),
+                &|r| {
+                    if r.stop.is_none() {
+                        r.stop = Some(StopKind::Shutdown);
+                    }
+                },
+            ) {
+                warn!(job_id = id, error = %e, "cannot record shutdown");
+            }
+            if let Some(c) = self.children.get(&id) {
+                c.stop(grace);
+            }
+        }
+        self.shutting_down = Some(reply);
+    }
+
+    // ---- planning ------------------------------------------------------------------------
+
+    fn refresh_gpus(&mut self, force: bool) {
+        if !force && self.gpus_at.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        let pgids: HashSet<i32> = self.children.values().map(|c| c.pgid()).collect();
+        self.gpus = self
+            .inventory
+            .snapshot(&|pid| crate::gpu::pid_in_groups(pid, &pgids));
+        self.gpus_at = Instant::now();
+    }
+
+    /// Runs `plan` and applies its decisions until nothing more changes.
+    fn replan(&mut self) {
+        let needs_gpus = self
+            .jobs
+            .values()
+            .any(|j| j.state == JobState::Queued && j.spec.resources.gpus > 0);
+        self.refresh_gpus(!needs_gpus);
+        let now = now_ms();
+        let usage = self.usage.snapshot(
+            now,
+            self.jobs.values().filter(|j| j.state.holds_resources()),
+        );
+        let decisions = {
+            let queued: Vec<&JobRecord> = self
+                .jobs
+                .values()
+                .filter(|j| j.state == JobState::Queued)
+                .collect();
+            let active: Vec<&JobRecord> = self
+                .jobs
+                .values()
+                .filter(|j| j.state.holds_resources())
+                .collect();
+            let jobs = &self.jobs;
+            let state_of = |id: JobId| jobs.get(&id).map(|j| j.state);
+            plan::plan(&plan::PlanInput {
+                now,
+                queued,
+                active,
+                state_of: &state_of,
+                gpus: &self.gpus.gpus,
+                cfg: &self.settings.policy,
+                max_cpu_jobs: self.settings.max_cpu_jobs,
+                usage: &usage,
+            })
+        };
+        for (id, reason) in decisions.fail {
+            if let Err(e) = self.apply(id, Some(JobState::Failed), reason, &|r| {
+                r.finished_at = Some(now_ms())
+            }) {
+                error!(job_id = id, error = %e, "cannot fail job");
+            }
+        }
+        for p in decisions.preempt {
+            self.preempt(p.victim, p.for_job);
+        }
+        self.waiting = decisions.waiting.into_iter().collect();
+        for start in decisions.start {
+            self.dispatch(start.id, start.placement);
+        }
+    }
+
+    fn preempt(&mut self, victim: JobId, for_job: JobId) {
+        let grace = self.settings.grace;
+        let stop = StopKind::Preempt { for_job };
+        let reason = format!(
+            "preempting for higher-priority job {for_job}: asking the worker to checkpoint and exit (grace {}s)",
+            grace.as_secs()
+        );
+        match self.apply(victim, None, reason, &|r| r.stop = Some(stop.clone())) {
+            Ok(_) => {
+                info!(job_id = victim, for_job, "preempting");
+                if let Some(c) = self.children.get(&victim) {
+                    c.stop(grace);
+                }
+            }
+            Err(e) => error!(job_id = victim, error = %e, "cannot preempt"),
+        }
+    }
+
+    /// Starts a job on its placement: job directory, `starting`, spawn, `running`.
+    fn dispatch(&mut self, id: JobId, placement: Placement) {
+        let where_ = describe_placement(&placement);
+        let attempt = self.jobs.get(&id).map_or(1, |j| j.attempts + 1);
+        let now = now_ms();
+        let rec = match self.apply(
+            id,
+            Some(JobState::Starting),
+            format!("starting on {where_} (attempt {attempt})"),
+            &|r| {
+                r.placement = Some(placement.clone());
+                r.attempts = attempt;
+                r.started_at = Some(now);
+                r.exit = None;
+                r.not_before = None;
+            },
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                error!(job_id = id, error = %e, "cannot mark job starting");
+                return;
+            }
+        };
+        let tx = self.tx.clone();
+        let spawned =
+            worker_env::prepare(&rec, &self.settings, self.inventory.is_fake()).and_then(|req| {
+                proc::spawn(req, move |exit| {
+                    // The scheduler may be gone during shutdown; nothing to record then.
+                    let _ = tx
+                        .try_send(Msg::Exited { id, attempt, exit })
+                        .or_else(|e| match e {
+                            mpsc::error::TrySendError::Full(m) => {
+                                let tx = tx.clone();
+                                tokio::spawn(async move {
+                                    let _ = tx.send(m).await;
+                                });
+                                Ok(())
+                            }
+                            mpsc::error::TrySendError::Closed(_) => Err(()),
+                        });
+                })
+                .map_err(|e| e.to_string())
+            });
+        match spawned {
+            Ok((info, handle)) => {
+                let pid = info.pid;
+                self.children.insert(id, handle);
+                if let Err(e) = self.apply(
+                    id,
+                    Some(JobState::Running),
+                    format!("running (pid {pid})"),
+                    &|r| {
+                        r.process = Some(info.clone());
+                    },
+                ) {
+                    error!(job_id = id, error = %e, "cannot mark job running");
+                }
+                info!(job_id = id, pid, placement = %where_, "job started");
+            }
+            Err(why) => {
+                warn!(job_id = id, error = %why, "cannot start job");
+                if let Err(e) = self.apply(
+                    id,
+                    Some(JobState::Failed),
+                    format!("cannot start: {why}"),
+                    &|r| {
+                        r.finished_at = Some(now_ms());
+                    },
+                ) {
+                    error!(job_id = id, error = %e, "cannot mark job failed");
+                }
+            }
+        }
+    }
+
+    /// Swaps in a new [`View`] and publishes the batch's changes.
+    fn publish_view(&mut self) {
+        let old = self.shared.view.read().expect("view lock").clone();
+        let mut jobs = old.jobs.clone();
+        let changed: Vec<JobId> = self.pending.iter().map(|c| c.job.record.id).collect();
+        for id in &changed {
+            if let Some(r) = self.jobs.get(id) {
+                jobs.insert(*id, Arc::new(r.clone()));
+            }
+        }
+        if old.jobs.is_empty() && !self.jobs.is_empty() {
+            jobs = self
+                .jobs
+                .iter()
+                .map(|(k, v)| (*k, Arc::new(v.clone())))
+                .collect();
+        }
+        let view = View {
+            jobs,
+            waiting: self.waiting.clone(),
+            gpus: Some(self.gpus.clone()),
+            now: now_ms(),
+        };
+        *self.shared.view.write().expect("view lock") = Arc::new(view);
+        for mut change in self.pending.drain(..) {
+            change.job.waiting = self
+                .waiting
+                .get(&change.job.record.id)
+                .map(|w| w.wait.short());
+            let _ = self.shared.changes.send(change);
+        }
+    }
+}
+
+/// Asks the scheduler to stop every worker (they checkpoint) and waits until it has.
+pub async fn shutdown(handle: &SchedHandle) {
+    let (tx, rx) = oneshot::channel();
+    if handle.tx.send(Msg::Shutdown { reply: tx }).await.is_ok() {
+        let _ = rx.await;
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn finished_word(s: JobState) -> &'static str {
+    match s {
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "been cancelled",
+        _ => "finished",
+    }
+}
+
+/// "GPU 0, 1 (10GiB each)", "CPU".
+pub fn describe_placement(p: &Placement) -> String {
+    if p.gpus.is_empty() {
+        return "CPU".into();
+    }
+    let ids: Vec<String> = p.gpus.iter().map(|g| g.index.to_string()).collect();
+    let amount = crate::spec::units::ByteSize(p.vram_per_gpu);
+    if p.exclusive {
+        format!(
+            "GPU {} (whole card{})",
+            ids.join(", "),
+            if ids.len() > 1 { "s" } else { "" }
+        )
+    } else if ids.len() > 1 {
+        format!("GPU {} ({amount} each)", ids.join(", "))
+    } else {
+        format!("GPU {} ({amount})", ids[0])
+    }
+}
+
+/// The progress a train worker last reported, if any.
+pub fn read_progress(job_dir: &std::path::Path) -> Option<Progress> {
+    let text = std::fs::read(job_dir.join(contract::files::PROGRESS)).ok()?;
+    serde_json::from_slice(&text).ok()
+}

@@ -1,0 +1,140 @@
+//! Start-up recovery: jobs an earlier daemon left `starting`, `running` or `publishing` (it
+//! crashed or was killed) and `interrupted` jobs (it stopped cleanly) go back to the queue.
+//! Workers of the earlier daemon may still be alive — they are not our children — so they are
+//! found (recorded pid + start time, and a scan of `/proc/*/environ` for `JOBD_JOB_DIR` under
+//! our jobs directory, which also finds a worker spawned just before a crash) and stopped
+//! first: SIGTERM (train workers checkpoint), grace, SIGKILL. A job never runs twice at once.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use futures_util::future::join_all;
+use tracing::{info, warn};
+
+use super::Scheduler;
+use crate::proc;
+use crate::spec::contract::ENV_JOB_DIR;
+use crate::spec::record::ProcessInfo;
+use crate::spec::{JobId, JobState};
+use crate::store::StoreError;
+
+pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
+    let mut leftovers: BTreeMap<JobId, Vec<ProcessInfo>> = scan_proc(&s.settings.jobs_dir);
+    for job in s
+        .jobs
+        .values()
+        .filter(|j| j.state.holds_resources() || j.state == JobState::Publishing)
+    {
+        if let Some(p) = &job.process {
+            let list = leftovers.entry(job.id).or_default();
+            if !list.iter().any(|q| q.pgid == p.pgid) {
+                list.push(p.clone());
+            }
+        }
+    }
+    let grace = s.settings.grace;
+    let stops = leftovers.iter().flat_map(|(id, infos)| {
+        infos
+            .iter()
+            .map(move |info| async move { (*id, info.pid, proc::stop_leftover(info, grace).await) })
+    });
+    let mut stopped: BTreeMap<JobId, Vec<i32>> = BTreeMap::new();
+    for (id, pid, was_alive) in join_all(stops).await {
+        if was_alive {
+            warn!(
+                job_id = id,
+                pid, "stopped a worker left over from an earlier daemon"
+            );
+            stopped.entry(id).or_default().push(pid);
+        }
+    }
+
+    let ids: Vec<(JobId, JobState)> = s.jobs.values().map(|j| (j.id, j.state)).collect();
+    for (id, state) in ids {
+        match state {
+            JobState::Starting | JobState::Running | JobState::Publishing => {
+                let what = match stopped.get(&id) {
+                    Some(pids) => format!("its worker (pid {}) was stopped", join(pids)),
+                    None => "its worker was no longer running".into(),
+                };
+                s.apply(
+                    id,
+                    Some(JobState::Interrupted),
+                    format!("daemon restarted; {what}"),
+                    &|r| {
+                        r.process = None;
+                        r.stop = None;
+                    },
+                )?;
+                s.requeue_now(
+                    id,
+                    "requeued after daemon restart; resumes from its last checkpoint".into(),
+                )?;
+                info!(job_id = id, "recovered");
+            }
+            JobState::Interrupted => {
+                s.requeue_now(id, "requeued at daemon start".into())?;
+            }
+            _ => {}
+        }
+        // Stray workers of finished jobs (should not exist) were stopped above as well.
+    }
+    Ok(())
+}
+
+fn join(pids: &[i32]) -> String {
+    pids.iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Processes whose environment says they belong to a job under `jobs_dir`.
+fn scan_proc(jobs_dir: &Path) -> BTreeMap<JobId, Vec<ProcessInfo>> {
+    let mut out: BTreeMap<JobId, Vec<ProcessInfo>> = BTreeMap::new();
+    let prefix = format!("{ENV_JOB_DIR}={}/", jobs_dir.display());
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let Some(id) = environ.split(|b| *b == 0).find_map(|var| {
+            let var = std::str::from_utf8(var).ok()?;
+            var.strip_prefix(&prefix)?
+                .split('/')
+                .next()?
+                .parse::<JobId>()
+                .ok()
+        }) else {
+            continue;
+        };
+        let Ok(pgid) = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))) else {
+            continue;
+        };
+        let Some(start_ticks) = proc::start_ticks(pid) else {
+            continue;
+        };
+        let list = out.entry(id).or_default();
+        if !list.iter().any(|p| p.pgid == pgid.as_raw()) {
+            list.push(ProcessInfo {
+                pid,
+                pgid: pgid.as_raw(),
+                start_ticks,
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,165 @@
+//! Turning a job about to start into a process description: its job directory, the files the
+//! worker contract promises (`job.toml`, `spec.json`), and the cleared environment with the
+//! documented variables (see `spec::contract`).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use super::SchedSettings;
+use crate::proc::{RunAs, SpawnRequest};
+use crate::spec::contract::{self, files};
+use crate::spec::{JobKind, JobRecord};
+
+/// Prepares the job directory and describes the process to spawn.
+pub fn prepare(
+    rec: &JobRecord,
+    settings: &SchedSettings,
+    fake_gpus: bool,
+) -> Result<SpawnRequest, String> {
+    let dir = rec.dir(&settings.jobs_dir);
+    let run_as = if settings.run_as_owner {
+        Some(RunAs::lookup(&rec.owner.user).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let mkdir = |p: &Path, mode: u32| -> Result<(), String> {
+        std::fs::create_dir_all(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot set permissions of {}: {e}", p.display()))?;
+        if let Some(r) = &run_as {
+            r.chown(p).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+    mkdir(&dir, 0o750)?;
+    let checkpoints = dir.join(files::CHECKPOINTS);
+    let output = dir.join(files::OUTPUT);
+    mkdir(&checkpoints, 0o750)?;
+    mkdir(&output, 0o755)?;
+    write_atomic(
+        &dir.join(files::JOB_TOML),
+        rec.source.as_bytes(),
+        run_as.as_ref(),
+    )?;
+    let spec = serde_json::to_vec_pretty(&rec.spec).map_err(|e| e.to_string())?;
+    write_atomic(&dir.join(files::SPEC_JSON), &spec, run_as.as_ref())?;
+
+    let placement = rec.placement.clone().unwrap_or_default();
+    let (user, home) = match &run_as {
+        Some(r) => (r.user.clone(), r.home.display().to_string()),
+        None => daemon_user(),
+    };
+    let mut env: Vec<(String, String)> = vec![
+        ("HOME".into(), home),
+        ("USER".into(), user.clone()),
+        ("LOGNAME".into(), user),
+        ("LANG".into(), "C.UTF-8".into()),
+        (contract::ENV_JOB_ID.into(), rec.id.to_string()),
+        (contract::ENV_JOB_DIR.into(), dir.display().to_string()),
+        (
+            contract::ENV_CHECKPOINT_DIR.into(),
+            checkpoints.display().to_string(),
+        ),
+        (
+            contract::ENV_OUTPUT_DIR.into(),
+            output.display().to_string(),
+        ),
+        (contract::ENV_ATTEMPT.into(), rec.attempts.to_string()),
+        (
+            contract::ENV_GRACE_SECONDS.into(),
+            settings.grace.as_secs().to_string(),
+        ),
+        (
+            contract::ENV_PREEMPT_EXIT_CODE.into(),
+            contract::EXIT_PREEMPTED.to_string(),
+        ),
+        ("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()),
+        // CPU jobs see no GPU at all, so they cannot take one by accident.
+        (
+            "CUDA_VISIBLE_DEVICES".into(),
+            placement
+                .gpus
+                .iter()
+                .map(|g| g.index.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        (
+            contract::ENV_GPU_UUIDS.into(),
+            placement
+                .gpus
+                .iter()
+                .map(|g| g.uuid.clone())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+    ];
+    if !placement.gpus.is_empty() {
+        env.push((
+            contract::ENV_VRAM_BYTES.into(),
+            placement.vram_per_gpu.to_string(),
+        ));
+        if fake_gpus {
+            env.push((contract::ENV_FAKE_GPUS.into(), "1".into()));
+        }
+    }
+    if let Some(n) = rec.spec.resources.cpus {
+        for var in ["OMP_NUM_THREADS", "RAYON_NUM_THREADS", "MKL_NUM_THREADS"] {
+            env.push((var.into(), n.to_string()));
+        }
+    }
+    let (program, args, cwd, path) = match (rec.kind, &rec.spec.command) {
+        (JobKind::Command, Some(cmd)) => {
+            for (k, v) in &cmd.env {
+                env.push((k.clone(), v.clone()));
+            }
+            let cwd = cmd.workdir.clone().unwrap_or_else(|| dir.clone());
+            let path = cmd.env.get("PATH").cloned();
+            (cmd.argv[0].clone(), cmd.argv[1..].to_vec(), cwd, path)
+        }
+        _ => (
+            settings.worker_exe.display().to_string(),
+            vec![
+                "worker".into(),
+                "--job-dir".into(),
+                dir.display().to_string(),
+            ],
+            dir.clone(),
+            None,
+        ),
+    };
+    if path.is_none() {
+        env.push(("PATH".into(), contract::DEFAULT_PATH.into()));
+    }
+    Ok(SpawnRequest {
+        program,
+        args,
+        env,
+        cwd,
+        stdout: dir.join(files::STDOUT),
+        stderr: dir.join(files::STDERR),
+        run_as,
+    })
+}
+
+/// Writes a file that must never be seen half-written: temp file, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8], owner: Option<&RunAs>) -> Result<(), String> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    if let Some(r) = owner {
+        r.chown(&tmp).map_err(|e| e.to_string())?;
+    }
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+fn daemon_user() -> (String, String) {
+    let uid = nix::unistd::geteuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => (u.name, u.dir.display().to_string()),
+        _ => (uid.to_string(), "/".into()),
+    }
+}

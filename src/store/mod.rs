@@ -1,0 +1,427 @@
+//! L1: the durable store — the only user of sled.
+//!
+//! Trees: `jobs` (id → [`JobRecord`] as JSON), `events` (id ‖ seq → [`JobEvent`]), `meta`
+//! (schema version, the id counter). Every change to a job is one transaction over the job and
+//! its new event, so a record and its history never disagree. Changes become durable at
+//! [`Store::flush`]; the scheduler flushes before it answers a request, so a submit that
+//! returned an id is never lost, even to `kill -9`.
+//!
+//! The store refuses illegal state transitions (see [`JobState::can_become`]); it does not
+//! decide anything else. Only `sched` calls its mutators.
+
+use std::path::{Path, PathBuf};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use crate::spec::record::RECORD_VERSION;
+use crate::spec::{JobEvent, JobId, JobRecord, JobState, now_ms};
+
+/// Layout version of the trees; a store written by a newer jobd is refused.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META_SCHEMA: &[u8] = b"schema";
+const META_LAST_ID: &[u8] = b"last_job_id";
+
+/// Errors of the store, naming the job or path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the job store at {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error(
+        "the job store at {path} has schema version {found}; this jobd understands up to {SCHEMA_VERSION} (upgrade jobd)"
+    )]
+    Schema { path: PathBuf, found: u64 },
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    #[error("job {id} cannot go from {from} to {to}")]
+    IllegalTransition {
+        id: JobId,
+        from: JobState,
+        to: JobState,
+    },
+    #[error("job {id} is {found}, expected {expected}")]
+    UnexpectedState {
+        id: JobId,
+        expected: String,
+        found: JobState,
+    },
+    #[error("the job store's record of job {id} is unreadable: {source}")]
+    Corrupt {
+        id: JobId,
+        source: serde_json::Error,
+    },
+    #[error("job store i/o error: {0}")]
+    Io(#[from] sled::Error),
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    jobs: sled::Tree,
+    events: sled::Tree,
+    meta: sled::Tree,
+}
+
+/// A change to one job: an optional state transition, a reason for the history, and edits.
+pub struct Change<'a> {
+    /// New state; `None` records an event in the current state (e.g. a priority change).
+    pub to: Option<JobState>,
+    /// Only apply if the job is in one of these states (empty: any).
+    pub expect: &'a [JobState],
+    pub reason: String,
+    pub edit: &'a dyn Fn(&mut JobRecord),
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let open_err = |source| StoreError::Open {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let jobs = db.open_tree("jobs").map_err(open_err)?;
+        let events = db.open_tree("events").map_err(open_err)?;
+        let meta = db.open_tree("meta").map_err(open_err)?;
+        match meta.get(META_SCHEMA)? {
+            None => {
+                meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Some(v) => {
+                let found = decode_u64(&v);
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::Schema {
+                        path: dir.to_path_buf(),
+                        found,
+                    });
+                }
+            }
+        }
+        Ok(Store {
+            db,
+            jobs,
+            events,
+            meta,
+        })
+    }
+
+    /// Makes every change so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Makes every change so far durable (blocking).
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Inserts a new job: `make` receives the fresh id and returns the record. The first event
+    /// (`queued`, `reason`) is written in the same transaction.
+    pub fn insert(
+        &self,
+        reason: &str,
+        make: &dyn Fn(JobId) -> JobRecord,
+    ) -> Result<(JobRecord, JobEvent), StoreError> {
+        let result = (&self.jobs, &self.events, &self.meta).transaction(|(jobs, events, meta)| {
+            let last = meta.get(META_LAST_ID)?.map(|v| decode_u64(&v)).unwrap_or(0);
+            let id = last + 1;
+            let mut record = make(id);
+            record.id = id;
+            record.v = RECORD_VERSION;
+            let event = JobEvent {
+                seq: 0,
+                at: record.submitted_at,
+                state: record.state,
+                reason: reason.to_string(),
+            };
+            record.event_count = 1;
+            record.reason = Some(reason.to_string());
+            meta.insert(META_LAST_ID, &id.to_be_bytes())?;
+            jobs.insert(&id.to_be_bytes(), encode(&record))?;
+            events.insert(&event_key(id, 0), encode(&event))?;
+            Ok((record, event))
+        });
+        result.map_err(unwrap_tx)
+    }
+
+    /// Applies a change to one job in one transaction and returns the job and its new event.
+    pub fn apply(
+        &self,
+        id: JobId,
+        change: &Change<'_>,
+    ) -> Result<(JobRecord, JobEvent), StoreError> {
+        let result = (&self.jobs, &self.events).transaction(|(jobs, events)| {
+            let raw = jobs
+                .get(id.to_be_bytes())?
+                .ok_or(ConflictableTransactionError::Abort(StoreError::NotFound(
+                    id,
+                )))?;
+            let mut record: JobRecord =
+                decode(id, &raw).map_err(ConflictableTransactionError::Abort)?;
+            if !change.expect.is_empty() && !change.expect.contains(&record.state) {
+                let expected: Vec<_> = change.expect.iter().map(|s| s.as_str()).collect();
+                return Err(ConflictableTransactionError::Abort(
+                    StoreError::UnexpectedState {
+                        id,
+                        expected: expected.join(" or "),
+                        found: record.state,
+                    },
+                ));
+            }
+            let from = record.state;
+            let to = change.to.unwrap_or(from);
+            if change.to.is_some() && !from.can_become(to) {
+                return Err(ConflictableTransactionError::Abort(
+                    StoreError::IllegalTransition { id, from, to },
+                ));
+            }
+            (change.edit)(&mut record);
+            let now = now_ms();
+            record.state = to;
+            record.updated_at = now;
+            record.reason = Some(change.reason.clone());
+            let event = JobEvent {
+                seq: record.event_count,
+                at: now,
+                state: to,
+                reason: change.reason.clone(),
+            };
+            record.event_count += 1;
+            jobs.insert(&id.to_be_bytes(), encode(&record))?;
+            events.insert(&event_key(id, event.seq), encode(&event))?;
+            Ok((record, event))
+        });
+        result.map_err(unwrap_tx)
+    }
+
+    /// One job.
+    pub fn get(&self, id: JobId) -> Result<JobRecord, StoreError> {
+        let raw = self
+            .jobs
+            .get(id.to_be_bytes())?
+            .ok_or(StoreError::NotFound(id))?;
+        decode(id, &raw)
+    }
+
+    /// Every job, in id order.
+    pub fn all_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.jobs
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(decode_u64(&k), &v)
+            })
+            .collect()
+    }
+
+    /// A job's history, oldest first.
+    pub fn events(&self, id: JobId) -> Result<Vec<JobEvent>, StoreError> {
+        self.events
+            .scan_prefix(id.to_be_bytes())
+            .map(|kv| {
+                let (_, v) = kv?;
+                serde_json::from_slice(&v).map_err(|source| StoreError::Corrupt { id, source })
+            })
+            .collect()
+    }
+
+    /// The highest job id ever assigned.
+    pub fn last_id(&self) -> Result<JobId, StoreError> {
+        Ok(self
+            .meta
+            .get(META_LAST_ID)?
+            .map(|v| decode_u64(&v))
+            .unwrap_or(0))
+    }
+
+    /// A named tree for other record kinds (e.g. schedules), owned by the caller's module.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+}
+
+fn event_key(id: JobId, seq: u32) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&id.to_be_bytes());
+    key[8..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn decode_u64(bytes: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    let n = bytes.len().min(8);
+    buf[8 - n..].copy_from_slice(&bytes[bytes.len() - n..]);
+    u64::from_be_bytes(buf)
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serialising our own plain structs to JSON cannot fail.
+    serde_json::to_vec(value).expect("job records serialise to JSON")
+}
+
+fn decode(id: JobId, raw: &[u8]) -> Result<JobRecord, StoreError> {
+    serde_json::from_slice(raw).map_err(|source| StoreError::Corrupt { id, source })
+}
+
+fn unwrap_tx(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Io(e),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::spec::job::parse;
+    use crate::spec::{JobKind, Owner};
+
+    /// A queued command job record for tests.
+    pub(crate) fn sample_record(id: JobId) -> JobRecord {
+        let spec = parse(
+            "t.toml",
+            "kind = \"command\"\n[command]\nargv = [\"true\"]\n",
+        )
+        .unwrap();
+        JobRecord {
+            v: RECORD_VERSION,
+            id,
+            name: "t".into(),
+            owner: Owner {
+                user: "alice".into(),
+                uid: 1000,
+            },
+            kind: JobKind::Command,
+            priority: 0,
+            state: JobState::Queued,
+            spec,
+            source: String::new(),
+            source_path: None,
+            submitted_at: now_ms(),
+            updated_at: now_ms(),
+            queued_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            retries: 0,
+            not_before: None,
+            placement: None,
+            process: None,
+            exit: None,
+            reason: None,
+            stop: None,
+            vram_estimate: None,
+            vram_peak: None,
+            gpu_seconds: 0.0,
+            event_count: 0,
+        }
+    }
+
+    fn to(state: JobState, reason: &str) -> Change<'static> {
+        Change {
+            to: Some(state),
+            expect: &[],
+            reason: reason.into(),
+            edit: &|_| {},
+        }
+    }
+
+    #[test]
+    fn ids_are_dense_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for expected in 1..=3 {
+                let (rec, ev) = store.insert("submitted", &sample_record).unwrap();
+                assert_eq!(rec.id, expected);
+                assert_eq!(ev.seq, 0);
+            }
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.all_jobs().unwrap().len(), 3);
+        assert_eq!(store.insert("submitted", &sample_record).unwrap().0.id, 4);
+    }
+
+    #[test]
+    fn transitions_record_history_and_refuse_illegal_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (rec, _) = store.insert("submitted", &sample_record).unwrap();
+        store
+            .apply(rec.id, &to(JobState::Starting, "placed"))
+            .unwrap();
+        let err = store
+            .apply(rec.id, &to(JobState::Queued, "nope"))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::IllegalTransition { .. }), "{err}");
+        let (rec, ev) = store
+            .apply(
+                rec.id,
+                &Change {
+                    to: Some(JobState::Running),
+                    expect: &[JobState::Starting],
+                    reason: "spawned".into(),
+                    edit: &|r| r.attempts += 1,
+                },
+            )
+            .unwrap();
+        assert_eq!((rec.state, rec.attempts, ev.seq), (JobState::Running, 1, 2));
+        let history: Vec<_> = store
+            .events(rec.id)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.state, e.reason))
+            .collect();
+        assert_eq!(
+            history,
+            vec![
+                (JobState::Queued, "submitted".to_string()),
+                (JobState::Starting, "placed".to_string()),
+                (JobState::Running, "spawned".to_string())
+            ]
+        );
+        let err = store
+            .apply(
+                rec.id,
+                &Change {
+                    to: Some(JobState::Cancelled),
+                    expect: &[JobState::Queued],
+                    reason: "x".into(),
+                    edit: &|_| {},
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(err, StoreError::UnexpectedState { .. }), "{err}");
+        assert!(matches!(
+            store.apply(99, &to(JobState::Starting, "x")),
+            Err(StoreError::NotFound(99))
+        ));
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .meta
+                .insert(META_SCHEMA, &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let err = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("schema version 2"), "{err}");
+    }
+}
