@@ -9,7 +9,11 @@
 //! - L4 [`daemon`] (wiring, recovery, shutdown), [`cli`] (jobctl subcommands).
 //! - L5 `src/bin/jobd.rs`, `src/bin/jobctl.rs`: thin.
 
+pub mod api;
+pub mod cli;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod estimate;
 pub mod gpu;
 pub mod proc;

@@ -1,1 +1,200 @@
-fn main() {}
+//! `jobd`: the daemon (default), and its helper commands. All logic lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use jobd::config::{Config, Overrides};
+use jobd::spec::units::HumanDuration;
+
+/// jobd — a batch scheduler for shared GPU machines. Without a subcommand it runs the daemon.
+#[derive(Debug, Parser)]
+#[command(name = "jobd", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+struct Args {
+    /// Config file (TOML; see dist/jobd.toml). Flags override it.
+    #[arg(long, short = 'c', value_name = "FILE", env = "JOBD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the job store and job directories [default: /var/lib/jobd as root,
+    /// else ~/.local/state/jobd].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Unix socket for jobctl [default: /run/jobd/jobd.sock as root, else STATE_DIR/jobd.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Also listen on TCP (dashboard, remote clients with a token), e.g. 127.0.0.1:8470.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// GPU inventory: auto (NVML), none, fake:24GiB,80GiB (simulated; "+6GiB" adds foreign use)
+    /// or fake-file:PATH.
+    #[arg(long, value_name = "SPEC")]
+    gpus: Option<String>,
+    /// Time between SIGTERM and SIGKILL when stopping a job [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    grace_period: Option<HumanDuration>,
+    /// Most CPU-only jobs at once [default: number of cores].
+    #[arg(long, value_name = "N")]
+    max_cpu_jobs: Option<u32>,
+    /// Default Ollama models directory for [publish].
+    #[arg(long, value_name = "DIR")]
+    ollama_models: Option<PathBuf>,
+    /// More logging (-v debug, -vv trace); JOBD_LOG or RUST_LOG set filters.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a bearer token for the TCP listener and print the config lines that grant it.
+    Token {
+        /// The Unix user the token acts as.
+        #[arg(long)]
+        user: String,
+    },
+    /// Probe the GPU inventory as the daemon would (no CUDA context) and print it.
+    Gpus {
+        /// auto, none, fake:... (as --gpus).
+        #[arg(long, default_value = "auto")]
+        source: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = std::env::var("JOBD_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match args.command {
+        Some(Command::Token { user }) => {
+            let token = jobd::config::new_token();
+            println!("token for {user} (give it to them; it is not stored anywhere):\n  {token}\n");
+            println!(
+                "add to the daemon's config file:\n[[tokens]]\nuser = {user:?}\nsha256 = {:?}",
+                jobd::config::hash_token(&token)
+            );
+            ExitCode::SUCCESS
+        }
+        Some(Command::Gpus { source, json }) => {
+            let source = match source.parse() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("jobd: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let snap = jobd::gpu::Inventory::open(&source).snapshot(&|_| false);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&snap).unwrap_or_default()
+                );
+            } else {
+                println!("source: {}", snap.source);
+                if let Some(v) = &snap.driver_version {
+                    println!("driver: {v}");
+                }
+                if let Some(n) = &snap.note {
+                    println!("note: {n}");
+                }
+                for g in &snap.gpus {
+                    println!(
+                        "GPU {}: {} {} bus {} total {} free {} foreign {} cc {} util {}",
+                        g.index,
+                        g.name,
+                        g.uuid,
+                        g.pci_bus_id.as_deref().unwrap_or("?"),
+                        jobd::spec::units::ByteSize(g.total_bytes),
+                        g.free_bytes
+                            .map_or("?".into(), |b| jobd::spec::units::ByteSize(b).to_string()),
+                        jobd::spec::units::ByteSize(g.foreign_bytes),
+                        g.compute_capability.as_deref().unwrap_or("?"),
+                        g.utilization_percent
+                            .map_or("?".into(), |u| format!("{u}%")),
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        None => daemon(args),
+    }
+}
+
+fn daemon(args: Args) -> ExitCode {
+    init_logging(args.verbose);
+    let flags = Overrides {
+        state_dir: args.state_dir,
+        socket: args.socket,
+        listen: args.listen,
+        gpus: args.gpus,
+        grace_period: args.grace_period,
+        ollama_models: args.ollama_models,
+        max_cpu_jobs: args.max_cpu_jobs,
+    };
+    let config = match Config::load(args.config.as_deref(), flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("jobd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("jobd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("signal received; shutting down");
+            signals.cancel();
+        });
+        jobd::daemon::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("jobd: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -43,6 +43,8 @@ pub struct ConfigFile {
     pub tokens: Vec<TokenEntry>,
     /// Allow reading the queue over TCP without a token (default true).
     pub anonymous_read: Option<bool>,
+    /// Let everyone read every job's logs (default false: owner and admins only).
+    pub public_logs: Option<bool>,
     /// Default Ollama models directory for `[publish]`.
     pub ollama_models: Option<PathBuf>,
     #[serde(default)]
@@ -191,6 +193,7 @@ pub struct Config {
     /// SHA-256 (hex) → user.
     pub tokens: BTreeMap<String, String>,
     pub anonymous_read: bool,
+    pub public_logs: bool,
     pub ollama_models: Option<PathBuf>,
     pub scheduler: SchedulerConfig,
     /// The config file used, if any.
@@ -338,6 +341,7 @@ impl Config {
                 .map(|t| (t.sha256.to_ascii_lowercase(), t.user.clone()))
                 .collect(),
             anonymous_read: file.anonymous_read.unwrap_or(true),
+            public_logs: file.public_logs.unwrap_or(false),
             ollama_models: file.ollama_models.clone(),
             scheduler: SchedulerConfig {
                 vram_margin: s.vram_margin.map_or(defaults.vram_margin, |b| b.0),

@@ -147,6 +147,8 @@ struct Shared {
 pub struct SchedHandle {
     tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
+    store: Store,
+    policy: Arc<SchedulerConfig>,
 }
 
 impl SchedHandle {
@@ -220,6 +222,100 @@ impl SchedHandle {
     pub fn subscribe(&self) -> broadcast::Receiver<JobChange> {
         self.shared.changes.subscribe()
     }
+
+    /// A job's history (read from the store).
+    pub fn events(&self, id: JobId) -> Result<Vec<JobEvent>, StoreError> {
+        self.store.get(id)?;
+        self.store.events(id)
+    }
+
+    /// The placement policy in force.
+    pub fn policy(&self) -> &SchedulerConfig {
+        &self.policy
+    }
+}
+
+/// Why a job is where it is, for `jobctl explain`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Explanation {
+    pub id: JobId,
+    pub state: JobState,
+    /// One line: the short reason (`jobctl list`'s column).
+    pub summary: String,
+    /// Full sentences.
+    pub details: Vec<String>,
+}
+
+/// Explains a job's state from a snapshot.
+pub fn explain(view: &View, id: JobId) -> Option<Explanation> {
+    let job = view.jobs.get(&id)?;
+    let mut details = Vec::new();
+    let summary = match job.state {
+        JobState::Queued => match view.waiting.get(&id) {
+            Some(w) => {
+                details.push(format!("Job {id} {}.", w.wait.long(view.now)));
+                let higher = view
+                    .jobs
+                    .values()
+                    .filter(|j| j.state == JobState::Queued && j.priority > job.priority)
+                    .count();
+                if w.ahead > 0 {
+                    details.push(format!(
+                        "{} job{} ahead of it in line ({higher} with higher priority).",
+                        w.ahead,
+                        if w.ahead == 1 { " is" } else { "s are" }
+                    ));
+                }
+                w.wait.short()
+            }
+            None => {
+                details.push("It is about to be placed.".into());
+                "pending".into()
+            }
+        },
+        JobState::Starting | JobState::Running => {
+            let placed = job
+                .placement
+                .as_ref()
+                .map(describe_placement)
+                .unwrap_or_else(|| "CPU".into());
+            details.push(format!("Job {id} is {} on {placed}.", job.state));
+            match &job.stop {
+                Some(StopKind::Cancel { by }) => {
+                    details.push(format!("It is being cancelled (requested by {by})."))
+                }
+                Some(StopKind::Preempt { for_job }) => details.push(format!(
+                    "It is being preempted for higher-priority job {for_job}; it will be requeued."
+                )),
+                Some(StopKind::Shutdown) => {
+                    details.push("The daemon is stopping; it will resume at the next start.".into())
+                }
+                None => {}
+            }
+            job.state.to_string()
+        }
+        _ => {
+            let reason = job
+                .reason
+                .clone()
+                .unwrap_or_else(|| "no reason recorded".into());
+            details.push(format!("Job {id} is {}: {reason}.", job.state));
+            reason
+        }
+    };
+    if let Some(r) = &job.reason {
+        if job.state == JobState::Queued
+            && (r.contains("preempt") || r.contains("retry") || r.contains("restart"))
+        {
+            details.push(format!("Last change: {r}."));
+        }
+    }
+    Some(Explanation {
+        id,
+        state: job.state,
+        summary,
+        details,
+    })
 }
 
 /// The scheduler task's state.
@@ -284,7 +380,13 @@ impl Scheduler {
         s.replan();
         s.store.flush().await?;
         s.publish_view();
-        Ok((s, SchedHandle { tx, shared }))
+        let handle = SchedHandle {
+            tx,
+            shared,
+            store: s.store.clone(),
+            policy: Arc::new(s.settings.policy.clone()),
+        };
+        Ok((s, handle))
     }
 
     /// The event loop; returns after a shutdown request once every worker has stopped.

@@ -1,0 +1,114 @@
+//! One error type for every handler: status + `{"error":{"code","message"}}`. Malformed JSON,
+//! oversized bodies and bad paths get the same shape; 5xx answers hide internals (they are
+//! logged instead).
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::sched::SchedError;
+use crate::spec::api::{ErrorBody, ErrorDetail};
+use crate::spec::toml_source::{Problem, SourceError};
+
+/// An error answered to an HTTP client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub problems: Vec<Problem>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            problems: Vec::new(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(code = self.code, error = %self.message, "request failed");
+        }
+        let message = if self.status.is_server_error() {
+            "internal error; see the daemon's log".to_string()
+        } else {
+            self.message
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message,
+                problems: self.problems,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<SchedError> for ApiError {
+    fn from(e: SchedError) -> Self {
+        let (status, code) = match &e {
+            SchedError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            SchedError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            SchedError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_job"),
+            SchedError::Infeasible(_) => (StatusCode::UNPROCESSABLE_ENTITY, "never_fits"),
+            SchedError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            SchedError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            SchedError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<SourceError> for ApiError {
+    fn from(e: SourceError) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_job",
+            message: e.to_string(),
+            problems: e.problems,
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = r.status();
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            _ => "bad_json",
+        };
+        let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+            StatusCode::BAD_REQUEST
+        } else {
+            status
+        };
+        ApiError::new(status, code, r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_query", r.body_text())
+    }
+}

@@ -1,0 +1,472 @@
+//! Handlers of `/api/v1/jobs...` and `/api/v1/gpus`.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures_util::Stream;
+use serde::Deserialize;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{ApiError, AppState, require_user};
+use crate::sched::{self, Submission, View};
+use crate::spec::api::{
+    EventsResponse, GpuJob, GpuView, GpusResponse, JobView, ListQuery, ListResponse,
+    PriorityRequest, SubmitRequest,
+};
+use crate::spec::contract::files;
+use crate::spec::job::parse_and_resolve;
+use crate::spec::{Caller, JobId, JobKind, JobRecord, JobState};
+
+/// A job id from the URL, with a clear error for anything else.
+pub struct JobIdPath(JobId);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for JobIdPath {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        let UrlPath(raw) = UrlPath::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        raw.parse::<JobId>()
+            .ok()
+            .filter(|id| *id > 0)
+            .map(JobIdPath)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("{raw:?} is not a job id (a positive number)"))
+            })
+    }
+}
+
+/// The job as `caller` may see it: others' environment values and job file are hidden.
+pub fn job_view(rec: &JobRecord, caller: &Caller, view: &View, jobs_dir: &Path) -> JobView {
+    let mut record = rec.clone();
+    if !caller.may_change(&rec.owner.user) {
+        if let Some(cmd) = &mut record.spec.command {
+            if !cmd.env.is_empty() {
+                for v in cmd.env.values_mut() {
+                    *v = "(hidden)".into();
+                }
+                record.source = "# hidden: this job file sets environment variables; only its owner and admins see it\n".into();
+            }
+        }
+    }
+    let progress = (rec.kind == JobKind::Train && rec.attempts > 0)
+        .then(|| sched::read_progress(&rec.dir(jobs_dir)))
+        .flatten();
+    JobView {
+        record,
+        progress,
+        waiting: view.waiting.get(&rec.id).map(|w| w.wait.short()),
+    }
+}
+
+fn submission(req: SubmitRequest) -> Result<Submission, ApiError> {
+    let base = req.base_dir.ok_or_else(|| {
+        ApiError::bad_request("base_dir is required: the absolute directory the job file's relative paths resolve against")
+    })?;
+    if !base.is_absolute() {
+        return Err(ApiError::bad_request(format!(
+            "base_dir {} must be absolute",
+            base.display()
+        )));
+    }
+    let origin = req
+        .source_path
+        .as_deref()
+        .and_then(Path::file_name)
+        .map_or_else(
+            || "job.toml".to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+    let spec = parse_and_resolve(&origin, &req.toml, &base)?;
+    let stem = req
+        .source_path
+        .as_deref()
+        .and_then(Path::file_stem)
+        .map_or_else(|| "job".to_string(), |n| n.to_string_lossy().into_owned());
+    Ok(Submission {
+        name: spec.display_name(&stem),
+        spec,
+        source: req.toml,
+        source_path: req.source_path,
+    })
+}
+
+pub async fn submit(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<SubmitRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    require_user(&caller)?;
+    let Json(req) = body?;
+    let owner = st
+        .auth
+        .owner_for(&caller)
+        .ok_or_else(|| ApiError::unauthorized("unknown caller"))?;
+    let sub = submission(req)?;
+    let rec = st.sched.submit(&caller, owner, sub).await?;
+    let view = st.sched.view();
+    Ok((
+        StatusCode::CREATED,
+        Json(job_view(&rec, &caller, &view, &st.jobs_dir)),
+    ))
+}
+
+/// Validates a job file as submit would, without queueing it.
+pub async fn validate(
+    body: Result<Json<SubmitRequest>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(req) = body?;
+    let sub = submission(req)?;
+    Ok(Json(
+        serde_json::json!({ "ok": true, "name": sub.name, "spec": sub.spec }),
+    ))
+}
+
+pub async fn list(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<ListResponse>, ApiError> {
+    let Query(q) = query?;
+    let states: Option<Vec<JobState>> = q
+        .state
+        .as_deref()
+        .map(|s| {
+            s.split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+        })
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    let owner = if q.mine == Some(true) {
+        Some(
+            caller
+                .user
+                .clone()
+                .ok_or_else(|| ApiError::bad_request("mine=true needs a known caller"))?,
+        )
+    } else {
+        q.owner.clone()
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let all = q.all.unwrap_or(false);
+    let view = st.sched.view();
+    let matches = |j: &JobRecord| {
+        let state_ok = match &states {
+            Some(s) => s.contains(&j.state),
+            None => all || !j.state.is_terminal(),
+        };
+        state_ok && owner.as_ref().is_none_or(|o| &j.owner.user == o)
+    };
+    let total = view.jobs.values().filter(|j| matches(j)).count();
+    let mut jobs = Vec::new();
+    let mut next_before = None;
+    let upper = q.before.unwrap_or(JobId::MAX);
+    for rec in view
+        .jobs
+        .range(..upper)
+        .rev()
+        .map(|(_, r)| r)
+        .filter(|j| matches(j))
+    {
+        if jobs.len() == limit {
+            next_before = jobs.last().map(|v: &JobView| v.record.id);
+            break;
+        }
+        jobs.push(job_view(rec, &caller, &view, &st.jobs_dir));
+    }
+    Ok(Json(ListResponse {
+        jobs,
+        next_before,
+        total,
+    }))
+}
+
+pub async fn get_job(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JobIdPath(id): JobIdPath,
+) -> Result<Json<JobView>, ApiError> {
+    let view = st.sched.view();
+    let rec = view
+        .jobs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+    Ok(Json(job_view(rec, &caller, &view, &st.jobs_dir)))
+}
+
+pub async fn cancel(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JobIdPath(id): JobIdPath,
+) -> Result<Json<JobView>, ApiError> {
+    require_user(&caller)?;
+    let rec = st.sched.cancel(&caller, id).await?;
+    Ok(Json(job_view(
+        &rec,
+        &caller,
+        &st.sched.view(),
+        &st.jobs_dir,
+    )))
+}
+
+pub async fn requeue(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JobIdPath(id): JobIdPath,
+) -> Result<Json<JobView>, ApiError> {
+    require_user(&caller)?;
+    let rec = st.sched.requeue(&caller, id).await?;
+    Ok(Json(job_view(
+        &rec,
+        &caller,
+        &st.sched.view(),
+        &st.jobs_dir,
+    )))
+}
+
+pub async fn set_priority(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JobIdPath(id): JobIdPath,
+    body: Result<Json<PriorityRequest>, JsonRejection>,
+) -> Result<Json<JobView>, ApiError> {
+    require_user(&caller)?;
+    let Json(req) = body?;
+    let rec = st.sched.set_priority(&caller, id, req.priority).await?;
+    Ok(Json(job_view(
+        &rec,
+        &caller,
+        &st.sched.view(),
+        &st.jobs_dir,
+    )))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Stream new events as server-sent events until the job finishes.
+    #[serde(default)]
+    follow: bool,
+}
+
+pub async fn events(
+    State(st): State<AppState>,
+    JobIdPath(id): JobIdPath,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    // Subscribe before reading the history so nothing falls between the two.
+    let mut changes = st.sched.subscribe();
+    let history = st.sched.events(id).map_err(|e| match e {
+        crate::store::StoreError::NotFound(_) => ApiError::not_found(format!("job {id} not found")),
+        e => ApiError::from(sched::SchedError::from(e)),
+    })?;
+    if !q.follow {
+        return Ok(Json(EventsResponse { events: history }).into_response());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    let sched = st.sched.clone();
+    tokio::spawn(async move {
+        let mut next_seq = 0;
+        for e in history {
+            next_seq = e.seq + 1;
+            if tx.send(Ok(sse_event(&e))).await.is_err() {
+                return;
+            }
+        }
+        let finished = |sched: &sched::SchedHandle| {
+            sched
+                .view()
+                .jobs
+                .get(&id)
+                .is_none_or(|j| j.state.is_terminal())
+        };
+        if finished(&sched) {
+            return;
+        }
+        loop {
+            tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(c) if c.job.record.id == id => {
+                        if let Some(e) = c.event.filter(|e| e.seq >= next_seq) {
+                            next_seq = e.seq + 1;
+                            if tx.send(Ok(sse_event(&e))).await.is_err() { return; }
+                        }
+                        if c.job.record.state.is_terminal() { return; }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Missed changes: resend from the store.
+                        if let Ok(all) = sched.events(id) {
+                            let from = next_seq;
+                            for e in all.into_iter().filter(|e| e.seq >= from) {
+                                next_seq = e.seq + 1;
+                                if tx.send(Ok(sse_event(&e))).await.is_err() { return; }
+                            }
+                        }
+                        if finished(&sched) { return; }
+                    }
+                    Err(_) => return,
+                },
+                () = tx.closed() => return,
+            }
+        }
+    });
+    let stream: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
+        Box::pin(ReceiverStream::new(rx));
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+fn sse_event(e: &crate::spec::JobEvent) -> Event {
+    Event::default()
+        .event("job-event")
+        .data(serde_json::to_string(e).unwrap_or_default())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// "stdout" (default) or "stderr".
+    #[serde(default)]
+    stream: Option<String>,
+    /// Keep streaming until the job finishes.
+    #[serde(default)]
+    follow: bool,
+    /// Start at this byte offset.
+    #[serde(default)]
+    offset: Option<u64>,
+    /// Start this many bytes before the end.
+    #[serde(default)]
+    tail: Option<u64>,
+}
+
+pub async fn logs(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JobIdPath(id): JobIdPath,
+    query: Result<Query<LogsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    let view = st.sched.view();
+    let rec = view
+        .jobs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+    if !st.auth.may_read_logs(&caller, &rec.owner.user) {
+        return Err(ApiError::forbidden(format!(
+            "the logs of job {id} are visible to its owner ({}) and admins only",
+            rec.owner.user
+        )));
+    }
+    let name = match q.stream.as_deref().unwrap_or("stdout") {
+        "stdout" => files::STDOUT,
+        "stderr" => files::STDERR,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "stream must be stdout or stderr, not {other:?}"
+            )));
+        }
+    };
+    let dir: PathBuf = rec.dir(&st.jobs_dir);
+    let file = dir.join(name);
+    let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    let offset = match (q.offset, q.tail) {
+        (Some(o), _) => o,
+        (None, Some(t)) => len.saturating_sub(t),
+        (None, None) => 0,
+    };
+    let rx = super::follow::stream_file(
+        st.sched.clone(),
+        st.watcher.clone(),
+        id,
+        dir,
+        file,
+        offset,
+        q.follow,
+    );
+    let body = Body::from_stream(ReceiverStream::new(rx));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+pub async fn explain(
+    State(st): State<AppState>,
+    JobIdPath(id): JobIdPath,
+) -> Result<Json<sched::Explanation>, ApiError> {
+    let view = st.sched.view();
+    sched::explain(&view, id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))
+}
+
+pub async fn gpus(State(st): State<AppState>) -> Json<GpusResponse> {
+    let view = st.sched.view();
+    let Some(snap) = &view.gpus else {
+        return Json(GpusResponse {
+            source: "none".into(),
+            driver_version: None,
+            note: None,
+            gpus: Vec::new(),
+        });
+    };
+    let policy = st.sched.policy();
+    let gpus = snap
+        .gpus
+        .iter()
+        .map(|g| {
+            let jobs: Vec<GpuJob> = view
+                .jobs_on_gpu(&g.uuid)
+                .map(|j| GpuJob {
+                    id: j.id,
+                    name: j.name.clone(),
+                    owner: j.owner.user.clone(),
+                    reserved_bytes: j.placement.as_ref().map_or(0, |p| p.vram_per_gpu),
+                })
+                .collect();
+            GpuView {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                name: g.name.clone(),
+                pci_bus_id: g.pci_bus_id.clone(),
+                total_bytes: g.total_bytes,
+                free_bytes: g.free_bytes,
+                foreign_bytes: g.foreign_bytes,
+                reserved_bytes: jobs.iter().map(|j| j.reserved_bytes).sum(),
+                jobs,
+                compute_capability: g.compute_capability.clone(),
+                utilization_percent: g.utilization_percent,
+                excluded: !policy.allowed_gpus.is_empty()
+                    && !policy.allowed_gpus.iter().any(|s| match s {
+                        crate::spec::job::GpuSelector::Index(i) => *i == g.index,
+                        crate::spec::job::GpuSelector::Uuid(u) => u.eq_ignore_ascii_case(&g.uuid),
+                    }),
+            }
+        })
+        .collect();
+    Json(GpusResponse {
+        source: snap.source.to_string(),
+        driver_version: snap.driver_version.clone(),
+        note: snap.note.clone(),
+        gpus,
+    })
+}

@@ -1,0 +1,126 @@
+//! L3: the HTTP API `/api/v1` (and, later, the dashboard) — the only user of axum.
+//!
+//! The same [`router`] serves the unix socket and the TCP listener; the identity middleware
+//! turns the connection (peer uid) or the bearer token into a [`Caller`], and the scheduler
+//! decides what that caller may do. Handlers are thin: parse, ask the scheduler or read its
+//! snapshot, answer.
+
+mod error;
+pub mod follow;
+pub mod identity;
+mod jobs;
+
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+pub use error::ApiError;
+pub use identity::{AuthPolicy, UnixPeer};
+
+use crate::sched::SchedHandle;
+use crate::spec::api::{Health, Whoami};
+use crate::spec::{Caller, JobState, Millis, now_ms};
+
+/// Largest request body accepted (job files are at most 256 KiB).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub sched: SchedHandle,
+    pub auth: Arc<AuthPolicy>,
+    pub jobs_dir: Arc<std::path::PathBuf>,
+    pub watcher: Arc<follow::DirWatcher>,
+    pub started_at: Millis,
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/health", get(health))
+        .route("/whoami", get(whoami))
+        .route("/jobs", get(jobs::list).post(jobs::submit))
+        .route("/jobs/validate", post(jobs::validate))
+        .route("/jobs/{id}", get(jobs::get_job))
+        .route("/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/jobs/{id}/requeue", post(jobs::requeue))
+        .route("/jobs/{id}/priority", post(jobs::set_priority))
+        .route("/jobs/{id}/events", get(jobs::events))
+        .route("/jobs/{id}/logs", get(jobs::logs))
+        .route("/jobs/{id}/explain", get(jobs::explain))
+        .route("/gpus", get(jobs::gpus))
+        .fallback(|| async { ApiError::not_found("no such API endpoint") });
+    Router::new()
+        .nest(crate::spec::api::PREFIX, api)
+        .fallback(|| async { ApiError::not_found("not found") })
+        .layer(middleware::from_fn_with_state(state.clone(), identify))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Establishes the [`Caller`] of every request.
+async fn identify(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let caller = if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<UnixPeer>>() {
+        st.auth.for_uid(peer.uid)
+    } else {
+        match req.headers().get(AUTHORIZATION) {
+            Some(value) => {
+                let token = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(str::trim);
+                match token.and_then(|t| st.auth.for_token(t)) {
+                    Some(c) => c,
+                    None => return ApiError::unauthorized("invalid bearer token").into_response(),
+                }
+            }
+            None if st.auth.anonymous_read => Caller::anonymous(),
+            None => {
+                return ApiError::unauthorized(
+                    "this listener needs a bearer token (Authorization: Bearer ...)",
+                )
+                .into_response();
+            }
+        }
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// Refuses anonymous callers for requests that change something.
+pub(crate) fn require_user(caller: &Caller) -> Result<&str, ApiError> {
+    caller.user.as_deref().ok_or_else(|| {
+        ApiError::unauthorized("changing jobs needs a bearer token on TCP (or use the unix socket)")
+    })
+}
+
+async fn health(State(st): State<AppState>) -> Json<Health> {
+    let view = st.sched.view();
+    let counts = JobState::ALL
+        .iter()
+        .map(|s| (*s, view.jobs.values().filter(|j| j.state == *s).count()))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let _ = now_ms();
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_at: st.started_at,
+        counts,
+    })
+}
+
+async fn whoami(axum::Extension(caller): axum::Extension<Caller>) -> Json<Whoami> {
+    Json(Whoami {
+        user: caller.user.clone(),
+        uid: caller.uid,
+        admin: caller.admin,
+        can_submit: caller.can_submit,
+    })
+}

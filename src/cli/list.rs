@@ -1,0 +1,149 @@
+//! `jobctl list`.
+
+use clap::Args;
+
+use super::{Output, age, bytes, table};
+use crate::client::Client;
+use crate::spec::api::{JobView, ListResponse};
+use crate::spec::job::VramRequest;
+use crate::spec::{JobState, now_ms};
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Include finished jobs.
+    #[arg(short, long)]
+    pub all: bool,
+    /// Only jobs in these states (comma separated: queued,running,...).
+    #[arg(long, value_name = "STATES")]
+    pub state: Option<String>,
+    /// Only this user's jobs.
+    #[arg(long, short = 'u', value_name = "USER")]
+    pub user: Option<String>,
+    /// Only your own jobs.
+    #[arg(long, conflicts_with = "user")]
+    pub mine: bool,
+    /// At most this many jobs (newest first).
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+}
+
+pub async fn list(client: &Client, args: &ListArgs, out: &Output) -> anyhow::Result<bool> {
+    let mut path = format!("/jobs?limit={}&all={}", args.limit, args.all);
+    if let Some(s) = &args.state {
+        path.push_str(&format!("&state={s}"));
+    }
+    if let Some(u) = &args.user {
+        path.push_str(&format!("&owner={u}"));
+    }
+    if args.mine {
+        path.push_str("&mine=true");
+    }
+    let resp: ListResponse = client.get(&path).await?;
+    if out.json {
+        out.print_json(&resp)?;
+        return Ok(true);
+    }
+    if resp.jobs.is_empty() {
+        eprintln!(
+            "no jobs{}",
+            if args.all {
+                ""
+            } else {
+                " (use --all to include finished ones)"
+            }
+        );
+        return Ok(true);
+    }
+    let now = now_ms();
+    let rows = resp.jobs.iter().map(|j| row(j, now)).collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "ID", "NAME", "USER", "STATE", "PRI", "KIND", "GPUS", "PROGRESS", "AGE", "REASON"
+            ],
+            rows
+        )
+    );
+    if resp.total > resp.jobs.len() {
+        eprintln!(
+            "({} of {} jobs shown; --limit to see more)",
+            resp.jobs.len(),
+            resp.total
+        );
+    }
+    Ok(true)
+}
+
+fn row(j: &JobView, now: i64) -> Vec<String> {
+    let r = &j.record;
+    vec![
+        r.id.to_string(),
+        r.name.clone(),
+        r.owner.user.clone(),
+        r.state.to_string(),
+        r.priority.to_string(),
+        r.kind.as_str().to_string(),
+        gpus_column(j),
+        progress_column(j),
+        age(now, r.submitted_at),
+        reason_column(j),
+    ]
+}
+
+/// Placed: "0,1 10GiB"; waiting: "2x 20GiB"; CPU: "-".
+pub fn gpus_column(j: &JobView) -> String {
+    let r = &j.record;
+    if r.spec.resources.gpus == 0 {
+        return "-".into();
+    }
+    match (&r.placement, r.state.holds_resources()) {
+        (Some(p), true) => {
+            let ids: Vec<_> = p.gpus.iter().map(|g| g.index.to_string()).collect();
+            if p.exclusive {
+                format!("{} whole", ids.join(","))
+            } else {
+                format!("{} {}", ids.join(","), bytes(p.vram_per_gpu))
+            }
+        }
+        _ => {
+            let vram = match (r.spec.resources.vram, r.vram_estimate) {
+                (VramRequest::PerGpu(b), _) => b.to_string(),
+                (VramRequest::Auto, Some(e)) => format!("~{}", bytes(e)),
+                (VramRequest::Auto, None) => "whole".into(),
+            };
+            format!("{}x {vram}", r.spec.resources.gpus)
+        }
+    }
+}
+
+fn progress_column(j: &JobView) -> String {
+    match &j.progress {
+        Some(p) if p.total_steps > 0 => {
+            format!(
+                "{}/{} {:.0}%",
+                p.step,
+                p.total_steps,
+                100.0 * p.step as f64 / p.total_steps as f64
+            )
+        }
+        _ => "-".into(),
+    }
+}
+
+fn reason_column(j: &JobView) -> String {
+    let r = &j.record;
+    match r.state {
+        JobState::Queued => j.waiting.clone().unwrap_or_else(|| "pending".into()),
+        JobState::Failed | JobState::Cancelled | JobState::Interrupted => {
+            let reason = r.reason.clone().unwrap_or_default();
+            let mut s: String = reason.chars().take(48).collect();
+            if reason.chars().count() > 48 {
+                s.push('…');
+            }
+            s
+        }
+        JobState::Running if r.stop.is_some() => "stopping".into(),
+        _ => String::new(),
+    }
+}

@@ -1,0 +1,219 @@
+//! L4: `jobctl` — one file per subcommand. Results go to stdout (a table, or JSON with
+//! `--json`); diagnostics to stderr. Exit codes: 0 ok, 1 error (or a job that did not
+//! succeed, for `wait`/`submit --follow`), 2 daemon unreachable.
+
+mod jobs;
+mod list;
+mod logs;
+mod show;
+mod submit;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::client::{Client, ClientError, Endpoint};
+use crate::spec::units::ByteSize;
+use crate::spec::{JobId, Millis};
+
+/// jobctl — submit and control jobs on a jobd GPU scheduler.
+#[derive(Debug, Parser)]
+#[command(name = "jobctl", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Daemon address: a unix socket path or http://HOST:PORT [default: your own daemon's
+    /// socket if it exists, else /run/jobd/jobd.sock]
+    #[arg(long, global = true, env = "JOBD_URL", value_name = "URL")]
+    pub url: Option<String>,
+    /// Bearer token for a TCP address (not needed on the unix socket).
+    #[arg(
+        long,
+        global = true,
+        env = "JOBD_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Queue a job file (`kind = "command"` or `"train"`).
+    Submit(submit::SubmitArgs),
+    /// Check a job file without submitting it.
+    Validate(submit::ValidateArgs),
+    /// List jobs (queued and active; --all for finished too).
+    #[command(alias = "ls")]
+    List(list::ListArgs),
+    /// Show one job: spec, placement, history.
+    Show(show::ShowArgs),
+    /// Print a job's output; -f follows it until the job ends.
+    Logs(logs::LogsArgs),
+    /// Cancel jobs: queued ones at once, running ones get SIGTERM, then SIGKILL after the grace period.
+    Cancel(jobs::IdsArgs),
+    /// Wait until jobs end; exits 0 only if all succeeded.
+    Wait(jobs::IdsArgs),
+    /// Say why a job waits (or why it is where it is).
+    Explain(jobs::IdArgs),
+    /// Change a job's priority.
+    Priority(jobs::PriorityArgs),
+    /// Put failed or cancelled jobs back in the queue.
+    Requeue(jobs::IdsArgs),
+    /// Show the GPUs and what is placed on them.
+    Gpus,
+    /// Show who the daemon thinks you are.
+    Whoami,
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Runs `jobctl` and returns its exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let json = cli.json;
+    match dispatch(cli).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            let unreachable = e
+                .downcast_ref::<ClientError>()
+                .is_some_and(ClientError::is_unreachable);
+            if json {
+                if let Some(ClientError::Api {
+                    code,
+                    message,
+                    problems,
+                    ..
+                }) = e.downcast_ref::<ClientError>()
+                {
+                    let body = serde_json::json!({"error": {"code": code, "message": message, "problems": problems}});
+                    println!("{body}");
+                }
+            }
+            eprintln!("jobctl: {e:#}");
+            ExitCode::from(if unreachable { 2 } else { 1 })
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
+    let out = Output { json: cli.json };
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "jobctl", &mut std::io::stdout());
+        return Ok(true);
+    }
+    if let Command::Validate(args) = &cli.command {
+        return submit::validate(args, &out);
+    }
+    let client = connect(cli.url.as_deref(), cli.token.clone())?;
+    match cli.command {
+        Command::Submit(args) => submit::submit(&client, &args, &out).await,
+        Command::List(args) => list::list(&client, &args, &out).await,
+        Command::Show(args) => show::show(&client, &args, &out).await,
+        Command::Logs(args) => logs::logs(&client, &args).await,
+        Command::Cancel(args) => jobs::cancel(&client, &args, &out).await,
+        Command::Wait(args) => jobs::wait(&client, &args.ids, &out).await,
+        Command::Explain(args) => jobs::explain(&client, args.id, &out).await,
+        Command::Priority(args) => jobs::priority(&client, &args, &out).await,
+        Command::Requeue(args) => jobs::requeue(&client, &args, &out).await,
+        Command::Gpus => jobs::gpus(&client, &out).await,
+        Command::Whoami => jobs::whoami(&client, &out).await,
+        Command::Validate(_) | Command::Completions { .. } => unreachable!("handled above"),
+    }
+}
+
+/// The daemon address: `--url`/`JOBD_URL`, else the caller's own daemon's socket if it exists,
+/// else the system daemon's.
+pub fn connect(url: Option<&str>, token: Option<String>) -> anyhow::Result<Client> {
+    let endpoint = match url {
+        Some(u) => u.parse::<Endpoint>().map_err(anyhow::Error::msg)?,
+        None => {
+            let own = crate::config::default_socket(&crate::config::default_state_dir());
+            let system = PathBuf::from("/run/jobd/jobd.sock");
+            Endpoint::Unix(if own.exists() || !system.exists() {
+                own
+            } else {
+                system
+            })
+        }
+    };
+    Ok(Client::new(endpoint, token))
+}
+
+/// How results are printed.
+pub struct Output {
+    pub json: bool,
+}
+
+impl Output {
+    /// Prints `value` as pretty JSON.
+    pub fn print_json<T: serde::Serialize>(&self, value: &T) -> anyhow::Result<()> {
+        println!("{}", serde_json::to_string_pretty(value)?);
+        Ok(())
+    }
+}
+
+/// A plain table: aligned columns, no borders (readable in a terminal and in `grep`).
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(if std::io::stdout().is_terminal() {
+            comfy_table::ContentArrangement::Dynamic
+        } else {
+            comfy_table::ContentArrangement::Disabled
+        })
+        .set_header(header.iter().map(|h| comfy_table::Cell::new(h)));
+    for r in rows {
+        t.add_row(r);
+    }
+    // Trim the padding comfy-table puts at line ends.
+    t.to_string()
+        .lines()
+        .map(|l| l.trim_end().strip_prefix(' ').unwrap_or(l).to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// "3s", "5m", "2h", "4d" since `t`.
+pub fn age(now: Millis, t: Millis) -> String {
+    let s = ((now - t).max(0) / 1000) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// Local date and time of `t`.
+pub fn when(t: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(t)
+        .map(|d| {
+            d.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// Formats bytes for tables.
+pub fn bytes(b: u64) -> String {
+    ByteSize(b).to_string()
+}
+
+/// Parses job ids given on the command line.
+pub fn parse_id(s: &str) -> Result<JobId, String> {
+    s.trim_start_matches('#')
+        .parse::<JobId>()
+        .ok()
+        .filter(|i| *i > 0)
+        .ok_or_else(|| format!("{s:?} is not a job id"))
+}

@@ -1,0 +1,97 @@
+//! `jobctl submit` and `jobctl validate`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+
+use super::Output;
+use crate::client::Client;
+use crate::spec::api::{JobView, SubmitRequest};
+use crate::spec::job::parse_and_resolve;
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The job file (TOML).
+    pub file: PathBuf,
+    /// Stream the job's output until it ends; exit 0 only if it succeeded.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The job file (TOML).
+    pub file: PathBuf,
+}
+
+/// Reads a job file and checks it here, as the daemon will; returns the request to send.
+fn load(file: &Path) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let abs =
+        std::path::absolute(file).with_context(|| format!("cannot resolve {}", file.display()))?;
+    let base_dir = abs
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let origin = file.display().to_string();
+    let spec = parse_and_resolve(&origin, &text, &base_dir)
+        .map_err(|e| anyhow::anyhow!("invalid job file:\n{e}"))?;
+    Ok((
+        SubmitRequest {
+            toml: text,
+            base_dir: Some(base_dir),
+            source_path: Some(abs),
+        },
+        spec,
+    ))
+}
+
+pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
+    let (_, spec) = load(&args.file)?;
+    if out.json {
+        out.print_json(&serde_json::json!({"ok": true, "spec": spec}))?;
+    } else {
+        let r = &spec.resources;
+        let gpus = if r.gpus == 0 {
+            "CPU only".to_string()
+        } else {
+            let vram = match r.vram {
+                crate::spec::job::VramRequest::Auto => "auto".to_string(),
+                crate::spec::job::VramRequest::PerGpu(b) => b.to_string(),
+            };
+            format!(
+                "{} GPU{} ({vram} VRAM each)",
+                r.gpus,
+                if r.gpus == 1 { "" } else { "s" }
+            )
+        };
+        println!(
+            "{}: ok — {} job, {gpus}, priority {}",
+            args.file.display(),
+            spec.kind.as_str(),
+            spec.priority
+        );
+    }
+    Ok(true)
+}
+
+pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow::Result<bool> {
+    let (req, _) = load(&args.file)?;
+    let job: JobView = client.post("/jobs", &req).await?;
+    let id = job.record.id;
+    if out.json && !args.follow {
+        out.print_json(&job)?;
+        return Ok(true);
+    }
+    eprintln!("submitted job {id} ({})", job.record.name);
+    if !out.json && !args.follow {
+        println!("{id}");
+    }
+    if !args.follow {
+        return Ok(true);
+    }
+    super::logs::follow_both(client, id).await?;
+    super::jobs::wait(client, &[id], out).await
+}

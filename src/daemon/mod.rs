@@ -1,0 +1,153 @@
+//! L4: the daemon's wiring — directories, store, inventory, recovery, listeners, scheduler —
+//! and its orderly shutdown: stop accepting, stop dispatching, SIGTERM the workers (they
+//! checkpoint), wait out the grace period, SIGKILL, record them interrupted, flush.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::{self, AppState, AuthPolicy, UnixPeer};
+use crate::config::Config;
+use crate::gpu::Inventory;
+use crate::sched::{self, SchedSettings, Scheduler};
+use crate::spec::now_ms;
+use crate::store::Store;
+
+/// Runs the daemon until `shutdown` is cancelled; returns after every worker has stopped.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    prepare_dirs(&config)?;
+    let store = Store::open(&config.store_dir()).map_err(|e| {
+        if e.to_string().contains("lock") {
+            anyhow::anyhow!(
+                "{e}\n(is another jobd already using {}?)",
+                config.state_dir.display()
+            )
+        } else {
+            e.into()
+        }
+    })?;
+    let inventory = Inventory::open(&config.gpus);
+    let snap = inventory.snapshot(&|_| false);
+    match &snap.note {
+        Some(note) if snap.gpus.is_empty() => info!(source = snap.source, "{note}"),
+        _ => info!(
+            source = snap.source,
+            gpus = snap.gpus.len(),
+            "GPU inventory"
+        ),
+    }
+    for g in &snap.gpus {
+        info!(index = g.index, name = %g.name, uuid = %g.uuid, total = %crate::spec::units::ByteSize(g.total_bytes), "GPU");
+    }
+    let settings = SchedSettings {
+        jobs_dir: config.jobs_dir(),
+        grace: config.grace_period,
+        max_cpu_jobs: config.max_cpu_jobs,
+        policy: config.scheduler.clone(),
+        worker_exe: std::env::current_exe()
+            .context("cannot find the jobd executable for workers")?,
+        run_as_owner: crate::config::running_as_root(),
+    };
+    let (scheduler, handle) = Scheduler::start(store, inventory, settings)
+        .await
+        .context("cannot recover the job queue")?;
+    let sched_task = tokio::spawn(scheduler.run());
+
+    let state = AppState {
+        sched: handle.clone(),
+        auth: Arc::new(AuthPolicy::from_config(&config)),
+        jobs_dir: Arc::new(config.jobs_dir()),
+        watcher: api::follow::DirWatcher::new(),
+        started_at: now_ms(),
+    };
+    let router = api::router(state);
+
+    let unix = bind_unix(&config.socket)?;
+    info!(socket = %config.socket.display(), "listening on unix socket");
+    let stop_serving = CancellationToken::new();
+    let mut servers = Vec::new();
+    {
+        let stop = stop_serving.clone();
+        let svc = router
+            .clone()
+            .into_make_service_with_connect_info::<UnixPeer>();
+        servers.push(tokio::spawn(async move {
+            let _ = axum::serve(unix, svc)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        }));
+    }
+    if let Some(addr) = config.listen {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        info!(address = %tcp.local_addr()?, "listening on TCP");
+        let stop = stop_serving.clone();
+        let svc = router.into_make_service();
+        servers.push(tokio::spawn(async move {
+            let _ = axum::serve(tcp, svc)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        }));
+    }
+    info!(state_dir = %config.state_dir.display(), "jobd ready");
+
+    shutdown.cancelled().await;
+    info!("stopping: no new connections");
+    stop_serving.cancel();
+    sched::shutdown(&handle).await;
+    // Followers (log streams) would keep graceful shutdown waiting forever: give open requests
+    // a moment, then drop them.
+    for s in servers {
+        if tokio::time::timeout(Duration::from_secs(2), async { s.await })
+            .await
+            .is_err()
+        {
+            warn!("closing open streams");
+        }
+    }
+    drop(sched_task);
+    let _ = std::fs::remove_file(&config.socket);
+    info!("stopped");
+    Ok(())
+}
+
+fn prepare_dirs(config: &Config) -> anyhow::Result<()> {
+    let mk = |p: &Path, mode: u32| -> anyhow::Result<()> {
+        std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set permissions of {}", p.display()))
+    };
+    // Job directories belong to their owners, who must be able to reach them.
+    mk(&config.state_dir, 0o711)?;
+    mk(&config.jobs_dir(), 0o711)?;
+    mk(&config.store_dir(), 0o700)?;
+    if let Some(parent) = config.socket.parent() {
+        if !parent.exists() {
+            mk(parent, 0o755)?;
+        }
+    }
+    Ok(())
+}
+
+/// Binds the unix socket, replacing a stale one, and lets every local user connect (identity
+/// comes from the kernel; authorisation is the daemon's).
+fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another jobd is listening on {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("cannot set permissions of {}", path.display()))?;
+    Ok(listener)
+}
