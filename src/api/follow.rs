@@ -5,43 +5,41 @@
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
 use notify::{RecursiveMode, Watcher};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::sched::SchedHandle;
 use crate::spec::{JobId, JobState};
 
-type Dirs = Arc<Mutex<HashMap<PathBuf, (usize, broadcast::Sender<()>)>>>;
+type Senders = Arc<RwLock<HashMap<PathBuf, broadcast::Sender<()>>>>;
 
-/// Watches job directories on behalf of followers.
+enum WatchCmd {
+    Subscribe(PathBuf, oneshot::Sender<broadcast::Receiver<()>>),
+    Unsubscribe(PathBuf),
+}
+
+/// Watches job directories on behalf of followers. One manager thread owns the inotify
+/// watcher and the reference counts, so `watch`/`unwatch` (which wait for notify's event
+/// thread) never run under a lock the event thread needs.
 pub struct DirWatcher {
-    dirs: Dirs,
-    watcher: Option<Mutex<notify::RecommendedWatcher>>,
+    cmds: std::sync::mpsc::Sender<WatchCmd>,
+    pushes: bool,
 }
 
 /// A follower's interest in one directory; dropping it stops watching when nobody else does.
 pub struct DirSubscription {
     pub rx: broadcast::Receiver<()>,
     dir: PathBuf,
-    owner: Arc<DirWatcher>,
+    cmds: std::sync::mpsc::Sender<WatchCmd>,
 }
 
 impl Drop for DirSubscription {
     fn drop(&mut self) {
-        let mut dirs = self.owner.dirs.lock().expect("watch lock");
-        if let Some((count, _)) = dirs.get_mut(&self.dir) {
-            *count -= 1;
-            if *count == 0 {
-                dirs.remove(&self.dir);
-                if let Some(w) = &self.owner.watcher {
-                    let _ = w.lock().expect("watcher lock").unwatch(&self.dir);
-                }
-            }
-        }
+        let _ = self.cmds.send(WatchCmd::Unsubscribe(self.dir.clone()));
     }
 }
 
@@ -49,54 +47,86 @@ impl DirWatcher {
     /// Creates the watcher; without inotify (limits reached), followers fall back to checking
     /// every second.
     pub fn new() -> Arc<DirWatcher> {
-        let dirs: Dirs = Arc::default();
-        let for_events = dirs.clone();
+        let senders: Senders = Arc::default();
+        let for_events = senders.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let Ok(event) = res else { return };
-            let dirs = for_events.lock().expect("watch lock");
+            // Our own reads of the files raise access events; they are not changes.
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            let senders = for_events.read().expect("watch map lock");
             for path in &event.paths {
                 let dir = path.parent().unwrap_or(path);
-                if let Some((_, tx)) = dirs.get(dir).or_else(|| dirs.get(path.as_path())) {
+                if let Some(tx) = senders.get(dir).or_else(|| senders.get(path.as_path())) {
                     let _ = tx.send(());
                 }
             }
         });
-        let watcher = match watcher {
-            Ok(w) => Some(Mutex::new(w)),
+        let mut watcher = match watcher {
+            Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(error = %e, "no inotify; log following falls back to 1 s checks");
                 None
             }
         };
-        Arc::new(DirWatcher { dirs, watcher })
+        let pushes = watcher.is_some();
+        let (cmds, rx) = std::sync::mpsc::channel::<WatchCmd>();
+        std::thread::Builder::new()
+            .name("jobd-watch".into())
+            .spawn(move || {
+                let mut counts: HashMap<PathBuf, usize> = HashMap::new();
+                for cmd in rx {
+                    match cmd {
+                        WatchCmd::Subscribe(dir, reply) => {
+                            let count = counts.entry(dir.clone()).or_default();
+                            if *count == 0 {
+                                senders.write().expect("watch map lock").insert(dir.clone(), broadcast::channel(64).0);
+                                if let Some(w) = watcher.as_mut() {
+                                    if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
+                                        tracing::debug!(dir = %dir.display(), error = %e, "cannot watch");
+                                    }
+                                }
+                            }
+                            *count += 1;
+                            let rx = senders.read().expect("watch map lock")[&dir].subscribe();
+                            let _ = reply.send(rx);
+                        }
+                        WatchCmd::Unsubscribe(dir) => {
+                            let Some(count) = counts.get_mut(&dir) else { continue };
+                            *count -= 1;
+                            if *count == 0 {
+                                counts.remove(&dir);
+                                senders.write().expect("watch map lock").remove(&dir);
+                                if let Some(w) = watcher.as_mut() {
+                                    let _ = w.unwatch(&dir);
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("spawn the watch thread");
+        Arc::new(DirWatcher { cmds, pushes })
     }
 
     /// Subscribes to changes of files directly inside `dir`.
-    pub fn subscribe(self: &Arc<Self>, dir: &Path) -> DirSubscription {
-        let mut dirs = self.dirs.lock().expect("watch lock");
-        let entry = dirs.entry(dir.to_path_buf()).or_insert_with(|| {
-            if let Some(w) = &self.watcher {
-                if let Err(e) = w
-                    .lock()
-                    .expect("watcher lock")
-                    .watch(dir, RecursiveMode::NonRecursive)
-                {
-                    tracing::debug!(dir = %dir.display(), error = %e, "cannot watch");
-                }
-            }
-            (0, broadcast::channel(64).0)
-        });
-        entry.0 += 1;
-        DirSubscription {
-            rx: entry.1.subscribe(),
+    pub async fn subscribe(&self, dir: &Path) -> Option<DirSubscription> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(WatchCmd::Subscribe(dir.to_path_buf(), tx))
+            .ok()?;
+        let rx = rx.await.ok()?;
+        Some(DirSubscription {
+            rx,
             dir: dir.to_path_buf(),
-            owner: self.clone(),
-        }
+            cmds: self.cmds.clone(),
+        })
     }
 
     /// True when changes are pushed (inotify works).
     pub fn pushes(&self) -> bool {
-        self.watcher.is_some()
+        self.pushes
     }
 }
 
@@ -118,7 +148,7 @@ pub fn stream_file(
         let mut pos = offset;
         loop {
             if sub.is_none() && dir.is_dir() {
-                sub = Some(watcher.subscribe(&dir));
+                sub = watcher.subscribe(&dir).await;
             }
             // Read what is there (after subscribing, so no write is missed in between).
             loop {

@@ -86,7 +86,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        info!(address = %tcp.local_addr()?, "listening on TCP");
+        let local = tcp.local_addr()?;
+        info!(address = %local, "listening on TCP");
+        // The bound address (useful with port 0), for tools and tests.
+        std::fs::write(config.state_dir.join("http.addr"), format!("{local}\n"))
+            .context("cannot write http.addr")?;
         let stop = stop_serving.clone();
         let svc = router.into_make_service();
         servers.push(tokio::spawn(async move {
@@ -113,6 +117,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     drop(sched_task);
     let _ = std::fs::remove_file(&config.socket);
+    let _ = std::fs::remove_file(config.state_dir.join("http.addr"));
     info!("stopped");
     Ok(())
 }

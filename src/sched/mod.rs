@@ -839,10 +839,9 @@ impl Scheduler {
         }
     }
 
+    /// Back to the queue after an interruption, keeping the job's place in line.
     fn requeue_now(&mut self, id: JobId, reason: String) -> Result<JobRecord, StoreError> {
-        self.apply(id, Some(JobState::Queued), reason, &|r| {
-            r.queued_at = now_ms();
-        })
+        self.apply(id, Some(JobState::Queued), reason, &|_| {})
     }
 
     fn begin_shutdown(&mut self, reply: oneshot::Sender<()>) {

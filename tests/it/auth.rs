@@ -1,0 +1,105 @@
+//! Identity and authorisation: who may change what.
+
+use crate::daemon::*;
+
+/// Another user's cancel is refused with 403; the owner's and an admin's succeed.
+#[test]
+fn only_the_owner_or_an_admin_may_cancel() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let job = d.write("j.toml", &command_job("sleep 30", ""));
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", job.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+
+    // Over HTTP directly: 403 with the error shape.
+    let (status, body) = post_json(
+        d.addr(),
+        &format!("/api/v1/jobs/{id}/cancel"),
+        Some(TOKEN_DAEMON),
+        "{}",
+    );
+    assert_eq!(status, 403, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "forbidden");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("belongs to nobody"),
+        "{body}"
+    );
+    // Through jobctl: exit 1 and the reason.
+    let out = d.jobctl_tcp(Some(TOKEN_DAEMON), &["cancel", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("only its owner or an admin"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.jobctl_tcp(Some(TOKEN_DAEMON), &["priority", &id, "5"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "priority changes are refused too"
+    );
+
+    // The socket caller here is the test's own user: root or the daemon's user, an admin.
+    let out = d.jobctl(&["cancel", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// On TCP, a request without a valid token cannot change anything (401); reading is allowed.
+#[test]
+fn tcp_without_a_valid_token_is_refused() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let job = d.write("j.toml", &command_job("sleep 30", ""));
+    let body = serde_json::json!({"toml": std::fs::read_to_string(&job).unwrap(), "base_dir": d.dir.path()}).to_string();
+    let (status, resp) = post_json(d.addr(), "/api/v1/jobs", None, &body);
+    assert_eq!(status, 401, "{resp}");
+    let (status, resp) = post_json(d.addr(), "/api/v1/jobs", Some("not-a-token"), &body);
+    assert_eq!(status, 401, "{resp}");
+    assert!(resp.contains("invalid bearer token"));
+    let (status, resp) = raw_http(d.addr(), b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        status, 401,
+        "a wrong token is refused even for reads: {resp}"
+    );
+    let (status, _) = post_json(d.addr(), "/api/v1/jobs", Some(TOKEN_NOBODY), &body);
+    assert_eq!(status, 201);
+    let id = 1;
+    let (status, _) = post_json(d.addr(), &format!("/api/v1/jobs/{id}/cancel"), None, "{}");
+    assert_eq!(status, 401);
+    // jobctl without a token: a clear message, exit 1.
+    let out = d.jobctl_tcp(None, &["cancel", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("bearer token"), "{}", stderr(&out));
+    // Reading needs no token.
+    let (status, body) = raw_http(
+        d.addr(),
+        b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    let who = d.jobctl_tcp(Some(TOKEN_NOBODY), &["whoami"]);
+    assert!(stdout(&who).starts_with("nobody"), "{}", stdout(&who));
+}
+
+/// Logs are private to the owner and admins; other users get 403.
+#[test]
+fn logs_are_private_to_the_owner() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let job = d.write("j.toml", &command_job("echo secret", ""));
+    let out = d.jobctl_tcp(
+        Some(TOKEN_NOBODY),
+        &["submit", "--follow", job.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let other = d.jobctl_tcp(Some(TOKEN_DAEMON), &["logs", "1"]);
+    assert_eq!(other.status.code(), Some(1));
+    assert!(
+        stderr(&other).contains("visible to its owner"),
+        "{}",
+        stderr(&other)
+    );
+    let owner = d.jobctl_tcp(Some(TOKEN_NOBODY), &["logs", "1"]);
+    assert_eq!(stdout(&owner), "secret\n");
+}

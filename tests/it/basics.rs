@@ -1,0 +1,177 @@
+//! The everyday path: submit, list, show, logs, wait, cancel — over the unix socket and TCP.
+
+use std::time::{Duration, Instant};
+
+use jobd::spec::JobState;
+
+use crate::daemon::*;
+
+/// submit / list / show / logs -f / wait / cancel over the unix socket: each does what it says.
+#[test]
+fn submit_list_show_logs_wait_cancel_over_the_socket() {
+    let d = TestDaemon::start(&["--gpus", "fake:24GiB"]);
+    let job = d.write(
+        "hello.toml",
+        &command_job(
+            "echo \"job $JOBD_JOB_ID attempt $JOBD_ATTEMPT gpus=[$CUDA_VISIBLE_DEVICES] order=$CUDA_DEVICE_ORDER fake=$JOBD_FAKE_GPUS\"; echo to-stderr >&2; sleep 0.3; echo bye",
+            "name = \"hello\"\n[resources]\ngpus = 1\nvram = \"10GiB\"",
+        ),
+    );
+    let id = d.submit(&job);
+    let list = stdout(&d.jobctl(&["list", "--all"]));
+    assert!(list.contains("hello") && list.contains("ID"), "{list}");
+
+    // logs -f returns when the job ends, with everything it printed.
+    let logs = d.jobctl(&["logs", "-f", &id.to_string()]);
+    assert!(logs.status.success());
+    assert_eq!(
+        stdout(&logs),
+        format!("job {id} attempt 1 gpus=[0] order=PCI_BUS_ID fake=1\nbye\n"),
+        "stdout of the job, in full"
+    );
+    let err = stdout(&d.jobctl(&["logs", "--stderr", &id.to_string()]));
+    assert_eq!(err, "to-stderr\n");
+
+    let wait = d.jobctl(&["wait", &id.to_string()]);
+    assert!(wait.status.success(), "{}", stderr(&wait));
+    assert!(stdout(&wait).contains("succeeded"));
+
+    let show = stdout(&d.jobctl(&["show", &id.to_string()]));
+    for want in [
+        "state: succeeded",
+        "GPU 0 (10GiB)",
+        "exit code 0",
+        "history:",
+    ] {
+        assert!(show.contains(want), "show lacks {want:?}:\n{show}");
+    }
+    let v = d.job(id);
+    assert_eq!(v.record.placement.unwrap().gpus[0].index, 0);
+    let states: Vec<_> = d.events(id).iter().map(|e| e.state).collect();
+    assert_eq!(
+        states,
+        vec![
+            JobState::Queued,
+            JobState::Starting,
+            JobState::Running,
+            JobState::Succeeded
+        ]
+    );
+
+    // Cancel a running job: it ends as cancelled.
+    let long = d.write("long.toml", &command_job("echo started; sleep 30", ""));
+    let id2 = d.submit(&long);
+    d.wait_state(id2, JobState::Running, Duration::from_secs(10));
+    let c = d.jobctl(&["cancel", &id2.to_string()]);
+    assert!(c.status.success(), "{}", stderr(&c));
+    let w = d.jobctl(&["wait", &id2.to_string()]);
+    assert_eq!(
+        w.status.code(),
+        Some(1),
+        "wait exits 1 when the job did not succeed"
+    );
+    assert_eq!(d.state(id2), JobState::Cancelled);
+    // Cancelling it again is a clear conflict.
+    let again = d.jobctl(&["cancel", &id2.to_string()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr(&again).contains("already been cancelled"),
+        "{}",
+        stderr(&again)
+    );
+}
+
+/// The same operations over TCP with a bearer token.
+#[test]
+fn submit_logs_wait_cancel_over_tcp_with_a_token() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let job = d.write("t.toml", &command_job("echo over-tcp; whoami", ""));
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", job.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id: u64 = stdout(&out).trim().parse().unwrap();
+    let logs = d.jobctl_tcp(Some(TOKEN_NOBODY), &["logs", "-f", &id.to_string()]);
+    assert!(logs.status.success(), "{}", stderr(&logs));
+    let text = stdout(&logs);
+    assert!(text.starts_with("over-tcp\n"), "{text}");
+    if nix::unistd::geteuid().is_root() {
+        // A root daemon runs the job as its owner, never as root.
+        assert_eq!(text, "over-tcp\nnobody\n");
+    }
+    let w = d.jobctl_tcp(Some(TOKEN_NOBODY), &["wait", &id.to_string()]);
+    assert!(w.status.success(), "{}", stderr(&w));
+    let v = d.job(id);
+    assert_eq!(v.record.owner.user, "nobody");
+
+    let long = d.write("long.toml", &command_job("sleep 30", ""));
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", long.to_str().unwrap()]);
+    let id2 = stdout(&out).trim().to_string();
+    let c = d.jobctl_tcp(Some(TOKEN_NOBODY), &["cancel", &id2]);
+    assert!(c.status.success(), "{}", stderr(&c));
+    let list = d.jobctl_tcp(None, &["list", "--all"]);
+    assert!(
+        list.status.success(),
+        "anyone may read the queue: {}",
+        stderr(&list)
+    );
+}
+
+/// `submit --follow` streams the output and exits with the job's success.
+#[test]
+fn submit_follow_streams_and_reports_the_outcome() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let ok = d.write("ok.toml", &command_job("echo one; sleep 0.2; echo two", ""));
+    let out = d.jobctl(&["submit", "--follow", ok.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("one\ntwo\n"), "{}", stdout(&out));
+    let bad = d.write("bad.toml", &command_job("echo failing; exit 3", ""));
+    let out = d.jobctl(&["submit", "--follow", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("failed: exit code 3"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// A job whose processes ignore SIGTERM is killed after the grace period, leaving nothing.
+#[test]
+fn cancel_escalates_to_sigkill_after_the_grace_period() {
+    let d = TestDaemon::start(&["--gpus", "none", "--grace-period", "1s"]);
+    let marker = format!("jobd-test-marker-{}", std::process::id());
+    let script = d.write(
+        "stubborn.sh",
+        &format!("#!/bin/sh\ntrap '' TERM\nsh -c 'while :; do sleep 1; done' {marker} &\necho ready\nwait\nwait\n"),
+    );
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let job = d.write(
+        "stubborn.toml",
+        "kind = \"command\"\n[command]\nargv = [\"./stubborn.sh\"]\n",
+    );
+    let id = d.submit(&job);
+    let logs_ready = || {
+        std::fs::read_to_string(d.state.join(format!("jobs/{id}/stdout.log")))
+            .unwrap_or_default()
+            .contains("ready")
+    };
+    wait_for("job to start", Duration::from_secs(10), logs_ready);
+    let alive = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    assert!(alive(), "the stubborn child runs");
+    let t = Instant::now();
+    assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
+    d.wait_state(id, JobState::Cancelled, Duration::from_secs(10));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "waited for the grace period ({took:?})"
+    );
+    assert!(took < Duration::from_secs(6), "then killed ({took:?})");
+    wait_for("no orphan left", Duration::from_secs(3), || !alive());
+    let reason = d.job(id).record.reason.unwrap();
+    assert!(reason.contains("SIGKILL"), "{reason}");
+}

@@ -1,0 +1,200 @@
+//! Bad input gets a clear error naming the problem, and the daemon keeps serving.
+
+use crate::daemon::*;
+
+fn assert_serving(d: &TestDaemon) {
+    let out = d.jobctl(&["list"]);
+    assert!(
+        out.status.success(),
+        "daemon still serving: {}",
+        stderr(&out)
+    );
+}
+
+/// Malformed TOML, unknown fields, wrong types and missing files: located, named, refused.
+#[test]
+fn bad_job_files_are_refused_with_the_place_and_reason() {
+    let d = TestDaemon::start(&["--gpus", "fake:24GiB"]);
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "syntax.toml",
+            "kind = \"command\"\n[command\nargv = [\"true\"]\n",
+            &["syntax.toml:2:"],
+        ),
+        (
+            "unknown.toml",
+            "kind = \"command\"\n[command]\nargv = [\"true\"]\nworkdirr = \"/\"\n",
+            &["syntax", "unknown.toml:4:1", "unknown field `workdirr`"],
+        ),
+        (
+            "type.toml",
+            "kind = \"command\"\npriority = \"high\"\n[command]\nargv = [\"true\"]\n",
+            &["type.toml:2:12", "priority", "invalid type"],
+        ),
+        (
+            "missing.toml",
+            "kind = \"command\"\n[command]\nargv = [\"./no-such-script.sh\"]\n",
+            &["missing.toml:3:", "command.argv[0]", "does not exist"],
+        ),
+        (
+            "gpu.toml",
+            "kind = \"command\"\n[resources]\ngpus = 1\nvram = \"200GiB\"\n[command]\nargv = [\"true\"]\n",
+            &["never run here", "200GiB", "24GiB"],
+        ),
+        (
+            "nodep.toml",
+            "kind = \"command\"\ndepends_on = [42]\n[command]\nargv = [\"true\"]\n",
+            &["depends_on[0]: job 42 does not exist"],
+        ),
+    ];
+    for (name, text, wants) in cases {
+        let f = d.write(name, text);
+        let out = d.jobctl(&["submit", f.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{name} is refused");
+        let err = stderr(&out);
+        for w in wants.iter().filter(|w| **w != "syntax") {
+            assert!(err.contains(w), "{name}: error lacks {w:?}:\n{err}");
+        }
+        let v = d.jobctl(&["validate", f.to_str().unwrap()]);
+        if !name.starts_with("gpu") && !name.starts_with("nodep") {
+            assert_eq!(v.status.code(), Some(1), "validate refuses {name} too");
+        }
+    }
+    let out = d.jobctl(&["submit", "/nonexistent/job.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot read /nonexistent/job.toml"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(d.all_jobs().is_empty(), "nothing was queued");
+    assert_serving(&d);
+}
+
+/// Oversized, non-JSON and wrongly-typed bodies, bad ids and unknown routes: 4xx with the error
+/// shape, never a crash.
+#[test]
+fn bad_http_requests_get_4xx_with_the_error_shape() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let a = d.addr();
+    let check = |(status, body): (u16, String), want_status: u16, want_code: &str| {
+        assert_eq!(status, want_status, "{body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("JSON error body: {body}"));
+        assert_eq!(v["error"]["code"], want_code, "{body}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+    };
+    check(
+        post_json(a, "/api/v1/jobs", Some(TOKEN_NOBODY), "this is not json"),
+        400,
+        "bad_json",
+    );
+    check(
+        post_json(a, "/api/v1/jobs", Some(TOKEN_NOBODY), "{\"toml\": 5}"),
+        400,
+        "bad_json",
+    );
+    check(
+        post_json(
+            a,
+            "/api/v1/jobs",
+            Some(TOKEN_NOBODY),
+            "{\"toml\": \"x\", \"extra\": 1}",
+        ),
+        400,
+        "bad_json",
+    );
+    check(
+        post_json(
+            a,
+            "/api/v1/jobs",
+            Some(TOKEN_NOBODY),
+            "{\"toml\": \"kind = 1\"}",
+        ),
+        400,
+        "bad_request",
+    );
+    let body = serde_json::json!({"toml": "kind = \"command\"\n[command]\nargv=[\"true\"]\nbogus=1\n", "base_dir": "/"}).to_string();
+    let (status, resp) = post_json(a, "/api/v1/jobs", Some(TOKEN_NOBODY), &body);
+    assert_eq!(status, 400);
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_job");
+    assert_eq!(v["error"]["problems"][0]["line"], 4, "{resp}");
+    let huge = format!("{{\"toml\": \"{}\"}}", "x".repeat(2 * 1024 * 1024));
+    check(
+        post_json(a, "/api/v1/jobs", Some(TOKEN_NOBODY), &huge),
+        413,
+        "too_large",
+    );
+    let just_under = serde_json::json!({"toml": format!("#{}\nkind=\"command\"\n[command]\nargv=[\"true\"]\n", "x".repeat(300 * 1024)), "base_dir": "/"}).to_string();
+    let (status, resp) = post_json(a, "/api/v1/jobs", Some(TOKEN_NOBODY), &just_under);
+    assert_eq!(status, 400, "job files over 256 KiB are refused: {resp}");
+    assert!(resp.contains("the limit is"), "{resp}");
+    check(
+        raw_http(
+            a,
+            b"GET /api/v1/jobs/abc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ),
+        400,
+        "bad_request",
+    );
+    check(
+        raw_http(
+            a,
+            b"GET /api/v1/jobs/0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ),
+        400,
+        "bad_request",
+    );
+    check(
+        raw_http(
+            a,
+            b"GET /api/v1/jobs/77 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ),
+        404,
+        "not_found",
+    );
+    check(
+        raw_http(
+            a,
+            b"GET /api/v1/jobs?limit=lots HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ),
+        400,
+        "bad_query",
+    );
+    check(
+        raw_http(
+            a,
+            b"GET /api/v1/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ),
+        404,
+        "not_found",
+    );
+    check(
+        post_json(
+            a,
+            "/api/v1/jobs/1/priority",
+            Some(TOKEN_NOBODY),
+            "{\"priority\": \"high\"}",
+        ),
+        400,
+        "bad_json",
+    );
+    let (status, _) = raw_http(a, b"garbage\r\n\r\n");
+    assert!(status == 0 || (400..500).contains(&status));
+    assert_serving(&d);
+}
+
+/// jobctl exits 2 when the daemon cannot be reached, with a hint.
+#[test]
+fn unreachable_daemon_exits_2() {
+    let out = jobctl_with("/nonexistent/jobd.sock", None, &["list"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("cannot reach jobd"),
+        "{}",
+        stderr(&out)
+    );
+    let out = jobctl_with("http://127.0.0.1:1", None, &["list"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real `jobd` daemon driven by the real `jobctl` and raw HTTP.
+
+mod auth;
+mod basics;
+mod daemon;
+mod durability;
+mod errors;
