@@ -1,0 +1,196 @@
+//! Files the worker writes and reads: safetensors (Hugging Face layout, single or sharded) and
+//! the durable-write helper every file that must never be half-written goes through.
+//!
+//! Writes go to a temporary file in the same directory, are fsynced, get mode 0644 (others
+//! on the machine, such as the Ollama publisher, must read them; Candle's `VarMap::save`
+//! would leave 0600) and are renamed into place; the directory is fsynced after.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype, View};
+
+use super::TrainError;
+
+/// Writes `bytes` to `path` durably and atomically (temp file, fsync, chmod 0644, rename,
+/// directory fsync).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|e| TrainError::io(path, e))
+}
+
+/// fsyncs a directory so that renames inside it survive a crash.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// A tensor's values in f32 little-endian bytes (the layout safetensors stores).
+pub fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, TrainError> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    Ok(out)
+}
+
+struct F32View {
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl View for &F32View {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// safetensors bytes of `tensors` in f32, with `metadata` in the header (`{"format": "pt"}`
+/// makes `transformers` accept the file).
+pub fn safetensors_bytes(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &[(&str, &str)],
+) -> Result<Vec<u8>, TrainError> {
+    let views: Vec<(String, F32View)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            Ok((
+                k.clone(),
+                F32View {
+                    shape: t.dims().to_vec(),
+                    bytes: f32_bytes(t)?,
+                },
+            ))
+        })
+        .collect::<Result<_, TrainError>>()?;
+    let meta: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(meta)).map_err(
+        |e| TrainError::Checkpoint {
+            path: PathBuf::new(),
+            reason: format!("serializing tensors: {e}"),
+        },
+    )
+}
+
+/// Writes `tensors` (as f32) to a safetensors file, atomically, mode 0644.
+pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), TrainError> {
+    let bytes = safetensors_bytes(tensors, &[("format", "pt")])?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads a safetensors file, every tensor converted to f32 on `device`.
+pub fn load_safetensors(
+    path: &Path,
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>, TrainError> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    let map = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        TrainError::BadModel {
+            path: path.to_path_buf(),
+            reason: format!("not a readable safetensors file: {e}"),
+        }
+    })?;
+    map.into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+        .collect()
+}
+
+/// Reads a Hugging Face checkpoint's weights: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+pub fn load_hf_weights(
+    dir: &Path,
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>, TrainError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return load_safetensors(&single, device);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).map_err(|e| TrainError::io(&index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::BadModel {
+        path: index.clone(),
+        reason: e.to_string(),
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| TrainError::BadModel {
+            path: index.clone(),
+            reason: "no weight_map".into(),
+        })?;
+    let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+    files.sort_unstable();
+    files.dedup();
+    let mut out = BTreeMap::new();
+    for f in files {
+        if f.contains('/') || f.contains("..") {
+            return Err(TrainError::BadModel {
+                path: index.clone(),
+                reason: format!("shard name {f:?} leaves the model directory"),
+            });
+        }
+        out.extend(load_safetensors(&dir.join(f), device)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_values_and_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let mut m = BTreeMap::new();
+        m.insert(
+            "a.weight".to_string(),
+            Tensor::new(&[[1f32, -2.5], [3.0, 4.25]], &dev).unwrap(),
+        );
+        m.insert("b".to_string(), Tensor::new(&[7f32], &dev).unwrap());
+        let p = dir.path().join("model.safetensors");
+        save_safetensors(&p, &m).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        let back = load_hf_weights(dir.path(), &dev).unwrap();
+        assert_eq!(
+            back["a.weight"].to_vec2::<f32>().unwrap(),
+            vec![vec![1.0, -2.5], vec![3.0, 4.25]]
+        );
+        assert_eq!(back.len(), 2);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
