@@ -4,92 +4,16 @@
 //! worker-side checks that need the model: block size beyond its context, and a tokenizer
 //! larger than its vocabulary.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use candle_core::{Device, Tensor};
-use jobd::train::config::LlamaConfig;
-use jobd::train::weights::{load_safetensors, safetensors_bytes};
-use jobd::train::{self, TrainError, WorkerContext, WorkerOutcome, model, rng::Rng, tokenizer};
-
-fn ctx(dir: &Path) -> WorkerContext {
-    WorkerContext {
-        job_dir: dir.to_path_buf(),
-        checkpoint_dir: dir.join("checkpoints"),
-        output_dir: dir.join("output"),
-        stop: Arc::new(AtomicBool::new(false)),
-        threads: Some(2),
-        attempt: 1,
-    }
-}
-
-/// Writes a llama checkpoint as a user would download it: config.json, two safetensors
-/// shards with an index, tokenizer.json and tokenizer_config.json.
-fn write_base(dir: &Path, vocab: usize, max_pos: usize) -> BTreeMap<String, Tensor> {
-    std::fs::create_dir_all(dir).unwrap();
-    let texts = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/jobs/data/tiny_train.jsonl"
-    ))
-    .unwrap();
-    let tok = tokenizer::train_bpe(
-        texts
-            .lines()
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-            .into_iter(),
-        300,
-        Path::new("x"),
-    )
-    .unwrap();
-    std::fs::write(dir.join("tokenizer.json"), tok.to_json().unwrap()).unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}"#,
-    )
-    .unwrap();
-    let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": max_pos,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": false, "eos_token_id": 0,
-        "torch_dtype": "float32"
-    }))
-    .unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec(&cfg.to_json()).unwrap(),
-    )
-    .unwrap();
-    let w = model::init_weights(&cfg, &mut Rng::new(11), &Device::Cpu).unwrap();
-    let (a, b): (BTreeMap<_, _>, BTreeMap<_, _>) = w
-        .clone()
-        .into_iter()
-        .partition(|(k, _)| k.contains("layers.0") || k.contains("embed"));
-    let mut index = serde_json::Map::new();
-    for (file, part) in [
-        ("model-00001-of-00002.safetensors", &a),
-        ("model-00002-of-00002.safetensors", &b),
-    ] {
-        std::fs::write(
-            dir.join(file),
-            safetensors_bytes(part, &[("format", "pt")]).unwrap(),
-        )
-        .unwrap();
-        for k in part.keys() {
-            index.insert(k.clone(), file.into());
-        }
-    }
-    std::fs::write(
-        dir.join("model.safetensors.index.json"),
-        serde_json::to_vec(&serde_json::json!({"metadata": {}, "weight_map": index})).unwrap(),
-    )
-    .unwrap();
-    w
-}
+use common::{ctx, tiny_lines, write_base};
+use jobd::train::weights::load_safetensors;
+use jobd::train::{self, TrainError, WorkerOutcome};
 
 fn job(extra: &str) -> String {
     format!(
@@ -118,13 +42,7 @@ target_modules = ["q_proj", "v_proj", "down_proj"]
 
 fn setup(dir: &Path, vocab: usize, max_pos: usize) -> BTreeMap<String, Tensor> {
     let w = write_base(&dir.join("base"), vocab, max_pos);
-    let data = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/jobs/data/tiny_train.jsonl"
-    ))
-    .unwrap();
-    let head: Vec<&str> = data.lines().take(200).collect();
-    std::fs::write(dir.join("train.jsonl"), head.join("\n")).unwrap();
+    std::fs::write(dir.join("train.jsonl"), tiny_lines(200)).unwrap();
     w
 }
 

@@ -22,7 +22,6 @@ use sha2::{Digest, Sha256};
 
 use super::TrainError;
 use super::data::Position;
-use super::metrics::MetricsRecord;
 use super::rng::Rng;
 use super::weights::{load_safetensors, safetensors_bytes, sync_dir};
 use crate::spec::JobSpec;
@@ -64,13 +63,16 @@ pub struct TrainerState {
     pub lr_scheduler: SchedulerState,
     /// Dropout generator state.
     pub rng: Rng,
-    /// Every metrics record written so far.
-    pub log_history: Vec<MetricsRecord>,
+    /// Every metrics record written so far, as its `metrics.jsonl` line (kept as text so the
+    /// file is rewritten byte for byte on resume).
+    pub log_history: Vec<String>,
     /// Sum of step losses since the last record.
+    #[serde(with = "exact")]
     pub pending_loss_sum: f64,
     /// Steps since the last record.
     pub pending_steps: u64,
     /// Best evaluation metric so far.
+    #[serde(with = "exact_opt")]
     pub best_metric: Option<f64>,
     /// The checkpoint holding the best metric (`checkpoint-<step>`).
     pub best_checkpoint: Option<String>,
@@ -93,6 +95,38 @@ pub struct SchedulerState {
     pub total_steps: u64,
     /// Index of the next step.
     pub next_step: u64,
+}
+
+/// f64 as its shortest round-trip decimal string: serde_json's default float parsing is
+/// only best-effort, and resume must restore these sums exactly.
+mod exact {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&x.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
+}
+
+/// [`exact`] for optional values.
+mod exact_opt {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match x {
+            Some(v) => s.serialize_some(&v.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| t.parse().map_err(D::Error::custom))
+            .transpose()
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

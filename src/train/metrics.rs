@@ -59,17 +59,14 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// A reporter for `job_dir`, starting a new metrics file holding exactly `history`.
-    pub fn new(
-        job_dir: &Path,
-        history: &[MetricsRecord],
-        total_steps: u64,
-    ) -> Result<Self, TrainError> {
+    /// A reporter for `job_dir`, starting a new metrics file holding exactly the lines of
+    /// `history` (records already logged, from a checkpoint).
+    pub fn new(job_dir: &Path, history: &[String], total_steps: u64) -> Result<Self, TrainError> {
         std::fs::create_dir_all(job_dir).map_err(|e| TrainError::io(job_dir, e))?;
         let metrics = job_dir.join(files::METRICS);
         let mut text = String::new();
-        for r in history {
-            text.push_str(&serde_json::to_string(r).expect("record serializes"));
+        for line in history {
+            text.push_str(line);
             text.push('\n');
         }
         write_atomic(&metrics, text.as_bytes())?;
@@ -83,16 +80,16 @@ impl Reporter {
         })
     }
 
-    /// Appends one record (and flushes it to the file).
-    pub fn append(&mut self, r: &MetricsRecord) -> Result<(), TrainError> {
+    /// Appends one record (and flushes it to the file); returns its line.
+    pub fn append(&mut self, r: &MetricsRecord) -> Result<String, TrainError> {
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.metrics)
             .map_err(|e| TrainError::io(&self.metrics, e))?;
-        let mut line = serde_json::to_string(r).expect("record serializes");
-        line.push('\n');
-        f.write_all(line.as_bytes())
-            .map_err(|e| TrainError::io(&self.metrics, e))
+        let line = serde_json::to_string(r).expect("record serializes");
+        f.write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| TrainError::io(&self.metrics, e))?;
+        Ok(line)
     }
 
     /// Replaces `progress.json` with the current progress, in stage `stage`.

@@ -210,6 +210,11 @@ fn run_inner(
     let mut last_progress = Instant::now();
     let mut step_secs = Vec::new();
 
+    if ctx.stop.load(Ordering::SeqCst) {
+        // Asked to stop while loading: nothing new to save.
+        reporter.stage("stopped")?;
+        return Ok(WorkerOutcome::Stopped { step: st.step });
+    }
     while st.step < total {
         let step = st.step;
         let t_step = Instant::now();
@@ -323,8 +328,8 @@ fn run_inner(
             };
             tracing::info!(step = done, loss = rec.loss, eval_loss = ?eval_loss, lr, grad_norm,
                 tokens_per_second = rec.tokens_per_second, "step");
-            reporter.append(&rec)?;
-            st.log_history.push(rec.clone());
+            let line = reporter.append(&rec)?;
+            st.log_history.push(line);
             st.pending_loss_sum = 0.0;
             st.pending_steps = 0;
             (tokens_since, since) = (0, Instant::now());
