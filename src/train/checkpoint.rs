@@ -279,39 +279,55 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded, TrainError> {
 }
 
 /// A checkpoint's contents copied to the host, ready to be written without touching the
-/// (still training) model.
+/// (still training) model. Taking it costs a memory copy; serialising, hashing and writing
+/// happen in [`Snapshot::write`], off the training thread.
 pub struct Snapshot {
     /// The step.
     pub step: u64,
-    files: Vec<(&'static str, Vec<u8>)>,
+    weights: BTreeMap<String, Tensor>,
+    moments: BTreeMap<String, Tensor>,
+    state: Vec<u8>,
+    tokenizer: Vec<u8>,
+}
+
+/// A copy of `t` on the host that later in-place updates of `t` do not reach.
+fn host_copy(t: &Tensor) -> Result<Tensor, TrainError> {
+    Ok(if t.device().is_cpu() {
+        t.copy()?
+    } else {
+        t.to_device(&Device::Cpu)?
+    })
 }
 
 impl Snapshot {
-    /// Copies the trainable weights, moments, state and tokenizer into host buffers.
+    /// Copies the trainable weights, moments, state and tokenizer.
     pub fn take(
         weights: &BTreeMap<String, Tensor>,
         moments: &BTreeMap<String, Tensor>,
         state: &TrainerState,
         tokenizer_json: &str,
     ) -> Result<Self, TrainError> {
-        let meta = [("format", "pt")];
+        let copy = |m: &BTreeMap<String, Tensor>| -> Result<BTreeMap<String, Tensor>, TrainError> {
+            m.iter().map(|(k, t)| Ok((k.clone(), host_copy(t)?))).collect()
+        };
         Ok(Snapshot {
             step: state.step,
-            files: vec![
-                (names::WEIGHTS, safetensors_bytes(weights, &meta)?),
-                (names::OPTIMIZER, safetensors_bytes(moments, &meta)?),
-                (
-                    names::STATE,
-                    serde_json::to_vec_pretty(state).expect("state serializes"),
-                ),
-                (names::TOKENIZER, tokenizer_json.as_bytes().to_vec()),
-            ],
+            weights: copy(weights)?,
+            moments: copy(moments)?,
+            state: serde_json::to_vec_pretty(state).expect("state serializes"),
+            tokenizer: tokenizer_json.as_bytes().to_vec(),
         })
     }
 
-    /// Total bytes of the checkpoint.
+    /// Approximate size of the checkpoint on disk, in bytes.
     pub fn bytes(&self) -> usize {
-        self.files.iter().map(|(_, b)| b.len()).sum()
+        let tensors: usize = self
+            .weights
+            .values()
+            .chain(self.moments.values())
+            .map(|t| t.elem_count() * 4)
+            .sum();
+        tensors + self.state.len() + self.tokenizer.len()
     }
 
     /// Writes the checkpoint durably into `root/checkpoint-<step>` (temp dir, fsync, rename),
@@ -345,7 +361,14 @@ impl Snapshot {
             step: self.step,
             files: Vec::new(),
         };
-        for (name, bytes) in &self.files {
+        let meta = [("format", "pt")];
+        let files = [
+            (names::WEIGHTS, safetensors_bytes(&self.weights, &meta)?),
+            (names::OPTIMIZER, safetensors_bytes(&self.moments, &meta)?),
+            (names::STATE, self.state),
+            (names::TOKENIZER, self.tokenizer),
+        ];
+        for (name, bytes) in &files {
             write_synced(&tmp.join(name), bytes)?;
             manifest.files.push(ManifestFile {
                 name: name.to_string(),

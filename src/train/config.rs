@@ -306,7 +306,12 @@ impl LlamaConfig {
         };
         if let Value::Object(map) = &mut v {
             map.insert("architectures".into(), Value::from(vec![arch]));
+            // The weights are written in f32; newer transformers read `dtype`, older
+            // `torch_dtype`.
             map.insert("torch_dtype".into(), Value::from("float32"));
+            if map.contains_key("dtype") {
+                map.insert("dtype".into(), Value::from("float32"));
+            }
         }
         v
     }
