@@ -159,7 +159,11 @@ fn crash_and_resume_is_bit_identical() {
         let before: Vec<u64> = read_metrics(&job).unwrap().iter().map(|r| r.step).collect();
         let (_, last) = checkpoint::latest_valid(&job.join("checkpoints")).unwrap();
         assert!(last.step < crash_at);
-        assert!(*before.last().unwrap() > last.step, "{before:?} vs checkpoint {}", last.step);
+        assert!(
+            *before.last().unwrap() > last.step,
+            "{before:?} vs checkpoint {}",
+            last.step
+        );
         // ...and are replaced, not duplicated, on resume from the last checkpoint.
         let out = train::run(&s, &ctx(&job)).unwrap();
         assert_eq!(out, WorkerOutcome::Completed { steps: 20 });
@@ -318,4 +322,18 @@ fn a_checkpoint_of_another_job_file_is_refused() {
     run_with(&explicit, &ctx(&job), &hooks).unwrap();
     let steps: Vec<u64> = read_metrics(&job).unwrap().iter().map(|r| r.step).collect();
     assert_eq!(steps, vec![1, 3, 4, 6]);
+    // resume_from_checkpoint = false starts afresh and replaces a checkpoint of the same step.
+    let fresh = spec(
+        dir.path(),
+        &scratch_job(2, "resume_from_checkpoint = false"),
+    );
+    let hooks = Hooks {
+        stop_after_step: Some(4),
+        ..Hooks::default()
+    };
+    run_with(&fresh, &ctx(&job), &hooks).unwrap();
+    let state = checkpoint::verify(&ck4).unwrap();
+    assert_eq!(state.spec_hash, checkpoint::spec_hash(&fresh));
+    let steps: Vec<u64> = read_metrics(&job).unwrap().iter().map(|r| r.step).collect();
+    assert_eq!(steps, vec![1, 3, 4]);
 }

@@ -308,7 +308,9 @@ impl Snapshot {
         tokenizer_json: &str,
     ) -> Result<Self, TrainError> {
         let copy = |m: &BTreeMap<String, Tensor>| -> Result<BTreeMap<String, Tensor>, TrainError> {
-            m.iter().map(|(k, t)| Ok((k.clone(), host_copy(t)?))).collect()
+            m.iter()
+                .map(|(k, t)| Ok((k.clone(), host_copy(t)?)))
+                .collect()
         };
         Ok(Snapshot {
             step: state.step,
@@ -339,13 +341,12 @@ impl Snapshot {
             reason,
         };
         std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
-        if final_dir.exists() {
-            if verify(&final_dir).is_ok() {
+        if final_dir.exists() && verify(&final_dir).is_ok() {
+            let on_disk = std::fs::read(final_dir.join(names::STATE)).unwrap_or_default();
+            if on_disk == self.state {
                 // Resumed exactly at a saved step: the same state is already on disk.
                 return Ok(final_dir);
             }
-            // An unusable directory of the same name: replace it.
-            std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
         }
         let tmp = root.join(format!(
             ".tmp-{}-{}",
@@ -381,8 +382,23 @@ impl Snapshot {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| TrainError::io(&tmp, e))?;
         sync_dir(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        // A different checkpoint of the same step (from an earlier run with
+        // resume_from_checkpoint = false, or a damaged one) is moved aside rather than deleted
+        // until the new one is in place; leftovers are cleaned at the next start.
+        let old = root.join(format!(
+            ".tmp-{}-old-{}",
+            dir_name(self.step),
+            std::process::id()
+        ));
+        let replaced = final_dir.exists();
+        if replaced {
+            std::fs::rename(&final_dir, &old).map_err(|e| ck_err(format!("rename: {e}")))?;
+        }
         std::fs::rename(&tmp, &final_dir).map_err(|e| ck_err(format!("rename: {e}")))?;
         sync_dir(root).map_err(|e| TrainError::io(root, e))?;
+        if replaced {
+            std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+        }
         rotate(root, keep)?;
         Ok(final_dir)
     }
@@ -434,7 +450,8 @@ pub fn clean_temporaries(root: &Path) {
     }
 }
 
-/// A checkpoint being written on a background thread.
+/// A checkpoint being written on a background thread. Dropping it waits for the write, so
+/// an error elsewhere in the loop does not cut a checkpoint off half-way.
 #[derive(Default)]
 pub struct Writer {
     pending: Option<JoinHandle<Result<(PathBuf, f64), TrainError>>>,
@@ -467,5 +484,13 @@ impl Writer {
             Ok((path, t0.elapsed().as_secs_f64()))
         }));
         Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Err(e) = self.wait() {
+            tracing::warn!(error = %e, "checkpoint write failed");
+        }
     }
 }
