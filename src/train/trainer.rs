@@ -117,12 +117,7 @@ fn run_inner(
         Some((dir, _)) => Some(checkpoint::load(dir, &device)?),
         None => None,
     };
-    let mut sess = build_session(
-        &s,
-        ctx,
-        &device,
-        loaded.as_ref().and_then(|l| l.tokenizer_json.as_deref()),
-    )?;
+    let mut sess = build_session(&s, ctx, &device, loaded.as_ref())?;
     let plan = Plan::new(
         sess.train.len(),
         args.per_device_train_batch_size,
@@ -478,10 +473,11 @@ fn build_session(
     s: &Sections<'_>,
     ctx: &WorkerContext,
     device: &Device,
-    saved_tokenizer: Option<&str>,
+    loaded: Option<&checkpoint::Loaded>,
 ) -> Result<Session, TrainError> {
     let args = &s.args;
-    let (cfg, tok, weights) = match &s.model.base {
+    let saved_tokenizer = loaded.and_then(|l| l.tokenizer_json.as_deref());
+    let (cfg, tok) = match &s.model.base {
         Some(base) => {
             let cfg = LlamaConfig::load(&base.join("config.json"))?;
             let tok = tokenizer::load(&base.join("tokenizer.json"), &cfg.eos_ids())?;
@@ -496,7 +492,7 @@ fn build_session(
                     ),
                 ));
             }
-            (cfg, tok, None)
+            (cfg, tok)
         }
         None => {
             let vocab = s.model.vocab_size.unwrap_or(512);
@@ -513,9 +509,7 @@ fn build_session(
             cfg.eos_token_id = tok.eos.map(serde_json::Value::from);
             cfg.check()
                 .map_err(|reason| TrainError::option("model", reason))?;
-            let mut rng = Rng::derive(args.seed, "init", 0);
-            let w = model::init_weights(&cfg, &mut rng, device)?;
-            (cfg, tok, Some(w))
+            (cfg, tok)
         }
     };
     let block = s
@@ -559,11 +553,17 @@ fn build_session(
             ),
         ));
     }
-    let weights = match weights {
-        Some(w) => w,
-        None => {
+    let weights = match (loaded, s.lora, &s.model.base) {
+        // Resuming full fine-tuning: the checkpoint holds every weight, so the base model
+        // or the initialisation would only be overwritten.
+        (Some(l), None, _) => l.weights.clone(),
+        (_, _, Some(base)) => {
             early_stage(&ctx.job_dir, "loading model")?;
-            load_hf_weights(s.model.base.as_deref().expect("base model"), device)?
+            load_hf_weights(base, device)?
+        }
+        (_, _, None) => {
+            let mut rng = Rng::derive(args.seed, "init", 0);
+            model::init_weights(&cfg, &mut rng, device)?
         }
     };
     let (model, params) = match s.lora {
