@@ -11,7 +11,6 @@
 //! The data order is a function of the seed, the epoch and the step alone, so a resumed run
 //! seeks straight to its position instead of replaying batches.
 
-use std::io::BufRead;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -416,16 +415,6 @@ pub fn batch(examples: &[&Example], pad: u32, device: &Device) -> Result<Batch, 
         labelled,
         tokens,
     })
-}
-
-/// Reads the non-empty lines of a small file (used for held-out prompts in tests and tools).
-pub fn read_lines(path: &Path) -> Result<Vec<String>, TrainError> {
-    let f = std::fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
-    std::io::BufReader::new(f)
-        .lines()
-        .filter(|l| !matches!(l, Ok(s) if s.trim().is_empty()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| TrainError::io(path, e))
 }
 
 #[cfg(test)]

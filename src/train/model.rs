@@ -523,9 +523,15 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 /// valid ids (use 0).
 pub fn nll_sum(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
-    let picked = logp.gather(&labels.reshape((b * t, 1))?, 1)?.squeeze(1)?;
-    Ok((picked * mask.reshape(b * t)?)?.sum_all()?.neg()?)
+    let x = logits.reshape((b * t, v))?;
+    // -log p(label) = logsumexp(x) - x[label]. The max only keeps exp() in range and cancels
+    // out of the gradient, so it is detached: the backward pass then skips a full-size
+    // comparison and the log-softmax's extra passes over the vocabulary.
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let lse = (x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &m)?;
+    let picked = x.gather(&labels.reshape((b * t, 1))?, 1)?;
+    let nll = (lse - picked)?.squeeze(1)?;
+    Ok((nll * mask.reshape(b * t)?)?.sum_all()?)
 }
 
 #[cfg(test)]
