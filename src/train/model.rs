@@ -670,6 +670,56 @@ mod tests {
         assert_eq!(merged.len(), w.len());
     }
 
+    /// The reduced-precision path (bf16/f16 compute on CUDA, f32 master weights) casts
+    /// correctly: f16 on the CPU gives logits close to f32 and gradients reach the f32 weights.
+    #[test]
+    fn half_precision_compute_keeps_f32_weights_and_gradients() {
+        let dev = Device::Cpu;
+        let c = cfg("qwen2", false);
+        let w = init_weights(&c, &mut Rng::new(4), &dev).unwrap();
+        let vars: BTreeMap<String, Var> = w
+            .iter()
+            .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
+            .collect();
+        let tensors = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let m = Llama::new(c, &tensors, &dev).unwrap();
+        let run = |dtype| {
+            let mut pass = Pass { dtype, rng: None };
+            m.forward(&ids(&dev), 0, None, &mut pass).unwrap()
+        };
+        let full = run(DType::F32);
+        let half = run(DType::F16);
+        assert_eq!(half.dtype(), DType::F32, "logits come back in f32");
+        let diff = (&full - &half)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = full
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 0.02 * scale + 1e-3, "{diff} vs {scale}");
+        let labels = Tensor::zeros((2, 6), DType::U32, &dev).unwrap();
+        let mask = Tensor::ones((2, 6), DType::F32, &dev).unwrap();
+        let g = nll_sum(&half, &labels, &mask).unwrap().backward().unwrap();
+        for (name, v) in &vars {
+            let gr = g
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            assert_eq!(gr.dtype(), DType::F32, "{name}");
+        }
+    }
+
     /// Generation's cached path computes what the full forward does.
     #[test]
     fn kv_cache_matches_full_forward() {

@@ -185,6 +185,7 @@ fn run_inner(
         eval_examples = sess.eval.len(),
         steps = total,
         start = st.step,
+        attempt = ctx.attempt,
         device = ?device,
         "training"
     );
