@@ -19,6 +19,12 @@ use jobd::train::optim::{AdamW, AdamWConfig, Param, clip};
 use jobd::train::rng::Rng;
 
 fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it,
+    // and a minute-long benchmark has no place in the test suite.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("train_throughput: run with `cargo bench --bench train_throughput`");
+        return;
+    }
     let steps: usize = std::env::var("BENCH_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
