@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use super::TrainError;
 use super::data::Position;
 use super::rng::Rng;
-use super::weights::{load_safetensors, safetensors_bytes, sync_dir};
+use super::weights::{load_safetensors, sync_dir, write_safetensors};
 use crate::spec::JobSpec;
 
 /// File names inside a checkpoint directory.
@@ -363,22 +363,39 @@ impl Snapshot {
             files: Vec::new(),
         };
         let meta = [("format", "pt")];
-        let files = [
-            (names::WEIGHTS, safetensors_bytes(&self.weights, &meta)?),
-            (names::OPTIMIZER, safetensors_bytes(&self.moments, &meta)?),
-            (names::STATE, self.state),
-            (names::TOKENIZER, self.tokenizer),
+        let tensors = [
+            (names::WEIGHTS, &self.weights),
+            (names::OPTIMIZER, &self.moments),
         ];
-        for (name, bytes) in &files {
-            write_synced(&tmp.join(name), bytes)?;
+        for (name, map) in tensors {
+            let path = tmp.join(name);
+            let (bytes, sha256) = write_synced(&path, |w| write_safetensors(w, map, &meta))?;
             manifest.files.push(ManifestFile {
                 name: name.to_string(),
-                bytes: bytes.len() as u64,
-                sha256: hex::encode(Sha256::digest(bytes)),
+                bytes,
+                sha256,
+            });
+        }
+        for (name, data) in [
+            (names::STATE, &self.state),
+            (names::TOKENIZER, &self.tokenizer),
+        ] {
+            let path = tmp.join(name);
+            let (bytes, sha256) = write_synced(&path, |w| {
+                w.write_all(data).map_err(|e| TrainError::io(&path, e))
+            })?;
+            manifest.files.push(ManifestFile {
+                name: name.to_string(),
+                bytes,
+                sha256,
             });
         }
         let m = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-        write_synced(&tmp.join(names::MANIFEST), &m)?;
+        let manifest_path = tmp.join(names::MANIFEST);
+        write_synced(&manifest_path, |w| {
+            w.write_all(&m)
+                .map_err(|e| TrainError::io(&manifest_path, e))
+        })?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| TrainError::io(&tmp, e))?;
         sync_dir(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
@@ -404,12 +421,41 @@ impl Snapshot {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let mut f = std::fs::File::create(path).map_err(|e| TrainError::io(path, e))?;
-    f.write_all(bytes).map_err(|e| TrainError::io(path, e))?;
+/// Writes a file through `fill`, fsyncs it and returns its size and SHA-256, computed while
+/// writing (no second read of a large file).
+fn write_synced(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> Result<(), TrainError>,
+) -> Result<(u64, String), TrainError> {
+    struct Hashing<W> {
+        inner: W,
+        sha: Sha256,
+        bytes: u64,
+    }
+    impl<W: Write> Write for Hashing<W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = self.inner.write(buf)?;
+            self.sha.update(&buf[..n]);
+            self.bytes += n as u64;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+    }
+    let io = |e| TrainError::io(path, e);
+    let f = std::fs::File::create(path).map_err(io)?;
+    let mut w = Hashing {
+        inner: std::io::BufWriter::with_capacity(1 << 20, f),
+        sha: Sha256::new(),
+        bytes: 0,
+    };
+    fill(&mut w)?;
+    let f = w.inner.into_inner().map_err(|e| io(e.into_error()))?;
     f.set_permissions(std::fs::Permissions::from_mode(0o644))
-        .map_err(|e| TrainError::io(path, e))?;
-    f.sync_all().map_err(|e| TrainError::io(path, e))
+        .map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok((w.bytes, hex::encode(w.sha.finalize())))
 }
 
 /// Which checkpoints survive rotation.

@@ -5,19 +5,29 @@
 //! on the machine, such as the Ollama publisher, must read them; Candle's `VarMap::save`
 //! would leave 0600) and are renamed into place; the directory is fsynced after.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::{Dtype, View};
 
 use super::TrainError;
 
 /// Writes `bytes` to `path` durably and atomically (temp file, fsync, chmod 0644, rename,
 /// directory fsync).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    write_atomic_with(path, |w| {
+        w.write_all(bytes).map_err(|e| TrainError::io(path, e))
+    })
+}
+
+/// Like [`write_atomic`], with the content streamed by `fill` (so large files need not be
+/// built in memory first).
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -25,18 +35,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-        f.sync_all()?;
+        let f = std::fs::File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        fill(&mut w)?;
+        let f = w
+            .into_inner()
+            .map_err(|e| TrainError::io(&tmp, e.into_error()))?;
+        let io = |e| TrainError::io(path, e);
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io)?;
+        f.sync_all().map_err(io)?;
         drop(f);
-        std::fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        std::fs::rename(&tmp, path).map_err(io)?;
+        sync_dir(dir).map_err(io)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(|e| TrainError::io(path, e))
+    result
 }
 
 /// fsyncs a directory so that renames inside it survive a crash.
@@ -54,60 +70,58 @@ pub fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, TrainError> {
     Ok(out)
 }
 
-struct F32View {
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
+/// Streams `tensors` (as f32) in safetensors format to `out`: the header, then each tensor's
+/// bytes in name order, converting one tensor at a time. `{"format": "pt"}` in `metadata`
+/// makes `transformers` accept the file.
+pub fn write_safetensors(
+    out: &mut dyn Write,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &[(&str, &str)],
+) -> Result<(), TrainError> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let meta: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        header.insert("__metadata__".into(), meta.into());
+    }
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let end = offset + t.elem_count() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": t.dims(), "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut h = serde_json::to_vec(&header).expect("header serializes");
+    // The format pads the header with spaces to an 8-byte boundary.
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let io = |e| TrainError::io(Path::new("safetensors"), e);
+    out.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&h).map_err(io)?;
+    for t in tensors.values() {
+        out.write_all(&f32_bytes(t)?).map_err(io)?;
+    }
+    Ok(())
 }
 
-impl View for &F32View {
-    fn dtype(&self) -> Dtype {
-        Dtype::F32
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
-}
-
-/// safetensors bytes of `tensors` in f32, with `metadata` in the header (`{"format": "pt"}`
-/// makes `transformers` accept the file).
+/// safetensors bytes of `tensors` in f32, built in memory (for small files and tests).
 pub fn safetensors_bytes(
     tensors: &BTreeMap<String, Tensor>,
     metadata: &[(&str, &str)],
 ) -> Result<Vec<u8>, TrainError> {
-    let views: Vec<(String, F32View)> = tensors
-        .iter()
-        .map(|(k, t)| {
-            Ok((
-                k.clone(),
-                F32View {
-                    shape: t.dims().to_vec(),
-                    bytes: f32_bytes(t)?,
-                },
-            ))
-        })
-        .collect::<Result<_, TrainError>>()?;
-    let meta: HashMap<String, String> = metadata
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(meta)).map_err(
-        |e| TrainError::Checkpoint {
-            path: PathBuf::new(),
-            reason: format!("serializing tensors: {e}"),
-        },
-    )
+    let mut out = Vec::new();
+    write_safetensors(&mut out, tensors, metadata)?;
+    Ok(out)
 }
 
 /// Writes `tensors` (as f32) to a safetensors file, atomically, mode 0644.
 pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), TrainError> {
-    let bytes = safetensors_bytes(tensors, &[("format", "pt")])?;
-    write_atomic(path, &bytes)
+    write_atomic_with(path, |w| write_safetensors(w, tensors, &[("format", "pt")]))
 }
 
 /// Reads a safetensors file, every tensor converted to f32 on `device`.
