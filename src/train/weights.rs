@@ -207,4 +207,26 @@ mod tests {
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
+
+    /// Downloaded checkpoints are usually bf16 or f16: they load as f32.
+    #[test]
+    fn half_precision_files_load_as_f32() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let t = Tensor::new(&[1.5f32, -0.333, 1000.25], &dev).unwrap();
+        let mut m = std::collections::HashMap::new();
+        m.insert("bf".to_string(), t.to_dtype(DType::BF16).unwrap());
+        m.insert("f16".to_string(), t.to_dtype(DType::F16).unwrap());
+        let p = dir.path().join("half.safetensors");
+        candle_core::safetensors::save(&m, &p).unwrap();
+        let back = load_safetensors(&p, &dev).unwrap();
+        for (k, dt) in [("bf", DType::BF16), ("f16", DType::F16)] {
+            assert_eq!(back[k].dtype(), DType::F32);
+            let want = t.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap();
+            assert_eq!(
+                back[k].to_vec1::<f32>().unwrap(),
+                want.to_vec1::<f32>().unwrap()
+            );
+        }
+    }
 }
