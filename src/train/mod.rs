@@ -1,1 +1,252 @@
-//! L2: fine-tuning with Candle. Runs only inside `jobd worker`, never in the daemon process.
+//! L2: fine-tuning with Candle. Runs only inside `jobd worker` (and `jobd generate`), never in
+//! the daemon process, so a CUDA fault can only take a worker down.
+//!
+//! This module owns the model ([`model`]), its configuration ([`config`]), tokenizers
+//! ([`tokenizer`]), data ([`data`]), the optimizer and schedule ([`optim`]), metrics and
+//! progress files ([`metrics`]), checkpoints ([`checkpoint`]), the loop ([`trainer`]) and
+//! greedy generation ([`generate`](fn@generate)). It reads the resolved job spec and the
+//! directories the daemon gives it; it must not use the store, scheduler, API or daemon.
+//!
+//! Every random choice comes from [`rng::Rng`] (seeded, savable), so an interrupted and
+//! resumed run reproduces an uninterrupted one bit for bit.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod generate;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod tokenizer;
+pub mod trainer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use crate::spec::JobSpec;
+
+/// What the daemon gives a worker (from the worker contract's environment).
+#[derive(Debug, Clone)]
+pub struct WorkerContext {
+    /// The job directory (`JOBD_JOB_DIR`): metrics, progress and the tokenized-data cache go
+    /// here.
+    pub job_dir: PathBuf,
+    /// Where checkpoints go (`JOBD_CHECKPOINT_DIR`); persists across attempts.
+    pub checkpoint_dir: PathBuf,
+    /// Where the final model goes, in Hugging Face layout (`JOBD_OUTPUT_DIR`).
+    pub output_dir: PathBuf,
+    /// Set on SIGTERM: the worker finishes its step, checkpoints and returns `Stopped`.
+    pub stop: Arc<AtomicBool>,
+    /// CPU threads for this job (`None`: Candle's default).
+    pub threads: Option<usize>,
+    /// 1 for the first run, then 2, 3, ... (informational: resume is decided by the
+    /// checkpoints on disk, not by this number).
+    pub attempt: u32,
+}
+
+/// How a worker run ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerOutcome {
+    /// Every planned step ran and the model is in the output directory.
+    Completed {
+        /// Optimizer steps completed (equals the planned steps).
+        steps: u64,
+    },
+    /// Stopped on request after writing a checkpoint at `step`; run again to resume.
+    Stopped {
+        /// The step the checkpoint holds.
+        step: u64,
+    },
+}
+
+/// Why training or generation failed. Variants name the option or file concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A job-file option is wrong in a way only the worker can see (e.g. a block size beyond
+    /// the model's context).
+    #[error("{option}: {reason}")]
+    Option {
+        /// Dotted job-file key, e.g. `data.block_size`.
+        option: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The job spec is not a train job or lacks a section.
+    #[error("not a train job: {0}")]
+    NotTrain(String),
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A model directory or its config cannot be used.
+    #[error("model {}: {reason}", path.display())]
+    BadModel {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A weight the architecture needs is missing from the checkpoint.
+    #[error("weights: tensor {name} is missing")]
+    MissingTensor {
+        /// Hugging Face name of the tensor.
+        name: String,
+    },
+    /// A weight has the wrong shape for the configuration.
+    #[error("weights: tensor {name} has shape {found:?}, the config needs {expected:?}")]
+    TensorShape {
+        /// Hugging Face name of the tensor.
+        name: String,
+        /// Shape the config implies.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+    /// A sequence longer than the model's context.
+    #[error("{tokens} tokens exceed the model's context of {max} (max_position_embeddings)")]
+    Context {
+        /// Positions asked for.
+        tokens: usize,
+        /// The model's maximum.
+        max: usize,
+    },
+    /// A data file is malformed.
+    #[error("{}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Data {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based line, for JSON lines.
+        line: Option<usize>,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tokenizer could not be loaded, trained or used.
+    #[error("tokenizer {}: {reason}", path.display())]
+    Tokenizer {
+        /// The tokenizer file (or the data it was trained on).
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No usable compute device.
+    #[error("device: {0}")]
+    Device(String),
+    /// A checkpoint cannot be written or used.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The checkpoint was written for a different job file.
+    #[error(
+        "checkpoint {} was written by a different job file (training settings hash {found}, \
+         this job {expected}); use a new checkpoint directory or resume_from_checkpoint = false",
+        path.display()
+    )]
+    CheckpointMismatch {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// This job's hash.
+        expected: String,
+        /// The checkpoint's hash.
+        found: String,
+    },
+    /// The loop ended before the planned number of steps.
+    #[error("training ended after {done} of {planned} planned steps")]
+    Incomplete {
+        /// Steps completed.
+        done: u64,
+        /// Steps planned.
+        planned: u64,
+    },
+    /// A trainable parameter took no part in the loss (a bug in the model code).
+    #[error("parameter {name} received no gradient")]
+    NoGradient {
+        /// The parameter's name.
+        name: String,
+    },
+    /// Training diverged.
+    #[error("loss became {loss} at step {step}; lower training.learning_rate")]
+    NonFinite {
+        /// The step.
+        step: u64,
+        /// The loss value.
+        loss: f64,
+    },
+    /// A tensor operation failed.
+    #[error("tensor operation: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl TrainError {
+    /// An IO error on `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// A worker-side problem with job-file option `option`.
+    pub fn option(option: &str, reason: impl Into<String>) -> Self {
+        TrainError::Option {
+            option: option.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Trains the job described by `spec` (a resolved `kind = "train"` spec): resumes from the
+/// newest valid checkpoint unless told otherwise, writes metrics, progress and checkpoints,
+/// and puts the final model in `ctx.output_dir`.
+pub fn run(spec: &JobSpec, ctx: &WorkerContext) -> Result<WorkerOutcome, TrainError> {
+    trainer::run_with(spec, ctx, &trainer::Hooks::default())
+}
+
+/// Greedy generation of up to `max_tokens` new tokens after `prompt` with the Hugging Face
+/// model in `model_dir`; returns the generated text (without the prompt).
+pub fn generate(model_dir: &Path, prompt: &str, max_tokens: usize) -> Result<String, TrainError> {
+    generate::generate(model_dir, prompt, max_tokens)
+}
+
+/// The device to compute on: with the `cuda` feature, the first visible GPU when the job has
+/// GPUs and they are not simulated (`JOBD_FAKE_GPUS=1`); the CPU otherwise.
+pub fn select_device(wants_gpu: bool) -> Result<candle_core::Device, TrainError> {
+    let fake = std::env::var(crate::spec::contract::ENV_FAKE_GPUS).is_ok_and(|v| v == "1");
+    if wants_gpu && !fake {
+        #[cfg(feature = "cuda")]
+        {
+            // CUDA_VISIBLE_DEVICES (set by the daemon) makes our GPU number 0.
+            return candle_core::Device::new_cuda(0)
+                .map_err(|e| TrainError::Device(format!("CUDA device 0: {e}")));
+        }
+        #[cfg(not(feature = "cuda"))]
+        tracing::warn!("this jobd was built without the cuda feature; training on the CPU");
+    }
+    Ok(candle_core::Device::Cpu)
+}
+
+/// Runs `f` on a thread pool of `threads` threads (Candle's CPU kernels use the current
+/// rayon pool), or on the default pool.
+pub(crate) fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> T {
+    match threads.filter(|&n| n > 0) {
+        Some(n) => match rayon::ThreadPoolBuilder::new().num_threads(n).build() {
+            Ok(pool) => pool.install(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not build a {n}-thread pool; using the default");
+                f()
+            }
+        },
+        None => f(),
+    }
+}

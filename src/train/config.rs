@@ -1,0 +1,385 @@
+//! The model's architecture as Hugging Face writes it in `config.json`, for the llama family
+//! (Llama, TinyLlama, SmolLM, Mistral, Qwen2), and the one built for `init = "scratch"`.
+//!
+//! This module owns reading and writing `config.json` and deciding which architecture
+//! variants (biases, tied embeddings, rotary scaling) a checkpoint uses; it refuses variants
+//! the model code does not implement rather than training something else silently.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::TrainError;
+use crate::spec::train::{ModelSpec, default_intermediate_size};
+
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_init_range() -> f64 {
+    0.02
+}
+
+/// The fields of a llama-family `config.json` the model uses. Unknown fields are kept in
+/// `extra` and written back, so a fine-tuned model keeps its base's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// `"llama"`, `"mistral"`, `"qwen2"`, ...
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// Number of token ids the embedding has rows for.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); absent = `num_attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width when it is not `hidden_size / num_attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Longest supported sequence.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// Rotary embedding base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Rotary scaling (`"linear"` and `"llama3"` are implemented).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Value>,
+    /// The output projection reuses the input embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Llama: biases on q, k, v and o. (Qwen2 always has q/k/v biases and no o bias.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    /// Biases in the MLP (not implemented; must be false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
+    /// MLP activation (only `"silu"`).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Mistral's sliding attention window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Qwen2: whether `sliding_window` is used at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    /// Standard deviation of initial weights.
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+    /// Beginning-of-sequence token id (a number or a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<Value>,
+    /// End-of-sequence token id(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<Value>,
+    /// Everything else in the file, kept verbatim.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl LlamaConfig {
+    /// Reads and checks `config.json`.
+    pub fn load(path: &Path) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let cfg: LlamaConfig = serde_json::from_str(&text).map_err(|e| TrainError::BadModel {
+            path: path.to_path_buf(),
+            reason: format!("config.json: {e}"),
+        })?;
+        cfg.check().map_err(|reason| TrainError::BadModel {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(cfg)
+    }
+
+    /// The configuration of a fresh model described by `[model]`.
+    pub fn scratch(m: &ModelSpec, block_size: usize, vocab_size: usize) -> Self {
+        let hidden = m.hidden_size.unwrap_or(64);
+        let heads = m.num_attention_heads.unwrap_or(1);
+        let qwen = m.attention_bias == Some(true);
+        LlamaConfig {
+            // Q/K/V biases are Qwen2's layout; writing it as such lets other tools load it.
+            model_type: if qwen { "qwen2" } else { "llama" }.into(),
+            vocab_size,
+            hidden_size: hidden,
+            intermediate_size: m
+                .intermediate_size
+                .unwrap_or_else(|| default_intermediate_size(hidden)),
+            num_hidden_layers: m.num_hidden_layers.unwrap_or(1),
+            num_attention_heads: heads,
+            num_key_value_heads: Some(m.num_key_value_heads.unwrap_or(heads)),
+            head_dim: None,
+            max_position_embeddings: m.max_position_embeddings.unwrap_or(block_size),
+            rms_norm_eps: m.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: m.rope_theta.unwrap_or(10000.0),
+            rope_scaling: None,
+            tie_word_embeddings: m.tie_word_embeddings.unwrap_or(false),
+            attention_bias: if qwen { None } else { Some(false) },
+            mlp_bias: None,
+            hidden_act: "silu".into(),
+            sliding_window: None,
+            use_sliding_window: if qwen { Some(false) } else { None },
+            initializer_range: m.initializer_range.unwrap_or(0.02),
+            bos_token_id: None,
+            eos_token_id: None,
+            extra: Default::default(),
+        }
+    }
+
+    /// Why this configuration cannot be trained by this model code, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        let supported = ["llama", "mistral", "qwen2"];
+        if !supported.contains(&self.model_type.as_str()) {
+            return Err(format!(
+                "model_type {:?} is not supported (supported: {})",
+                self.model_type,
+                supported.join(", ")
+            ));
+        }
+        if self.hidden_act != "silu" {
+            return Err(format!("hidden_act {:?} is not supported", self.hidden_act));
+        }
+        if self.mlp_bias == Some(true) {
+            return Err("mlp_bias = true is not supported".into());
+        }
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be > 0"));
+            }
+        }
+        let kv = self.n_kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return Err(format!(
+                "num_key_value_heads ({kv}) must divide num_attention_heads ({})",
+                self.num_attention_heads
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err("hidden_size must be a multiple of num_attention_heads".into());
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err("the head dimension must be even for rotary embeddings".into());
+        }
+        self.rope_inv_freq()?;
+        Ok(())
+    }
+
+    /// Key/value heads.
+    pub fn n_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether q/k/v have biases.
+    pub fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2" || self.attention_bias == Some(true)
+    }
+
+    /// Whether o_proj has a bias (Llama's `attention_bias`; never in Qwen2).
+    pub fn o_bias(&self) -> bool {
+        self.model_type != "qwen2" && self.attention_bias == Some(true)
+    }
+
+    /// The attention window, if attention is limited to recent tokens.
+    pub fn window(&self) -> Option<usize> {
+        match self.model_type.as_str() {
+            "qwen2" if self.use_sliding_window != Some(true) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// The rotary frequencies, with any supported `rope_scaling` applied.
+    pub fn rope_inv_freq(&self) -> Result<Vec<f64>, String> {
+        let d = self.head_dim();
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        let Some(scaling) = &self.rope_scaling else {
+            return Ok(base);
+        };
+        if scaling.is_null() {
+            return Ok(base);
+        }
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let num = |k: &str| scaling.get(k).and_then(Value::as_f64);
+        match kind {
+            "default" => Ok(base),
+            "linear" => {
+                let f = num("factor").ok_or("rope_scaling.factor is missing")?;
+                Ok(base.into_iter().map(|x| x / f).collect())
+            }
+            "llama3" => {
+                let f = num("factor").ok_or("rope_scaling.factor is missing")?;
+                let low = num("low_freq_factor").unwrap_or(1.0);
+                let high = num("high_freq_factor").unwrap_or(4.0);
+                let old = num("original_max_position_embeddings").unwrap_or(8192.0);
+                let low_wavelen = old / low;
+                let high_wavelen = old / high;
+                Ok(base
+                    .into_iter()
+                    .map(|freq| {
+                        let wavelen = 2.0 * std::f64::consts::PI / freq;
+                        if wavelen < high_wavelen {
+                            freq
+                        } else if wavelen > low_wavelen {
+                            freq / f
+                        } else {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * freq / f + smooth * freq
+                        }
+                    })
+                    .collect())
+            }
+            other => Err(format!("rope_scaling type {other:?} is not supported")),
+        }
+    }
+
+    /// Number of parameters (tied embeddings counted once).
+    pub fn num_parameters(&self) -> usize {
+        let h = self.hidden_size;
+        let hd = self.head_dim();
+        let q = self.num_attention_heads * hd;
+        let kv = self.n_kv_heads() * hd;
+        let mut attn = h * q + 2 * h * kv + q * h;
+        if self.qkv_bias() {
+            attn += q + 2 * kv;
+        }
+        if self.o_bias() {
+            attn += h;
+        }
+        let mlp = 3 * h * self.intermediate_size;
+        let layer = attn + mlp + 2 * h;
+        let emb = self.vocab_size * h;
+        emb + self.num_hidden_layers * layer + h + if self.tie_word_embeddings { 0 } else { emb }
+    }
+
+    /// The eos token ids named in the config.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        ids_of(self.eos_token_id.as_ref())
+    }
+
+    /// The file `save_pretrained` would write, with `architectures` and `torch_dtype` set.
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::to_value(self).expect("config serializes");
+        let arch = match self.model_type.as_str() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        if let Value::Object(map) = &mut v {
+            map.insert("architectures".into(), Value::from(vec![arch]));
+            // The weights are written in f32; newer transformers read `dtype`, older
+            // `torch_dtype`.
+            map.insert("torch_dtype".into(), Value::from("float32"));
+            if map.contains_key("dtype") {
+                map.insert("dtype".into(), Value::from("float32"));
+            }
+        }
+        v
+    }
+}
+
+/// Token ids from a config value that may be a number, a list of numbers or absent.
+pub fn ids_of(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_llama_and_qwen2_layouts() {
+        let llama: LlamaConfig = serde_json::from_str(
+            r#"{"model_type":"llama","vocab_size":32000,"hidden_size":2048,
+            "intermediate_size":5632,"num_hidden_layers":22,"num_attention_heads":32,
+            "num_key_value_heads":4,"rms_norm_eps":1e-5,"eos_token_id":2,"pretraining_tp":1}"#,
+        )
+        .unwrap();
+        llama.check().unwrap();
+        assert_eq!(llama.head_dim(), 64);
+        assert!(!llama.qkv_bias() && !llama.o_bias() && !llama.tie_word_embeddings);
+        assert_eq!(llama.eos_ids(), vec![2]);
+        assert_eq!(llama.extra["pretraining_tp"], 1);
+        // TinyLlama: 1.1B parameters.
+        assert_eq!(llama.num_parameters(), 1_100_048_384);
+        let qwen: LlamaConfig = serde_json::from_str(
+            r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,
+            "intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,
+            "num_key_value_heads":2,"tie_word_embeddings":true,"sliding_window":32768,
+            "use_sliding_window":false,"eos_token_id":[151645,151643]}"#,
+        )
+        .unwrap();
+        qwen.check().unwrap();
+        assert!(qwen.qkv_bias() && !qwen.o_bias() && qwen.window().is_none());
+        assert_eq!(qwen.eos_ids(), vec![151645, 151643]);
+        // Qwen2-0.5B: 494M parameters.
+        assert_eq!(qwen.num_parameters(), 494_032_768);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_train() {
+        let mut c: LlamaConfig = serde_json::from_str(
+            r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":3}"#,
+        )
+        .unwrap();
+        assert!(c.check().unwrap_err().contains("num_key_value_heads"));
+        c.num_key_value_heads = Some(1);
+        c.check().unwrap();
+        c.rope_scaling = Some(serde_json::json!({"type": "yarn", "factor": 4.0}));
+        assert!(c.check().unwrap_err().contains("yarn"));
+        c.rope_scaling = Some(serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}));
+        c.check().unwrap();
+        c.model_type = "gpt2".into();
+        assert!(c.check().unwrap_err().contains("gpt2"));
+    }
+}

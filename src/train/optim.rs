@@ -1,0 +1,209 @@
+//! AdamW with savable state, global-norm gradient clipping and the learning-rate schedules of
+//! `transformers` (`linear`, `cosine`, `constant`, `constant_with_warmup`).
+//!
+//! Candle-nn's `AdamW` keeps its moments private, which rules out exact resume; this one has
+//! the same mathematics as `torch.optim.AdamW` and exposes `m`, `v` and the step count so a
+//! checkpoint can hold them. Updates are tensor ops on the parameters' device.
+
+use candle_core::{Tensor, Var};
+
+use super::TrainError;
+use crate::spec::train::LrSchedulerType;
+
+/// A trainable tensor and its Hugging Face (or adapter) name.
+pub struct Param {
+    /// Name used in checkpoints.
+    pub name: String,
+    /// The tensor the model reads; updated in place.
+    pub var: Var,
+    /// Whether weight decay applies (not to biases and norm weights, as in `Trainer`).
+    pub decay: bool,
+}
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConfig {
+    /// β1.
+    pub beta1: f64,
+    /// β2.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+/// AdamW state: first and second moments per parameter and the number of updates made.
+pub struct AdamW {
+    /// Hyper-parameters.
+    pub cfg: AdamWConfig,
+    /// First moments, in parameter order.
+    pub m: Vec<Tensor>,
+    /// Second moments, in parameter order.
+    pub v: Vec<Tensor>,
+    /// Updates made so far (bias correction uses it).
+    pub step: u64,
+}
+
+impl AdamW {
+    /// Zero moments for `params`.
+    pub fn new(cfg: AdamWConfig, params: &[Param]) -> Result<Self, TrainError> {
+        let zeros = |p: &Param| p.var.as_tensor().zeros_like();
+        Ok(AdamW {
+            cfg,
+            m: params.iter().map(zeros).collect::<Result<_, _>>()?,
+            v: params.iter().map(zeros).collect::<Result<_, _>>()?,
+            step: 0,
+        })
+    }
+
+    /// One update with learning rate `lr` from `grads` (in parameter order), exactly as
+    /// `torch.optim.AdamW` (non-fused): decay, moments, bias correction, `p -= lr·m̂/(√v̂+ε)`.
+    pub fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64) -> Result<(), TrainError> {
+        self.step += 1;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.cfg;
+        let t = self.step as i32;
+        let bc1 = 1.0 - beta1.powi(t);
+        let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+        let step_size = lr / bc1;
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let mut theta = p.var.as_tensor().clone();
+            if p.decay && weight_decay > 0.0 {
+                theta = theta.affine(1.0 - lr * weight_decay, 0.0)?;
+            }
+            let m = ((&self.m[i] * beta1)? + (g * (1.0 - beta1))?)?;
+            let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
+            let update = (m.div(&denom)? * step_size)?;
+            p.var.set(&(theta - update)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+}
+
+/// The global L2 norm of `grads`, summed in a fixed order in f64 (so it is reproducible).
+pub fn global_norm(grads: &[Tensor]) -> Result<f64, TrainError> {
+    let mut sum = 0f64;
+    for g in grads {
+        sum += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(sum.sqrt())
+}
+
+/// Scales `grads` so their global norm is at most `max_norm` (as
+/// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
+pub fn clip(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainError> {
+    let norm = global_norm(grads)?;
+    if max_norm > 0.0 {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.iter_mut() {
+                *g = (&*g * coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// The learning rate for optimizer step `step` (0-based) of `total`, after `warmup` warm-up
+/// steps: `transformers`' schedule multipliers times `base`.
+pub fn lr_at(kind: LrSchedulerType, base: f64, step: u64, total: u64, warmup: u64) -> f64 {
+    let s = step as f64;
+    let w = warmup as f64;
+    if step < warmup && kind != LrSchedulerType::Constant {
+        return base * s / w.max(1.0);
+    }
+    let progress = (s - w) / ((total as f64 - w).max(1.0));
+    let factor = match kind {
+        LrSchedulerType::Constant | LrSchedulerType::ConstantWithWarmup => 1.0,
+        LrSchedulerType::Linear => ((total as f64 - s) / (total as f64 - w).max(1.0)).max(0.0),
+        LrSchedulerType::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+    };
+    base * factor
+}
+
+/// Warm-up steps: `warmup_steps` if set, else `ceil(warmup_ratio · total)`.
+pub fn warmup_steps(warmup_steps: u64, warmup_ratio: f64, total: u64) -> u64 {
+    if warmup_steps > 0 {
+        warmup_steps
+    } else {
+        (warmup_ratio * total as f64).ceil() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn schedules_match_transformers() {
+        use LrSchedulerType::*;
+        // get_linear_schedule_with_warmup(warmup=2, total=10)
+        let lin: Vec<f64> = (0..10).map(|s| lr_at(Linear, 1.0, s, 10, 2)).collect();
+        assert_eq!(lin[0], 0.0);
+        assert_eq!(lin[1], 0.5);
+        assert_eq!(lin[2], 1.0);
+        assert!((lin[6] - 0.5).abs() < 1e-12);
+        assert!((lr_at(Cosine, 1.0, 6, 10, 2) - 0.5).abs() < 1e-12);
+        assert_eq!(lr_at(Constant, 2.0, 0, 10, 2), 2.0);
+        assert_eq!(lr_at(ConstantWithWarmup, 2.0, 1, 10, 2), 1.0);
+        assert_eq!(lr_at(ConstantWithWarmup, 2.0, 9, 10, 2), 2.0);
+        assert_eq!(warmup_steps(0, 0.1, 25), 3);
+    }
+
+    #[test]
+    fn adamw_matches_a_hand_computed_update() {
+        let dev = Device::Cpu;
+        let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &dev).unwrap()).unwrap();
+        let params = vec![Param {
+            name: "w".into(),
+            var: var.clone(),
+            decay: true,
+        }];
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let mut opt = AdamW::new(cfg, &params).unwrap();
+        let g = Tensor::new(&[0.5f32, -0.25], &dev).unwrap();
+        opt.step(&params, std::slice::from_ref(&g), 0.01).unwrap();
+        opt.step(&params, &[g], 0.01).unwrap();
+        // Reference (torch.optim.AdamW semantics) computed in f64.
+        let mut p = [1.0f64, -2.0];
+        let gr = [0.5f64, -0.25];
+        let (mut m, mut v) = ([0.0f64; 2], [0.0f64; 2]);
+        for t in 1..=2 {
+            for i in 0..2 {
+                p[i] *= 1.0 - 0.01 * 0.1;
+                m[i] = 0.9 * m[i] + 0.1 * gr[i];
+                v[i] = 0.999 * v[i] + 0.001 * gr[i] * gr[i];
+                let mh = m[i] / (1.0 - 0.9f64.powi(t));
+                let vh = (v[i] / (1.0 - 0.999f64.powi(t))).sqrt();
+                p[i] -= 0.01 * mh / (vh + 1e-8);
+            }
+        }
+        let got = var.as_tensor().to_vec1::<f32>().unwrap();
+        for i in 0..2 {
+            assert!((got[i] as f64 - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
+        }
+        let mut grads = vec![Tensor::new(&[3.0f32, 4.0], &dev).unwrap()];
+        let n = clip(&mut grads, 1.0).unwrap();
+        assert!((n - 5.0).abs() < 1e-9);
+        let c = grads[0].to_vec1::<f32>().unwrap();
+        assert!((c[0] - 0.6).abs() < 1e-5 && (c[1] - 0.8).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,791 @@
+//! The training loop: builds the tokenizer, data, model and optimizer for a job (or restores
+//! them from a checkpoint), runs the planned optimizer steps with gradient accumulation,
+//! clipping, the schedule, evaluation, logging and checkpoints, honours the stop flag, and
+//! writes the final model in Hugging Face layout.
+//!
+//! Exactness: the data order, dropout and initial weights depend only on the seed and the
+//! step; the loss of a step is normalised by the labelled tokens of its whole accumulation
+//! group (known before the first micro-batch); and everything a later step depends on is in
+//! the checkpoint. A resumed run therefore reproduces an uninterrupted one bit for bit on the
+//! same device.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::checkpoint::{self, Rotation, SchedulerState, Snapshot, TrainerState};
+use super::config::LlamaConfig;
+use super::data::{self, Dataset, Example, Plan};
+use super::metrics::{MetricsRecord, Reporter, early_stage, peak_memory_bytes};
+use super::model::{self, Linear, Llama, Lora, Pass};
+use super::optim::{self, AdamW, AdamWConfig, Param};
+use super::rng::Rng;
+use super::tokenizer::{self, Tok};
+use super::weights::{load_hf_weights, save_safetensors, write_atomic};
+use super::{TrainError, WorkerContext, WorkerOutcome, select_device, with_threads};
+use crate::spec::JobSpec;
+use crate::spec::train::{
+    DataFormat, DataSpec, EvalStrategy, LoraSpec, ModelSpec, ResumeFrom, TrainDType, TrainingArgs,
+};
+
+/// Test hooks: ways to interrupt a run at a chosen step. `Hooks::default()` does nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    /// Set the stop flag once this many steps are done (as SIGTERM would).
+    pub stop_after_step: Option<u64>,
+    /// Fail right after this many steps are done, writing nothing more (as SIGKILL would).
+    pub crash_after_step: Option<u64>,
+}
+
+/// Like [`super::run`], with test hooks.
+pub fn run_with(
+    spec: &JobSpec,
+    ctx: &WorkerContext,
+    hooks: &Hooks,
+) -> Result<WorkerOutcome, TrainError> {
+    with_threads(ctx.threads, || run_inner(spec, ctx, hooks))
+}
+
+/// The job's train sections, with defaults filled in.
+struct Sections<'a> {
+    model: &'a ModelSpec,
+    data: &'a DataSpec,
+    args: TrainingArgs,
+    lora: Option<&'a LoraSpec>,
+}
+
+fn sections(spec: &JobSpec) -> Result<Sections<'_>, TrainError> {
+    Ok(Sections {
+        model: spec
+            .model
+            .as_ref()
+            .ok_or_else(|| TrainError::NotTrain("no [model] section".into()))?,
+        data: spec
+            .data
+            .as_ref()
+            .ok_or_else(|| TrainError::NotTrain("no [data] section".into()))?,
+        args: spec.training.clone().unwrap_or_default(),
+        lora: spec.lora.as_ref(),
+    })
+}
+
+/// Everything needed to run steps.
+struct Session {
+    model: Llama,
+    params: Vec<Param>,
+    tok: Tok,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    data_key: String,
+    lora: bool,
+}
+
+fn run_inner(
+    spec: &JobSpec,
+    ctx: &WorkerContext,
+    hooks: &Hooks,
+) -> Result<WorkerOutcome, TrainError> {
+    let s = sections(spec)?;
+    let args = &s.args;
+    let device = select_device(spec.resources.gpus > 0)?;
+    if args.dtype != TrainDType::F32 && !device.is_cuda() {
+        return Err(TrainError::option(
+            "training.dtype",
+            format!(
+                "{} needs a CUDA device; this worker trains on the CPU",
+                args.dtype.as_str()
+            ),
+        ));
+    }
+    let compute = match args.dtype {
+        TrainDType::F32 => DType::F32,
+        TrainDType::Bf16 => DType::BF16,
+        TrainDType::F16 => DType::F16,
+    };
+    early_stage(&ctx.job_dir, "loading")?;
+    let hash = checkpoint::spec_hash(spec);
+    std::fs::create_dir_all(&ctx.checkpoint_dir)
+        .map_err(|e| TrainError::io(&ctx.checkpoint_dir, e))?;
+    checkpoint::clean_temporaries(&ctx.checkpoint_dir);
+
+    let t_resume = Instant::now();
+    let resume = find_resume(args, &ctx.checkpoint_dir, &hash)?;
+    let loaded = match &resume {
+        Some((dir, _)) => Some(checkpoint::load(dir, &device)?),
+        None => None,
+    };
+    let mut sess = build_session(&s, ctx, &device, loaded.as_ref())?;
+    let plan = Plan::new(
+        sess.train.len(),
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.seed,
+        args.num_train_epochs,
+        args.max_steps,
+    );
+    let total = plan.total_steps;
+    let warmup = optim::warmup_steps(args.warmup_steps, args.warmup_ratio, total);
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        },
+        &sess.params,
+    )?;
+    let mut st = TrainerState {
+        version: checkpoint::FORMAT_VERSION,
+        step: 0,
+        total_steps: total,
+        adam_step: 0,
+        position: plan.position(0),
+        accumulated_micro_batches: 0,
+        lr_scheduler: SchedulerState {
+            kind: format!("{:?}", args.lr_scheduler_type),
+            warmup_steps: warmup,
+            total_steps: total,
+            next_step: 0,
+        },
+        rng: Rng::derive(args.seed, "dropout", 0),
+        log_history: Vec::new(),
+        pending_loss_sum: 0.0,
+        pending_steps: 0,
+        best_metric: None,
+        best_checkpoint: None,
+        spec_hash: hash.clone(),
+        data_key: sess.data_key.clone(),
+        trainable: if sess.lora { "lora" } else { "full" }.into(),
+    };
+    if let (Some((dir, saved)), Some(loaded)) = (&resume, &loaded) {
+        restore(dir, saved, loaded, &mut sess, &mut opt, &st)?;
+        st = saved.clone();
+        let msg = format!("resumed from step {} ({})", st.step, dir.display());
+        tracing::info!(step = st.step, checkpoint = %dir.display(), "resumed");
+        eprintln!("jobd worker: {msg}");
+        tracing::info!(
+            seconds = t_resume.elapsed().as_secs_f64(),
+            "resume start-up"
+        );
+    }
+    let mut reporter = Reporter::new(&ctx.job_dir, &st.log_history, total)?;
+    reporter.progress.step = st.step;
+    reporter.progress.epoch = Some(plan.epoch_after(st.step));
+    if resume.is_some() {
+        reporter.stage(&format!("resumed from step {}", st.step))?;
+    }
+    reporter.stage("training")?;
+    tracing::info!(
+        parameters = sess.model.cfg.num_parameters(),
+        trainable = sess.params.iter().map(|p| p.var.elem_count()).sum::<usize>(),
+        examples = sess.train.len(),
+        eval_examples = sess.eval.len(),
+        steps = total,
+        start = st.step,
+        attempt = ctx.attempt,
+        device = ?device,
+        "training"
+    );
+
+    let pad = sess.tok.eos.unwrap_or(0);
+    let rotation = |st: &TrainerState| Rotation {
+        limit: args.save_total_limit,
+        protect: if args.load_best_model_at_end {
+            st.best_checkpoint.clone()
+        } else {
+            None
+        },
+    };
+    let mut writer = checkpoint::Writer::default();
+    let mut order_cache: Option<(u64, Vec<usize>)> = None;
+    let mut last_saved = resume.as_ref().map(|(_, s)| s.step);
+    let (mut tokens_since, mut since) = (0usize, Instant::now());
+    let mut last_progress = Instant::now();
+    let mut step_secs = Vec::new();
+
+    if ctx.stop.load(Ordering::SeqCst) {
+        // Asked to stop while loading: nothing new to save.
+        reporter.stage("stopped")?;
+        return Ok(WorkerOutcome::Stopped { step: st.step });
+    }
+    while st.step < total {
+        let step = st.step;
+        let t_step = Instant::now();
+        let pos = plan.position(step);
+        if order_cache.as_ref().is_none_or(|(e, _)| *e != pos.epoch) {
+            order_cache = Some((pos.epoch, plan.order(pos.epoch)));
+        }
+        let order = &order_cache.as_ref().expect("order cached").1;
+        let micro = plan.micro_batches(step, order);
+        let group_labelled: usize = micro
+            .iter()
+            .flatten()
+            .map(|&i| sess.train[i].labelled())
+            .sum::<usize>()
+            .max(1);
+        let mut grads: Vec<Option<Tensor>> = vec![None; sess.params.len()];
+        let mut step_loss = 0f64;
+        for idx in &micro {
+            let exs: Vec<&Example> = idx.iter().map(|&i| &sess.train[i]).collect();
+            let b = data::batch(&exs, pad, &device)?;
+            tokens_since += b.tokens;
+            let mut pass = Pass {
+                dtype: compute,
+                rng: Some(&mut st.rng),
+            };
+            let logits = sess.model.forward(&b.ids, 0, None, &mut pass)?;
+            let loss = (model::nll_sum(&logits, &b.labels, &b.mask)? / group_labelled as f64)?;
+            step_loss += loss.to_scalar::<f32>()? as f64;
+            let g = loss.backward()?;
+            for (slot, p) in grads.iter_mut().zip(&sess.params) {
+                let gi = g
+                    .get(p.var.as_tensor())
+                    .ok_or_else(|| TrainError::NoGradient {
+                        name: p.name.clone(),
+                    })?;
+                *slot = Some(match slot.take() {
+                    None => gi.clone(),
+                    Some(acc) => (acc + gi)?,
+                });
+            }
+        }
+        if !step_loss.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: step + 1,
+                loss: step_loss,
+            });
+        }
+        let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled")).collect();
+        let grad_norm = optim::clip(&mut grads, args.max_grad_norm)?;
+        let lr = optim::lr_at(
+            args.lr_scheduler_type,
+            args.learning_rate,
+            step,
+            total,
+            warmup,
+        );
+        opt.step(&sess.params, &grads, lr)?;
+        drop(grads);
+
+        let done = step + 1;
+        st.step = done;
+        st.adam_step = opt.step;
+        st.position = plan.position(done);
+        st.lr_scheduler.next_step = done;
+        st.pending_loss_sum += step_loss;
+        st.pending_steps += 1;
+        step_secs.push(t_step.elapsed().as_secs_f64());
+
+        let epoch_end = done % plan.steps_per_epoch == 0;
+        let evaluate = match args.eval_strategy {
+            EvalStrategy::No => false,
+            EvalStrategy::Steps => done % args.eval_every() == 0 || done == total,
+            EvalStrategy::Epoch => epoch_end || done == total,
+        };
+        let save = done % args.save_steps == 0 || done == total;
+        let eval_loss = if evaluate {
+            reporter.stage("evaluating")?;
+            let l = eval_loss(&sess, &device, compute, args.per_device_eval_batch_size)?;
+            reporter.stage("training")?;
+            Some(l)
+        } else {
+            None
+        };
+        if let Some(metric) = eval_loss {
+            let better = match st.best_metric {
+                None => true,
+                Some(best) if args.higher_is_better() => metric > best,
+                Some(best) => metric < best,
+            };
+            // Only a metric whose weights are saved can be loaded back at the end.
+            if better && save {
+                st.best_metric = Some(metric);
+                st.best_checkpoint = Some(checkpoint::dir_name(done));
+            }
+        }
+        let log = done % args.logging_steps == 0
+            || (done == 1 && args.logging_first_step)
+            || done == total
+            || eval_loss.is_some();
+        if log {
+            let secs = since.elapsed().as_secs_f64().max(1e-9);
+            let rec = MetricsRecord {
+                step: done,
+                epoch: plan.epoch_after(done),
+                loss: st.pending_loss_sum / st.pending_steps as f64,
+                learning_rate: lr,
+                grad_norm,
+                tokens_per_second: tokens_since as f64 / secs,
+                eval_loss,
+                peak_memory_bytes: peak_memory_bytes(&device),
+            };
+            tracing::info!(step = done, loss = rec.loss, eval_loss = ?eval_loss, lr, grad_norm,
+                tokens_per_second = rec.tokens_per_second, "step");
+            let line = reporter.append(&rec)?;
+            st.log_history.push(line);
+            st.pending_loss_sum = 0.0;
+            st.pending_steps = 0;
+            (tokens_since, since) = (0, Instant::now());
+            reporter.progress.loss = Some(rec.loss);
+            reporter.progress.peak_memory_bytes = rec.peak_memory_bytes;
+        }
+        reporter.progress.step = done;
+        reporter.progress.epoch = Some(plan.epoch_after(done));
+        if log || last_progress.elapsed().as_secs() >= 2 {
+            reporter.write()?;
+            last_progress = Instant::now();
+        }
+        if hooks.crash_after_step == Some(done) {
+            writer.wait()?;
+            return Err(TrainError::Checkpoint {
+                path: PathBuf::new(),
+                reason: format!("simulated crash after step {done}"),
+            });
+        }
+        if hooks.stop_after_step == Some(done) {
+            ctx.stop.store(true, Ordering::SeqCst);
+        }
+        let stopping = ctx.stop.load(Ordering::SeqCst);
+        if save || (stopping && last_saved != Some(done)) {
+            let t0 = Instant::now();
+            let snap = snapshot(&sess, &opt, &st)?;
+            let bytes = snap.bytes();
+            writer.start(snap, ctx.checkpoint_dir.clone(), rotation(&st))?;
+            last_saved = Some(done);
+            tracing::info!(
+                step = done,
+                bytes,
+                snapshot_seconds = t0.elapsed().as_secs_f64(),
+                "checkpoint snapshot taken; writing in the background"
+            );
+        }
+        if stopping {
+            reporter.stage("saving")?;
+            writer.wait()?;
+            reporter.stage("stopped")?;
+            tracing::info!(step = done, "stopped on request after checkpointing");
+            return Ok(WorkerOutcome::Stopped { step: done });
+        }
+    }
+    writer.wait()?;
+    if st.step != total {
+        return Err(TrainError::Incomplete {
+            done: st.step,
+            planned: total,
+        });
+    }
+    if !step_secs.is_empty() {
+        let mean = step_secs.iter().sum::<f64>() / step_secs.len() as f64;
+        tracing::info!(
+            steps = step_secs.len(),
+            mean_step_seconds = mean,
+            "training finished"
+        );
+    }
+    if args.load_best_model_at_end {
+        if let Some(best) = &st.best_checkpoint {
+            let dir = ctx.checkpoint_dir.join(best);
+            checkpoint::verify(&dir).map_err(|reason| TrainError::Checkpoint {
+                path: dir.clone(),
+                reason: format!("best checkpoint unusable: {reason}"),
+            })?;
+            let loaded = checkpoint::load(&dir, &device)?;
+            for p in &sess.params {
+                let t = loaded
+                    .weights
+                    .get(&p.name)
+                    .ok_or_else(|| TrainError::MissingTensor {
+                        name: p.name.clone(),
+                    })?;
+                p.var.set(t)?;
+            }
+            tracing::info!(checkpoint = %dir.display(), metric = ?st.best_metric, "loaded the best model");
+        }
+    }
+    reporter.stage("saving")?;
+    save_pretrained(
+        &sess.model,
+        &sess.tok,
+        s.model.base.as_deref(),
+        &ctx.output_dir,
+    )?;
+    reporter.stage("done")?;
+    Ok(WorkerOutcome::Completed { steps: st.step })
+}
+
+/// Chooses the checkpoint to resume from, refusing one of another job file.
+fn find_resume(
+    args: &TrainingArgs,
+    root: &Path,
+    hash: &str,
+) -> Result<Option<(PathBuf, TrainerState)>, TrainError> {
+    let found = match &args.resume_from_checkpoint {
+        ResumeFrom::Never => None,
+        ResumeFrom::Auto => checkpoint::latest_valid(root),
+        ResumeFrom::Path(p) => {
+            let state = checkpoint::verify(p).map_err(|reason| TrainError::Checkpoint {
+                path: p.clone(),
+                reason,
+            })?;
+            Some((p.clone(), state))
+        }
+    };
+    if let Some((dir, state)) = &found {
+        if state.spec_hash != hash {
+            return Err(TrainError::CheckpointMismatch {
+                path: dir.clone(),
+                expected: hash[..12].to_string(),
+                found: state.spec_hash.chars().take(12).collect(),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Texts to train a tokenizer on: the lines of a text file, or the fields of JSON lines.
+fn tokenizer_texts(path: &Path, format: DataFormat) -> Result<Vec<String>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let jsonl = match format {
+        DataFormat::Jsonl => true,
+        DataFormat::Text => false,
+        DataFormat::Auto => path.extension().is_some_and(|e| e == "jsonl"),
+    };
+    if !jsonl {
+        return Ok(text.split_inclusive('\n').map(str::to_string).collect());
+    }
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        // Malformed lines are reported with their line number by the data loader later.
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            for k in ["text", "prompt", "completion"] {
+                if let Some(s) = v.get(k).and_then(|s| s.as_str()) {
+                    out.push(s.to_string());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn build_session(
+    s: &Sections<'_>,
+    ctx: &WorkerContext,
+    device: &Device,
+    loaded: Option<&checkpoint::Loaded>,
+) -> Result<Session, TrainError> {
+    let args = &s.args;
+    let saved_tokenizer = loaded.and_then(|l| l.tokenizer_json.as_deref());
+    let (cfg, tok) = match &s.model.base {
+        Some(base) => {
+            let cfg = LlamaConfig::load(&base.join("config.json"))?;
+            let tok = tokenizer::load(&base.join("tokenizer.json"), &cfg.eos_ids())?;
+            if tok.vocab_size() > cfg.vocab_size {
+                return Err(TrainError::option(
+                    "model.base",
+                    format!(
+                        "tokenizer.json has {} tokens but the model's vocab_size is {}: \
+                         tokenizer and model do not match",
+                        tok.vocab_size(),
+                        cfg.vocab_size
+                    ),
+                ));
+            }
+            (cfg, tok)
+        }
+        None => {
+            let vocab = s.model.vocab_size.unwrap_or(512);
+            let tok = match saved_tokenizer {
+                Some(json) => tokenizer::from_json(json, &ctx.checkpoint_dir)?,
+                None => {
+                    early_stage(&ctx.job_dir, "training tokenizer")?;
+                    let texts = tokenizer_texts(&s.data.train_file, s.data.format)?;
+                    tokenizer::train_bpe(texts.into_iter(), vocab, &s.data.train_file)?
+                }
+            };
+            let block = s.data.block_size.unwrap_or(1024);
+            let mut cfg = LlamaConfig::scratch(s.model, block, vocab);
+            cfg.eos_token_id = tok.eos.map(serde_json::Value::from);
+            cfg.check()
+                .map_err(|reason| TrainError::option("model", reason))?;
+            (cfg, tok)
+        }
+    };
+    let block = s
+        .data
+        .block_size
+        .unwrap_or_else(|| cfg.max_position_embeddings.min(1024));
+    if block > cfg.max_position_embeddings {
+        return Err(TrainError::option(
+            "data.block_size",
+            format!(
+                "{block} exceeds the model's context of {} tokens (max_position_embeddings)",
+                cfg.max_position_embeddings
+            ),
+        ));
+    }
+    early_stage(&ctx.job_dir, "tokenizing")?;
+    let train_ds = data::load(&s.data.train_file, s.data.format, &tok, block, &ctx.job_dir)?;
+    let data_key = train_ds.key.clone();
+    let (train, eval) = match (&s.data.eval_file, s.data.eval_split) {
+        (Some(f), _) => {
+            let e: Dataset = data::load(f, s.data.format, &tok, block, &ctx.job_dir)?;
+            (train_ds.examples, e.examples)
+        }
+        (None, Some(frac)) => data::split(train_ds.examples, frac, args.seed, &s.data.train_file)?,
+        (None, None) => (train_ds.examples, Vec::new()),
+    };
+    let max_id = train
+        .iter()
+        .chain(&eval)
+        .flat_map(|e| e.ids.iter())
+        .max()
+        .copied()
+        .unwrap_or(0);
+    if max_id as usize >= cfg.vocab_size {
+        return Err(TrainError::option(
+            "model",
+            format!(
+                "the tokenizer produced id {max_id} but the model has only {} embeddings: \
+                 tokenizer and model vocabularies do not match",
+                cfg.vocab_size
+            ),
+        ));
+    }
+    let weights = match (loaded, s.lora, &s.model.base) {
+        // Resuming full fine-tuning: the checkpoint holds every weight, so the base model
+        // or the initialisation would only be overwritten.
+        (Some(l), None, _) => l.weights.clone(),
+        (_, _, Some(base)) => {
+            early_stage(&ctx.job_dir, "loading model")?;
+            load_hf_weights(base, device)?
+        }
+        (_, _, None) => {
+            let mut rng = Rng::derive(args.seed, "init", 0);
+            model::init_weights(&cfg, &mut rng, device)?
+        }
+    };
+    let (model, params) = match s.lora {
+        None => full_params(cfg, weights, device)?,
+        Some(l) => lora_params(cfg, &weights, l, args.seed, device)?,
+    };
+    Ok(Session {
+        model,
+        params,
+        tok,
+        train,
+        eval,
+        data_key,
+        lora: s.lora.is_some(),
+    })
+}
+
+/// Every weight trainable: each becomes a `Var` the model reads.
+fn full_params(
+    cfg: LlamaConfig,
+    weights: BTreeMap<String, Tensor>,
+    device: &Device,
+) -> Result<(Llama, Vec<Param>), TrainError> {
+    let mut vars = BTreeMap::new();
+    let mut params = Vec::new();
+    for (name, _) in model::parameter_shapes(&cfg) {
+        let t = weights
+            .get(&name)
+            .ok_or_else(|| TrainError::MissingTensor { name: name.clone() })?;
+        let var = Var::from_tensor(t)?;
+        vars.insert(name.clone(), var.as_tensor().clone());
+        // As Trainer does: no weight decay on biases and norm weights.
+        let decay = !(name.ends_with(".bias") || name.contains("norm"));
+        params.push(Param { name, var, decay });
+    }
+    Ok((Llama::new(cfg, &vars, device)?, params))
+}
+
+/// LoRA: base weights frozen (plain tensors, no gradient), adapters trainable. `A` starts
+/// uniform in ±1/√in (PEFT's Kaiming-uniform with a = √5), `B` at zero.
+fn lora_params(
+    cfg: LlamaConfig,
+    weights: &BTreeMap<String, Tensor>,
+    l: &LoraSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<(Llama, Vec<Param>), TrainError> {
+    let mut model = Llama::new(cfg, weights, device)?;
+    let mut rng = Rng::derive(seed, "lora_init", 0);
+    let mut params = Vec::new();
+    let scale = l.lora_alpha / l.r as f64;
+    for (li, blk) in model.layers.iter_mut().enumerate() {
+        for (name, lin) in blk.linears_mut() {
+            if !l.target_modules.iter().any(|t| t == name) {
+                continue;
+            }
+            let (out, inp) = lin.weight.dims2()?;
+            let mut a = vec![0f32; l.r * inp];
+            rng.fill_uniform(&mut a, 1.0 / (inp as f64).sqrt());
+            let a = Var::from_tensor(&Tensor::from_vec(a, (l.r, inp), device)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out, l.r), DType::F32, device)?)?;
+            attach(lin, &a, &b, scale, l.lora_dropout);
+            let path = model::module_path(li, name);
+            params.push(Param {
+                name: format!("{path}.lora_A.weight"),
+                var: a,
+                decay: true,
+            });
+            params.push(Param {
+                name: format!("{path}.lora_B.weight"),
+                var: b,
+                decay: true,
+            });
+        }
+    }
+    Ok((model, params))
+}
+
+fn attach(lin: &mut Linear, a: &Var, b: &Var, scale: f64, dropout: f64) {
+    lin.lora = Some(Lora {
+        a: a.as_tensor().clone(),
+        b: b.as_tensor().clone(),
+        scale,
+        dropout,
+    });
+}
+
+/// Loads a checkpoint's weights and moments into the session and optimizer.
+fn restore(
+    dir: &Path,
+    saved: &TrainerState,
+    loaded: &checkpoint::Loaded,
+    sess: &mut Session,
+    opt: &mut AdamW,
+    fresh: &TrainerState,
+) -> Result<(), TrainError> {
+    let bad = |reason: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    if saved.data_key != fresh.data_key {
+        return Err(bad(
+            "the training data changed since this checkpoint was written; use a new checkpoint \
+             directory or resume_from_checkpoint = false"
+                .into(),
+        ));
+    }
+    if saved.total_steps != fresh.total_steps || saved.trainable != fresh.trainable {
+        return Err(bad(format!(
+            "planned {} {} steps, this run plans {} {} steps",
+            saved.total_steps, saved.trainable, fresh.total_steps, fresh.trainable
+        )));
+    }
+    for (i, p) in sess.params.iter().enumerate() {
+        let get = |map: &BTreeMap<String, Tensor>, what: &str| {
+            map.get(&p.name)
+                .cloned()
+                .ok_or_else(|| bad(format!("{what} of {} missing", p.name)))
+        };
+        let w = get(&loaded.weights, "weights")?;
+        if w.dims() != p.var.dims() {
+            return Err(bad(format!(
+                "{} has shape {:?}, expected {:?}",
+                p.name,
+                w.dims(),
+                p.var.dims()
+            )));
+        }
+        p.var.set(&w)?;
+        opt.m[i] = get(&loaded.m, "moment m")?;
+        opt.v[i] = get(&loaded.v, "moment v")?;
+    }
+    opt.step = saved.adam_step;
+    Ok(())
+}
+
+fn snapshot(sess: &Session, opt: &AdamW, st: &TrainerState) -> Result<Snapshot, TrainError> {
+    let mut weights = BTreeMap::new();
+    let mut moments = BTreeMap::new();
+    for (i, p) in sess.params.iter().enumerate() {
+        weights.insert(p.name.clone(), p.var.as_tensor().clone());
+        moments.insert(format!("m.{}", p.name), opt.m[i].clone());
+        moments.insert(format!("v.{}", p.name), opt.v[i].clone());
+    }
+    Snapshot::take(&weights, &moments, st, &sess.tok.to_json()?)
+}
+
+/// Mean loss per labelled token over the evaluation examples (no dropout).
+fn eval_loss(
+    sess: &Session,
+    device: &Device,
+    compute: DType,
+    batch: usize,
+) -> Result<f64, TrainError> {
+    let pad = sess.tok.eos.unwrap_or(0);
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in sess.eval.chunks(batch.max(1)) {
+        let exs: Vec<&Example> = chunk.iter().collect();
+        let b = data::batch(&exs, pad, device)?;
+        let mut pass = Pass {
+            dtype: compute,
+            rng: None,
+        };
+        let logits = sess.model.forward(&b.ids, 0, None, &mut pass)?;
+        sum += model::nll_sum(&logits, &b.labels, &b.mask)?.to_scalar::<f32>()? as f64;
+        count += b.labelled;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+/// Writes the model as `save_pretrained` would: `config.json`, `model.safetensors` (adapters
+/// merged), `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`; files 0644.
+pub fn save_pretrained(
+    model: &Llama,
+    tok: &Tok,
+    base: Option<&Path>,
+    out: &Path,
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    let mut cfg = model.cfg.clone();
+    if cfg.eos_token_id.is_none() {
+        cfg.eos_token_id = tok.eos.map(serde_json::Value::from);
+    }
+    let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("json serializes");
+    write_atomic(&out.join("config.json"), &json(&cfg.to_json()))?;
+    save_safetensors(&out.join("model.safetensors"), &model.merged_weights()?)?;
+    write_atomic(&out.join("tokenizer.json"), tok.to_json()?.as_bytes())?;
+    let copy_or = |name: &str, fallback: serde_json::Value| -> Result<(), TrainError> {
+        let src = base.map(|b| b.join(name)).filter(|p| p.is_file());
+        let bytes = match src {
+            Some(p) => std::fs::read(&p).map_err(|e| TrainError::io(&p, e))?,
+            None => json(&fallback),
+        };
+        write_atomic(&out.join(name), &bytes)
+    };
+    copy_or(
+        "generation_config.json",
+        serde_json::json!({
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id,
+            "do_sample": false,
+        }),
+    )?;
+    copy_or(
+        "tokenizer_config.json",
+        serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": cfg.max_position_embeddings,
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "pad_token": tok.eos_token,
+            "clean_up_tokenization_spaces": false,
+        }),
+    )?;
+    if let Some(b) = base {
+        let p = b.join("special_tokens_map.json");
+        if p.is_file() {
+            let bytes = std::fs::read(&p).map_err(|e| TrainError::io(&p, e))?;
+            write_atomic(&out.join("special_tokens_map.json"), &bytes)?;
+        }
+    }
+    tracing::info!(dir = %out.display(), "model written");
+    Ok(())
+}

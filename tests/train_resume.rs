@@ -1,0 +1,339 @@
+//! Checkpoints and exact resume (issue 5), through the library: a run interrupted by the
+//! stop flag or by a simulated kill and then resumed gives weights bit-identical to an
+//! uninterrupted run with the same seed and the same metrics records, for several seeds and
+//! interruption points, full fine-tuning and LoRA with dropout; a corrupt or truncated newest
+//! checkpoint is skipped for the previous one; rotation keeps the newest N plus the best;
+//! a checkpoint from a different job file is refused.
+
+mod common;
+
+use std::path::Path;
+
+use common::{ctx, tiny_lines, write_base};
+use jobd::spec::JobSpec;
+use jobd::train::checkpoint;
+use jobd::train::metrics::{MetricsRecord, read_metrics};
+use jobd::train::trainer::{Hooks, run_with};
+use jobd::train::{self, TrainError, WorkerOutcome};
+
+/// A scratch job small enough to run in about a second: 2 epochs of 150 examples in
+/// micro-batches of 8 with 2-step accumulation (10 steps per epoch, the last group short),
+/// evaluation every 4 steps, a checkpoint every 4 steps.
+fn scratch_job(seed: u64, extra: &str) -> String {
+    format!(
+        r#"
+kind = "train"
+[model]
+init = "scratch"
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+vocab_size = 300
+[data]
+train_file = "train.jsonl"
+eval_split = 0.1
+block_size = 16
+[training]
+num_train_epochs = 2
+per_device_train_batch_size = 8
+gradient_accumulation_steps = 2
+learning_rate = 3e-3
+lr_scheduler_type = "cosine"
+warmup_steps = 3
+weight_decay = 0.01
+logging_steps = 3
+logging_first_step = true
+eval_strategy = "steps"
+eval_steps = 4
+save_steps = 4
+seed = {seed}
+{extra}
+"#
+    )
+}
+
+fn lora_job(seed: u64) -> String {
+    format!(
+        r#"
+kind = "train"
+[model]
+base = "base"
+[data]
+train_file = "train.jsonl"
+block_size = 16
+[training]
+max_steps = 12
+per_device_train_batch_size = 8
+learning_rate = 1e-2
+logging_steps = 2
+save_steps = 5
+seed = {seed}
+[lora]
+r = 4
+lora_alpha = 8
+lora_dropout = 0.2
+target_modules = ["q_proj", "v_proj", "gate_proj"]
+"#
+    )
+}
+
+fn spec(dir: &Path, text: &str) -> JobSpec {
+    jobd::spec::job::parse_and_resolve("job.toml", text, dir).unwrap()
+}
+
+fn workspace() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("train.jsonl"), tiny_lines(167)).unwrap();
+    dir
+}
+
+fn weights(job: &Path) -> Vec<u8> {
+    std::fs::read(job.join("output/model.safetensors")).unwrap()
+}
+
+fn records(job: &Path) -> Vec<(u64, u64, u64, u64, u64, Option<u64>)> {
+    read_metrics(job)
+        .unwrap()
+        .iter()
+        .map(MetricsRecord::deterministic)
+        .collect()
+}
+
+/// Runs the job uninterrupted in `dir/reference`; returns the job dir.
+fn reference(dir: &Path, s: &JobSpec) -> std::path::PathBuf {
+    let job = dir.join("reference");
+    let out = train::run(s, &ctx(&job)).unwrap();
+    assert!(matches!(out, WorkerOutcome::Completed { .. }));
+    job
+}
+
+fn assert_same_result(a: &Path, b: &Path) {
+    assert!(
+        weights(a) == weights(b),
+        "final weights differ between {a:?} and {b:?}"
+    );
+    let (ra, rb) = (records(a), records(b));
+    assert_eq!(ra, rb, "metrics records differ");
+    let steps: Vec<u64> = ra.iter().map(|r| r.0).collect();
+    let mut dedup = steps.clone();
+    dedup.dedup();
+    assert_eq!(steps, dedup, "one record per logged step");
+}
+
+#[test]
+fn stop_and_resume_is_bit_identical() {
+    for (seed, stop_at) in [(1u64, 5u64), (7, 10), (7, 13)] {
+        let dir = workspace();
+        let s = spec(dir.path(), &scratch_job(seed, ""));
+        let reference = reference(dir.path(), &s);
+        let job = dir.path().join(format!("interrupted-{stop_at}"));
+        let hooks = Hooks {
+            stop_after_step: Some(stop_at),
+            ..Hooks::default()
+        };
+        let out = run_with(&s, &ctx(&job), &hooks).unwrap();
+        assert_eq!(out, WorkerOutcome::Stopped { step: stop_at });
+        assert!(checkpoint::verify(&job.join(format!("checkpoints/checkpoint-{stop_at}"))).is_ok());
+        assert!(!job.join("output/model.safetensors").exists());
+        let out = train::run(&s, &ctx(&job)).unwrap();
+        assert_eq!(out, WorkerOutcome::Completed { steps: 20 });
+        assert_same_result(&reference, &job);
+    }
+}
+
+#[test]
+fn crash_and_resume_is_bit_identical() {
+    for (seed, crash_at) in [(3u64, 6u64), (5, 11)] {
+        let dir = workspace();
+        let s = spec(dir.path(), &scratch_job(seed, ""));
+        let reference = reference(dir.path(), &s);
+        let job = dir.path().join("crashed");
+        let hooks = Hooks {
+            crash_after_step: Some(crash_at),
+            ..Hooks::default()
+        };
+        run_with(&s, &ctx(&job), &hooks).unwrap_err();
+        // Records after the last checkpoint were written before the crash...
+        let before: Vec<u64> = read_metrics(&job).unwrap().iter().map(|r| r.step).collect();
+        let (_, last) = checkpoint::latest_valid(&job.join("checkpoints")).unwrap();
+        assert!(last.step < crash_at);
+        assert!(
+            *before.last().unwrap() > last.step,
+            "{before:?} vs checkpoint {}",
+            last.step
+        );
+        // ...and are replaced, not duplicated, on resume from the last checkpoint.
+        let out = train::run(&s, &ctx(&job)).unwrap();
+        assert_eq!(out, WorkerOutcome::Completed { steps: 20 });
+        assert_same_result(&reference, &job);
+    }
+}
+
+#[test]
+fn lora_with_dropout_resumes_bit_identically() {
+    let dir = workspace();
+    write_base(&dir.path().join("base"), 300, 64);
+    for (seed, stop_at) in [(2u64, 3u64), (9, 7)] {
+        let s = spec(dir.path(), &lora_job(seed));
+        let reference = dir.path().join(format!("reference-{seed}"));
+        train::run(&s, &ctx(&reference)).unwrap();
+        let job = dir.path().join(format!("interrupted-{seed}"));
+        let hooks = Hooks {
+            stop_after_step: Some(stop_at),
+            ..Hooks::default()
+        };
+        let out = run_with(&s, &ctx(&job), &hooks).unwrap();
+        assert_eq!(out, WorkerOutcome::Stopped { step: stop_at });
+        train::run(&s, &ctx(&job)).unwrap();
+        assert_same_result(&reference, &job);
+    }
+}
+
+#[test]
+fn damaged_newest_checkpoint_falls_back_to_the_previous_one() {
+    let dir = workspace();
+    let s = spec(dir.path(), &scratch_job(4, ""));
+    let reference = reference(dir.path(), &s);
+    for damage in ["corrupt", "truncate", "no-manifest"] {
+        let job = dir.path().join(damage);
+        let hooks = Hooks {
+            crash_after_step: Some(13),
+            ..Hooks::default()
+        };
+        run_with(&s, &ctx(&job), &hooks).unwrap_err();
+        let ck = job.join("checkpoints");
+        let newest = ck.join("checkpoint-12");
+        match damage {
+            "corrupt" => {
+                let f = newest.join("weights.safetensors");
+                let mut b = std::fs::read(&f).unwrap();
+                let i = b.len() - 7;
+                b[i] ^= 0x40;
+                std::fs::write(&f, b).unwrap();
+            }
+            "truncate" => {
+                let f = newest.join("optimizer.safetensors");
+                let b = std::fs::read(&f).unwrap();
+                std::fs::write(&f, &b[..b.len() / 2]).unwrap();
+            }
+            _ => std::fs::remove_file(newest.join("manifest.json")).unwrap(),
+        }
+        let reason = checkpoint::verify(&newest).unwrap_err();
+        let want = match damage {
+            "corrupt" => "checksum",
+            "truncate" => "truncated",
+            _ => "manifest.json",
+        };
+        assert!(reason.contains(want), "{damage}: {reason}");
+        // A half-written checkpoint from a kill during saving is ignored and cleaned up.
+        std::fs::create_dir_all(ck.join(".tmp-checkpoint-16-999")).unwrap();
+        let (path, state) = checkpoint::latest_valid(&ck).unwrap();
+        assert_eq!((path, state.step), (ck.join("checkpoint-8"), 8));
+        train::run(&s, &ctx(&job)).unwrap();
+        assert!(!ck.join(".tmp-checkpoint-16-999").exists());
+        assert_same_result(&reference, &job);
+    }
+}
+
+#[test]
+fn rotation_keeps_the_newest_and_the_best() {
+    let dir = workspace();
+    // greater_is_better = true makes the first evaluation (highest loss) the "best", so the
+    // protected checkpoint is not among the newest two.
+    let extra = "save_total_limit = 2\nload_best_model_at_end = true\ngreater_is_better = true\n";
+    let s = spec(dir.path(), &scratch_job(6, extra));
+    let job = dir.path().join("job");
+    train::run(&s, &ctx(&job)).unwrap();
+    let mut left: Vec<u64> = checkpoint::list(&job.join("checkpoints"))
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    left.sort();
+    assert_eq!(left, vec![4, 16, 20]);
+    let evals: Vec<(u64, f64)> = read_metrics(&job)
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.eval_loss.map(|e| (r.step, e)))
+        .collect();
+    let best = evals
+        .iter()
+        .fold((0, f64::MIN), |b, &(s, e)| if e > b.1 { (s, e) } else { b });
+    assert_eq!(best.0, 4, "{evals:?}");
+    // The output holds the best checkpoint's weights, not the last step's.
+    let ck = jobd::train::weights::load_safetensors(
+        &job.join("checkpoints/checkpoint-4/weights.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let out = jobd::train::weights::load_safetensors(
+        &job.join("output/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for (name, t) in &out {
+        let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = ck[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(a == b, "{name} differs from checkpoint-4");
+    }
+}
+
+#[test]
+fn a_checkpoint_of_another_job_file_is_refused() {
+    let dir = workspace();
+    let s = spec(dir.path(), &scratch_job(1, ""));
+    let job = dir.path().join("job");
+    let hooks = Hooks {
+        stop_after_step: Some(4),
+        ..Hooks::default()
+    };
+    run_with(&s, &ctx(&job), &hooks).unwrap();
+    let changed = spec(
+        dir.path(),
+        &scratch_job(1, "").replace("learning_rate = 3e-3", "learning_rate = 1e-3"),
+    );
+    let e = train::run(&changed, &ctx(&job)).unwrap_err();
+    assert!(matches!(e, TrainError::CheckpointMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("different job file"), "{e}");
+    // Options that do not change the computation may change between attempts.
+    let relaxed = spec(dir.path(), &scratch_job(1, "save_total_limit = 3"));
+    let hooks = Hooks {
+        stop_after_step: Some(5),
+        ..Hooks::default()
+    };
+    assert_eq!(
+        run_with(&relaxed, &ctx(&job), &hooks).unwrap(),
+        WorkerOutcome::Stopped { step: 5 }
+    );
+    // An explicit checkpoint path resumes from that checkpoint.
+    let ck4 = job.join("checkpoints/checkpoint-4");
+    let explicit = spec(
+        dir.path(),
+        &scratch_job(
+            1,
+            &format!("resume_from_checkpoint = {:?}", ck4.display().to_string()),
+        ),
+    );
+    let hooks = Hooks {
+        stop_after_step: Some(6),
+        ..Hooks::default()
+    };
+    run_with(&explicit, &ctx(&job), &hooks).unwrap();
+    let steps: Vec<u64> = read_metrics(&job).unwrap().iter().map(|r| r.step).collect();
+    assert_eq!(steps, vec![1, 3, 4, 6]);
+    // resume_from_checkpoint = false starts afresh and replaces a checkpoint of the same step.
+    let fresh = spec(
+        dir.path(),
+        &scratch_job(2, "resume_from_checkpoint = false"),
+    );
+    let hooks = Hooks {
+        stop_after_step: Some(4),
+        ..Hooks::default()
+    };
+    run_with(&fresh, &ctx(&job), &hooks).unwrap();
+    let state = checkpoint::verify(&ck4).unwrap();
+    assert_eq!(state.spec_hash, checkpoint::spec_hash(&fresh));
+    let steps: Vec<u64> = read_metrics(&job).unwrap().iter().map(|r| r.step).collect();
+    assert_eq!(steps, vec![1, 3, 4]);
+}
