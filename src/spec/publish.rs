@@ -111,7 +111,8 @@ impl std::str::FromStr for Quantization {
 
 /// `[publish.parameters]`: Ollama's request options, typed as Ollama's `api.Options` /
 /// `api.Runner` so the params layer holds exactly the JSON types Ollama accepts (an unknown
-/// key would only be logged and ignored by Ollama, so it is refused here instead).
+/// key would only be logged and ignored by Ollama, so it is refused here instead). Floats are
+/// f64 here (Ollama's are f32) so that `0.7` is written as `0.7`, not `0.699999988`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Parameters {
@@ -119,7 +120,7 @@ pub struct Parameters {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
+    pub temperature: Option<f64>,
     /// Context window in tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_ctx: Option<u32>,
@@ -132,19 +133,19 @@ pub struct Parameters {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f32>,
+    pub top_p: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_p: Option<f32>,
+    pub min_p: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub typical_p: Option<f32>,
+    pub typical_p: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repeat_last_n: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repeat_penalty: Option<f32>,
+    pub repeat_penalty: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f32>,
+    pub presence_penalty: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f32>,
+    pub frequency_penalty: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_batch: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -595,7 +596,7 @@ pub fn validate(publish: &PublishSpec) -> Vec<Issue> {
             }
         }
     }
-    let mut range = |key: &str, v: Option<f32>, lo: f32, hi: f32| {
+    let mut range = |key: &str, v: Option<f64>, lo: f64, hi: f64| {
         if let Some(v) = v {
             if !(v.is_finite() && (lo..=hi).contains(&v)) {
                 issues.push(Issue::new(

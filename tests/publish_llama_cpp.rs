@@ -1,0 +1,236 @@
+//! Published models run in real llama.cpp (node-llama-cpp's prebuilt CPU build, installed by
+//! `tests/llama_cpp/install.sh` on first use): the blob the manifest points to loads;
+//! llama.cpp tokenizes text with punctuation, digits, newlines and non-ASCII to exactly the
+//! ids of the `tokenizers` crate; and its next-token predictions agree with an independent
+//! f64 forward pass over the original Hugging Face weights (rotate-half RoPE, no
+//! permutation) — exact greedy continuations for f32, teacher-forced top-1 agreement for
+//! f16/q8_0/q4_0. A wrong q/k permutation, a wrong dimension order or a mistyped key would
+//! fail these checks (see docs: a missing permutation gives ~4% agreement).
+
+mod publish_support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use jobd::publish::{self, Parameters, PublishRequest, PublishSpec, Quantization, store};
+use publish_support::{
+    LlamaCpp, Shape, TestModel, build_model, ids, reference_greedy, reference_logits, top1,
+};
+
+const SAMPLES: [&str; 5] = [
+    "Hello world! The quick brown fox",
+    "Hello  world!!\n\n  12345 3.14 don't I'VE  tabs\there ünïcødé 🦙 ...--== end   \n",
+    "x=1; y = (a,b) -- 2048 jobs, 7 GPUs; naïve café über 日本語!?",
+    "  leading spaces\r\nand CRLF\nnumbers 000123 4.5e-3 1,000,000\t\ttabs",
+    "we'll publish the llama model: train, queue, job... 99 bottles",
+];
+
+fn publish(m: &TestModel, models: &Path, name: &str, q: Quantization) -> publish::Published {
+    let spec = PublishSpec {
+        ollama_name: name.into(),
+        quantization: q,
+        models_dir: None,
+        template: None,
+        system: None,
+        parameters: Parameters::default(),
+        license: None,
+    };
+    publish::publish(
+        &PublishRequest {
+            model_dir: &m.dir,
+            models_dir: models,
+            spec: &spec,
+        },
+        |_| {},
+    )
+    .unwrap()
+}
+
+/// The GGUF blob the manifest of `name` points to, as Ollama would find it.
+fn model_blob(models: &Path, name: &str) -> PathBuf {
+    let n = publish::parse_model_name(name).unwrap();
+    let manifest = store::read_manifest(&store::manifest_path(models, &n).unwrap()).unwrap();
+    let layer = manifest
+        .layers
+        .iter()
+        .find(|l| l.media_type == store::MODEL_MEDIA_TYPE)
+        .unwrap();
+    store::blob_path(models, &layer.digest).unwrap()
+}
+
+/// Hugging Face's `clean_up_tokenization` (transformers), which llama.cpp applies to BPE
+/// detokenization.
+fn clean_up_spaces(s: &str) -> String {
+    [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ]
+    .iter()
+    .fold(s.to_string(), |acc, (from, to)| acc.replace(from, to))
+}
+
+fn hf_ids(m: &TestModel, text: &str) -> Vec<u32> {
+    m.tokenizer.encode(text, false).unwrap().get_ids().to_vec()
+}
+
+/// Prompts whose reference greedy continuation never has a near-tie (top-1 margin under
+/// 0.05 logits), so an f32 run must reproduce all 16 tokens exactly.
+fn well_conditioned_prompts(m: &TestModel, n: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let text = hf_ids(m, &publish_support::synthetic_text(99, 3000));
+    let mut out = Vec::new();
+    for window in text.chunks(10) {
+        let (cont, margin) = reference_greedy(m, window, n);
+        if margin > 0.05 {
+            out.push((window.to_vec(), cont));
+        }
+        if out.len() == 4 {
+            break;
+        }
+    }
+    assert!(out.len() >= 3, "not enough well-conditioned prompts");
+    out
+}
+
+/// Fraction of positions where llama.cpp's teacher-forced top-1 equals the reference's.
+fn top1_agreement(lcp: &LlamaCpp, gguf: &Path, m: &TestModel, ids_in: &[u32]) -> f64 {
+    let r = lcp.run(
+        gguf,
+        serde_json::json!([{"op": "teacher_forced", "ids": ids_in}]),
+    );
+    let got = ids(&r[0]["top1"]);
+    let want: Vec<u32> = reference_logits(m, ids_in)
+        .iter()
+        .map(|row| top1(row).0)
+        .collect();
+    assert_eq!(got.len(), want.len());
+    got.iter().zip(&want).filter(|(a, b)| a == b).count() as f64 / want.len() as f64
+}
+
+fn check_model(lcp: &LlamaCpp, m: &TestModel, label: &str) {
+    let t0 = std::time::Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    let name = format!("local/{label}:f32");
+    let p = publish(m, &models, &name, Quantization::F32);
+    let blob = model_blob(&models, &name);
+    assert_eq!(blob, p.gguf_path);
+
+    // Tokenizer: llama.cpp = tokenizers crate, and detokenizing round-trips.
+    let mut ops: Vec<serde_json::Value> = vec![serde_json::json!({"op": "info"})];
+    for s in SAMPLES {
+        ops.push(serde_json::json!({"op": "tokenize", "text": s}));
+        ops.push(serde_json::json!({"op": "detokenize", "ids": hf_ids(m, s)}));
+    }
+    let prompts = well_conditioned_prompts(m, 16);
+    eprintln!(
+        "{label}: published and prompts chosen after {:?}",
+        t0.elapsed()
+    );
+    for (prompt, _) in &prompts {
+        ops.push(serde_json::json!({"op": "greedy", "prompt": prompt, "n": 16}));
+    }
+    let long = hf_ids(m, SAMPLES[1]);
+    ops.push(serde_json::json!({"op": "teacher_forced", "ids": long, "logits": true}));
+    let r = lcp.run(&blob, serde_json::Value::Array(ops));
+    eprintln!("{label}: llama.cpp answered after {:?}", t0.elapsed());
+
+    assert_eq!(r[0]["n_vocab"], m.shape.vocab);
+    assert_eq!(r[0]["train_context_size"], m.shape.ctx);
+    assert_eq!(
+        (r[0]["bos"].as_u64(), r[0]["eos"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(r[0]["add_bos"], false);
+    for (i, s) in SAMPLES.iter().enumerate() {
+        let want = hf_ids(m, s);
+        assert!(want.len() > 5);
+        assert_eq!(ids(&r[1 + 2 * i]["ids"]), want, "tokenizing {s:?}");
+        // llama.cpp's BPE detokenizer cleans spaces the way Hugging Face's
+        // clean_up_tokenization_spaces does; the bytes are otherwise the text's.
+        assert_eq!(
+            r[2 + 2 * i]["text"],
+            clean_up_spaces(s),
+            "detokenizing {s:?}"
+        );
+    }
+    let base = 1 + 2 * SAMPLES.len();
+    for (k, (prompt, want)) in prompts.iter().enumerate() {
+        assert_eq!(
+            ids(&r[base + k]["ids"]),
+            *want,
+            "{label}: greedy continuation of {prompt:?}"
+        );
+    }
+    // Teacher-forced logits: top-1 everywhere and logits within f32 rounding of f64.
+    let tf = &r[base + prompts.len()];
+    let reference = reference_logits(m, &long);
+    assert_eq!(
+        ids(&tf["top1"]),
+        reference.iter().map(|row| top1(row).0).collect::<Vec<_>>()
+    );
+    let (mut se, mut var, mut n) = (0.0, 0.0, 0.0);
+    for (row, want) in tf["logits"].as_array().unwrap().iter().zip(&reference) {
+        let mean = want.iter().sum::<f64>() / want.len() as f64;
+        for (g, w) in row.as_array().unwrap().iter().zip(want) {
+            se += (g.as_f64().unwrap() - w).powi(2);
+            var += (w - mean).powi(2);
+            n += 1.0;
+        }
+    }
+    let (rmse, std) = ((se / n).sqrt(), (var / n).sqrt());
+    eprintln!("{label} f32: logit RMSE {rmse:.5} (reference std {std:.3})");
+    assert!(rmse < 0.01 * std, "{label}: logit RMSE {rmse} vs std {std}");
+
+    // Reduced precision: loads, and teacher-forced top-1 agrees with the reference.
+    let text_ids: Vec<u32> = [SAMPLES[0], SAMPLES[2], SAMPLES[4]]
+        .iter()
+        .flat_map(|s| hf_ids(m, s))
+        .collect();
+    for (q, min) in [
+        (Quantization::F16, 0.95),
+        (Quantization::Q8_0, 0.90),
+        (Quantization::Q4_0, 0.60),
+    ] {
+        let name = format!("local/{label}:{q}");
+        publish(m, &models, &name, q);
+        let agree = top1_agreement(lcp, &model_blob(&models, &name), m, &text_ids);
+        eprintln!(
+            "{label} {q}: teacher-forced top-1 agreement {:.1}%",
+            agree * 100.0
+        );
+        assert!(agree >= min, "{label} {q}: top-1 agreement {agree} < {min}");
+    }
+    fs::remove_dir_all(tmp.path()).unwrap();
+}
+
+#[test]
+fn gqa_model_with_separate_head_runs_in_llama_cpp() {
+    let lcp = LlamaCpp::setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = build_model(&tmp.path().join("model"), Shape::tiny());
+    check_model(&lcp, &m, "gqa");
+}
+
+#[test]
+fn tied_model_with_qkv_biases_runs_in_llama_cpp() {
+    let lcp = LlamaCpp::setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let shape = Shape {
+        tied: true,
+        bias: true,
+        kv_heads: 4,
+        seed: 11,
+        chat_template: false,
+        ..Shape::tiny()
+    };
+    let m = build_model(&tmp.path().join("model"), shape);
+    check_model(&lcp, &m, "tied-bias");
+}
