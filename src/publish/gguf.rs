@@ -280,18 +280,9 @@ fn quantized_bytes(model: &HfModel, plan: &TensorPlan) -> Result<Vec<u8>, Publis
         reason,
     };
     let t = model.load_f32(plan)?;
-    let data = if plan.dtype == GgmlDType::F32 {
-        // No need to go through a QTensor for an exact copy.
-        t.flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| err(e.to_string()))?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect()
-    } else {
-        let q = QTensor::quantize(&t, plan.dtype).map_err(|e| err(e.to_string()))?;
-        q.data().map_err(|e| err(e.to_string()))?.into_owned()
-    };
+    // F32 goes through QTensor too: its byte copy is optimised code in candle.
+    let q = QTensor::quantize(&t, plan.dtype).map_err(|e| err(e.to_string()))?;
+    let data = q.data().map_err(|e| err(e.to_string()))?.into_owned();
     if data.len() as u64 != plan.data_bytes() {
         return Err(err(format!(
             "quantized to {} bytes, expected {}",
