@@ -234,3 +234,38 @@ fn tied_model_with_qkv_biases_runs_in_llama_cpp() {
     let m = build_model(&tmp.path().join("model"), shape);
     check_model(&lcp, &m, "tied-bias");
 }
+
+#[test]
+fn explicit_head_dim_llama3_rope_scaling_and_o_bias_run_in_llama_cpp() {
+    let lcp = LlamaCpp::setup();
+    let tmp = tempfile::tempdir().unwrap();
+    // head_dim 32 with hidden 64 and 4 heads (so key_length is needed), Llama 3.1 RoPE
+    // scaling with a short original context so that it changes several frequencies, and
+    // Llama's attention_bias (q/k/v and o biases).
+    let shape = Shape {
+        head_dim: Some(32),
+        llama_bias: true,
+        rope_scaling: Some(serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})),
+        seed: 21,
+        ..Shape::tiny()
+    };
+    let m = build_model(&tmp.path().join("model"), shape);
+    check_model(&lcp, &m, "hd32-llama3rope");
+}
+
+#[test]
+fn mistral_with_linear_rope_scaling_runs_in_llama_cpp() {
+    let lcp = LlamaCpp::setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let shape = Shape {
+        model_type: Some("mistral"),
+        rope_scaling: Some(serde_json::json!({"rope_type": "linear", "factor": 4.0})),
+        kv_heads: 1,
+        seed: 31,
+        ..Shape::tiny()
+    };
+    let m = build_model(&tmp.path().join("model"), shape);
+    check_model(&lcp, &m, "mistral-linear");
+}

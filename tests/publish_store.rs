@@ -829,10 +829,8 @@ fn export_figures() {
         vocab: 1024,
         tokenizer_vocab: 1000,
         ctx: 2048,
-        tied: false,
-        bias: false,
         seed: 1,
-        chat_template: true,
+        ..Shape::tiny()
     };
     for (label, shape) in [("tiny", Shape::tiny()), ("100M", big)] {
         let m: TestModel = build_model(&tmp.path().join(label), shape);

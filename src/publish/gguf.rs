@@ -16,7 +16,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use sha2::{Digest, Sha256};
 
 use super::PublishError;
-use super::hf::{HfModel, TensorPlan};
+use super::hf::{HfModel, RopeScaling, TensorPlan};
 use super::tokenizer::{GgufTokenizer, read_tokenizer};
 use crate::spec::publish::Quantization;
 
@@ -103,6 +103,16 @@ pub fn metadata(
             Value::F32(c.rms_norm_eps),
         ),
         ("llama.vocab_size", Value::U32(c.vocab_size)),
+    ];
+    if c.explicit_head_dim() {
+        kv.push(("llama.attention.key_length", Value::U32(c.head_dim)));
+        kv.push(("llama.attention.value_length", Value::U32(c.head_dim)));
+    }
+    if let RopeScaling::Linear { factor } = c.rope_scaling {
+        kv.push(("llama.rope.scaling.type", Value::String("linear".into())));
+        kv.push(("llama.rope.scaling.factor", Value::F32(factor)));
+    }
+    kv.extend([
         ("tokenizer.ggml.model", Value::String(tok.model.into())),
         ("tokenizer.ggml.pre", Value::String(tok.pre.into())),
         ("tokenizer.ggml.tokens", strings(&tok.tokens)),
@@ -113,7 +123,7 @@ pub fn metadata(
         ("tokenizer.ggml.merges", strings(&tok.merges)),
         ("tokenizer.ggml.bos_token_id", Value::U32(tok.bos_token_id)),
         ("tokenizer.ggml.eos_token_id", Value::U32(tok.eos_token_id)),
-    ];
+    ]);
     if let Some(pad) = tok.padding_token_id {
         kv.push(("tokenizer.ggml.padding_token_id", Value::U32(pad)));
     }

@@ -2,9 +2,12 @@
 //! planning its GGUF tensors: names, shapes, types and the q/k RoPE permutation.
 //!
 //! The safetensors file is memory-mapped and each tensor is converted only when it is written,
-//! so exporting never holds more than one tensor's worth of converted data. Anything in the
-//! input this module cannot map exactly (an unknown tensor, rope scaling, a non-SiLU MLP) is
-//! refused: a GGUF that loads but computes something else is worse than an error.
+//! so exporting never holds more than one tensor's worth of converted data. Llama, Mistral
+//! (without an effective sliding window) and Qwen2 (q/k/v biases) map to llama.cpp's `llama`
+//! architecture, including an explicit `head_dim` and linear or Llama-3.1 RoPE scaling.
+//! Anything this module cannot map exactly (an unknown tensor, YaRN scaling, a sliding
+//! window, a non-SiLU MLP) is refused: a GGUF that loads but computes something else is worse
+//! than an error.
 
 use std::path::{Path, PathBuf};
 
@@ -27,7 +30,9 @@ struct RawConfig {
     #[serde(default)]
     num_key_value_heads: Option<u64>,
     vocab_size: u64,
+    #[serde(default = "default_context")]
     max_position_embeddings: u64,
+    #[serde(default = "default_eps")]
     rms_norm_eps: f64,
     #[serde(default)]
     rope_theta: Option<f64>,
@@ -53,6 +58,16 @@ struct RawConfig {
     model_type: Option<String>,
     #[serde(default)]
     use_sliding_window: Option<bool>,
+    #[serde(default)]
+    sliding_window: Option<u64>,
+}
+
+// Hugging Face's LlamaConfig defaults, which the trainer uses too.
+fn default_context() -> u64 {
+    2048
+}
+fn default_eps() -> f64 {
+    1e-6
 }
 
 /// Token ids in `config.json`: one id or, for some models (Llama 3), a list.
@@ -89,9 +104,36 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
-    /// Qwen2-style q/k/v biases are required (`attention_bias`); present biases are exported
-    /// either way.
-    pub attention_bias: bool,
+    /// q/k/v biases are required (Qwen2, or Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// The o_proj bias is required (Llama's `attention_bias`, never Qwen2).
+    pub o_bias: bool,
+    /// RoPE scaling as llama.cpp represents it.
+    pub rope_scaling: RopeScaling,
+}
+
+/// How the rotary frequencies are scaled, in llama.cpp's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`: `llama.rope.scaling.type = "linear"`,
+    /// `llama.rope.scaling.factor`.
+    Linear {
+        factor: f32,
+    },
+    /// Llama 3.1's per-frequency scaling: llama.cpp divides frequency i by
+    /// `rope_freqs.weight[i]`, which the exporter computes as Hugging Face's converter does.
+    Llama3 {
+        freq_factors: Vec<f32>,
+    },
+}
+
+impl LlamaConfig {
+    /// Whether `head_dim` differs from `hidden_size / num_heads`, which llama.cpp then needs
+    /// as `attention.key_length`/`value_length`.
+    pub fn explicit_head_dim(&self) -> bool {
+        self.head_dim != self.hidden_size / self.num_heads
+    }
 }
 
 impl LlamaConfig {
@@ -109,12 +151,11 @@ impl LlamaConfig {
     }
 
     fn from_raw(raw: RawConfig) -> Result<LlamaConfig, String> {
-        if let Some(t) = raw.model_type.as_deref() {
-            if !matches!(t, "llama" | "qwen2") {
-                return Err(format!(
-                    "model_type {t:?} is not exported (only llama-family models: \"llama\", \"qwen2\")"
-                ));
-            }
+        let model_type = raw.model_type.as_deref().unwrap_or("llama");
+        if !matches!(model_type, "llama" | "mistral" | "qwen2") {
+            return Err(format!(
+                "model_type {model_type:?} is not exported (llama-family only: \"llama\", \"mistral\", \"qwen2\")"
+            ));
         }
         if let Some(act) = raw.hidden_act.as_deref() {
             if act != "silu" {
@@ -123,14 +164,23 @@ impl LlamaConfig {
                 ));
             }
         }
-        if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err("rope_scaling is set; scaled RoPE is not exported".into());
-        }
         if raw.mlp_bias == Some(true) {
             return Err("mlp_bias = true: feed-forward biases are not exported".into());
         }
-        if raw.use_sliding_window == Some(true) {
-            return Err("use_sliding_window = true: sliding-window attention is not llama".into());
+        // A sliding window that never takes effect within the context is plain attention;
+        // llama.cpp's llama architecture has no window, so any other is refused.
+        let window = match model_type {
+            "qwen2" if raw.use_sliding_window != Some(true) => None,
+            _ => raw.sliding_window,
+        };
+        if let Some(w) = window {
+            if w < raw.max_position_embeddings {
+                return Err(format!(
+                    "sliding_window = {w} is shorter than max_position_embeddings = {}; \
+                     sliding-window attention is not exported",
+                    raw.max_position_embeddings
+                ));
+            }
         }
         let u32_field = |name: &str, v: u64| -> Result<u32, String> {
             if v == 0 {
@@ -144,25 +194,20 @@ impl LlamaConfig {
             "num_key_value_heads",
             raw.num_key_value_heads.unwrap_or(raw.num_attention_heads),
         )?;
-        if hidden_size % num_heads != 0 {
-            return Err(format!(
-                "hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}"
-            ));
-        }
         if num_heads % num_kv_heads != 0 {
             return Err(format!(
                 "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
             ));
         }
-        let head_dim = hidden_size / num_heads;
-        if let Some(hd) = raw.head_dim {
-            if hd != u64::from(head_dim) {
+        let head_dim = match raw.head_dim {
+            Some(hd) => u32_field("head_dim", hd)?,
+            None if hidden_size % num_heads != 0 => {
                 return Err(format!(
-                    "head_dim {hd} differs from hidden_size / num_attention_heads = {head_dim}; \
-                     not exported"
+                    "hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}"
                 ));
             }
-        }
+            None => hidden_size / num_heads,
+        };
         if head_dim % 2 != 0 {
             return Err(format!("head dimension {head_dim} must be even for RoPE"));
         }
@@ -173,6 +218,9 @@ impl LlamaConfig {
                 Err(format!("{name} must be a positive number"))
             }
         };
+        let rope_theta = raw.rope_theta.unwrap_or(10_000.0);
+        let rope_scaling = rope_scaling(raw.rope_scaling.as_ref(), rope_theta, head_dim)?;
+        let attention_bias = raw.attention_bias == Some(true);
         Ok(LlamaConfig {
             hidden_size,
             intermediate_size: u32_field("intermediate_size", raw.intermediate_size)?,
@@ -183,13 +231,75 @@ impl LlamaConfig {
             vocab_size: u32_field("vocab_size", raw.vocab_size)?,
             context_length: u32_field("max_position_embeddings", raw.max_position_embeddings)?,
             rms_norm_eps: float("rms_norm_eps", raw.rms_norm_eps)?,
-            rope_theta: float("rope_theta", raw.rope_theta.unwrap_or(10_000.0))?,
+            rope_theta: float("rope_theta", rope_theta)?,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             bos_token_id: raw.bos_token_id.and_then(|t| t.first()),
             eos_token_id: raw.eos_token_id.and_then(|t| t.first()),
             pad_token_id: raw.pad_token_id.and_then(|t| t.first()),
-            attention_bias: raw.attention_bias.unwrap_or(false),
+            qkv_bias: model_type == "qwen2" || attention_bias,
+            o_bias: model_type != "qwen2" && attention_bias,
+            rope_scaling,
         })
+    }
+}
+
+/// Maps `rope_scaling` to llama.cpp's representation, refusing kinds it cannot express.
+fn rope_scaling(
+    v: Option<&serde_json::Value>,
+    theta: f64,
+    head_dim: u32,
+) -> Result<RopeScaling, String> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+    let factor = || {
+        num("factor")
+            .filter(|f| f.is_finite() && *f > 0.0)
+            .ok_or_else(|| format!("rope_scaling {kind:?} needs a positive factor"))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: factor()? as f32,
+        }),
+        "llama3" => {
+            // Hugging Face's _compute_llama3_parameters, expressed as the divisor of each
+            // frequency (what convert_hf_to_gguf writes as rope_freqs.weight).
+            let f = factor()?;
+            let low = num("low_freq_factor").unwrap_or(1.0);
+            let high = num("high_freq_factor").unwrap_or(4.0);
+            let old = num("original_max_position_embeddings").unwrap_or(8192.0);
+            if high <= low {
+                return Err("rope_scaling: high_freq_factor must exceed low_freq_factor".into());
+            }
+            let (low_wavelen, high_wavelen) = (old / low, old / high);
+            let d = f64::from(head_dim);
+            let freq_factors = (0..head_dim / 2)
+                .map(|i| {
+                    let freq = 1.0 / theta.powf(f64::from(2 * i) / d);
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    let divisor = if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        f
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        1.0 / ((1.0 - smooth) / f + smooth)
+                    };
+                    divisor as f32
+                })
+                .collect();
+            Ok(RopeScaling::Llama3 { freq_factors })
+        }
+        other => Err(format!(
+            "rope_scaling type {other:?} is not exported (only linear and llama3)"
+        )),
     }
 }
 
@@ -207,6 +317,8 @@ pub struct TensorPlan {
     /// `Some(n_heads)` for q/k weights and biases: rows are permuted from Hugging Face's
     /// rotate-half RoPE layout to ggml's interleaved one.
     pub permute_heads: Option<usize>,
+    /// Data computed by the exporter instead of read (`rope_freqs.weight`).
+    pub computed: Option<Vec<f32>>,
 }
 
 impl TensorPlan {
@@ -280,6 +392,10 @@ impl HfModel {
             name: plan.hf_name.clone(),
             reason,
         };
+        if let Some(data) = &plan.computed {
+            return Tensor::from_slice(data, plan.shape.as_slice(), &Device::Cpu)
+                .map_err(|e| err(e.to_string()));
+        }
         let t = self
             .safetensors
             .load(&plan.hf_name, &Device::Cpu)
@@ -351,7 +467,7 @@ fn plan_tensors(
         let hf = |s: &str| format!("model.layers.{i}.{s}");
         let gg = |s: &str| format!("blk.{i}.{s}");
         let (nh, nkv) = (Some(c.num_heads as usize), Some(c.num_kv_heads as usize));
-        let bias = c.attention_bias;
+        let (bias, o_bias) = (c.qkv_bias, c.o_bias);
         want.extend([
             (
                 hf("input_layernorm.weight"),
@@ -413,7 +529,7 @@ fn plan_tensors(
                 hf("self_attn.o_proj.bias"),
                 gg("attn_output.bias"),
                 vec![h],
-                false,
+                o_bias,
                 None,
             ),
             (
@@ -510,6 +626,17 @@ fn plan_tensors(
             shape,
             dtype,
             permute_heads,
+            computed: None,
+        });
+    }
+    if let RopeScaling::Llama3 { freq_factors } = &c.rope_scaling {
+        plans.push(TensorPlan {
+            gguf_name: "rope_freqs.weight".into(),
+            hf_name: "rope_scaling (config.json)".into(),
+            shape: vec![freq_factors.len()],
+            dtype: GgmlDType::F32,
+            permute_heads: None,
+            computed: Some(freq_factors.clone()),
         });
     }
     for name in present.keys() {
@@ -555,19 +682,42 @@ mod tests {
     fn config_defaults_and_refusals() {
         let c = raw(&format!("{{{BASE}}}")).unwrap();
         assert_eq!((c.num_kv_heads, c.head_dim, c.rope_theta), (4, 16, 10000.0));
-        assert!(!c.tie_word_embeddings);
+        assert!(!c.tie_word_embeddings && !c.qkv_bias && !c.o_bias && !c.explicit_head_dim());
+        assert_eq!(c.rope_scaling, RopeScaling::None);
         let c = raw(&format!(
-            "{{{BASE},\"eos_token_id\":[7,9],\"pad_token_id\":null,\"num_key_value_heads\":2}}"
+            "{{{BASE},\"eos_token_id\":[7,9],\"pad_token_id\":null,\"num_key_value_heads\":2,\"head_dim\":32}}"
         ))
         .unwrap();
         assert_eq!(
             (c.eos_token_id, c.pad_token_id, c.num_kv_heads),
             (Some(7), None, 2)
         );
+        assert!(c.explicit_head_dim());
+        let c = raw(&format!(
+            "{{{BASE},\"model_type\":\"qwen2\",\"sliding_window\":32,\"use_sliding_window\":false}}"
+        ))
+        .unwrap();
+        assert!(c.qkv_bias && !c.o_bias, "Qwen2 always has q/k/v biases");
+        let c = raw(&format!(
+            "{{{BASE},\"model_type\":\"mistral\",\"sliding_window\":4096}}"
+        ))
+        .unwrap();
+        assert_eq!(c.context_length, 256);
+        let c = raw(&format!("{{{BASE},\"attention_bias\":true}}")).unwrap();
+        assert!(c.qkv_bias && c.o_bias);
+        let c = raw(&format!(
+            "{{{BASE},\"rope_scaling\":{{\"type\":\"linear\",\"factor\":2.0}}}}"
+        ))
+        .unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
         for (extra, why) in [
             (
-                r#""rope_scaling":{"type":"linear","factor":2.0}"#,
-                "rope_scaling",
+                r#""rope_scaling":{"rope_type":"yarn","factor":2.0}"#,
+                "\"yarn\" is not exported",
+            ),
+            (
+                r#""rope_scaling":{"rope_type":"linear"}"#,
+                "positive factor",
             ),
             (r#""hidden_act":"gelu""#, "SiLU"),
             (r#""model_type":"gemma""#, "model_type"),
@@ -575,11 +725,37 @@ mod tests {
                 r#""num_key_value_heads":3"#,
                 "multiple of num_key_value_heads",
             ),
-            (r#""head_dim":32"#, "head_dim 32"),
+            (r#""head_dim":15"#, "must be even"),
             (r#""mlp_bias":true"#, "mlp_bias"),
+            (
+                r#""model_type":"mistral","sliding_window":128"#,
+                "sliding_window = 128",
+            ),
+            (
+                r#""model_type":"qwen2","sliding_window":128,"use_sliding_window":true"#,
+                "sliding_window = 128",
+            ),
         ] {
             let e = raw(&format!("{{{BASE},{extra}}}")).unwrap_err();
             assert!(e.contains(why), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn llama3_rope_factors_follow_hugging_face() {
+        // Llama 3.1's parameters: head_dim 128, theta 500000, factor 8, low 1, high 4, 8192.
+        let v = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let RopeScaling::Llama3 { freq_factors } = rope_scaling(Some(&v), 500000.0, 128).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(freq_factors.len(), 64);
+        // Short wavelengths are untouched, long ones divided by the factor, a smooth ramp
+        // between.
+        assert_eq!(freq_factors[0], 1.0);
+        assert_eq!(freq_factors[63], 8.0);
+        assert!(freq_factors.windows(2).all(|w| w[0] <= w[1]));
+        assert!(freq_factors.iter().any(|&f| f > 1.0 && f < 8.0));
     }
 }

@@ -545,7 +545,9 @@ mod tests {
             bos_token_id: None,
             eos_token_id: None,
             pad_token_id: None,
-            attention_bias: false,
+            qkv_bias: false,
+            o_bias: false,
+            rope_scaling: crate::publish::hf::RopeScaling::None,
         }
     }
 

@@ -33,8 +33,16 @@ pub struct Shape {
     pub tokenizer_vocab: usize,
     pub ctx: usize,
     pub tied: bool,
-    /// Qwen2-style q/k/v biases.
+    /// Qwen2-style q/k/v biases (`model_type = "qwen2"`).
     pub bias: bool,
+    /// Llama's `attention_bias`: q/k/v and o biases.
+    pub llama_bias: bool,
+    /// `head_dim` when it is not `hidden / heads`.
+    pub head_dim: Option<usize>,
+    /// `rope_scaling` in config.json.
+    pub rope_scaling: Option<serde_json::Value>,
+    /// `model_type` (default "llama", "qwen2" when `bias`).
+    pub model_type: Option<&'static str>,
     pub seed: u64,
     /// Write a ChatML `chat_template` in tokenizer_config.json.
     pub chat_template: bool,
@@ -54,13 +62,54 @@ impl Shape {
             ctx: 256,
             tied: false,
             bias: false,
+            llama_bias: false,
+            head_dim: None,
+            rope_scaling: None,
+            model_type: None,
             seed: 7,
             chat_template: true,
         }
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+        self.head_dim.unwrap_or(self.hidden / self.heads)
+    }
+
+    /// Rotary frequencies as Hugging Face computes them (`rope_init_fn`), in f64.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim();
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / 10000f64.powf((2 * i) as f64 / d as f64))
+            .collect();
+        let Some(sc) = &self.rope_scaling else {
+            return base;
+        };
+        let num = |k: &str| sc[k].as_f64().unwrap();
+        match sc["rope_type"].as_str().unwrap() {
+            "linear" => base.iter().map(|f| f / num("factor")).collect(),
+            "llama3" => {
+                let (factor, low, high, old) = (
+                    num("factor"),
+                    num("low_freq_factor"),
+                    num("high_freq_factor"),
+                    num("original_max_position_embeddings"),
+                );
+                base.iter()
+                    .map(|&freq| {
+                        let wavelen = 2.0 * std::f64::consts::PI / freq;
+                        if wavelen < old / high {
+                            freq
+                        } else if wavelen > old / low {
+                            freq / factor
+                        } else {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * freq / factor + smooth * freq
+                        }
+                    })
+                    .collect()
+            }
+            other => panic!("{other}"),
+        }
     }
 }
 
@@ -213,7 +262,7 @@ pub fn random_weights(s: &Shape) -> Weights {
             p("self_attn.o_proj.weight"),
             lin(&mut rng, s.hidden, s.heads * hd),
         );
-        if s.bias {
+        if s.bias || s.llama_bias {
             for (n, rows) in [
                 ("q", s.heads * hd),
                 ("k", s.kv_heads * hd),
@@ -224,6 +273,12 @@ pub fn random_weights(s: &Shape) -> Weights {
                     (vec![rows], uniform(&mut rng, rows, 0.5)),
                 );
             }
+        }
+        if s.llama_bias {
+            w.insert(
+                p("self_attn.o_proj.bias"),
+                (vec![s.hidden], uniform(&mut rng, s.hidden, 0.5)),
+            );
         }
         w.insert(
             p("post_attention_layernorm.weight"),
@@ -302,8 +357,19 @@ pub fn build_model(dir: &Path, shape: Shape) -> TestModel {
         "torch_dtype": "float32",
     });
     if shape.bias {
-        config["attention_bias"] = true.into();
         config["model_type"] = "qwen2".into();
+    }
+    if shape.llama_bias {
+        config["attention_bias"] = true.into();
+    }
+    if let Some(t) = shape.model_type {
+        config["model_type"] = t.into();
+    }
+    if let Some(hd) = shape.head_dim {
+        config["head_dim"] = hd.into();
+    }
+    if let Some(sc) = &shape.rope_scaling {
+        config["rope_scaling"] = sc.clone();
     }
     std::fs::write(
         dir.join("config.json"),
@@ -349,10 +415,9 @@ fn rms_norm(x: &[f64], w: &[f32], eps: f64) -> Vec<f64> {
 }
 
 /// Hugging Face's rotate-half RoPE on one head: pairs (i, i + hd/2).
-fn rope_rotate_half(v: &mut [f64], pos: usize, theta: f64) {
+fn rope_rotate_half(v: &mut [f64], pos: usize, inv_freq: &[f64]) {
     let hd = v.len();
-    for i in 0..hd / 2 {
-        let freq = theta.powf(-2.0 * i as f64 / hd as f64);
+    for (i, freq) in inv_freq.iter().enumerate() {
         let (sin, cos) = (pos as f64 * freq).sin_cos();
         let (a, b) = (v[i], v[i + hd / 2]);
         v[i] = a * cos - b * sin;
@@ -368,6 +433,7 @@ pub struct Reference<'a> {
     m: &'a TestModel,
     /// Per layer: keys and values of every position so far (RoPE applied to keys).
     cache: Vec<KvCache>,
+    inv_freq: Vec<f64>,
 }
 
 impl<'a> Reference<'a> {
@@ -375,6 +441,7 @@ impl<'a> Reference<'a> {
         Reference {
             m,
             cache: vec![(Vec::new(), Vec::new()); m.shape.layers],
+            inv_freq: m.shape.inv_freq(),
         }
     }
 
@@ -413,9 +480,9 @@ impl<'a> Reference<'a> {
                 s.kv_heads * hd,
             );
             q.chunks_mut(hd)
-                .for_each(|c| rope_rotate_half(c, pos, 10000.0));
+                .for_each(|c| rope_rotate_half(c, pos, &self.inv_freq));
             k.chunks_mut(hd)
-                .for_each(|c| rope_rotate_half(c, pos, 10000.0));
+                .for_each(|c| rope_rotate_half(c, pos, &self.inv_freq));
             let (ks, vs) = &mut self.cache[l];
             ks.push(k);
             vs.push(v);
