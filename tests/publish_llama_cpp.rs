@@ -269,3 +269,56 @@ fn mistral_with_linear_rope_scaling_runs_in_llama_cpp() {
     let m = build_model(&tmp.path().join("model"), shape);
     check_model(&lcp, &m, "mistral-linear");
 }
+
+/// Tokenizers with the pre-tokenizers of SmolLM, Llama 3 and Qwen2 (trained here with the
+/// same pre-tokenizer definitions) tokenize identically in llama.cpp under the exported
+/// `tokenizer.ggml.pre`, and the models run. (Swapping `llama-bpe` and `qwen2` fails this
+/// test on digit runs.)
+#[test]
+fn smollm_llama3_and_qwen2_pre_tokenizers_match_llama_cpp() {
+    let lcp = LlamaCpp::setup();
+    for (pre, seed) in [("smollm", 41), ("llama-bpe", 42), ("qwen2", 43)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let shape = Shape {
+            pre,
+            seed,
+            ..Shape::tiny()
+        };
+        let m = build_model(&tmp.path().join("model"), shape);
+        let models = tmp.path().join("models");
+        let name = format!("local/{pre}:f32");
+        publish(&m, &models, &name, Quantization::F32);
+        let blob = model_blob(&models, &name);
+        let mut f = fs::File::open(&blob).unwrap();
+        let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        assert_eq!(c.metadata["tokenizer.ggml.pre"].to_string().unwrap(), pre);
+        // The samples, plus a corpus stressing what these regexes treat differently: digit
+        // runs, contractions in both cases, punctuation runs with newlines, CR/LF mixes.
+        let mut texts: Vec<String> = SAMPLES.iter().map(|s| s.to_string()).collect();
+        texts.push("1234567 12 3.14159 2026-11-28 0x1F 1,000,000 123abc abc123".into());
+        texts.push("DON'T I'M YOU'LL we'd they've She'S ''quoted'' 'tis".into());
+        texts.push("end.\n\n\n  \r\n\tindent\n...!!!???\n---\n  \n".into());
+        texts.push(publish_support::synthetic_text(seed + 100, 1500));
+        let ops: Vec<serde_json::Value> = texts
+            .iter()
+            .map(|t| serde_json::json!({"op": "tokenize", "text": t}))
+            .collect();
+        let r = lcp.run(&blob, serde_json::Value::Array(ops));
+        for (t, got) in texts.iter().zip(&r) {
+            assert_eq!(ids(&got["ids"]), hf_ids(&m, t), "{pre}: tokenizing {t:?}");
+        }
+        let prompts = well_conditioned_prompts(&m, 16);
+        let ops: Vec<serde_json::Value> = prompts
+            .iter()
+            .map(|(p, _)| serde_json::json!({"op": "greedy", "prompt": p, "n": 16}))
+            .collect();
+        let r = lcp.run(&blob, serde_json::Value::Array(ops));
+        for ((p, want), got) in prompts.iter().zip(&r) {
+            assert_eq!(
+                ids(&got["ids"]),
+                *want,
+                "{pre}: greedy continuation of {p:?}"
+            );
+        }
+    }
+}

@@ -728,7 +728,7 @@ fn bad_names_unwritable_dirs_and_unsupported_tokenizers_fail_cleanly() {
         }),
         ("pre-tokenizer Sequence", |j| {
             j["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, j["pre_tokenizer"].clone()]})
+                {"type": "Digits", "individual_digits": false}, j["pre_tokenizer"].clone()]})
         }),
     ];
     for (why, edit) in variants {

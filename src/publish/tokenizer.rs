@@ -1,9 +1,9 @@
 //! Turning a Hugging Face `tokenizer.json` into llama.cpp's `tokenizer.ggml.*` keys, and
 //! choosing a default Ollama prompt template from the tokenizer's chat-template family.
 //!
-//! Only tokenizers llama.cpp reproduces exactly are accepted: a byte-level BPE with GPT-2's
-//! pre-tokenizer (`ByteLevel`, `use_regex = true`, no prefix space), no normalizer, plain
-//! added tokens. llama.cpp selects its pre-tokenizer regex by the `tokenizer.ggml.pre` name,
+//! Only tokenizers llama.cpp reproduces exactly are accepted: a byte-level BPE whose
+//! pre-tokenizer is one llama.cpp has by name (GPT-2's, SmolLM's, Llama 3's, Qwen2's; see
+//! [`pre_tokenizer_family`]), no normalizer, plain added tokens. llama.cpp selects its pre-tokenizer regex by the `tokenizer.ggml.pre` name,
 //! so anything else would load and silently tokenize differently from training; it is refused
 //! with the feature at fault named instead.
 
@@ -77,19 +77,50 @@ fn is_null_or(v: Option<&Json>, ok: impl Fn(&Json) -> bool) -> bool {
     v.is_none_or(|v| v.is_null() || ok(v))
 }
 
-/// Whether a pre-tokenizer is exactly GPT-2's: `ByteLevel` with the regex and no prefix space
-/// (alone or as the only member of a `Sequence`).
-fn is_gpt2_pre_tokenizer(p: &Json) -> bool {
-    match p.get("type").and_then(Json::as_str) {
-        Some("ByteLevel") => {
-            p.get("add_prefix_space").and_then(Json::as_bool) == Some(false)
-                && p.get("use_regex").and_then(Json::as_bool).unwrap_or(true)
+/// Hugging Face's Llama 3 pre-tokenizer regex (llama.cpp: `llama-bpe`).
+pub const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Hugging Face's Qwen2 pre-tokenizer regex (llama.cpp: `qwen2`): Llama 3's with single digits.
+pub const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+fn byte_level(p: &Json, use_regex: bool) -> bool {
+    p.get("type").and_then(Json::as_str) == Some("ByteLevel")
+        && p.get("add_prefix_space").and_then(Json::as_bool) == Some(false)
+        && p.get("use_regex").and_then(Json::as_bool).unwrap_or(true) == use_regex
+}
+
+/// The llama.cpp pre-tokenizer (`tokenizer.ggml.pre`) whose splitting is exactly this
+/// Hugging Face pre-tokenizer's, if there is one:
+/// - `gpt-2`: `ByteLevel` with its built-in GPT-2 regex and no prefix space;
+/// - `smollm`: `Digits(individual)` then that `ByteLevel`;
+/// - `llama-bpe` / `qwen2`: a `Split` on Llama 3's / Qwen2's regex (isolated), then a
+///   `ByteLevel` without its regex.
+pub fn pre_tokenizer_family(p: &Json) -> Option<&'static str> {
+    let list: Vec<&Json> = match p.get("type").and_then(Json::as_str)? {
+        "Sequence" => p.get("pretokenizers")?.as_array()?.iter().collect(),
+        _ => vec![p],
+    };
+    match list.as_slice() {
+        [bl] if byte_level(bl, true) => Some("gpt-2"),
+        [digits, bl]
+            if digits.get("type").and_then(Json::as_str) == Some("Digits")
+                && digits.get("individual_digits").and_then(Json::as_bool) == Some(true)
+                && byte_level(bl, true) =>
+        {
+            Some("smollm")
         }
-        Some("Sequence") => match p.get("pretokenizers").and_then(Json::as_array) {
-            Some(list) if list.len() == 1 => is_gpt2_pre_tokenizer(&list[0]),
-            _ => false,
-        },
-        _ => false,
+        [split, bl]
+            if split.get("type").and_then(Json::as_str) == Some("Split")
+                && split.get("behavior").and_then(Json::as_str) == Some("Isolated")
+                && split.get("invert").and_then(Json::as_bool) == Some(false)
+                && byte_level(bl, false) =>
+        {
+            match split.get("pattern")?.get("Regex")?.as_str()? {
+                LLAMA3_REGEX => Some("llama-bpe"),
+                QWEN2_REGEX => Some("qwen2"),
+                _ => None,
+            }
+        }
+        _ => None,
     }
 }
 
@@ -229,32 +260,37 @@ fn convert(
             "byte_fallback (a SentencePiece-style BPE)",
         ));
     }
-    if model.get("ignore_merges").and_then(Json::as_bool) == Some(true) {
-        // llama.cpp ignores merges only for Llama-3-style pre-tokenizers, not for gpt-2.
-        return Err(unsupported(
-            path,
-            "ignore_merges = true with a GPT-2 pre-tokenizer",
-        ));
-    }
     if !is_null_or(json.get("normalizer"), |_| false) {
         return Err(unsupported(
             path,
             "a normalizer (llama.cpp's BPE applies none)",
         ));
     }
-    match json.get("pre_tokenizer") {
-        Some(p) if is_gpt2_pre_tokenizer(p) => {}
-        Some(p) if !p.is_null() => {
-            return Err(unsupported(
+    let pre = match json.get("pre_tokenizer") {
+        Some(p) if !p.is_null() => pre_tokenizer_family(p).ok_or_else(|| {
+            unsupported(
                 path,
                 format!(
-                    "pre-tokenizer {} (only GPT-2's ByteLevel with add_prefix_space = false and \
-                     use_regex = true maps exactly to a llama.cpp pre-tokenizer, \"gpt-2\")",
+                    "pre-tokenizer {} (llama.cpp reproduces exactly: GPT-2's ByteLevel with \
+                     add_prefix_space = false, SmolLM's Digits + ByteLevel, and Llama 3's or \
+                     Qwen2's Split regex + ByteLevel)",
                     p.get("type").and_then(Json::as_str).unwrap_or("?")
                 ),
-            ));
-        }
+            )
+        })?,
         _ => return Err(unsupported(path, "no pre-tokenizer (not byte-level)")),
+    };
+    // llama.cpp ignores merges (takes a whole pre-token found in the vocabulary as one
+    // token) exactly for llama-bpe; the tokenizer must do the same.
+    let ignore_merges = model.get("ignore_merges").and_then(Json::as_bool) == Some(true);
+    if ignore_merges != (pre == "llama-bpe") {
+        return Err(unsupported(
+            path,
+            format!(
+                "ignore_merges = {ignore_merges} with a {pre:?} pre-tokenizer (llama.cpp uses {})",
+                pre == "llama-bpe"
+            ),
+        ));
     }
     if json
         .get("decoder")
@@ -460,7 +496,7 @@ fn convert(
 
     Ok(GgufTokenizer {
         model: "gpt2",
-        pre: "gpt-2",
+        pre,
         tokens,
         token_types,
         merges,
@@ -665,6 +701,55 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("vocab_size 4"), "{e}");
+    }
+
+    #[test]
+    fn pre_tokenizer_families_and_ignore_merges() {
+        let bl = |regex: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+        let split = |re: &str| serde_json::json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+        let seq = |v: Vec<Json>| serde_json::json!({"type": "Sequence", "pretokenizers": v});
+        let digits = |individual: bool| serde_json::json!({"type": "Digits", "individual_digits": individual});
+        assert_eq!(pre_tokenizer_family(&bl(true)), Some("gpt-2"));
+        assert_eq!(pre_tokenizer_family(&seq(vec![bl(true)])), Some("gpt-2"));
+        assert_eq!(
+            pre_tokenizer_family(&seq(vec![digits(true), bl(true)])),
+            Some("smollm")
+        );
+        assert_eq!(
+            pre_tokenizer_family(&seq(vec![split(LLAMA3_REGEX), bl(false)])),
+            Some("llama-bpe")
+        );
+        assert_eq!(
+            pre_tokenizer_family(&seq(vec![split(QWEN2_REGEX), bl(false)])),
+            Some("qwen2")
+        );
+        for other in [
+            bl(false),
+            seq(vec![digits(false), bl(true)]),
+            seq(vec![split(LLAMA3_REGEX), bl(true)]),
+            seq(vec![split("\\p{N}"), bl(false)]),
+            seq(vec![bl(true), digits(true)]),
+        ] {
+            assert_eq!(pre_tokenizer_family(&other), None, "{other}");
+        }
+        let mut j = tokenizer_json(seq(vec![split(LLAMA3_REGEX), bl(false)]), Json::Null);
+        let e = convert(Path::new("t"), &j, &Json::Null, &config(5))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ignore_merges = false with a \"llama-bpe\""),
+            "{e}"
+        );
+        j["model"]["ignore_merges"] = true.into();
+        assert_eq!(
+            convert(Path::new("t"), &j, &Json::Null, &config(5))
+                .unwrap()
+                .pre,
+            "llama-bpe"
+        );
+        let mut j = tokenizer_json(gpt2_pre(), Json::Null);
+        j["model"]["ignore_merges"] = true.into();
+        assert!(convert(Path::new("t"), &j, &Json::Null, &config(5)).is_err());
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Shape {
     pub seed: u64,
     /// Write a ChatML `chat_template` in tokenizer_config.json.
     pub chat_template: bool,
+    /// The pre-tokenizer family: "gpt-2", "smollm", "llama-bpe" or "qwen2".
+    pub pre: &'static str,
 }
 
 impl Shape {
@@ -68,6 +70,7 @@ impl Shape {
             model_type: None,
             seed: 7,
             chat_template: true,
+            pre: "gpt-2",
         }
     }
 
@@ -178,8 +181,9 @@ pub fn synthetic_text(seed: u64, bytes: usize) -> String {
     s
 }
 
-/// Trains a GPT-2-style byte-level BPE on synthetic text and saves it as `tokenizer.json`.
-pub fn train_tokenizer(dir: &Path, vocab: usize, seed: u64) -> Tokenizer {
+/// Trains a byte-level BPE with the pre-tokenizer of `pre` (see [`Shape::pre`]) on
+/// synthetic text and saves it as `tokenizer.json`.
+pub fn train_tokenizer(dir: &Path, vocab: usize, seed: u64, pre: &str) -> Tokenizer {
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab)
         .min_frequency(2)
@@ -201,7 +205,7 @@ pub fn train_tokenizer(dir: &Path, vocab: usize, seed: u64) -> Tokenizer {
     >::new()
     .with_model(BPE::default())
     .with_normalizer(None)
-    .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
+    .with_pre_tokenizer(Some(pre_tokenizer(pre)))
     .with_post_processor(Some(ByteLevelProcessor::new(false, true, true).into()))
     .with_decoder(Some(ByteLevelDecoder::default().into()))
     .build()
@@ -211,7 +215,48 @@ pub fn train_tokenizer(dir: &Path, vocab: usize, seed: u64) -> Tokenizer {
     tok.train(&mut trainer, lines.into_iter()).unwrap();
     let path = dir.join("tokenizer.json");
     tok.save(&path, true).unwrap();
+    if pre == "llama-bpe" {
+        // Llama 3's tokenizer takes whole pre-tokens found in the vocabulary.
+        let mut j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        j["model"]["ignore_merges"] = true.into();
+        std::fs::write(&path, j.to_string()).unwrap();
+    }
     Tokenizer::from_file(&path).unwrap()
+}
+
+fn pre_tokenizer(pre: &str) -> PreTokenizerWrapper {
+    use tokenizers::pre_tokenizers::digits::Digits;
+    use tokenizers::pre_tokenizers::sequence::Sequence;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    let split = |regex: &str| -> PreTokenizerWrapper {
+        Split::new(
+            SplitPattern::Regex(regex.into()),
+            tokenizers::SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .unwrap()
+        .into()
+    };
+    match pre {
+        "gpt-2" => ByteLevel::new(false, true, true).into(),
+        "smollm" => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into(),
+        "llama-bpe" => Sequence::new(vec![
+            split(jobd::publish::tokenizer::LLAMA3_REGEX),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+        "qwen2" => Sequence::new(vec![
+            split(jobd::publish::tokenizer::QWEN2_REGEX),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+        other => panic!("unknown pre-tokenizer {other}"),
+    }
 }
 
 fn uniform(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
@@ -334,7 +379,7 @@ pub struct TestModel {
 /// Writes a complete HF-layout model directory into `dir`.
 pub fn build_model(dir: &Path, shape: Shape) -> TestModel {
     std::fs::create_dir_all(dir).unwrap();
-    let tokenizer = train_tokenizer(dir, shape.tokenizer_vocab, shape.seed);
+    let tokenizer = train_tokenizer(dir, shape.tokenizer_vocab, shape.seed, shape.pre);
     assert!(tokenizer.get_vocab_size(true) <= shape.vocab);
     let weights = random_weights(&shape);
     write_safetensors(&dir.join("model.safetensors"), &weights);
