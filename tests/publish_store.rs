@@ -804,6 +804,13 @@ fn q8_0_needs_block_aligned_inputs() {
         "{e}"
     );
     publish::export_gguf(&m.dir, Quantization::F16, &tmp.path().join("h.gguf")).unwrap();
+    // q4_k blocks 256 inputs: the tiny model (hidden 64) is refused, not padded.
+    let m = build_model(&tmp.path().join("tiny"), Shape::tiny());
+    let e = publish::export_gguf(&m.dir, Quantization::Q4K, &tmp.path().join("k.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("multiple of 256") && e.contains("q4_k"), "{e}");
+    assert!(!tmp.path().join("k.gguf").exists());
 }
 
 fn copy_dir(from: &Path, to: &Path) {

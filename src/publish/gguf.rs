@@ -53,6 +53,8 @@ pub fn file_type(q: Quantization) -> u32 {
         Quantization::F16 => 1,
         Quantization::Q4_0 => 2,
         Quantization::Q8_0 => 7,
+        // MOSTLY_Q4_K_S: every 2-D weight Q4_K (llama.cpp's own Q4_K_S mixes in some Q5_K).
+        Quantization::Q4K => 14,
     }
 }
 

@@ -350,6 +350,7 @@ pub fn ggml_dtype(q: Quantization) -> GgmlDType {
         Quantization::F16 => GgmlDType::F16,
         Quantization::Q8_0 => GgmlDType::Q8_0,
         Quantization::Q4_0 => GgmlDType::Q4_0,
+        Quantization::Q4K => GgmlDType::Q4K,
     }
 }
 

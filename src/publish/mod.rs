@@ -169,6 +169,7 @@ fn file_type_label(q: Quantization) -> &'static str {
         Quantization::F16 => "F16",
         Quantization::Q8_0 => "Q8_0",
         Quantization::Q4_0 => "Q4_0",
+        Quantization::Q4K => "Q4_K_S",
     }
 }
 

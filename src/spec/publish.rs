@@ -7,7 +7,7 @@
 //! ```toml
 //! [publish]
 //! ollama_name = "local/tiny-chat:v1"      # required; Ollama's rules, stored lower-case
-//! quantization = "q8_0"                   # f32 | f16 (default) | q8_0 | q4_0
+//! quantization = "q8_0"                   # f32 | f16 (default) | q8_0 | q4_0 | q4_k
 //! models_dir = "/usr/share/ollama/.ollama/models"  # default: the daemon's --ollama-models
 //! template = "{{ .Prompt }}"              # Go template; default from the chat template family
 //! system = "You are terse."
@@ -70,15 +70,20 @@ pub enum Quantization {
     /// 4-bit blocks of 32 with an f16 scale: 0.56 bytes per weight, noticeably lossy.
     #[serde(rename = "q4_0")]
     Q4_0,
+    /// ggml's 4-bit k-quant (super-blocks of 256, 6-bit scales and minimums): 0.56 bytes per
+    /// weight, better than q4_0; needs every weight's input dimension to be a multiple of 256.
+    #[serde(rename = "q4_k")]
+    Q4K,
 }
 
 impl Quantization {
     /// Every supported value, in the order documented.
-    pub const ALL: [Quantization; 4] = [
+    pub const ALL: [Quantization; 5] = [
         Quantization::F32,
         Quantization::F16,
         Quantization::Q8_0,
         Quantization::Q4_0,
+        Quantization::Q4K,
     ];
 
     /// The job-file spelling (`"q8_0"`).
@@ -88,6 +93,7 @@ impl Quantization {
             Quantization::F16 => "f16",
             Quantization::Q8_0 => "q8_0",
             Quantization::Q4_0 => "q4_0",
+            Quantization::Q4K => "q4_k",
         }
     }
 }
@@ -105,7 +111,7 @@ impl std::str::FromStr for Quantization {
         Quantization::ALL
             .into_iter()
             .find(|q| q.as_str().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| format!("unknown quantization {s:?} (use f32, f16, q8_0 or q4_0)"))
+            .ok_or_else(|| format!("unknown quantization {s:?} (use f32, f16, q8_0, q4_0 or q4_k)"))
     }
 }
 

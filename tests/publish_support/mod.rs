@@ -619,6 +619,72 @@ pub fn reference_greedy(m: &TestModel, prompt: &[u32], n: usize) -> (Vec<u32>, f
     (out, min_margin)
 }
 
+/// The weights a GGUF actually holds (dequantized by candle, q/k rows permuted back to
+/// Hugging Face order, HF names): the model llama.cpp should be computing if it reads the
+/// bytes the way candle wrote them.
+pub fn weights_from_gguf(path: &Path, m: &TestModel) -> Weights {
+    use candle_core::quantized::gguf_file::Content;
+    let mut f = std::fs::File::open(path).unwrap();
+    let c = Content::read(&mut f).unwrap();
+    let hd = m.shape.head_dim();
+    let mut out = Weights::new();
+    for name in c.tensor_infos.keys() {
+        let hf = match name.as_str() {
+            "token_embd.weight" => "model.embed_tokens.weight".to_string(),
+            "output_norm.weight" => "model.norm.weight".to_string(),
+            "output.weight" => "lm_head.weight".to_string(),
+            "rope_freqs.weight" => continue,
+            n => {
+                let rest = n.strip_prefix("blk.").unwrap();
+                let (layer, t) = rest.split_once('.').unwrap();
+                let hf_t = match t {
+                    "attn_norm.weight" => "input_layernorm.weight",
+                    "ffn_norm.weight" => "post_attention_layernorm.weight",
+                    "attn_q.weight" => "self_attn.q_proj.weight",
+                    "attn_k.weight" => "self_attn.k_proj.weight",
+                    "attn_v.weight" => "self_attn.v_proj.weight",
+                    "attn_output.weight" => "self_attn.o_proj.weight",
+                    "attn_q.bias" => "self_attn.q_proj.bias",
+                    "attn_k.bias" => "self_attn.k_proj.bias",
+                    "attn_v.bias" => "self_attn.v_proj.bias",
+                    "attn_output.bias" => "self_attn.o_proj.bias",
+                    "ffn_gate.weight" => "mlp.gate_proj.weight",
+                    "ffn_up.weight" => "mlp.up_proj.weight",
+                    "ffn_down.weight" => "mlp.down_proj.weight",
+                    other => panic!("unexpected tensor {other}"),
+                };
+                format!("model.layers.{layer}.{hf_t}")
+            }
+        };
+        let t = c.tensor(&mut f, name, &candle_core::Device::Cpu).unwrap();
+        let shape = t.shape().dims().to_vec();
+        let data: Vec<f32> = t
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let permuted = name.contains("attn_q") || name.contains("attn_k");
+        let data = if permuted {
+            let cols = data.len() / shape[0];
+            let mut hf_data = vec![0f32; data.len()];
+            for r in 0..shape[0] {
+                // W_gguf[h*hd + 2i + j] = W_hf[h*hd + j*hd/2 + i]
+                let (h, w) = (r / hd, r % hd);
+                let src = h * hd + (w % 2) * hd / 2 + w / 2;
+                hf_data[src * cols..(src + 1) * cols]
+                    .copy_from_slice(&data[r * cols..(r + 1) * cols]);
+            }
+            hf_data
+        } else {
+            data
+        };
+        out.insert(hf, (shape, data));
+    }
+    out
+}
+
 /// The node-llama-cpp harness in `tests/llama_cpp/`.
 pub struct LlamaCpp {
     dir: PathBuf,
