@@ -813,6 +813,56 @@ fn q8_0_needs_block_aligned_inputs() {
     assert!(!tmp.path().join("k.gguf").exists());
 }
 
+/// A root daemon publishing into another user's store (the systemd `ollama` user) gives what
+/// it creates to that user, so `ollama rm` and Ollama's pruning can delete it.
+#[test]
+fn files_created_as_root_belong_to_the_stores_owner() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: ownership hand-over does not apply");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let m = build_model(&tmp.path().join("model"), Shape::tiny());
+    let models = tmp.path().join("models");
+    fs::create_dir(&models).unwrap();
+    std::os::unix::fs::chown(&models, Some(4242), Some(4343)).unwrap();
+    publish_to(&m.dir, &models, &spec("local/owned:v1", Quantization::F16)).unwrap();
+    check_store(&models, "local/owned:v1");
+    for rel in tree(&models) {
+        let meta = fs::symlink_metadata(models.join(&rel)).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (4242, 4343), "{rel}");
+    }
+}
+
+/// Two publishes of the same name at once both succeed and leave one consistent model.
+#[test]
+fn concurrent_publishes_of_one_name_leave_a_consistent_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = build_model(&tmp.path().join("model"), Shape::tiny());
+    let models = tmp.path().join("models");
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = [Quantization::F16, Quantization::Q8_0]
+            .into_iter()
+            .map(|q| {
+                let (dir, models) = (&m.dir, &models);
+                s.spawn(move || publish_to(dir, models, &spec("race", q)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let manifest = check_store(&models, "race");
+    let winner = results
+        .iter()
+        .flatten()
+        .find(|p| p.gguf_digest == manifest.layers[0].digest)
+        .expect("the manifest is one of the two publishes");
+    assert!(winner.gguf_path.exists());
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for e in fs::read_dir(from).unwrap().flatten() {

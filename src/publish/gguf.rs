@@ -330,8 +330,10 @@ pub fn export_gguf(
 ) -> Result<GgufSummary, PublishError> {
     let started = Instant::now();
     let p = prepare(model_dir, quantization)?;
-    let name = model_dir
-        .file_name()
+    // general.name: the output's stem ("tiny-q8_0" for tiny-q8_0.gguf) says more than the
+    // model directory's name, which is usually the job's "output".
+    let name = out
+        .file_stem()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let meta = metadata(&p.model, &p.tokenizer, &name, quantization);

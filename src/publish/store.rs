@@ -353,6 +353,13 @@ impl Store {
         name: &ModelName,
         manifest: &Manifest,
     ) -> Result<String, PublishError> {
+        // Commits in this store are serialised by a lock on manifests/ (a directory, so no
+        // lock file is left behind): another publish's clean-up cannot delete a blob between
+        // the check below and this manifest referencing it. Ollama itself never takes it.
+        let manifests = self.root.join("manifests");
+        let dir_handle = File::open(&manifests).map_err(io_at("open", &manifests))?;
+        let _lock = nix::fcntl::Flock::lock(dir_handle, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| PublishError::io("lock", &manifests, io::Error::from(errno)))?;
         for layer in manifest.layers.iter().chain([&manifest.config]) {
             let path = self.blob_path(&layer.digest)?;
             let size = fs::metadata(&path).map_err(io_at("check", &path))?.len();
