@@ -404,3 +404,65 @@ fn quantized_blocks_decode_in_llama_cpp_as_written() {
         assert!(agree >= 0.85, "{q}: top-1 agreement {agree}");
     }
 }
+
+/// `compare_with`, the hook for comparing llama.cpp with the Candle model, run here with the
+/// f64 reference standing in for Candle.
+#[test]
+fn compare_with_reports_greedy_and_top1_agreement() {
+    let lcp = LlamaCpp::setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = build_model(
+        &tmp.path().join("model"),
+        Shape {
+            seed: 61,
+            ..Shape::tiny()
+        },
+    );
+    let models = tmp.path().join("models");
+    let p = publish(&m, &models, "local/cmp:f32", Quantization::F32);
+    let prompts: Vec<Vec<u32>> = well_conditioned_prompts(&m, 16)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    let tf = hf_ids(&m, SAMPLES[1]);
+    let a = publish_support::compare_with(
+        &lcp,
+        &p.gguf_path,
+        &prompts,
+        16,
+        &tf,
+        |prompt, n| reference_greedy(&m, prompt, n).0,
+        |ids| {
+            reference_logits(&m, ids)
+                .iter()
+                .map(|r| top1(r).0)
+                .collect()
+        },
+    );
+    assert_eq!(a.exact_prompts(), prompts.len(), "{a:?}");
+    assert_eq!(a.top1, 1.0);
+    // A different model (other weights) does not agree: the comparison can fail.
+    let other = build_model(
+        &tmp.path().join("other"),
+        Shape {
+            seed: 62,
+            ..Shape::tiny()
+        },
+    );
+    let b = publish_support::compare_with(
+        &lcp,
+        &p.gguf_path,
+        &prompts,
+        16,
+        &tf,
+        |prompt, n| reference_greedy(&other, prompt, n).0,
+        |ids| {
+            reference_logits(&other, ids)
+                .iter()
+                .map(|r| top1(r).0)
+                .collect()
+        },
+    );
+    assert_eq!(b.exact_prompts(), 0, "{b:?}");
+    assert!(b.top1 < 0.5, "{b:?}");
+}

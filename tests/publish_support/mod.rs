@@ -729,6 +729,62 @@ impl LlamaCpp {
     }
 }
 
+/// How llama.cpp on a GGUF agrees with another implementation of the same model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agreement {
+    /// Per prompt: llama.cpp's greedy continuation and the other's.
+    pub greedy: Vec<(Vec<u32>, Vec<u32>)>,
+    /// Fraction of teacher-forced positions with the same top-1 next token.
+    pub top1: f64,
+}
+
+impl Agreement {
+    /// Prompts whose whole greedy continuation is identical.
+    pub fn exact_prompts(&self) -> usize {
+        self.greedy.iter().filter(|(a, b)| a == b).count()
+    }
+}
+
+/// Runs llama.cpp on `gguf` and compares it with another implementation given as two
+/// closures: `greedy(prompt_ids, n)` (argmax continuation, e.g. `jobd generate`'s loop on
+/// ids) and `top1(ids)` (argmax next token after each prefix of `ids`, from one forward pass).
+/// Meant for plugging in the Candle model:
+/// ```ignore
+/// let a = compare_with(&lcp, &published.gguf_path, &prompts, 16, &tf_ids,
+///     |p, n| candle_greedy(&model, p, n), |ids| candle_top1(&model, ids));
+/// assert!(a.exact_prompts() == prompts.len());   // f32
+/// assert!(a.top1 >= 0.9);                         // f16, q8_0
+/// ```
+pub fn compare_with(
+    lcp: &LlamaCpp,
+    gguf: &Path,
+    prompts: &[Vec<u32>],
+    n: usize,
+    teacher_forced_ids: &[u32],
+    greedy: impl Fn(&[u32], usize) -> Vec<u32>,
+    top1: impl Fn(&[u32]) -> Vec<u32>,
+) -> Agreement {
+    let mut ops: Vec<serde_json::Value> = prompts
+        .iter()
+        .map(|p| serde_json::json!({"op": "greedy", "prompt": p, "n": n}))
+        .collect();
+    ops.push(serde_json::json!({"op": "teacher_forced", "ids": teacher_forced_ids}));
+    let r = lcp.run(gguf, serde_json::Value::Array(ops));
+    let greedy_pairs = prompts
+        .iter()
+        .zip(&r)
+        .map(|(p, got)| (ids(&got["ids"]), greedy(p, n)))
+        .collect();
+    let lcp_top1 = ids(&r[prompts.len()]["top1"]);
+    let other = top1(teacher_forced_ids);
+    assert_eq!(lcp_top1.len(), other.len(), "one prediction per position");
+    let same = lcp_top1.iter().zip(&other).filter(|(a, b)| a == b).count();
+    Agreement {
+        greedy: greedy_pairs,
+        top1: same as f64 / other.len().max(1) as f64,
+    }
+}
+
 /// JSON array of ids.
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
