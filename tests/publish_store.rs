@@ -17,7 +17,7 @@ use jobd::publish::{
     self, ModelName, Parameters, PublishError, PublishRequest, PublishSpec, Quantization,
     store::{self, Manifest},
 };
-use publish_support::{Shape, TestModel, build_model};
+use publish_support::{Shape, build_model};
 use sha2::{Digest, Sha256};
 
 fn spec(name: &str, q: Quantization) -> PublishSpec {
@@ -889,15 +889,45 @@ fn export_figures() {
         seed: 1,
         ..Shape::tiny()
     };
+    let peak_rss_kib = || -> u64 {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let rss_kib = || -> u64 {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
     for (label, shape) in [("tiny", Shape::tiny()), ("100M", big)] {
-        let m: TestModel = build_model(&tmp.path().join(label), shape);
+        let dir = tmp.path().join(label);
+        // Build the model and drop its in-memory weights before measuring.
+        drop(build_model(&dir, shape));
+        let models = tmp.path().join("models");
         for q in Quantization::ALL {
             let out: PathBuf = tmp.path().join(format!("{label}-{q}.gguf"));
-            let s = publish::export_gguf(&m.dir, q, &out).unwrap();
+            // Reset the peak-RSS counter (Linux: "5" to clear_refs), so VmHWM is this export's.
+            let _ = fs::write("/proc/self/clear_refs", "5");
+            let before = rss_kib();
+            let s = match publish::export_gguf(&dir, q, &out) {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("{label:>5} {q:>5}: {e}");
+                    continue;
+                }
+            };
+            let peak = peak_rss_kib().saturating_sub(before);
+            let started = std::time::Instant::now();
+            let p = publish_to(&dir, &models, &spec(&format!("fig-{label}:{q}"), q)).unwrap();
             println!(
-                "{label:>5} {q:>5}: {:>11} params, {:>11} bytes, {:6.2} s",
-                s.parameter_count, s.bytes, s.seconds
+                "{label:>5} {q:>5}: {:>11} params, {:>11} bytes, export {:6.2} s, publish {:6.2} s, peak RSS +{} MiB (mapped input pages included)",
+                s.parameter_count,
+                s.bytes,
+                s.seconds,
+                started.elapsed().as_secs_f64(),
+                peak / 1024
             );
+            assert_eq!(p.gguf_bytes, s.bytes);
             fs::remove_file(out).unwrap();
         }
     }
