@@ -813,6 +813,79 @@ fn q8_0_needs_block_aligned_inputs() {
     assert!(!tmp.path().join("k.gguf").exists());
 }
 
+/// Sharded checkpoints (model.safetensors.index.json) in bf16 export like a single f32 file
+/// of the bf16 values; a shard name that leaves the directory is refused.
+#[test]
+fn sharded_bf16_checkpoints_export() {
+    use candle_core::{DType, Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let m = build_model(&tmp.path().join("model"), Shape::tiny());
+    fs::remove_file(m.dir.join("model.safetensors")).unwrap();
+    let mut shards: [std::collections::HashMap<String, Tensor>; 2] = Default::default();
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, (shape, data))) in m.weights.iter().enumerate() {
+        let t = Tensor::from_slice(data, shape.as_slice(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        shards[i % 2].insert(name.clone(), t);
+        weight_map.insert(
+            name.clone(),
+            format!("model-0000{}-of-00002.safetensors", i % 2 + 1).into(),
+        );
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        candle_core::safetensors::save(
+            shard,
+            m.dir
+                .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+        )
+        .unwrap();
+    }
+    let index = m.dir.join("model.safetensors.index.json");
+    fs::write(
+        &index,
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    let out = tmp.path().join("s.gguf");
+    publish::export_gguf(&m.dir, Quantization::F32, &out).unwrap();
+    let (c, mut f) = content(&out);
+    let got: Vec<f32> = c
+        .tensor(&mut f, "blk.1.ffn_gate.weight", &Device::Cpu)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (shape, data) = &m.weights["model.layers.1.mlp.gate_proj.weight"];
+    let want: Vec<f32> = Tensor::from_slice(data, shape.as_slice(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(got, want);
+    assert_ne!(got.as_slice(), data.as_slice(), "bf16 rounding is visible");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&index).unwrap()).unwrap();
+    j["weight_map"]["model.norm.weight"] = "../../etc/passwd".into();
+    fs::write(&index, j.to_string()).unwrap();
+    let e = publish::export_gguf(&m.dir, Quantization::F32, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("is not a file name in the model directory"),
+        "{e}"
+    );
+}
+
 /// A root daemon publishing into another user's store (the systemd `ollama` user) gives what
 /// it creates to that user, so `ollama rm` and Ollama's pruning can delete it.
 #[test]

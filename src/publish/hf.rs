@@ -335,7 +335,7 @@ impl TensorPlan {
 
 /// A model directory opened for export.
 pub struct HfModel {
-    /// `model.safetensors`.
+    /// `model.safetensors` (or the shard index), for messages.
     pub weights_path: PathBuf,
     pub config: LlamaConfig,
     safetensors: MmapedSafetensors,
@@ -355,20 +355,28 @@ pub fn ggml_dtype(q: Quantization) -> GgmlDType {
 }
 
 impl HfModel {
-    /// Opens `config.json` and `model.safetensors` in `dir` and plans every GGUF tensor.
+    /// Opens `config.json` and the weights in `dir` (`model.safetensors`, or the shards named
+    /// by `model.safetensors.index.json`) and plans every GGUF tensor.
     pub fn open(dir: &Path, quantization: Quantization) -> Result<HfModel, PublishError> {
         let config = LlamaConfig::read(&dir.join("config.json"))?;
-        let weights_path = dir.join("model.safetensors");
-        if !weights_path.is_file() {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let (weights_path, files) = if single.is_file() {
+            (single.clone(), vec![single])
+        } else if index.is_file() {
+            (index.clone(), shard_files(&index)?)
+        } else {
             return Err(PublishError::Config {
-                path: weights_path,
-                reason: "missing (sharded or .bin checkpoints are not exported)".into(),
+                path: single,
+                reason: "missing, and no model.safetensors.index.json (.bin checkpoints are \
+                         not exported)"
+                    .into(),
             });
-        }
-        // SAFETY: the file is only read; the training worker has finished writing it (the
-        // model directory is its final output), so it is not modified while mapped.
+        };
+        // SAFETY: the files are only read; the training worker has finished writing them (the
+        // model directory is its final output), so they are not modified while mapped.
         let safetensors =
-            unsafe { MmapedSafetensors::new(&weights_path) }.map_err(|e| PublishError::Config {
+            unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| PublishError::Config {
                 path: weights_path.clone(),
                 reason: format!("not a safetensors file: {e}"),
             })?;
@@ -407,6 +415,47 @@ impl HfModel {
         };
         permute_rope_rows(&t, n_heads).map_err(|e| err(e.to_string()))
     }
+}
+
+/// The shard files an index names (`weight_map` values), each inside the model directory.
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>, PublishError> {
+    let err = |reason: String| PublishError::Config {
+        path: index.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(index).map_err(|e| PublishError::io("read", index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(serde_json::Value::as_object)
+        .ok_or_else(|| err("no weight_map".into()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<String> = map
+        .values()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| err("a weight_map value is not a file name".into()))
+        })
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    files.dedup();
+    files
+        .into_iter()
+        .map(|f| {
+            // Shards are plain file names beside the index; anything else could read outside
+            // the model directory.
+            let p = Path::new(&f);
+            if p.components().count() != 1
+                || !matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+            {
+                return Err(err(format!(
+                    "shard {f:?} is not a file name in the model directory"
+                )));
+            }
+            Ok(dir.join(p))
+        })
+        .collect()
 }
 
 /// Hugging Face's rotate-half RoPE pairs dimensions (i, i + hd/2) of each head; ggml's llama
