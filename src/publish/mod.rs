@@ -48,7 +48,7 @@ pub enum PublishError {
     UnsupportedTokenizer { path: PathBuf, feature: String },
     #[error(transparent)]
     Name(#[from] ModelNameError),
-    #[error("[publish] {key}: {message}")]
+    #[error("{key}: {message}")]
     Spec { key: String, message: String },
     #[error("models directory {}: {reason}", path.display())]
     ModelsDir { path: PathBuf, reason: String },

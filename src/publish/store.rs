@@ -599,29 +599,30 @@ pub fn list_models(root: &Path) -> Result<Vec<ModelEntry>, PublishError> {
     Ok(out)
 }
 
-/// Ollama's `format.HumanTime` for MODIFIED: "Less than a second ago", "2 minutes ago".
+/// Ollama's `format.HumanTime` for MODIFIED: docker's `HumanDuration` plus " ago"
+/// ("Less than a second ago", "About a minute ago", "3 hours ago", "2 weeks ago").
 pub fn human_time(t: SystemTime, now: SystemTime) -> String {
-    let Ok(d) = now.duration_since(t) else {
-        return "Less than a second ago".into();
+    let secs = now
+        .duration_since(t)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let seconds = secs as u64;
+    let minutes = seconds / 60;
+    let hours = (secs / 3600.0).round() as u64;
+    let d = match () {
+        _ if seconds < 1 => "Less than a second".to_string(),
+        _ if seconds == 1 => "1 second".to_string(),
+        _ if seconds < 60 => format!("{seconds} seconds"),
+        _ if minutes == 1 => "About a minute".to_string(),
+        _ if minutes < 60 => format!("{minutes} minutes"),
+        _ if hours == 1 => "About an hour".to_string(),
+        _ if hours < 48 => format!("{hours} hours"),
+        _ if hours < 24 * 7 * 2 => format!("{} days", hours / 24),
+        _ if hours < 24 * 30 * 2 => format!("{} weeks", hours / 24 / 7),
+        _ if hours < 24 * 365 * 2 => format!("{} months", hours / 24 / 30),
+        _ => format!("{} years", seconds / 3600 / 24 / 365),
     };
-    let s = d.as_secs();
-    let unit = |n: u64, one: &str| {
-        if n == 1 {
-            format!("1 {one} ago")
-        } else {
-            format!("{n} {one}s ago")
-        }
-    };
-    match s {
-        0 => "Less than a second ago".into(),
-        1..60 => unit(s, "second"),
-        60..3600 => unit(s / 60, "minute"),
-        3600..86_400 => unit(s / 3600, "hour"),
-        86_400..604_800 => unit(s / 86_400, "day"),
-        604_800..2_592_000 => unit(s / 604_800, "week"),
-        2_592_000..31_536_000 => unit(s / 2_592_000, "month"),
-        _ => unit(s / 31_536_000, "year"),
-    }
+    format!("{d} ago")
 }
 
 /// The `ollama list` table: NAME, ID, SIZE, MODIFIED, columns padded like Ollama's.
@@ -678,10 +679,12 @@ mod tests {
         assert_eq!(human_number(999), "999");
         let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
         assert_eq!(human_time(t, t), "Less than a second ago");
-        assert_eq!(
-            human_time(t, t + std::time::Duration::from_secs(120)),
-            "2 minutes ago"
-        );
+        let ago = |s: u64| human_time(t, t + std::time::Duration::from_secs(s));
+        assert_eq!(ago(120), "2 minutes ago");
+        assert_eq!(ago(61), "About a minute ago");
+        assert_eq!(ago(3600), "About an hour ago");
+        assert_eq!(ago(5 * 86_400), "5 days ago");
+        assert_eq!(ago(20 * 86_400), "2 weeks ago");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! with the feature at fault named instead.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value as Json;
 
@@ -554,11 +554,6 @@ pub fn chat_family(tok: &GgufTokenizer) -> Option<ChatFamily> {
     } else {
         None
     }
-}
-
-/// The path of `tokenizer.json` in a model directory (for messages).
-pub fn tokenizer_path(dir: &Path) -> PathBuf {
-    dir.join("tokenizer.json")
 }
 
 #[cfg(test)]
