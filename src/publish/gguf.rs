@@ -37,6 +37,7 @@ pub struct GgufSummary {
     pub quantization: Quantization,
     /// `general.file_type` written (llama.cpp's `llama_ftype`).
     pub file_type: u32,
+    /// Tensors written.
     pub tensor_count: usize,
     /// Parameters written (tied embeddings counted once).
     pub parameter_count: u64,

@@ -90,19 +90,33 @@ impl TokenIds {
 /// The validated hyper-parameters of a llama-family model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// `hidden_size` (`llama.embedding_length`).
     pub hidden_size: u32,
+    /// `intermediate_size` (`llama.feed_forward_length`).
     pub intermediate_size: u32,
+    /// `num_hidden_layers` (`llama.block_count`).
     pub num_layers: u32,
+    /// `num_attention_heads`.
     pub num_heads: u32,
+    /// `num_key_value_heads` (defaults to the number of heads).
     pub num_kv_heads: u32,
+    /// Width of one head (`head_dim`, else hidden / heads).
     pub head_dim: u32,
+    /// Rows of the embedding (may exceed the tokenizer's ids: padding).
     pub vocab_size: u32,
+    /// `max_position_embeddings` (`llama.context_length`).
     pub context_length: u32,
+    /// RMSNorm epsilon.
     pub rms_norm_eps: f32,
+    /// RoPE base frequency.
     pub rope_theta: f32,
+    /// The output projection is the embedding (no `output.weight`).
     pub tie_word_embeddings: bool,
+    /// From `config.json` (the first, if a list).
     pub bos_token_id: Option<u32>,
+    /// From `config.json` (the first, if a list).
     pub eos_token_id: Option<u32>,
+    /// From `config.json`.
     pub pad_token_id: Option<u32>,
     /// q/k/v biases are required (Qwen2, or Llama's `attention_bias`).
     pub qkv_bias: bool,
@@ -115,15 +129,18 @@ pub struct LlamaConfig {
 /// How the rotary frequencies are scaled, in llama.cpp's terms.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
+    /// Plain RoPE.
     None,
     /// Positions divided by `factor`: `llama.rope.scaling.type = "linear"`,
     /// `llama.rope.scaling.factor`.
     Linear {
+        /// Hugging Face's `factor`.
         factor: f32,
     },
     /// Llama 3.1's per-frequency scaling: llama.cpp divides frequency i by
     /// `rope_freqs.weight[i]`, which the exporter computes as Hugging Face's converter does.
     Llama3 {
+        /// One divisor per frequency (head_dim / 2 of them).
         freq_factors: Vec<f32>,
     },
 }
@@ -337,6 +354,7 @@ impl TensorPlan {
 pub struct HfModel {
     /// `model.safetensors` (or the shard index), for messages.
     pub weights_path: PathBuf,
+    /// The checked `config.json`.
     pub config: LlamaConfig,
     safetensors: MmapedSafetensors,
     /// GGUF tensors in file order.

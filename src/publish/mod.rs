@@ -29,29 +29,39 @@ pub use crate::spec::publish::{ModelName, ModelNameError, Parameters, PublishSpe
 /// Why an export or publish failed. Every variant names the file, tensor, directory or
 /// tokenizer feature at fault.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named by the messages
 pub enum PublishError {
+    /// A file could not be read, written, renamed or synced.
     #[error("cannot {action} {}: {source}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
+    /// `config.json`, the weights file or `tokenizer.json` is malformed or describes a model
+    /// that cannot be exported exactly.
     #[error("{}: {reason}", path.display())]
     Config { path: PathBuf, reason: String },
+    /// A tensor is missing, extra, mis-shaped or cannot be quantized as asked.
     #[error("{}: tensor {name}: {reason}", path.display())]
     Tensor {
         path: PathBuf,
         name: String,
         reason: String,
     },
+    /// The tokenizer uses a feature llama.cpp would not reproduce exactly.
     #[error("{}: the tokenizer cannot be represented exactly in GGUF: {feature}", path.display())]
     UnsupportedTokenizer { path: PathBuf, feature: String },
+    /// The Ollama model name breaks Ollama's rules.
     #[error(transparent)]
     Name(#[from] ModelNameError),
+    /// `[publish]` fails validation (`key` is the dotted job-file key).
     #[error("{key}: {message}")]
     Spec { key: String, message: String },
+    /// The models directory cannot be used (missing parent, not a directory, not writable).
     #[error("models directory {}: {reason}", path.display())]
     ModelsDir { path: PathBuf, reason: String },
+    /// A manifest or blob in the store is inconsistent or unreadable.
     #[error("{}: {reason}", path.display())]
     Manifest { path: PathBuf, reason: String },
 }
@@ -96,6 +106,7 @@ pub struct Published {
     pub manifest_digest: String,
     /// `sha256:<hex>` of the GGUF blob.
     pub gguf_digest: String,
+    /// Size of the GGUF blob.
     pub gguf_bytes: u64,
     /// The manifest file written.
     pub manifest_path: PathBuf,
@@ -103,8 +114,11 @@ pub struct Published {
     pub gguf_path: PathBuf,
     /// `ollama run NAME`.
     pub run_command: String,
+    /// Tensor type of the 2-D weights.
     pub quantization: Quantization,
+    /// Parameters exported (tied embeddings counted once).
     pub parameter_count: u64,
+    /// Wall time of the whole publish.
     pub seconds: f64,
 }
 
@@ -121,10 +135,13 @@ pub fn parse_model_name(s: &str) -> Result<ModelName, PublishError> {
 /// The template, system, params and license layers' contents for a spec and tokenizer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompting {
+    /// The Go template (always present: Ollama's behaviour without one varies by version).
     pub template: String,
+    /// The system prompt layer, if any.
     pub system: Option<String>,
     /// The params layer's JSON (keys sorted, compact, `\n`-terminated), if any option is set.
     pub params: Option<String>,
+    /// The license layer, if any.
     pub license: Option<String>,
 }
 

@@ -43,25 +43,32 @@ const STAGING_DIR: &str = ".jobd-staging";
 /// A manifest as Ollama writes it (`manifest/manifest.go`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Always 2.
     #[serde(rename = "schemaVersion")]
     pub schema_version: u32,
+    /// [`MANIFEST_MEDIA_TYPE`].
     #[serde(rename = "mediaType")]
     pub media_type: String,
+    /// The config blob ([`CONFIG_MEDIA_TYPE`]).
     pub config: Layer,
+    /// The model first, then template, system, params, license.
     pub layers: Vec<Layer>,
 }
 
 /// One blob reference in a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layer {
+    /// What the blob is (`application/vnd.ollama.image.*`).
     #[serde(rename = "mediaType")]
     pub media_type: String,
     /// `sha256:<64 lower-case hex>`.
     pub digest: String,
     /// Bytes of the blob.
     pub size: u64,
+    /// The parent model a layer came from (Ollama's; never written here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// Tensor name of Ollama's MLX layers (never written here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
@@ -84,14 +91,19 @@ impl Manifest {
 /// fills for a GGUF; `ollama list`/`show` display them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// `"gguf"`.
     pub model_format: String,
+    /// `general.architecture`: `"llama"`.
     pub model_family: String,
+    /// `["llama"]`.
     pub model_families: Vec<String>,
     /// Parameter count for display, e.g. `"124K"`, `"135M"`.
     pub model_type: String,
     /// Quantization for display, e.g. `"Q8_0"`.
     pub file_type: String,
+    /// Always `"amd64"` (Ollama hard-codes it).
     pub architecture: String,
+    /// Always `"linux"` (Ollama hard-codes it).
     pub os: String,
 }
 

@@ -17,9 +17,13 @@ use super::hf::LlamaConfig;
 
 /// llama.cpp token types (`llama_token_type`).
 pub mod token_type {
+    /// A regular vocabulary token.
     pub const NORMAL: i32 = 1;
+    /// A special added token (`special: true`): matched in text only when parsing specials.
     pub const CONTROL: i32 = 3;
+    /// A non-special added token: always matched as a whole in text.
     pub const USER_DEFINED: i32 = 4;
+    /// A `[PAD{id}]` hole between the tokenizer's ids and the model's vocab_size.
     pub const UNUSED: i32 = 5;
 }
 
@@ -32,15 +36,20 @@ pub struct GgufTokenizer {
     pub pre: &'static str,
     /// Every id `0..vocab_size` in byte-level form as in `tokenizer.json`.
     pub tokens: Vec<String>,
+    /// One [`token_type`] per token.
     pub token_types: Vec<i32>,
     /// `"left right"`, rank = index.
     pub merges: Vec<String>,
+    /// Always written: llama.cpp's BPE default (11) would be an arbitrary token.
     pub bos_token_id: u32,
+    /// Always written; llama.cpp also ends generation on it.
     pub eos_token_id: u32,
+    /// `pad_token_id` / `pad_token`, if any.
     pub padding_token_id: Option<u32>,
     /// Whether encoding adds BOS (from the tokenizer's post-processor), so llama.cpp and
     /// Ollama feed the model the way it was trained.
     pub add_bos_token: bool,
+    /// Whether encoding appends EOS (from the post-processor).
     pub add_eos_token: bool,
     /// `tokenizer_config.json`'s Jinja `chat_template`, if any.
     pub chat_template: Option<String>,

@@ -121,6 +121,7 @@ impl std::str::FromStr for Quantization {
 /// f64 here (Ollama's are f32) so that `0.7` is written as `0.7`, not `0.699999988`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(missing_docs)] // Ollama's option names; see Ollama's api.Options docs
 pub struct Parameters {
     /// Stop sequences (always an array, as Ollama writes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -182,9 +183,13 @@ pub const DEFAULT_TAG: &str = "latest";
 /// which also guarantees it is a single, harmless path component (no `/`, no leading `.`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModelName {
+    /// Registry host, default `registry.ollama.ai` (may carry a `:port`).
     pub host: String,
+    /// Namespace, default `library`.
     pub namespace: String,
+    /// Model name.
     pub model: String,
+    /// Tag, default `latest`.
     pub tag: String,
 }
 
@@ -192,7 +197,9 @@ pub struct ModelName {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid Ollama model name {name:?}: {reason}")]
 pub struct ModelNameError {
+    /// The name as given.
     pub name: String,
+    /// Which rule it breaks.
     pub reason: String,
 }
 
