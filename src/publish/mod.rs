@@ -1,1 +1,297 @@
 //! L2: publishing a finished model: GGUF export and the Ollama model store.
+//!
+//! Input is the training worker's output directory in Hugging Face layout (`config.json`,
+//! `model.safetensors`, `tokenizer.json`, optionally `tokenizer_config.json`). [`export_gguf`]
+//! writes a llama GGUF that llama.cpp (and so Ollama, which runs llama.cpp) loads;
+//! [`publish`] writes it with a config, template, system, params and license layers into an
+//! Ollama models directory so `ollama run NAME` works at once; [`list_models`] reads a store as
+//! `ollama list` does. This module only reads the model directory and writes below the
+//! models directory or the export path; it never talks to an Ollama server, and it uses no
+//! store, scheduler or training code.
+//!
+//! Sub-modules: [`hf`] (reading and mapping tensors), [`tokenizer`] (`tokenizer.ggml.*` and
+//! the chat family), [`gguf`] (the streaming writer), [`store`] (blobs, manifests, listing).
+
+pub mod gguf;
+pub mod hf;
+pub mod store;
+pub mod tokenizer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub use gguf::{GgufSummary, export_gguf};
+pub use store::{ModelEntry, list_models, render_list};
+
+pub use crate::spec::publish::{ModelName, ModelNameError, Parameters, PublishSpec, Quantization};
+
+/// Why an export or publish failed. Every variant names the file, tensor, directory or
+/// tokenizer feature at fault.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named by the messages
+pub enum PublishError {
+    /// A file could not be read, written, renamed or synced.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `config.json`, the weights file or `tokenizer.json` is malformed or describes a model
+    /// that cannot be exported exactly.
+    #[error("{}: {reason}", path.display())]
+    Config { path: PathBuf, reason: String },
+    /// A tensor is missing, extra, mis-shaped or cannot be quantized as asked.
+    #[error("{}: tensor {name}: {reason}", path.display())]
+    Tensor {
+        path: PathBuf,
+        name: String,
+        reason: String,
+    },
+    /// The tokenizer uses a feature llama.cpp would not reproduce exactly.
+    #[error("{}: the tokenizer cannot be represented exactly in GGUF: {feature}", path.display())]
+    UnsupportedTokenizer { path: PathBuf, feature: String },
+    /// The Ollama model name breaks Ollama's rules.
+    #[error(transparent)]
+    Name(#[from] ModelNameError),
+    /// `[publish]` fails validation (`key` is the dotted job-file key).
+    #[error("{key}: {message}")]
+    Spec { key: String, message: String },
+    /// The models directory cannot be used (missing parent, not a directory, not writable).
+    #[error("models directory {}: {reason}", path.display())]
+    ModelsDir { path: PathBuf, reason: String },
+    /// A manifest or blob in the store is inconsistent or unreadable.
+    #[error("{}: {reason}", path.display())]
+    Manifest { path: PathBuf, reason: String },
+}
+
+impl PublishError {
+    pub(crate) fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        PublishError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// What to publish and where.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishRequest<'a> {
+    /// The model in Hugging Face layout (the train job's output directory).
+    pub model_dir: &'a Path,
+    /// Ollama's models directory: the spec's `models_dir` if set, else the daemon's
+    /// `--ollama-models` (see [`PublishRequest::resolve_models_dir`]).
+    pub models_dir: &'a Path,
+    /// The job's `[publish]` section.
+    pub spec: &'a PublishSpec,
+}
+
+impl<'a> PublishRequest<'a> {
+    /// The spec's `models_dir`, else the daemon's default.
+    pub fn resolve_models_dir(spec: &'a PublishSpec, daemon_default: &'a Path) -> &'a Path {
+        spec.models_dir.as_deref().unwrap_or(daemon_default)
+    }
+}
+
+/// The result of a publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    /// As `ollama list` shows it, e.g. `local/tiny:v1` or `tiny:latest`.
+    pub name: String,
+    /// Fully qualified, e.g. `registry.ollama.ai/local/tiny:v1`.
+    pub full_name: String,
+    /// `sha256:<hex>` of the manifest; its first 12 hex digits are Ollama's ID.
+    pub manifest_digest: String,
+    /// `sha256:<hex>` of the GGUF blob.
+    pub gguf_digest: String,
+    /// Size of the GGUF blob.
+    pub gguf_bytes: u64,
+    /// The manifest file written.
+    pub manifest_path: PathBuf,
+    /// The GGUF blob (the file Ollama hands to llama.cpp).
+    pub gguf_path: PathBuf,
+    /// `ollama run NAME`.
+    pub run_command: String,
+    /// Tensor type of the 2-D weights.
+    pub quantization: Quantization,
+    /// Parameters exported (tied embeddings counted once).
+    pub parameter_count: u64,
+    /// Wall time of the whole publish.
+    pub seconds: f64,
+}
+
+/// The `ollama run` line for a published name.
+pub fn run_command(name: &ModelName) -> String {
+    format!("ollama run {}", name.display_shortest())
+}
+
+/// Parses an Ollama model name (see [`ModelName::parse`]).
+pub fn parse_model_name(s: &str) -> Result<ModelName, PublishError> {
+    Ok(ModelName::parse(s)?)
+}
+
+/// The template, system, params and license layers' contents for a spec and tokenizer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompting {
+    /// The Go template (always present: Ollama's behaviour without one varies by version).
+    pub template: String,
+    /// The system prompt layer, if any.
+    pub system: Option<String>,
+    /// The params layer's JSON (keys sorted, compact, `\n`-terminated), if any option is set.
+    pub params: Option<String>,
+    /// The license layer, if any.
+    pub license: Option<String>,
+}
+
+/// Chooses the prompt layers: the spec's template, else the family default from the chat
+/// template (ChatML, Llama 3) with its stop sequences when the spec sets none, else
+/// `{{ .Prompt }}`.
+pub fn prompting(spec: &PublishSpec, tok: &tokenizer::GgufTokenizer) -> Prompting {
+    let family = tokenizer::chat_family(tok);
+    let template = match (&spec.template, family) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => f.template().to_string(),
+        (None, None) => "{{ .Prompt }}".to_string(),
+    };
+    let mut params = spec.parameters.clone();
+    if params.stop.is_none() && spec.template.is_none() {
+        if let Some(f) = family {
+            params.stop = Some(f.stop().iter().map(|s| s.to_string()).collect());
+        }
+    }
+    let params = (!params.is_empty()).then(|| {
+        // Sorted keys, compact, trailing newline: what Ollama's json.Encoder writes.
+        let map: BTreeMap<String, serde_json::Value> = match serde_json::to_value(&params) {
+            Ok(serde_json::Value::Object(m)) => m.into_iter().collect(),
+            _ => BTreeMap::new(),
+        };
+        let mut s = serde_json::to_string(&map).expect("a map of JSON values serializes");
+        s.push('\n');
+        s
+    });
+    Prompting {
+        template,
+        system: spec.system.clone(),
+        params,
+        license: spec.license.clone(),
+    }
+}
+
+/// Display name of a quantization in the config blob (`ollama show`'s "quantization").
+fn file_type_label(q: Quantization) -> &'static str {
+    match q {
+        Quantization::F32 => "F32",
+        Quantization::F16 => "F16",
+        Quantization::Q8_0 => "Q8_0",
+        Quantization::Q4_0 => "Q4_0",
+        Quantization::Q4K => "Q4_K_S",
+    }
+}
+
+/// Exports `req.model_dir` as GGUF straight into the Ollama store and writes the manifest.
+///
+/// Order: validate the spec, open (and probe) the models directory, open and check the model
+/// and tokenizer, stream the GGUF into a staging file while hashing it, move it to
+/// `blobs/sha256-<hex>`, add the config and prompt layers, then write the manifest last,
+/// atomically. On any error before the manifest, blobs this call created and all staging
+/// files are removed; an existing model of the same name is untouched. Publishing the same
+/// model again yields the same blobs and manifest digest.
+pub fn publish(
+    req: &PublishRequest<'_>,
+    mut progress: impl FnMut(&str),
+) -> Result<Published, PublishError> {
+    let started = Instant::now();
+    let spec = req.spec;
+    if let Some(issue) = crate::spec::publish::validate(spec).into_iter().next() {
+        return Err(PublishError::Spec {
+            key: issue.key,
+            message: issue.message,
+        });
+    }
+    let name = ModelName::parse(&spec.ollama_name)?;
+    let mut store = store::Store::open(req.models_dir)?;
+    progress(&format!("reading {}", req.model_dir.display()));
+    let prepared = gguf::prepare(req.model_dir, spec.quantization)?;
+    let (model, tok) = (&prepared.model, &prepared.tokenizer);
+    let prompting = prompting(spec, tok);
+
+    progress(&format!(
+        "exporting {} parameters as {} GGUF",
+        store::human_number(model.parameter_count()),
+        spec.quantization
+    ));
+    let meta = gguf::metadata(model, tok, &name.display_shortest(), spec.quantization);
+    let staged = store
+        .stage("model.gguf")
+        .map_err(|e| PublishError::io("create a staging file in", store.root(), e))?;
+    let staged_path = staged.path().to_path_buf();
+    let (gguf_bytes, sha) =
+        gguf::write_gguf(model, &meta, staged.file(), &staged_path, &mut |m| {
+            progress(m)
+        })?;
+    let gguf_digest = format!("sha256:{sha}");
+    store.add_blob(staged, &gguf_digest, gguf_bytes)?;
+    let mut layers = vec![store::Layer {
+        media_type: store::MODEL_MEDIA_TYPE.into(),
+        digest: gguf_digest.clone(),
+        size: gguf_bytes,
+        from: None,
+        name: None,
+    }];
+    layers.push(store.add_bytes(store::TEMPLATE_MEDIA_TYPE, prompting.template.as_bytes())?);
+    if let Some(system) = &prompting.system {
+        layers.push(store.add_bytes(store::SYSTEM_MEDIA_TYPE, system.as_bytes())?);
+    }
+    if let Some(params) = &prompting.params {
+        layers.push(store.add_bytes(store::PARAMS_MEDIA_TYPE, params.as_bytes())?);
+    }
+    if let Some(license) = &prompting.license {
+        layers.push(store.add_bytes(store::LICENSE_MEDIA_TYPE, license.as_bytes())?);
+    }
+    let config = store::ModelConfig {
+        model_format: "gguf".into(),
+        model_family: "llama".into(),
+        model_families: vec!["llama".into()],
+        model_type: store::human_number(model.parameter_count()),
+        file_type: file_type_label(spec.quantization).into(),
+        architecture: "amd64".into(),
+        os: "linux".into(),
+    };
+    let config_bytes = serde_json::to_vec(&config).expect("the config serializes");
+    let config_layer = store.add_bytes(store::CONFIG_MEDIA_TYPE, &config_bytes)?;
+    let manifest = store::Manifest {
+        schema_version: 2,
+        media_type: store::MANIFEST_MEDIA_TYPE.into(),
+        config: config_layer,
+        layers,
+    };
+    let manifest_digest = store.commit(&name, &manifest)?;
+    let published = Published {
+        name: name.display_shortest(),
+        full_name: name.to_string(),
+        manifest_digest,
+        gguf_path: store.blob_path(&gguf_digest)?,
+        gguf_digest,
+        gguf_bytes,
+        manifest_path: store::manifest_path(store.root(), &name)?,
+        run_command: run_command(&name),
+        quantization: spec.quantization,
+        parameter_count: model.parameter_count(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    tracing::info!(
+        target: "publish",
+        name = %published.full_name,
+        manifest = %published.manifest_digest,
+        gguf_bytes,
+        seconds = published.seconds,
+        "published to Ollama store"
+    );
+    progress(&format!(
+        "published {} ({})",
+        published.name, published.run_command
+    ));
+    Ok(published)
+}
