@@ -1,12 +1,356 @@
-//! L1: VRAM estimates for train jobs (weights, gradients, optimizer state, activations,
-//! overhead). Pure arithmetic over the job spec and the base model's config.
+//! L1: VRAM estimates for train jobs — weights, gradients, optimizer state, activations and
+//! overhead — as pure arithmetic over the job spec and the base model's `config.json`.
+//!
+//! The daemon uses the total for `vram = "auto"`; `jobctl estimate` prints the breakdown and
+//! the reference tiers for standard llama sizes computed by the same formula. The daemon must
+//! not depend on the training engine, so the few `config.json` fields needed are read here.
+//!
+//! The formula, per GPU (the trainer keeps one replica per GPU):
+//! - frozen weights: params × dtype bytes;
+//! - trainable weights: an f32 master copy (4 B), plus a compute copy in bf16/f16 runs;
+//! - gradients: trainable × 4 B; AdamW moments: trainable × 8 B;
+//! - activations per layer and token (elements): 8·h + 3·kv + 4·ff + 2·heads·seq (norm
+//!   inputs, q/k/v before and after RoPE, scores and probabilities, attention output, the
+//!   SwiGLU intermediates, residuals), times batch × seq × layers × dtype bytes; with
+//!   activation checkpointing only each layer's input (h) is kept, plus one layer recomputed;
+//! - logits and their gradient: batch × seq × vocab × 4 B × 2;
+//! - overhead: CUDA context and cuBLAS workspace, 1 GiB.
 
-use crate::spec::JobSpec;
+use std::path::Path;
 
-/// Estimated VRAM per GPU for a train job, in bytes; `None` when the model's size is unknown
-/// (the job then gets whole GPUs).
-pub fn per_gpu_bytes(_spec: &JobSpec) -> Option<u64> {
-    // The model sections of train jobs arrive with the training engine; until then the size
-    // of a train job's model is unknown here.
-    None
+use serde::{Deserialize, Serialize};
+
+use crate::spec::train::TrainDType;
+use crate::spec::{JobKind, JobSpec};
+
+/// CUDA context + cuBLAS workspace + allocator slack.
+pub const OVERHEAD_BYTES: u64 = 1 << 30;
+
+/// The sizes of a llama-family model that matter for memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelShape {
+    pub hidden: u64,
+    pub intermediate: u64,
+    pub layers: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    pub vocab: u64,
+    pub tied: bool,
+    pub qkv_bias: bool,
+}
+
+/// How the model is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Tuning {
+    Full,
+    /// LoRA of rank `r` on `modules` (a bit set over q, k, v, o, gate, up, down).
+    Lora {
+        r: u64,
+        modules: [bool; 7],
+    },
+}
+
+/// One estimate, broken down.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Breakdown {
+    pub params: u64,
+    pub trainable_params: u64,
+    pub dtype: String,
+    pub batch: u64,
+    pub seq: u64,
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub activations_checkpointed: u64,
+    pub overhead: u64,
+    /// Without activation checkpointing.
+    pub total: u64,
+    pub total_checkpointed: u64,
+}
+
+const MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+impl ModelShape {
+    /// Total parameters.
+    pub fn params(&self) -> u64 {
+        let (h, ff, kv) = (
+            self.hidden,
+            self.intermediate,
+            self.kv_heads * self.head_dim,
+        );
+        let q = self.heads * self.head_dim;
+        let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 };
+        let per_layer = attn + 3 * h * ff + 2 * h;
+        let embed = self.vocab * h * if self.tied { 1 } else { 2 };
+        self.layers * per_layer + embed + h
+    }
+
+    /// (in, out) of each adaptable projection, in `MODULES` order.
+    fn projections(&self) -> [(u64, u64); 7] {
+        let (h, ff) = (self.hidden, self.intermediate);
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        [(h, q), (h, kv), (h, kv), (q, h), (h, ff), (h, ff), (ff, h)]
+    }
+
+    /// Reads the sizes from a Hugging Face `config.json`.
+    pub fn from_config_json(path: &Path) -> Result<ModelShape, String> {
+        #[derive(Deserialize)]
+        struct Raw {
+            hidden_size: u64,
+            intermediate_size: u64,
+            num_hidden_layers: u64,
+            num_attention_heads: u64,
+            num_key_value_heads: Option<u64>,
+            head_dim: Option<u64>,
+            vocab_size: u64,
+            #[serde(default)]
+            tie_word_embeddings: bool,
+            #[serde(default)]
+            attention_bias: bool,
+            #[serde(default)]
+            model_type: Option<String>,
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let r: Raw = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if r.num_attention_heads == 0 {
+            return Err(format!("{}: num_attention_heads is 0", path.display()));
+        }
+        Ok(ModelShape {
+            hidden: r.hidden_size,
+            intermediate: r.intermediate_size,
+            layers: r.num_hidden_layers,
+            heads: r.num_attention_heads,
+            kv_heads: r.num_key_value_heads.unwrap_or(r.num_attention_heads),
+            head_dim: r.head_dim.unwrap_or(r.hidden_size / r.num_attention_heads),
+            vocab: r.vocab_size,
+            tied: r.tie_word_embeddings,
+            qkv_bias: r.attention_bias || r.model_type.as_deref() == Some("qwen2"),
+        })
+    }
+}
+
+/// The estimate for a shape trained a given way.
+pub fn estimate_shape(
+    shape: &ModelShape,
+    tuning: Tuning,
+    dtype_bytes: u64,
+    batch: u64,
+    seq: u64,
+) -> Breakdown {
+    let params = shape.params();
+    let trainable = match tuning {
+        Tuning::Full => params,
+        Tuning::Lora { r, modules } => {
+            let per_layer: u64 = shape
+                .projections()
+                .iter()
+                .zip(modules)
+                .filter(|(_, on)| *on)
+                .map(|((i, o), _)| r * (i + o))
+                .sum();
+            per_layer * shape.layers
+        }
+    };
+    let frozen = params.saturating_sub(if tuning == Tuning::Full { params } else { 0 });
+    let compute_copy = if dtype_bytes < 4 { dtype_bytes } else { 0 };
+    let weights = frozen * dtype_bytes + trainable * (4 + compute_copy);
+    let gradients = trainable * 4;
+    let optimizer = trainable * 8;
+    let (h, ff, kv) = (
+        shape.hidden,
+        shape.intermediate,
+        shape.kv_heads * shape.head_dim,
+    );
+    let per_token_layer = 8 * h + 3 * kv + 4 * ff + 2 * shape.heads * seq;
+    let tokens = batch * seq;
+    let logits = tokens * shape.vocab * 4 * 2;
+    let activations = tokens * per_token_layer * shape.layers * dtype_bytes + logits;
+    let activations_checkpointed =
+        tokens * (h * shape.layers + per_token_layer) * dtype_bytes + logits;
+    let base = weights + gradients + optimizer + OVERHEAD_BYTES;
+    Breakdown {
+        params,
+        trainable_params: trainable,
+        dtype: match dtype_bytes {
+            2 => "bf16".into(),
+            _ => "f32".into(),
+        },
+        batch,
+        seq,
+        weights,
+        gradients,
+        optimizer,
+        activations,
+        activations_checkpointed,
+        overhead: OVERHEAD_BYTES,
+        total: base + activations,
+        total_checkpointed: base + activations_checkpointed,
+    }
+}
+
+/// The shape a train job's `[model]` describes (reading the base model's `config.json`).
+pub fn job_shape(spec: &JobSpec) -> Result<ModelShape, String> {
+    let m = spec
+        .model
+        .as_ref()
+        .ok_or("the job has no [model] section")?;
+    if let Some(base) = &m.base {
+        return ModelShape::from_config_json(&base.join("config.json"));
+    }
+    let need =
+        |v: Option<usize>, k: &str| v.map(|x| x as u64).ok_or(format!("model.{k} is needed"));
+    let hidden = need(m.hidden_size, "hidden_size")?;
+    let heads = need(m.num_attention_heads, "num_attention_heads")?;
+    Ok(ModelShape {
+        hidden,
+        intermediate: m
+            .intermediate_size
+            .map(|x| x as u64)
+            .unwrap_or(crate::spec::train::default_intermediate_size(hidden as usize) as u64),
+        layers: need(m.num_hidden_layers, "num_hidden_layers")?,
+        heads,
+        kv_heads: m.num_key_value_heads.map_or(heads, |x| x as u64),
+        head_dim: hidden / heads.max(1),
+        vocab: need(m.vocab_size, "vocab_size")?,
+        tied: m.tie_word_embeddings.unwrap_or(false),
+        qkv_bias: m.attention_bias.unwrap_or(false),
+    })
+}
+
+/// The estimate for a train job, from its spec.
+pub fn estimate_job(spec: &JobSpec) -> Result<Breakdown, String> {
+    if spec.kind != JobKind::Train {
+        return Err("only train jobs have an estimate; a command job declares its VRAM".into());
+    }
+    let shape = job_shape(spec)?;
+    let t = spec
+        .training
+        .as_ref()
+        .ok_or("the job has no [training] section")?;
+    let seq = spec
+        .data
+        .as_ref()
+        .and_then(|d| d.block_size)
+        .unwrap_or(1024) as u64;
+    let tuning = match &spec.lora {
+        None => Tuning::Full,
+        Some(l) => {
+            let mut modules = [false; 7];
+            for (i, name) in MODULES.iter().enumerate() {
+                modules[i] = l
+                    .target_modules
+                    .iter()
+                    .any(|m| m == name || m == "all-linear");
+            }
+            Tuning::Lora {
+                r: l.r as u64,
+                modules,
+            }
+        }
+    };
+    let dtype_bytes = match t.dtype {
+        TrainDType::F32 => 4,
+        _ => 2,
+    };
+    Ok(estimate_shape(
+        &shape,
+        tuning,
+        dtype_bytes,
+        t.per_device_train_batch_size as u64,
+        seq,
+    ))
+}
+
+/// Estimated VRAM per GPU for a train job, in bytes; `None` when it cannot be computed (the
+/// job then gets whole GPUs).
+pub fn per_gpu_bytes(spec: &JobSpec) -> Option<u64> {
+    estimate_job(spec).ok().map(|b| b.total)
+}
+
+/// Standard llama sizes for the reference table.
+pub fn reference_shapes() -> Vec<(&'static str, ModelShape)> {
+    let llama = |hidden, intermediate, layers, heads, kv_heads| ModelShape {
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        kv_heads,
+        head_dim: hidden / heads,
+        vocab: 32000,
+        tied: false,
+        qkv_bias: false,
+    };
+    vec![
+        ("7B", llama(4096, 11008, 32, 32, 32)),
+        ("13B", llama(5120, 13824, 40, 40, 40)),
+        ("34B", llama(8192, 22016, 48, 64, 8)),
+        ("70B", llama(8192, 28672, 80, 64, 8)),
+    ]
+}
+
+/// LoRA as the reference tiers assume it: rank 16 on the four attention projections.
+pub const REFERENCE_LORA: Tuning = Tuning::Lora {
+    r: 16,
+    modules: [true, true, true, true, false, false, false],
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: f64 = 1e9;
+
+    #[test]
+    fn llama_7b_has_7b_parameters() {
+        let (_, s) = reference_shapes()[0];
+        let p = s.params() as f64;
+        assert!((6.6e9..6.8e9).contains(&p), "{p}");
+        let (_, s70) = reference_shapes()[3];
+        assert!(
+            (68.5e9..69.5e9).contains(&(s70.params() as f64)),
+            "{}",
+            s70.params()
+        );
+    }
+
+    #[test]
+    fn rule_of_thumb_holds() {
+        let shapes = reference_shapes();
+        // 7B with LoRA in bf16 at a modest sequence: 12–20 GB.
+        let lora7 = estimate_shape(&shapes[0].1, REFERENCE_LORA, 2, 1, 512).total as f64 / GB;
+        assert!((12.0..20.0).contains(&lora7), "7B LoRA {lora7:.1} GB");
+        // 34B (25B+) needs 48 GB+ even with LoRA.
+        let lora34 = estimate_shape(&shapes[2].1, REFERENCE_LORA, 2, 1, 512).total as f64 / GB;
+        assert!(lora34 >= 48.0, "34B LoRA {lora34:.1} GB");
+        // Full fine-tuning costs far more than LoRA (f32 master weights + AdamW).
+        let full7 = estimate_shape(&shapes[0].1, Tuning::Full, 2, 1, 512).total as f64 / GB;
+        assert!(full7 > 5.0 * lora7, "7B full {full7:.1} GB");
+    }
+
+    #[test]
+    fn checkpointing_saves_activation_memory() {
+        let s = reference_shapes()[0].1;
+        let b = estimate_shape(&s, REFERENCE_LORA, 2, 8, 2048);
+        assert!(b.activations_checkpointed * 4 < b.activations);
+        assert!(b.total_checkpointed < b.total);
+    }
+
+    #[test]
+    fn lora_trainable_count() {
+        let s = reference_shapes()[0].1;
+        let b = estimate_shape(&s, REFERENCE_LORA, 2, 1, 512);
+        // 32 layers × 4 projections × 16 × (4096 + 4096).
+        assert_eq!(b.trainable_params, 32 * 4 * 16 * 8192);
+    }
 }

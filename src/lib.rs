@@ -22,3 +22,4 @@ pub mod sched;
 pub mod spec;
 pub mod store;
 pub mod train;
+pub mod worker;

@@ -66,6 +66,7 @@ pub fn job_view(rec: &JobRecord, caller: &Caller, view: &View, jobs_dir: &Path) 
         record,
         progress,
         waiting: view.waiting.get(&rec.id).map(|w| w.wait.short()),
+        job_dir: Some(rec.dir(jobs_dir)),
     }
 }
 
@@ -469,4 +470,93 @@ pub async fn gpus(State(st): State<AppState>) -> Json<GpusResponse> {
         note: snap.note.clone(),
         gpus,
     })
+}
+
+pub async fn publish(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JobIdPath(id): JobIdPath,
+    body: Result<Json<sched::PublishOverrides>, JsonRejection>,
+) -> Result<Json<JobView>, ApiError> {
+    require_user(&caller)?;
+    let Json(o) = body?;
+    let rec = st.sched.publish(&caller, id, o).await?;
+    Ok(Json(job_view(
+        &rec,
+        &caller,
+        &st.sched.view(),
+        &st.jobs_dir,
+    )))
+}
+
+/// The daemon's default Ollama store, as `ollama list` shows it.
+pub async fn models(
+    State(st): State<AppState>,
+) -> Result<Json<crate::spec::api::ModelsResponse>, ApiError> {
+    let Some(dir) = st.ollama_models.as_ref().clone() else {
+        return Ok(Json(crate::spec::api::ModelsResponse {
+            models_dir: None,
+            models: Vec::new(),
+        }));
+    };
+    let d = dir.clone();
+    let entries = tokio::task::spawn_blocking(move || crate::publish::list_models(&d))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store_error",
+                e.to_string(),
+            )
+        })?;
+    let models = entries
+        .into_iter()
+        .map(|e| crate::spec::api::ModelView {
+            name: e.name,
+            id: e.id,
+            size: e.size,
+            modified: e
+                .modified
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            parameter_size: e.parameter_size,
+            quantization: e.quantization,
+        })
+        .collect();
+    Ok(Json(crate::spec::api::ModelsResponse {
+        models_dir: Some(dir),
+        models,
+    }))
+}
+
+/// The metrics a train worker logged (one object per logged step), oldest first.
+pub async fn metrics(
+    State(st): State<AppState>,
+    JobIdPath(id): JobIdPath,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let view = st.sched.view();
+    let rec = view
+        .jobs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+    let path = rec.dir(&st.jobs_dir).join(files::METRICS);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "io",
+                e.to_string(),
+            ));
+        }
+    };
+    // A line being appended right now may be incomplete: skip what does not parse.
+    Ok(Json(
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
+    ))
 }

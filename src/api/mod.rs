@@ -37,6 +37,8 @@ pub struct AppState {
     pub jobs_dir: Arc<std::path::PathBuf>,
     pub watcher: Arc<follow::DirWatcher>,
     pub started_at: Millis,
+    /// The daemon's default Ollama models directory.
+    pub ollama_models: Arc<Option<std::path::PathBuf>>,
 }
 
 /// The whole API.
@@ -53,6 +55,9 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/events", get(jobs::events))
         .route("/jobs/{id}/logs", get(jobs::logs))
         .route("/jobs/{id}/explain", get(jobs::explain))
+        .route("/jobs/{id}/publish", post(jobs::publish))
+        .route("/jobs/{id}/metrics", get(jobs::metrics))
+        .route("/models", get(jobs::models))
         .route("/gpus", get(jobs::gpus))
         .fallback(|| async { ApiError::not_found("no such API endpoint") });
     Router::new()

@@ -49,6 +49,24 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a train job's worker (started by the daemon; see ARCHITECTURE.md, worker contract).
+    Worker {
+        /// The job directory holding spec.json.
+        #[arg(long, value_name = "DIR")]
+        job_dir: PathBuf,
+    },
+    /// Generate text greedily from a model in Hugging Face layout (a job's output directory).
+    Generate {
+        /// Model directory (config.json, model.safetensors, tokenizer.json).
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+    },
     /// Make a bearer token for the TCP listener and print the config lines that grant it.
     Token {
         /// The Unix user the token acts as.
@@ -88,6 +106,21 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
+        Some(Command::Worker { job_dir }) => jobd::worker::main(&job_dir),
+        Some(Command::Generate {
+            model,
+            prompt,
+            max_tokens,
+        }) => match jobd::train::generate(&model, &prompt, max_tokens) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("jobd: {e}");
+                ExitCode::from(1)
+            }
+        },
         Some(Command::Token { user }) => {
             let token = jobd::config::new_token();
             println!("token for {user} (give it to them; it is not stored anywhere):\n  {token}\n");

@@ -32,7 +32,8 @@ pub async fn logs(client: &Client, args: &LogsArgs) -> anyhow::Result<bool> {
     if let Some(t) = args.tail {
         path.push_str(&format!("&tail={t}"));
     }
-    copy(client, &path, args.stderr).await?;
+    // The requested stream is the result: it goes to stdout either way.
+    copy(client, &path, false).await?;
     Ok(true)
 }
 

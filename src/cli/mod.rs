@@ -2,9 +2,11 @@
 //! `--json`); diagnostics to stderr. Exit codes: 0 ok, 1 error (or a job that did not
 //! succeed, for `wait`/`submit --follow`), 2 daemon unreachable.
 
+mod estimate;
 mod jobs;
 mod list;
 mod logs;
+mod models;
 mod show;
 mod submit;
 
@@ -67,6 +69,14 @@ pub enum Command {
     Requeue(jobs::IdsArgs),
     /// Show the GPUs and what is placed on them.
     Gpus,
+    /// Estimate the VRAM a train job needs, and where it fits.
+    Estimate(estimate::EstimateArgs),
+    /// Publish a succeeded train job's model to Ollama (again).
+    Publish(models::PublishArgs),
+    /// Write a train job's model as a GGUF file (for llama.cpp, LM Studio, ...).
+    Export(models::ExportArgs),
+    /// List the models in the daemon's Ollama store, as `ollama list` would.
+    Models,
     /// Show who the daemon thinks you are.
     Whoami,
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
@@ -125,6 +135,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
         Command::Priority(args) => jobs::priority(&client, &args, &out).await,
         Command::Requeue(args) => jobs::requeue(&client, &args, &out).await,
         Command::Gpus => jobs::gpus(&client, &out).await,
+        Command::Estimate(args) => estimate::estimate(&client, &args, &out).await,
+        Command::Publish(args) => models::publish(&client, &args, &out).await,
+        Command::Export(args) => models::export(&client, &args, &out).await,
+        Command::Models => models::models(&client, &out).await,
         Command::Whoami => jobs::whoami(&client, &out).await,
         Command::Validate(_) | Command::Completions { .. } => unreachable!("handled above"),
     }

@@ -75,6 +75,48 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
     if let Some(e) = &r.exit {
         lines.push(("exit", e.to_string()));
     }
+    if let Some(m) = &r.published {
+        lines.push((
+            "model",
+            format!("{} ({}, {})", m.name, m.quantization, bytes(m.gguf_bytes)),
+        ));
+        lines.push(("run it", m.run_command.clone()));
+    }
+    if r.kind == crate::spec::JobKind::Train {
+        if let Ok(metrics) = client
+            .get::<Vec<serde_json::Value>>(&format!("/jobs/{id}/metrics"))
+            .await
+        {
+            let last = |key: &str| {
+                metrics
+                    .iter()
+                    .rev()
+                    .find_map(|m| m.get(key).and_then(|v| v.as_f64()))
+            };
+            if let Some(loss) = last("loss") {
+                let eval = last("eval_loss")
+                    .map(|e| format!(", eval_loss {e:.4}"))
+                    .unwrap_or_default();
+                let first = metrics
+                    .first()
+                    .and_then(|m| m.get("loss"))
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(loss);
+                lines.push((
+                    "loss",
+                    format!("{first:.4} → {loss:.4}{eval} ({} records)", metrics.len()),
+                ));
+            }
+        }
+        if let Some(d) = &job.job_dir {
+            lines.push((
+                "output",
+                d.join(crate::spec::contract::files::OUTPUT)
+                    .display()
+                    .to_string(),
+            ));
+        }
+    }
     if r.gpu_seconds > 0.0 {
         let t = r.gpu_seconds;
         let text = if t >= 3600.0 {

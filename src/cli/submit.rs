@@ -26,7 +26,7 @@ pub struct ValidateArgs {
 }
 
 /// Reads a job file and checks it here, as the daemon will; returns the request to send.
-fn load(file: &Path) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)> {
+pub fn load(file: &Path) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let abs =

@@ -52,6 +52,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         worker_exe: std::env::current_exe()
             .context("cannot find the jobd executable for workers")?,
         run_as_owner: crate::config::running_as_root(),
+        ollama_models: config.ollama_models.clone(),
     };
     let (scheduler, handle) = Scheduler::start(store, inventory, settings)
         .await
@@ -64,6 +65,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         jobs_dir: Arc::new(config.jobs_dir()),
         watcher: api::follow::DirWatcher::new(),
         started_at: now_ms(),
+        ollama_models: Arc::new(config.ollama_models.clone()),
     };
     let router = api::router(state);
 

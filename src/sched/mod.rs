@@ -29,6 +29,7 @@ use crate::gpu::{Inventory, Snapshot};
 use crate::proc::{self, ChildHandle};
 use crate::spec::api::JobChange;
 use crate::spec::contract::{self, EXIT_PREEMPTED, Progress};
+use crate::spec::record::PublishedModel;
 use crate::spec::record::{ExitInfo, Placement, RECORD_VERSION, StopKind};
 use crate::spec::{
     Caller, JobEvent, JobId, JobKind, JobRecord, JobSpec, JobState, Millis, Owner, now_ms,
@@ -48,6 +49,8 @@ pub struct SchedSettings {
     pub worker_exe: PathBuf,
     /// Run jobs as their owners (the daemon is root).
     pub run_as_owner: bool,
+    /// Default Ollama models directory for `[publish]`.
+    pub ollama_models: Option<PathBuf>,
 }
 
 /// Errors answered to callers.
@@ -67,6 +70,18 @@ pub enum SchedError {
     ShuttingDown,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Changes to a job's `[publish]` for a publish by hand.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishOverrides {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub quantization: Option<crate::spec::publish::Quantization>,
+    #[serde(default)]
+    pub models_dir: Option<PathBuf>,
 }
 
 /// A job to submit, already parsed and resolved by the caller's layer.
@@ -107,6 +122,17 @@ enum Msg {
         id: JobId,
         attempt: u32,
         exit: ExitInfo,
+    },
+    Published {
+        id: JobId,
+        result: Result<PublishedModel, String>,
+        by_hand: Option<Reply<JobRecord>>,
+    },
+    Publish {
+        caller: Caller,
+        id: JobId,
+        overrides: PublishOverrides,
+        reply: Reply<JobRecord>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -198,6 +224,23 @@ impl SchedHandle {
             caller: caller.clone(),
             id,
             priority,
+            reply,
+        })
+        .await
+    }
+
+    /// Publishes a succeeded train job's model (again), with optional overrides; answers when
+    /// the model is in the store.
+    pub async fn publish(
+        &self,
+        caller: &Caller,
+        id: JobId,
+        overrides: PublishOverrides,
+    ) -> Result<JobRecord, SchedError> {
+        self.ask(|reply| Msg::Publish {
+            caller: caller.clone(),
+            id,
+            overrides,
             reply,
         })
         .await
@@ -333,6 +376,8 @@ pub struct Scheduler {
     usage: usage::Ledger,
     waiting: HashMap<JobId, Waiting>,
     shutting_down: Option<oneshot::Sender<()>>,
+    /// Jobs whose model is being published (shutdown waits for them).
+    publishing: HashSet<JobId>,
     /// Changes made in the current batch, published after the flush.
     pending: Vec<JobChange>,
 }
@@ -370,6 +415,7 @@ impl Scheduler {
             gpus_at: Instant::now(),
             waiting: HashMap::new(),
             shutting_down: None,
+            publishing: HashSet::new(),
             pending: Vec::new(),
         };
         for job in s.jobs.values() {
@@ -404,7 +450,7 @@ impl Scheduler {
                     replies.push(r);
                 }
             }
-            if got == 0 && self.rx.is_closed() && self.children.is_empty() {
+            if got == 0 && self.rx.is_closed() && self.idle() {
                 break;
             }
             if self.shutting_down.is_none() {
@@ -419,7 +465,7 @@ impl Scheduler {
             for r in replies {
                 r();
             }
-            if self.shutting_down.is_some() && self.children.is_empty() {
+            if self.shutting_down.is_some() && self.idle() {
                 if let Some(done) = self.shutting_down.take() {
                     let _ = done.send(());
                 }
@@ -428,7 +474,11 @@ impl Scheduler {
         }
     }
 
-    /// The sender used for child-exit notifications and shutdown.
+    /// No worker runs and no model is being published.
+    fn idle(&self) -> bool {
+        self.children.is_empty() && self.publishing.is_empty()
+    }
+
     fn next_deadline(&self) -> Option<tokio::time::Instant> {
         let now = now_ms();
         let mut next: Option<Millis> = None;
@@ -506,6 +556,23 @@ impl Scheduler {
                 self.exited(id, attempt, exit);
                 None
             }
+            Msg::Published {
+                id,
+                result,
+                by_hand,
+            } => {
+                let r = self.published(id, result, by_hand.is_some());
+                by_hand.and_then(|tx| reply(tx, r))
+            }
+            Msg::Publish {
+                caller,
+                id,
+                overrides,
+                reply: tx,
+            } => match self.publish_by_hand(&caller, id, overrides, tx) {
+                Ok(()) => None,
+                Err((tx, e)) => reply(tx, Err(e)),
+            },
             Msg::Shutdown { reply } => {
                 self.begin_shutdown(reply);
                 None
@@ -545,6 +612,7 @@ impl Scheduler {
                 record: rec.clone(),
                 progress: None,
                 waiting: None,
+                job_dir: None,
             },
             event,
         });
@@ -601,8 +669,12 @@ impl Scheduler {
             vram_estimate: None,
             vram_peak: None,
             gpu_seconds: 0.0,
+            published: None,
             event_count: 0,
         };
+        if let Some(p) = &rec.spec.publish {
+            self.check_models_dir(p.models_dir.as_deref(), &rec.owner)?;
+        }
         if rec.kind == JobKind::Train && rec.spec.resources.gpus > 0 {
             rec.vram_estimate = crate::estimate::per_gpu_bytes(&rec.spec);
         }
@@ -783,6 +855,18 @@ impl Scheduler {
                     )
                 })
             }
+            (None, Some(0)) if self.jobs[&id].spec.publish.is_some() => {
+                let r = self.apply(
+                    id,
+                    Some(JobState::Publishing),
+                    "training finished; publishing the model to Ollama".into(),
+                    &finish,
+                );
+                if let (Ok(_), Some(spec)) = (&r, self.jobs[&id].spec.publish.clone()) {
+                    self.start_publish(id, spec, None);
+                }
+                r
+            }
             (None, Some(0)) => self.apply(
                 id,
                 Some(JobState::Succeeded),
@@ -837,6 +921,184 @@ impl Scheduler {
         if let Err(e) = result {
             error!(job_id = id, error = %e, "cannot record a job's exit");
         }
+    }
+
+    /// Checks that a `[publish]` target may be written for `owner`: a root daemon writes only
+    /// into its configured Ollama directory or a directory the job's owner owns.
+    fn check_models_dir(
+        &self,
+        dir: Option<&std::path::Path>,
+        owner: &Owner,
+    ) -> Result<(), SchedError> {
+        use std::os::unix::fs::MetadataExt;
+        let default = self.settings.ollama_models.as_deref();
+        let Some(dir) = dir.or(default) else {
+            return Err(SchedError::Invalid(
+                "publish.models_dir: not set, and the daemon has no default Ollama models directory (jobd --ollama-models DIR)".into(),
+            ));
+        };
+        if !self.settings.run_as_owner || Some(dir) == default {
+            return Ok(());
+        }
+        match std::fs::metadata(dir) {
+            Ok(m) if m.uid() == owner.uid => Ok(()),
+            Ok(_) => Err(SchedError::Forbidden(format!(
+                "publish.models_dir {} is neither the daemon's Ollama directory nor owned by {}",
+                dir.display(),
+                owner.user
+            ))),
+            Err(e) => Err(SchedError::Invalid(format!(
+                "publish.models_dir {}: {e}",
+                dir.display()
+            ))),
+        }
+    }
+
+    /// Publishes a job's model on a blocking thread; the result comes back as `Msg::Published`.
+    fn start_publish(
+        &mut self,
+        id: JobId,
+        spec: crate::spec::publish::PublishSpec,
+        reply: Option<Reply<JobRecord>>,
+    ) {
+        let Some(rec) = self.jobs.get(&id) else {
+            return;
+        };
+        let model_dir = rec
+            .dir(&self.settings.jobs_dir)
+            .join(contract::files::OUTPUT);
+        let default = self.settings.ollama_models.clone();
+        let tx = self.tx.clone();
+        self.publishing.insert(id);
+        tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                let models_dir = spec
+                    .models_dir
+                    .clone()
+                    .or(default)
+                    .ok_or("no Ollama models directory")?;
+                let req = crate::publish::PublishRequest {
+                    model_dir: &model_dir,
+                    models_dir: &models_dir,
+                    spec: &spec,
+                };
+                let p =
+                    crate::publish::publish(&req, |step| tracing::debug!(job_id = id, "{step}"))
+                        .map_err(|e| e.to_string())?;
+                Ok::<_, String>(PublishedModel {
+                    name: p.name,
+                    run_command: p.run_command,
+                    manifest_digest: p.manifest_digest,
+                    gguf_bytes: p.gguf_bytes,
+                    quantization: format!("{:?}", p.quantization).to_lowercase(),
+                    models_dir,
+                })
+            })();
+            let _ = tx.blocking_send(Msg::Published {
+                id,
+                result,
+                by_hand: reply,
+            });
+        });
+    }
+
+    fn published(
+        &mut self,
+        id: JobId,
+        result: Result<PublishedModel, String>,
+        by_hand: bool,
+    ) -> Result<JobRecord, SchedError> {
+        self.publishing.remove(&id);
+        let now = now_ms();
+        let r = match (result, by_hand) {
+            (Ok(m), false) => {
+                info!(job_id = id, model = %m.name, "published");
+                let reason = format!("published as {} — {}", m.name, m.run_command);
+                self.apply(id, Some(JobState::Succeeded), reason, &|r| {
+                    r.published = Some(m.clone());
+                    r.finished_at = Some(now);
+                })
+            }
+            (Ok(m), true) => {
+                let reason = format!("published as {} — {}", m.name, m.run_command);
+                self.apply(id, None, reason, &|r| r.published = Some(m.clone()))
+            }
+            (Err(e), false) => {
+                warn!(job_id = id, error = %e, "publishing failed");
+                self.apply(
+                    id,
+                    Some(JobState::Failed),
+                    format!("publishing failed: {e}"),
+                    &|r| r.finished_at = Some(now),
+                )
+            }
+            (Err(e), true) => return Err(SchedError::Conflict(format!("publishing failed: {e}"))),
+        };
+        Ok(r?)
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn publish_by_hand(
+        &mut self,
+        caller: &Caller,
+        id: JobId,
+        overrides: PublishOverrides,
+        reply: Reply<JobRecord>,
+    ) -> Result<(), (Reply<JobRecord>, SchedError)> {
+        let rec = match self.get_for_change(caller, id) {
+            Ok(r) => r.clone(),
+            Err(e) => return Err((reply, e)),
+        };
+        if rec.kind != JobKind::Train || rec.state != JobState::Succeeded {
+            return Err((
+                reply,
+                SchedError::Conflict(format!(
+                    "job {id} is not a succeeded train job (it is a {} job, {})",
+                    rec.kind.as_str(),
+                    rec.state
+                )),
+            ));
+        }
+        if self.publishing.contains(&id) {
+            return Err((
+                reply,
+                SchedError::Conflict(format!("job {id} is being published already")),
+            ));
+        }
+        let mut spec = rec
+            .spec
+            .publish
+            .clone()
+            .unwrap_or_else(|| crate::spec::publish::PublishSpec::named(""));
+        if let Some(n) = overrides.name {
+            spec.ollama_name = n;
+        }
+        if let Some(q) = overrides.quantization {
+            spec.quantization = q;
+        }
+        if let Some(d) = overrides.models_dir {
+            spec.models_dir = Some(d);
+        }
+        if spec.ollama_name.is_empty() {
+            return Err((
+                reply,
+                SchedError::Invalid(format!(
+                    "job {id} has no [publish] section: give a name (--name)"
+                )),
+            ));
+        }
+        let issues = crate::spec::publish::validate(&spec);
+        if let Some(i) = issues.first() {
+            return Err((
+                reply,
+                SchedError::Invalid(format!("{}: {}", i.key, i.message)),
+            ));
+        }
+        if let Err(e) = self.check_models_dir(spec.models_dir.as_deref(), &rec.owner) {
+            return Err((reply, e));
+        }
+        self.start_publish(id, spec, Some(reply));
+        Ok(())
     }
 
     /// Back to the queue after an interruption, keeping the job's place in line.

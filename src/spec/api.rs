@@ -39,6 +39,29 @@ pub struct JobView {
     /// Why a queued job is not running yet (short form of `explain`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// The job's directory on the daemon's machine (outputs, logs, checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_dir: Option<PathBuf>,
+}
+
+/// `GET /api/v1/models` entry: a model in the daemon's Ollama store, as `ollama list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelView {
+    pub name: String,
+    pub id: String,
+    pub size: u64,
+    pub modified: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameter_size: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
+}
+
+/// `GET /api/v1/models` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelsResponse {
+    pub models_dir: Option<PathBuf>,
+    pub models: Vec<ModelView>,
 }
 
 /// `GET /api/v1/jobs` query.

@@ -55,6 +55,21 @@ pub struct PublishSpec {
     pub license: Option<String>,
 }
 
+impl PublishSpec {
+    /// A `[publish]` with only a name; everything else takes its default.
+    pub fn named(name: &str) -> Self {
+        PublishSpec {
+            ollama_name: name.to_string(),
+            quantization: Quantization::default(),
+            models_dir: None,
+            template: None,
+            system: None,
+            parameters: Parameters::default(),
+            license: None,
+        }
+    }
+}
+
 /// The tensor type of the published 2-D weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

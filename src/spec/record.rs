@@ -80,9 +80,26 @@ pub struct JobRecord {
     /// GPU-seconds used so far (sum over runs of GPUs × wall time).
     #[serde(default)]
     pub gpu_seconds: f64,
+    /// The Ollama model this job published, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<PublishedModel>,
     /// Number of events recorded; the next event's sequence number.
     #[serde(default)]
     pub event_count: u32,
+}
+
+/// A model published into an Ollama store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishedModel {
+    /// As `ollama list` shows it.
+    pub name: String,
+    /// `ollama run NAME`.
+    pub run_command: String,
+    /// `sha256:...` of the manifest (Ollama's ID is its first 12 hex digits).
+    pub manifest_digest: String,
+    pub gguf_bytes: u64,
+    pub quantization: String,
+    pub models_dir: PathBuf,
 }
 
 /// Resources given to a run.

@@ -324,6 +324,7 @@ pub(crate) mod tests {
             vram_estimate: None,
             vram_peak: None,
             gpu_seconds: 0.0,
+            published: None,
             event_count: 0,
         }
     }

@@ -89,6 +89,21 @@ impl Reporter {
         let line = serde_json::to_string(r).expect("record serializes");
         f.write_all(format!("{line}\n").as_bytes())
             .map_err(|e| TrainError::io(&self.metrics, e))?;
+        // The same record for people reading the job's output (`jobctl logs -f`).
+        let eval = r
+            .eval_loss
+            .map(|e| format!("  eval_loss {e:.4}"))
+            .unwrap_or_default();
+        println!(
+            "step {}/{}  epoch {:.2}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  tokens/s {:.0}{eval}",
+            r.step,
+            self.progress.total_steps,
+            r.epoch,
+            r.loss,
+            r.learning_rate,
+            r.grad_norm,
+            r.tokens_per_second
+        );
         Ok(line)
     }
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what the tests need that cargo does not, then
+# runs every test. Tests that need Python (numpy) or node-llama-cpp install those into
+# target/ and tests/llama_cpp/ themselves on first use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need python3 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  if need apt-get; then
+    echo "installing python3-venv for the numpy reference tests"
+    (apt-get update -qq && apt-get install -y -qq python3 python3-venv) >/dev/null || echo "warning: could not install python3-venv"
+  fi
+fi
+if ! need node || ! need npm; then
+  if need apt-get; then
+    echo "installing node.js for the llama.cpp tests"
+    (apt-get update -qq && apt-get install -y -qq nodejs npm) >/dev/null || echo "warning: could not install nodejs"
+  fi
+fi
+
+cargo build --locked --all-targets
+cargo test --locked --all-targets "$@"

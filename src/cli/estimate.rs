@@ -1,0 +1,145 @@
+//! `jobctl estimate`: the VRAM a train job needs, broken down, where it fits, and how it
+//! compares with standard llama sizes.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{Output, bytes, table};
+use crate::client::Client;
+use crate::estimate::{self, Breakdown, REFERENCE_LORA, Tuning};
+use crate::spec::api::GpusResponse;
+
+#[derive(Debug, Args)]
+pub struct EstimateArgs {
+    /// The job file (TOML).
+    pub file: PathBuf,
+}
+
+pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> anyhow::Result<bool> {
+    let (_, spec) = super::submit::load(&args.file)?;
+    let b = estimate::estimate_job(&spec).map_err(anyhow::Error::msg)?;
+    let refs: Vec<(String, Breakdown, Breakdown)> = estimate::reference_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            (
+                name.to_string(),
+                estimate::estimate_shape(&shape, Tuning::Full, 2, 1, 512),
+                estimate::estimate_shape(&shape, REFERENCE_LORA, 2, 1, 512),
+            )
+        })
+        .collect();
+    // Which GPUs could hold it (if the daemon is there to ask).
+    let gpus: Option<GpusResponse> = client.get("/gpus").await.ok();
+    if out.json {
+        out.print_json(&serde_json::json!({
+            "estimate": b,
+            "reference": refs.iter().map(|(n, f, l)| serde_json::json!({"size": n, "full_bf16": f.total, "lora_bf16": l.total})).collect::<Vec<_>>(),
+            "gpus": gpus.as_ref().map(|g| g.gpus.iter().map(|x| serde_json::json!({"index": x.index, "fits": x.total_bytes >= b.total})).collect::<Vec<_>>()),
+        }))?;
+        return Ok(true);
+    }
+    let mode = if b.trainable_params == b.params {
+        "full fine-tuning".to_string()
+    } else {
+        format!("LoRA, {} trainable", count(b.trainable_params))
+    };
+    println!(
+        "{}: {} parameters ({mode}), {}, batch {} × {} tokens",
+        args.file.display(),
+        count(b.params),
+        b.dtype,
+        b.batch,
+        b.seq
+    );
+    let rows = vec![
+        vec!["weights".into(), bytes(b.weights)],
+        vec!["gradients".into(), bytes(b.gradients)],
+        vec!["optimizer (AdamW moments)".into(), bytes(b.optimizer)],
+        vec![
+            "activations".into(),
+            format!(
+                "{} ({} with activation checkpointing)",
+                bytes(b.activations),
+                bytes(b.activations_checkpointed)
+            ),
+        ],
+        vec!["CUDA context + workspace".into(), bytes(b.overhead)],
+        vec![
+            "total per GPU".into(),
+            format!(
+                "{} ({} with activation checkpointing)",
+                bytes(b.total),
+                bytes(b.total_checkpointed)
+            ),
+        ],
+    ];
+    println!("{}", table(&["PART", "BYTES"], rows));
+    match &gpus {
+        Some(g) if g.gpus.is_empty() => println!("\nGPUs: none on this daemon ({})", g.source),
+        Some(g) => {
+            println!("\nGPUs:");
+            for x in &g.gpus {
+                let free = x
+                    .total_bytes
+                    .saturating_sub(x.foreign_bytes + x.reserved_bytes);
+                let verdict = if x.total_bytes < b.total {
+                    "too small"
+                } else if free < b.total {
+                    "fits when jobs there finish"
+                } else {
+                    "fits now"
+                };
+                println!(
+                    "  GPU {} {} ({} total, {} free for jobd): {verdict}",
+                    x.index,
+                    x.name,
+                    bytes(x.total_bytes),
+                    bytes(free)
+                );
+            }
+        }
+        None => println!("\nGPUs: the daemon is not reachable; not checked"),
+    }
+    println!("\nReference (bf16, batch 1 × 512 tokens, same formula; LoRA = r 16 on q,k,v,o):");
+    let rows = refs
+        .iter()
+        .map(|(n, f, l)| vec![format!("llama {n}"), bytes(l.total), bytes(f.total)])
+        .collect();
+    println!("{}", table(&["MODEL", "LORA", "FULL"], rows));
+    let mut all: Vec<(u64, String)> = refs
+        .iter()
+        .flat_map(|(n, f, l)| {
+            [
+                (l.total, format!("{n} LoRA")),
+                (f.total, format!("{n} full")),
+            ]
+        })
+        .collect();
+    all.sort();
+    let below = all
+        .iter()
+        .rev()
+        .find(|(t, _)| *t <= b.total)
+        .map(|(_, n)| n.clone());
+    let above = all
+        .iter()
+        .find(|(t, _)| *t > b.total)
+        .map(|(_, n)| n.clone());
+    let place = match (below, above) {
+        (None, Some(a)) => format!("less than the smallest tier ({a})"),
+        (Some(bl), Some(a)) => format!("between {bl} and {a}"),
+        (Some(bl), None) => format!("more than the largest tier ({bl})"),
+        (None, None) => String::new(),
+    };
+    println!("This job needs {}: {place}.", bytes(b.total));
+    Ok(true)
+}
+
+fn count(n: u64) -> String {
+    match n {
+        0..1_000_000 => format!("{:.1}K", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        _ => format!("{:.2}B", n as f64 / 1e9),
+    }
+}

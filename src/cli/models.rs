@@ -1,0 +1,129 @@
+//! `jobctl publish`, `jobctl export`, `jobctl models`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::{Output, age, bytes, table};
+use crate::client::Client;
+use crate::sched::PublishOverrides;
+use crate::spec::api::{JobView, ModelsResponse};
+use crate::spec::contract::files;
+use crate::spec::publish::Quantization;
+use crate::spec::{JobId, now_ms};
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// A succeeded train job.
+    #[arg(value_parser = super::parse_id)]
+    pub id: JobId,
+    /// Ollama model name (name[:tag], namespace/name[:tag]); default: the job's [publish].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// f32, f16, q8_0, q4_0 or q4_k; default: the job's [publish] (else f16).
+    #[arg(long, value_parser = parse_quantization)]
+    pub quantization: Option<Quantization>,
+    /// Ollama models directory; default: the job's, else the daemon's.
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A succeeded train job.
+    #[arg(value_parser = super::parse_id)]
+    pub id: JobId,
+    /// The GGUF file to write.
+    #[arg(long, value_name = "FILE")]
+    pub gguf: PathBuf,
+    /// f32, f16, q8_0, q4_0 or q4_k.
+    #[arg(long, default_value = "f16", value_parser = parse_quantization)]
+    pub quantization: Quantization,
+}
+
+fn parse_quantization(s: &str) -> Result<Quantization, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
+        .map_err(|_| format!("unknown quantization {s:?} (f32, f16, q8_0, q4_0, q4_k)"))
+}
+
+pub async fn publish(client: &Client, args: &PublishArgs, out: &Output) -> anyhow::Result<bool> {
+    let body = PublishOverrides {
+        name: args.name.clone(),
+        quantization: args.quantization,
+        models_dir: args.models_dir.clone(),
+    };
+    eprintln!("publishing job {}...", args.id);
+    let v: JobView = client
+        .post(&format!("/jobs/{}/publish", args.id), &body)
+        .await?;
+    if out.json {
+        out.print_json(&v)?;
+    } else if let Some(m) = &v.record.published {
+        println!(
+            "published {} ({}, {}) — run it with:\n  {}",
+            m.name,
+            m.quantization,
+            bytes(m.gguf_bytes),
+            m.run_command
+        );
+    }
+    Ok(true)
+}
+
+pub async fn export(client: &Client, args: &ExportArgs, out: &Output) -> anyhow::Result<bool> {
+    let v: JobView = client.get(&format!("/jobs/{}", args.id)).await?;
+    let dir = v
+        .job_dir
+        .context("the daemon did not say where the job's files are")?
+        .join(files::OUTPUT);
+    if !dir.join("config.json").exists() {
+        anyhow::bail!(
+            "job {} has no model in {} (is it a succeeded train job?)",
+            args.id,
+            dir.display()
+        );
+    }
+    let (gguf, q) = (args.gguf.clone(), args.quantization);
+    let summary =
+        tokio::task::spawn_blocking(move || crate::publish::export_gguf(&dir, q, &gguf)).await??;
+    if out.json {
+        out.print_json(&serde_json::json!({"file": args.gguf, "bytes": summary.bytes, "sha256": summary.sha256}))?;
+    } else {
+        println!(
+            "wrote {} ({}, {})",
+            args.gguf.display(),
+            bytes(summary.bytes),
+            summary.sha256
+        );
+    }
+    Ok(true)
+}
+
+pub async fn models(client: &Client, out: &Output) -> anyhow::Result<bool> {
+    let m: ModelsResponse = client.get("/models").await?;
+    if out.json {
+        out.print_json(&m)?;
+        return Ok(true);
+    }
+    let Some(dir) = &m.models_dir else {
+        eprintln!("the daemon has no Ollama models directory (jobd --ollama-models DIR)");
+        return Ok(true);
+    };
+    eprintln!("{}", dir.display());
+    let now = now_ms();
+    let rows = m
+        .models
+        .iter()
+        .map(|x| {
+            vec![
+                x.name.clone(),
+                x.id.clone(),
+                bytes(x.size),
+                format!("{} ago", age(now, x.modified)),
+            ]
+        })
+        .collect();
+    println!("{}", table(&["NAME", "ID", "SIZE", "MODIFIED"], rows));
+    Ok(true)
+}

@@ -1,0 +1,90 @@
+//! L4: `jobd worker --job-dir DIR` — the process a train job runs as. It reads the job's
+//! `spec.json` (the worker contract, see `spec::contract`), turns SIGTERM into "finish the step,
+//! checkpoint, exit 75", and runs the Candle trainer. The daemon never trains in-process: a
+//! CUDA fault or an out-of-memory kill ends this process only.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::spec::JobSpec;
+use crate::spec::contract::{self, files};
+use crate::train::{self, WorkerContext, WorkerOutcome};
+
+/// Runs the worker; returns the exit code of the worker contract.
+pub fn main(job_dir: &Path) -> ExitCode {
+    // Block SIGTERM/SIGINT in every thread (threads created later inherit the mask) and take
+    // them in one thread that raises the stop flag: the trainer checks it between steps.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    if let Err(e) = signals.thread_block() {
+        eprintln!("jobd worker: cannot block signals: {e}");
+        return ExitCode::from(1);
+    }
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                eprintln!(
+                    "jobd worker: {sig} received: finishing the current step and checkpointing"
+                );
+                stop.store(true, Ordering::SeqCst);
+            }
+        });
+    }
+
+    let spec_path = job_dir.join(files::SPEC_JSON);
+    let spec: JobSpec = match std::fs::read(&spec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("jobd worker: cannot read {}: {e}", spec_path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let env_path = |var: &str, default: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| job_dir.join(default))
+    };
+    let threads = spec.resources.cpus.map(|c| c as usize).or_else(|| {
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let ctx = WorkerContext {
+        job_dir: job_dir.to_path_buf(),
+        checkpoint_dir: env_path(contract::ENV_CHECKPOINT_DIR, files::CHECKPOINTS),
+        output_dir: env_path(contract::ENV_OUTPUT_DIR, files::OUTPUT),
+        stop,
+        threads,
+        attempt: std::env::var(contract::ENV_ATTEMPT)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
+    };
+    match train::run(&spec, &ctx) {
+        Ok(WorkerOutcome::Completed { steps }) => {
+            eprintln!("jobd worker: training complete ({steps} steps)");
+            ExitCode::SUCCESS
+        }
+        Ok(WorkerOutcome::Stopped { step }) => {
+            eprintln!(
+                "jobd worker: stopped at step {step} after checkpointing; exit {}",
+                contract::EXIT_PREEMPTED
+            );
+            ExitCode::from(contract::EXIT_PREEMPTED as u8)
+        }
+        Err(e) => {
+            eprintln!("jobd worker: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
