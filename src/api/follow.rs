@@ -82,11 +82,10 @@ impl DirWatcher {
                             let count = counts.entry(dir.clone()).or_default();
                             if *count == 0 {
                                 senders.write().expect("watch map lock").insert(dir.clone(), broadcast::channel(64).0);
-                                if let Some(w) = watcher.as_mut() {
-                                    if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
+                                if let Some(w) = watcher.as_mut()
+                                    && let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
                                         tracing::debug!(dir = %dir.display(), error = %e, "cannot watch");
                                     }
-                                }
                             }
                             *count += 1;
                             let rx = senders.read().expect("watch map lock")[&dir].subscribe();

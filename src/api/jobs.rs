@@ -49,15 +49,14 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for JobIdPath {
 /// The job as `caller` may see it: others' environment values and job file are hidden.
 pub fn job_view(rec: &JobRecord, caller: &Caller, view: &View, jobs_dir: &Path) -> JobView {
     let mut record = rec.clone();
-    if !caller.may_change(&rec.owner.user) {
-        if let Some(cmd) = &mut record.spec.command {
-            if !cmd.env.is_empty() {
-                for v in cmd.env.values_mut() {
-                    *v = "(hidden)".into();
-                }
-                record.source = "# hidden: this job file sets environment variables; only its owner and admins see it\n".into();
-            }
+    if !caller.may_change(&rec.owner.user)
+        && let Some(cmd) = &mut record.spec.command
+        && !cmd.env.is_empty()
+    {
+        for v in cmd.env.values_mut() {
+            *v = "(hidden)".into();
         }
+        record.source = "# hidden: this job file sets environment variables; only its owner and admins see it\n".into();
     }
     let progress = (rec.kind == JobKind::Train && rec.attempts > 0)
         .then(|| sched::read_progress(&rec.dir(jobs_dir)))

@@ -74,10 +74,10 @@ pub async fn wait(client: &Client, ids: &[JobId], out: &Output) -> anyhow::Resul
             .await?;
         let mut last: Option<JobEvent> = None;
         while let Some(ev) = events.next_event().await? {
-            if ev.event == "job-event" {
-                if let Ok(e) = serde_json::from_str::<JobEvent>(&ev.data) {
-                    last = Some(e);
-                }
+            if ev.event == "job-event"
+                && let Ok(e) = serde_json::from_str::<JobEvent>(&ev.data)
+            {
+                last = Some(e);
             }
         }
         let job: JobView = client.get(&format!("/jobs/{id}")).await?;

@@ -96,17 +96,16 @@ pub async fn run(cli: Cli) -> ExitCode {
             let unreachable = e
                 .downcast_ref::<ClientError>()
                 .is_some_and(ClientError::is_unreachable);
-            if json {
-                if let Some(ClientError::Api {
+            if json
+                && let Some(ClientError::Api {
                     code,
                     message,
                     problems,
                     ..
                 }) = e.downcast_ref::<ClientError>()
-                {
-                    let body = serde_json::json!({"error": {"code": code, "message": message, "problems": problems}});
-                    println!("{body}");
-                }
+            {
+                let body = serde_json::json!({"error": {"code": code, "message": message, "problems": problems}});
+                println!("{body}");
             }
             eprintln!("jobctl: {e:#}");
             ExitCode::from(if unreachable { 2 } else { 1 })
@@ -184,7 +183,7 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
         } else {
             comfy_table::ContentArrangement::Disabled
         })
-        .set_header(header.iter().map(|h| comfy_table::Cell::new(h)));
+        .set_header(header.iter().map(comfy_table::Cell::new));
     for r in rows {
         t.add_row(r);
     }

@@ -42,10 +42,10 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
         }
     }
     lines.push(("resources", super::list::gpus_column(&job)));
-    if let Some(p) = &r.placement {
-        if r.state.holds_resources() {
-            lines.push(("placement", crate::sched::describe_placement(p)));
-        }
+    if let Some(p) = &r.placement
+        && r.state.holds_resources()
+    {
+        lines.push(("placement", crate::sched::describe_placement(p)));
     }
     if let Some(e) = r.vram_estimate {
         let measured = r.vram_peak.map_or("not measured yet".to_string(), bytes);
@@ -135,11 +135,10 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
     if let Ok(x) = client
         .get::<Explanation>(&format!("/jobs/{id}/explain"))
         .await
+        && !r.state.is_terminal()
     {
-        if !r.state.is_terminal() {
-            for d in &x.details {
-                println!("{:>width$}  {d}", "");
-            }
+        for d in &x.details {
+            println!("{:>width$}  {d}", "");
         }
     }
     println!("\nhistory:");

@@ -420,15 +420,15 @@ impl Config {
 impl ConfigFile {
     fn validate(&self) -> Vec<Issue> {
         let mut issues = Vec::new();
-        if let Some(l) = &self.listen {
-            if let Err(e) = parse_listen(l) {
-                issues.push(Issue::new("listen", e));
-            }
+        if let Some(l) = &self.listen
+            && let Err(e) = parse_listen(l)
+        {
+            issues.push(Issue::new("listen", e));
         }
-        if let Some(g) = &self.gpus {
-            if let Err(e) = g.parse::<GpuSource>() {
-                issues.push(Issue::new("gpus", e));
-            }
+        if let Some(g) = &self.gpus
+            && let Err(e) = g.parse::<GpuSource>()
+        {
+            issues.push(Issue::new("gpus", e));
         }
         if self.max_cpu_jobs == Some(0) {
             issues.push(Issue::new("max_cpu_jobs", "must be at least 1"));
@@ -444,10 +444,10 @@ impl ConfigFile {
                 issues.push(Issue::new(format!("tokens[{i}].user"), "must name a user"));
             }
         }
-        if let Some(d) = self.grace_period {
-            if d.0 > Duration::from_secs(3600) {
-                issues.push(Issue::new("grace_period", "must be at most 1h"));
-            }
+        if let Some(d) = self.grace_period
+            && d.0 > Duration::from_secs(3600)
+        {
+            issues.push(Issue::new("grace_period", "must be at most 1h"));
         }
         issues
     }

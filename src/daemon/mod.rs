@@ -110,7 +110,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // Followers (log streams) would keep graceful shutdown waiting forever: give open requests
     // a moment, then drop them.
     for s in servers {
-        if tokio::time::timeout(Duration::from_secs(2), async { s.await })
+        if tokio::time::timeout(Duration::from_secs(2), s)
             .await
             .is_err()
         {
@@ -134,10 +134,10 @@ fn prepare_dirs(config: &Config) -> anyhow::Result<()> {
     mk(&config.state_dir, 0o711)?;
     mk(&config.jobs_dir(), 0o711)?;
     mk(&config.store_dir(), 0o700)?;
-    if let Some(parent) = config.socket.parent() {
-        if !parent.exists() {
-            mk(parent, 0o755)?;
-        }
+    if let Some(parent) = config.socket.parent()
+        && !parent.exists()
+    {
+        mk(parent, 0o755)?;
     }
     Ok(())
 }

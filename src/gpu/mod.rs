@@ -49,7 +49,7 @@ pub struct Snapshot {
 pub enum Inventory {
     None { note: String },
     Fake(fake::FakeInventory),
-    Nvml(nvml::NvmlInventory),
+    Nvml(Box<nvml::NvmlInventory>),
     Cuda(cuda::CudaInventory),
 }
 
@@ -63,7 +63,7 @@ impl Inventory {
             GpuSource::Fake(gpus) => Inventory::Fake(fake::FakeInventory::fixed(gpus.clone())),
             GpuSource::FakeFile(path) => Inventory::Fake(fake::FakeInventory::file(path.clone())),
             GpuSource::Auto => match nvml::NvmlInventory::open() {
-                Ok(inv) => Inventory::Nvml(inv),
+                Ok(inv) => Inventory::Nvml(Box::new(inv)),
                 Err(nvml_why) => match cuda::CudaInventory::open() {
                     Ok(inv) => Inventory::Cuda(inv.with_note(format!(
                         "NVML unavailable ({nvml_why}); free memory and foreign use are unknown"

@@ -174,12 +174,12 @@ impl LlamaConfig {
                 "model_type {model_type:?} is not exported (llama-family only: \"llama\", \"mistral\", \"qwen2\")"
             ));
         }
-        if let Some(act) = raw.hidden_act.as_deref() {
-            if act != "silu" {
-                return Err(format!(
-                    "hidden_act {act:?}: llama's feed-forward is SiLU-gated"
-                ));
-            }
+        if let Some(act) = raw.hidden_act.as_deref()
+            && act != "silu"
+        {
+            return Err(format!(
+                "hidden_act {act:?}: llama's feed-forward is SiLU-gated"
+            ));
         }
         if raw.mlp_bias == Some(true) {
             return Err("mlp_bias = true: feed-forward biases are not exported".into());
@@ -190,14 +190,14 @@ impl LlamaConfig {
             "qwen2" if raw.use_sliding_window != Some(true) => None,
             _ => raw.sliding_window,
         };
-        if let Some(w) = window {
-            if w < raw.max_position_embeddings {
-                return Err(format!(
-                    "sliding_window = {w} is shorter than max_position_embeddings = {}; \
+        if let Some(w) = window
+            && w < raw.max_position_embeddings
+        {
+            return Err(format!(
+                "sliding_window = {w} is shorter than max_position_embeddings = {}; \
                      sliding-window attention is not exported",
-                    raw.max_position_embeddings
-                ));
-            }
+                raw.max_position_embeddings
+            ));
         }
         let u32_field = |name: &str, v: u64| -> Result<u32, String> {
             if v == 0 {

@@ -156,10 +156,11 @@ pub fn prompting(spec: &PublishSpec, tok: &tokenizer::GgufTokenizer) -> Promptin
         (None, None) => "{{ .Prompt }}".to_string(),
     };
     let mut params = spec.parameters.clone();
-    if params.stop.is_none() && spec.template.is_none() {
-        if let Some(f) = family {
-            params.stop = Some(f.stop().iter().map(|s| s.to_string()).collect());
-        }
+    if params.stop.is_none()
+        && spec.template.is_none()
+        && let Some(f) = family
+    {
+        params.stop = Some(f.stop().iter().map(|s| s.to_string()).collect());
     }
     let params = (!params.is_empty()).then(|| {
         // Sorted keys, compact, trailing newline: what Ollama's json.Encoder writes.

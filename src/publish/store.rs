@@ -321,11 +321,12 @@ impl Store {
         size: u64,
     ) -> Result<(), PublishError> {
         let dest = self.blob_path(digest)?;
-        if let Ok(m) = fs::symlink_metadata(&dest) {
-            if m.is_file() && m.len() == size {
-                tracing::debug!(target: "publish", blob = %dest.display(), "blob already present");
-                return Ok(());
-            }
+        if let Ok(m) = fs::symlink_metadata(&dest)
+            && m.is_file()
+            && m.len() == size
+        {
+            tracing::debug!(target: "publish", blob = %dest.display(), "blob already present");
+            return Ok(());
         }
         let staged_path = staged.path().to_path_buf();
         self.chown(&staged_path)

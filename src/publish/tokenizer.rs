@@ -458,13 +458,13 @@ fn convert(
         ("eos", Some(eos_token_id)),
         ("pad", padding_token_id),
     ] {
-        if let Some(id) = id {
-            if id >= config.vocab_size {
-                return Err(PublishError::Config {
-                    path: path.to_path_buf(),
-                    reason: format!("{what} token id {id} is outside the vocabulary"),
-                });
-            }
+        if let Some(id) = id
+            && id >= config.vocab_size
+        {
+            return Err(PublishError::Config {
+                path: path.to_path_buf(),
+                reason: format!("{what} token id {id} is outside the vocabulary"),
+            });
         }
     }
 

@@ -346,12 +346,11 @@ pub fn explain(view: &View, id: JobId) -> Option<Explanation> {
             reason
         }
     };
-    if let Some(r) = &job.reason {
-        if job.state == JobState::Queued
-            && (r.contains("preempt") || r.contains("retry") || r.contains("restart"))
-        {
-            details.push(format!("Last change: {r}."));
-        }
+    if let Some(r) = &job.reason
+        && job.state == JobState::Queued
+        && (r.contains("preempt") || r.contains("retry") || r.contains("restart"))
+    {
+        details.push(format!("Last change: {r}."));
     }
     Some(Explanation {
         id,

@@ -470,23 +470,22 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         }
 
         // It does not fit now. Preempt lower-priority work if that makes room.
-        if cfg.preemption {
-            if let Some((gpu_ids, victims)) =
+        if cfg.preemption
+            && let Some((gpu_ids, victims)) =
                 gpu_victims(&rooms, &eligible, &input.active, job, need, &preempted)
-            {
-                for v in &victims {
-                    preempted.insert(*v);
-                    out.preempt.push(Preempt {
-                        victim: *v,
-                        for_job: job.id,
-                    });
-                }
-                for i in gpu_ids {
-                    rooms[i].held_for = Some(job.id);
-                }
-                wait(Wait::Preempting { victims });
-                continue;
+        {
+            for v in &victims {
+                preempted.insert(*v);
+                out.preempt.push(Preempt {
+                    victim: *v,
+                    for_job: job.id,
+                });
             }
+            for i in gpu_ids {
+                rooms[i].held_for = Some(job.id);
+            }
+            wait(Wait::Preempting { victims });
+            continue;
         }
         // Held GPUs block this job?
         if let Some(holder) = eligible
@@ -550,18 +549,18 @@ struct UserUse {
 
 impl UserUse {
     fn exceeds(&self, l: &UserLimits, gpus: u32, need: Need) -> Option<String> {
-        if let Some(max) = l.max_running {
-            if self.running >= max {
-                return Some(format!("{} of {max} running jobs", self.running));
-            }
+        if let Some(max) = l.max_running
+            && self.running >= max
+        {
+            return Some(format!("{} of {max} running jobs", self.running));
         }
-        if let Some(max) = l.max_gpus {
-            if self.gpus + gpus > max {
-                return Some(format!(
-                    "{} of {max} GPUs in use, job needs {gpus}",
-                    self.gpus
-                ));
-            }
+        if let Some(max) = l.max_gpus
+            && self.gpus + gpus > max
+        {
+            return Some(format!(
+                "{} of {max} GPUs in use, job needs {gpus}",
+                self.gpus
+            ));
         }
         if let (Some(max), Need::Bytes(b)) = (l.max_vram, need) {
             let want = b * gpus as u64;

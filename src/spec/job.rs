@@ -396,20 +396,20 @@ impl JobSpec {
         }
         for (key, list) in [("only_gpus", &r.only_gpus), ("prefer_gpus", &r.prefer_gpus)] {
             for (i, sel) in list.iter().enumerate() {
-                if let GpuSelector::Uuid(u) = sel {
-                    if u.trim().is_empty() {
-                        issues.push(Issue::new(
-                            format!("resources.{key}[{i}]"),
-                            "a GPU is an index or a UUID such as \"GPU-8f1c...\"",
-                        ));
-                    }
+                if let GpuSelector::Uuid(u) = sel
+                    && u.trim().is_empty()
+                {
+                    issues.push(Issue::new(
+                        format!("resources.{key}[{i}]"),
+                        "a GPU is an index or a UUID such as \"GPU-8f1c...\"",
+                    ));
                 }
             }
         }
-        if let Some(cpus) = r.cpus {
-            if cpus == 0 || cpus > 4096 {
-                issues.push(Issue::new("resources.cpus", "must be between 1 and 4096"));
-            }
+        if let Some(cpus) = r.cpus
+            && (cpus == 0 || cpus > 4096)
+        {
+            issues.push(Issue::new("resources.cpus", "must be between 1 and 4096"));
         }
     }
 
@@ -424,12 +424,13 @@ impl JobSpec {
             }
         };
         if let Some(cmd) = &mut self.command {
-            if let Some(program) = cmd.argv.first_mut() {
-                if program.contains('/') && !Path::new(program.as_str()).is_absolute() {
-                    *program = abs(Path::new(program.as_str()))
-                        .to_string_lossy()
-                        .into_owned();
-                }
+            if let Some(program) = cmd.argv.first_mut()
+                && program.contains('/')
+                && !Path::new(program.as_str()).is_absolute()
+            {
+                *program = abs(Path::new(program.as_str()))
+                    .to_string_lossy()
+                    .into_owned();
             }
             cmd.workdir = Some(match &cmd.workdir {
                 Some(w) => abs(w),
@@ -444,13 +445,13 @@ impl JobSpec {
     pub fn check_paths(&self) -> Vec<Issue> {
         let mut issues = Vec::new();
         if let Some(cmd) = &self.command {
-            if let Some(w) = &cmd.workdir {
-                if !w.is_dir() {
-                    issues.push(Issue::new(
-                        "command.workdir",
-                        format!("{} is not a directory", w.display()),
-                    ));
-                }
+            if let Some(w) = &cmd.workdir
+                && !w.is_dir()
+            {
+                issues.push(Issue::new(
+                    "command.workdir",
+                    format!("{} is not a directory", w.display()),
+                ));
             }
             if let Some(program) = cmd.argv.first() {
                 let path_var = cmd

@@ -482,15 +482,15 @@ pub fn check_template(src: &str) -> Result<(), String> {
 /// preceded by white space; `{{-3}}` is the number -3, not a marker).
 fn strip_trim_markers(action: &str) -> &str {
     let mut body = action;
-    if let Some(rest) = body.strip_prefix('-') {
-        if rest.starts_with(char::is_whitespace) {
-            body = rest;
-        }
+    if let Some(rest) = body.strip_prefix('-')
+        && rest.starts_with(char::is_whitespace)
+    {
+        body = rest;
     }
-    if let Some(rest) = body.strip_suffix('-') {
-        if rest.ends_with(char::is_whitespace) {
-            body = rest;
-        }
+    if let Some(rest) = body.strip_suffix('-')
+        && rest.ends_with(char::is_whitespace)
+    {
+        body = rest;
     }
     body.trim()
 }
@@ -579,14 +579,14 @@ pub fn validate(publish: &PublishSpec) -> Vec<Issue> {
     if let Err(e) = ModelName::parse(&publish.ollama_name) {
         issues.push(Issue::new("publish.ollama_name", e.reason));
     }
-    if let Some(dir) = &publish.models_dir {
-        if !dir.is_absolute() {
-            issues.push(Issue::new(
-                "publish.models_dir",
-                "must be an absolute path, e.g. /usr/share/ollama/.ollama/models (systemd \
+    if let Some(dir) = &publish.models_dir
+        && !dir.is_absolute()
+    {
+        issues.push(Issue::new(
+            "publish.models_dir",
+            "must be an absolute path, e.g. /usr/share/ollama/.ollama/models (systemd \
                  service) or /home/USER/.ollama/models (a user's `ollama serve`)",
-            ));
-        }
+        ));
     }
     if let Some(t) = &publish.template {
         if t.trim().is_empty() {
@@ -625,13 +625,13 @@ pub fn validate(publish: &PublishSpec) -> Vec<Issue> {
         }
     }
     let mut range = |key: &str, v: Option<f64>, lo: f64, hi: f64| {
-        if let Some(v) = v {
-            if !(v.is_finite() && (lo..=hi).contains(&v)) {
-                issues.push(Issue::new(
-                    format!("publish.parameters.{key}"),
-                    format!("must be between {lo} and {hi}"),
-                ));
-            }
+        if let Some(v) = v
+            && !(v.is_finite() && (lo..=hi).contains(&v))
+        {
+            issues.push(Issue::new(
+                format!("publish.parameters.{key}"),
+                format!("must be between {lo} and {hi}"),
+            ));
         }
     };
     range("temperature", p.temperature, 0.0, 100.0);

@@ -496,14 +496,15 @@ fn validate_model(m: &ModelSpec, data: Option<&DataSpec>, issues: &mut Vec<Issue
             if m.intermediate_size == Some(0) {
                 issues.push(Issue::new("model.intermediate_size", "must be > 0"));
             }
-            if let Some(v) = m.vocab_size {
-                if v > 0 && !(260..=1 << 20).contains(&v) {
-                    issues.push(Issue::new(
-                        "model.vocab_size",
-                        "must be between 260 and 1048576 (a byte-level BPE has 256 byte tokens \
+            if let Some(v) = m.vocab_size
+                && v > 0
+                && !(260..=1 << 20).contains(&v)
+            {
+                issues.push(Issue::new(
+                    "model.vocab_size",
+                    "must be between 260 and 1048576 (a byte-level BPE has 256 byte tokens \
                          and special tokens before any merge)",
-                    ));
-                }
+                ));
             }
             match m.max_position_embeddings {
                 Some(0) => issues.push(Issue::new("model.max_position_embeddings", "must be > 0")),
@@ -513,23 +514,23 @@ fn validate_model(m: &ModelSpec, data: Option<&DataSpec>, issues: &mut Vec<Issue
                 )),
                 _ => {}
             }
-            if let Some(t) = m.rope_theta {
-                if !(t.is_finite() && t > 0.0) {
-                    issues.push(Issue::new("model.rope_theta", "must be > 0"));
-                }
+            if let Some(t) = m.rope_theta
+                && !(t.is_finite() && t > 0.0)
+            {
+                issues.push(Issue::new("model.rope_theta", "must be > 0"));
             }
-            if let Some(e) = m.rms_norm_eps {
-                if !(e.is_finite() && e > 0.0 && e < 1.0) {
-                    issues.push(Issue::new("model.rms_norm_eps", "must be > 0 and < 1"));
-                }
+            if let Some(e) = m.rms_norm_eps
+                && !(e.is_finite() && e > 0.0 && e < 1.0)
+            {
+                issues.push(Issue::new("model.rms_norm_eps", "must be > 0 and < 1"));
             }
-            if let Some(r) = m.initializer_range {
-                if !(r.is_finite() && r > 0.0 && r < 10.0) {
-                    issues.push(Issue::new(
-                        "model.initializer_range",
-                        "must be > 0 and < 10",
-                    ));
-                }
+            if let Some(r) = m.initializer_range
+                && !(r.is_finite() && r > 0.0 && r < 10.0)
+            {
+                issues.push(Issue::new(
+                    "model.initializer_range",
+                    "must be > 0 and < 10",
+                ));
             }
         }
     }
@@ -550,21 +551,21 @@ fn validate_data(d: &DataSpec, issues: &mut Vec<Issue>) {
             ));
         }
     }
-    if let Some(s) = d.eval_split {
-        if !(s > 0.0 && s < 1.0) {
-            issues.push(Issue::new(
-                "data.eval_split",
-                "must be a fraction between 0 and 1 (exclusive)",
-            ));
-        }
+    if let Some(s) = d.eval_split
+        && !(s > 0.0 && s < 1.0)
+    {
+        issues.push(Issue::new(
+            "data.eval_split",
+            "must be a fraction between 0 and 1 (exclusive)",
+        ));
     }
-    if let Some(b) = d.block_size {
-        if !(2..=1 << 20).contains(&b) {
-            issues.push(Issue::new(
-                "data.block_size",
-                "must be between 2 and 1048576 tokens",
-            ));
-        }
+    if let Some(b) = d.block_size
+        && !(2..=1 << 20).contains(&b)
+    {
+        issues.push(Issue::new(
+            "data.block_size",
+            "must be between 2 and 1048576 tokens",
+        ));
     }
 }
 
@@ -645,13 +646,13 @@ fn validate_training(a: &TrainingArgs, spec: &JobSpec, issues: &mut Vec<Issue>) 
             "must be > 0 (leave it out to keep every checkpoint)",
         ));
     }
-    if let Some(m) = &a.metric_for_best_model {
-        if !matches!(m.as_str(), "loss" | "eval_loss") {
-            issues.push(Issue::new(
-                k("metric_for_best_model"),
-                format!("unknown metric {m:?}: the worker measures \"loss\" (= \"eval_loss\")"),
-            ));
-        }
+    if let Some(m) = &a.metric_for_best_model
+        && !matches!(m.as_str(), "loss" | "eval_loss")
+    {
+        issues.push(Issue::new(
+            k("metric_for_best_model"),
+            format!("unknown metric {m:?}: the worker measures \"loss\" (= \"eval_loss\")"),
+        ));
     }
     if a.load_best_model_at_end {
         if a.eval_strategy == EvalStrategy::No {
@@ -660,7 +661,9 @@ fn validate_training(a: &TrainingArgs, spec: &JobSpec, issues: &mut Vec<Issue>) 
                 "needs evaluation: set eval_strategy = \"steps\" or \"epoch\"",
             ));
         }
-        if a.eval_strategy == EvalStrategy::Steps && a.save_steps % a.eval_every().max(1) != 0 {
+        if a.eval_strategy == EvalStrategy::Steps
+            && !a.save_steps.is_multiple_of(a.eval_every().max(1))
+        {
             issues.push(Issue::new(
                 k("save_steps"),
                 format!(
@@ -690,13 +693,13 @@ fn validate_training(a: &TrainingArgs, spec: &JobSpec, issues: &mut Vec<Issue>) 
             ),
         ));
     }
-    if let ResumeFrom::Path(p) = &a.resume_from_checkpoint {
-        if p.as_os_str().is_empty() {
-            issues.push(Issue::new(
-                k("resume_from_checkpoint"),
-                "must be \"auto\", a checkpoint directory, or false",
-            ));
-        }
+    if let ResumeFrom::Path(p) = &a.resume_from_checkpoint
+        && p.as_os_str().is_empty()
+    {
+        issues.push(Issue::new(
+            k("resume_from_checkpoint"),
+            "must be \"auto\", a checkpoint directory, or false",
+        ));
     }
 }
 
@@ -742,10 +745,10 @@ pub fn resolve_paths(spec: &mut JobSpec, base_dir: &Path) {
             *p = base_dir.join(&*p);
         }
     };
-    if let Some(m) = &mut spec.model {
-        if let Some(b) = &mut m.base {
-            abs(b);
-        }
+    if let Some(m) = &mut spec.model
+        && let Some(b) = &mut m.base
+    {
+        abs(b);
     }
     if let Some(d) = &mut spec.data {
         abs(&mut d.train_file);
@@ -753,10 +756,10 @@ pub fn resolve_paths(spec: &mut JobSpec, base_dir: &Path) {
             abs(e);
         }
     }
-    if let Some(t) = &mut spec.training {
-        if let ResumeFrom::Path(p) = &mut t.resume_from_checkpoint {
-            abs(p);
-        }
+    if let Some(t) = &mut spec.training
+        && let ResumeFrom::Path(p) = &mut t.resume_from_checkpoint
+    {
+        abs(p);
     }
 }
 
@@ -807,13 +810,13 @@ pub fn check_paths(spec: &JobSpec) -> Vec<Issue> {
             check("data.eval_file", e);
         }
     }
-    if let Some(ResumeFrom::Path(p)) = spec.training.as_ref().map(|t| &t.resume_from_checkpoint) {
-        if !p.is_dir() {
-            issues.push(Issue::new(
-                "training.resume_from_checkpoint",
-                format!("{} is not a directory", p.display()),
-            ));
-        }
+    if let Some(ResumeFrom::Path(p)) = spec.training.as_ref().map(|t| &t.resume_from_checkpoint)
+        && !p.is_dir()
+    {
+        issues.push(Issue::new(
+            "training.resume_from_checkpoint",
+            format!("{} is not a directory", p.display()),
+        ));
     }
     issues
 }

@@ -105,10 +105,10 @@ pub fn load(
             },
         });
     }
-    if std::fs::create_dir_all(cache_dir).is_ok() {
-        if let Err(e) = write_atomic(&cache, &encode_cache(&key, &examples)) {
-            tracing::warn!(error = %e, "could not write the tokenized-data cache");
-        }
+    if std::fs::create_dir_all(cache_dir).is_ok()
+        && let Err(e) = write_atomic(&cache, &encode_cache(&key, &examples))
+    {
+        tracing::warn!(error = %e, "could not write the tokenized-data cache");
     }
     Ok(Dataset { examples, key })
 }

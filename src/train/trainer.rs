@@ -279,13 +279,13 @@ fn run_inner(
         st.pending_steps += 1;
         step_secs.push(t_step.elapsed().as_secs_f64());
 
-        let epoch_end = done % plan.steps_per_epoch == 0;
+        let epoch_end = done.is_multiple_of(plan.steps_per_epoch);
         let evaluate = match args.eval_strategy {
             EvalStrategy::No => false,
-            EvalStrategy::Steps => done % args.eval_every() == 0 || done == total,
+            EvalStrategy::Steps => done.is_multiple_of(args.eval_every()) || done == total,
             EvalStrategy::Epoch => epoch_end || done == total,
         };
-        let save = done % args.save_steps == 0 || done == total;
+        let save = done.is_multiple_of(args.save_steps) || done == total;
         let eval_loss = if evaluate {
             reporter.stage("evaluating")?;
             let l = eval_loss(&sess, &device, compute, args.per_device_eval_batch_size)?;
@@ -306,7 +306,7 @@ fn run_inner(
                 st.best_checkpoint = Some(checkpoint::dir_name(done));
             }
         }
-        let log = done % args.logging_steps == 0
+        let log = done.is_multiple_of(args.logging_steps)
             || (done == 1 && args.logging_first_step)
             || done == total
             || eval_loss.is_some();
@@ -385,25 +385,25 @@ fn run_inner(
             "training finished"
         );
     }
-    if args.load_best_model_at_end {
-        if let Some(best) = &st.best_checkpoint {
-            let dir = ctx.checkpoint_dir.join(best);
-            checkpoint::verify(&dir).map_err(|reason| TrainError::Checkpoint {
-                path: dir.clone(),
-                reason: format!("best checkpoint unusable: {reason}"),
-            })?;
-            let loaded = checkpoint::load(&dir, &device)?;
-            for p in &sess.params {
-                let t = loaded
-                    .weights
-                    .get(&p.name)
-                    .ok_or_else(|| TrainError::MissingTensor {
-                        name: p.name.clone(),
-                    })?;
-                p.var.set(t)?;
-            }
-            tracing::info!(checkpoint = %dir.display(), metric = ?st.best_metric, "loaded the best model");
+    if args.load_best_model_at_end
+        && let Some(best) = &st.best_checkpoint
+    {
+        let dir = ctx.checkpoint_dir.join(best);
+        checkpoint::verify(&dir).map_err(|reason| TrainError::Checkpoint {
+            path: dir.clone(),
+            reason: format!("best checkpoint unusable: {reason}"),
+        })?;
+        let loaded = checkpoint::load(&dir, &device)?;
+        for p in &sess.params {
+            let t = loaded
+                .weights
+                .get(&p.name)
+                .ok_or_else(|| TrainError::MissingTensor {
+                    name: p.name.clone(),
+                })?;
+            p.var.set(t)?;
         }
+        tracing::info!(checkpoint = %dir.display(), metric = ?st.best_metric, "loaded the best model");
     }
     reporter.stage("saving")?;
     save_pretrained(
@@ -433,14 +433,14 @@ fn find_resume(
             Some((p.clone(), state))
         }
     };
-    if let Some((dir, state)) = &found {
-        if state.spec_hash != hash {
-            return Err(TrainError::CheckpointMismatch {
-                path: dir.clone(),
-                expected: hash[..12].to_string(),
-                found: state.spec_hash.chars().take(12).collect(),
-            });
-        }
+    if let Some((dir, state)) = &found
+        && state.spec_hash != hash
+    {
+        return Err(TrainError::CheckpointMismatch {
+            path: dir.clone(),
+            expected: hash[..12].to_string(),
+            found: state.spec_hash.chars().take(12).collect(),
+        });
     }
     Ok(found)
 }

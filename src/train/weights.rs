@@ -97,7 +97,7 @@ pub fn write_safetensors(
     }
     let mut h = serde_json::to_vec(&header).expect("header serializes");
     // The format pads the header with spaces to an 8-byte boundary.
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let io = |e| TrainError::io(Path::new("safetensors"), e);

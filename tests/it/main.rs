@@ -5,3 +5,5 @@ mod basics;
 mod daemon;
 mod durability;
 mod errors;
+mod sched;
+mod train;

@@ -1,0 +1,225 @@
+//! Placement and policy on fake GPU inventories, through the real daemon.
+
+use std::time::{Duration, Instant};
+
+use jobd::spec::JobState;
+
+use crate::daemon::*;
+
+fn explain(d: &TestDaemon, id: u64) -> String {
+    let out = d.jobctl(&["explain", &id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+}
+
+fn gpu_job(d: &TestDaemon, name: &str, vram: &str, priority: i32, script: &str) -> u64 {
+    let f = d.write(
+        &format!("{name}.toml"),
+        &command_job(
+            script,
+            &format!(
+                "name = \"{name}\"\npriority = {priority}\n[resources]\ngpus = 1\nvram = \"{vram}\""
+            ),
+        ),
+    );
+    d.submit(&f)
+}
+
+/// Two 10 GiB jobs share one 24 GiB GPU; a third waits, and explain says why with numbers.
+#[test]
+fn small_jobs_share_a_gpu_and_the_rest_wait_with_a_reason() {
+    let d = TestDaemon::start(&["--gpus", "fake:24GiB"]);
+    let a = gpu_job(&d, "a", "10GiB", 0, "sleep 30");
+    let b = gpu_job(&d, "b", "10GiB", 0, "sleep 30");
+    let c = gpu_job(&d, "c", "10GiB", 0, "sleep 30");
+    d.wait_state(a, JobState::Running, Duration::from_secs(10));
+    d.wait_state(b, JobState::Running, Duration::from_secs(10));
+    assert_eq!(d.state(c), JobState::Queued);
+    let x = explain(&d, c);
+    assert!(
+        x.contains("needs 10GiB on one GPU") && x.contains("GPU 0 with 3.8GiB free"),
+        "{x}"
+    );
+    let list = stdout(&d.jobctl(&["list"]));
+    assert!(
+        list.contains("vram: 10GiB"),
+        "list shows the short reason:\n{list}"
+    );
+    let gpus = stdout(&d.jobctl(&["gpus"]));
+    assert!(
+        gpus.contains("20GiB") && gpus.contains("1:root") || gpus.contains(&format!("{a}:")),
+        "{gpus}"
+    );
+    // When one finishes, the waiting job starts at once (event-driven).
+    assert!(d.jobctl(&["cancel", &a.to_string()]).status.success());
+    d.wait_state(c, JobState::Running, Duration::from_secs(10));
+}
+
+/// A 30 GiB job waits for the 80 GiB card (never the 24 GiB one); an impossible one is refused.
+#[test]
+fn a_large_job_waits_for_the_big_card() {
+    let d = TestDaemon::start(&["--gpus", "fake:24GiB,80GiB"]);
+    let big = gpu_job(&d, "big", "60GiB", 0, "sleep 30");
+    d.wait_state(big, JobState::Running, Duration::from_secs(10));
+    assert_eq!(d.job(big).record.placement.unwrap().gpus[0].index, 1);
+    let mid = gpu_job(&d, "mid", "30GiB", 0, "echo ran on $CUDA_VISIBLE_DEVICES");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        d.state(mid),
+        JobState::Queued,
+        "30 GiB does not fit the 24 GiB card"
+    );
+    assert!(
+        explain(&d, mid).contains("needs 30GiB"),
+        "{}",
+        explain(&d, mid)
+    );
+    assert!(d.jobctl(&["cancel", &big.to_string()]).status.success());
+    let out = d.jobctl(&["wait", &mid.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&d.jobctl(&["logs", &mid.to_string()])), "ran on 1\n");
+    let f = d.write(
+        "huge.toml",
+        &command_job("true", "[resources]\ngpus = 1\nvram = \"100GiB\""),
+    );
+    let out = d.jobctl(&["submit", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("largest eligible GPU has 80GiB"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A high-priority job preempts a low one within seconds; the low one checkpoints (exit 75),
+/// is requeued at once and completes later.
+#[test]
+fn preemption_requeues_and_resumes_the_low_priority_job() {
+    let d = TestDaemon::start(&["--gpus", "fake:24GiB"]);
+    let state_file = d.path("low.state");
+    let low = gpu_job(
+        &d,
+        "low",
+        "20GiB",
+        0,
+        &format!(
+            "n=$(cat {0} 2>/dev/null || echo 0); echo attempt $JOBD_ATTEMPT resumes at $n; \
+             trap 'echo $n > {0}; echo checkpointed; exit 75' TERM; \
+             while [ $n -lt 6 ]; do n=$((n+1)); echo $n > {0}; sleep 0.2; done; echo done",
+            state_file.display()
+        ),
+    );
+    d.wait_state(low, JobState::Running, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let high = gpu_job(&d, "high", "20GiB", 10, "echo high ran; sleep 0.5");
+    d.wait_state(high, JobState::Running, Duration::from_secs(10));
+    let preempt_to_running = t.elapsed();
+    assert!(
+        preempt_to_running < Duration::from_secs(3),
+        "preemption took {preempt_to_running:?}"
+    );
+    let out = d.jobctl(&["wait", &high.to_string(), &low.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = stdout(&d.jobctl(&["logs", &low.to_string()]));
+    assert!(log.contains("checkpointed"), "{log}");
+    assert!(log.contains("attempt 2 resumes at"), "{log}");
+    assert!(log.trim_end().ends_with("done"), "{log}");
+    let events = d.events(low);
+    assert!(
+        events.iter().any(|e| e.state == JobState::Interrupted
+            && e.reason.contains(&format!("preempted for job {high}"))),
+        "{events:?}"
+    );
+}
+
+/// depends_on waits for success and fails the dependent when the dependency fails; retries by
+/// exit code with backoff, then fail.
+#[test]
+fn dependencies_and_retries() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let first = d.submit(&d.write("first.toml", &command_job("sleep 0.5; exit 0", "")));
+    let after = d.submit(&d.write(
+        "after.toml",
+        &command_job("echo after", &format!("depends_on = [{first}]")),
+    ));
+    assert!(
+        explain(&d, after).contains(&format!("waits for job {first} to succeed")),
+        "{}",
+        explain(&d, after)
+    );
+    let out = d.jobctl(&["wait", &after.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bad = d.submit(&d.write("bad.toml", &command_job("exit 4", "")));
+    let dep = d.submit(&d.write(
+        "dep.toml",
+        &command_job("echo never", &format!("depends_on = [{bad}]")),
+    ));
+    d.wait_state(dep, JobState::Failed, Duration::from_secs(10));
+    assert!(
+        d.job(dep)
+            .record
+            .reason
+            .unwrap()
+            .contains(&format!("dependency job {bad} failed"))
+    );
+
+    let flaky = d.submit(&d.write(
+        "flaky.toml",
+        &command_job(
+            "echo try $JOBD_ATTEMPT; exit 3",
+            "[retry]\nmax = 2\non_exit_codes = [3]\nbackoff = \"1s\"",
+        ),
+    ));
+    wait_for("a retry backoff", Duration::from_secs(10), || {
+        explain(&d, flaky).contains("before its next retry")
+    });
+    d.wait_state(flaky, JobState::Failed, Duration::from_secs(20));
+    let v = d.job(flaky).record;
+    assert_eq!((v.attempts, v.retries), (3, 2));
+    assert_eq!(
+        stdout(&d.jobctl(&["logs", &flaky.to_string()])),
+        "try 1\ntry 2\ntry 3\n"
+    );
+    let other = d.submit(&d.write(
+        "other.toml",
+        &command_job("exit 5", "[retry]\nmax = 2\non_exit_codes = [3]"),
+    ));
+    d.wait_state(other, JobState::Failed, Duration::from_secs(10));
+    assert_eq!(d.job(other).record.attempts, 1, "exit 5 is not retried");
+}
+
+/// Waiting reasons for user limits and CPU slots, in explain and list.
+#[test]
+fn explain_names_limits_and_slots() {
+    let d = TestDaemon::start_with_config(
+        &["--gpus", "fake:80GiB", "--max-cpu-jobs", "1"],
+        "[scheduler.limits.default]\nmax_running = 1\n",
+    );
+    let a = gpu_job(&d, "a", "10GiB", 0, "sleep 30");
+    let b = gpu_job(&d, "b", "10GiB", 0, "sleep 30");
+    d.wait_state(a, JobState::Running, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        explain(&d, b).contains("its owner is at a limit: 1 of 1 running jobs"),
+        "{}",
+        explain(&d, b)
+    );
+    assert!(
+        d.jobctl(&["cancel", &a.to_string(), &b.to_string()])
+            .status
+            .success()
+    );
+    let c = d.submit(&d.write("c.toml", &command_job("sleep 30", "")));
+    d.wait_state(c, JobState::Running, Duration::from_secs(10));
+    let d2 = TestDaemon::start(&["--gpus", "none", "--max-cpu-jobs", "1"]);
+    let x = d2.submit(&d2.write("x.toml", &command_job("sleep 30", "")));
+    let y = d2.submit(&d2.write("y.toml", &command_job("sleep 30", "")));
+    d2.wait_state(x, JobState::Running, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        explain(&d2, y).contains("all 1 CPU job slots are in use"),
+        "{}",
+        explain(&d2, y)
+    );
+}

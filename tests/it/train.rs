@@ -1,0 +1,251 @@
+//! Train jobs through the real daemon: the tiny demo learns, publishes and answers held-out
+//! prompts; interrupted runs (cancel + requeue, kill -9 of the worker, kill -9 of jobd) end
+//! bit-identical to uninterrupted ones.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use jobd::spec::JobState;
+
+use crate::daemon::*;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn metrics(d: &TestDaemon, id: u64) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(d.state.join(format!("jobs/{id}/metrics.jsonl")))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The tiny demo through the daemon: eval loss falls below a quarter of the first training
+/// loss, the model is published into the Ollama store, and `jobd generate` answers held-out
+/// prompts (never seen in training) correctly.
+#[test]
+fn tiny_job_learns_publishes_and_answers_held_out_prompts() {
+    let models = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start(&[
+        "--gpus",
+        "none",
+        "--ollama-models",
+        models.path().to_str().unwrap(),
+    ]);
+    let tiny = repo().join("jobs/tiny.toml");
+    let out = d.jobctl(&["submit", "--follow", tiny.to_str().unwrap()]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("step 400/400"),
+        "progress lines in the job's output:\n{}",
+        stdout(&out)
+    );
+    let id = 1;
+    let m = metrics(&d, id);
+    let first = m[0]["loss"].as_f64().unwrap();
+    let eval = m
+        .iter()
+        .rev()
+        .find_map(|r| r["eval_loss"].as_f64())
+        .unwrap();
+    assert!(eval < first / 4.0, "eval loss {eval} vs first loss {first}");
+
+    let job = d.job(id).record;
+    assert_eq!(job.state, JobState::Succeeded);
+    let published = job.published.expect("published");
+    assert_eq!(published.name, "jobd/tiny-shift:latest");
+    assert_eq!(published.run_command, "ollama run jobd/tiny-shift:latest");
+    assert!(
+        models
+            .path()
+            .join("manifests/registry.ollama.ai/jobd/tiny-shift/latest")
+            .exists()
+    );
+    let show = stdout(&d.jobctl(&["show", &id.to_string()]));
+    assert!(show.contains("ollama run jobd/tiny-shift"), "{show}");
+    let events = d.events(id);
+    assert!(
+        events.iter().any(|e| e.state == JobState::Publishing),
+        "publishing is a visible stage"
+    );
+    let listing = stdout(&d.jobctl(&["models"]));
+    assert!(listing.contains("jobd/tiny-shift:latest"), "{listing}");
+
+    let output = d.state.join(format!("jobs/{id}/output"));
+    let eval_file = std::fs::read_to_string(repo().join("jobs/data/tiny_eval.jsonl")).unwrap();
+    let (mut right, mut total) = (0, 0);
+    for line in eval_file.lines().take(20) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (prompt, want) = (
+            v["prompt"].as_str().unwrap(),
+            v["completion"].as_str().unwrap(),
+        );
+        let out = Command::new(JOBD)
+            .args([
+                "generate",
+                "--model",
+                output.to_str().unwrap(),
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "5",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        total += 1;
+        if stdout(&out).starts_with(want) {
+            right += 1;
+        }
+    }
+    assert!(
+        right * 10 >= total * 9,
+        "{right} of {total} held-out prompts answered correctly"
+    );
+}
+
+/// A job file for a short variant of the demo (120 steps, a checkpoint every 10).
+fn short_job(dir: &Path, seed: u64) -> String {
+    let data = repo().join("jobs/data");
+    let text = std::fs::read_to_string(repo().join("jobs/tiny.toml")).unwrap();
+    let text = text.split("[publish]").next().unwrap().to_string();
+    let text = text
+        .replace("data/tiny_", &format!("{}/tiny_", data.display()))
+        .replace("max_steps = 400", "max_steps = 120")
+        .replace("save_steps = 100", "save_steps = 10")
+        .replace("logging_steps = 25", "logging_steps = 10")
+        .replace("eval_steps = 100", "eval_steps = 40")
+        .replace("save_total_limit = 2", "save_total_limit = 3")
+        .replace("seed = 1", &format!("seed = {seed}"));
+    let _ = dir;
+    format!("{text}\n[retry]\nmax = 5\nbackoff = \"0s\"\n")
+}
+
+fn step(d: &TestDaemon, id: u64) -> u64 {
+    std::fs::read(d.state.join(format!("jobs/{id}/progress.json")))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["step"].as_u64())
+        .unwrap_or(0)
+}
+
+fn wait_step(d: &TestDaemon, id: u64, at_least: u64) {
+    wait_for(
+        &format!("job {id} to reach step {at_least}"),
+        Duration::from_secs(120),
+        || d.state(id) == JobState::Running && step(d, id) >= at_least,
+    );
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Interruption {
+    /// `jobctl cancel` (SIGTERM: the worker checkpoints) then `jobctl requeue`.
+    CancelRequeue,
+    /// kill -9 of the worker: `[retry]` requeues it; it resumes from its last checkpoint.
+    KillWorker,
+    /// kill -9 of the daemon, then a restart: recovery stops the orphaned worker and requeues.
+    KillDaemon,
+}
+
+/// Deterministic fields of the metrics records (wall-clock fields differ run to run).
+fn deterministic(m: &[serde_json::Value]) -> Vec<String> {
+    m.iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {} {} {}",
+                r["step"],
+                r["epoch"],
+                r["loss"],
+                r["learning_rate"],
+                r["grad_norm"],
+                r["eval_loss"]
+            )
+        })
+        .collect()
+}
+
+fn interrupted_run_is_bit_identical(seed: u64, schedule: &[(u64, Interruption)]) {
+    let mut d = TestDaemon::start(&[
+        "--gpus",
+        "none",
+        "--max-cpu-jobs",
+        "1",
+        "--grace-period",
+        "20s",
+    ]);
+    let file = d.write("short.toml", &short_job(d.dir.path(), seed));
+    let reference = d.submit(&file);
+    let out = d.jobctl(&["wait", &reference.to_string()]);
+    assert!(out.status.success(), "reference run: {}", stderr(&out));
+
+    let id = d.submit(&file);
+    for (at, how) in schedule {
+        wait_step(&d, id, *at);
+        match how {
+            Interruption::CancelRequeue => {
+                assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
+                d.wait_state(id, JobState::Cancelled, Duration::from_secs(30));
+                let out = d.jobctl(&["requeue", &id.to_string()]);
+                assert!(out.status.success(), "{}", stderr(&out));
+            }
+            Interruption::KillWorker => {
+                let pid = d.job(id).record.process.expect("running worker").pid;
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .unwrap();
+            }
+            Interruption::KillDaemon => {
+                d.kill9();
+                d.restart();
+            }
+        }
+    }
+    let out = d.jobctl(&["wait", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "interrupted run: {}\n{}",
+        stderr(&out),
+        d.log()
+    );
+
+    let weights = |job: u64| {
+        std::fs::read(d.state.join(format!("jobs/{job}/output/model.safetensors"))).unwrap()
+    };
+    assert!(
+        weights(id) == weights(reference),
+        "final weights are bit-identical (seed {seed}, {schedule:?})"
+    );
+    assert_eq!(
+        deterministic(&metrics(&d, id)),
+        deterministic(&metrics(&d, reference)),
+        "the same metrics records"
+    );
+    let log = std::fs::read_to_string(d.state.join(format!("jobs/{id}/stderr.log"))).unwrap();
+    assert!(
+        log.matches("resumed from step").count() >= schedule.len(),
+        "each restart resumed:\n{log}"
+    );
+    let _ = d.pid();
+}
+
+#[test]
+fn interruptions_seed_1_end_bit_identical() {
+    use Interruption::*;
+    interrupted_run_is_bit_identical(
+        1,
+        &[(25, CancelRequeue), (55, KillWorker), (85, KillDaemon)],
+    );
+}
+
+#[test]
+fn interruptions_seed_2_end_bit_identical() {
+    use Interruption::*;
+    interrupted_run_is_bit_identical(
+        2,
+        &[(15, KillDaemon), (47, KillWorker), (95, CancelRequeue)],
+    );
+}
