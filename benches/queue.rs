@@ -164,23 +164,19 @@ fn daemon_bench() {
     let mut lat = Vec::new();
     rt.block_on(async {
         let c = d.client();
-        for i in 0..200 {
-            let stamp = base.join(format!("stamp-{i}"));
-            let job = format!(
-                "kind = \"command\"\n[resources]\ngpus = 1\nvram = \"1GiB\"\n[command]\nargv = [\"/bin/date\", \"+%s%N\"]\n"
-            );
+        for _ in 0..200 {
+            let job = "kind = \"command\"\n[resources]\ngpus = 1\nvram = \"1GiB\"\n[command]\nargv = [\"/bin/date\", \"+%s%N\"]\n";
             let t0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as f64;
-            let v: JobView = c.post("/jobs", &request(&job, &base)).await.unwrap();
+            let v: JobView = c.post("/jobs", &request(job, &base)).await.unwrap();
             let out = base.join(format!("state/jobs/{}/stdout.log", v.record.id));
             let started = loop {
-                if let Ok(s) = std::fs::read_to_string(&out) {
-                    if let Ok(ns) = s.trim().parse::<f64>() {
-                        break ns;
-                    }
+                if let Ok(s) = std::fs::read_to_string(&out)
+                    && let Ok(ns) = s.trim().parse::<f64>()
+                {
+                    break ns;
                 }
                 tokio::time::sleep(Duration::from_micros(200)).await;
             };
-            let _ = stamp;
             lat.push((started - t0) / 1e6);
         }
     });
@@ -321,6 +317,9 @@ fn record(j: &TraceJob) -> JobRecord {
         training: None,
         lora: None,
         publish: None,
+        schedule: None,
+        overlap: None,
+        catch_up: None,
         base_dir: None,
     };
     let t = (j.arrival * 1000.0) as Millis;
@@ -354,6 +353,7 @@ fn record(j: &TraceJob) -> JobRecord {
         vram_estimate: None,
         vram_peak: None,
         gpu_seconds: 0.0,
+        schedule_id: None,
         published: None,
         event_count: 0,
     }

@@ -19,5 +19,10 @@ if ! need node || ! need npm; then
   fi
 fi
 
+if ! need systemd-analyze && need apt-get; then
+  echo "installing systemd for systemd-analyze verify of dist/jobd.service"
+  (apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd) >/dev/null || echo "warning: could not install systemd"
+fi
+
 cargo build --locked --all-targets
 cargo test --locked --all-targets "$@"

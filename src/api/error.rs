@@ -67,7 +67,9 @@ impl IntoResponse for ApiError {
 impl From<SchedError> for ApiError {
     fn from(e: SchedError) -> Self {
         let (status, code) = match &e {
-            SchedError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            SchedError::NotFound(_) | SchedError::ScheduleNotFound(_) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
             SchedError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             SchedError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_job"),
             SchedError::Infeasible(_) => (StatusCode::UNPROCESSABLE_ENTITY, "never_fits"),

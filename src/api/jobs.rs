@@ -22,7 +22,7 @@ use crate::spec::api::{
 };
 use crate::spec::contract::files;
 use crate::spec::job::parse_and_resolve;
-use crate::spec::{Caller, JobId, JobKind, JobRecord, JobState};
+use crate::spec::{Caller, JobId, JobKind, JobRecord, JobSpec, JobState};
 
 /// A job id from the URL, with a clear error for anything else.
 pub struct JobIdPath(JobId);
@@ -46,18 +46,29 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for JobIdPath {
     }
 }
 
-/// The job as `caller` may see it: others' environment values and job file are hidden.
-pub fn job_view(rec: &JobRecord, caller: &Caller, view: &View, jobs_dir: &Path) -> JobView {
-    let mut record = rec.clone();
-    if !caller.may_change(&rec.owner.user)
-        && let Some(cmd) = &mut record.spec.command
+/// Hides environment values (and so the job file text) from callers who do not own the job:
+/// they may hold secrets such as API keys.
+pub(super) fn redact(caller: &Caller, owner: &str, spec: &mut JobSpec, source: &mut String) {
+    if !caller.may_change(owner)
+        && let Some(cmd) = &mut spec.command
         && !cmd.env.is_empty()
     {
         for v in cmd.env.values_mut() {
             *v = "(hidden)".into();
         }
-        record.source = "# hidden: this job file sets environment variables; only its owner and admins see it\n".into();
+        *source = "# hidden: this job file sets environment variables; only its owner and admins see it\n".into();
     }
+}
+
+/// The job as `caller` may see it (see [`redact`]).
+pub fn job_view(rec: &JobRecord, caller: &Caller, view: &View, jobs_dir: &Path) -> JobView {
+    let mut record = rec.clone();
+    redact(
+        caller,
+        &rec.owner.user,
+        &mut record.spec,
+        &mut record.source,
+    );
     let progress = (rec.kind == JobKind::Train && rec.attempts > 0)
         .then(|| sched::read_progress(&rec.dir(jobs_dir)))
         .flatten();
@@ -69,7 +80,7 @@ pub fn job_view(rec: &JobRecord, caller: &Caller, view: &View, jobs_dir: &Path) 
     }
 }
 
-fn submission(req: SubmitRequest) -> Result<Submission, ApiError> {
+pub(super) fn submission(req: SubmitRequest) -> Result<Submission, ApiError> {
     let base = req.base_dir.ok_or_else(|| {
         ApiError::bad_request("base_dir is required: the absolute directory the job file's relative paths resolve against")
     })?;

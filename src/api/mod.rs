@@ -9,6 +9,7 @@ mod error;
 pub mod follow;
 pub mod identity;
 mod jobs;
+mod schedules;
 
 use std::sync::Arc;
 
@@ -59,6 +60,12 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/metrics", get(jobs::metrics))
         .route("/models", get(jobs::models))
         .route("/gpus", get(jobs::gpus))
+        .route("/schedules", get(schedules::list).post(schedules::create))
+        .route(
+            "/schedules/{id}",
+            get(schedules::get_one).delete(schedules::delete),
+        )
+        .route("/schedules/{id}/{action}", post(schedules::action))
         .fallback(|| async { ApiError::not_found("no such API endpoint") });
     Router::new()
         .nest(crate::spec::api::PREFIX, api)

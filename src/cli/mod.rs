@@ -7,6 +7,7 @@ mod jobs;
 mod list;
 mod logs;
 mod models;
+mod schedules;
 mod show;
 mod submit;
 
@@ -77,6 +78,12 @@ pub enum Command {
     Export(models::ExportArgs),
     /// List the models in the daemon's Ollama store, as `ollama list` would.
     Models,
+    /// List recurring schedules with their next run.
+    Schedules,
+    /// Pause, resume, delete or run a schedule now.
+    Schedule(schedules::ScheduleArgs),
+    /// Print the jobctl man page (roff), e.g. `jobctl man > jobctl.1`.
+    Man,
     /// Show who the daemon thinks you are.
     Whoami,
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
@@ -119,6 +126,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
         clap_complete::generate(shell, &mut Cli::command(), "jobctl", &mut std::io::stdout());
         return Ok(true);
     }
+    if let Command::Man = cli.command {
+        clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+        return Ok(true);
+    }
     if let Command::Validate(args) = &cli.command {
         return submit::validate(args, &out);
     }
@@ -138,8 +149,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
         Command::Publish(args) => models::publish(&client, &args, &out).await,
         Command::Export(args) => models::export(&client, &args, &out).await,
         Command::Models => models::models(&client, &out).await,
+        Command::Schedules => schedules::list(&client, &out).await,
+        Command::Schedule(args) => schedules::action(&client, &args, &out).await,
         Command::Whoami => jobs::whoami(&client, &out).await,
-        Command::Validate(_) | Command::Completions { .. } => unreachable!("handled above"),
+        Command::Validate(_) | Command::Completions { .. } | Command::Man => {
+            unreachable!("handled above")
+        }
     }
 }
 

@@ -35,6 +35,9 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
     if let Some(p) = &r.source_path {
         lines.push(("job file", p.display().to_string()));
     }
+    if let Some(sid) = r.schedule_id {
+        lines.push(("schedule", format!("{sid} (jobctl schedules)")));
+    }
     if let Some(cmd) = &r.spec.command {
         lines.push(("command", shell_words(&cmd.argv)));
         if let Some(w) = &cmd.workdir {

@@ -78,7 +78,31 @@ pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
 }
 
 pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow::Result<bool> {
-    let (req, _) = load(&args.file)?;
+    let (req, spec) = load(&args.file)?;
+    if let Some(expr) = &spec.schedule {
+        // A job file with a schedule creates a recurring schedule, not a job.
+        let s: crate::spec::api::ScheduleView = client.post("/schedules", &req).await?;
+        if out.json {
+            out.print_json(&s)?;
+        } else {
+            let next = s
+                .record
+                .next_fire
+                .map(super::when)
+                .unwrap_or_else(|| "never".into());
+            eprintln!(
+                "created schedule {} ({}): \"{expr}\", next run {next}",
+                s.record.id, s.record.name
+            );
+            println!("{}", s.record.id);
+        }
+        if args.follow {
+            eprintln!(
+                "(--follow does not apply to a schedule; follow its jobs with jobctl logs -f)"
+            );
+        }
+        return Ok(true);
+    }
     let job: JobView = client.post("/jobs", &req).await?;
     let id = job.record.id;
     if out.json && !args.follow {

@@ -47,6 +47,8 @@ pub struct ConfigFile {
     pub public_logs: Option<bool>,
     /// Default Ollama models directory for `[publish]`.
     pub ollama_models: Option<PathBuf>,
+    /// The zone recurring jobs' cron expressions are read in: "utc" (default) or "local".
+    pub schedule_timezone: Option<crate::spec::schedule::ScheduleTz>,
     #[serde(default)]
     pub scheduler: SchedulerFile,
 }
@@ -195,6 +197,7 @@ pub struct Config {
     pub anonymous_read: bool,
     pub public_logs: bool,
     pub ollama_models: Option<PathBuf>,
+    pub schedule_timezone: crate::spec::schedule::ScheduleTz,
     pub scheduler: SchedulerConfig,
     /// The config file used, if any.
     pub source: Option<PathBuf>,
@@ -343,6 +346,7 @@ impl Config {
             anonymous_read: file.anonymous_read.unwrap_or(true),
             public_logs: file.public_logs.unwrap_or(false),
             ollama_models: file.ollama_models.clone(),
+            schedule_timezone: file.schedule_timezone.unwrap_or_default(),
             scheduler: SchedulerConfig {
                 vram_margin: s.vram_margin.map_or(defaults.vram_margin, |b| b.0),
                 starvation_after: s

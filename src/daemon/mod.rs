@@ -18,6 +18,8 @@ use crate::sched::{self, SchedSettings, Scheduler};
 use crate::spec::now_ms;
 use crate::store::Store;
 
+mod systemd;
+
 /// Runs the daemon until `shutdown` is cancelled; returns after every worker has stopped.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     prepare_dirs(&config)?;
@@ -53,6 +55,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .context("cannot find the jobd executable for workers")?,
         run_as_owner: crate::config::running_as_root(),
         ollama_models: config.ollama_models.clone(),
+        schedule_tz: config.schedule_timezone,
     };
     let (scheduler, handle) = Scheduler::start(store, inventory, settings)
         .await
@@ -102,9 +105,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }));
     }
     info!(state_dir = %config.state_dir.display(), "jobd ready");
+    systemd::ready(&systemd::status_line(&handle));
+    let keepalive = CancellationToken::new();
+    systemd::spawn_keepalive(handle.clone(), keepalive.clone());
 
     shutdown.cancelled().await;
     info!("stopping: no new connections");
+    systemd::stopping();
     stop_serving.cancel();
     sched::shutdown(&handle).await;
     // Followers (log streams) would keep graceful shutdown waiting forever: give open requests
@@ -117,6 +124,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             warn!("closing open streams");
         }
     }
+    keepalive.cancel();
     drop(sched_task);
     let _ = std::fs::remove_file(&config.socket);
     let _ = std::fs::remove_file(config.state_dir.join("http.addr"));

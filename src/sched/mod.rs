@@ -13,6 +13,7 @@
 
 pub mod plan;
 mod recovery;
+mod schedules;
 mod usage;
 mod worker_env;
 
@@ -31,12 +32,14 @@ use crate::spec::api::JobChange;
 use crate::spec::contract::{self, EXIT_PREEMPTED, Progress};
 use crate::spec::record::PublishedModel;
 use crate::spec::record::{ExitInfo, Placement, RECORD_VERSION, StopKind};
+use crate::spec::schedule::ScheduleRecord;
 use crate::spec::{
     Caller, JobEvent, JobId, JobKind, JobRecord, JobSpec, JobState, Millis, Owner, now_ms,
 };
 use crate::store::{Change, Store, StoreError};
 
 pub use plan::{Need, Wait, Waiting};
+pub use schedules::ScheduleAction;
 
 /// What the scheduler needs to know about its surroundings.
 #[derive(Debug, Clone)]
@@ -51,6 +54,8 @@ pub struct SchedSettings {
     pub run_as_owner: bool,
     /// Default Ollama models directory for `[publish]`.
     pub ollama_models: Option<PathBuf>,
+    /// The zone cron expressions are read in.
+    pub schedule_tz: crate::spec::schedule::ScheduleTz,
 }
 
 /// Errors answered to callers.
@@ -58,6 +63,8 @@ pub struct SchedSettings {
 pub enum SchedError {
     #[error("job {0} not found")]
     NotFound(JobId),
+    #[error("schedule {0} not found")]
+    ScheduleNotFound(u64),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -134,6 +141,21 @@ enum Msg {
         overrides: PublishOverrides,
         reply: Reply<JobRecord>,
     },
+    CreateSchedule {
+        caller: Caller,
+        owner: Owner,
+        sub: Box<Submission>,
+        reply: Reply<ScheduleRecord>,
+    },
+    ScheduleAction {
+        caller: Caller,
+        id: u64,
+        action: ScheduleAction,
+        reply: Reply<ScheduleRecord>,
+    },
+    Ping {
+        reply: oneshot::Sender<()>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -143,6 +165,7 @@ enum Msg {
 #[derive(Debug, Default)]
 pub struct View {
     pub jobs: BTreeMap<JobId, Arc<JobRecord>>,
+    pub schedules: Arc<BTreeMap<u64, ScheduleRecord>>,
     pub waiting: HashMap<JobId, Waiting>,
     pub gpus: Option<Snapshot>,
     pub now: Millis,
@@ -246,6 +269,38 @@ impl SchedHandle {
         .await
     }
 
+    /// Creates a recurring schedule from a job file with `schedule = "..."`.
+    pub async fn create_schedule(
+        &self,
+        caller: &Caller,
+        owner: Owner,
+        sub: Submission,
+    ) -> Result<ScheduleRecord, SchedError> {
+        self.ask(|reply| Msg::CreateSchedule {
+            caller: caller.clone(),
+            owner,
+            sub: Box::new(sub),
+            reply,
+        })
+        .await
+    }
+
+    /// Pauses, resumes, deletes or runs a schedule now.
+    pub async fn schedule_action(
+        &self,
+        caller: &Caller,
+        id: u64,
+        action: ScheduleAction,
+    ) -> Result<ScheduleRecord, SchedError> {
+        self.ask(|reply| Msg::ScheduleAction {
+            caller: caller.clone(),
+            id,
+            action,
+            reply,
+        })
+        .await
+    }
+
     /// Puts a failed or cancelled job back in the queue.
     pub async fn requeue(&self, caller: &Caller, id: JobId) -> Result<JobRecord, SchedError> {
         self.ask(|reply| Msg::Requeue {
@@ -254,6 +309,13 @@ impl SchedHandle {
             reply,
         })
         .await
+    }
+
+    /// Answers when the event loop has gone round once: proof that it is alive (for the
+    /// systemd watchdog).
+    pub async fn ping(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Ping { reply: tx }).await.is_ok() && rx.await.is_ok()
     }
 
     /// The current snapshot.
@@ -377,6 +439,11 @@ pub struct Scheduler {
     shutting_down: Option<oneshot::Sender<()>>,
     /// Jobs whose model is being published (shutdown waits for them).
     publishing: HashSet<JobId>,
+    schedules: BTreeMap<u64, ScheduleRecord>,
+    /// When this daemon started: schedule firings due before it were missed.
+    started_at: Millis,
+    /// A schedule changed in this batch (the view's copy must be rebuilt).
+    schedules_changed: bool,
     /// Changes made in the current batch, published after the flush.
     pending: Vec<JobChange>,
 }
@@ -415,12 +482,23 @@ impl Scheduler {
             waiting: HashMap::new(),
             shutting_down: None,
             publishing: HashSet::new(),
+            schedules: BTreeMap::new(),
+            started_at: now_ms(),
+            schedules_changed: true,
             pending: Vec::new(),
         };
         for job in s.jobs.values() {
             s.usage.record_finished(job);
         }
         recovery::recover(&mut s).await?;
+        s.schedules = s
+            .store
+            .all_schedules()?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
+        // Missed firings (the daemon was down) run once now, if their schedule says so.
+        s.fire_due(now_ms());
         s.store.flush().await?;
         s.replan();
         s.store.flush().await?;
@@ -453,6 +531,7 @@ impl Scheduler {
                 break;
             }
             if self.shutting_down.is_none() {
+                self.fire_due(now_ms());
                 self.replan();
             }
             if let Err(e) = self.store.flush().await {
@@ -492,6 +571,9 @@ impl Scheduler {
             if t > now {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
+        }
+        if let Some(t) = self.next_schedule_fire() {
+            next = Some(next.map_or(t, |n| n.min(t)));
         }
         let mut at = next
             .map(|t| tokio::time::Instant::now() + Duration::from_millis((t - now).max(0) as u64));
@@ -572,6 +654,28 @@ impl Scheduler {
                 Ok(()) => None,
                 Err((tx, e)) => reply(tx, Err(e)),
             },
+            Msg::CreateSchedule {
+                caller,
+                owner,
+                sub,
+                reply: tx,
+            } => {
+                let r = self.create_schedule(&caller, owner, *sub);
+                reply(tx, r)
+            }
+            Msg::ScheduleAction {
+                caller,
+                id,
+                action,
+                reply: tx,
+            } => {
+                let r = self.schedule_action(&caller, id, action);
+                reply(tx, r)
+            }
+            Msg::Ping { reply } => {
+                let _ = reply.send(());
+                None
+            }
             Msg::Shutdown { reply } => {
                 self.begin_shutdown(reply);
                 None
@@ -624,6 +728,23 @@ impl Scheduler {
         owner: Owner,
         sub: Submission,
     ) -> Result<JobRecord, SchedError> {
+        self.check_submitter(caller)?;
+        if sub.spec.schedule.is_some() {
+            return Err(SchedError::Invalid(
+                "this job file has a schedule: submit it as a schedule (jobctl submit does; POST /api/v1/schedules)".into(),
+            ));
+        }
+        let rec = self.prepare_job(owner, sub, now_ms())?;
+        let reason = format!("submitted by {}", caller.user.as_deref().unwrap_or("?"));
+        let (rec, event) = self
+            .store
+            .insert(&reason, &|id| JobRecord { id, ..rec.clone() })?;
+        info!(job_id = rec.id, owner = %rec.owner.user, name = %rec.name, "job submitted");
+        self.note_change(rec.clone(), Some(event));
+        Ok(rec)
+    }
+
+    fn check_submitter(&self, caller: &Caller) -> Result<(), SchedError> {
         if self.shutting_down.is_some() {
             return Err(SchedError::ShuttingDown);
         }
@@ -633,6 +754,17 @@ impl Scheduler {
                 caller.user.as_deref().unwrap_or("anonymous")
             )));
         }
+        Ok(())
+    }
+
+    /// A new queued job's record (id not yet assigned), checked against the dependencies,
+    /// the publish target and the inventory.
+    fn prepare_job(
+        &mut self,
+        owner: Owner,
+        sub: Submission,
+        now: Millis,
+    ) -> Result<JobRecord, SchedError> {
         for (i, dep) in sub.spec.depends_on.iter().enumerate() {
             if !self.jobs.contains_key(dep) {
                 return Err(SchedError::Invalid(format!(
@@ -640,7 +772,6 @@ impl Scheduler {
                 )));
             }
         }
-        let now = now_ms();
         let mut rec = JobRecord {
             v: RECORD_VERSION,
             id: 0,
@@ -668,6 +799,7 @@ impl Scheduler {
             vram_estimate: None,
             vram_peak: None,
             gpu_seconds: 0.0,
+            schedule_id: None,
             published: None,
             event_count: 0,
         };
@@ -685,12 +817,6 @@ impl Scheduler {
             self.gpus.note.as_deref(),
         )
         .map_err(SchedError::Infeasible)?;
-        let reason = format!("submitted by {}", caller.user.as_deref().unwrap_or("?"));
-        let (rec, event) = self
-            .store
-            .insert(&reason, &|id| JobRecord { id, ..rec.clone() })?;
-        info!(job_id = rec.id, owner = %rec.owner.user, name = %rec.name, "job submitted");
-        self.note_change(rec.clone(), Some(event));
         Ok(rec)
     }
 
@@ -1310,8 +1436,14 @@ impl Scheduler {
                 .map(|(k, v)| (*k, Arc::new(v.clone())))
                 .collect();
         }
+        let schedules = if std::mem::take(&mut self.schedules_changed) {
+            Arc::new(self.schedules.clone())
+        } else {
+            old.schedules.clone()
+        };
         let view = View {
             jobs,
+            schedules,
             waiting: self.waiting.clone(),
             gpus: Some(self.gpus.clone()),
             now: now_ms(),

@@ -202,3 +202,19 @@ pub struct ErrorDetail {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<Problem>,
 }
+
+/// A recurring schedule as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleView {
+    #[serde(flatten)]
+    pub record: super::schedule::ScheduleRecord,
+    /// State of the job the last firing queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_state: Option<JobState>,
+}
+
+/// `GET /api/v1/schedules` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SchedulesResponse {
+    pub schedules: Vec<ScheduleView>,
+}

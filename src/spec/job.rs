@@ -51,6 +51,17 @@ pub struct JobSpec {
     pub lora: Option<LoraSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish: Option<PublishSpec>,
+    /// A cron expression: submitting creates a recurring schedule instead of one job
+    /// (see `spec::schedule` for the syntax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// With `schedule`: "skip" (default) a firing while the previous run is queued or running,
+    /// or "queue" it anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<super::schedule::Overlap>,
+    /// With `schedule`: after downtime, run a missed firing once at start-up (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<bool>,
     /// Directory the job file's relative paths were resolved against (set at submit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_dir: Option<PathBuf>,
@@ -324,6 +335,27 @@ impl JobSpec {
                 issues.extend(super::train::validate(self));
                 if let Some(publish) = &self.publish {
                     issues.extend(super::publish::validate(publish));
+                }
+            }
+        }
+        match &self.schedule {
+            Some(expr) => {
+                if let Err(e) = expr.parse::<super::schedule::Cron>() {
+                    issues.push(Issue::new("schedule", e));
+                }
+            }
+            None => {
+                if self.overlap.is_some() {
+                    issues.push(Issue::new(
+                        "overlap",
+                        "only applies with schedule = \"...\"",
+                    ));
+                }
+                if self.catch_up.is_some() {
+                    issues.push(Issue::new(
+                        "catch_up",
+                        "only applies with schedule = \"...\"",
+                    ));
                 }
             }
         }

@@ -6,6 +6,7 @@ pub mod contract;
 pub mod job;
 pub mod publish;
 pub mod record;
+pub mod schedule;
 pub mod state;
 pub mod toml_source;
 pub mod train;

@@ -80,6 +80,9 @@ pub struct JobRecord {
     /// GPU-seconds used so far (sum over runs of GPUs × wall time).
     #[serde(default)]
     pub gpu_seconds: f64,
+    /// The schedule that queued this job, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_id: Option<u64>,
     /// The Ollama model this job published, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub published: Option<PublishedModel>,

@@ -43,6 +43,10 @@ pub struct ModelSpec {
     /// `model.safetensors.index.json`) and `tokenizer.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<PathBuf>,
+    /// With `base = "@previous"` in a schedule: the base of the first run (and of any run
+    /// before one has succeeded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_base: Option<PathBuf>,
     /// `"scratch"`: build a fresh model from the sizes below.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<ModelInit>,
@@ -385,7 +389,12 @@ pub fn validate(spec: &JobSpec) -> Vec<Issue> {
             "model",
             "kind = \"train\" needs a [model] table with base = \"DIR\" or init = \"scratch\"",
         )),
-        Some(model) => validate_model(model, spec.data.as_ref(), &mut issues),
+        Some(model) => validate_model(
+            model,
+            spec.data.as_ref(),
+            spec.schedule.is_some(),
+            &mut issues,
+        ),
     }
     match &spec.data {
         None => issues.push(Issue::new(
@@ -409,7 +418,12 @@ pub fn validate(spec: &JobSpec) -> Vec<Issue> {
     issues
 }
 
-fn validate_model(m: &ModelSpec, data: Option<&DataSpec>, issues: &mut Vec<Issue>) {
+fn validate_model(
+    m: &ModelSpec,
+    data: Option<&DataSpec>,
+    scheduled: bool,
+    issues: &mut Vec<Issue>,
+) {
     let sizes: [(&str, bool); 12] = [
         ("hidden_size", m.hidden_size.is_some()),
         ("intermediate_size", m.intermediate_size.is_some()),
@@ -439,6 +453,25 @@ fn validate_model(m: &ModelSpec, data: Option<&DataSpec>, issues: &mut Vec<Issue
         (Some(base), None) => {
             if base.as_os_str().is_empty() {
                 issues.push(Issue::new("model.base", "must name a directory"));
+            }
+            if is_previous(base) {
+                if m.first_base.is_none() {
+                    issues.push(Issue::new(
+                        "model.first_base",
+                        "base = \"@previous\" needs first_base = \"DIR\": the base of the first run",
+                    ));
+                }
+                if !scheduled {
+                    issues.push(Issue::new(
+                        "model.base",
+                        "\"@previous\" (the last successful run's model) needs a recurring job: add schedule = \"...\"",
+                    ));
+                }
+            } else if m.first_base.is_some() {
+                issues.push(Issue::new(
+                    "model.first_base",
+                    "only applies with base = \"@previous\"",
+                ));
             }
             for (key, present) in sizes {
                 if present {
@@ -738,6 +771,14 @@ fn validate_lora(l: &LoraSpec, issues: &mut Vec<Issue>) {
     }
 }
 
+/// `base = "@previous"`: in a schedule, each run starts from the last successful run's model.
+pub const PREVIOUS: &str = "@previous";
+
+/// Is this `base` the `@previous` placeholder?
+pub fn is_previous(base: &Path) -> bool {
+    base.as_os_str() == PREVIOUS
+}
+
 /// Makes the train sections' relative paths absolute.
 pub fn resolve_paths(spec: &mut JobSpec, base_dir: &Path) {
     let abs = |p: &mut PathBuf| {
@@ -745,10 +786,15 @@ pub fn resolve_paths(spec: &mut JobSpec, base_dir: &Path) {
             *p = base_dir.join(&*p);
         }
     };
-    if let Some(m) = &mut spec.model
-        && let Some(b) = &mut m.base
-    {
-        abs(b);
+    if let Some(m) = &mut spec.model {
+        if let Some(b) = &mut m.base
+            && !is_previous(b)
+        {
+            abs(b);
+        }
+        if let Some(b) = &mut m.first_base {
+            abs(b);
+        }
     }
     if let Some(d) = &mut spec.data {
         abs(&mut d.train_file);
@@ -766,26 +812,36 @@ pub fn resolve_paths(spec: &mut JobSpec, base_dir: &Path) {
 /// Checks that the files the train sections name exist (and data files are not empty).
 pub fn check_paths(spec: &JobSpec) -> Vec<Issue> {
     let mut issues = Vec::new();
-    if let Some(base) = spec.model.as_ref().and_then(|m| m.base.as_ref()) {
+    let model = spec.model.as_ref();
+    for (key, dir) in [
+        (
+            "model.base",
+            model
+                .and_then(|m| m.base.as_ref())
+                .filter(|b| !is_previous(b)),
+        ),
+        (
+            "model.first_base",
+            model.and_then(|m| m.first_base.as_ref()),
+        ),
+    ] {
+        let Some(base) = dir else { continue };
         if !base.is_dir() {
             issues.push(Issue::new(
-                "model.base",
+                key,
                 format!("{} is not a directory", base.display()),
             ));
         } else {
             for f in ["config.json", "tokenizer.json"] {
                 if !base.join(f).is_file() {
-                    issues.push(Issue::new(
-                        "model.base",
-                        format!("{} has no {f}", base.display()),
-                    ));
+                    issues.push(Issue::new(key, format!("{} has no {f}", base.display())));
                 }
             }
             if !base.join("model.safetensors").is_file()
                 && !base.join("model.safetensors.index.json").is_file()
             {
                 issues.push(Issue::new(
-                    "model.base",
+                    key,
                     format!(
                         "{} has neither model.safetensors nor model.safetensors.index.json",
                         base.display()

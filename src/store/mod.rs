@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use crate::spec::record::RECORD_VERSION;
+use crate::spec::schedule::ScheduleRecord;
 use crate::spec::{JobEvent, JobId, JobRecord, JobState, now_ms};
 
 /// Layout version of the trees; a store written by a newer jobd is refused.
@@ -21,6 +22,7 @@ pub const SCHEMA_VERSION: u64 = 1;
 
 const META_SCHEMA: &[u8] = b"schema";
 const META_LAST_ID: &[u8] = b"last_job_id";
+const META_LAST_SCHEDULE: &[u8] = b"last_schedule_id";
 
 /// Errors of the store, naming the job or path involved.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +63,7 @@ pub struct Store {
     jobs: sled::Tree,
     events: sled::Tree,
     meta: sled::Tree,
+    schedules: sled::Tree,
 }
 
 /// A change to one job: an optional state transition, a reason for the history, and edits.
@@ -91,6 +94,7 @@ impl Store {
         let jobs = db.open_tree("jobs").map_err(open_err)?;
         let events = db.open_tree("events").map_err(open_err)?;
         let meta = db.open_tree("meta").map_err(open_err)?;
+        let schedules = db.open_tree("schedules").map_err(open_err)?;
         match meta.get(META_SCHEMA)? {
             None => {
                 meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
@@ -111,6 +115,7 @@ impl Store {
             jobs,
             events,
             meta,
+            schedules,
         })
     }
 
@@ -245,9 +250,91 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// A named tree for other record kinds (e.g. schedules), owned by the caller's module.
-    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.db.open_tree(name)?)
+    /// Inserts a new schedule; `make` receives its fresh id.
+    pub fn insert_schedule(
+        &self,
+        make: &dyn Fn(u64) -> ScheduleRecord,
+    ) -> Result<ScheduleRecord, StoreError> {
+        let result = (&self.schedules, &self.meta).transaction(|(schedules, meta)| {
+            let id = meta
+                .get(META_LAST_SCHEDULE)?
+                .map(|v| decode_u64(&v))
+                .unwrap_or(0)
+                + 1;
+            let mut rec = make(id);
+            rec.id = id;
+            meta.insert(META_LAST_SCHEDULE, &id.to_be_bytes())?;
+            schedules.insert(&id.to_be_bytes(), encode(&rec))?;
+            Ok(rec)
+        });
+        result.map_err(unwrap_tx)
+    }
+
+    /// Replaces a schedule record.
+    pub fn put_schedule(&self, rec: &ScheduleRecord) -> Result<(), StoreError> {
+        self.schedules.insert(rec.id.to_be_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    /// Removes a schedule (its past jobs stay).
+    pub fn delete_schedule(&self, id: u64) -> Result<(), StoreError> {
+        self.schedules.remove(id.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Every schedule, in id order.
+    pub fn all_schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
+        self.schedules
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                serde_json::from_slice(&v).map_err(|source| StoreError::Corrupt {
+                    id: decode_u64(&k),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// One firing of a schedule, in one transaction: the schedule's new record and, unless
+    /// the firing is skipped (`make_job` is `None`), the job it queues with its first event.
+    pub fn fire(
+        &self,
+        schedule: &ScheduleRecord,
+        reason: &str,
+        make_job: Option<&dyn Fn(JobId) -> JobRecord>,
+    ) -> Result<(ScheduleRecord, Option<(JobRecord, JobEvent)>), StoreError> {
+        let result = (&self.jobs, &self.events, &self.meta, &self.schedules).transaction(
+            |(jobs, events, meta, schedules)| {
+                let mut sched = schedule.clone();
+                let mut created = None;
+                if let Some(make) = make_job {
+                    let id = meta.get(META_LAST_ID)?.map(|v| decode_u64(&v)).unwrap_or(0) + 1;
+                    let mut record = make(id);
+                    record.id = id;
+                    record.v = RECORD_VERSION;
+                    record.event_count = 1;
+                    record.reason = Some(reason.to_string());
+                    let event = JobEvent {
+                        seq: 0,
+                        at: record.submitted_at,
+                        state: record.state,
+                        reason: reason.to_string(),
+                    };
+                    meta.insert(META_LAST_ID, &id.to_be_bytes())?;
+                    jobs.insert(&id.to_be_bytes(), encode(&record))?;
+                    events.insert(&event_key(id, 0), encode(&event))?;
+                    sched.last_job = Some(id);
+                    sched.runs += 1;
+                    created = Some((record, event));
+                } else {
+                    sched.skipped += 1;
+                }
+                schedules.insert(&sched.id.to_be_bytes(), encode(&sched))?;
+                Ok((sched, created))
+            },
+        );
+        result.map_err(unwrap_tx)
     }
 }
 
@@ -324,6 +411,7 @@ pub(crate) mod tests {
             vram_estimate: None,
             vram_peak: None,
             gpu_seconds: 0.0,
+            schedule_id: None,
             published: None,
             event_count: 0,
         }

@@ -35,6 +35,7 @@ pub struct TestDaemon {
     pub socket: PathBuf,
     pub config: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -46,6 +47,11 @@ impl TestDaemon {
     }
 
     pub fn start_with_config(extra: &[&str], config_extra: &str) -> TestDaemon {
+        Self::start_full(extra, config_extra, &[])
+    }
+
+    /// With extra environment variables for the daemon (e.g. `NOTIFY_SOCKET`).
+    pub fn start_full(extra: &[&str], config_extra: &str, env: &[(&str, &str)]) -> TestDaemon {
         let dir = tempfile::tempdir().unwrap();
         // Jobs may run as other users (root daemon): they must reach their job directories.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -69,6 +75,10 @@ impl TestDaemon {
             socket,
             config,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         d.spawn();
@@ -89,7 +99,8 @@ impl TestDaemon {
         cmd.args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
-            .env("JOBD_LOG", "debug,sled=warn");
+            .env("JOBD_LOG", "debug,sled=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().expect("start jobd");
         self.child = Some(child);
         let sock = self.socket.clone();
@@ -204,6 +215,11 @@ impl TestDaemon {
         )
         .unwrap();
         c.wait().unwrap()
+    }
+
+    /// Waits for a daemon already sent SIGTERM to exit.
+    pub fn stop_wait(&mut self) -> std::process::ExitStatus {
+        self.child.take().expect("daemon running").wait().unwrap()
     }
 
     pub fn restart(&mut self) {

@@ -6,4 +6,6 @@ mod daemon;
 mod durability;
 mod errors;
 mod sched;
+mod schedules;
+mod systemd;
 mod train;
