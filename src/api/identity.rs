@@ -130,3 +130,66 @@ impl Caller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(root: bool) -> AuthPolicy {
+        AuthPolicy {
+            tokens: [
+                (hash_token("t-alice"), "alice".to_string()),
+                (hash_token("t-bob"), "bob".to_string()),
+            ]
+            .into(),
+            admins: ["alice".to_string()].into(),
+            trusted: ["bob".to_string()].into(),
+            daemon_uid: 4242,
+            daemon_user: "svc".into(),
+            root,
+            anonymous_read: true,
+            public_logs: false,
+        }
+    }
+
+    #[test]
+    fn unprivileged_daemon_accepts_itself_and_trusted_users_only() {
+        let p = policy(false);
+        // The daemon's own uid: may submit and is an admin of its own daemon.
+        let me = p.for_uid(Some(4242));
+        assert!(me.can_submit && me.admin);
+        // A stranger (uid 0 is root: always admin, but not trusted to submit here).
+        let stranger = p.for_uid(Some(54321));
+        assert!(!stranger.can_submit && !stranger.admin);
+        // Token users: bob is trusted, alice is an admin but not trusted to submit.
+        let bob = p.for_token("t-bob").unwrap();
+        assert!(bob.can_submit && !bob.admin);
+        let alice = p.for_token("t-alice").unwrap();
+        assert!(alice.admin && !alice.can_submit);
+        assert!(p.for_token("nope").is_none());
+    }
+
+    #[test]
+    fn root_daemon_accepts_users_with_accounts() {
+        let p = policy(true);
+        // uid 0 always has an account; a uid without a passwd entry cannot own jobs.
+        assert!(p.for_uid(Some(0)).can_submit);
+        assert!(!p.for_uid(Some(3_999_999)).can_submit);
+        // "nobody" exists on every Debian machine; "bob" does not here.
+        assert!(
+            !p.for_token("t-bob").unwrap().can_submit,
+            "a token user needs a Unix account"
+        );
+        let anon = p.for_uid(None);
+        assert!(anon.user.is_none() && !anon.can_submit);
+    }
+
+    #[test]
+    fn only_owners_and_admins_change_jobs() {
+        let p = policy(false);
+        let bob = p.for_token("t-bob").unwrap();
+        assert!(bob.may_change("bob") && !bob.may_change("carol"));
+        assert!(p.for_token("t-alice").unwrap().may_change("carol"));
+        assert!(!p.may_read_logs(&bob, "carol") && p.may_read_logs(&bob, "bob"));
+    }
+}

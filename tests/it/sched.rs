@@ -223,3 +223,82 @@ fn explain_names_limits_and_slots() {
         explain(&d2, y)
     );
 }
+
+/// Memory used by processes jobd does not own (simulated with a fake inventory file that the
+/// daemon re-reads) is respected, and explain shows it; a job that needs more GPUs than exist
+/// is refused at submit; a preempting job explains what it waits for.
+#[test]
+fn foreign_memory_is_respected_and_preemption_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("gpus.toml");
+    std::fs::write(&fake, "[[gpu]]\ntotal = \"24GiB\"\nforeign = \"0GiB\"\n").unwrap();
+    let spec = format!("fake-file:{}", fake.display());
+    let d = TestDaemon::start(&["--gpus", &spec, "--grace-period", "5s"]);
+    // Someone else's process now takes 16 GiB of the card.
+    std::fs::write(&fake, "[[gpu]]\ntotal = \"24GiB\"\nforeign = \"16GiB\"\n").unwrap();
+    // It checkpoints for a second when told to stop (so the preemption below can be seen).
+    let a = gpu_job(
+        &d,
+        "a",
+        "10GiB",
+        0,
+        "trap 'sleep 1; exit 75' TERM; sleep 30 & wait",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        d.state(a),
+        JobState::Queued,
+        "10 GiB does not fit next to 16 GiB of foreign use"
+    );
+    let x = explain(&d, a);
+    assert!(
+        x.contains("needs 10GiB") && x.contains("7.8GiB free"),
+        "{x}"
+    );
+    let gpus = stdout(&d.jobctl(&["gpus"]));
+    assert!(gpus.contains("16GiB"), "foreign use is shown:\n{gpus}");
+    // The foreign process goes away: the job starts (at the next inventory refresh, which
+    // happens before each placement; a submit triggers one).
+    std::fs::write(&fake, "[[gpu]]\ntotal = \"24GiB\"\nforeign = \"0GiB\"\n").unwrap();
+    let b = gpu_job(&d, "b", "1GiB", 0, "sleep 30");
+    d.wait_state(a, JobState::Running, Duration::from_secs(15));
+    d.wait_state(b, JobState::Running, Duration::from_secs(15));
+
+    // A high-priority job that needs the whole card preempts both; explain says so meanwhile.
+    let hi = gpu_job(&d, "hi", "20GiB", 5, "echo hi");
+    let explained = wait_for_text(&d, hi, "being stopped");
+    assert!(explained.contains("lower-priority jobs"), "{explained}");
+    let out = d.jobctl(&["wait", &hi.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let f = d.write(
+        "two.toml",
+        &command_job("true", "[resources]\ngpus = 2\nvram = \"1GiB\""),
+    );
+    let out = d.jobctl(&["submit", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("needs 2 GPUs but only 1"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        d.jobctl(&["cancel", &a.to_string(), &b.to_string()])
+            .status
+            .success()
+    );
+}
+
+/// Polls `jobctl explain` until its text contains `want` (the state changes quickly).
+fn wait_for_text(d: &TestDaemon, id: u64, want: &str) -> String {
+    let mut last = String::new();
+    wait_for(
+        &format!("explain {id} to mention {want:?}"),
+        Duration::from_secs(10),
+        || {
+            last = explain(d, id);
+            last.contains(want)
+        },
+    );
+    last
+}
