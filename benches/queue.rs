@@ -23,7 +23,7 @@ use jobd::gpu::GpuInfo;
 use jobd::sched::plan::{PlanInput, plan};
 use jobd::spec::api::{JobView, SubmitRequest};
 use jobd::spec::job::{CommandSpec, JobSpec, Resources, RetrySpec, VramRequest};
-use jobd::spec::record::{Placement, RECORD_VERSION, StopKind};
+use jobd::spec::record::{Placement, StopKind};
 use jobd::spec::units::ByteSize;
 use jobd::spec::{JobId, JobKind, JobRecord, JobState, Millis, Owner};
 
@@ -323,40 +323,18 @@ fn record(j: &TraceJob) -> JobRecord {
         base_dir: None,
     };
     let t = (j.arrival * 1000.0) as Millis;
-    JobRecord {
-        v: RECORD_VERSION,
-        id: j.id,
-        name: format!("job{}", j.id),
-        owner: Owner {
+    let mut r = JobRecord::new_queued(
+        Owner {
             user: format!("user{}", j.user),
             uid: 1000 + j.user as u32,
         },
-        kind: JobKind::Command,
-        priority: j.priority,
-        state: JobState::Queued,
+        format!("job{}", j.id),
         spec,
-        source: String::new(),
-        source_path: None,
-        submitted_at: t,
-        updated_at: t,
-        queued_at: t,
-        started_at: None,
-        finished_at: None,
-        attempts: 0,
-        retries: 0,
-        not_before: None,
-        placement: None,
-        process: None,
-        exit: None,
-        reason: None,
-        stop: None,
-        vram_estimate: None,
-        vram_peak: None,
-        gpu_seconds: 0.0,
-        schedule_id: None,
-        published: None,
-        event_count: 0,
-    }
+        String::new(),
+        t,
+    );
+    r.id = j.id;
+    r
 }
 
 #[derive(Default, Debug)]

@@ -31,7 +31,7 @@ use crate::proc::{self, ChildHandle};
 use crate::spec::api::JobChange;
 use crate::spec::contract::{self, EXIT_PREEMPTED, Progress};
 use crate::spec::record::PublishedModel;
-use crate::spec::record::{ExitInfo, Placement, RECORD_VERSION, StopKind};
+use crate::spec::record::{ExitInfo, Placement, StopKind};
 use crate::spec::schedule::ScheduleRecord;
 use crate::spec::{
     Caller, JobEvent, JobId, JobKind, JobRecord, JobSpec, JobState, Millis, Owner, now_ms,
@@ -772,37 +772,8 @@ impl Scheduler {
                 )));
             }
         }
-        let mut rec = JobRecord {
-            v: RECORD_VERSION,
-            id: 0,
-            name: sub.name,
-            owner,
-            kind: sub.spec.kind,
-            priority: sub.spec.priority,
-            state: JobState::Queued,
-            spec: sub.spec,
-            source: sub.source,
-            source_path: sub.source_path,
-            submitted_at: now,
-            updated_at: now,
-            queued_at: now,
-            started_at: None,
-            finished_at: None,
-            attempts: 0,
-            retries: 0,
-            not_before: None,
-            placement: None,
-            process: None,
-            exit: None,
-            reason: None,
-            stop: None,
-            vram_estimate: None,
-            vram_peak: None,
-            gpu_seconds: 0.0,
-            schedule_id: None,
-            published: None,
-            event_count: 0,
-        };
+        let mut rec = JobRecord::new_queued(owner, sub.name, sub.spec, sub.source, now);
+        rec.source_path = sub.source_path;
         if let Some(p) = &rec.spec.publish {
             self.check_models_dir(p.models_dir.as_deref(), &rec.owner)?;
         }

@@ -181,6 +181,47 @@ pub struct JobEvent {
 }
 
 impl JobRecord {
+    /// A newly queued job (the store assigns the id).
+    pub fn new_queued(
+        owner: Owner,
+        name: String,
+        spec: JobSpec,
+        source: String,
+        now: Millis,
+    ) -> JobRecord {
+        JobRecord {
+            v: RECORD_VERSION,
+            id: 0,
+            name,
+            owner,
+            kind: spec.kind,
+            priority: spec.priority,
+            state: JobState::Queued,
+            spec,
+            source,
+            source_path: None,
+            submitted_at: now,
+            updated_at: now,
+            queued_at: now,
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            retries: 0,
+            not_before: None,
+            placement: None,
+            process: None,
+            exit: None,
+            reason: None,
+            stop: None,
+            vram_estimate: None,
+            vram_peak: None,
+            gpu_seconds: 0.0,
+            schedule_id: None,
+            published: None,
+            event_count: 0,
+        }
+    }
+
     /// The job's directory under the daemon's state directory.
     pub fn dir(&self, jobs_root: &std::path::Path) -> PathBuf {
         jobs_root.join(self.id.to_string())

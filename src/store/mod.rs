@@ -371,8 +371,8 @@ fn unwrap_tx(e: TransactionError<StoreError>) -> StoreError {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::spec::Owner;
     use crate::spec::job::parse;
-    use crate::spec::{JobKind, Owner};
 
     /// A queued command job record for tests.
     pub(crate) fn sample_record(id: JobId) -> JobRecord {
@@ -381,40 +381,18 @@ pub(crate) mod tests {
             "kind = \"command\"\n[command]\nargv = [\"true\"]\n",
         )
         .unwrap();
-        JobRecord {
-            v: RECORD_VERSION,
-            id,
-            name: "t".into(),
-            owner: Owner {
+        let mut r = JobRecord::new_queued(
+            Owner {
                 user: "alice".into(),
                 uid: 1000,
             },
-            kind: JobKind::Command,
-            priority: 0,
-            state: JobState::Queued,
+            "t".into(),
             spec,
-            source: String::new(),
-            source_path: None,
-            submitted_at: now_ms(),
-            updated_at: now_ms(),
-            queued_at: now_ms(),
-            started_at: None,
-            finished_at: None,
-            attempts: 0,
-            retries: 0,
-            not_before: None,
-            placement: None,
-            process: None,
-            exit: None,
-            reason: None,
-            stop: None,
-            vram_estimate: None,
-            vram_peak: None,
-            gpu_seconds: 0.0,
-            schedule_id: None,
-            published: None,
-            event_count: 0,
-        }
+            String::new(),
+            now_ms(),
+        );
+        r.id = id;
+        r
     }
 
     fn to(state: JobState, reason: &str) -> Change<'static> {
