@@ -1,14 +1,15 @@
-//! L3: the HTTP API `/api/v1` (and, later, the dashboard) — the only user of axum.
+//! L3: the HTTP API `/api/v1` — the only user of axum.
 //!
 //! The same [`router`] serves the unix socket and the TCP listener; the identity middleware
 //! turns the connection (peer uid) or the bearer token into a [`Caller`], and the scheduler
 //! decides what that caller may do. Handlers are thin: parse, ask the scheduler or read its
-//! snapshot, answer.
+//! snapshot, answer. The dashboard's push streams are in [`stream`].
 
 mod error;
 pub mod follow;
 pub mod identity;
 mod jobs;
+mod stream;
 
 use std::sync::Arc;
 
@@ -57,13 +58,16 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/explain", get(jobs::explain))
         .route("/jobs/{id}/publish", post(jobs::publish))
         .route("/jobs/{id}/metrics", get(jobs::metrics))
+        .route("/jobs/{id}/stream", get(stream::job_stream))
+        .route("/queue", get(jobs::queue))
+        .route("/stream", get(stream::queue_stream))
         .route("/models", get(jobs::models))
         .route("/gpus", get(jobs::gpus))
-        .fallback(|| async { ApiError::not_found("no such API endpoint") });
+        .fallback(|| async { ApiError::not_found("no such API endpoint") })
+        .layer(middleware::from_fn_with_state(state.clone(), identify));
     Router::new()
         .nest(crate::spec::api::PREFIX, api)
         .fallback(|| async { ApiError::not_found("not found") })
-        .layer(middleware::from_fn_with_state(state.clone(), identify))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
