@@ -19,5 +19,9 @@ if ! need node || ! need npm; then
   fi
 fi
 
+# The dashboard's browser test (tests/it/dashboard.rs) drives Debian's Chromium with
+# playwright-core; this installs both when missing (apt-get, npm ci).
+bash tests/browser/install.sh || echo "warning: could not install the browser test's Chromium/playwright-core; that test will say so and skip"
+
 cargo build --locked --all-targets
 cargo test --locked --all-targets "$@"

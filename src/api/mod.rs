@@ -1,15 +1,18 @@
-//! L3: the HTTP API `/api/v1` — the only user of axum.
+//! L3: the HTTP API `/api/v1` and the web dashboard at `/` — the only user of axum.
 //!
 //! The same [`router`] serves the unix socket and the TCP listener; the identity middleware
 //! turns the connection (peer uid) or the bearer token into a [`Caller`], and the scheduler
 //! decides what that caller may do. Handlers are thin: parse, ask the scheduler or read its
-//! snapshot, answer. The dashboard's push streams are in [`stream`].
+//! snapshot, answer. The dashboard's files ([`web`]) are public and outside the middleware: the
+//! page holds no data, it reads `/api/v1` (and its push streams, [`stream`]) with the token
+//! the user gives it.
 
 mod error;
 pub mod follow;
 pub mod identity;
 mod jobs;
 mod stream;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -65,7 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/gpus", get(jobs::gpus))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
         .layer(middleware::from_fn_with_state(state.clone(), identify));
-    Router::new()
+    web::routes()
         .nest(crate::spec::api::PREFIX, api)
         .fallback(|| async { ApiError::not_found("not found") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
