@@ -6,6 +6,20 @@ import { api, followLog, subscribe } from './api.js';
 import { bytes, duration, el, Eta, num, stateBadge, time } from './util.js';
 
 const TERMINAL = ['succeeded', 'failed', 'cancelled'];
+
+let uplot = null;
+/** Loads uPlot on the first job page, keeping it off the queue view's first render. */
+function loadUplot() {
+  uplot ??= new Promise((resolve, reject) => {
+    document.head.append(el('link', { rel: 'stylesheet', href: 'vendor/uplot/uPlot.min.css' }));
+    document.head.append(el('script', {
+      src: 'vendor/uplot/uPlot.iife.min.js',
+      onload: () => resolve(window.uPlot),
+      onerror: () => { uplot = null; reject(new Error('the chart library did not load')); },
+    }));
+  });
+  return uplot;
+}
 const LOG_KEEP = 256 * 1024; // characters of log kept on the page
 
 /** A line chart of metrics against step. */
@@ -65,6 +79,7 @@ export class JobPage {
 
   show(id) {
     this.hide();
+    this.gen = (this.gen || 0) + 1; // tells late callbacks of an earlier show() apart
     this.id = id;
     this.job = null;
     this.metrics = [];
@@ -239,14 +254,19 @@ export class JobPage {
       el('td', { class: 'nowrap' }, time(e.at)), el('td', {}, stateBadge(e.state)), el('td', {}, e.reason)));
   }
 
-  makeCharts() {
+  async makeCharts() {
+    this.charts = [];
     const boxes = [el('div', { class: 'chart', id: 'chart-loss' }), el('div', { class: 'chart', id: 'chart-lr' }),
       el('div', { class: 'chart', id: 'chart-tps' })];
     this.chartBox.replaceChildren(...boxes);
-    if (!window.uPlot) {
-      this.chartBox.replaceChildren(el('p', { class: 'error' }, 'The chart library did not load.'));
+    const gen = this.gen;
+    try {
+      await loadUplot();
+    } catch (e) {
+      this.chartBox.replaceChildren(el('p', { class: 'error' }, e.message));
       return;
     }
+    if (this.gen !== gen) return; // the page moved on meanwhile
     this.charts = [
       new Chart(boxes[0], 'Loss', [
         { label: 'train loss', key: 'loss', colour: '#2f6feb', points: false },

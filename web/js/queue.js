@@ -122,7 +122,8 @@ export class QueueView {
     document.querySelector('#page-next').disabled = to >= resp.total;
     if (!this.rendered && resp.jobs.length) {
       this.rendered = true;
-      performance.mark('jobd:queue-rendered');
+      // After the next frame: when the rows are on screen, not just in the DOM.
+      requestAnimationFrame(() => performance.mark('jobd:queue-rendered'));
     }
   }
 
