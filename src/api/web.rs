@@ -65,7 +65,14 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
 
 /// The dashboard's routes: `/` and `/<path>` for each asset.
 pub fn routes() -> Router<AppState> {
-    let mut router = Router::new().route("/", get(|h: HeaderMap| async move { serve(0, &h) }));
+    let index = ASSETS
+        .iter()
+        .position(|a| a.path == "index.html")
+        .expect("web/index.html is embedded");
+    let mut router = Router::new().route(
+        "/",
+        get(move |h: HeaderMap| async move { serve(index, &h) }),
+    );
     for (i, a) in ASSETS.iter().enumerate() {
         router = router.route(
             &format!("/{}", a.path),
@@ -148,7 +155,8 @@ mod tests {
     /// The page must work without internet: nothing it loads may come from another host.
     #[test]
     fn the_page_loads_nothing_from_other_hosts() {
-        let html = std::str::from_utf8(ASSETS[0].bytes).unwrap();
+        let index = ASSETS.iter().find(|a| a.path == "index.html").unwrap();
+        let html = std::str::from_utf8(index.bytes).unwrap();
         for attr in ["src=\"", "href=\""] {
             for part in html.split(attr).skip(1) {
                 let url = part.split('"').next().unwrap();
