@@ -138,6 +138,18 @@ function tokenDialog() {
 
 tokenDialog();
 window.addEventListener('hashchange', route);
+// A background tab lets go of its streams: browsers allow only six HTTP/1.1 connections per
+// host, and each visible page holds two or three. Coming back resyncs from scratch.
+document.addEventListener('visibilitychange', () => {
+  if (document.hidden) {
+    shared?.close();
+    shared = null;
+    jobPage.hide();
+  } else {
+    connect();
+    route();
+  }
+});
 // Relative times (age, ETA) move on by themselves: re-render them each second, locally.
 setInterval(() => {
   if (!$('#queue-page').hidden) queue.tick();
