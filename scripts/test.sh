@@ -23,6 +23,9 @@ if ! need systemd-analyze && need apt-get; then
   echo "installing systemd for systemd-analyze verify of dist/jobd.service"
   (apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd) >/dev/null || echo "warning: could not install systemd"
 fi
+# The dashboard's browser test (tests/it/dashboard.rs) drives Debian's Chromium with
+# playwright-core; this installs both when missing (apt-get, npm ci).
+bash tests/browser/install.sh || echo "warning: could not install the browser test's Chromium/playwright-core; that test will say so and skip"
 
 cargo build --locked --all-targets
 cargo test --locked --all-targets "$@"

@@ -17,15 +17,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{ApiError, AppState, require_user};
 use crate::sched::{self, Submission, View};
 use crate::spec::api::{
-    EventsResponse, GpuJob, GpuView, GpusResponse, JobView, ListQuery, ListResponse,
-    PriorityRequest, SubmitRequest,
+    EventsResponse, GpuJob, GpuView, GpusResponse, JobSummary, JobView, ListQuery, ListResponse,
+    PriorityRequest, QueueQuery, QueueResponse, QueueSort, SortOrder, SubmitRequest,
 };
 use crate::spec::contract::files;
 use crate::spec::job::parse_and_resolve;
 use crate::spec::{Caller, JobId, JobKind, JobRecord, JobSpec, JobState};
 
 /// A job id from the URL, with a clear error for anything else.
-pub struct JobIdPath(JobId);
+pub struct JobIdPath(pub JobId);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for JobIdPath {
     type Rejection = ApiError;
@@ -143,44 +143,72 @@ pub async fn validate(
     ))
 }
 
+/// The filters `GET /jobs` and `GET /queue` share.
+struct JobFilter {
+    states: Option<Vec<JobState>>,
+    owner: Option<String>,
+    all: bool,
+}
+
+impl JobFilter {
+    fn new(
+        caller: &Caller,
+        state: Option<&str>,
+        owner: Option<&str>,
+        mine: Option<bool>,
+        all: Option<bool>,
+    ) -> Result<JobFilter, ApiError> {
+        let states: Option<Vec<JobState>> = state
+            .map(|s| {
+                s.split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+            })
+            .transpose()
+            .map_err(ApiError::bad_request)?;
+        let owner = if mine == Some(true) {
+            Some(
+                caller
+                    .user
+                    .clone()
+                    .ok_or_else(|| ApiError::bad_request("mine=true needs a known caller"))?,
+            )
+        } else {
+            owner.map(str::to_string)
+        };
+        Ok(JobFilter {
+            states,
+            owner,
+            all: all.unwrap_or(false),
+        })
+    }
+
+    fn matches(&self, j: &JobRecord) -> bool {
+        let state_ok = match &self.states {
+            Some(s) => s.contains(&j.state),
+            None => self.all || !j.state.is_terminal(),
+        };
+        state_ok && self.owner.as_ref().is_none_or(|o| &j.owner.user == o)
+    }
+}
+
 pub async fn list(
     State(st): State<AppState>,
     Extension(caller): Extension<Caller>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<ListResponse>, ApiError> {
     let Query(q) = query?;
-    let states: Option<Vec<JobState>> = q
-        .state
-        .as_deref()
-        .map(|s| {
-            s.split(',')
-                .filter(|p| !p.is_empty())
-                .map(str::parse)
-                .collect::<Result<_, _>>()
-        })
-        .transpose()
-        .map_err(ApiError::bad_request)?;
-    let owner = if q.mine == Some(true) {
-        Some(
-            caller
-                .user
-                .clone()
-                .ok_or_else(|| ApiError::bad_request("mine=true needs a known caller"))?,
-        )
-    } else {
-        q.owner.clone()
-    };
+    let filter = JobFilter::new(
+        &caller,
+        q.state.as_deref(),
+        q.owner.as_deref(),
+        q.mine,
+        q.all,
+    )?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let all = q.all.unwrap_or(false);
     let view = st.sched.view();
-    let matches = |j: &JobRecord| {
-        let state_ok = match &states {
-            Some(s) => s.contains(&j.state),
-            None => all || !j.state.is_terminal(),
-        };
-        state_ok && owner.as_ref().is_none_or(|o| &j.owner.user == o)
-    };
-    let total = view.jobs.values().filter(|j| matches(j)).count();
+    let total = view.jobs.values().filter(|j| filter.matches(j)).count();
     let mut jobs = Vec::new();
     let mut next_before = None;
     let upper = q.before.unwrap_or(JobId::MAX);
@@ -189,7 +217,7 @@ pub async fn list(
         .range(..upper)
         .rev()
         .map(|(_, r)| r)
-        .filter(|j| matches(j))
+        .filter(|j| filter.matches(j))
     {
         if jobs.len() == limit {
             next_before = jobs.last().map(|v: &JobView| v.record.id);
@@ -201,6 +229,128 @@ pub async fn list(
         jobs,
         next_before,
         total,
+    }))
+}
+
+/// Every job in `view` by state.
+pub fn state_counts(view: &View) -> Vec<(JobState, usize)> {
+    let mut counts = [0usize; JobState::ALL.len()];
+    for j in view.jobs.values() {
+        if let Some(i) = JobState::ALL.iter().position(|s| *s == j.state) {
+            counts[i] += 1;
+        }
+    }
+    JobState::ALL
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| (*s, n))
+        .collect()
+}
+
+/// A queue row. Reads `progress.json` of train jobs that have started (as `job_view` does).
+pub fn job_summary(rec: &JobRecord, view: &View, jobs_dir: &Path) -> JobSummary {
+    let placed = rec.state.holds_resources();
+    let placement = rec.placement.as_ref().filter(|_| placed);
+    let (vram_per_gpu, whole_gpu) = match placement {
+        Some(p) if p.gpus.is_empty() => (None, false),
+        Some(p) => (Some(p.vram_per_gpu), p.exclusive),
+        None if rec.spec.resources.gpus == 0 => (None, false),
+        None => match sched::plan::vram_need(rec) {
+            sched::Need::Bytes(b) => (Some(b), false),
+            sched::Need::Whole => (None, true),
+        },
+    };
+    let progress = (rec.kind == JobKind::Train && rec.attempts > 0)
+        .then(|| sched::read_progress(&rec.dir(jobs_dir)))
+        .flatten();
+    JobSummary {
+        id: rec.id,
+        name: rec.name.clone(),
+        owner: rec.owner.user.clone(),
+        kind: rec.kind,
+        state: rec.state,
+        priority: rec.priority,
+        gpus: rec.spec.resources.gpus,
+        gpu_indices: placement
+            .map(|p| p.gpus.iter().map(|g| g.index).collect())
+            .unwrap_or_default(),
+        vram_per_gpu,
+        whole_gpu,
+        progress,
+        waiting: view.waiting.get(&rec.id).map(|w| w.wait.short()),
+        reason: rec.reason.clone(),
+        submitted_at: rec.submitted_at,
+        started_at: rec.started_at,
+        finished_at: rec.finished_at,
+        attempts: rec.attempts,
+        stopping: rec.stop.is_some() && placed,
+    }
+}
+
+/// The dashboard's queue page: compact rows, any sort order, offset pages, counts by state.
+pub async fn queue(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<QueueQuery>, QueryRejection>,
+) -> Result<Json<QueueResponse>, ApiError> {
+    let Query(q) = query?;
+    let filter = JobFilter::new(
+        &caller,
+        q.state.as_deref(),
+        q.owner.as_deref(),
+        q.mine,
+        q.all,
+    )?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let offset = q.offset.unwrap_or(0);
+    let sort = q.sort.unwrap_or(QueueSort::Id);
+    let order = q.order.unwrap_or_else(|| sort.default_order());
+    let view = st.sched.view();
+    // Newest first (descending id) is the map's reverse order: no sort needed.
+    let mut matching: Vec<&JobRecord> = view
+        .jobs
+        .values()
+        .rev()
+        .map(|r| r.as_ref())
+        .filter(|j| filter.matches(j))
+        .collect();
+    let total = matching.len();
+    if sort != QueueSort::Id || order == SortOrder::Asc {
+        let need = |j: &JobRecord| match sched::plan::vram_need(j) {
+            _ if j.spec.resources.gpus == 0 => 0,
+            sched::Need::Bytes(b) => b,
+            sched::Need::Whole => u64::MAX,
+        };
+        let key = |a: &JobRecord, b: &JobRecord| match sort {
+            QueueSort::Id => a.id.cmp(&b.id),
+            QueueSort::Name => a.name.cmp(&b.name),
+            QueueSort::State => a.state.cmp(&b.state),
+            QueueSort::Owner => a.owner.user.cmp(&b.owner.user),
+            QueueSort::Priority => a.priority.cmp(&b.priority),
+            QueueSort::Kind => a.kind.as_str().cmp(b.kind.as_str()),
+            QueueSort::Gpus => a.spec.resources.gpus.cmp(&b.spec.resources.gpus),
+            QueueSort::Vram => need(a).cmp(&need(b)),
+            // Older jobs were submitted earlier: "most age" first is ascending submit time.
+            QueueSort::Age => b.submitted_at.cmp(&a.submitted_at),
+        };
+        // Stable sort over newest-first input: ties stay newest first.
+        matching.sort_by(|a, b| match order {
+            SortOrder::Asc => key(a, b),
+            SortOrder::Desc => key(b, a),
+        });
+    }
+    let jobs = matching
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|r| job_summary(r, &view, &st.jobs_dir))
+        .collect();
+    Ok(Json(QueueResponse {
+        jobs,
+        total,
+        offset,
+        counts: state_counts(&view),
     }))
 }
 
@@ -431,16 +581,19 @@ pub async fn explain(
 }
 
 pub async fn gpus(State(st): State<AppState>) -> Json<GpusResponse> {
-    let view = st.sched.view();
+    Json(gpus_response(&st.sched.view(), st.sched.policy()))
+}
+
+/// The GPUs with what jobd reserved on each (for `/gpus` and the dashboard's stream).
+pub fn gpus_response(view: &View, policy: &crate::config::SchedulerConfig) -> GpusResponse {
     let Some(snap) = &view.gpus else {
-        return Json(GpusResponse {
+        return GpusResponse {
             source: "none".into(),
             driver_version: None,
             note: None,
             gpus: Vec::new(),
-        });
+        };
     };
-    let policy = st.sched.policy();
     let gpus = snap
         .gpus
         .iter()
@@ -474,12 +627,12 @@ pub async fn gpus(State(st): State<AppState>) -> Json<GpusResponse> {
             }
         })
         .collect();
-    Json(GpusResponse {
+    GpusResponse {
         source: snap.source.to_string(),
         driver_version: snap.driver_version.clone(),
         note: snap.note.clone(),
         gpus,
-    })
+    }
 }
 
 pub async fn publish(

@@ -1,15 +1,19 @@
-//! L3: the HTTP API `/api/v1` (and, later, the dashboard) — the only user of axum.
+//! L3: the HTTP API `/api/v1` and the web dashboard at `/` — the only user of axum.
 //!
 //! The same [`router`] serves the unix socket and the TCP listener; the identity middleware
 //! turns the connection (peer uid) or the bearer token into a [`Caller`], and the scheduler
 //! decides what that caller may do. Handlers are thin: parse, ask the scheduler or read its
-//! snapshot, answer.
+//! snapshot, answer. The dashboard's files ([`web`]) are public and outside the middleware: the
+//! page holds no data, it reads `/api/v1` (and its push streams, [`stream`]) with the token
+//! the user gives it.
 
 mod error;
 pub mod follow;
 pub mod identity;
 mod jobs;
 mod schedules;
+mod stream;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -58,6 +62,9 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/explain", get(jobs::explain))
         .route("/jobs/{id}/publish", post(jobs::publish))
         .route("/jobs/{id}/metrics", get(jobs::metrics))
+        .route("/jobs/{id}/stream", get(stream::job_stream))
+        .route("/queue", get(jobs::queue))
+        .route("/stream", get(stream::queue_stream))
         .route("/models", get(jobs::models))
         .route("/gpus", get(jobs::gpus))
         .route("/schedules", get(schedules::list).post(schedules::create))
@@ -66,11 +73,11 @@ pub fn router(state: AppState) -> Router {
             get(schedules::get_one).delete(schedules::delete),
         )
         .route("/schedules/{id}/{action}", post(schedules::action))
-        .fallback(|| async { ApiError::not_found("no such API endpoint") });
-    Router::new()
+        .fallback(|| async { ApiError::not_found("no such API endpoint") })
+        .layer(middleware::from_fn_with_state(state.clone(), identify));
+    web::routes()
         .nest(crate::spec::api::PREFIX, api)
         .fallback(|| async { ApiError::not_found("not found") })
-        .layer(middleware::from_fn_with_state(state.clone(), identify))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::config::SchedulerConfig;
@@ -189,6 +189,9 @@ impl View {
 struct Shared {
     view: RwLock<Arc<View>>,
     changes: broadcast::Sender<JobChange>,
+    /// Counts published views, so readers can wait for "the view changed" (GPU refreshes and
+    /// waiting reasons change it without a [`JobChange`]).
+    revision: watch::Sender<u64>,
 }
 
 /// Cheap, cloneable access to the scheduler for the API layer.
@@ -328,6 +331,11 @@ impl SchedHandle {
         self.shared.changes.subscribe()
     }
 
+    /// Wakes after every published view (bumped after that batch's [`JobChange`]s are sent).
+    pub fn view_revisions(&self) -> watch::Receiver<u64> {
+        self.shared.revision.subscribe()
+    }
+
     /// A job's history (read from the store).
     pub fn events(&self, id: JobId) -> Result<Vec<JobEvent>, StoreError> {
         self.store.get(id)?;
@@ -465,6 +473,7 @@ impl Scheduler {
         let shared = Arc::new(Shared {
             view: RwLock::new(Arc::new(View::default())),
             changes,
+            revision: watch::Sender::new(0),
         });
         let gpus = inventory.snapshot(&|_| false);
         let mut s = Scheduler {
@@ -1427,6 +1436,7 @@ impl Scheduler {
                 .map(|w| w.wait.short());
             let _ = self.shared.changes.send(change);
         }
+        self.shared.revision.send_modify(|r| *r += 1);
     }
 }
 

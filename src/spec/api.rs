@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::contract::Progress;
+use super::job::JobKind;
 use super::record::{JobEvent, JobRecord};
 use super::state::JobState;
 use super::toml_source::Problem;
@@ -117,6 +118,192 @@ pub struct PriorityRequest {
 pub struct JobChange {
     pub job: JobView,
     pub event: Option<JobEvent>,
+}
+
+/// `GET /api/v1/queue` query: the dashboard's queue page. Filters as `GET /jobs`, plus a sort
+/// key and an offset (pages of any sort order, not just newest first).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueQuery {
+    /// Only jobs in these states (comma separated).
+    #[serde(default)]
+    pub state: Option<String>,
+    /// Only jobs of this user.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Only the caller's jobs.
+    #[serde(default)]
+    pub mine: Option<bool>,
+    /// Include finished jobs (default: only queued and active ones, unless `state` is given).
+    #[serde(default)]
+    pub all: Option<bool>,
+    /// Sort key (see [`QueueSort`]); default `id`.
+    #[serde(default)]
+    pub sort: Option<QueueSort>,
+    /// `asc` or `desc`; default: [`QueueSort::default_order`] (newest, highest priority, most
+    /// GPUs and VRAM, oldest first; names and states A to Z).
+    #[serde(default)]
+    pub order: Option<SortOrder>,
+    /// Skip this many matching jobs.
+    #[serde(default)]
+    pub offset: Option<usize>,
+    /// Page size (default 50, at most 1000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// What `GET /api/v1/queue` sorts by; ties are broken by id, newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueSort {
+    Id,
+    Name,
+    State,
+    Owner,
+    Priority,
+    Kind,
+    Gpus,
+    Vram,
+    /// Time since submission.
+    Age,
+}
+
+impl QueueSort {
+    /// The order used when the query names none: what a person expects on first click.
+    pub fn default_order(self) -> SortOrder {
+        match self {
+            QueueSort::Id
+            | QueueSort::Priority
+            | QueueSort::Gpus
+            | QueueSort::Vram
+            | QueueSort::Age => SortOrder::Desc,
+            QueueSort::Name | QueueSort::State | QueueSort::Owner | QueueSort::Kind => {
+                SortOrder::Asc
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SortOrder {
+    Asc,
+    Desc,
+}
+
+/// `GET /api/v1/queue` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueResponse {
+    pub jobs: Vec<JobSummary>,
+    /// Number of jobs matching the filter.
+    pub total: usize,
+    pub offset: usize,
+    /// Every job in the daemon by state (not just the filtered ones).
+    pub counts: Vec<(JobState, usize)>,
+}
+
+/// One row of the dashboard's queue: what a person scans for, without the job file and spec
+/// (a page of 50 stays a few kilobytes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: JobId,
+    pub name: String,
+    pub owner: String,
+    pub kind: JobKind,
+    pub state: JobState,
+    pub priority: i32,
+    /// GPUs asked for (0: a CPU job).
+    pub gpus: u32,
+    /// Indices of the GPUs the job holds now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_indices: Vec<u32>,
+    /// VRAM per GPU: reserved while placed, else what it needs (request or estimate); absent
+    /// for CPU jobs and whole-card jobs (`whole_gpu`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram_per_gpu: Option<u64>,
+    /// The job takes whole GPUs.
+    #[serde(default)]
+    pub whole_gpu: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// Why a queued job is not running yet (short form of `explain`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// The last event's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub submitted_at: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Millis>,
+    pub attempts: u32,
+    /// A cancel or preemption is in progress.
+    #[serde(default)]
+    pub stopping: bool,
+}
+
+/// Server-sent events of `GET /api/v1/stream` (the dashboard's live queue) and
+/// `GET /api/v1/jobs/{id}/stream` (one job's page). Each message is `event: NAME` with one
+/// JSON `data:` line. Both streams are read-only: anonymous callers may follow them where the
+/// daemon allows anonymous reads; the caller's identity only decides what is redacted.
+pub mod stream {
+    use serde::{Deserialize, Serialize};
+
+    use super::{JobId, JobState, Progress};
+
+    /// `/stream`: [`super::GpusResponse`], first and whenever it changes.
+    pub const GPUS: &str = "gpus";
+    /// `/stream`: [`QueueChanged`], first and whenever jobs or their waiting reasons changed:
+    /// refetch the page of `/queue` on show.
+    pub const QUEUE: &str = "queue";
+    /// Both: [`ProgressUpdate`] when a running train job's `progress.json` changes.
+    pub const PROGRESS: &str = "progress";
+    /// `/jobs/{id}/stream`: the [`super::JobView`], first and after each change.
+    pub const JOB: &str = "job";
+    /// `/jobs/{id}/stream`: every [`crate::spec::JobEvent`] of the job, oldest first, then
+    /// each new one.
+    pub const EVENT: &str = "event";
+    /// `/jobs/{id}/stream`: [`MetricsUpdate`]: the metrics so far, then new records.
+    pub const METRICS: &str = "metrics";
+    /// `/jobs/{id}/stream`: the job's checkpoints ([`CheckpointView`] list), first and when
+    /// they change.
+    pub const CHECKPOINTS: &str = "checkpoints";
+
+    /// Data of [`QUEUE`].
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct QueueChanged {
+        /// Every job by state.
+        pub counts: Vec<(JobState, usize)>,
+    }
+
+    /// Data of [`PROGRESS`].
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct ProgressUpdate {
+        pub id: JobId,
+        pub progress: Progress,
+    }
+
+    /// Data of [`METRICS`].
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct MetricsUpdate {
+        /// Replace what was received so far (first message, or `metrics.jsonl` was rewritten
+        /// after a resume); else append.
+        pub reset: bool,
+        /// `metrics.jsonl` records (step, epoch, loss, learning_rate, ...), oldest first.
+        pub records: Vec<serde_json::Value>,
+    }
+
+    /// One `checkpoint-<step>/` directory of a job.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct CheckpointView {
+        pub name: String,
+        pub step: u64,
+        /// Sum of the sizes of its files.
+        pub bytes: u64,
+        /// Modification time, ms since the epoch.
+        pub modified: crate::spec::Millis,
+    }
 }
 
 /// `GET /api/v1/gpus` entry.

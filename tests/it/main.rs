@@ -3,6 +3,7 @@
 mod auth;
 mod basics;
 mod daemon;
+mod dashboard;
 mod durability;
 mod errors;
 mod sched;

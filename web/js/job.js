@@ -1,0 +1,355 @@
+// The job view: everything about one job, kept current by its event stream
+// (`/jobs/{id}/stream`: the job, its events, metrics, checkpoints, progress) and its log
+// (`/jobs/{id}/logs?follow=true`). Charts are uPlot (web/vendor/uplot).
+
+import { api, followLog, subscribe } from './api.js';
+import { bytes, duration, el, Eta, num, stateBadge, time } from './util.js';
+
+const TERMINAL = ['succeeded', 'failed', 'cancelled'];
+
+let uplot = null;
+/** Loads uPlot on the first job page, keeping it off the queue view's first render. */
+function loadUplot() {
+  uplot ??= new Promise((resolve, reject) => {
+    document.head.append(el('link', { rel: 'stylesheet', href: 'vendor/uplot/uPlot.min.css' }));
+    document.head.append(el('script', {
+      src: 'vendor/uplot/uPlot.iife.min.js',
+      onload: () => resolve(window.uPlot),
+      onerror: () => { uplot = null; reject(new Error('the chart library did not load')); },
+    }));
+  });
+  return uplot;
+}
+const LOG_KEEP = 256 * 1024; // characters of log kept on the page
+
+/** A line chart of metrics against step. */
+class Chart {
+  constructor(container, title, series) {
+    this.container = container;
+    this.series = series; // [{label, key, points}]
+    const css = getComputedStyle(document.documentElement);
+    const fg = css.getPropertyValue('--fg').trim() || '#222';
+    const grid = css.getPropertyValue('--grid').trim() || '#ddd';
+    const axis = { stroke: fg, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid } };
+    // Steps are whole numbers: no ticks at 12.5.
+    const stepIncrs = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1e3, 2e3, 2.5e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];
+    this.plot = new window.uPlot({
+      title,
+      width: Math.max(240, container.clientWidth),
+      height: 200,
+      scales: { x: { time: false } },
+      axes: [{ ...axis, label: 'step', incrs: stepIncrs }, { ...axis, size: 60 }],
+      series: [{ label: 'step' }, ...series.map((s) => ({
+        label: s.label,
+        stroke: s.colour,
+        width: 2,
+        spanGaps: true,
+        points: { show: s.points, size: 6, fill: s.colour },
+      }))],
+    }, [[], ...series.map(() => [])], container);
+    this.resize = new ResizeObserver(() => {
+      const w = Math.max(240, this.container.clientWidth);
+      if (w !== this.plot.width) this.plot.setSize({ width: w, height: 200 });
+    });
+    this.resize.observe(container);
+  }
+
+  set(records) {
+    const data = [records.map((r) => r.step), ...this.series.map((s) => records.map((r) => r[s.key] ?? null))];
+    this.plot.setData(data);
+    // Without the cursor on the chart, the legend shows the latest values.
+    if (data[0].length && this.plot.cursor.idx == null) this.plot.setLegend({ idx: data[0].length - 1 });
+    // How many points each series has, for people with screen readers and for the tests.
+    this.container.dataset.points = this.series
+      .map((s, i) => data[i + 1].filter((v) => v !== null).length).join(',');
+  }
+
+  destroy() {
+    this.resize.disconnect();
+    this.plot.destroy();
+  }
+}
+
+export class JobPage {
+  constructor(ctx, root) {
+    this.ctx = ctx;
+    this.root = root;
+    this.eta = new Eta();
+  }
+
+  show(id) {
+    this.hide();
+    this.gen = (this.gen || 0) + 1; // tells late callbacks of an earlier show() apart
+    this.id = id;
+    this.job = null;
+    this.metrics = [];
+    this.charts = null;
+    this.logTab = 'stdout';
+    this.build();
+    this.stream = subscribe(`/jobs/${id}/stream`, {
+      open: () => this.events.replaceChildren(),
+      job: (j) => this.onJob(j),
+      event: (e) => this.onEvent(e),
+      metrics: (m) => this.onMetrics(m),
+      progress: (p) => this.onProgress(p.progress),
+      checkpoints: (c) => this.onCheckpoints(c),
+    }, (state, err) => {
+      this.ctx.setLive(`job ${id}`, state);
+      if (state === 'error') this.title.textContent = `Job ${id}: ${err.message}`;
+    });
+  }
+
+  hide() {
+    this.stream?.close();
+    this.stream = null;
+    this.ctx.setLive(`job ${this.id}`, null);
+    this.logAbort?.abort();
+    if (this.charts) for (const c of this.charts) c.destroy();
+    this.charts = null;
+  }
+
+  build() {
+    const section = (title, ...body) => el('section', { class: 'panel' }, el('h2', {}, title), ...body);
+    this.title = el('h1', {}, `Job ${this.id}`);
+    this.badge = el('span');
+    this.meta = el('p', { class: 'meta' });
+    this.cancelBtn = el('button', { type: 'button', id: 'act-cancel', onclick: () => this.cancel() }, 'Cancel');
+    this.requeueBtn = el('button', { type: 'button', id: 'act-requeue', onclick: () => this.act('requeue', {}, 'Requeue') }, 'Requeue');
+    this.prioInput = el('input', { type: 'number', id: 'act-priority-value', step: 1, 'aria-label': 'new priority' });
+    this.prioBtn = el('button', { type: 'button', id: 'act-priority', onclick: () => this.setPriority() }, 'Set priority');
+    this.actHint = el('p', { class: 'muted hint' });
+    this.progress = el('div', { class: 'job-progress' });
+    this.explain = el('div', { class: 'explain' });
+    this.chartBox = el('div', { class: 'charts' });
+    this.published = el('div');
+    this.checkpoints = el('div');
+    this.events = el('tbody');
+    this.source = el('pre', { class: 'source' });
+    this.log = el('pre', { class: 'log', id: 'log', tabindex: 0 });
+    this.logNote = el('p', { class: 'muted' });
+    const tab = (name) => el('button', {
+      type: 'button', class: 'tab', dataset: { stream: name }, onclick: () => this.startLog(name),
+    }, name);
+    this.tabs = el('div', { class: 'tabs', role: 'tablist' }, tab('stdout'), tab('stderr'));
+    this.root.replaceChildren(
+      el('div', { class: 'job-head' },
+        el('a', { href: '#/', class: 'back' }, '← queue'),
+        el('div', { class: 'title-row' }, this.title, this.badge),
+        this.meta,
+        el('div', { class: 'actions' }, this.cancelBtn, this.requeueBtn,
+          el('span', { class: 'prio' }, this.prioInput, this.prioBtn)),
+        this.actHint),
+      this.progress,
+      this.explain,
+      el('div', { class: 'job-grid' },
+        el('div', { class: 'col' },
+          section('Training', this.chartBox),
+          section('Log', this.tabs, this.log, this.logNote)),
+        el('div', { class: 'col' },
+          section('Published model', this.published),
+          section('Checkpoints', this.checkpoints),
+          section('History', el('table', { class: 'events' },
+            el('thead', {}, el('tr', {}, el('th', {}, 'time'), el('th', {}, 'state'), el('th', {}, 'reason'))),
+            this.events)),
+          section('Job file', this.source))));
+    this.startLog('stdout');
+  }
+
+  onJob(job) {
+    const was = this.job;
+    this.job = job;
+    if (job.progress) this.eta.observe(job.id, job.progress);
+    this.title.textContent = `#${job.id} ${job.name}`;
+    this.badge.replaceChildren(stateBadge(job.state, job.stop && !TERMINAL.includes(job.state)));
+    const placement = job.placement && job.placement.gpus.length
+      ? `GPU ${job.placement.gpus.map((g) => g.index).join(', ')} (${bytes(job.placement.vram_per_gpu)}${job.placement.gpus.length > 1 ? ' each' : ''})`
+      : (job.spec.resources.gpus ? `${job.spec.resources.gpus} GPU` : 'CPU');
+    const parts = [
+      `owner ${job.owner.user}`, job.kind, `priority ${job.priority}`, placement,
+      `submitted ${time(job.submitted_at)}`,
+      job.started_at ? `started ${time(job.started_at)}` : null,
+      job.finished_at ? `finished ${time(job.finished_at)}` : null,
+      job.attempts ? `attempt ${job.attempts}` : null,
+      job.vram_peak ? `peak memory ${bytes(job.vram_peak)}` : null,
+    ];
+    this.meta.textContent = parts.filter(Boolean).join(' · ');
+    const terminal = TERMINAL.includes(job.state);
+    this.cancelBtn.disabled = terminal;
+    this.requeueBtn.disabled = !['failed', 'cancelled'].includes(job.state);
+    this.prioBtn.disabled = terminal;
+    if (document.activeElement !== this.prioInput) this.prioInput.value = job.priority;
+    this.actHint.textContent = this.ctx.user ? '' : 'Read-only: jobd refuses changes without a token (add one at the top).';
+    this.source.textContent = job.source;
+    this.renderProgress();
+    this.renderPublished();
+    if (job.kind === 'train' && !this.charts) this.makeCharts();
+    if (job.kind !== 'train') this.chartBox.replaceChildren(el('p', { class: 'muted' }, 'A command job: no training metrics.'));
+    // A requeued job runs again: follow its new output.
+    if (was && TERMINAL.includes(was.state) && !terminal) this.startLog(this.logTab);
+    this.updateExplain();
+  }
+
+  async updateExplain() {
+    const job = this.job;
+    if (!job || TERMINAL.includes(job.state)) {
+      this.explain.replaceChildren();
+      return;
+    }
+    try {
+      const ex = await api(`/jobs/${job.id}/explain`);
+      if (this.job !== job) return;
+      this.explain.replaceChildren(...ex.details.map((d) => el('p', {}, d)));
+    } catch {
+      this.explain.replaceChildren();
+    }
+  }
+
+  renderProgress() {
+    const job = this.job;
+    const p = job?.progress;
+    if (!p || !p.total_steps) {
+      this.progress.replaceChildren();
+      return;
+    }
+    const frac = Math.min(1, p.step / p.total_steps);
+    const bar = el('div', { class: 'pbar big' }, el('div', {}));
+    bar.firstChild.style.width = `${(100 * frac).toFixed(1)}%`;
+    const left = this.eta.left(job);
+    const text = [
+      `step ${p.step} / ${p.total_steps} (${(100 * frac).toFixed(1)}%)`,
+      p.stage, p.loss !== undefined ? `loss ${num(p.loss)}` : null,
+      p.epoch !== undefined ? `epoch ${num(p.epoch, 2)}` : null,
+      left !== undefined ? `ETA ${duration(left)}` : null,
+    ].filter(Boolean).join(' · ');
+    this.progress.replaceChildren(bar, el('p', { id: 'job-progress-text' }, text));
+  }
+
+  renderPublished() {
+    const m = this.job.published;
+    if (!m) {
+      const planned = this.job.spec.publish ? 'Published to Ollama when training succeeds.' : 'Nothing published.';
+      this.published.replaceChildren(el('p', { class: 'muted' }, planned));
+      return;
+    }
+    const cmd = el('code', { id: 'ollama-run' }, m.run_command);
+    const copy = el('button', {
+      type: 'button',
+      onclick: async () => {
+        try {
+          await navigator.clipboard.writeText(m.run_command);
+          this.ctx.toast('Copied');
+        } catch {
+          getSelection().selectAllChildren(cmd); // no clipboard on plain http: select it instead
+        }
+      },
+    }, 'copy');
+    this.published.replaceChildren(
+      el('p', {}, el('strong', {}, m.name), ` · ${m.quantization} · ${bytes(m.gguf_bytes)}`),
+      el('p', { class: 'run' }, cmd, ' ', copy),
+      el('p', { class: 'muted' }, `in ${m.models_dir}`));
+  }
+
+  onEvent(e) {
+    this.events.append(el('tr', {},
+      el('td', { class: 'nowrap' }, time(e.at)), el('td', {}, stateBadge(e.state)), el('td', {}, e.reason)));
+  }
+
+  async makeCharts() {
+    this.charts = [];
+    const boxes = [el('div', { class: 'chart', id: 'chart-loss' }), el('div', { class: 'chart', id: 'chart-lr' }),
+      el('div', { class: 'chart', id: 'chart-tps' })];
+    this.chartBox.replaceChildren(...boxes);
+    const gen = this.gen;
+    try {
+      await loadUplot();
+    } catch (e) {
+      this.chartBox.replaceChildren(el('p', { class: 'error' }, e.message));
+      return;
+    }
+    if (this.gen !== gen) return; // the page moved on meanwhile
+    this.charts = [
+      new Chart(boxes[0], 'Loss', [
+        { label: 'train loss', key: 'loss', colour: '#2f6feb', points: false },
+        { label: 'eval loss', key: 'eval_loss', colour: '#d9480f', points: true },
+      ]),
+      new Chart(boxes[1], 'Learning rate', [{ label: 'learning rate', key: 'learning_rate', colour: '#2b8a3e' }]),
+      new Chart(boxes[2], 'Throughput', [{ label: 'tokens/s', key: 'tokens_per_second', colour: '#862e9c' }]),
+    ];
+    for (const c of this.charts) c.set(this.metrics);
+  }
+
+  onMetrics(m) {
+    this.metrics = m.reset ? m.records : this.metrics.concat(m.records);
+    if (this.charts) for (const c of this.charts) c.set(this.metrics);
+  }
+
+  onProgress(p) {
+    if (!this.job) return;
+    this.job.progress = p;
+    this.eta.observe(this.job.id, p);
+    this.renderProgress();
+  }
+
+  onCheckpoints(list) {
+    if (!list.length) {
+      this.checkpoints.replaceChildren(el('p', { class: 'muted' }, 'None yet.'));
+      return;
+    }
+    this.checkpoints.replaceChildren(el('table', { class: 'checkpoints' },
+      el('thead', {}, el('tr', {}, el('th', {}, 'step'), el('th', {}, 'size'), el('th', {}, 'saved'))),
+      el('tbody', {}, list.map((c) => el('tr', {},
+        el('td', { class: 'num' }, c.step), el('td', { class: 'num' }, bytes(c.bytes)), el('td', {}, time(c.modified)))))));
+  }
+
+  startLog(stream) {
+    this.logAbort?.abort();
+    const abort = new AbortController();
+    this.logAbort = abort;
+    this.logTab = stream;
+    for (const t of this.tabs.children) t.setAttribute('aria-selected', String(t.dataset.stream === stream));
+    this.log.textContent = '';
+    this.logNote.textContent = 'following…';
+    followLog(this.id, stream, (text) => {
+      const stick = this.log.scrollTop + this.log.clientHeight >= this.log.scrollHeight - 4;
+      let all = this.log.textContent + text;
+      if (all.length > LOG_KEEP) all = all.slice(all.length - LOG_KEEP);
+      this.log.textContent = all;
+      if (stick) this.log.scrollTop = this.log.scrollHeight;
+    }, abort.signal).then(() => {
+      if (!abort.signal.aborted) this.logNote.textContent = this.log.textContent ? 'end of log (the job has finished)' : 'no output';
+    }, (e) => {
+      if (abort.signal.aborted) return;
+      this.logNote.textContent = e.status === 403 || e.status === 401
+        ? `${e.message}${this.ctx.user ? '' : ' — add a token at the top to read it.'}`
+        : `Cannot follow the log: ${e.message}`;
+    });
+  }
+
+  async act(path, body, what) {
+    try {
+      const job = await api(`/jobs/${this.id}/${path}`, { method: 'POST', body });
+      this.ctx.toast(`${what}: job ${job.id} is ${job.state}${job.stop ? ' (stopping)' : ''}`);
+    } catch (e) {
+      this.ctx.toast(`${what} refused: ${e.message}`, true);
+    }
+  }
+
+  cancel() {
+    if (!window.confirm(`Cancel job ${this.id}? A running job is asked to checkpoint and stop.`)) return;
+    this.act('cancel', {}, 'Cancel');
+  }
+
+  setPriority() {
+    const v = Number(this.prioInput.value);
+    if (!Number.isInteger(v)) {
+      this.ctx.toast('The priority is a whole number', true);
+      return;
+    }
+    this.act('priority', { priority: v }, 'Priority');
+  }
+
+  /** Re-renders the ETA; local only, no request. */
+  tick() {
+    if (this.job?.state === 'running') this.renderProgress();
+  }
+}
