@@ -16,6 +16,14 @@ use crate::train::{self, WorkerContext, WorkerOutcome};
 
 /// Runs the worker; returns the exit code of the worker contract.
 pub fn main(job_dir: &Path) -> ExitCode {
+    // The trainer's log (checkpoints written, resumes, evaluations) goes to the job's
+    // stderr.log; metrics lines go to stdout.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .init();
     // Block SIGTERM/SIGINT in every thread (threads created later inherit the mask) and take
     // them in one thread that raises the stop flag: the trainer checks it between steps.
     let stop = Arc::new(AtomicBool::new(false));
