@@ -16,6 +16,7 @@ pub mod data;
 pub mod generate;
 pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod rng;
 pub mod tokenizer;

@@ -232,10 +232,7 @@ fn run_inner(
             let exs: Vec<&Example> = idx.iter().map(|&i| &sess.train[i]).collect();
             let b = data::batch(&exs, pad, &device)?;
             tokens_since += b.tokens;
-            let mut pass = Pass {
-                dtype: compute,
-                rng: Some(&mut st.rng),
-            };
+            let mut pass = Pass::new(compute, Some(&mut st.rng));
             let logits = sess.model.forward(&b.ids, 0, None, &mut pass)?;
             let loss = (model::nll_sum(&logits, &b.labels, &b.mask)? / group_labelled as f64)?;
             step_loss += loss.to_scalar::<f32>()? as f64;
@@ -258,8 +255,9 @@ fn run_inner(
                 loss: step_loss,
             });
         }
-        let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled")).collect();
-        let grad_norm = optim::clip(&mut grads, args.max_grad_norm)?;
+        let grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled")).collect();
+        // Clipping is folded into the update (no rescaled copy of every gradient).
+        let (grad_norm, clip) = optim::clip_factor(&grads, args.max_grad_norm)?;
         let lr = optim::lr_at(
             args.lr_scheduler_type,
             args.learning_rate,
@@ -267,7 +265,7 @@ fn run_inner(
             total,
             warmup,
         );
-        opt.step(&sess.params, &grads, lr)?;
+        opt.step_scaled(&sess.params, &grads, lr, clip)?;
         drop(grads);
 
         let done = step + 1;
@@ -724,10 +722,7 @@ fn eval_loss(
     for chunk in sess.eval.chunks(batch.max(1)) {
         let exs: Vec<&Example> = chunk.iter().collect();
         let b = data::batch(&exs, pad, device)?;
-        let mut pass = Pass {
-            dtype: compute,
-            rng: None,
-        };
+        let mut pass = Pass::new(compute, None);
         let logits = sess.model.forward(&b.ids, 0, None, &mut pass)?;
         sum += model::nll_sum(&logits, &b.labels, &b.mask)?.to_scalar::<f32>()? as f64;
         count += b.labelled;
