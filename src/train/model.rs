@@ -77,7 +77,11 @@ impl Linear {
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, *last))?;
         let w = cast(&self.weight, pass.dtype)?;
-        let mut y = x2.matmul(&w.t()?)?;
+        let mut y = if pass.fused {
+            ops::linear(&x2, &w)?
+        } else {
+            x2.matmul(&w.t()?)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&cast(b, pass.dtype)?)?;
         }

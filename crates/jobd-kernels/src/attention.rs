@@ -11,7 +11,7 @@
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use crate::sum16;
+use crate::{exp, sum16};
 
 /// Query rows per block: the scores of one block (`BLOCK × S` floats) live in a per-task
 /// scratch buffer.
@@ -105,6 +105,16 @@ impl Dims {
         (lo, (self.start + i1).min(self.s))
     }
 
+    /// The keys query `i` may attend, as `[a, z)` relative to the block's first key `lo`.
+    fn row_keys(&self, i: usize, lo: usize) -> (usize, usize) {
+        let qpos = self.start + i;
+        let first = match self.window {
+            Some(w) => (qpos + 1).saturating_sub(w),
+            None => 0,
+        };
+        (first - lo, qpos + 1 - lo)
+    }
+
     fn scale(&self) -> f32 {
         1.0 / (self.d as f32).sqrt()
     }
@@ -194,23 +204,17 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dm: Dims) -> (Vec<f32>, Vec<f32>
             for r in 0..rows {
                 let row = &mut scores[r * nk..(r + 1) * nk];
                 let i = i0 + r;
-                let mut m = f32::NEG_INFINITY;
-                for (j, x) in row.iter().enumerate() {
-                    if allowed(i, lo + j, dm.start, dm.window) {
-                        m = m.max(*x);
-                    }
+                let (a, z) = dm.row_keys(i, lo);
+                row[..a].fill(0.0);
+                row[z..].fill(0.0);
+                let valid = &mut row[a..z];
+                let m = valid.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for x in valid.iter_mut() {
+                    *x = exp(*x - m);
                 }
-                let mut sum = 0f32;
-                for (j, x) in row.iter_mut().enumerate() {
-                    if allowed(i, lo + j, dm.start, dm.window) {
-                        *x = (*x - m).exp();
-                        sum += *x;
-                    } else {
-                        *x = 0.0;
-                    }
-                }
+                let sum = sum16(valid.len(), |j| valid[j]);
                 let inv = 1.0 / sum;
-                for x in row.iter_mut() {
+                for x in valid.iter_mut() {
                     *x *= inv;
                 }
                 // SAFETY: see above.
@@ -294,12 +298,12 @@ pub fn backward(
                 for r in 0..rows {
                     let i = i0 + r;
                     let l = lse[(bi * h + hi) * t + i];
-                    for (j, x) in p[r * nk..(r + 1) * nk].iter_mut().enumerate() {
-                        *x = if allowed(i, lo + j, dm.start, dm.window) {
-                            (*x - l).exp()
-                        } else {
-                            0.0
-                        };
+                    let (a, z) = dm.row_keys(i, lo);
+                    let row = &mut p[r * nk..(r + 1) * nk];
+                    row[..a].fill(0.0);
+                    row[z..].fill(0.0);
+                    for x in row[a..z].iter_mut() {
+                        *x = exp(*x - l);
                     }
                     let at = dm.q_at(bi, i, hi);
                     delta[r] = sum16(d, |c| dout[at + c] * o[at + c]);

@@ -74,6 +74,79 @@ fn split(buf: Vec<f32>, shapes: &[&Shape], device: &candle_core::Device) -> Resu
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear
+
+/// `x · wᵀ` for `x` `(rows, in)` and a PyTorch-layout weight `w` `(out, in)`, with backward.
+/// Candle's `x.matmul(&w.t())` computes the same, but its backward produces the weight's
+/// gradient transposed, which then costs a strided copy; this writes it in `w`'s layout, and
+/// skips it entirely for frozen weights (LoRA).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !fusable(x) || !fusable(w) {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Linear)?)
+}
+
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "jobd-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, inp) = l1.shape().dims2()?;
+        let (out, inp_w) = l2.shape().dims2()?;
+        if inp != inp_w {
+            candle_core::bail!("linear: input {:?}, weight {:?}", l1.dims(), l2.dims());
+        }
+        let y = kernels::linear_fwd(cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, rows, inp, out);
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (rows, inp) = x.dims2()?;
+        let out = w.dim(0)?;
+        let want_dw = w.track_op();
+        let mut dx = vec![0f32; rows * inp];
+        let mut dw = vec![0f32; if want_dw { out * inp } else { 0 }];
+        {
+            let (gx, lx) = x.storage_and_layout();
+            let (gw, lw) = w.storage_and_layout();
+            let (gd, ld) = dy.storage_and_layout();
+            kernels::linear_bwd(
+                storage_f32(&gx, lx)?,
+                storage_f32(&gw, lw)?,
+                storage_f32(&gd, ld)?,
+                (rows, inp, out),
+                &mut dx,
+                want_dw.then_some(dw.as_mut_slice()),
+            );
+        }
+        let dx = Tensor::from_vec(dx, (rows, inp), x.device())?;
+        let dw = if want_dw {
+            Some(Tensor::from_vec(dw, (out, inp), w.device())?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // RMSNorm
 
 /// RMSNorm over the last dimension, `x · rsqrt(mean(x²) + eps) · w`, with backward.

@@ -70,6 +70,32 @@ fn check(
 }
 
 #[test]
+fn linear_matches_plain_ops() {
+    let mut rng = Rng::new(8);
+    let x = randn(&mut rng, &[37, 24], 1.0);
+    let w = randn(&mut rng, &[19, 24], 0.5);
+    check(
+        "linear",
+        &[x, w],
+        &[0, 1],
+        1e-5,
+        |t| super::linear(&t[0], &t[1]).unwrap(),
+        |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+    );
+    // A frozen weight (a plain tensor, as LoRA's base weights) gets no gradient computed.
+    let xv = Var::from_tensor(&randn(&mut rng, &[5, 24], 1.0)).unwrap();
+    let frozen = randn(&mut rng, &[19, 24], 0.5);
+    let g = super::linear(xv.as_tensor(), &frozen)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(g.get(xv.as_tensor()).is_some());
+    assert!(g.get(&frozen).is_none());
+}
+
+#[test]
 fn rms_norm_matches_plain_ops() {
     let mut rng = Rng::new(1);
     // 37 rows of 48: not a multiple of the accumulator width or of a task's rows.
@@ -221,7 +247,8 @@ fn kernels_give_the_same_bits_on_one_and_two_threads() {
             let wv = Var::from_tensor(&w).unwrap();
             let a = super::attention(qv.as_tensor(), &k, &k, 0, None).unwrap();
             let n = super::rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-5).unwrap();
-            let loss = (a.sqr().unwrap().sum_all().unwrap() + n.sqr().unwrap().sum_all().unwrap())
+            let l = super::linear(&n, &x.narrow(0, 0, 64).unwrap()).unwrap();
+            let loss = (a.sqr().unwrap().sum_all().unwrap() + l.sqr().unwrap().sum_all().unwrap())
                 .unwrap();
             let g = loss.backward().unwrap();
             [
@@ -242,4 +269,21 @@ fn kernels_give_the_same_bits_on_one_and_two_threads() {
         })
     };
     assert!(run(1) == run(2), "results depend on the thread count");
+}
+
+/// The vectorisable exp of the kernels is within a few ulp of the true value.
+#[test]
+fn kernel_exp_is_accurate() {
+    let mut worst = 0f64;
+    let mut x = -87.0f32;
+    while x < 88.0 {
+        let got = jobd_kernels::exp(x) as f64;
+        let want = (x as f64).exp();
+        worst = worst.max((got - want).abs() / want);
+        x += 0.0137;
+    }
+    assert!(worst < 4.0 * f32::EPSILON as f64, "relative error {worst}");
+    assert_eq!(jobd_kernels::exp(-100.0), 0.0);
+    assert_eq!(jobd_kernels::exp(f32::NEG_INFINITY), 0.0);
+    assert_eq!(jobd_kernels::exp(0.0), 1.0);
 }
