@@ -72,33 +72,27 @@ impl<'a> Pass<'a> {
 
 impl Linear {
     fn forward(&self, x: &Tensor, pass: &mut Pass<'_>) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (last, lead) = dims.split_last().expect("rank >= 1");
-        let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, *last))?;
         let w = cast(&self.weight, pass.dtype)?;
+        // Any rank in, any rank out: no reshape nodes (each costs the backward a pass).
         let mut y = if pass.fused {
-            ops::linear(&x2, &w)?
+            ops::linear(x, &w)?
         } else {
-            x2.matmul(&w.t()?)?
+            plain::linear(x, &w)?
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&cast(b, pass.dtype)?)?;
         }
         if let Some(lora) = &self.lora {
             let xin = match pass.rng.as_deref_mut() {
-                Some(rng) if lora.dropout > 0.0 => dropout(&x2, lora.dropout, rng)?,
-                _ => x2.clone(),
+                Some(rng) if lora.dropout > 0.0 => dropout(x, lora.dropout, rng)?,
+                _ => x.clone(),
             };
             let a = cast(&lora.a, pass.dtype)?;
             let b = cast(&lora.b, pass.dtype)?;
-            let delta = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            let delta = plain::linear(&plain::linear(&xin, &a)?, &b)?;
             y = (y + delta.affine(lora.scale, 0.0)?)?;
         }
-        let out = self.weight.dim(0)?;
-        let mut shape = lead.to_vec();
-        shape.push(out);
-        Ok(y.reshape(shape)?)
+        Ok(y)
     }
 
     /// The weight with the adapter folded in: `W + scale · B · A`.
@@ -169,7 +163,7 @@ impl Rope {
         })
     }
 
-    /// Rotates `x` of shape `(B, T, heads, head_dim)` for positions `start..start+T`.
+    /// Rotates `x` of shape `(B, T, heads · head_dim)` for positions `start..start+T`.
     fn apply(&self, x: &Tensor, start: usize, pass: &Pass<'_>) -> Result<Tensor> {
         let t = x.dim(1)?;
         let cos = cast(&self.cos.narrow(0, start, t)?, x.dtype())?;
@@ -431,12 +425,12 @@ impl Llama {
         x = cast(&x, pass.dtype)?;
         let nh = cfg.num_attention_heads;
         let nkv = cfg.n_kv_heads();
-        let hd = cfg.head_dim();
         for (l, blk) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps, pass)?;
-            let q = blk.q_proj.forward(&h, pass)?.reshape((b, t, nh, hd))?;
-            let k = blk.k_proj.forward(&h, pass)?.reshape((b, t, nkv, hd))?;
-            let v = blk.v_proj.forward(&h, pass)?.reshape((b, t, nkv, hd))?;
+            // (B, T, heads·head_dim) throughout: the kernels read heads with strides.
+            let q = blk.q_proj.forward(&h, pass)?;
+            let k = blk.k_proj.forward(&h, pass)?;
+            let v = blk.v_proj.forward(&h, pass)?;
             let q = self.rope.apply(&q, start, pass)?;
             let mut k = self.rope.apply(&k, start, pass)?;
             let mut v = v;
@@ -448,11 +442,11 @@ impl Llama {
                 c.layers[l] = Some((k.clone(), v.clone()));
             }
             let y = if pass.fused {
-                ops::attention(&q, &k, &v, start, cfg.window())?
+                ops::attention(&q, &k, &v, (nh, nkv), start, cfg.window())?
             } else {
-                plain::attention(&q, &k, &v, start, cfg.window())?
+                plain::attention(&q, &k, &v, (nh, nkv), start, cfg.window())?
             };
-            let y = blk.o_proj.forward(&y.reshape((b, t, nh * hd))?, pass)?;
+            let y = blk.o_proj.forward(&y, pass)?;
             x = (x + y)?;
             let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps, pass)?;
             let g = blk.gate_proj.forward(&h, pass)?;
@@ -467,10 +461,13 @@ impl Llama {
         }
         let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps, pass)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let logits = x
-            .reshape((b * t, cfg.hidden_size))?
-            .matmul(&cast(head, pass.dtype)?.t()?)?;
-        Ok(cast(&logits, DType::F32)?.reshape((b, t, cfg.vocab_size))?)
+        let head = cast(head, pass.dtype)?;
+        let logits = if pass.fused {
+            ops::linear(&x, &head)?
+        } else {
+            plain::linear(&x, &head)?
+        };
+        cast(&logits, DType::F32)
     }
 
     /// Every weight under its Hugging Face name, adapters merged in (what `save_pretrained`
@@ -511,13 +508,9 @@ impl Llama {
 /// f32 (1 = counts); masked labels must still be valid ids (use 0). Fused on the CPU in f32:
 /// the backward then writes the logits' gradient in one pass, without a softmax tensor.
 pub fn nll_sum(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let per_row = ops::cross_entropy(
-        &logits.reshape((b * t, v))?,
-        &labels.reshape(b * t)?,
-        &mask.reshape(b * t)?,
-    )?;
-    Ok(per_row.sum_all()?)
+    // The fused loss takes (B, T, V) as it is: a reshape node would cost the backward a pass
+    // over the whole logits gradient.
+    Ok(ops::cross_entropy(logits, labels, mask)?.sum_all()?)
 }
 
 /// [`nll_sum`] from plain ops (the reference the fused loss is tested against).

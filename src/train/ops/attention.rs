@@ -9,21 +9,24 @@ use jobd_kernels::attention::{self as kernel, Dims};
 use super::{cpu_f32, fusable, split, storage_f32};
 use crate::train::model::Result;
 
-/// Causal attention of `q` `(B, T, H, D)` (positions `start..start+T`) over `k`, `v`
-/// `(B, S, KV, D)` (positions `0..S`), each key/value head serving `H / KV` query heads,
-/// optionally within a sliding window; returns `(B, T, H, D)`. Same mathematics as
+/// Causal attention of `q` `(B, T, H·D)` (positions `start..start+T`) over `k`, `v`
+/// `(B, S, KV·D)` (positions `0..S`) — the projections' outputs as they are — each key/value
+/// head serving `H / KV` query heads, optionally within a sliding window; returns
+/// `(B, T, H·D)`, ready for the output projection. Same mathematics as
 /// [`super::plain::attention`].
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    heads: (usize, usize),
     start: usize,
     window: Option<usize>,
 ) -> Result<Tensor> {
     if !fusable(q) || !fusable(k) || !fusable(v) {
-        return super::plain::attention(q, k, v, start, window);
+        return super::plain::attention(q, k, v, heads, start, window);
     }
     let op = Attention {
+        heads,
         start,
         window,
         lse: Arc::new(Mutex::new(None)),
@@ -33,6 +36,8 @@ pub fn attention(
 }
 
 struct Attention {
+    /// Query heads and key/value heads.
+    heads: (usize, usize),
     start: usize,
     window: Option<usize>,
     /// Row log-sum-exps of the forward, for the backward.
@@ -41,9 +46,11 @@ struct Attention {
 
 impl Attention {
     fn dims(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> candle_core::Result<Dims> {
-        let (b, t, h, d) = lq.shape().dims4()?;
-        let (bk, s, kv, dk) = lk.shape().dims4()?;
-        if bk != b || dk != d || lv.dims() != lk.dims() {
+        let (h, kv) = self.heads;
+        let (b, t, hd) = lq.shape().dims3()?;
+        let (bk, s, kvd) = lk.shape().dims3()?;
+        let d = hd / h.max(1);
+        if bk != b || h * d != hd || kv * d != kvd || lv.dims() != lk.dims() {
             candle_core::bail!(
                 "attention: q {:?}, k {:?}, v {:?}",
                 lq.dims(),

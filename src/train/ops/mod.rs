@@ -23,7 +23,7 @@ pub use attention::attention;
 mod tests;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor};
 use jobd_kernels as kernels;
 
 use super::model::Result;
@@ -76,13 +76,15 @@ fn split(buf: Vec<f32>, shapes: &[&Shape], device: &candle_core::Device) -> Resu
 // ---------------------------------------------------------------------------------------------
 // Linear
 
-/// `x · wᵀ` for `x` `(rows, in)` and a PyTorch-layout weight `w` `(out, in)`, with backward.
+/// `x · wᵀ` for `x` `(..., in)` and a PyTorch-layout weight `w` `(out, in)`, giving
+/// `(..., out)`, with backward. Taking any rank spares the model reshape nodes, each of which
+/// costs Candle's backward a zero-filled gradient and an addition over the activation.
 /// Candle's `x.matmul(&w.t())` computes the same, but its backward produces the weight's
 /// gradient transposed, which then costs a strided copy; this writes it in `w`'s layout, and
 /// skips it entirely for frozen weights (LoRA).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !fusable(x) || !fusable(w) {
-        return Ok(x.matmul(&w.t()?)?);
+        return plain::linear(x, w);
     }
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Linear)?)
 }
@@ -101,13 +103,18 @@ impl CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, inp) = l1.shape().dims2()?;
-        let (out, inp_w) = l2.shape().dims2()?;
-        if inp != inp_w {
+        let (out, inp) = l2.shape().dims2()?;
+        let Some((&inp_x, lead)) = l1.dims().split_last() else {
+            candle_core::bail!("linear: scalar input");
+        };
+        if inp != inp_x {
             candle_core::bail!("linear: input {:?}, weight {:?}", l1.dims(), l2.dims());
         }
+        let rows = lead.iter().product();
         let y = kernels::linear_fwd(cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, rows, inp, out);
-        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+        let mut shape = lead.to_vec();
+        shape.push(out);
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 
     fn bwd(
@@ -118,8 +125,8 @@ impl CustomOp2 for Linear {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let (rows, inp) = x.dims2()?;
-        let out = w.dim(0)?;
+        let (out, inp) = w.dims2()?;
+        let rows = x.elem_count() / inp;
         let want_dw = w.track_op();
         let mut dx = vec![0f32; rows * inp];
         let mut dw = vec![0f32; if want_dw { out * inp } else { 0 }];
@@ -136,7 +143,7 @@ impl CustomOp2 for Linear {
                 want_dw.then_some(dw.as_mut_slice()),
             );
         }
-        let dx = Tensor::from_vec(dx, (rows, inp), x.device())?;
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dw = if want_dw {
             Some(Tensor::from_vec(dw, (out, inp), w.device())?)
         } else {
@@ -216,8 +223,9 @@ impl CustomOp2 for RmsNorm {
 // ---------------------------------------------------------------------------------------------
 // Rotary embeddings
 
-/// Rotate-half rotary embedding of `x` `(B, T, heads, head_dim)` with `cos`/`sin` tables
-/// `(T, head_dim)` for its positions (Hugging Face's layout), with backward.
+/// Rotate-half rotary embedding of `x` `(B, T, heads · head_dim)` (the projection's output)
+/// with `cos`/`sin` tables `(T, head_dim)` for its positions (Hugging Face's layout), with
+/// backward.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !fusable(x) || cos.dtype() != DType::F32 {
         return plain::rope(x, cos, sin);
@@ -249,8 +257,10 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, t, heads, hd) = l1.shape().dims4()?;
-        if l2.dims() != [t, hd] || l3.dims() != [t, hd] || hd % 2 != 0 {
+        let (_, t, row) = l1.shape().dims3()?;
+        let (_, hd) = l2.shape().dims2()?;
+        let heads = row / hd.max(1);
+        if l2.dims() != [t, hd] || l3.dims() != [t, hd] || hd % 2 != 0 || heads * hd != row {
             candle_core::bail!("rope: tables {:?} for input {:?}", l2.dims(), l1.dims());
         }
         let mut y = vec![0f32; l1.shape().elem_count()];
@@ -349,12 +359,20 @@ impl CustomOp2 for SwiGlu {
 // ---------------------------------------------------------------------------------------------
 // Cross-entropy
 
-/// Per-position `mask · (logsumexp(logits) − logits[label])` for `logits` `(N, V)` f32,
-/// `labels` `(N,)` u32 and `mask` `(N,)` f32, with backward to the logits. The backward
+/// Per-position `mask · (logsumexp(logits) − logits[label])` for `logits` `(..., V)` f32,
+/// `labels` `(...)` u32 and `mask` `(...)` (any type), with backward to the logits. The backward
 /// recomputes the softmax from the logits instead of keeping an N×V probability tensor.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
     if !fusable(logits) {
-        return plain::cross_entropy(logits, labels, mask);
+        let v = logits.dim(D::Minus1)?;
+        let n = logits.elem_count() / v;
+        let lead = &logits.dims()[..logits.rank() - 1];
+        let per_row = plain::cross_entropy(
+            &logits.reshape((n, v))?,
+            &labels.reshape(n)?,
+            &mask.reshape(n)?,
+        )?;
+        return Ok(per_row.reshape(lead)?);
     }
     Ok(logits.contiguous()?.apply_op3(
         &labels.contiguous()?,
@@ -390,7 +408,9 @@ impl CustomOp3 for CrossEntropy {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, v) = l1.shape().dims2()?;
+        let v = *l1.dims().last().unwrap_or(&0);
+        let lead = &l1.dims()[..l1.dims().len().saturating_sub(1)];
+        let n: usize = lead.iter().product();
         let x = cpu_f32(s1, l1)?;
         let labels = labels_u32(s2, l2)?;
         let mask = cpu_f32(s3, l3)?;
@@ -406,7 +426,7 @@ impl CustomOp3 for CrossEntropy {
         }
         let mut out = vec![0f32; n];
         kernels::cross_entropy_fwd(x, labels, mask, v, &mut out);
-        Ok((CpuStorage::F32(out), Shape::from(n)))
+        Ok((CpuStorage::F32(out), Shape::from(lead.to_vec())))
     }
 
     fn bwd(
@@ -417,7 +437,8 @@ impl CustomOp3 for CrossEntropy {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, v) = logits.dims2()?;
+        let v = logits.dim(D::Minus1)?;
+        let n = logits.elem_count() / v;
         let grad = grad.contiguous()?;
         let mut dx = vec![0f32; n * v];
         {
@@ -434,7 +455,7 @@ impl CustomOp3 for CrossEntropy {
             let g = storage_f32(&gg, lg)?;
             kernels::cross_entropy_bwd(x, lab, m, g, v, &mut dx);
         }
-        let dx = Tensor::from_vec(dx, (n, v), logits.device())?;
+        let dx = Tensor::from_vec(dx, logits.shape(), logits.device())?;
         Ok((Some(dx), None, None))
     }
 }

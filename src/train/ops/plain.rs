@@ -26,16 +26,31 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(normed.broadcast_mul(&cast(weight, dtype)?)?)
 }
 
-/// Rotate-half rotary embedding of `x` `(B, T, heads, head_dim)`; `cos`/`sin` are `(T, head_dim)`.
+/// `x · wᵀ` for `x` `(..., in)` and `w` `(out, in)`.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (last, lead) = dims.split_last().expect("rank >= 1");
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, *last))?.matmul(&w.t()?)?;
+    let mut shape = lead.to_vec();
+    shape.push(w.dim(0)?);
+    Ok(y.reshape(shape)?)
+}
+
+/// Rotate-half rotary embedding of `x` `(B, T, heads · head_dim)`; `cos`/`sin` are
+/// `(T, head_dim)`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (_, t, _, d) = x.dims4()?;
+    let (b, t, row) = x.dims3()?;
+    let d = cos.dim(1)?;
+    let x3 = x;
+    let x = &x3.reshape((b, t, row / d, d))?;
     let cos = cast(cos, x.dtype())?.reshape((1, t, 1, d))?;
     let sin = cast(sin, x.dtype())?.reshape((1, t, 1, d))?;
     let half = d / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?.reshape((b, t, row))?)
 }
 
 /// `silu(gate) · up`.
@@ -56,18 +71,23 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<
     Ok((nll * cast(mask, DType::F32)?.reshape(n)?)?)
 }
 
-/// Causal attention for queries `(B, T, H, D)` at positions `start..start+T` over keys and
-/// values `(B, S, KV, D)` at positions `0..S`, each key/value head serving `H / KV` query
-/// heads, optionally limited to a sliding window; returns `(B, T, H, D)`. Softmax in f32.
+/// Causal attention for queries `(B, T, H·D)` at positions `start..start+T` over keys and
+/// values `(B, S, KV·D)` at positions `0..S`, each key/value head serving `H / KV` query
+/// heads, optionally limited to a sliding window; returns `(B, T, H·D)`. Softmax in f32.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    (h, kv): (usize, usize),
     start: usize,
     window: Option<usize>,
 ) -> Result<Tensor> {
-    let (b, t, h, d) = q.dims4()?;
-    let (_, s, kv, _) = k.dims4()?;
+    let (b, t, hd) = q.dims3()?;
+    let s = k.dim(1)?;
+    let d = hd / h;
+    let q = q.reshape((b, t, h, d))?;
+    let k = k.reshape((b, s, kv, d))?;
+    let v = v.reshape((b, s, kv, d))?;
     let scale = 1.0 / (d as f64).sqrt();
     let q = q.transpose(1, 2)?.contiguous()?;
     let k = repeat_kv(&k.transpose(1, 2)?.contiguous()?, h / kv)?;
@@ -77,7 +97,7 @@ pub fn attention(
     let scores = cast(&scores, DType::F32)?.broadcast_add(&mask)?;
     let att = cast(&candle_nn::ops::softmax(&scores, D::Minus1)?, q.dtype())?;
     let y = att.matmul(&v)?.transpose(1, 2)?;
-    Ok(y.reshape((b, t, h, d))?)
+    Ok(y.reshape((b, t, h * d))?)
 }
 
 /// `(T, S)` additive mask: 0 where allowed, -inf elsewhere.

@@ -72,7 +72,7 @@ fn check(
 #[test]
 fn linear_matches_plain_ops() {
     let mut rng = Rng::new(8);
-    let x = randn(&mut rng, &[37, 24], 1.0);
+    let x = randn(&mut rng, &[3, 13, 24], 1.0);
     let w = randn(&mut rng, &[19, 24], 0.5);
     check(
         "linear",
@@ -80,7 +80,7 @@ fn linear_matches_plain_ops() {
         &[0, 1],
         1e-5,
         |t| super::linear(&t[0], &t[1]).unwrap(),
-        |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+        |t| plain::linear(&t[0], &t[1]).unwrap(),
     );
     // A frozen weight (a plain tensor, as LoRA's base weights) gets no gradient computed.
     let xv = Var::from_tensor(&randn(&mut rng, &[5, 24], 1.0)).unwrap();
@@ -115,7 +115,7 @@ fn rms_norm_matches_plain_ops() {
 fn rope_matches_plain_ops() {
     let mut rng = Rng::new(2);
     let (b, t, h, d) = (2, 5, 3, 8);
-    let x = randn(&mut rng, &[b, t, h, d], 1.0);
+    let x = randn(&mut rng, &[b, t, h * d], 1.0);
     // Tables as the model builds them: both halves hold the same angles.
     let ang: Vec<f32> = (0..t)
         .flat_map(|p| (0..d).map(move |i| p as f32 * 0.3f32.powi((i % (d / 2)) as i32)))
@@ -162,6 +162,7 @@ fn cross_entropy_matches_plain_ops() {
     let mask: Vec<f32> = (0..n).map(|i| if i % 4 == 1 { 0.0 } else { 1.0 }).collect();
     let mask = Tensor::from_vec(mask, n, &Device::Cpu).unwrap();
     let (l2, m2) = (labels.clone(), mask.clone());
+    let (l3, m3) = (labels.clone(), mask.clone());
     check(
         "cross_entropy",
         &[logits],
@@ -169,6 +170,28 @@ fn cross_entropy_matches_plain_ops() {
         1e-5,
         |t| super::cross_entropy(&t[0], &labels, &mask).unwrap(),
         |t| plain::cross_entropy(&t[0], &l2, &m2).unwrap(),
+    );
+    // (B, T, V) logits as the model gives them: same values, no reshape needed.
+    let logits3 = randn(&mut rng, &[1, n, v], 3.0);
+    check(
+        "cross_entropy (B, T, V)",
+        &[logits3],
+        &[0],
+        1e-5,
+        |t| {
+            super::cross_entropy(
+                &t[0],
+                &l3.reshape((1, n)).unwrap(),
+                &m3.reshape((1, n)).unwrap(),
+            )
+            .unwrap()
+        },
+        |t| {
+            plain::cross_entropy(&t[0].reshape((n, v)).unwrap(), &l3, &m3)
+                .unwrap()
+                .reshape((1, n))
+                .unwrap()
+        },
     );
     let bad = Tensor::new(&[v as u32], &Device::Cpu).unwrap();
     let one = Tensor::ones(1, DType::F32, &Device::Cpu).unwrap();
@@ -190,16 +213,16 @@ fn attention_case(
 ) {
     let mut rng = Rng::new((t * 31 + start * 7 + kv) as u64);
     let s = start + t;
-    let q = randn(&mut rng, &[b, t, h, d], 1.0);
-    let k = randn(&mut rng, &[b, s, kv, d], 1.0);
-    let v = randn(&mut rng, &[b, s, kv, d], 1.0);
+    let q = randn(&mut rng, &[b, t, h * d], 1.0);
+    let k = randn(&mut rng, &[b, s, kv * d], 1.0);
+    let v = randn(&mut rng, &[b, s, kv * d], 1.0);
     check(
         &format!("attention b{b} t{t} h{h} kv{kv} d{d} start{start} window{window:?}"),
         &[q, k, v],
         &[0, 1, 2],
         2e-5,
-        |x| super::attention(&x[0], &x[1], &x[2], start, window).unwrap(),
-        |x| plain::attention(&x[0], &x[1], &x[2], start, window).unwrap(),
+        |x| super::attention(&x[0], &x[1], &x[2], (h, kv), start, window).unwrap(),
+        |x| plain::attention(&x[0], &x[1], &x[2], (h, kv), start, window).unwrap(),
     );
 }
 
@@ -218,9 +241,9 @@ fn attention_matches_plain_ops() {
 #[test]
 fn attention_backward_survives_a_second_backward() {
     let mut rng = Rng::new(5);
-    let q = Var::from_tensor(&randn(&mut rng, &[1, 4, 2, 4], 1.0)).unwrap();
-    let k = randn(&mut rng, &[1, 4, 2, 4], 1.0);
-    let y = super::attention(q.as_tensor(), &k, &k, 0, None).unwrap();
+    let q = Var::from_tensor(&randn(&mut rng, &[1, 4, 8], 1.0)).unwrap();
+    let k = randn(&mut rng, &[1, 4, 8], 1.0);
+    let y = super::attention(q.as_tensor(), &k, &k, (2, 2), 0, None).unwrap();
     let loss = y.sqr().unwrap().sum_all().unwrap();
     let a = loss.backward().unwrap();
     let b = loss.backward().unwrap();
@@ -232,8 +255,8 @@ fn attention_backward_survives_a_second_backward() {
 #[test]
 fn kernels_give_the_same_bits_on_one_and_two_threads() {
     let mut rng = Rng::new(6);
-    let q = randn(&mut rng, &[2, 70, 4, 8], 1.0);
-    let k = randn(&mut rng, &[2, 70, 2, 8], 1.0);
+    let q = randn(&mut rng, &[2, 70, 32], 1.0);
+    let k = randn(&mut rng, &[2, 70, 16], 1.0);
     let x = randn(&mut rng, &[300, 64], 1.0);
     let w = randn(&mut rng, &[64], 1.0);
     let run = |threads: usize| {
@@ -245,7 +268,7 @@ fn kernels_give_the_same_bits_on_one_and_two_threads() {
             let qv = Var::from_tensor(&q).unwrap();
             let xv = Var::from_tensor(&x).unwrap();
             let wv = Var::from_tensor(&w).unwrap();
-            let a = super::attention(qv.as_tensor(), &k, &k, 0, None).unwrap();
+            let a = super::attention(qv.as_tensor(), &k, &k, (4, 2), 0, None).unwrap();
             let n = super::rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-5).unwrap();
             let l = super::linear(&n, &x.narrow(0, 0, 64).unwrap()).unwrap();
             let loss = (a.sqr().unwrap().sum_all().unwrap() + l.sqr().unwrap().sum_all().unwrap())
