@@ -189,36 +189,63 @@ pub fn swiglu_bwd(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f3
         });
 }
 
-/// `(max, logsumexp)` of a row, in the order the plain-op version computes them.
+/// Largest element, with 16 independent lanes so that it vectorises.
 #[inline]
-fn row_lse(x: &[f32]) -> (f32, f32) {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s = sum16(x.len(), |i| exp(x[i] - m));
-    (m, s.ln() + m)
+fn max16(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let full = x.len() / 16 * 16;
+    for c in x[..full].chunks_exact(16) {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &a in acc.iter().chain(&x[full..]) {
+        m = if a > m { a } else { m };
+    }
+    m
 }
 
-/// Per row of `v` logits: `out = mask · (logsumexp(x) − x[label])`. Labels must be `< v`.
-pub fn cross_entropy_fwd(x: &[f32], labels: &[u32], mask: &[f32], v: usize, out: &mut [f32]) {
+/// `logsumexp` of a row: `ln Σ exp(x − max) + max`.
+#[inline]
+fn row_lse(x: &[f32]) -> f32 {
+    let m = max16(x);
+    let s = sum16(x.len(), |i| exp(x[i] - m));
+    s.ln() + m
+}
+
+/// Per row of `v` logits: `out = mask · (logsumexp(x) − x[label])`; each row's logsumexp goes
+/// to `lse` for the backward. Labels must be `< v`.
+pub fn cross_entropy_fwd(
+    x: &[f32],
+    labels: &[u32],
+    mask: &[f32],
+    v: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
     out.par_iter_mut()
+        .zip(lse.par_iter_mut())
         .enumerate()
         .with_min_len(rows_per_task(v))
-        .for_each(|(r, o)| {
+        .for_each(|(r, (o, l))| {
             let row = &x[r * v..(r + 1) * v];
-            let (_, lse) = row_lse(row);
-            *o = (lse - row[labels[r] as usize]) * mask[r];
+            *l = row_lse(row);
+            *o = (*l - row[labels[r] as usize]) * mask[r];
         });
 }
 
 /// Cross-entropy backward: `dx = grad · mask · (softmax(x) − onehot(label))`, the softmax
-/// recomputed from the logits (no N×V probabilities kept from the forward).
+/// recomputed from the logits and the forward's logsumexps (no N×V probabilities kept).
 pub fn cross_entropy_bwd(
     x: &[f32],
     labels: &[u32],
     mask: &[f32],
+    lse: &[f32],
     grad: &[f32],
-    v: usize,
     dx: &mut [f32],
 ) {
+    let v = x.len() / lse.len().max(1);
     dx.par_chunks_mut(v)
         .enumerate()
         .with_min_len(rows_per_task(v))
@@ -229,9 +256,9 @@ pub fn cross_entropy_bwd(
                 return;
             }
             let row = &x[r * v..(r + 1) * v];
-            let (_, lse) = row_lse(row);
+            let l = lse[r];
             for i in 0..v {
-                d[i] = exp(row[i] - lse) * scale;
+                d[i] = exp(row[i] - l) * scale;
             }
             d[labels[r] as usize] -= scale;
         });

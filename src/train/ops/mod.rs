@@ -22,6 +22,8 @@ pub use attention::attention;
 #[cfg(test)]
 mod tests;
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor};
 use jobd_kernels as kernels;
@@ -377,11 +379,16 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<
     Ok(logits.contiguous()?.apply_op3(
         &labels.contiguous()?,
         &mask.to_dtype(DType::F32)?.contiguous()?,
-        CrossEntropy,
+        CrossEntropy {
+            lse: Arc::new(Mutex::new(None)),
+        },
     )?)
 }
 
-struct CrossEntropy;
+struct CrossEntropy {
+    /// Each row's logsumexp from the forward, for the backward.
+    lse: Arc<Mutex<Option<Vec<f32>>>>,
+}
 
 fn labels_u32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
     let data = match s {
@@ -425,7 +432,9 @@ impl CustomOp3 for CrossEntropy {
             candle_core::bail!("cross_entropy: label {bad} outside the vocabulary of {v}");
         }
         let mut out = vec![0f32; n];
-        kernels::cross_entropy_fwd(x, labels, mask, v, &mut out);
+        let mut lse = vec![0f32; n];
+        kernels::cross_entropy_fwd(x, labels, mask, v, &mut out, &mut lse);
+        *self.lse.lock().expect("cross-entropy lse lock") = Some(lse);
         Ok((CpuStorage::F32(out), Shape::from(lead.to_vec())))
     }
 
@@ -453,7 +462,11 @@ impl CustomOp3 for CrossEntropy {
             };
             let m = storage_f32(&gm, lm)?;
             let g = storage_f32(&gg, lg)?;
-            kernels::cross_entropy_bwd(x, lab, m, g, v, &mut dx);
+            let saved = self.lse.lock().expect("cross-entropy lse lock");
+            let Some(lse) = saved.as_ref() else {
+                candle_core::bail!("cross_entropy: backward without the forward's statistics");
+            };
+            kernels::cross_entropy_bwd(x, lab, m, lse, g, &mut dx);
         }
         let dx = Tensor::from_vec(dx, logits.shape(), logits.device())?;
         Ok((Some(dx), None, None))
