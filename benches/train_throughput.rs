@@ -422,6 +422,7 @@ fn time_checkpoint(params: &[Param], opt: &AdamW, rng: Rng, step: f64, dev: &Dev
         spec_hash: String::new(),
         data_key: String::new(),
         trainable: "full".into(),
+        loss_scale: None,
     };
     let t0 = Instant::now();
     let snap = Snapshot::take(&weights, &moments, &state, "{}").unwrap();

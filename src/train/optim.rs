@@ -254,6 +254,64 @@ pub fn clip(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainError> {
     Ok(norm)
 }
 
+/// The global norm of `grads` computed from a loss multiplied by `loss_scale`, and the factor
+/// to pass to [`AdamW::step_scaled`]: clipping (as [`clip_factor`]) on the unscaled norm,
+/// divided by the scale. With a scale of 1 this is exactly [`clip_factor`].
+pub fn clip_factor_scaled(
+    grads: &[Tensor],
+    max_norm: f64,
+    loss_scale: f64,
+) -> Result<(f64, f64), TrainError> {
+    let norm = global_norm(grads)? / loss_scale;
+    let coef = if max_norm > 0.0 {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    };
+    Ok((norm, coef / loss_scale))
+}
+
+/// Dynamic loss scaling for f16 training (as `torch.cuda.amp.GradScaler`): the loss is
+/// multiplied by `scale` so small gradients survive f16; a step whose gradients overflow is
+/// skipped and halves the scale, and 2000 clean steps in a row double it. Saved in the
+/// checkpoint so a resumed run scales exactly as the uninterrupted one.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScale {
+    /// Current factor (a power of two).
+    pub scale: f64,
+    /// Steps without overflow since the scale last changed.
+    pub good_steps: u32,
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        LossScale {
+            scale: 65536.0,
+            good_steps: 0,
+        }
+    }
+}
+
+impl LossScale {
+    /// Steps without overflow after which the scale doubles.
+    pub const GROWTH_INTERVAL: u32 = 2000;
+
+    /// Records a step whose gradients were `finite` or not; returns whether to apply it.
+    pub fn update(&mut self, finite: bool) -> bool {
+        if !finite {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+            return false;
+        }
+        self.good_steps += 1;
+        if self.good_steps == Self::GROWTH_INTERVAL {
+            self.scale *= 2.0;
+            self.good_steps = 0;
+        }
+        true
+    }
+}
+
 /// The learning rate for optimizer step `step` (0-based) of `total`, after `warmup` warm-up
 /// steps: `transformers`' schedule multipliers times `base`.
 pub fn lr_at(kind: LrSchedulerType, base: f64, step: u64, total: u64, warmup: u64) -> f64 {
@@ -299,6 +357,25 @@ mod tests {
         assert_eq!(lr_at(ConstantWithWarmup, 2.0, 1, 10, 2), 1.0);
         assert_eq!(lr_at(ConstantWithWarmup, 2.0, 9, 10, 2), 2.0);
         assert_eq!(warmup_steps(0, 0.1, 25), 3);
+    }
+
+    #[test]
+    fn loss_scale_backs_off_on_overflow_and_grows_when_clean() {
+        let mut ls = LossScale::default();
+        assert!(!ls.update(false), "an overflowing step is skipped");
+        assert_eq!(ls.scale, 32768.0);
+        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
+            assert!(ls.update(true));
+        }
+        assert_eq!(ls.scale, 32768.0);
+        assert!(ls.update(true));
+        assert_eq!((ls.scale, ls.good_steps), (65536.0, 0));
+        let dev = Device::Cpu;
+        let g = vec![Tensor::new(&[3.0f32 * 8.0, 4.0 * 8.0], &dev).unwrap()];
+        let (norm, factor) = clip_factor_scaled(&g, 1.0, 8.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-9);
+        assert!((factor - (1.0 / (5.0 + 1e-6)) / 8.0).abs() < 1e-12);
+        assert_eq!(clip_factor_scaled(&g, 0.0, 1.0).unwrap().1, 1.0);
     }
 
     #[test]

@@ -159,6 +159,8 @@ fn run_inner(
         spec_hash: hash.clone(),
         data_key: sess.data_key.clone(),
         trainable: if sess.lora { "lora" } else { "full" }.into(),
+        // f16 needs loss scaling to keep small gradients; bf16 has f32's range.
+        loss_scale: (compute == DType::F16).then(optim::LossScale::default),
     };
     if let (Some((dir, saved)), Some(loaded)) = (&resume, &loaded) {
         restore(dir, saved, loaded, &mut sess, &mut opt, &st)?;
@@ -236,6 +238,10 @@ fn run_inner(
             let logits = sess.model.forward(&b.ids, 0, None, &mut pass)?;
             let loss = (model::nll_sum(&logits, &b.labels, &b.mask)? / group_labelled as f64)?;
             step_loss += loss.to_scalar::<f32>()? as f64;
+            let loss = match &st.loss_scale {
+                Some(ls) => (loss * ls.scale)?,
+                None => loss,
+            };
             let g = loss.backward()?;
             for (slot, p) in grads.iter_mut().zip(&sess.params) {
                 let gi = g
@@ -256,8 +262,11 @@ fn run_inner(
             });
         }
         let grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled")).collect();
-        // Clipping is folded into the update (no rescaled copy of every gradient).
-        let (grad_norm, clip) = optim::clip_factor(&grads, args.max_grad_norm)?;
+        // Clipping (and f16's loss scale) is folded into the update: no rescaled copy of
+        // every gradient.
+        let scale = st.loss_scale.map_or(1.0, |ls| ls.scale);
+        let (grad_norm, grad_factor) =
+            optim::clip_factor_scaled(&grads, args.max_grad_norm, scale)?;
         let lr = optim::lr_at(
             args.lr_scheduler_type,
             args.learning_rate,
@@ -265,7 +274,19 @@ fn run_inner(
             total,
             warmup,
         );
-        opt.step_scaled(&sess.params, &grads, lr, clip)?;
+        let apply = match &mut st.loss_scale {
+            Some(ls) => ls.update(grad_norm.is_finite()),
+            None => true,
+        };
+        if apply {
+            opt.step_scaled(&sess.params, &grads, lr, grad_factor)?;
+        } else {
+            tracing::info!(
+                step = step + 1,
+                loss_scale = scale,
+                "f16 gradients overflowed; step skipped"
+            );
+        }
         drop(grads);
 
         let done = step + 1;

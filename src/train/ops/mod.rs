@@ -1,5 +1,7 @@
-//! Fused training kernels with backward passes: RMSNorm, rotary embeddings, SwiGLU, causal
-//! attention and softmax cross-entropy, plus the plain-op versions they are tested against.
+//! Fused training ops with backward passes: linear, RMSNorm, rotary embeddings, SwiGLU,
+//! causal attention and softmax cross-entropy, plus the plain-op versions they are tested
+//! against. The kernels themselves (f32 slices, rayon) are in the `jobd-kernels` crate; this
+//! module wraps them as Candle custom ops.
 //!
 //! Candle's own fused `rms_norm`, `rope` and `softmax_last_dim` have no backward and silently
 //! cut gradients, and the plain-op compositions allocate a tensor (and a zero-filled gradient)
@@ -8,8 +10,11 @@
 //! data, the backward a hand-derived kernel, and attention keeps only the row log-sum-exps for
 //! its backward (the scores are recomputed block by block, as flash attention does).
 //!
-//! The kernels run on the CPU in f32. Any other device or type takes the plain-op path in
-//! [`plain`], which computes the same mathematics (and is what the tests compare against).
+//! The kernels run on the CPU in f32. Any other device or type (CUDA, bf16/f16) takes the
+//! plain-op path in [`plain`], which computes the same mathematics (and is what the tests
+//! compare against); CUDA kernels are still to come. Ops take tensors in the shapes the model
+//! produces them (`(B, T, heads·dim)`, any leading dimensions for linear and the loss)
+//! because every reshape node costs Candle's backward a zero-filled gradient and an addition.
 //! Every kernel is deterministic: work is split into fixed pieces whose partial results are
 //! combined in a fixed order, so results do not depend on the thread count or on scheduling,
 //! which exact resume needs.
