@@ -1,15 +1,23 @@
 #!/usr/bin/env python3
-"""PyTorch + transformers baseline for benches/train_throughput.rs: the same ~21M-parameter
-llama (hidden 512, 4 layers, 8 heads, MLP 1408, vocab 8192, untied), batches of 8 x 256
-random tokens, f32 on the CPU, AdamW, gradient clipping at 1.0; prints tokens/s.
+"""PyTorch + transformers baseline for benches/train_throughput.rs: the same reference configs
+(tiny, 20m, 100m; see that file), the same batches of random tokens, AdamW with clipping at 1.0,
+trained for a fixed time; prints the same table (tokens/s, data/forward/backward/optimizer split,
+peak memory, MFU) and, with --json, one JSON line.
 
-It installs what it needs itself: a venv under target/bench-venv with torch and
-transformers from PyPI (the first run downloads them), then re-runs itself in it.
+Variants: eager (f32, eager attention), sdpa (f32, scaled_dot_product_attention), tf32 (sdpa,
+TF32 matmuls; CUDA), bf16 (sdpa under bf16 autocast, f32 master weights; CUDA).
 
-Run: python3 benches/pytorch_train.py [--steps 5] [--threads 2] [--attn eager|sdpa]
+It installs what it needs itself: unless JOBD_BENCH_PYTHON names a python that already has
+torch and transformers (e.g. /opt/torch/.venv/bin/python on the GPU machine), it creates a venv
+under target/bench-venv, installs torch and transformers from PyPI into it (the first run
+downloads several GB) and re-runs itself there.
+
+Run: python3 benches/pytorch_train.py --config 20m --variant eager --seconds 60 --threads 2
 """
 import argparse
+import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -17,59 +25,171 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV = os.path.join(HERE, "..", "target", "bench-venv")
 
+CONFIGS = {
+    # name: (LlamaConfig kwargs, batch, block)
+    "tiny": (dict(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                  tie_word_embeddings=True), 32, 16),
+    "20m": (dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                 tie_word_embeddings=False), 8, 256),
+    "100m": (dict(vocab_size=1024, hidden_size=768, intermediate_size=2048, num_hidden_layers=14,
+                  num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
+                  tie_word_embeddings=False), 16, 512),
+}
 
-def ensure_venv():
-    py = os.path.join(VENV, "bin", "python3")
-    if os.path.abspath(sys.prefix) == os.path.abspath(VENV):
+
+def ensure_torch():
+    """Re-exec in a python that has torch and transformers, installing them if needed."""
+    if os.environ.get("JOBD_BENCH_IN_VENV") == "1":
         return
-    if not os.path.exists(py):
-        subprocess.check_call([sys.executable, "-m", "venv", VENV])
-    probe = subprocess.run([py, "-c", "import torch, transformers"], capture_output=True)
-    if probe.returncode != 0:
-        subprocess.check_call([py, "-m", "pip", "install", "--quiet", "torch", "transformers"])
-    os.execv(py, [py] + sys.argv)
+    want = os.environ.get("JOBD_BENCH_PYTHON")
+    if want:
+        py = want
+    else:
+        py = os.path.join(VENV, "bin", "python3")
+        if not os.path.exists(py):
+            subprocess.check_call([sys.executable, "-m", "venv", VENV])
+        probe = subprocess.run([py, "-c", "import torch, transformers"], capture_output=True)
+        if probe.returncode != 0:
+            print("installing torch and transformers into target/bench-venv", file=sys.stderr)
+            subprocess.check_call([py, "-m", "pip", "install", "--quiet", "torch", "transformers"])
+    env = dict(os.environ, JOBD_BENCH_IN_VENV="1")
+    os.execve(py, [py] + sys.argv, env)
+
+
+def flops_per_token(cfg, block):
+    """6·N + 12·L·T·d (PaLM), N = parameters less the input embedding."""
+    h, v, l = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    i, heads = cfg["intermediate_size"], cfg["num_attention_heads"]
+    hd = h // heads
+    kv = cfg["num_key_value_heads"] * hd
+    per_layer = h * heads * hd + 2 * h * kv + heads * hd * h + 3 * h * i + 2 * h
+    n = l * per_layer + h + v * h  # layers, final norm, output projection (tied or not)
+    return 6 * n + 12 * l * block * heads * hd
+
+
+def gpu_process_bytes():
+    """GPU memory this process uses as nvidia-smi reports it (includes the CUDA context)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    total = 0
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(os.getpid()):
+            total += int(parts[1]) * 1024 * 1024
+    return total or None
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--config", default="20m", choices=sorted(CONFIGS))
+    ap.add_argument("--variant", default="eager", choices=["eager", "sdpa", "tf32", "bf16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"])
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="for MFU; default: 67 (f32) / 495 (tf32) / 989 (bf16) on CUDA, "
+                         "required on the CPU")
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    ensure_venv()
+    ensure_torch()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if args.variant in ("tf32", "bf16") and args.device != "cuda":
+        sys.exit(f"--variant {args.variant} needs --device cuda")
+    torch.backends.cuda.matmul.allow_tf32 = args.variant == "tf32"
+    torch.backends.cudnn.allow_tf32 = args.variant == "tf32"
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, attn_implementation=args.attn,
-    )
-    model = LlamaForCausalLM(cfg).train()
-    n = sum(p.numel() for p in model.parameters())
-    batch, block = 8, 256
-    print(f"config: {n} parameters, batch {batch} x {block} tokens, f32, CPU, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, attention {args.attn}")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    times = []
-    for s in range(args.steps + 1):
-        ids = torch.randint(0, cfg.vocab_size, (batch, block))
+    kw, batch, block = CONFIGS[args.config]
+    attn = "eager" if args.variant == "eager" else "sdpa"
+    cfg = LlamaConfig(rms_norm_eps=1e-6, attn_implementation=attn, **kw)
+    model = LlamaForCausalLM(cfg).to(dev).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if "norm" in n]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay}], lr=1e-4,
+                            betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    peak = args.peak_tflops or {"eager": 67.0, "sdpa": 67.0, "tf32": 495.0,
+                                "bf16": 989.0}[args.variant]
+    if args.device == "cpu" and not args.peak_tflops:
+        peak = 0.0  # unknown: MFU not reported
+    trainer = f"pytorch {args.variant}"
+    print(f"{trainer}: config {args.config} ({n_params} parameters), batch {batch} x {block}, "
+          f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+          file=sys.stderr)
+
+    def sync():
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    gen = torch.Generator().manual_seed(1)
+    timed = []
+    since = None
+    loss_v = 0.0
+    s = 0
+    while True:
         t0 = time.perf_counter()
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
+        ids = torch.randint(0, cfg.vocab_size, (batch, block + 1), generator=gen).to(dev)
+        x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+        sync()
+        t_data = time.perf_counter() - t0
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.variant == "bf16"):
+            logits = model(input_ids=x).logits
+        # Mean over all positions of -log p(next token), as the candle bench computes it.
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, cfg.vocab_size), y.view(-1))
+        loss_v = loss.item()
+        t_fwd = time.perf_counter() - t0 - t_data
+        loss.backward()
+        del logits
+        sync()
+        t_bwd = time.perf_counter() - t0 - t_data - t_fwd
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         secs = time.perf_counter() - t0
-        print(f"step {s}{' (warm-up)' if s == 0 else ''}: {secs:.3f}s, "
-              f"{batch * block / secs:.0f} tokens/s, loss {out.loss.item():.3f}")
-        if s > 0:
-            times.append(secs)
-    mean = sum(times) / len(times)
-    print(f"pytorch: {batch * block / mean:.0f} tokens/s (mean step {mean:.3f}s over {len(times)} steps)")
+        t_opt = secs - t_data - t_fwd - t_bwd
+        warm = s < args.warmup
+        print(f"step {s}{' (warm-up)' if warm else ''}: {secs:.3f}s (data {t_data:.3f}s, "
+              f"forward {t_fwd:.3f}s, backward {t_bwd:.3f}s, optimizer {t_opt:.3f}s), "
+              f"{batch * block / secs:.0f} tokens/s, loss {loss_v:.3f}", file=sys.stderr)
+        s += 1
+        if not warm:
+            since = since or t0
+            timed.append((secs, t_data, t_fwd, t_bwd, t_opt))
+            if time.perf_counter() - since >= args.seconds and len(timed) >= 2:
+                break
+    mean = [sum(t[i] for t in timed) / len(timed) for i in range(5)]
+    tps = batch * block / mean[0]
+    if args.device == "cuda":
+        peak_bytes = gpu_process_bytes() or torch.cuda.max_memory_reserved()
+    else:
+        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mfu = tps * flops_per_token(kw, block) / (peak * 1e12) if peak else None
+    print(f"{trainer:<22} {args.config:>5} {('bf16' if args.variant == 'bf16' else 'f32'):>5} "
+          f"{tps:>10.0f} tokens/s  step {mean[0]:.3f}s = data {mean[1]:.3f} + fwd {mean[2]:.3f} + "
+          f"bwd {mean[3]:.3f} + opt {mean[4]:.3f}  peak {peak_bytes / 2**30:.2f} GiB  MFU "
+          + (f"{100 * mfu:.1f}%" if mfu is not None else "?"))
+    if args.json:
+        print(json.dumps({
+            "trainer": trainer, "config": args.config,
+            "dtype": "bf16" if args.variant == "bf16" else ("tf32" if args.variant == "tf32" else "f32"),
+            "device": args.device, "threads": torch.get_num_threads(), "steps": len(timed),
+            "tokens_per_s": tps, "step_s": mean[0], "data_s": mean[1], "forward_s": mean[2],
+            "backward_s": mean[3], "optimizer_s": mean[4], "peak_memory_bytes": peak_bytes,
+            "mfu": mfu, "peak_tflops": peak, "loss": loss_v,
+            "max_memory_allocated": torch.cuda.max_memory_allocated() if args.device == "cuda" else None,
+        }))
 
 
 if __name__ == "__main__":

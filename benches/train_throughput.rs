@@ -1,12 +1,23 @@
-//! Training throughput on the CPU: tokens per second of full fine-tuning steps (forward,
-//! backward, AdamW) for a ~21M-parameter llama — hidden 512, 4 layers, 8 heads, MLP 1408,
-//! vocab 8192, untied — on batches of 8 × 256 tokens. `benches/pytorch_train.py` runs the
-//! same configuration with transformers' `LlamaForCausalLM` for comparison.
+//! Training throughput of jobd's Candle trainer on the reference configurations, for a fixed
+//! time: tokens/s, the step split into data, forward, backward and optimizer, peak memory and
+//! model FLOPs utilisation. `benches/pytorch_train.py` trains the same configurations with
+//! transformers' `LlamaForCausalLM` and prints the same table; `benches/compare.py` runs both
+//! and prints the ratio.
 //!
-//! Run: `cargo bench --bench train_throughput --profile dev` (the dev profile already builds
-//! Candle at opt-level 3) or plain `cargo bench --bench train_throughput` (release).
-//! Environment: `BENCH_STEPS` (default 5 timed steps after 1 warm-up), `BENCH_THREADS`
-//! (default: Candle's choice), `BENCH_SAVE=1` to also time a checkpoint snapshot and write.
+//! Configurations (full fine-tuning from a random init, AdamW, clipping at 1.0, random tokens):
+//! - `tiny`: jobs/tiny.toml's model — hidden 64, 2 layers, 4 heads (2 kv), MLP 192, vocab 320,
+//!   tied; batch 32 × 16.
+//! - `20m`: hidden 512, 4 layers, 8 heads, MLP 1408, vocab 8192, untied (21.2M); batch 8 × 256.
+//! - `100m`: hidden 768, 14 layers, 12 heads, MLP 2048, vocab 1024, untied (100.7M); batch
+//!   16 × 512 (the GPU reference of issue 9).
+//!
+//! Run: `cargo bench --bench train_throughput -- --config 20m --seconds 60 [--threads 2]
+//! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain] [--json] [--peak-tflops X] [--save]`.
+//! `--plain` uses the plain-op versions of the fused kernels (the "before"); `--json` ends with
+//! one JSON line for scripts. MFU counts 6·N + 12·L·T·d FLOPs per token (N: parameters less
+//! the input embedding) against `--peak-tflops`, by default on the CPU the rate this machine
+//! reaches in a 2048³ f32 matmul (measured first), on CUDA the H100/H200 dense peak of the
+//! compute type.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -14,49 +25,191 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use jobd::train::checkpoint::{self, Rotation, SchedulerState, Snapshot, TrainerState};
 use jobd::train::config::LlamaConfig;
-use jobd::train::model::{Llama, Pass, init_weights, nll_sum, parameter_shapes};
-use jobd::train::optim::{AdamW, AdamWConfig, Param, clip};
+use jobd::train::metrics::peak_memory_bytes;
+use jobd::train::model::{Llama, Pass, init_weights, nll_sum, nll_sum_plain, parameter_shapes};
+use jobd::train::optim::{self, AdamW, AdamWConfig, Param};
 use jobd::train::rng::Rng;
 
+struct Args {
+    config: String,
+    seconds: f64,
+    warmup: usize,
+    max_steps: usize,
+    threads: Option<usize>,
+    dtype: DType,
+    device: String,
+    plain: bool,
+    json: bool,
+    peak_tflops: Option<f64>,
+    save: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        config: "20m".into(),
+        seconds: 30.0,
+        warmup: 1,
+        max_steps: 10_000,
+        threads: None,
+        dtype: DType::F32,
+        device: "cpu".into(),
+        plain: false,
+        json: false,
+        peak_tflops: None,
+        save: false,
+    };
+    let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--config" => a.config = val(),
+            "--seconds" => a.seconds = val().parse().expect("--seconds N"),
+            "--warmup" => a.warmup = val().parse().expect("--warmup N"),
+            "--max-steps" => a.max_steps = val().parse().expect("--max-steps N"),
+            "--threads" => a.threads = Some(val().parse().expect("--threads N")),
+            "--dtype" => {
+                a.dtype = match val().as_str() {
+                    "f32" => DType::F32,
+                    "bf16" => DType::BF16,
+                    "f16" => DType::F16,
+                    other => panic!("--dtype {other}: f32, bf16 or f16"),
+                }
+            }
+            "--device" => a.device = val(),
+            "--plain" => a.plain = true,
+            "--json" => a.json = true,
+            "--peak-tflops" => a.peak_tflops = Some(val().parse().expect("--peak-tflops X")),
+            "--save" => a.save = true,
+            other => panic!("unknown option {other}"),
+        }
+    }
+    a
+}
+
+/// The model and batch of a reference configuration.
+fn reference(name: &str) -> (LlamaConfig, usize, usize) {
+    let (json, batch, block) = match name {
+        "tiny" => (
+            serde_json::json!({
+                "vocab_size": 320, "hidden_size": 64, "intermediate_size": 192,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 32, "tie_word_embeddings": true
+            }),
+            32,
+            16,
+        ),
+        "20m" => (
+            serde_json::json!({
+                "vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1408,
+                "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
+                "max_position_embeddings": 256, "tie_word_embeddings": false
+            }),
+            8,
+            256,
+        ),
+        "100m" => (
+            serde_json::json!({
+                "vocab_size": 1024, "hidden_size": 768, "intermediate_size": 2048,
+                "num_hidden_layers": 14, "num_attention_heads": 12, "num_key_value_heads": 12,
+                "max_position_embeddings": 512, "tie_word_embeddings": false
+            }),
+            16,
+            512,
+        ),
+        other => panic!("--config {other}: tiny, 20m or 100m"),
+    };
+    let mut json = json;
+    json["model_type"] = "llama".into();
+    json["rms_norm_eps"] = 1e-6.into();
+    (serde_json::from_value(json).unwrap(), batch, block)
+}
+
+/// Model FLOPs per trained token (forward and backward), PaLM's count.
+fn flops_per_token(cfg: &LlamaConfig, block: usize) -> f64 {
+    let n = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size
+        + if cfg.tie_word_embeddings {
+            cfg.vocab_size * cfg.hidden_size
+        } else {
+            0
+        };
+    let attn = 12 * cfg.num_hidden_layers * block * cfg.num_attention_heads * cfg.head_dim();
+    (6 * n + attn) as f64
+}
+
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it,
-    // and a minute-long benchmark has no place in the test suite.
+    // `cargo test --all-targets` runs bench binaries without --bench; a minute-long benchmark
+    // has no place in the test suite.
     if !std::env::args().any(|a| a == "--bench") {
-        println!("train_throughput: run with `cargo bench --bench train_throughput`");
+        println!("train_throughput: run with `cargo bench --bench train_throughput -- [options]`");
         return;
     }
-    let steps: usize = std::env::var("BENCH_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let threads: Option<usize> = std::env::var("BENCH_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok());
-    let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
-        "model_type": "llama", "vocab_size": 8192, "hidden_size": 512,
-        "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 8, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": false
-    }))
-    .unwrap();
-    let run = move || bench(cfg, steps);
-    match threads {
+    let args = parse_args();
+    match args.threads {
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build()
             .unwrap()
-            .install(run),
-        None => run(),
+            .install(|| bench(&args)),
+        None => bench(&args),
     }
 }
 
-fn bench(cfg: LlamaConfig, steps: usize) {
-    let dev = Device::Cpu;
-    let (batch, block) = (8usize, 256usize);
-    println!(
-        "config: {} parameters, batch {batch} x {block} tokens, f32, CPU, {} rayon threads",
+fn device(name: &str) -> Device {
+    match name {
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            let d = jobd::train::select_device(true).unwrap();
+            assert!(
+                d.is_cuda(),
+                "--device cuda: this build has no CUDA (--features cuda)"
+            );
+            d
+        }
+        other => panic!("--device {other}: cpu or cuda"),
+    }
+}
+
+/// The f32 matmul rate of this CPU (best of 3 runs of 2048³), in TFLOP/s.
+fn cpu_peak_tflops() -> f64 {
+    let n = 2048;
+    let a = Tensor::ones((n, n), DType::F32, &Device::Cpu).unwrap();
+    let mut best = f64::MAX;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let c = a.matmul(&a).unwrap();
+        drop(c);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e12
+}
+
+/// Dense peak of an H100/H200 SXM for the compute type, in TFLOP/s.
+fn gpu_peak_tflops(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 67.0,
+        _ => 989.0,
+    }
+}
+
+fn bench(a: &Args) {
+    let dev = device(&a.device);
+    let (cfg, batch, block) = reference(&a.config);
+    let threads = rayon::current_num_threads();
+    let peak_tflops = a.peak_tflops.unwrap_or_else(|| {
+        if dev.is_cuda() {
+            gpu_peak_tflops(a.dtype)
+        } else {
+            cpu_peak_tflops()
+        }
+    });
+    let dtype_name = format!("{:?}", a.dtype).to_lowercase();
+    let kernels = if a.plain { "plain ops" } else { "fused" };
+    eprintln!(
+        "candle: config {} ({} parameters), batch {batch} x {block}, {dtype_name}, {kernels}, \
+         {:?}, {threads} threads, peak {peak_tflops:.2} TFLOP/s",
+        a.config,
         cfg.num_parameters(),
-        rayon::current_num_threads()
+        dev
     );
     let w = init_weights(&cfg, &mut Rng::new(0), &dev).unwrap();
     let mut params = Vec::new();
@@ -64,13 +217,12 @@ fn bench(cfg: LlamaConfig, steps: usize) {
     for (name, _) in parameter_shapes(&cfg) {
         let var = Var::from_tensor(&w[&name]).unwrap();
         tensors.insert(name.clone(), var.as_tensor().clone());
-        params.push(Param {
-            name,
-            var,
-            decay: true,
-        });
+        let decay = !name.contains("norm");
+        params.push(Param { name, var, decay });
     }
+    drop(w);
     let model = Llama::new(cfg.clone(), &tensors, &dev).unwrap();
+    drop(tensors);
     let mut opt = AdamW::new(
         AdamWConfig {
             beta1: 0.9,
@@ -82,105 +234,170 @@ fn bench(cfg: LlamaConfig, steps: usize) {
     )
     .unwrap();
     let mut rng = Rng::new(1);
-    let mut step_secs = Vec::new();
-    for s in 0..=steps {
+    let sync = || dev.synchronize().unwrap();
+    let mut timed: Vec<[f64; 5]> = Vec::new();
+    let start = Instant::now();
+    let mut timed_since = None;
+    let mut last_loss = 0f32;
+    for s in 0..a.max_steps + a.warmup {
+        let t0 = Instant::now();
         let ids: Vec<u32> = (0..batch * (block + 1))
             .map(|_| rng.below(cfg.vocab_size as u64) as u32)
             .collect();
         let all = Tensor::from_vec(ids, (batch, block + 1), &dev).unwrap();
-        let x = all.narrow(1, 0, block).unwrap();
+        let x = all.narrow(1, 0, block).unwrap().contiguous().unwrap();
         let y = all.narrow(1, 1, block).unwrap().contiguous().unwrap();
         let mask = Tensor::ones((batch, block), DType::F32, &dev).unwrap();
-        let t0 = Instant::now();
-        let mut pass = Pass {
-            dtype: DType::F32,
-            rng: None,
+        sync();
+        let t_data = t0.elapsed().as_secs_f64();
+        let mut pass = Pass::new(a.dtype, None);
+        pass.fused = !a.plain;
+        let logits = model.forward(&x, 0, None, &mut pass).unwrap();
+        let nll = if a.plain {
+            nll_sum_plain(&logits, &y, &mask)
+        } else {
+            nll_sum(&logits, &y, &mask)
         };
-        let logits = model
-            .forward(&x.contiguous().unwrap(), 0, None, &mut pass)
-            .unwrap();
-        let loss = (nll_sum(&logits, &y, &mask).unwrap() / (batch * block) as f64).unwrap();
-        let l = loss.to_scalar::<f32>().unwrap();
-        let t_fwd = t0.elapsed().as_secs_f64();
+        let loss = (nll.unwrap() / (batch * block) as f64).unwrap();
+        last_loss = loss.to_scalar::<f32>().unwrap();
+        // On CUDA each call samples NVML into a running peak (the peak is near the end of
+        // the forward); on the CPU the kernel keeps VmHWM.
+        let _ = peak_memory_bytes(&dev);
+        let t_fwd = t0.elapsed().as_secs_f64() - t_data;
         let g = loss.backward().unwrap();
-        let t_bwd = t0.elapsed().as_secs_f64() - t_fwd;
-        let mut grads: Vec<Tensor> = params
+        drop(logits);
+        let grads: Vec<Tensor> = params
             .iter()
             .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
             .collect();
         drop(g);
-        clip(&mut grads, 1.0).unwrap();
-        opt.step(&params, &grads, 1e-4).unwrap();
+        sync();
+        let _ = peak_memory_bytes(&dev);
+        let t_bwd = t0.elapsed().as_secs_f64() - t_data - t_fwd;
+        let (_, clip) = optim::clip_factor(&grads, 1.0).unwrap();
+        opt.step_scaled(&params, &grads, 1e-4, clip).unwrap();
+        drop(grads);
+        sync();
         let secs = t0.elapsed().as_secs_f64();
-        println!(
-            "step {s}{}: {secs:.3}s (forward {t_fwd:.3}s, backward {t_bwd:.3}s, optimizer {:.3}s), \
-             {:.0} tokens/s, loss {l:.3}",
-            if s == 0 { " (warm-up)" } else { "" },
-            secs - t_fwd - t_bwd,
+        let t_opt = secs - t_data - t_fwd - t_bwd;
+        eprintln!(
+            "step {s}{}: {secs:.3}s (data {t_data:.3}s, forward {t_fwd:.3}s, backward \
+             {t_bwd:.3}s, optimizer {t_opt:.3}s), {:.0} tokens/s, loss {last_loss:.3}",
+            if s < a.warmup { " (warm-up)" } else { "" },
             (batch * block) as f64 / secs
         );
-        if s > 0 {
-            step_secs.push(secs);
+        if s >= a.warmup {
+            let since = *timed_since.get_or_insert(t0);
+            timed.push([secs, t_data, t_fwd, t_bwd, t_opt]);
+            if since.elapsed().as_secs_f64() >= a.seconds && timed.len() >= 2 {
+                break;
+            }
         }
     }
-    let mean = step_secs.iter().sum::<f64>() / step_secs.len() as f64;
+    let n = timed.len() as f64;
+    let mean = |i: usize| timed.iter().map(|t| t[i]).sum::<f64>() / n;
+    let step = mean(0);
+    let tokens_per_s = (batch * block) as f64 / step;
+    let mfu = tokens_per_s * flops_per_token(&cfg, block) / (peak_tflops * 1e12);
+    let peak = peak_memory_bytes(&dev);
+    let row = serde_json::json!({
+        "trainer": format!("candle {kernels}"),
+        "config": a.config,
+        "dtype": dtype_name,
+        "device": if dev.is_cuda() { "cuda" } else { "cpu" },
+        "threads": threads,
+        "steps": timed.len(),
+        "tokens_per_s": tokens_per_s,
+        "step_s": step,
+        "data_s": mean(1),
+        "forward_s": mean(2),
+        "backward_s": mean(3),
+        "optimizer_s": mean(4),
+        "peak_memory_bytes": peak,
+        "mfu": mfu,
+        "peak_tflops": peak_tflops,
+        "loss": last_loss,
+        "wall_s": start.elapsed().as_secs_f64(),
+    });
     println!(
-        "candle: {:.0} tokens/s (mean step {mean:.3}s over {} steps)",
-        (batch * block) as f64 / mean,
-        step_secs.len()
+        "{:<22} {:>5} {:>5} {:>10.0} tokens/s  step {:.3}s = data {:.3} + fwd {:.3} + bwd {:.3} \
+         + opt {:.3}  peak {}  MFU {:.1}%",
+        format!("candle {kernels}"),
+        a.config,
+        dtype_name,
+        tokens_per_s,
+        step,
+        mean(1),
+        mean(2),
+        mean(3),
+        mean(4),
+        peak.map_or("?".into(), |b| format!(
+            "{:.2} GiB",
+            b as f64 / (1u64 << 30) as f64
+        )),
+        100.0 * mfu
     );
-    if std::env::var("BENCH_SAVE").is_ok_and(|v| v == "1") {
-        let dir = tempfile::tempdir().unwrap();
-        let weights: BTreeMap<String, Tensor> = params
-            .iter()
-            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
-            .collect();
-        let mut moments = BTreeMap::new();
-        for (i, p) in params.iter().enumerate() {
-            moments.insert(format!("m.{}", p.name), opt.m[i].clone());
-            moments.insert(format!("v.{}", p.name), opt.v[i].clone());
-        }
-        let state = TrainerState {
-            version: checkpoint::FORMAT_VERSION,
-            step: 1,
-            total_steps: 1,
-            adam_step: opt.step,
-            position: jobd::train::data::Position {
-                epoch: 0,
-                micro_batch: 0,
-            },
-            accumulated_micro_batches: 0,
-            lr_scheduler: SchedulerState {
-                kind: "Linear".into(),
-                warmup_steps: 0,
-                total_steps: 1,
-                next_step: 1,
-            },
-            rng,
-            log_history: Vec::new(),
-            pending_loss_sum: 0.0,
-            pending_steps: 0,
-            best_metric: None,
-            best_checkpoint: None,
-            spec_hash: String::new(),
-            data_key: String::new(),
-            trainable: "full".into(),
-        };
-        let t0 = Instant::now();
-        let snap = Snapshot::take(&weights, &moments, &state, "{}").unwrap();
-        let snap_secs = t0.elapsed().as_secs_f64();
-        let bytes = snap.bytes();
-        let t1 = Instant::now();
-        snap.write(dir.path(), Rotation::default()).unwrap();
-        let write_secs = t1.elapsed().as_secs_f64();
-        let t2 = Instant::now();
-        let (path, _) = checkpoint::latest_valid(dir.path()).unwrap();
-        checkpoint::load(&path, &dev).unwrap();
-        println!(
-            "checkpoint: {:.1} MB; snapshot (blocks training) {snap_secs:.3}s; background write \
-             {write_secs:.3}s; verify+load {:.3}s; mean step {mean:.3}s",
-            bytes as f64 / 1e6,
-            t2.elapsed().as_secs_f64()
-        );
+    if a.json {
+        println!("{row}");
     }
+    if a.save {
+        time_checkpoint(&params, &opt, rng, step, &dev);
+    }
+}
+
+/// Times taking a checkpoint snapshot (blocks training), writing it and loading it back.
+fn time_checkpoint(params: &[Param], opt: &AdamW, rng: Rng, step: f64, dev: &Device) {
+    let dir = tempfile::tempdir().unwrap();
+    let weights: BTreeMap<String, Tensor> = params
+        .iter()
+        .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+        .collect();
+    let mut moments = BTreeMap::new();
+    for (i, p) in params.iter().enumerate() {
+        moments.insert(format!("m.{}", p.name), opt.m[i].clone());
+        moments.insert(format!("v.{}", p.name), opt.v[i].clone());
+    }
+    let state = TrainerState {
+        version: checkpoint::FORMAT_VERSION,
+        step: 1,
+        total_steps: 1,
+        adam_step: opt.step,
+        position: jobd::train::data::Position {
+            epoch: 0,
+            micro_batch: 0,
+        },
+        accumulated_micro_batches: 0,
+        lr_scheduler: SchedulerState {
+            kind: "Linear".into(),
+            warmup_steps: 0,
+            total_steps: 1,
+            next_step: 1,
+        },
+        rng,
+        log_history: Vec::new(),
+        pending_loss_sum: 0.0,
+        pending_steps: 0,
+        best_metric: None,
+        best_checkpoint: None,
+        spec_hash: String::new(),
+        data_key: String::new(),
+        trainable: "full".into(),
+        loss_scale: None,
+    };
+    let t0 = Instant::now();
+    let snap = Snapshot::take(&weights, &moments, &state, "{}").unwrap();
+    let snap_secs = t0.elapsed().as_secs_f64();
+    let bytes = snap.bytes();
+    let t1 = Instant::now();
+    snap.write(dir.path(), Rotation::default()).unwrap();
+    let write_secs = t1.elapsed().as_secs_f64();
+    let t2 = Instant::now();
+    let (path, _) = checkpoint::latest_valid(dir.path()).unwrap();
+    checkpoint::load(&path, dev).unwrap();
+    println!(
+        "checkpoint: {:.1} MB; snapshot (blocks training) {snap_secs:.3}s; background write \
+         {write_secs:.3}s; verify+load {:.3}s; mean step {step:.3}s",
+        bytes as f64 / 1e6,
+        t2.elapsed().as_secs_f64()
+    );
 }

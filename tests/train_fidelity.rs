@@ -110,10 +110,7 @@ fn check(py: &Path, cfg: LlamaConfig, seed: u64) {
     let model = Llama::new(cfg2, &loaded, &dev).unwrap();
     let flat: Vec<u32> = ids.iter().flatten().copied().collect();
     let t = Tensor::from_vec(flat, (3, 11), &dev).unwrap();
-    let mut pass = Pass {
-        dtype: DType::F32,
-        rng: None,
-    };
+    let mut pass = Pass::new(DType::F32, None);
     let logits = model.forward(&t, 0, None, &mut pass).unwrap();
     assert_eq!(
         logits.dims(),

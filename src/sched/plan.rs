@@ -281,8 +281,18 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     // Usage is a non-negative float, so its bit pattern orders like the value; the key is
     // computed once per job rather than once per comparison (queues reach 10,000s of jobs).
     order.sort_by_cached_key(|j| {
-        let usage = input.usage.get(&j.owner.user).copied().unwrap_or(0.0).max(0.0);
-        (std::cmp::Reverse(j.priority), usage.to_bits(), queued_since(j), j.id)
+        let usage = input
+            .usage
+            .get(&j.owner.user)
+            .copied()
+            .unwrap_or(0.0)
+            .max(0.0);
+        (
+            std::cmp::Reverse(j.priority),
+            usage.to_bits(),
+            queued_since(j),
+            j.id,
+        )
     });
 
     let mut out = Plan::default();

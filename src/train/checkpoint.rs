@@ -82,6 +82,9 @@ pub struct TrainerState {
     pub data_key: String,
     /// `"full"` or `"lora"`.
     pub trainable: String,
+    /// f16 training's dynamic loss scale (absent for f32/bf16 and in older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<super::optim::LossScale>,
 }
 
 /// The schedule's settings and position, recorded for inspection and checked on resume.

@@ -73,10 +73,7 @@ impl Generator {
         let mut cache = KvCache::default();
         let mut input = ids.clone();
         let mut out = Vec::new();
-        let mut pass = Pass {
-            dtype: DType::F32,
-            rng: None,
-        };
+        let mut pass = Pass::new(DType::F32, None);
         while out.len() < max_tokens && cache.len() + input.len() <= max_ctx {
             let start = cache.len();
             let t = Tensor::new(input.as_slice(), &device)?.unsqueeze(0)?;

@@ -134,16 +134,42 @@ pub fn early_stage(job_dir: &Path, stage: &str) -> Result<(), TrainError> {
 }
 
 /// Peak memory of the computation on `device`: on CPU the process's peak resident set
-/// (`VmHWM`). On CUDA this is the hook for the device's peak allocation; Candle does not
-/// track it, so `None` until the worker queries the driver (cudarc/NVML) here.
+/// (`VmHWM`); on CUDA the most GPU memory NVML has seen this process use (CUDA context
+/// included) over the calls so far — Candle keeps no allocation statistics, so call this
+/// where the peak is likely (after a forward). `None` when NVML is unavailable.
 pub fn peak_memory_bytes(device: &candle_core::Device) -> Option<u64> {
     if device.is_cuda() {
-        return None;
+        return gpu_peak_bytes();
     }
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// This process's GPU memory now (NVML, no CUDA context needed), folded into a running peak.
+fn gpu_peak_bytes() -> Option<u64> {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static INVENTORY: OnceLock<crate::gpu::Inventory> = OnceLock::new();
+    static PEAK: AtomicU64 = AtomicU64::new(0);
+    let inv =
+        INVENTORY.get_or_init(|| crate::gpu::Inventory::open(&crate::config::GpuSource::Auto));
+    let me = std::process::id();
+    let snap = inv.snapshot(&|pid| pid == me);
+    if snap.source != "nvml" {
+        return None;
+    }
+    // NVML reports memory used by others ("foreign"); ours is the rest of what is in use.
+    let ours: u64 = snap
+        .gpus
+        .iter()
+        .map(|g| {
+            let used = g.total_bytes - g.free_bytes.unwrap_or(g.total_bytes);
+            used.saturating_sub(g.foreign_bytes)
+        })
+        .sum();
+    Some(PEAK.fetch_max(ours, Ordering::Relaxed).max(ours))
 }
 
 /// Reads `metrics.jsonl` (for tests and tools).

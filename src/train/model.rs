@@ -3,7 +3,10 @@
 //! biases, optional LoRA adapters — built only from differentiable Candle ops.
 //!
 //! Candle's fused `rope`, `rms_norm`, `softmax_last_dim` and `layer_norm` have no backward
-//! pass and silently cut gradients, so none of them is used here. The model holds clones of
+//! pass and silently cut gradients, so none of them is used here: norms, rotary embeddings,
+//! attention, SwiGLU and the loss go through [`super::ops`], whose kernels have backward
+//! passes (and which falls back to plain differentiable ops off the CPU or outside f32).
+//! Activations keep the projections' `(B, T, heads, head_dim)` layout throughout attention. The model holds clones of
 //! its weight tensors; trainable ones are `Var`s owned by the trainer, whose in-place updates
 //! the model sees. Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`)
 //! so checkpoints load and save without renaming. Nothing here assumes a device: tensors stay
@@ -11,10 +14,11 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::TrainError;
 use super::config::LlamaConfig;
+use super::ops::{self, plain};
 use super::rng::Rng;
 
 /// Result type of tensor code; Candle errors become [`TrainError::Candle`].
@@ -50,33 +54,45 @@ pub struct Pass<'a> {
     pub dtype: DType,
     /// Generator for dropout masks; `None` disables dropout (evaluation, generation).
     pub rng: Option<&'a mut Rng>,
+    /// Use the fused kernels of [`super::ops`] where the device and type allow; `false` runs
+    /// the plain-op versions (to compare against them).
+    pub fused: bool,
+}
+
+impl<'a> Pass<'a> {
+    /// Fused kernels, compute type `dtype`, dropout from `rng` (or none).
+    pub fn new(dtype: DType, rng: Option<&'a mut Rng>) -> Self {
+        Pass {
+            dtype,
+            rng,
+            fused: true,
+        }
+    }
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor, pass: &mut Pass<'_>) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (last, lead) = dims.split_last().expect("rank >= 1");
-        let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, *last))?;
         let w = cast(&self.weight, pass.dtype)?;
-        let mut y = x2.matmul(&w.t()?)?;
+        // Any rank in, any rank out: no reshape nodes (each costs the backward a pass).
+        let mut y = if pass.fused {
+            ops::linear(x, &w)?
+        } else {
+            plain::linear(x, &w)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&cast(b, pass.dtype)?)?;
         }
         if let Some(lora) = &self.lora {
             let xin = match pass.rng.as_deref_mut() {
-                Some(rng) if lora.dropout > 0.0 => dropout(&x2, lora.dropout, rng)?,
-                _ => x2.clone(),
+                Some(rng) if lora.dropout > 0.0 => dropout(x, lora.dropout, rng)?,
+                _ => x.clone(),
             };
             let a = cast(&lora.a, pass.dtype)?;
             let b = cast(&lora.b, pass.dtype)?;
-            let delta = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            let delta = plain::linear(&plain::linear(&xin, &a)?, &b)?;
             y = (y + delta.affine(lora.scale, 0.0)?)?;
         }
-        let out = self.weight.dim(0)?;
-        let mut shape = lead.to_vec();
-        shape.push(out);
-        Ok(y.reshape(shape)?)
+        Ok(y)
     }
 
     /// The weight with the adapter folded in: `W + scale · B · A`.
@@ -107,14 +123,13 @@ fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     Ok((x * mask)?)
 }
 
-/// RMSNorm in f32 (as Hugging Face computes it), result cast back to the input type.
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = cast(x, DType::F32)?;
-    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (var + eps)?.sqrt()?.recip()?;
-    let normed = cast(&xf.broadcast_mul(&inv)?, dtype)?;
-    Ok(normed.broadcast_mul(&cast(weight, dtype)?)?)
+/// RMSNorm: fused, or the plain version for comparison.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, pass: &Pass<'_>) -> Result<Tensor> {
+    if pass.fused {
+        ops::rms_norm(x, weight, eps)
+    } else {
+        plain::rms_norm(x, weight, eps)
+    }
 }
 
 /// Rotary tables for every position, `(max_positions, head_dim)`, in f32.
@@ -148,16 +163,16 @@ impl Rope {
         })
     }
 
-    /// Rotates `x` of shape `(B, heads, T, head_dim)` for positions `start..start+T`.
-    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (_, _, t, d) = x.dims4()?;
+    /// Rotates `x` of shape `(B, T, heads · head_dim)` for positions `start..start+T`.
+    fn apply(&self, x: &Tensor, start: usize, pass: &Pass<'_>) -> Result<Tensor> {
+        let t = x.dim(1)?;
         let cos = cast(&self.cos.narrow(0, start, t)?, x.dtype())?;
         let sin = cast(&self.sin.narrow(0, start, t)?, x.dtype())?;
-        let half = d / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+        if pass.fused {
+            ops::rope(x, &cos, &sin)
+        } else {
+            plain::rope(x, &cos, &sin)
+        }
     }
 }
 
@@ -224,7 +239,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+            .map_or(0, |(k, _)| k.dim(1).unwrap_or(0))
     }
 
     /// Whether nothing is cached yet.
@@ -408,51 +423,51 @@ impl Llama {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?;
         x = cast(&x, pass.dtype)?;
-        let total = start + t;
-        let mask = causal_mask(t, start, cfg.window(), self.device())?;
         let nh = cfg.num_attention_heads;
         let nkv = cfg.n_kv_heads();
-        let hd = cfg.head_dim();
-        let scale = 1.0 / (hd as f64).sqrt();
         for (l, blk) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
+            let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps, pass)?;
+            // (B, T, heads·head_dim) throughout: the kernels read heads with strides.
             let q = blk.q_proj.forward(&h, pass)?;
             let k = blk.k_proj.forward(&h, pass)?;
             let v = blk.v_proj.forward(&h, pass)?;
-            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = self.rope.apply(&q, start)?;
-            let mut k = self.rope.apply(&k, start)?;
+            let q = self.rope.apply(&q, start, pass)?;
+            let mut k = self.rope.apply(&k, start, pass)?;
             let mut v = v;
             if let Some(c) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = &c.layers[l] {
-                    k = Tensor::cat(&[pk, &k], 2)?;
-                    v = Tensor::cat(&[pv, &v], 2)?;
+                    k = Tensor::cat(&[pk, &k], 1)?;
+                    v = Tensor::cat(&[pv, &v], 1)?;
                 }
                 c.layers[l] = Some((k.clone(), v.clone()));
             }
-            let k = repeat_kv(&k, nh / nkv)?;
-            let v = repeat_kv(&v, nh / nkv)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?;
-            let scores = cast(&scores, DType::F32)?.broadcast_add(&mask)?;
-            let att = cast(&candle_nn::ops::softmax(&scores, D::Minus1)?, pass.dtype)?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            let y = if pass.fused {
+                ops::attention(&q, &k, &v, (nh, nkv), start, cfg.window())?
+            } else {
+                plain::attention(&q, &k, &v, (nh, nkv), start, cfg.window())?
+            };
             let y = blk.o_proj.forward(&y, pass)?;
             x = (x + y)?;
-            let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
-            let g = blk.gate_proj.forward(&h, pass)?.silu()?;
+            let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps, pass)?;
+            let g = blk.gate_proj.forward(&h, pass)?;
             let u = blk.up_proj.forward(&h, pass)?;
-            let y = blk.down_proj.forward(&(g * u)?, pass)?;
+            let gu = if pass.fused {
+                ops::swiglu(&g, &u)?
+            } else {
+                plain::swiglu(&g, &u)?
+            };
+            let y = blk.down_proj.forward(&gu, pass)?;
             x = (x + y)?;
         }
-        debug_assert!(total <= cfg.max_position_embeddings);
-        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps, pass)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let logits = x
-            .reshape((b * t, cfg.hidden_size))?
-            .matmul(&cast(head, pass.dtype)?.t()?)?;
-        Ok(cast(&logits, DType::F32)?.reshape((b, t, cfg.vocab_size))?)
+        let head = cast(head, pass.dtype)?;
+        let logits = if pass.fused {
+            ops::linear(&x, &head)?
+        } else {
+            plain::linear(&x, &head)?
+        };
+        cast(&logits, DType::F32)
     }
 
     /// Every weight under its Hugging Face name, adapters merged in (what `save_pretrained`
@@ -489,49 +504,24 @@ impl Llama {
     }
 }
 
-/// `(T, start+T)` additive mask: 0 where query `i` (at position `start+i`) may attend key `j`,
-/// -inf for future keys and keys outside a sliding window.
-fn causal_mask(t: usize, start: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let total = start + t;
-    let mut m = vec![0f32; t * total];
-    for i in 0..t {
-        let qpos = start + i;
-        for j in 0..total {
-            let future = j > qpos;
-            let too_old = window.is_some_and(|w| qpos >= w && j <= qpos - w);
-            if future || too_old {
-                m[i * total + j] = f32::NEG_INFINITY;
-            }
-        }
-    }
-    Ok(Tensor::from_vec(m, (t, total), device)?)
-}
-
-/// `(B, kv, T, D)` → `(B, kv·n, T, D)`, each key/value head serving `n` query heads.
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, kv, n, t, d))?
-        .reshape((b, kv * n, t, d))?)
-}
-
-/// Sum over labelled positions of `-log p(label)`, and the number of labelled positions.
-/// `labels` `(B, T)` u32 and `mask` `(B, T)` f32 (1 = counts); masked labels must still be
-/// valid ids (use 0).
+/// Sum over labelled positions of `-log p(label)`. `labels` `(B, T)` u32 and `mask` `(B, T)`
+/// f32 (1 = counts); masked labels must still be valid ids (use 0). Fused on the CPU in f32:
+/// the backward then writes the logits' gradient in one pass, without a softmax tensor.
 pub fn nll_sum(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    // The fused loss takes (B, T, V) as it is: a reshape node would cost the backward a pass
+    // over the whole logits gradient.
+    Ok(ops::cross_entropy(logits, labels, mask)?.sum_all()?)
+}
+
+/// [`nll_sum`] from plain ops (the reference the fused loss is tested against).
+pub fn nll_sum_plain(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let x = logits.reshape((b * t, v))?;
-    // -log p(label) = logsumexp(x) - x[label]. The max only keeps exp() in range and cancels
-    // out of the gradient, so it is detached: the backward pass then skips a full-size
-    // comparison and the log-softmax's extra passes over the vocabulary.
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let lse = (x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &m)?;
-    let picked = x.gather(&labels.reshape((b * t, 1))?, 1)?;
-    let nll = (lse - picked)?.squeeze(1)?;
-    Ok((nll * mask.reshape(b * t)?)?.sum_all()?)
+    let per_row = plain::cross_entropy(
+        &logits.reshape((b * t, v))?,
+        &labels.reshape(b * t)?,
+        &mask.reshape(b * t)?,
+    )?;
+    Ok(per_row.sum_all()?)
 }
 
 #[cfg(test)]
@@ -580,10 +570,7 @@ mod tests {
                 .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
                 .collect();
             let m = Llama::new(c.clone(), &tensors, &dev).unwrap();
-            let mut pass = Pass {
-                dtype: DType::F32,
-                rng: None,
-            };
+            let mut pass = Pass::new(DType::F32, None);
             let logits = m.forward(&ids(&dev), 0, None, &mut pass).unwrap();
             let labels =
                 Tensor::new(&[[5u32, 7, 2, 39, 0, 0], [3, 8, 9, 10, 11, 0]], &dev).unwrap();
@@ -615,6 +602,87 @@ mod tests {
         }
     }
 
+    /// The fused kernels compute what the plain ops do, for the whole model: logits, loss and
+    /// every parameter's gradient (untied multi-head llama, tied grouped-query Qwen2 with
+    /// biases, a sliding window).
+    #[test]
+    fn fused_model_matches_plain_ops() {
+        let dev = Device::Cpu;
+        for (kind, tied, window) in [("llama", false, None), ("qwen2", true, Some(3))] {
+            let mut c = cfg(kind, tied);
+            if kind == "llama" {
+                c.num_key_value_heads = Some(4);
+            }
+            if let Some(w) = window {
+                c.use_sliding_window = Some(true);
+                c.sliding_window = Some(w);
+            }
+            assert_eq!(c.window(), window, "{kind}: window configured");
+            let mut rng = Rng::new(7);
+            let w = init_weights(&c, &mut rng, &dev).unwrap();
+            let vars: BTreeMap<String, Var> = w
+                .iter()
+                .map(|(k, t)| {
+                    let mut d = vec![0f32; t.elem_count()];
+                    rng.fill_normal(&mut d, 0.2);
+                    if k.contains("norm") {
+                        d.iter_mut().for_each(|x| *x += 1.0);
+                    }
+                    let t = Tensor::from_vec(d, t.shape(), &dev).unwrap();
+                    (k.clone(), Var::from_tensor(&t).unwrap())
+                })
+                .collect();
+            let tensors = vars
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect();
+            let m = Llama::new(c.clone(), &tensors, &dev).unwrap();
+            let labels =
+                Tensor::new(&[[5u32, 7, 2, 39, 0, 0], [3, 8, 9, 10, 11, 0]], &dev).unwrap();
+            let mask = Tensor::new(
+                &[[1f32, 1., 1., 1., 1., 0.], [1., 1., 1., 1., 1., 1.]],
+                &dev,
+            )
+            .unwrap();
+            let run = |fused: bool| {
+                let mut pass = Pass::new(DType::F32, None);
+                pass.fused = fused;
+                let logits = m.forward(&ids(&dev), 0, None, &mut pass).unwrap();
+                let loss = if fused {
+                    nll_sum(&logits, &labels, &mask).unwrap()
+                } else {
+                    nll_sum_plain(&logits, &labels, &mask).unwrap()
+                };
+                let g = loss.backward().unwrap();
+                (logits, loss.to_scalar::<f32>().unwrap(), g)
+            };
+            let (lf, loss_f, gf) = run(true);
+            let (lp, loss_p, gp) = run(false);
+            let max_abs = |t: &Tensor| {
+                t.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            let d = max_abs(&(&lf - &lp).unwrap()) / max_abs(&lp);
+            assert!(d < 1e-5, "{kind}: logits differ by {d}");
+            assert!(
+                (loss_f - loss_p).abs() < 1e-5 * loss_p.abs(),
+                "{kind}: {loss_f} vs {loss_p}"
+            );
+            for (name, v) in &vars {
+                let a = gf
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{kind} {name}: no grad"));
+                let b = gp.get(v.as_tensor()).unwrap();
+                let d = max_abs(&(a - b).unwrap()) / (max_abs(b) + 1e-12);
+                assert!(d < 1e-4, "{kind}: gradient of {name} differs by {d}");
+            }
+        }
+    }
+
     #[test]
     fn lora_adapters_get_gradients_and_merge() {
         let dev = Device::Cpu;
@@ -631,10 +699,7 @@ mod tests {
             dropout: 0.1,
         });
         let mut rng = Rng::new(5);
-        let mut pass = Pass {
-            dtype: DType::F32,
-            rng: Some(&mut rng),
-        };
+        let mut pass = Pass::new(DType::F32, Some(&mut rng));
         let logits = m.forward(&ids(&dev), 0, None, &mut pass).unwrap();
         let loss = logits.sqr().unwrap().sum_all().unwrap();
         let g = loss.backward().unwrap();
@@ -687,7 +752,7 @@ mod tests {
             .collect();
         let m = Llama::new(c, &tensors, &dev).unwrap();
         let run = |dtype| {
-            let mut pass = Pass { dtype, rng: None };
+            let mut pass = Pass::new(dtype, None);
             m.forward(&ids(&dev), 0, None, &mut pass).unwrap()
         };
         let full = run(DType::F32);
@@ -727,10 +792,7 @@ mod tests {
         let c = cfg("llama", true);
         let w = init_weights(&c, &mut Rng::new(3), &dev).unwrap();
         let m = Llama::new(c, &w, &dev).unwrap();
-        let mut pass = Pass {
-            dtype: DType::F32,
-            rng: None,
-        };
+        let mut pass = Pass::new(DType::F32, None);
         let all = Tensor::new(&[[1u32, 5, 7, 2, 39]], &dev).unwrap();
         let full = m.forward(&all, 0, None, &mut pass).unwrap();
         let mut cache = KvCache::default();

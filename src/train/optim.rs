@@ -3,9 +3,13 @@
 //!
 //! Candle-nn's `AdamW` keeps its moments private, which rules out exact resume; this one has
 //! the same mathematics as `torch.optim.AdamW` and exposes `m`, `v` and the step count so a
-//! checkpoint can hold them. Updates are tensor ops on the parameters' device.
+//! checkpoint can hold them. On the CPU (f32) each tensor is updated in place by fused
+//! kernels: one pass per moment and one for the parameter, no temporaries, with the clipping
+//! factor folded in (the gradients are never rescaled into new tensors). Elsewhere the update
+//! is the same formula in tensor ops on the parameters' device.
 
-use candle_core::{Tensor, Var};
+use super::kernels::{self, AdamStep};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 use super::TrainError;
 use crate::spec::train::LrSchedulerType;
@@ -60,6 +64,18 @@ impl AdamW {
     /// One update with learning rate `lr` from `grads` (in parameter order), exactly as
     /// `torch.optim.AdamW` (non-fused): decay, moments, bias correction, `p -= lr·m̂/(√v̂+ε)`.
     pub fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64) -> Result<(), TrainError> {
+        self.step_scaled(params, grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient first multiplied by `grad_scale` (the clipping
+    /// factor of [`clip_factor`]), as `clip_grad_norm_` followed by `step()` computes it.
+    pub fn step_scaled(
+        &mut self,
+        params: &[Param],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), TrainError> {
         self.step += 1;
         let AdamWConfig {
             beta1,
@@ -72,11 +88,43 @@ impl AdamW {
         let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         let step_size = lr / bc1;
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let mut theta = p.var.as_tensor().clone();
-            if p.decay && weight_decay > 0.0 {
-                theta = theta.affine(1.0 - lr * weight_decay, 0.0)?;
+            let decay = if p.decay && weight_decay > 0.0 {
+                1.0 - lr * weight_decay
+            } else {
+                1.0
+            };
+            let theta = p.var.as_tensor();
+            let fused = [theta, g, &self.m[i], &self.v[i]]
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+                && theta.is_contiguous();
+            if fused {
+                let s = AdamStep {
+                    lr: lr as f32,
+                    beta1: beta1 as f32,
+                    beta2: beta2 as f32,
+                    eps: eps as f32,
+                    decay: decay as f32,
+                    step_size: step_size as f32,
+                    bc2_sqrt: bc2_sqrt as f32,
+                    grad_scale: grad_scale as f32,
+                };
+                let g = g.contiguous()?;
+                self.m[i].inplace_op2(&g, &Moment { s, second: false })?;
+                self.v[i].inplace_op2(&g, &Moment { s, second: true })?;
+                theta.inplace_op3(&self.m[i], &self.v[i], &Apply(s))?;
+                continue;
             }
-            let m = ((&self.m[i] * beta1)? + (g * (1.0 - beta1))?)?;
+            let g = if grad_scale == 1.0 {
+                g.clone()
+            } else {
+                (g * grad_scale)?
+            };
+            let mut theta = theta.clone();
+            if decay != 1.0 {
+                theta = theta.affine(decay, 0.0)?;
+            }
+            let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
             let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
             let update = (m.div(&denom)? * step_size)?;
@@ -88,32 +136,180 @@ impl AdamW {
     }
 }
 
+/// The contiguous f32 elements of `s` under `l` (same element count as `n`).
+fn slice_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    n: usize,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) if b - a == n => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adamw: expected a contiguous f32 tensor of {n} elements"),
+    }
+}
+
+/// In-place update of one moment from the gradient.
+struct Moment {
+    s: AdamStep,
+    /// `v` (squared gradients) rather than `m`.
+    second: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "jobd-adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        let n = dst_l.shape().elem_count();
+        let g = super::ops::cpu_f32(g, gl)?;
+        let dst = slice_mut(dst, dst_l, n)?;
+        if g.len() != n {
+            candle_core::bail!("adamw: gradient of {} elements for {n}", g.len());
+        }
+        if self.second {
+            kernels::adamw_v(dst, g, &self.s);
+        } else {
+            kernels::adamw_m(dst, g, &self.s);
+        }
+        Ok(())
+    }
+}
+
+/// In-place parameter update from the new moments.
+struct Apply(AdamStep);
+
+impl InplaceOp3 for Apply {
+    fn name(&self) -> &'static str {
+        "jobd-adamw-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        let n = dst_l.shape().elem_count();
+        let m = super::ops::cpu_f32(m, ml)?;
+        let v = super::ops::cpu_f32(v, vl)?;
+        let dst = slice_mut(dst, dst_l, n)?;
+        if m.len() != n || v.len() != n {
+            candle_core::bail!("adamw: moments of {}/{} elements for {n}", m.len(), v.len());
+        }
+        kernels::adamw_apply(dst, m, v, &self.0);
+        Ok(())
+    }
+}
+
 /// The global L2 norm of `grads`, summed in a fixed order in f64 (so it is reproducible).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64, TrainError> {
     let mut sum = 0f64;
     for g in grads {
-        sum += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        sum += if g.device().is_cpu() && g.dtype() == DType::F32 {
+            let g = g.contiguous()?;
+            let (guard, layout) = g.storage_and_layout();
+            kernels::sum_squares(super::ops::storage_f32(&guard, layout)?)
+        } else {
+            g.sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+        };
     }
     Ok(sum.sqrt())
+}
+
+/// The global norm of `grads` and the factor that brings it down to `max_norm` (1 when it is
+/// below, or when `max_norm` is 0), as `torch.nn.utils.clip_grad_norm_` computes them; pass
+/// the factor to [`AdamW::step_scaled`].
+pub fn clip_factor(grads: &[Tensor], max_norm: f64) -> Result<(f64, f64), TrainError> {
+    let norm = global_norm(grads)?;
+    let coef = if max_norm > 0.0 {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    };
+    Ok((norm, coef))
 }
 
 /// Scales `grads` so their global norm is at most `max_norm` (as
 /// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
 pub fn clip(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainError> {
-    let norm = global_norm(grads)?;
-    if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in grads.iter_mut() {
-                *g = (&*g * coef)?;
-            }
+    let (norm, coef) = clip_factor(grads, max_norm)?;
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
         }
     }
     Ok(norm)
+}
+
+/// The global norm of `grads` computed from a loss multiplied by `loss_scale`, and the factor
+/// to pass to [`AdamW::step_scaled`]: clipping (as [`clip_factor`]) on the unscaled norm,
+/// divided by the scale. With a scale of 1 this is exactly [`clip_factor`].
+pub fn clip_factor_scaled(
+    grads: &[Tensor],
+    max_norm: f64,
+    loss_scale: f64,
+) -> Result<(f64, f64), TrainError> {
+    let norm = global_norm(grads)? / loss_scale;
+    let coef = if max_norm > 0.0 {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    };
+    Ok((norm, coef / loss_scale))
+}
+
+/// Dynamic loss scaling for f16 training (as `torch.cuda.amp.GradScaler`): the loss is
+/// multiplied by `scale` so small gradients survive f16; a step whose gradients overflow is
+/// skipped and halves the scale, and 2000 clean steps in a row double it. Saved in the
+/// checkpoint so a resumed run scales exactly as the uninterrupted one.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScale {
+    /// Current factor (a power of two).
+    pub scale: f64,
+    /// Steps without overflow since the scale last changed.
+    pub good_steps: u32,
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        LossScale {
+            scale: 65536.0,
+            good_steps: 0,
+        }
+    }
+}
+
+impl LossScale {
+    /// Steps without overflow after which the scale doubles.
+    pub const GROWTH_INTERVAL: u32 = 2000;
+
+    /// Records a step whose gradients were `finite` or not; returns whether to apply it.
+    pub fn update(&mut self, finite: bool) -> bool {
+        if !finite {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+            return false;
+        }
+        self.good_steps += 1;
+        if self.good_steps == Self::GROWTH_INTERVAL {
+            self.scale *= 2.0;
+            self.good_steps = 0;
+        }
+        true
+    }
 }
 
 /// The learning rate for optimizer step `step` (0-based) of `total`, after `warmup` warm-up
@@ -161,6 +357,25 @@ mod tests {
         assert_eq!(lr_at(ConstantWithWarmup, 2.0, 1, 10, 2), 1.0);
         assert_eq!(lr_at(ConstantWithWarmup, 2.0, 9, 10, 2), 2.0);
         assert_eq!(warmup_steps(0, 0.1, 25), 3);
+    }
+
+    #[test]
+    fn loss_scale_backs_off_on_overflow_and_grows_when_clean() {
+        let mut ls = LossScale::default();
+        assert!(!ls.update(false), "an overflowing step is skipped");
+        assert_eq!(ls.scale, 32768.0);
+        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
+            assert!(ls.update(true));
+        }
+        assert_eq!(ls.scale, 32768.0);
+        assert!(ls.update(true));
+        assert_eq!((ls.scale, ls.good_steps), (65536.0, 0));
+        let dev = Device::Cpu;
+        let g = vec![Tensor::new(&[3.0f32 * 8.0, 4.0 * 8.0], &dev).unwrap()];
+        let (norm, factor) = clip_factor_scaled(&g, 1.0, 8.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-9);
+        assert!((factor - (1.0 / (5.0 + 1e-6)) / 8.0).abs() < 1e-12);
+        assert_eq!(clip_factor_scaled(&g, 0.0, 1.0).unwrap().1, 1.0);
     }
 
     #[test]

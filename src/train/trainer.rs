@@ -159,6 +159,8 @@ fn run_inner(
         spec_hash: hash.clone(),
         data_key: sess.data_key.clone(),
         trainable: if sess.lora { "lora" } else { "full" }.into(),
+        // f16 needs loss scaling to keep small gradients; bf16 has f32's range.
+        loss_scale: (compute == DType::F16).then(optim::LossScale::default),
     };
     if let (Some((dir, saved)), Some(loaded)) = (&resume, &loaded) {
         restore(dir, saved, loaded, &mut sess, &mut opt, &st)?;
@@ -232,13 +234,14 @@ fn run_inner(
             let exs: Vec<&Example> = idx.iter().map(|&i| &sess.train[i]).collect();
             let b = data::batch(&exs, pad, &device)?;
             tokens_since += b.tokens;
-            let mut pass = Pass {
-                dtype: compute,
-                rng: Some(&mut st.rng),
-            };
+            let mut pass = Pass::new(compute, Some(&mut st.rng));
             let logits = sess.model.forward(&b.ids, 0, None, &mut pass)?;
             let loss = (model::nll_sum(&logits, &b.labels, &b.mask)? / group_labelled as f64)?;
             step_loss += loss.to_scalar::<f32>()? as f64;
+            let loss = match &st.loss_scale {
+                Some(ls) => (loss * ls.scale)?,
+                None => loss,
+            };
             let g = loss.backward()?;
             for (slot, p) in grads.iter_mut().zip(&sess.params) {
                 let gi = g
@@ -258,8 +261,12 @@ fn run_inner(
                 loss: step_loss,
             });
         }
-        let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled")).collect();
-        let grad_norm = optim::clip(&mut grads, args.max_grad_norm)?;
+        let grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled")).collect();
+        // Clipping (and f16's loss scale) is folded into the update: no rescaled copy of
+        // every gradient.
+        let scale = st.loss_scale.map_or(1.0, |ls| ls.scale);
+        let (grad_norm, grad_factor) =
+            optim::clip_factor_scaled(&grads, args.max_grad_norm, scale)?;
         let lr = optim::lr_at(
             args.lr_scheduler_type,
             args.learning_rate,
@@ -267,7 +274,19 @@ fn run_inner(
             total,
             warmup,
         );
-        opt.step(&sess.params, &grads, lr)?;
+        let apply = match &mut st.loss_scale {
+            Some(ls) => ls.update(grad_norm.is_finite()),
+            None => true,
+        };
+        if apply {
+            opt.step_scaled(&sess.params, &grads, lr, grad_factor)?;
+        } else {
+            tracing::info!(
+                step = step + 1,
+                loss_scale = scale,
+                "f16 gradients overflowed; step skipped"
+            );
+        }
         drop(grads);
 
         let done = step + 1;
@@ -724,10 +743,7 @@ fn eval_loss(
     for chunk in sess.eval.chunks(batch.max(1)) {
         let exs: Vec<&Example> = chunk.iter().collect();
         let b = data::batch(&exs, pad, device)?;
-        let mut pass = Pass {
-            dtype: compute,
-            rng: None,
-        };
+        let mut pass = Pass::new(compute, None);
         let logits = sess.model.forward(&b.ids, 0, None, &mut pass)?;
         sum += model::nll_sum(&logits, &b.labels, &b.mask)?.to_scalar::<f32>()? as f64;
         count += b.labelled;

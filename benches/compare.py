@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""One command for issue 9's comparison: trains a reference config with jobd's Candle trainer
+(benches/train_throughput.rs) and with PyTorch + transformers (benches/pytorch_train.py) on the
+same machine, one after the other, and prints one table with the ratios.
+
+CPU (builds the bench with cargo; PyTorch is installed by pytorch_train.py):
+    python3 benches/compare.py --config 20m --seconds 60 --threads 2
+GPU (a carried binary, PyTorch already installed; see benches/gpu.sh):
+    python3 benches/compare.py --device cuda --config 100m --candle-bin ./train_throughput \
+        --python /opt/torch/.venv/bin/python --seconds 40
+
+--repeat N alternates the trainers N times and keeps each one's best run, which evens out
+other load on a shared machine. --plain adds Candle with plain ops (the state before the
+fused kernels).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def last_json(out):
+    for line in reversed(out.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError("no JSON result in output:\n" + out[-2000:])
+
+
+def run(cmd, env=None):
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} exited with {p.returncode}")
+    sys.stderr.write(p.stdout)
+    return last_json(p.stdout)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="20m", choices=["tiny", "20m", "100m"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for both (default: all)")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--plain", action="store_true", help="also run Candle with plain ops")
+    ap.add_argument("--candle-bin", help="a built train_throughput binary (default: cargo bench)")
+    ap.add_argument("--python", help="python with torch + transformers (default: install a venv)")
+    ap.add_argument("--variants", help="comma-separated: candle dtypes and pytorch variants, "
+                    "e.g. f32,eager,sdpa (default: f32,eager,sdpa on CPU; "
+                    "f32,bf16,eager,sdpa,tf32,pt-bf16 on CUDA)")
+    args = ap.parse_args()
+
+    threads = args.threads or os.cpu_count()
+    env = dict(os.environ)
+    if args.device == "cpu":
+        # Both trainers use this many threads: Candle's pools and gemm read RAYON_NUM_THREADS,
+        # torch reads --threads.
+        env["RAYON_NUM_THREADS"] = str(threads)
+    if args.python:
+        env["JOBD_BENCH_PYTHON"] = args.python
+    if args.candle_bin:
+        candle = [os.path.abspath(args.candle_bin), "--bench"]
+    else:
+        features = ["--features", "cuda"] if args.device == "cuda" else []
+        candle = ["cargo", "bench", "--quiet", "--bench", "train_throughput", *features, "--"]
+    default = "f32,eager,sdpa" if args.device == "cpu" else "f32,bf16,eager,sdpa,tf32,pt-bf16"
+    variants = (args.variants or default).split(",")
+    common = ["--config", args.config, "--seconds", str(args.seconds), "--json"]
+    cthreads = ["--threads", str(threads)] if args.device == "cpu" else []
+
+    jobs = []
+    for v in variants:
+        if v in ("f32", "bf16", "f16"):
+            jobs.append((f"candle {v}", candle + common + cthreads
+                         + ["--dtype", v, "--device", args.device]))
+            if args.plain:
+                jobs.append((f"candle plain {v}", candle + common + cthreads
+                             + ["--dtype", v, "--device", args.device, "--plain"]))
+        else:
+            pv = "bf16" if v == "pt-bf16" else v
+            jobs.append((f"pytorch {pv}", [sys.executable, os.path.join(HERE, "pytorch_train.py"),
+                                          "--variant", pv, "--device", args.device]
+                         + common + cthreads))
+
+    best = {}
+    peak_tflops = None
+    for _ in range(args.repeat):
+        for name, cmd in jobs:
+            if name.startswith("pytorch") and peak_tflops and args.device == "cpu":
+                cmd = cmd + ["--peak-tflops", str(peak_tflops)]
+            r = run(cmd, env)
+            if name.startswith("candle") and args.device == "cpu" and peak_tflops is None:
+                # Candle measured this CPU's matmul peak; use the same figure for PyTorch's MFU.
+                peak_tflops = r["peak_tflops"]
+            if name not in best or r["tokens_per_s"] > best[name]["tokens_per_s"]:
+                best[name] = r
+        # Later Candle runs use the first run's peak too, so MFUs compare.
+        if peak_tflops and args.device == "cpu":
+            jobs = [(n, c + ["--peak-tflops", str(peak_tflops)]
+                     if n.startswith("candle") and "--peak-tflops" not in c else c)
+                    for n, c in jobs]
+
+    refs = [r for n, r in best.items() if n.startswith("pytorch")]
+    print()
+    print(f"config {args.config} on {args.device}"
+          + (f", {threads} threads" if args.device == "cpu" else "")
+          + f", best of {args.repeat}, {args.seconds:.0f} s each")
+    head = (f"{'trainer':<20} {'dtype':>5} {'tokens/s':>10} {'step s':>7} {'data':>6} {'fwd':>6} "
+            f"{'bwd':>6} {'opt':>6} {'peak GiB':>9} {'MFU':>6}")
+    head += "".join(f" {'÷ ' + r['trainer'].split()[-1]:>12}" for r in refs)
+    print(head)
+    for name, r in best.items():
+        mem = r.get("peak_memory_bytes")
+        mfu = r.get("mfu")
+        line = (f"{name:<20} {r['dtype']:>5} {r['tokens_per_s']:>10.0f} {r['step_s']:>7.3f} "
+                f"{r['data_s']:>6.3f} {r['forward_s']:>6.3f} {r['backward_s']:>6.3f} "
+                f"{r['optimizer_s']:>6.3f} {mem / 2**30 if mem else float('nan'):>9.2f} "
+                f"{(100 * mfu if mfu is not None else float('nan')):>5.1f}%")
+        for ref in refs:
+            line += f" {r['tokens_per_s'] / ref['tokens_per_s']:>11.2f}x"
+        print(line)
+    if refs:
+        print("(÷ columns: tokens/s relative to each PyTorch variant)")
+        for name, r in best.items():
+            if name.startswith("candle") and r.get("peak_memory_bytes"):
+                ratios = ", ".join(
+                    f"{r['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}x {ref['trainer']}"
+                    for ref in refs if ref.get("peak_memory_bytes"))
+                print(f"peak memory of {name}: {ratios}")
+
+
+if __name__ == "__main__":
+    main()

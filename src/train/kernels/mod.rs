@@ -1,0 +1,434 @@
+//! CPU kernels behind jobd's fused training ops ([`super::ops`]): RMSNorm, rotary
+//! embeddings, SwiGLU, softmax cross-entropy, flash-style causal attention and AdamW, each a
+//! forward and a backward over contiguous f32 slices, parallel with rayon (on the caller's
+//! pool, so a job's thread count holds).
+//!
+//! No Candle types here; [`super::ops`] wraps these as Candle custom ops with backward
+//! passes. They are written for the optimiser (16-wide accumulators, slices rather than
+//! indexing where it matters): release builds vectorise them; debug builds run them several
+//! times slower, which the tests' tiny models can afford (`opt-level = 1` for the whole crate
+//! would cost CI more in compile time than it saves in test time).
+//!
+//! Determinism: work is split into pieces that depend only on the shapes, and partial sums are
+//! combined in a fixed order, so results are bitwise the same whatever the thread count, which
+//! exact resume relies on.
+
+pub mod attention;
+
+use rayon::prelude::*;
+
+/// Rows per rayon task for row-wise kernels: enough work that scheduling costs nothing next to
+/// it, few enough rows that two to a few dozen threads stay balanced.
+pub fn rows_per_task(row_len: usize) -> usize {
+    (16384 / row_len.max(1)).max(1)
+}
+
+/// Elements per rayon task for element-wise kernels.
+const CHUNK: usize = 16384;
+
+/// Sum of `f(i)` over `0..n` with 16 independent accumulators, so that the compiler vectorises
+/// it and the order of additions (hence the rounding) is fixed.
+#[inline(always)]
+pub fn sum16(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let full = n / 16 * 16;
+    let mut i = 0;
+    while i < full {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(i + l);
+        }
+        i += 16;
+    }
+    let mut s = 0f32;
+    for &a in &acc {
+        s += a;
+    }
+    for j in full..n {
+        s += f(j);
+    }
+    s
+}
+
+/// `e^x` to about 2 ulp, written without calls or branches so that loops over it vectorise
+/// (libm's `expf` is a call per element and took 7% of a CPU training step). Cephes' method:
+/// `x = n·ln2 + r` with |r| ≤ ln2/2, a degree-6 polynomial for `e^r`, `2^n` put in the
+/// exponent bits. Gives 0 below −87.3 (where f32 underflows) and is not meant for x > 88.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(-87.3, 88.0);
+    // Round to nearest by adding and subtracting 1.5·2²³ (plain SSE2; `round()` would be a
+    // call on CPUs without SSE4.1 code generation, which is the default target).
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    let y = er * scale;
+    if x < -87.3 { 0.0 } else { y }
+}
+
+/// RMSNorm over rows of `d`: `y = x · rsqrt(mean(x²) + eps) · w`.
+pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let d = w.len();
+    let chunk = d * rows_per_task(d);
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(ys, xs)| {
+            for (yr, xr) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                let inv = 1.0 / (sum16(d, |i| xr[i] * xr[i]) / d as f32 + eps).sqrt();
+                for i in 0..d {
+                    yr[i] = xr[i] * inv * w[i];
+                }
+            }
+        });
+}
+
+/// RMSNorm backward: writes `dx`, returns `dw`. With `r = rsqrt(mean(x²) + eps)` and
+/// `g = dy · w`: `dx = r · (g − x · r² · mean(g · x))`, `dw = Σ_rows dy · x · r`.
+pub fn rms_norm_bwd(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut [f32]) -> Vec<f32> {
+    let d = w.len();
+    let rows = rows_per_task(d);
+    // One partial dw per fixed block of rows, summed below in block order.
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(d * rows)
+        .enumerate()
+        .map(|(c, dxs)| {
+            let mut dw = vec![0f32; d];
+            let r0 = c * rows;
+            for (r, dxr) in dxs.chunks_exact_mut(d).enumerate() {
+                let xr = &x[(r0 + r) * d..(r0 + r + 1) * d];
+                let g = &dy[(r0 + r) * d..(r0 + r + 1) * d];
+                let inv = 1.0 / (sum16(d, |i| xr[i] * xr[i]) / d as f32 + eps).sqrt();
+                let k = inv * inv * sum16(d, |i| g[i] * w[i] * xr[i]) / d as f32;
+                for i in 0..d {
+                    dxr[i] = inv * (g[i] * w[i] - xr[i] * k);
+                    dw[i] += g[i] * (xr[i] * inv);
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut dw = vec![0f32; d];
+    for p in &partials {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    dw
+}
+
+/// Rotate-half rotary embedding of `x` `(B, T, heads, hd)` with tables `(T, hd)`:
+/// `y[:h] = x[:h]·cos[:h] − x[h:]·sin[:h]`, `y[h:] = x[h:]·cos[h:] + x[:h]·sin[h:]`
+/// (h = hd/2). With `transpose`, the inverse rotation, which is the backward.
+pub fn rope(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    (t, heads, hd): (usize, usize, usize),
+    transpose: bool,
+    y: &mut [f32],
+) {
+    let half = hd / 2;
+    let row = heads * hd;
+    y.par_chunks_mut(row)
+        .zip(x.par_chunks(row))
+        .enumerate()
+        .with_min_len(rows_per_task(row))
+        .for_each(|(bt, (ys, xs))| {
+            let p = bt % t;
+            let c = &cos[p * hd..(p + 1) * hd];
+            let s = &sin[p * hd..(p + 1) * hd];
+            for (yh, xh) in ys.chunks_exact_mut(hd).zip(xs.chunks_exact(hd)) {
+                for i in 0..half {
+                    let (a, b) = (xh[i], xh[i + half]);
+                    if transpose {
+                        yh[i] = a * c[i] + b * s[i + half];
+                        yh[i + half] = b * c[i + half] - a * s[i];
+                    } else {
+                        yh[i] = a * c[i] - b * s[i];
+                        yh[i + half] = b * c[i + half] + a * s[i + half];
+                    }
+                }
+            }
+        });
+}
+
+/// `y = silu(g) · u` with Candle's `silu(x) = x / (1 + exp(−x))`.
+pub fn swiglu_fwd(g: &[f32], u: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(ys, (gs, us))| {
+            for i in 0..ys.len() {
+                ys[i] = gs[i] / (1.0 + exp(-gs[i])) * us[i];
+            }
+        });
+}
+
+/// SwiGLU backward: `dg = dy · u · σ(g) · (1 + g · (1 − σ(g)))`, `du = dy · silu(g)`.
+pub fn swiglu_bwd(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, (dgs, dus))| {
+            let o = c * CHUNK;
+            for i in 0..dgs.len() {
+                let (x, up, d) = (g[o + i], u[o + i], dy[o + i]);
+                let sig = 1.0 / (1.0 + exp(-x));
+                dgs[i] = d * up * sig * (1.0 + x * (1.0 - sig));
+                dus[i] = d * (x * sig);
+            }
+        });
+}
+
+/// Largest element, with 16 independent lanes so that it vectorises.
+#[inline]
+fn max16(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let full = x.len() / 16 * 16;
+    for c in x[..full].chunks_exact(16) {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &a in acc.iter().chain(&x[full..]) {
+        m = if a > m { a } else { m };
+    }
+    m
+}
+
+/// `logsumexp` of a row: `ln Σ exp(x − max) + max`.
+#[inline]
+fn row_lse(x: &[f32]) -> f32 {
+    let m = max16(x);
+    let s = sum16(x.len(), |i| exp(x[i] - m));
+    s.ln() + m
+}
+
+/// Per row of `v` logits: `out = mask · (logsumexp(x) − x[label])`; each row's logsumexp goes
+/// to `lse` for the backward. Labels must be `< v`.
+pub fn cross_entropy_fwd(
+    x: &[f32],
+    labels: &[u32],
+    mask: &[f32],
+    v: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    out.par_iter_mut()
+        .zip(lse.par_iter_mut())
+        .enumerate()
+        .with_min_len(rows_per_task(v))
+        .for_each(|(r, (o, l))| {
+            let row = &x[r * v..(r + 1) * v];
+            *l = row_lse(row);
+            *o = (*l - row[labels[r] as usize]) * mask[r];
+        });
+}
+
+/// Cross-entropy backward: `dx = grad · mask · (softmax(x) − onehot(label))`, the softmax
+/// recomputed from the logits and the forward's logsumexps (no N×V probabilities kept).
+pub fn cross_entropy_bwd(
+    x: &[f32],
+    labels: &[u32],
+    mask: &[f32],
+    lse: &[f32],
+    grad: &[f32],
+    dx: &mut [f32],
+) {
+    let v = x.len() / lse.len().max(1);
+    dx.par_chunks_mut(v)
+        .enumerate()
+        .with_min_len(rows_per_task(v))
+        .for_each(|(r, d)| {
+            let scale = grad[r] * mask[r];
+            if scale == 0.0 {
+                d.fill(0.0);
+                return;
+            }
+            let row = &x[r * v..(r + 1) * v];
+            let l = lse[r];
+            for i in 0..v {
+                d[i] = exp(row[i] - l) * scale;
+            }
+            d[labels[r] as usize] -= scale;
+        });
+}
+
+/// AdamW hyper-parameters of one update (as `torch.optim.AdamW`, non-fused).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    /// Learning rate.
+    pub lr: f32,
+    /// β1.
+    pub beta1: f32,
+    /// β2.
+    pub beta2: f32,
+    /// ε.
+    pub eps: f32,
+    /// `1 − lr · weight_decay` (1 without decay).
+    pub decay: f32,
+    /// `lr / (1 − β1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 − β2^t)`.
+    pub bc2_sqrt: f32,
+    /// Factor applied to the gradient first (gradient clipping), 1 for none.
+    pub grad_scale: f32,
+}
+
+/// First moment in place: `m = β1·m + (1−β1)·g` with `g = grad_scale · grad`.
+pub fn adamw_m(m: &mut [f32], grad: &[f32], s: &AdamStep) {
+    m.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ms)| {
+        let o = c * CHUNK;
+        for i in 0..ms.len() {
+            let g = grad[o + i] * s.grad_scale;
+            ms[i] = ms[i] * s.beta1 + g * (1.0 - s.beta1);
+        }
+    });
+}
+
+/// Second moment in place: `v = β2·v + (1−β2)·g²` with `g = grad_scale · grad`.
+pub fn adamw_v(v: &mut [f32], grad: &[f32], s: &AdamStep) {
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, vs)| {
+        let o = c * CHUNK;
+        for i in 0..vs.len() {
+            let g = grad[o + i] * s.grad_scale;
+            vs[i] = vs[i] * s.beta2 + g * g * (1.0 - s.beta2);
+        }
+    });
+}
+
+/// Updates the parameter in place from the new moments:
+/// `p = p·decay − step_size · m / (sqrt(v)/bc2_sqrt + eps)`.
+pub fn adamw_apply(p: &mut [f32], m: &[f32], v: &[f32], s: &AdamStep) {
+    p.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ps)| {
+        let o = c * CHUNK;
+        for i in 0..ps.len() {
+            let denom = v[o + i].sqrt() / s.bc2_sqrt + s.eps;
+            ps[i] = ps[i] * s.decay - m[o + i] / denom * s.step_size;
+        }
+    });
+}
+
+/// Σ x² in f64, in fixed blocks summed in order (for the global gradient norm).
+pub fn sum_squares(x: &[f32]) -> f64 {
+    let parts: Vec<f64> = x
+        .par_chunks(CHUNK)
+        .map(|c| sum16(c.len(), |i| c[i] * c[i]) as f64)
+        .collect();
+    parts.iter().sum()
+}
+
+/// `dst (m×n) = lhs (m×k) · rhs (k×n)`, strides given as (row, column), on the current rayon
+/// pool's threads.
+///
+/// # Safety
+/// The pointers must be valid for the shapes and strides given, `dst` must not overlap the
+/// inputs, and nothing else may access `dst` meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs as isize,
+            dst_rs as isize,
+            false,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// `y (rows×out) = x (rows×inp) · wᵀ` for a PyTorch-layout weight `w (out×inp)`.
+pub fn linear_fwd(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+    assert!(x.len() == rows * inp && w.len() == out * inp);
+    let mut y = vec![0f32; rows * out];
+    // SAFETY: sizes checked above; y is fresh.
+    unsafe {
+        matmul(
+            (rows, out, inp),
+            y.as_mut_ptr(),
+            (out, 1),
+            x.as_ptr(),
+            (inp, 1),
+            w.as_ptr(),
+            (1, inp),
+        );
+    }
+    y
+}
+
+/// Linear backward: `dx = dy · w` and, when wanted, `dw = dyᵀ · x`, written straight in the
+/// weight's `(out, inp)` layout (no transposed gradient to copy later).
+pub fn linear_bwd(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    dx: &mut [f32],
+    dw: Option<&mut [f32]>,
+) {
+    assert!(x.len() == rows * inp && w.len() == out * inp && dy.len() == rows * out);
+    assert!(dx.len() == rows * inp);
+    // SAFETY: sizes checked; dx and dw are exclusive borrows distinct from the inputs.
+    unsafe {
+        matmul(
+            (rows, inp, out),
+            dx.as_mut_ptr(),
+            (inp, 1),
+            dy.as_ptr(),
+            (out, 1),
+            w.as_ptr(),
+            (inp, 1),
+        );
+        if let Some(dw) = dw {
+            assert!(dw.len() == out * inp);
+            matmul(
+                (out, inp, rows),
+                dw.as_mut_ptr(),
+                (inp, 1),
+                dy.as_ptr(),
+                (1, out),
+                x.as_ptr(),
+                (inp, 1),
+            );
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! Fused training ops with backward passes: linear, RMSNorm, rotary embeddings, SwiGLU,
+//! causal attention and softmax cross-entropy, plus the plain-op versions they are tested
+//! against. The kernels themselves (f32 slices, rayon) are in [`super::kernels`]; this module
+//! wraps them as Candle custom ops.
+//!
+//! Candle's own fused `rms_norm`, `rope` and `softmax_last_dim` have no backward and silently
+//! cut gradients, and the plain-op compositions allocate a tensor (and a zero-filled gradient)
+//! per elementary op, run many of them on one thread and materialise the T×T attention scores
+//! and mask. Each op here is one Candle custom op: the forward is one parallel pass over its
+//! data, the backward a hand-derived kernel, and attention keeps only the row log-sum-exps for
+//! its backward (the scores are recomputed block by block, as flash attention does).
+//!
+//! The kernels run on the CPU in f32. Any other device or type (CUDA, bf16/f16) takes the
+//! plain-op path in [`plain`], which computes the same mathematics (and is what the tests
+//! compare against); CUDA kernels are still to come. Ops take tensors in the shapes the model
+//! produces them (`(B, T, heads·dim)`, any leading dimensions for linear and the loss)
+//! because every reshape node costs Candle's backward a zero-filled gradient and an addition.
+//! Every kernel is deterministic: work is split into fixed pieces whose partial results are
+//! combined in a fixed order, so results do not depend on the thread count or on scheduling,
+//! which exact resume needs.
+
+pub mod attention;
+pub mod plain;
+
+pub use attention::attention;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Mutex};
+
+use crate::train::kernels;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor};
+
+use super::model::Result;
+
+/// Whether `t` can use the fused CPU kernels.
+pub(crate) fn fusable(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// The f32 data of a contiguous CPU tensor's storage, as a slice of its elements.
+pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => candle_core::bail!("fused kernel: expected f32, got {:?}", other.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused kernel: input is not contiguous"),
+    }
+}
+
+/// [`cpu_f32`] for a whole tensor: the storage guard must outlive the slice.
+pub(crate) fn storage_f32<'a>(
+    guard: &'a candle_core::StorageRef<'a>,
+    l: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match &**guard {
+        Storage::Cpu(s) => cpu_f32(s, l),
+        _ => candle_core::bail!("fused kernel: tensor is not on the CPU"),
+    }
+}
+
+/// Splits a buffer holding several gradients back into tensors of the given shapes.
+fn split(buf: Vec<f32>, shapes: &[&Shape], device: &candle_core::Device) -> Result<Vec<Tensor>> {
+    let all = Tensor::from_vec(
+        buf,
+        (shapes.iter().map(|s| s.elem_count()).sum::<usize>(),),
+        device,
+    )?;
+    let mut out = Vec::with_capacity(shapes.len());
+    let mut at = 0;
+    for s in shapes {
+        let n = s.elem_count();
+        out.push(all.narrow(0, at, n)?.reshape(*s)?);
+        at += n;
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear
+
+/// `x · wᵀ` for `x` `(..., in)` and a PyTorch-layout weight `w` `(out, in)`, giving
+/// `(..., out)`, with backward. Taking any rank spares the model reshape nodes, each of which
+/// costs Candle's backward a zero-filled gradient and an addition over the activation.
+/// Candle's `x.matmul(&w.t())` computes the same, but its backward produces the weight's
+/// gradient transposed, which then costs a strided copy; this writes it in `w`'s layout, and
+/// skips it entirely for frozen weights (LoRA).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !fusable(x) || !fusable(w) {
+        return plain::linear(x, w);
+    }
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Linear)?)
+}
+
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "jobd-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (out, inp) = l2.shape().dims2()?;
+        let Some((&inp_x, lead)) = l1.dims().split_last() else {
+            candle_core::bail!("linear: scalar input");
+        };
+        if inp != inp_x {
+            candle_core::bail!("linear: input {:?}, weight {:?}", l1.dims(), l2.dims());
+        }
+        let rows = lead.iter().product();
+        let y = kernels::linear_fwd(cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, rows, inp, out);
+        let mut shape = lead.to_vec();
+        shape.push(out);
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (out, inp) = w.dims2()?;
+        let rows = x.elem_count() / inp;
+        let want_dw = w.track_op();
+        let mut dx = vec![0f32; rows * inp];
+        let mut dw = vec![0f32; if want_dw { out * inp } else { 0 }];
+        {
+            let (gx, lx) = x.storage_and_layout();
+            let (gw, lw) = w.storage_and_layout();
+            let (gd, ld) = dy.storage_and_layout();
+            kernels::linear_bwd(
+                storage_f32(&gx, lx)?,
+                storage_f32(&gw, lw)?,
+                storage_f32(&gd, ld)?,
+                (rows, inp, out),
+                &mut dx,
+                want_dw.then_some(dw.as_mut_slice()),
+            );
+        }
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        let dw = if want_dw {
+            Some(Tensor::from_vec(dw, (out, inp), w.device())?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// RMSNorm over the last dimension, `x · rsqrt(mean(x²) + eps) · w`, with backward.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fusable(x) || w.dtype() != DType::F32 {
+        return plain::rms_norm(x, w, eps);
+    }
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    Ok(x.apply_op2(&w, RmsNorm { eps: eps as f32 })?)
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "jobd-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1)?;
+        let w = cpu_f32(s2, l2)?;
+        let d = w.len();
+        if l1.dims().last() != Some(&d) {
+            candle_core::bail!("rms_norm: weight of {d} for input {:?}", l1.dims());
+        }
+        let mut y = vec![0f32; x.len()];
+        kernels::rms_norm_fwd(x, w, self.eps, &mut y);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let mut buf = vec![0f32; x.elem_count()];
+        let dw = {
+            let (gx, lx) = x.storage_and_layout();
+            let (gw, lw) = w.storage_and_layout();
+            let (gd, ld) = dy.storage_and_layout();
+            kernels::rms_norm_bwd(
+                storage_f32(&gx, lx)?,
+                storage_f32(&gw, lw)?,
+                storage_f32(&gd, ld)?,
+                self.eps,
+                &mut buf,
+            )
+        };
+        let dx = Tensor::from_vec(buf, x.shape(), x.device())?;
+        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embeddings
+
+/// Rotate-half rotary embedding of `x` `(B, T, heads · head_dim)` (the projection's output)
+/// with `cos`/`sin` tables `(T, head_dim)` for its positions (Hugging Face's layout), with
+/// backward.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !fusable(x) || cos.dtype() != DType::F32 {
+        return plain::rope(x, cos, sin);
+    }
+    let x = x.contiguous()?;
+    Ok(x.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope { transpose: false },
+    )?)
+}
+
+/// The rotation (or, with `transpose`, its inverse, which is its backward).
+struct Rope {
+    transpose: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "jobd-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, t, row) = l1.shape().dims3()?;
+        let (_, hd) = l2.shape().dims2()?;
+        let heads = row / hd.max(1);
+        if l2.dims() != [t, hd] || l3.dims() != [t, hd] || hd % 2 != 0 || heads * hd != row {
+            candle_core::bail!("rope: tables {:?} for input {:?}", l2.dims(), l1.dims());
+        }
+        let mut y = vec![0f32; l1.shape().elem_count()];
+        kernels::rope(
+            cpu_f32(s1, l1)?,
+            cpu_f32(s2, l2)?,
+            cpu_f32(s3, l3)?,
+            (t, heads, hd),
+            self.transpose,
+            &mut y,
+        );
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = dy.contiguous()?.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                transpose: !self.transpose,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+/// `silu(gate) · up`, with backward.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !fusable(gate) || up.dtype() != DType::F32 {
+        return plain::swiglu(gate, up);
+    }
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?)
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "jobd-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: shapes {:?} and {:?}", l1.dims(), l2.dims());
+        }
+        let g = cpu_f32(s1, l1)?;
+        let u = cpu_f32(s2, l2)?;
+        let mut y = vec![0f32; g.len()];
+        kernels::swiglu_fwd(g, u, &mut y);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let n = gate.elem_count();
+        let mut buf = vec![0f32; 2 * n];
+        {
+            let (gg, lg) = gate.storage_and_layout();
+            let (gu, lu) = up.storage_and_layout();
+            let (gd, ld) = dy.storage_and_layout();
+            let g = storage_f32(&gg, lg)?;
+            let u = storage_f32(&gu, lu)?;
+            let d = storage_f32(&gd, ld)?;
+            let (dg, du) = buf.split_at_mut(n);
+            kernels::swiglu_bwd(g, u, d, dg, du);
+        }
+        let parts = split(buf, &[gate.shape(), up.shape()], gate.device())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut it = parts.into_iter();
+        Ok((it.next(), it.next()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+
+/// Per-position `mask · (logsumexp(logits) − logits[label])` for `logits` `(..., V)` f32,
+/// `labels` `(...)` u32 and `mask` `(...)` (any type), with backward to the logits. The backward
+/// recomputes the softmax from the logits instead of keeping an N×V probability tensor.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if !fusable(logits) {
+        let v = logits.dim(D::Minus1)?;
+        let n = logits.elem_count() / v;
+        let lead = &logits.dims()[..logits.rank() - 1];
+        let per_row = plain::cross_entropy(
+            &logits.reshape((n, v))?,
+            &labels.reshape(n)?,
+            &mask.reshape(n)?,
+        )?;
+        return Ok(per_row.reshape(lead)?);
+    }
+    Ok(logits.contiguous()?.apply_op3(
+        &labels.contiguous()?,
+        &mask.to_dtype(DType::F32)?.contiguous()?,
+        CrossEntropy {
+            lse: Arc::new(Mutex::new(None)),
+        },
+    )?)
+}
+
+struct CrossEntropy {
+    /// Each row's logsumexp from the forward, for the backward.
+    lse: Arc<Mutex<Option<Vec<f32>>>>,
+}
+
+fn labels_u32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    let data = match s {
+        CpuStorage::U32(v) => v.as_slice(),
+        other => candle_core::bail!("cross_entropy: labels must be u32, got {:?}", other.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("cross_entropy: labels are not contiguous"),
+    }
+}
+
+impl CustomOp3 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "jobd-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = *l1.dims().last().unwrap_or(&0);
+        let lead = &l1.dims()[..l1.dims().len().saturating_sub(1)];
+        let n: usize = lead.iter().product();
+        let x = cpu_f32(s1, l1)?;
+        let labels = labels_u32(s2, l2)?;
+        let mask = cpu_f32(s3, l3)?;
+        if labels.len() != n || mask.len() != n {
+            candle_core::bail!(
+                "cross_entropy: {n} rows, {} labels, {} mask",
+                labels.len(),
+                mask.len()
+            );
+        }
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
+            candle_core::bail!("cross_entropy: label {bad} outside the vocabulary of {v}");
+        }
+        let mut out = vec![0f32; n];
+        let mut lse = vec![0f32; n];
+        kernels::cross_entropy_fwd(x, labels, mask, v, &mut out, &mut lse);
+        *self.lse.lock().expect("cross-entropy lse lock") = Some(lse);
+        Ok((CpuStorage::F32(out), Shape::from(lead.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        mask: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let v = logits.dim(D::Minus1)?;
+        let n = logits.elem_count() / v;
+        let grad = grad.contiguous()?;
+        let mut dx = vec![0f32; n * v];
+        {
+            let (gx, lx) = logits.storage_and_layout();
+            let (gl, ll) = labels.storage_and_layout();
+            let (gm, lm) = mask.storage_and_layout();
+            let (gg, lg) = grad.storage_and_layout();
+            let x = storage_f32(&gx, lx)?;
+            let lab = match &*gl {
+                Storage::Cpu(s) => labels_u32(s, ll)?,
+                _ => candle_core::bail!("cross_entropy: labels not on the CPU"),
+            };
+            let m = storage_f32(&gm, lm)?;
+            let g = storage_f32(&gg, lg)?;
+            let saved = self.lse.lock().expect("cross-entropy lse lock");
+            let Some(lse) = saved.as_ref() else {
+                candle_core::bail!("cross_entropy: backward without the forward's statistics");
+            };
+            kernels::cross_entropy_bwd(x, lab, m, lse, g, &mut dx);
+        }
+        let dx = Tensor::from_vec(dx, logits.shape(), logits.device())?;
+        Ok((Some(dx), None, None))
+    }
+}
