@@ -1,18 +1,18 @@
 //! L4: `jobd worker --job-dir DIR` — the process a train job runs as. It reads the job's
-//! `spec.json` (the worker contract, see `spec::contract`), turns SIGTERM into "finish the step,
-//! checkpoint, exit 75", and runs the Candle trainer. The daemon never trains in-process: a
+//! `spec.json` (the worker contract, see `spec::contract`), turns SIGTERM into "finish (or abandon)
+//! the step, checkpoint, exit 75", and runs the Candle trainer. The daemon never trains in-process: a
 //! CUDA fault or an out-of-memory kill ends this process only.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::spec::JobSpec;
 use crate::spec::contract::{self, files};
-use crate::train::{self, WorkerContext, WorkerOutcome};
+use crate::train::{self, StopSignal, WorkerContext, WorkerOutcome};
 
 /// Runs the worker; returns the exit code of the worker contract.
 pub fn main(job_dir: &Path) -> ExitCode {
@@ -26,7 +26,7 @@ pub fn main(job_dir: &Path) -> ExitCode {
         .init();
     // Block SIGTERM/SIGINT in every thread (threads created later inherit the mask) and take
     // them in one thread that raises the stop flag: the trainer checks it between steps.
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(StopSignal::default());
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
@@ -38,10 +38,11 @@ pub fn main(job_dir: &Path) -> ExitCode {
         let stop = stop.clone();
         std::thread::spawn(move || {
             if let Ok(sig) = signals.wait() {
+                stop.request();
                 eprintln!(
-                    "jobd worker: {sig} received: finishing the current step and checkpointing"
+                    "jobd worker: {sig} received: checkpointing (the current step is finished \
+                     if that fits in the grace period, else abandoned)"
                 );
-                stop.store(true, Ordering::SeqCst);
             }
         });
     }
@@ -72,6 +73,10 @@ pub fn main(job_dir: &Path) -> ExitCode {
         checkpoint_dir: env_path(contract::ENV_CHECKPOINT_DIR, files::CHECKPOINTS),
         output_dir: env_path(contract::ENV_OUTPUT_DIR, files::OUTPUT),
         stop,
+        grace: std::env::var(contract::ENV_GRACE_SECONDS)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs),
         threads,
         attempt: std::env::var(contract::ENV_ATTEMPT)
             .ok()

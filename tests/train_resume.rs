@@ -2,7 +2,8 @@
 //! stop flag or by a simulated kill and then resumed gives weights bit-identical to an
 //! uninterrupted run with the same seed and the same metrics records, for several seeds and
 //! interruption points, full fine-tuning and LoRA with dropout; a corrupt or truncated newest
-//! checkpoint is skipped for the previous one; rotation keeps the newest N plus the best;
+//! checkpoint is skipped for the previous one; a stop mid-step abandons the step when finishing
+//! it would not fit in the grace period; rotation keeps the newest N plus the best;
 //! a checkpoint from a different job file is refused.
 
 mod common;
@@ -336,4 +337,42 @@ fn a_checkpoint_of_another_job_file_is_refused() {
     assert_eq!(state.spec_hash, checkpoint::spec_hash(&fresh));
     let steps: Vec<u64> = read_metrics(&job).unwrap().iter().map(|r| r.step).collect();
     assert_eq!(steps, vec![1, 3, 4]);
+}
+
+#[test]
+fn a_stop_mid_step_abandons_the_step_when_finishing_would_not_fit() {
+    let dir = workspace();
+    write_base(&dir.path().join("base"), 300, 64);
+    let scratch = spec(dir.path(), &scratch_job(6, ""));
+    let scratch_ref = reference(dir.path(), &scratch);
+    let lora = spec(dir.path(), &lora_job(4));
+    let lora_ref = dir.path().join("lora-reference");
+    train::run(&lora, &ctx(&lora_ref)).unwrap();
+    // (job, reference, step the stop comes in, grace, step the checkpoint holds). Checkpoints
+    // are every 4 (scratch) and 5 (LoRA) steps.
+    let cases = [
+        // No time to finish step 7: abandoned, the state after step 6 saved.
+        (&scratch, &scratch_ref, 7, Some(0), 6),
+        // The grace is unknown: the step is finished, as before.
+        (&scratch, &scratch_ref, 7, None, 7),
+        // Plenty of time, but the step's start is already checkpointed: nothing to save.
+        (&scratch, &scratch_ref, 5, Some(1000), 4),
+        // LoRA with dropout: the dropout stream is rewound with the step.
+        (&lora, &lora_ref, 4, Some(0), 3),
+    ];
+    for (i, (s, reference, during, grace, held)) in cases.into_iter().enumerate() {
+        let job = dir.path().join(format!("mid-step-{i}"));
+        let mut c = ctx(&job);
+        c.grace = grace.map(std::time::Duration::from_secs);
+        let hooks = Hooks {
+            stop_during_step: Some(during),
+            ..Hooks::default()
+        };
+        let out = run_with(s, &c, &hooks).unwrap();
+        assert_eq!(out, WorkerOutcome::Stopped { step: held }, "case {i}");
+        let (_, state) = checkpoint::latest_valid(&job.join("checkpoints")).unwrap();
+        assert_eq!(state.step, held, "case {i}");
+        train::run(s, &ctx(&job)).unwrap();
+        assert_same_result(reference, &job);
+    }
 }

@@ -4,9 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
-use jobd::train::{self, WorkerContext, WorkerOutcome, metrics};
+use jobd::train::{self, StopSignal, WorkerContext, WorkerOutcome, metrics};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -17,7 +16,8 @@ fn ctx(dir: &Path) -> WorkerContext {
         job_dir: dir.to_path_buf(),
         checkpoint_dir: dir.join("checkpoints"),
         output_dir: dir.join("output"),
-        stop: Arc::new(AtomicBool::new(false)),
+        stop: Arc::new(StopSignal::default()),
+        grace: None,
         threads: Some(2),
         attempt: 1,
     }

@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use candle_core::{Device, Tensor};
@@ -504,6 +506,9 @@ pub fn clean_temporaries(root: &Path) {
 #[derive(Default)]
 pub struct Writer {
     pending: Option<JoinHandle<Result<(PathBuf, f64), TrainError>>>,
+    /// Seconds the last finished write took, as f64 bits (0: none yet); set by the writing
+    /// thread so the trainer can read it without waiting.
+    last_secs: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -519,6 +524,14 @@ impl Writer {
         Ok(())
     }
 
+    /// Seconds the last finished write took, if one finished.
+    pub fn last_write_secs(&self) -> Option<f64> {
+        match self.last_secs.load(Ordering::Relaxed) {
+            0 => None,
+            bits => Some(f64::from_bits(bits)),
+        }
+    }
+
     /// Starts writing `snap` (after the previous write finished).
     pub fn start(
         &mut self,
@@ -527,10 +540,13 @@ impl Writer {
         keep: Rotation,
     ) -> Result<(), TrainError> {
         self.wait()?;
+        let last_secs = self.last_secs.clone();
         self.pending = Some(std::thread::spawn(move || {
             let t0 = std::time::Instant::now();
             let path = snap.write(&root, keep)?;
-            Ok((path, t0.elapsed().as_secs_f64()))
+            let secs = t0.elapsed().as_secs_f64();
+            last_secs.store(secs.max(f64::MIN_POSITIVE).to_bits(), Ordering::Relaxed);
+            Ok((path, secs))
         }));
         Ok(())
     }

@@ -25,8 +25,9 @@ pub mod trainer;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::spec::JobSpec;
 
@@ -40,13 +41,43 @@ pub struct WorkerContext {
     pub checkpoint_dir: PathBuf,
     /// Where the final model goes, in Hugging Face layout (`JOBD_OUTPUT_DIR`).
     pub output_dir: PathBuf,
-    /// Set on SIGTERM: the worker finishes its step, checkpoints and returns `Stopped`.
-    pub stop: Arc<AtomicBool>,
+    /// Raised on SIGTERM: the worker finishes (or abandons) its step, checkpoints and returns
+    /// `Stopped`.
+    pub stop: Arc<StopSignal>,
+    /// How long the daemon waits after SIGTERM before SIGKILL (`JOBD_GRACE_SECONDS`); the
+    /// worker abandons a step it could not finish and checkpoint within it. `None`: unknown,
+    /// the step is always finished.
+    pub grace: Option<Duration>,
     /// CPU threads for this job (`None`: Candle's default).
     pub threads: Option<usize>,
     /// 1 for the first run, then 2, 3, ... (informational: resume is decided by the
     /// checkpoints on disk, not by this number).
     pub attempt: u32,
+}
+
+/// A request to stop (SIGTERM), with the moment it came.
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    requested: AtomicBool,
+    at: OnceLock<Instant>,
+}
+
+impl StopSignal {
+    /// Records the request (the first one's time counts).
+    pub fn request(&self) {
+        let _ = self.at.set(Instant::now());
+        self.requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// When the first request came.
+    pub fn requested_at(&self) -> Option<Instant> {
+        self.at.get().copied()
+    }
 }
 
 /// How a worker run ended without error.

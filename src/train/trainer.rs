@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -38,6 +37,9 @@ pub struct Hooks {
     pub stop_after_step: Option<u64>,
     /// Fail right after this many steps are done, writing nothing more (as SIGKILL would).
     pub crash_after_step: Option<u64>,
+    /// Request a stop right after the first forward pass of this step (1-based), as a SIGTERM
+    /// arriving mid-step would.
+    pub stop_during_step: Option<u64>,
 }
 
 /// Like [`super::run`], with test hooks.
@@ -208,7 +210,10 @@ fn run_inner(
     let mut last_progress = Instant::now();
     let mut step_secs = Vec::new();
 
-    if ctx.stop.load(Ordering::SeqCst) {
+    // The last checkpoint's snapshot time: with the writer's last write time, what saving on
+    // a stop will cost.
+    let mut snapshot_secs: Option<f64> = None;
+    if ctx.stop.is_requested() {
         // Asked to stop while loading: nothing new to save.
         reporter.stage("stopped")?;
         return Ok(WorkerOutcome::Stopped { step: st.step });
@@ -230,7 +235,30 @@ fn run_inner(
             .max(1);
         let mut grads: Vec<Option<Tensor>> = vec![None; sess.params.len()];
         let mut step_loss = 0f64;
-        for idx in &micro {
+        // A stop that comes mid-step may abandon it: the state goes back to the step's start
+        // (only the dropout stream moved) and is saved as it was.
+        let rng_at_start = st.rng;
+        let mean_step =
+            (!step_secs.is_empty()).then(|| step_secs.iter().sum::<f64>() / step_secs.len() as f64);
+        let abandon_now = |fraction_done: f64| {
+            ctx.stop.is_requested()
+                && abandon_step(&StepStop {
+                    saved_at_step: last_saved == Some(step),
+                    fraction_done,
+                    elapsed: t_step.elapsed().as_secs_f64(),
+                    mean_step,
+                    save_secs: match (snapshot_secs, writer.last_write_secs()) {
+                        (Some(s), Some(w)) => s + w,
+                        _ => save_secs_guess(&sess),
+                    },
+                    grace_left: ctx
+                        .grace
+                        .zip(ctx.stop.requested_at())
+                        .map(|(g, at)| g.as_secs_f64() - at.elapsed().as_secs_f64()),
+                })
+        };
+        let mut abandoned = false;
+        for (k, idx) in micro.iter().enumerate() {
             let exs: Vec<&Example> = idx.iter().map(|&i| &sess.train[i]).collect();
             let b = data::batch(&exs, pad, &device)?;
             tokens_since += b.tokens;
@@ -238,6 +266,15 @@ fn run_inner(
             let logits = sess.model.forward(&b.ids, 0, None, &mut pass)?;
             let loss = (model::nll_sum(&logits, &b.labels, &b.mask)? / group_labelled as f64)?;
             step_loss += loss.to_scalar::<f32>()? as f64;
+            if k == 0 && hooks.stop_during_step == Some(step + 1) {
+                ctx.stop.request();
+            }
+            // The backward costs about twice the forward.
+            let per_micro = 1.0 / micro.len() as f64;
+            if abandon_now((k as f64 + 1.0 / 3.0) * per_micro) {
+                abandoned = true;
+                break;
+            }
             let loss = match &st.loss_scale {
                 Some(ls) => (loss * ls.scale)?,
                 None => loss,
@@ -254,6 +291,27 @@ fn run_inner(
                     Some(acc) => (acc + gi)?,
                 });
             }
+            if k + 1 < micro.len() && abandon_now((k + 1) as f64 * per_micro) {
+                abandoned = true;
+                break;
+            }
+        }
+        if abandoned {
+            drop(grads);
+            st.rng = rng_at_start;
+            reporter.stage("saving")?;
+            if last_saved != Some(step) {
+                let snap = snapshot(&sess, &opt, &st)?;
+                writer.start(snap, ctx.checkpoint_dir.clone(), rotation(&st))?;
+            }
+            writer.wait()?;
+            reporter.stage("stopped")?;
+            tracing::info!(
+                step,
+                "stopped on request: step {} abandoned to checkpoint within the grace period",
+                step + 1
+            );
+            return Ok(WorkerOutcome::Stopped { step });
         }
         if !step_loss.is_finite() {
             return Err(TrainError::NonFinite {
@@ -365,19 +423,21 @@ fn run_inner(
             });
         }
         if hooks.stop_after_step == Some(done) {
-            ctx.stop.store(true, Ordering::SeqCst);
+            ctx.stop.request();
         }
-        let stopping = ctx.stop.load(Ordering::SeqCst);
+        let stopping = ctx.stop.is_requested();
         if save || (stopping && last_saved != Some(done)) {
             let t0 = Instant::now();
             let snap = snapshot(&sess, &opt, &st)?;
             let bytes = snap.bytes();
+            let secs = t0.elapsed().as_secs_f64();
+            snapshot_secs = Some(secs);
             writer.start(snap, ctx.checkpoint_dir.clone(), rotation(&st))?;
             last_saved = Some(done);
             tracing::info!(
                 step = done,
                 bytes,
-                snapshot_seconds = t0.elapsed().as_secs_f64(),
+                snapshot_seconds = secs,
                 "checkpoint snapshot taken; writing in the background"
             );
         }
@@ -731,6 +791,53 @@ fn snapshot(sess: &Session, opt: &AdamW, st: &TrainerState) -> Result<Snapshot, 
     Snapshot::take(&weights, &moments, st, &sess.tok.to_json()?)
 }
 
+/// What the trainer knows when a stop request finds it mid-step.
+#[derive(Debug, Clone, Copy)]
+struct StepStop {
+    /// The state at the step's start is already checkpointed (or being written).
+    saved_at_step: bool,
+    /// Fraction of the step's work done (0..1).
+    fraction_done: f64,
+    /// Seconds since the step began.
+    elapsed: f64,
+    /// Mean seconds per step in this run so far (`None` on the first step).
+    mean_step: Option<f64>,
+    /// Expected seconds to snapshot and write a checkpoint.
+    save_secs: f64,
+    /// Seconds left before SIGKILL (`None`: unknown).
+    grace_left: Option<f64>,
+}
+
+/// Whether to abandon the step in progress rather than finish it before checkpointing.
+/// Abandoning loses only the step's partial work; finishing first is worth it unless it would
+/// not fit in the grace period. Where the step's start is already checkpointed, abandoning
+/// loses nothing and exits soonest.
+fn abandon_step(s: &StepStop) -> bool {
+    if s.saved_at_step {
+        return true;
+    }
+    let Some(left) = s.grace_left else {
+        return false;
+    };
+    let finish = match s.mean_step {
+        Some(mean) => (mean - s.elapsed).max(0.0),
+        None => s.elapsed * (1.0 - s.fraction_done) / s.fraction_done.max(1e-3),
+    };
+    // A margin for the estimates and for the process's exit.
+    (finish + s.save_secs) * 1.25 + 1.0 > left
+}
+
+/// A first guess of a checkpoint's cost before one was measured: the trainable weights and
+/// their two AdamW moments in f32, written and hashed at a conservative 50 MB/s.
+fn save_secs_guess(sess: &Session) -> f64 {
+    let elements: usize = sess
+        .params
+        .iter()
+        .map(|p| p.var.as_tensor().elem_count())
+        .sum();
+    0.5 + (elements * 12) as f64 / 50e6
+}
+
 /// Mean loss per labelled token over the evaluation examples (no dropout).
 fn eval_loss(
     sess: &Session,
@@ -804,4 +911,56 @@ pub fn save_pretrained(
     }
     tracing::info!(dir = %out.display(), "model written");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{StepStop, abandon_step};
+
+    fn stop(grace_left: Option<f64>) -> StepStop {
+        StepStop {
+            saved_at_step: false,
+            fraction_done: 0.5,
+            elapsed: 10.0,
+            mean_step: Some(20.0),
+            save_secs: 5.0,
+            grace_left,
+        }
+    }
+
+    #[test]
+    fn a_step_is_finished_when_that_and_the_save_fit_in_the_grace() {
+        // 10 s left of the step + 5 s to save, with the margin: 19.75 s.
+        assert!(!abandon_step(&stop(Some(30.0))));
+        assert!(!abandon_step(&stop(Some(20.0))));
+        assert!(abandon_step(&stop(Some(19.0))));
+        assert!(abandon_step(&stop(Some(-1.0))));
+        // Unknown grace: finish, as a plain SIGTERM handler would.
+        assert!(!abandon_step(&stop(None)));
+    }
+
+    #[test]
+    fn without_a_step_time_the_rest_is_extrapolated_from_the_part_done() {
+        let s = StepStop {
+            mean_step: None,
+            fraction_done: 0.25,
+            elapsed: 4.0,
+            ..stop(Some(25.0))
+        };
+        // 12 s more + 5 s: 22.25 s with the margin.
+        assert!(!abandon_step(&s));
+        assert!(abandon_step(&StepStop {
+            grace_left: Some(22.0),
+            ..s
+        }));
+    }
+
+    #[test]
+    fn a_step_whose_start_is_saved_is_abandoned_whatever_the_grace() {
+        let s = StepStop {
+            saved_at_step: true,
+            ..stop(None)
+        };
+        assert!(abandon_step(&s));
+    }
 }

@@ -5,12 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use candle_core::{Device, Tensor};
 use jobd::train::config::LlamaConfig;
 use jobd::train::weights::safetensors_bytes;
-use jobd::train::{WorkerContext, model, rng::Rng, tokenizer};
+use jobd::train::{StopSignal, WorkerContext, model, rng::Rng, tokenizer};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -23,7 +22,8 @@ pub fn ctx(dir: &Path) -> WorkerContext {
         job_dir: dir.to_path_buf(),
         checkpoint_dir: dir.join("checkpoints"),
         output_dir: dir.join("output"),
-        stop: Arc::new(AtomicBool::new(false)),
+        stop: Arc::new(StopSignal::default()),
+        grace: None,
         threads: Some(2),
         attempt: 1,
     }
