@@ -10,20 +10,13 @@
 mod publish_support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use jobd::publish::{self, Parameters, PublishRequest, PublishSpec, Quantization, store};
+use jobd::publish::{self, Parameters, PublishRequest, PublishSpec, Quantization};
 use publish_support::{
-    LlamaCpp, Shape, TestModel, build_model, ids, reference_greedy, reference_logits, top1,
+    LlamaCpp, SAMPLES, Shape, TestModel, build_model, ids, model_blob, reference_greedy,
+    reference_logits, top1,
 };
-
-const SAMPLES: [&str; 5] = [
-    "Hello world! The quick brown fox",
-    "Hello  world!!\n\n  12345 3.14 don't I'VE  tabs\there ünïcødé 🦙 ...--== end   \n",
-    "x=1; y = (a,b) -- 2048 jobs, 7 GPUs; naïve café über 日本語!?",
-    "  leading spaces\r\nand CRLF\nnumbers 000123 4.5e-3 1,000,000\t\ttabs",
-    "we'll publish the llama model: train, queue, job... 99 bottles",
-];
 
 fn publish(m: &TestModel, models: &Path, name: &str, q: Quantization) -> publish::Published {
     let spec = PublishSpec {
@@ -44,18 +37,6 @@ fn publish(m: &TestModel, models: &Path, name: &str, q: Quantization) -> publish
         |_| {},
     )
     .unwrap()
-}
-
-/// The GGUF blob the manifest of `name` points to, as Ollama would find it.
-fn model_blob(models: &Path, name: &str) -> PathBuf {
-    let n = publish::parse_model_name(name).unwrap();
-    let manifest = store::read_manifest(&store::manifest_path(models, &n).unwrap()).unwrap();
-    let layer = manifest
-        .layers
-        .iter()
-        .find(|l| l.media_type == store::MODEL_MEDIA_TYPE)
-        .unwrap();
-    store::blob_path(models, &layer.digest).unwrap()
 }
 
 /// Hugging Face's `clean_up_tokenization` (transformers), which llama.cpp applies to BPE
@@ -430,7 +411,7 @@ fn compare_with_reports_greedy_and_top1_agreement() {
         &p.gguf_path,
         &prompts,
         16,
-        &tf,
+        std::slice::from_ref(&tf),
         |prompt, n| reference_greedy(&m, prompt, n).0,
         |ids| {
             reference_logits(&m, ids)
@@ -454,7 +435,7 @@ fn compare_with_reports_greedy_and_top1_agreement() {
         &p.gguf_path,
         &prompts,
         16,
-        &tf,
+        std::slice::from_ref(&tf),
         |prompt, n| reference_greedy(&other, prompt, n).0,
         |ids| {
             reference_logits(&other, ids)

@@ -56,36 +56,7 @@ impl Generator {
     /// the model's context; returns the new text only.
     pub fn generate(&self, prompt: &str, max_tokens: usize) -> Result<String, TrainError> {
         let ids = self.tok.encode(prompt, true)?;
-        if ids.is_empty() {
-            return Err(TrainError::Tokenizer {
-                path: "tokenizer.json".into(),
-                reason: "the prompt encodes to no tokens".into(),
-            });
-        }
-        let max_ctx = self.model.cfg.max_position_embeddings;
-        if ids.len() >= max_ctx {
-            return Err(TrainError::Context {
-                tokens: ids.len(),
-                max: max_ctx,
-            });
-        }
-        let device = self.model.device().clone();
-        let mut cache = KvCache::default();
-        let mut input = ids.clone();
-        let mut out = Vec::new();
-        let mut pass = Pass::new(DType::F32, None);
-        while out.len() < max_tokens && cache.len() + input.len() <= max_ctx {
-            let start = cache.len();
-            let t = Tensor::new(input.as_slice(), &device)?.unsqueeze(0)?;
-            let logits = self.model.forward(&t, start, Some(&mut cache), &mut pass)?;
-            let last = logits.squeeze(0)?.get(input.len() - 1)?;
-            let next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
-            if self.stop_ids.contains(&next) {
-                break;
-            }
-            out.push(next);
-            input = vec![next];
-        }
+        let out = self.greedy(&ids, max_tokens, &self.stop_ids)?;
         self.tok
             .inner
             .decode(&out, true)
@@ -94,9 +65,139 @@ impl Generator {
                 reason: format!("decoding failed: {e}"),
             })
     }
+
+    /// Greedy continuation of `prompt_ids` by ids, the loop of [`Generator::generate`]
+    /// without its stop at eos: exactly `n` ids (an eos among them, and whatever follows it),
+    /// fewer only when the model's context (`max_position_embeddings`) fills up, i.e. at most
+    /// `max_position_embeddings + 1 - prompt_ids.len()` (the last id is never fed back). On the
+    /// CPU a tie goes to the lowest id. For comparing with another runtime token by token.
+    pub fn greedy_ids(&self, prompt_ids: &[u32], n: usize) -> Result<Vec<u32>, TrainError> {
+        self.greedy(prompt_ids, n, &[])
+    }
+
+    /// Teacher-forced top-1: for each position `i` of `ids`, the argmax of the logits after
+    /// `ids[..=i]`, from one forward pass over the whole sequence (no cache). `ids` must fit
+    /// the model's context.
+    pub fn top1_ids(&self, ids: &[u32]) -> Result<Vec<u32>, TrainError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let t = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
+        let mut pass = Pass::new(DType::F32, None);
+        let logits = self.model.forward(&t, 0, None, &mut pass)?;
+        Ok(logits.squeeze(0)?.argmax(D::Minus1)?.to_vec1::<u32>()?)
+    }
+
+    /// Up to `max_tokens` argmax ids after `prompt_ids`, ending before any of `stop` or when
+    /// the context is full; each step after the prompt is one position's forward pass.
+    fn greedy(
+        &self,
+        prompt_ids: &[u32],
+        max_tokens: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>, TrainError> {
+        if prompt_ids.is_empty() {
+            return Err(TrainError::Tokenizer {
+                path: "tokenizer.json".into(),
+                reason: "the prompt encodes to no tokens".into(),
+            });
+        }
+        let max_ctx = self.model.cfg.max_position_embeddings;
+        if prompt_ids.len() >= max_ctx {
+            return Err(TrainError::Context {
+                tokens: prompt_ids.len(),
+                max: max_ctx,
+            });
+        }
+        let device = self.model.device().clone();
+        let mut cache = KvCache::default();
+        let mut input = prompt_ids.to_vec();
+        let mut out = Vec::new();
+        let mut pass = Pass::new(DType::F32, None);
+        while out.len() < max_tokens && cache.len() + input.len() <= max_ctx {
+            let start = cache.len();
+            let t = Tensor::new(input.as_slice(), &device)?.unsqueeze(0)?;
+            let logits = self.model.forward(&t, start, Some(&mut cache), &mut pass)?;
+            let last = logits.squeeze(0)?.get(input.len() - 1)?;
+            let next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
+            if stop.contains(&next) {
+                break;
+            }
+            out.push(next);
+            input = vec![next];
+        }
+        Ok(out)
+    }
 }
 
 /// Loads the model in `model_dir` and greedily continues `prompt`.
 pub fn generate(model_dir: &Path, prompt: &str, max_tokens: usize) -> Result<String, TrainError> {
     Generator::load(model_dir)?.generate(prompt, max_tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::model::init_weights;
+    use crate::train::rng::Rng;
+
+    /// A random 2-layer model (weights of std 0.5, so logits are far apart and argmaxes are
+    /// not decided by rounding) with a byte-level tokenizer; eos is id 0.
+    fn tiny() -> Generator {
+        let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 300, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 12, "initializer_range": 0.5, "eos_token_id": 0
+        }))
+        .unwrap();
+        let dev = candle_core::Device::Cpu;
+        let weights = init_weights(&cfg, &mut Rng::new(3), &dev).unwrap();
+        let texts = (0..50).map(|i| format!("shift a b {i} = b c\n"));
+        let tok = tokenizer::train_bpe(texts, 300, Path::new("t")).unwrap();
+        Generator {
+            model: Llama::new(cfg, &weights, &dev).unwrap(),
+            tok,
+            stop_ids: vec![0],
+        }
+    }
+
+    /// `greedy_ids` (cached, one position per step) continues the prompt with the top-1 that
+    /// one uncached pass over prompt + continuation gives at each position, does not stop at
+    /// eos, and stops at the context's end; `generate` is the same loop cut at a stop id.
+    #[test]
+    fn greedy_ids_is_the_teacher_forced_top1_of_its_own_continuation() {
+        let g = tiny();
+        let prompt = [5u32, 17, 42];
+        let ctx = g.model.cfg.max_position_embeddings;
+        let cont = g.greedy_ids(&prompt, 100).unwrap();
+        // The last id is predicted from a full context, never fed back.
+        assert_eq!(
+            cont.len(),
+            ctx + 1 - prompt.len(),
+            "runs until the context is full"
+        );
+        assert_eq!(g.greedy_ids(&prompt, 4).unwrap(), cont[..4]);
+        let all: Vec<u32> = prompt
+            .iter()
+            .chain(&cont[..cont.len() - 1])
+            .copied()
+            .collect();
+        let top1 = g.top1_ids(&all).unwrap();
+        assert_eq!(top1.len(), all.len());
+        assert_eq!(top1[prompt.len() - 1..], cont[..]);
+        assert!(g.top1_ids(&[]).unwrap().is_empty());
+        assert!(g.greedy_ids(&[], 3).is_err());
+
+        // A stop id ends `generate` (which decodes what came before it), not `greedy_ids`.
+        let ids = g.tok.encode("shift a b", true).unwrap();
+        let cont = g.greedy_ids(&ids, 5).unwrap();
+        let cut = cont.iter().position(|&t| t == cont[2]).unwrap();
+        let g = Generator {
+            stop_ids: vec![cont[2]],
+            ..tiny()
+        };
+        assert_eq!(g.greedy_ids(&ids, 5).unwrap(), cont);
+        let want = g.tok.inner.decode(&cont[..cut], true).unwrap();
+        assert_eq!(g.generate("shift a b", 5).unwrap(), want);
+    }
 }

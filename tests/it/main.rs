@@ -6,6 +6,9 @@ mod daemon;
 mod dashboard;
 mod durability;
 mod errors;
+mod llama_cpp;
+#[path = "../publish_support/mod.rs"]
+mod publish_support;
 mod sched;
 mod schedules;
 mod systemd;

@@ -1,6 +1,6 @@
-//! Train jobs through the real daemon: the tiny demo learns, publishes and answers held-out
-//! prompts; interrupted runs (cancel + requeue, kill -9 of the worker, kill -9 of jobd) end
-//! bit-identical to uninterrupted ones.
+//! Train jobs through the real daemon: the tiny demo learns, publishes, answers held-out
+//! prompts and runs in llama.cpp as in Candle (`llama_cpp.rs`); interrupted runs (cancel +
+//! requeue, kill -9 of the worker, kill -9 of jobd) end bit-identical to uninterrupted ones.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,7 +24,8 @@ fn metrics(d: &TestDaemon, id: u64) -> Vec<serde_json::Value> {
 
 /// The tiny demo through the daemon: eval loss falls below a quarter of the first training
 /// loss, the model is published into the Ollama store, and `jobd generate` answers held-out
-/// prompts (never seen in training) correctly.
+/// prompts (never seen in training) correctly; published again as f32, f16 and q8_0, it runs
+/// in llama.cpp as it does in Candle (see `llama_cpp.rs`).
 #[test]
 fn tiny_job_learns_publishes_and_answers_held_out_prompts() {
     let models = tempfile::tempdir().unwrap();
@@ -104,6 +105,7 @@ fn tiny_job_learns_publishes_and_answers_held_out_prompts() {
         right * 10 >= total * 9,
         "{right} of {total} held-out prompts answered correctly"
     );
+    crate::llama_cpp::published_tiny_runs_in_llama_cpp_like_candle(&d, id, models.path(), &repo());
 }
 
 /// A job file for a short variant of the demo (120 steps, a checkpoint every 10).

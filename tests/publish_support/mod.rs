@@ -122,6 +122,16 @@ pub type Weights = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 /// Special tokens the test tokenizer has (ids 0, 1, 2).
 pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
+/// Texts for tokenizer checks: punctuation, digits, runs of spaces, tabs, newlines (LF and
+/// CRLF), contractions and non-ASCII (accents, CJK, an emoji).
+pub const SAMPLES: [&str; 5] = [
+    "Hello world! The quick brown fox",
+    "Hello  world!!\n\n  12345 3.14 don't I'VE  tabs\there ünïcødé 🦙 ...--== end   \n",
+    "x=1; y = (a,b) -- 2048 jobs, 7 GPUs; naïve café über 日本語!?",
+    "  leading spaces\r\nand CRLF\nnumbers 000123 4.5e-3 1,000,000\t\ttabs",
+    "we'll publish the llama model: train, queue, job... 99 bottles",
+];
+
 /// Deterministic text with words, punctuation, digits, newlines, tabs and non-ASCII.
 pub fn synthetic_text(seed: u64, bytes: usize) -> String {
     let words = [
@@ -736,6 +746,8 @@ pub struct Agreement {
     pub greedy: Vec<(Vec<u32>, Vec<u32>)>,
     /// Fraction of teacher-forced positions with the same top-1 next token.
     pub top1: f64,
+    /// Teacher-forced positions compared (over all sequences).
+    pub positions: usize,
 }
 
 impl Agreement {
@@ -743,15 +755,24 @@ impl Agreement {
     pub fn exact_prompts(&self) -> usize {
         self.greedy.iter().filter(|(a, b)| a == b).count()
     }
+
+    /// Per prompt: how many leading ids of the two continuations are equal.
+    pub fn equal_prefixes(&self) -> Vec<usize> {
+        self.greedy
+            .iter()
+            .map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count())
+            .collect()
+    }
 }
 
 /// Runs llama.cpp on `gguf` and compares it with another implementation given as two
 /// closures: `greedy(prompt_ids, n)` (argmax continuation, e.g. `jobd generate`'s loop on
-/// ids) and `top1(ids)` (argmax next token after each prefix of `ids`, from one forward pass).
-/// Meant for plugging in the Candle model:
+/// ids) and `top1(ids)` (argmax next token after each prefix of `ids`, from one forward pass),
+/// the latter over each of `teacher_forced` (agreement pooled over all their positions).
+/// For the Candle model (`tests/it/llama_cpp.rs`):
 /// ```ignore
-/// let a = compare_with(&lcp, &published.gguf_path, &prompts, 16, &tf_ids,
-///     |p, n| candle_greedy(&model, p, n), |ids| candle_top1(&model, ids));
+/// let a = compare_with(&lcp, &gguf, &prompts, 16, &sequences,
+///     |p, n| generator.greedy_ids(p, n).unwrap(), |ids| generator.top1_ids(ids).unwrap());
 /// assert!(a.exact_prompts() == prompts.len());   // f32
 /// assert!(a.top1 >= 0.9);                         // f16, q8_0
 /// ```
@@ -760,7 +781,7 @@ pub fn compare_with(
     gguf: &Path,
     prompts: &[Vec<u32>],
     n: usize,
-    teacher_forced_ids: &[u32],
+    teacher_forced: &[Vec<u32>],
     greedy: impl Fn(&[u32], usize) -> Vec<u32>,
     top1: impl Fn(&[u32]) -> Vec<u32>,
 ) -> Agreement {
@@ -768,21 +789,45 @@ pub fn compare_with(
         .iter()
         .map(|p| serde_json::json!({"op": "greedy", "prompt": p, "n": n}))
         .collect();
-    ops.push(serde_json::json!({"op": "teacher_forced", "ids": teacher_forced_ids}));
+    ops.extend(
+        teacher_forced
+            .iter()
+            .map(|ids| serde_json::json!({"op": "teacher_forced", "ids": ids})),
+    );
     let r = lcp.run(gguf, serde_json::Value::Array(ops));
     let greedy_pairs = prompts
         .iter()
         .zip(&r)
         .map(|(p, got)| (ids(&got["ids"]), greedy(p, n)))
         .collect();
-    let lcp_top1 = ids(&r[prompts.len()]["top1"]);
-    let other = top1(teacher_forced_ids);
-    assert_eq!(lcp_top1.len(), other.len(), "one prediction per position");
-    let same = lcp_top1.iter().zip(&other).filter(|(a, b)| a == b).count();
+    let (mut same, mut positions) = (0, 0);
+    for (seq, got) in teacher_forced.iter().zip(&r[prompts.len()..]) {
+        let lcp_top1 = ids(&got["top1"]);
+        let other = top1(seq);
+        assert_eq!(lcp_top1.len(), seq.len(), "one prediction per position");
+        assert_eq!(other.len(), seq.len(), "one prediction per position");
+        same += lcp_top1.iter().zip(&other).filter(|(a, b)| a == b).count();
+        positions += seq.len();
+    }
     Agreement {
         greedy: greedy_pairs,
-        top1: same as f64 / other.len().max(1) as f64,
+        top1: same as f64 / positions.max(1) as f64,
+        positions,
     }
+}
+
+/// The GGUF blob the manifest of `name` in the Ollama store `models` points to, as Ollama
+/// would find it.
+pub fn model_blob(models: &Path, name: &str) -> PathBuf {
+    use jobd::publish::{self, store};
+    let n = publish::parse_model_name(name).unwrap();
+    let manifest = store::read_manifest(&store::manifest_path(models, &n).unwrap()).unwrap();
+    let layer = manifest
+        .layers
+        .iter()
+        .find(|l| l.media_type == store::MODEL_MEDIA_TYPE)
+        .unwrap_or_else(|| panic!("{name}: no model layer in its manifest"));
+    store::blob_path(models, &layer.digest).unwrap()
 }
 
 /// JSON array of ids.
