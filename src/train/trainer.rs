@@ -300,7 +300,8 @@ fn run_inner(
             drop(grads);
             st.rng = rng_at_start;
             reporter.stage("saving")?;
-            if last_saved != Some(step) {
+            // At step 0 there is nothing to save: a restart from scratch is the same run.
+            if last_saved != Some(step) && step > 0 {
                 let snap = snapshot(&sess, &opt, &st)?;
                 writer.start(snap, ctx.checkpoint_dir.clone(), rotation(&st))?;
             }
