@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use jobd::train::checkpoint::{self, Rotation, SchedulerState, Snapshot, TrainerState};
 use jobd::train::config::LlamaConfig;
 use jobd::train::metrics::peak_memory_bytes;
-use jobd::train::model::{Llama, Pass, init_weights, nll_sum, nll_sum_plain, parameter_shapes};
+use jobd::train::model::{Llama, Pass, init_weights, nll_sum_plain, parameter_shapes};
 use jobd::train::optim::{self, AdamW, AdamWConfig, Param};
 use jobd::train::rng::Rng;
 
@@ -252,11 +252,12 @@ fn bench(a: &Args) {
         let t_data = t0.elapsed().as_secs_f64();
         let mut pass = Pass::new(a.dtype, None);
         pass.fused = !a.plain;
-        let logits = model.forward(&x, 0, None, &mut pass).unwrap();
+        // The fused path is the trainer's: lm_head and loss in one op, no logits tensor.
         let nll = if a.plain {
+            let logits = model.forward(&x, 0, None, &mut pass).unwrap();
             nll_sum_plain(&logits, &y, &mask)
         } else {
-            nll_sum(&logits, &y, &mask)
+            model.forward_loss(&x, &y, &mask, &mut pass, true)
         };
         let loss = (nll.unwrap() / (batch * block) as f64).unwrap();
         last_loss = loss.to_scalar::<f32>().unwrap();
@@ -265,7 +266,6 @@ fn bench(a: &Args) {
         let _ = peak_memory_bytes(&dev);
         let t_fwd = t0.elapsed().as_secs_f64() - t_data;
         let g = loss.backward().unwrap();
-        drop(logits);
         let grads: Vec<Tensor> = params
             .iter()
             .map(|p| g.get(p.var.as_tensor()).unwrap().clone())

@@ -404,6 +404,60 @@ impl Llama {
         &self,
         ids: &Tensor,
         start: usize,
+        cache: Option<&mut KvCache>,
+        pass: &mut Pass<'_>,
+    ) -> Result<Tensor> {
+        let x = self.hidden(ids, start, cache, pass)?;
+        let head = self.head(pass)?;
+        let logits = if pass.fused {
+            ops::linear(&x, &head)?
+        } else {
+            plain::linear(&x, &head)?
+        };
+        cast(&logits, DType::F32)
+    }
+
+    /// [`nll_sum`] of the logits [`Self::forward`] gives for `ids` (from position 0), computed
+    /// without them where the fused kernels run: the lm_head and the loss are one op
+    /// ([`ops::linear_cross_entropy`]) that never holds the whole logits or their gradient.
+    /// `with_grad: false` (evaluation) returns the loss detached, without computing the
+    /// gradients the fused op would otherwise compute in its forward.
+    pub fn forward_loss(
+        &self,
+        ids: &Tensor,
+        labels: &Tensor,
+        mask: &Tensor,
+        pass: &mut Pass<'_>,
+        with_grad: bool,
+    ) -> Result<Tensor> {
+        let x = self.hidden(ids, 0, None, pass)?;
+        let head = self.head(pass)?;
+        if pass.fused && ops::fusable(&x) && ops::fusable(&head) {
+            return ops::linear_cross_entropy(&x, &head, labels, mask, with_grad);
+        }
+        let logits = if pass.fused {
+            ops::linear(&x, &head)?
+        } else {
+            plain::linear(&x, &head)?
+        };
+        let loss = nll_sum(&cast(&logits, DType::F32)?, labels, mask)?;
+        Ok(if with_grad { loss } else { loss.detach() })
+    }
+
+    /// The lm_head weight (the embeddings when tied) in the compute type.
+    fn head(&self, pass: &Pass<'_>) -> Result<Tensor> {
+        cast(
+            self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
+            pass.dtype,
+        )
+    }
+
+    /// The final norm's output `(B, T, hidden)` in the compute type: everything before the
+    /// lm_head.
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        start: usize,
         mut cache: Option<&mut KvCache>,
         pass: &mut Pass<'_>,
     ) -> Result<Tensor> {
@@ -459,15 +513,7 @@ impl Llama {
             let y = blk.down_proj.forward(&gu, pass)?;
             x = (x + y)?;
         }
-        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps, pass)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let head = cast(head, pass.dtype)?;
-        let logits = if pass.fused {
-            ops::linear(&x, &head)?
-        } else {
-            plain::linear(&x, &head)?
-        };
-        cast(&logits, DType::F32)
+        rms_norm(&x, &self.norm, cfg.rms_norm_eps, pass)
     }
 
     /// Every weight under its Hugging Face name, adapters merged in (what `save_pretrained`
@@ -680,6 +726,35 @@ mod tests {
                 let d = max_abs(&(a - b).unwrap()) / (max_abs(b) + 1e-12);
                 assert!(d < 1e-4, "{kind}: gradient of {name} differs by {d}");
             }
+            // The trainer's path: lm_head and loss as one op (the tied model's embedding gets
+            // the gradients of both its uses), and evaluation's detached loss.
+            let mut pass = Pass::new(DType::F32, None);
+            let loss = m
+                .forward_loss(&ids(&dev), &labels, &mask, &mut pass, true)
+                .unwrap();
+            let gl = loss.backward().unwrap();
+            let loss = loss.to_scalar::<f32>().unwrap();
+            assert!(
+                (loss - loss_p).abs() < 1e-5 * loss_p.abs(),
+                "{kind}: forward_loss {loss} vs {loss_p}"
+            );
+            for (name, v) in &vars {
+                let a = gl
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{kind} {name}: no grad from forward_loss"));
+                let b = gp.get(v.as_tensor()).unwrap();
+                let d = max_abs(&(a - b).unwrap()) / (max_abs(b) + 1e-12);
+                assert!(
+                    d < 1e-4,
+                    "{kind}: forward_loss gradient of {name} differs by {d}"
+                );
+            }
+            let mut pass = Pass::new(DType::F32, None);
+            let eval = m
+                .forward_loss(&ids(&dev), &labels, &mask, &mut pass, false)
+                .unwrap();
+            assert!(!eval.track_op(), "{kind}: evaluation loss is detached");
+            assert_eq!(eval.to_scalar::<f32>().unwrap(), loss, "{kind}: eval loss");
         }
     }
 

@@ -263,8 +263,10 @@ fn run_inner(
             let b = data::batch(&exs, pad, &device)?;
             tokens_since += b.tokens;
             let mut pass = Pass::new(compute, Some(&mut st.rng));
-            let logits = sess.model.forward(&b.ids, 0, None, &mut pass)?;
-            let loss = (model::nll_sum(&logits, &b.labels, &b.mask)? / group_labelled as f64)?;
+            let loss = sess
+                .model
+                .forward_loss(&b.ids, &b.labels, &b.mask, &mut pass, true)?;
+            let loss = (loss / group_labelled as f64)?;
             step_loss += loss.to_scalar::<f32>()? as f64;
             if k == 0 && hooks.stop_during_step == Some(step + 1) {
                 ctx.stop.request();
@@ -852,8 +854,10 @@ fn eval_loss(
         let exs: Vec<&Example> = chunk.iter().collect();
         let b = data::batch(&exs, pad, device)?;
         let mut pass = Pass::new(compute, None);
-        let logits = sess.model.forward(&b.ids, 0, None, &mut pass)?;
-        sum += model::nll_sum(&logits, &b.labels, &b.mask)?.to_scalar::<f32>()? as f64;
+        let loss = sess
+            .model
+            .forward_loss(&b.ids, &b.labels, &b.mask, &mut pass, false)?;
+        sum += loss.to_scalar::<f32>()? as f64;
         count += b.labelled;
     }
     Ok(sum / count.max(1) as f64)

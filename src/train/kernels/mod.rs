@@ -1,5 +1,6 @@
 //! CPU kernels behind jobd's fused training ops ([`super::ops`]): RMSNorm, rotary
-//! embeddings, SwiGLU, softmax cross-entropy, flash-style causal attention and AdamW, each a
+//! embeddings, SwiGLU, softmax cross-entropy (alone, or with the lm_head matmul and its
+//! gradients in one chunked pass), flash-style causal attention and AdamW, each a
 //! forward and a backward over contiguous f32 slices, parallel with rayon (on the caller's
 //! pool, so a job's thread count holds).
 //!
@@ -336,6 +337,24 @@ pub fn sum_squares(x: &[f32]) -> f64 {
 /// inputs, and nothing else may access `dst` meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul(
+    mnk: (usize, usize, usize),
+    dst: *mut f32,
+    dst_s: (usize, usize),
+    lhs: *const f32,
+    lhs_s: (usize, usize),
+    rhs: *const f32,
+    rhs_s: (usize, usize),
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe { matmul_acc(mnk, dst, dst_s, lhs, lhs_s, rhs, rhs_s, false) }
+}
+
+/// [`matmul`], or with `accumulate` `dst += lhs · rhs`.
+///
+/// # Safety
+/// As for [`matmul`]; with `accumulate`, `dst` must also be initialised.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_acc(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     (dst_rs, dst_cs): (usize, usize),
@@ -343,6 +362,7 @@ pub unsafe fn matmul(
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: *const f32,
     (rhs_rs, rhs_cs): (usize, usize),
+    accumulate: bool,
 ) {
     let threads = rayon::current_num_threads();
     let par = if threads > 1 {
@@ -359,14 +379,14 @@ pub unsafe fn matmul(
             dst,
             dst_cs as isize,
             dst_rs as isize,
-            false,
+            accumulate,
             lhs,
             lhs_cs as isize,
             lhs_rs as isize,
             rhs,
             rhs_cs as isize,
             rhs_rs as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -431,4 +451,114 @@ pub fn linear_bwd(
             );
         }
     }
+}
+
+/// Rows of logits the fused lm_head + cross-entropy computes at a time for a vocabulary of
+/// `v`: its only N×V-sized buffer is about 4M elements (16 MB: 512 rows at a vocabulary of
+/// 8192), and the weight-gradient update per chunk is a matmul with this inner size, kept at
+/// 64 or more so that it runs at full speed. Depends only on the shape (determinism).
+pub fn lce_rows(v: usize) -> usize {
+    ((1 << 22) / v.max(1)).clamp(64, 1024)
+}
+
+/// Fused lm_head + cross-entropy: returns `Σ_rows mask · (logsumexp(z) − z[label])` for the
+/// logits `z = x · wᵀ` (`x` `(rows, d)`, `w` `(v, d)`), computed [`lce_rows`] rows at a time
+/// and never kept whole. Since the loss ends the graph, the same pass writes, when asked, its
+/// gradients with respect to `x` (`dx = dz · w`) and `w` (`dw = Σ_chunks dzᵀ · x`) for
+/// `dz = mask · (softmax(z) − onehot(label))`. Labels must be `< v`.
+///
+/// Deterministic: the chunks depend only on the shapes, `dw` accumulates them in order, and the
+/// per-row losses are summed in row order.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_cross_entropy(
+    x: &[f32],
+    w: &[f32],
+    labels: &[u32],
+    mask: &[f32],
+    (rows, d, v): (usize, usize, usize),
+    mut dx: Option<&mut [f32]>,
+    mut dw: Option<&mut [f32]>,
+) -> f32 {
+    assert!(x.len() == rows * d && w.len() == v * d);
+    assert!(labels.len() == rows && mask.len() == rows);
+    assert!(dx.as_ref().is_none_or(|g| g.len() == rows * d));
+    assert!(dw.as_ref().is_none_or(|g| g.len() == v * d));
+    let want_grad = dx.is_some() || dw.is_some();
+    let chunk = lce_rows(v).min(rows).max(1);
+    let mut z = vec![0f32; chunk * v];
+    let mut losses = vec![0f32; rows];
+    for (c, r0) in (0..rows).step_by(chunk).enumerate() {
+        let n = chunk.min(rows - r0);
+        let z = &mut z[..n * v];
+        let xc = &x[r0 * d..(r0 + n) * d];
+        // SAFETY: sizes checked above; z is our own buffer.
+        unsafe {
+            matmul(
+                (n, v, d),
+                z.as_mut_ptr(),
+                (v, 1),
+                xc.as_ptr(),
+                (d, 1),
+                w.as_ptr(),
+                (1, d),
+            );
+        }
+        z.par_chunks_mut(v)
+            .zip(losses[r0..r0 + n].par_iter_mut())
+            .enumerate()
+            .with_min_len(rows_per_task(v))
+            .for_each(|(i, (row, loss))| {
+                let label = labels[r0 + i] as usize;
+                let m = mask[r0 + i];
+                let target = row[label];
+                if !want_grad {
+                    *loss = (row_lse(row) - target) * m;
+                    return;
+                }
+                // The row becomes its gradient: exp(z − max) once, for the sum and the softmax.
+                let mx = max16(row);
+                for e in row.iter_mut() {
+                    *e = exp(*e - mx);
+                }
+                let s = sum16(v, |j| row[j]);
+                *loss = (s.ln() + mx - target) * m;
+                if m == 0.0 {
+                    row.fill(0.0);
+                } else {
+                    let k = m / s;
+                    for e in row.iter_mut() {
+                        *e *= k;
+                    }
+                    row[label] -= m;
+                }
+            });
+        // SAFETY: sizes checked above; dx and dw are exclusive borrows distinct from the
+        // inputs, and dw has been written by the first chunk before later ones accumulate.
+        unsafe {
+            if let Some(dx) = dx.as_deref_mut() {
+                matmul(
+                    (n, d, v),
+                    dx[r0 * d..].as_mut_ptr(),
+                    (d, 1),
+                    z.as_ptr(),
+                    (v, 1),
+                    w.as_ptr(),
+                    (d, 1),
+                );
+            }
+            if let Some(dw) = dw.as_deref_mut() {
+                matmul_acc(
+                    (v, d, n),
+                    dw.as_mut_ptr(),
+                    (d, 1),
+                    z.as_ptr(),
+                    (1, v),
+                    xc.as_ptr(),
+                    (d, 1),
+                    c > 0,
+                );
+            }
+        }
+    }
+    losses.iter().map(|&l| l as f64).sum::<f64>() as f32
 }

@@ -1,6 +1,6 @@
 //! Fused training ops with backward passes: linear, RMSNorm, rotary embeddings, SwiGLU,
-//! causal attention and softmax cross-entropy, plus the plain-op versions they are tested
-//! against. The kernels themselves (f32 slices, rayon) are in [`super::kernels`]; this module
+//! causal attention, softmax cross-entropy and lm_head + cross-entropy in one op, plus the
+//! plain-op versions they are tested against. The kernels themselves (f32 slices, rayon) are in [`super::kernels`]; this module
 //! wraps them as Candle custom ops.
 //!
 //! Candle's own fused `rms_norm`, `rope` and `softmax_last_dim` have no backward and silently
@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use crate::train::kernels;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
 
 use super::model::Result;
 
@@ -475,5 +476,172 @@ impl CustomOp3 for CrossEntropy {
         }
         let dx = Tensor::from_vec(dx, logits.shape(), logits.device())?;
         Ok((Some(dx), None, None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// lm_head + cross-entropy
+
+/// `Σ mask · (logsumexp(z) − z[label])` over the positions of the logits `z = x · wᵀ`, for
+/// hidden states `x` `(..., d)`, the lm_head weight `w` `(V, d)`, `labels` `(...)` u32 and
+/// `mask` `(...)` (any type): [`linear`] then [`cross_entropy`] summed, as one op whose logits
+/// never exist as a tensor. On the CPU in f32 it computes them a few hundred rows at a time
+/// and, since the loss ends the graph, its gradients with respect to `x` and `w` in the same
+/// pass (the logits' gradient is made and used chunk by chunk too); the backward only scales
+/// them by the incoming gradient. This spares the N×V logits, their N×V gradient and the
+/// zero-filled N×V buffer Candle's autograd adds that gradient to.
+///
+/// `with_grad: false` (evaluation) computes the loss alone, detached from the graph. A `w`
+/// that does not track gradients (frozen under LoRA) gets none computed. Other devices and
+/// types take the unfused path: [`linear`], [`cross_entropy`], sum.
+pub fn linear_cross_entropy(
+    x: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+    mask: &Tensor,
+    with_grad: bool,
+) -> Result<Tensor> {
+    if !fusable(x) || !fusable(w) {
+        return Ok(cross_entropy(&linear(x, w)?, labels, mask)?.sum_all()?);
+    }
+    if labels.dtype() != DType::U32 {
+        Err(candle_core::Error::Msg(format!(
+            "cross_entropy: labels must be u32, got {:?}",
+            labels.dtype()
+        )))?;
+    }
+    let op = LinearCrossEntropy {
+        labels: labels.flatten_all()?.to_vec1::<u32>()?,
+        mask: mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        want_dx: with_grad && x.track_op(),
+        want_dw: with_grad && w.track_op(),
+        saved: Mutex::new(Saved::None),
+    };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    Ok(if op.want_dx || op.want_dw {
+        x.apply_op2(&w, op)?
+    } else {
+        x.apply_op2_no_bwd(&w, &op)?
+    })
+}
+
+struct LinearCrossEntropy {
+    labels: Vec<u32>,
+    mask: Vec<f32>,
+    want_dx: bool,
+    want_dw: bool,
+    /// The gradients computed by the forward, for the backward.
+    saved: Mutex<Saved>,
+}
+
+/// The fused loss's gradients, as the forward left them or as the first backward scaled them
+/// (kept for a second backward over the same graph).
+enum Saved {
+    None,
+    Raw(Vec<f32>, Vec<f32>),
+    Scaled(f32, Option<Tensor>, Option<Tensor>),
+}
+
+impl CustomOp2 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "jobd-linear-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (v, d) = l2.shape().dims2()?;
+        if l1.dims().last() != Some(&d) {
+            candle_core::bail!(
+                "linear_cross_entropy: input {:?}, weight {:?}",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let rows = l1.shape().elem_count() / d.max(1);
+        if self.labels.len() != rows || self.mask.len() != rows {
+            candle_core::bail!(
+                "linear_cross_entropy: {rows} rows, {} labels, {} mask",
+                self.labels.len(),
+                self.mask.len()
+            );
+        }
+        if let Some(&bad) = self.labels.iter().find(|&&l| l as usize >= v) {
+            candle_core::bail!("cross_entropy: label {bad} outside the vocabulary of {v}");
+        }
+        let mut dx = vec![0f32; if self.want_dx { rows * d } else { 0 }];
+        let mut dw = vec![0f32; if self.want_dw { v * d } else { 0 }];
+        let loss = kernels::linear_cross_entropy(
+            cpu_f32(s1, l1)?,
+            cpu_f32(s2, l2)?,
+            &self.labels,
+            &self.mask,
+            (rows, d, v),
+            self.want_dx.then_some(dx.as_mut_slice()),
+            self.want_dw.then_some(dw.as_mut_slice()),
+        );
+        if self.want_dx || self.want_dw {
+            *self.saved.lock().expect("linear cross-entropy lock") = Saved::Raw(dx, dw);
+        }
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.flatten_all()?.to_vec1::<f32>()?;
+        let [g] = g[..] else {
+            candle_core::bail!("linear_cross_entropy: gradient of shape {:?}", grad.dims());
+        };
+        let mut saved = self.saved.lock().expect("linear cross-entropy lock");
+        match std::mem::replace(&mut *saved, Saved::None) {
+            Saved::None => {
+                candle_core::bail!("linear_cross_entropy: backward without the forward's gradients")
+            }
+            Saved::Raw(dx, dw) if g == 0.0 => {
+                // Nothing to scale from later: keep the forward's gradients as they are.
+                *saved = Saved::Raw(dx, dw);
+                let zeros = |t: &Tensor| Tensor::zeros(t.shape(), DType::F32, t.device());
+                let dx = self.want_dx.then(|| zeros(x)).transpose()?;
+                let dw = self.want_dw.then(|| zeros(w)).transpose()?;
+                Ok((dx, dw))
+            }
+            // The usual case: scale the forward's buffers in place, no copy.
+            Saved::Raw(mut dx, mut dw) => {
+                dx.par_iter_mut()
+                    .chain(dw.par_iter_mut())
+                    .with_min_len(16384)
+                    .for_each(|e| *e *= g);
+                let dx = self
+                    .want_dx
+                    .then(|| Tensor::from_vec(dx, x.shape(), x.device()))
+                    .transpose()?;
+                let dw = self
+                    .want_dw
+                    .then(|| Tensor::from_vec(dw, w.shape(), w.device()))
+                    .transpose()?;
+                *saved = Saved::Scaled(g, dx.clone(), dw.clone());
+                Ok((dx, dw))
+            }
+            Saved::Scaled(s, dx, dw) => {
+                let rescale = |t: &Option<Tensor>| -> candle_core::Result<Option<Tensor>> {
+                    match t {
+                        Some(t) if s != g => Ok(Some(t.affine((g / s) as f64, 0.0)?)),
+                        other => Ok(other.clone()),
+                    }
+                };
+                let out = (rescale(&dx)?, rescale(&dw)?);
+                *saved = Saved::Scaled(s, dx, dw);
+                Ok(out)
+            }
+        }
     }
 }

@@ -259,6 +259,8 @@ fn kernels_give_the_same_bits_on_one_and_two_threads() {
     let k = randn(&mut rng, &[2, 70, 16], 1.0);
     let x = randn(&mut rng, &[300, 64], 1.0);
     let w = randn(&mut rng, &[64], 1.0);
+    let head = randn(&mut rng, &[16384, 64], 0.1);
+    assert!(crate::train::kernels::lce_rows(16384) < 300);
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -271,8 +273,16 @@ fn kernels_give_the_same_bits_on_one_and_two_threads() {
             let a = super::attention(qv.as_tensor(), &k, &k, (4, 2), 0, None).unwrap();
             let n = super::rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-5).unwrap();
             let l = super::linear(&n, &x.narrow(0, 0, 64).unwrap()).unwrap();
+            // 300 rows, a vocabulary of 16384: two chunks of the fused loss, the weight's
+            // gradient accumulated over them.
+            let hv = Var::from_tensor(&head).unwrap();
+            let labels: Vec<u32> = (0..300).map(|i| i * 7919 % 16384).collect();
+            let labels = Tensor::from_vec(labels, 300, &Device::Cpu).unwrap();
+            let mask = Tensor::ones(300, DType::F32, &Device::Cpu).unwrap();
+            let ce = super::linear_cross_entropy(&n, hv.as_tensor(), &labels, &mask, true).unwrap();
             let loss = (a.sqr().unwrap().sum_all().unwrap() + l.sqr().unwrap().sum_all().unwrap())
                 .unwrap();
+            let loss = (loss + ce).unwrap();
             let g = loss.backward().unwrap();
             [
                 g.get(qv.as_tensor())
@@ -282,6 +292,12 @@ fn kernels_give_the_same_bits_on_one_and_two_threads() {
                     .to_vec1::<f32>()
                     .unwrap(),
                 g.get(wv.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+                g.get(hv.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
                 g.get(xv.as_tensor())
                     .unwrap()
                     .flatten_all()
@@ -309,4 +325,107 @@ fn kernel_exp_is_accurate() {
     assert_eq!(crate::train::kernels::exp(-100.0), 0.0);
     assert_eq!(crate::train::kernels::exp(f32::NEG_INFINITY), 0.0);
     assert_eq!(crate::train::kernels::exp(0.0), 1.0);
+}
+
+/// The fused lm_head + loss against `linear` + `cross_entropy` + sum from plain ops:
+/// several chunks with a ragged last one, masked positions, (B, T, d) input, and the
+/// gradient of every input, then the same with the weight tied to an embedding that also
+/// feeds the input (its gradient is the sum of both uses).
+#[test]
+fn linear_cross_entropy_matches_plain_ops() {
+    let mut rng = Rng::new(12);
+    let (d, v) = (24, 53);
+    let chunk = crate::train::kernels::lce_rows(v);
+    let (b, t) = (3, chunk + 13);
+    assert!(
+        b * t > 2 * chunk && (b * t) % chunk != 0,
+        "several chunks, ragged last"
+    );
+    let x = randn(&mut rng, &[b, t, d], 1.0);
+    let w = randn(&mut rng, &[v, d], 0.5);
+    let labels: Vec<u32> = (0..b * t).map(|_| rng.below(v as u64) as u32).collect();
+    let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu).unwrap();
+    let mask: Vec<f32> = (0..b * t)
+        .map(|i| if i % 5 == 2 { 0.0 } else { 1.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
+    let plain_loss = |x: &Tensor, w: &Tensor| {
+        let logits = plain::linear(x, w).unwrap();
+        plain::cross_entropy(
+            &logits.reshape((b * t, v)).unwrap(),
+            &labels.flatten_all().unwrap(),
+            &mask.flatten_all().unwrap(),
+        )
+        .unwrap()
+        .sum_all()
+        .unwrap()
+    };
+    check(
+        "linear_cross_entropy",
+        &[x.clone(), w.clone()],
+        &[0, 1],
+        1e-5,
+        |t| super::linear_cross_entropy(&t[0], &t[1], &labels, &mask, true).unwrap(),
+        |t| plain_loss(&t[0], &t[1]),
+    );
+    // Tied: the input is built from the weight too, so both gradients must reach it.
+    let ids = Tensor::from_vec(
+        (0..b * t).map(|i| (i * 7 % v) as u32).collect::<Vec<_>>(),
+        b * t,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let from_embedding = |e: &Tensor| {
+        (e.index_select(&ids, 0).unwrap().reshape((b, t, d)).unwrap() + &x)
+            .unwrap()
+            .tanh()
+            .unwrap()
+    };
+    check(
+        "linear_cross_entropy (tied)",
+        &[w],
+        &[0],
+        1e-5,
+        |t| {
+            super::linear_cross_entropy(&from_embedding(&t[0]), &t[0], &labels, &mask, true)
+                .unwrap()
+        },
+        |t| plain_loss(&from_embedding(&t[0]), &t[0]),
+    );
+}
+
+/// The fused loss's side paths: evaluation (no gradients, detached, same value), a frozen
+/// weight (gradient only for the input), a second backward over the same graph, and a label
+/// outside the vocabulary.
+#[test]
+fn linear_cross_entropy_eval_frozen_and_errors() {
+    let mut rng = Rng::new(13);
+    let (n, d, v) = (37, 8, 29);
+    let x = Var::from_tensor(&randn(&mut rng, &[n, d], 1.0)).unwrap();
+    let w = randn(&mut rng, &[v, d], 1.0);
+    let labels: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+    let labels = Tensor::from_vec(labels, n, &Device::Cpu).unwrap();
+    let mask = Tensor::ones(n, DType::U8, &Device::Cpu).unwrap();
+    let train = super::linear_cross_entropy(x.as_tensor(), &w, &labels, &mask, true).unwrap();
+    let eval = super::linear_cross_entropy(x.as_tensor(), &w, &labels, &mask, false).unwrap();
+    assert_eq!(
+        train.to_scalar::<f32>().unwrap(),
+        eval.to_scalar::<f32>().unwrap()
+    );
+    assert!(!eval.track_op(), "evaluation loss is detached");
+    // Frozen weight: only the input gets a gradient; a second backward (with another
+    // upstream scale) gives the same gradient scaled.
+    let a = (&train * 0.5).unwrap().backward().unwrap();
+    let ga = a.get(x.as_tensor()).unwrap().clone();
+    assert!(a.get(&w).is_none());
+    let b = (&train * 2.0).unwrap().backward().unwrap();
+    let gb = b.get(x.as_tensor()).unwrap();
+    assert!(rel_diff(&(ga * 4.0).unwrap(), gb) < 1e-6);
+    let bad = Tensor::from_vec(vec![v as u32], 1, &Device::Cpu).unwrap();
+    let one = Tensor::ones(1, DType::F32, &Device::Cpu).unwrap();
+    let row = randn(&mut rng, &[1, d], 1.0);
+    assert!(
+        super::linear_cross_entropy(&row, &w, &bad, &one, false).is_err(),
+        "label out of range"
+    );
 }
