@@ -8,10 +8,10 @@
 //! heads that share it, so no two tasks write the same element and the sums keep a fixed
 //! order).
 
-use gemm::{Parallelism, gemm};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{exp, sum16};
+use super::{exp, gemm_strided, sum16};
 
 /// Query rows per block: the scores of one block (`BLOCK × S` floats) live in a per-task
 /// scratch buffer.
@@ -120,41 +120,33 @@ impl Dims {
     }
 }
 
-/// `dst (m×n) = [dst +] beta · lhs (m×k) · rhs (k×n)`, strides given as (row, column).
+/// [`super::gemm_strided`] on the calling thread: attention's tiles already run inside rayon
+/// tasks.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn mm(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     dst: *mut f32,
-    (dst_rs, dst_cs): (usize, usize),
+    dst_s: (usize, usize),
     accumulate: bool,
     lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
+    lhs_s: (usize, usize),
     rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
+    rhs_s: (usize, usize),
     beta: f32,
 ) {
     // SAFETY: the caller passes pointers valid for the given shapes and strides.
     unsafe {
-        gemm(
-            m,
-            n,
-            k,
+        gemm_strided(
+            mnk,
             dst,
-            dst_cs as isize,
-            dst_rs as isize,
+            dst_s,
             accumulate,
             lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
+            lhs_s,
             rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
+            rhs_s,
             beta,
-            false,
-            false,
-            false,
             Parallelism::None,
         )
     }

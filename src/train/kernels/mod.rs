@@ -372,6 +372,42 @@ pub unsafe fn matmul_acc(
     };
     // SAFETY: forwarded to the caller.
     unsafe {
+        gemm_strided(
+            (m, n, k),
+            dst,
+            (dst_rs, dst_cs),
+            accumulate,
+            lhs,
+            (lhs_rs, lhs_cs),
+            rhs,
+            (rhs_rs, rhs_cs),
+            1.0,
+            par,
+        )
+    }
+}
+
+/// `dst (m×n) = [dst +] beta · lhs (m×k) · rhs (k×n)`, strides given as (row, column): the one
+/// place that calls gemm (whose own argument order is column stride first).
+///
+/// # Safety
+/// As for [`matmul_acc`].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+    par: gemm::Parallelism,
+) {
+    // SAFETY: forwarded to the caller. `alpha` only scales `dst` when it is read.
+    unsafe {
         gemm::gemm(
             m,
             n,
@@ -386,8 +422,8 @@ pub unsafe fn matmul_acc(
             rhs,
             rhs_cs as isize,
             rhs_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
             1.0,
+            beta,
             false,
             false,
             false,
