@@ -12,8 +12,11 @@
 //!   16 × 512 (the GPU reference of issue 9).
 //!
 //! Run: `cargo bench --bench train_throughput -- --config 20m --seconds 60 [--threads 2]
-//! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain] [--json] [--peak-tflops X] [--save]`.
-//! `--plain` uses the plain-op versions of the fused kernels (the "before"); `--json` ends with
+//! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain|--autograd] [--json] [--peak-tflops X]
+//! [--save]`. On the CPU in f32 the step is the trainer's: [`jobd::train::direct`]'s forward
+//! and hand-written backward. `--autograd` runs the same fused kernels through Candle's
+//! autograd instead (what other devices and types, and LoRA, use); `--plain` uses the plain-op
+//! versions of the fused kernels (the "before"); `--json` ends with
 //! one JSON line for scripts. MFU counts 6·N + 12·L·T·d FLOPs per token (N: parameters less
 //! the input embedding) against `--peak-tflops`, by default on the CPU the rate this machine
 //! reaches in a 2048³ f32 matmul (measured first), on CUDA the H100/H200 dense peak of the
@@ -25,6 +28,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use jobd::train::checkpoint::{self, Rotation, SchedulerState, Snapshot, TrainerState};
 use jobd::train::config::LlamaConfig;
+use jobd::train::direct;
 use jobd::train::metrics::peak_memory_bytes;
 use jobd::train::model::{Llama, Pass, init_weights, nll_sum_plain, parameter_shapes};
 use jobd::train::optim::{self, AdamW, AdamWConfig, Param};
@@ -39,6 +43,7 @@ struct Args {
     dtype: DType,
     device: String,
     plain: bool,
+    autograd: bool,
     json: bool,
     peak_tflops: Option<f64>,
     save: bool,
@@ -54,6 +59,7 @@ fn parse_args() -> Args {
         dtype: DType::F32,
         device: "cpu".into(),
         plain: false,
+        autograd: false,
         json: false,
         peak_tflops: None,
         save: false,
@@ -77,6 +83,7 @@ fn parse_args() -> Args {
             }
             "--device" => a.device = val(),
             "--plain" => a.plain = true,
+            "--autograd" => a.autograd = true,
             "--json" => a.json = true,
             "--peak-tflops" => a.peak_tflops = Some(val().parse().expect("--peak-tflops X")),
             "--save" => a.save = true,
@@ -203,7 +210,13 @@ fn bench(a: &Args) {
         }
     });
     let dtype_name = format!("{:?}", a.dtype).to_lowercase();
-    let kernels = if a.plain { "plain ops" } else { "fused" };
+    let kernels = if a.plain {
+        "plain ops"
+    } else if a.autograd || a.dtype != DType::F32 || !dev.is_cpu() {
+        "fused, autograd"
+    } else {
+        "fused, direct backward"
+    };
     eprintln!(
         "candle: config {} ({} parameters), batch {batch} x {block}, {dtype_name}, {kernels}, \
          {:?}, {threads} threads, peak {peak_tflops:.2} TFLOP/s",
@@ -223,6 +236,8 @@ fn bench(a: &Args) {
     drop(w);
     let model = Llama::new(cfg.clone(), &tensors, &dev).unwrap();
     drop(tensors);
+    let direct = !a.plain && !a.autograd && a.dtype == DType::F32 && direct::supported(&model);
+    let mut workspace = direct::Workspace::default();
     let mut opt = AdamW::new(
         AdamWConfig {
             beta1: 0.9,
@@ -250,27 +265,43 @@ fn bench(a: &Args) {
         let mask = Tensor::ones((batch, block), DType::F32, &dev).unwrap();
         sync();
         let t_data = t0.elapsed().as_secs_f64();
-        let mut pass = Pass::new(a.dtype, None);
-        pass.fused = !a.plain;
-        // The fused path is the trainer's: lm_head and loss in one op, no logits tensor.
-        let nll = if a.plain {
-            let logits = model.forward(&x, 0, None, &mut pass).unwrap();
-            nll_sum_plain(&logits, &y, &mask)
+        let (grads, t_fwd) = if direct {
+            // The trainer's path on the CPU: forward and hand-written backward in one call.
+            let scale = 1.0 / (batch * block) as f32;
+            let fwd = direct::forward(&model, &x, &y, &mask, scale, &mut workspace).unwrap();
+            let t_fwd = t0.elapsed().as_secs_f64() - t_data;
+            last_loss = fwd.loss_sum * scale;
+            let g = fwd.backward(&model, &mut workspace).unwrap();
+            let _ = peak_memory_bytes(&dev);
+            let grads: Vec<Tensor> = params
+                .iter()
+                .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
+                .collect();
+            (grads, t_fwd)
         } else {
-            model.forward_loss(&x, &y, &mask, &mut pass, true)
+            let mut pass = Pass::new(a.dtype, None);
+            pass.fused = !a.plain;
+            // lm_head and loss in one op, no logits tensor (as the trainer off the direct path).
+            let nll = if a.plain {
+                let logits = model.forward(&x, 0, None, &mut pass).unwrap();
+                nll_sum_plain(&logits, &y, &mask)
+            } else {
+                model.forward_loss(&x, &y, &mask, &mut pass, true)
+            };
+            let loss = (nll.unwrap() / (batch * block) as f64).unwrap();
+            last_loss = loss.to_scalar::<f32>().unwrap();
+            // On CUDA each call samples NVML into a running peak (the peak is near the end of
+            // the forward); on the CPU the kernel keeps VmHWM.
+            let _ = peak_memory_bytes(&dev);
+            let t_fwd = t0.elapsed().as_secs_f64() - t_data;
+            let g = loss.backward().unwrap();
+            let grads: Vec<Tensor> = params
+                .iter()
+                .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
+                .collect();
+            drop(g);
+            (grads, t_fwd)
         };
-        let loss = (nll.unwrap() / (batch * block) as f64).unwrap();
-        last_loss = loss.to_scalar::<f32>().unwrap();
-        // On CUDA each call samples NVML into a running peak (the peak is near the end of
-        // the forward); on the CPU the kernel keeps VmHWM.
-        let _ = peak_memory_bytes(&dev);
-        let t_fwd = t0.elapsed().as_secs_f64() - t_data;
-        let g = loss.backward().unwrap();
-        let grads: Vec<Tensor> = params
-            .iter()
-            .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
-            .collect();
-        drop(g);
         sync();
         let _ = peak_memory_bytes(&dev);
         let t_bwd = t0.elapsed().as_secs_f64() - t_data - t_fwd;

@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod direct;
 pub mod generate;
 pub mod kernels;
 pub mod metrics;

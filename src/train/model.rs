@@ -393,6 +393,11 @@ impl Llama {
         })
     }
 
+    /// The rotary tables `(max_positions, head_dim)`: cosines and sines.
+    pub(crate) fn rope_tables(&self) -> (&Tensor, &Tensor) {
+        (&self.rope.cos, &self.rope.sin)
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         self.embed_tokens.device()

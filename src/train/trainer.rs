@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::checkpoint::{self, Rotation, SchedulerState, Snapshot, TrainerState};
 use super::config::LlamaConfig;
 use super::data::{self, Dataset, Example, Plan};
+use super::direct;
 use super::metrics::{MetricsRecord, Reporter, early_stage, peak_memory_bytes};
 use super::model::{self, Linear, Llama, Lora, Pass};
 use super::optim::{self, AdamW, AdamWConfig, Param};
@@ -213,6 +214,14 @@ fn run_inner(
     // The last checkpoint's snapshot time: with the writer's last write time, what saving on
     // a stop will cost.
     let mut snapshot_secs: Option<f64> = None;
+    // Full fine-tuning in f32 on the CPU takes the hand-written backward of `direct` (no
+    // autograd graph, buffers reused from step to step); anything else Candle's autograd.
+    let use_direct = compute == DType::F32 && direct::supported(&sess.model);
+    let mut workspace = direct::Workspace::default();
+    tracing::info!(
+        backward = if use_direct { "direct" } else { "autograd" },
+        "training step"
+    );
     if ctx.stop.is_requested() {
         // Asked to stop while loading: nothing new to save.
         reporter.stage("stopped")?;
@@ -262,12 +271,27 @@ fn run_inner(
             let exs: Vec<&Example> = idx.iter().map(|&i| &sess.train[i]).collect();
             let b = data::batch(&exs, pad, &device)?;
             tokens_since += b.tokens;
-            let mut pass = Pass::new(compute, Some(&mut st.rng));
-            let loss = sess
-                .model
-                .forward_loss(&b.ids, &b.labels, &b.mask, &mut pass, true)?;
-            let loss = (loss / group_labelled as f64)?;
-            step_loss += loss.to_scalar::<f32>()? as f64;
+            let pending = if use_direct {
+                let scale = st.loss_scale.map_or(1.0, |ls| ls.scale) / group_labelled as f64;
+                let fwd = direct::forward(
+                    &sess.model,
+                    &b.ids,
+                    &b.labels,
+                    &b.mask,
+                    scale as f32,
+                    &mut workspace,
+                )?;
+                step_loss += fwd.loss_sum as f64 / group_labelled as f64;
+                Pending::Direct(Box::new(fwd))
+            } else {
+                let mut pass = Pass::new(compute, Some(&mut st.rng));
+                let loss = sess
+                    .model
+                    .forward_loss(&b.ids, &b.labels, &b.mask, &mut pass, true)?;
+                let loss = (loss / group_labelled as f64)?;
+                step_loss += loss.to_scalar::<f32>()? as f64;
+                Pending::Autograd(loss)
+            };
             if k == 0 && hooks.stop_during_step == Some(step + 1) {
                 ctx.stop.request();
             }
@@ -277,11 +301,16 @@ fn run_inner(
                 abandoned = true;
                 break;
             }
-            let loss = match &st.loss_scale {
-                Some(ls) => (loss * ls.scale)?,
-                None => loss,
+            let g = match pending {
+                Pending::Direct(fwd) => Grads::Direct(fwd.backward(&sess.model, &mut workspace)?),
+                Pending::Autograd(loss) => Grads::Autograd(
+                    match &st.loss_scale {
+                        Some(ls) => (loss * ls.scale)?,
+                        None => loss,
+                    }
+                    .backward()?,
+                ),
             };
-            let g = loss.backward()?;
             for (slot, p) in grads.iter_mut().zip(&sess.params) {
                 let gi = g
                     .get(p.var.as_tensor())
@@ -792,6 +821,27 @@ fn snapshot(sess: &Session, opt: &AdamW, st: &TrainerState) -> Result<Snapshot, 
         moments.insert(format!("v.{}", p.name), opt.v[i].clone());
     }
     Snapshot::take(&weights, &moments, st, &sess.tok.to_json()?)
+}
+
+/// A micro-batch's forward, waiting for its backward.
+enum Pending {
+    Direct(Box<direct::Forward>),
+    Autograd(Tensor),
+}
+
+/// A micro-batch's gradients, by weight.
+enum Grads {
+    Direct(direct::StepGrads),
+    Autograd(candle_core::backprop::GradStore),
+}
+
+impl Grads {
+    fn get(&self, weight: &Tensor) -> Option<&Tensor> {
+        match self {
+            Grads::Direct(g) => g.get(weight),
+            Grads::Autograd(g) => g.get(weight),
+        }
+    }
 }
 
 /// What the trainer knows when a stop request finds it mid-step.

@@ -156,11 +156,19 @@ unsafe fn mm(
 /// `q` is `(B, T, H, D)`, `k` and `v` `(B, S, KV, D)`, all contiguous; sizes must pass
 /// [`Dims::check`].
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], dm: Dims) -> (Vec<f32>, Vec<f32>) {
+    let mut out = vec![0f32; q.len()];
+    let mut lse = vec![0f32; dm.b * dm.h * dm.t];
+    forward_into(q, k, v, dm, &mut out, &mut lse);
+    (out, lse)
+}
+
+/// [`forward`] into the caller's buffers: `out` like `q`, `lse` `(B, H, T)`; both are
+/// overwritten.
+pub fn forward_into(q: &[f32], k: &[f32], v: &[f32], dm: Dims, out: &mut [f32], lse: &mut [f32]) {
     assert!(dm.check().is_ok() && q.len() == dm.b * dm.t * dm.h * dm.d);
     assert!(k.len() == dm.b * dm.s * dm.kv * dm.d && v.len() == k.len());
     let Dims { b, t, h, kv, d, .. } = dm;
-    let mut out = vec![0f32; q.len()];
-    let mut lse = vec![0f32; b * h * t];
+    assert!(out.len() == q.len() && lse.len() == b * h * t);
     let (o_ptr, lse_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
     let (qp, kp, vp) = (
         SharedConst(q.as_ptr()),
@@ -228,7 +236,6 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dm: Dims) -> (Vec<f32>, Vec<f32>
             }
         }
     });
-    (out, lse)
 }
 
 /// Backward from the forward's inputs, output `o`, its gradient `dout` and the row
@@ -242,12 +249,32 @@ pub fn backward(
     lse: &[f32],
     dm: Dims,
 ) -> Vec<f32> {
+    let mut buf = vec![0f32; q.len() + 2 * k.len()];
+    backward_into(q, k, v, o, dout, lse, dm, &mut buf);
+    buf
+}
+
+/// [`backward`] into the caller's buffer `buf` (`len(q) + 2·len(k)`, overwritten): the
+/// gradients of q, k and v, in that order.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    dm: Dims,
+    buf: &mut [f32],
+) {
     assert!(dm.check().is_ok() && q.len() == dm.b * dm.t * dm.h * dm.d);
     assert!(k.len() == dm.b * dm.s * dm.kv * dm.d && v.len() == k.len());
     assert!(o.len() == q.len() && dout.len() == q.len() && lse.len() == dm.b * dm.h * dm.t);
     let Dims { b, t, h, kv, d, .. } = dm;
     let (nq, nk_all) = (q.len(), k.len());
-    let mut buf = vec![0f32; nq + 2 * nk_all];
+    assert!(buf.len() == nq + 2 * nk_all);
+    // dq is written block by block; dk and dv are accumulated over the query heads.
+    buf[nq..].par_chunks_mut(16384).for_each(|c| c.fill(0.0));
     let base = SharedMut(buf.as_mut_ptr());
     let (qp, kp, vp) = (
         SharedConst(q.as_ptr()),
@@ -363,5 +390,4 @@ pub fn backward(
             }
         }
     });
-    buf
 }

@@ -93,9 +93,17 @@ pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
         });
 }
 
-/// RMSNorm backward: writes `dx`, returns `dw`. With `r = rsqrt(mean(x²) + eps)` and
-/// `g = dy · w`: `dx = r · (g − x · r² · mean(g · x))`, `dw = Σ_rows dy · x · r`.
-pub fn rms_norm_bwd(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut [f32]) -> Vec<f32> {
+/// RMSNorm backward: writes `dx` (or with `accumulate` adds to it: the residual stream's
+/// gradient), returns `dw`. With `r = rsqrt(mean(x²) + eps)` and `g = dy · w`:
+/// `dx = r · (g − x · r² · mean(g · x))`, `dw = Σ_rows dy · x · r`.
+pub fn rms_norm_bwd(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    accumulate: bool,
+) -> Vec<f32> {
     let d = w.len();
     let rows = rows_per_task(d);
     // One partial dw per fixed block of rows, summed below in block order.
@@ -110,8 +118,16 @@ pub fn rms_norm_bwd(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut [f32]) 
                 let g = &dy[(r0 + r) * d..(r0 + r + 1) * d];
                 let inv = 1.0 / (sum16(d, |i| xr[i] * xr[i]) / d as f32 + eps).sqrt();
                 let k = inv * inv * sum16(d, |i| g[i] * w[i] * xr[i]) / d as f32;
+                if accumulate {
+                    for i in 0..d {
+                        dxr[i] += inv * (g[i] * w[i] - xr[i] * k);
+                    }
+                } else {
+                    for i in 0..d {
+                        dxr[i] = inv * (g[i] * w[i] - xr[i] * k);
+                    }
+                }
                 for i in 0..d {
-                    dxr[i] = inv * (g[i] * w[i] - xr[i] * k);
                     dw[i] += g[i] * (xr[i] * inv);
                 }
             }
@@ -134,29 +150,43 @@ pub fn rope(
     x: &[f32],
     cos: &[f32],
     sin: &[f32],
-    (t, heads, hd): (usize, usize, usize),
+    dims: (usize, usize, usize),
     transpose: bool,
     y: &mut [f32],
 ) {
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(ys, xs)| ys.copy_from_slice(xs));
+    rope_in_place(y, cos, sin, dims, transpose);
+}
+
+/// [`rope`] overwriting its input.
+pub fn rope_in_place(
+    x: &mut [f32],
+    cos: &[f32],
+    sin: &[f32],
+    (t, heads, hd): (usize, usize, usize),
+    transpose: bool,
+) {
     let half = hd / 2;
     let row = heads * hd;
-    y.par_chunks_mut(row)
-        .zip(x.par_chunks(row))
+    x.par_chunks_mut(row)
         .enumerate()
         .with_min_len(rows_per_task(row))
-        .for_each(|(bt, (ys, xs))| {
+        .for_each(|(bt, xs)| {
             let p = bt % t;
             let c = &cos[p * hd..(p + 1) * hd];
             let s = &sin[p * hd..(p + 1) * hd];
-            for (yh, xh) in ys.chunks_exact_mut(hd).zip(xs.chunks_exact(hd)) {
+            for xh in xs.chunks_exact_mut(hd) {
+                let (lo, hi) = xh.split_at_mut(half);
                 for i in 0..half {
-                    let (a, b) = (xh[i], xh[i + half]);
+                    let (a, b) = (lo[i], hi[i]);
                     if transpose {
-                        yh[i] = a * c[i] + b * s[i + half];
-                        yh[i + half] = b * c[i + half] - a * s[i];
+                        lo[i] = a * c[i] + b * s[i + half];
+                        hi[i] = b * c[i + half] - a * s[i];
                     } else {
-                        yh[i] = a * c[i] - b * s[i];
-                        yh[i + half] = b * c[i + half] + a * s[i + half];
+                        lo[i] = a * c[i] - b * s[i];
+                        hi[i] = b * c[i + half] + a * s[i + half];
                     }
                 }
             }
@@ -318,6 +348,30 @@ pub fn adamw_apply(p: &mut [f32], m: &[f32], v: &[f32], s: &AdamStep) {
             ps[i] = ps[i] * s.decay - m[o + i] / denom * s.step_size;
         }
     });
+}
+
+/// Column sums of `x` `(rows, cols)` (a bias's gradient), in fixed blocks of rows summed in
+/// order.
+pub fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(cols * rows_per_task(cols))
+        .map(|block| {
+            let mut s = vec![0f32; cols];
+            for row in block.chunks_exact(cols) {
+                for (a, b) in s.iter_mut().zip(row) {
+                    *a += b;
+                }
+            }
+            s
+        })
+        .collect();
+    let mut out = vec![0f32; cols];
+    for p in &partials {
+        for (a, b) in out.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    out
 }
 
 /// Σ x² in f64, in fixed blocks summed in order (for the global gradient norm).
@@ -501,7 +555,8 @@ pub fn lce_rows(v: usize) -> usize {
 /// logits `z = x · wᵀ` (`x` `(rows, d)`, `w` `(v, d)`), computed [`lce_rows`] rows at a time
 /// and never kept whole. Since the loss ends the graph, the same pass writes, when asked, its
 /// gradients with respect to `x` (`dx = dz · w`) and `w` (`dw = Σ_chunks dzᵀ · x`) for
-/// `dz = mask · (softmax(z) − onehot(label))`. Labels must be `< v`.
+/// `dz = grad_scale · mask · (softmax(z) − onehot(label))` (`grad_scale`: the gradient of
+/// whatever the summed loss is multiplied by afterwards). Labels must be `< v`.
 ///
 /// Deterministic: the chunks depend only on the shapes, `dw` accumulates them in order, and the
 /// per-row losses are summed in row order.
@@ -512,6 +567,7 @@ pub fn linear_cross_entropy(
     labels: &[u32],
     mask: &[f32],
     (rows, d, v): (usize, usize, usize),
+    grad_scale: f32,
     mut dx: Option<&mut [f32]>,
     mut dw: Option<&mut [f32]>,
 ) -> f32 {
@@ -558,14 +614,15 @@ pub fn linear_cross_entropy(
                 }
                 let s = sum16(v, |j| row[j]);
                 *loss = (s.ln() + mx - target) * m;
-                if m == 0.0 {
+                let gm = m * grad_scale;
+                if gm == 0.0 {
                     row.fill(0.0);
                 } else {
-                    let k = m / s;
+                    let k = gm / s;
                     for e in row.iter_mut() {
                         *e *= k;
                     }
-                    row[label] -= m;
+                    row[label] -= gm;
                 }
             });
         // SAFETY: sizes checked above; dx and dw are exclusive borrows distinct from the

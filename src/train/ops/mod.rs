@@ -220,6 +220,7 @@ impl CustomOp2 for RmsNorm {
                 storage_f32(&gd, ld)?,
                 self.eps,
                 &mut buf,
+                false,
             )
         };
         let dx = Tensor::from_vec(buf, x.shape(), x.device())?;
@@ -581,6 +582,7 @@ impl CustomOp2 for LinearCrossEntropy {
             &self.labels,
             &self.mask,
             (rows, d, v),
+            1.0,
             self.want_dx.then_some(dx.as_mut_slice()),
             self.want_dw.then_some(dw.as_mut_slice()),
         );
