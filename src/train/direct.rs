@@ -148,10 +148,13 @@ struct Saved {
     lse: Vec<f32>,
     /// Residual stream after attention.
     x1: Vec<f32>,
-    /// Post-attention norm's output, gate and up projections, SwiGLU output.
+    /// Post-attention norm's output.
     h2: Vec<f32>,
-    g: Vec<f32>,
-    u: Vec<f32>,
+    /// The gate and up weights stacked `(2·ff, hidden)`, and their projections of `h2` side
+    /// by side `(n, 2·ff)`: one matmul each way instead of two.
+    gate_up: Vec<f32>,
+    gu: Vec<f32>,
+    /// SwiGLU output.
     a: Vec<f32>,
 }
 
@@ -586,12 +589,13 @@ fn layer_forward(
     linear(&att, w.o, &mut x1, (n, q_dim, d), true);
     let mut h2 = ws.take(n * d);
     kernels::rms_norm_fwd(&x1, w.post_norm, eps, &mut h2);
-    let mut g = ws.take(n * ff);
-    let mut u = ws.take(n * ff);
-    linear(&h2, w.gate, &mut g, (n, d, ff), false);
-    linear(&h2, w.up, &mut u, (n, d, ff), false);
+    let mut gate_up = ws.take(2 * ff * d);
+    copy(w.gate, &mut gate_up[..ff * d]);
+    copy(w.up, &mut gate_up[ff * d..]);
+    let mut gu = ws.take(n * 2 * ff);
+    linear(&h2, &gate_up, &mut gu, (n, d, 2 * ff), false);
     let mut a = ws.take(n * ff);
-    kernels::swiglu_fwd(&g, &u, &mut a);
+    kernels::swiglu_fwd_packed(&gu, ff, &mut a);
     let mut out = ws.take(n * d);
     copy(&x1, &mut out);
     linear(&a, w.down, &mut out, (n, ff, d), true);
@@ -604,8 +608,8 @@ fn layer_forward(
         lse,
         x1,
         h2,
-        g,
-        u,
+        gate_up,
+        gu,
         a,
     };
     (saved, out)
@@ -654,19 +658,18 @@ fn layer_backward(
     ws.give(sv.a);
     let mut da = ws.take(n * ff);
     linear_dx(dx, w.down, &mut da, (n, ff, d), false);
-    let (mut dg, mut du) = (ws.take(n * ff), ws.take(n * ff));
-    kernels::swiglu_bwd(&sv.g, &sv.u, &da, &mut dg, &mut du);
+    let mut dgu = ws.take(n * 2 * ff);
+    kernels::swiglu_bwd_packed(&sv.gu, &da, ff, &mut dgu);
     ws.give(da);
-    ws.give(sv.g);
-    ws.give(sv.u);
-    let gate = linear_dw(&dg, &sv.h2, (n, d, ff));
-    let up = linear_dw(&du, &sv.h2, (n, d, ff));
+    ws.give(sv.gu);
+    let mut gate = linear_dw(&dgu, &sv.h2, (n, d, 2 * ff));
+    let up = gate.split_off(ff * d);
+    gate.shrink_to_fit();
     ws.give(sv.h2);
     let mut dh = ws.take(n * d);
-    linear_dx(&dg, w.gate, &mut dh, (n, d, ff), false);
-    linear_dx(&du, w.up, &mut dh, (n, d, ff), true);
-    ws.give(dg);
-    ws.give(du);
+    linear_dx(&dgu, &sv.gate_up, &mut dh, (n, d, 2 * ff), false);
+    ws.give(dgu);
+    ws.give(sv.gate_up);
     let post_norm = kernels::rms_norm_bwd(&sv.x1, w.post_norm, &dh, eps, dx, true);
     ws.give(sv.x1);
 

@@ -197,11 +197,7 @@ pub fn rope_in_place(
 pub fn swiglu_fwd(g: &[f32], u: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(ys, (gs, us))| {
-            for i in 0..ys.len() {
-                ys[i] = gs[i] / (1.0 + exp(-gs[i])) * us[i];
-            }
-        });
+        .for_each(|(ys, (gs, us))| swiglu_span(gs, us, ys));
 }
 
 /// SwiGLU backward: `dg = dy · u · σ(g) · (1 + g · (1 − σ(g)))`, `du = dy · silu(g)`.
@@ -210,14 +206,54 @@ pub fn swiglu_bwd(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f3
         .zip(du.par_chunks_mut(CHUNK))
         .enumerate()
         .for_each(|(c, (dgs, dus))| {
-            let o = c * CHUNK;
-            for i in 0..dgs.len() {
-                let (x, up, d) = (g[o + i], u[o + i], dy[o + i]);
-                let sig = 1.0 / (1.0 + exp(-x));
-                dgs[i] = d * up * sig * (1.0 + x * (1.0 - sig));
-                dus[i] = d * (x * sig);
-            }
+            let span = c * CHUNK..c * CHUNK + dgs.len();
+            swiglu_bwd_span(&g[span.clone()], &u[span.clone()], &dy[span], dgs, dus);
         });
+}
+
+/// [`swiglu_fwd`] of gate and up projections packed in one matrix: each row of `gu` is the
+/// row's `f` gate values, then its `f` up values (one matmul computes both); `y` is `(rows, f)`.
+pub fn swiglu_fwd_packed(gu: &[f32], f: usize, y: &mut [f32]) {
+    y.par_chunks_mut(f)
+        .zip(gu.par_chunks(2 * f))
+        .with_min_len(rows_per_task(2 * f))
+        .for_each(|(ys, row)| {
+            let (g, u) = row.split_at(f);
+            swiglu_span(g, u, ys);
+        });
+}
+
+/// [`swiglu_bwd`] in the layout of [`swiglu_fwd_packed`]: writes each row's gate then up
+/// gradients into `dgu` `(rows, 2f)`.
+pub fn swiglu_bwd_packed(gu: &[f32], dy: &[f32], f: usize, dgu: &mut [f32]) {
+    dgu.par_chunks_mut(2 * f)
+        .zip(gu.par_chunks(2 * f).zip(dy.par_chunks(f)))
+        .with_min_len(rows_per_task(2 * f))
+        .for_each(|(drow, (row, dys))| {
+            let (g, u) = row.split_at(f);
+            let (dg, du) = drow.split_at_mut(f);
+            swiglu_bwd_span(g, u, dys, dg, du);
+        });
+}
+
+#[inline(always)]
+fn swiglu_span(g: &[f32], u: &[f32], y: &mut [f32]) {
+    let (g, u) = (&g[..y.len()], &u[..y.len()]);
+    for i in 0..y.len() {
+        y[i] = g[i] / (1.0 + exp(-g[i])) * u[i];
+    }
+}
+
+#[inline(always)]
+fn swiglu_bwd_span(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    let n = dg.len();
+    let (g, u, dy, du) = (&g[..n], &u[..n], &dy[..n], &mut du[..n]);
+    for i in 0..n {
+        let (x, up, d) = (g[i], u[i], dy[i]);
+        let sig = 1.0 / (1.0 + exp(-x));
+        dg[i] = d * up * sig * (1.0 + x * (1.0 - sig));
+        du[i] = d * (x * sig);
+    }
 }
 
 /// Largest element, with 16 independent lanes so that it vectorises.
