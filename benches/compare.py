@@ -11,7 +11,8 @@ GPU (a carried binary, PyTorch already installed; see benches/gpu.sh):
 
 --repeat N alternates the trainers N times and keeps each one's best run, which evens out
 other load on a shared machine. --plain adds Candle with plain ops (the state before the
-fused kernels).
+fused kernels); --autograd adds Candle's fused ops through its autograd (what LoRA and other
+devices use; on the CPU in f32 the trainer's full fine-tuning step is train::direct's).
 """
 import argparse
 import json
@@ -48,6 +49,8 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for both (default: all)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--plain", action="store_true", help="also run Candle with plain ops")
+    ap.add_argument("--autograd", action="store_true",
+                    help="also run Candle's fused ops through its autograd (LoRA's path)")
     ap.add_argument("--candle-bin", help="a built train_throughput binary (default: cargo bench)")
     ap.add_argument("--python", help="python with torch + transformers (default: install a venv)")
     ap.add_argument("--variants", help="comma-separated: candle dtypes and pytorch variants, "
@@ -81,6 +84,9 @@ def main():
             if args.plain:
                 jobs.append((f"candle plain {v}", candle + common + cthreads
                              + ["--dtype", v, "--device", args.device, "--plain"]))
+            if args.autograd:
+                jobs.append((f"candle autograd {v}", candle + common + cthreads
+                             + ["--dtype", v, "--device", args.device, "--autograd"]))
         else:
             pv = "bf16" if v == "pt-bf16" else v
             jobs.append((f"pytorch {pv}", [sys.executable, os.path.join(HERE, "pytorch_train.py"),

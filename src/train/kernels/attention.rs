@@ -11,7 +11,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{exp, gemm_strided, sum16};
+use super::{exp, gemm_strided, simd, sum16};
 
 /// Query rows per block: the scores of one block (`BLOCK × S` floats) live in a per-task
 /// scratch buffer.
@@ -178,63 +178,65 @@ pub fn forward_into(q: &[f32], k: &[f32], v: &[f32], dm: Dims, out: &mut [f32], 
     let rep = h / kv;
     let scale = dm.scale();
     (0..b * h).into_par_iter().for_each(|bh| {
-        let (bi, hi) = (bh / h, bh % h);
-        let kvh = hi / rep;
-        let mut scores = vec![0f32; BLOCK * dm.s];
-        for i0 in (0..t).step_by(BLOCK) {
-            let i1 = (i0 + BLOCK).min(t);
-            let rows = i1 - i0;
-            let (lo, hi_k) = dm.key_range(i0, i1);
-            let nk = hi_k - lo;
-            // SAFETY: offsets are within q/k/v/out (checked shapes); this task alone writes
-            // the output rows of head `hi` in batch `bi` and their log-sum-exps.
-            unsafe {
-                mm(
-                    (rows, nk, d),
-                    scores.as_mut_ptr(),
-                    (nk, 1),
-                    false,
-                    qp.ptr().add(dm.q_at(bi, i0, hi)),
-                    (h * d, 1),
-                    kp.ptr().add(dm.k_at(bi, lo, kvh)),
-                    (1, kv * d),
-                    scale,
-                );
-            }
-            for r in 0..rows {
-                let row = &mut scores[r * nk..(r + 1) * nk];
-                let i = i0 + r;
-                let (a, z) = dm.row_keys(i, lo);
-                row[..a].fill(0.0);
-                row[z..].fill(0.0);
-                let valid = &mut row[a..z];
-                let m = valid.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for x in valid.iter_mut() {
-                    *x = exp(*x - m);
+        simd(|| {
+            let (bi, hi) = (bh / h, bh % h);
+            let kvh = hi / rep;
+            let mut scores = vec![0f32; BLOCK * dm.s];
+            for i0 in (0..t).step_by(BLOCK) {
+                let i1 = (i0 + BLOCK).min(t);
+                let rows = i1 - i0;
+                let (lo, hi_k) = dm.key_range(i0, i1);
+                let nk = hi_k - lo;
+                // SAFETY: offsets are within q/k/v/out (checked shapes); this task alone writes
+                // the output rows of head `hi` in batch `bi` and their log-sum-exps.
+                unsafe {
+                    mm(
+                        (rows, nk, d),
+                        scores.as_mut_ptr(),
+                        (nk, 1),
+                        false,
+                        qp.ptr().add(dm.q_at(bi, i0, hi)),
+                        (h * d, 1),
+                        kp.ptr().add(dm.k_at(bi, lo, kvh)),
+                        (1, kv * d),
+                        scale,
+                    );
                 }
-                let sum = sum16(valid.len(), |j| valid[j]);
-                let inv = 1.0 / sum;
-                for x in valid.iter_mut() {
-                    *x *= inv;
+                for r in 0..rows {
+                    let row = &mut scores[r * nk..(r + 1) * nk];
+                    let i = i0 + r;
+                    let (a, z) = dm.row_keys(i, lo);
+                    row[..a].fill(0.0);
+                    row[z..].fill(0.0);
+                    let valid = &mut row[a..z];
+                    let m = valid.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    for x in valid.iter_mut() {
+                        *x = exp(*x - m);
+                    }
+                    let sum = sum16(valid.len(), |j| valid[j]);
+                    let inv = 1.0 / sum;
+                    for x in valid.iter_mut() {
+                        *x *= inv;
+                    }
+                    // SAFETY: see above.
+                    unsafe { *lse_ptr.ptr().add((bi * h + hi) * t + i) = m + sum.ln() };
                 }
                 // SAFETY: see above.
-                unsafe { *lse_ptr.ptr().add((bi * h + hi) * t + i) = m + sum.ln() };
+                unsafe {
+                    mm(
+                        (rows, d, nk),
+                        o_ptr.ptr().add(dm.q_at(bi, i0, hi)),
+                        (h * d, 1),
+                        false,
+                        scores.as_ptr(),
+                        (nk, 1),
+                        vp.ptr().add(dm.k_at(bi, lo, kvh)),
+                        (kv * d, 1),
+                        1.0,
+                    );
+                }
             }
-            // SAFETY: see above.
-            unsafe {
-                mm(
-                    (rows, d, nk),
-                    o_ptr.ptr().add(dm.q_at(bi, i0, hi)),
-                    (h * d, 1),
-                    false,
-                    scores.as_ptr(),
-                    (nk, 1),
-                    vp.ptr().add(dm.k_at(bi, lo, kvh)),
-                    (kv * d, 1),
-                    1.0,
-                );
-            }
-        }
+        })
     });
 }
 
@@ -285,109 +287,112 @@ pub fn backward_into(
     let rep = h / kv;
     let scale = dm.scale();
     (0..b * kv).into_par_iter().for_each(|bk| {
-        let (bi, kvh) = (bk / kv, bk % kv);
-        // SAFETY: the three gradients are disjoint ranges of `buf`.
-        let (dq, dk, dv) = unsafe { (base.ptr(), base.ptr().add(nq), base.ptr().add(nq + nk_all)) };
-        let mut p = vec![0f32; BLOCK * dm.s];
-        let mut dp = vec![0f32; BLOCK * dm.s];
-        let mut delta = [0f32; BLOCK];
-        for hi in kvh * rep..(kvh + 1) * rep {
-            for i0 in (0..t).step_by(BLOCK) {
-                let i1 = (i0 + BLOCK).min(t);
-                let rows = i1 - i0;
-                let (lo, hi_k) = dm.key_range(i0, i1);
-                let nk = hi_k - lo;
-                let q_blk = dm.q_at(bi, i0, hi);
-                let k_blk = dm.k_at(bi, lo, kvh);
-                // SAFETY (all blocks below): offsets are within the checked shapes; this task
-                // alone writes dq of the heads of `kvh` and dk/dv of `kvh` in batch `bi`.
-                unsafe {
-                    mm(
-                        (rows, nk, d),
-                        p.as_mut_ptr(),
-                        (nk, 1),
-                        false,
-                        qp.ptr().add(q_blk),
-                        (h * d, 1),
-                        kp.ptr().add(k_blk),
-                        (1, kv * d),
-                        scale,
-                    );
-                }
-                for r in 0..rows {
-                    let i = i0 + r;
-                    let l = lse[(bi * h + hi) * t + i];
-                    let (a, z) = dm.row_keys(i, lo);
-                    let row = &mut p[r * nk..(r + 1) * nk];
-                    row[..a].fill(0.0);
-                    row[z..].fill(0.0);
-                    for x in row[a..z].iter_mut() {
-                        *x = exp(*x - l);
+        simd(|| {
+            let (bi, kvh) = (bk / kv, bk % kv);
+            // SAFETY: the three gradients are disjoint ranges of `buf`.
+            let (dq, dk, dv) =
+                unsafe { (base.ptr(), base.ptr().add(nq), base.ptr().add(nq + nk_all)) };
+            let mut p = vec![0f32; BLOCK * dm.s];
+            let mut dp = vec![0f32; BLOCK * dm.s];
+            let mut delta = [0f32; BLOCK];
+            for hi in kvh * rep..(kvh + 1) * rep {
+                for i0 in (0..t).step_by(BLOCK) {
+                    let i1 = (i0 + BLOCK).min(t);
+                    let rows = i1 - i0;
+                    let (lo, hi_k) = dm.key_range(i0, i1);
+                    let nk = hi_k - lo;
+                    let q_blk = dm.q_at(bi, i0, hi);
+                    let k_blk = dm.k_at(bi, lo, kvh);
+                    // SAFETY (all blocks below): offsets are within the checked shapes; this task
+                    // alone writes dq of the heads of `kvh` and dk/dv of `kvh` in batch `bi`.
+                    unsafe {
+                        mm(
+                            (rows, nk, d),
+                            p.as_mut_ptr(),
+                            (nk, 1),
+                            false,
+                            qp.ptr().add(q_blk),
+                            (h * d, 1),
+                            kp.ptr().add(k_blk),
+                            (1, kv * d),
+                            scale,
+                        );
                     }
-                    let at = dm.q_at(bi, i, hi);
-                    delta[r] = sum16(d, |c| dout[at + c] * o[at + c]);
-                }
-                unsafe {
-                    // dV += Pᵀ · dO
-                    mm(
-                        (nk, d, rows),
-                        dv.add(k_blk),
-                        (kv * d, 1),
-                        true,
-                        p.as_ptr(),
-                        (1, nk),
-                        dop.ptr().add(q_blk),
-                        (h * d, 1),
-                        1.0,
-                    );
-                    // dP = dO · Vᵀ
-                    mm(
-                        (rows, nk, d),
-                        dp.as_mut_ptr(),
-                        (nk, 1),
-                        false,
-                        dop.ptr().add(q_blk),
-                        (h * d, 1),
-                        vp.ptr().add(k_blk),
-                        (1, kv * d),
-                        1.0,
-                    );
-                }
-                // dS = P ∘ (dP − rowsum(dO ∘ O)); masked entries have P = 0.
-                for r in 0..rows {
-                    let pr = &p[r * nk..(r + 1) * nk];
-                    let dr = &mut dp[r * nk..(r + 1) * nk];
-                    for j in 0..nk {
-                        dr[j] = pr[j] * (dr[j] - delta[r]);
+                    for r in 0..rows {
+                        let i = i0 + r;
+                        let l = lse[(bi * h + hi) * t + i];
+                        let (a, z) = dm.row_keys(i, lo);
+                        let row = &mut p[r * nk..(r + 1) * nk];
+                        row[..a].fill(0.0);
+                        row[z..].fill(0.0);
+                        for x in row[a..z].iter_mut() {
+                            *x = exp(*x - l);
+                        }
+                        let at = dm.q_at(bi, i, hi);
+                        delta[r] = sum16(d, |c| dout[at + c] * o[at + c]);
                     }
-                }
-                unsafe {
-                    // dQ = scale · dS · K
-                    mm(
-                        (rows, d, nk),
-                        dq.add(q_blk),
-                        (h * d, 1),
-                        false,
-                        dp.as_ptr(),
-                        (nk, 1),
-                        kp.ptr().add(k_blk),
-                        (kv * d, 1),
-                        scale,
-                    );
-                    // dK += scale · dSᵀ · Q
-                    mm(
-                        (nk, d, rows),
-                        dk.add(k_blk),
-                        (kv * d, 1),
-                        true,
-                        dp.as_ptr(),
-                        (1, nk),
-                        qp.ptr().add(q_blk),
-                        (h * d, 1),
-                        scale,
-                    );
+                    unsafe {
+                        // dV += Pᵀ · dO
+                        mm(
+                            (nk, d, rows),
+                            dv.add(k_blk),
+                            (kv * d, 1),
+                            true,
+                            p.as_ptr(),
+                            (1, nk),
+                            dop.ptr().add(q_blk),
+                            (h * d, 1),
+                            1.0,
+                        );
+                        // dP = dO · Vᵀ
+                        mm(
+                            (rows, nk, d),
+                            dp.as_mut_ptr(),
+                            (nk, 1),
+                            false,
+                            dop.ptr().add(q_blk),
+                            (h * d, 1),
+                            vp.ptr().add(k_blk),
+                            (1, kv * d),
+                            1.0,
+                        );
+                    }
+                    // dS = P ∘ (dP − rowsum(dO ∘ O)); masked entries have P = 0.
+                    for r in 0..rows {
+                        let pr = &p[r * nk..(r + 1) * nk];
+                        let dr = &mut dp[r * nk..(r + 1) * nk];
+                        for j in 0..nk {
+                            dr[j] = pr[j] * (dr[j] - delta[r]);
+                        }
+                    }
+                    unsafe {
+                        // dQ = scale · dS · K
+                        mm(
+                            (rows, d, nk),
+                            dq.add(q_blk),
+                            (h * d, 1),
+                            false,
+                            dp.as_ptr(),
+                            (nk, 1),
+                            kp.ptr().add(k_blk),
+                            (kv * d, 1),
+                            scale,
+                        );
+                        // dK += scale · dSᵀ · Q
+                        mm(
+                            (nk, d, rows),
+                            dk.add(k_blk),
+                            (kv * d, 1),
+                            true,
+                            dp.as_ptr(),
+                            (1, nk),
+                            qp.ptr().add(q_blk),
+                            (h * d, 1),
+                            scale,
+                        );
+                    }
                 }
             }
-        }
+        })
     });
 }

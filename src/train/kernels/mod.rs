@@ -24,6 +24,16 @@ pub fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
 }
 
+/// Runs `f` compiled for the widest instruction set this CPU has (AVX-512, AVX2 + FMA, or
+/// the baseline), chosen at run time as gemm does: the element-wise loops here then vectorise
+/// 16 or 8 lanes wide instead of the default target's 4. Everything `f` calls must inline
+/// into it (`#[inline(always)]`). Results are the same bits on every path: Rust never fuses a
+/// multiply and an add on its own, and the loops' summation orders are fixed.
+#[inline(always)]
+pub fn simd<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
 /// Elements per rayon task for element-wise kernels.
 const CHUNK: usize = 16384;
 
@@ -63,7 +73,8 @@ pub fn exp(x: f32) -> f32 {
     // Round to nearest by adding and subtracting 1.5·2²³ (plain SSE2; `round()` would be a
     // call on CPUs without SSE4.1 code generation, which is the default target).
     const MAGIC: f32 = 12_582_912.0;
-    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let shifted = xc * LOG2E + MAGIC;
+    let n = shifted - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -72,7 +83,10 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    // n as an integer is in the low mantissa bits of `shifted` (no float-to-int conversion,
+    // whose saturating semantics keep the loop from vectorising).
+    let ni = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
     let y = er * scale;
     if x < -87.3 { 0.0 } else { y }
 }
@@ -84,12 +98,14 @@ pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     y.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
         .for_each(|(ys, xs)| {
-            for (yr, xr) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-                let inv = 1.0 / (sum16(d, |i| xr[i] * xr[i]) / d as f32 + eps).sqrt();
-                for i in 0..d {
-                    yr[i] = xr[i] * inv * w[i];
+            simd(|| {
+                for (yr, xr) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                    let inv = 1.0 / (sum16(d, |i| xr[i] * xr[i]) / d as f32 + eps).sqrt();
+                    for i in 0..d {
+                        yr[i] = xr[i] * inv * w[i];
+                    }
                 }
-            }
+            })
         });
 }
 
@@ -111,27 +127,29 @@ pub fn rms_norm_bwd(
         .par_chunks_mut(d * rows)
         .enumerate()
         .map(|(c, dxs)| {
-            let mut dw = vec![0f32; d];
-            let r0 = c * rows;
-            for (r, dxr) in dxs.chunks_exact_mut(d).enumerate() {
-                let xr = &x[(r0 + r) * d..(r0 + r + 1) * d];
-                let g = &dy[(r0 + r) * d..(r0 + r + 1) * d];
-                let inv = 1.0 / (sum16(d, |i| xr[i] * xr[i]) / d as f32 + eps).sqrt();
-                let k = inv * inv * sum16(d, |i| g[i] * w[i] * xr[i]) / d as f32;
-                if accumulate {
-                    for i in 0..d {
-                        dxr[i] += inv * (g[i] * w[i] - xr[i] * k);
+            simd(|| {
+                let mut dw = vec![0f32; d];
+                let r0 = c * rows;
+                for (r, dxr) in dxs.chunks_exact_mut(d).enumerate() {
+                    let xr = &x[(r0 + r) * d..(r0 + r + 1) * d];
+                    let g = &dy[(r0 + r) * d..(r0 + r + 1) * d];
+                    let inv = 1.0 / (sum16(d, |i| xr[i] * xr[i]) / d as f32 + eps).sqrt();
+                    let k = inv * inv * sum16(d, |i| g[i] * w[i] * xr[i]) / d as f32;
+                    if accumulate {
+                        for i in 0..d {
+                            dxr[i] += inv * (g[i] * w[i] - xr[i] * k);
+                        }
+                    } else {
+                        for i in 0..d {
+                            dxr[i] = inv * (g[i] * w[i] - xr[i] * k);
+                        }
                     }
-                } else {
                     for i in 0..d {
-                        dxr[i] = inv * (g[i] * w[i] - xr[i] * k);
+                        dw[i] += g[i] * (xr[i] * inv);
                     }
                 }
-                for i in 0..d {
-                    dw[i] += g[i] * (xr[i] * inv);
-                }
-            }
-            dw
+                dw
+            })
         })
         .collect();
     let mut dw = vec![0f32; d];
@@ -174,22 +192,24 @@ pub fn rope_in_place(
         .enumerate()
         .with_min_len(rows_per_task(row))
         .for_each(|(bt, xs)| {
-            let p = bt % t;
-            let c = &cos[p * hd..(p + 1) * hd];
-            let s = &sin[p * hd..(p + 1) * hd];
-            for xh in xs.chunks_exact_mut(hd) {
-                let (lo, hi) = xh.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (lo[i], hi[i]);
-                    if transpose {
-                        lo[i] = a * c[i] + b * s[i + half];
-                        hi[i] = b * c[i + half] - a * s[i];
-                    } else {
-                        lo[i] = a * c[i] - b * s[i];
-                        hi[i] = b * c[i + half] + a * s[i + half];
+            simd(|| {
+                let p = bt % t;
+                let c = &cos[p * hd..(p + 1) * hd];
+                let s = &sin[p * hd..(p + 1) * hd];
+                for xh in xs.chunks_exact_mut(hd) {
+                    let (lo, hi) = xh.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (lo[i], hi[i]);
+                        if transpose {
+                            lo[i] = a * c[i] + b * s[i + half];
+                            hi[i] = b * c[i + half] - a * s[i];
+                        } else {
+                            lo[i] = a * c[i] - b * s[i];
+                            hi[i] = b * c[i + half] + a * s[i + half];
+                        }
                     }
                 }
-            }
+            })
         });
 }
 
@@ -197,7 +217,7 @@ pub fn rope_in_place(
 pub fn swiglu_fwd(g: &[f32], u: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(ys, (gs, us))| swiglu_span(gs, us, ys));
+        .for_each(|(ys, (gs, us))| simd(|| swiglu_span(gs, us, ys)));
 }
 
 /// SwiGLU backward: `dg = dy · u · σ(g) · (1 + g · (1 − σ(g)))`, `du = dy · silu(g)`.
@@ -207,7 +227,7 @@ pub fn swiglu_bwd(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f3
         .enumerate()
         .for_each(|(c, (dgs, dus))| {
             let span = c * CHUNK..c * CHUNK + dgs.len();
-            swiglu_bwd_span(&g[span.clone()], &u[span.clone()], &dy[span], dgs, dus);
+            simd(|| swiglu_bwd_span(&g[span.clone()], &u[span.clone()], &dy[span], dgs, dus));
         });
 }
 
@@ -219,7 +239,7 @@ pub fn swiglu_fwd_packed(gu: &[f32], f: usize, y: &mut [f32]) {
         .with_min_len(rows_per_task(2 * f))
         .for_each(|(ys, row)| {
             let (g, u) = row.split_at(f);
-            swiglu_span(g, u, ys);
+            simd(|| swiglu_span(g, u, ys));
         });
 }
 
@@ -232,7 +252,7 @@ pub fn swiglu_bwd_packed(gu: &[f32], dy: &[f32], f: usize, dgu: &mut [f32]) {
         .for_each(|(drow, (row, dys))| {
             let (g, u) = row.split_at(f);
             let (dg, du) = drow.split_at_mut(f);
-            swiglu_bwd_span(g, u, dys, dg, du);
+            simd(|| swiglu_bwd_span(g, u, dys, dg, du));
         });
 }
 
@@ -257,7 +277,7 @@ fn swiglu_bwd_span(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f
 }
 
 /// Largest element, with 16 independent lanes so that it vectorises.
-#[inline]
+#[inline(always)]
 fn max16(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let full = x.len() / 16 * 16;
@@ -274,7 +294,7 @@ fn max16(x: &[f32]) -> f32 {
 }
 
 /// `logsumexp` of a row: `ln Σ exp(x − max) + max`.
-#[inline]
+#[inline(always)]
 fn row_lse(x: &[f32]) -> f32 {
     let m = max16(x);
     let s = sum16(x.len(), |i| exp(x[i] - m));
@@ -296,9 +316,11 @@ pub fn cross_entropy_fwd(
         .enumerate()
         .with_min_len(rows_per_task(v))
         .for_each(|(r, (o, l))| {
-            let row = &x[r * v..(r + 1) * v];
-            *l = row_lse(row);
-            *o = (*l - row[labels[r] as usize]) * mask[r];
+            simd(|| {
+                let row = &x[r * v..(r + 1) * v];
+                *l = row_lse(row);
+                *o = (*l - row[labels[r] as usize]) * mask[r];
+            })
         });
 }
 
@@ -317,17 +339,19 @@ pub fn cross_entropy_bwd(
         .enumerate()
         .with_min_len(rows_per_task(v))
         .for_each(|(r, d)| {
-            let scale = grad[r] * mask[r];
-            if scale == 0.0 {
-                d.fill(0.0);
-                return;
-            }
-            let row = &x[r * v..(r + 1) * v];
-            let l = lse[r];
-            for i in 0..v {
-                d[i] = exp(row[i] - l) * scale;
-            }
-            d[labels[r] as usize] -= scale;
+            simd(|| {
+                let scale = grad[r] * mask[r];
+                if scale == 0.0 {
+                    d.fill(0.0);
+                    return;
+                }
+                let row = &x[r * v..(r + 1) * v];
+                let l = lse[r];
+                for i in 0..v {
+                    d[i] = exp(row[i] - l) * scale;
+                }
+                d[labels[r] as usize] -= scale;
+            })
         });
 }
 
@@ -355,22 +379,26 @@ pub struct AdamStep {
 /// First moment in place: `m = β1·m + (1−β1)·g` with `g = grad_scale · grad`.
 pub fn adamw_m(m: &mut [f32], grad: &[f32], s: &AdamStep) {
     m.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ms)| {
-        let o = c * CHUNK;
-        for i in 0..ms.len() {
-            let g = grad[o + i] * s.grad_scale;
-            ms[i] = ms[i] * s.beta1 + g * (1.0 - s.beta1);
-        }
+        simd(|| {
+            let o = c * CHUNK;
+            for i in 0..ms.len() {
+                let g = grad[o + i] * s.grad_scale;
+                ms[i] = ms[i] * s.beta1 + g * (1.0 - s.beta1);
+            }
+        })
     });
 }
 
 /// Second moment in place: `v = β2·v + (1−β2)·g²` with `g = grad_scale · grad`.
 pub fn adamw_v(v: &mut [f32], grad: &[f32], s: &AdamStep) {
     v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, vs)| {
-        let o = c * CHUNK;
-        for i in 0..vs.len() {
-            let g = grad[o + i] * s.grad_scale;
-            vs[i] = vs[i] * s.beta2 + g * g * (1.0 - s.beta2);
-        }
+        simd(|| {
+            let o = c * CHUNK;
+            for i in 0..vs.len() {
+                let g = grad[o + i] * s.grad_scale;
+                vs[i] = vs[i] * s.beta2 + g * g * (1.0 - s.beta2);
+            }
+        })
     });
 }
 
@@ -378,11 +406,13 @@ pub fn adamw_v(v: &mut [f32], grad: &[f32], s: &AdamStep) {
 /// `p = p·decay − step_size · m / (sqrt(v)/bc2_sqrt + eps)`.
 pub fn adamw_apply(p: &mut [f32], m: &[f32], v: &[f32], s: &AdamStep) {
     p.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ps)| {
-        let o = c * CHUNK;
-        for i in 0..ps.len() {
-            let denom = v[o + i].sqrt() / s.bc2_sqrt + s.eps;
-            ps[i] = ps[i] * s.decay - m[o + i] / denom * s.step_size;
-        }
+        simd(|| {
+            let o = c * CHUNK;
+            for i in 0..ps.len() {
+                let denom = v[o + i].sqrt() / s.bc2_sqrt + s.eps;
+                ps[i] = ps[i] * s.decay - m[o + i] / denom * s.step_size;
+            }
+        })
     });
 }
 
@@ -392,13 +422,15 @@ pub fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
     let partials: Vec<Vec<f32>> = x
         .par_chunks(cols * rows_per_task(cols))
         .map(|block| {
-            let mut s = vec![0f32; cols];
-            for row in block.chunks_exact(cols) {
-                for (a, b) in s.iter_mut().zip(row) {
-                    *a += b;
+            simd(|| {
+                let mut s = vec![0f32; cols];
+                for row in block.chunks_exact(cols) {
+                    for (a, b) in s.iter_mut().zip(row) {
+                        *a += b;
+                    }
                 }
-            }
-            s
+                s
+            })
         })
         .collect();
     let mut out = vec![0f32; cols];
@@ -414,7 +446,7 @@ pub fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
 pub fn sum_squares(x: &[f32]) -> f64 {
     let parts: Vec<f64> = x
         .par_chunks(CHUNK)
-        .map(|c| sum16(c.len(), |i| c[i] * c[i]) as f64)
+        .map(|c| simd(|| sum16(c.len(), |i| c[i] * c[i]) as f64))
         .collect();
     parts.iter().sum()
 }
@@ -636,30 +668,32 @@ pub fn linear_cross_entropy(
             .enumerate()
             .with_min_len(rows_per_task(v))
             .for_each(|(i, (row, loss))| {
-                let label = labels[r0 + i] as usize;
-                let m = mask[r0 + i];
-                let target = row[label];
-                if !want_grad {
-                    *loss = (row_lse(row) - target) * m;
-                    return;
-                }
-                // The row becomes its gradient: exp(z − max) once, for the sum and the softmax.
-                let mx = max16(row);
-                for e in row.iter_mut() {
-                    *e = exp(*e - mx);
-                }
-                let s = sum16(v, |j| row[j]);
-                *loss = (s.ln() + mx - target) * m;
-                let gm = m * grad_scale;
-                if gm == 0.0 {
-                    row.fill(0.0);
-                } else {
-                    let k = gm / s;
-                    for e in row.iter_mut() {
-                        *e *= k;
+                simd(|| {
+                    let label = labels[r0 + i] as usize;
+                    let m = mask[r0 + i];
+                    let target = row[label];
+                    if !want_grad {
+                        *loss = (row_lse(row) - target) * m;
+                        return;
                     }
-                    row[label] -= gm;
-                }
+                    // The row becomes its gradient: exp(z − max) once, for the sum and the softmax.
+                    let mx = max16(row);
+                    for e in row.iter_mut() {
+                        *e = exp(*e - mx);
+                    }
+                    let s = sum16(v, |j| row[j]);
+                    *loss = (s.ln() + mx - target) * m;
+                    let gm = m * grad_scale;
+                    if gm == 0.0 {
+                        row.fill(0.0);
+                    } else {
+                        let k = gm / s;
+                        for e in row.iter_mut() {
+                            *e *= k;
+                        }
+                        row[label] -= gm;
+                    }
+                })
             });
         // SAFETY: sizes checked above; dx and dw are exclusive borrows distinct from the
         // inputs, and dw has been written by the first chunk before later ones accumulate.
