@@ -171,64 +171,11 @@ struct Sizes {
     attention: attention_kernel::Dims,
 }
 
-/// `y (n×out) [+]= x (n×inp) · wᵀ` for a PyTorch-layout weight `w (out×inp)`.
-fn linear(x: &[f32], w: &[f32], y: &mut [f32], (n, inp, out): (usize, usize, usize), acc: bool) {
-    assert!(x.len() == n * inp && w.len() == out * inp && y.len() == n * out);
-    // SAFETY: sizes checked; `y` is an exclusive borrow distinct from the inputs.
-    unsafe {
-        kernels::matmul_acc(
-            (n, out, inp),
-            y.as_mut_ptr(),
-            (out, 1),
-            x.as_ptr(),
-            (inp, 1),
-            w.as_ptr(),
-            (1, inp),
-            acc,
-        );
-    }
-}
-
-/// `dx (n×inp) [+]= dy (n×out) · w`.
-fn linear_dx(
-    dy: &[f32],
-    w: &[f32],
-    dx: &mut [f32],
-    (n, inp, out): (usize, usize, usize),
-    acc: bool,
-) {
-    assert!(dy.len() == n * out && w.len() == out * inp && dx.len() == n * inp);
-    // SAFETY: as in `linear`.
-    unsafe {
-        kernels::matmul_acc(
-            (n, inp, out),
-            dx.as_mut_ptr(),
-            (inp, 1),
-            dy.as_ptr(),
-            (out, 1),
-            w.as_ptr(),
-            (inp, 1),
-            acc,
-        );
-    }
-}
-
-/// `dyᵀ · x`: the gradient of a weight `(out×inp)`, in its own layout.
-fn linear_dw(dy: &[f32], x: &[f32], (n, inp, out): (usize, usize, usize)) -> Vec<f32> {
-    assert!(dy.len() == n * out && x.len() == n * inp);
+/// `dyᵀ · x`: the gradient of a weight `(out×inp)`, in a buffer of its own.
+fn linear_dw(dy: &[f32], x: &[f32], dims: (usize, usize, usize)) -> Vec<f32> {
+    let (_, inp, out) = dims;
     let mut dw = vec![0f32; out * inp];
-    // SAFETY: sizes checked; `dw` is fresh.
-    unsafe {
-        kernels::matmul(
-            (out, inp, n),
-            dw.as_mut_ptr(),
-            (inp, 1),
-            dy.as_ptr(),
-            (1, out),
-            x.as_ptr(),
-            (inp, 1),
-        );
-    }
+    kernels::linear_dw_into(dy, x, &mut dw, dims);
     dw
 }
 
@@ -562,9 +509,9 @@ fn layer_forward(
         match bias {
             Some(bias) => {
                 y.par_chunks_mut(out).for_each(|r| r.copy_from_slice(bias));
-                linear(&h1, wt, &mut y, (n, d, out), true);
+                kernels::linear_into(&h1, wt, &mut y, (n, d, out), true);
             }
-            None => linear(&h1, wt, &mut y, (n, d, out), false),
+            None => kernels::linear_into(&h1, wt, &mut y, (n, d, out), false),
         }
         y
     };
@@ -586,19 +533,19 @@ fn layer_forward(
             }
         });
     }
-    linear(&att, w.o, &mut x1, (n, q_dim, d), true);
+    kernels::linear_into(&att, w.o, &mut x1, (n, q_dim, d), true);
     let mut h2 = ws.take(n * d);
     kernels::rms_norm_fwd(&x1, w.post_norm, eps, &mut h2);
     let mut gate_up = ws.take(2 * ff * d);
     copy(w.gate, &mut gate_up[..ff * d]);
     copy(w.up, &mut gate_up[ff * d..]);
     let mut gu = ws.take(n * 2 * ff);
-    linear(&h2, &gate_up, &mut gu, (n, d, 2 * ff), false);
+    kernels::linear_into(&h2, &gate_up, &mut gu, (n, d, 2 * ff), false);
     let mut a = ws.take(n * ff);
     kernels::swiglu_fwd_packed(&gu, ff, &mut a);
     let mut out = ws.take(n * d);
     copy(&x1, &mut out);
-    linear(&a, w.down, &mut out, (n, ff, d), true);
+    kernels::linear_into(&a, w.down, &mut out, (n, ff, d), true);
     let saved = Saved {
         h1,
         q,
@@ -657,7 +604,7 @@ fn layer_backward(
     let down = linear_dw(dx, &sv.a, (n, ff, d));
     ws.give(sv.a);
     let mut da = ws.take(n * ff);
-    linear_dx(dx, w.down, &mut da, (n, ff, d), false);
+    kernels::linear_dx_into(dx, w.down, &mut da, (n, ff, d), false);
     let mut dgu = ws.take(n * 2 * ff);
     kernels::swiglu_bwd_packed(&sv.gu, &da, ff, &mut dgu);
     ws.give(da);
@@ -667,7 +614,7 @@ fn layer_backward(
     gate.shrink_to_fit();
     ws.give(sv.h2);
     let mut dh = ws.take(n * d);
-    linear_dx(&dgu, &sv.gate_up, &mut dh, (n, d, 2 * ff), false);
+    kernels::linear_dx_into(&dgu, &sv.gate_up, &mut dh, (n, d, 2 * ff), false);
     ws.give(dgu);
     ws.give(sv.gate_up);
     let post_norm = kernels::rms_norm_bwd(&sv.x1, w.post_norm, &dh, eps, dx, true);
@@ -677,7 +624,7 @@ fn layer_backward(
     let o = linear_dw(dx, &sv.att, (n, q_dim, d));
     let o_bias = w.o_bias.map(|_| kernels::column_sums(dx, d));
     let mut datt = ws.take(n * q_dim);
-    linear_dx(dx, w.o, &mut datt, (n, q_dim, d), false);
+    kernels::linear_dx_into(dx, w.o, &mut datt, (n, q_dim, d), false);
     let mut dqkv = ws.take(n * q_dim + 2 * n * kv_dim);
     attention_kernel::backward_into(&sv.q, &sv.k, &sv.v, &sv.att, &datt, &sv.lse, dm, &mut dqkv);
     for buf in [sv.q, sv.k, sv.v, sv.att, sv.lse, datt] {
@@ -694,9 +641,9 @@ fn layer_backward(
     let k_bias = w.k_bias.map(|_| kernels::column_sums(dk, kv_dim));
     let v_bias = w.v_bias.map(|_| kernels::column_sums(dv, kv_dim));
     ws.give(sv.h1);
-    linear_dx(dq, w.q, &mut dh, (n, d, q_dim), false);
-    linear_dx(dk, w.k, &mut dh, (n, d, kv_dim), true);
-    linear_dx(dv, w.v, &mut dh, (n, d, kv_dim), true);
+    kernels::linear_dx_into(dq, w.q, &mut dh, (n, d, q_dim), false);
+    kernels::linear_dx_into(dk, w.k, &mut dh, (n, d, kv_dim), true);
+    kernels::linear_dx_into(dv, w.v, &mut dh, (n, d, kv_dim), true);
     ws.give(dqkv);
     let in_norm = kernels::rms_norm_bwd(x, w.in_norm, &dh, eps, dx, true);
     ws.give(dh);

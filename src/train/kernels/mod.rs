@@ -556,11 +556,24 @@ pub(crate) unsafe fn gemm_strided(
 
 /// `y (rows×out) = x (rows×inp) · wᵀ` for a PyTorch-layout weight `w (out×inp)`.
 pub fn linear_fwd(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
-    assert!(x.len() == rows * inp && w.len() == out * inp);
     let mut y = vec![0f32; rows * out];
-    // SAFETY: sizes checked above; y is fresh.
+    linear_into(x, w, &mut y, (rows, inp, out), false);
+    y
+}
+
+/// [`linear_fwd`] into `y`, or with `accumulate` `y += x · wᵀ` (a residual addition done by the
+/// matmul).
+pub fn linear_into(
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    (rows, inp, out): (usize, usize, usize),
+    accumulate: bool,
+) {
+    assert!(x.len() == rows * inp && w.len() == out * inp && y.len() == rows * out);
+    // SAFETY: sizes checked; `y` is an exclusive borrow distinct from the inputs.
     unsafe {
-        matmul(
+        matmul_acc(
             (rows, out, inp),
             y.as_mut_ptr(),
             (out, 1),
@@ -568,9 +581,9 @@ pub fn linear_fwd(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> 
             (inp, 1),
             w.as_ptr(),
             (1, inp),
+            accumulate,
         );
     }
-    y
 }
 
 /// Linear backward: `dx = dy · w` and, when wanted, `dw = dyᵀ · x`, written straight in the
@@ -579,15 +592,29 @@ pub fn linear_bwd(
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    (rows, inp, out): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dx: &mut [f32],
     dw: Option<&mut [f32]>,
 ) {
-    assert!(x.len() == rows * inp && w.len() == out * inp && dy.len() == rows * out);
-    assert!(dx.len() == rows * inp);
-    // SAFETY: sizes checked; dx and dw are exclusive borrows distinct from the inputs.
+    linear_dx_into(dy, w, dx, dims, false);
+    if let Some(dw) = dw {
+        linear_dw_into(dy, x, dw, dims);
+    }
+}
+
+/// The input's gradient of a linear layer: `dx (rows×inp) = dy (rows×out) · w`, or with
+/// `accumulate` `dx += dy · w` (several projections of one input).
+pub fn linear_dx_into(
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    (rows, inp, out): (usize, usize, usize),
+    accumulate: bool,
+) {
+    assert!(dy.len() == rows * out && w.len() == out * inp && dx.len() == rows * inp);
+    // SAFETY: sizes checked; `dx` is an exclusive borrow distinct from the inputs.
     unsafe {
-        matmul(
+        matmul_acc(
             (rows, inp, out),
             dx.as_mut_ptr(),
             (inp, 1),
@@ -595,19 +622,30 @@ pub fn linear_bwd(
             (out, 1),
             w.as_ptr(),
             (inp, 1),
+            accumulate,
         );
-        if let Some(dw) = dw {
-            assert!(dw.len() == out * inp);
-            matmul(
-                (out, inp, rows),
-                dw.as_mut_ptr(),
-                (inp, 1),
-                dy.as_ptr(),
-                (1, out),
-                x.as_ptr(),
-                (inp, 1),
-            );
-        }
+    }
+}
+
+/// The weight's gradient of a linear layer, `dw (out×inp) = dyᵀ · x`, in the weight's layout.
+pub fn linear_dw_into(
+    dy: &[f32],
+    x: &[f32],
+    dw: &mut [f32],
+    (rows, inp, out): (usize, usize, usize),
+) {
+    assert!(dy.len() == rows * out && x.len() == rows * inp && dw.len() == out * inp);
+    // SAFETY: sizes checked; `dw` is an exclusive borrow distinct from the inputs.
+    unsafe {
+        matmul(
+            (out, inp, rows),
+            dw.as_mut_ptr(),
+            (inp, 1),
+            dy.as_ptr(),
+            (1, out),
+            x.as_ptr(),
+            (inp, 1),
+        );
     }
 }
 
