@@ -13,9 +13,10 @@
 //!
 //! Run: `cargo bench --bench train_throughput -- --config 20m --seconds 60 [--threads 2]
 //! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain|--autograd] [--json] [--peak-tflops X]
-//! [--save]`. On the CPU in f32 the step is the trainer's: [`jobd::train::direct`]'s forward
+//! [--save] [--checkpointing]`. On the CPU in f32 the step is the trainer's: [`jobd::train::direct`]'s forward
 //! and hand-written backward. `--autograd` runs the same fused kernels through Candle's
-//! autograd instead (what other devices and types, and LoRA, use); `--plain` uses the plain-op
+//! autograd instead (what other devices and types, and LoRA, use); `--checkpointing` recomputes
+//! each layer in the backward (`gradient_checkpointing`); `--plain` uses the plain-op
 //! versions of the fused kernels (the "before"); `--json` ends with
 //! one JSON line for scripts. MFU counts 6·N + 12·L·T·d FLOPs per token (N: parameters less
 //! the input embedding) against `--peak-tflops`, by default on the CPU the rate this machine
@@ -44,6 +45,7 @@ struct Args {
     device: String,
     plain: bool,
     autograd: bool,
+    checkpointing: bool,
     json: bool,
     peak_tflops: Option<f64>,
     save: bool,
@@ -60,6 +62,7 @@ fn parse_args() -> Args {
         device: "cpu".into(),
         plain: false,
         autograd: false,
+        checkpointing: false,
         json: false,
         peak_tflops: None,
         save: false,
@@ -84,6 +87,7 @@ fn parse_args() -> Args {
             "--device" => a.device = val(),
             "--plain" => a.plain = true,
             "--autograd" => a.autograd = true,
+            "--checkpointing" => a.checkpointing = true,
             "--json" => a.json = true,
             "--peak-tflops" => a.peak_tflops = Some(val().parse().expect("--peak-tflops X")),
             "--save" => a.save = true,
@@ -214,6 +218,8 @@ fn bench(a: &Args) {
         "plain ops"
     } else if a.autograd || a.dtype != DType::F32 || !dev.is_cpu() {
         "fused, autograd"
+    } else if a.checkpointing {
+        "fused, direct backward, activation checkpointing"
     } else {
         "fused, direct backward"
     };
@@ -268,7 +274,16 @@ fn bench(a: &Args) {
         let (grads, t_fwd) = if direct {
             // The trainer's path on the CPU: forward and hand-written backward in one call.
             let scale = 1.0 / (batch * block) as f32;
-            let fwd = direct::forward(&model, &x, &y, &mask, scale, &mut workspace).unwrap();
+            let fwd = direct::forward(
+                &model,
+                &x,
+                &y,
+                &mask,
+                scale,
+                a.checkpointing,
+                &mut workspace,
+            )
+            .unwrap();
             let t_fwd = t0.elapsed().as_secs_f64() - t_data;
             last_loss = fwd.loss_sum * scale;
             let g = fwd.backward(&model, &mut workspace).unwrap();

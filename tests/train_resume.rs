@@ -144,6 +144,40 @@ fn stop_and_resume_is_bit_identical() {
     }
 }
 
+/// `gradient_checkpointing` recomputes activations instead of keeping them: a run stopped
+/// without it and resumed with it ends with the same bits as an uninterrupted run without it
+/// (and its checkpoints are accepted: the flag is not part of the spec hash).
+#[test]
+fn resuming_with_gradient_checkpointing_is_bit_identical() {
+    let dir = workspace();
+    let s = spec(dir.path(), &scratch_job(11, ""));
+    let reference = reference(dir.path(), &s);
+    let job = dir.path().join("interrupted");
+    let hooks = Hooks {
+        stop_after_step: Some(7),
+        ..Hooks::default()
+    };
+    run_with(&s, &ctx(&job), &hooks).unwrap();
+    let checkpointed = spec(
+        dir.path(),
+        &scratch_job(11, "gradient_checkpointing = true"),
+    );
+    assert!(
+        checkpointed
+            .training
+            .as_ref()
+            .unwrap()
+            .gradient_checkpointing
+    );
+    assert_eq!(
+        checkpoint::spec_hash(&checkpointed),
+        checkpoint::spec_hash(&s)
+    );
+    let out = train::run(&checkpointed, &ctx(&job)).unwrap();
+    assert_eq!(out, WorkerOutcome::Completed { steps: 20 });
+    assert_same_result(&reference, &job);
+}
+
 #[test]
 fn crash_and_resume_is_bit_identical() {
     for (seed, crash_at) in [(3u64, 6u64), (5, 11)] {

@@ -149,12 +149,15 @@ struct ManifestFile {
 }
 
 /// The hash of everything in the job spec that changes the training computation
-/// (`[model]`, `[data]`, `[training]` except saving and resume options, `[lora]`).
+/// (`[model]`, `[data]`, `[training]` except saving, resume and activation-checkpointing
+/// options, `[lora]`).
 pub fn spec_hash(spec: &JobSpec) -> String {
     let mut t = spec.training.clone().unwrap_or_default();
     t.save_steps = 0;
     t.save_total_limit = None;
     t.resume_from_checkpoint = Default::default();
+    // Recomputing activations gives the same gradients, bit for bit.
+    t.gradient_checkpointing = false;
     let v = serde_json::json!({
         "model": spec.model,
         "data": spec.data,

@@ -158,6 +158,28 @@ struct Saved {
     a: Vec<f32>,
 }
 
+impl Saved {
+    /// Gives every buffer back to the workspace.
+    fn release(self, ws: &mut Workspace) {
+        let Saved {
+            h1,
+            q,
+            k,
+            v,
+            att,
+            lse,
+            x1,
+            h2,
+            gate_up,
+            gu,
+            a,
+        } = self;
+        for buf in [h1, q, k, v, att, lse, x1, h2, gate_up, gu, a] {
+            ws.give(buf);
+        }
+    }
+}
+
 /// Sizes of one step.
 #[derive(Clone, Copy)]
 struct Sizes {
@@ -271,7 +293,8 @@ pub struct Forward {
     sz: Sizes,
     /// `stream[l]` is layer l's input; the last one is the final norm's input.
     stream: Vec<Vec<f32>>,
-    saved: Vec<Saved>,
+    /// Each layer's activations; `None` where they are recomputed in the backward.
+    saved: Vec<Option<Saved>>,
     /// Gradients of the final norm's output and of the lm_head weight (computed with the loss).
     d_final: Vec<f32>,
     d_head: Vec<f32>,
@@ -281,12 +304,16 @@ pub struct Forward {
 /// the lm_head pass computes at once) multiplied by `grad_scale` (the trainer's
 /// `1 / labelled tokens`, times an f16 loss scale). `ids` and `labels` are `(B, T)` u32 from
 /// position 0, `mask` `(B, T)`. The model must be [`supported`]; buffers come from `ws`.
+/// With `checkpointing`, only each layer's input is kept and the backward runs the layer's
+/// forward again (activation checkpointing: same gradients, less memory, one more forward).
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     model: &Llama,
     ids: &Tensor,
     labels: &Tensor,
     mask: &Tensor,
     grad_scale: f32,
+    checkpointing: bool,
     ws: &mut Workspace,
 ) -> Result<Forward> {
     let bail = |m: String| -> Result<Forward> { Err(candle_core::Error::Msg(m).into()) };
@@ -361,7 +388,12 @@ pub fn forward(
     for lw in &w.layers {
         let x = stream.last().expect("stream starts with the embeddings");
         let (sv, out) = layer_forward(x, lw, rope, sz, ws);
-        saved.push(sv);
+        if checkpointing {
+            sv.release(ws);
+            saved.push(None);
+        } else {
+            saved.push(Some(sv));
+        }
         stream.push(out);
     }
     let mut xf = ws.take(n * d);
@@ -429,6 +461,14 @@ impl Forward {
         put(&model.norm, d_norm)?;
         for ((blk, lw), sv) in model.layers.iter().zip(&w.layers).zip(saved).rev() {
             let x = stream.pop().expect("one input per layer");
+            let sv = match sv {
+                Some(sv) => sv,
+                None => {
+                    let (sv, out) = layer_forward(&x, lw, rope, sz, ws);
+                    ws.give(out);
+                    sv
+                }
+            };
             let g = layer_backward(&x, lw, sv, &mut dx, rope, sz, ws);
             ws.give(x);
             put(&blk.input_layernorm, g.in_norm)?;
@@ -481,7 +521,7 @@ pub fn loss_and_grads(
     grad_scale: f32,
     ws: &mut Workspace,
 ) -> Result<StepGrads> {
-    forward(model, ids, labels, mask, grad_scale, ws)?.backward(model, ws)
+    forward(model, ids, labels, mask, grad_scale, false, ws)?.backward(model, ws)
 }
 
 /// One decoder layer forward from its input `x`: what the backward needs, and the output.
@@ -786,6 +826,32 @@ mod tests {
                 assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
             }
         }
+    }
+
+    /// Activation checkpointing recomputes each layer in the backward: the same bits, with
+    /// less memory held at the peak (the workspace ends a step holding its peak's buffers).
+    #[test]
+    fn checkpointing_gives_the_same_bits_with_less_memory() {
+        let (ids, labels, mask) = batch();
+        let (m, vars) = model("qwen2", false, true, None);
+        let run = |checkpointing: bool| {
+            let mut ws = Workspace::default();
+            let f = forward(&m, &ids, &labels, &mask, 0.5, checkpointing, &mut ws).unwrap();
+            let g = f.backward(&m, &mut ws).unwrap();
+            let mut bits = vec![g.loss_sum.to_bits()];
+            for v in &vars {
+                let t = g.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+                bits.extend(t.to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()));
+            }
+            (bits, ws.bytes())
+        };
+        let (full, full_bytes) = run(false);
+        let (ckpt, ckpt_bytes) = run(true);
+        assert_eq!(full, ckpt);
+        assert!(
+            ckpt_bytes < full_bytes,
+            "checkpointed peak {ckpt_bytes} B vs {full_bytes} B"
+        );
     }
 
     /// The thread count does not change a bit of the result (exact resume on another machine).

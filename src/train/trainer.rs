@@ -220,8 +220,15 @@ fn run_inner(
     let mut workspace = direct::Workspace::default();
     tracing::info!(
         backward = if use_direct { "direct" } else { "autograd" },
+        activation_checkpointing = use_direct && args.gradient_checkpointing,
         "training step"
     );
+    if args.gradient_checkpointing && !use_direct {
+        tracing::warn!(
+            "gradient_checkpointing applies to full fine-tuning in f32 on the CPU; \
+             this run keeps every activation"
+        );
+    }
     if ctx.stop.is_requested() {
         // Asked to stop while loading: nothing new to save.
         reporter.stage("stopped")?;
@@ -279,6 +286,7 @@ fn run_inner(
                     &b.labels,
                     &b.mask,
                     scale as f32,
+                    args.gradient_checkpointing,
                     &mut workspace,
                 )?;
                 step_loss += fwd.loss_sum as f64 / group_labelled as f64;
