@@ -379,7 +379,17 @@ mod tests {
             "waited for the grace period"
         );
         assert_eq!(exit.signal, Some(9));
-        assert!(!group_alive(info.pgid), "no process of the job survives");
+        // SIGKILL has reached the whole group; a member the kernel has not yet scheduled to
+        // die may linger for a moment on a busy machine, so allow it a bounded wait.
+        let mut alive = group_alive(info.pgid);
+        for _ in 0..200 {
+            if !alive {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            alive = group_alive(info.pgid);
+        }
+        assert!(!alive, "no process of the job survives");
     }
 
     #[tokio::test]
