@@ -12,6 +12,8 @@
 
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod data;
 pub mod direct;
 pub mod generate;
@@ -261,8 +263,17 @@ pub fn select_device(wants_gpu: bool) -> Result<candle_core::Device, TrainError>
         #[cfg(feature = "cuda")]
         {
             // CUDA_VISIBLE_DEVICES (set by the daemon) makes our GPU number 0.
-            return candle_core::Device::new_cuda(0)
-                .map_err(|e| TrainError::Device(format!("CUDA device 0: {e}")));
+            let dev = candle_core::Device::new_cuda(0)
+                .map_err(|e| TrainError::Device(format!("CUDA device 0: {e}")))?;
+            if let candle_core::Device::Cuda(d) = &dev {
+                // cudarc records an event on every read and write of every buffer, for
+                // programs that share buffers between streams; that costs several driver
+                // calls per kernel, and a training step launches thousands of small ones.
+                // SAFETY: a worker issues all its CUDA work from the one thread that trains,
+                // on this device's one stream, so stream order alone orders every use.
+                unsafe { d.disable_event_tracking() };
+            }
+            return Ok(dev);
         }
         #[cfg(not(feature = "cuda"))]
         tracing::warn!("this jobd was built without the cuda feature; training on the CPU");

@@ -72,12 +72,18 @@ impl<'a> Pass<'a> {
 
 impl Linear {
     fn forward(&self, x: &Tensor, pass: &mut Pass<'_>) -> Result<Tensor> {
-        let w = cast(&self.weight, pass.dtype)?;
-        // Any rank in, any rank out: no reshape nodes (each costs the backward a pass).
-        let mut y = if pass.fused {
-            ops::linear(x, &w)?
+        // Any rank in, any rank out: no reshape nodes (each costs the backward a pass). On
+        // CUDA the fused op takes the f32 master as it is and casts inside (no cast node).
+        let uncast = pass.fused
+            && ops::gpu_fusable(x)
+            && x.dtype() == pass.dtype
+            && (self.weight.dtype() == DType::F32 || self.weight.dtype() == pass.dtype);
+        let mut y = if uncast {
+            ops::linear(x, &self.weight)?
+        } else if pass.fused {
+            ops::linear(x, &cast(&self.weight, pass.dtype)?)?
         } else {
-            plain::linear(x, &w)?
+            plain::linear(x, &cast(&self.weight, pass.dtype)?)?
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&cast(b, pass.dtype)?)?;
@@ -166,8 +172,9 @@ impl Rope {
     /// Rotates `x` of shape `(B, T, heads · head_dim)` for positions `start..start+T`.
     fn apply(&self, x: &Tensor, start: usize, pass: &Pass<'_>) -> Result<Tensor> {
         let t = x.dim(1)?;
-        let cos = cast(&self.cos.narrow(0, start, t)?, x.dtype())?;
-        let sin = cast(&self.sin.narrow(0, start, t)?, x.dtype())?;
+        // The tables stay f32: the fused kernels read them so, the plain ops cast them.
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
         if pass.fused {
             ops::rope(x, &cos, &sin)
         } else {
@@ -477,10 +484,7 @@ impl Llama {
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(cfg.num_hidden_layers, None);
         }
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden_size))?;
+        let mut x = ops::embedding(&self.embed_tokens, ids)?.reshape((b, t, cfg.hidden_size))?;
         x = cast(&x, pass.dtype)?;
         let nh = cfg.num_attention_heads;
         let nkv = cfg.n_kv_heads();

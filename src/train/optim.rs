@@ -3,10 +3,10 @@
 //!
 //! Candle-nn's `AdamW` keeps its moments private, which rules out exact resume; this one has
 //! the same mathematics as `torch.optim.AdamW` and exposes `m`, `v` and the step count so a
-//! checkpoint can hold them. On the CPU (f32) each tensor is updated in place by fused
-//! kernels: one pass per moment and one for the parameter, no temporaries, with the clipping
-//! factor folded in (the gradients are never rescaled into new tensors). Elsewhere the update
-//! is the same formula in tensor ops on the parameters' device.
+//! checkpoint can hold them. On the CPU and on CUDA (f32) each tensor is updated in place by
+//! fused kernels: one pass per moment and one for the parameter, no temporaries, with the
+//! clipping factor folded in (the gradients are never rescaled into new tensors). Elsewhere
+//! the update is the same formula in tensor ops on the parameters' device.
 
 use super::kernels::{self, AdamStep};
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
@@ -94,9 +94,10 @@ impl AdamW {
                 1.0
             };
             let theta = p.var.as_tensor();
+            let on_cuda = cfg!(feature = "cuda") && theta.device().is_cuda();
             let fused = [theta, g, &self.m[i], &self.v[i]]
                 .iter()
-                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+                .all(|t| (t.device().is_cpu() || on_cuda) && t.dtype() == DType::F32)
                 && theta.is_contiguous();
             if fused {
                 let s = AdamStep {
@@ -180,6 +181,22 @@ impl InplaceOp2 for Moment {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        let beta = if self.second {
+            self.s.beta2
+        } else {
+            self.s.beta1
+        };
+        super::cuda::adamw_moment((dst, dst_l), (g, gl), beta, self.s.grad_scale, self.second)
+    }
 }
 
 /// In-place parameter update from the new moments.
@@ -209,10 +226,40 @@ impl InplaceOp3 for Apply {
         kernels::adamw_apply(dst, m, v, &self.0);
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        m: &candle_core::CudaStorage,
+        ml: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        let s = &self.0;
+        super::cuda::adamw_apply(
+            (dst, dst_l),
+            (m, ml),
+            (v, vl),
+            (s.decay, s.step_size, s.bc2_sqrt, s.eps),
+        )
+    }
 }
 
 /// The global L2 norm of `grads`, summed in a fixed order in f64 (so it is reproducible).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64, TrainError> {
+    // On CUDA: every tensor's sum of squares in one launch each and one read-back, instead of a
+    // device-to-host round trip per tensor.
+    #[cfg(feature = "cuda")]
+    if !grads.is_empty()
+        && grads
+            .iter()
+            .all(|g| g.device().is_cuda() && g.dtype() == DType::F32)
+    {
+        let sums = super::cuda::sums_of_squares(grads)?;
+        return Ok(sums.iter().sum::<f64>().sqrt());
+    }
     let mut sum = 0f64;
     for g in grads {
         sum += if g.device().is_cpu() && g.dtype() == DType::F32 {

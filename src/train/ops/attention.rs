@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex};
 use crate::train::kernels::attention::{self as kernel, Dims};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::{cpu_f32, fusable, split, storage_f32};
+use super::{Stats, cpu_f32, fusable, gpu_fusable, split, storage_f32};
 use crate::train::model::Result;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 
 /// Causal attention of `q` `(B, T, H·D)` (positions `start..start+T`) over `k`, `v`
 /// `(B, S, KV·D)` (positions `0..S`) — the projections' outputs as they are — each key/value
@@ -22,7 +24,8 @@ pub fn attention(
     start: usize,
     window: Option<usize>,
 ) -> Result<Tensor> {
-    if !fusable(q) || !fusable(k) || !fusable(v) {
+    let on_gpu = gpu_fusable(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
+    if !on_gpu && (!fusable(q) || !fusable(k) || !fusable(v)) {
         return super::plain::attention(q, k, v, heads, start, window);
     }
     let op = Attention {
@@ -41,7 +44,7 @@ struct Attention {
     start: usize,
     window: Option<usize>,
     /// Row log-sum-exps of the forward, for the backward.
-    lse: Arc<Mutex<Option<Vec<f32>>>>,
+    lse: Arc<Mutex<Option<Stats>>>,
 }
 
 impl Attention {
@@ -89,8 +92,24 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dm = self.dims(l1, l2, l3)?;
         let (out, lse) = kernel::forward(cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?, dm);
-        *self.lse.lock().expect("attention lse lock") = Some(lse);
+        *self.lse.lock().expect("attention lse lock") = Some(Stats::Cpu(lse));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dm = self.dims(l1, l2, l3)?;
+        let (out, lse) = crate::train::cuda::attention_fwd((s1, l1), (s2, l2), (s3, l3), dm)?;
+        *self.lse.lock().expect("attention lse lock") = Some(Stats::Cuda(lse));
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
@@ -103,7 +122,13 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let saved = self.lse.lock().expect("attention lse lock");
-        let Some(lse) = saved.as_ref() else {
+        #[cfg(feature = "cuda")]
+        if let Some(Stats::Cuda(lse)) = saved.as_ref() {
+            let dm = self.dims(q.layout(), k.layout(), v.layout())?;
+            let (dq, dk, dv) = crate::train::cuda::attention_bwd((q, k, v), res, lse, &grad, dm)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
+        let Some(Stats::Cpu(lse)) = saved.as_ref() else {
             candle_core::bail!("attention: backward without the forward's statistics");
         };
         let buf = {

@@ -10,9 +10,10 @@
 //! data, the backward a hand-derived kernel, and attention keeps only the row log-sum-exps for
 //! its backward (the scores are recomputed block by block, as flash attention does).
 //!
-//! The kernels run on the CPU in f32. Any other device or type (CUDA, bf16/f16) takes the
-//! plain-op path in [`plain`], which computes the same mathematics (and is what the tests
-//! compare against); CUDA kernels are still to come. Ops take tensors in the shapes the model
+//! The kernels run on the CPU in f32 and, with the `cuda` feature, on CUDA in f32 and bf16
+//! ([`super::cuda`]: the same ops' `cuda_fwd`, and backward passes made of CUDA kernels and
+//! cuBLAS products). Anything else (f16, a CPU in bf16) takes the plain-op path in [`plain`],
+//! which computes the same mathematics (and is what the tests compare against). Ops take tensors in the shapes the model
 //! produces them (`(B, T, heads·dim)`, any leading dimensions for linear and the loss)
 //! because every reshape node costs Candle's backward a zero-filled gradient and an addition.
 //! Every kernel is deterministic: work is split into fixed pieces whose partial results are
@@ -40,6 +41,23 @@ use super::model::Result;
 pub(crate) fn fusable(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
+
+/// Whether `t` can use the fused CUDA kernels (feature `cuda`; f32 or bf16).
+pub(crate) fn gpu_fusable(t: &Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16)
+}
+
+/// Row statistics (log-sum-exps) a forward keeps for its backward, where it computed them.
+enum Stats {
+    Cpu(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>),
+}
+
+#[cfg(feature = "cuda")]
+use super::cuda;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 
 /// The f32 data of a contiguous CPU tensor's storage, as a slice of its elements.
 pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
@@ -90,7 +108,13 @@ fn split(buf: Vec<f32>, shapes: &[&Shape], device: &candle_core::Device) -> Resu
 /// Candle's `x.matmul(&w.t())` computes the same, but its backward produces the weight's
 /// gradient transposed, which then costs a strided copy; this writes it in `w`'s layout, and
 /// skips it entirely for frozen weights (LoRA).
+///
+/// On CUDA `w` may also be the f32 master of a bf16 `x`: the op casts it for the product and
+/// writes its gradient in f32 directly (no cast node, no bf16 gradient to convert).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if gpu_fusable(x) && (w.dtype() == x.dtype() || w.dtype() == DType::F32) && w.rank() == 2 {
+        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Linear)?);
+    }
     if !fusable(x) || !fusable(w) {
         return plain::linear(x, w);
     }
@@ -125,6 +149,17 @@ impl CustomOp2 for Linear {
         Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        cuda::linear_fwd((s1, l1), (s2, l2))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -136,6 +171,11 @@ impl CustomOp2 for Linear {
         let (out, inp) = w.dims2()?;
         let rows = x.elem_count() / inp;
         let want_dw = w.track_op();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, dw) = cuda::linear_bwd(x, w, &dy, want_dw)?;
+            return Ok((Some(dx), dw));
+        }
         let mut dx = vec![0f32; rows * inp];
         let mut dw = vec![0f32; if want_dw { out * inp } else { 0 }];
         {
@@ -162,10 +202,37 @@ impl CustomOp2 for Linear {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Embedding
+
+/// Rows of `table` `(V, d)` for the token ids `ids` (any shape, u32), as `(n, d)`. On the CPU
+/// this is Candle's `index_select`; on CUDA an op with a deterministic backward (each id's
+/// gradient rows summed in position order). An id outside the table is an error naming it.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let ids = ids.flatten_all()?;
+    #[cfg(feature = "cuda")]
+    if gpu_fusable(table) && ids.dtype() == DType::U32 {
+        let host = ids.to_vec1::<u32>()?;
+        let vocab = table.dim(0)?;
+        if let Some(&bad) = host.iter().find(|&&i| i as usize >= vocab) {
+            Err(candle_core::Error::Msg(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )))?;
+        }
+        let op = cuda::Embedding::new(ids.contiguous()?, host);
+        return Ok(table.contiguous()?.apply_op1(op)?);
+    }
+    Ok(table.index_select(&ids, 0)?)
+}
+
+// ---------------------------------------------------------------------------------------------
 // RMSNorm
 
 /// RMSNorm over the last dimension, `x · rsqrt(mean(x²) + eps) · w`, with backward.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if gpu_fusable(x) {
+        let w = w.to_dtype(DType::F32)?.contiguous()?;
+        return Ok(x.contiguous()?.apply_op2(&w, RmsNorm { eps: eps as f32 })?);
+    }
     if !fusable(x) || w.dtype() != DType::F32 {
         return plain::rms_norm(x, w, eps);
     }
@@ -201,6 +268,17 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        cuda::rms_norm_fwd((s1, l1), (s2, l2), self.eps)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -209,6 +287,11 @@ impl CustomOp2 for RmsNorm {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, dw) = cuda::rms_norm_bwd(x, w, &dy, self.eps)?;
+            return Ok((Some(dx), Some(dw)));
+        }
         let mut buf = vec![0f32; x.elem_count()];
         let dw = {
             let (gx, lx) = x.storage_and_layout();
@@ -236,6 +319,13 @@ impl CustomOp2 for RmsNorm {
 /// with `cos`/`sin` tables `(T, head_dim)` for its positions (Hugging Face's layout), with
 /// backward.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if gpu_fusable(x) {
+        return Ok(x.contiguous()?.apply_op3(
+            &cos.to_dtype(DType::F32)?.contiguous()?,
+            &sin.to_dtype(DType::F32)?.contiguous()?,
+            Rope { transpose: false },
+        )?);
+    }
     if !fusable(x) || cos.dtype() != DType::F32 {
         return plain::rope(x, cos, sin);
     }
@@ -252,9 +342,36 @@ struct Rope {
     transpose: bool,
 }
 
+impl Rope {
+    /// `(T, heads, head_dim)` of input `l1` with tables `l2`, `l3`.
+    fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (_, t, row) = l1.shape().dims3()?;
+        let (_, hd) = l2.shape().dims2()?;
+        let heads = row / hd.max(1);
+        if l2.dims() != [t, hd] || l3.dims() != [t, hd] || hd % 2 != 0 || heads * hd != row {
+            candle_core::bail!("rope: tables {:?} for input {:?}", l2.dims(), l1.dims());
+        }
+        Ok((t, heads, hd))
+    }
+}
+
 impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
         "jobd-rope"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = Rope::dims(l1, l2, l3)?;
+        cuda::rope((s1, l1), (s2, l2), (s3, l3), dims, self.transpose)
     }
 
     fn cpu_fwd(
@@ -266,12 +383,7 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, t, row) = l1.shape().dims3()?;
-        let (_, hd) = l2.shape().dims2()?;
-        let heads = row / hd.max(1);
-        if l2.dims() != [t, hd] || l3.dims() != [t, hd] || hd % 2 != 0 || heads * hd != row {
-            candle_core::bail!("rope: tables {:?} for input {:?}", l2.dims(), l1.dims());
-        }
+        let (t, heads, hd) = Rope::dims(l1, l2, l3)?;
         let mut y = vec![0f32; l1.shape().elem_count()];
         kernels::rope(
             cpu_f32(s1, l1)?,
@@ -308,6 +420,9 @@ impl CustomOp3 for Rope {
 
 /// `silu(gate) · up`, with backward.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gpu_fusable(gate) && up.dtype() == gate.dtype() {
+        return Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?);
+    }
     if !fusable(gate) || up.dtype() != DType::F32 {
         return plain::swiglu(gate, up);
     }
@@ -338,6 +453,17 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        cuda::swiglu_fwd((s1, l1), (s2, l2))
+    }
+
     fn bwd(
         &self,
         gate: &Tensor,
@@ -346,6 +472,11 @@ impl CustomOp2 for SwiGlu {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if gate.device().is_cuda() {
+            let (dg, du) = cuda::swiglu_bwd(gate, up, &dy)?;
+            return Ok((Some(dg), Some(du)));
+        }
         let n = gate.elem_count();
         let mut buf = vec![0f32; 2 * n];
         {
@@ -372,7 +503,8 @@ impl CustomOp2 for SwiGlu {
 /// `labels` `(...)` u32 and `mask` `(...)` (any type), with backward to the logits. The backward
 /// recomputes the softmax from the logits instead of keeping an N×V probability tensor.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    if !fusable(logits) {
+    let on_gpu = gpu_fusable(logits) && labels.dtype() == DType::U32;
+    if !fusable(logits) && !on_gpu {
         let v = logits.dim(D::Minus1)?;
         let n = logits.elem_count() / v;
         let lead = &logits.dims()[..logits.rank() - 1];
@@ -394,7 +526,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<
 
 struct CrossEntropy {
     /// Each row's logsumexp from the forward, for the backward.
-    lse: Arc<Mutex<Option<Vec<f32>>>>,
+    lse: Arc<Mutex<Option<Stats>>>,
 }
 
 fn labels_u32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
@@ -441,8 +573,24 @@ impl CustomOp3 for CrossEntropy {
         let mut out = vec![0f32; n];
         let mut lse = vec![0f32; n];
         kernels::cross_entropy_fwd(x, labels, mask, v, &mut out, &mut lse);
-        *self.lse.lock().expect("cross-entropy lse lock") = Some(lse);
+        *self.lse.lock().expect("cross-entropy lse lock") = Some(Stats::Cpu(lse));
         Ok((CpuStorage::F32(out), Shape::from(lead.to_vec())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let lead = l1.dims()[..l1.dims().len().saturating_sub(1)].to_vec();
+        let (out, lse, _) = cuda::cross_entropy_fwd((s1, l1), (s2, l2), (s3, l3))?;
+        *self.lse.lock().expect("cross-entropy lse lock") = Some(Stats::Cuda(lse));
+        Ok((out, Shape::from(lead)))
     }
 
     fn bwd(
@@ -456,6 +604,11 @@ impl CustomOp3 for CrossEntropy {
         let v = logits.dim(D::Minus1)?;
         let n = logits.elem_count() / v;
         let grad = grad.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if let Some(Stats::Cuda(lse)) = self.lse.lock().expect("cross-entropy lse lock").as_ref() {
+            let dx = cuda::cross_entropy_bwd(logits, labels, mask, lse, &grad)?;
+            return Ok((Some(dx), None, None));
+        }
         let mut dx = vec![0f32; n * v];
         {
             let (gx, lx) = logits.storage_and_layout();
@@ -470,7 +623,7 @@ impl CustomOp3 for CrossEntropy {
             let m = storage_f32(&gm, lm)?;
             let g = storage_f32(&gg, lg)?;
             let saved = self.lse.lock().expect("cross-entropy lse lock");
-            let Some(lse) = saved.as_ref() else {
+            let Some(Stats::Cpu(lse)) = saved.as_ref() else {
                 candle_core::bail!("cross_entropy: backward without the forward's statistics");
             };
             kernels::cross_entropy_bwd(x, lab, m, lse, g, &mut dx);

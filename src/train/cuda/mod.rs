@@ -1,0 +1,947 @@
+//! The fused training ops on CUDA (feature `cuda`): the kernels of `kernels.cu` (compiled to
+//! PTX by build.rs, loaded once per device) and cuBLAS's batched products, launched on Candle's
+//! stream. [`super::ops`] calls these from its custom ops' `cuda_fwd` and `bwd`, so the model,
+//! autograd and the trainer are the same on every device.
+//!
+//! Storage types are f32 and bf16 (arithmetic in f32; matrix products accumulate in f32).
+//! Attention keeps only the rows' log-sum-exps between forward and backward: each layer's
+//! T×S scores exist inside one call, never across the graph (the backward recomputes them with
+//! one more batched product, as flash attention recomputes its tiles).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::{CustomOp1, DType, Layout, Shape, Storage, Tensor, bail};
+use half::bf16;
+
+type Result<T> = candle_core::Result<T>;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/jobd_kernels.ptx"));
+const MODULE: &str = "jobd_kernels";
+
+/// A device buffer of one of the two storage types.
+pub(crate) enum Buf {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
+impl Buf {
+    /// Uninitialised buffer of `n` elements (every kernel writes all of its output).
+    pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<Buf> {
+        // SAFETY: the kernels that fill these buffers write every element before any read.
+        Ok(match dtype {
+            DType::F32 => Buf::F32(unsafe { dev.alloc::<f32>(n.max(1))? }),
+            DType::BF16 => Buf::Bf16(unsafe { dev.alloc::<bf16>(n.max(1))? }),
+            other => bail!("jobd cuda kernels: unsupported type {other:?}"),
+        })
+    }
+
+    pub(crate) fn ptr(&self, stream: &CudaStream) -> u64 {
+        match self {
+            Buf::F32(s) => s.device_ptr(stream).0,
+            Buf::Bf16(s) => s.device_ptr(stream).0,
+        }
+    }
+
+    /// Zero-filled buffer of `n` elements.
+    pub(crate) fn zeros(dev: &CudaDevice, dtype: DType, n: usize) -> Result<Buf> {
+        Ok(match dtype {
+            DType::F32 => Buf::F32(dev.alloc_zeros::<f32>(n.max(1))?),
+            DType::BF16 => Buf::Bf16(dev.alloc_zeros::<bf16>(n.max(1))?),
+            other => bail!("jobd cuda kernels: unsupported type {other:?}"),
+        })
+    }
+
+    fn into_storage(self, dev: &CudaDevice) -> CudaStorage {
+        match self {
+            Buf::F32(s) => CudaStorage::wrap_cuda_slice(s, dev.clone()),
+            Buf::Bf16(s) => CudaStorage::wrap_cuda_slice(s, dev.clone()),
+        }
+    }
+}
+
+/// Kernel-name suffix and element size of a storage type.
+fn suffix(dtype: DType) -> Result<(&'static str, usize)> {
+    match dtype {
+        DType::F32 => Ok(("f32", 4)),
+        DType::BF16 => Ok(("bf16", 2)),
+        other => bail!("jobd cuda kernels: unsupported type {other:?}"),
+    }
+}
+
+/// Device address of the first element of a contiguous tensor in `s` under `l`.
+fn addr(s: &CudaStorage, l: &Layout, stream: &CudaStream) -> Result<u64> {
+    if !l.is_contiguous() {
+        bail!("jobd cuda kernels: input is not contiguous");
+    }
+    let (base, size) = match s.dtype() {
+        DType::F32 => (s.as_cuda_slice::<f32>()?.device_ptr(stream).0, 4),
+        DType::BF16 => (s.as_cuda_slice::<bf16>()?.device_ptr(stream).0, 2),
+        DType::U32 => (s.as_cuda_slice::<u32>()?.device_ptr(stream).0, 4),
+        other => bail!("jobd cuda kernels: unsupported type {other:?}"),
+    };
+    Ok(base + (l.start_offset() * size) as u64)
+}
+
+/// The CUDA storage of a tensor, read-locked for the duration of `f`.
+fn with_storage<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) -> Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    match &*guard {
+        Storage::Cuda(s) => f(s, layout),
+        _ => bail!("jobd cuda kernels: tensor is not on a CUDA device"),
+    }
+}
+
+/// Device address of a contiguous CUDA tensor. Valid while the tensor lives: the caller keeps
+/// the tensor alive across the launches that use the address (all on Candle's one stream).
+fn tensor_addr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+    with_storage(t, |s, l| addr(s, l, stream))
+}
+
+fn launch_cfg(grid: usize, block: usize, shared: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.max(1) as u32, 1, 1),
+        block_dim: (block as u32, 1, 1),
+        shared_mem_bytes: shared as u32,
+    }
+}
+
+fn elementwise(n: usize) -> LaunchConfig {
+    launch_cfg(n.div_ceil(256), 256, 0)
+}
+
+/// Launches `$name` from the jobd module with the given configuration and arguments (each
+/// argument bound to a local, so it outlives the launch builder).
+macro_rules! launch {
+    ($dev:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        let func = $dev.get_or_load_custom_func(&$name, MODULE, PTX)?;
+        let mut builder = func.builder();
+        $(
+            let arg = $arg;
+            builder.arg(&arg);
+        )*
+        // SAFETY: argument types and counts match the kernel's signature in kernels.cu; every
+        // address points into a live allocation of the size the kernel indexes.
+        unsafe { builder.launch($cfg) }
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e:?}", $name)))?;
+    }};
+}
+
+/// Row-major batched product `C = α·op(A)·op(B) + β·C` (op(A) m×k, op(B) k×n, C m×n) through
+/// cuBLAS's column-major interface: the column-major view of a row-major matrix is its
+/// transpose, so this computes `Cᵀ = op(B)ᵀ·op(A)ᵀ`. Inputs of `dtype`; C in f32 when
+/// `c_f32`, else in `dtype`; accumulation in f32 (TF32 when Candle's reduced-precision f32
+/// flag is set).
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    dev: &CudaDevice,
+    dtype: DType,
+    c_f32: bool,
+    (trans_a, trans_b): (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    (a, lda, stride_a): (u64, usize, usize),
+    (b, ldb, stride_b): (u64, usize, usize),
+    (c, ldc, stride_c): (u64, usize, usize),
+    batch: usize,
+    beta: f32,
+) -> Result<()> {
+    let ty = match dtype {
+        DType::F32 => cublas::cudaDataType_t::CUDA_R_32F,
+        DType::BF16 => cublas::cudaDataType_t::CUDA_R_16BF,
+        other => bail!("jobd gemm: unsupported type {other:?}"),
+    };
+    let c_ty = if c_f32 {
+        cublas::cudaDataType_t::CUDA_R_32F
+    } else {
+        ty
+    };
+    let compute = if dtype == DType::F32 && candle_core::cuda_backend::gemm_reduced_precision_f32()
+    {
+        cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+    } else {
+        cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F
+    };
+    let op = |t: bool| {
+        if t {
+            cublas::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublas::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let alpha = 1.0f32;
+    let blas = dev.cublas_handle();
+    let i = |v: usize| v as std::ffi::c_int;
+    let l = |v: usize| v as std::ffi::c_longlong;
+    // SAFETY: the addresses point into live device allocations holding the matrices with the
+    // given leading dimensions and batch strides; the handle is bound to Candle's stream.
+    unsafe {
+        candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex(
+            *blas.handle(),
+            op(trans_b),
+            op(trans_a),
+            i(n),
+            i(m),
+            i(k),
+            &alpha as *const f32 as *const _,
+            b as *const _,
+            ty,
+            i(ldb),
+            l(stride_b),
+            a as *const _,
+            ty,
+            i(lda),
+            l(stride_a),
+            &beta as *const f32 as *const _,
+            c as *mut _,
+            c_ty,
+            i(ldc),
+            l(stride_c),
+            i(batch),
+            compute,
+            cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("jobd gemm: {e:?}")))
+}
+
+/// A one-off custom op whose CUDA forward is the closure: how a backward pass produces a new
+/// tensor from kernels (the closure reads the tensors it captured; the anchor only picks the
+/// device and is not read).
+struct Run<F> {
+    name: &'static str,
+    f: F,
+}
+
+impl<F> CustomOp1 for Run<F>
+where
+    F: Fn(&CudaDevice) -> Result<(CudaStorage, Shape)> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        bail!("{}: CUDA only", self.name)
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        (self.f)(s.device())
+    }
+}
+
+fn run<F>(anchor: &Tensor, name: &'static str, f: F) -> Result<Tensor>
+where
+    F: Fn(&CudaDevice) -> Result<(CudaStorage, Shape)> + Send + Sync,
+{
+    anchor.apply_op1_no_bwd(&Run { name, f })
+}
+
+/// Splits a tensor holding several gradients back into tensors of the given shapes (views).
+fn split(all: &Tensor, shapes: &[&Shape]) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(shapes.len());
+    let mut at = 0;
+    for s in shapes {
+        let n = s.elem_count();
+        out.push(all.narrow(0, at, n)?.reshape(*s)?);
+        at += n;
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding
+
+/// Rows of an embedding table `(V, d)` for token ids, as a custom op whose backward sums each
+/// id's gradient rows (Candle's `index_select` backward is `index_add`, whose CUDA kernel runs
+/// one thread per column through every id in turn: milliseconds for a batch of 8k tokens).
+pub(crate) struct Embedding {
+    /// The ids on the device (u32, contiguous).
+    ids: Tensor,
+    /// The same ids on the host, to group positions by id for the backward.
+    host: Vec<u32>,
+}
+
+impl Embedding {
+    pub(crate) fn new(ids: Tensor, host: Vec<u32>) -> Self {
+        Embedding { ids, host }
+    }
+}
+
+impl CustomOp1 for Embedding {
+    fn name(&self) -> &'static str {
+        "jobd-embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        bail!("jobd-embedding: CUDA only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let stream = dev.cuda_stream();
+        let (_, d) = l.shape().dims2()?;
+        let n = self.host.len();
+        let (sfx, _) = suffix(s.dtype())?;
+        let out = Buf::alloc(dev, s.dtype(), n * d)?;
+        launch!(dev, format!("embed_fwd_{sfx}"), elementwise(n * d);
+            addr(s, l, &stream)?, tensor_addr(&self.ids, &stream)?, out.ptr(&stream),
+            (n * d) as i64, d as i32);
+        Ok((out.into_storage(dev), Shape::from((n, d))))
+    }
+
+    fn bwd(&self, table: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (vocab, d) = table.dims2()?;
+        let grad = grad.contiguous()?;
+        // Positions grouped by id, each group in position order.
+        let mut order: Vec<u32> = (0..self.host.len() as u32).collect();
+        order.sort_by_key(|&p| self.host[p as usize]);
+        let mut uniq = Vec::new();
+        let mut starts = Vec::new();
+        for (k, &p) in order.iter().enumerate() {
+            let id = self.host[p as usize];
+            if uniq.last() != Some(&id) {
+                uniq.push(id);
+                starts.push(k as u32);
+            }
+        }
+        starts.push(order.len() as u32);
+        let dev = table.device();
+        let groups = uniq.len();
+        if groups == 0 {
+            return Ok(Some(table.zeros_like()?));
+        }
+        let order = Tensor::from_vec(order, self.host.len(), dev)?;
+        let starts = Tensor::from_vec(starts, groups + 1, dev)?;
+        let uniq = Tensor::from_vec(uniq, groups, dev)?;
+        let dt = run(table, "jobd-embedding-bwd", |cdev| {
+            let stream = cdev.cuda_stream();
+            let (sfx, _) = suffix(table.dtype())?;
+            let out = Buf::zeros(cdev, table.dtype(), vocab * d)?;
+            launch!(cdev, format!("embed_bwd_{sfx}"), launch_cfg(groups, row_block(d), 0);
+                tensor_addr(&grad, &stream)?, tensor_addr(&order, &stream)?,
+                tensor_addr(&starts, &stream)?, tensor_addr(&uniq, &stream)?,
+                out.ptr(&stream), d as i32);
+            Ok((out.into_storage(cdev), table.shape().clone()))
+        })?;
+        Ok(Some(dt))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear
+
+/// `(rows, in, out)` of `x` `(..., in)` times `w` `(out, in)`.
+fn linear_dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
+    let (out, inp) = w.shape().dims2()?;
+    if x.dims().last() != Some(&inp) {
+        bail!("linear: input {:?}, weight {:?}", x.dims(), w.dims());
+    }
+    Ok((x.shape().elem_count() / inp.max(1), inp, out))
+}
+
+/// `y = x · wᵀ` in `x`'s type; an f32 `w` with a bf16 `x` is cast for the product.
+pub(crate) fn linear_fwd(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device();
+    let stream = dev.cuda_stream();
+    let dtype = x.0.dtype();
+    let (rows, inp, out) = linear_dims(x.1, w.1)?;
+    let cast;
+    let w_addr = if w.0.dtype() == dtype {
+        addr(w.0, w.1, &stream)?
+    } else {
+        cast = w.0.to_dtype(w.1, dtype)?;
+        addr(&cast, &Layout::contiguous(w.1.shape()), &stream)?
+    };
+    let y = Buf::alloc(dev, dtype, rows * out)?;
+    gemm(
+        dev,
+        dtype,
+        false,
+        (false, true),
+        (rows, out, inp),
+        (addr(x.0, x.1, &stream)?, inp, 0),
+        (w_addr, inp, 0),
+        (y.ptr(&stream), out, 0),
+        1,
+        0.0,
+    )?;
+    let mut shape = x.1.dims()[..x.1.dims().len() - 1].to_vec();
+    shape.push(out);
+    Ok((y.into_storage(dev), Shape::from(shape)))
+}
+
+/// `(dx, dw)` of [`linear_fwd`]: `dx = dy · w` in `x`'s type, and (when `want_dw`)
+/// `dw = dyᵀ · x` written in `w`'s type and layout (f32 straight from the product for an f32
+/// master).
+pub(crate) fn linear_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    want_dw: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dtype = x.dtype();
+    let (out, inp) = w.dims2()?;
+    let rows = x.elem_count() / inp.max(1);
+    let wc = w.to_dtype(dtype)?.contiguous()?;
+    let dx = run(x, "jobd-linear-dx", |dev| {
+        let stream = dev.cuda_stream();
+        let dx = Buf::alloc(dev, dtype, rows * inp)?;
+        gemm(
+            dev,
+            dtype,
+            false,
+            (false, false),
+            (rows, inp, out),
+            (tensor_addr(dy, &stream)?, out, 0),
+            (tensor_addr(&wc, &stream)?, inp, 0),
+            (dx.ptr(&stream), inp, 0),
+            1,
+            0.0,
+        )?;
+        Ok((dx.into_storage(dev), x.shape().clone()))
+    })?;
+    if !want_dw {
+        return Ok((dx, None));
+    }
+    let dw = run(w, "jobd-linear-dw", |dev| {
+        let stream = dev.cuda_stream();
+        let dw = Buf::alloc(dev, w.dtype(), out * inp)?;
+        gemm(
+            dev,
+            dtype,
+            w.dtype() == DType::F32,
+            (true, false),
+            (out, inp, rows),
+            (tensor_addr(dy, &stream)?, out, 0),
+            (tensor_addr(x, &stream)?, inp, 0),
+            (dw.ptr(&stream), inp, 0),
+            1,
+            0.0,
+        )?;
+        Ok((dw.into_storage(dev), w.shape().clone()))
+    })?;
+    Ok((dx, Some(dw)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// Block size for a row of `d` elements: a multiple of 32, at most 256.
+fn row_block(d: usize) -> usize {
+    d.next_multiple_of(32).clamp(32, 256)
+}
+
+/// RMSNorm forward of `x` (rows × d, f32 or bf16) with an f32 weight.
+pub(crate) fn rms_norm_fwd(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device();
+    let stream = dev.cuda_stream();
+    let d = w.1.shape().elem_count();
+    let n = x.1.shape().elem_count();
+    if w.0.dtype() != DType::F32 || x.1.dims().last() != Some(&d) {
+        bail!(
+            "rms_norm: weight {:?} for input {:?}",
+            w.1.dims(),
+            x.1.dims()
+        );
+    }
+    let (sfx, _) = suffix(x.0.dtype())?;
+    let rows = n / d.max(1);
+    let y = Buf::alloc(dev, x.0.dtype(), n)?;
+    launch!(dev, format!("rms_fwd_{sfx}"), launch_cfg(rows, row_block(d), 0);
+        addr(x.0, x.1, &stream)?, addr(w.0, w.1, &stream)?, y.ptr(&stream),
+        rows as i32, d as i32, eps);
+    Ok((y.into_storage(dev), x.1.shape().clone()))
+}
+
+/// RMSNorm backward: `(dx, dw)`.
+pub(crate) fn rms_norm_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let d = w.elem_count();
+    let n = x.elem_count();
+    let rows = n / d.max(1);
+    if d * 4 > 48 * 1024 {
+        bail!("rms_norm: rows of {d} are too long for the CUDA kernel (at most 12288)");
+    }
+    // A few rows per block: enough blocks to fill the GPU, few partial rows to sum after.
+    let rows_per_block = 4;
+    let blocks = rows.div_ceil(rows_per_block).max(1);
+    let partial = std::sync::Mutex::new(None::<CudaSlice<f32>>);
+    let dx = run(x, "jobd-rms-norm-bwd", |dev| {
+        let stream = dev.cuda_stream();
+        let (sfx, _) = suffix(x.dtype())?;
+        let out = Buf::alloc(dev, x.dtype(), n)?;
+        // SAFETY: rms_bwd writes every element of its block's row of partial sums.
+        let part = unsafe { dev.alloc::<f32>(blocks * d)? };
+        launch!(dev, format!("rms_bwd_{sfx}"), launch_cfg(blocks, row_block(d), d * 4);
+            tensor_addr(x, &stream)?, tensor_addr(w, &stream)?, tensor_addr(dy, &stream)?,
+            out.ptr(&stream), part.device_ptr(&stream).0,
+            rows as i32, d as i32, eps, rows_per_block as i32);
+        *partial.lock().expect("rms partial lock") = Some(part);
+        Ok((out.into_storage(dev), x.shape().clone()))
+    })?;
+    let part = partial
+        .lock()
+        .expect("rms partial lock")
+        .take()
+        .ok_or_else(|| {
+            candle_core::Error::Msg("rms_norm: backward lost its partial sums".into())
+        })?;
+    let dw = run(w, "jobd-rms-norm-dw", |dev| {
+        let stream = dev.cuda_stream();
+        let out = Buf::alloc(dev, DType::F32, d)?;
+        launch!(dev, "rms_dw_sum", launch_cfg(d.div_ceil(32), 1024, 0);
+            part.device_ptr(&stream).0, out.ptr(&stream), blocks as i32, d as i32);
+        Ok((out.into_storage(dev), w.shape().clone()))
+    })?;
+    Ok((dx, dw))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embeddings
+
+/// Rotation (or its inverse) of `x` `(B, T, heads·hd)` with f32 tables `(T, hd)`.
+pub(crate) fn rope(
+    x: (&CudaStorage, &Layout),
+    cos: (&CudaStorage, &Layout),
+    sin: (&CudaStorage, &Layout),
+    (t, heads, hd): (usize, usize, usize),
+    transpose: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device();
+    let stream = dev.cuda_stream();
+    if cos.0.dtype() != DType::F32 || sin.0.dtype() != DType::F32 {
+        bail!("rope: the CUDA kernel takes f32 tables");
+    }
+    let (sfx, _) = suffix(x.0.dtype())?;
+    let n = x.1.shape().elem_count();
+    let pairs = n / 2;
+    let y = Buf::alloc(dev, x.0.dtype(), n)?;
+    launch!(dev, format!("rope_{sfx}"), elementwise(pairs);
+        addr(x.0, x.1, &stream)?, addr(cos.0, cos.1, &stream)?, addr(sin.0, sin.1, &stream)?,
+        y.ptr(&stream), pairs as i64, t as i32, heads as i32, hd as i32, transpose as i32);
+    Ok((y.into_storage(dev), x.1.shape().clone()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+pub(crate) fn swiglu_fwd(
+    g: (&CudaStorage, &Layout),
+    u: (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let dev = g.0.device();
+    let stream = dev.cuda_stream();
+    if g.0.dtype() != u.0.dtype() || g.1.shape() != u.1.shape() {
+        bail!("swiglu: {:?} and {:?}", g.1.dims(), u.1.dims());
+    }
+    let (sfx, _) = suffix(g.0.dtype())?;
+    let n = g.1.shape().elem_count();
+    let y = Buf::alloc(dev, g.0.dtype(), n)?;
+    launch!(dev, format!("swiglu_fwd_{sfx}"), elementwise(n);
+        addr(g.0, g.1, &stream)?, addr(u.0, u.1, &stream)?, y.ptr(&stream), n as i64);
+    Ok((y.into_storage(dev), g.1.shape().clone()))
+}
+
+/// `(d gate, d up)`.
+pub(crate) fn swiglu_bwd(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = gate.elem_count();
+    let all = run(gate, "jobd-swiglu-bwd", |dev| {
+        let stream = dev.cuda_stream();
+        let (sfx, size) = suffix(gate.dtype())?;
+        let out = Buf::alloc(dev, gate.dtype(), 2 * n)?;
+        let base = out.ptr(&stream);
+        launch!(dev, format!("swiglu_bwd_{sfx}"), elementwise(n);
+            tensor_addr(gate, &stream)?, tensor_addr(up, &stream)?, tensor_addr(dy, &stream)?,
+            base, base + (n * size) as u64, n as i64);
+        Ok((out.into_storage(dev), Shape::from(2 * n)))
+    })?;
+    let parts = split(&all, &[gate.shape(), up.shape()])?;
+    Ok((parts[0].clone(), parts[1].clone()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+
+/// Per-row loss and log-sum-exps of logits `(n, v)` with u32 labels and an f32 mask.
+pub(crate) fn cross_entropy_fwd(
+    x: (&CudaStorage, &Layout),
+    labels: (&CudaStorage, &Layout),
+    mask: (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, CudaSlice<f32>, usize)> {
+    let dev = x.0.device();
+    let stream = dev.cuda_stream();
+    let v = *x.1.dims().last().unwrap_or(&0);
+    let n = x.1.shape().elem_count() / v.max(1);
+    if labels.0.dtype() != DType::U32 || mask.0.dtype() != DType::F32 {
+        bail!("cross_entropy: labels must be u32 and the mask f32");
+    }
+    if labels.1.shape().elem_count() != n || mask.1.shape().elem_count() != n {
+        bail!(
+            "cross_entropy: {n} rows, {} labels, {} mask",
+            labels.1.shape().elem_count(),
+            mask.1.shape().elem_count()
+        );
+    }
+    let (sfx, _) = suffix(x.0.dtype())?;
+    let out = Buf::alloc(dev, DType::F32, n)?;
+    // SAFETY: ce_fwd writes every row's log-sum-exp.
+    let lse = unsafe { dev.alloc::<f32>(n.max(1))? };
+    launch!(dev, format!("ce_fwd_{sfx}"), launch_cfg(n, row_block(v), 0);
+        addr(x.0, x.1, &stream)?, addr(labels.0, labels.1, &stream)?,
+        addr(mask.0, mask.1, &stream)?, out.ptr(&stream), lse.device_ptr(&stream).0,
+        n as i32, v as i32);
+    Ok((out.into_storage(dev), lse, n))
+}
+
+/// Gradient of the per-row losses with respect to the logits.
+pub(crate) fn cross_entropy_bwd(
+    logits: &Tensor,
+    labels: &Tensor,
+    mask: &Tensor,
+    lse: &CudaSlice<f32>,
+    grad: &Tensor,
+) -> Result<Tensor> {
+    let v = logits.dim(candle_core::D::Minus1)?;
+    let n = logits.elem_count() / v.max(1);
+    let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+    run(logits, "jobd-cross-entropy-bwd", |dev| {
+        let stream = dev.cuda_stream();
+        let (sfx, _) = suffix(logits.dtype())?;
+        let out = Buf::alloc(dev, logits.dtype(), n * v)?;
+        launch!(dev, format!("ce_bwd_{sfx}"), launch_cfg(n, row_block(v), 0);
+            tensor_addr(logits, &stream)?, tensor_addr(labels, &stream)?,
+            tensor_addr(mask, &stream)?, lse.device_ptr(&stream).0,
+            tensor_addr(&grad, &stream)?, out.ptr(&stream), n as i32, v as i32);
+        Ok((out.into_storage(dev), logits.shape().clone()))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+use crate::train::kernels::attention::Dims as AttnDims;
+
+fn attn_scale(m: &AttnDims) -> f32 {
+    1.0 / (m.d as f32).sqrt()
+}
+
+/// The sliding window as the kernels take it (0: none).
+fn attn_window(m: &AttnDims) -> i32 {
+    m.window.map_or(0, |w| w as i32)
+}
+
+/// (B, T, hs·D) at `src` → (B, H, T, D) at `dst`, each source head serving H/hs heads.
+fn split_heads(
+    dev: &CudaDevice,
+    sfx: &str,
+    (src, dst): (u64, u64),
+    m: AttnDims,
+    t: usize,
+    hs: usize,
+) -> Result<()> {
+    let n = m.b * m.h * t * m.d;
+    launch!(dev, format!("heads_split_{sfx}"), elementwise(n);
+        src, dst, m.b as i32, t as i32, hs as i32, m.h as i32, m.d as i32);
+    Ok(())
+}
+
+/// (B, H, T, D) at `src` → (B, T, hd·D) at `dst`, summing the H/hd heads of each group.
+fn merge_heads(
+    dev: &CudaDevice,
+    sfx: &str,
+    (src, dst): (u64, u64),
+    m: AttnDims,
+    t: usize,
+    hd: usize,
+) -> Result<()> {
+    let n = m.b * t * hd * m.d;
+    launch!(dev, format!("heads_merge_{sfx}"), elementwise(n);
+        src, dst, m.b as i32, t as i32, hd as i32, m.h as i32, m.d as i32);
+    Ok(())
+}
+
+/// Causal attention forward; returns the output `(B, T, H·D)` and the rows' log-sum-exps
+/// `(B·H·T)` for the backward.
+pub(crate) fn attention_fwd(
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+    m: AttnDims,
+) -> Result<(CudaStorage, CudaSlice<f32>)> {
+    let dev = q.0.device();
+    let stream = dev.cuda_stream();
+    let dtype = q.0.dtype();
+    if k.0.dtype() != dtype || v.0.dtype() != dtype {
+        bail!("attention: q, k and v must have one type");
+    }
+    let (sfx, _) = suffix(dtype)?;
+    let AttnDims {
+        b, t, h, s, kv, d, ..
+    } = m;
+    let bh = b * h;
+    let qh = Buf::alloc(dev, dtype, bh * t * d)?;
+    let kh = Buf::alloc(dev, dtype, bh * s * d)?;
+    let vh = Buf::alloc(dev, dtype, bh * s * d)?;
+    let (qh_p, kh_p, vh_p) = (qh.ptr(&stream), kh.ptr(&stream), vh.ptr(&stream));
+    split_heads(dev, sfx, (addr(q.0, q.1, &stream)?, qh_p), m, t, h)?;
+    split_heads(dev, sfx, (addr(k.0, k.1, &stream)?, kh_p), m, s, kv)?;
+    split_heads(dev, sfx, (addr(v.0, v.1, &stream)?, vh_p), m, s, kv)?;
+    let scores = Buf::alloc(dev, DType::F32, bh * t * s)?;
+    let sc_p = scores.ptr(&stream);
+    gemm(
+        dev,
+        dtype,
+        true,
+        (false, true),
+        (t, s, d),
+        (qh_p, d, t * d),
+        (kh_p, d, s * d),
+        (sc_p, s, t * s),
+        bh,
+        0.0,
+    )?;
+    let p = Buf::alloc(dev, dtype, bh * t * s)?;
+    // SAFETY: attn_softmax_fwd writes every row's log-sum-exp.
+    let lse = unsafe { dev.alloc::<f32>(bh * t)? };
+    let p_p = p.ptr(&stream);
+    launch!(dev, format!("attn_softmax_fwd_{sfx}"), launch_cfg(bh * t, row_block(s), 0);
+        sc_p, p_p, lse.device_ptr(&stream).0, t as i32, s as i32, m.start as i32,
+        attn_window(&m), attn_scale(&m));
+    drop(scores);
+    let oh = Buf::alloc(dev, dtype, bh * t * d)?;
+    let oh_p = oh.ptr(&stream);
+    gemm(
+        dev,
+        dtype,
+        false,
+        (false, false),
+        (t, d, s),
+        (p_p, s, t * s),
+        (vh_p, d, s * d),
+        (oh_p, d, t * d),
+        bh,
+        0.0,
+    )?;
+    let out = Buf::alloc(dev, dtype, b * t * h * d)?;
+    merge_heads(dev, sfx, (oh_p, out.ptr(&stream)), m, t, h)?;
+    Ok((out.into_storage(dev), lse))
+}
+
+/// Causal attention backward: `(dq, dk, dv)` from the inputs, the forward's output and its
+/// log-sum-exps, and the output's gradient.
+pub(crate) fn attention_bwd(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    out: &Tensor,
+    lse: &CudaSlice<f32>,
+    d_out: &Tensor,
+    m: AttnDims,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d_out = d_out.contiguous()?;
+    let AttnDims {
+        b, t, h, s, kv, d, ..
+    } = m;
+    let (nq, nk) = (b * t * h * d, b * s * kv * d);
+    let all = run(q, "jobd-attention-bwd", |dev| {
+        let stream = dev.cuda_stream();
+        let dtype = q.dtype();
+        let (sfx, size) = suffix(dtype)?;
+        let bh = b * h;
+        let split = |t_: &Tensor, len: usize, hs: usize| -> Result<Buf> {
+            let buf = Buf::alloc(dev, dtype, bh * len * d)?;
+            split_heads(
+                dev,
+                sfx,
+                (tensor_addr(t_, &stream)?, buf.ptr(&stream)),
+                m,
+                len,
+                hs,
+            )?;
+            Ok(buf)
+        };
+        let qh = split(q, t, h)?;
+        let kh = split(k, s, kv)?;
+        let vh = split(v, s, kv)?;
+        let oh = split(out, t, h)?;
+        let doh = split(&d_out, t, h)?;
+        let p_ = |x: &Buf| x.ptr(&stream);
+        let scores = Buf::alloc(dev, DType::F32, bh * t * s)?;
+        gemm(
+            dev,
+            dtype,
+            true,
+            (false, true),
+            (t, s, d),
+            (p_(&qh), d, t * d),
+            (p_(&kh), d, s * d),
+            (p_(&scores), s, t * s),
+            bh,
+            0.0,
+        )?;
+        let dp = Buf::alloc(dev, DType::F32, bh * t * s)?;
+        gemm(
+            dev,
+            dtype,
+            true,
+            (false, true),
+            (t, s, d),
+            (p_(&doh), d, t * d),
+            (p_(&vh), d, s * d),
+            (p_(&dp), s, t * s),
+            bh,
+            0.0,
+        )?;
+        let p = Buf::alloc(dev, dtype, bh * t * s)?;
+        let ds = Buf::alloc(dev, dtype, bh * t * s)?;
+        launch!(dev, format!("attn_softmax_bwd_{sfx}"), launch_cfg(bh * t, row_block(s), 0);
+            p_(&scores), p_(&dp), lse.device_ptr(&stream).0, p_(&doh), p_(&oh), p_(&p),
+            p_(&ds), t as i32, s as i32, d as i32, m.start as i32, attn_window(&m), attn_scale(&m));
+        drop((scores, dp, oh));
+        let dvh = Buf::alloc(dev, dtype, bh * s * d)?;
+        gemm(
+            dev,
+            dtype,
+            false,
+            (true, false),
+            (s, d, t),
+            (p_(&p), s, t * s),
+            (p_(&doh), d, t * d),
+            (p_(&dvh), d, s * d),
+            bh,
+            0.0,
+        )?;
+        let dqh = Buf::alloc(dev, dtype, bh * t * d)?;
+        gemm(
+            dev,
+            dtype,
+            false,
+            (false, false),
+            (t, d, s),
+            (p_(&ds), s, t * s),
+            (p_(&kh), d, s * d),
+            (p_(&dqh), d, t * d),
+            bh,
+            0.0,
+        )?;
+        let dkh = Buf::alloc(dev, dtype, bh * s * d)?;
+        gemm(
+            dev,
+            dtype,
+            false,
+            (true, false),
+            (s, d, t),
+            (p_(&ds), s, t * s),
+            (p_(&qh), d, t * d),
+            (p_(&dkh), d, s * d),
+            bh,
+            0.0,
+        )?;
+        let packed = Buf::alloc(dev, dtype, nq + 2 * nk)?;
+        let base = packed.ptr(&stream);
+        merge_heads(dev, sfx, (p_(&dqh), base), m, t, h)?;
+        merge_heads(dev, sfx, (p_(&dkh), base + (nq * size) as u64), m, s, kv)?;
+        merge_heads(
+            dev,
+            sfx,
+            (p_(&dvh), base + ((nq + nk) * size) as u64),
+            m,
+            s,
+            kv,
+        )?;
+        Ok((packed.into_storage(dev), Shape::from(nq + 2 * nk)))
+    })?;
+    let parts = split(&all, &[q.shape(), k.shape(), v.shape()])?;
+    Ok((parts[0].clone(), parts[1].clone(), parts[2].clone()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW and the gradient norm
+
+/// `m = β1·m + (1−β1)·g·gs` (or, with `second`, `v = β2·v + (1−β2)·(g·gs)²`) in place.
+pub(crate) fn adamw_moment(
+    dst: (&mut CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    beta: f32,
+    grad_scale: f32,
+    second: bool,
+) -> Result<()> {
+    let dev = dst.0.device().clone();
+    let stream = dev.cuda_stream();
+    let n = dst.1.shape().elem_count();
+    if dst.0.dtype() != DType::F32 || g.0.dtype() != DType::F32 || g.1.shape().elem_count() != n {
+        bail!("adamw: expected f32 moments and gradients of {n} elements");
+    }
+    let name = if second { "adamw_v" } else { "adamw_m" };
+    launch!(dev, name, elementwise(n);
+        addr(dst.0, dst.1, &stream)?, addr(g.0, g.1, &stream)?, n as i64, beta, grad_scale);
+    Ok(())
+}
+
+/// `p = p·decay − step_size · m / (√v / bc2_sqrt + ε)` in place.
+pub(crate) fn adamw_apply(
+    p: (&mut CudaStorage, &Layout),
+    m: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+    (decay, step_size, bc2_sqrt, eps): (f32, f32, f32, f32),
+) -> Result<()> {
+    let dev = p.0.device().clone();
+    let stream = dev.cuda_stream();
+    let n = p.1.shape().elem_count();
+    if p.0.dtype() != DType::F32 || m.1.shape().elem_count() != n || v.1.shape().elem_count() != n {
+        bail!("adamw: expected f32 parameters and moments of {n} elements");
+    }
+    launch!(dev, "adamw_apply", elementwise(n);
+        addr(p.0, p.1, &stream)?, addr(m.0, m.1, &stream)?, addr(v.0, v.1, &stream)?,
+        n as i64, decay, step_size, bc2_sqrt, eps);
+    Ok(())
+}
+
+/// Sums of squares of f32 tensors, one f32 per tensor (partials summed in a fixed order), read
+/// back in one transfer.
+pub(crate) fn sums_of_squares(grads: &[Tensor]) -> Result<Vec<f64>> {
+    const BLOCKS: usize = 132;
+    let Some(first) = grads.first() else {
+        return Ok(Vec::new());
+    };
+    let parts = run(first, "jobd-sum-squares", |dev| {
+        let stream = dev.cuda_stream();
+        let out = Buf::alloc(dev, DType::F32, BLOCKS * grads.len())?;
+        let base = out.ptr(&stream);
+        for (i, g) in grads.iter().enumerate() {
+            if g.dtype() != DType::F32 {
+                bail!("gradient norm: expected f32 gradients, got {:?}", g.dtype());
+            }
+            let g = g.contiguous()?;
+            launch!(dev, "sum_squares_part", launch_cfg(BLOCKS, 256, 0);
+                tensor_addr(&g, &stream)?, g.elem_count() as i64,
+                base + (i * BLOCKS * 4) as u64);
+        }
+        Ok((out.into_storage(dev), Shape::from((grads.len(), BLOCKS))))
+    })?;
+    let parts = parts.to_vec2::<f32>()?;
+    Ok(parts
+        .iter()
+        .map(|row| row.iter().map(|&x| x as f64).sum())
+        .collect())
+}
