@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the CUDA benchmark binary on a machine without a GPU (the recipe of
 # ../shared/docs/cuda-build.md), for benches/gpu.sh to run on an H100/H200:
-#   target/gpu-bench/train_throughput   (stripped, --features cuda, sm_90a kernels)
-#   target/gpu-bench/libcudart.so.13    (the CUDA runtime it needs at start)
+#   target/gpu-bench/train_throughput.gz  (stripped, --features cuda, sm_90a kernels)
+#   target/gpu-bench/jobd.gz, jobctl.gz    (the daemon with CUDA, and its client)
+#   target/gpu-bench/libcudart.so.13      (the CUDA runtime they need at start)
 # Carry target/gpu-bench to the GPU machine (the device tool's `carry`), then run
 # `bash benches/gpu.sh` there.
 #
@@ -19,6 +20,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 WHEELS=$ROOT/target/cuda-wheels
 OUT=$ROOT/target/gpu-bench
+# A target directory of its own, so that the CPU build's artifacts stay valid beside it.
+export CARGO_TARGET_DIR=$ROOT/target/cuda
 PATCHED=$ROOT/target/candle-core-patched
 
 # nvcc must match the driver's CUDA (13.0 for driver 580 on the lent H200): candle embeds PTX
@@ -51,10 +54,18 @@ trap 'cp target/Cargo.lock.before-gpu-build Cargo.lock' EXIT
 export PATH=$R/bin:$PATH CUDA_HOME=$R CUDA_PATH=$R CUDA_COMPUTE_CAP=90 LIBRARY_PATH=$R/lib
 cargo bench --bench train_throughput --features cuda --no-run \
   --config "patch.crates-io.candle-core.path=\"$PATCHED\"" 2>&1 | tee target/gpu-build.log
-BIN=$(grep -o 'target/release/deps/train_throughput-[0-9a-f]*' target/gpu-build.log | tail -1)
+BIN=$(grep -o 'target/cuda/release/deps/train_throughput-[0-9a-f]*' target/gpu-build.log | tail -1)
+# jobd (with CUDA, for `jobd worker`) and jobctl, for the end-to-end train job on the GPU;
+# the same profile as the benchmark, so nothing is built twice.
+cargo build --profile bench --features cuda --bins \
+  --config "patch.crates-io.candle-core.path=\"$PATCHED\"" 2>&1 | tee -a target/gpu-build.log
+rm -rf "$OUT"
 mkdir -p "$OUT"
-cp "$BIN" "$OUT/train_throughput"
-strip "$OUT/train_throughput"
+cp "$ROOT/$BIN" "$OUT/train_throughput"
+cp "$CARGO_TARGET_DIR/release/jobd" "$CARGO_TARGET_DIR/release/jobctl" "$OUT/"
+strip "$OUT/train_throughput" "$OUT/jobd" "$OUT/jobctl"
+# Compressed to fit the device tool's 64 MiB; benches/gpu.sh unpacks them.
+gzip -f "$OUT/train_throughput" "$OUT/jobd" "$OUT/jobctl"
 cp -L "$R/lib/libcudart.so.13" "$OUT/"
 ls -l "$OUT"
 echo "carry target/gpu-bench to the GPU machine and run: bash benches/gpu.sh"

@@ -35,9 +35,11 @@ def last_json(out):
 def run(cmd, env=None):
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} exited with {p.returncode}")
     sys.stderr.write(p.stdout)
+    if p.returncode != 0:
+        # One failed trainer should not cost the others' figures: report it and go on.
+        print(f"FAILED ({p.returncode}): {' '.join(cmd)}", file=sys.stderr, flush=True)
+        return None
     return last_json(p.stdout)
 
 
@@ -55,7 +57,8 @@ def main():
     ap.add_argument("--python", help="python with torch + transformers (default: install a venv)")
     ap.add_argument("--variants", help="comma-separated: candle dtypes and pytorch variants, "
                     "e.g. f32,eager,sdpa (default: f32,eager,sdpa on CPU; "
-                    "f32,bf16,eager,sdpa,tf32,pt-bf16 on CUDA)")
+                    "f32,bf16,candle-tf32,eager,sdpa,tf32,pt-bf16 on CUDA; candle-tf32 is "
+                    "Candle in f32 with TF32 matrix products, tf32 PyTorch's)")
     args = ap.parse_args()
 
     threads = args.threads or os.cpu_count()
@@ -71,7 +74,8 @@ def main():
     else:
         features = ["--features", "cuda"] if args.device == "cuda" else []
         candle = ["cargo", "bench", "--quiet", "--bench", "train_throughput", *features, "--"]
-    default = "f32,eager,sdpa" if args.device == "cpu" else "f32,bf16,eager,sdpa,tf32,pt-bf16"
+    default = ("f32,eager,sdpa" if args.device == "cpu"
+               else "f32,bf16,candle-tf32,eager,sdpa,tf32,pt-bf16")
     variants = (args.variants or default).split(",")
     common = ["--config", args.config, "--seconds", str(args.seconds), "--json"]
     cthreads = ["--threads", str(threads)] if args.device == "cpu" else []
@@ -87,6 +91,12 @@ def main():
             if args.autograd:
                 jobs.append((f"candle autograd {v}", candle + common + cthreads
                              + ["--dtype", v, "--device", args.device, "--autograd"]))
+        elif v == "candle-events":
+            jobs.append(("candle bf16 events", candle + common
+                         + ["--dtype", "bf16", "--cuda-events", "--device", args.device]))
+        elif v == "candle-tf32":
+            jobs.append(("candle tf32", candle + common
+                         + ["--dtype", "f32", "--tf32", "--device", args.device]))
         else:
             pv = "bf16" if v == "pt-bf16" else v
             jobs.append((f"pytorch {pv}", [sys.executable, os.path.join(HERE, "pytorch_train.py"),
@@ -100,6 +110,8 @@ def main():
             if name.startswith("pytorch") and peak_tflops and args.device == "cpu":
                 cmd = cmd + ["--peak-tflops", str(peak_tflops)]
             r = run(cmd, env)
+            if r is None:
+                continue
             if name.startswith("candle") and args.device == "cpu" and peak_tflops is None:
                 # Candle measured this CPU's matmul peak; use the same figure for PyTorch's MFU.
                 peak_tflops = r["peak_tflops"]
@@ -130,6 +142,10 @@ def main():
         for ref in refs:
             line += f" {r['tokens_per_s'] / ref['tokens_per_s']:>11.2f}x"
         print(line)
+    for name, r in best.items():
+        if r.get("backward_enqueued_s") is not None:
+            print(f"{name}: backward queued after {r['backward_enqueued_s']:.3f} s of "
+                  f"{r['backward_s']:.3f} s (equal: the host sets the pace)")
     if refs:
         print("(÷ columns: tokens/s relative to each PyTorch variant)")
         for name, r in best.items():

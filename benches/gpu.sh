@@ -1,22 +1,70 @@
 #!/usr/bin/env bash
-# Issue 9's GPU comparison, for the lent H100/H200 machine (no Rust there; it has PyTorch under
-# /opt/torch/.venv). Runs the carried Candle benchmark (built here by benches/build-gpu.sh into
-# target/gpu-bench) and PyTorch + transformers side by side on the ~100M config (hidden 768,
-# 14 layers, 12 heads, MLP 2048, vocab 1024, batch 16 x 512, AdamW) and prints one table:
-# tokens/s, data/forward/backward/optimizer split, peak GPU memory, MFU and the ratios.
-#
-# Six runs of SECONDS (default 25) each plus start-up: about 5 minutes in all.
+# Issue 9's GPU checks and comparison, for the lent H100/H200 machine (no Rust there; it has
+# PyTorch under /opt/torch/.venv). Uses the Candle benchmark built here by
+# benches/build-gpu.sh into target/gpu-bench:
+#   1. `--check`: every fused CUDA op (values and gradients, f32 and bf16) and one whole model
+#      step with AdamW against the plain ops on the CPU;
+#   2. benches/compare.py on the ~100M config (hidden 768, 14 layers, 12 heads, MLP 2048,
+#      vocab 1024, batch 16 x 512, AdamW): Candle f32 / bf16 / TF32 and PyTorch + transformers
+#      eager / SDPA / TF32 / bf16 autocast, one table with tokens/s, step split, peak GPU
+#      memory, MFU and the ratios;
+#   0. when jobd and jobctl were carried too: the NVML inventory (`jobd gpus`) and
+#      jobs/tiny.toml run end to end on the GPU through the daemon (placement, CUDA worker,
+#      publish, held-out answers).
+# Logs go to $OUT when the device tool sets it. Seven runs of SECONDS_EACH (default 12) plus
+# start-up, and the tiny job: about 5 minutes in all.
 # With the device tool:  run(command="bash benches/gpu.sh", carry=["target/gpu-bench"],
-#                            timeout_s=540)
-set -euo pipefail
+#                            timeout_s=480)
+set -uo pipefail
 cd "$(dirname "$0")/.."
-SECONDS_EACH=${SECONDS_EACH:-25}
+SECONDS_EACH=${SECONDS_EACH:-12}
 TORCH_PY=${TORCH_PY:-/opt/torch/.venv/bin/python}
+LOGS=${OUT:-target/gpu-logs}
+mkdir -p "$LOGS"
 BIN=target/gpu-bench/train_throughput
+for f in target/gpu-bench/*.gz; do [ -e "$f" ] && gunzip -kf "$f"; done
+chmod +x target/gpu-bench/* 2>/dev/null
 [ -x "$BIN" ] || { echo "gpu.sh: $BIN missing: build it with benches/build-gpu.sh and carry target/gpu-bench" >&2; exit 2; }
 # cuBLAS/cuRAND/nvrtc come from PyTorch's environment; libcudart.so.13 from the carried folder.
 CU13=$("$TORCH_PY" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
 export LD_LIBRARY_PATH=$PWD/target/gpu-bench${CU13:+:$CU13}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-"$TORCH_PY" benches/compare.py --device cuda --config 100m --seconds "$SECONDS_EACH" \
-  --candle-bin "$BIN" --python "$TORCH_PY" --variants "${VARIANTS:-f32,bf16,eager,sdpa,tf32,pt-bf16}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
+if [ "${E2E:-1}" = 1 ] && [ -x target/gpu-bench/jobd ] && [ -x target/gpu-bench/jobctl ]; then
+  # The product end to end on the GPU: the daemon finds the GPU through NVML, places
+  # jobs/tiny.toml with `gpus = 1` on it, and its worker trains with CUDA. Workers start with
+  # a cleared environment, so the CUDA libraries are registered as a CUDA install would be.
+  echo "== end to end: jobd + jobctl, tiny job on the GPU"
+  J=$PWD/target/gpu-bench
+  { echo "$J"; [ -n "$CU13" ] && echo "$CU13"; } > /etc/ld.so.conf.d/jobd-gpu-check.conf && ldconfig
+  "$J/jobd" gpus 2>&1 | head -20
+  S=/tmp/jobd-gpu; rm -rf "$S"; mkdir -p "$S/ollama/models"
+  "$J/jobd" --state-dir "$S" --ollama-models "$S/ollama/models" 2>"$S/jobd.log" &
+  DAEMON=$!
+  export JOBD_URL=$S/jobd.sock
+  for _ in $(seq 100); do [ -S "$JOBD_URL" ] && break; sleep 0.1; done
+  { cat jobs/tiny.toml; printf '\n[resources]\ngpus = 1\n'; } > jobs/tiny-gpu.toml
+  timeout 90 "$J/jobctl" submit --follow jobs/tiny-gpu.toml 2>&1 | tail -12
+  ID=$("$J/jobctl" list --all --json | sed -n 's/.*"id": *\([0-9]*\).*/\1/p' | head -1)
+  "$J/jobctl" show "$ID" 2>&1 | head -30
+  grep -h -i "cuda\|training step\|device" "$S/jobs/$ID/stderr.log" 2>/dev/null | head -5
+  right=0; total=0
+  while IFS= read -r line; do
+    prompt=$(printf '%s' "$line" | sed 's/.*"prompt": *"\([^"]*\)".*/\1/')
+    want=$(printf '%s' "$line" | sed 's/.*"completion": *"\([^"]*\)".*/\1/')
+    got=$("$J/jobd" generate --model "$S/jobs/$ID/output" --prompt "$prompt" --max-tokens 5 2>/dev/null | head -c ${#want})
+    total=$((total + 1)); [ "$got" = "$want" ] && right=$((right + 1))
+  done < <(head -n 8 jobs/data/tiny_eval.jsonl)
+  echo "held-out prompts right: $right of $total"
+  "$J/jobctl" models 2>&1 | head -5
+  cp "$S/jobd.log" "$LOGS/jobd.log" 2>/dev/null; cp "$S/jobs/$ID/stderr.log" "$LOGS/worker.log" 2>/dev/null
+  kill $DAEMON 2>/dev/null; wait $DAEMON 2>/dev/null
+  rm -f /etc/ld.so.conf.d/jobd-gpu-check.conf; ldconfig
+fi
+echo "== fused CUDA ops and one model step against the CPU's plain ops"
+timeout 180 "$BIN" --bench --check --device cuda 2>&1 | tee "$LOGS/check.log"
+echo "check exit: ${PIPESTATUS[0]}"
+echo "== training throughput, ~100M config"
+PYTHONUNBUFFERED=1 timeout 300 "$TORCH_PY" benches/compare.py --device cuda --config 100m \
+  --seconds "$SECONDS_EACH" --repeat "${REPEAT:-1}" --candle-bin "$BIN" --python "$TORCH_PY" \
+  --variants "${VARIANTS:-f32,bf16,candle-tf32,eager,sdpa,tf32,pt-bf16}" 2>&1 | tee "$LOGS/compare.log" \
+  | grep -v "^step "

@@ -13,7 +13,8 @@
 //!
 //! Run: `cargo bench --bench train_throughput -- --config 20m --seconds 60 [--threads 2]
 //! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain|--autograd] [--json] [--peak-tflops X]
-//! [--save] [--checkpointing]`. On the CPU in f32 the step is the trainer's: [`jobd::train::direct`]'s forward
+//! [--save] [--checkpointing] [--tf32] [--cuda-events]`; `-- --check --device cuda` instead compares every
+//! fused op and a whole model step on the GPU (f32 and bf16) with the plain ops on the CPU. On the CPU in f32 the step is the trainer's: [`jobd::train::direct`]'s forward
 //! and hand-written backward. `--autograd` runs the same fused kernels through Candle's
 //! autograd instead (what other devices and types, and LoRA, use); `--checkpointing` recomputes
 //! each layer in the backward (`gradient_checkpointing`); `--plain` uses the plain-op
@@ -49,6 +50,9 @@ struct Args {
     json: bool,
     peak_tflops: Option<f64>,
     save: bool,
+    check: bool,
+    tf32: bool,
+    cuda_events: bool,
 }
 
 fn parse_args() -> Args {
@@ -66,6 +70,9 @@ fn parse_args() -> Args {
         json: false,
         peak_tflops: None,
         save: false,
+        check: false,
+        tf32: false,
+        cuda_events: false,
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
@@ -91,6 +98,9 @@ fn parse_args() -> Args {
             "--json" => a.json = true,
             "--peak-tflops" => a.peak_tflops = Some(val().parse().expect("--peak-tflops X")),
             "--save" => a.save = true,
+            "--check" => a.check = true,
+            "--tf32" => a.tf32 = true,
+            "--cuda-events" => a.cuda_events = true,
             other => panic!("unknown option {other}"),
         }
     }
@@ -155,6 +165,14 @@ fn main() {
         return;
     }
     let args = parse_args();
+    if args.check {
+        let ok = check::run(&device(&args.device));
+        std::process::exit(if ok { 0 } else { 1 });
+    }
+    if args.tf32 {
+        #[cfg(feature = "cuda")]
+        candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
+    }
     match args.threads {
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -203,7 +221,12 @@ fn gpu_peak_tflops(dtype: DType) -> f64 {
 }
 
 fn bench(a: &Args) {
-    let dev = device(&a.device);
+    let dev = if a.cuda_events && a.device == "cuda" {
+        // cudarc's per-buffer event tracking left on (the trainer turns it off).
+        Device::new_cuda(0).unwrap()
+    } else {
+        device(&a.device)
+    };
     let (cfg, batch, block) = reference(&a.config);
     let threads = rayon::current_num_threads();
     let peak_tflops = a.peak_tflops.unwrap_or_else(|| {
@@ -213,7 +236,11 @@ fn bench(a: &Args) {
             cpu_peak_tflops()
         }
     });
-    let dtype_name = format!("{:?}", a.dtype).to_lowercase();
+    let dtype_name = if a.tf32 && a.dtype == DType::F32 {
+        "tf32".to_string()
+    } else {
+        format!("{:?}", a.dtype).to_lowercase()
+    };
     let kernels = if a.plain {
         "plain ops"
     } else if a.autograd || a.dtype != DType::F32 || !dev.is_cpu() {
@@ -256,7 +283,7 @@ fn bench(a: &Args) {
     .unwrap();
     let mut rng = Rng::new(1);
     let sync = || dev.synchronize().unwrap();
-    let mut timed: Vec<[f64; 5]> = Vec::new();
+    let mut timed: Vec<[f64; 6]> = Vec::new();
     let start = Instant::now();
     let mut timed_since = None;
     let mut last_loss = 0f32;
@@ -271,6 +298,7 @@ fn bench(a: &Args) {
         let mask = Tensor::ones((batch, block), DType::F32, &dev).unwrap();
         sync();
         let t_data = t0.elapsed().as_secs_f64();
+        let mut t_enqueue = f64::NAN;
         let (grads, t_fwd) = if direct {
             // The trainer's path on the CPU: forward and hand-written backward in one call.
             let scale = 1.0 / (batch * block) as f32;
@@ -310,6 +338,9 @@ fn bench(a: &Args) {
             let _ = peak_memory_bytes(&dev);
             let t_fwd = t0.elapsed().as_secs_f64() - t_data;
             let g = loss.backward().unwrap();
+            // When the backward's kernels are queued: close to the synchronised backward time
+            // below means the host, not the GPU, sets the pace.
+            t_enqueue = t0.elapsed().as_secs_f64() - t_data - t_fwd;
             let grads: Vec<Tensor> = params
                 .iter()
                 .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
@@ -334,7 +365,7 @@ fn bench(a: &Args) {
         );
         if s >= a.warmup {
             let since = *timed_since.get_or_insert(t0);
-            timed.push([secs, t_data, t_fwd, t_bwd, t_opt]);
+            timed.push([secs, t_data, t_fwd, t_bwd, t_opt, t_enqueue]);
             if since.elapsed().as_secs_f64() >= a.seconds && timed.len() >= 2 {
                 break;
             }
@@ -359,6 +390,7 @@ fn bench(a: &Args) {
         "forward_s": mean(2),
         "backward_s": mean(3),
         "optimizer_s": mean(4),
+        "backward_enqueued_s": mean(5),
         "peak_memory_bytes": peak,
         "mfu": mfu,
         "peak_tflops": peak_tflops,
@@ -367,7 +399,7 @@ fn bench(a: &Args) {
     });
     println!(
         "{:<22} {:>5} {:>5} {:>10.0} tokens/s  step {:.3}s = data {:.3} + fwd {:.3} + bwd {:.3} \
-         + opt {:.3}  peak {}  MFU {:.1}%",
+         + opt {:.3}{}  peak {}  MFU {:.1}%",
         format!("candle {kernels}"),
         a.config,
         dtype_name,
@@ -377,6 +409,11 @@ fn bench(a: &Args) {
         mean(2),
         mean(3),
         mean(4),
+        if mean(5).is_nan() {
+            String::new()
+        } else {
+            format!(" (backward queued after {:.3})", mean(5))
+        },
         peak.map_or("?".into(), |b| format!(
             "{:.2} GiB",
             b as f64 / (1u64 << 30) as f64
@@ -446,4 +483,313 @@ fn time_checkpoint(params: &[Param], opt: &AdamW, rng: Rng, step: f64, dev: &Dev
         bytes as f64 / 1e6,
         t2.elapsed().as_secs_f64()
     );
+}
+
+/// `--check`: each fused op (values and input gradients) and one whole training step of a small
+/// model (loss, every parameter's gradient, AdamW) on `dev` in f32 and bf16, against the plain
+/// ops on the CPU in f32. Prints ‖got − want‖ / ‖want‖ per output; fails above the type's
+/// tolerance.
+mod check {
+    use super::*;
+    use jobd::train::ops::{self, plain};
+
+    fn rel(got: &Tensor, want: &Tensor) -> f64 {
+        let g = got
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let w = want
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        assert_eq!(g.len(), w.len(), "shapes differ");
+        if g.iter().any(|x| !x.is_finite()) {
+            return f64::INFINITY;
+        }
+        let num: f64 = g.iter().zip(&w).map(|(a, b)| (a - b) * (a - b)).sum();
+        let den: f64 = w.iter().map(|b| b * b).sum();
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    fn randn(rng: &mut Rng, shape: &[usize], scale: f64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                // Box-Muller from the bench's own generator.
+                let u1 = rng.next_f64().max(1e-12);
+                let u2 = rng.next_f64();
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * scale) as f32
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    type OpFn<'a> = dyn Fn(&[Tensor]) -> Tensor + 'a;
+
+    /// Runs `fused` on `dev` in `dtype` and `reference` on the CPU in f32 over the same inputs
+    /// (the first `grads` of which are differentiated), loss = Σ out · r.
+    #[allow(clippy::too_many_arguments)]
+    fn case(
+        name: &str,
+        dev: &Device,
+        dtype: DType,
+        inputs: &[Tensor],
+        grads: usize,
+        fused: &OpFn<'_>,
+        reference: &OpFn<'_>,
+        tol: f64,
+        rng: &mut Rng,
+    ) -> bool {
+        let cpu_vars: Vec<Var> = inputs[..grads]
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let mut cpu_in: Vec<Tensor> = cpu_vars.iter().map(|v| v.as_tensor().clone()).collect();
+        cpu_in.extend(inputs[grads..].iter().cloned());
+        let want = reference(&cpu_in);
+        let r = randn(rng, want.dims(), 1.0);
+        let want_g = (want.to_dtype(DType::F32).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gpu_vars: Vec<Var> = inputs[..grads]
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_device(dev).unwrap().to_dtype(dtype).unwrap()).unwrap())
+            .collect();
+        let mut gpu_in: Vec<Tensor> = gpu_vars.iter().map(|v| v.as_tensor().clone()).collect();
+        gpu_in.extend(inputs[grads..].iter().map(|t| t.to_device(dev).unwrap()));
+        let got = fused(&gpu_in);
+        let got_g = (got.to_dtype(DType::F32).unwrap() * r.to_device(dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut errs = vec![rel(&got, &want)];
+        for (gv, cv) in gpu_vars.iter().zip(&cpu_vars) {
+            let Some(g) = got_g.get(gv.as_tensor()) else {
+                println!("{name:<34} {dtype:?}: no gradient reached an input");
+                return false;
+            };
+            errs.push(rel(g, want_g.get(cv.as_tensor()).unwrap()));
+        }
+        let worst = errs.iter().cloned().fold(0.0, f64::max);
+        let ok = worst <= tol;
+        println!(
+            "{name:<34} {:<5} value {:.2e}  grads {}  {}",
+            format!("{dtype:?}").to_lowercase(),
+            errs[0],
+            errs[1..]
+                .iter()
+                .map(|e| format!("{e:.2e}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            if ok { "ok" } else { "FAIL" }
+        );
+        ok
+    }
+
+    pub fn run(dev: &Device) -> bool {
+        let mut rng = Rng::new(7);
+        let mut ok = true;
+        for dtype in [DType::F32, DType::BF16] {
+            let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+            let rng = &mut rng;
+            let (b, t, d) = (2, 96, 256);
+            let x = randn(rng, &[b, t, d], 1.0);
+            let w = (randn(rng, &[d], 0.1) + 1.0).unwrap();
+            ok &= case(
+                "rms_norm",
+                dev,
+                dtype,
+                &[x, w],
+                2,
+                &|i| ops::rms_norm(&i[0], &i[1], 1e-6).unwrap(),
+                &|i| plain::rms_norm(&i[0], &i[1], 1e-6).unwrap(),
+                tol,
+                rng,
+            );
+            let (h, hd) = (4, 64);
+            let x = randn(rng, &[b, t, h * hd], 1.0);
+            let ang = randn(rng, &[t, hd / 2], 3.0);
+            let ang = Tensor::cat(&[&ang, &ang], 1).unwrap();
+            let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+            ok &= case(
+                "rope",
+                dev,
+                dtype,
+                &[x, cos, sin],
+                1,
+                &|i| ops::rope(&i[0], &i[1], &i[2]).unwrap(),
+                &|i| plain::rope(&i[0], &i[1], &i[2]).unwrap(),
+                tol,
+                rng,
+            );
+            let table = randn(rng, &[300, 128], 1.0);
+            // Repeated ids (every fifth is 7) exercise the backward's summing.
+            let ids: Vec<u32> = (0..b * t)
+                .map(|i| if i % 5 == 0 { 7 } else { rng.below(300) as u32 })
+                .collect();
+            let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+            ok &= case(
+                "embedding",
+                dev,
+                dtype,
+                &[table, ids],
+                1,
+                &|i| ops::embedding(&i[0], &i[1]).unwrap(),
+                &|i| i[0].index_select(&i[1].flatten_all().unwrap(), 0).unwrap(),
+                tol,
+                rng,
+            );
+            let g = randn(rng, &[b, t, 384], 2.0);
+            let u = randn(rng, &[b, t, 384], 1.0);
+            ok &= case(
+                "swiglu",
+                dev,
+                dtype,
+                &[g, u],
+                2,
+                &|i| ops::swiglu(&i[0], &i[1]).unwrap(),
+                &|i| plain::swiglu(&i[0], &i[1]).unwrap(),
+                tol,
+                rng,
+            );
+            let v = 1000;
+            let logits = randn(rng, &[b * t, v], 3.0);
+            let labels: Vec<u32> = (0..b * t).map(|_| rng.below(v as u64) as u32).collect();
+            let labels = Tensor::from_vec(labels, b * t, &Device::Cpu).unwrap();
+            let mask: Vec<f32> = (0..b * t).map(|i| (i % 7 != 3) as u8 as f32).collect();
+            let mask = Tensor::from_vec(mask, b * t, &Device::Cpu).unwrap();
+            ok &= case(
+                "cross_entropy",
+                dev,
+                dtype,
+                &[logits, labels, mask],
+                1,
+                &|i| ops::cross_entropy(&i[0], &i[1], &i[2]).unwrap(),
+                &|i| plain::cross_entropy(&i[0], &i[1], &i[2]).unwrap(),
+                tol,
+                rng,
+            );
+            for (label, heads, s, start, window) in [
+                ("attention (MHA)", (4, 4), t, 0, None),
+                ("attention (GQA 8/2, window 40)", (8, 2), t, 0, Some(40)),
+                ("attention (GQA 4/2, 32 new of 96)", (4, 2), t, 64, None),
+            ] {
+                let tq = s - start;
+                let q = randn(rng, &[b, tq, heads.0 * 32], 1.0);
+                let k = randn(rng, &[b, s, heads.1 * 32], 1.0);
+                let vv = randn(rng, &[b, s, heads.1 * 32], 1.0);
+                ok &= case(
+                    label,
+                    dev,
+                    dtype,
+                    &[q, k, vv],
+                    3,
+                    &|i| ops::attention(&i[0], &i[1], &i[2], heads, start, window).unwrap(),
+                    &|i| plain::attention(&i[0], &i[1], &i[2], heads, start, window).unwrap(),
+                    tol,
+                    rng,
+                );
+            }
+            ok &= model_step(dev, dtype, tol * 2.0);
+        }
+        println!("{}", if ok { "check: all ok" } else { "check: FAILED" });
+        ok
+    }
+
+    /// One step of a small untied GQA llama: loss and every gradient against the CPU's plain
+    /// ops in f32, then (f32) the parameters after one AdamW update with clipping.
+    fn model_step(dev: &Device, dtype: DType, tol: f64) -> bool {
+        let (mut cfg, _, _) = reference("tiny");
+        cfg.tie_word_embeddings = false;
+        let (batch, block) = (4, 32);
+        let run = |device: &Device, dtype: DType, fused: bool| {
+            let w = init_weights(&cfg, &mut Rng::new(3), &Device::Cpu).unwrap();
+            let mut params = Vec::new();
+            let mut tensors = BTreeMap::new();
+            for (name, _) in parameter_shapes(&cfg) {
+                let var = Var::from_tensor(&w[&name].to_device(device).unwrap()).unwrap();
+                tensors.insert(name.clone(), var.as_tensor().clone());
+                let decay = !name.contains("norm");
+                params.push(Param { name, var, decay });
+            }
+            let model = Llama::new(cfg.clone(), &tensors, device).unwrap();
+            let mut rng = Rng::new(5);
+            let ids: Vec<u32> = (0..batch * (block + 1))
+                .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+                .collect();
+            let all = Tensor::from_vec(ids, (batch, block + 1), device).unwrap();
+            let x = all.narrow(1, 0, block).unwrap().contiguous().unwrap();
+            let y = all.narrow(1, 1, block).unwrap().contiguous().unwrap();
+            let mask = Tensor::ones((batch, block), DType::F32, device).unwrap();
+            let mut pass = Pass::new(dtype, None);
+            pass.fused = fused;
+            let nll = if fused {
+                model.forward_loss(&x, &y, &mask, &mut pass, true).unwrap()
+            } else {
+                let logits = model.forward(&x, 0, None, &mut pass).unwrap();
+                nll_sum_plain(&logits, &y, &mask).unwrap()
+            };
+            let loss = (nll / (batch * block) as f64).unwrap();
+            let g = loss.backward().unwrap();
+            let grads: Vec<Tensor> = params
+                .iter()
+                .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
+                .collect();
+            let (norm, clip) = optim::clip_factor(&grads, 0.5).unwrap();
+            let mut opt = AdamW::new(
+                AdamWConfig {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.1,
+                },
+                &params,
+            )
+            .unwrap();
+            opt.step_scaled(&params, &grads, 1e-3, clip).unwrap();
+            let after: Vec<Tensor> = params.iter().map(|p| p.var.as_tensor().clone()).collect();
+            (loss, grads, norm, after)
+        };
+        let (want_loss, want_g, want_norm, want_p) = run(&Device::Cpu, DType::F32, false);
+        let (loss, grads, norm, after) = run(dev, dtype, true);
+        let loss_err = rel(&loss.to_dtype(DType::F32).unwrap(), &want_loss);
+        let grad_err = grads
+            .iter()
+            .zip(&want_g)
+            .map(|(g, w)| rel(g, w))
+            .fold(0.0, f64::max);
+        let norm_err = (norm - want_norm).abs() / want_norm;
+        let param_err = after
+            .iter()
+            .zip(&want_p)
+            .map(|(g, w)| rel(g, w))
+            .fold(0.0, f64::max);
+        // After one step the parameters differ from the start by ~lr; bf16 gradients move them
+        // by a different ~lr·error, so only f32 is held to the tolerance here.
+        let ok = loss_err <= tol
+            && grad_err <= tol
+            && norm_err <= tol
+            && (dtype != DType::F32 || param_err <= tol);
+        println!(
+            "{:<34} {:<5} loss {loss_err:.2e}  worst grad {grad_err:.2e}  norm {norm_err:.2e}  \
+             params after AdamW {param_err:.2e}  {}",
+            "model step (tiny, untied, GQA)",
+            format!("{dtype:?}").to_lowercase(),
+            if ok { "ok" } else { "FAIL" }
+        );
+        ok
+    }
 }
