@@ -291,6 +291,10 @@ pub struct TrainingArgs {
     /// CPU; the gradients are the same bits either way.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
+    /// f32 matrix products on CUDA in TF32 (tensor cores, 10-bit mantissa inputs, f32
+    /// accumulation), as `TrainingArguments.tf32`; no effect on the CPU or in bf16/f16.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tf32: bool,
     /// `"auto"`, a checkpoint directory, or false.
     pub resume_from_checkpoint: ResumeFrom,
 }
@@ -324,6 +328,7 @@ impl Default for TrainingArgs {
             greater_is_better: None,
             dtype: TrainDType::F32,
             gradient_checkpointing: false,
+            tf32: false,
             resume_from_checkpoint: ResumeFrom::Auto,
         }
     }
@@ -1121,6 +1126,7 @@ mod tests {
         );
         bad(&t("dtype = \"bf16\""), "training.dtype", "needs a GPU");
         bad(&t("dtype = \"f64\""), "training.dtype", "unknown variant");
+        bad(&t("tf32 = \"yes\""), "training.tf32", "invalid type");
         bad(
             &t("resume_from_checkpoint = \"\""),
             "training.resume_from_checkpoint",

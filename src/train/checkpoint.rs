@@ -562,3 +562,25 @@ impl Drop for Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(extra_training: &str) -> JobSpec {
+        let text = include_str!("../../jobs/tiny.toml")
+            .replace("[training]\n", &format!("[training]\n{extra_training}\n"));
+        crate::spec::job::parse("tiny.toml", &text).expect("tiny job parses")
+    }
+
+    #[test]
+    fn spec_hash_ignores_what_keeps_the_bits_and_sees_what_changes_them() {
+        let base = spec_hash(&job(""));
+        // Same gradients bit for bit: a run may resume with these changed.
+        assert_eq!(base, spec_hash(&job("gradient_checkpointing = true")));
+        assert_eq!(base, spec_hash(&job("tf32 = false")));
+        // TF32 products round differently: resuming across it is a different run.
+        assert!(job("tf32 = true").training.unwrap().tf32);
+        assert_ne!(base, spec_hash(&job("tf32 = true")));
+    }
+}

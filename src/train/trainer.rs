@@ -108,6 +108,16 @@ fn run_inner(
         TrainDType::Bf16 => DType::BF16,
         TrainDType::F16 => DType::F16,
     };
+    if args.tf32 {
+        if device.is_cuda() && compute == DType::F32 {
+            // Process-wide in Candle; a worker trains one job.
+            #[cfg(feature = "cuda")]
+            candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
+            tracing::info!("tf32: f32 matrix products on tensor cores");
+        } else {
+            tracing::warn!("tf32 applies to f32 training on CUDA; ignored here");
+        }
+    }
     early_stage(&ctx.job_dir, "loading")?;
     let hash = checkpoint::spec_hash(spec);
     std::fs::create_dir_all(&ctx.checkpoint_dir)
