@@ -17,6 +17,8 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{CustomOp1, DType, Layout, Shape, Storage, Tensor, bail};
 use half::bf16;
 
+use super::ops::split_views;
+
 type Result<T> = candle_core::Result<T>;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/jobd_kernels.ptx"));
@@ -241,18 +243,6 @@ where
     F: Fn(&CudaDevice) -> Result<(CudaStorage, Shape)> + Send + Sync,
 {
     anchor.apply_op1_no_bwd(&Run { name, f })
-}
-
-/// Splits a tensor holding several gradients back into tensors of the given shapes (views).
-fn split(all: &Tensor, shapes: &[&Shape]) -> Result<Vec<Tensor>> {
-    let mut out = Vec::with_capacity(shapes.len());
-    let mut at = 0;
-    for s in shapes {
-        let n = s.elem_count();
-        out.push(all.narrow(0, at, n)?.reshape(*s)?);
-        at += n;
-    }
-    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -577,7 +567,7 @@ pub(crate) fn swiglu_bwd(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Ten
             base, base + (n * size) as u64, n as i64);
         Ok((out.into_storage(dev), Shape::from(2 * n)))
     })?;
-    let parts = split(&all, &[gate.shape(), up.shape()])?;
+    let parts = split_views(&all, &[gate.shape(), up.shape()])?;
     Ok((parts[0].clone(), parts[1].clone()))
 }
 
@@ -768,7 +758,7 @@ pub(crate) fn attention_bwd(
         let dtype = q.dtype();
         let (sfx, size) = suffix(dtype)?;
         let bh = b * h;
-        let split = |t_: &Tensor, len: usize, hs: usize| -> Result<Buf> {
+        let to_heads = |t_: &Tensor, len: usize, hs: usize| -> Result<Buf> {
             let buf = Buf::alloc(dev, dtype, bh * len * d)?;
             split_heads(
                 dev,
@@ -780,11 +770,11 @@ pub(crate) fn attention_bwd(
             )?;
             Ok(buf)
         };
-        let qh = split(q, t, h)?;
-        let kh = split(k, s, kv)?;
-        let vh = split(v, s, kv)?;
-        let oh = split(out, t, h)?;
-        let doh = split(&d_out, t, h)?;
+        let qh = to_heads(q, t, h)?;
+        let kh = to_heads(k, s, kv)?;
+        let vh = to_heads(v, s, kv)?;
+        let oh = to_heads(out, t, h)?;
+        let doh = to_heads(&d_out, t, h)?;
         let p_ = |x: &Buf| x.ptr(&stream);
         let scores = Buf::alloc(dev, DType::F32, bh * t * s)?;
         gemm(
@@ -871,7 +861,7 @@ pub(crate) fn attention_bwd(
         )?;
         Ok((packed.into_storage(dev), Shape::from(nq + 2 * nk)))
     })?;
-    let parts = split(&all, &[q.shape(), k.shape(), v.shape()])?;
+    let parts = split_views(&all, &[q.shape(), k.shape(), v.shape()])?;
     Ok((parts[0].clone(), parts[1].clone(), parts[2].clone()))
 }
 

@@ -89,6 +89,11 @@ fn split(buf: Vec<f32>, shapes: &[&Shape], device: &candle_core::Device) -> Resu
         (shapes.iter().map(|s| s.elem_count()).sum::<usize>(),),
         device,
     )?;
+    Ok(split_views(&all, shapes)?)
+}
+
+/// Views of consecutive pieces of the 1-D `all`, in the given shapes (no copy).
+pub(crate) fn split_views(all: &Tensor, shapes: &[&Shape]) -> candle_core::Result<Vec<Tensor>> {
     let mut out = Vec::with_capacity(shapes.len());
     let mut at = 0;
     for s in shapes {
