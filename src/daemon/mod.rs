@@ -53,6 +53,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         policy: config.scheduler.clone(),
         worker_exe: std::env::current_exe()
             .context("cannot find the jobd executable for workers")?,
+        worker_library_path: std::env::var("LD_LIBRARY_PATH")
+            .ok()
+            .filter(|v| !v.is_empty()),
         run_as_owner: crate::config::running_as_root(),
         ollama_models: config.ollama_models.clone(),
         schedule_tz: config.schedule_timezone,

@@ -50,6 +50,9 @@ pub struct SchedSettings {
     pub policy: SchedulerConfig,
     /// The `jobd` executable, for `jobd worker`.
     pub worker_exe: PathBuf,
+    /// The daemon's `LD_LIBRARY_PATH`, passed on to `jobd worker` (the daemon's own binary,
+    /// which loads the CUDA libraries at run time); command jobs set their own environment.
+    pub worker_library_path: Option<String>,
     /// Run jobs as their owners (the daemon is root).
     pub run_as_owner: bool,
     /// Default Ollama models directory for `[publish]`.

@@ -131,6 +131,11 @@ pub fn prepare(
     if path.is_none() {
         env.push(("PATH".into(), contract::DEFAULT_PATH.into()));
     }
+    if rec.kind != JobKind::Command
+        && let Some(libs) = &settings.worker_library_path
+    {
+        env.push(("LD_LIBRARY_PATH".into(), libs.clone()));
+    }
     Ok(SpawnRequest {
         program,
         args,
@@ -161,5 +166,61 @@ fn daemon_user() -> (String, String) {
     match nix::unistd::User::from_uid(uid) {
         Ok(Some(u)) => (u.name, u.dir.display().to_string()),
         _ => (uid.to_string(), "/".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Owner, now_ms};
+
+    fn record(text: &str) -> JobRecord {
+        let spec = crate::spec::job::parse("t.toml", text).expect("job parses");
+        let owner = Owner {
+            user: "alice".into(),
+            uid: 1000,
+        };
+        let mut r = JobRecord::new_queued(owner, "t".into(), spec, text.into(), now_ms());
+        r.id = 7;
+        r
+    }
+
+    fn env_of(req: &SpawnRequest, key: &str) -> Option<String> {
+        req.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn train_workers_get_the_daemons_library_path_and_commands_do_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let settings = SchedSettings {
+            jobs_dir: tmp.path().to_path_buf(),
+            grace: std::time::Duration::from_secs(5),
+            max_cpu_jobs: 1,
+            policy: Default::default(),
+            worker_exe: "/usr/bin/jobd".into(),
+            worker_library_path: Some("/opt/cuda/lib64".into()),
+            run_as_owner: false,
+            ollama_models: None,
+            schedule_tz: Default::default(),
+        };
+        let train = record(include_str!("../../jobs/tiny.toml"));
+        let req = prepare(&train, &settings, false).unwrap();
+        assert_eq!(req.args[0], "worker");
+        assert_eq!(
+            env_of(&req, "LD_LIBRARY_PATH").as_deref(),
+            Some("/opt/cuda/lib64")
+        );
+        let command = record("kind = \"command\"\n[command]\nargv = [\"true\"]\n");
+        let req = prepare(&command, &settings, false).unwrap();
+        assert_eq!(env_of(&req, "LD_LIBRARY_PATH"), None);
+        let none = SchedSettings {
+            worker_library_path: None,
+            ..settings
+        };
+        let req = prepare(&train, &none, false).unwrap();
+        assert_eq!(env_of(&req, "LD_LIBRARY_PATH"), None);
     }
 }
