@@ -293,19 +293,11 @@ impl CustomOp1 for Embedding {
     fn bwd(&self, table: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (vocab, d) = table.dims2()?;
         let grad = grad.contiguous()?;
-        // Positions grouped by id, each group in position order.
-        let mut order: Vec<u32> = (0..self.host.len() as u32).collect();
-        order.sort_by_key(|&p| self.host[p as usize]);
-        let mut uniq = Vec::new();
-        let mut starts = Vec::new();
-        for (k, &p) in order.iter().enumerate() {
-            let id = self.host[p as usize];
-            if uniq.last() != Some(&id) {
-                uniq.push(id);
-                starts.push(k as u32);
-            }
-        }
-        starts.push(order.len() as u32);
+        let crate::train::kernels::IdGroups {
+            order,
+            starts,
+            ids: uniq,
+        } = crate::train::kernels::group_by_id(&self.host);
         let dev = table.device();
         let groups = uniq.len();
         if groups == 0 {

@@ -416,6 +416,37 @@ pub fn adamw_apply(p: &mut [f32], m: &[f32], v: &[f32], s: &AdamStep) {
     });
 }
 
+/// Token positions grouped by id: `order` lists the positions of `ids[0]`'s group, then the
+/// next id's, each group in position order; group `g` is `order[starts[g]..starts[g + 1]]`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct IdGroups {
+    /// Positions, grouped by id.
+    pub order: Vec<u32>,
+    /// Where each group starts in `order`, plus its length at the end.
+    pub starts: Vec<u32>,
+    /// The distinct ids, ascending.
+    pub ids: Vec<u32>,
+}
+
+/// Groups the positions of `tokens` by id (for an embedding's backward: each id's gradient is
+/// the sum of its positions' rows, added in position order so the result is reproducible).
+pub fn group_by_id(tokens: &[u32]) -> IdGroups {
+    let mut order: Vec<u32> = (0..tokens.len() as u32).collect();
+    // A stable sort keeps each group in position order.
+    order.sort_by_key(|&p| tokens[p as usize]);
+    let mut ids = Vec::new();
+    let mut starts = Vec::new();
+    for (k, &p) in order.iter().enumerate() {
+        let id = tokens[p as usize];
+        if ids.last() != Some(&id) {
+            ids.push(id);
+            starts.push(k as u32);
+        }
+    }
+    starts.push(order.len() as u32);
+    IdGroups { order, starts, ids }
+}
+
 /// Column sums of `x` `(rows, cols)` (a bias's gradient), in fixed blocks of rows summed in
 /// order.
 pub fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {

@@ -429,3 +429,22 @@ fn linear_cross_entropy_eval_frozen_and_errors() {
         "label out of range"
     );
 }
+
+#[test]
+fn token_groups_list_each_ids_positions_in_order() {
+    use crate::train::kernels::{IdGroups, group_by_id};
+    let g = group_by_id(&[5, 2, 5, 9, 2, 5]);
+    assert_eq!(
+        g,
+        IdGroups {
+            order: vec![1, 4, 0, 2, 5, 3],
+            starts: vec![0, 2, 5, 6],
+            ids: vec![2, 5, 9],
+        }
+    );
+    let empty = group_by_id(&[]);
+    assert_eq!(
+        (empty.order.len(), empty.starts, empty.ids.len()),
+        (0, vec![0], 0)
+    );
+}
