@@ -712,8 +712,7 @@ mod tests {
 
     use super::*;
     use crate::train::config::LlamaConfig;
-    use crate::train::model::{Lora, Pass, init_weights};
-    use crate::train::rng::Rng;
+    use crate::train::model::{Lora, Pass, random_vars};
 
     fn model(kind: &str, tied: bool, bias: bool, window: Option<usize>) -> (Llama, Vec<Var>) {
         let dev = Device::Cpu;
@@ -730,23 +729,12 @@ mod tests {
             c.sliding_window = Some(w);
         }
         assert_eq!(c.window(), window);
-        let mut rng = Rng::new(11);
-        let w = init_weights(&c, &mut rng, &dev).unwrap();
-        let mut vars = Vec::new();
-        let tensors: BTreeMap<String, Tensor> = w
+        let named = random_vars(&c, 11, &dev);
+        let tensors: BTreeMap<String, Tensor> = named
             .iter()
-            .map(|(k, t)| {
-                // Random norms and biases too, so that no gradient is trivially zero.
-                let mut d = vec![0f32; t.elem_count()];
-                rng.fill_normal(&mut d, 0.2);
-                if k.contains("norm") {
-                    d.iter_mut().for_each(|x| *x += 1.0);
-                }
-                let v = Var::from_vec(d, t.shape(), &dev).unwrap();
-                vars.push(v.clone());
-                (k.clone(), v.as_tensor().clone())
-            })
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
+        let vars = named.into_values().collect();
         (Llama::new(c, &tensors, &dev).unwrap(), vars)
     }
 

@@ -317,6 +317,29 @@ pub fn module_path(layer: usize, module: &str) -> String {
     format!("model.layers.{layer}.{group}.{module}")
 }
 
+/// Every parameter of `cfg` drawn at random (std 0.2; norm weights around 1, biases too, so
+/// that no gradient is trivially zero), as variables under their names: a model for tests.
+#[cfg(test)]
+pub(crate) fn random_vars(
+    cfg: &LlamaConfig,
+    seed: u64,
+    dev: &Device,
+) -> BTreeMap<String, candle_core::Var> {
+    let mut rng = Rng::new(seed);
+    let w = init_weights(cfg, &mut rng, dev).expect("weights for a valid config");
+    w.iter()
+        .map(|(k, t)| {
+            let mut d = vec![0f32; t.elem_count()];
+            rng.fill_normal(&mut d, 0.2);
+            if k.contains("norm") {
+                d.iter_mut().for_each(|x| *x += 1.0);
+            }
+            let v = candle_core::Var::from_vec(d, t.shape(), dev).expect("a tensor of its shape");
+            (k.clone(), v)
+        })
+        .collect()
+}
+
 /// Fresh weights as Hugging Face initialises a llama: normal(0, `initializer_range`) for
 /// projections and embeddings, zero biases, unit norms. Drawn on the host in the fixed order
 /// of [`parameter_shapes`], so a seed gives the same model on every device.
@@ -673,20 +696,7 @@ mod tests {
                 c.sliding_window = Some(w);
             }
             assert_eq!(c.window(), window, "{kind}: window configured");
-            let mut rng = Rng::new(7);
-            let w = init_weights(&c, &mut rng, &dev).unwrap();
-            let vars: BTreeMap<String, Var> = w
-                .iter()
-                .map(|(k, t)| {
-                    let mut d = vec![0f32; t.elem_count()];
-                    rng.fill_normal(&mut d, 0.2);
-                    if k.contains("norm") {
-                        d.iter_mut().for_each(|x| *x += 1.0);
-                    }
-                    let t = Tensor::from_vec(d, t.shape(), &dev).unwrap();
-                    (k.clone(), Var::from_tensor(&t).unwrap())
-                })
-                .collect();
+            let vars = random_vars(&c, 7, &dev);
             let tensors = vars
                 .iter()
                 .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
