@@ -12,13 +12,16 @@
 //!   16 × 512 (the GPU reference of issue 9).
 //!
 //! Run: `cargo bench --bench train_throughput -- --config 20m --seconds 60 [--threads 2]
-//! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain|--autograd] [--json] [--peak-tflops X]
-//! [--save] [--checkpointing] [--tf32] [--cuda-events]`; `-- --check --device cuda` instead compares every
-//! fused op and a whole model step on the GPU (f32 and bf16) with the plain ops on the CPU. On the CPU in f32 the step is the trainer's: [`jobd::train::direct`]'s forward
-//! and hand-written backward. `--autograd` runs the same fused kernels through Candle's
-//! autograd instead (what other devices and types, and LoRA, use); `--checkpointing` recomputes
-//! each layer in the backward (`gradient_checkpointing`); `--plain` uses the plain-op
-//! versions of the fused kernels (the "before"); `--json` ends with
+//! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain|--autograd|--ops-step] [--json]
+//! [--peak-tflops X] [--save] [--checkpointing] [--tf32] [--cuda-events]`; `-- --check --device
+//! cuda` instead compares every fused op and a whole model step on the GPU (f32 and bf16) with
+//! the plain ops on the CPU. The step is the trainer's: on the CPU in f32
+//! [`jobd::train::direct`]'s forward and hand-written backward, on CUDA
+//! [`jobd::train::direct_ops`] (the fused ops without an autograd graph; `--ops-step` runs it on
+//! the CPU too). `--autograd` runs the same fused kernels through Candle's autograd instead
+//! (what LoRA and f16 use); `--checkpointing` recomputes each layer in the backward
+//! (`gradient_checkpointing`); `--plain` uses the plain-op versions of the fused kernels (the
+//! "before"); `--json` ends with
 //! one JSON line for scripts. MFU counts 6·N + 12·L·T·d FLOPs per token (N: parameters less
 //! the input embedding) against `--peak-tflops`, by default on the CPU the rate this machine
 //! reaches in a 2048³ f32 matmul (measured first), on CUDA the H100/H200 dense peak of the
@@ -30,11 +33,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use jobd::train::checkpoint::{self, Rotation, SchedulerState, Snapshot, TrainerState};
 use jobd::train::config::LlamaConfig;
-use jobd::train::direct;
 use jobd::train::metrics::peak_memory_bytes;
 use jobd::train::model::{Llama, Pass, init_weights, nll_sum_plain, parameter_shapes};
 use jobd::train::optim::{self, AdamW, AdamWConfig, Param};
 use jobd::train::rng::Rng;
+use jobd::train::{direct, direct_ops};
 
 struct Args {
     config: String,
@@ -46,6 +49,7 @@ struct Args {
     device: String,
     plain: bool,
     autograd: bool,
+    ops_step: bool,
     checkpointing: bool,
     json: bool,
     peak_tflops: Option<f64>,
@@ -66,6 +70,7 @@ fn parse_args() -> Args {
         device: "cpu".into(),
         plain: false,
         autograd: false,
+        ops_step: false,
         checkpointing: false,
         json: false,
         peak_tflops: None,
@@ -94,6 +99,7 @@ fn parse_args() -> Args {
             "--device" => a.device = val(),
             "--plain" => a.plain = true,
             "--autograd" => a.autograd = true,
+            "--ops-step" => a.ops_step = true,
             "--checkpointing" => a.checkpointing = true,
             "--json" => a.json = true,
             "--peak-tflops" => a.peak_tflops = Some(val().parse().expect("--peak-tflops X")),
@@ -241,9 +247,31 @@ fn bench(a: &Args) {
     } else {
         format!("{:?}", a.dtype).to_lowercase()
     };
+    let w = init_weights(&cfg, &mut Rng::new(0), &dev).unwrap();
+    let mut params = Vec::new();
+    let mut tensors = BTreeMap::new();
+    for (name, _) in parameter_shapes(&cfg) {
+        let var = Var::from_tensor(&w[&name]).unwrap();
+        tensors.insert(name.clone(), var.as_tensor().clone());
+        let decay = !name.contains("norm");
+        params.push(Param { name, var, decay });
+    }
+    drop(w);
+    let model = Llama::new(cfg.clone(), &tensors, &dev).unwrap();
+    drop(tensors);
+    let direct = !a.plain
+        && !a.autograd
+        && !a.ops_step
+        && a.dtype == DType::F32
+        && direct::supported(&model);
+    let ops_step = !a.plain && !a.autograd && !direct && direct_ops::supported(&model, a.dtype);
     let kernels = if a.plain {
         "plain ops"
-    } else if a.autograd || a.dtype != DType::F32 || !dev.is_cpu() {
+    } else if ops_step && a.checkpointing {
+        "fused, direct over ops, activation checkpointing"
+    } else if ops_step {
+        "fused, direct over ops"
+    } else if !direct {
         "fused, autograd"
     } else if a.checkpointing {
         "fused, direct backward, activation checkpointing"
@@ -257,19 +285,6 @@ fn bench(a: &Args) {
         cfg.num_parameters(),
         dev
     );
-    let w = init_weights(&cfg, &mut Rng::new(0), &dev).unwrap();
-    let mut params = Vec::new();
-    let mut tensors = BTreeMap::new();
-    for (name, _) in parameter_shapes(&cfg) {
-        let var = Var::from_tensor(&w[&name]).unwrap();
-        tensors.insert(name.clone(), var.as_tensor().clone());
-        let decay = !name.contains("norm");
-        params.push(Param { name, var, decay });
-    }
-    drop(w);
-    let model = Llama::new(cfg.clone(), &tensors, &dev).unwrap();
-    drop(tensors);
-    let direct = !a.plain && !a.autograd && a.dtype == DType::F32 && direct::supported(&model);
     let mut workspace = direct::Workspace::default();
     let mut opt = AdamW::new(
         AdamWConfig {
@@ -299,7 +314,22 @@ fn bench(a: &Args) {
         sync();
         let t_data = t0.elapsed().as_secs_f64();
         let mut t_enqueue = f64::NAN;
-        let (grads, t_fwd) = if direct {
+        let (grads, t_fwd) = if ops_step {
+            // The trainer's path on CUDA: the fused ops without an autograd graph.
+            let scale = 1.0 / (batch * block) as f32;
+            let fwd = direct_ops::forward(&model, &x, &y, &mask, a.dtype, scale, a.checkpointing)
+                .unwrap();
+            let _ = peak_memory_bytes(&dev);
+            let t_fwd = t0.elapsed().as_secs_f64() - t_data;
+            // Returns once the loss is read back, i.e. when the device has done the backward.
+            let g = fwd.backward(&model).unwrap();
+            last_loss = g.loss_sum * scale;
+            let grads: Vec<Tensor> = params
+                .iter()
+                .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
+                .collect();
+            (grads, t_fwd)
+        } else if direct {
             // The trainer's path on the CPU: forward and hand-written backward in one call.
             let scale = 1.0 / (batch * block) as f32;
             let fwd = direct::forward(
@@ -703,19 +733,37 @@ mod check {
                     rng,
                 );
             }
-            ok &= model_step(dev, dtype, tol * 2.0);
+            for step in [
+                Step::Autograd,
+                Step::DirectOps(false),
+                Step::DirectOps(true),
+            ] {
+                ok &= model_step(dev, dtype, step, tol * 2.0);
+            }
         }
         println!("{}", if ok { "check: all ok" } else { "check: FAILED" });
         ok
     }
 
+    /// How a model step computes its gradients.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Step {
+        /// Plain ops through autograd (the reference).
+        Plain,
+        /// The fused ops through autograd (LoRA's path).
+        Autograd,
+        /// The fused ops without a graph (full fine-tuning's path on CUDA), with or without
+        /// recomputing each layer in the backward.
+        DirectOps(bool),
+    }
+
     /// One step of a small untied GQA llama: loss and every gradient against the CPU's plain
     /// ops in f32, then (f32) the parameters after one AdamW update with clipping.
-    fn model_step(dev: &Device, dtype: DType, tol: f64) -> bool {
+    fn model_step(dev: &Device, dtype: DType, step: Step, tol: f64) -> bool {
         let (mut cfg, _, _) = reference("tiny");
         cfg.tie_word_embeddings = false;
         let (batch, block) = (4, 32);
-        let run = |device: &Device, dtype: DType, fused: bool| {
+        let run = |device: &Device, dtype: DType, step: Step| {
             let w = init_weights(&cfg, &mut Rng::new(3), &Device::Cpu).unwrap();
             let mut params = Vec::new();
             let mut tensors = BTreeMap::new();
@@ -734,20 +782,38 @@ mod check {
             let x = all.narrow(1, 0, block).unwrap().contiguous().unwrap();
             let y = all.narrow(1, 1, block).unwrap().contiguous().unwrap();
             let mask = Tensor::ones((batch, block), DType::F32, device).unwrap();
-            let mut pass = Pass::new(dtype, None);
-            pass.fused = fused;
-            let nll = if fused {
-                model.forward_loss(&x, &y, &mask, &mut pass, true).unwrap()
+            let scale = 1.0 / (batch * block) as f64;
+            let (loss, grads) = if let Step::DirectOps(recompute) = step {
+                if !direct_ops::supported(&model, dtype) {
+                    return None;
+                }
+                let fwd =
+                    direct_ops::forward(&model, &x, &y, &mask, dtype, scale as f32, recompute)
+                        .unwrap();
+                let loss = (&fwd.loss_sum * scale).unwrap();
+                let g = fwd.backward(&model).unwrap();
+                let grads: Vec<Tensor> = params
+                    .iter()
+                    .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
+                    .collect();
+                (loss, grads)
             } else {
-                let logits = model.forward(&x, 0, None, &mut pass).unwrap();
-                nll_sum_plain(&logits, &y, &mask).unwrap()
+                let mut pass = Pass::new(dtype, None);
+                pass.fused = step != Step::Plain;
+                let nll = if pass.fused {
+                    model.forward_loss(&x, &y, &mask, &mut pass, true).unwrap()
+                } else {
+                    let logits = model.forward(&x, 0, None, &mut pass).unwrap();
+                    nll_sum_plain(&logits, &y, &mask).unwrap()
+                };
+                let loss = (nll * scale).unwrap();
+                let g = loss.backward().unwrap();
+                let grads: Vec<Tensor> = params
+                    .iter()
+                    .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
+                    .collect();
+                (loss, grads)
             };
-            let loss = (nll / (batch * block) as f64).unwrap();
-            let g = loss.backward().unwrap();
-            let grads: Vec<Tensor> = params
-                .iter()
-                .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
-                .collect();
             let (norm, clip) = optim::clip_factor(&grads, 0.5).unwrap();
             let mut opt = AdamW::new(
                 AdamWConfig {
@@ -761,10 +827,22 @@ mod check {
             .unwrap();
             opt.step_scaled(&params, &grads, 1e-3, clip).unwrap();
             let after: Vec<Tensor> = params.iter().map(|p| p.var.as_tensor().clone()).collect();
-            (loss, grads, norm, after)
+            Some((loss, grads, norm, after))
         };
-        let (want_loss, want_g, want_norm, want_p) = run(&Device::Cpu, DType::F32, false);
-        let (loss, grads, norm, after) = run(dev, dtype, true);
+        let (want_loss, want_g, want_norm, want_p) =
+            run(&Device::Cpu, DType::F32, Step::Plain).expect("plain ops run everywhere");
+        let Some((loss, grads, norm, after)) = run(dev, dtype, step) else {
+            // The CPU has no fused bf16 kernels (the trainer uses autograd there); CUDA must
+            // run the step.
+            let ok = !dev.is_cuda();
+            println!(
+                "{:<34} {:<5} not supported here  {}",
+                "model step, direct ops",
+                format!("{dtype:?}").to_lowercase(),
+                if ok { "skipped" } else { "FAIL" }
+            );
+            return ok;
+        };
         let loss_err = rel(&loss.to_dtype(DType::F32).unwrap(), &want_loss);
         let grad_err = grads
             .iter()
@@ -786,7 +864,11 @@ mod check {
         println!(
             "{:<34} {:<5} loss {loss_err:.2e}  worst grad {grad_err:.2e}  norm {norm_err:.2e}  \
              params after AdamW {param_err:.2e}  {}",
-            "model step (tiny, untied, GQA)",
+            match step {
+                Step::DirectOps(false) => "model step (tiny, GQA), direct ops",
+                Step::DirectOps(true) => "model step, direct ops, recompute",
+                _ => "model step (tiny, GQA), autograd",
+            },
             format!("{dtype:?}").to_lowercase(),
             if ok { "ok" } else { "FAIL" }
         );

@@ -144,6 +144,41 @@ fn stop_and_resume_is_bit_identical() {
     }
 }
 
+/// The trainer's path through `direct_ops` (the op-level step CUDA takes), run here on the
+/// CPU: a run stopped and resumed (with `gradient_checkpointing` turned on for the second
+/// part) ends with the same bits and records as an uninterrupted one, and learns.
+#[test]
+fn op_level_step_resumes_bit_identically() {
+    let dir = workspace();
+    let s = spec(dir.path(), &scratch_job(5, ""));
+    let ops = Hooks {
+        direct_ops_on_cpu: true,
+        ..Hooks::default()
+    };
+    let reference = dir.path().join("reference");
+    let out = run_with(&s, &ctx(&reference), &ops).unwrap();
+    assert_eq!(out, WorkerOutcome::Completed { steps: 20 });
+    let log = read_metrics(&reference).unwrap();
+    let losses: Vec<f64> = log.iter().map(|r| r.loss).collect();
+    assert!(
+        losses.last().unwrap() < &(losses[0] * 0.8),
+        "the loss went down: {losses:?}"
+    );
+    let job = dir.path().join("interrupted");
+    let hooks = Hooks {
+        stop_after_step: Some(9),
+        ..ops.clone()
+    };
+    assert_eq!(
+        run_with(&s, &ctx(&job), &hooks).unwrap(),
+        WorkerOutcome::Stopped { step: 9 }
+    );
+    let checkpointed = spec(dir.path(), &scratch_job(5, "gradient_checkpointing = true"));
+    let out = run_with(&checkpointed, &ctx(&job), &ops).unwrap();
+    assert_eq!(out, WorkerOutcome::Completed { steps: 20 });
+    assert_same_result(&reference, &job);
+}
+
 /// `gradient_checkpointing` recomputes activations instead of keeping them: a run stopped
 /// without it and resumed with it ends with the same bits as an uninterrupted run without it
 /// (and its checkpoints are accepted: the flag is not part of the spec hash).

@@ -77,6 +77,11 @@ pub struct StepGrads {
 }
 
 impl StepGrads {
+    /// The loss and gradients (by weight tensor id) of a step computed elsewhere.
+    pub(crate) fn new(loss_sum: f32, grads: HashMap<TensorId, Tensor>) -> Self {
+        StepGrads { loss_sum, grads }
+    }
+
     /// The gradient of `weight` (one of the model's weight tensors), if it has one.
     pub fn get(&self, weight: &Tensor) -> Option<&Tensor> {
         self.grads.get(&weight.id())

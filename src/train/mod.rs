@@ -16,6 +16,7 @@ pub mod config;
 pub(crate) mod cuda;
 pub mod data;
 pub mod direct;
+pub mod direct_ops;
 pub mod generate;
 pub mod kernels;
 pub mod metrics;

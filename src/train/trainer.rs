@@ -18,7 +18,6 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::checkpoint::{self, Rotation, SchedulerState, Snapshot, TrainerState};
 use super::config::LlamaConfig;
 use super::data::{self, Dataset, Example, Plan};
-use super::direct;
 use super::metrics::{MetricsRecord, Reporter, early_stage, peak_memory_bytes};
 use super::model::{self, Linear, Llama, Lora, Pass};
 use super::optim::{self, AdamW, AdamWConfig, Param};
@@ -26,6 +25,7 @@ use super::rng::Rng;
 use super::tokenizer::{self, Tok};
 use super::weights::{load_hf_weights, save_safetensors, write_atomic};
 use super::{TrainError, WorkerContext, WorkerOutcome, select_device, with_threads};
+use super::{direct, direct_ops};
 use crate::spec::JobSpec;
 use crate::spec::train::{
     DataFormat, DataSpec, EvalStrategy, LoraSpec, ModelSpec, ResumeFrom, TrainDType, TrainingArgs,
@@ -41,6 +41,9 @@ pub struct Hooks {
     /// Request a stop right after the first forward pass of this step (1-based), as a SIGTERM
     /// arriving mid-step would.
     pub stop_during_step: Option<u64>,
+    /// Train full fine-tunes through [`direct_ops`] (CUDA's step) even on the CPU, where
+    /// [`direct`] would run: how the tests reach that step's trainer path without a GPU.
+    pub direct_ops_on_cpu: bool,
 }
 
 /// Like [`super::run`], with test hooks.
@@ -224,19 +227,29 @@ fn run_inner(
     // The last checkpoint's snapshot time: with the writer's last write time, what saving on
     // a stop will cost.
     let mut snapshot_secs: Option<f64> = None;
-    // Full fine-tuning in f32 on the CPU takes the hand-written backward of `direct` (no
-    // autograd graph, buffers reused from step to step); anything else Candle's autograd.
-    let use_direct = compute == DType::F32 && direct::supported(&sess.model);
+    // Full fine-tuning takes a hand-written backward (no autograd graph): `direct` in f32 on
+    // the CPU (buffers reused from step to step), `direct_ops` over the fused ops elsewhere
+    // (CUDA in f32 or bf16); anything else (LoRA, f16, types without fused ops) Candle's
+    // autograd.
+    let backward =
+        if compute == DType::F32 && direct::supported(&sess.model) && !hooks.direct_ops_on_cpu {
+            Backward::Direct
+        } else if direct_ops::supported(&sess.model, compute) {
+            Backward::DirectOps
+        } else {
+            Backward::Autograd
+        };
+    let checkpointing = args.gradient_checkpointing && backward != Backward::Autograd;
     let mut workspace = direct::Workspace::default();
     tracing::info!(
-        backward = if use_direct { "direct" } else { "autograd" },
-        activation_checkpointing = use_direct && args.gradient_checkpointing,
+        backward = backward.name(),
+        activation_checkpointing = checkpointing,
         "training step"
     );
-    if args.gradient_checkpointing && !use_direct {
+    if args.gradient_checkpointing && !checkpointing {
         tracing::warn!(
-            "gradient_checkpointing applies to full fine-tuning in f32 on the CPU; \
-             this run keeps every activation"
+            "gradient_checkpointing applies to full fine-tuning with fused kernels (f32 on the \
+             CPU; f32 or bf16 on CUDA); this run keeps every activation"
         );
     }
     if ctx.stop.is_requested() {
@@ -288,27 +301,41 @@ fn run_inner(
             let exs: Vec<&Example> = idx.iter().map(|&i| &sess.train[i]).collect();
             let b = data::batch(&exs, pad, &device)?;
             tokens_since += b.tokens;
-            let pending = if use_direct {
-                let scale = st.loss_scale.map_or(1.0, |ls| ls.scale) / group_labelled as f64;
-                let fwd = direct::forward(
+            let scale = st.loss_scale.map_or(1.0, |ls| ls.scale) / group_labelled as f64;
+            let pending = match backward {
+                Backward::Direct => {
+                    let fwd = direct::forward(
+                        &sess.model,
+                        &b.ids,
+                        &b.labels,
+                        &b.mask,
+                        scale as f32,
+                        checkpointing,
+                        &mut workspace,
+                    )?;
+                    step_loss += fwd.loss_sum as f64 / group_labelled as f64;
+                    Pending::Direct(Box::new(fwd))
+                }
+                // The loss is read back after the backward is queued, so the device never
+                // waits for the host between the two.
+                Backward::DirectOps => Pending::DirectOps(Box::new(direct_ops::forward(
                     &sess.model,
                     &b.ids,
                     &b.labels,
                     &b.mask,
+                    compute,
                     scale as f32,
-                    args.gradient_checkpointing,
-                    &mut workspace,
-                )?;
-                step_loss += fwd.loss_sum as f64 / group_labelled as f64;
-                Pending::Direct(Box::new(fwd))
-            } else {
-                let mut pass = Pass::new(compute, Some(&mut st.rng));
-                let loss = sess
-                    .model
-                    .forward_loss(&b.ids, &b.labels, &b.mask, &mut pass, true)?;
-                let loss = (loss / group_labelled as f64)?;
-                step_loss += loss.to_scalar::<f32>()? as f64;
-                Pending::Autograd(loss)
+                    checkpointing,
+                )?)),
+                Backward::Autograd => {
+                    let mut pass = Pass::new(compute, Some(&mut st.rng));
+                    let loss = sess
+                        .model
+                        .forward_loss(&b.ids, &b.labels, &b.mask, &mut pass, true)?;
+                    let loss = (loss / group_labelled as f64)?;
+                    step_loss += loss.to_scalar::<f32>()? as f64;
+                    Pending::Autograd(loss)
+                }
             };
             if k == 0 && hooks.stop_during_step == Some(step + 1) {
                 ctx.stop.request();
@@ -321,6 +348,11 @@ fn run_inner(
             }
             let g = match pending {
                 Pending::Direct(fwd) => Grads::Direct(fwd.backward(&sess.model, &mut workspace)?),
+                Pending::DirectOps(fwd) => {
+                    let g = fwd.backward(&sess.model)?;
+                    step_loss += g.loss_sum as f64 / group_labelled as f64;
+                    Grads::Direct(g)
+                }
                 Pending::Autograd(loss) => Grads::Autograd(
                     match &st.loss_scale {
                         Some(ls) => (loss * ls.scale)?,
@@ -841,9 +873,31 @@ fn snapshot(sess: &Session, opt: &AdamW, st: &TrainerState) -> Result<Snapshot, 
     Snapshot::take(&weights, &moments, st, &sess.tok.to_json()?)
 }
 
+/// Which backward the trainer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backward {
+    /// [`direct`]: f32 on the CPU.
+    Direct,
+    /// [`direct_ops`]: the fused ops without a graph (CUDA).
+    DirectOps,
+    /// Candle's autograd over the model's ops.
+    Autograd,
+}
+
+impl Backward {
+    fn name(self) -> &'static str {
+        match self {
+            Backward::Direct => "direct",
+            Backward::DirectOps => "direct over ops",
+            Backward::Autograd => "autograd",
+        }
+    }
+}
+
 /// A micro-batch's forward, waiting for its backward.
 enum Pending {
     Direct(Box<direct::Forward>),
+    DirectOps(Box<direct_ops::Forward>),
     Autograd(Tensor),
 }
 

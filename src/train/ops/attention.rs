@@ -28,17 +28,14 @@ pub fn attention(
     if !on_gpu && (!fusable(q) || !fusable(k) || !fusable(v)) {
         return super::plain::attention(q, k, v, heads, start, window);
     }
-    let op = Attention {
-        heads,
-        start,
-        window,
-        lse: Arc::new(Mutex::new(None)),
-    };
+    let op = Attention::new(heads, start, window);
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
-struct Attention {
+/// The op of [`attention`]; it keeps the rows' log-sum-exps for its backward, which reads the
+/// output too.
+pub(crate) struct Attention {
     /// Query heads and key/value heads.
     heads: (usize, usize),
     start: usize,
@@ -48,6 +45,15 @@ struct Attention {
 }
 
 impl Attention {
+    pub(crate) fn new(heads: (usize, usize), start: usize, window: Option<usize>) -> Self {
+        Attention {
+            heads,
+            start,
+            window,
+            lse: Arc::new(Mutex::new(None)),
+        }
+    }
+
     fn dims(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> candle_core::Result<Dims> {
         let (h, kv) = self.heads;
         let (b, t, hd) = lq.shape().dims3()?;

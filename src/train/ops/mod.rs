@@ -23,6 +23,7 @@
 pub mod attention;
 pub mod plain;
 
+pub(crate) use attention::Attention;
 pub use attention::attention;
 
 #[cfg(test)]
@@ -126,7 +127,8 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Linear)?)
 }
 
-struct Linear;
+/// The op of [`linear`]; its backward does not read the output (any tensor may stand for it).
+pub(crate) struct Linear;
 
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
@@ -229,6 +231,44 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     Ok(table.index_select(&ids, 0)?)
 }
 
+/// [`embedding`] for flattened u32 `ids` whose host copy is `host`, recorded in no graph: the
+/// direct steps run its backward by hand ([`embedding_bwd`]).
+pub(crate) fn embedding_no_graph(table: &Tensor, ids: &Tensor, host: &[u32]) -> Result<Tensor> {
+    let vocab = table.dim(0)?;
+    if let Some(&bad) = host.iter().find(|&&i| i as usize >= vocab) {
+        Err(candle_core::Error::Msg(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )))?;
+    }
+    #[cfg(feature = "cuda")]
+    if gpu_fusable(table) {
+        let op = cuda::Embedding::new(ids.contiguous()?, host.to_vec());
+        return Ok(table.contiguous()?.apply_op1_no_bwd(&op)?);
+    }
+    Ok(table.detach().index_select(ids, 0)?)
+}
+
+/// The gradient of the table `(V, d)` that [`embedding_no_graph`] read rows of, from the rows'
+/// gradients `d_rows` `(n, d)`: each id's rows summed in position order.
+pub(crate) fn embedding_bwd(
+    table: &Tensor,
+    ids: &Tensor,
+    host: &[u32],
+    d_rows: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gpu_fusable(table) {
+        use candle_core::CustomOp1;
+        let op = cuda::Embedding::new(ids.contiguous()?, host.to_vec());
+        // Its backward does not read the forward's output; the rows' gradient stands in.
+        return op
+            .bwd(table, d_rows, d_rows)?
+            .ok_or_else(|| candle_core::Error::Msg("embedding: no gradient".into()).into());
+    }
+    let _ = host;
+    Ok(Tensor::zeros(table.shape(), d_rows.dtype(), table.device())?.index_add(ids, d_rows, 0)?)
+}
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 
@@ -246,8 +286,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.apply_op2(&w, RmsNorm { eps: eps as f32 })?)
 }
 
-struct RmsNorm {
-    eps: f32,
+/// The op of [`rms_norm`] (f32 weight); its backward does not read the output.
+pub(crate) struct RmsNorm {
+    pub(crate) eps: f32,
 }
 
 impl CustomOp2 for RmsNorm {
@@ -342,9 +383,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     )?)
 }
 
-/// The rotation (or, with `transpose`, its inverse, which is its backward).
-struct Rope {
-    transpose: bool,
+/// The rotation (or, with `transpose`, its inverse, which is its backward), over f32 tables.
+pub(crate) struct Rope {
+    pub(crate) transpose: bool,
 }
 
 impl Rope {
@@ -434,7 +475,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?)
 }
 
-struct SwiGlu;
+/// The op of [`swiglu`]; its backward does not read the output.
+pub(crate) struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -523,15 +565,22 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<
     Ok(logits.contiguous()?.apply_op3(
         &labels.contiguous()?,
         &mask.to_dtype(DType::F32)?.contiguous()?,
-        CrossEntropy {
-            lse: Arc::new(Mutex::new(None)),
-        },
+        CrossEntropy::new(),
     )?)
 }
 
-struct CrossEntropy {
+/// The op of [`cross_entropy`] (f32 mask); it keeps each row's log-sum-exp for its backward.
+pub(crate) struct CrossEntropy {
     /// Each row's logsumexp from the forward, for the backward.
     lse: Arc<Mutex<Option<Stats>>>,
+}
+
+impl CrossEntropy {
+    pub(crate) fn new() -> Self {
+        CrossEntropy {
+            lse: Arc::new(Mutex::new(None)),
+        }
+    }
 }
 
 fn labels_u32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {

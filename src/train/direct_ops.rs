@@ -1,0 +1,535 @@
+//! The direct step of [`super::direct`] — a forward that keeps what the backward reads and a
+//! hand-written backward for the whole model, no autograd graph — written over the fused ops of
+//! [`super::ops`] at the tensor level, so it runs wherever they do: on CUDA in f32 and bf16
+//! (f32 master weights), and on the CPU in f32. The trainer takes it on CUDA; on the CPU it
+//! takes [`super::direct`], whose reused buffers and fused residual additions are faster
+//! there, and the tests check this one against autograd on the CPU (the CUDA kernels under the
+//! ops are checked against the plain ops by `train_throughput --check`).
+//!
+//! Why: Candle's backward adds every gradient that reaches a tensor into a fresh zero-filled
+//! one. On the 100m reference config in f32 that is a memset and an addition over about twenty
+//! activation-sized tensors per layer and over every weight — ~37 GB of memory traffic in a
+//! step the H200 does in 181 ms, about 9 ms of it — and the graph keeps every op's inputs
+//! alive until the backward reaches them (the un-rotated queries and keys, the projections'
+//! outputs). Here each op's backward is called by hand: a gradient with one consumer is used as
+//! it is, only fan-outs (the residual stream, the normed input of q/k/v and of gate/up) are
+//! added, the forward keeps only what the backward reads, and a layer's activations are freed
+//! as soon as its backward is done. The mathematics and the ops are those of
+//! [`Llama::forward_loss`]; only the order of some additions differs.
+
+use std::collections::HashMap;
+
+use candle_core::{CustomOp2, CustomOp3, DType, Tensor, TensorId};
+
+use super::direct::StepGrads;
+use super::model::{Block, Linear as Projection, Llama, Result};
+use super::ops::{self, Attention, CrossEntropy, Linear, RmsNorm, Rope, SwiGlu};
+
+/// Whether [`forward`] can train `model` with activations in `dtype`: f32 master weights on one
+/// device without LoRA adapters, and fused ops for that device and type (the CPU in f32; CUDA
+/// in f32 or bf16 when built with the `cuda` feature).
+pub fn supported(model: &Llama, dtype: DType) -> bool {
+    let dev = model.device();
+    let fused = match dtype {
+        DType::F32 => dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()),
+        DType::BF16 => cfg!(feature = "cuda") && dev.is_cuda(),
+        _ => false,
+    };
+    let master = |t: &Tensor| t.dtype() == DType::F32 && t.device().same_device(dev);
+    fused
+        && master(&model.embed_tokens)
+        && master(&model.norm)
+        && model.lm_head.as_ref().is_none_or(master)
+        && model.layers.iter().all(|b| {
+            master(&b.input_layernorm)
+                && master(&b.post_attention_layernorm)
+                && b.linears().iter().all(|(_, l)| {
+                    l.lora.is_none() && master(&l.weight) && l.bias.as_ref().is_none_or(master)
+                })
+        })
+}
+
+/// The model-wide constants of a step.
+#[derive(Clone)]
+struct Setup {
+    dtype: DType,
+    eps: f32,
+    heads: (usize, usize),
+    window: Option<usize>,
+    /// Rotary tables for positions `0..T`, f32.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// What one layer's forward keeps for its backward (its input stays in the residual stream).
+struct Saved {
+    /// Input norm's output.
+    h1: Tensor,
+    /// Rotated queries and keys, values.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Attention's output and its op (which holds the rows' log-sum-exps).
+    att: Tensor,
+    attention: Attention,
+    /// Residual stream after attention.
+    x1: Tensor,
+    /// Post-attention norm's output.
+    h2: Tensor,
+    /// Gate and up projections, and SwiGLU's output.
+    g: Tensor,
+    u: Tensor,
+    a: Tensor,
+}
+
+/// A finished forward: the loss, and what [`Forward::backward`] needs. Dropping it instead (a
+/// step abandoned on a stop request) just frees the activations.
+pub struct Forward {
+    /// `Σ mask · (logsumexp − logit of the label)` as a scalar f32 tensor on the model's
+    /// device, not read back (reading it waits for the device).
+    pub loss_sum: Tensor,
+    grad_scale: f32,
+    setup: Setup,
+    /// Flattened ids on the device and on the host.
+    ids: Tensor,
+    host_ids: Vec<u32>,
+    labels: Tensor,
+    mask: Tensor,
+    /// `stream[l]` is layer l's input; the last one is the final norm's input.
+    stream: Vec<Tensor>,
+    /// Each layer's activations; `None` where they are recomputed in the backward.
+    saved: Vec<Option<Saved>>,
+    /// The final norm's output, the logits in f32 and the loss op with its per-row output.
+    normed: Tensor,
+    logits: Tensor,
+    loss_op: CrossEntropy,
+    per_row: Tensor,
+}
+
+/// A projection `x Wᵀ (+ b)`, recorded in no graph.
+fn project(x: &Tensor, p: &Projection, dtype: DType) -> Result<Tensor> {
+    let y = x.apply_op2_no_bwd(&p.weight, &Linear)?;
+    Ok(match &p.bias {
+        Some(b) => y.broadcast_add(&b.detach().to_dtype(dtype)?)?,
+        None => y,
+    })
+}
+
+/// The backward of [`project`]: stores the weight's (and bias's) gradient, returns `x`'s.
+fn project_bwd(
+    x: &Tensor,
+    p: &Projection,
+    dy: &Tensor,
+    grads: &mut HashMap<TensorId, Tensor>,
+) -> Result<Tensor> {
+    // The op's backward does not read its output; `dy` stands in for it.
+    let (dx, dw) = Linear.bwd(x, &p.weight, dy, dy)?;
+    grads.insert(p.weight.id(), need(dw, "projection weight")?);
+    if let Some(b) = &p.bias {
+        let rows = dy.elem_count() / b.elem_count().max(1);
+        let db = dy.reshape((rows, b.elem_count()))?.sum(0)?;
+        grads.insert(b.id(), db.to_dtype(DType::F32)?);
+    }
+    need(dx, "projection input")
+}
+
+fn need(t: Option<Tensor>, what: &str) -> Result<Tensor> {
+    t.ok_or_else(|| {
+        candle_core::Error::Msg(format!("direct step: no gradient for the {what}")).into()
+    })
+}
+
+/// RMSNorm of `x` with the f32 weight `w`, recorded in no graph.
+fn norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    Ok(x.apply_op2_no_bwd(w, &RmsNorm { eps })?)
+}
+
+/// The backward of [`norm`]: stores the weight's gradient, returns `x`'s.
+fn norm_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+    grads: &mut HashMap<TensorId, Tensor>,
+) -> Result<Tensor> {
+    let (dx, dw) = RmsNorm { eps }.bwd(x, w, dy, dy)?;
+    grads.insert(w.id(), need(dw, "norm weight")?);
+    need(dx, "norm input")
+}
+
+/// Rotary embedding (or, with `transpose`, its inverse: the backward).
+fn rotate(x: &Tensor, s: &Setup, transpose: bool) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op3_no_bwd(&s.cos, &s.sin, &Rope { transpose })?)
+}
+
+/// One decoder layer's forward from its input `x`: what the backward needs, and the output.
+fn layer_forward(blk: &Block, x: &Tensor, s: &Setup) -> Result<(Saved, Tensor)> {
+    let h1 = norm(x, &blk.input_layernorm, s.eps)?;
+    let q = rotate(&project(&h1, &blk.q_proj, s.dtype)?, s, false)?;
+    let k = rotate(&project(&h1, &blk.k_proj, s.dtype)?, s, false)?;
+    let v = project(&h1, &blk.v_proj, s.dtype)?.contiguous()?;
+    let attention = Attention::new(s.heads, 0, s.window);
+    let att = q.apply_op3_no_bwd(&k, &v, &attention)?;
+    let x1 = (x + project(&att, &blk.o_proj, s.dtype)?)?;
+    let h2 = norm(&x1, &blk.post_attention_layernorm, s.eps)?;
+    let g = project(&h2, &blk.gate_proj, s.dtype)?;
+    let u = project(&h2, &blk.up_proj, s.dtype)?;
+    let a = g.apply_op2_no_bwd(&u, &SwiGlu)?;
+    let out = (&x1 + project(&a, &blk.down_proj, s.dtype)?)?;
+    let saved = Saved {
+        h1,
+        q,
+        k,
+        v,
+        att,
+        attention,
+        x1,
+        h2,
+        g,
+        u,
+        a,
+    };
+    Ok((saved, out))
+}
+
+/// One decoder layer's backward: stores its weights' gradients and returns the gradient of its
+/// input, given `dx`, that of its output.
+fn layer_backward(
+    blk: &Block,
+    x: &Tensor,
+    sv: Saved,
+    dx: Tensor,
+    s: &Setup,
+    grads: &mut HashMap<TensorId, Tensor>,
+) -> Result<Tensor> {
+    let Saved {
+        h1,
+        q,
+        k,
+        v,
+        att,
+        attention,
+        x1,
+        h2,
+        g,
+        u,
+        a,
+    } = sv;
+    // out = x1 + down(swiglu(gate(h2), up(h2))), h2 = norm(x1)
+    let da = project_bwd(&a, &blk.down_proj, &dx, grads)?;
+    drop(a);
+    let (dg, du) = SwiGlu.bwd(&g, &u, &da, &da)?;
+    drop((g, u, da));
+    let dh2 = (project_bwd(&h2, &blk.gate_proj, &need(dg, "gate")?, grads)?
+        + project_bwd(&h2, &blk.up_proj, &need(du, "up")?, grads)?)?;
+    drop(h2);
+    let dx1 = (dx + norm_bwd(&x1, &blk.post_attention_layernorm, &dh2, s.eps, grads)?)?;
+    drop((x1, dh2));
+    // x1 = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
+    let datt = project_bwd(&att, &blk.o_proj, &dx1, grads)?;
+    let (dq, dk, dv) = attention.bwd(&q, &k, &v, &att, &datt)?;
+    drop((q, k, v, att, datt));
+    let dq = rotate(&need(dq, "queries")?, s, true)?;
+    let dk = rotate(&need(dk, "keys")?, s, true)?;
+    let dh1 = ((project_bwd(&h1, &blk.q_proj, &dq, grads)?
+        + project_bwd(&h1, &blk.k_proj, &dk, grads)?)?
+        + project_bwd(&h1, &blk.v_proj, &need(dv, "values")?, grads)?)?;
+    drop(h1);
+    Ok((dx1 + norm_bwd(x, &blk.input_layernorm, &dh1, s.eps, grads)?)?)
+}
+
+/// The forward of a training step with activations in `dtype`: the summed loss of a batch,
+/// kept on the device; the backward will scale the loss's gradient by `grad_scale` (the
+/// trainer's `1 / labelled tokens`, times an f16 loss scale). `ids` and `labels` are `(B, T)`
+/// u32 from position 0, `mask` `(B, T)`. The model must be [`supported`] for `dtype`. With
+/// `checkpointing`, only each layer's input is kept and the backward runs the layer's forward
+/// again (activation checkpointing: same gradients, less memory, one more forward).
+pub fn forward(
+    model: &Llama,
+    ids: &Tensor,
+    labels: &Tensor,
+    mask: &Tensor,
+    dtype: DType,
+    grad_scale: f32,
+    checkpointing: bool,
+) -> Result<Forward> {
+    if !supported(model, dtype) {
+        return Err(candle_core::Error::Msg(format!(
+            "direct step: not for this model in {dtype:?} on {:?}",
+            model.device()
+        ))
+        .into());
+    }
+    let cfg = &model.cfg;
+    let (b, t) = ids.dims2()?;
+    if t > cfg.max_position_embeddings {
+        return Err(super::TrainError::Context {
+            tokens: t,
+            max: cfg.max_position_embeddings,
+        });
+    }
+    let (cos, sin) = model.rope_tables();
+    let setup = Setup {
+        dtype,
+        eps: cfg.rms_norm_eps as f32,
+        heads: (cfg.num_attention_heads, cfg.n_kv_heads()),
+        window: cfg.window(),
+        cos: cos.narrow(0, 0, t)?.contiguous()?,
+        sin: sin.narrow(0, 0, t)?.contiguous()?,
+    };
+    let ids = ids.flatten_all()?.contiguous()?;
+    let host_ids = ids.to_vec1::<u32>()?;
+    let rows = ops::embedding_no_graph(&model.embed_tokens, &ids, &host_ids)?;
+    let mut x = rows.reshape((b, t, cfg.hidden_size))?.to_dtype(dtype)?;
+    let mut stream = Vec::with_capacity(model.layers.len() + 1);
+    let mut saved = Vec::with_capacity(model.layers.len());
+    for blk in &model.layers {
+        let (sv, out) = layer_forward(blk, &x, &setup)?;
+        saved.push((!checkpointing).then_some(sv));
+        stream.push(std::mem::replace(&mut x, out));
+    }
+    let normed = norm(&x, &model.norm, setup.eps)?;
+    stream.push(x);
+    let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
+    let logits = normed
+        .apply_op2_no_bwd(head, &Linear)?
+        .to_dtype(DType::F32)?;
+    let labels = labels.contiguous()?;
+    let mask = mask.to_dtype(DType::F32)?.contiguous()?;
+    let loss_op = CrossEntropy::new();
+    let per_row = logits.apply_op3_no_bwd(&labels, &mask, &loss_op)?;
+    Ok(Forward {
+        loss_sum: per_row.sum_all()?,
+        grad_scale,
+        setup,
+        ids,
+        host_ids,
+        labels,
+        mask,
+        stream,
+        saved,
+        normed,
+        logits,
+        loss_op,
+        per_row,
+    })
+}
+
+impl Forward {
+    /// The backward: every weight's gradient. `model` must be the one (unchanged) that
+    /// [`forward`] ran. The returned loss is read back from the device once the backward's
+    /// work is queued.
+    pub fn backward(self, model: &Llama) -> Result<StepGrads> {
+        let Forward {
+            loss_sum,
+            grad_scale,
+            setup,
+            ids,
+            host_ids,
+            labels,
+            mask,
+            mut stream,
+            saved,
+            normed,
+            logits,
+            loss_op,
+            per_row,
+        } = self;
+        if saved.len() != model.layers.len() || stream.len() != saved.len() + 1 {
+            return Err(candle_core::Error::Msg("direct step: another model".into()).into());
+        }
+        let mut grads = HashMap::new();
+        // d(loss_sum)/d(per_row) is 1 everywhere; the step's scale folds in here.
+        let scale = Tensor::full(grad_scale, per_row.shape(), per_row.device())?;
+        let (dlogits, _, _) = loss_op.bwd(&logits, &labels, &mask, &per_row, &scale)?;
+        drop((logits, per_row, scale));
+        let dlogits = need(dlogits, "logits")?.to_dtype(setup.dtype)?;
+        let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
+        let (dnormed, dhead) = Linear.bwd(&normed, head, &dlogits, &dlogits)?;
+        drop((normed, dlogits));
+        let dhead = need(dhead, "lm_head")?;
+        let x_last = stream.pop().expect("stream checked");
+        let mut dx = norm_bwd(
+            &x_last,
+            &model.norm,
+            &need(dnormed, "final norm")?,
+            setup.eps,
+            &mut grads,
+        )?;
+        drop(x_last);
+        for (blk, sv) in model.layers.iter().zip(saved).rev() {
+            let x = stream.pop().expect("stream checked");
+            let sv = match sv {
+                Some(sv) => sv,
+                None => layer_forward(blk, &x, &setup)?.0,
+            };
+            dx = layer_backward(blk, &x, sv, dx, &setup, &mut grads)?;
+        }
+        let d_rows = dx
+            .to_dtype(DType::F32)?
+            .reshape((host_ids.len(), model.cfg.hidden_size))?;
+        drop(dx);
+        let mut d_embed = ops::embedding_bwd(&model.embed_tokens, &ids, &host_ids, &d_rows)?;
+        match &model.lm_head {
+            Some(h) => {
+                grads.insert(h.id(), dhead);
+            }
+            // Tied: the table also served as the lm_head.
+            None => d_embed = (d_embed + dhead)?,
+        }
+        grads.insert(model.embed_tokens.id(), d_embed);
+        let loss_sum = loss_sum.to_scalar::<f32>()?;
+        Ok(StepGrads::new(loss_sum, grads))
+    }
+}
+
+/// [`forward`] then [`Forward::backward`]: the loss of a batch and every weight's gradient.
+pub fn loss_and_grads(
+    model: &Llama,
+    ids: &Tensor,
+    labels: &Tensor,
+    mask: &Tensor,
+    dtype: DType,
+    grad_scale: f32,
+) -> Result<StepGrads> {
+    forward(model, ids, labels, mask, dtype, grad_scale, false)?.backward(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::train::config::LlamaConfig;
+    use crate::train::model::{Pass, random_vars};
+
+    fn model(kind: &str, tied: bool, bias: bool, window: Option<usize>) -> (Llama, Vec<Var>) {
+        let dev = Device::Cpu;
+        let mut c: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "model_type": kind, "vocab_size": 40, "hidden_size": 16,
+            "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": if kind == "qwen2" { 2 } else { 4 },
+            "max_position_embeddings": 16, "tie_word_embeddings": tied, "rms_norm_eps": 1e-5,
+            "attention_bias": bias
+        }))
+        .unwrap();
+        if let Some(w) = window {
+            c.use_sliding_window = Some(true);
+            c.sliding_window = Some(w);
+        }
+        assert_eq!(c.window(), window);
+        let named = random_vars(&c, 13, &dev);
+        let tensors: BTreeMap<String, Tensor> = named
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let vars = named.into_values().collect();
+        (Llama::new(c, &tensors, &dev).unwrap(), vars)
+    }
+
+    fn batch() -> (Tensor, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let ids = Tensor::new(&[[1u32, 5, 7, 2, 39, 0], [3, 3, 8, 9, 10, 11]], &dev).unwrap();
+        let labels = Tensor::new(&[[5u32, 7, 2, 39, 0, 0], [3, 8, 9, 10, 11, 0]], &dev).unwrap();
+        let mask = Tensor::new(
+            &[[1f32, 1., 1., 1., 1., 0.], [1., 1., 1., 1., 1., 1.]],
+            &dev,
+        )
+        .unwrap();
+        (ids, labels, mask)
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+    }
+
+    /// The step gives the loss and every weight's gradient that Candle's autograd over the same
+    /// fused ops gives, with and without recomputing layers in the backward: untied multi-head
+    /// llama with q/k/v/o biases, tied grouped-query Qwen2 with biases and a sliding window.
+    #[test]
+    fn matches_autograd_over_the_same_ops() {
+        let (ids, labels, mask) = batch();
+        for (kind, tied, bias, window) in [
+            ("llama", false, true, None),
+            ("qwen2", true, false, Some(3)),
+        ] {
+            let (m, vars) = model(kind, tied, bias, window);
+            assert!(supported(&m, DType::F32));
+            let scale = 0.25f32;
+            let mut pass = Pass::new(DType::F32, None);
+            let loss = m
+                .forward_loss(&ids, &labels, &mask, &mut pass, true)
+                .unwrap();
+            let expected_loss = loss.to_scalar::<f32>().unwrap();
+            let expected = (loss * scale as f64).unwrap().backward().unwrap();
+            for checkpointing in [false, true] {
+                let got = forward(&m, &ids, &labels, &mask, DType::F32, scale, checkpointing)
+                    .unwrap()
+                    .backward(&m)
+                    .unwrap();
+                assert!(
+                    (got.loss_sum - expected_loss).abs() <= 1e-5 * expected_loss.abs(),
+                    "{kind}: loss {} vs {expected_loss}",
+                    got.loss_sum
+                );
+                for (i, v) in vars.iter().enumerate() {
+                    let want = expected.get(v.as_tensor()).expect("autograd gradient");
+                    let have = got
+                        .get(v.as_tensor())
+                        .unwrap_or_else(|| panic!("{kind}: var {i}"));
+                    assert_eq!(have.dims(), v.dims());
+                    let err = max_rel(have, want);
+                    assert!(
+                        err < 2e-5,
+                        "{kind} checkpointing={checkpointing}: var {i} {:?} off by {err}",
+                        v.dims()
+                    );
+                }
+            }
+        }
+    }
+
+    /// The step and [`super::super::direct`] (the CPU's own) agree, so either may train.
+    #[test]
+    fn agrees_with_the_cpu_direct_step() {
+        let (ids, labels, mask) = batch();
+        let (m, vars) = model("llama", false, false, None);
+        let mut ws = super::super::direct::Workspace::default();
+        let cpu =
+            super::super::direct::loss_and_grads(&m, &ids, &labels, &mask, 0.5, &mut ws).unwrap();
+        let ops = loss_and_grads(&m, &ids, &labels, &mask, DType::F32, 0.5).unwrap();
+        assert!((cpu.loss_sum - ops.loss_sum).abs() <= 1e-5 * cpu.loss_sum.abs());
+        for v in &vars {
+            let err = max_rel(
+                ops.get(v.as_tensor()).unwrap(),
+                cpu.get(v.as_tensor()).unwrap(),
+            );
+            assert!(err < 2e-5, "{:?} off by {err}", v.dims());
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_train_and_names_bad_ids() {
+        let (m, _) = model("llama", false, false, None);
+        let (ids, labels, mask) = batch();
+        // No fused CPU kernels in bf16: the trainer takes autograd there.
+        assert!(!supported(&m, DType::BF16));
+        let err = forward(&m, &ids, &labels, &mask, DType::BF16, 1.0, false)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("not for this model"), "{err}");
+        let bad = Tensor::new(&[[1u32, 2, 40, 3, 4, 5], [0, 0, 0, 0, 0, 0]], &Device::Cpu).unwrap();
+        let err = forward(&m, &bad, &labels, &mask, DType::F32, 1.0, false)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("token id 40"), "{err}");
+    }
+}
