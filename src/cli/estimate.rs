@@ -9,6 +9,7 @@ use super::{Output, bytes, table};
 use crate::client::Client;
 use crate::estimate::{self, Breakdown, REFERENCE_LORA, Tuning};
 use crate::spec::api::GpusResponse;
+use crate::spec::train::TrainDType;
 
 #[derive(Debug, Args)]
 pub struct EstimateArgs {
@@ -24,18 +25,19 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
         .map(|(name, shape)| {
             (
                 name.to_string(),
-                estimate::estimate_shape(&shape, Tuning::Full, 2, 1, 512),
-                estimate::estimate_shape(&shape, REFERENCE_LORA, 2, 1, 512),
+                estimate::estimate_shape(&shape, Tuning::Full, TrainDType::Bf16, 1, 512),
+                estimate::estimate_shape(&shape, REFERENCE_LORA, TrainDType::Bf16, 1, 512),
             )
         })
         .collect();
+    let need = b.needed();
     // Which GPUs could hold it (if the daemon is there to ask).
     let gpus: Option<GpusResponse> = client.get("/gpus").await.ok();
     if out.json {
         out.print_json(&serde_json::json!({
             "estimate": b,
             "reference": refs.iter().map(|(n, f, l)| serde_json::json!({"size": n, "full_bf16": f.total, "lora_bf16": l.total})).collect::<Vec<_>>(),
-            "gpus": gpus.as_ref().map(|g| g.gpus.iter().map(|x| serde_json::json!({"index": x.index, "fits": x.total_bytes >= b.total})).collect::<Vec<_>>()),
+            "gpus": gpus.as_ref().map(|g| g.gpus.iter().map(|x| serde_json::json!({"index": x.index, "fits": x.total_bytes >= need})).collect::<Vec<_>>()),
         }))?;
         return Ok(true);
     }
@@ -67,11 +69,19 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
         vec!["CUDA context + workspace".into(), bytes(b.overhead)],
         vec![
             "total per GPU".into(),
-            format!(
-                "{} ({} with activation checkpointing)",
-                bytes(b.total),
-                bytes(b.total_checkpointed)
-            ),
+            if b.checkpointing {
+                format!(
+                    "{} with activation checkpointing, as this job runs ({} without)",
+                    bytes(b.total_checkpointed),
+                    bytes(b.total)
+                )
+            } else {
+                format!(
+                    "{} ({} with activation checkpointing)",
+                    bytes(b.total),
+                    bytes(b.total_checkpointed)
+                )
+            },
         ],
     ];
     println!("{}", table(&["PART", "BYTES"], rows));
@@ -83,9 +93,9 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
                 let free = x
                     .total_bytes
                     .saturating_sub(x.foreign_bytes + x.reserved_bytes);
-                let verdict = if x.total_bytes < b.total {
+                let verdict = if x.total_bytes < need {
                     "too small"
-                } else if free < b.total {
+                } else if free < need {
                     "fits when jobs there finish"
                 } else {
                     "fits now"
@@ -120,19 +130,16 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
     let below = all
         .iter()
         .rev()
-        .find(|(t, _)| *t <= b.total)
+        .find(|(t, _)| *t <= need)
         .map(|(_, n)| n.clone());
-    let above = all
-        .iter()
-        .find(|(t, _)| *t > b.total)
-        .map(|(_, n)| n.clone());
+    let above = all.iter().find(|(t, _)| *t > need).map(|(_, n)| n.clone());
     let place = match (below, above) {
         (None, Some(a)) => format!("less than the smallest tier ({a})"),
         (Some(bl), Some(a)) => format!("between {bl} and {a}"),
         (Some(bl), None) => format!("more than the largest tier ({bl})"),
         (None, None) => String::new(),
     };
-    println!("This job needs {}: {place}.", bytes(b.total));
+    println!("This job needs {}: {place}.", bytes(need));
     Ok(true)
 }
 
