@@ -636,6 +636,31 @@ mod check {
             let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
             let rng = &mut rng;
             let (b, t, d) = (2, 96, 256);
+            // Weights in the compute type (LoRA's frozen base in bf16), then an f32 master
+            // cast inside the op (full fine-tuning; its gradient is checked by the model step).
+            let x = randn(rng, &[b, t, 192], 1.0);
+            let w = randn(rng, &[160, 192], 0.1);
+            for (label, grads) in [("linear", 2), ("linear (f32 weight)", 1)] {
+                ok &= case(
+                    label,
+                    dev,
+                    dtype,
+                    &[x.clone(), w.clone()],
+                    grads,
+                    &|i| {
+                        // Only the CUDA op casts an f32 weight itself; the model casts it
+                        // first elsewhere.
+                        if i[0].device().is_cuda() || i[1].dtype() == i[0].dtype() {
+                            ops::linear(&i[0], &i[1]).unwrap()
+                        } else {
+                            ops::linear(&i[0], &i[1].to_dtype(i[0].dtype()).unwrap()).unwrap()
+                        }
+                    },
+                    &|i| plain::linear(&i[0], &i[1]).unwrap(),
+                    tol,
+                    rng,
+                );
+            }
             let x = randn(rng, &[b, t, d], 1.0);
             let w = (randn(rng, &[d], 0.1) + 1.0).unwrap();
             ok &= case(

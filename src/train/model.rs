@@ -101,11 +101,13 @@ impl Linear {
         Ok(y)
     }
 
-    /// The weight with the adapter folded in: `W + scale · B · A`.
+    /// The weight with the adapter folded in, `W + scale · B · A`, in f32 (a frozen base
+    /// weight may be held in the compute type).
     pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = cast(&self.weight, DType::F32)?;
         match &self.lora {
-            None => Ok(self.weight.clone()),
-            Some(l) => Ok((&self.weight + l.b.matmul(&l.a)?.affine(l.scale, 0.0)?)?),
+            None => Ok(w),
+            Some(l) => Ok((w + l.b.matmul(&l.a)?.affine(l.scale, 0.0)?)?),
         }
     }
 }
@@ -549,34 +551,32 @@ impl Llama {
     }
 
     /// Every weight under its Hugging Face name, adapters merged in (what `save_pretrained`
-    /// of the merged model writes). Tied models have no `lm_head.weight`.
+    /// of the merged model writes), in f32. Tied models have no `lm_head.weight`.
     pub fn merged_weights(&self) -> Result<BTreeMap<String, Tensor>> {
+        let f32 = |t: &Tensor| cast(t, DType::F32);
         let mut out = BTreeMap::new();
-        out.insert(
-            "model.embed_tokens.weight".into(),
-            self.embed_tokens.clone(),
-        );
+        out.insert("model.embed_tokens.weight".into(), f32(&self.embed_tokens)?);
         for (l, blk) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
             out.insert(
                 format!("{p}.input_layernorm.weight"),
-                blk.input_layernorm.clone(),
+                f32(&blk.input_layernorm)?,
             );
             out.insert(
                 format!("{p}.post_attention_layernorm.weight"),
-                blk.post_attention_layernorm.clone(),
+                f32(&blk.post_attention_layernorm)?,
             );
             for (m, lin) in blk.linears() {
                 let mp = module_path(l, m);
                 out.insert(format!("{mp}.weight"), lin.merged_weight()?);
                 if let Some(bias) = &lin.bias {
-                    out.insert(format!("{mp}.bias"), bias.clone());
+                    out.insert(format!("{mp}.bias"), f32(bias)?);
                 }
             }
         }
-        out.insert("model.norm.weight".into(), self.norm.clone());
+        out.insert("model.norm.weight".into(), f32(&self.norm)?);
         if let Some(h) = &self.lm_head {
-            out.insert("lm_head.weight".into(), h.clone());
+            out.insert("lm_head.weight".into(), f32(h)?);
         }
         Ok(out)
     }
@@ -876,6 +876,77 @@ mod tests {
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("{name}: no gradient"));
             assert_eq!(gr.dtype(), DType::F32, "{name}");
+        }
+    }
+
+    /// LoRA over base weights held in the compute type (how the trainer keeps them in bf16/f16
+    /// runs): the adapters get f32 gradients, the base none, and the merged weights are f32.
+    #[test]
+    fn lora_over_half_precision_base_weights() {
+        let dev = Device::Cpu;
+        let c = cfg("llama", false);
+        let w = init_weights(&c, &mut Rng::new(6), &dev).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let half: BTreeMap<String, Tensor> = w
+                .iter()
+                .map(|(k, t)| {
+                    let t = if k.contains("norm") {
+                        t.clone()
+                    } else {
+                        t.to_dtype(dtype).unwrap()
+                    };
+                    (k.clone(), t)
+                })
+                .collect();
+            let mut m = Llama::new(c.clone(), &half, &dev).unwrap();
+            let a = Var::from_tensor(&Tensor::randn(0f32, 0.3, (3, 16), &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, (8, 3), &dev).unwrap()).unwrap();
+            m.layers[0].v_proj.lora = Some(Lora {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale: 2.0,
+                dropout: 0.0,
+            });
+            let mut pass = Pass::new(dtype, None);
+            let logits = m.forward(&ids(&dev), 0, None, &mut pass).unwrap();
+            let labels = Tensor::zeros((2, 6), DType::U32, &dev).unwrap();
+            let mask = Tensor::ones((2, 6), DType::F32, &dev).unwrap();
+            let g = nll_sum(&logits, &labels, &mask)
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&a, &b] {
+                let gr = g.get(v.as_tensor()).expect("adapter gradient");
+                assert_eq!(gr.dtype(), DType::F32);
+                let n = gr
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(n > 0.0, "{dtype:?}");
+            }
+            assert!(g.get(&m.layers[0].v_proj.weight).is_none());
+            let merged = m.merged_weights().unwrap();
+            assert!(merged.values().all(|t| t.dtype() == DType::F32));
+            let name = "model.layers.0.self_attn.v_proj.weight";
+            let want = (half[name].to_dtype(DType::F32).unwrap()
+                + b.as_tensor()
+                    .matmul(a.as_tensor())
+                    .unwrap()
+                    .affine(2.0, 0.0)
+                    .unwrap())
+            .unwrap();
+            let diff = (&merged[name] - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-6, "{dtype:?}: {diff}");
         }
     }
 

@@ -730,7 +730,7 @@ fn build_session(
     };
     let (model, params) = match s.lora {
         None => full_params(cfg, weights, device)?,
-        Some(l) => lora_params(cfg, &weights, l, args.seed, device)?,
+        Some(l) => lora_params(cfg, weights, l, args.seed, frozen_dtype(args.dtype), device)?,
     };
     Ok(Session {
         model,
@@ -764,16 +764,42 @@ fn full_params(
     Ok((Llama::new(cfg, &vars, device)?, params))
 }
 
-/// LoRA: base weights frozen (plain tensors, no gradient), adapters trainable. `A` starts
-/// uniform in ±1/√in (PEFT's Kaiming-uniform with a = √5), `B` at zero.
+/// The type LoRA keeps its frozen base weights in: the compute type, so that a bf16 run holds
+/// 2 bytes per base parameter (as PEFT users load their base models in bf16, and as the VRAM
+/// estimate counts them) instead of an f32 copy nobody updates.
+fn frozen_dtype(dtype: TrainDType) -> DType {
+    match dtype {
+        TrainDType::F32 => DType::F32,
+        TrainDType::Bf16 => DType::BF16,
+        TrainDType::F16 => DType::F16,
+    }
+}
+
+/// LoRA: base weights frozen (plain tensors, no gradient; in `frozen`, except the norms'
+/// weights, which the fused norms read in f32), adapters trainable. `A` starts uniform in
+/// ±1/√in (PEFT's Kaiming-uniform with a = √5), `B` at zero.
 fn lora_params(
     cfg: LlamaConfig,
-    weights: &BTreeMap<String, Tensor>,
+    weights: BTreeMap<String, Tensor>,
     l: &LoraSpec,
     seed: u64,
+    frozen: DType,
     device: &Device,
 ) -> Result<(Llama, Vec<Param>), TrainError> {
-    let mut model = Llama::new(cfg, weights, device)?;
+    // One tensor at a time, so the f32 copy of the model is never held twice.
+    let weights = weights
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if name.contains("norm") {
+                t
+            } else {
+                t.to_dtype(frozen)?
+            };
+            Ok((name, t))
+        })
+        .collect::<Result<BTreeMap<_, _>, TrainError>>()?;
+    let mut model = Llama::new(cfg, &weights, device)?;
+    drop(weights);
     let mut rng = Rng::derive(seed, "lora_init", 0);
     let mut params = Vec::new();
     let scale = l.lora_alpha / l.r as f64;
