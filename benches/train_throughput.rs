@@ -317,8 +317,9 @@ fn bench(a: &Args) {
         let (grads, t_fwd) = if ops_step {
             // The trainer's path on CUDA: the fused ops without an autograd graph.
             let scale = 1.0 / (batch * block) as f32;
-            let fwd = direct_ops::forward(&model, &x, &y, &mask, a.dtype, scale, a.checkpointing)
-                .unwrap();
+            let fwd =
+                direct_ops::forward(&model, &x, &y, &mask, a.dtype, scale, a.checkpointing, None)
+                    .unwrap();
             let _ = peak_memory_bytes(&dev);
             let t_fwd = t0.elapsed().as_secs_f64() - t_data;
             // Returns once the loss is read back, i.e. when the device has done the backward.
@@ -812,9 +813,17 @@ mod check {
                 if !direct_ops::supported(&model, dtype) {
                     return None;
                 }
-                let fwd =
-                    direct_ops::forward(&model, &x, &y, &mask, dtype, scale as f32, recompute)
-                        .unwrap();
+                let fwd = direct_ops::forward(
+                    &model,
+                    &x,
+                    &y,
+                    &mask,
+                    dtype,
+                    scale as f32,
+                    recompute,
+                    None,
+                )
+                .unwrap();
                 let loss = (&fwd.loss_sum * scale).unwrap();
                 let g = fwd.backward(&model).unwrap();
                 let grads: Vec<Tensor> = params

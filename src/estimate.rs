@@ -10,14 +10,14 @@
 //! - trainable weights: an f32 master copy (4 B), plus a compute copy in bf16/f16 runs;
 //! - gradients: trainable × 4 B; AdamW moments: trainable × 8 B;
 //! - activations: what the trainer keeps per layer and token (elements), times batch × seq ×
-//!   layers × dtype bytes — full fine-tuning in f32/bf16 (the hand-written step of
-//!   `train::direct_ops`): 6·h + 2·kv + 3·ff (the norms' outputs, rotated q and k, v, the
-//!   attention output, the residual after attention, gate, up and their SwiGLU); through
-//!   Candle's autograd (LoRA, f16) 8·h + 3·kv + 4·ff (the graph also holds the un-rotated q/k
-//!   and the projections' outputs); f16 runs the plain-op attention, whose graph keeps the
-//!   scores and probabilities of every layer (2·heads·seq more). With activation
-//!   checkpointing (full fine-tuning in f32/bf16 only) just each layer's input (h) is kept,
-//!   plus one layer recomputed;
+//!   layers × dtype bytes — with the fused kernels (f32, bf16) its hand-written step
+//!   (`train::direct_ops`) keeps 6·h + 2·kv + 3·ff (the norms' outputs, rotated q and k, v,
+//!   the attention output, the residual after attention, gate, up and their SwiGLU), plus for
+//!   LoRA each adapter's rank-r activation and, with dropout, its mask (the projection's input
+//!   width); f16 goes through Candle's autograd over plain ops, whose graph holds more
+//!   (8·h + 3·kv + 4·ff, with the same LoRA extras) and the scores and probabilities of every
+//!   layer (2·heads·seq). With activation checkpointing (not in f16) just each layer's input
+//!   (h) is kept, plus one layer recomputed;
 //! - attention's working set for one layer: the fused kernels keep only row log-sum-exps
 //!   across layers, but the backward of one layer holds the scores and dP (f32) and P and dS
 //!   (the compute type): batch × heads × seq² × (8 + 2 × dtype bytes);
@@ -54,10 +54,13 @@ pub struct ModelShape {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Tuning {
     Full,
-    /// LoRA of rank `r` on `modules` (a bit set over q, k, v, o, gate, up, down).
+    /// LoRA of rank `r` on `modules` (a bit set over q, k, v, o, gate, up, down), with or
+    /// without dropout on the adapters' inputs.
     Lora {
         r: u64,
         modules: [bool; 7],
+        #[serde(default)]
+        dropout: bool,
     },
 }
 
@@ -180,7 +183,7 @@ pub fn estimate_shape(
     let params = shape.params();
     let trainable = match tuning {
         Tuning::Full => params,
-        Tuning::Lora { r, modules } => {
+        Tuning::Lora { r, modules, .. } => {
             let per_layer: u64 = shape
                 .projections()
                 .iter()
@@ -201,18 +204,28 @@ pub fn estimate_shape(
         shape.intermediate,
         shape.kv_heads * shape.head_dim,
     );
-    // The trainer's hand-written step (full fine-tuning with the fused kernels) keeps less than
+    // The trainer's hand-written step (the fused kernels: f32, bf16) keeps less than
     // autograd's graph; f16 has no fused kernels, so its attention keeps its T×T tensors.
-    let hand_written = tuning == Tuning::Full && dtype != TrainDType::F16;
-    let per_token_layer = if hand_written {
+    let fused = dtype != TrainDType::F16;
+    let adapters: u64 = match tuning {
+        Tuning::Full => 0,
+        Tuning::Lora {
+            r,
+            modules,
+            dropout,
+        } => shape
+            .projections()
+            .iter()
+            .zip(modules)
+            .filter(|(_, on)| *on)
+            .map(|((i, _), _)| r + if dropout { *i } else { 0 })
+            .sum(),
+    };
+    let per_token_layer = if fused {
         6 * h + 2 * kv + 3 * ff
     } else {
-        8 * h + 3 * kv + 4 * ff
-    } + if dtype == TrainDType::F16 {
-        2 * shape.heads * seq
-    } else {
-        0
-    };
+        8 * h + 3 * kv + 4 * ff + 2 * shape.heads * seq
+    } + adapters;
     let tokens = batch * seq;
     let attention_working_set = batch * shape.heads * seq * seq * (8 + 2 * dtype_bytes);
     let logits = tokens * shape.vocab * (8 + compute_copy);
@@ -297,6 +310,7 @@ pub fn estimate_job(spec: &JobSpec) -> Result<Breakdown, String> {
             Tuning::Lora {
                 r: l.r as u64,
                 modules,
+                dropout: l.lora_dropout > 0.0,
             }
         }
     };
@@ -307,10 +321,9 @@ pub fn estimate_job(spec: &JobSpec) -> Result<Breakdown, String> {
         t.per_device_train_batch_size as u64,
         seq,
     );
-    // The trainer recomputes layers only on its hand-written step (full fine-tuning in f32 or
-    // bf16); elsewhere it warns and keeps every activation.
-    b.checkpointing =
-        t.gradient_checkpointing && tuning == Tuning::Full && t.dtype != TrainDType::F16;
+    // The trainer recomputes layers only on its hand-written step (the fused kernels: f32,
+    // bf16); in f16 it warns and keeps every activation.
+    b.checkpointing = t.gradient_checkpointing && t.dtype != TrainDType::F16;
     Ok(b)
 }
 
@@ -341,10 +354,12 @@ pub fn reference_shapes() -> Vec<(&'static str, ModelShape)> {
     ]
 }
 
-/// LoRA as the reference tiers assume it: rank 16 on the four attention projections.
+/// LoRA as the reference tiers assume it: rank 16 on the four attention projections, no
+/// dropout.
 pub const REFERENCE_LORA: Tuning = Tuning::Lora {
     r: 16,
     modules: [true, true, true, true, false, false, false],
+    dropout: false,
 };
 
 #[cfg(test)]
@@ -397,7 +412,7 @@ mod tests {
         let f16 = estimate_shape(&s, REFERENCE_LORA, TrainDType::F16, 1, 4096);
         // Every layer's scores and probabilities: 32 layers × 32 heads × 4096² × 2 × 2 B.
         let quadratic = 32 * 32 * 4096 * 4096 * 2 * 2;
-        assert_eq!(f16.activations - lora.activations, quadratic);
+        assert!(f16.activations - lora.activations > quadratic);
     }
 
     #[test]
@@ -476,8 +491,8 @@ gpus = 1
         (dir, spec)
     }
 
-    /// A job's placement uses the checkpointed total where its trainer recomputes layers
-    /// (full fine-tuning in f32 or bf16), and the full total where it would not (LoRA, f16).
+    /// A job's placement uses the checkpointed total where its trainer recomputes layers (f32
+    /// or bf16, full fine-tuning or LoRA), and the full total where it would not (f16).
     #[test]
     fn placement_follows_what_the_trainer_does_with_checkpointing() {
         let need = |extra: &str, lora: bool| {
@@ -492,8 +507,29 @@ gpus = 1
         assert!(!on && needed == total);
         let (on, _, _) = need("gradient_checkpointing = true\ndtype = \"f16\"", false);
         assert!(!on, "f16 runs through autograd");
-        let (on, _, _) = need("gradient_checkpointing = true", true);
-        assert!(!on, "LoRA runs through autograd");
+        let (on, needed, total) = need("gradient_checkpointing = true", true);
+        assert!(on && needed < total, "LoRA recomputes too");
+    }
+
+    /// LoRA dropout keeps a mask as wide as each adapted projection's input.
+    #[test]
+    fn lora_dropout_masks_are_counted() {
+        let s = reference_shapes()[0].1;
+        let plain = estimate_shape(&s, REFERENCE_LORA, BF16, 2, 512);
+        let Tuning::Lora { r, modules, .. } = REFERENCE_LORA else {
+            unreachable!()
+        };
+        let masked = Tuning::Lora {
+            r,
+            modules,
+            dropout: true,
+        };
+        let with = estimate_shape(&s, masked, BF16, 2, 512);
+        // q, k, v and o of 32 layers read 4096 wide: 4 × 4096 × 1024 tokens × 32 × 2 B.
+        assert_eq!(
+            with.activations - plain.activations,
+            4 * 4096 * 1024 * 32 * 2
+        );
     }
 
     #[test]

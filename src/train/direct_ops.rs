@@ -1,10 +1,13 @@
 //! The direct step of [`super::direct`] — a forward that keeps what the backward reads and a
 //! hand-written backward for the whole model, no autograd graph — written over the fused ops of
 //! [`super::ops`] at the tensor level, so it runs wherever they do: on CUDA in f32 and bf16
-//! (f32 master weights), and on the CPU in f32. The trainer takes it on CUDA; on the CPU it
-//! takes [`super::direct`], whose reused buffers and fused residual additions are faster
-//! there, and the tests check this one against autograd on the CPU (the CUDA kernels under the
-//! ops are checked against the plain ops by `train_throughput --check`).
+//! (f32 master weights), and on the CPU in f32; full fine-tuning and LoRA (adapters with
+//! dropout, frozen base weights possibly in the compute type). The trainer takes it on CUDA
+//! and for LoRA on the CPU; full fine-tuning on the CPU takes [`super::direct`], whose reused
+//! buffers and fused residual additions are faster there. The tests check this step against
+//! autograd on the CPU (the CUDA kernels under the ops are checked against the plain ops by
+//! `train_throughput --check`). Only trainable tensors (those that track gradients) get
+//! gradients; frozen ones cost no weight-gradient product.
 //!
 //! Why: Candle's backward adds every gradient that reaches a tensor into a fresh zero-filled
 //! one. On the 100m reference config in f32 that is a memset and an addition over about twenty
@@ -22,12 +25,14 @@ use std::collections::HashMap;
 use candle_core::{CustomOp2, CustomOp3, DType, Tensor, TensorId};
 
 use super::direct::StepGrads;
-use super::model::{Block, Linear as Projection, Llama, Result};
+use super::model::{Block, Linear as Projection, Llama, Result, dropout_mask};
 use super::ops::{self, Attention, CrossEntropy, Linear, RmsNorm, Rope, SwiGlu};
+use super::rng::Rng;
 
-/// Whether [`forward`] can train `model` with activations in `dtype`: f32 master weights on one
-/// device without LoRA adapters, and fused ops for that device and type (the CPU in f32; CUDA
-/// in f32 or bf16 when built with the `cuda` feature).
+/// Whether [`forward`] can train `model` with activations in `dtype`: fused ops for that
+/// device and type (the CPU in f32; CUDA in f32 or bf16 when built with the `cuda` feature),
+/// every tensor on the model's device, trainable weights (and LoRA adapters) as f32 masters,
+/// frozen ones in f32 or in `dtype`, norm weights in f32.
 pub fn supported(model: &Llama, dtype: DType) -> bool {
     let dev = model.device();
     let fused = match dtype {
@@ -35,16 +40,21 @@ pub fn supported(model: &Llama, dtype: DType) -> bool {
         DType::BF16 => cfg!(feature = "cuda") && dev.is_cuda(),
         _ => false,
     };
-    let master = |t: &Tensor| t.dtype() == DType::F32 && t.device().same_device(dev);
+    let here = |t: &Tensor| t.device().same_device(dev);
+    let f32 = |t: &Tensor| here(t) && t.dtype() == DType::F32;
+    let weight =
+        |t: &Tensor| here(t) && (t.dtype() == DType::F32 || (t.dtype() == dtype && !t.track_op()));
     fused
-        && master(&model.embed_tokens)
-        && master(&model.norm)
-        && model.lm_head.as_ref().is_none_or(master)
+        && weight(&model.embed_tokens)
+        && f32(&model.norm)
+        && model.lm_head.as_ref().is_none_or(weight)
         && model.layers.iter().all(|b| {
-            master(&b.input_layernorm)
-                && master(&b.post_attention_layernorm)
+            f32(&b.input_layernorm)
+                && f32(&b.post_attention_layernorm)
                 && b.linears().iter().all(|(_, l)| {
-                    l.lora.is_none() && master(&l.weight) && l.bias.as_ref().is_none_or(master)
+                    weight(&l.weight)
+                        && l.bias.as_ref().is_none_or(weight)
+                        && l.lora.as_ref().is_none_or(|a| f32(&a.a) && f32(&a.b))
                 })
         })
 }
@@ -80,6 +90,16 @@ struct Saved {
     g: Tensor,
     u: Tensor,
     a: Tensor,
+    /// Each projection's adapter activations (q, k, v, o, gate, up, down), where it has one.
+    adapters: [Option<Adapted>; 7],
+}
+
+/// What a LoRA adapter's backward needs beyond its projection's input.
+struct Adapted {
+    /// `dropout(x) · Aᵀ`, the rank-r activation.
+    low: Tensor,
+    /// The dropout mask (`None`: no dropout in this pass).
+    mask: Option<Tensor>,
 }
 
 /// A finished forward: the loss, and what [`Forward::backward`] needs. Dropping it instead (a
@@ -99,6 +119,9 @@ pub struct Forward {
     stream: Vec<Tensor>,
     /// Each layer's activations; `None` where they are recomputed in the backward.
     saved: Vec<Option<Saved>>,
+    /// The dropout generator as each recomputed layer found it (so the recomputation draws
+    /// the same masks); `None` without dropout or without recomputation.
+    layer_rngs: Vec<Option<Rng>>,
     /// The final norm's output, the logits in f32 and the loss op with its per-row output.
     normed: Tensor,
     logits: Tensor,
@@ -106,31 +129,83 @@ pub struct Forward {
     per_row: Tensor,
 }
 
-/// A projection `x Wᵀ (+ b)`, recorded in no graph.
-fn project(x: &Tensor, p: &Projection, dtype: DType) -> Result<Tensor> {
+/// A projection `x Wᵀ (+ b)`, plus `scale · dropout(x) Aᵀ Bᵀ` with a LoRA adapter (the mask
+/// drawn from `rng` as the model's forward draws it), recorded in no graph.
+fn project(
+    x: &Tensor,
+    p: &Projection,
+    dtype: DType,
+    rng: &mut Option<&mut Rng>,
+) -> Result<(Tensor, Option<Adapted>)> {
     let y = x.apply_op2_no_bwd(&p.weight, &Linear)?;
-    Ok(match &p.bias {
+    let y = match &p.bias {
         Some(b) => y.broadcast_add(&b.detach().to_dtype(dtype)?)?,
         None => y,
-    })
+    };
+    let Some(lora) = &p.lora else {
+        return Ok((y, None));
+    };
+    let mask = match rng.as_deref_mut() {
+        Some(r) if lora.dropout > 0.0 => Some(dropout_mask(x, lora.dropout, r)?),
+        _ => None,
+    };
+    let low = match &mask {
+        Some(m) => (x * m)?,
+        None => x.clone(),
+    }
+    .apply_op2_no_bwd(&lora.a, &Linear)?;
+    let delta = low.apply_op2_no_bwd(&lora.b, &Linear)?;
+    Ok((
+        (y + delta.affine(lora.scale, 0.0)?)?,
+        Some(Adapted { low, mask }),
+    ))
 }
 
-/// The backward of [`project`]: stores the weight's (and bias's) gradient, returns `x`'s.
+/// Stores `g` as `w`'s gradient when `w` is trainable.
+fn keep(grads: &mut HashMap<TensorId, Tensor>, w: &Tensor, g: Option<Tensor>) {
+    if let Some(g) = g.filter(|_| w.track_op()) {
+        grads.insert(w.id(), g);
+    }
+}
+
+/// The backward of [`project`]: stores the trainable weights' gradients (weight, bias,
+/// adapter), returns `x`'s.
 fn project_bwd(
     x: &Tensor,
     p: &Projection,
+    adapted: Option<Adapted>,
     dy: &Tensor,
     grads: &mut HashMap<TensorId, Tensor>,
 ) -> Result<Tensor> {
-    // The op's backward does not read its output; `dy` stands in for it.
+    // The op's backward does not read its output; `dy` stands in for it. It computes the
+    // weight's gradient only for a weight that tracks gradients.
     let (dx, dw) = Linear.bwd(x, &p.weight, dy, dy)?;
-    grads.insert(p.weight.id(), need(dw, "projection weight")?);
-    if let Some(b) = &p.bias {
+    keep(grads, &p.weight, dw);
+    if let Some(b) = p.bias.as_ref().filter(|b| b.track_op()) {
         let rows = dy.elem_count() / b.elem_count().max(1);
         let db = dy.reshape((rows, b.elem_count()))?.sum(0)?;
         grads.insert(b.id(), db.to_dtype(DType::F32)?);
     }
-    need(dx, "projection input")
+    let dx = need(dx, "projection input")?;
+    let (Some(lora), Some(Adapted { low, mask })) = (&p.lora, adapted) else {
+        return Ok(dx);
+    };
+    let d_delta = dy.affine(lora.scale, 0.0)?;
+    let (d_low, db) = Linear.bwd(&low, &lora.b, &d_delta, &d_delta)?;
+    keep(grads, &lora.b, db);
+    drop((low, d_delta));
+    let x_in = match &mask {
+        Some(m) => (x * m)?,
+        None => x.clone(),
+    };
+    let d_low = need(d_low, "adapter activation")?;
+    let (d_in, da) = Linear.bwd(&x_in, &lora.a, &d_low, &d_low)?;
+    keep(grads, &lora.a, da);
+    let d_in = need(d_in, "adapter input")?;
+    Ok(match &mask {
+        Some(m) => (dx + (d_in * m)?)?,
+        None => (dx + d_in)?,
+    })
 }
 
 fn need(t: Option<Tensor>, what: &str) -> Result<Tensor> {
@@ -144,7 +219,7 @@ fn norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(x.apply_op2_no_bwd(w, &RmsNorm { eps })?)
 }
 
-/// The backward of [`norm`]: stores the weight's gradient, returns `x`'s.
+/// The backward of [`norm`]: stores the weight's gradient (when trainable), returns `x`'s.
 fn norm_bwd(
     x: &Tensor,
     w: &Tensor,
@@ -153,7 +228,7 @@ fn norm_bwd(
     grads: &mut HashMap<TensorId, Tensor>,
 ) -> Result<Tensor> {
     let (dx, dw) = RmsNorm { eps }.bwd(x, w, dy, dy)?;
-    grads.insert(w.id(), need(dw, "norm weight")?);
+    keep(grads, w, dw);
     need(dx, "norm input")
 }
 
@@ -164,19 +239,31 @@ fn rotate(x: &Tensor, s: &Setup, transpose: bool) -> Result<Tensor> {
 }
 
 /// One decoder layer's forward from its input `x`: what the backward needs, and the output.
-fn layer_forward(blk: &Block, x: &Tensor, s: &Setup) -> Result<(Saved, Tensor)> {
+/// LoRA dropout masks come from `rng` in the model's order (q, k, v, o, gate, up, down).
+fn layer_forward(
+    blk: &Block,
+    x: &Tensor,
+    s: &Setup,
+    mut rng: Option<&mut Rng>,
+) -> Result<(Saved, Tensor)> {
+    let dt = s.dtype;
     let h1 = norm(x, &blk.input_layernorm, s.eps)?;
-    let q = rotate(&project(&h1, &blk.q_proj, s.dtype)?, s, false)?;
-    let k = rotate(&project(&h1, &blk.k_proj, s.dtype)?, s, false)?;
-    let v = project(&h1, &blk.v_proj, s.dtype)?.contiguous()?;
+    let (q, aq) = project(&h1, &blk.q_proj, dt, &mut rng)?;
+    let (k, ak) = project(&h1, &blk.k_proj, dt, &mut rng)?;
+    let (v, av) = project(&h1, &blk.v_proj, dt, &mut rng)?;
+    let q = rotate(&q, s, false)?;
+    let k = rotate(&k, s, false)?;
+    let v = v.contiguous()?;
     let attention = Attention::new(s.heads, 0, s.window);
     let att = q.apply_op3_no_bwd(&k, &v, &attention)?;
-    let x1 = (x + project(&att, &blk.o_proj, s.dtype)?)?;
+    let (o, ao) = project(&att, &blk.o_proj, dt, &mut rng)?;
+    let x1 = (x + o)?;
     let h2 = norm(&x1, &blk.post_attention_layernorm, s.eps)?;
-    let g = project(&h2, &blk.gate_proj, s.dtype)?;
-    let u = project(&h2, &blk.up_proj, s.dtype)?;
+    let (g, ag) = project(&h2, &blk.gate_proj, dt, &mut rng)?;
+    let (u, au) = project(&h2, &blk.up_proj, dt, &mut rng)?;
     let a = g.apply_op2_no_bwd(&u, &SwiGlu)?;
-    let out = (&x1 + project(&a, &blk.down_proj, s.dtype)?)?;
+    let (down, ad) = project(&a, &blk.down_proj, dt, &mut rng)?;
+    let out = (&x1 + down)?;
     let saved = Saved {
         h1,
         q,
@@ -189,12 +276,13 @@ fn layer_forward(blk: &Block, x: &Tensor, s: &Setup) -> Result<(Saved, Tensor)> 
         g,
         u,
         a,
+        adapters: [aq, ak, av, ao, ag, au, ad],
     };
     Ok((saved, out))
 }
 
-/// One decoder layer's backward: stores its weights' gradients and returns the gradient of its
-/// input, given `dx`, that of its output.
+/// One decoder layer's backward: stores its trainable weights' gradients and returns the
+/// gradient of its input, given `dx`, that of its output.
 fn layer_backward(
     blk: &Block,
     x: &Tensor,
@@ -215,26 +303,28 @@ fn layer_backward(
         g,
         u,
         a,
+        adapters,
     } = sv;
+    let [aq, ak, av, ao, ag, au, ad] = adapters;
     // out = x1 + down(swiglu(gate(h2), up(h2))), h2 = norm(x1)
-    let da = project_bwd(&a, &blk.down_proj, &dx, grads)?;
+    let da = project_bwd(&a, &blk.down_proj, ad, &dx, grads)?;
     drop(a);
     let (dg, du) = SwiGlu.bwd(&g, &u, &da, &da)?;
     drop((g, u, da));
-    let dh2 = (project_bwd(&h2, &blk.gate_proj, &need(dg, "gate")?, grads)?
-        + project_bwd(&h2, &blk.up_proj, &need(du, "up")?, grads)?)?;
+    let dh2 = (project_bwd(&h2, &blk.gate_proj, ag, &need(dg, "gate")?, grads)?
+        + project_bwd(&h2, &blk.up_proj, au, &need(du, "up")?, grads)?)?;
     drop(h2);
     let dx1 = (dx + norm_bwd(&x1, &blk.post_attention_layernorm, &dh2, s.eps, grads)?)?;
     drop((x1, dh2));
     // x1 = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
-    let datt = project_bwd(&att, &blk.o_proj, &dx1, grads)?;
+    let datt = project_bwd(&att, &blk.o_proj, ao, &dx1, grads)?;
     let (dq, dk, dv) = attention.bwd(&q, &k, &v, &att, &datt)?;
     drop((q, k, v, att, datt));
     let dq = rotate(&need(dq, "queries")?, s, true)?;
     let dk = rotate(&need(dk, "keys")?, s, true)?;
-    let dh1 = ((project_bwd(&h1, &blk.q_proj, &dq, grads)?
-        + project_bwd(&h1, &blk.k_proj, &dk, grads)?)?
-        + project_bwd(&h1, &blk.v_proj, &need(dv, "values")?, grads)?)?;
+    let dh1 = ((project_bwd(&h1, &blk.q_proj, aq, &dq, grads)?
+        + project_bwd(&h1, &blk.k_proj, ak, &dk, grads)?)?
+        + project_bwd(&h1, &blk.v_proj, av, &need(dv, "values")?, grads)?)?;
     drop(h1);
     Ok((dx1 + norm_bwd(x, &blk.input_layernorm, &dh1, s.eps, grads)?)?)
 }
@@ -244,7 +334,9 @@ fn layer_backward(
 /// trainer's `1 / labelled tokens`, times an f16 loss scale). `ids` and `labels` are `(B, T)`
 /// u32 from position 0, `mask` `(B, T)`. The model must be [`supported`] for `dtype`. With
 /// `checkpointing`, only each layer's input is kept and the backward runs the layer's forward
-/// again (activation checkpointing: same gradients, less memory, one more forward).
+/// again (activation checkpointing: same gradients, less memory, one more forward). LoRA
+/// dropout draws its masks from `rng` as the model's forward does (`None`: no dropout).
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     model: &Llama,
     ids: &Tensor,
@@ -253,6 +345,7 @@ pub fn forward(
     dtype: DType,
     grad_scale: f32,
     checkpointing: bool,
+    mut rng: Option<&mut Rng>,
 ) -> Result<Forward> {
     if !supported(model, dtype) {
         return Err(candle_core::Error::Msg(format!(
@@ -284,8 +377,10 @@ pub fn forward(
     let mut x = rows.reshape((b, t, cfg.hidden_size))?.to_dtype(dtype)?;
     let mut stream = Vec::with_capacity(model.layers.len() + 1);
     let mut saved = Vec::with_capacity(model.layers.len());
+    let mut layer_rngs = Vec::with_capacity(model.layers.len());
     for blk in &model.layers {
-        let (sv, out) = layer_forward(blk, &x, &setup)?;
+        layer_rngs.push(rng.as_deref().copied().filter(|_| checkpointing));
+        let (sv, out) = layer_forward(blk, &x, &setup, rng.as_deref_mut())?;
         saved.push((!checkpointing).then_some(sv));
         stream.push(std::mem::replace(&mut x, out));
     }
@@ -309,6 +404,7 @@ pub fn forward(
         mask,
         stream,
         saved,
+        layer_rngs,
         normed,
         logits,
         loss_op,
@@ -331,6 +427,7 @@ impl Forward {
             mask,
             mut stream,
             saved,
+            layer_rngs,
             normed,
             logits,
             loss_op,
@@ -346,9 +443,8 @@ impl Forward {
         drop((logits, per_row, scale));
         let dlogits = need(dlogits, "logits")?.to_dtype(setup.dtype)?;
         let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
-        let (dnormed, dhead) = Linear.bwd(&normed, head, &dlogits, &dlogits)?;
+        let (dnormed, mut dhead) = Linear.bwd(&normed, head, &dlogits, &dlogits)?;
         drop((normed, dlogits));
-        let dhead = need(dhead, "lm_head")?;
         let x_last = stream.pop().expect("stream checked");
         let mut dx = norm_bwd(
             &x_last,
@@ -358,27 +454,30 @@ impl Forward {
             &mut grads,
         )?;
         drop(x_last);
-        for (blk, sv) in model.layers.iter().zip(saved).rev() {
+        for ((blk, sv), mut layer_rng) in model.layers.iter().zip(saved).zip(layer_rngs).rev() {
             let x = stream.pop().expect("stream checked");
             let sv = match sv {
                 Some(sv) => sv,
-                None => layer_forward(blk, &x, &setup)?.0,
+                None => layer_forward(blk, &x, &setup, layer_rng.as_mut())?.0,
             };
             dx = layer_backward(blk, &x, sv, dx, &setup, &mut grads)?;
         }
-        let d_rows = dx
-            .to_dtype(DType::F32)?
-            .reshape((host_ids.len(), model.cfg.hidden_size))?;
-        drop(dx);
-        let mut d_embed = ops::embedding_bwd(&model.embed_tokens, &ids, &host_ids, &d_rows)?;
-        match &model.lm_head {
-            Some(h) => {
-                grads.insert(h.id(), dhead);
+        let table = &model.embed_tokens;
+        if table.track_op() {
+            let d_rows = dx
+                .to_dtype(DType::F32)?
+                .reshape((host_ids.len(), model.cfg.hidden_size))?;
+            drop(dx);
+            let mut d_embed = ops::embedding_bwd(table, &ids, &host_ids, &d_rows)?;
+            if model.lm_head.is_none() {
+                // Tied: the table also served as the lm_head.
+                d_embed = (d_embed + need(dhead.take(), "lm_head")?)?;
             }
-            // Tied: the table also served as the lm_head.
-            None => d_embed = (d_embed + dhead)?,
+            grads.insert(table.id(), d_embed);
         }
-        grads.insert(model.embed_tokens.id(), d_embed);
+        if let Some(h) = &model.lm_head {
+            keep(&mut grads, h, dhead);
+        }
         let loss_sum = loss_sum.to_scalar::<f32>()?;
         Ok(StepGrads::new(loss_sum, grads))
     }
@@ -393,7 +492,7 @@ pub fn loss_and_grads(
     dtype: DType,
     grad_scale: f32,
 ) -> Result<StepGrads> {
-    forward(model, ids, labels, mask, dtype, grad_scale, false)?.backward(model)
+    forward(model, ids, labels, mask, dtype, grad_scale, false, None)?.backward(model)
 }
 
 #[cfg(test)]
@@ -405,6 +504,7 @@ mod tests {
     use super::*;
     use crate::train::config::LlamaConfig;
     use crate::train::model::{Pass, random_vars};
+    use crate::train::rng::Rng;
 
     fn model(kind: &str, tied: bool, bias: bool, window: Option<usize>) -> (Llama, Vec<Var>) {
         let dev = Device::Cpu;
@@ -471,10 +571,19 @@ mod tests {
             let expected_loss = loss.to_scalar::<f32>().unwrap();
             let expected = (loss * scale as f64).unwrap().backward().unwrap();
             for checkpointing in [false, true] {
-                let got = forward(&m, &ids, &labels, &mask, DType::F32, scale, checkpointing)
-                    .unwrap()
-                    .backward(&m)
-                    .unwrap();
+                let got = forward(
+                    &m,
+                    &ids,
+                    &labels,
+                    &mask,
+                    DType::F32,
+                    scale,
+                    checkpointing,
+                    None,
+                )
+                .unwrap()
+                .backward(&m)
+                .unwrap();
                 assert!(
                     (got.loss_sum - expected_loss).abs() <= 1e-5 * expected_loss.abs(),
                     "{kind}: loss {} vs {expected_loss}",
@@ -493,6 +602,96 @@ mod tests {
                         v.dims()
                     );
                 }
+            }
+        }
+    }
+
+    /// LoRA on a frozen base (plain tensors) with dropout: the adapters' gradients match
+    /// autograd's over the same ops with the same generator (so the same masks), with and
+    /// without recomputing layers; the generator ends where the model's forward leaves it;
+    /// frozen weights get no gradient.
+    #[test]
+    fn lora_with_dropout_matches_autograd() {
+        use crate::train::model::Lora;
+        let (ids, labels, mask) = batch();
+        for (kind, tied, bias) in [("llama", false, true), ("qwen2", true, false)] {
+            let (frozen, _) = model(kind, tied, bias, None);
+            // The base as the trainer holds it under LoRA: plain tensors, no gradients.
+            let mut m = frozen.clone();
+            let detach = |t: &mut Tensor| *t = t.detach();
+            detach(&mut m.embed_tokens);
+            detach(&mut m.norm);
+            if let Some(h) = m.lm_head.as_mut() {
+                detach(h);
+            }
+            let mut adapters = Vec::new();
+            let mut init = Rng::new(21);
+            for blk in &mut m.layers {
+                detach(&mut blk.input_layernorm);
+                detach(&mut blk.post_attention_layernorm);
+                for (name, lin) in blk.linears_mut() {
+                    detach(&mut lin.weight);
+                    if let Some(b) = lin.bias.as_mut() {
+                        detach(b);
+                    }
+                    if name == "k_proj" {
+                        continue; // not a target: exercises projections without adapters
+                    }
+                    let (out, inp) = lin.weight.dims2().unwrap();
+                    let mut draw = |n: usize| {
+                        let mut v = vec![0f32; n];
+                        init.fill_normal(&mut v, 0.3);
+                        v
+                    };
+                    let a = Var::from_vec(draw(2 * inp), (2, inp), &Device::Cpu).unwrap();
+                    let b = Var::from_vec(draw(out * 2), (out, 2), &Device::Cpu).unwrap();
+                    lin.lora = Some(Lora {
+                        a: a.as_tensor().clone(),
+                        b: b.as_tensor().clone(),
+                        scale: 1.5,
+                        dropout: 0.25,
+                    });
+                    adapters.extend([a, b]);
+                }
+            }
+            assert!(supported(&m, DType::F32));
+            let scale = 0.5f32;
+            let mut want_rng = Rng::new(9);
+            let mut pass = Pass::new(DType::F32, Some(&mut want_rng));
+            let loss = m
+                .forward_loss(&ids, &labels, &mask, &mut pass, true)
+                .unwrap();
+            let want_loss = loss.to_scalar::<f32>().unwrap();
+            let want = (loss * scale as f64).unwrap().backward().unwrap();
+            for checkpointing in [false, true] {
+                let mut rng = Rng::new(9);
+                let got = forward(
+                    &m,
+                    &ids,
+                    &labels,
+                    &mask,
+                    DType::F32,
+                    scale,
+                    checkpointing,
+                    Some(&mut rng),
+                )
+                .unwrap()
+                .backward(&m)
+                .unwrap();
+                assert_eq!(rng, want_rng, "{kind}: the generator moved as the model's");
+                assert!((got.loss_sum - want_loss).abs() <= 1e-5 * want_loss.abs());
+                for (i, v) in adapters.iter().enumerate() {
+                    let w = want.get(v.as_tensor()).expect("autograd gradient");
+                    let g = got.get(v.as_tensor()).expect("adapter gradient");
+                    let err = max_rel(g, w);
+                    assert!(
+                        err < 2e-5,
+                        "{kind} checkpointing={checkpointing}: adapter {i} off by {err}"
+                    );
+                }
+                assert!(got.get(&m.embed_tokens).is_none());
+                assert!(got.get(&m.layers[0].q_proj.weight).is_none());
+                assert!(got.get(&m.layers[1].post_attention_layernorm).is_none());
             }
         }
     }
@@ -522,12 +721,12 @@ mod tests {
         let (ids, labels, mask) = batch();
         // No fused CPU kernels in bf16: the trainer takes autograd there.
         assert!(!supported(&m, DType::BF16));
-        let err = forward(&m, &ids, &labels, &mask, DType::BF16, 1.0, false)
+        let err = forward(&m, &ids, &labels, &mask, DType::BF16, 1.0, false, None)
             .err()
             .expect("refused");
         assert!(err.to_string().contains("not for this model"), "{err}");
         let bad = Tensor::new(&[[1u32, 2, 40, 3, 4, 5], [0, 0, 0, 0, 0, 0]], &Device::Cpu).unwrap();
-        let err = forward(&m, &bad, &labels, &mask, DType::F32, 1.0, false)
+        let err = forward(&m, &bad, &labels, &mask, DType::F32, 1.0, false, None)
             .err()
             .expect("refused");
         assert!(err.to_string().contains("token id 40"), "{err}");

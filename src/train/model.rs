@@ -122,13 +122,18 @@ fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// Inverted dropout with a mask drawn from our own generator (so resumed runs repeat it).
 fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+    Ok((x * dropout_mask(x, p, rng)?)?)
+}
+
+/// The mask [`dropout`] multiplies `x` by: 0 with probability `p`, else `1 / (1 − p)`, in
+/// `x`'s shape, type and device.
+pub(crate) fn dropout_mask(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     let n = x.elem_count();
     let keep = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..n)
         .map(|_| if rng.next_f64() < p { 0.0 } else { keep as f32 })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok((x * mask)?)
+    Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }
 
 /// RMSNorm: fused, or the plain version for comparison.

@@ -227,10 +227,10 @@ fn run_inner(
     // The last checkpoint's snapshot time: with the writer's last write time, what saving on
     // a stop will cost.
     let mut snapshot_secs: Option<f64> = None;
-    // Full fine-tuning takes a hand-written backward (no autograd graph): `direct` in f32 on
-    // the CPU (buffers reused from step to step), `direct_ops` over the fused ops elsewhere
-    // (CUDA in f32 or bf16); anything else (LoRA, f16, types without fused ops) Candle's
-    // autograd.
+    // A hand-written backward (no autograd graph) where the fused kernels run: `direct` for
+    // full fine-tuning in f32 on the CPU (buffers reused from step to step), `direct_ops` over
+    // the fused ops otherwise (LoRA on the CPU; everything on CUDA in f32 or bf16); Candle's
+    // autograd for the rest (f16, types without fused ops).
     let backward =
         if compute == DType::F32 && direct::supported(&sess.model) && !hooks.direct_ops_on_cpu {
             Backward::Direct
@@ -248,8 +248,8 @@ fn run_inner(
     );
     if args.gradient_checkpointing && !checkpointing {
         tracing::warn!(
-            "gradient_checkpointing applies to full fine-tuning with fused kernels (f32 on the \
-             CPU; f32 or bf16 on CUDA); this run keeps every activation"
+            "gradient_checkpointing applies where the fused kernels run (f32 on the CPU; f32 \
+             or bf16 on CUDA); this run keeps every activation"
         );
     }
     if ctx.stop.is_requested() {
@@ -326,6 +326,7 @@ fn run_inner(
                     compute,
                     scale as f32,
                     checkpointing,
+                    Some(&mut st.rng),
                 )?)),
                 Backward::Autograd => {
                     let mut pass = Pass::new(compute, Some(&mut st.rng));
@@ -904,7 +905,7 @@ fn snapshot(sess: &Session, opt: &AdamW, st: &TrainerState) -> Result<Snapshot, 
 enum Backward {
     /// [`direct`]: f32 on the CPU.
     Direct,
-    /// [`direct_ops`]: the fused ops without a graph (CUDA).
+    /// [`direct_ops`]: the fused ops without a graph (CUDA; LoRA on the CPU).
     DirectOps,
     /// Candle's autograd over the model's ops.
     Autograd,
