@@ -34,7 +34,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use jobd::train::checkpoint::{self, Rotation, SchedulerState, Snapshot, TrainerState};
 use jobd::train::config::LlamaConfig;
 use jobd::train::metrics::peak_memory_bytes;
-use jobd::train::model::{Llama, Pass, init_weights, nll_sum_plain, parameter_shapes};
+use jobd::train::model::{Llama, Lora, Pass, init_weights, nll_sum_plain, parameter_shapes};
 use jobd::train::optim::{self, AdamW, AdamWConfig, Param};
 use jobd::train::rng::Rng;
 use jobd::train::{direct, direct_ops};
@@ -50,6 +50,8 @@ struct Args {
     plain: bool,
     autograd: bool,
     ops_step: bool,
+    lora: Option<usize>,
+    lora_dropout: f64,
     checkpointing: bool,
     json: bool,
     peak_tflops: Option<f64>,
@@ -71,6 +73,8 @@ fn parse_args() -> Args {
         plain: false,
         autograd: false,
         ops_step: false,
+        lora: None,
+        lora_dropout: 0.05,
         checkpointing: false,
         json: false,
         peak_tflops: None,
@@ -100,6 +104,8 @@ fn parse_args() -> Args {
             "--plain" => a.plain = true,
             "--autograd" => a.autograd = true,
             "--ops-step" => a.ops_step = true,
+            "--lora" => a.lora = Some(val().parse().expect("--lora RANK")),
+            "--lora-dropout" => a.lora_dropout = val().parse().expect("--lora-dropout P"),
             "--checkpointing" => a.checkpointing = true,
             "--json" => a.json = true,
             "--peak-tflops" => a.peak_tflops = Some(val().parse().expect("--peak-tflops X")),
@@ -151,8 +157,9 @@ fn reference(name: &str) -> (LlamaConfig, usize, usize) {
     (serde_json::from_value(json).unwrap(), batch, block)
 }
 
-/// Model FLOPs per trained token (forward and backward), PaLM's count.
-fn flops_per_token(cfg: &LlamaConfig, block: usize) -> f64 {
+/// Model FLOPs per trained token (forward and backward), PaLM's count; with LoRA the frozen
+/// weights' gradient products (2·N) are not done, and the adapters' are left out.
+fn flops_per_token(cfg: &LlamaConfig, block: usize, lora: bool) -> f64 {
     let n = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size
         + if cfg.tie_word_embeddings {
             cfg.vocab_size * cfg.hidden_size
@@ -160,7 +167,7 @@ fn flops_per_token(cfg: &LlamaConfig, block: usize) -> f64 {
             0
         };
     let attn = 12 * cfg.num_hidden_layers * block * cfg.num_attention_heads * cfg.head_dim();
-    (6 * n + attn) as f64
+    ((if lora { 4 } else { 6 }) * n + attn) as f64
 }
 
 fn main() {
@@ -251,14 +258,52 @@ fn bench(a: &Args) {
     let mut params = Vec::new();
     let mut tensors = BTreeMap::new();
     for (name, _) in parameter_shapes(&cfg) {
+        if a.lora.is_some() {
+            // Frozen, in the compute type except the norms (as the trainer holds a LoRA base).
+            let t = if name.contains("norm") {
+                w[&name].clone()
+            } else {
+                w[&name].to_dtype(a.dtype).unwrap()
+            };
+            tensors.insert(name, t);
+            continue;
+        }
         let var = Var::from_tensor(&w[&name]).unwrap();
         tensors.insert(name.clone(), var.as_tensor().clone());
         let decay = !name.contains("norm");
         params.push(Param { name, var, decay });
     }
     drop(w);
-    let model = Llama::new(cfg.clone(), &tensors, &dev).unwrap();
+    let mut model = Llama::new(cfg.clone(), &tensors, &dev).unwrap();
     drop(tensors);
+    if let Some(r) = a.lora {
+        // Adapters on every projection: A uniform in ±1/√in, B zero (PEFT's start).
+        let mut init = Rng::new(3);
+        for blk in &mut model.layers {
+            for (_, lin) in blk.linears_mut() {
+                let (out, inp) = lin.weight.dims2().unwrap();
+                let mut v = vec![0f32; r * inp];
+                init.fill_uniform(&mut v, 1.0 / (inp as f64).sqrt());
+                let am = Var::from_vec(v, (r, inp), &dev).unwrap();
+                let bm = Var::zeros((out, r), DType::F32, &dev).unwrap();
+                lin.lora = Some(Lora {
+                    a: am.as_tensor().clone(),
+                    b: bm.as_tensor().clone(),
+                    scale: 2.0,
+                    dropout: a.lora_dropout,
+                });
+                for var in [am, bm] {
+                    let name = format!("lora.{}", params.len());
+                    params.push(Param {
+                        name,
+                        var,
+                        decay: true,
+                    });
+                }
+            }
+        }
+    }
+    let model = model;
     let direct = !a.plain
         && !a.autograd
         && !a.ops_step
@@ -277,6 +322,10 @@ fn bench(a: &Args) {
         "fused, direct backward, activation checkpointing"
     } else {
         "fused, direct backward"
+    };
+    let kernels = match a.lora {
+        Some(r) => format!("{kernels}, LoRA r{r}"),
+        None => kernels.to_string(),
     };
     eprintln!(
         "candle: config {} ({} parameters), batch {batch} x {block}, {dtype_name}, {kernels}, \
@@ -297,6 +346,8 @@ fn bench(a: &Args) {
     )
     .unwrap();
     let mut rng = Rng::new(1);
+    // LoRA dropout's masks (the trainer's generator).
+    let mut drop_rng = Rng::new(2);
     let sync = || dev.synchronize().unwrap();
     let mut timed: Vec<[f64; 6]> = Vec::new();
     let start = Instant::now();
@@ -317,9 +368,17 @@ fn bench(a: &Args) {
         let (grads, t_fwd) = if ops_step {
             // The trainer's path on CUDA: the fused ops without an autograd graph.
             let scale = 1.0 / (batch * block) as f32;
-            let fwd =
-                direct_ops::forward(&model, &x, &y, &mask, a.dtype, scale, a.checkpointing, None)
-                    .unwrap();
+            let fwd = direct_ops::forward(
+                &model,
+                &x,
+                &y,
+                &mask,
+                a.dtype,
+                scale,
+                a.checkpointing,
+                Some(&mut drop_rng),
+            )
+            .unwrap();
             let _ = peak_memory_bytes(&dev);
             let t_fwd = t0.elapsed().as_secs_f64() - t_data;
             // Returns once the loss is read back, i.e. when the device has done the backward.
@@ -353,7 +412,7 @@ fn bench(a: &Args) {
                 .collect();
             (grads, t_fwd)
         } else {
-            let mut pass = Pass::new(a.dtype, None);
+            let mut pass = Pass::new(a.dtype, Some(&mut drop_rng));
             pass.fused = !a.plain;
             // lm_head and loss in one op, no logits tensor (as the trainer off the direct path).
             let nll = if a.plain {
@@ -406,7 +465,7 @@ fn bench(a: &Args) {
     let mean = |i: usize| timed.iter().map(|t| t[i]).sum::<f64>() / n;
     let step = mean(0);
     let tokens_per_s = (batch * block) as f64 / step;
-    let mfu = tokens_per_s * flops_per_token(&cfg, block) / (peak_tflops * 1e12);
+    let mfu = tokens_per_s * flops_per_token(&cfg, block, a.lora.is_some()) / (peak_tflops * 1e12);
     let peak = peak_memory_bytes(&dev);
     let row = serde_json::json!({
         "trainer": format!("candle {kernels}"),
@@ -759,6 +818,7 @@ mod check {
                     rng,
                 );
             }
+            ok &= dropout_mask_case(dev, dtype);
             for step in [
                 Step::Autograd,
                 Step::DirectOps(false),
@@ -768,6 +828,40 @@ mod check {
             }
         }
         println!("{}", if ok { "check: all ok" } else { "check: FAILED" });
+        ok
+    }
+
+    /// LoRA dropout's mask made on the device: the same bits as on the CPU (the same
+    /// generator draws), so a run's masks do not depend on where it trains.
+    fn dropout_mask_case(dev: &Device, dtype: DType) -> bool {
+        let n = 3 * 96 * 500 + 3;
+        let draw = |device: &Device, dt: DType| {
+            let x = Tensor::zeros(n, dt, device).unwrap();
+            let mut rng = Rng::new(41);
+            let m = jobd::train::model::dropout_mask(&x, 0.1, &mut rng).unwrap();
+            let v: Vec<f32> = m
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (v, rng)
+        };
+        let (got, got_rng) = draw(dev, dtype);
+        let (want, want_rng) = draw(&Device::Cpu, dtype);
+        let differ = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        let ok = differ == 0 && got_rng == want_rng;
+        println!(
+            "{:<34} {:<5} {differ} of {n} elements differ from the CPU's  {}",
+            "dropout mask",
+            format!("{dtype:?}").to_lowercase(),
+            if ok { "ok" } else { "FAIL" }
+        );
         ok
     }
 

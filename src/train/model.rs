@@ -126,13 +126,19 @@ fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
 }
 
 /// The mask [`dropout`] multiplies `x` by: 0 with probability `p`, else `1 / (1 − p)`, in
-/// `x`'s shape, type and device.
-pub(crate) fn dropout_mask(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+/// `x`'s shape, type and device; one uniform draw of `rng` per element, in order (drawn in
+/// parallel, on the GPU where `x` is — a host-made mask would cost a draw and an upload per
+/// element of every adapted projection's input).
+pub fn dropout_mask(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     let n = x.elem_count();
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..n)
-        .map(|_| if rng.next_f64() < p { 0.0 } else { keep as f32 })
-        .collect();
+    let start = rng.state;
+    rng.skip(n as u64);
+    #[cfg(feature = "cuda")]
+    if ops::gpu_fusable(x) {
+        return Ok(super::cuda::dropout_mask(x, start, p)?);
+    }
+    let mut mask = vec![0f32; n];
+    super::kernels::dropout_mask(start, p, &mut mask);
     Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }
 
@@ -953,6 +959,30 @@ mod tests {
                 .unwrap();
             assert!(diff < 1e-6, "{dtype:?}: {diff}");
         }
+    }
+
+    /// Dropout masks drawn in parallel are exactly the sequential draws of the generator
+    /// (what checkpoints and resumed runs rely on), and leave it where those draws would.
+    #[test]
+    fn dropout_masks_are_the_sequential_draws() {
+        let n = 3 * (1 << 14) + 7;
+        let x = Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
+        let p = 0.3;
+        let mut rng = Rng::new(77);
+        let got: Vec<f32> = dropout_mask(&x, p, &mut rng).unwrap().to_vec1().unwrap();
+        let mut seq = Rng::new(77);
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let want: Vec<f32> = (0..n)
+            .map(|_| if seq.next_f64() < p { 0.0 } else { keep })
+            .collect();
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        assert_eq!(rng, seq);
+        let dropped = got.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+        assert!((dropped - p).abs() < 0.01, "{dropped}");
     }
 
     /// Generation's cached path computes what the full forward does.

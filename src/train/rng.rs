@@ -8,6 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// SplitMix64's increment (the golden ratio in 64-bit fixed point).
+const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// SplitMix64: a tiny generator whose state is a single counter, so it can be saved and
 /// restored exactly. Streams for different purposes are derived with [`Rng::derive`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,9 +37,16 @@ impl Rng {
         Rng::new(h.next_u64())
     }
 
+    /// Moves the generator past `n` draws at once, as `n` calls of [`Self::next_u64`] would
+    /// (SplitMix64's state is a counter: the i-th draw depends only on the start and i, which
+    /// is what lets dropout masks be drawn in parallel).
+    pub fn skip(&mut self, n: u64) {
+        self.state = self.state.wrapping_add(n.wrapping_mul(GAMMA));
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.state = self.state.wrapping_add(GAMMA);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -324,6 +324,23 @@ __device__ void embed_bwd(const T* dy, const unsigned* pos, const unsigned* star
 }
 
 // ------------------------------------------------------------------------------------------
+// Inverted dropout's mask: element i is 0 when the i-th draw of SplitMix64 from state `start`
+// is below p, else `keep` — the bits src/train/kernels dropout_mask computes on the CPU (the
+// draw's top 53 bits scaled by 2⁻⁵³, compared in double).
+
+template <typename T>
+__device__ void dropout_mask(T* out, long n, unsigned long long start, double p, float keep) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  unsigned long long z = start + (unsigned long long)(i + 1) * 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  z ^= z >> 31;
+  double u = (double)(z >> 11) * (1.0 / 9007199254740992.0);
+  st(out, i, u < p ? 0.0f : keep);
+}
+
+// ------------------------------------------------------------------------------------------
 // AdamW in place, the same formulas as the CPU kernels (f32 moments and parameters).
 
 extern "C" __global__ void adamw_m(float* m, const float* g, long n, float beta1, float gs) {
@@ -415,6 +432,10 @@ extern "C" __global__ void sum_squares_part(const float* g, long n, float* part)
                                            const unsigned* starts, const unsigned* uniq,      \
                                            T* dtable, int d) {                                \
     embed_bwd(dy, pos, starts, uniq, dtable, d);                                              \
+  }                                                                                            \
+  extern "C" __global__ void dropout_mask_##S(T* out, long n, unsigned long long start,      \
+                                             double p, float keep) {                          \
+    dropout_mask(out, n, start, p, keep);                                                     \
   }                                                                                            \
   extern "C" __global__ void attn_softmax_bwd_##S(                                             \
       const float* sc, const float* dp, const float* lse, const T* d_out, const T* out, T* p,  \

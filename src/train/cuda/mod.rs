@@ -246,6 +246,26 @@ where
 }
 
 // ---------------------------------------------------------------------------------------------
+// Dropout
+
+/// Inverted dropout's mask in `x`'s shape and type on its device: the i-th element from the
+/// i-th draw of the generator at state `start` (the same bits as the CPU's
+/// `kernels::dropout_mask`).
+pub(crate) fn dropout_mask(x: &Tensor, start: u64, p: f64) -> Result<Tensor> {
+    let n = x.elem_count();
+    let dtype = x.dtype();
+    let keep = (1.0 / (1.0 - p)) as f32;
+    run(x, "jobd-dropout-mask", |dev| {
+        let stream = dev.cuda_stream();
+        let (sfx, _) = suffix(dtype)?;
+        let out = Buf::alloc(dev, dtype, n)?;
+        launch!(dev, format!("dropout_mask_{sfx}"), elementwise(n);
+            out.ptr(&stream), n as i64, start, p, keep);
+        Ok((out.into_storage(dev), x.shape().clone()))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Embedding
 
 /// Rows of an embedding table `(V, d)` for token ids, as a custom op whose backward sums each

@@ -794,3 +794,23 @@ pub fn linear_cross_entropy(
     }
     losses.iter().map(|&l| l as f64).sum::<f64>() as f32
 }
+
+/// Elements per task of [`dropout_mask`].
+const MASK_CHUNK: usize = 1 << 14;
+
+/// Inverted dropout's mask: element i is 0 when the i-th uniform draw of the generator
+/// starting at `start` is below `p`, else `1 / (1 − p)` — the values sequential draws of
+/// [`super::rng::Rng::next_f64`] give, filled in parallel (each chunk starts its own copy of
+/// the generator where the sequence would be). The CUDA kernel computes the same bits.
+pub fn dropout_mask(start: u64, p: f64, out: &mut [f32]) {
+    let keep = (1.0 / (1.0 - p)) as f32;
+    out.par_chunks_mut(MASK_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut rng = super::rng::Rng::new(start);
+            rng.skip((c * MASK_CHUNK) as u64);
+            for v in chunk {
+                *v = if rng.next_f64() < p { 0.0 } else { keep };
+            }
+        });
+}
