@@ -58,7 +58,8 @@ def main():
     ap.add_argument("--variants", help="comma-separated: candle dtypes and pytorch variants, "
                     "e.g. f32,eager,sdpa (default: f32,eager,sdpa on CPU; "
                     "f32,bf16,candle-tf32,eager,sdpa,tf32,pt-bf16 on CUDA; candle-tf32 is "
-                    "Candle in f32 with TF32 matrix products, tf32 PyTorch's)")
+                    "Candle in f32 with TF32 matrix products, tf32 PyTorch's; candle-lora "
+                    "is Candle LoRA r16 on every projection, no PyTorch counterpart)")
     args = ap.parse_args()
 
     threads = args.threads or os.cpu_count()
@@ -94,6 +95,14 @@ def main():
         elif v == "candle-events":
             jobs.append(("candle bf16 events", candle + common
                          + ["--dtype", "bf16", "--cuda-events", "--device", args.device]))
+        elif v == "candle-lora":
+            # LoRA r16 on every projection, dropout 0.05, in bf16 on CUDA (f32 on the CPU).
+            dt = "bf16" if args.device == "cuda" else "f32"
+            lora = ["--dtype", dt, "--lora", "16", "--device", args.device]
+            jobs.append((f"candle lora {dt}", candle + common + cthreads + lora))
+            if args.autograd:
+                jobs.append((f"candle lora autograd {dt}", candle + common + cthreads + lora
+                             + ["--autograd"]))
         elif v == "candle-tf32":
             jobs.append(("candle tf32", candle + common
                          + ["--dtype", "f32", "--tf32", "--device", args.device]))

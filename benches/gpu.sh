@@ -13,7 +13,8 @@
 #   0. when jobd and jobctl were carried too: the NVML inventory (`jobd gpus`) and
 #      jobs/tiny.toml run end to end on the GPU through the daemon (placement, CUDA worker,
 #      publish, held-out answers).
-# Logs go to $OUT when the device tool sets it. Nine runs of SECONDS_EACH (default 12) plus
+# VARIANTS=...,candle-lora adds Candle LoRA r16 in bf16 (direct and, with AUTOGRAD=1,
+# autograd). Logs go to $OUT when the device tool sets it. Nine runs of SECONDS_EACH (default 12) plus
 # start-up each, times REPEAT, and the tiny job: about 5 minutes in all with SECONDS_EACH=8.
 # With the device tool:  run(command="bash benches/gpu.sh", carry=["target/gpu-bench"],
 #                            timeout_s=480)
