@@ -12,7 +12,7 @@
 #      step split, peak GPU memory, MFU and the ratios;
 #   0. when jobd and jobctl were carried too: the NVML inventory (`jobd gpus`) and
 #      jobs/tiny.toml run end to end on the GPU through the daemon (placement, CUDA worker,
-#      publish, held-out answers).
+#      publish, held-out answers), then LoRA in bf16 with checkpointing on its output.
 # VARIANTS=...,candle-lora adds Candle LoRA r16 in bf16 (direct and, with AUTOGRAD=1,
 # autograd). Logs go to $OUT when the device tool sets it. Nine runs of SECONDS_EACH (default 12) plus
 # start-up each, times REPEAT, and the tiny job: about 5 minutes in all with SECONDS_EACH=8.
@@ -58,10 +58,52 @@ if [ "${E2E:-1}" = 1 ] && [ -x target/gpu-bench/jobd ] && [ -x target/gpu-bench/
     total=$((total + 1)); [ "$got" = "$want" ] && right=$((right + 1))
   done < <(head -n 8 jobs/data/tiny_eval.jsonl)
   echo "held-out prompts right: $right of $total"
+  # LoRA in bf16 on the trained model: frozen base in bf16, adapters on every projection with
+  # dropout (masks drawn on the GPU), activation checkpointing, merged and published.
+  echo "== end to end: LoRA (bf16, checkpointing) on the tiny model, on the GPU"
+  cat > jobs/tiny-lora-gpu.toml <<EOF
+name = "tiny-lora"
+kind = "train"
+[model]
+base = "$S/jobs/$ID/output"
+[data]
+train_file = "data/tiny_train.jsonl"
+eval_file = "data/tiny_eval.jsonl"
+block_size = 16
+[training]
+max_steps = 40
+per_device_train_batch_size = 16
+learning_rate = 5e-4
+logging_steps = 10
+save_steps = 20
+gradient_checkpointing = true
+dtype = "bf16"
+[lora]
+r = 4
+lora_alpha = 8
+lora_dropout = 0.1
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+[resources]
+gpus = 1
+[publish]
+ollama_name = "jobd/tiny-lora:latest"
+EOF
+  timeout 90 "$J/jobctl" submit --follow jobs/tiny-lora-gpu.toml 2>&1 | tail -6
+  LID=$((ID + 1))
+  grep -h "training step\|device=" "$S/jobs/$LID/stderr.log" 2>/dev/null | head -3
+  right=0; total=0
+  while IFS= read -r line; do
+    prompt=$(printf '%s' "$line" | sed 's/.*"prompt": *"\([^"]*\)".*/\1/')
+    want=$(printf '%s' "$line" | sed 's/.*"completion": *"\([^"]*\)".*/\1/')
+    got=$("$J/jobd" generate --model "$S/jobs/$LID/output" --prompt "$prompt" --max-tokens 5 2>/dev/null | head -c ${#want})
+    total=$((total + 1)); [ "$got" = "$want" ] && right=$((right + 1))
+  done < <(head -n 8 jobs/data/tiny_eval.jsonl)
+  echo "merged LoRA model, held-out prompts right: $right of $total"
+  cp "$S/jobs/$LID/stderr.log" "$LOGS/worker-lora.log" 2>/dev/null
   "$J/jobctl" models 2>&1 | head -5
   cp "$S/jobd.log" "$LOGS/jobd.log" 2>/dev/null; cp "$S/jobs/$ID/stderr.log" "$LOGS/worker.log" 2>/dev/null
   kill $DAEMON 2>/dev/null; wait $DAEMON 2>/dev/null
-  rm -f /etc/ld.so.conf.d/jobd-gpu-check.conf; ldconfig
+  rm -f /etc/ld.so.conf.d/jobd-gpu-check.conf jobs/tiny-gpu.toml jobs/tiny-lora-gpu.toml; ldconfig
 fi
 echo "== fused CUDA ops and one model step against the CPU's plain ops"
 timeout 180 "$BIN" --bench --check --device cuda 2>&1 | tee "$LOGS/check.log"

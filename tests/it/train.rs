@@ -106,6 +106,93 @@ fn tiny_job_learns_publishes_and_answers_held_out_prompts() {
         "{right} of {total} held-out prompts answered correctly"
     );
     crate::llama_cpp::published_tiny_runs_in_llama_cpp_like_candle(&d, id, models.path(), &repo());
+    lora_on_the_trained_model(&d, &output, models.path());
+}
+
+/// LoRA on top of the tiny job's output through the daemon: adapters on every projection with
+/// dropout and activation checkpointing (the trainer's hand-written step), merged into the base
+/// and published; the merged model still answers held-out prompts.
+fn lora_on_the_trained_model(d: &TestDaemon, base: &Path, models: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("lora.toml");
+    let data = repo().join("jobs/data");
+    std::fs::write(
+        &job,
+        format!(
+            r#"
+name = "tiny-lora"
+kind = "train"
+[model]
+base = "{}"
+[data]
+train_file = "{}"
+eval_file = "{}"
+block_size = 16
+[training]
+max_steps = 40
+per_device_train_batch_size = 16
+learning_rate = 5e-4
+logging_steps = 10
+save_steps = 20
+gradient_checkpointing = true
+seed = 3
+[lora]
+r = 4
+lora_alpha = 8
+lora_dropout = 0.1
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+[publish]
+ollama_name = "jobd/tiny-lora:latest"
+"#,
+            base.display(),
+            data.join("tiny_train.jsonl").display(),
+            data.join("tiny_eval.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let out = d.jobctl(&["submit", "--follow", job.to_str().unwrap()]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let id = 2;
+    let rec = d.job(id).record;
+    assert_eq!(rec.state, JobState::Succeeded);
+    assert_eq!(
+        rec.published.expect("published").name,
+        "jobd/tiny-lora:latest"
+    );
+    assert!(
+        models
+            .join("manifests/registry.ollama.ai/jobd/tiny-lora/latest")
+            .exists()
+    );
+    let log = std::fs::read_to_string(d.state.join(format!("jobs/{id}/stderr.log"))).unwrap();
+    assert!(
+        log.contains("direct over ops") && log.contains("activation_checkpointing=true"),
+        "the worker's step:\n{log}"
+    );
+    let merged = d.state.join(format!("jobs/{id}/output"));
+    let eval_file = std::fs::read_to_string(data.join("tiny_eval.jsonl")).unwrap();
+    let (mut right, mut total) = (0, 0);
+    for line in eval_file.lines().take(10) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (prompt, want) = (
+            v["prompt"].as_str().unwrap(),
+            v["completion"].as_str().unwrap(),
+        );
+        let out = Command::new(JOBD)
+            .args(["generate", "--model", merged.to_str().unwrap()])
+            .args(["--prompt", prompt, "--max-tokens", "5"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        total += 1;
+        if stdout(&out).starts_with(want) {
+            right += 1;
+        }
+    }
+    assert!(
+        right * 10 >= total * 8,
+        "merged LoRA model: {right} of {total} held-out prompts right"
+    );
 }
 
 /// A job file for a short variant of the demo (120 steps, a checkpoint every 10).
