@@ -50,14 +50,18 @@ if [ "${E2E:-1}" = 1 ] && [ -x target/gpu-bench/jobd ] && [ -x target/gpu-bench/
   ID=$("$J/jobctl" list --all --json | sed -n 's/.*"id": *\([0-9]*\).*/\1/p' | head -1)
   "$J/jobctl" show "$ID" 2>&1 | head -30
   grep -h -i "cuda\|training step\|device" "$S/jobs/$ID/stderr.log" 2>/dev/null | head -5
-  right=0; total=0
-  while IFS= read -r line; do
-    prompt=$(printf '%s' "$line" | sed 's/.*"prompt": *"\([^"]*\)".*/\1/')
-    want=$(printf '%s' "$line" | sed 's/.*"completion": *"\([^"]*\)".*/\1/')
-    got=$("$J/jobd" generate --model "$S/jobs/$ID/output" --prompt "$prompt" --max-tokens 5 2>/dev/null | head -c ${#want})
-    total=$((total + 1)); [ "$got" = "$want" ] && right=$((right + 1))
-  done < <(head -n 8 jobs/data/tiny_eval.jsonl)
-  echo "held-out prompts right: $right of $total"
+  # The first 8 held-out prompts of the tiny task, answered by the model in $1.
+  held_out() {
+    local right=0 total=0 line prompt want got
+    while IFS= read -r line; do
+      prompt=$(printf '%s' "$line" | sed 's/.*"prompt": *"\([^"]*\)".*/\1/')
+      want=$(printf '%s' "$line" | sed 's/.*"completion": *"\([^"]*\)".*/\1/')
+      got=$("$J/jobd" generate --model "$1" --prompt "$prompt" --max-tokens 5 2>/dev/null | head -c ${#want})
+      total=$((total + 1)); [ "$got" = "$want" ] && right=$((right + 1))
+    done < <(head -n 8 jobs/data/tiny_eval.jsonl)
+    echo "$right of $total"
+  }
+  echo "held-out prompts right: $(held_out "$S/jobs/$ID/output")"
   # LoRA in bf16 on the trained model: frozen base in bf16, adapters on every projection with
   # dropout (masks drawn on the GPU), activation checkpointing, merged and published.
   echo "== end to end: LoRA (bf16, checkpointing) on the tiny model, on the GPU"
@@ -91,14 +95,7 @@ EOF
   timeout 90 "$J/jobctl" submit --follow jobs/tiny-lora-gpu.toml 2>&1 | tail -6
   LID=$((ID + 1))
   grep -h "training step\|device=" "$S/jobs/$LID/stderr.log" 2>/dev/null | head -3
-  right=0; total=0
-  while IFS= read -r line; do
-    prompt=$(printf '%s' "$line" | sed 's/.*"prompt": *"\([^"]*\)".*/\1/')
-    want=$(printf '%s' "$line" | sed 's/.*"completion": *"\([^"]*\)".*/\1/')
-    got=$("$J/jobd" generate --model "$S/jobs/$LID/output" --prompt "$prompt" --max-tokens 5 2>/dev/null | head -c ${#want})
-    total=$((total + 1)); [ "$got" = "$want" ] && right=$((right + 1))
-  done < <(head -n 8 jobs/data/tiny_eval.jsonl)
-  echo "merged LoRA model, held-out prompts right: $right of $total"
+  echo "merged LoRA model, held-out prompts right: $(held_out "$S/jobs/$LID/output")"
   cp "$S/jobs/$LID/stderr.log" "$LOGS/worker-lora.log" 2>/dev/null
   "$J/jobctl" models 2>&1 | head -5
   cp "$S/jobd.log" "$LOGS/jobd.log" 2>/dev/null; cp "$S/jobs/$ID/stderr.log" "$LOGS/worker.log" 2>/dev/null

@@ -710,7 +710,7 @@ fn layer_backward(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use candle_core::{Device, Var};
@@ -719,7 +719,14 @@ mod tests {
     use crate::train::config::LlamaConfig;
     use crate::train::model::{Lora, Pass, random_vars};
 
-    fn model(kind: &str, tied: bool, bias: bool, window: Option<usize>) -> (Llama, Vec<Var>) {
+    /// A two-layer model of `kind` (`"llama"`: 4 heads; `"qwen2"`: 4 query heads over 2
+    /// key/value heads) with random trainable weights, and its variables.
+    pub(crate) fn model(
+        kind: &str,
+        tied: bool,
+        bias: bool,
+        window: Option<usize>,
+    ) -> (Llama, Vec<Var>) {
         let dev = Device::Cpu;
         let mut c: LlamaConfig = serde_json::from_value(serde_json::json!({
             "model_type": kind, "vocab_size": 40, "hidden_size": 16,
@@ -743,7 +750,8 @@ mod tests {
         (Llama::new(c, &tensors, &dev).unwrap(), vars)
     }
 
-    fn batch() -> (Tensor, Tensor, Tensor) {
+    /// Ids, labels and mask of a 2 × 6 batch for [`model`] (one masked position).
+    pub(crate) fn batch() -> (Tensor, Tensor, Tensor) {
         let dev = Device::Cpu;
         let ids = Tensor::new(&[[1u32, 5, 7, 2, 39, 0], [3, 3, 8, 9, 10, 11]], &dev).unwrap();
         let labels = Tensor::new(&[[5u32, 7, 2, 39, 0, 0], [3, 8, 9, 10, 11, 0]], &dev).unwrap();
@@ -755,7 +763,8 @@ mod tests {
         (ids, labels, mask)
     }
 
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    /// Largest element-wise difference relative to `b`'s largest magnitude.
+    pub(crate) fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);

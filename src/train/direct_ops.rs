@@ -497,58 +497,30 @@ pub fn loss_and_grads(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
+    use candle_core::backprop::GradStore;
     use candle_core::{Device, Var};
 
     use super::*;
-    use crate::train::config::LlamaConfig;
-    use crate::train::model::{Pass, random_vars};
+    use crate::train::direct::tests::{batch, max_rel, model};
+    use crate::train::model::Pass;
     use crate::train::rng::Rng;
 
-    fn model(kind: &str, tied: bool, bias: bool, window: Option<usize>) -> (Llama, Vec<Var>) {
-        let dev = Device::Cpu;
-        let mut c: LlamaConfig = serde_json::from_value(serde_json::json!({
-            "model_type": kind, "vocab_size": 40, "hidden_size": 16,
-            "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": if kind == "qwen2" { 2 } else { 4 },
-            "max_position_embeddings": 16, "tie_word_embeddings": tied, "rms_norm_eps": 1e-5,
-            "attention_bias": bias
-        }))
-        .unwrap();
-        if let Some(w) = window {
-            c.use_sliding_window = Some(true);
-            c.sliding_window = Some(w);
+    /// The step's loss and the gradients of `vars` match autograd's (`want`).
+    fn assert_matches(got: &StepGrads, want_loss: f32, want: &GradStore, vars: &[Var], what: &str) {
+        assert!(
+            (got.loss_sum - want_loss).abs() <= 1e-5 * want_loss.abs(),
+            "{what}: loss {} vs {want_loss}",
+            got.loss_sum
+        );
+        for (i, v) in vars.iter().enumerate() {
+            let w = want.get(v.as_tensor()).expect("autograd gradient");
+            let g = got
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{what}: no gradient for var {i}"));
+            assert_eq!(g.dims(), v.dims());
+            let err = max_rel(g, w);
+            assert!(err < 2e-5, "{what}: var {i} {:?} off by {err}", v.dims());
         }
-        assert_eq!(c.window(), window);
-        let named = random_vars(&c, 13, &dev);
-        let tensors: BTreeMap<String, Tensor> = named
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        let vars = named.into_values().collect();
-        (Llama::new(c, &tensors, &dev).unwrap(), vars)
-    }
-
-    fn batch() -> (Tensor, Tensor, Tensor) {
-        let dev = Device::Cpu;
-        let ids = Tensor::new(&[[1u32, 5, 7, 2, 39, 0], [3, 3, 8, 9, 10, 11]], &dev).unwrap();
-        let labels = Tensor::new(&[[5u32, 7, 2, 39, 0, 0], [3, 8, 9, 10, 11, 0]], &dev).unwrap();
-        let mask = Tensor::new(
-            &[[1f32, 1., 1., 1., 1., 0.], [1., 1., 1., 1., 1., 1.]],
-            &dev,
-        )
-        .unwrap();
-        (ids, labels, mask)
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
     }
 
     /// The step gives the loss and every weight's gradient that Candle's autograd over the same
@@ -584,24 +556,8 @@ mod tests {
                 .unwrap()
                 .backward(&m)
                 .unwrap();
-                assert!(
-                    (got.loss_sum - expected_loss).abs() <= 1e-5 * expected_loss.abs(),
-                    "{kind}: loss {} vs {expected_loss}",
-                    got.loss_sum
-                );
-                for (i, v) in vars.iter().enumerate() {
-                    let want = expected.get(v.as_tensor()).expect("autograd gradient");
-                    let have = got
-                        .get(v.as_tensor())
-                        .unwrap_or_else(|| panic!("{kind}: var {i}"));
-                    assert_eq!(have.dims(), v.dims());
-                    let err = max_rel(have, want);
-                    assert!(
-                        err < 2e-5,
-                        "{kind} checkpointing={checkpointing}: var {i} {:?} off by {err}",
-                        v.dims()
-                    );
-                }
+                let what = format!("{kind} checkpointing={checkpointing}");
+                assert_matches(&got, expected_loss, &expected, &vars, &what);
             }
         }
     }
@@ -679,16 +635,8 @@ mod tests {
                 .backward(&m)
                 .unwrap();
                 assert_eq!(rng, want_rng, "{kind}: the generator moved as the model's");
-                assert!((got.loss_sum - want_loss).abs() <= 1e-5 * want_loss.abs());
-                for (i, v) in adapters.iter().enumerate() {
-                    let w = want.get(v.as_tensor()).expect("autograd gradient");
-                    let g = got.get(v.as_tensor()).expect("adapter gradient");
-                    let err = max_rel(g, w);
-                    assert!(
-                        err < 2e-5,
-                        "{kind} checkpointing={checkpointing}: adapter {i} off by {err}"
-                    );
-                }
+                let what = format!("{kind} LoRA checkpointing={checkpointing}");
+                assert_matches(&got, want_loss, &want, &adapters, &what);
                 assert!(got.get(&m.embed_tokens).is_none());
                 assert!(got.get(&m.layers[0].q_proj.weight).is_none());
                 assert!(got.get(&m.layers[1].post_attention_layernorm).is_none());

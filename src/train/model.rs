@@ -788,6 +788,21 @@ mod tests {
         }
     }
 
+    /// Largest difference between a merged weight and `base + scale · B · A` (in f32).
+    fn merge_error(merged: &Tensor, base: &Tensor, a: &Var, b: &Var, scale: f64) -> f32 {
+        let delta = b.as_tensor().matmul(a.as_tensor()).unwrap();
+        let want =
+            (base.to_dtype(DType::F32).unwrap() + delta.affine(scale, 0.0).unwrap()).unwrap();
+        (merged - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn lora_adapters_get_gradients_and_merge() {
         let dev = Device::Cpu;
@@ -821,21 +836,8 @@ mod tests {
         // Frozen base weights are plain tensors: no gradient is computed for them.
         assert!(g.get(&m.layers[1].v_proj.weight).is_none());
         let merged = m.merged_weights().unwrap();
-        let want = (&w["model.layers.1.self_attn.v_proj.weight"]
-            + b.as_tensor()
-                .matmul(a.as_tensor())
-                .unwrap()
-                .affine(2.0, 0.0)
-                .unwrap())
-        .unwrap();
-        let diff = (&merged["model.layers.1.self_attn.v_proj.weight"] - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let name = "model.layers.1.self_attn.v_proj.weight";
+        let diff = merge_error(&merged[name], &w[name], &a, &b, 2.0);
         assert!(diff < 1e-6, "{diff}");
         assert_eq!(merged.len(), w.len());
     }
@@ -942,21 +944,7 @@ mod tests {
             let merged = m.merged_weights().unwrap();
             assert!(merged.values().all(|t| t.dtype() == DType::F32));
             let name = "model.layers.0.self_attn.v_proj.weight";
-            let want = (half[name].to_dtype(DType::F32).unwrap()
-                + b.as_tensor()
-                    .matmul(a.as_tensor())
-                    .unwrap()
-                    .affine(2.0, 0.0)
-                    .unwrap())
-            .unwrap();
-            let diff = (&merged[name] - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = merge_error(&merged[name], &half[name], &a, &b, 2.0);
             assert!(diff < 1e-6, "{dtype:?}: {diff}");
         }
     }

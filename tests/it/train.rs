@@ -75,38 +75,37 @@ fn tiny_job_learns_publishes_and_answers_held_out_prompts() {
     assert!(listing.contains("jobd/tiny-shift:latest"), "{listing}");
 
     let output = d.state.join(format!("jobs/{id}/output"));
-    let eval_file = std::fs::read_to_string(repo().join("jobs/data/tiny_eval.jsonl")).unwrap();
-    let (mut right, mut total) = (0, 0);
-    for line in eval_file.lines().take(20) {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let (prompt, want) = (
-            v["prompt"].as_str().unwrap(),
-            v["completion"].as_str().unwrap(),
-        );
-        let out = Command::new(JOBD)
-            .args([
-                "generate",
-                "--model",
-                output.to_str().unwrap(),
-                "--prompt",
-                prompt,
-                "--max-tokens",
-                "5",
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
-        total += 1;
-        if stdout(&out).starts_with(want) {
-            right += 1;
-        }
-    }
+    let (right, total) = held_out_right(&output, 20);
     assert!(
         right * 10 >= total * 9,
         "{right} of {total} held-out prompts answered correctly"
     );
     crate::llama_cpp::published_tiny_runs_in_llama_cpp_like_candle(&d, id, models.path(), &repo());
     lora_on_the_trained_model(&d, &output, models.path());
+}
+
+/// How many of the first `n` held-out prompts of the tiny task `jobd generate` answers right
+/// with the model in `dir`; and `n`.
+fn held_out_right(dir: &Path, n: usize) -> (usize, usize) {
+    let eval_file = std::fs::read_to_string(repo().join("jobs/data/tiny_eval.jsonl")).unwrap();
+    let mut right = 0;
+    for line in eval_file.lines().take(n) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (prompt, want) = (
+            v["prompt"].as_str().unwrap(),
+            v["completion"].as_str().unwrap(),
+        );
+        let out = Command::new(JOBD)
+            .args(["generate", "--model", dir.to_str().unwrap()])
+            .args(["--prompt", prompt, "--max-tokens", "5"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        if stdout(&out).starts_with(want) {
+            right += 1;
+        }
+    }
+    (right, n)
 }
 
 /// LoRA on top of the tiny job's output through the daemon: adapters on every projection with
@@ -170,25 +169,7 @@ ollama_name = "jobd/tiny-lora:latest"
         "the worker's step:\n{log}"
     );
     let merged = d.state.join(format!("jobs/{id}/output"));
-    let eval_file = std::fs::read_to_string(data.join("tiny_eval.jsonl")).unwrap();
-    let (mut right, mut total) = (0, 0);
-    for line in eval_file.lines().take(10) {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let (prompt, want) = (
-            v["prompt"].as_str().unwrap(),
-            v["completion"].as_str().unwrap(),
-        );
-        let out = Command::new(JOBD)
-            .args(["generate", "--model", merged.to_str().unwrap()])
-            .args(["--prompt", prompt, "--max-tokens", "5"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
-        total += 1;
-        if stdout(&out).starts_with(want) {
-            right += 1;
-        }
-    }
+    let (right, total) = held_out_right(&merged, 10);
     assert!(
         right * 10 >= total * 8,
         "merged LoRA model: {right} of {total} held-out prompts right"
