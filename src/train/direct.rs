@@ -763,6 +763,31 @@ pub(crate) mod tests {
         (ids, labels, mask)
     }
 
+    /// A step's loss and the gradients of `vars` match autograd's (`want`): loss within 1e-5,
+    /// each gradient within 2e-5 of its largest element.
+    pub(crate) fn assert_matches(
+        got: &StepGrads,
+        want_loss: f32,
+        want: &candle_core::backprop::GradStore,
+        vars: &[Var],
+        what: &str,
+    ) {
+        assert!(
+            (got.loss_sum - want_loss).abs() <= 1e-5 * want_loss.abs(),
+            "{what}: loss {} vs {want_loss}",
+            got.loss_sum
+        );
+        for (i, v) in vars.iter().enumerate() {
+            let w = want.get(v.as_tensor()).expect("autograd gradient");
+            let g = got
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{what}: no gradient for var {i}"));
+            assert_eq!(g.dims(), v.dims());
+            let err = max_rel(g, w);
+            assert!(err < 2e-5, "{what}: var {i} {:?} off by {err}", v.dims());
+        }
+    }
+
     /// Largest element-wise difference relative to `b`'s largest magnitude.
     pub(crate) fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -796,24 +821,8 @@ pub(crate) mod tests {
             let expected = (loss * scale as f64).unwrap().backward().unwrap();
             let mut ws = Workspace::default();
             let got = loss_and_grads(&m, &ids, &labels, &mask, scale, &mut ws).unwrap();
-            assert!(
-                (got.loss_sum - expected_loss).abs() <= 1e-5 * expected_loss.abs(),
-                "{kind}: loss {} vs {expected_loss}",
-                got.loss_sum
-            );
-            for (i, v) in vars.iter().enumerate() {
-                let want = expected.get(v.as_tensor()).expect("autograd gradient");
-                let have = got
-                    .get(v.as_tensor())
-                    .unwrap_or_else(|| panic!("{kind}: var {i}"));
-                assert_eq!(have.dims(), v.dims());
-                let err = max_rel(have, want);
-                assert!(
-                    err < 2e-5,
-                    "{kind} tied={tied}: var {i} {:?} off by {err}",
-                    v.dims()
-                );
-            }
+            let what = format!("{kind} tied={tied}");
+            assert_matches(&got, expected_loss, &expected, &vars, &what);
             // Buffers reused from the workspace change nothing, bit for bit.
             assert!(ws.bytes() > 0);
             let again = loss_and_grads(&m, &ids, &labels, &mask, scale, &mut ws).unwrap();

@@ -497,31 +497,12 @@ pub fn loss_and_grads(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::backprop::GradStore;
     use candle_core::{Device, Var};
 
     use super::*;
-    use crate::train::direct::tests::{batch, max_rel, model};
+    use crate::train::direct::tests::{assert_matches, batch, max_rel, model};
     use crate::train::model::Pass;
     use crate::train::rng::Rng;
-
-    /// The step's loss and the gradients of `vars` match autograd's (`want`).
-    fn assert_matches(got: &StepGrads, want_loss: f32, want: &GradStore, vars: &[Var], what: &str) {
-        assert!(
-            (got.loss_sum - want_loss).abs() <= 1e-5 * want_loss.abs(),
-            "{what}: loss {} vs {want_loss}",
-            got.loss_sum
-        );
-        for (i, v) in vars.iter().enumerate() {
-            let w = want.get(v.as_tensor()).expect("autograd gradient");
-            let g = got
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{what}: no gradient for var {i}"));
-            assert_eq!(g.dims(), v.dims());
-            let err = max_rel(g, w);
-            assert!(err < 2e-5, "{what}: var {i} {:?} off by {err}", v.dims());
-        }
-    }
 
     /// The step gives the loss and every weight's gradient that Candle's autograd over the same
     /// fused ops gives, with and without recomputing layers in the backward: untied multi-head
