@@ -824,7 +824,9 @@ mod check {
                 Step::DirectOps(false),
                 Step::DirectOps(true),
             ] {
-                ok &= model_step(dev, dtype, step, tol * 2.0);
+                for lora in [false, true] {
+                    ok &= model_step(dev, dtype, step, lora, tol * 2.0);
+                }
             }
         }
         println!("{}", if ok { "check: all ok" } else { "check: FAILED" });
@@ -879,7 +881,10 @@ mod check {
 
     /// One step of a small untied GQA llama: loss and every gradient against the CPU's plain
     /// ops in f32, then (f32) the parameters after one AdamW update with clipping.
-    fn model_step(dev: &Device, dtype: DType, step: Step, tol: f64) -> bool {
+    /// With `lora`, the base is frozen (in the compute type but for the norms, as the
+    /// trainer holds it) and adapters with dropout on every projection are trained; the
+    /// dropout masks are the same on every device (the same generator draws).
+    fn model_step(dev: &Device, dtype: DType, step: Step, lora: bool, tol: f64) -> bool {
         let (mut cfg, _, _) = reference("tiny");
         cfg.tie_word_embeddings = false;
         let (batch, block) = (4, 32);
@@ -888,12 +893,53 @@ mod check {
             let mut params = Vec::new();
             let mut tensors = BTreeMap::new();
             for (name, _) in parameter_shapes(&cfg) {
-                let var = Var::from_tensor(&w[&name].to_device(device).unwrap()).unwrap();
+                let t = w[&name].to_device(device).unwrap();
+                if lora {
+                    let frozen = if name.contains("norm") {
+                        t
+                    } else {
+                        t.to_dtype(dtype).unwrap()
+                    };
+                    tensors.insert(name, frozen);
+                    continue;
+                }
+                let var = Var::from_tensor(&t).unwrap();
                 tensors.insert(name.clone(), var.as_tensor().clone());
                 let decay = !name.contains("norm");
                 params.push(Param { name, var, decay });
             }
-            let model = Llama::new(cfg.clone(), &tensors, device).unwrap();
+            let mut model = Llama::new(cfg.clone(), &tensors, device).unwrap();
+            if lora {
+                let mut init = Rng::new(8);
+                for blk in &mut model.layers {
+                    for (_, lin) in blk.linears_mut() {
+                        let (out, inp) = lin.weight.dims2().unwrap();
+                        let mut draw = |n: usize| {
+                            let mut v = vec![0f32; n];
+                            init.fill_normal(&mut v, 0.05);
+                            v
+                        };
+                        let am = Var::from_vec(draw(4 * inp), (4, inp), device).unwrap();
+                        let bm = Var::from_vec(draw(out * 4), (out, 4), device).unwrap();
+                        lin.lora = Some(Lora {
+                            a: am.as_tensor().clone(),
+                            b: bm.as_tensor().clone(),
+                            scale: 2.0,
+                            dropout: 0.1,
+                        });
+                        for var in [am, bm] {
+                            let name = format!("lora.{}", params.len());
+                            params.push(Param {
+                                name,
+                                var,
+                                decay: true,
+                            });
+                        }
+                    }
+                }
+            }
+            let model = model;
+            let mut drop_rng = Rng::new(13);
             let mut rng = Rng::new(5);
             let ids: Vec<u32> = (0..batch * (block + 1))
                 .map(|_| rng.below(cfg.vocab_size as u64) as u32)
@@ -915,7 +961,7 @@ mod check {
                     dtype,
                     scale as f32,
                     recompute,
-                    None,
+                    Some(&mut drop_rng),
                 )
                 .unwrap();
                 let loss = (&fwd.loss_sum * scale).unwrap();
@@ -926,7 +972,7 @@ mod check {
                     .collect();
                 (loss, grads)
             } else {
-                let mut pass = Pass::new(dtype, None);
+                let mut pass = Pass::new(dtype, Some(&mut drop_rng));
                 pass.fused = step != Step::Plain;
                 let nll = if pass.fused {
                     model.forward_loss(&x, &y, &mask, &mut pass, true).unwrap()
@@ -992,10 +1038,13 @@ mod check {
         println!(
             "{:<34} {:<5} loss {loss_err:.2e}  worst grad {grad_err:.2e}  norm {norm_err:.2e}  \
              params after AdamW {param_err:.2e}  {}",
-            match step {
-                Step::DirectOps(false) => "model step (tiny, GQA), direct ops",
-                Step::DirectOps(true) => "model step, direct ops, recompute",
-                _ => "model step (tiny, GQA), autograd",
+            match (lora, step) {
+                (false, Step::DirectOps(false)) => "model step (tiny, GQA), direct ops",
+                (false, Step::DirectOps(true)) => "model step, direct ops, recompute",
+                (false, _) => "model step (tiny, GQA), autograd",
+                (true, Step::DirectOps(false)) => "LoRA step (dropout), direct ops",
+                (true, Step::DirectOps(true)) => "LoRA step, direct ops, recompute",
+                (true, _) => "LoRA step (dropout), autograd",
             },
             format!("{dtype:?}").to_lowercase(),
             if ok { "ok" } else { "FAIL" }
