@@ -26,7 +26,9 @@ use candle_core::{CustomOp2, CustomOp3, DType, Tensor, TensorId};
 
 use super::direct::StepGrads;
 use super::model::{Block, Linear as Projection, Llama, Result, dropout_mask};
-use super::ops::{self, Attention, CrossEntropy, Linear, RmsNorm, Rope, SwiGlu};
+use super::ops::{
+    self, Attention, CrossEntropy, Linear, LinearCrossEntropy, RmsNorm, Rope, SwiGlu,
+};
 use super::rng::Rng;
 
 /// Whether [`forward`] can train `model` with activations in `dtype`: fused ops for that
@@ -113,8 +115,6 @@ pub struct Forward {
     /// Flattened ids on the device and on the host.
     ids: Tensor,
     host_ids: Vec<u32>,
-    labels: Tensor,
-    mask: Tensor,
     /// `stream[l]` is layer l's input; the last one is the final norm's input.
     stream: Vec<Tensor>,
     /// Each layer's activations; `None` where they are recomputed in the backward.
@@ -122,11 +122,37 @@ pub struct Forward {
     /// The dropout generator as each recomputed layer found it (so the recomputation draws
     /// the same masks); `None` without dropout or without recomputation.
     layer_rngs: Vec<Option<Rng>>,
-    /// The final norm's output, the logits in f32 and the loss op with its per-row output.
+    /// The final norm's output, and how the lm_head and the loss were computed.
     normed: Tensor,
-    logits: Tensor,
-    loss_op: CrossEntropy,
-    per_row: Tensor,
+    loss: Loss,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set this to run the CPU through the split lm_head + loss that CUDA takes.
+    static SPLIT_HEAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether to compute the logits and the loss separately even where one fused op could.
+fn split_head() -> bool {
+    #[cfg(test)]
+    return SPLIT_HEAD.with(|s| s.get());
+    #[cfg(not(test))]
+    false
+}
+
+/// The lm_head and the loss, as the forward computed them.
+enum Loss {
+    /// One op (CPU, f32) holding the gradients it computed.
+    Fused(LinearCrossEntropy),
+    /// The logits in f32, then the loss op with its per-row output.
+    Split {
+        logits: Tensor,
+        labels: Tensor,
+        mask: Tensor,
+        op: CrossEntropy,
+        per_row: Tensor,
+    },
 }
 
 /// A projection `x Wᵀ (+ b)`, plus `scale · dropout(x) Aᵀ Bᵀ` with a LoRA adapter (the mask
@@ -387,28 +413,43 @@ pub fn forward(
     let normed = norm(&x, &model.norm, setup.eps)?;
     stream.push(x);
     let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
-    let logits = normed
-        .apply_op2_no_bwd(head, &Linear)?
-        .to_dtype(DType::F32)?;
-    let labels = labels.contiguous()?;
-    let mask = mask.to_dtype(DType::F32)?.contiguous()?;
-    let loss_op = CrossEntropy::new();
-    let per_row = logits.apply_op3_no_bwd(&labels, &mask, &loss_op)?;
+    let (loss_sum, loss) = if ops::fusable(&normed) && ops::fusable(head) && !split_head() {
+        // On the CPU the lm_head and the loss are one op that never holds the logits and
+        // computes both gradients in its forward.
+        let op = LinearCrossEntropy::new(labels, mask, true, head.track_op())?;
+        let loss_sum = normed.apply_op2_no_bwd(head, &op)?;
+        (loss_sum, Loss::Fused(op))
+    } else {
+        let logits = normed
+            .apply_op2_no_bwd(head, &Linear)?
+            .to_dtype(DType::F32)?;
+        let labels = labels.contiguous()?;
+        let mask = mask.to_dtype(DType::F32)?.contiguous()?;
+        let op = CrossEntropy::new();
+        let per_row = logits.apply_op3_no_bwd(&labels, &mask, &op)?;
+        let loss_sum = per_row.sum_all()?;
+        (
+            loss_sum,
+            Loss::Split {
+                logits,
+                labels,
+                mask,
+                op,
+                per_row,
+            },
+        )
+    };
     Ok(Forward {
-        loss_sum: per_row.sum_all()?,
+        loss_sum,
         grad_scale,
         setup,
         ids,
         host_ids,
-        labels,
-        mask,
         stream,
         saved,
         layer_rngs,
         normed,
-        logits,
-        loss_op,
-        per_row,
+        loss,
     })
 }
 
@@ -423,28 +464,38 @@ impl Forward {
             setup,
             ids,
             host_ids,
-            labels,
-            mask,
             mut stream,
             saved,
             layer_rngs,
             normed,
-            logits,
-            loss_op,
-            per_row,
+            loss,
         } = self;
         if saved.len() != model.layers.len() || stream.len() != saved.len() + 1 {
             return Err(candle_core::Error::Msg("direct step: another model".into()).into());
         }
         let mut grads = HashMap::new();
-        // d(loss_sum)/d(per_row) is 1 everywhere; the step's scale folds in here.
-        let scale = Tensor::full(grad_scale, per_row.shape(), per_row.device())?;
-        let (dlogits, _, _) = loss_op.bwd(&logits, &labels, &mask, &per_row, &scale)?;
-        drop((logits, per_row, scale));
-        let dlogits = need(dlogits, "logits")?.to_dtype(setup.dtype)?;
         let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
-        let (dnormed, mut dhead) = Linear.bwd(&normed, head, &dlogits, &dlogits)?;
-        drop((normed, dlogits));
+        let (dnormed, mut dhead) = match loss {
+            Loss::Fused(op) => {
+                let scale = Tensor::new(grad_scale, normed.device())?;
+                op.bwd(&normed, head, &loss_sum, &scale)?
+            }
+            Loss::Split {
+                logits,
+                labels,
+                mask,
+                op,
+                per_row,
+            } => {
+                // d(loss_sum)/d(per_row) is 1 everywhere; the step's scale folds in here.
+                let scale = Tensor::full(grad_scale, per_row.shape(), per_row.device())?;
+                let (dlogits, _, _) = op.bwd(&logits, &labels, &mask, &per_row, &scale)?;
+                drop((logits, per_row, scale));
+                let dlogits = need(dlogits, "logits")?.to_dtype(setup.dtype)?;
+                Linear.bwd(&normed, head, &dlogits, &dlogits)?
+            }
+        };
+        drop(normed);
         let x_last = stream.pop().expect("stream checked");
         let mut dx = norm_bwd(
             &x_last,
@@ -507,8 +558,21 @@ mod tests {
     /// The step gives the loss and every weight's gradient that Candle's autograd over the same
     /// fused ops gives, with and without recomputing layers in the backward: untied multi-head
     /// llama with q/k/v/o biases, tied grouped-query Qwen2 with biases and a sliding window.
+    /// The fused CPU lm_head + loss, and the split one CUDA takes, in turn.
+    fn both_heads(test: impl Fn(&str)) {
+        for split in [false, true] {
+            SPLIT_HEAD.with(|s| s.set(split));
+            test(if split { "split head" } else { "fused head" });
+        }
+        SPLIT_HEAD.with(|s| s.set(false));
+    }
+
     #[test]
     fn matches_autograd_over_the_same_ops() {
+        both_heads(matches_autograd_over_the_same_ops_with);
+    }
+
+    fn matches_autograd_over_the_same_ops_with(head: &str) {
         let (ids, labels, mask) = batch();
         for (kind, tied, bias, window) in [
             ("llama", false, true, None),
@@ -537,7 +601,7 @@ mod tests {
                 .unwrap()
                 .backward(&m)
                 .unwrap();
-                let what = format!("{kind} checkpointing={checkpointing}");
+                let what = format!("{kind} {head} checkpointing={checkpointing}");
                 assert_matches(&got, expected_loss, &expected, &vars, &what);
             }
         }
@@ -549,6 +613,10 @@ mod tests {
     /// frozen weights get no gradient.
     #[test]
     fn lora_with_dropout_matches_autograd() {
+        both_heads(lora_with_dropout_matches_autograd_with);
+    }
+
+    fn lora_with_dropout_matches_autograd_with(head: &str) {
         use crate::train::model::Lora;
         let (ids, labels, mask) = batch();
         for (kind, tied, bias) in [("llama", false, true), ("qwen2", true, false)] {
@@ -616,7 +684,7 @@ mod tests {
                 .backward(&m)
                 .unwrap();
                 assert_eq!(rng, want_rng, "{kind}: the generator moved as the model's");
-                let what = format!("{kind} LoRA checkpointing={checkpointing}");
+                let what = format!("{kind} LoRA {head} checkpointing={checkpointing}");
                 assert_matches(&got, want_loss, &want, &adapters, &what);
                 assert!(got.get(&m.embed_tokens).is_none());
                 assert!(got.get(&m.layers[0].q_proj.weight).is_none());

@@ -718,13 +718,12 @@ pub fn linear_cross_entropy(
             labels.dtype()
         )))?;
     }
-    let op = LinearCrossEntropy {
-        labels: labels.flatten_all()?.to_vec1::<u32>()?,
-        mask: mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-        want_dx: with_grad && x.track_op(),
-        want_dw: with_grad && w.track_op(),
-        saved: Mutex::new(Saved::None),
-    };
+    let op = LinearCrossEntropy::new(
+        labels,
+        mask,
+        with_grad && x.track_op(),
+        with_grad && w.track_op(),
+    )?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     Ok(if op.want_dx || op.want_dw {
         x.apply_op2(&w, op)?
@@ -733,13 +732,34 @@ pub fn linear_cross_entropy(
     })
 }
 
-struct LinearCrossEntropy {
+/// The op of [`linear_cross_entropy`] (CPU, f32): its forward computes the gradients it was
+/// asked for, its backward scales them by the loss's gradient (a scalar).
+pub(crate) struct LinearCrossEntropy {
     labels: Vec<u32>,
     mask: Vec<f32>,
     want_dx: bool,
     want_dw: bool,
     /// The gradients computed by the forward, for the backward.
     saved: Mutex<Saved>,
+}
+
+impl LinearCrossEntropy {
+    /// The loss over u32 `labels` and `mask` (any type), computing the hidden states'
+    /// gradient when `want_dx` and the weight's when `want_dw`.
+    pub(crate) fn new(
+        labels: &Tensor,
+        mask: &Tensor,
+        want_dx: bool,
+        want_dw: bool,
+    ) -> Result<Self> {
+        Ok(LinearCrossEntropy {
+            labels: labels.flatten_all()?.to_vec1::<u32>()?,
+            mask: mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            want_dx,
+            want_dw,
+            saved: Mutex::new(Saved::None),
+        })
+    }
 }
 
 /// The fused loss's gradients, as the forward left them or as the first backward scaled them
