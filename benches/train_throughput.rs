@@ -34,7 +34,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use jobd::train::checkpoint::{self, Rotation, SchedulerState, Snapshot, TrainerState};
 use jobd::train::config::LlamaConfig;
 use jobd::train::metrics::peak_memory_bytes;
-use jobd::train::model::{Llama, Lora, Pass, init_weights, nll_sum_plain, parameter_shapes};
+use jobd::train::model::{
+    Llama, Lora, Pass, frozen_base, init_weights, nll_sum_plain, parameter_shapes,
+};
 use jobd::train::optim::{self, AdamW, AdamWConfig, Param};
 use jobd::train::rng::Rng;
 use jobd::train::{direct, direct_ops};
@@ -170,6 +172,56 @@ fn flops_per_token(cfg: &LlamaConfig, block: usize, lora: bool) -> f64 {
     ((if lora { 4 } else { 6 }) * n + attn) as f64
 }
 
+/// Every weight of `w` as a trainable variable on `dev` (full fine-tuning), with the model
+/// that reads them; `w` itself is dropped (before anything is measured).
+fn trainable(cfg: &LlamaConfig, w: BTreeMap<String, Tensor>, dev: &Device) -> (Llama, Vec<Param>) {
+    let mut params = Vec::new();
+    let mut tensors = BTreeMap::new();
+    for (name, _) in parameter_shapes(cfg) {
+        let var = Var::from_tensor(&w[&name].to_device(dev).unwrap()).unwrap();
+        tensors.insert(name.clone(), var.as_tensor().clone());
+        let decay = !name.contains("norm");
+        params.push(Param { name, var, decay });
+    }
+    (Llama::new(cfg.clone(), &tensors, dev).unwrap(), params)
+}
+
+/// LoRA adapters of rank `r` (scale 2, dropout `p`) on every projection of `model`, `init`
+/// giving the values of A `(r, in)` and B `(out, r)` for a projection `(out, in)`; returns
+/// them as the parameters to train.
+fn attach_adapters(
+    model: &mut Llama,
+    r: usize,
+    p: f64,
+    mut init: impl FnMut((usize, usize)) -> (Vec<f32>, Vec<f32>),
+) -> Vec<Param> {
+    let dev = model.device().clone();
+    let mut params = Vec::new();
+    for blk in &mut model.layers {
+        for (_, lin) in blk.linears_mut() {
+            let (out, inp) = lin.weight.dims2().unwrap();
+            let (av, bv) = init((out, inp));
+            let am = Var::from_vec(av, (r, inp), &dev).unwrap();
+            let bm = Var::from_vec(bv, (out, r), &dev).unwrap();
+            lin.lora = Some(Lora {
+                a: am.as_tensor().clone(),
+                b: bm.as_tensor().clone(),
+                scale: 2.0,
+                dropout: p,
+            });
+            for var in [am, bm] {
+                let name = format!("lora.{}", params.len());
+                params.push(Param {
+                    name,
+                    var,
+                    decay: true,
+                });
+            }
+        }
+    }
+    params
+}
+
 fn main() {
     // `cargo test --all-targets` runs bench binaries without --bench; a minute-long benchmark
     // has no place in the test suite.
@@ -255,55 +307,21 @@ fn bench(a: &Args) {
         format!("{:?}", a.dtype).to_lowercase()
     };
     let w = init_weights(&cfg, &mut Rng::new(0), &dev).unwrap();
-    let mut params = Vec::new();
-    let mut tensors = BTreeMap::new();
-    for (name, _) in parameter_shapes(&cfg) {
-        if a.lora.is_some() {
-            // Frozen, in the compute type except the norms (as the trainer holds a LoRA base).
-            let t = if name.contains("norm") {
-                w[&name].clone()
-            } else {
-                w[&name].to_dtype(a.dtype).unwrap()
-            };
-            tensors.insert(name, t);
-            continue;
-        }
-        let var = Var::from_tensor(&w[&name]).unwrap();
-        tensors.insert(name.clone(), var.as_tensor().clone());
-        let decay = !name.contains("norm");
-        params.push(Param { name, var, decay });
-    }
-    drop(w);
-    let mut model = Llama::new(cfg.clone(), &tensors, &dev).unwrap();
-    drop(tensors);
-    if let Some(r) = a.lora {
+    let (model, params) = match a.lora {
         // Adapters on every projection: A uniform in ±1/√in, B zero (PEFT's start).
-        let mut init = Rng::new(3);
-        for blk in &mut model.layers {
-            for (_, lin) in blk.linears_mut() {
-                let (out, inp) = lin.weight.dims2().unwrap();
+        Some(r) => {
+            let mut init = Rng::new(3);
+            let frozen = frozen_base(w, a.dtype).unwrap();
+            let mut model = Llama::new(cfg.clone(), &frozen, &dev).unwrap();
+            let params = attach_adapters(&mut model, r, a.lora_dropout, |(out, inp)| {
                 let mut v = vec![0f32; r * inp];
                 init.fill_uniform(&mut v, 1.0 / (inp as f64).sqrt());
-                let am = Var::from_vec(v, (r, inp), &dev).unwrap();
-                let bm = Var::zeros((out, r), DType::F32, &dev).unwrap();
-                lin.lora = Some(Lora {
-                    a: am.as_tensor().clone(),
-                    b: bm.as_tensor().clone(),
-                    scale: 2.0,
-                    dropout: a.lora_dropout,
-                });
-                for var in [am, bm] {
-                    let name = format!("lora.{}", params.len());
-                    params.push(Param {
-                        name,
-                        var,
-                        decay: true,
-                    });
-                }
-            }
+                (v, vec![0f32; out * r])
+            });
+            (model, params)
         }
-    }
-    let model = model;
+        None => trainable(&cfg, w, &dev),
+    };
     let direct = !a.plain
         && !a.autograd
         && !a.ops_step
@@ -890,55 +908,26 @@ mod check {
         let (batch, block) = (4, 32);
         let run = |device: &Device, dtype: DType, step: Step| {
             let w = init_weights(&cfg, &mut Rng::new(3), &Device::Cpu).unwrap();
-            let mut params = Vec::new();
-            let mut tensors = BTreeMap::new();
-            for (name, _) in parameter_shapes(&cfg) {
-                let t = w[&name].to_device(device).unwrap();
-                if lora {
-                    let frozen = if name.contains("norm") {
-                        t
-                    } else {
-                        t.to_dtype(dtype).unwrap()
-                    };
-                    tensors.insert(name, frozen);
-                    continue;
-                }
-                let var = Var::from_tensor(&t).unwrap();
-                tensors.insert(name.clone(), var.as_tensor().clone());
-                let decay = !name.contains("norm");
-                params.push(Param { name, var, decay });
-            }
-            let mut model = Llama::new(cfg.clone(), &tensors, device).unwrap();
-            if lora {
+            let (model, params) = if lora {
+                let on_device = w
+                    .into_iter()
+                    .map(|(k, t)| (k, t.to_device(device).unwrap()))
+                    .collect();
+                let frozen = frozen_base(on_device, dtype).unwrap();
+                let mut model = Llama::new(cfg.clone(), &frozen, device).unwrap();
                 let mut init = Rng::new(8);
-                for blk in &mut model.layers {
-                    for (_, lin) in blk.linears_mut() {
-                        let (out, inp) = lin.weight.dims2().unwrap();
-                        let mut draw = |n: usize| {
-                            let mut v = vec![0f32; n];
-                            init.fill_normal(&mut v, 0.05);
-                            v
-                        };
-                        let am = Var::from_vec(draw(4 * inp), (4, inp), device).unwrap();
-                        let bm = Var::from_vec(draw(out * 4), (out, 4), device).unwrap();
-                        lin.lora = Some(Lora {
-                            a: am.as_tensor().clone(),
-                            b: bm.as_tensor().clone(),
-                            scale: 2.0,
-                            dropout: 0.1,
-                        });
-                        for var in [am, bm] {
-                            let name = format!("lora.{}", params.len());
-                            params.push(Param {
-                                name,
-                                var,
-                                decay: true,
-                            });
-                        }
-                    }
-                }
-            }
-            let model = model;
+                let params = attach_adapters(&mut model, 4, 0.1, |(out, inp)| {
+                    let mut draw = |n: usize| {
+                        let mut v = vec![0f32; n];
+                        init.fill_normal(&mut v, 0.05);
+                        v
+                    };
+                    (draw(4 * inp), draw(out * 4))
+                });
+                (model, params)
+            } else {
+                trainable(&cfg, w, device)
+            };
             let mut drop_rng = Rng::new(13);
             let mut rng = Rng::new(5);
             let ids: Vec<u32> = (0..batch * (block + 1))

@@ -353,6 +353,27 @@ pub(crate) fn random_vars(
         .collect()
 }
 
+/// A frozen base (LoRA's) as training holds it: every weight in the compute type `dtype`
+/// (a bf16 run keeps 2 bytes per base parameter, as PEFT users load their base models and as
+/// the VRAM estimate counts them), except the norms' weights, which the fused norms read in
+/// f32. Converted one tensor at a time, so two full copies are never held.
+pub fn frozen_base(
+    weights: BTreeMap<String, Tensor>,
+    dtype: DType,
+) -> Result<BTreeMap<String, Tensor>> {
+    weights
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if name.contains("norm") {
+                t
+            } else {
+                cast(&t, dtype)?
+            };
+            Ok((name, t))
+        })
+        .collect()
+}
+
 /// Fresh weights as Hugging Face initialises a llama: normal(0, `initializer_range`) for
 /// projections and embeddings, zero biases, unit norms. Drawn on the host in the fixed order
 /// of [`parameter_shapes`], so a seed gives the same model on every device.
@@ -900,17 +921,7 @@ mod tests {
         let c = cfg("llama", false);
         let w = init_weights(&c, &mut Rng::new(6), &dev).unwrap();
         for dtype in [DType::BF16, DType::F16] {
-            let half: BTreeMap<String, Tensor> = w
-                .iter()
-                .map(|(k, t)| {
-                    let t = if k.contains("norm") {
-                        t.clone()
-                    } else {
-                        t.to_dtype(dtype).unwrap()
-                    };
-                    (k.clone(), t)
-                })
-                .collect();
+            let half = frozen_base(w.clone(), dtype).unwrap();
             let mut m = Llama::new(c.clone(), &half, &dev).unwrap();
             let a = Var::from_tensor(&Tensor::randn(0f32, 0.3, (3, 16), &dev).unwrap()).unwrap();
             let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, (8, 3), &dev).unwrap()).unwrap();

@@ -106,11 +106,7 @@ fn run_inner(
             ),
         ));
     }
-    let compute = match args.dtype {
-        TrainDType::F32 => DType::F32,
-        TrainDType::Bf16 => DType::BF16,
-        TrainDType::F16 => DType::F16,
-    };
+    let compute = compute_dtype(args.dtype);
     if args.tf32 {
         if device.is_cuda() && compute == DType::F32 {
             // Process-wide in Candle; a worker trains one job.
@@ -731,7 +727,14 @@ fn build_session(
     };
     let (model, params) = match s.lora {
         None => full_params(cfg, weights, device)?,
-        Some(l) => lora_params(cfg, weights, l, args.seed, frozen_dtype(args.dtype), device)?,
+        Some(l) => lora_params(
+            cfg,
+            weights,
+            l,
+            args.seed,
+            compute_dtype(args.dtype),
+            device,
+        )?,
     };
     Ok(Session {
         model,
@@ -765,10 +768,8 @@ fn full_params(
     Ok((Llama::new(cfg, &vars, device)?, params))
 }
 
-/// The type LoRA keeps its frozen base weights in: the compute type, so that a bf16 run holds
-/// 2 bytes per base parameter (as PEFT users load their base models in bf16, and as the VRAM
-/// estimate counts them) instead of an f32 copy nobody updates.
-fn frozen_dtype(dtype: TrainDType) -> DType {
+/// The Candle type of a job's compute type.
+fn compute_dtype(dtype: TrainDType) -> DType {
     match dtype {
         TrainDType::F32 => DType::F32,
         TrainDType::Bf16 => DType::BF16,
@@ -776,8 +777,8 @@ fn frozen_dtype(dtype: TrainDType) -> DType {
     }
 }
 
-/// LoRA: base weights frozen (plain tensors, no gradient; in `frozen`, except the norms'
-/// weights, which the fused norms read in f32), adapters trainable. `A` starts uniform in
+/// LoRA: base weights frozen (plain tensors, no gradient, held as [`model::frozen_base`]
+/// says in the compute type `frozen`), adapters trainable. `A` starts uniform in
 /// ±1/√in (PEFT's Kaiming-uniform with a = √5), `B` at zero.
 fn lora_params(
     cfg: LlamaConfig,
@@ -787,18 +788,7 @@ fn lora_params(
     frozen: DType,
     device: &Device,
 ) -> Result<(Llama, Vec<Param>), TrainError> {
-    // One tensor at a time, so the f32 copy of the model is never held twice.
-    let weights = weights
-        .into_iter()
-        .map(|(name, t)| {
-            let t = if name.contains("norm") {
-                t
-            } else {
-                t.to_dtype(frozen)?
-            };
-            Ok((name, t))
-        })
-        .collect::<Result<BTreeMap<_, _>, TrainError>>()?;
+    let weights = model::frozen_base(weights, frozen)?;
     let mut model = Llama::new(cfg, &weights, device)?;
     drop(weights);
     let mut rng = Rng::derive(seed, "lora_init", 0);

@@ -219,27 +219,29 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if gpu_fusable(table) && ids.dtype() == DType::U32 {
         let host = ids.to_vec1::<u32>()?;
-        let vocab = table.dim(0)?;
-        if let Some(&bad) = host.iter().find(|&&i| i as usize >= vocab) {
-            Err(candle_core::Error::Msg(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )))?;
-        }
+        check_ids(table, &host)?;
         let op = cuda::Embedding::new(ids.contiguous()?, host);
         return Ok(table.contiguous()?.apply_op1(op)?);
     }
     Ok(table.index_select(&ids, 0)?)
 }
 
+/// An error naming the first id outside `table`'s rows, if any.
+fn check_ids(table: &Tensor, ids: &[u32]) -> Result<()> {
+    let vocab = table.dim(0)?;
+    match ids.iter().find(|&&i| i as usize >= vocab) {
+        Some(&bad) => Err(candle_core::Error::Msg(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        ))
+        .into()),
+        None => Ok(()),
+    }
+}
+
 /// [`embedding`] for flattened u32 `ids` whose host copy is `host`, recorded in no graph: the
 /// direct steps run its backward by hand ([`embedding_bwd`]).
 pub(crate) fn embedding_no_graph(table: &Tensor, ids: &Tensor, host: &[u32]) -> Result<Tensor> {
-    let vocab = table.dim(0)?;
-    if let Some(&bad) = host.iter().find(|&&i| i as usize >= vocab) {
-        Err(candle_core::Error::Msg(format!(
-            "token id {bad} is outside the vocabulary of {vocab}"
-        )))?;
-    }
+    check_ids(table, host)?;
     #[cfg(feature = "cuda")]
     if gpu_fusable(table) {
         let op = cuda::Embedding::new(ids.contiguous()?, host.to_vec());
