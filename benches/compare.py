@@ -59,7 +59,9 @@ def main():
                     "e.g. f32,eager,sdpa (default: f32,eager,sdpa on CPU; "
                     "f32,bf16,candle-tf32,eager,sdpa,tf32,pt-bf16 on CUDA; candle-tf32 is "
                     "Candle in f32 with TF32 matrix products, tf32 PyTorch's; candle-lora "
-                    "is Candle LoRA r16 on every projection, no PyTorch counterpart)")
+                    "is Candle LoRA r16 on every projection, no PyTorch counterpart; "
+                    "candle-unblocked is Candle f32 and bf16 with the GPU attention's whole "
+                    "T×S products, without causal block skipping)")
     args = ap.parse_args()
 
     threads = args.threads or os.cpu_count()
@@ -103,6 +105,12 @@ def main():
             if args.autograd:
                 jobs.append((f"candle lora autograd {dt}", candle + common + cthreads + lora
                              + ["--autograd"]))
+        elif v == "candle-unblocked":
+            # The GPU attention's whole T×S products (no causal block skipping), f32 and bf16.
+            for dt in ("f32", "bf16"):
+                jobs.append((f"candle {dt} unblocked", candle + common
+                             + ["--dtype", dt, "--attention-block-rows", "0",
+                                "--device", args.device]))
         elif v == "candle-tf32":
             jobs.append(("candle tf32", candle + common
                          + ["--dtype", "f32", "--tf32", "--device", args.device]))

@@ -7,15 +7,17 @@
 #   2. benches/compare.py on the ~100M config (hidden 768, 14 layers, 12 heads, MLP 2048,
 #      vocab 1024, batch 16 x 512, AdamW): Candle f32 / bf16 / TF32 (the trainer's step: the
 #      fused ops without an autograd graph), with AUTOGRAD=1 (default) also Candle f32 / bf16
-#      through autograd (LoRA's path, and full fine-tuning's before the op-level step), and
+#      through autograd (LoRA's path, and full fine-tuning's before the op-level step),
+#      Candle f32 / bf16 with attention's whole T×S products (candle-unblocked: the state
+#      before causal block skipping), and
 #      PyTorch + transformers eager / SDPA / TF32 / bf16 autocast, one table with tokens/s,
 #      step split, peak GPU memory, MFU and the ratios;
 #   0. when jobd and jobctl were carried too: the NVML inventory (`jobd gpus`) and
 #      jobs/tiny.toml run end to end on the GPU through the daemon (placement, CUDA worker,
 #      publish, held-out answers), then LoRA in bf16 with checkpointing on its output.
 # VARIANTS=...,candle-lora adds Candle LoRA r16 in bf16 (direct and, with AUTOGRAD=1,
-# autograd). Logs go to $OUT when the device tool sets it. Nine runs of SECONDS_EACH (default 12) plus
-# start-up each, times REPEAT, and the tiny job: about 5 minutes in all with SECONDS_EACH=8.
+# autograd). Logs go to $OUT when the device tool sets it. Eleven runs of SECONDS_EACH (default 12) plus
+# start-up each, times REPEAT, and the tiny job: about 6 minutes in all with SECONDS_EACH=8.
 # With the device tool:  run(command="bash benches/gpu.sh", carry=["target/gpu-bench"],
 #                            timeout_s=480)
 set -uo pipefail
@@ -109,5 +111,5 @@ echo "== training throughput, ~100M config"
 PYTHONUNBUFFERED=1 timeout 420 "$TORCH_PY" benches/compare.py --device cuda --config 100m \
   --seconds "$SECONDS_EACH" --repeat "${REPEAT:-1}" --candle-bin "$BIN" --python "$TORCH_PY" \
   $([ "${AUTOGRAD:-1}" = 1 ] && echo --autograd) \
-  --variants "${VARIANTS:-f32,bf16,candle-tf32,eager,sdpa,tf32,pt-bf16}" 2>&1 | tee "$LOGS/compare.log" \
+  --variants "${VARIANTS:-f32,bf16,candle-unblocked,candle-tf32,eager,sdpa,tf32,pt-bf16}" 2>&1 | tee "$LOGS/compare.log" \
   | grep -v "^step "

@@ -13,7 +13,8 @@
 //!
 //! Run: `cargo bench --bench train_throughput -- --config 20m --seconds 60 [--threads 2]
 //! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain|--autograd|--ops-step] [--json]
-//! [--peak-tflops X] [--save] [--checkpointing] [--tf32] [--cuda-events]`; `-- --check --device
+//! [--peak-tflops X] [--save] [--checkpointing] [--tf32] [--cuda-events]
+//! [--attention-block-rows N]`; `-- --check --device
 //! cuda` instead compares every fused op and a whole model step on the GPU (f32 and bf16) with
 //! the plain ops on the CPU. The step is the trainer's: on the CPU in f32
 //! [`jobd::train::direct`]'s forward and hand-written backward, on CUDA
@@ -21,7 +22,8 @@
 //! the CPU too). `--autograd` runs the same fused kernels through Candle's autograd instead
 //! (what LoRA and f16 use); `--checkpointing` recomputes each layer in the backward
 //! (`gradient_checkpointing`); `--plain` uses the plain-op versions of the fused kernels (the
-//! "before"); `--json` ends with
+//! "before"); `--attention-block-rows N` sets the GPU attention's causal blocks (0: whole T×S
+//! products, no skipping; default: automatic); `--json` ends with
 //! one JSON line for scripts. MFU counts 6·N + 12·L·T·d FLOPs per token (N: parameters less
 //! the input embedding) against `--peak-tflops`, by default on the CPU the rate this machine
 //! reaches in a 2048³ f32 matmul (measured first), on CUDA the H100/H200 dense peak of the
@@ -61,6 +63,7 @@ struct Args {
     check: bool,
     tf32: bool,
     cuda_events: bool,
+    attention_block_rows: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -84,6 +87,7 @@ fn parse_args() -> Args {
         check: false,
         tf32: false,
         cuda_events: false,
+        attention_block_rows: None,
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
@@ -115,6 +119,9 @@ fn parse_args() -> Args {
             "--check" => a.check = true,
             "--tf32" => a.tf32 = true,
             "--cuda-events" => a.cuda_events = true,
+            "--attention-block-rows" => {
+                a.attention_block_rows = Some(val().parse().expect("--attention-block-rows N"))
+            }
             other => panic!("unknown option {other}"),
         }
     }
@@ -230,6 +237,7 @@ fn main() {
         return;
     }
     let args = parse_args();
+    jobd::train::attention_blocks::set_block_rows(args.attention_block_rows);
     if args.check {
         let ok = check::run(&device(&args.device));
         std::process::exit(if ok { 0 } else { 1 });
@@ -819,6 +827,16 @@ mod check {
                 ("attention (MHA)", (4, 4), t, 0, None),
                 ("attention (GQA 8/2, window 40)", (8, 2), t, 0, Some(40)),
                 ("attention (GQA 4/2, 32 new of 96)", (4, 2), t, 64, None),
+                // Long enough for the GPU's causal blocks (128 rows): a short last block, and
+                // a prefix of keys before the first query.
+                ("attention (MHA, 300 rows)", (4, 4), 300, 0, None),
+                (
+                    "attention (GQA 4/2, 300 new of 340: causal blocks)",
+                    (4, 2),
+                    340,
+                    40,
+                    None,
+                ),
             ] {
                 let tq = s - start;
                 let q = randn(rng, &[b, tq, heads.0 * 32], 1.0);

@@ -10,6 +10,7 @@
 //! Every random choice comes from [`rng::Rng`] (seeded, savable), so an interrupted and
 //! resumed run reproduces an uninterrupted one bit for bit.
 
+pub mod attention_blocks;
 pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "cuda")]

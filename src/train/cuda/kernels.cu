@@ -249,50 +249,64 @@ __device__ __forceinline__ bool allowed(int i, int j, int start, int window) {
   return j <= q && (window <= 0 || q - j < window);
 }
 
+// One past the last key computed for query row i when the batched products skip the causal
+// blocks above the diagonal (rows of `blk` per block; 0: no blocks): the last key its block may
+// see, and all s keys for the last block. The same bound as Blocks::keys_end in
+// src/train/attention_blocks.rs; scores beyond it are never written, P and dS beyond it never read.
+__device__ __forceinline__ int keys_end(int i, int t, int s, int start, int blk) {
+  if (blk <= 0) return s;
+  int block_end = (i / blk + 1) * blk;
+  return block_end >= t ? s : min(s, start + block_end);
+}
+
 // Rows of scores (B·H·T rows of S keys, f32): p = softmax(scale·s) over the allowed keys, written
-// as T for the P·V product; the row's log-sum-exp (of the scaled scores) is kept for the
-// backward. One block per row.
+// as T for the P·V product up to the row's keys_end; the row's log-sum-exp (of the scaled
+// scores) is kept for the backward. One block per row.
 template <typename T>
 __device__ void attn_softmax_fwd(const float* scores, T* p, float* lse, int t, int s, int start,
-                                 int window, float scale) {
+                                 int window, float scale, int blk) {
   __shared__ float sh[32];
   long row = blockIdx.x;
   int i = (int)(row % t);
   const long o = row * (long)s;
+  const int e = keys_end(i, t, s, start, blk);
   float m = -INFINITY;
-  for (int j = threadIdx.x; j < s; j += blockDim.x)
+  for (int j = threadIdx.x; j < e; j += blockDim.x)
     if (allowed(i, j, start, window)) m = fmaxf(m, scores[o + j] * scale);
   m = block_max(m, sh);
   float sum = 0.0f;
-  for (int j = threadIdx.x; j < s; j += blockDim.x)
+  for (int j = threadIdx.x; j < e; j += blockDim.x)
     if (allowed(i, j, start, window)) sum += __expf(scores[o + j] * scale - m);
   sum = block_sum(sum, sh);
   float l = m + logf(sum);
-  for (int j = threadIdx.x; j < s; j += blockDim.x)
+  for (int j = threadIdx.x; j < e; j += blockDim.x)
     st(p, o + j, allowed(i, j, start, window) ? __expf(scores[o + j] * scale - l) : 0.0f);
   if (threadIdx.x == 0) lse[row] = l;
 }
 
 // Backward of the softmax: from the recomputed scores and dP = dO·Vᵀ (both f32), writes
 // P (as T, for dV = Pᵀ·dO) and dS = scale · P ⊙ (dP − Σ dO⊙O) (as T, for dQ and dK). The
-// row's Σ dO⊙O is taken from dO and O in the (B·H, T, D) layout. One block per row.
+// row's Σ dO⊙O is taken from dO and O in the (B·H, T, D) layout. Reads and writes up to the
+// row's keys_end, and reads dP only where the key is allowed. One block per row.
 template <typename T>
 __device__ void attn_softmax_bwd(const float* scores, const float* dp, const float* lse,
                                  const T* d_out, const T* out, T* p, T* ds, int t, int s, int d,
-                                 int start, int window, float scale) {
+                                 int start, int window, float scale, int blk) {
   __shared__ float sh[32];
   long row = blockIdx.x;
   int i = (int)(row % t);
   const long o = row * (long)s;
+  const int e = keys_end(i, t, s, start, blk);
   float dot = 0.0f;
   for (int c = threadIdx.x; c < d; c += blockDim.x)
     dot += ld(d_out, row * (long)d + c) * ld(out, row * (long)d + c);
   dot = block_sum(dot, sh);
   float l = lse[row];
-  for (int j = threadIdx.x; j < s; j += blockDim.x) {
-    float pv = allowed(i, j, start, window) ? __expf(scores[o + j] * scale - l) : 0.0f;
+  for (int j = threadIdx.x; j < e; j += blockDim.x) {
+    bool ok = allowed(i, j, start, window);
+    float pv = ok ? __expf(scores[o + j] * scale - l) : 0.0f;
     st(p, o + j, pv);
-    st(ds, o + j, scale * pv * (dp[o + j] - dot));
+    st(ds, o + j, ok ? scale * pv * (dp[o + j] - dot) : 0.0f);
   }
 }
 
@@ -421,8 +435,8 @@ extern "C" __global__ void sum_squares_part(const float* g, long n, float* part)
   }                                                                                            \
   extern "C" __global__ void attn_softmax_fwd_##S(const float* sc, T* p, float* lse, int t,   \
                                                   int s, int start, int window,               \
-                                                  float scale) {                              \
-    attn_softmax_fwd(sc, p, lse, t, s, start, window, scale);                                 \
+                                                  float scale, int blk) {                     \
+    attn_softmax_fwd(sc, p, lse, t, s, start, window, scale, blk);                            \
   }                                                                                            \
   extern "C" __global__ void embed_fwd_##S(const T* table, const unsigned* ids, T* out,     \
                                            long n, int d) {                                \
@@ -439,8 +453,8 @@ extern "C" __global__ void sum_squares_part(const float* g, long n, float* part)
   }                                                                                            \
   extern "C" __global__ void attn_softmax_bwd_##S(                                             \
       const float* sc, const float* dp, const float* lse, const T* d_out, const T* out, T* p,  \
-      T* ds, int t, int s, int d, int start, int window, float scale) {                       \
-    attn_softmax_bwd(sc, dp, lse, d_out, out, p, ds, t, s, d, start, window, scale);          \
+      T* ds, int t, int s, int d, int start, int window, float scale, int blk) {              \
+    attn_softmax_bwd(sc, dp, lse, d_out, out, p, ds, t, s, d, start, window, scale, blk);     \
   }
 
 FOR_TYPES(ENTRIES)

@@ -643,6 +643,7 @@ pub(crate) fn cross_entropy_bwd(
 // ---------------------------------------------------------------------------------------------
 // Attention
 
+use crate::train::attention_blocks::{Blocks, Operand, Product};
 use crate::train::kernels::attention::Dims as AttnDims;
 
 fn attn_scale(m: &AttnDims) -> f32 {
@@ -652,6 +653,19 @@ fn attn_scale(m: &AttnDims) -> f32 {
 /// The sliding window as the kernels take it (0: none).
 fn attn_window(m: &AttnDims) -> i32 {
     m.window.map_or(0, |w| w as i32)
+}
+
+/// Runs attention's batched products as [`Blocks`] plans them: operands A and B of `dtype`
+/// (their offsets in elements of it), C in f32 when `c_f32`, else in `dtype`.
+fn products(dev: &CudaDevice, dtype: DType, c_f32: bool, plan: &[Product<u64>]) -> Result<()> {
+    let size = dtype.size_in_bytes();
+    let c_size = if c_f32 { 4 } else { size };
+    let at = |o: &Operand<u64>, size: usize| (o.buf + (o.offset * size) as u64, o.ld, o.stride);
+    for p in plan {
+        let (a, b, c) = (at(&p.a, size), at(&p.b, size), at(&p.c, c_size));
+        gemm(dev, dtype, c_f32, p.trans, p.mnk, a, b, c, p.batch, 0.0)?;
+    }
+    Ok(())
 }
 
 /// (B, T, hs·D) at `src` → (B, H, T, D) at `dst`, each source head serving H/hs heads.
@@ -710,42 +724,21 @@ pub(crate) fn attention_fwd(
     split_heads(dev, sfx, (addr(q.0, q.1, &stream)?, qh_p), m, t, h)?;
     split_heads(dev, sfx, (addr(k.0, k.1, &stream)?, kh_p), m, s, kv)?;
     split_heads(dev, sfx, (addr(v.0, v.1, &stream)?, vh_p), m, s, kv)?;
+    let blocks = Blocks::new(&m);
     let scores = Buf::alloc(dev, DType::F32, bh * t * s)?;
     let sc_p = scores.ptr(&stream);
-    gemm(
-        dev,
-        dtype,
-        true,
-        (false, true),
-        (t, s, d),
-        (qh_p, d, t * d),
-        (kh_p, d, s * d),
-        (sc_p, s, t * s),
-        bh,
-        0.0,
-    )?;
+    products(dev, dtype, true, &blocks.scores(qh_p, kh_p, sc_p))?;
     let p = Buf::alloc(dev, dtype, bh * t * s)?;
     // SAFETY: attn_softmax_fwd writes every row's log-sum-exp.
     let lse = unsafe { dev.alloc::<f32>(bh * t)? };
     let p_p = p.ptr(&stream);
     launch!(dev, format!("attn_softmax_fwd_{sfx}"), launch_cfg(bh * t, row_block(s), 0);
         sc_p, p_p, lse.device_ptr(&stream).0, t as i32, s as i32, m.start as i32,
-        attn_window(&m), attn_scale(&m));
+        attn_window(&m), attn_scale(&m), blocks.block_rows() as i32);
     drop(scores);
     let oh = Buf::alloc(dev, dtype, bh * t * d)?;
     let oh_p = oh.ptr(&stream);
-    gemm(
-        dev,
-        dtype,
-        false,
-        (false, false),
-        (t, d, s),
-        (p_p, s, t * s),
-        (vh_p, d, s * d),
-        (oh_p, d, t * d),
-        bh,
-        0.0,
-    )?;
+    products(dev, dtype, false, &blocks.rows_times_keys(p_p, vh_p, oh_p))?;
     let out = Buf::alloc(dev, dtype, b * t * h * d)?;
     merge_heads(dev, sfx, (oh_p, out.ptr(&stream)), m, t, h)?;
     Ok((out.into_storage(dev), lse))
@@ -788,76 +781,43 @@ pub(crate) fn attention_bwd(
         let oh = to_heads(out, t, h)?;
         let doh = to_heads(&d_out, t, h)?;
         let p_ = |x: &Buf| x.ptr(&stream);
+        let blocks = Blocks::new(&m);
         let scores = Buf::alloc(dev, DType::F32, bh * t * s)?;
-        gemm(
+        products(
             dev,
             dtype,
             true,
-            (false, true),
-            (t, s, d),
-            (p_(&qh), d, t * d),
-            (p_(&kh), d, s * d),
-            (p_(&scores), s, t * s),
-            bh,
-            0.0,
+            &blocks.scores(p_(&qh), p_(&kh), p_(&scores)),
         )?;
         let dp = Buf::alloc(dev, DType::F32, bh * t * s)?;
-        gemm(
-            dev,
-            dtype,
-            true,
-            (false, true),
-            (t, s, d),
-            (p_(&doh), d, t * d),
-            (p_(&vh), d, s * d),
-            (p_(&dp), s, t * s),
-            bh,
-            0.0,
-        )?;
+        products(dev, dtype, true, &blocks.scores(p_(&doh), p_(&vh), p_(&dp)))?;
         let p = Buf::alloc(dev, dtype, bh * t * s)?;
         let ds = Buf::alloc(dev, dtype, bh * t * s)?;
         launch!(dev, format!("attn_softmax_bwd_{sfx}"), launch_cfg(bh * t, row_block(s), 0);
             p_(&scores), p_(&dp), lse.device_ptr(&stream).0, p_(&doh), p_(&oh), p_(&p),
-            p_(&ds), t as i32, s as i32, d as i32, m.start as i32, attn_window(&m), attn_scale(&m));
+            p_(&ds), t as i32, s as i32, d as i32, m.start as i32, attn_window(&m), attn_scale(&m),
+            blocks.block_rows() as i32);
         drop((scores, dp, oh));
         let dvh = Buf::alloc(dev, dtype, bh * s * d)?;
-        gemm(
+        products(
             dev,
             dtype,
             false,
-            (true, false),
-            (s, d, t),
-            (p_(&p), s, t * s),
-            (p_(&doh), d, t * d),
-            (p_(&dvh), d, s * d),
-            bh,
-            0.0,
+            &blocks.key_grads(p_(&p), p_(&doh), p_(&dvh)),
         )?;
         let dqh = Buf::alloc(dev, dtype, bh * t * d)?;
-        gemm(
+        products(
             dev,
             dtype,
             false,
-            (false, false),
-            (t, d, s),
-            (p_(&ds), s, t * s),
-            (p_(&kh), d, s * d),
-            (p_(&dqh), d, t * d),
-            bh,
-            0.0,
+            &blocks.rows_times_keys(p_(&ds), p_(&kh), p_(&dqh)),
         )?;
         let dkh = Buf::alloc(dev, dtype, bh * s * d)?;
-        gemm(
+        products(
             dev,
             dtype,
             false,
-            (true, false),
-            (s, d, t),
-            (p_(&ds), s, t * s),
-            (p_(&qh), d, t * d),
-            (p_(&dkh), d, s * d),
-            bh,
-            0.0,
+            &blocks.key_grads(p_(&ds), p_(&qh), p_(&dkh)),
         )?;
         let packed = Buf::alloc(dev, dtype, nq + 2 * nk)?;
         let base = packed.ptr(&stream);
