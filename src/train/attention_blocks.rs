@@ -1,15 +1,20 @@
-//! Causal block skipping for attention computed as batched matrix products (the GPU path of
-//! `train::cuda`). Query rows are cut into blocks; each block's products stop at the last key
-//! that any of its rows may see, so most of the products above the diagonal — close to half
-//! of the T×S work at training lengths — are never computed, and the masked-softmax kernels
-//! stop at the same bound.
+//! Causal blocks for attention computed as batched matrix products (the GPU path of
+//! `train::cuda`). Query rows are cut into blocks and each block runs on its own: scores,
+//! masked softmax, products. Two gains:
+//! - each block's products stop at the last key that any of its rows may see, so most of the
+//!   products above the diagonal — close to half of the T×S work at training lengths — are
+//!   never computed, and the softmax kernels stop at the same bound;
+//! - the scores, probabilities and their gradients exist for one block of rows at a time
+//!   (`items × rows × S`), not for all T rows: at T = 4096 an eighth of the T×S buffers.
+//!   The keys' gradients are summed over the blocks in f32.
 //!
-//! The plan is plain arithmetic on element offsets, kept apart from the device so that the
-//! CPU tests run it (with a reference product and the kernels' bounds) against plain
-//! attention: the offsets are where such a change goes wrong.
+//! The plan is a list of [`Step`]s with plain offset arithmetic, kept apart from the device
+//! so that the CPU tests run it (with a reference product and the kernels' index arithmetic)
+//! against plain attention: the offsets are where such code goes wrong.
 //!
-//! Layouts, per head (batch item `0..B·H`, heads already split): queries-like `(T, D)`,
-//! keys-like `(S, D)`, scores-like `(T, S)`, all row-major and contiguous per item.
+//! Layouts, per head (batch item `0..B·H`, heads already split), row-major and contiguous per
+//! item: queries-like `(T, D)`, keys-like `(S, D)`; a block's scores-like buffers are
+//! `(rows, S)` per item, with only the block's keys written.
 
 // Only the CUDA build runs the plan outside the tests.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -40,7 +45,8 @@ pub(crate) struct Operand<B> {
 }
 
 /// A row-major strided batched product `C = op(A)·op(B)` (`op(A)` m×k, `op(B)` k×n, C m×n;
-/// `trans` says which operands are read transposed), as `train::cuda`'s gemm takes it.
+/// `trans` says which operands are read transposed), added to C when `accumulate`, as
+/// `train::cuda`'s gemm takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Product<B> {
     pub trans: (bool, bool),
@@ -49,6 +55,58 @@ pub(crate) struct Product<B> {
     pub b: Operand<B>,
     pub c: Operand<B>,
     pub batch: usize,
+    pub accumulate: bool,
+}
+
+/// One step of the plan, run in order on one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step<B> {
+    Product(Product<B>),
+    /// The phase's masked-softmax kernel (`attn_softmax_fwd` or `_bwd`) over query rows
+    /// `first_row..first_row + rows` of every item, whose scores-like buffers hold those rows
+    /// (`(items, rows, S)`), for keys `0..keys_end`.
+    Softmax {
+        first_row: usize,
+        rows: usize,
+        keys_end: usize,
+    },
+    /// Sets the first `len` elements of the buffer to zero.
+    Zero {
+        buf: B,
+        len: usize,
+    },
+}
+
+/// The buffers of the forward: the heads' q, k, v and output, and the block scratch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Forward<B> {
+    pub q: B,
+    pub k: B,
+    pub v: B,
+    pub out: B,
+    /// f32 scores of one block.
+    pub scores: B,
+    /// Probabilities of one block, in the compute type.
+    pub p: B,
+}
+
+/// The buffers of the backward.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backward<B> {
+    pub q: B,
+    pub k: B,
+    pub v: B,
+    pub d_out: B,
+    /// f32 scores and dP = dO·Vᵀ of one block.
+    pub scores: B,
+    pub dp: B,
+    /// P and dS of one block, in the compute type.
+    pub p: B,
+    pub ds: B,
+    /// dQ in the compute type; dK and dV in f32 (summed over the blocks).
+    pub dq: B,
+    pub dk: B,
+    pub dv: B,
 }
 
 /// Query rows per block at length `t`: at least 128 (smaller products run below the GPU's
@@ -92,29 +150,24 @@ impl Blocks {
         }
     }
 
-    /// Query rows per block, as the softmax kernels take it.
-    pub(crate) fn block_rows(&self) -> usize {
-        self.rows
+    /// Elements of each block scratch buffer (scores, dP, P, dS).
+    pub(crate) fn scratch_len(&self) -> usize {
+        self.items * self.rows.min(self.t) * self.s
     }
 
-    /// One past the last key whose score, probability and gradient are computed for query row
-    /// `i`: the last key its block's rows may see (causality), and all `S` keys for the last
-    /// block, so that keys no query sees still get zero gradients. The softmax kernels compute
-    /// the same bound (`keys_end` in `kernels.cu`).
-    pub(crate) fn keys_end(&self, i: usize) -> usize {
-        let block_end = (i / self.rows + 1) * self.rows;
-        if block_end >= self.t {
-            self.s
-        } else {
-            self.s.min(self.start + block_end)
-        }
+    /// One past the last key computed for the block of query row `i`: the last key its rows
+    /// may see (causality). Keys that no query sees keep the zero gradients the backward
+    /// starts from.
+    fn keys_end(&self, i: usize) -> usize {
+        let block_end = ((i / self.rows + 1) * self.rows).min(self.t);
+        self.s.min(self.start + block_end)
     }
 
-    /// `(first row, end row, keys end)` of each row block.
+    /// `(first row, rows, keys end)` of each block.
     fn row_blocks(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
         (0..self.t)
             .step_by(self.rows)
-            .map(|r0| (r0, (r0 + self.rows).min(self.t), self.keys_end(r0)))
+            .map(|r0| (r0, self.rows.min(self.t - r0), self.keys_end(r0)))
     }
 
     fn rows_like<B>(&self, buf: B, first_row: usize) -> Operand<B> {
@@ -126,74 +179,112 @@ impl Blocks {
         }
     }
 
-    fn keys_like<B>(&self, buf: B, first_key: usize) -> Operand<B> {
+    fn keys_like<B>(&self, buf: B) -> Operand<B> {
         Operand {
             buf,
-            offset: first_key * self.d,
+            offset: 0,
             ld: self.d,
             stride: self.s * self.d,
         }
     }
 
-    fn scores_like<B>(&self, buf: B, row: usize, key: usize) -> Operand<B> {
+    /// A block buffer of `rows` rows per item.
+    fn block_like<B>(&self, buf: B, rows: usize) -> Operand<B> {
         Operand {
             buf,
-            offset: row * self.s + key,
+            offset: 0,
             ld: self.s,
-            stride: self.t * self.s,
+            stride: rows * self.s,
         }
     }
 
-    /// `C = X·Yᵀ` over each row block's keys: the scores `Q·Kᵀ`, or `dP = dO·Vᵀ`.
-    /// X `(T, D)`, Y `(S, D)`, C `(T, S)`.
-    pub(crate) fn scores<B: Copy>(&self, x: B, y: B, c: B) -> Vec<Product<B>> {
-        self.row_blocks()
-            .map(|(r0, r1, e)| Product {
-                trans: (false, true),
-                mnk: (r1 - r0, e, self.d),
-                a: self.rows_like(x, r0),
-                b: self.keys_like(y, 0),
-                c: self.scores_like(c, r0, 0),
-                batch: self.items,
-            })
-            .collect()
+    /// `C = X·Yᵀ` for one block's rows over its keys: the scores `Q·Kᵀ`, or `dP = dO·Vᵀ`.
+    fn block_scores<B>(&self, (r0, rows, e): (usize, usize, usize), x: B, y: B, c: B) -> Step<B> {
+        Step::Product(Product {
+            trans: (false, true),
+            mnk: (rows, e, self.d),
+            a: self.rows_like(x, r0),
+            b: self.keys_like(y),
+            c: self.block_like(c, rows),
+            batch: self.items,
+            accumulate: false,
+        })
     }
 
-    /// `O = P·Y` over each row block's keys: the output `P·V`, or `dQ = dS·K`.
-    /// P `(T, S)`, Y `(S, D)`, O `(T, D)`.
-    pub(crate) fn rows_times_keys<B: Copy>(&self, p: B, y: B, o: B) -> Vec<Product<B>> {
-        self.row_blocks()
-            .map(|(r0, r1, e)| Product {
-                trans: (false, false),
-                mnk: (r1 - r0, self.d, e),
-                a: self.scores_like(p, r0, 0),
-                b: self.keys_like(y, 0),
-                c: self.rows_like(o, r0),
-                batch: self.items,
-            })
-            .collect()
+    /// `O = P·Y` for one block's rows over its keys: the output `P·V`, or `dQ = dS·K`.
+    fn block_rows_out<B>(&self, (r0, rows, e): (usize, usize, usize), p: B, y: B, o: B) -> Step<B> {
+        Step::Product(Product {
+            trans: (false, false),
+            mnk: (rows, self.d, e),
+            a: self.block_like(p, rows),
+            b: self.keys_like(y),
+            c: self.rows_like(o, r0),
+            batch: self.items,
+            accumulate: false,
+        })
     }
 
-    /// `dY = Pᵀ·X` per block of keys, over the rows that see them: `dV = Pᵀ·dO`, or
-    /// `dK = dSᵀ·Q`. The keys a row block adds to the one before it are seen by that block's
-    /// rows and every later row. P `(T, S)`, X `(T, D)`, dY `(S, D)`.
-    pub(crate) fn key_grads<B: Copy>(&self, p: B, x: B, dy: B) -> Vec<Product<B>> {
-        let mut first_key = 0;
-        let mut out = Vec::new();
-        for (r0, _, e) in self.row_blocks() {
-            if e > first_key {
-                out.push(Product {
-                    trans: (true, false),
-                    mnk: (e - first_key, self.d, self.t - r0),
-                    a: self.scores_like(p, r0, first_key),
-                    b: self.rows_like(x, r0),
-                    c: self.keys_like(dy, first_key),
-                    batch: self.items,
-                });
-            }
-            first_key = e;
+    /// `dY += Pᵀ·X` for one block's keys from its rows: `dV += Pᵀ·dO`, or `dK += dSᵀ·Q`.
+    fn block_keys_grad<B>(
+        &self,
+        (r0, rows, e): (usize, usize, usize),
+        p: B,
+        x: B,
+        dy: B,
+    ) -> Step<B> {
+        Step::Product(Product {
+            trans: (true, false),
+            mnk: (e, self.d, rows),
+            a: self.block_like(p, rows),
+            b: self.rows_like(x, r0),
+            c: self.keys_like(dy),
+            batch: self.items,
+            accumulate: true,
+        })
+    }
+
+    fn softmax<B>(&self, (first_row, rows, keys_end): (usize, usize, usize)) -> Step<B> {
+        Step::Softmax {
+            first_row,
+            rows,
+            keys_end,
         }
-        out
+    }
+
+    /// The forward: per block, scores, softmax (which writes the rows' log-sum-exps), P·V.
+    pub(crate) fn forward<B: Copy>(&self, f: Forward<B>) -> Vec<Step<B>> {
+        let mut steps = Vec::new();
+        for blk in self.row_blocks() {
+            steps.push(self.block_scores(blk, f.q, f.k, f.scores));
+            steps.push(self.softmax(blk));
+            steps.push(self.block_rows_out(blk, f.p, f.v, f.out));
+        }
+        steps
+    }
+
+    /// The backward: dK and dV zeroed, then per block the recomputed scores, dP, softmax
+    /// backward (P and dS), and dV, dQ, dK.
+    pub(crate) fn backward<B: Copy>(&self, g: Backward<B>) -> Vec<Step<B>> {
+        let keys = self.items * self.s * self.d;
+        let mut steps = vec![
+            Step::Zero {
+                buf: g.dk,
+                len: keys,
+            },
+            Step::Zero {
+                buf: g.dv,
+                len: keys,
+            },
+        ];
+        for blk in self.row_blocks() {
+            steps.push(self.block_scores(blk, g.q, g.k, g.scores));
+            steps.push(self.block_scores(blk, g.d_out, g.v, g.dp));
+            steps.push(self.softmax(blk));
+            steps.push(self.block_keys_grad(blk, g.p, g.d_out, g.dv));
+            steps.push(self.block_rows_out(blk, g.ds, g.k, g.dq));
+            steps.push(self.block_keys_grad(blk, g.ds, g.q, g.dk));
+        }
+        steps
     }
 }
 
@@ -202,7 +293,7 @@ mod tests {
     use super::*;
     use crate::train::kernels::attention::allowed;
 
-    /// The buffers of one attention call, by name.
+    /// The buffers of one attention call, by name (an index into the host buffers).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum Buf {
         Q,
@@ -219,58 +310,100 @@ mod tests {
         DV,
     }
 
-    /// Runs products on host buffers with the device wrapper's semantics (C overwritten).
-    fn run(bufs: &mut [Vec<f32>; 12], products: &[Product<Buf>]) {
-        for pr in products {
-            let (m, n, k) = pr.mnk;
-            for item in 0..pr.batch {
-                let mut c = vec![0.0f64; m * n];
-                {
-                    let a = &bufs[pr.a.buf as usize];
-                    let b = &bufs[pr.b.buf as usize];
-                    let at = |i: usize, l: usize| {
-                        let o = pr.a.offset + item * pr.a.stride;
-                        if pr.trans.0 {
-                            a[o + l * pr.a.ld + i]
-                        } else {
-                            a[o + i * pr.a.ld + l]
-                        }
-                    };
-                    let bt = |l: usize, j: usize| {
-                        let o = pr.b.offset + item * pr.b.stride;
-                        if pr.trans.1 {
-                            b[o + j * pr.b.ld + l]
-                        } else {
-                            b[o + l * pr.b.ld + j]
-                        }
-                    };
-                    for i in 0..m {
-                        for j in 0..n {
-                            c[i * n + j] = (0..k).map(|l| at(i, l) as f64 * bt(l, j) as f64).sum();
-                        }
+    const FORWARD: Forward<Buf> = Forward {
+        q: Buf::Q,
+        k: Buf::K,
+        v: Buf::V,
+        out: Buf::O,
+        scores: Buf::Scores,
+        p: Buf::P,
+    };
+    const BACKWARD: Backward<Buf> = Backward {
+        q: Buf::Q,
+        k: Buf::K,
+        v: Buf::V,
+        d_out: Buf::DO,
+        scores: Buf::Scores,
+        dp: Buf::DP,
+        p: Buf::P,
+        ds: Buf::DS,
+        dq: Buf::DQ,
+        dk: Buf::DK,
+        dv: Buf::DV,
+    };
+
+    /// A product on host buffers with the device wrapper's semantics.
+    fn product(bufs: &mut [Vec<f32>; 12], pr: &Product<Buf>) {
+        let (m, n, k) = pr.mnk;
+        for item in 0..pr.batch {
+            let mut c = vec![0.0f64; m * n];
+            {
+                let a = &bufs[pr.a.buf as usize];
+                let b = &bufs[pr.b.buf as usize];
+                let at = |i: usize, l: usize| {
+                    let o = pr.a.offset + item * pr.a.stride;
+                    if pr.trans.0 {
+                        a[o + l * pr.a.ld + i]
+                    } else {
+                        a[o + i * pr.a.ld + l]
                     }
-                }
-                let cb = &mut bufs[pr.c.buf as usize];
+                };
+                let bt = |l: usize, j: usize| {
+                    let o = pr.b.offset + item * pr.b.stride;
+                    if pr.trans.1 {
+                        b[o + j * pr.b.ld + l]
+                    } else {
+                        b[o + l * pr.b.ld + j]
+                    }
+                };
                 for i in 0..m {
                     for j in 0..n {
-                        cb[pr.c.offset + item * pr.c.stride + i * pr.c.ld + j] =
-                            c[i * n + j] as f32;
+                        c[i * n + j] = (0..k).map(|l| at(i, l) as f64 * bt(l, j) as f64).sum();
                     }
+                }
+            }
+            let cb = &mut bufs[pr.c.buf as usize];
+            for i in 0..m {
+                for j in 0..n {
+                    let x = &mut cb[pr.c.offset + item * pr.c.stride + i * pr.c.ld + j];
+                    let prev = if pr.accumulate { *x as f64 } else { 0.0 };
+                    *x = (prev + c[i * n + j]) as f32;
                 }
             }
         }
     }
 
-    /// Forward and backward through the blocked products and the softmax kernels' loops
-    /// (bounded by `keys_end` as in `kernels.cu`), every intermediate buffer starting as NaN
-    /// like uninitialised device memory. Returns O, dQ, dK, dV.
+    /// Runs a plan on host buffers; `softmax(bufs, first_row, rows, keys_end)` stands for
+    /// the phase's kernel.
+    fn run(
+        bufs: &mut [Vec<f32>; 12],
+        steps: &[Step<Buf>],
+        mut softmax: impl FnMut(&mut [Vec<f32>; 12], usize, usize, usize),
+    ) {
+        for step in steps {
+            match *step {
+                Step::Product(pr) => product(bufs, &pr),
+                Step::Softmax {
+                    first_row,
+                    rows,
+                    keys_end,
+                } => softmax(bufs, first_row, rows, keys_end),
+                Step::Zero { buf, len } => bufs[buf as usize][..len].fill(0.0),
+            }
+        }
+    }
+
+    /// Forward and backward through the plan, with the softmax kernels' index arithmetic
+    /// (`attn_softmax_fwd`/`_bwd` in `kernels.cu`: one row per `row` of `items × rows`),
+    /// every buffer not an input starting as NaN like uninitialised device memory.
+    /// Returns O, dQ, dK, dV.
     fn blocked(
         m: &Dims,
         blocks: Blocks,
         (q, k, v, d_out): (&[f32], &[f32], &[f32], &[f32]),
     ) -> [Vec<f32>; 4] {
         let items = m.b * m.h;
-        let (nq, nk, ns) = (items * m.t * m.d, items * m.s * m.d, items * m.t * m.s);
+        let (nq, nk, ns) = (items * m.t * m.d, items * m.s * m.d, blocks.scratch_len());
         let nan = |n: usize| vec![f32::NAN; n];
         let mut bufs = [
             q.to_vec(),
@@ -287,68 +420,70 @@ mod tests {
             nan(nk),
         ];
         let scale = 1.0 / (m.d as f32).sqrt();
-        let rows = items * m.t;
-        // Forward: scores, softmax rows (attn_softmax_fwd), P·V.
-        run(&mut bufs, &blocks.scores(Buf::Q, Buf::K, Buf::Scores));
-        let mut lse = vec![0.0f32; rows];
-        for (row, l) in lse.iter_mut().enumerate() {
-            let i = row % m.t;
-            let o = row * m.s;
-            let end = blocks.keys_end(i);
-            let ok = |j: usize| allowed(i, j, m.start, m.window);
-            let sc = &bufs[Buf::Scores as usize];
-            let mx = (0..end)
-                .filter(|&j| ok(j))
-                .map(|j| sc[o + j] * scale)
-                .fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = (0..end)
-                .filter(|&j| ok(j))
-                .map(|j| (sc[o + j] * scale - mx).exp())
-                .sum();
-            *l = mx + sum.ln();
-            let p: Vec<f32> = (0..end)
-                .map(|j| {
-                    if ok(j) {
-                        (sc[o + j] * scale - *l).exp()
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            bufs[Buf::P as usize][o..o + end].copy_from_slice(&p);
-        }
-        run(&mut bufs, &blocks.rows_times_keys(Buf::P, Buf::V, Buf::O));
-        let out = bufs[Buf::O as usize].clone();
-        // Backward: recomputed scores, dP, softmax rows (attn_softmax_bwd), dV, dQ, dK.
-        bufs[Buf::Scores as usize] = nan(ns);
-        bufs[Buf::P as usize] = nan(ns);
-        run(&mut bufs, &blocks.scores(Buf::Q, Buf::K, Buf::Scores));
-        run(&mut bufs, &blocks.scores(Buf::DO, Buf::V, Buf::DP));
-        for (row, &l) in lse.iter().enumerate() {
-            let i = row % m.t;
-            let o = row * m.s;
-            let dot: f32 = (0..m.d)
-                .map(|c| bufs[Buf::DO as usize][row * m.d + c] * out[row * m.d + c])
-                .sum();
-            for j in 0..blocks.keys_end(i) {
-                let ok = allowed(i, j, m.start, m.window);
-                let pv = if ok {
-                    (bufs[Buf::Scores as usize][o + j] * scale - l).exp()
-                } else {
-                    0.0
-                };
-                let ds = if ok {
-                    scale * pv * (bufs[Buf::DP as usize][o + j] - dot)
-                } else {
-                    0.0
-                };
-                bufs[Buf::P as usize][o + j] = pv;
-                bufs[Buf::DS as usize][o + j] = ds;
+        let (t, s, d) = (m.t, m.s, m.d);
+        let mut lse = nan(items * t);
+        run(&mut bufs, &blocks.forward(FORWARD), |bufs, r0, nrows, e| {
+            for row in 0..items * nrows {
+                let (item, i) = (row / nrows, r0 + row % nrows);
+                let o = row * s;
+                let ok = |j: usize| allowed(i, j, m.start, m.window);
+                let sc = &bufs[Buf::Scores as usize];
+                let mx = (0..e)
+                    .filter(|&j| ok(j))
+                    .map(|j| sc[o + j] * scale)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = (0..e)
+                    .filter(|&j| ok(j))
+                    .map(|j| (sc[o + j] * scale - mx).exp())
+                    .sum();
+                let l = mx + sum.ln();
+                let p: Vec<f32> = (0..e)
+                    .map(|j| {
+                        if ok(j) {
+                            (sc[o + j] * scale - l).exp()
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                bufs[Buf::P as usize][o..o + e].copy_from_slice(&p);
+                lse[item * t + i] = l;
             }
+        });
+        let out = bufs[Buf::O as usize].clone();
+        for b in [Buf::Scores, Buf::P] {
+            bufs[b as usize] = nan(ns);
         }
-        run(&mut bufs, &blocks.key_grads(Buf::P, Buf::DO, Buf::DV));
-        run(&mut bufs, &blocks.rows_times_keys(Buf::DS, Buf::K, Buf::DQ));
-        run(&mut bufs, &blocks.key_grads(Buf::DS, Buf::Q, Buf::DK));
+        run(
+            &mut bufs,
+            &blocks.backward(BACKWARD),
+            |bufs, r0, nrows, e| {
+                for row in 0..items * nrows {
+                    let (item, i) = (row / nrows, r0 + row % nrows);
+                    let o = row * s;
+                    let hrow = item * t + i;
+                    let dot: f32 = (0..d)
+                        .map(|c| bufs[Buf::DO as usize][hrow * d + c] * out[hrow * d + c])
+                        .sum();
+                    let l = lse[hrow];
+                    for j in 0..e {
+                        let ok = allowed(i, j, m.start, m.window);
+                        let pv = if ok {
+                            (bufs[Buf::Scores as usize][o + j] * scale - l).exp()
+                        } else {
+                            0.0
+                        };
+                        let ds = if ok {
+                            scale * pv * (bufs[Buf::DP as usize][o + j] - dot)
+                        } else {
+                            0.0
+                        };
+                        bufs[Buf::P as usize][o + j] = pv;
+                        bufs[Buf::DS as usize][o + j] = ds;
+                    }
+                }
+            },
+        );
         let [.., dq, dk, dv] = bufs;
         [out, dq, dk, dv]
     }
@@ -486,26 +621,73 @@ mod tests {
         check(dims(300, 300, 0, Some(100)));
     }
 
+    /// Multiply-adds of a plan's products.
+    fn work(steps: &[Step<u8>]) -> usize {
+        steps
+            .iter()
+            .map(|s| match s {
+                Step::Product(p) => p.mnk.0 * p.mnk.1 * p.mnk.2,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn fwd(b: &Blocks) -> Vec<Step<u8>> {
+        b.forward(Forward {
+            q: 0,
+            k: 1,
+            v: 2,
+            out: 3,
+            scores: 4,
+            p: 5,
+        })
+    }
+
+    fn bwd(b: &Blocks) -> Vec<Step<u8>> {
+        b.backward(Backward {
+            q: 0,
+            k: 1,
+            v: 2,
+            d_out: 3,
+            scores: 4,
+            dp: 5,
+            p: 6,
+            ds: 7,
+            dq: 8,
+            dk: 9,
+            dv: 10,
+        })
+    }
+
     #[test]
-    fn blocks_skip_the_upper_triangle() {
+    fn blocks_skip_the_upper_triangle_and_hold_one_block() {
         let m = dims(512, 512, 0, None);
         let blocks = Blocks::new(&m);
-        assert_eq!(blocks.block_rows(), 128);
-        let work = |ps: Vec<Product<u8>>| -> usize {
-            ps.iter().map(|p| p.mnk.0 * p.mnk.1 * p.mnk.2).sum()
-        };
+        assert_eq!(blocks.rows, 128);
+        // Two T×S×D products forward, five backward; with 4 blocks, 1 + 2 + 3 + 4 of 16 parts.
         let full = 512 * 512 * 4;
-        // 4 blocks: 1 + 2 + 3 + 4 of 16 parts.
-        assert_eq!(work(blocks.scores(0, 1, 2)), full * 10 / 16);
-        assert_eq!(work(blocks.rows_times_keys(0, 1, 2)), full * 10 / 16);
-        assert_eq!(work(blocks.key_grads(0, 1, 2)), full * 10 / 16);
-        assert_eq!(Blocks::new(&dims(4096, 4096, 0, None)).block_rows(), 512);
-        assert_eq!(Blocks::new(&dims(64, 64, 0, None)).block_rows(), 128);
+        assert_eq!(work(&fwd(&blocks)), 2 * full * 10 / 16);
+        assert_eq!(work(&bwd(&blocks)), 5 * full * 10 / 16);
+        // Scratch of one block of rows.
+        assert_eq!(blocks.scratch_len(), m.b * m.h * 128 * 512);
+        assert_eq!(Blocks::new(&dims(4096, 4096, 0, None)).rows, 512);
+        assert_eq!(Blocks::new(&dims(64, 64, 0, None)).rows, 128);
+        assert_eq!(
+            Blocks::new(&dims(64, 64, 0, None)).scratch_len(),
+            m.b * m.h * 64 * 64
+        );
         // No skipping: one block of all rows, the whole T×S products.
         let whole = Blocks::with_setting(&m, 0);
-        assert_eq!(whole.block_rows(), 512);
-        assert_eq!(work(whole.scores(0, 1, 2)), full);
-        assert_eq!(work(whole.key_grads(0, 1, 2)), full);
-        assert_eq!(Blocks::with_setting(&m, 64).scores(0, 1, 2).len(), 8);
+        assert_eq!(whole.rows, 512);
+        assert_eq!(work(&fwd(&whole)), 2 * full);
+        assert_eq!(work(&bwd(&whole)), 5 * full);
+        assert_eq!(whole.scratch_len(), m.b * m.h * 512 * 512);
+        let softmaxes = |steps: Vec<Step<u8>>| {
+            steps
+                .iter()
+                .filter(|s| matches!(s, Step::Softmax { .. }))
+                .count()
+        };
+        assert_eq!(softmaxes(fwd(&Blocks::with_setting(&m, 64))), 8);
     }
 }

@@ -210,7 +210,8 @@ __device__ void ce_bwd(const T* x, const unsigned* labels, const float* mask, co
 // Attention around batched matrix products. Projections are (B, T, heads·D); the products want
 // (B·H, T, D). `heads_split` copies (B, T, hs, D) into (B, H, T, D) with each source head
 // serving H/hs destination heads (grouped-query keys and values); `heads_merge` goes back,
-// summing the H/hd heads that share a destination head (their gradients).
+// summing the H/hd heads that share a destination head (their gradients), from the same type
+// or from f32 (dK and dV, summed over the causal blocks in f32).
 
 template <typename T>
 __device__ void heads_split(const T* src, T* dst, int b, int t, int hs, int h, int d) {
@@ -227,8 +228,8 @@ __device__ void heads_split(const T* src, T* dst, int b, int t, int hs, int h, i
   st(dst, i, ld(src, (((long)bb * t + p) * hs + sh) * d + c));
 }
 
-template <typename T>
-__device__ void heads_merge(const T* src, T* dst, int b, int t, int hd, int h, int d) {
+template <typename S, typename T>
+__device__ void heads_merge(const S* src, T* dst, int b, int t, int hd, int h, int d) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
   long n = (long)b * t * hd * d;
   if (i >= n) return;
@@ -249,27 +250,21 @@ __device__ __forceinline__ bool allowed(int i, int j, int start, int window) {
   return j <= q && (window <= 0 || q - j < window);
 }
 
-// One past the last key computed for query row i when the batched products skip the causal
-// blocks above the diagonal (rows of `blk` per block; 0: no blocks): the last key its block may
-// see, and all s keys for the last block. The same bound as Blocks::keys_end in
-// src/train/attention_blocks.rs; scores beyond it are never written, P and dS beyond it never read.
-__device__ __forceinline__ int keys_end(int i, int t, int s, int start, int blk) {
-  if (blk <= 0) return s;
-  int block_end = (i / blk + 1) * blk;
-  return block_end >= t ? s : min(s, start + block_end);
-}
+// The softmax kernels run on one block of query rows (src/train/attention_blocks.rs): rows
+// r0..r0+nrows of each of the B·H items, whose scores-like buffers hold those rows only
+// ((B·H, nrows, S), f32 scores and dP, P and dS as T), for keys 0..e (the last key the block's
+// rows may see: nothing beyond it is written or read). One CUDA block per row.
 
-// Rows of scores (B·H·T rows of S keys, f32): p = softmax(scale·s) over the allowed keys, written
-// as T for the P·V product up to the row's keys_end; the row's log-sum-exp (of the scaled
-// scores) is kept for the backward. One block per row.
+// p = softmax(scale·s) over the allowed keys, written as T for the P·V product; the row's
+// log-sum-exp (of the scaled scores) is kept for the backward, at (B·H, T).
 template <typename T>
 __device__ void attn_softmax_fwd(const float* scores, T* p, float* lse, int t, int s, int start,
-                                 int window, float scale, int blk) {
+                                 int window, float scale, int r0, int nrows, int e) {
   __shared__ float sh[32];
   long row = blockIdx.x;
-  int i = (int)(row % t);
+  long item = row / nrows;
+  int i = r0 + (int)(row % nrows);
   const long o = row * (long)s;
-  const int e = keys_end(i, t, s, start, blk);
   float m = -INFINITY;
   for (int j = threadIdx.x; j < e; j += blockDim.x)
     if (allowed(i, j, start, window)) m = fmaxf(m, scores[o + j] * scale);
@@ -281,27 +276,27 @@ __device__ void attn_softmax_fwd(const float* scores, T* p, float* lse, int t, i
   float l = m + logf(sum);
   for (int j = threadIdx.x; j < e; j += blockDim.x)
     st(p, o + j, allowed(i, j, start, window) ? __expf(scores[o + j] * scale - l) : 0.0f);
-  if (threadIdx.x == 0) lse[row] = l;
+  if (threadIdx.x == 0) lse[item * t + i] = l;
 }
 
-// Backward of the softmax: from the recomputed scores and dP = dO·Vᵀ (both f32), writes
-// P (as T, for dV = Pᵀ·dO) and dS = scale · P ⊙ (dP − Σ dO⊙O) (as T, for dQ and dK). The
-// row's Σ dO⊙O is taken from dO and O in the (B·H, T, D) layout. Reads and writes up to the
-// row's keys_end, and reads dP only where the key is allowed. One block per row.
+// Backward of the softmax: from the recomputed scores and dP = dO·Vᵀ, writes P (for
+// dV = Pᵀ·dO) and dS = scale · P ⊙ (dP − Σ dO⊙O) (for dQ and dK). The row's Σ dO⊙O is taken
+// from dO and O in the (B·H, T, D) layout. Reads dP only where the key is allowed.
 template <typename T>
 __device__ void attn_softmax_bwd(const float* scores, const float* dp, const float* lse,
                                  const T* d_out, const T* out, T* p, T* ds, int t, int s, int d,
-                                 int start, int window, float scale, int blk) {
+                                 int start, int window, float scale, int r0, int nrows, int e) {
   __shared__ float sh[32];
   long row = blockIdx.x;
-  int i = (int)(row % t);
+  long item = row / nrows;
+  int i = r0 + (int)(row % nrows);
   const long o = row * (long)s;
-  const int e = keys_end(i, t, s, start, blk);
+  const long hrow = item * t + i;
   float dot = 0.0f;
   for (int c = threadIdx.x; c < d; c += blockDim.x)
-    dot += ld(d_out, row * (long)d + c) * ld(out, row * (long)d + c);
+    dot += ld(d_out, hrow * d + c) * ld(out, hrow * d + c);
   dot = block_sum(dot, sh);
-  float l = lse[row];
+  float l = lse[hrow];
   for (int j = threadIdx.x; j < e; j += blockDim.x) {
     bool ok = allowed(i, j, start, window);
     float pv = ok ? __expf(scores[o + j] * scale - l) : 0.0f;
@@ -433,10 +428,14 @@ extern "C" __global__ void sum_squares_part(const float* g, long n, float* part)
                                              int h, int d) {                                  \
     heads_merge(src, dst, b, t, hd, h, d);                                                    \
   }                                                                                            \
+  extern "C" __global__ void heads_merge_from_f32_##S(const float* src, T* dst, int b, int t, \
+                                                      int hd, int h, int d) {                 \
+    heads_merge(src, dst, b, t, hd, h, d);                                                    \
+  }                                                                                            \
   extern "C" __global__ void attn_softmax_fwd_##S(const float* sc, T* p, float* lse, int t,   \
-                                                  int s, int start, int window,               \
-                                                  float scale, int blk) {                     \
-    attn_softmax_fwd(sc, p, lse, t, s, start, window, scale, blk);                            \
+                                                  int s, int start, int window, float scale,  \
+                                                  int r0, int nrows, int e) {                 \
+    attn_softmax_fwd(sc, p, lse, t, s, start, window, scale, r0, nrows, e);                   \
   }                                                                                            \
   extern "C" __global__ void embed_fwd_##S(const T* table, const unsigned* ids, T* out,     \
                                            long n, int d) {                                \
@@ -453,8 +452,10 @@ extern "C" __global__ void sum_squares_part(const float* g, long n, float* part)
   }                                                                                            \
   extern "C" __global__ void attn_softmax_bwd_##S(                                             \
       const float* sc, const float* dp, const float* lse, const T* d_out, const T* out, T* p,  \
-      T* ds, int t, int s, int d, int start, int window, float scale, int blk) {              \
-    attn_softmax_bwd(sc, dp, lse, d_out, out, p, ds, t, s, d, start, window, scale, blk);     \
+      T* ds, int t, int s, int d, int start, int window, float scale, int r0, int nrows,      \
+      int e) {                                                                                 \
+    attn_softmax_bwd(sc, dp, lse, d_out, out, p, ds, t, s, d, start, window, scale, r0, nrows, \
+                     e);                                                                       \
   }
 
 FOR_TYPES(ENTRIES)

@@ -4,9 +4,10 @@
 //! autograd and the trainer are the same on every device.
 //!
 //! Storage types are f32 and bf16 (arithmetic in f32; matrix products accumulate in f32).
-//! Attention keeps only the rows' log-sum-exps between forward and backward: each layer's
-//! T×S scores exist inside one call, never across the graph (the backward recomputes them with
-//! one more batched product, as flash attention recomputes its tiles).
+//! Attention keeps only the rows' log-sum-exps between forward and backward: its scores exist
+//! inside one call, one block of query rows at a time ([`crate::train::attention_blocks`]),
+//! never across the graph (the backward recomputes them with one more batched product, as
+//! flash attention recomputes its tiles).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
@@ -643,7 +644,7 @@ pub(crate) fn cross_entropy_bwd(
 // ---------------------------------------------------------------------------------------------
 // Attention
 
-use crate::train::attention_blocks::{Blocks, Operand, Product};
+use crate::train::attention_blocks::{Backward, Blocks, Forward, Operand, Step};
 use crate::train::kernels::attention::Dims as AttnDims;
 
 fn attn_scale(m: &AttnDims) -> f32 {
@@ -655,15 +656,48 @@ fn attn_window(m: &AttnDims) -> i32 {
     m.window.map_or(0, |w| w as i32)
 }
 
-/// Runs attention's batched products as [`Blocks`] plans them: operands A and B of `dtype`
-/// (their offsets in elements of it), C in f32 when `c_f32`, else in `dtype`.
-fn products(dev: &CudaDevice, dtype: DType, c_f32: bool, plan: &[Product<u64>]) -> Result<()> {
+/// Runs a plan of [`Blocks`] on the stream: products with operands A and B of `dtype`
+/// (offsets in its elements), C in f32 when it is one of `f32_outputs`, else in `dtype`;
+/// `softmax(first_row, rows, keys_end)` launches the phase's softmax kernel; zeroed buffers
+/// are f32.
+fn run_plan(
+    dev: &CudaDevice,
+    dtype: DType,
+    plan: &[Step<u64>],
+    f32_outputs: &[u64],
+    mut softmax: impl FnMut(usize, usize, usize) -> Result<()>,
+) -> Result<()> {
     let size = dtype.size_in_bytes();
-    let c_size = if c_f32 { 4 } else { size };
     let at = |o: &Operand<u64>, size: usize| (o.buf + (o.offset * size) as u64, o.ld, o.stride);
-    for p in plan {
-        let (a, b, c) = (at(&p.a, size), at(&p.b, size), at(&p.c, c_size));
-        gemm(dev, dtype, c_f32, p.trans, p.mnk, a, b, c, p.batch, 0.0)?;
+    for step in plan {
+        match *step {
+            Step::Product(p) => {
+                let c_f32 = f32_outputs.contains(&p.c.buf);
+                let c = at(&p.c, if c_f32 { 4 } else { size });
+                let beta = if p.accumulate { 1.0 } else { 0.0 };
+                let (a, b) = (at(&p.a, size), at(&p.b, size));
+                gemm(dev, dtype, c_f32, p.trans, p.mnk, a, b, c, p.batch, beta)?;
+            }
+            Step::Softmax {
+                first_row,
+                rows,
+                keys_end,
+            } => softmax(first_row, rows, keys_end)?,
+            Step::Zero { buf, len } => {
+                let stream = dev.cuda_stream();
+                // SAFETY: `buf` is a live f32 allocation of at least `len` elements (the plan's
+                // contract), written on this stream only.
+                unsafe {
+                    candle_core::cuda_backend::cudarc::driver::result::memset_d8_async(
+                        buf,
+                        0,
+                        len * 4,
+                        stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| candle_core::Error::Msg(format!("attention: zeroing: {e:?}")))?;
+            }
+        }
     }
     Ok(())
 }
@@ -725,20 +759,28 @@ pub(crate) fn attention_fwd(
     split_heads(dev, sfx, (addr(k.0, k.1, &stream)?, kh_p), m, s, kv)?;
     split_heads(dev, sfx, (addr(v.0, v.1, &stream)?, vh_p), m, s, kv)?;
     let blocks = Blocks::new(&m);
-    let scores = Buf::alloc(dev, DType::F32, bh * t * s)?;
-    let sc_p = scores.ptr(&stream);
-    products(dev, dtype, true, &blocks.scores(qh_p, kh_p, sc_p))?;
-    let p = Buf::alloc(dev, dtype, bh * t * s)?;
-    // SAFETY: attn_softmax_fwd writes every row's log-sum-exp.
-    let lse = unsafe { dev.alloc::<f32>(bh * t)? };
-    let p_p = p.ptr(&stream);
-    launch!(dev, format!("attn_softmax_fwd_{sfx}"), launch_cfg(bh * t, row_block(s), 0);
-        sc_p, p_p, lse.device_ptr(&stream).0, t as i32, s as i32, m.start as i32,
-        attn_window(&m), attn_scale(&m), blocks.block_rows() as i32);
-    drop(scores);
+    let scores = Buf::alloc(dev, DType::F32, blocks.scratch_len())?;
+    let p = Buf::alloc(dev, dtype, blocks.scratch_len())?;
     let oh = Buf::alloc(dev, dtype, bh * t * d)?;
-    let oh_p = oh.ptr(&stream);
-    products(dev, dtype, false, &blocks.rows_times_keys(p_p, vh_p, oh_p))?;
+    // SAFETY: the blocks' softmax launches write every row's log-sum-exp.
+    let lse = unsafe { dev.alloc::<f32>(bh * t)? };
+    let lse_p = lse.device_ptr(&stream).0;
+    let (sc_p, p_p, oh_p) = (scores.ptr(&stream), p.ptr(&stream), oh.ptr(&stream));
+    let plan = blocks.forward(Forward {
+        q: qh_p,
+        k: kh_p,
+        v: vh_p,
+        out: oh_p,
+        scores: sc_p,
+        p: p_p,
+    });
+    run_plan(dev, dtype, &plan, &[sc_p], |r0, rows, e| {
+        launch!(dev, format!("attn_softmax_fwd_{sfx}"), launch_cfg(bh * rows, row_block(e), 0);
+            sc_p, p_p, lse_p, t as i32, s as i32, m.start as i32, attn_window(&m),
+            attn_scale(&m), r0 as i32, rows as i32, e as i32);
+        Ok(())
+    })?;
+    drop((scores, p));
     let out = Buf::alloc(dev, dtype, b * t * h * d)?;
     merge_heads(dev, sfx, (oh_p, out.ptr(&stream)), m, t, h)?;
     Ok((out.into_storage(dev), lse))
@@ -782,50 +824,60 @@ pub(crate) fn attention_bwd(
         let doh = to_heads(&d_out, t, h)?;
         let p_ = |x: &Buf| x.ptr(&stream);
         let blocks = Blocks::new(&m);
-        let scores = Buf::alloc(dev, DType::F32, bh * t * s)?;
-        products(
-            dev,
-            dtype,
-            true,
-            &blocks.scores(p_(&qh), p_(&kh), p_(&scores)),
-        )?;
-        let dp = Buf::alloc(dev, DType::F32, bh * t * s)?;
-        products(dev, dtype, true, &blocks.scores(p_(&doh), p_(&vh), p_(&dp)))?;
-        let p = Buf::alloc(dev, dtype, bh * t * s)?;
-        let ds = Buf::alloc(dev, dtype, bh * t * s)?;
-        launch!(dev, format!("attn_softmax_bwd_{sfx}"), launch_cfg(bh * t, row_block(s), 0);
-            p_(&scores), p_(&dp), lse.device_ptr(&stream).0, p_(&doh), p_(&oh), p_(&p),
-            p_(&ds), t as i32, s as i32, d as i32, m.start as i32, attn_window(&m), attn_scale(&m),
-            blocks.block_rows() as i32);
-        drop((scores, dp, oh));
-        let dvh = Buf::alloc(dev, dtype, bh * s * d)?;
-        products(
-            dev,
-            dtype,
-            false,
-            &blocks.key_grads(p_(&p), p_(&doh), p_(&dvh)),
-        )?;
+        let n = blocks.scratch_len();
+        let (scores, dp) = (
+            Buf::alloc(dev, DType::F32, n)?,
+            Buf::alloc(dev, DType::F32, n)?,
+        );
+        let (p, ds) = (Buf::alloc(dev, dtype, n)?, Buf::alloc(dev, dtype, n)?);
         let dqh = Buf::alloc(dev, dtype, bh * t * d)?;
-        products(
+        // dK and dV are summed over the blocks, in f32 (the plan zeroes them first).
+        let dkh = Buf::alloc(dev, DType::F32, bh * s * d)?;
+        let dvh = Buf::alloc(dev, DType::F32, bh * s * d)?;
+        let g = Backward {
+            q: p_(&qh),
+            k: p_(&kh),
+            v: p_(&vh),
+            d_out: p_(&doh),
+            scores: p_(&scores),
+            dp: p_(&dp),
+            p: p_(&p),
+            ds: p_(&ds),
+            dq: p_(&dqh),
+            dk: p_(&dkh),
+            dv: p_(&dvh),
+        };
+        let f32_outputs = [g.scores, g.dp, g.dk, g.dv];
+        let lse_p = lse.device_ptr(&stream).0;
+        let oh_p = p_(&oh);
+        run_plan(
             dev,
             dtype,
-            false,
-            &blocks.rows_times_keys(p_(&ds), p_(&kh), p_(&dqh)),
+            &blocks.backward(g),
+            &f32_outputs,
+            |r0, rows, e| {
+                launch!(dev, format!("attn_softmax_bwd_{sfx}"), launch_cfg(bh * rows, row_block(e), 0);
+                g.scores, g.dp, lse_p, g.d_out, oh_p, g.p, g.ds, t as i32, s as i32, d as i32,
+                m.start as i32, attn_window(&m), attn_scale(&m), r0 as i32, rows as i32, e as i32);
+                Ok(())
+            },
         )?;
-        let dkh = Buf::alloc(dev, dtype, bh * s * d)?;
-        products(
-            dev,
-            dtype,
-            false,
-            &blocks.key_grads(p_(&ds), p_(&qh), p_(&dkh)),
-        )?;
+        drop((scores, dp, p, ds, oh));
         let packed = Buf::alloc(dev, dtype, nq + 2 * nk)?;
         let base = packed.ptr(&stream);
         merge_heads(dev, sfx, (p_(&dqh), base), m, t, h)?;
-        merge_heads(dev, sfx, (p_(&dkh), base + (nq * size) as u64), m, s, kv)?;
+        let from_f32 = format!("from_f32_{sfx}");
         merge_heads(
             dev,
-            sfx,
+            &from_f32,
+            (p_(&dkh), base + (nq * size) as u64),
+            m,
+            s,
+            kv,
+        )?;
+        merge_heads(
+            dev,
+            &from_f32,
             (p_(&dvh), base + ((nq + nk) * size) as u64),
             m,
             s,
