@@ -146,15 +146,17 @@ def main():
           + (f", {threads} threads" if args.device == "cpu" else "")
           + f", best of {args.repeat}, {args.seconds:.0f} s each")
     head = (f"{'trainer':<20} {'dtype':>5} {'tokens/s':>10} {'step s':>7} {'data':>6} {'fwd':>6} "
-            f"{'bwd':>6} {'opt':>6} {'peak GiB':>9} {'MFU':>6}")
+            f"{'bwd':>6} {'opt':>6} {'peak GiB':>9} {'est GiB':>8} {'MFU':>6}")
     head += "".join(f" {'÷ ' + r['trainer'].split()[-1]:>12}" for r in refs)
     print(head)
     for name, r in best.items():
         mem = r.get("peak_memory_bytes")
+        est = r.get("estimate_bytes")
         mfu = r.get("mfu")
         line = (f"{name:<20} {r['dtype']:>5} {r['tokens_per_s']:>10.0f} {r['step_s']:>7.3f} "
                 f"{r['data_s']:>6.3f} {r['forward_s']:>6.3f} {r['backward_s']:>6.3f} "
                 f"{r['optimizer_s']:>6.3f} {mem / 2**30 if mem else float('nan'):>9.2f} "
+                f"{est / 2**30 if est else float('nan'):>8.2f} "
                 f"{(100 * mfu if mfu is not None else float('nan')):>5.1f}%")
         for ref in refs:
             line += f" {r['tokens_per_s'] / ref['tokens_per_s']:>11.2f}x"
@@ -164,7 +166,8 @@ def main():
             print(f"{name}: backward queued after {r['backward_enqueued_s']:.3f} s of "
                   f"{r['backward_s']:.3f} s (equal: the host sets the pace)")
     if refs:
-        print("(÷ columns: tokens/s relative to each PyTorch variant)")
+        print("(÷ columns: tokens/s relative to each PyTorch variant; est GiB: the VRAM "
+              "jobctl estimate gives a Candle run, which the scheduler reserves)")
         for name, r in best.items():
             if name.startswith("candle") and r.get("peak_memory_bytes"):
                 ratios = ", ".join(

@@ -11,7 +11,8 @@
 #      Candle f32 / bf16 with attention's whole T×S products (candle-unblocked: the state
 #      before causal block skipping), and
 #      PyTorch + transformers eager / SDPA / TF32 / bf16 autocast, one table with tokens/s,
-#      step split, peak GPU memory, MFU and the ratios;
+#      step split, peak GPU memory (and the VRAM estimate for Candle's runs), MFU and the
+#      ratios; then LoRA at batch 2 x 4096 with and without causal blocks (peak memory);
 #   0. when jobd and jobctl were carried too: the NVML inventory (`jobd gpus`) and
 #      jobs/tiny.toml run end to end on the GPU through the daemon (placement, CUDA worker,
 #      publish, held-out answers), then LoRA in bf16 with checkpointing on its output.
@@ -113,3 +114,12 @@ PYTHONUNBUFFERED=1 timeout 420 "$TORCH_PY" benches/compare.py --device cuda --co
   $([ "${AUTOGRAD:-1}" = 1 ] && echo --autograd) \
   --variants "${VARIANTS:-f32,bf16,candle-unblocked,candle-tf32,eager,sdpa,tf32,pt-bf16}" 2>&1 | tee "$LOGS/compare.log" \
   | grep -v "^step "
+# Long context, where attention's T×S buffers dominate: LoRA r16 in bf16 at batch 2 x 4096,
+# attention's whole T×S products and buffers vs one causal block of rows at a time; the
+# measured peak beside the VRAM estimate the scheduler reserves.
+echo "== long context: 100m, LoRA r16, bf16, batch 2 x 4096"
+for rows in 0 auto; do
+  timeout 90 "$BIN" --bench --config 100m --batch 2 --seq 4096 --dtype bf16 --lora 16 \
+    --device cuda --seconds 4 $([ "$rows" = 0 ] && echo --attention-block-rows 0) 2>&1 \
+    | grep -v "^step " | tail -1 | sed "s/^/attention rows per block: $rows  /"
+done

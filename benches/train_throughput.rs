@@ -14,7 +14,7 @@
 //! Run: `cargo bench --bench train_throughput -- --config 20m --seconds 60 [--threads 2]
 //! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain|--autograd|--ops-step] [--json]
 //! [--peak-tflops X] [--save] [--checkpointing] [--tf32] [--cuda-events]
-//! [--attention-block-rows N]`; `-- --check --device
+//! [--attention-block-rows N] [--batch N] [--seq N]`; `-- --check --device
 //! cuda` instead compares every fused op and a whole model step on the GPU (f32 and bf16) with
 //! the plain ops on the CPU. The step is the trainer's: on the CPU in f32
 //! [`jobd::train::direct`]'s forward and hand-written backward, on CUDA
@@ -23,7 +23,9 @@
 //! (what LoRA and f16 use); `--checkpointing` recomputes each layer in the backward
 //! (`gradient_checkpointing`); `--plain` uses the plain-op versions of the fused kernels (the
 //! "before"); `--attention-block-rows N` sets the GPU attention's causal blocks (0: whole T×S
-//! products, no skipping; default: automatic); `--json` ends with
+//! products, no skipping; default: automatic); `--batch` and `--seq` replace the
+//! configuration's batch; on CUDA the measured peak is printed beside the VRAM estimate the
+//! scheduler would reserve for the run; `--json` ends with
 //! one JSON line for scripts. MFU counts 6·N + 12·L·T·d FLOPs per token (N: parameters less
 //! the input embedding) against `--peak-tflops`, by default on the CPU the rate this machine
 //! reaches in a 2048³ f32 matmul (measured first), on CUDA the H100/H200 dense peak of the
@@ -64,6 +66,8 @@ struct Args {
     tf32: bool,
     cuda_events: bool,
     attention_block_rows: Option<usize>,
+    batch: Option<usize>,
+    seq: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -88,6 +92,8 @@ fn parse_args() -> Args {
         tf32: false,
         cuda_events: false,
         attention_block_rows: None,
+        batch: None,
+        seq: None,
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
@@ -119,6 +125,8 @@ fn parse_args() -> Args {
             "--check" => a.check = true,
             "--tf32" => a.tf32 = true,
             "--cuda-events" => a.cuda_events = true,
+            "--batch" => a.batch = Some(val().parse().expect("--batch N")),
+            "--seq" => a.seq = Some(val().parse().expect("--seq N")),
             "--attention-block-rows" => {
                 a.attention_block_rows = Some(val().parse().expect("--attention-block-rows N"))
             }
@@ -285,6 +293,44 @@ fn cpu_peak_tflops() -> f64 {
     2.0 * (n * n * n) as f64 / best / 1e12
 }
 
+/// The GPU memory `jobctl estimate` gives for this run ([`jobd::estimate`]): what the
+/// scheduler reserves, to set beside the measured peak.
+fn vram_estimate(cfg: &LlamaConfig, a: &Args, batch: usize, seq: usize) -> u64 {
+    use jobd::estimate::{ModelShape, Tuning, estimate_shape};
+    use jobd::spec::train::TrainDType;
+    let heads = cfg.num_attention_heads as u64;
+    let shape = ModelShape {
+        hidden: cfg.hidden_size as u64,
+        intermediate: cfg.intermediate_size as u64,
+        layers: cfg.num_hidden_layers as u64,
+        heads,
+        kv_heads: cfg.num_key_value_heads.map_or(heads, |k| k as u64),
+        head_dim: cfg.head_dim() as u64,
+        vocab: cfg.vocab_size as u64,
+        tied: cfg.tie_word_embeddings,
+        qkv_bias: cfg.attention_bias == Some(true),
+    };
+    let tuning = match a.lora {
+        Some(r) => Tuning::Lora {
+            r: r as u64,
+            modules: [true; 7],
+            dropout: a.lora_dropout > 0.0,
+        },
+        None => Tuning::Full,
+    };
+    let dtype = match a.dtype {
+        DType::BF16 => TrainDType::Bf16,
+        DType::F16 => TrainDType::F16,
+        _ => TrainDType::F32,
+    };
+    let b = estimate_shape(&shape, tuning, dtype, batch as u64, seq as u64);
+    if a.checkpointing {
+        b.total_checkpointed
+    } else {
+        b.total
+    }
+}
+
 /// Dense peak of an H100/H200 SXM for the compute type, in TFLOP/s.
 fn gpu_peak_tflops(dtype: DType) -> f64 {
     match dtype {
@@ -300,7 +346,9 @@ fn bench(a: &Args) {
     } else {
         device(&a.device)
     };
-    let (cfg, batch, block) = reference(&a.config);
+    let (mut cfg, batch, block) = reference(&a.config);
+    let (batch, block) = (a.batch.unwrap_or(batch), a.seq.unwrap_or(block));
+    cfg.max_position_embeddings = cfg.max_position_embeddings.max(block);
     let threads = rayon::current_num_threads();
     let peak_tflops = a.peak_tflops.unwrap_or_else(|| {
         if dev.is_cuda() {
@@ -493,6 +541,8 @@ fn bench(a: &Args) {
     let tokens_per_s = (batch * block) as f64 / step;
     let mfu = tokens_per_s * flops_per_token(&cfg, block, a.lora.is_some()) / (peak_tflops * 1e12);
     let peak = peak_memory_bytes(&dev);
+    // What placement reserves for this run (GPU memory; the CPU's figure is resident memory).
+    let estimate = dev.is_cuda().then(|| vram_estimate(&cfg, a, batch, block));
     let row = serde_json::json!({
         "trainer": format!("candle {kernels}"),
         "config": a.config,
@@ -508,6 +558,9 @@ fn bench(a: &Args) {
         "optimizer_s": mean(4),
         "backward_enqueued_s": mean(5),
         "peak_memory_bytes": peak,
+        "estimate_bytes": estimate,
+        "batch": batch,
+        "seq": block,
         "mfu": mfu,
         "peak_tflops": peak_tflops,
         "loss": last_loss,
@@ -515,7 +568,7 @@ fn bench(a: &Args) {
     });
     println!(
         "{:<22} {:>5} {:>5} {:>10.0} tokens/s  step {:.3}s = data {:.3} + fwd {:.3} + bwd {:.3} \
-         + opt {:.3}{}  peak {}  MFU {:.1}%",
+         + opt {:.3}{}  peak {}{}  MFU {:.1}%",
         format!("candle {kernels}"),
         a.config,
         dtype_name,
@@ -532,6 +585,10 @@ fn bench(a: &Args) {
         },
         peak.map_or("?".into(), |b| format!(
             "{:.2} GiB",
+            b as f64 / (1u64 << 30) as f64
+        )),
+        estimate.map_or(String::new(), |b| format!(
+            " (estimate {:.2} GiB)",
             b as f64 / (1u64 << 30) as f64
         )),
         100.0 * mfu
