@@ -12,15 +12,17 @@
 #      before causal block skipping), and
 #      PyTorch + transformers eager / SDPA / TF32 / bf16 autocast, one table with tokens/s,
 #      step split, peak GPU memory (and the VRAM estimate for Candle's runs), MFU and the
-#      ratios; then LoRA at batch 2 x 4096 with and without causal blocks (peak memory);
+#      ratios; then each op's time per step in Candle f32 and PyTorch eager; then LoRA at
+#      batch 2 x 4096 with and without causal blocks (peak memory);
 #   0. when jobd and jobctl were carried too: the NVML inventory (`jobd gpus`) and
 #      jobs/tiny.toml run end to end on the GPU through the daemon (placement, CUDA worker,
 #      publish, held-out answers), then LoRA in bf16 with checkpointing on its output.
 # VARIANTS=...,candle-lora adds Candle LoRA r16 in bf16 (direct and, with AUTOGRAD=1,
 # autograd). Logs go to $OUT when the device tool sets it. Eleven runs of SECONDS_EACH (default 12) plus
-# start-up each, times REPEAT, and the tiny job: about 6 minutes in all with SECONDS_EACH=8.
-# With the device tool:  run(command="bash benches/gpu.sh", carry=["target/gpu-bench"],
-#                            timeout_s=480)
+# start-up each, times REPEAT, four short runs and the tiny job: about 8 minutes in all with
+# SECONDS_EACH=8 REPEAT=1.
+# With the device tool:  run(command="SECONDS_EACH=8 REPEAT=1 bash benches/gpu.sh",
+#                            carry=["target/gpu-bench"], timeout_s=590)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${SECONDS_EACH:-12}
@@ -114,6 +116,13 @@ PYTHONUNBUFFERED=1 timeout 420 "$TORCH_PY" benches/compare.py --device cuda --co
   $([ "${AUTOGRAD:-1}" = 1 ] && echo --autograd) \
   --variants "${VARIANTS:-f32,bf16,candle-unblocked,candle-tf32,eager,sdpa,tf32,pt-bf16}" 2>&1 | tee "$LOGS/compare.log" \
   | grep -v "^step "
+# Where a step's time goes, op by op: Candle's op-level step (CUDA events around each op) and
+# PyTorch eager (torch.profiler), both f32, the pair whose ratio is issue 9's open target.
+echo "== op times per step, 100m f32: Candle, then PyTorch eager"
+timeout 60 "$BIN" --bench --config 100m --dtype f32 --device cuda --seconds 3 --op-times 2>&1 \
+  | grep -v "^step "
+PYTHONUNBUFFERED=1 timeout 90 "$TORCH_PY" benches/pytorch_train.py --config 100m \
+  --variant eager --device cuda --seconds 3 --op-times 2>&1 | grep -v "^step "
 # Long context, where attention's T×S buffers dominate: LoRA r16 in bf16 at batch 2 x 4096,
 # attention's whole T×S products and buffers vs one causal block of rows at a time; the
 # measured peak beside the VRAM estimate the scheduler reserves.

@@ -85,6 +85,35 @@ def gpu_process_bytes():
     return total or None
 
 
+def print_op_times(torch, step, device, steps=2):
+    """Profiles `steps` more steps and prints the ops with the most self device time per step
+    (the counterpart of the Candle bench's --op-times)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+    avgs = prof.key_averages()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    if device == "cuda" and not hasattr(avgs[0], key):
+        key = "self_cuda_time_total"  # older PyTorch
+    # Ops (CPU-side events, to which the profiler attributes the kernels they launch), not the
+    # kernels' own rows as well, which would count the same time twice.
+    kernel = getattr(torch.autograd, "DeviceType", None)
+    ops = [e for e in avgs if kernel is None
+           or getattr(e, "device_type", kernel.CPU) == kernel.CPU]
+    rows = sorted(ops, key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in ops) / steps / 1e3
+    print(f"op times per step ({total:.1f} ms of self {'device' if device == 'cuda' else 'CPU'} "
+          f"time, torch.profiler over {steps} steps):")
+    for e in rows[:25]:
+        ms = getattr(e, key) / steps / 1e3
+        if ms <= 0:
+            break
+        print(f"  {e.key[:48]:<48} {ms:>8.2f} ms {100 * ms / total:>5.1f}%  "
+              f"{e.count / steps:>5.0f} calls")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="20m", choices=sorted(CONFIGS))
@@ -97,6 +126,9 @@ def main():
                     help="for MFU; default: 67 (f32) / 495 (tf32) / 989 (bf16) on CUDA, "
                          "required on the CPU")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--op-times", action="store_true",
+                    help="then profile two more steps (torch.profiler) and print the ops that "
+                         "take the most device time per step")
     args = ap.parse_args()
     ensure_torch()
     import torch
@@ -137,7 +169,10 @@ def main():
     since = None
     loss_v = 0.0
     s = 0
-    while True:
+
+    def step():
+        """One training step; returns its (total, data, forward, backward, optimizer) seconds
+        and the loss."""
         t0 = time.perf_counter()
         ids = torch.randint(0, cfg.vocab_size, (batch, block + 1), generator=gen).to(dev)
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
@@ -159,6 +194,10 @@ def main():
         sync()
         secs = time.perf_counter() - t0
         t_opt = secs - t_data - t_fwd - t_bwd
+        return (secs, t_data, t_fwd, t_bwd, t_opt), loss_v, t0
+
+    while True:
+        (secs, t_data, t_fwd, t_bwd, t_opt), loss_v, t0 = step()
         warm = s < args.warmup
         print(f"step {s}{' (warm-up)' if warm else ''}: {secs:.3f}s (data {t_data:.3f}s, "
               f"forward {t_fwd:.3f}s, backward {t_bwd:.3f}s, optimizer {t_opt:.3f}s), "
@@ -170,6 +209,8 @@ def main():
             if time.perf_counter() - since >= args.seconds and len(timed) >= 2:
                 break
     mean = [sum(t[i] for t in timed) / len(timed) for i in range(5)]
+    if args.op_times:
+        print_op_times(torch, step, args.device)
     tps = batch * block / mean[0]
     if args.device == "cuda":
         peak_bytes = gpu_process_bytes() or torch.cuda.max_memory_reserved()

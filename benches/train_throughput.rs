@@ -14,7 +14,7 @@
 //! Run: `cargo bench --bench train_throughput -- --config 20m --seconds 60 [--threads 2]
 //! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain|--autograd|--ops-step] [--json]
 //! [--peak-tflops X] [--save] [--checkpointing] [--tf32] [--cuda-events]
-//! [--attention-block-rows N] [--batch N] [--seq N]`; `-- --check --device
+//! [--attention-block-rows N] [--batch N] [--seq N] [--op-times]`; `-- --check --device
 //! cuda` instead compares every fused op and a whole model step on the GPU (f32 and bf16) with
 //! the plain ops on the CPU. The step is the trainer's: on the CPU in f32
 //! [`jobd::train::direct`]'s forward and hand-written backward, on CUDA
@@ -25,7 +25,8 @@
 //! "before"); `--attention-block-rows N` sets the GPU attention's causal blocks (0: whole T×S
 //! products, no skipping; default: automatic); `--batch` and `--seq` replace the
 //! configuration's batch; on CUDA the measured peak is printed beside the VRAM estimate the
-//! scheduler would reserve for the run; `--json` ends with
+//! scheduler would reserve for the run; `--op-times` adds each kind of op's time per step in
+//! the op-level step (device time from CUDA events; the clock on the CPU); `--json` ends with
 //! one JSON line for scripts. MFU counts 6·N + 12·L·T·d FLOPs per token (N: parameters less
 //! the input embedding) against `--peak-tflops`, by default on the CPU the rate this machine
 //! reaches in a 2048³ f32 matmul (measured first), on CUDA the H100/H200 dense peak of the
@@ -68,6 +69,7 @@ struct Args {
     attention_block_rows: Option<usize>,
     batch: Option<usize>,
     seq: Option<usize>,
+    op_times: bool,
 }
 
 fn parse_args() -> Args {
@@ -94,6 +96,7 @@ fn parse_args() -> Args {
         attention_block_rows: None,
         batch: None,
         seq: None,
+        op_times: false,
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
@@ -125,6 +128,7 @@ fn parse_args() -> Args {
             "--check" => a.check = true,
             "--tf32" => a.tf32 = true,
             "--cuda-events" => a.cuda_events = true,
+            "--op-times" => a.op_times = true,
             "--batch" => a.batch = Some(val().parse().expect("--batch N")),
             "--seq" => a.seq = Some(val().parse().expect("--seq N")),
             "--attention-block-rows" => {
@@ -293,6 +297,36 @@ fn cpu_peak_tflops() -> f64 {
     2.0 * (n * n * n) as f64 / best / 1e12
 }
 
+/// Per step: each kind of op's time (device time on CUDA) and share of the forward +
+/// backward, from `--op-times`.
+fn print_op_times(
+    times: &[jobd::train::op_times::OpTime],
+    steps: f64,
+    fwd_bwd: f64,
+    ops_step: bool,
+) {
+    if !ops_step {
+        println!("op times: only the op-level step is timed op by op (CUDA, or --ops-step)");
+        return;
+    }
+    let total: f64 = times.iter().map(|t| t.seconds).sum::<f64>() / steps;
+    println!(
+        "op times per step ({:.1} ms timed of {:.1} ms data + forward + backward):",
+        1e3 * total,
+        1e3 * fwd_bwd
+    );
+    for t in times {
+        let per_step = t.seconds / steps;
+        println!(
+            "  {:<30} {:>8.2} ms {:>5.1}%  {:>5.0} calls",
+            t.label,
+            1e3 * per_step,
+            100.0 * per_step / fwd_bwd,
+            t.calls as f64 / steps
+        );
+    }
+}
+
 /// The GPU memory `jobctl estimate` gives for this run ([`jobd::estimate`]): what the
 /// scheduler reserves, to set beside the measured peak.
 fn vram_estimate(cfg: &LlamaConfig, a: &Args, batch: usize, seq: usize) -> u64 {
@@ -428,6 +462,9 @@ fn bench(a: &Args) {
     let mut timed_since = None;
     let mut last_loss = 0f32;
     for s in 0..a.max_steps + a.warmup {
+        if a.op_times && ops_step && s == a.warmup {
+            jobd::train::op_times::enable(&dev);
+        }
         let t0 = Instant::now();
         let ids: Vec<u32> = (0..batch * (block + 1))
             .map(|_| rng.below(cfg.vocab_size as u64) as u32)
@@ -538,6 +575,8 @@ fn bench(a: &Args) {
     let n = timed.len() as f64;
     let mean = |i: usize| timed.iter().map(|t| t[i]).sum::<f64>() / n;
     let step = mean(0);
+    let op_times = jobd::train::op_times::take();
+    jobd::train::op_times::disable();
     let tokens_per_s = (batch * block) as f64 / step;
     let mfu = tokens_per_s * flops_per_token(&cfg, block, a.lora.is_some()) / (peak_tflops * 1e12);
     let peak = peak_memory_bytes(&dev);
@@ -593,6 +632,9 @@ fn bench(a: &Args) {
         )),
         100.0 * mfu
     );
+    if a.op_times {
+        print_op_times(&op_times, n, step - mean(4), ops_step);
+    }
     if a.json {
         println!("{row}");
     }

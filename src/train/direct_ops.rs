@@ -26,6 +26,7 @@ use candle_core::{CustomOp2, CustomOp3, DType, Tensor, TensorId};
 
 use super::direct::StepGrads;
 use super::model::{Block, Linear as Projection, Llama, Result, dropout_mask};
+use super::op_times::timed;
 use super::ops::{
     self, Attention, CrossEntropy, Linear, LinearCrossEntropy, RmsNorm, Rope, SwiGlu,
 };
@@ -163,28 +164,30 @@ fn project(
     dtype: DType,
     rng: &mut Option<&mut Rng>,
 ) -> Result<(Tensor, Option<Adapted>)> {
-    let y = x.apply_op2_no_bwd(&p.weight, &Linear)?;
+    let y = timed("linear", || x.apply_op2_no_bwd(&p.weight, &Linear))?;
     let y = match &p.bias {
-        Some(b) => y.broadcast_add(&b.detach().to_dtype(dtype)?)?,
+        Some(b) => timed("bias", || y.broadcast_add(&b.detach().to_dtype(dtype)?))?,
         None => y,
     };
     let Some(lora) = &p.lora else {
         return Ok((y, None));
     };
-    let mask = match rng.as_deref_mut() {
-        Some(r) if lora.dropout > 0.0 => Some(dropout_mask(x, lora.dropout, r)?),
-        _ => None,
-    };
-    let low = match &mask {
-        Some(m) => (x * m)?,
-        None => x.clone(),
-    }
-    .apply_op2_no_bwd(&lora.a, &Linear)?;
-    let delta = low.apply_op2_no_bwd(&lora.b, &Linear)?;
-    Ok((
-        (y + delta.affine(lora.scale, 0.0)?)?,
-        Some(Adapted { low, mask }),
-    ))
+    timed("lora", || {
+        let mask = match rng.as_deref_mut() {
+            Some(r) if lora.dropout > 0.0 => Some(dropout_mask(x, lora.dropout, r)?),
+            _ => None,
+        };
+        let low = match &mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        }
+        .apply_op2_no_bwd(&lora.a, &Linear)?;
+        let delta = low.apply_op2_no_bwd(&lora.b, &Linear)?;
+        Ok((
+            (y + delta.affine(lora.scale, 0.0)?)?,
+            Some(Adapted { low, mask }),
+        ))
+    })
 }
 
 /// Stores `g` as `w`'s gradient when `w` is trainable.
@@ -205,17 +208,31 @@ fn project_bwd(
 ) -> Result<Tensor> {
     // The op's backward does not read its output; `dy` stands in for it. It computes the
     // weight's gradient only for a weight that tracks gradients.
-    let (dx, dw) = Linear.bwd(x, &p.weight, dy, dy)?;
+    let (dx, dw) = timed("linear bwd", || Linear.bwd(x, &p.weight, dy, dy))?;
     keep(grads, &p.weight, dw);
     if let Some(b) = p.bias.as_ref().filter(|b| b.track_op()) {
         let rows = dy.elem_count() / b.elem_count().max(1);
-        let db = dy.reshape((rows, b.elem_count()))?.sum(0)?;
+        let db = timed("bias bwd", || dy.reshape((rows, b.elem_count()))?.sum(0))?;
         grads.insert(b.id(), db.to_dtype(DType::F32)?);
     }
     let dx = need(dx, "projection input")?;
     let (Some(lora), Some(Adapted { low, mask })) = (&p.lora, adapted) else {
         return Ok(dx);
     };
+    timed("lora bwd", || lora_bwd(x, lora, low, mask, dx, dy, grads))
+}
+
+/// The adapter's share of a projection's backward: its gradients, and `dx` plus the
+/// gradient through the adapter.
+fn lora_bwd(
+    x: &Tensor,
+    lora: &super::model::Lora,
+    low: Tensor,
+    mask: Option<Tensor>,
+    dx: Tensor,
+    dy: &Tensor,
+    grads: &mut HashMap<TensorId, Tensor>,
+) -> Result<Tensor> {
     let d_delta = dy.affine(lora.scale, 0.0)?;
     let (d_low, db) = Linear.bwd(&low, &lora.b, &d_delta, &d_delta)?;
     keep(grads, &lora.b, db);
@@ -242,7 +259,14 @@ fn need(t: Option<Tensor>, what: &str) -> Result<Tensor> {
 
 /// RMSNorm of `x` with the f32 weight `w`, recorded in no graph.
 fn norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    Ok(x.apply_op2_no_bwd(w, &RmsNorm { eps })?)
+    Ok(timed("rms_norm", || {
+        x.apply_op2_no_bwd(w, &RmsNorm { eps })
+    })?)
+}
+
+/// `a + b`, timed as a residual or fan-out addition.
+fn add(a: Tensor, b: Tensor) -> Result<Tensor> {
+    Ok(timed("add", || a + b)?)
 }
 
 /// The backward of [`norm`]: stores the weight's gradient (when trainable), returns `x`'s.
@@ -253,15 +277,18 @@ fn norm_bwd(
     eps: f32,
     grads: &mut HashMap<TensorId, Tensor>,
 ) -> Result<Tensor> {
-    let (dx, dw) = RmsNorm { eps }.bwd(x, w, dy, dy)?;
+    let (dx, dw) = timed("rms_norm bwd", || RmsNorm { eps }.bwd(x, w, dy, dy))?;
     keep(grads, w, dw);
     need(dx, "norm input")
 }
 
 /// Rotary embedding (or, with `transpose`, its inverse: the backward).
 fn rotate(x: &Tensor, s: &Setup, transpose: bool) -> Result<Tensor> {
-    Ok(x.contiguous()?
-        .apply_op3_no_bwd(&s.cos, &s.sin, &Rope { transpose })?)
+    let label = if transpose { "rope bwd" } else { "rope" };
+    Ok(timed(label, || {
+        x.contiguous()?
+            .apply_op3_no_bwd(&s.cos, &s.sin, &Rope { transpose })
+    })?)
 }
 
 /// One decoder layer's forward from its input `x`: what the backward needs, and the output.
@@ -281,15 +308,15 @@ fn layer_forward(
     let k = rotate(&k, s, false)?;
     let v = v.contiguous()?;
     let attention = Attention::new(s.heads, 0, s.window);
-    let att = q.apply_op3_no_bwd(&k, &v, &attention)?;
+    let att = timed("attention", || q.apply_op3_no_bwd(&k, &v, &attention))?;
     let (o, ao) = project(&att, &blk.o_proj, dt, &mut rng)?;
-    let x1 = (x + o)?;
+    let x1 = add(x.clone(), o)?;
     let h2 = norm(&x1, &blk.post_attention_layernorm, s.eps)?;
     let (g, ag) = project(&h2, &blk.gate_proj, dt, &mut rng)?;
     let (u, au) = project(&h2, &blk.up_proj, dt, &mut rng)?;
-    let a = g.apply_op2_no_bwd(&u, &SwiGlu)?;
+    let a = timed("swiglu", || g.apply_op2_no_bwd(&u, &SwiGlu))?;
     let (down, ad) = project(&a, &blk.down_proj, dt, &mut rng)?;
-    let out = (&x1 + down)?;
+    let out = add(x1.clone(), down)?;
     let saved = Saved {
         h1,
         q,
@@ -335,24 +362,33 @@ fn layer_backward(
     // out = x1 + down(swiglu(gate(h2), up(h2))), h2 = norm(x1)
     let da = project_bwd(&a, &blk.down_proj, ad, &dx, grads)?;
     drop(a);
-    let (dg, du) = SwiGlu.bwd(&g, &u, &da, &da)?;
+    let (dg, du) = timed("swiglu bwd", || SwiGlu.bwd(&g, &u, &da, &da))?;
     drop((g, u, da));
-    let dh2 = (project_bwd(&h2, &blk.gate_proj, ag, &need(dg, "gate")?, grads)?
-        + project_bwd(&h2, &blk.up_proj, au, &need(du, "up")?, grads)?)?;
+    let dh2 = add(
+        project_bwd(&h2, &blk.gate_proj, ag, &need(dg, "gate")?, grads)?,
+        project_bwd(&h2, &blk.up_proj, au, &need(du, "up")?, grads)?,
+    )?;
     drop(h2);
-    let dx1 = (dx + norm_bwd(&x1, &blk.post_attention_layernorm, &dh2, s.eps, grads)?)?;
+    let dx1 = add(
+        dx,
+        norm_bwd(&x1, &blk.post_attention_layernorm, &dh2, s.eps, grads)?,
+    )?;
     drop((x1, dh2));
     // x1 = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
     let datt = project_bwd(&att, &blk.o_proj, ao, &dx1, grads)?;
-    let (dq, dk, dv) = attention.bwd(&q, &k, &v, &att, &datt)?;
+    let (dq, dk, dv) = timed("attention bwd", || attention.bwd(&q, &k, &v, &att, &datt))?;
     drop((q, k, v, att, datt));
     let dq = rotate(&need(dq, "queries")?, s, true)?;
     let dk = rotate(&need(dk, "keys")?, s, true)?;
-    let dh1 = ((project_bwd(&h1, &blk.q_proj, aq, &dq, grads)?
-        + project_bwd(&h1, &blk.k_proj, ak, &dk, grads)?)?
-        + project_bwd(&h1, &blk.v_proj, av, &need(dv, "values")?, grads)?)?;
+    let dh1 = add(
+        add(
+            project_bwd(&h1, &blk.q_proj, aq, &dq, grads)?,
+            project_bwd(&h1, &blk.k_proj, ak, &dk, grads)?,
+        )?,
+        project_bwd(&h1, &blk.v_proj, av, &need(dv, "values")?, grads)?,
+    )?;
     drop(h1);
-    Ok((dx1 + norm_bwd(x, &blk.input_layernorm, &dh1, s.eps, grads)?)?)
+    add(dx1, norm_bwd(x, &blk.input_layernorm, &dh1, s.eps, grads)?)
 }
 
 /// The forward of a training step with activations in `dtype`: the summed loss of a batch,
@@ -399,8 +435,12 @@ pub fn forward(
     };
     let ids = ids.flatten_all()?.contiguous()?;
     let host_ids = ids.to_vec1::<u32>()?;
-    let rows = ops::embedding_no_graph(&model.embed_tokens, &ids, &host_ids)?;
-    let mut x = rows.reshape((b, t, cfg.hidden_size))?.to_dtype(dtype)?;
+    let rows = timed("embedding", || {
+        ops::embedding_no_graph(&model.embed_tokens, &ids, &host_ids)
+    })?;
+    let mut x = timed("cast", || {
+        rows.reshape((b, t, cfg.hidden_size))?.to_dtype(dtype)
+    })?;
     let mut stream = Vec::with_capacity(model.layers.len() + 1);
     let mut saved = Vec::with_capacity(model.layers.len());
     let mut layer_rngs = Vec::with_capacity(model.layers.len());
@@ -417,16 +457,19 @@ pub fn forward(
         // On the CPU the lm_head and the loss are one op that never holds the logits and
         // computes both gradients in its forward.
         let op = LinearCrossEntropy::new(labels, mask, true, head.track_op())?;
-        let loss_sum = normed.apply_op2_no_bwd(head, &op)?;
+        let loss_sum = timed("lm_head + cross_entropy", || {
+            normed.apply_op2_no_bwd(head, &op)
+        })?;
         (loss_sum, Loss::Fused(op))
     } else {
-        let logits = normed
-            .apply_op2_no_bwd(head, &Linear)?
-            .to_dtype(DType::F32)?;
+        let logits = timed("lm_head", || normed.apply_op2_no_bwd(head, &Linear))?;
+        let logits = timed("cast", || logits.to_dtype(DType::F32))?;
         let labels = labels.contiguous()?;
         let mask = mask.to_dtype(DType::F32)?.contiguous()?;
         let op = CrossEntropy::new();
-        let per_row = logits.apply_op3_no_bwd(&labels, &mask, &op)?;
+        let per_row = timed("cross_entropy", || {
+            logits.apply_op3_no_bwd(&labels, &mask, &op)
+        })?;
         let loss_sum = per_row.sum_all()?;
         (
             loss_sum,
@@ -478,7 +521,9 @@ impl Forward {
         let (dnormed, mut dhead) = match loss {
             Loss::Fused(op) => {
                 let scale = Tensor::new(grad_scale, normed.device())?;
-                op.bwd(&normed, head, &loss_sum, &scale)?
+                timed("lm_head + cross_entropy bwd", || {
+                    op.bwd(&normed, head, &loss_sum, &scale)
+                })?
             }
             Loss::Split {
                 logits,
@@ -489,10 +534,15 @@ impl Forward {
             } => {
                 // d(loss_sum)/d(per_row) is 1 everywhere; the step's scale folds in here.
                 let scale = Tensor::full(grad_scale, per_row.shape(), per_row.device())?;
-                let (dlogits, _, _) = op.bwd(&logits, &labels, &mask, &per_row, &scale)?;
+                let (dlogits, _, _) = timed("cross_entropy bwd", || {
+                    op.bwd(&logits, &labels, &mask, &per_row, &scale)
+                })?;
                 drop((logits, per_row, scale));
-                let dlogits = need(dlogits, "logits")?.to_dtype(setup.dtype)?;
-                Linear.bwd(&normed, head, &dlogits, &dlogits)?
+                let dlogits = need(dlogits, "logits")?;
+                let dlogits = timed("cast", || dlogits.to_dtype(setup.dtype))?;
+                timed("lm_head bwd", || {
+                    Linear.bwd(&normed, head, &dlogits, &dlogits)
+                })?
             }
         };
         drop(normed);
@@ -515,11 +565,12 @@ impl Forward {
         }
         let table = &model.embed_tokens;
         if table.track_op() {
-            let d_rows = dx
-                .to_dtype(DType::F32)?
+            let d_rows = timed("cast", || dx.to_dtype(DType::F32))?
                 .reshape((host_ids.len(), model.cfg.hidden_size))?;
             drop(dx);
-            let mut d_embed = ops::embedding_bwd(table, &ids, &host_ids, &d_rows)?;
+            let mut d_embed = timed("embedding bwd", || {
+                ops::embedding_bwd(table, &ids, &host_ids, &d_rows)
+            })?;
             if model.lm_head.is_none() {
                 // Tied: the table also served as the lm_head.
                 d_embed = (d_embed + need(dhead.take(), "lm_head")?)?;
@@ -727,5 +778,40 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("token id 40"), "{err}");
+    }
+
+    /// `op_times` sees every op of the step once per use: per layer one attention forward and
+    /// backward, seven projections each way, two norms and two residual additions forward.
+    #[test]
+    fn op_times_count_the_steps_ops() {
+        use crate::train::op_times;
+        let (ids, labels, mask) = batch();
+        let (m, _) = model("llama", false, true, None);
+        let layers = m.layers.len() as u64;
+        op_times::enable(&Device::Cpu);
+        let fwd = forward(&m, &ids, &labels, &mask, DType::F32, 1.0, false, None).unwrap();
+        fwd.backward(&m).unwrap();
+        let times = op_times::take();
+        op_times::disable();
+        let calls = |label: &str| {
+            times
+                .iter()
+                .find(|t| t.label == label)
+                .map_or(0, |t| t.calls)
+        };
+        assert_eq!(calls("attention"), layers, "{times:?}");
+        assert_eq!(calls("attention bwd"), layers);
+        assert_eq!(calls("linear"), 7 * layers);
+        assert_eq!(calls("linear bwd"), 7 * layers);
+        // This llama has q, k, v and o biases.
+        assert_eq!(calls("bias"), 4 * layers);
+        assert_eq!(calls("rms_norm"), 2 * layers + 1);
+        assert_eq!(calls("rms_norm bwd"), 2 * layers + 1);
+        assert_eq!(calls("lm_head + cross_entropy"), 1);
+        assert_eq!(calls("embedding bwd"), 1);
+        // Forward: two residual additions per layer; backward: two fan-outs (q/k/v: two
+        // additions, gate/up: one) and two residual additions.
+        assert_eq!(calls("add"), 2 * layers + 5 * layers);
+        assert!(times.iter().all(|t| t.seconds >= 0.0));
     }
 }

@@ -22,6 +22,7 @@ pub mod generate;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
+pub mod op_times;
 pub mod ops;
 pub mod optim;
 pub mod rng;
