@@ -15,8 +15,8 @@
 //! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain|--autograd|--ops-step] [--json]
 //! [--peak-tflops X] [--save] [--checkpointing] [--tf32] [--cuda-events]
 //! [--attention-block-rows N] [--batch N] [--seq N] [--op-times]`; `-- --check --device
-//! cuda` instead compares every fused op and a whole model step on the GPU (f32 and bf16) with
-//! the plain ops on the CPU. The step is the trainer's: on the CPU in f32
+//! cuda` instead compares every fused op and a whole model step on the GPU (f32 and bf16, the
+//! steps with several causal blocks in the attention) with the plain ops on the CPU. The step is the trainer's: on the CPU in f32
 //! [`jobd::train::direct`]'s forward and hand-written backward, on CUDA
 //! [`jobd::train::direct_ops`] (the fused ops without an autograd graph; `--ops-step` runs it on
 //! the CPU too). `--autograd` runs the same fused kernels through Candle's autograd instead
@@ -954,6 +954,9 @@ mod check {
                 );
             }
             ok &= dropout_mask_case(dev, dtype);
+            // Whole steps with several causal blocks in the GPU attention (4 of 8 rows at the
+            // step's 32 tokens; the automatic size would make one).
+            jobd::train::attention_blocks::set_block_rows(Some(8));
             for step in [
                 Step::Autograd,
                 Step::DirectOps(false),
@@ -963,6 +966,7 @@ mod check {
                     ok &= model_step(dev, dtype, step, lora, tol * 2.0);
                 }
             }
+            jobd::train::attention_blocks::set_block_rows(None);
         }
         println!("{}", if ok { "check: all ok" } else { "check: FAILED" });
         ok

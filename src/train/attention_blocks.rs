@@ -332,6 +332,13 @@ mod tests {
         dv: Buf::DV,
     };
 
+    /// Element `(row, col)` of batch item `item`'s matrix of operand `o` (transposed: of its
+    /// transpose) in `x`.
+    fn element(x: &[f32], o: &Operand<Buf>, trans: bool, item: usize, at: (usize, usize)) -> f32 {
+        let (r, c) = if trans { (at.1, at.0) } else { at };
+        x[o.offset + item * o.stride + r * o.ld + c]
+    }
+
     /// A product on host buffers with the device wrapper's semantics.
     fn product(bufs: &mut [Vec<f32>; 12], pr: &Product<Buf>) {
         let (m, n, k) = pr.mnk;
@@ -340,22 +347,8 @@ mod tests {
             {
                 let a = &bufs[pr.a.buf as usize];
                 let b = &bufs[pr.b.buf as usize];
-                let at = |i: usize, l: usize| {
-                    let o = pr.a.offset + item * pr.a.stride;
-                    if pr.trans.0 {
-                        a[o + l * pr.a.ld + i]
-                    } else {
-                        a[o + i * pr.a.ld + l]
-                    }
-                };
-                let bt = |l: usize, j: usize| {
-                    let o = pr.b.offset + item * pr.b.stride;
-                    if pr.trans.1 {
-                        b[o + j * pr.b.ld + l]
-                    } else {
-                        b[o + l * pr.b.ld + j]
-                    }
-                };
+                let at = |i, l| element(a, &pr.a, pr.trans.0, item, (i, l));
+                let bt = |l, j| element(b, &pr.b, pr.trans.1, item, (l, j));
                 for i in 0..m {
                     for j in 0..n {
                         c[i * n + j] = (0..k).map(|l| at(i, l) as f64 * bt(l, j) as f64).sum();
