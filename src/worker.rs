@@ -97,6 +97,12 @@ pub fn main(job_dir: &Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("jobd worker: {e}");
+            if e.is_out_of_memory() {
+                let vram = std::env::var(contract::ENV_VRAM_BYTES)
+                    .ok()
+                    .and_then(|v| v.parse().ok());
+                eprintln!("jobd worker: {}", train::out_of_memory_hint(&spec, vram));
+            }
             ExitCode::from(1)
         }
     }

@@ -243,6 +243,79 @@ impl TrainError {
             reason: reason.into(),
         }
     }
+
+    /// Whether the device ran out of memory (CUDA's allocator, or cuBLAS's workspace).
+    pub fn is_out_of_memory(&self) -> bool {
+        let TrainError::Candle(e) = self else {
+            return false;
+        };
+        let text = format!("{e} {e:?}");
+        [
+            "CUDA_ERROR_OUT_OF_MEMORY",
+            "CUBLAS_STATUS_ALLOC_FAILED",
+            "out of memory",
+        ]
+        .iter()
+        .any(|m| text.contains(m))
+    }
+}
+
+/// What to change in `spec` when its training ran out of GPU memory, each with the memory
+/// it saves, and the reservation the scheduler made (`vram_bytes`, per GPU), for the
+/// worker's last words. The options named are the job file's.
+pub fn out_of_memory_hint(spec: &JobSpec, vram_bytes: Option<u64>) -> String {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut lines = vec![match vram_bytes {
+        Some(b) => format!(
+            "out of GPU memory: the job had {:.1} GiB reserved per GPU (its VRAM estimate, or \
+             resources.vram); it needs more than that, or other processes on the GPU use more \
+             than they did when it was placed",
+            gib(b)
+        ),
+        None => "out of GPU memory".to_string(),
+    }];
+    lines.push("to need less:".into());
+    let t = spec.training.clone().unwrap_or_default();
+    if !t.gradient_checkpointing && t.dtype != crate::spec::train::TrainDType::F16 {
+        lines.push(
+            "  - [training] gradient_checkpointing = true: keeps only each layer's input and \
+             recomputes the layer in the backward (one more forward per step)"
+                .into(),
+        );
+    }
+    if t.per_device_train_batch_size > 1 {
+        let b = t.per_device_train_batch_size;
+        lines.push(format!(
+            "  - [training] per_device_train_batch_size = {} with gradient_accumulation_steps = \
+             {}: the same effective batch, half the activations",
+            b / 2,
+            t.gradient_accumulation_steps.max(1) * 2
+        ));
+    }
+    if t.dtype == crate::spec::train::TrainDType::F32 {
+        lines.push(
+            "  - [training] dtype = \"bf16\": activations (and LoRA's frozen base) in half the \
+             bytes; trained weights stay f32 masters"
+                .into(),
+        );
+    }
+    if spec.lora.is_none() {
+        lines.push(
+            "  - a [lora] section: gradients and AdamW state only for the adapters, not for \
+             every weight"
+                .into(),
+        );
+    }
+    let block = spec.data.as_ref().and_then(|d| d.block_size);
+    lines.push(format!(
+        "  - a smaller [data] block_size{}: activations grow with it, attention's scores with \
+         its square",
+        block.map_or(String::new(), |b| format!(" (now {b})"))
+    ));
+    lines.push(
+        "`jobctl estimate JOB.toml` shows what a change saves; resources.vram reserves more".into(),
+    );
+    lines.join("\n")
 }
 
 /// Trains the job described by `spec` (a resolved `kind = "train"` spec): resumes from the
@@ -296,5 +369,60 @@ pub(crate) fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> 
             }
         },
         None => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> JobSpec {
+        crate::spec::job::parse("job.toml", text).unwrap()
+    }
+
+    #[test]
+    fn out_of_memory_is_told_apart_and_answered_with_what_to_change() {
+        let oom = TrainError::Candle(candle_core::Error::Msg(
+            "jobd gemm: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ));
+        assert!(oom.is_out_of_memory());
+        let other = TrainError::Candle(candle_core::Error::Msg("shape mismatch".into()));
+        assert!(!other.is_out_of_memory());
+        assert!(!TrainError::NotTrain("command job".into()).is_out_of_memory());
+
+        let full = spec(
+            "kind = \"train\"\n[model]\nbase = \"m\"\n[data]\ntrain_file = \"t.jsonl\"\n\
+             block_size = 2048\n[training]\nper_device_train_batch_size = 8\n\
+             gradient_accumulation_steps = 2\n",
+        );
+        let hint = out_of_memory_hint(&full, Some(20 << 30));
+        for want in [
+            "20.0 GiB reserved",
+            "gradient_checkpointing = true",
+            "per_device_train_batch_size = 4 with gradient_accumulation_steps = 4",
+            "dtype = \"bf16\"",
+            "a [lora] section",
+            "block_size (now 2048)",
+            "jobctl estimate",
+        ] {
+            assert!(hint.contains(want), "{want:?} missing from:\n{hint}");
+        }
+        // What the job already does is not suggested again.
+        let lean = spec(
+            "kind = \"train\"\n[model]\nbase = \"m\"\n[data]\ntrain_file = \"t.jsonl\"\n\
+             [training]\nper_device_train_batch_size = 1\ndtype = \"bf16\"\n\
+             gradient_checkpointing = true\n[lora]\nr = 8\n[resources]\ngpus = 1\n",
+        );
+        let hint = out_of_memory_hint(&lean, None);
+        for absent in [
+            "gradient_checkpointing",
+            "per_device_train_batch_size",
+            "dtype",
+            "[lora]",
+            "reserved",
+        ] {
+            assert!(!hint.contains(absent), "{absent:?} in:\n{hint}");
+        }
+        assert!(hint.starts_with("out of GPU memory"), "{hint}");
     }
 }
