@@ -728,6 +728,17 @@ fn validate_training(a: &TrainingArgs, spec: &JobSpec, issues: &mut Vec<Issue>) 
             "evaluation needs data.eval_file or data.eval_split",
         ));
     }
+    let gpus = spec.resources.gpus;
+    if gpus > 1 {
+        issues.push(Issue::new(
+            "resources.gpus",
+            format!(
+                "a train job trains on one GPU (jobd has no multi-GPU training); gpus = {gpus} \
+                 would hold {} GPUs idle: use gpus = 1",
+                gpus - 1
+            ),
+        ));
+    }
     if a.dtype != TrainDType::F32 && spec.resources.gpus == 0 {
         issues.push(Issue::new(
             k("dtype"),
@@ -1125,6 +1136,11 @@ mod tests {
             "invalid type",
         );
         bad(&t("dtype = \"bf16\""), "training.dtype", "needs a GPU");
+        bad(
+            "[resources]\ngpus = 2\n",
+            "resources.gpus",
+            "trains on one GPU",
+        );
         bad(&t("dtype = \"f64\""), "training.dtype", "unknown variant");
         bad(&t("tf32 = \"yes\""), "training.tf32", "invalid type");
         bad(
