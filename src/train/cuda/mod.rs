@@ -685,6 +685,9 @@ fn run_plan(
             } => softmax(first_row, rows, keys_end)?,
             Step::Zero { buf, len } => {
                 let stream = dev.cuda_stream();
+                let zeroing = |e| candle_core::Error::Msg(format!("attention: zeroing: {e:?}"));
+                // The raw driver call needs the device's context current on this thread.
+                stream.context().bind_to_thread().map_err(zeroing)?;
                 // SAFETY: `buf` is a live f32 allocation of at least `len` elements (the plan's
                 // contract), written on this stream only.
                 unsafe {
@@ -695,7 +698,7 @@ fn run_plan(
                         stream.cu_stream(),
                     )
                 }
-                .map_err(|e| candle_core::Error::Msg(format!("attention: zeroing: {e:?}")))?;
+                .map_err(zeroing)?;
             }
         }
     }
