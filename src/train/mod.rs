@@ -348,6 +348,9 @@ pub fn select_device(wants_gpu: bool) -> Result<candle_core::Device, TrainError>
                 // SAFETY: a worker issues all its CUDA work from the one thread that trains,
                 // on this device's one stream, so stream order alone orders every use.
                 unsafe { d.disable_event_tracking() };
+                if let Err(e) = cuda::keep_pool_memory(d) {
+                    tracing::warn!(error = %e, "the memory pool returns memory at each sync");
+                }
             }
             return Ok(dev);
         }

@@ -210,6 +210,34 @@ fn gemm(
     .map_err(|e| candle_core::Error::Msg(format!("jobd gemm: {e:?}")))
 }
 
+/// Lets the device's default memory pool keep the memory it has mapped instead of returning it
+/// to the driver at every synchronisation (the stream-ordered allocator's default release
+/// threshold is 0). A training step synchronises a few times (the loss, the gradient norm),
+/// and after each the next allocations would map their memory again. A worker then holds its
+/// peak until it exits, as PyTorch's caching allocator does; the scheduler has reserved that
+/// much for it, and NVML's view of the process shows its true peak.
+pub(crate) fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let failed = |e| candle_core::Error::Msg(format!("memory pool: {e:?}"));
+    ctx.bind_to_thread().map_err(failed)?;
+    let mut threshold = u64::MAX;
+    // SAFETY: the device comes from the live context; the attribute takes a u64.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(failed)?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .map_err(failed)
+    }
+}
+
 /// A one-off custom op whose CUDA forward is the closure: how a backward pass produces a new
 /// tensor from kernels (the closure reads the tensors it captured; the anchor only picks the
 /// device and is not read).
