@@ -1,12 +1,17 @@
-//! With the `cuda` feature, compiles the training kernels (src/train/cuda/kernels.cu) to PTX
-//! with nvcc, for `include_str!` in src/train/cuda/mod.rs; the driver compiles the PTX for the
-//! GPU at load time. Without the feature this does nothing (no CUDA needed to build or test).
+//! Compiles the training kernels (src/train/cuda/kernels.cu) twice:
+//! - always, as C++ with the host compiler, into the CPU emulator the library's tests run them
+//!   in (src/train/cuda/emulator.cc; linked only into the test binary by
+//!   src/train/kernel_emulator.rs);
+//! - with the `cuda` feature, to PTX with nvcc, for `include_str!` in src/train/cuda/mod.rs; the
+//!   driver compiles the PTX for the GPU at load time. No CUDA is needed to build or test.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=src/train/cuda/kernels.cu");
+    println!("cargo:rerun-if-changed=src/train/cuda/emulator.cc");
+    build_emulator();
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -31,4 +36,20 @@ fn main() {
         .status()
         .unwrap_or_else(|e| panic!("the cuda feature needs nvcc ({}): {e}", nvcc.display()));
     assert!(status.success(), "nvcc failed on src/train/cuda/kernels.cu");
+}
+
+/// The kernels' CPU emulator as a static library in OUT_DIR. Only its search path is given to
+/// rustc: the test module names the library (and libstdc++) itself, so nothing else links it.
+fn build_emulator() {
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .debug(false)
+        .warnings(true)
+        .file("src/train/cuda/emulator.cc")
+        .cargo_metadata(false)
+        .compile("jobd_kernel_emulator");
+    let out = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
+    println!("cargo:rustc-link-search=native={out}");
 }

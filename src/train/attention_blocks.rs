@@ -291,6 +291,7 @@ impl Blocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::kernel_emulator as emulated;
     use crate::train::kernels::attention::allowed;
 
     /// The buffers of one attention call, by name (an index into the host buffers).
@@ -386,10 +387,10 @@ mod tests {
         }
     }
 
-    /// Forward and backward through the plan, with the softmax kernels' index arithmetic
-    /// (`attn_softmax_fwd`/`_bwd` in `kernels.cu`: one row per `row` of `items × rows`),
-    /// every buffer not an input starting as NaN like uninitialised device memory.
-    /// Returns O, dQ, dK, dV.
+    /// Forward and backward through the plan, with the softmax steps run by the CUDA kernels
+    /// themselves (`attn_softmax_fwd`/`_bwd` of `kernels.cu`, in the CPU emulator, launched as
+    /// `train::cuda` launches them), every buffer not an input starting as NaN like
+    /// uninitialised device memory. Returns O, dQ, dK, dV.
     fn blocked(
         m: &Dims,
         blocks: Blocks,
@@ -412,36 +413,12 @@ mod tests {
             nan(nk),
             nan(nk),
         ];
-        let scale = 1.0 / (m.d as f32).sqrt();
-        let (t, s, d) = (m.t, m.s, m.d);
-        let mut lse = nan(items * t);
-        run(&mut bufs, &blocks.forward(FORWARD), |bufs, r0, nrows, e| {
-            for row in 0..items * nrows {
-                let (item, i) = (row / nrows, r0 + row % nrows);
-                let o = row * s;
-                let ok = |j: usize| allowed(i, j, m.start, m.window);
-                let sc = &bufs[Buf::Scores as usize];
-                let mx = (0..e)
-                    .filter(|&j| ok(j))
-                    .map(|j| sc[o + j] * scale)
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = (0..e)
-                    .filter(|&j| ok(j))
-                    .map(|j| (sc[o + j] * scale - mx).exp())
-                    .sum();
-                let l = mx + sum.ln();
-                let p: Vec<f32> = (0..e)
-                    .map(|j| {
-                        if ok(j) {
-                            (sc[o + j] * scale - l).exp()
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                bufs[Buf::P as usize][o..o + e].copy_from_slice(&p);
-                lse[item * t + i] = l;
-            }
+        let mut lse = nan(items * m.t);
+        run(&mut bufs, &blocks.forward(FORWARD), |bufs, r0, rows, e| {
+            let mut p = std::mem::take(&mut bufs[Buf::P as usize]);
+            let scores = &bufs[Buf::Scores as usize];
+            emulated::attn_softmax_fwd::<f32>(scores, &mut p, &mut lse, m, (r0, rows, e));
+            bufs[Buf::P as usize] = p;
         });
         let out = bufs[Buf::O as usize].clone();
         for b in [Buf::Scores, Buf::P] {
@@ -450,31 +427,19 @@ mod tests {
         run(
             &mut bufs,
             &blocks.backward(BACKWARD),
-            |bufs, r0, nrows, e| {
-                for row in 0..items * nrows {
-                    let (item, i) = (row / nrows, r0 + row % nrows);
-                    let o = row * s;
-                    let hrow = item * t + i;
-                    let dot: f32 = (0..d)
-                        .map(|c| bufs[Buf::DO as usize][hrow * d + c] * out[hrow * d + c])
-                        .sum();
-                    let l = lse[hrow];
-                    for j in 0..e {
-                        let ok = allowed(i, j, m.start, m.window);
-                        let pv = if ok {
-                            (bufs[Buf::Scores as usize][o + j] * scale - l).exp()
-                        } else {
-                            0.0
-                        };
-                        let ds = if ok {
-                            scale * pv * (bufs[Buf::DP as usize][o + j] - dot)
-                        } else {
-                            0.0
-                        };
-                        bufs[Buf::P as usize][o + j] = pv;
-                        bufs[Buf::DS as usize][o + j] = ds;
-                    }
-                }
+            |bufs, r0, rows, e| {
+                let mut p = std::mem::take(&mut bufs[Buf::P as usize]);
+                let mut ds = std::mem::take(&mut bufs[Buf::DS as usize]);
+                let inputs = emulated::SoftmaxBwdInputs {
+                    scores: &bufs[Buf::Scores as usize],
+                    dp: &bufs[Buf::DP as usize],
+                    lse: &lse,
+                    d_out: &bufs[Buf::DO as usize],
+                    out: &out,
+                };
+                emulated::attn_softmax_bwd::<f32>(inputs, (&mut p, &mut ds), m, (r0, rows, e));
+                bufs[Buf::P as usize] = p;
+                bufs[Buf::DS as usize] = ds;
             },
         );
         let [.., dq, dk, dv] = bufs;

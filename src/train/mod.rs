@@ -19,6 +19,10 @@ pub mod data;
 pub mod direct;
 pub mod direct_ops;
 pub mod generate;
+#[cfg(test)]
+mod kernel_emulator;
+#[cfg(any(test, feature = "cuda"))]
+mod kernel_launch;
 pub mod kernels;
 pub mod metrics;
 pub mod model;

@@ -10,6 +10,11 @@
 
 typedef unsigned short bf16_t;
 
+// Dynamic shared memory (the launch's `shared_mem_bytes`); emulator.cc defines its own.
+#ifndef JOBD_DYNAMIC_SHARED
+#define JOBD_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 __device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
 __device__ __forceinline__ float ld(const bf16_t* p, long i) {
   return __uint_as_float(((unsigned)p[i]) << 16);
@@ -74,7 +79,7 @@ template <typename T>
 __device__ void rms_bwd(const T* x, const float* w, const T* dy, T* dx, float* dw_part,
                         int rows, int d, float eps, int rows_per_block) {
   __shared__ float sh[32];
-  extern __shared__ float acc[];
+  JOBD_DYNAMIC_SHARED(float, acc);
   for (int c = threadIdx.x; c < d; c += blockDim.x) acc[c] = 0.0f;
   int r0 = blockIdx.x * rows_per_block;
   int r1 = min(rows, r0 + rows_per_block);

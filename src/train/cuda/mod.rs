@@ -18,6 +18,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{CustomOp1, DType, Layout, Shape, Storage, Tensor, bail};
 use half::bf16;
 
+use super::kernel_launch::{self as shape, Launch};
 use super::ops::split_views;
 
 type Result<T> = candle_core::Result<T>;
@@ -104,19 +105,16 @@ fn tensor_addr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     with_storage(t, |s, l| addr(s, l, stream))
 }
 
-fn launch_cfg(grid: usize, block: usize, shared: usize) -> LaunchConfig {
+/// Cudarc's form of a launch shape.
+fn config(l: Launch) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (grid.max(1) as u32, 1, 1),
-        block_dim: (block as u32, 1, 1),
-        shared_mem_bytes: shared as u32,
+        grid_dim: (l.grid as u32, 1, 1),
+        block_dim: (l.block as u32, 1, 1),
+        shared_mem_bytes: l.shared as u32,
     }
 }
 
-fn elementwise(n: usize) -> LaunchConfig {
-    launch_cfg(n.div_ceil(256), 256, 0)
-}
-
-/// Launches `$name` from the jobd module with the given configuration and arguments (each
+/// Launches `$name` from the jobd module with the given [`Launch`] shape and arguments (each
 /// argument bound to a local, so it outlives the launch builder).
 macro_rules! launch {
     ($dev:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
@@ -128,7 +126,7 @@ macro_rules! launch {
         )*
         // SAFETY: argument types and counts match the kernel's signature in kernels.cu; every
         // address points into a live allocation of the size the kernel indexes.
-        unsafe { builder.launch($cfg) }
+        unsafe { builder.launch(config($cfg)) }
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e:?}", $name)))?;
     }};
 }
@@ -288,7 +286,7 @@ pub(crate) fn dropout_mask(x: &Tensor, start: u64, p: f64) -> Result<Tensor> {
         let stream = dev.cuda_stream();
         let (sfx, _) = suffix(dtype)?;
         let out = Buf::alloc(dev, dtype, n)?;
-        launch!(dev, format!("dropout_mask_{sfx}"), elementwise(n);
+        launch!(dev, format!("dropout_mask_{sfx}"), shape::elementwise(n);
             out.ptr(&stream), n as i64, start, p, keep);
         Ok((out.into_storage(dev), x.shape().clone()))
     })
@@ -333,7 +331,7 @@ impl CustomOp1 for Embedding {
         let n = self.host.len();
         let (sfx, _) = suffix(s.dtype())?;
         let out = Buf::alloc(dev, s.dtype(), n * d)?;
-        launch!(dev, format!("embed_fwd_{sfx}"), elementwise(n * d);
+        launch!(dev, format!("embed_fwd_{sfx}"), shape::elementwise(n * d);
             addr(s, l, &stream)?, tensor_addr(&self.ids, &stream)?, out.ptr(&stream),
             (n * d) as i64, d as i32);
         Ok((out.into_storage(dev), Shape::from((n, d))))
@@ -359,7 +357,7 @@ impl CustomOp1 for Embedding {
             let stream = cdev.cuda_stream();
             let (sfx, _) = suffix(table.dtype())?;
             let out = Buf::zeros(cdev, table.dtype(), vocab * d)?;
-            launch!(cdev, format!("embed_bwd_{sfx}"), launch_cfg(groups, row_block(d), 0);
+            launch!(cdev, format!("embed_bwd_{sfx}"), shape::per_row(groups, d);
                 tensor_addr(&grad, &stream)?, tensor_addr(&order, &stream)?,
                 tensor_addr(&starts, &stream)?, tensor_addr(&uniq, &stream)?,
                 out.ptr(&stream), d as i32);
@@ -471,11 +469,6 @@ pub(crate) fn linear_bwd(
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 
-/// Block size for a row of `d` elements: a multiple of 32, at most 256.
-fn row_block(d: usize) -> usize {
-    d.next_multiple_of(32).clamp(32, 256)
-}
-
 /// RMSNorm forward of `x` (rows × d, f32 or bf16) with an f32 weight.
 pub(crate) fn rms_norm_fwd(
     x: (&CudaStorage, &Layout),
@@ -496,7 +489,7 @@ pub(crate) fn rms_norm_fwd(
     let (sfx, _) = suffix(x.0.dtype())?;
     let rows = n / d.max(1);
     let y = Buf::alloc(dev, x.0.dtype(), n)?;
-    launch!(dev, format!("rms_fwd_{sfx}"), launch_cfg(rows, row_block(d), 0);
+    launch!(dev, format!("rms_fwd_{sfx}"), shape::per_row(rows, d);
         addr(x.0, x.1, &stream)?, addr(w.0, w.1, &stream)?, y.ptr(&stream),
         rows as i32, d as i32, eps);
     Ok((y.into_storage(dev), x.1.shape().clone()))
@@ -512,12 +505,14 @@ pub(crate) fn rms_norm_bwd(
     let d = w.elem_count();
     let n = x.elem_count();
     let rows = n / d.max(1);
-    if d * 4 > 48 * 1024 {
-        bail!("rms_norm: rows of {d} are too long for the CUDA kernel (at most 12288)");
+    if d > shape::RMS_BWD_MAX_ROW {
+        bail!(
+            "rms_norm: rows of {d} are too long for the CUDA kernel (at most {})",
+            shape::RMS_BWD_MAX_ROW
+        );
     }
-    // A few rows per block: enough blocks to fill the GPU, few partial rows to sum after.
-    let rows_per_block = 4;
-    let blocks = rows.div_ceil(rows_per_block).max(1);
+    let launch = shape::rms_bwd(rows, d);
+    let blocks = launch.grid;
     let partial = std::sync::Mutex::new(None::<CudaSlice<f32>>);
     let dx = run(x, "jobd-rms-norm-bwd", |dev| {
         let stream = dev.cuda_stream();
@@ -525,10 +520,10 @@ pub(crate) fn rms_norm_bwd(
         let out = Buf::alloc(dev, x.dtype(), n)?;
         // SAFETY: rms_bwd writes every element of its block's row of partial sums.
         let part = unsafe { dev.alloc::<f32>(blocks * d)? };
-        launch!(dev, format!("rms_bwd_{sfx}"), launch_cfg(blocks, row_block(d), d * 4);
+        launch!(dev, format!("rms_bwd_{sfx}"), launch;
             tensor_addr(x, &stream)?, tensor_addr(w, &stream)?, tensor_addr(dy, &stream)?,
             out.ptr(&stream), part.device_ptr(&stream).0,
-            rows as i32, d as i32, eps, rows_per_block as i32);
+            rows as i32, d as i32, eps, shape::RMS_BWD_ROWS_PER_BLOCK as i32);
         *partial.lock().expect("rms partial lock") = Some(part);
         Ok((out.into_storage(dev), x.shape().clone()))
     })?;
@@ -542,7 +537,7 @@ pub(crate) fn rms_norm_bwd(
     let dw = run(w, "jobd-rms-norm-dw", |dev| {
         let stream = dev.cuda_stream();
         let out = Buf::alloc(dev, DType::F32, d)?;
-        launch!(dev, "rms_dw_sum", launch_cfg(d.div_ceil(32), 1024, 0);
+        launch!(dev, "rms_dw_sum", shape::rms_dw_sum(d);
             part.device_ptr(&stream).0, out.ptr(&stream), blocks as i32, d as i32);
         Ok((out.into_storage(dev), w.shape().clone()))
     })?;
@@ -569,7 +564,7 @@ pub(crate) fn rope(
     let n = x.1.shape().elem_count();
     let pairs = n / 2;
     let y = Buf::alloc(dev, x.0.dtype(), n)?;
-    launch!(dev, format!("rope_{sfx}"), elementwise(pairs);
+    launch!(dev, format!("rope_{sfx}"), shape::elementwise(pairs);
         addr(x.0, x.1, &stream)?, addr(cos.0, cos.1, &stream)?, addr(sin.0, sin.1, &stream)?,
         y.ptr(&stream), pairs as i64, t as i32, heads as i32, hd as i32, transpose as i32);
     Ok((y.into_storage(dev), x.1.shape().clone()))
@@ -590,7 +585,7 @@ pub(crate) fn swiglu_fwd(
     let (sfx, _) = suffix(g.0.dtype())?;
     let n = g.1.shape().elem_count();
     let y = Buf::alloc(dev, g.0.dtype(), n)?;
-    launch!(dev, format!("swiglu_fwd_{sfx}"), elementwise(n);
+    launch!(dev, format!("swiglu_fwd_{sfx}"), shape::elementwise(n);
         addr(g.0, g.1, &stream)?, addr(u.0, u.1, &stream)?, y.ptr(&stream), n as i64);
     Ok((y.into_storage(dev), g.1.shape().clone()))
 }
@@ -603,7 +598,7 @@ pub(crate) fn swiglu_bwd(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Ten
         let (sfx, size) = suffix(gate.dtype())?;
         let out = Buf::alloc(dev, gate.dtype(), 2 * n)?;
         let base = out.ptr(&stream);
-        launch!(dev, format!("swiglu_bwd_{sfx}"), elementwise(n);
+        launch!(dev, format!("swiglu_bwd_{sfx}"), shape::elementwise(n);
             tensor_addr(gate, &stream)?, tensor_addr(up, &stream)?, tensor_addr(dy, &stream)?,
             base, base + (n * size) as u64, n as i64);
         Ok((out.into_storage(dev), Shape::from(2 * n)))
@@ -639,7 +634,7 @@ pub(crate) fn cross_entropy_fwd(
     let out = Buf::alloc(dev, DType::F32, n)?;
     // SAFETY: ce_fwd writes every row's log-sum-exp.
     let lse = unsafe { dev.alloc::<f32>(n.max(1))? };
-    launch!(dev, format!("ce_fwd_{sfx}"), launch_cfg(n, row_block(v), 0);
+    launch!(dev, format!("ce_fwd_{sfx}"), shape::per_row(n, v);
         addr(x.0, x.1, &stream)?, addr(labels.0, labels.1, &stream)?,
         addr(mask.0, mask.1, &stream)?, out.ptr(&stream), lse.device_ptr(&stream).0,
         n as i32, v as i32);
@@ -661,7 +656,7 @@ pub(crate) fn cross_entropy_bwd(
         let stream = dev.cuda_stream();
         let (sfx, _) = suffix(logits.dtype())?;
         let out = Buf::alloc(dev, logits.dtype(), n * v)?;
-        launch!(dev, format!("ce_bwd_{sfx}"), launch_cfg(n, row_block(v), 0);
+        launch!(dev, format!("ce_bwd_{sfx}"), shape::per_row(n, v);
             tensor_addr(logits, &stream)?, tensor_addr(labels, &stream)?,
             tensor_addr(mask, &stream)?, lse.device_ptr(&stream).0,
             tensor_addr(&grad, &stream)?, out.ptr(&stream), n as i32, v as i32);
@@ -674,15 +669,6 @@ pub(crate) fn cross_entropy_bwd(
 
 use crate::train::attention_blocks::{Backward, Blocks, Forward, Operand, Step};
 use crate::train::kernels::attention::Dims as AttnDims;
-
-fn attn_scale(m: &AttnDims) -> f32 {
-    1.0 / (m.d as f32).sqrt()
-}
-
-/// The sliding window as the kernels take it (0: none).
-fn attn_window(m: &AttnDims) -> i32 {
-    m.window.map_or(0, |w| w as i32)
-}
 
 /// Runs a plan of [`Blocks`] on the stream: products with operands A and B of `dtype`
 /// (offsets in its elements), C in f32 when it is one of `f32_outputs`, else in `dtype`;
@@ -743,7 +729,7 @@ fn split_heads(
     hs: usize,
 ) -> Result<()> {
     let n = m.b * m.h * t * m.d;
-    launch!(dev, format!("heads_split_{sfx}"), elementwise(n);
+    launch!(dev, format!("heads_split_{sfx}"), shape::elementwise(n);
         src, dst, m.b as i32, t as i32, hs as i32, m.h as i32, m.d as i32);
     Ok(())
 }
@@ -758,7 +744,7 @@ fn merge_heads(
     hd: usize,
 ) -> Result<()> {
     let n = m.b * t * hd * m.d;
-    launch!(dev, format!("heads_merge_{sfx}"), elementwise(n);
+    launch!(dev, format!("heads_merge_{sfx}"), shape::elementwise(n);
         src, dst, m.b as i32, t as i32, hd as i32, m.h as i32, m.d as i32);
     Ok(())
 }
@@ -806,9 +792,9 @@ pub(crate) fn attention_fwd(
         p: p_p,
     });
     run_plan(dev, dtype, &plan, &[sc_p], |r0, rows, e| {
-        launch!(dev, format!("attn_softmax_fwd_{sfx}"), launch_cfg(bh * rows, row_block(e), 0);
-            sc_p, p_p, lse_p, t as i32, s as i32, m.start as i32, attn_window(&m),
-            attn_scale(&m), r0 as i32, rows as i32, e as i32);
+        launch!(dev, format!("attn_softmax_fwd_{sfx}"), shape::per_row(bh * rows, e);
+            sc_p, p_p, lse_p, t as i32, s as i32, m.start as i32, shape::attention_window(&m),
+            shape::attention_scale(&m), r0 as i32, rows as i32, e as i32);
         Ok(())
     })?;
     drop((scores, p));
@@ -887,9 +873,9 @@ pub(crate) fn attention_bwd(
             &blocks.backward(g),
             &f32_outputs,
             |r0, rows, e| {
-                launch!(dev, format!("attn_softmax_bwd_{sfx}"), launch_cfg(bh * rows, row_block(e), 0);
+                launch!(dev, format!("attn_softmax_bwd_{sfx}"), shape::per_row(bh * rows, e);
                 g.scores, g.dp, lse_p, g.d_out, oh_p, g.p, g.ds, t as i32, s as i32, d as i32,
-                m.start as i32, attn_window(&m), attn_scale(&m), r0 as i32, rows as i32, e as i32);
+                m.start as i32, shape::attention_window(&m), shape::attention_scale(&m), r0 as i32, rows as i32, e as i32);
                 Ok(())
             },
         )?;
@@ -938,7 +924,7 @@ pub(crate) fn adamw_moment(
         bail!("adamw: expected f32 moments and gradients of {n} elements");
     }
     let name = if second { "adamw_v" } else { "adamw_m" };
-    launch!(dev, name, elementwise(n);
+    launch!(dev, name, shape::elementwise(n);
         addr(dst.0, dst.1, &stream)?, addr(g.0, g.1, &stream)?, n as i64, beta, grad_scale);
     Ok(())
 }
@@ -956,7 +942,7 @@ pub(crate) fn adamw_apply(
     if p.0.dtype() != DType::F32 || m.1.shape().elem_count() != n || v.1.shape().elem_count() != n {
         bail!("adamw: expected f32 parameters and moments of {n} elements");
     }
-    launch!(dev, "adamw_apply", elementwise(n);
+    launch!(dev, "adamw_apply", shape::elementwise(n);
         addr(p.0, p.1, &stream)?, addr(m.0, m.1, &stream)?, addr(v.0, v.1, &stream)?,
         n as i64, decay, step_size, bc2_sqrt, eps);
     Ok(())
@@ -965,7 +951,7 @@ pub(crate) fn adamw_apply(
 /// Sums of squares of f32 tensors, one f32 per tensor (partials summed in a fixed order), read
 /// back in one transfer.
 pub(crate) fn sums_of_squares(grads: &[Tensor]) -> Result<Vec<f64>> {
-    const BLOCKS: usize = 132;
+    const BLOCKS: usize = shape::SUM_SQUARES_BLOCKS;
     let Some(first) = grads.first() else {
         return Ok(Vec::new());
     };
@@ -978,7 +964,7 @@ pub(crate) fn sums_of_squares(grads: &[Tensor]) -> Result<Vec<f64>> {
                 bail!("gradient norm: expected f32 gradients, got {:?}", g.dtype());
             }
             let g = g.contiguous()?;
-            launch!(dev, "sum_squares_part", launch_cfg(BLOCKS, 256, 0);
+            launch!(dev, "sum_squares_part", shape::sum_squares();
                 tensor_addr(&g, &stream)?, g.elem_count() as i64,
                 base + (i * BLOCKS * 4) as u64);
         }
