@@ -98,7 +98,10 @@ mod tests {
     fn blocks_are_whole_warps_and_cover_their_work() {
         for len in [1, 31, 32, 33, 255, 256, 257, 100_000] {
             let b = row_block(len);
-            assert!(b.is_multiple_of(32) && (32..=256).contains(&b), "{len} → {b}");
+            assert!(
+                b.is_multiple_of(32) && (32..=256).contains(&b),
+                "{len} → {b}"
+            );
         }
         for n in [1, 255, 256, 257, 1_000_000] {
             let l = elementwise(n);

@@ -4,12 +4,12 @@
 //! Candle-nn's `AdamW` keeps its moments private, which rules out exact resume; this one has
 //! the same mathematics as `torch.optim.AdamW` and exposes `m`, `v` and the step count so a
 //! checkpoint can hold them. On the CPU and on CUDA (f32) each tensor is updated in place by
-//! fused kernels: one pass per moment and one for the parameter, no temporaries, with the
-//! clipping factor folded in (the gradients are never rescaled into new tensors). Elsewhere
-//! the update is the same formula in tensor ops on the parameters' device.
+//! one fused kernel: both moments and the parameter in one pass over the elements, no
+//! temporaries, with the clipping factor folded in (the gradients are never rescaled into new
+//! tensors). Elsewhere the update is the same formula in tensor ops on the parameters' device.
 
 use super::kernels::{self, AdamStep};
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Tensor, Var};
 
 use super::TrainError;
 use crate::spec::train::LrSchedulerType;
@@ -111,9 +111,7 @@ impl AdamW {
                     grad_scale: grad_scale as f32,
                 };
                 let g = g.contiguous()?;
-                self.m[i].inplace_op2(&g, &Moment { s, second: false })?;
-                self.v[i].inplace_op2(&g, &Moment { s, second: true })?;
-                theta.inplace_op3(&self.m[i], &self.v[i], &Apply(s))?;
+                update_in_one_pass(theta, (&self.m[i], &self.v[i]), &g, s)?;
                 continue;
             }
             let g = if grad_scale == 1.0 {
@@ -137,6 +135,59 @@ impl AdamW {
     }
 }
 
+/// AdamW's update of `theta` and its moments `(m, v)` from the (contiguous) gradient `g`, by
+/// one kernel that reads and writes each element once ([`kernels::adamw_step`], or its CUDA
+/// twin). Candle lends an in-place op write access to one tensor, so the three written
+/// tensors are opened by ops nested one inside the other (the parameter, then `m`, then `v`
+/// with `g` read), each passing its buffer inward; the innermost runs the kernel on all three.
+fn update_in_one_pass(
+    theta: &Tensor,
+    (m, v): (&Tensor, &Tensor),
+    g: &Tensor,
+    s: AdamStep,
+) -> candle_core::Result<()> {
+    let n = theta.elem_count();
+    if [m, v, g].iter().any(|t| t.elem_count() != n) {
+        candle_core::bail!(
+            "adamw: {n} parameters with moments of {}/{} and a gradient of {} elements",
+            m.elem_count(),
+            v.elem_count(),
+            g.elem_count()
+        );
+    }
+    theta.inplace_op1(&OpenParam { m, v, g, s, n })
+}
+
+/// Where a written buffer of the update lives, handed from an outer op to the inner ones
+/// (valid while the outer op holds its tensor's storage for writing).
+#[derive(Clone, Copy)]
+enum Written {
+    Host(*mut f32),
+    #[cfg(feature = "cuda")]
+    Device(u64),
+}
+
+#[cfg(feature = "cuda")]
+const MIXED_DEVICES: &str = "adamw: parameter, moments and gradient on different devices";
+
+impl Written {
+    fn host(self) -> candle_core::Result<*mut f32> {
+        match self {
+            Written::Host(p) => Ok(p),
+            #[cfg(feature = "cuda")]
+            Written::Device(_) => candle_core::bail!("{MIXED_DEVICES}"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device(self) -> candle_core::Result<u64> {
+        match self {
+            Written::Device(p) => Ok(p),
+            Written::Host(_) => candle_core::bail!("{MIXED_DEVICES}"),
+        }
+    }
+}
+
 /// The contiguous f32 elements of `s` under `l` (same element count as `n`).
 fn slice_mut<'a>(
     s: &'a mut CpuStorage,
@@ -149,101 +200,132 @@ fn slice_mut<'a>(
     }
 }
 
-/// In-place update of one moment from the gradient.
-struct Moment {
+/// Outermost: holds the parameter for writing and opens `m`.
+struct OpenParam<'a> {
+    m: &'a Tensor,
+    v: &'a Tensor,
+    g: &'a Tensor,
     s: AdamStep,
-    /// `v` (squared gradients) rather than `m`.
-    second: bool,
+    n: usize,
 }
 
-impl InplaceOp2 for Moment {
+impl OpenParam<'_> {
+    fn open_m(&self, p: Written) -> candle_core::Result<()> {
+        self.m.inplace_op1(&OpenFirstMoment {
+            p,
+            v: self.v,
+            g: self.g,
+            s: self.s,
+            n: self.n,
+        })
+    }
+}
+
+impl InplaceOp1 for OpenParam<'_> {
     fn name(&self) -> &'static str {
-        "jobd-adamw-moment"
+        "jobd-adamw"
+    }
+
+    fn cpu_fwd(&self, p: &mut CpuStorage, pl: &Layout) -> candle_core::Result<()> {
+        let p = slice_mut(p, pl, self.n)?;
+        self.open_m(Written::Host(p.as_mut_ptr()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, p: &mut candle_core::CudaStorage, pl: &Layout) -> candle_core::Result<()> {
+        self.open_m(Written::Device(super::cuda::f32_addr(p, pl, self.n)?))
+    }
+}
+
+/// Middle: holds `m` for writing and opens `v` with the gradient.
+struct OpenFirstMoment<'a> {
+    p: Written,
+    v: &'a Tensor,
+    g: &'a Tensor,
+    s: AdamStep,
+    n: usize,
+}
+
+impl OpenFirstMoment<'_> {
+    fn open_v(&self, m: Written) -> candle_core::Result<()> {
+        self.v.inplace_op2(
+            self.g,
+            &Update {
+                p: self.p,
+                m,
+                s: self.s,
+                n: self.n,
+            },
+        )
+    }
+}
+
+impl InplaceOp1 for OpenFirstMoment<'_> {
+    fn name(&self) -> &'static str {
+        "jobd-adamw"
+    }
+
+    fn cpu_fwd(&self, m: &mut CpuStorage, ml: &Layout) -> candle_core::Result<()> {
+        let m = slice_mut(m, ml, self.n)?;
+        self.open_v(Written::Host(m.as_mut_ptr()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, m: &mut candle_core::CudaStorage, ml: &Layout) -> candle_core::Result<()> {
+        self.open_v(Written::Device(super::cuda::f32_addr(m, ml, self.n)?))
+    }
+}
+
+/// Innermost: holds `v` for writing and reads the gradient; runs the kernel.
+struct Update {
+    p: Written,
+    m: Written,
+    s: AdamStep,
+    n: usize,
+}
+
+impl InplaceOp2 for Update {
+    fn name(&self) -> &'static str {
+        "jobd-adamw"
     }
 
     fn cpu_fwd(
         &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
+        v: &mut CpuStorage,
+        vl: &Layout,
         g: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        let n = dst_l.shape().elem_count();
+        let n = self.n;
         let g = super::ops::cpu_f32(g, gl)?;
-        let dst = slice_mut(dst, dst_l, n)?;
+        let v = slice_mut(v, vl, n)?;
+        let (p, m) = (self.p.host()?, self.m.host()?);
         if g.len() != n {
             candle_core::bail!("adamw: gradient of {} elements for {n}", g.len());
         }
-        if self.second {
-            kernels::adamw_v(dst, g, &self.s);
-        } else {
-            kernels::adamw_m(dst, g, &self.s);
-        }
+        // SAFETY: `p` and `m` point to `n` f32 each in the storages the enclosing ops hold for
+        // writing until this call returns; they are distinct tensors (Candle's in-place ops
+        // refuse a destination that aliases a source, and the three are separate allocations).
+        let (p, m) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(p, n),
+                std::slice::from_raw_parts_mut(m, n),
+            )
+        };
+        kernels::adamw_step(p, m, v, g, &self.s);
         Ok(())
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        dst: &mut candle_core::CudaStorage,
-        dst_l: &Layout,
+        v: &mut candle_core::CudaStorage,
+        vl: &Layout,
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        let beta = if self.second {
-            self.s.beta2
-        } else {
-            self.s.beta1
-        };
-        super::cuda::adamw_moment((dst, dst_l), (g, gl), beta, self.s.grad_scale, self.second)
-    }
-}
-
-/// In-place parameter update from the new moments.
-struct Apply(AdamStep);
-
-impl InplaceOp3 for Apply {
-    fn name(&self) -> &'static str {
-        "jobd-adamw-apply"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        m: &CpuStorage,
-        ml: &Layout,
-        v: &CpuStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<()> {
-        let n = dst_l.shape().elem_count();
-        let m = super::ops::cpu_f32(m, ml)?;
-        let v = super::ops::cpu_f32(v, vl)?;
-        let dst = slice_mut(dst, dst_l, n)?;
-        if m.len() != n || v.len() != n {
-            candle_core::bail!("adamw: moments of {}/{} elements for {n}", m.len(), v.len());
-        }
-        kernels::adamw_apply(dst, m, v, &self.0);
-        Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        dst: &mut candle_core::CudaStorage,
-        dst_l: &Layout,
-        m: &candle_core::CudaStorage,
-        ml: &Layout,
-        v: &candle_core::CudaStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<()> {
-        let s = &self.0;
-        super::cuda::adamw_apply(
-            (dst, dst_l),
-            (m, ml),
-            (v, vl),
-            (s.decay, s.step_size, s.bc2_sqrt, s.eps),
-        )
+        let (p, m) = (self.p.device()?, self.m.device()?);
+        super::cuda::adamw_step((p, m), (v, vl), (g, gl), self.n, &self.s)
     }
 }
 
@@ -423,6 +505,81 @@ mod tests {
         assert!((norm - 5.0).abs() < 1e-9);
         assert!((factor - (1.0 / (5.0 + 1e-6)) / 8.0).abs() < 1e-12);
         assert_eq!(clip_factor_scaled(&g, 0.0, 1.0).unwrap().1, 1.0);
+    }
+
+    /// Two clipped, decayed updates of a tensor of several kernel chunks by the one-pass
+    /// kernel give the bits of the per-element f32 formulas run as three separate passes (the
+    /// moments, then the parameter), which is what checkpoints written before it hold; and
+    /// the tensor-op path (f64 here) agrees to rounding.
+    #[test]
+    fn one_pass_adamw_gives_the_bits_of_three_passes() {
+        let dev = Device::Cpu;
+        let n = 40_003;
+        let mut rng = crate::train::rng::Rng::new(5);
+        let mut draw = |k: f64| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((rng.next_f64() * 2.0 - 1.0) * k) as f32)
+                .collect()
+        };
+        let (p0, g1, g2) = (draw(1.0), draw(0.1), draw(0.1));
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let (lr, scale) = (3e-4, 0.7);
+        let run = |dtype: DType| -> Vec<f32> {
+            let t = Tensor::new(p0.as_slice(), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let params = vec![Param {
+                name: "w".into(),
+                var: Var::from_tensor(&t).unwrap(),
+                decay: true,
+            }];
+            let mut opt = AdamW::new(cfg, &params).unwrap();
+            for g in [&g1, &g2] {
+                let g = Tensor::new(g.as_slice(), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                opt.step_scaled(&params, &[g], lr, scale).unwrap();
+            }
+            let out = params[0].var.as_tensor().to_dtype(DType::F32).unwrap();
+            out.to_vec1::<f32>().unwrap()
+        };
+        let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
+        for (t, g) in [(1, &g1), (2, &g2)] {
+            let s = kernels::AdamStep {
+                lr: lr as f32,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                decay: (1.0 - lr * 0.1) as f32,
+                step_size: (lr / (1.0 - 0.9f64.powi(t))) as f32,
+                bc2_sqrt: (1.0 - 0.95f64.powi(t)).sqrt() as f32,
+                grad_scale: scale as f32,
+            };
+            for i in 0..n {
+                let gi = g[i] * s.grad_scale;
+                m[i] = m[i] * s.beta1 + gi * (1.0 - s.beta1);
+            }
+            for i in 0..n {
+                let gi = g[i] * s.grad_scale;
+                v[i] = v[i] * s.beta2 + gi * gi * (1.0 - s.beta2);
+            }
+            for i in 0..n {
+                let denom = v[i].sqrt() / s.bc2_sqrt + s.eps;
+                p[i] = p[i] * s.decay - m[i] / denom * s.step_size;
+            }
+        }
+        assert_eq!(run(DType::F32), p);
+        let tensor_ops = run(DType::F64);
+        for (a, b) in tensor_ops.iter().zip(&p) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
     }
 
     #[test]

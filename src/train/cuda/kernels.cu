@@ -355,28 +355,21 @@ __device__ void dropout_mask(T* out, long n, unsigned long long start, double p,
 }
 
 // ------------------------------------------------------------------------------------------
-// AdamW in place, the same formulas as the CPU kernels (f32 moments and parameters).
+// AdamW in place, in one pass: both moments and the parameter, the same f32 operations per
+// element as the CPU kernel (src/train/kernels adamw_step).
 
-extern "C" __global__ void adamw_m(float* m, const float* g, long n, float beta1, float gs) {
+extern "C" __global__ void adamw_step(float* p, float* m, float* v, const float* g, long n,
+                                      float beta1, float beta2, float gs, float decay,
+                                      float step_size, float bc2_sqrt, float eps) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (i >= n) return;
   float gv = g[i] * gs;
-  m[i] = m[i] * beta1 + gv * (1.0f - beta1);
-}
-
-extern "C" __global__ void adamw_v(float* v, const float* g, long n, float beta2, float gs) {
-  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  float gv = g[i] * gs;
-  v[i] = v[i] * beta2 + gv * gv * (1.0f - beta2);
-}
-
-extern "C" __global__ void adamw_apply(float* p, const float* m, const float* v, long n,
-                                       float decay, float step_size, float bc2_sqrt, float eps) {
-  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  float denom = sqrtf(v[i]) / bc2_sqrt + eps;
-  p[i] = p[i] * decay - m[i] / denom * step_size;
+  float mi = m[i] * beta1 + gv * (1.0f - beta1);
+  float vi = v[i] * beta2 + gv * gv * (1.0f - beta2);
+  m[i] = mi;
+  v[i] = vi;
+  float denom = sqrtf(vi) / bc2_sqrt + eps;
+  p[i] = p[i] * decay - mi / denom * step_size;
 }
 
 // Per-tensor sum of squares into out[slot] (f32 partials per block, summed in order by one

@@ -909,42 +909,30 @@ pub(crate) fn attention_bwd(
 // ---------------------------------------------------------------------------------------------
 // AdamW and the gradient norm
 
-/// `m = β1·m + (1−β1)·g·gs` (or, with `second`, `v = β2·v + (1−β2)·(g·gs)²`) in place.
-pub(crate) fn adamw_moment(
-    dst: (&mut CudaStorage, &Layout),
-    g: (&CudaStorage, &Layout),
-    beta: f32,
-    grad_scale: f32,
-    second: bool,
-) -> Result<()> {
-    let dev = dst.0.device().clone();
-    let stream = dev.cuda_stream();
-    let n = dst.1.shape().elem_count();
-    if dst.0.dtype() != DType::F32 || g.0.dtype() != DType::F32 || g.1.shape().elem_count() != n {
-        bail!("adamw: expected f32 moments and gradients of {n} elements");
+/// Device address of a contiguous f32 tensor of `n` elements in `s` under `l`.
+pub(crate) fn f32_addr(s: &CudaStorage, l: &Layout, n: usize) -> Result<u64> {
+    if s.dtype() != DType::F32 || l.shape().elem_count() != n {
+        bail!("adamw: expected an f32 tensor of {n} elements");
     }
-    let name = if second { "adamw_v" } else { "adamw_m" };
-    launch!(dev, name, shape::elementwise(n);
-        addr(dst.0, dst.1, &stream)?, addr(g.0, g.1, &stream)?, n as i64, beta, grad_scale);
-    Ok(())
+    addr(s, l, &s.device().cuda_stream())
 }
 
-/// `p = p·decay − step_size · m / (√v / bc2_sqrt + ε)` in place.
-pub(crate) fn adamw_apply(
-    p: (&mut CudaStorage, &Layout),
-    m: (&CudaStorage, &Layout),
-    v: (&CudaStorage, &Layout),
-    (decay, step_size, bc2_sqrt, eps): (f32, f32, f32, f32),
+/// AdamW's update in one pass: the parameter at `p` and first moment at `m` (f32, `n`
+/// elements, held for writing by the caller), the second moment `v`, all in place, from the
+/// gradient `g`.
+pub(crate) fn adamw_step(
+    (p, m): (u64, u64),
+    v: (&mut CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    n: usize,
+    s: &crate::train::kernels::AdamStep,
 ) -> Result<()> {
-    let dev = p.0.device().clone();
-    let stream = dev.cuda_stream();
-    let n = p.1.shape().elem_count();
-    if p.0.dtype() != DType::F32 || m.1.shape().elem_count() != n || v.1.shape().elem_count() != n {
-        bail!("adamw: expected f32 parameters and moments of {n} elements");
-    }
-    launch!(dev, "adamw_apply", shape::elementwise(n);
-        addr(p.0, p.1, &stream)?, addr(m.0, m.1, &stream)?, addr(v.0, v.1, &stream)?,
-        n as i64, decay, step_size, bc2_sqrt, eps);
+    let dev = v.0.device().clone();
+    let v_addr = f32_addr(v.0, v.1, n)?;
+    let g_addr = f32_addr(g.0, g.1, n)?;
+    launch!(dev, "adamw_step", shape::elementwise(n);
+        p, m, v_addr, g_addr, n as i64, s.beta1, s.beta2, s.grad_scale, s.decay, s.step_size,
+        s.bc2_sqrt, s.eps);
     Ok(())
 }
 
