@@ -309,21 +309,44 @@ fn print_op_times(
         println!("op times: only the op-level step is timed op by op (CUDA, or --ops-step)");
         return;
     }
-    let total: f64 = times.iter().map(|t| t.seconds).sum::<f64>() / steps;
+    // "op › part" labels time parts inside an op already timed: listed under it, not added.
+    let part_of = |t: &jobd::train::op_times::OpTime| t.label.split_once(" › ").map(|(op, _)| op);
+    let total: f64 = times
+        .iter()
+        .filter(|t| part_of(t).is_none())
+        .map(|t| t.seconds)
+        .sum::<f64>()
+        / steps;
     println!(
-        "op times per step ({:.1} ms timed of {:.1} ms data + forward + backward):",
+        "op times per step ({:.1} ms timed of {:.1} ms data + forward + backward; the \
+         indented lines are parts of the op above):",
         1e3 * total,
         1e3 * fwd_bwd
     );
-    for t in times {
+    let line = |t: &jobd::train::op_times::OpTime, indent: &str| {
         let per_step = t.seconds / steps;
         println!(
-            "  {:<30} {:>8.2} ms {:>5.1}%  {:>5.0} calls",
+            "  {indent}{:<w$} {:>8.2} ms {:>5.1}%  {:>5.0} calls",
             t.label,
             1e3 * per_step,
             100.0 * per_step / fwd_bwd,
-            t.calls as f64 / steps
+            t.calls as f64 / steps,
+            w = 30 - indent.len(),
         );
+    };
+    for t in times.iter().filter(|t| part_of(t).is_none()) {
+        line(t, "");
+        for part in times.iter().filter(|p| part_of(p) == Some(t.label)) {
+            line(part, "  ");
+        }
+    }
+    // Parts whose op was not timed (none in the op-level step), so that nothing is hidden.
+    let ops: Vec<&str> = times.iter().map(|t| t.label).collect();
+    for t in times
+        .iter()
+        .filter(|t| part_of(t).is_some_and(|op| !ops.contains(&op)))
+    {
+        line(t, "");
     }
 }
 

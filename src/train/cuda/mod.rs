@@ -669,15 +669,39 @@ pub(crate) fn cross_entropy_bwd(
 
 use crate::train::attention_blocks::{Backward, Blocks, Forward, Operand, Step};
 use crate::train::kernels::attention::Dims as AttnDims;
+use crate::train::op_times::timed;
+
+/// The labels under which `--op-times` records the parts of one attention call (inside the
+/// whole op's own label; the bench keeps parts out of its total).
+struct Parts {
+    /// The copies between the projections' layout and the heads' (split and merge).
+    heads: &'static str,
+    /// cuBLAS's batched products, and the zeroing of the accumulated dK/dV.
+    products: &'static str,
+    /// The masked softmax kernels.
+    softmax: &'static str,
+}
+
+const FORWARD_PARTS: Parts = Parts {
+    heads: "attention › heads copies",
+    products: "attention › products",
+    softmax: "attention › softmax",
+};
+
+const BACKWARD_PARTS: Parts = Parts {
+    heads: "attention bwd › heads copies",
+    products: "attention bwd › products",
+    softmax: "attention bwd › softmax",
+};
 
 /// Runs a plan of [`Blocks`] on the stream: products with operands A and B of `dtype`
 /// (offsets in its elements), C in f32 when it is one of `f32_outputs`, else in `dtype`;
 /// `softmax(first_row, rows, keys_end)` launches the phase's softmax kernel; zeroed buffers
-/// are f32.
+/// are f32. Each step is timed under its part of `parts` when `--op-times` records.
 fn run_plan(
     dev: &CudaDevice,
     dtype: DType,
-    plan: &[Step<u64>],
+    (plan, parts): (&[Step<u64>], &Parts),
     f32_outputs: &[u64],
     mut softmax: impl FnMut(usize, usize, usize) -> Result<()>,
 ) -> Result<()> {
@@ -690,14 +714,16 @@ fn run_plan(
                 let c = at(&p.c, if c_f32 { 4 } else { size });
                 let beta = if p.accumulate { 1.0 } else { 0.0 };
                 let (a, b) = (at(&p.a, size), at(&p.b, size));
-                gemm(dev, dtype, c_f32, p.trans, p.mnk, a, b, c, p.batch, beta)?;
+                timed(parts.products, || {
+                    gemm(dev, dtype, c_f32, p.trans, p.mnk, a, b, c, p.batch, beta)
+                })?;
             }
             Step::Softmax {
                 first_row,
                 rows,
                 keys_end,
-            } => softmax(first_row, rows, keys_end)?,
-            Step::Zero { buf, len } => {
+            } => timed(parts.softmax, || softmax(first_row, rows, keys_end))?,
+            Step::Zero { buf, len } => timed(parts.products, || -> Result<()> {
                 let stream = dev.cuda_stream();
                 let zeroing = |e| candle_core::Error::Msg(format!("attention: zeroing: {e:?}"));
                 // The raw driver call needs the device's context current on this thread.
@@ -712,8 +738,8 @@ fn run_plan(
                         stream.cu_stream(),
                     )
                 }
-                .map_err(zeroing)?;
-            }
+                .map_err(zeroing)
+            })?,
         }
     }
     Ok(())
@@ -772,9 +798,11 @@ pub(crate) fn attention_fwd(
     let kh = Buf::alloc(dev, dtype, bh * s * d)?;
     let vh = Buf::alloc(dev, dtype, bh * s * d)?;
     let (qh_p, kh_p, vh_p) = (qh.ptr(&stream), kh.ptr(&stream), vh.ptr(&stream));
-    split_heads(dev, sfx, (addr(q.0, q.1, &stream)?, qh_p), m, t, h)?;
-    split_heads(dev, sfx, (addr(k.0, k.1, &stream)?, kh_p), m, s, kv)?;
-    split_heads(dev, sfx, (addr(v.0, v.1, &stream)?, vh_p), m, s, kv)?;
+    timed(FORWARD_PARTS.heads, || -> Result<()> {
+        split_heads(dev, sfx, (addr(q.0, q.1, &stream)?, qh_p), m, t, h)?;
+        split_heads(dev, sfx, (addr(k.0, k.1, &stream)?, kh_p), m, s, kv)?;
+        split_heads(dev, sfx, (addr(v.0, v.1, &stream)?, vh_p), m, s, kv)
+    })?;
     let blocks = Blocks::new(&m);
     let scores = Buf::alloc(dev, DType::F32, blocks.scratch_len())?;
     let p = Buf::alloc(dev, dtype, blocks.scratch_len())?;
@@ -791,15 +819,23 @@ pub(crate) fn attention_fwd(
         scores: sc_p,
         p: p_p,
     });
-    run_plan(dev, dtype, &plan, &[sc_p], |r0, rows, e| {
-        launch!(dev, format!("attn_softmax_fwd_{sfx}"), shape::per_row(bh * rows, e);
+    run_plan(
+        dev,
+        dtype,
+        (&plan, &FORWARD_PARTS),
+        &[sc_p],
+        |r0, rows, e| {
+            launch!(dev, format!("attn_softmax_fwd_{sfx}"), shape::per_row(bh * rows, e);
             sc_p, p_p, lse_p, t as i32, s as i32, m.start as i32, shape::attention_window(&m),
             shape::attention_scale(&m), r0 as i32, rows as i32, e as i32);
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     drop((scores, p));
     let out = Buf::alloc(dev, dtype, b * t * h * d)?;
-    merge_heads(dev, sfx, (oh_p, out.ptr(&stream)), m, t, h)?;
+    timed(FORWARD_PARTS.heads, || {
+        merge_heads(dev, sfx, (oh_p, out.ptr(&stream)), m, t, h)
+    })?;
     Ok((out.into_storage(dev), lse))
 }
 
@@ -824,14 +860,10 @@ pub(crate) fn attention_bwd(
         let bh = b * h;
         let to_heads = |t_: &Tensor, len: usize, hs: usize| -> Result<Buf> {
             let buf = Buf::alloc(dev, dtype, bh * len * d)?;
-            split_heads(
-                dev,
-                sfx,
-                (tensor_addr(t_, &stream)?, buf.ptr(&stream)),
-                m,
-                len,
-                hs,
-            )?;
+            let src = tensor_addr(t_, &stream)?;
+            timed(BACKWARD_PARTS.heads, || {
+                split_heads(dev, sfx, (src, buf.ptr(&stream)), m, len, hs)
+            })?;
             Ok(buf)
         };
         let qh = to_heads(q, t, h)?;
@@ -870,7 +902,7 @@ pub(crate) fn attention_bwd(
         run_plan(
             dev,
             dtype,
-            &blocks.backward(g),
+            (&blocks.backward(g), &BACKWARD_PARTS),
             &f32_outputs,
             |r0, rows, e| {
                 launch!(dev, format!("attn_softmax_bwd_{sfx}"), shape::per_row(bh * rows, e);
@@ -882,24 +914,14 @@ pub(crate) fn attention_bwd(
         drop((scores, dp, p, ds, oh));
         let packed = Buf::alloc(dev, dtype, nq + 2 * nk)?;
         let base = packed.ptr(&stream);
-        merge_heads(dev, sfx, (p_(&dqh), base), m, t, h)?;
         let from_f32 = format!("from_f32_{sfx}");
-        merge_heads(
-            dev,
-            &from_f32,
-            (p_(&dkh), base + (nq * size) as u64),
-            m,
-            s,
-            kv,
-        )?;
-        merge_heads(
-            dev,
-            &from_f32,
-            (p_(&dvh), base + ((nq + nk) * size) as u64),
-            m,
-            s,
-            kv,
-        )?;
+        timed(BACKWARD_PARTS.heads, || -> Result<()> {
+            merge_heads(dev, sfx, (p_(&dqh), base), m, t, h)?;
+            let dk_at = base + (nq * size) as u64;
+            merge_heads(dev, &from_f32, (p_(&dkh), dk_at), m, s, kv)?;
+            let dv_at = base + ((nq + nk) * size) as u64;
+            merge_heads(dev, &from_f32, (p_(&dvh), dv_at), m, s, kv)
+        })?;
         Ok((packed.into_storage(dev), Shape::from(nq + 2 * nk)))
     })?;
     let parts = split_views(&all, &[q.shape(), k.shape(), v.shape()])?;
