@@ -407,8 +407,7 @@ mod tests {
         }
     }
 
-    fn rope<T: Storage>() {
-        let (b, t, heads, hd) = (2, 5, 3, 8);
+    fn rope<T: Storage>((b, t, heads, hd): (usize, usize, usize, usize)) {
         let n = b * t * heads * hd;
         let x = load(&store::<T>(&values(4, n, 1.0)));
         let (cos, sin) = (values(5, t * hd, 1.0), values(6, t * hd, 1.0));
@@ -416,14 +415,14 @@ mod tests {
         for transpose in [false, true] {
             let mut y = garbage::<T>(n);
             let (xp, cp, sp, yp) = (xs.as_ptr(), cos.as_ptr(), sin.as_ptr(), y.as_mut_ptr());
-            let pairs = n / 2;
-            launch(shape::elementwise(pairs), || unsafe {
+            let rows = b * t;
+            launch(shape::rope(rows, heads, hd), || unsafe {
                 (T::ENTRIES.rope)(
                     xp,
                     cp,
                     sp,
                     yp,
-                    pairs as i64,
+                    rows as i64,
                     t as i32,
                     heads as i32,
                     hd as i32,
@@ -438,8 +437,11 @@ mod tests {
 
     #[test]
     fn rope_kernel_matches_the_cpu() {
-        rope::<f32>();
-        rope::<u16>();
+        // Rows of fewer pairs than a block's threads, and of more (each thread takes several).
+        for dims in [(2, 5, 3, 8), (1, 3, 3, 200)] {
+            rope::<f32>(dims);
+            rope::<u16>(dims);
+        }
     }
 
     fn swiglu<T: Storage>(n: usize) {
@@ -533,15 +535,14 @@ mod tests {
 
     /// Grouped heads: (B, T, hs, D) → (B, H, T, D), query head `h` reading source head
     /// `h / (H / hs)` (the CPU attention's grouping), and back, summing each group.
-    fn heads<T: Storage>() {
-        let (b, t, h, hs, d) = (2, 5, 4, 2, 3);
+    fn heads<T: Storage>((b, t, h, hs, d): (usize, usize, usize, usize, usize)) {
         let rep = h / hs;
         let src = load(&store::<T>(&values(13, b * t * hs * d, 1.0)));
         let srcs = store::<T>(&src);
         let mut split = garbage::<T>(b * h * t * d);
         let (sp, dp) = (srcs.as_ptr(), split.as_mut_ptr());
         let dims = [b, t, hs, h, d].map(|x| x as i32);
-        launch(shape::elementwise(b * h * t * d), || unsafe {
+        launch(shape::heads_copy(b * h * t, d), || unsafe {
             (T::ENTRIES.heads_split)(sp, dp, dims[0], dims[1], dims[2], dims[3], dims[4])
         });
         let split = load(&split);
@@ -567,7 +568,7 @@ mod tests {
         let from_f32 = {
             let mut out = garbage::<T>(n);
             let (sp, op) = (heads.as_ptr(), out.as_mut_ptr());
-            launch(shape::elementwise(n), || unsafe {
+            launch(shape::heads_copy(b * t * hs, d), || unsafe {
                 (T::ENTRIES.heads_merge_from_f32)(
                     sp, op, dims[0], dims[1], dims[2], dims[3], dims[4],
                 )
@@ -578,7 +579,7 @@ mod tests {
         let stored = store::<T>(&heads);
         let mut out = garbage::<T>(n);
         let (sp, op) = (stored.as_ptr(), out.as_mut_ptr());
-        launch(shape::elementwise(n), || unsafe {
+        launch(shape::heads_copy(b * t * hs, d), || unsafe {
             (T::ENTRIES.heads_merge)(sp, op, dims[0], dims[1], dims[2], dims[3], dims[4])
         });
         assert_close("heads merge", &load(&out), &want, tolerance::<T>());
@@ -600,8 +601,11 @@ mod tests {
 
     #[test]
     fn head_split_and_merge_kernels_group_heads_like_the_cpu_attention() {
-        heads::<f32>();
-        heads::<u16>();
+        // Grouped and one-to-one heads; rows shorter and longer than a block's threads.
+        for dims in [(2, 5, 4, 2, 3), (1, 3, 2, 2, 300), (2, 2, 6, 3, 64)] {
+            heads::<f32>(dims);
+            heads::<u16>(dims);
+        }
     }
 
     fn embedding<T: Storage>() {

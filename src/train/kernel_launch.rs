@@ -52,6 +52,17 @@ pub(crate) fn per_row(rows: usize, len: usize) -> Launch {
     }
 }
 
+/// RoPE over `rows` rows of `heads` heads of `hd`: a block per row, a thread per rotated pair.
+pub(crate) fn rope(rows: usize, heads: usize, hd: usize) -> Launch {
+    per_row(rows, heads * hd / 2)
+}
+
+/// The attention's head copies, split `(B, T, hs, D)` → `(B, H, T, D)` or merge back: a block
+/// per destination row of `d` (`rows` of them: `B·H·T` for a split, `B·T·hd` for a merge).
+pub(crate) fn heads_copy(rows: usize, d: usize) -> Launch {
+    per_row(rows, d)
+}
+
 /// RMSNorm backward over `rows` rows of `d`: [`RMS_BWD_ROWS_PER_BLOCK`] rows per block, each
 /// block's weight-gradient sums in `d` floats of shared memory.
 pub(crate) fn rms_bwd(rows: usize, d: usize) -> Launch {

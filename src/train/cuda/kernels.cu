@@ -124,29 +124,32 @@ extern "C" __global__ void rms_dw_sum(const float* part, float* dw, int blocks, 
 
 // ------------------------------------------------------------------------------------------
 // Rotate-half rotary embedding of x (B, T, heads·hd) with tables (T, hd) in f32; `transpose`
-// applies the inverse rotation (the backward). One thread per rotated pair.
+// applies the inverse rotation (the backward). One block per (B·T) row, one thread per rotated
+// pair of the row: the row's position is worked out once per block, and a pair's head with one
+// 32-bit division (64-bit index arithmetic per element made these copies compute-bound).
 
 template <typename T>
-__device__ void rope(const T* x, const float* cos, const float* sin, T* y, long pairs, int t,
+__device__ void rope(const T* x, const float* cos, const float* sin, T* y, long rows, int t,
                      int heads, int hd, int transpose) {
-  long p = blockIdx.x * (long)blockDim.x + threadIdx.x;
-  if (p >= pairs) return;
+  long bt = blockIdx.x;
+  if (bt >= rows) return;
   int half = hd / 2;
-  long per_row = (long)heads * half;
-  long bt = p / per_row;
-  int rem = (int)(p - bt * per_row);
-  int h = rem / half, i = rem - h * half;
+  int pairs = heads * half;
   int pos = (int)(bt % t);
-  long base = bt * heads * (long)hd + (long)h * hd;
-  float a = ld(x, base + i), b = ld(x, base + i + half);
   const float* c = cos + (long)pos * hd;
   const float* s = sin + (long)pos * hd;
-  if (transpose) {
-    st(y, base + i, a * c[i] + b * s[i + half]);
-    st(y, base + i + half, b * c[i + half] - a * s[i]);
-  } else {
-    st(y, base + i, a * c[i] - b * s[i]);
-    st(y, base + i + half, b * c[i + half] + a * s[i + half]);
+  const long row = bt * heads * (long)hd;
+  for (int k = threadIdx.x; k < pairs; k += blockDim.x) {
+    int h = k / half, i = k - h * half;
+    long base = row + (long)h * hd;
+    float a = ld(x, base + i), b = ld(x, base + i + half);
+    if (transpose) {
+      st(y, base + i, a * c[i] + b * s[i + half]);
+      st(y, base + i + half, b * c[i + half] - a * s[i]);
+    } else {
+      st(y, base + i, a * c[i] - b * s[i]);
+      st(y, base + i + half, b * c[i + half] + a * s[i + half]);
+    }
   }
 }
 
@@ -218,36 +221,35 @@ __device__ void ce_bwd(const T* x, const unsigned* labels, const float* mask, co
 // summing the H/hd heads that share a destination head (their gradients), from the same type
 // or from f32 (dK and dV, summed over the causal blocks in f32).
 
+// One block per destination row of D elements; the row's indices are worked out once per block.
 template <typename T>
 __device__ void heads_split(const T* src, T* dst, int b, int t, int hs, int h, int d) {
-  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-  long n = (long)b * h * t * d;
-  if (i >= n) return;
-  int c = (int)(i % d);
-  long r = i / d;
+  long r = blockIdx.x;  // (bb, hh, p) of the destination (B, H, T, D)
+  if (r >= (long)b * h * t) return;
   int p = (int)(r % t);
-  r /= t;
-  int hh = (int)(r % h);
-  int bb = (int)(r / h);
+  long bh = r / t;
+  int hh = (int)(bh % h);
+  long bb = bh / h;
   int sh = hh / (h / hs);
-  st(dst, i, ld(src, (((long)bb * t + p) * hs + sh) * d + c));
+  const long from = ((bb * t + p) * hs + sh) * d, to = r * d;
+  for (int c = threadIdx.x; c < d; c += blockDim.x) st(dst, to + c, ld(src, from + c));
 }
 
 template <typename S, typename T>
 __device__ void heads_merge(const S* src, T* dst, int b, int t, int hd, int h, int d) {
-  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-  long n = (long)b * t * hd * d;
-  if (i >= n) return;
-  int c = (int)(i % d);
-  long r = i / d;
+  long r = blockIdx.x;  // (bb, p, g) of the destination (B, T, hd, D)
+  if (r >= (long)b * t * hd) return;
   int g = (int)(r % hd);
-  r /= hd;
-  int p = (int)(r % t);
-  int bb = (int)(r / t);
+  long bp = r / hd;
+  int p = (int)(bp % t);
+  long bb = bp / t;
   int rep = h / hd;
-  float s = 0.0f;
-  for (int k = 0; k < rep; ++k) s += ld(src, (((long)bb * h + g * rep + k) * t + p) * d + c);
-  st(dst, i, s);
+  const long to = r * d;
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    float s = 0.0f;
+    for (int k = 0; k < rep; ++k) s += ld(src, ((bb * h + g * rep + k) * t + p) * d + c);
+    st(dst, to + c, s);
+  }
 }
 
 __device__ __forceinline__ bool allowed(int i, int j, int start, int window) {
@@ -399,8 +401,8 @@ extern "C" __global__ void sum_squares_part(const float* g, long n, float* part)
     rms_bwd(x, w, dy, dx, part, rows, d, eps, rpb);                                           \
   }                                                                                            \
   extern "C" __global__ void rope_##S(const T* x, const float* c, const float* s, T* y,       \
-                                      long pairs, int t, int heads, int hd, int tr) {         \
-    rope(x, c, s, y, pairs, t, heads, hd, tr);                                                \
+                                      long rows, int t, int heads, int hd, int tr) {          \
+    rope(x, c, s, y, rows, t, heads, hd, tr);                                                 \
   }                                                                                            \
   extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, long n) {           \
     swiglu_fwd(g, u, y, n);                                                                   \

@@ -562,11 +562,11 @@ pub(crate) fn rope(
     }
     let (sfx, _) = suffix(x.0.dtype())?;
     let n = x.1.shape().elem_count();
-    let pairs = n / 2;
+    let rows = n / (heads * hd).max(1);
     let y = Buf::alloc(dev, x.0.dtype(), n)?;
-    launch!(dev, format!("rope_{sfx}"), shape::elementwise(pairs);
+    launch!(dev, format!("rope_{sfx}"), shape::rope(rows, heads, hd);
         addr(x.0, x.1, &stream)?, addr(cos.0, cos.1, &stream)?, addr(sin.0, sin.1, &stream)?,
-        y.ptr(&stream), pairs as i64, t as i32, heads as i32, hd as i32, transpose as i32);
+        y.ptr(&stream), rows as i64, t as i32, heads as i32, hd as i32, transpose as i32);
     Ok((y.into_storage(dev), x.1.shape().clone()))
 }
 
@@ -754,8 +754,7 @@ fn split_heads(
     t: usize,
     hs: usize,
 ) -> Result<()> {
-    let n = m.b * m.h * t * m.d;
-    launch!(dev, format!("heads_split_{sfx}"), shape::elementwise(n);
+    launch!(dev, format!("heads_split_{sfx}"), shape::heads_copy(m.b * m.h * t, m.d);
         src, dst, m.b as i32, t as i32, hs as i32, m.h as i32, m.d as i32);
     Ok(())
 }
@@ -769,8 +768,7 @@ fn merge_heads(
     t: usize,
     hd: usize,
 ) -> Result<()> {
-    let n = m.b * t * hd * m.d;
-    launch!(dev, format!("heads_merge_{sfx}"), shape::elementwise(n);
+    launch!(dev, format!("heads_merge_{sfx}"), shape::heads_copy(m.b * t * hd, m.d);
         src, dst, m.b as i32, t as i32, hd as i32, m.h as i32, m.d as i32);
     Ok(())
 }
