@@ -291,6 +291,9 @@ impl Blocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::attention_device::{
+        AttentionDevice, SoftmaxBlock, SoftmaxBwdBufs, SoftmaxFwdBufs,
+    };
     use crate::train::kernel_emulator as emulated;
     use crate::train::kernels::attention::allowed;
 
@@ -414,11 +417,21 @@ mod tests {
             nan(nk),
         ];
         let mut lse = nan(items * m.t);
+        let dev = emulated::HostAttention::<f32>::new();
+        let block = |r0, rows, keys_end| SoftmaxBlock {
+            dims: *m,
+            r0,
+            rows,
+            keys_end,
+        };
+        let lse_p = lse.as_mut_ptr() as u64;
         run(&mut bufs, &blocks.forward(FORWARD), |bufs, r0, rows, e| {
-            let mut p = std::mem::take(&mut bufs[Buf::P as usize]);
-            let scores = &bufs[Buf::Scores as usize];
-            emulated::attn_softmax_fwd::<f32>(scores, &mut p, &mut lse, m, (r0, rows, e));
-            bufs[Buf::P as usize] = p;
+            let x = SoftmaxFwdBufs {
+                scores: bufs[Buf::Scores as usize].as_ptr() as u64,
+                p: bufs[Buf::P as usize].as_mut_ptr() as u64,
+                lse: lse_p,
+            };
+            dev.softmax_fwd(x, block(r0, rows, e)).unwrap();
         });
         let out = bufs[Buf::O as usize].clone();
         for b in [Buf::Scores, Buf::P] {
@@ -428,18 +441,16 @@ mod tests {
             &mut bufs,
             &blocks.backward(BACKWARD),
             |bufs, r0, rows, e| {
-                let mut p = std::mem::take(&mut bufs[Buf::P as usize]);
-                let mut ds = std::mem::take(&mut bufs[Buf::DS as usize]);
-                let inputs = emulated::SoftmaxBwdInputs {
-                    scores: &bufs[Buf::Scores as usize],
-                    dp: &bufs[Buf::DP as usize],
-                    lse: &lse,
-                    d_out: &bufs[Buf::DO as usize],
-                    out: &out,
+                let x = SoftmaxBwdBufs {
+                    scores: bufs[Buf::Scores as usize].as_ptr() as u64,
+                    dp: bufs[Buf::DP as usize].as_ptr() as u64,
+                    lse: lse_p,
+                    d_out: bufs[Buf::DO as usize].as_ptr() as u64,
+                    out: out.as_ptr() as u64,
+                    p: bufs[Buf::P as usize].as_mut_ptr() as u64,
+                    ds: bufs[Buf::DS as usize].as_mut_ptr() as u64,
                 };
-                emulated::attn_softmax_bwd::<f32>(inputs, (&mut p, &mut ds), m, (r0, rows, e));
-                bufs[Buf::P as usize] = p;
-                bufs[Buf::DS as usize] = ds;
+                dev.softmax_bwd(x, block(r0, rows, e)).unwrap();
             },
         );
         let [.., dq, dk, dv] = bufs;

@@ -13,6 +13,9 @@
 
 use std::ffi::c_void;
 
+use super::attention_device::{
+    AttentionDevice, ColumnMajorGemm, Elem, SoftmaxBlock, SoftmaxBwdBufs, SoftmaxFwdBufs,
+};
 use super::kernel_launch::{self as shape, Launch};
 use super::kernels::attention::Dims;
 
@@ -228,89 +231,202 @@ storage!(
     ]
 );
 
-/// `attn_softmax_fwd` on rows `r0..r0 + rows` of every item of `m`, keys `0..e`, launched as
-/// `train::cuda` launches it: scores and P hold those rows only, `(B·H, rows, S)`.
-pub(crate) fn attn_softmax_fwd<T: Storage>(
-    scores: &[f32],
-    p: &mut [T],
-    lse: &mut [f32],
-    m: &Dims,
-    (r0, rows, e): (usize, usize, usize),
-) {
-    let bh = m.b * m.h;
-    assert!(scores.len() >= bh * rows * m.s && p.len() >= bh * rows * m.s);
-    assert!(lse.len() >= bh * m.t && r0 + rows <= m.t && e <= m.s);
-    let (sc, pp, lp) = (scores.as_ptr(), p.as_mut_ptr(), lse.as_mut_ptr());
-    let (window, scale) = (shape::attention_window(m), shape::attention_scale(m));
-    launch(shape::per_row(bh * rows, e), || {
-        // SAFETY: the buffers hold what the kernel indexes (asserted above).
-        unsafe {
-            (T::ENTRIES.attn_softmax_fwd)(
-                sc,
-                pp,
-                lp,
-                m.t as i32,
-                m.s as i32,
-                m.start as i32,
-                window,
-                scale,
-                r0 as i32,
-                rows as i32,
-                e as i32,
-            )
-        }
-    });
+/// [`AttentionDevice`] on the host: buffers are host memory (their addresses are pointers, as
+/// the emulated kernels take them), starting as NaN like uninitialised device memory; the
+/// kernels run in the emulator with `train::cuda`'s launch shapes; products follow cuBLAS's
+/// column-major interface exactly as [`ColumnMajorGemm`] describes the call.
+pub(crate) struct HostAttention<T>(std::marker::PhantomData<T>);
+
+impl<T: Storage> HostAttention<T> {
+    pub(crate) fn new() -> Self {
+        HostAttention(std::marker::PhantomData)
+    }
 }
 
-/// The inputs of `attn_softmax_bwd`: the block's recomputed scores and dP `(B·H, rows, S)`, the
-/// forward's log-sum-exps `(B·H, T)`, and dO and O `(B·H, T, D)`.
-pub(crate) struct SoftmaxBwdInputs<'a, T> {
-    pub scores: &'a [f32],
-    pub dp: &'a [f32],
-    pub lse: &'a [f32],
-    pub d_out: &'a [T],
-    pub out: &'a [T],
+/// Element `i` of a compute-type buffer (`T`) or an f32 one at `addr`.
+///
+/// # Safety
+/// `addr` must point to a live host buffer of the type with more than `i` elements.
+unsafe fn read<T: Storage>(addr: u64, f32_elems: bool, i: usize) -> f32 {
+    unsafe {
+        if f32_elems {
+            *(addr as *const f32).add(i)
+        } else {
+            (*(addr as *const T).add(i)).load()
+        }
+    }
 }
 
-/// `attn_softmax_bwd` on one block of rows, writing P and dS `(B·H, rows, S)`.
-pub(crate) fn attn_softmax_bwd<T: Storage>(
-    x: SoftmaxBwdInputs<T>,
-    (p, ds): (&mut [T], &mut [T]),
-    m: &Dims,
-    (r0, rows, e): (usize, usize, usize),
-) {
-    let bh = m.b * m.h;
-    let n = bh * rows * m.s;
-    assert!(x.scores.len() >= n && x.dp.len() >= n && p.len() >= n && ds.len() >= n);
-    assert!(x.lse.len() >= bh * m.t && x.d_out.len() >= bh * m.t * m.d);
-    assert!(x.out.len() >= bh * m.t * m.d && r0 + rows <= m.t && e <= m.s);
-    let (sc, dp, lse) = (x.scores.as_ptr(), x.dp.as_ptr(), x.lse.as_ptr());
-    let (d_out, out) = (x.d_out.as_ptr(), x.out.as_ptr());
-    let (pp, dsp) = (p.as_mut_ptr(), ds.as_mut_ptr());
-    let (window, scale) = (shape::attention_window(m), shape::attention_scale(m));
-    launch(shape::per_row(bh * rows, e), || {
-        // SAFETY: the buffers hold what the kernel indexes (asserted above).
-        unsafe {
-            (T::ENTRIES.attn_softmax_bwd)(
-                sc,
-                dp,
-                lse,
-                d_out,
-                out,
-                pp,
-                dsp,
-                m.t as i32,
-                m.s as i32,
-                m.d as i32,
-                m.start as i32,
-                window,
-                scale,
-                r0 as i32,
-                rows as i32,
-                e as i32,
-            )
+impl<T: Storage> AttentionDevice for HostAttention<T> {
+    /// 4-byte words, so that f32 buffers are aligned.
+    type Buf = Vec<u32>;
+
+    fn compute_size(&self) -> usize {
+        std::mem::size_of::<T>()
+    }
+
+    fn alloc(&self, elem: Elem, n: usize) -> candle_core::Result<Vec<u32>> {
+        let bytes = n.max(1)
+            * match elem {
+                Elem::Compute => std::mem::size_of::<T>(),
+                Elem::F32 => 4,
+            };
+        // All-ones bits: NaN in f32 and in bf16.
+        Ok(vec![u32::MAX; bytes.div_ceil(4)])
+    }
+
+    fn addr(&self, buf: &Vec<u32>) -> u64 {
+        buf.as_ptr() as u64
+    }
+
+    fn gemm(&self, g: &ColumnMajorGemm) -> candle_core::Result<()> {
+        let (m, n, k) = (g.m, g.n, g.k);
+        for item in 0..g.batch {
+            let (a, b, c) = (g.a, g.b, g.c);
+            let (a0, b0, c0) = (item * a.2, item * b.2, item * c.2);
+            for j in 0..n {
+                for i in 0..m {
+                    let mut acc = 0.0f64;
+                    for l in 0..k {
+                        // Column-major: element (r, c) of a matrix with leading dimension ld is
+                        // at r + c·ld; op(X) = Xᵀ reads (c, r).
+                        let ai = if g.trans_a { l + i * a.1 } else { i + l * a.1 };
+                        let bi = if g.trans_b { j + l * b.1 } else { l + j * b.1 };
+                        // SAFETY: the plan's operands lie inside their buffers (asserted by
+                        // the callers' sizes; a stray index reads NaN or faults the test).
+                        let (x, y) = unsafe {
+                            (
+                                read::<T>(a.0, false, a0 + ai),
+                                read::<T>(b.0, false, b0 + bi),
+                            )
+                        };
+                        acc += x as f64 * y as f64;
+                    }
+                    let ci = c0 + i + j * c.1;
+                    // SAFETY: as above, for C.
+                    unsafe {
+                        if g.beta != 0.0 {
+                            acc += g.beta as f64 * read::<T>(c.0, g.c_f32, ci) as f64;
+                        }
+                        if g.c_f32 {
+                            *(c.0 as *mut f32).add(ci) = acc as f32;
+                        } else {
+                            *(c.0 as *mut T).add(ci) = T::store(acc as f32);
+                        }
+                    }
+                }
+            }
         }
-    });
+        Ok(())
+    }
+
+    fn zero_f32(&self, addr: u64, len: usize) -> candle_core::Result<()> {
+        // SAFETY: the plan zeroes `len` f32 of a buffer it allocated with at least that many.
+        unsafe { std::slice::from_raw_parts_mut(addr as *mut f32, len).fill(0.0) };
+        Ok(())
+    }
+
+    fn split_heads(
+        &self,
+        src: u64,
+        dst: u64,
+        m: &Dims,
+        t: usize,
+        hs: usize,
+    ) -> candle_core::Result<()> {
+        let (src, dst) = (src as *const T, dst as *mut T);
+        let a = [m.b, t, hs, m.h, m.d].map(|x| x as i32);
+        launch(shape::heads_copy(m.b * m.h * t, m.d), || unsafe {
+            (T::ENTRIES.heads_split)(src, dst, a[0], a[1], a[2], a[3], a[4])
+        });
+        Ok(())
+    }
+
+    fn merge_heads(
+        &self,
+        (src, from_f32): (u64, bool),
+        dst: u64,
+        m: &Dims,
+        t: usize,
+        hd: usize,
+    ) -> candle_core::Result<()> {
+        let dst = dst as *mut T;
+        let a = [m.b, t, hd, m.h, m.d].map(|x| x as i32);
+        let l = shape::heads_copy(m.b * t * hd, m.d);
+        if from_f32 {
+            let src = src as *const f32;
+            launch(l, || unsafe {
+                (T::ENTRIES.heads_merge_from_f32)(src, dst, a[0], a[1], a[2], a[3], a[4])
+            });
+        } else {
+            let src = src as *const T;
+            launch(l, || unsafe {
+                (T::ENTRIES.heads_merge)(src, dst, a[0], a[1], a[2], a[3], a[4])
+            });
+        }
+        Ok(())
+    }
+
+    fn softmax_fwd(&self, x: SoftmaxFwdBufs, blk: SoftmaxBlock) -> candle_core::Result<()> {
+        let m = &blk.dims;
+        let (sc, p, lse) = (x.scores as *const f32, x.p as *mut T, x.lse as *mut f32);
+        let (window, scale) = (shape::attention_window(m), shape::attention_scale(m));
+        launch(
+            shape::per_row(m.b * m.h * blk.rows, blk.keys_end),
+            || unsafe {
+                (T::ENTRIES.attn_softmax_fwd)(
+                    sc,
+                    p,
+                    lse,
+                    m.t as i32,
+                    m.s as i32,
+                    m.start as i32,
+                    window,
+                    scale,
+                    blk.r0 as i32,
+                    blk.rows as i32,
+                    blk.keys_end as i32,
+                )
+            },
+        );
+        Ok(())
+    }
+
+    fn softmax_bwd(&self, x: SoftmaxBwdBufs, blk: SoftmaxBlock) -> candle_core::Result<()> {
+        let m = &blk.dims;
+        let (sc, dp, lse) = (
+            x.scores as *const f32,
+            x.dp as *const f32,
+            x.lse as *const f32,
+        );
+        let (d_out, out) = (x.d_out as *const T, x.out as *const T);
+        let (p, ds) = (x.p as *mut T, x.ds as *mut T);
+        let (window, scale) = (shape::attention_window(m), shape::attention_scale(m));
+        launch(
+            shape::per_row(m.b * m.h * blk.rows, blk.keys_end),
+            || unsafe {
+                (T::ENTRIES.attn_softmax_bwd)(
+                    sc,
+                    dp,
+                    lse,
+                    d_out,
+                    out,
+                    p,
+                    ds,
+                    m.t as i32,
+                    m.s as i32,
+                    m.d as i32,
+                    m.start as i32,
+                    window,
+                    scale,
+                    blk.r0 as i32,
+                    blk.rows as i32,
+                    blk.keys_end as i32,
+                )
+            },
+        );
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -750,24 +866,38 @@ mod tests {
         let mut lses = Vec::new();
         fn run<T: Storage>(
             m: &Dims,
-            block: (usize, usize, usize),
+            (r0, rows, keys_end): (usize, usize, usize),
             (scores, dp, d_out, out): (&[f32], &[f32], &[f32], &[f32]),
         ) -> (Vec<f32>, [Vec<f32>; 3]) {
+            let dev = HostAttention::<T>::new();
+            let block = SoftmaxBlock {
+                dims: *m,
+                r0,
+                rows,
+                keys_end,
+            };
             let n = scores.len();
             let mut lse = vec![f32::NAN; m.b * m.h * m.t];
             let mut p = garbage::<T>(n);
-            attn_softmax_fwd(scores, &mut p, &mut lse, m, block);
+            let fwd = SoftmaxFwdBufs {
+                scores: scores.as_ptr() as u64,
+                p: p.as_mut_ptr() as u64,
+                lse: lse.as_mut_ptr() as u64,
+            };
+            dev.softmax_fwd(fwd, block).unwrap();
             let p_fwd = load(&p);
             let (mut p, mut ds) = (garbage::<T>(n), garbage::<T>(n));
             let (d_out, out) = (store::<T>(d_out), store::<T>(out));
-            let inputs = SoftmaxBwdInputs {
-                scores,
-                dp,
-                lse: &lse,
-                d_out: &d_out,
-                out: &out,
+            let bwd = SoftmaxBwdBufs {
+                scores: scores.as_ptr() as u64,
+                dp: dp.as_ptr() as u64,
+                lse: lse.as_ptr() as u64,
+                d_out: d_out.as_ptr() as u64,
+                out: out.as_ptr() as u64,
+                p: p.as_mut_ptr() as u64,
+                ds: ds.as_mut_ptr() as u64,
             };
-            attn_softmax_bwd(inputs, (&mut p, &mut ds), m, block);
+            dev.softmax_bwd(bwd, block).unwrap();
             (lse, [p_fwd, load(&p), load(&ds)])
         }
         for bf16 in [false, true] {
@@ -821,6 +951,77 @@ mod tests {
         for r in 0..bh * rows {
             let s: f32 = results[0][0][r * m.s..r * m.s + e].iter().sum();
             assert!((s - 1.0).abs() < 1e-5, "row {r} sums to {s}");
+        }
+    }
+
+    /// The whole attention call as `train::cuda` runs it (`attention_device`'s sequence: head
+    /// copies, blocked products through cuBLAS's column-major interface, softmax kernels, dK/dV
+    /// summed in f32 and merged back), on the emulated device, against the CPU's flash
+    /// attention: output, log-sum-exps and the three gradients, with grouped heads, a prefix of
+    /// keys, a sliding window and several blocks of rows.
+    fn attention_call<T: Storage>(m: Dims, tol: f32) {
+        use crate::train::attention_device::{self, BackwardInputs};
+        use crate::train::kernels::attention as cpu_attention;
+        let rounded = |seed, n| load(&store::<T>(&values(seed, n, 1.0)));
+        let (nq, nk) = (m.b * m.t * m.h * m.d, m.b * m.s * m.kv * m.d);
+        let (q, k, v) = (rounded(30, nq), rounded(31, nk), rounded(32, nk));
+        let d_out = rounded(33, nq);
+        let (qs, ks, vs, dos) = (
+            store::<T>(&q),
+            store::<T>(&k),
+            store::<T>(&v),
+            store::<T>(&d_out),
+        );
+        let dev = HostAttention::<T>::new();
+        let addr = |x: &[T]| x.as_ptr() as u64;
+        let (out, lse) =
+            attention_device::forward(&dev, (addr(&qs), addr(&ks), addr(&vs)), m).unwrap();
+        // SAFETY: `forward` returns buffers of the output's and the log-sum-exps' sizes.
+        let out_t: &[T] = unsafe { std::slice::from_raw_parts(out.as_ptr() as *const T, nq) };
+        let lse_f: &[f32] =
+            unsafe { std::slice::from_raw_parts(lse.as_ptr() as *const f32, m.b * m.h * m.t) };
+        let (want_out, want_lse) = cpu_attention::forward(&q, &k, &v, m);
+        assert_close("attention output", &load(out_t), &want_out, tol);
+        assert_close("attention lse", lse_f, &want_lse, 1e-5);
+        let inputs = BackwardInputs {
+            q: addr(&qs),
+            k: addr(&ks),
+            v: addr(&vs),
+            out: addr(out_t),
+            lse: lse_f.as_ptr() as u64,
+            d_out: addr(&dos),
+        };
+        let packed = attention_device::backward(&dev, inputs, m).unwrap();
+        // SAFETY: `backward` returns dQ, dK and dV packed in one buffer of the compute type.
+        let grads: &[T] =
+            unsafe { std::slice::from_raw_parts(packed.as_ptr() as *const T, nq + 2 * nk) };
+        let want = cpu_attention::backward(&q, &k, &v, &load(out_t), &d_out, lse_f, m);
+        for (name, range) in [
+            ("dq", 0..nq),
+            ("dk", nq..nq + nk),
+            ("dv", nq + nk..nq + 2 * nk),
+        ] {
+            assert_close(name, &load(&grads[range.clone()]), &want[range], tol);
+        }
+    }
+
+    #[test]
+    fn attention_call_on_the_emulated_device_matches_the_cpu_attention() {
+        let dims = |t, s, start, window| Dims {
+            b: 2,
+            t,
+            h: 4,
+            s,
+            kv: 2,
+            d: 8,
+            start,
+            window,
+        };
+        // One block; three blocks of 128 rows with a short last one, a prefix of keys and a
+        // window.
+        for m in [dims(40, 40, 0, None), dims(300, 320, 20, Some(150))] {
+            attention_call::<f32>(m, 2e-5);
+            attention_call::<u16>(m, 2e-2);
         }
     }
 }

@@ -11,6 +11,8 @@
 //! resumed run reproduces an uninterrupted one bit for bit.
 
 pub mod attention_blocks;
+#[cfg(any(test, feature = "cuda"))]
+mod attention_device;
 pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "cuda")]

@@ -18,7 +18,12 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{CustomOp1, DType, Layout, Shape, Storage, Tensor, bail};
 use half::bf16;
 
+use super::attention_device::{
+    self, AttentionDevice, BackwardInputs, ColumnMajorGemm, Elem, Matrix, SoftmaxBlock,
+    SoftmaxBwdBufs, SoftmaxFwdBufs,
+};
 use super::kernel_launch::{self as shape, Launch};
+use super::kernels::attention::Dims as AttnDims;
 use super::ops::split_views;
 
 type Result<T> = candle_core::Result<T>;
@@ -131,30 +136,34 @@ macro_rules! launch {
     }};
 }
 
-/// Row-major batched product `C = α·op(A)·op(B) + β·C` (op(A) m×k, op(B) k×n, C m×n) through
-/// cuBLAS's column-major interface: the column-major view of a row-major matrix is its
-/// transpose, so this computes `Cᵀ = op(B)ᵀ·op(A)ᵀ`. Inputs of `dtype`; C in f32 when
-/// `c_f32`, else in `dtype`; accumulation in f32 (TF32 when Candle's reduced-precision f32
-/// flag is set).
+/// Row-major batched product `C = α·op(A)·op(B) + β·C` (op(A) m×k, op(B) k×n, C m×n) with
+/// inputs of `dtype` and C in f32 when `c_f32`, through [`cublas_gemm`].
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     dev: &CudaDevice,
     dtype: DType,
     c_f32: bool,
-    (trans_a, trans_b): (bool, bool),
-    (m, n, k): (usize, usize, usize),
-    (a, lda, stride_a): (u64, usize, usize),
-    (b, ldb, stride_b): (u64, usize, usize),
-    (c, ldc, stride_c): (u64, usize, usize),
+    trans: (bool, bool),
+    mnk: (usize, usize, usize),
+    a: Matrix,
+    b: Matrix,
+    c: Matrix,
     batch: usize,
     beta: f32,
 ) -> Result<()> {
+    let g = ColumnMajorGemm::row_major(trans, mnk, a, b, c, c_f32, batch, beta);
+    cublas_gemm(dev, dtype, &g)
+}
+
+/// One `cublasGemmStridedBatchedEx` call as `g` describes it (A and B of `dtype`, alpha 1);
+/// accumulation in f32 (TF32 when Candle's reduced-precision f32 flag is set).
+fn cublas_gemm(dev: &CudaDevice, dtype: DType, g: &ColumnMajorGemm) -> Result<()> {
     let ty = match dtype {
         DType::F32 => cublas::cudaDataType_t::CUDA_R_32F,
         DType::BF16 => cublas::cudaDataType_t::CUDA_R_16BF,
         other => bail!("jobd gemm: unsupported type {other:?}"),
     };
-    let c_ty = if c_f32 {
+    let c_ty = if g.c_f32 {
         cublas::cudaDataType_t::CUDA_R_32F
     } else {
         ty
@@ -176,31 +185,32 @@ fn gemm(
     let blas = dev.cublas_handle();
     let i = |v: usize| v as std::ffi::c_int;
     let l = |v: usize| v as std::ffi::c_longlong;
+    let ((a, lda, stride_a), (b, ldb, stride_b), (c, ldc, stride_c)) = (g.a, g.b, g.c);
     // SAFETY: the addresses point into live device allocations holding the matrices with the
     // given leading dimensions and batch strides; the handle is bound to Candle's stream.
     unsafe {
         candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex(
             *blas.handle(),
-            op(trans_b),
-            op(trans_a),
-            i(n),
-            i(m),
-            i(k),
+            op(g.trans_a),
+            op(g.trans_b),
+            i(g.m),
+            i(g.n),
+            i(g.k),
             &alpha as *const f32 as *const _,
-            b as *const _,
-            ty,
-            i(ldb),
-            l(stride_b),
             a as *const _,
             ty,
             i(lda),
             l(stride_a),
-            &beta as *const f32 as *const _,
+            b as *const _,
+            ty,
+            i(ldb),
+            l(stride_b),
+            &g.beta as *const f32 as *const _,
             c as *mut _,
             c_ty,
             i(ldc),
             l(stride_c),
-            i(batch),
+            i(g.batch),
             compute,
             cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
         )
@@ -667,110 +677,108 @@ pub(crate) fn cross_entropy_bwd(
 // ---------------------------------------------------------------------------------------------
 // Attention
 
-use crate::train::attention_blocks::{Backward, Blocks, Forward, Operand, Step};
-use crate::train::kernels::attention::Dims as AttnDims;
-use crate::train::op_times::timed;
-
-/// The labels under which `--op-times` records the parts of one attention call (inside the
-/// whole op's own label; the bench keeps parts out of its total).
-struct Parts {
-    /// The copies between the projections' layout and the heads' (split and merge).
-    heads: &'static str,
-    /// cuBLAS's batched products, and the zeroing of the accumulated dK/dV.
-    products: &'static str,
-    /// The masked softmax kernels.
-    softmax: &'static str,
-}
-
-const FORWARD_PARTS: Parts = Parts {
-    heads: "attention › heads copies",
-    products: "attention › products",
-    softmax: "attention › softmax",
-};
-
-const BACKWARD_PARTS: Parts = Parts {
-    heads: "attention bwd › heads copies",
-    products: "attention bwd › products",
-    softmax: "attention bwd › softmax",
-};
-
-/// Runs a plan of [`Blocks`] on the stream: products with operands A and B of `dtype`
-/// (offsets in its elements), C in f32 when it is one of `f32_outputs`, else in `dtype`;
-/// `softmax(first_row, rows, keys_end)` launches the phase's softmax kernel; zeroed buffers
-/// are f32. Each step is timed under its part of `parts` when `--op-times` records.
-fn run_plan(
-    dev: &CudaDevice,
+/// The CUDA side of [`attention_device`]'s sequence: buffers of the call's compute type on
+/// Candle's stream, cuBLAS for the products, kernels.cu for the rest.
+struct CudaAttention<'a> {
+    dev: &'a CudaDevice,
     dtype: DType,
-    (plan, parts): (&[Step<u64>], &Parts),
-    f32_outputs: &[u64],
-    mut softmax: impl FnMut(usize, usize, usize) -> Result<()>,
-) -> Result<()> {
-    let size = dtype.size_in_bytes();
-    let at = |o: &Operand<u64>, size: usize| (o.buf + (o.offset * size) as u64, o.ld, o.stride);
-    for step in plan {
-        match *step {
-            Step::Product(p) => {
-                let c_f32 = f32_outputs.contains(&p.c.buf);
-                let c = at(&p.c, if c_f32 { 4 } else { size });
-                let beta = if p.accumulate { 1.0 } else { 0.0 };
-                let (a, b) = (at(&p.a, size), at(&p.b, size));
-                timed(parts.products, || {
-                    gemm(dev, dtype, c_f32, p.trans, p.mnk, a, b, c, p.batch, beta)
-                })?;
-            }
-            Step::Softmax {
-                first_row,
-                rows,
-                keys_end,
-            } => timed(parts.softmax, || softmax(first_row, rows, keys_end))?,
-            Step::Zero { buf, len } => timed(parts.products, || -> Result<()> {
-                let stream = dev.cuda_stream();
-                let zeroing = |e| candle_core::Error::Msg(format!("attention: zeroing: {e:?}"));
-                // The raw driver call needs the device's context current on this thread.
-                stream.context().bind_to_thread().map_err(zeroing)?;
-                // SAFETY: `buf` is a live f32 allocation of at least `len` elements (the plan's
-                // contract), written on this stream only.
-                unsafe {
-                    candle_core::cuda_backend::cudarc::driver::result::memset_d8_async(
-                        buf,
-                        0,
-                        len * 4,
-                        stream.cu_stream(),
-                    )
-                }
-                .map_err(zeroing)
-            })?,
-        }
+    sfx: &'static str,
+}
+
+impl<'a> CudaAttention<'a> {
+    fn new(dev: &'a CudaDevice, dtype: DType) -> Result<Self> {
+        Ok(CudaAttention {
+            dev,
+            dtype,
+            sfx: suffix(dtype)?.0,
+        })
     }
-    Ok(())
 }
 
-/// (B, T, hs·D) at `src` → (B, H, T, D) at `dst`, each source head serving H/hs heads.
-fn split_heads(
-    dev: &CudaDevice,
-    sfx: &str,
-    (src, dst): (u64, u64),
-    m: AttnDims,
-    t: usize,
-    hs: usize,
-) -> Result<()> {
-    launch!(dev, format!("heads_split_{sfx}"), shape::heads_copy(m.b * m.h * t, m.d);
-        src, dst, m.b as i32, t as i32, hs as i32, m.h as i32, m.d as i32);
-    Ok(())
-}
+impl AttentionDevice for CudaAttention<'_> {
+    type Buf = Buf;
 
-/// (B, H, T, D) at `src` → (B, T, hd·D) at `dst`, summing the H/hd heads of each group.
-fn merge_heads(
-    dev: &CudaDevice,
-    sfx: &str,
-    (src, dst): (u64, u64),
-    m: AttnDims,
-    t: usize,
-    hd: usize,
-) -> Result<()> {
-    launch!(dev, format!("heads_merge_{sfx}"), shape::heads_copy(m.b * t * hd, m.d);
-        src, dst, m.b as i32, t as i32, hd as i32, m.h as i32, m.d as i32);
-    Ok(())
+    fn compute_size(&self) -> usize {
+        self.dtype.size_in_bytes()
+    }
+
+    fn alloc(&self, elem: Elem, n: usize) -> Result<Buf> {
+        let dtype = match elem {
+            Elem::Compute => self.dtype,
+            Elem::F32 => DType::F32,
+        };
+        Buf::alloc(self.dev, dtype, n)
+    }
+
+    fn addr(&self, buf: &Buf) -> u64 {
+        buf.ptr(&self.dev.cuda_stream())
+    }
+
+    fn gemm(&self, g: &ColumnMajorGemm) -> Result<()> {
+        cublas_gemm(self.dev, self.dtype, g)
+    }
+
+    fn zero_f32(&self, addr: u64, len: usize) -> Result<()> {
+        let stream = self.dev.cuda_stream();
+        let zeroing = |e| candle_core::Error::Msg(format!("attention: zeroing: {e:?}"));
+        // The raw driver call needs the device's context current on this thread.
+        stream.context().bind_to_thread().map_err(zeroing)?;
+        // SAFETY: `addr` is a live f32 allocation of at least `len` elements (the plan's
+        // contract), written on this stream only.
+        unsafe {
+            candle_core::cuda_backend::cudarc::driver::result::memset_d8_async(
+                addr,
+                0,
+                len * 4,
+                stream.cu_stream(),
+            )
+        }
+        .map_err(zeroing)
+    }
+
+    fn split_heads(&self, src: u64, dst: u64, m: &AttnDims, t: usize, hs: usize) -> Result<()> {
+        launch!(self.dev, format!("heads_split_{}", self.sfx), shape::heads_copy(m.b * m.h * t, m.d);
+            src, dst, m.b as i32, t as i32, hs as i32, m.h as i32, m.d as i32);
+        Ok(())
+    }
+
+    fn merge_heads(
+        &self,
+        (src, from_f32): (u64, bool),
+        dst: u64,
+        m: &AttnDims,
+        t: usize,
+        hd: usize,
+    ) -> Result<()> {
+        let name = if from_f32 {
+            format!("heads_merge_from_f32_{}", self.sfx)
+        } else {
+            format!("heads_merge_{}", self.sfx)
+        };
+        launch!(self.dev, name, shape::heads_copy(m.b * t * hd, m.d);
+            src, dst, m.b as i32, t as i32, hd as i32, m.h as i32, m.d as i32);
+        Ok(())
+    }
+
+    fn softmax_fwd(&self, x: SoftmaxFwdBufs, blk: SoftmaxBlock) -> Result<()> {
+        let m = &blk.dims;
+        launch!(self.dev, format!("attn_softmax_fwd_{}", self.sfx),
+            shape::per_row(m.b * m.h * blk.rows, blk.keys_end);
+            x.scores, x.p, x.lse, m.t as i32, m.s as i32, m.start as i32,
+            shape::attention_window(m), shape::attention_scale(m), blk.r0 as i32,
+            blk.rows as i32, blk.keys_end as i32);
+        Ok(())
+    }
+
+    fn softmax_bwd(&self, x: SoftmaxBwdBufs, blk: SoftmaxBlock) -> Result<()> {
+        let m = &blk.dims;
+        launch!(self.dev, format!("attn_softmax_bwd_{}", self.sfx),
+            shape::per_row(m.b * m.h * blk.rows, blk.keys_end);
+            x.scores, x.dp, x.lse, x.d_out, x.out, x.p, x.ds, m.t as i32, m.s as i32,
+            m.d as i32, m.start as i32, shape::attention_window(m), shape::attention_scale(m),
+            blk.r0 as i32, blk.rows as i32, blk.keys_end as i32);
+        Ok(())
+    }
 }
 
 /// Causal attention forward; returns the output `(B, T, H·D)` and the rows' log-sum-exps
@@ -787,53 +795,12 @@ pub(crate) fn attention_fwd(
     if k.0.dtype() != dtype || v.0.dtype() != dtype {
         bail!("attention: q, k and v must have one type");
     }
-    let (sfx, _) = suffix(dtype)?;
-    let AttnDims {
-        b, t, h, s, kv, d, ..
-    } = m;
-    let bh = b * h;
-    let qh = Buf::alloc(dev, dtype, bh * t * d)?;
-    let kh = Buf::alloc(dev, dtype, bh * s * d)?;
-    let vh = Buf::alloc(dev, dtype, bh * s * d)?;
-    let (qh_p, kh_p, vh_p) = (qh.ptr(&stream), kh.ptr(&stream), vh.ptr(&stream));
-    timed(FORWARD_PARTS.heads, || -> Result<()> {
-        split_heads(dev, sfx, (addr(q.0, q.1, &stream)?, qh_p), m, t, h)?;
-        split_heads(dev, sfx, (addr(k.0, k.1, &stream)?, kh_p), m, s, kv)?;
-        split_heads(dev, sfx, (addr(v.0, v.1, &stream)?, vh_p), m, s, kv)
-    })?;
-    let blocks = Blocks::new(&m);
-    let scores = Buf::alloc(dev, DType::F32, blocks.scratch_len())?;
-    let p = Buf::alloc(dev, dtype, blocks.scratch_len())?;
-    let oh = Buf::alloc(dev, dtype, bh * t * d)?;
-    // SAFETY: the blocks' softmax launches write every row's log-sum-exp.
-    let lse = unsafe { dev.alloc::<f32>(bh * t)? };
-    let lse_p = lse.device_ptr(&stream).0;
-    let (sc_p, p_p, oh_p) = (scores.ptr(&stream), p.ptr(&stream), oh.ptr(&stream));
-    let plan = blocks.forward(Forward {
-        q: qh_p,
-        k: kh_p,
-        v: vh_p,
-        out: oh_p,
-        scores: sc_p,
-        p: p_p,
-    });
-    run_plan(
-        dev,
-        dtype,
-        (&plan, &FORWARD_PARTS),
-        &[sc_p],
-        |r0, rows, e| {
-            launch!(dev, format!("attn_softmax_fwd_{sfx}"), shape::per_row(bh * rows, e);
-            sc_p, p_p, lse_p, t as i32, s as i32, m.start as i32, shape::attention_window(&m),
-            shape::attention_scale(&m), r0 as i32, rows as i32, e as i32);
-            Ok(())
-        },
-    )?;
-    drop((scores, p));
-    let out = Buf::alloc(dev, dtype, b * t * h * d)?;
-    timed(FORWARD_PARTS.heads, || {
-        merge_heads(dev, sfx, (oh_p, out.ptr(&stream)), m, t, h)
-    })?;
+    let at = |x: (&CudaStorage, &Layout)| addr(x.0, x.1, &stream);
+    let cuda = CudaAttention::new(dev, dtype)?;
+    let (out, lse) = attention_device::forward(&cuda, (at(q)?, at(k)?, at(v)?), m)?;
+    let Buf::F32(lse) = lse else {
+        bail!("attention: log-sum-exps not in f32");
+    };
     Ok((out.into_storage(dev), lse))
 }
 
@@ -847,79 +814,20 @@ pub(crate) fn attention_bwd(
     m: AttnDims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let d_out = d_out.contiguous()?;
-    let AttnDims {
-        b, t, h, s, kv, d, ..
-    } = m;
-    let (nq, nk) = (b * t * h * d, b * s * kv * d);
+    let (nq, nk) = (m.b * m.t * m.h * m.d, m.b * m.s * m.kv * m.d);
     let all = run(q, "jobd-attention-bwd", |dev| {
         let stream = dev.cuda_stream();
-        let dtype = q.dtype();
-        let (sfx, size) = suffix(dtype)?;
-        let bh = b * h;
-        let to_heads = |t_: &Tensor, len: usize, hs: usize| -> Result<Buf> {
-            let buf = Buf::alloc(dev, dtype, bh * len * d)?;
-            let src = tensor_addr(t_, &stream)?;
-            timed(BACKWARD_PARTS.heads, || {
-                split_heads(dev, sfx, (src, buf.ptr(&stream)), m, len, hs)
-            })?;
-            Ok(buf)
+        let at = |t: &Tensor| tensor_addr(t, &stream);
+        let inputs = BackwardInputs {
+            q: at(q)?,
+            k: at(k)?,
+            v: at(v)?,
+            out: at(out)?,
+            lse: lse.device_ptr(&stream).0,
+            d_out: at(&d_out)?,
         };
-        let qh = to_heads(q, t, h)?;
-        let kh = to_heads(k, s, kv)?;
-        let vh = to_heads(v, s, kv)?;
-        let oh = to_heads(out, t, h)?;
-        let doh = to_heads(&d_out, t, h)?;
-        let p_ = |x: &Buf| x.ptr(&stream);
-        let blocks = Blocks::new(&m);
-        let n = blocks.scratch_len();
-        let (scores, dp) = (
-            Buf::alloc(dev, DType::F32, n)?,
-            Buf::alloc(dev, DType::F32, n)?,
-        );
-        let (p, ds) = (Buf::alloc(dev, dtype, n)?, Buf::alloc(dev, dtype, n)?);
-        let dqh = Buf::alloc(dev, dtype, bh * t * d)?;
-        // dK and dV are summed over the blocks, in f32 (the plan zeroes them first).
-        let dkh = Buf::alloc(dev, DType::F32, bh * s * d)?;
-        let dvh = Buf::alloc(dev, DType::F32, bh * s * d)?;
-        let g = Backward {
-            q: p_(&qh),
-            k: p_(&kh),
-            v: p_(&vh),
-            d_out: p_(&doh),
-            scores: p_(&scores),
-            dp: p_(&dp),
-            p: p_(&p),
-            ds: p_(&ds),
-            dq: p_(&dqh),
-            dk: p_(&dkh),
-            dv: p_(&dvh),
-        };
-        let f32_outputs = [g.scores, g.dp, g.dk, g.dv];
-        let lse_p = lse.device_ptr(&stream).0;
-        let oh_p = p_(&oh);
-        run_plan(
-            dev,
-            dtype,
-            (&blocks.backward(g), &BACKWARD_PARTS),
-            &f32_outputs,
-            |r0, rows, e| {
-                launch!(dev, format!("attn_softmax_bwd_{sfx}"), shape::per_row(bh * rows, e);
-                g.scores, g.dp, lse_p, g.d_out, oh_p, g.p, g.ds, t as i32, s as i32, d as i32,
-                m.start as i32, shape::attention_window(&m), shape::attention_scale(&m), r0 as i32, rows as i32, e as i32);
-                Ok(())
-            },
-        )?;
-        drop((scores, dp, p, ds, oh));
-        let packed = Buf::alloc(dev, dtype, nq + 2 * nk)?;
-        let base = packed.ptr(&stream);
-        let from_f32 = format!("from_f32_{sfx}");
-        timed(BACKWARD_PARTS.heads, || -> Result<()> {
-            merge_heads(dev, sfx, (p_(&dqh), base), m, t, h)?;
-            let dk_at = base + (nq * size) as u64;
-            merge_heads(dev, &from_f32, (p_(&dkh), dk_at), m, s, kv)?;
-            let dv_at = base + ((nq + nk) * size) as u64;
-            merge_heads(dev, &from_f32, (p_(&dvh), dv_at), m, s, kv)
-        })?;
+        let cuda = CudaAttention::new(dev, q.dtype())?;
+        let packed = attention_device::backward(&cuda, inputs, m)?;
         Ok((packed.into_storage(dev), Shape::from(nq + 2 * nk)))
     })?;
     let parts = split_views(&all, &[q.shape(), k.shape(), v.shape()])?;
