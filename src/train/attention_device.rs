@@ -150,14 +150,14 @@ const BACKWARD_PARTS: Parts = Parts {
     softmax: "attention bwd › softmax",
 };
 
-/// Runs a plan of [`Blocks`]: products with A and B in the compute type (offsets in its
-/// elements), C in f32 when it is one of `f32_outputs`; `softmax(first_row, rows, keys_end)`
-/// for the phase's softmax; zeroed buffers are f32.
+/// Runs a plan of [`Blocks`] for a call of `dims`: products with A and B in the compute type
+/// (offsets in its elements), C in f32 when it is one of `f32_outputs`; `softmax(block)` for
+/// the phase's softmax; zeroed buffers are f32.
 fn run_plan<D: AttentionDevice>(
     dev: &D,
-    (plan, parts): (&[Step<u64>], &Parts),
+    (plan, parts, dims): (&[Step<u64>], &Parts, Dims),
     f32_outputs: &[u64],
-    mut softmax: impl FnMut(usize, usize, usize) -> Result<()>,
+    softmax: impl Fn(SoftmaxBlock) -> Result<()>,
 ) -> Result<()> {
     let size = dev.compute_size();
     let at = |o: &Operand<u64>, size: usize| (o.buf + (o.offset * size) as u64, o.ld, o.stride);
@@ -175,7 +175,15 @@ fn run_plan<D: AttentionDevice>(
                 first_row,
                 rows,
                 keys_end,
-            } => timed(parts.softmax, || softmax(first_row, rows, keys_end))?,
+            } => {
+                let block = SoftmaxBlock {
+                    dims,
+                    r0: first_row,
+                    rows,
+                    keys_end,
+                };
+                timed(parts.softmax, || softmax(block))?
+            }
             Step::Zero { buf, len } => timed(parts.products, || dev.zero_f32(buf, len))?,
         }
     }
@@ -222,20 +230,9 @@ pub(crate) fn forward<D: AttentionDevice>(
         scores: sc_p,
         p: p_p,
     });
-    run_plan(
-        dev,
-        (&plan, &FORWARD_PARTS),
-        &[sc_p],
-        |r0, rows, keys_end| {
-            let block = SoftmaxBlock {
-                dims: m,
-                r0,
-                rows,
-                keys_end,
-            };
-            dev.softmax_fwd(bufs, block)
-        },
-    )?;
+    run_plan(dev, (&plan, &FORWARD_PARTS, m), &[sc_p], |block| {
+        dev.softmax_fwd(bufs, block)
+    })?;
     drop((scores, p));
     let out = dev.alloc(Elem::Compute, b * t * h * d)?;
     let out_p = dev.addr(&out);
@@ -311,20 +308,9 @@ pub(crate) fn backward<D: AttentionDevice>(dev: &D, x: BackwardInputs, m: Dims) 
     };
     let f32_outputs = [g.scores, g.dp, g.dk, g.dv];
     let plan = blocks.backward(g);
-    run_plan(
-        dev,
-        (&plan, &BACKWARD_PARTS),
-        &f32_outputs,
-        |r0, rows, keys_end| {
-            let block = SoftmaxBlock {
-                dims: m,
-                r0,
-                rows,
-                keys_end,
-            };
-            dev.softmax_bwd(bufs, block)
-        },
-    )?;
+    run_plan(dev, (&plan, &BACKWARD_PARTS, m), &f32_outputs, |block| {
+        dev.softmax_bwd(bufs, block)
+    })?;
     drop((scores, dp, p, ds, oh));
     let packed = dev.alloc(Elem::Compute, nq + 2 * nk)?;
     let base = dev.addr(&packed);
