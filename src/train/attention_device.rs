@@ -319,6 +319,5 @@ pub(crate) fn backward<D: AttentionDevice>(dev: &D, x: BackwardInputs, m: Dims) 
         dev.merge_heads((g.dk, true), base + (nq * size) as u64, &m, s, kv)?;
         dev.merge_heads((g.dv, true), base + ((nq + nk) * size) as u64, &m, s, kv)
     })?;
-    drop((qh, kh, vh, doh, dqh, dkh, dvh));
     Ok(packed)
 }
