@@ -57,7 +57,8 @@ def main():
     ap.add_argument("--python", help="python with torch + transformers (default: install a venv)")
     ap.add_argument("--variants", help="comma-separated: candle dtypes and pytorch variants, "
                     "e.g. f32,eager,sdpa (default: f32,eager,sdpa on CPU; "
-                    "f32,bf16,candle-tf32,eager,sdpa,tf32,pt-bf16 on CUDA; candle-tf32 is "
+                    "f32,bf16,candle-tf32,eager,sdpa,tf32,pt-bf16 on CUDA; f16 and pt-f16 "
+                    "are Candle and PyTorch (autocast, GradScaler) in f16; candle-tf32 is "
                     "Candle in f32 with TF32 matrix products, tf32 PyTorch's; candle-lora "
                     "is Candle LoRA r16 on every projection, no PyTorch counterpart; "
                     "candle-unblocked is Candle f32 and bf16 with the GPU attention's whole "
@@ -115,7 +116,7 @@ def main():
             jobs.append(("candle tf32", candle + common
                          + ["--dtype", "f32", "--tf32", "--device", args.device]))
         else:
-            pv = "bf16" if v == "pt-bf16" else v
+            pv = {"pt-bf16": "bf16", "pt-f16": "fp16"}.get(v, v)
             jobs.append((f"pytorch {pv}", [sys.executable, os.path.join(HERE, "pytorch_train.py"),
                                           "--variant", pv, "--device", args.device]
                          + common + cthreads))

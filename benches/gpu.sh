@@ -2,8 +2,8 @@
 # Issue 9's GPU checks and comparison, for the lent H100/H200 machine (no Rust there; it has
 # PyTorch under /opt/torch/.venv). Uses the Candle benchmark built here by
 # benches/build-gpu.sh into target/gpu-bench:
-#   1. `--check`: every fused CUDA op (values and gradients, f32 and bf16) and one whole model
-#      step with AdamW against the plain ops on the CPU;
+#   1. `--check`: every fused CUDA op (values and gradients, f32, bf16 and f16) and one whole
+#      model step with AdamW against the plain ops on the CPU;
 #   2. benches/compare.py on the ~100M config (hidden 768, 14 layers, 12 heads, MLP 2048,
 #      vocab 1024, batch 16 x 512, AdamW): Candle f32 / bf16 / TF32 (the trainer's step: the
 #      fused ops without an autograd graph), with AUTOGRAD=1 (default) also Candle f32 / bf16
@@ -17,6 +17,7 @@
 #   0. when jobd and jobctl were carried too: the NVML inventory (`jobd gpus`) and
 #      jobs/tiny.toml run end to end on the GPU through the daemon (placement, CUDA worker,
 #      publish, held-out answers), then LoRA in bf16 with checkpointing on its output.
+# VARIANTS=...,f16,pt-f16 adds Candle and PyTorch (autocast + GradScaler) in f16;
 # VARIANTS=...,candle-lora adds Candle LoRA r16 in bf16 (direct and, with AUTOGRAD=1,
 # autograd). Logs go to $OUT when the device tool sets it. Eleven runs of SECONDS_EACH (default 12) plus
 # start-up each, times REPEAT, four short runs and the tiny job: about 8 minutes in all with

@@ -5,7 +5,8 @@ trained for a fixed time; prints the same table (tokens/s, data/forward/backward
 peak memory, MFU) and, with --json, one JSON line.
 
 Variants: eager (f32, eager attention), sdpa (f32, scaled_dot_product_attention), tf32 (sdpa,
-TF32 matmuls; CUDA), bf16 (sdpa under bf16 autocast, f32 master weights; CUDA).
+TF32 matmuls; CUDA), bf16 (sdpa under bf16 autocast, f32 master weights; CUDA), fp16 (sdpa under
+f16 autocast with torch.amp.GradScaler's dynamic loss scaling, f32 master weights; CUDA).
 
 It installs what it needs itself: unless JOBD_BENCH_PYTHON names a python that already has
 torch and transformers (e.g. /opt/torch/.venv/bin/python on the GPU machine), it creates a venv
@@ -117,13 +118,13 @@ def print_op_times(torch, step, device, steps=2):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="20m", choices=sorted(CONFIGS))
-    ap.add_argument("--variant", default="eager", choices=["eager", "sdpa", "tf32", "bf16"])
+    ap.add_argument("--variant", default="eager", choices=["eager", "sdpa", "tf32", "bf16", "fp16"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--peak-tflops", type=float, default=0.0,
-                    help="for MFU; default: 67 (f32) / 495 (tf32) / 989 (bf16) on CUDA, "
+                    help="for MFU; default: 67 (f32) / 495 (tf32) / 989 (bf16, fp16) on CUDA, "
                          "required on the CPU")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--op-times", action="store_true",
@@ -137,7 +138,7 @@ def main():
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    if args.variant in ("tf32", "bf16") and args.device != "cuda":
+    if args.variant in ("tf32", "bf16", "fp16") and args.device != "cuda":
         sys.exit(f"--variant {args.variant} needs --device cuda")
     torch.backends.cuda.matmul.allow_tf32 = args.variant == "tf32"
     torch.backends.cudnn.allow_tf32 = args.variant == "tf32"
@@ -152,7 +153,7 @@ def main():
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay}], lr=1e-4,
                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     peak = args.peak_tflops or {"eager": 67.0, "sdpa": 67.0, "tf32": 495.0,
-                                "bf16": 989.0}[args.variant]
+                                "bf16": 989.0, "fp16": 989.0}[args.variant]
     if args.device == "cpu" and not args.peak_tflops:
         peak = 0.0  # unknown: MFU not reported
     trainer = f"pytorch {args.variant}"
@@ -164,6 +165,10 @@ def main():
         if args.device == "cuda":
             torch.cuda.synchronize()
 
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.variant)
+    # f16 needs loss scaling (bf16 has f32's range): the trainer's GradScaler, as HF's Trainer
+    # sets it up for fp16=True.
+    scaler = torch.amp.GradScaler(args.device, enabled=args.variant == "fp16")
     gen = torch.Generator().manual_seed(1)
     timed = []
     since = None
@@ -178,18 +183,20 @@ def main():
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
         sync()
         t_data = time.perf_counter() - t0
-        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.variant == "bf16"):
+        with torch.autocast(args.device, dtype=half or torch.bfloat16, enabled=half is not None):
             logits = model(input_ids=x).logits
         # Mean over all positions of -log p(next token), as the candle bench computes it.
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, cfg.vocab_size), y.view(-1))
         loss_v = loss.item()
         t_fwd = time.perf_counter() - t0 - t_data
-        loss.backward()
+        scaler.scale(loss).backward()
         del logits
         sync()
         t_bwd = time.perf_counter() - t0 - t_data - t_fwd
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         sync()
         secs = time.perf_counter() - t0
@@ -217,14 +224,15 @@ def main():
     else:
         peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     mfu = tps * flops_per_token(kw, block) / (peak * 1e12) if peak else None
-    print(f"{trainer:<22} {args.config:>5} {('bf16' if args.variant == 'bf16' else 'f32'):>5} "
+    dtype_name = {"bf16": "bf16", "fp16": "f16", "tf32": "tf32"}.get(args.variant, "f32")
+    print(f"{trainer:<22} {args.config:>5} {dtype_name:>5} "
           f"{tps:>10.0f} tokens/s  step {mean[0]:.3f}s = data {mean[1]:.3f} + fwd {mean[2]:.3f} + "
           f"bwd {mean[3]:.3f} + opt {mean[4]:.3f}  peak {peak_bytes / 2**30:.2f} GiB  MFU "
           + (f"{100 * mfu:.1f}%" if mfu is not None else "?"))
     if args.json:
         print(json.dumps({
             "trainer": trainer, "config": args.config,
-            "dtype": "bf16" if args.variant == "bf16" else ("tf32" if args.variant == "tf32" else "f32"),
+            "dtype": dtype_name,
             "device": args.device, "threads": torch.get_num_threads(), "steps": len(timed),
             "tokens_per_s": tps, "step_s": mean[0], "data_s": mean[1], "forward_s": mean[2],
             "backward_s": mean[3], "optimizer_s": mean[4], "peak_memory_bytes": peak_bytes,

@@ -15,12 +15,13 @@
 //! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain|--autograd|--ops-step] [--json]
 //! [--peak-tflops X] [--save] [--checkpointing] [--tf32] [--cuda-events]
 //! [--attention-block-rows N] [--batch N] [--seq N] [--op-times]`; `-- --check --device
-//! cuda` instead compares every fused op and a whole model step on the GPU (f32 and bf16, the
-//! steps with several causal blocks in the attention) with the plain ops on the CPU. The step is the trainer's: on the CPU in f32
+//! cuda` instead compares every fused op and a whole model step on the GPU (f32, bf16 and f16,
+//! the steps with several causal blocks in the attention) with the plain ops on the CPU. The
+//! step is the trainer's: on the CPU in f32
 //! [`jobd::train::direct`]'s forward and hand-written backward, on CUDA
 //! [`jobd::train::direct_ops`] (the fused ops without an autograd graph; `--ops-step` runs it on
 //! the CPU too). `--autograd` runs the same fused kernels through Candle's autograd instead
-//! (what LoRA and f16 use); `--checkpointing` recomputes each layer in the backward
+//! (what other devices and types use); `--checkpointing` recomputes each layer in the backward
 //! (`gradient_checkpointing`); `--plain` uses the plain-op versions of the fused kernels (the
 //! "before"); `--attention-block-rows N` sets the GPU attention's causal blocks (0: whole T×S
 //! products, no skipping; default: automatic); `--batch` and `--seq` replace the
@@ -724,7 +725,7 @@ fn time_checkpoint(params: &[Param], opt: &AdamW, rng: Rng, step: f64, dev: &Dev
 }
 
 /// `--check`: each fused op (values and input gradients) and one whole training step of a small
-/// model (loss, every parameter's gradient, AdamW) on `dev` in f32 and bf16, against the plain
+/// model (loss, every parameter's gradient, AdamW) on `dev` in f32, bf16 and f16, against the plain
 /// ops on the CPU in f32. Prints ‖got − want‖ / ‖want‖ per output; fails above the type's
 /// tolerance.
 mod check {
@@ -840,8 +841,12 @@ mod check {
     pub fn run(dev: &Device) -> bool {
         let mut rng = Rng::new(7);
         let mut ok = true;
-        for dtype in [DType::F32, DType::BF16] {
-            let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let tol = match dtype {
+                DType::F32 => 1e-4,
+                DType::F16 => 1e-2,
+                _ => 2e-2,
+            };
             let rng = &mut rng;
             let (b, t, d) = (2, 96, 256);
             // Weights in the compute type (LoRA's frozen base in bf16), then an f32 master
@@ -1082,6 +1087,10 @@ mod check {
             let y = all.narrow(1, 1, block).unwrap().contiguous().unwrap();
             let mask = Tensor::ones((batch, block), DType::F32, device).unwrap();
             let scale = 1.0 / (batch * block) as f64;
+            // f16 gradients need a loss scale to stay out of f16's subnormals (the trainer's
+            // starts at 2¹⁶ and adapts); a power of two, so unscaling is exact.
+            let loss_scale = if dtype == DType::F16 { 1024.0 } else { 1.0 };
+            let unscale = |g: &Tensor| (g / loss_scale).unwrap();
             let (loss, grads) = if let Step::DirectOps(recompute) = step {
                 if !direct_ops::supported(&model, dtype) {
                     return None;
@@ -1092,7 +1101,7 @@ mod check {
                     &y,
                     &mask,
                     dtype,
-                    scale as f32,
+                    (scale * loss_scale) as f32,
                     recompute,
                     Some(&mut drop_rng),
                 )
@@ -1101,7 +1110,7 @@ mod check {
                 let g = fwd.backward(&model).unwrap();
                 let grads: Vec<Tensor> = params
                     .iter()
-                    .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
+                    .map(|p| unscale(g.get(p.var.as_tensor()).unwrap()))
                     .collect();
                 (loss, grads)
             } else {
@@ -1114,10 +1123,10 @@ mod check {
                     nll_sum_plain(&logits, &y, &mask).unwrap()
                 };
                 let loss = (nll * scale).unwrap();
-                let g = loss.backward().unwrap();
+                let g = (&loss * loss_scale).unwrap().backward().unwrap();
                 let grads: Vec<Tensor> = params
                     .iter()
-                    .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
+                    .map(|p| unscale(g.get(p.var.as_tensor()).unwrap()))
                     .collect();
                 (loss, grads)
             };

@@ -10,13 +10,11 @@
 //! - trainable weights: an f32 master copy (4 B), plus a compute copy in bf16/f16 runs;
 //! - gradients: trainable × 4 B; AdamW moments: trainable × 8 B;
 //! - activations: what the trainer keeps per layer and token (elements), times batch × seq ×
-//!   layers × dtype bytes — with the fused kernels (f32, bf16) its hand-written step
-//!   (`train::direct_ops`) keeps 6·h + 2·kv + 3·ff (the norms' outputs, rotated q and k, v,
-//!   the attention output, the residual after attention, gate, up and their SwiGLU), plus for
-//!   LoRA each adapter's rank-r activation and, with dropout, its mask (the projection's input
-//!   width); f16 goes through Candle's autograd over plain ops, whose graph holds more
-//!   (8·h + 3·kv + 4·ff, with the same LoRA extras) and the scores and probabilities of every
-//!   layer (2·heads·seq). With activation checkpointing (not in f16) just each layer's input
+//!   layers × dtype bytes — the trainer's hand-written step over the fused kernels
+//!   (`train::direct_ops`; every GPU type) keeps 6·h + 2·kv + 3·ff (the norms' outputs,
+//!   rotated q and k, v, the attention output, the residual after attention, gate, up and
+//!   their SwiGLU), plus for LoRA each adapter's rank-r activation and, with dropout, its mask
+//!   (the projection's input width). With activation checkpointing just each layer's input
 //!   (h) is kept, plus one layer recomputed;
 //! - attention's working set for one layer: the fused kernels keep only row log-sum-exps
 //!   across layers, but the backward of one layer holds the scores and dP (f32) and P and dS
@@ -204,9 +202,6 @@ pub fn estimate_shape(
         shape.intermediate,
         shape.kv_heads * shape.head_dim,
     );
-    // The trainer's hand-written step (the fused kernels: f32, bf16) keeps less than
-    // autograd's graph; f16 has no fused kernels, so its attention keeps its T×T tensors.
-    let fused = dtype != TrainDType::F16;
     let adapters: u64 = match tuning {
         Tuning::Full => 0,
         Tuning::Lora {
@@ -221,11 +216,9 @@ pub fn estimate_shape(
             .map(|((i, _), _)| r + if dropout { *i } else { 0 })
             .sum(),
     };
-    let per_token_layer = if fused {
-        6 * h + 2 * kv + 3 * ff
-    } else {
-        8 * h + 3 * kv + 4 * ff + 2 * shape.heads * seq
-    } + adapters;
+    // The trainer's hand-written step keeps these (no autograd graph, no T×T tensor across
+    // layers).
+    let per_token_layer = 6 * h + 2 * kv + 3 * ff + adapters;
     let tokens = batch * seq;
     let attention_working_set = batch * shape.heads * seq * seq * (8 + 2 * dtype_bytes);
     let logits = tokens * shape.vocab * (8 + compute_copy);
@@ -321,9 +314,8 @@ pub fn estimate_job(spec: &JobSpec) -> Result<Breakdown, String> {
         t.per_device_train_batch_size as u64,
         seq,
     );
-    // The trainer recomputes layers only on its hand-written step (the fused kernels: f32,
-    // bf16); in f16 it warns and keeps every activation.
-    b.checkpointing = t.gradient_checkpointing && t.dtype != TrainDType::F16;
+    // The trainer's hand-written step (every GPU type) recomputes layers when asked.
+    b.checkpointing = t.gradient_checkpointing;
     Ok(b)
 }
 
@@ -402,17 +394,20 @@ mod tests {
     }
 
     /// The fused attention keeps no T×T tensor across layers: a long context costs the
-    /// quadratic working set of one layer, not of every layer. f16 (plain-op attention) does
-    /// keep them.
+    /// quadratic working set of one layer, not of every layer; f16 runs the same kernels as
+    /// bf16, so needs the same.
     #[test]
     fn long_contexts_pay_for_one_layers_scores() {
         let s = reference_shapes()[0].1;
         let lora = estimate_shape(&s, REFERENCE_LORA, BF16, 1, 4096);
         assert!(lora.total as f64 / GB < 48.0, "{}", lora.total as f64 / GB);
+        // One layer's scores and dP (f32) and P and dS (bf16): 32 heads × 4096² × 12 B.
+        let one_layer = 32 * 4096 * 4096 * 12;
+        let short = estimate_shape(&s, REFERENCE_LORA, BF16, 1, 2048);
+        let linear_part = 2 * (short.activations - one_layer / 4);
+        assert_eq!(lora.activations - linear_part, one_layer);
         let f16 = estimate_shape(&s, REFERENCE_LORA, TrainDType::F16, 1, 4096);
-        // Every layer's scores and probabilities: 32 layers × 32 heads × 4096² × 2 × 2 B.
-        let quadratic = 32 * 32 * 4096 * 4096 * 2 * 2;
-        assert!(f16.activations - lora.activations > quadratic);
+        assert_eq!(f16.total, lora.total);
     }
 
     #[test]
@@ -491,8 +486,8 @@ gpus = 1
         (dir, spec)
     }
 
-    /// A job's placement uses the checkpointed total where its trainer recomputes layers (f32
-    /// or bf16, full fine-tuning or LoRA), and the full total where it would not (f16).
+    /// A job's placement uses the checkpointed total where its trainer recomputes layers (every
+    /// GPU type, full fine-tuning or LoRA), and the full total without checkpointing.
     #[test]
     fn placement_follows_what_the_trainer_does_with_checkpointing() {
         let need = |extra: &str, lora: bool| {
@@ -505,8 +500,8 @@ gpus = 1
         assert!(on && needed < total);
         let (on, needed, total) = need("dtype = \"bf16\"", false);
         assert!(!on && needed == total);
-        let (on, _, _) = need("gradient_checkpointing = true\ndtype = \"f16\"", false);
-        assert!(!on, "f16 runs through autograd");
+        let (on, needed, total) = need("gradient_checkpointing = true\ndtype = \"f16\"", false);
+        assert!(on && needed < total, "f16 recomputes too");
         let (on, needed, total) = need("gradient_checkpointing = true", true);
         assert!(on && needed < total, "LoRA recomputes too");
     }

@@ -288,7 +288,7 @@ pub struct TrainingArgs {
     pub dtype: TrainDType,
     /// Keep only each layer's input in the forward and recompute the layer in the backward:
     /// less activation memory for one more forward. Applies to full fine-tuning and LoRA in
-    /// f32 and bf16 (not f16); the gradients are the same bits either way.
+    /// every compute type; the gradients are the same bits either way.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
     /// f32 matrix products on CUDA in TF32 (tensor cores, 10-bit mantissa inputs, f32

@@ -1,7 +1,7 @@
 //! The direct step of [`super::direct`] — a forward that keeps what the backward reads and a
 //! hand-written backward for the whole model, no autograd graph — written over the fused ops of
-//! [`super::ops`] at the tensor level, so it runs wherever they do: on CUDA in f32 and bf16
-//! (f32 master weights), and on the CPU in f32; full fine-tuning and LoRA (adapters with
+//! [`super::ops`] at the tensor level, so it runs wherever they do: on CUDA in f32, bf16 and
+//! f16 (f32 master weights), and on the CPU in f32; full fine-tuning and LoRA (adapters with
 //! dropout, frozen base weights possibly in the compute type). The trainer takes it on CUDA
 //! and for LoRA on the CPU; full fine-tuning on the CPU takes [`super::direct`], whose reused
 //! buffers and fused residual additions are faster there. The tests check this step against
@@ -33,14 +33,14 @@ use super::ops::{
 use super::rng::Rng;
 
 /// Whether [`forward`] can train `model` with activations in `dtype`: fused ops for that
-/// device and type (the CPU in f32; CUDA in f32 or bf16 when built with the `cuda` feature),
+/// device and type (the CPU in f32; CUDA in f32, bf16 or f16 when built with the `cuda` feature),
 /// every tensor on the model's device, trainable weights (and LoRA adapters) as f32 masters,
 /// frozen ones in f32 or in `dtype`, norm weights in f32.
 pub fn supported(model: &Llama, dtype: DType) -> bool {
     let dev = model.device();
     let fused = match dtype {
         DType::F32 => dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()),
-        DType::BF16 => cfg!(feature = "cuda") && dev.is_cuda(),
+        DType::BF16 | DType::F16 => cfg!(feature = "cuda") && dev.is_cuda(),
         _ => false,
     };
     let here = |t: &Tensor| t.device().same_device(dev);
@@ -767,8 +767,9 @@ mod tests {
     fn refuses_what_it_cannot_train_and_names_bad_ids() {
         let (m, _) = model("llama", false, false, None);
         let (ids, labels, mask) = batch();
-        // No fused CPU kernels in bf16: the trainer takes autograd there.
+        // No fused CPU kernels in bf16 or f16: the trainer takes autograd there.
         assert!(!supported(&m, DType::BF16));
+        assert!(!supported(&m, DType::F16));
         let err = forward(&m, &ids, &labels, &mask, DType::BF16, 1.0, false, None)
             .err()
             .expect("refused");

@@ -45,6 +45,8 @@ unsafe extern "C" {
         eps: f32,
     );
     fn sum_squares_part(g: *const f32, n: i64, part: *mut f32);
+    fn jobd_emu_f16_from_f32(v: f32) -> u16;
+    fn jobd_emu_f16_to_f32(bits: u16) -> f32;
 }
 
 /// Runs `kernel` (a call of one kernel entry point) as every thread of every block of `l`.
@@ -125,9 +127,12 @@ pub(crate) struct Entries<T> {
     pub dropout_mask: unsafe extern "C" fn(*mut T, i64, u64, f64, f32),
 }
 
-/// A storage type the kernels take: f32, or bf16 as its bit pattern (`u16`).
+/// A storage type the kernels take: f32, bf16 as its bit pattern (`u16`), or `half::f16`.
 pub(crate) trait Storage: Copy + 'static {
     const ENTRIES: Entries<Self>;
+    /// The relative error the type's rounding allows on the tests' results (and, in 16 bits,
+    /// on the arithmetic between rounded inputs).
+    const TOLERANCE: f32;
     /// The stored value nearest `x` (round to nearest even).
     fn store(x: f32) -> Self;
     fn load(self) -> f32;
@@ -135,12 +140,14 @@ pub(crate) trait Storage: Copy + 'static {
 
 /// Declares one storage type's entry points and implements [`Storage`] with them.
 macro_rules! entries {
-    ($t:ty, $store:expr, $load:expr; $($field:ident = $name:ident: fn($($arg:ty),*);)*) => {
+    ($t:ty, $tol:expr, $store:expr, $load:expr;
+     $($field:ident = $name:ident: fn($($arg:ty),*);)*) => {
         unsafe extern "C" {
             $(fn $name($(_: $arg),*);)*
         }
         impl Storage for $t {
             const ENTRIES: Entries<$t> = Entries { $($field: $name),* };
+            const TOLERANCE: f32 = $tol;
             fn store(x: f32) -> Self {
                 $store(x)
             }
@@ -152,14 +159,14 @@ macro_rules! entries {
 }
 
 macro_rules! storage {
-    ($t:ty, $store:expr, $load:expr, [$($n:ident),*]) => {
-        storage!(@ $t, $store, $load, $($n),*);
+    ($t:ty, $tol:expr, $store:expr, $load:expr, [$($n:ident),*]) => {
+        storage!(@ $t, $tol, $store, $load, $($n),*);
     };
-    (@ $t:ty, $store:expr, $load:expr, $rms_fwd:ident, $rms_bwd:ident, $rope:ident,
+    (@ $t:ty, $tol:expr, $store:expr, $load:expr, $rms_fwd:ident, $rms_bwd:ident, $rope:ident,
      $swiglu_fwd:ident, $swiglu_bwd:ident, $ce_fwd:ident, $ce_bwd:ident, $split:ident,
      $merge:ident, $merge_f32:ident, $sm_fwd:ident, $sm_bwd:ident, $embed_fwd:ident,
      $embed_bwd:ident, $dropout:ident) => {
-        entries! { $t, $store, $load;
+        entries! { $t, $tol, $store, $load;
             rms_fwd = $rms_fwd: fn(*const $t, *const f32, *mut $t, i32, i32, f32);
             rms_bwd = $rms_bwd:
                 fn(*const $t, *const f32, *const $t, *mut $t, *mut f32, i32, i32, f32, i32);
@@ -187,6 +194,7 @@ macro_rules! storage {
 
 storage!(
     f32,
+    2e-5,
     |x: f32| x,
     |x: f32| x,
     [
@@ -210,6 +218,7 @@ storage!(
 
 storage!(
     u16,
+    2e-2,
     |x: f32| half::bf16::from_f32(x).to_bits(),
     |x: u16| half::bf16::from_bits(x).to_f32(),
     [
@@ -228,6 +237,30 @@ storage!(
         embed_fwd_bf16,
         embed_bwd_bf16,
         dropout_mask_bf16
+    ]
+);
+
+storage!(
+    half::f16,
+    2e-3,
+    half::f16::from_f32,
+    half::f16::to_f32,
+    [
+        rms_fwd_f16,
+        rms_bwd_f16,
+        rope_f16,
+        swiglu_fwd_f16,
+        swiglu_bwd_f16,
+        ce_fwd_f16,
+        ce_bwd_f16,
+        heads_split_f16,
+        heads_merge_f16,
+        heads_merge_from_f32_f16,
+        attn_softmax_fwd_f16,
+        attn_softmax_bwd_f16,
+        embed_fwd_f16,
+        embed_bwd_f16,
+        dropout_mask_f16
     ]
 );
 
@@ -456,14 +489,8 @@ mod tests {
         vec![T::store(f32::NAN); n]
     }
 
-    /// The relative error the storage type's rounding allows on results (and, in bf16, on the
-    /// arithmetic between rounded inputs).
     fn tolerance<T: Storage>() -> f32 {
-        if std::mem::size_of::<T>() == 4 {
-            2e-5
-        } else {
-            2e-2
-        }
+        T::TOLERANCE
     }
 
     #[track_caller]
@@ -514,12 +541,72 @@ mod tests {
         assert_close("rms_norm dw", &dw, &want_dw, 2e-5);
     }
 
+    /// kernels.cu's f16 conversions as the emulator runs them (the device uses its conversion
+    /// instructions) round as IEEE binary16 does, as the `half` crate does.
+    #[test]
+    fn f16_conversions_round_to_nearest_even() {
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        let to_f16 = |x: f32| unsafe { jobd_emu_f16_from_f32(x) };
+        let check = |x: f32| {
+            let (got, want) = (to_f16(x), half::f16::from_f32(x));
+            assert!(
+                got == want.to_bits() || (want.is_nan() && half::f16::from_bits(got).is_nan()),
+                "{x:e} ({:#010x}): {got:#06x}, want {:#06x}",
+                x.to_bits(),
+                want.to_bits()
+            );
+        };
+        for bits in 0..=u16::MAX {
+            let want = half::f16::from_bits(bits).to_f32();
+            let got = unsafe { jobd_emu_f16_to_f32(bits) };
+            assert!(same(got, want), "{bits:#06x}: {got:e}, want {want:e}");
+            if !want.is_finite() {
+                continue;
+            }
+            check(want);
+            // Halfway to the next value up (ties to even), and one f32 step either side.
+            let next = half::f16::from_bits(bits.wrapping_add(1)).to_f32();
+            if next.is_finite() || bits & 0x7fff == 0x7bff {
+                let mid = if next.is_finite() {
+                    (want as f64 + next as f64) / 2.0
+                } else {
+                    // Past 65504: halfway to 2¹⁶, where rounding goes to infinity.
+                    65520.0 * want.signum() as f64
+                };
+                let mid = mid as f32;
+                for m in [
+                    mid,
+                    f32::from_bits(mid.to_bits() - 1),
+                    f32::from_bits(mid.to_bits() + 1),
+                ] {
+                    check(m);
+                }
+            }
+        }
+        // A sweep of f32 bit patterns: every exponent, both signs, NaNs and infinities.
+        for bits in (0..=u32::MAX).step_by(997) {
+            check(f32::from_bits(bits));
+        }
+        for x in [
+            0.0,
+            -0.0,
+            f32::MIN_POSITIVE,
+            1e-45,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+        ] {
+            check(x);
+        }
+    }
+
     #[test]
     fn rms_norm_kernels_match_the_cpu() {
         // Rows shorter than the block, longer than it, and a last block of rows cut short.
         for (rows, d) in [(10, 100), (9, 300), (4, 32)] {
             rms::<f32>(rows, d);
             rms::<u16>(rows, d);
+            rms::<half::f16>(rows, d);
         }
     }
 
@@ -557,6 +644,7 @@ mod tests {
         for dims in [(2, 5, 3, 8), (1, 3, 3, 200)] {
             rope::<f32>(dims);
             rope::<u16>(dims);
+            rope::<half::f16>(dims);
         }
     }
 
@@ -591,6 +679,7 @@ mod tests {
         for n in [1000, 256, 1] {
             swiglu::<f32>(n);
             swiglu::<u16>(n);
+            swiglu::<half::f16>(n);
         }
     }
 
@@ -647,6 +736,7 @@ mod tests {
     fn cross_entropy_kernels_match_the_cpu() {
         cross_entropy::<f32>();
         cross_entropy::<u16>();
+        cross_entropy::<half::f16>();
     }
 
     /// Grouped heads: (B, T, hs, D) → (B, H, T, D), query head `h` reading source head
@@ -721,6 +811,7 @@ mod tests {
         for dims in [(2, 5, 4, 2, 3), (1, 3, 2, 2, 300), (2, 2, 6, 3, 64)] {
             heads::<f32>(dims);
             heads::<u16>(dims);
+            heads::<half::f16>(dims);
         }
     }
 
@@ -769,6 +860,7 @@ mod tests {
     fn embedding_kernels_match_the_cpu() {
         embedding::<f32>();
         embedding::<u16>();
+        embedding::<half::f16>();
     }
 
     fn dropout<T: Storage>() {
@@ -789,6 +881,7 @@ mod tests {
     fn dropout_mask_kernel_draws_the_cpu_generator_bit_for_bit() {
         dropout::<f32>();
         dropout::<u16>();
+        dropout::<half::f16>();
     }
 
     #[test]
@@ -840,10 +933,10 @@ mod tests {
         assert!((total - want).abs() <= 1e-5 * want, "{total} vs {want}");
     }
 
-    /// bf16 softmax kernels against the f32 ones (which the blocked attention plan's test runs
-    /// against plain attention) on one block of rows with a prefix and a window.
+    /// bf16 and f16 softmax kernels against the f32 ones (which the blocked attention plan's
+    /// test runs against plain attention) on one block of rows with a prefix and a window.
     #[test]
-    fn attention_softmax_kernels_in_bf16_follow_f32() {
+    fn attention_softmax_kernels_in_16_bits_follow_f32() {
         let m = Dims {
             b: 1,
             t: 40,
@@ -900,13 +993,12 @@ mod tests {
             dev.softmax_bwd(bwd, block).unwrap();
             (lse, [p_fwd, load(&p), load(&ds)])
         }
-        for bf16 in [false, true] {
-            let inputs = (&scores[..], &dp[..], &d_out[..], &out[..]);
-            let (lse, r) = if bf16 {
-                run::<u16>(&m, (r0, rows, e), inputs)
-            } else {
-                run::<f32>(&m, (r0, rows, e), inputs)
-            };
+        let inputs = (&scores[..], &dp[..], &d_out[..], &out[..]);
+        for (lse, r) in [
+            run::<f32>(&m, (r0, rows, e), inputs),
+            run::<u16>(&m, (r0, rows, e), inputs),
+            run::<half::f16>(&m, (r0, rows, e), inputs),
+        ] {
             lses.push(lse);
             results.push(r);
         }
@@ -923,30 +1015,34 @@ mod tests {
                 "lse {item} {row}"
             );
         }
-        for (name, (a, b)) in ["p (forward)", "p (backward)", "ds"]
-            .iter()
-            .zip(results[0].iter().zip(&results[1]))
-        {
-            for r in 0..bh * rows {
-                let row = &a[r * m.s..(r + 1) * m.s];
-                assert!(
-                    row[e..].iter().all(|x| x.is_nan()),
-                    "{name}: written past e"
-                );
-                assert!(
-                    row[..e].iter().all(|x| x.is_finite()),
-                    "{name}: not written"
-                );
-                let (a, b) = (&a[r * m.s..r * m.s + e], &b[r * m.s..r * m.s + e]);
-                assert_close(name, b, a, 2e-2);
-            }
-        }
         let block_rows = |l: &[f32]| -> Vec<f32> {
             (0..bh)
                 .flat_map(|item| l[item * m.t + r0..item * m.t + r0 + rows].to_vec())
                 .collect()
         };
-        assert_close("lse", &block_rows(&lses[1]), &block_rows(&lses[0]), 1e-6);
+        for (half, tol) in [(1, 2e-2), (2, 2e-3)] {
+            for (name, (a, b)) in ["p (forward)", "p (backward)", "ds"]
+                .iter()
+                .zip(results[0].iter().zip(&results[half]))
+            {
+                for r in 0..bh * rows {
+                    for x in [a, b] {
+                        let row = &x[r * m.s..(r + 1) * m.s];
+                        assert!(
+                            row[e..].iter().all(|x| x.is_nan()),
+                            "{name}: written past e"
+                        );
+                        assert!(
+                            row[..e].iter().all(|x| x.is_finite()),
+                            "{name}: not written"
+                        );
+                    }
+                    let (a, b) = (&a[r * m.s..r * m.s + e], &b[r * m.s..r * m.s + e]);
+                    assert_close(name, b, a, tol);
+                }
+            }
+            assert_close("lse", &block_rows(&lses[half]), &block_rows(&lses[0]), 1e-6);
+        }
         // Each forward row of P sums to one over the keys it may see.
         for r in 0..bh * rows {
             let s: f32 = results[0][0][r * m.s..r * m.s + e].iter().sum();
@@ -1022,6 +1118,7 @@ mod tests {
         for m in [dims(40, 40, 0, None), dims(300, 320, 20, Some(150))] {
             attention_call::<f32>(m, 2e-5);
             attention_call::<u16>(m, 2e-2);
+            attention_call::<half::f16>(m, 2e-3);
         }
     }
 }

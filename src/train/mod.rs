@@ -282,7 +282,7 @@ pub fn out_of_memory_hint(spec: &JobSpec, vram_bytes: Option<u64>) -> String {
     }];
     lines.push("to need less:".into());
     let t = spec.training.clone().unwrap_or_default();
-    if !t.gradient_checkpointing && t.dtype != crate::spec::train::TrainDType::F16 {
+    if !t.gradient_checkpointing {
         lines.push(
             "  - [training] gradient_checkpointing = true: keeps only each layer's input and \
              recomputes the layer in the backward (one more forward per step)"

@@ -225,8 +225,8 @@ fn run_inner(
     let mut snapshot_secs: Option<f64> = None;
     // A hand-written backward (no autograd graph) where the fused kernels run: `direct` for
     // full fine-tuning in f32 on the CPU (buffers reused from step to step), `direct_ops` over
-    // the fused ops otherwise (LoRA on the CPU; everything on CUDA in f32 or bf16); Candle's
-    // autograd for the rest (f16, types without fused ops).
+    // the fused ops otherwise (LoRA on the CPU; everything on CUDA in f32, bf16 or f16);
+    // Candle's autograd for the rest (types or devices without fused ops).
     let backward =
         if compute == DType::F32 && direct::supported(&sess.model) && !hooks.direct_ops_on_cpu {
             Backward::Direct
@@ -244,8 +244,8 @@ fn run_inner(
     );
     if args.gradient_checkpointing && !checkpointing {
         tracing::warn!(
-            "gradient_checkpointing applies where the fused kernels run (f32 on the CPU; f32 \
-             or bf16 on CUDA); this run keeps every activation"
+            "gradient_checkpointing applies where the fused kernels run (f32 on the CPU; f32, \
+             bf16 or f16 on CUDA); this run keeps every activation"
         );
     }
     if ctx.stop.is_requested() {

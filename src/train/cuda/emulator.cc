@@ -191,6 +191,17 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 #include "kernels.cu"
 
+// kernels.cu's f16 conversions, for the tests to compare with the `half` crate.
+extern "C" unsigned short jobd_emu_f16_from_f32(float v) {
+  f16_t h;
+  st(&h, 0, v);
+  return h.bits;
+}
+extern "C" float jobd_emu_f16_to_f32(unsigned short bits) {
+  f16_t h{bits};
+  return ld(&h, 0);
+}
+
 // ------------------------------------------------------------------------------------------
 // The launch: `body(ctx)` (which calls one kernel entry point with its arguments) run as every
 // thread of every block. Returns 0, or 1 when some threads of a block finished while others

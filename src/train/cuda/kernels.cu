@@ -3,12 +3,17 @@
 // products (head split/merge, masked softmax and its backward), and AdamW. Compiled to PTX by
 // build.rs (feature `cuda`) and loaded by src/train/cuda/mod.rs.
 //
-// Every kernel exists for f32 and bf16 storage (`_f32` / `_bf16`); arithmetic is always f32.
-// bf16 is handled as its bit pattern (unsigned short) so that no CUDA header is needed.
+// Every kernel exists for f32, bf16 and f16 storage (`_f32` / `_bf16` / `_f16`); arithmetic is
+// always f32. The 16-bit types are handled as their bit patterns (bf16 an unsigned short, f16 a
+// struct around one, so that the two overload apart) so that no CUDA header is needed.
 // Reductions use a fixed tree per block and fixed block ranges, so results do not depend on
 // scheduling: the same inputs give the same bits on every run.
 
 typedef unsigned short bf16_t;
+
+struct f16_t {
+  unsigned short bits;
+};
 
 // Dynamic shared memory (the launch's `shared_mem_bytes`); emulator.cc defines its own.
 #ifndef JOBD_DYNAMIC_SHARED
@@ -29,6 +34,58 @@ __device__ __forceinline__ void st(bf16_t* p, long i, float v) {
     p[i] = (bf16_t)(u >> 16);
   }
 }
+
+// IEEE binary16, rounding to nearest even (overflow to ±inf, NaN stays NaN). On the device one
+// conversion instruction each way; in the CPU emulator the same results in integer arithmetic
+// (tested against the `half` crate for every f16 and a sweep of f32 bit patterns).
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ float ld(const f16_t* p, long i) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i].bits));
+  return f;
+}
+__device__ __forceinline__ void st(f16_t* p, long i, float v) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  p[i].bits = h;
+}
+#else
+inline float ld(const f16_t* p, long i) {
+  unsigned h = p[i].bits;
+  unsigned sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0x1fu) return __uint_as_float(sign | 0x7f800000u | (m << 13));  // inf, NaN
+  if (e != 0) return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
+  // Zero or subnormal: m · 2⁻²⁴, exact in f32.
+  return __uint_as_float(sign | __float_as_uint((float)m * 5.9604644775390625e-8f));
+}
+inline void st(f16_t* p, long i, float v) {
+  unsigned u = __float_as_uint(v);
+  unsigned short sign = (unsigned short)((u >> 16) & 0x8000u);
+  unsigned a = u & 0x7fffffffu;
+  unsigned short h;
+  if (a > 0x7f800000u) {
+    h = 0x7e00u;  // quiet NaN
+  } else if (a >= 0x477ff000u) {
+    h = 0x7c00u;  // at or past halfway from 65504 to 2¹⁶: infinity
+  } else if (a >= 0x38800000u) {
+    // Normal: rebias the exponent (127 → 15), round the 13 dropped bits to nearest even.
+    unsigned r = a - 0x38000000u;
+    r += 0xfffu + ((r >> 13) & 1u);
+    h = (unsigned short)(r >> 13);
+  } else if (a < 0x33000000u) {
+    h = 0;  // below half the smallest subnormal (2⁻²⁵), or exactly it (ties to even: 0)
+  } else {
+    // Subnormal: the 24-bit significand shifted to units of 2⁻²⁴, rounded to nearest even
+    // (a carry into bit 10 gives the smallest normal, whose bits follow on).
+    unsigned e = a >> 23, m = (a & 0x7fffffu) | 0x800000u;
+    unsigned shift = 126u - e;  // 14..24
+    unsigned k = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (k & 1u))) ++k;
+    h = (unsigned short)k;
+  }
+  p[i].bits = sign | h;
+}
+#endif
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
 __device__ float block_sum(float v, float* shared32) {
@@ -387,9 +444,9 @@ extern "C" __global__ void sum_squares_part(const float* g, long n, float* part)
 }
 
 // ------------------------------------------------------------------------------------------
-// Entry points for both storage types.
+// Entry points for every storage type.
 
-#define FOR_TYPES(X) X(float, f32) X(bf16_t, bf16)
+#define FOR_TYPES(X) X(float, f32) X(bf16_t, bf16) X(f16_t, f16)
 
 #define ENTRIES(T, S)                                                                          \
   extern "C" __global__ void rms_fwd_##S(const T* x, const float* w, T* y, int rows, int d,   \

@@ -3,7 +3,7 @@
 //! stream. [`super::ops`] calls these from its custom ops' `cuda_fwd` and `bwd`, so the model,
 //! autograd and the trainer are the same on every device.
 //!
-//! Storage types are f32 and bf16 (arithmetic in f32; matrix products accumulate in f32).
+//! Storage types are f32, bf16 and f16 (arithmetic in f32; matrix products accumulate in f32).
 //! Attention keeps only the rows' log-sum-exps between forward and backward: its scores exist
 //! inside one call, one block of query rows at a time ([`crate::train::attention_blocks`]),
 //! never across the graph (the backward recomputes them with one more batched product, as
@@ -16,7 +16,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{CustomOp1, DType, Layout, Shape, Storage, Tensor, bail};
-use half::bf16;
+use half::{bf16, f16};
 
 use super::attention_device::{
     self, AttentionDevice, BackwardInputs, ColumnMajorGemm, Elem, Matrix, SoftmaxBlock,
@@ -31,10 +31,11 @@ type Result<T> = candle_core::Result<T>;
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/jobd_kernels.ptx"));
 const MODULE: &str = "jobd_kernels";
 
-/// A device buffer of one of the two storage types.
+/// A device buffer of one of the storage types.
 pub(crate) enum Buf {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<bf16>),
+    F16(CudaSlice<f16>),
 }
 
 impl Buf {
@@ -44,6 +45,7 @@ impl Buf {
         Ok(match dtype {
             DType::F32 => Buf::F32(unsafe { dev.alloc::<f32>(n.max(1))? }),
             DType::BF16 => Buf::Bf16(unsafe { dev.alloc::<bf16>(n.max(1))? }),
+            DType::F16 => Buf::F16(unsafe { dev.alloc::<f16>(n.max(1))? }),
             other => bail!("jobd cuda kernels: unsupported type {other:?}"),
         })
     }
@@ -52,6 +54,7 @@ impl Buf {
         match self {
             Buf::F32(s) => s.device_ptr(stream).0,
             Buf::Bf16(s) => s.device_ptr(stream).0,
+            Buf::F16(s) => s.device_ptr(stream).0,
         }
     }
 
@@ -60,6 +63,7 @@ impl Buf {
         Ok(match dtype {
             DType::F32 => Buf::F32(dev.alloc_zeros::<f32>(n.max(1))?),
             DType::BF16 => Buf::Bf16(dev.alloc_zeros::<bf16>(n.max(1))?),
+            DType::F16 => Buf::F16(dev.alloc_zeros::<f16>(n.max(1))?),
             other => bail!("jobd cuda kernels: unsupported type {other:?}"),
         })
     }
@@ -68,6 +72,7 @@ impl Buf {
         match self {
             Buf::F32(s) => CudaStorage::wrap_cuda_slice(s, dev.clone()),
             Buf::Bf16(s) => CudaStorage::wrap_cuda_slice(s, dev.clone()),
+            Buf::F16(s) => CudaStorage::wrap_cuda_slice(s, dev.clone()),
         }
     }
 }
@@ -77,6 +82,7 @@ fn suffix(dtype: DType) -> Result<(&'static str, usize)> {
     match dtype {
         DType::F32 => Ok(("f32", 4)),
         DType::BF16 => Ok(("bf16", 2)),
+        DType::F16 => Ok(("f16", 2)),
         other => bail!("jobd cuda kernels: unsupported type {other:?}"),
     }
 }
@@ -89,6 +95,7 @@ fn addr(s: &CudaStorage, l: &Layout, stream: &CudaStream) -> Result<u64> {
     let (base, size) = match s.dtype() {
         DType::F32 => (s.as_cuda_slice::<f32>()?.device_ptr(stream).0, 4),
         DType::BF16 => (s.as_cuda_slice::<bf16>()?.device_ptr(stream).0, 2),
+        DType::F16 => (s.as_cuda_slice::<f16>()?.device_ptr(stream).0, 2),
         DType::U32 => (s.as_cuda_slice::<u32>()?.device_ptr(stream).0, 4),
         other => bail!("jobd cuda kernels: unsupported type {other:?}"),
     };
@@ -161,6 +168,7 @@ fn cublas_gemm(dev: &CudaDevice, dtype: DType, g: &ColumnMajorGemm) -> Result<()
     let ty = match dtype {
         DType::F32 => cublas::cudaDataType_t::CUDA_R_32F,
         DType::BF16 => cublas::cudaDataType_t::CUDA_R_16BF,
+        DType::F16 => cublas::cudaDataType_t::CUDA_R_16F,
         other => bail!("jobd gemm: unsupported type {other:?}"),
     };
     let c_ty = if g.c_f32 {
@@ -389,7 +397,7 @@ fn linear_dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
     Ok((x.shape().elem_count() / inp.max(1), inp, out))
 }
 
-/// `y = x · wᵀ` in `x`'s type; an f32 `w` with a bf16 `x` is cast for the product.
+/// `y = x · wᵀ` in `x`'s type; an f32 `w` with a 16-bit `x` is cast for the product.
 pub(crate) fn linear_fwd(
     x: (&CudaStorage, &Layout),
     w: (&CudaStorage, &Layout),
@@ -479,7 +487,7 @@ pub(crate) fn linear_bwd(
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 
-/// RMSNorm forward of `x` (rows × d, f32 or bf16) with an f32 weight.
+/// RMSNorm forward of `x` (rows × d, f32, bf16 or f16) with an f32 weight.
 pub(crate) fn rms_norm_fwd(
     x: (&CudaStorage, &Layout),
     w: (&CudaStorage, &Layout),

@@ -10,9 +10,9 @@
 //! data, the backward a hand-derived kernel, and attention keeps only the row log-sum-exps for
 //! its backward (the scores are recomputed block by block, as flash attention does).
 //!
-//! The kernels run on the CPU in f32 and, with the `cuda` feature, on CUDA in f32 and bf16
-//! ([`super::cuda`]: the same ops' `cuda_fwd`, and backward passes made of CUDA kernels and
-//! cuBLAS products). Anything else (f16, a CPU in bf16) takes the plain-op path in [`plain`],
+//! The kernels run on the CPU in f32 and, with the `cuda` feature, on CUDA in f32, bf16 and
+//! f16 ([`super::cuda`]: the same ops' `cuda_fwd`, and backward passes made of CUDA kernels and
+//! cuBLAS products). Anything else (a CPU in bf16 or f16) takes the plain-op path in [`plain`],
 //! which computes the same mathematics (and is what the tests compare against). Ops take tensors in the shapes the model
 //! produces them (`(B, T, heads·dim)`, any leading dimensions for linear and the loss)
 //! because every reshape node costs Candle's backward a zero-filled gradient and an addition.
@@ -43,9 +43,11 @@ pub(crate) fn fusable(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
-/// Whether `t` can use the fused CUDA kernels (feature `cuda`; f32 or bf16).
+/// Whether `t` can use the fused CUDA kernels (feature `cuda`; f32, bf16 or f16).
 pub(crate) fn gpu_fusable(t: &Tensor) -> bool {
-    cfg!(feature = "cuda") && t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16)
+    cfg!(feature = "cuda")
+        && t.device().is_cuda()
+        && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
 }
 
 /// Row statistics (log-sum-exps) a forward keeps for its backward, where it computed them.
@@ -115,8 +117,8 @@ pub(crate) fn split_views(all: &Tensor, shapes: &[&Shape]) -> candle_core::Resul
 /// gradient transposed, which then costs a strided copy; this writes it in `w`'s layout, and
 /// skips it entirely for frozen weights (LoRA).
 ///
-/// On CUDA `w` may also be the f32 master of a bf16 `x`: the op casts it for the product and
-/// writes its gradient in f32 directly (no cast node, no bf16 gradient to convert).
+/// On CUDA `w` may also be the f32 master of a bf16 or f16 `x`: the op casts it for the product
+/// and writes its gradient in f32 directly (no cast node, no 16-bit gradient to convert).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if gpu_fusable(x) && (w.dtype() == x.dtype() || w.dtype() == DType::F32) && w.rank() == 2 {
         return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Linear)?);
