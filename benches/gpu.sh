@@ -16,7 +16,8 @@
 #      batch 2 x 4096 with and without causal blocks (peak memory);
 #   0. when jobd and jobctl were carried too: the NVML inventory (`jobd gpus`) and
 #      jobs/tiny.toml run end to end on the GPU through the daemon (placement, CUDA worker,
-#      publish, held-out answers), then LoRA in bf16 with checkpointing on its output.
+#      publish, held-out answers), then LoRA in bf16 with checkpointing on its output, then
+#      the tiny job again in f16 with checkpointing.
 # VARIANTS=...,f16,pt-f16 adds Candle and PyTorch (autocast + GradScaler) in f16;
 # VARIANTS=...,candle-lora adds Candle LoRA r16 in bf16 (direct and, with AUTOGRAD=1,
 # autograd). Logs go to $OUT when the device tool sets it. Eleven runs of SECONDS_EACH (default 12) plus
@@ -103,10 +104,22 @@ EOF
   grep -h "training step\|device=" "$S/jobs/$LID/stderr.log" 2>/dev/null | head -3
   echo "merged LoRA model, held-out prompts right: $(held_out "$S/jobs/$LID/output")"
   cp "$S/jobs/$LID/stderr.log" "$LOGS/worker-lora.log" 2>/dev/null
+  # The same tiny job in f16 (dynamic loss scaling) with activation checkpointing: the trainer's
+  # op-level step on the f16 kernels, end to end.
+  echo "== end to end: the tiny job in f16 with checkpointing, on the GPU"
+  sed -e 's/^name = "tiny-shift"/name = "tiny-shift-f16"/' \
+      -e 's/^\[training\]/[training]\ndtype = "f16"\ngradient_checkpointing = true/' \
+      -e 's#jobd/tiny-shift:latest#jobd/tiny-shift-f16:latest#' jobs/tiny-gpu.toml > jobs/tiny-f16-gpu.toml
+  timeout 90 "$J/jobctl" submit --follow jobs/tiny-f16-gpu.toml 2>&1 | tail -6
+  FID=$((ID + 2))
+  grep -h "training step\|overflowed\|device=" "$S/jobs/$FID/stderr.log" 2>/dev/null | head -4
+  echo "f16 model, held-out prompts right: $(held_out "$S/jobs/$FID/output")"
+  cp "$S/jobs/$FID/stderr.log" "$LOGS/worker-f16.log" 2>/dev/null
   "$J/jobctl" models 2>&1 | head -5
   cp "$S/jobd.log" "$LOGS/jobd.log" 2>/dev/null; cp "$S/jobs/$ID/stderr.log" "$LOGS/worker.log" 2>/dev/null
   kill $DAEMON 2>/dev/null; wait $DAEMON 2>/dev/null
-  rm -f /etc/ld.so.conf.d/jobd-gpu-check.conf jobs/tiny-gpu.toml jobs/tiny-lora-gpu.toml; ldconfig
+  rm -f /etc/ld.so.conf.d/jobd-gpu-check.conf jobs/tiny-gpu.toml jobs/tiny-lora-gpu.toml \
+    jobs/tiny-f16-gpu.toml; ldconfig
 fi
 echo "== fused CUDA ops and one model step against the CPU's plain ops"
 timeout 180 "$BIN" --bench --check --device cuda 2>&1 | tee "$LOGS/check.log"
