@@ -220,13 +220,23 @@ pub enum TrainError {
         /// The parameter's name.
         name: String,
     },
-    /// Training diverged.
-    #[error("loss became {loss} at step {step}; lower training.learning_rate")]
+    /// Training diverged (or, in f16, an activation overflowed f16's range).
+    #[error(
+        "loss became {loss} at step {step}; lower training.learning_rate{hint}",
+        hint = if *.f16 {
+            ", or train in a type with more range: in f16 an activation past 65504 overflows \
+             (dtype = \"bf16\" where the GPU has it, else \"f32\")"
+        } else {
+            ""
+        }
+    )]
     NonFinite {
         /// The step.
         step: u64,
         /// The loss value.
         loss: f64,
+        /// Whether the run computes in f16.
+        f16: bool,
     },
     /// A tensor operation failed.
     #[error("tensor operation: {0}")]
@@ -387,6 +397,26 @@ mod tests {
 
     fn spec(text: &str) -> JobSpec {
         crate::spec::job::parse("job.toml", text).unwrap()
+    }
+
+    /// A diverged f16 run is told about f16's range as well as the learning rate.
+    #[test]
+    fn non_finite_loss_names_f16_range_only_in_f16() {
+        let msg = |f16| {
+            TrainError::NonFinite {
+                step: 7,
+                loss: f64::NAN,
+                f16,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            msg(false),
+            "loss became NaN at step 7; lower training.learning_rate"
+        );
+        let m = msg(true);
+        assert!(m.starts_with("loss became NaN at step 7; lower training.learning_rate, or"));
+        assert!(m.contains("65504") && m.contains("dtype = \"bf16\""), "{m}");
     }
 
     #[test]

@@ -396,6 +396,7 @@ fn run_inner(
             return Err(TrainError::NonFinite {
                 step: step + 1,
                 loss: step_loss,
+                f16: compute == DType::F16,
             });
         }
         let grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled")).collect();
