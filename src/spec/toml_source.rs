@@ -104,7 +104,7 @@ impl<'a> Source<'a> {
             let key = e.span().and_then(|span| self.key_at(span));
             SourceError {
                 origin: self.origin.to_string(),
-                problems: vec![problem_at(self.text, e.span(), key, e.message())],
+                problems: vec![problem_at(self.text, e.span(), key, &suggest(e.message()))],
             }
         })
     }
@@ -210,6 +210,64 @@ fn split_key(key: &str) -> Vec<Segment<'_>> {
     out
 }
 
+/// Names that users of other tools (Hugging Face `TrainingArguments` above all) write where
+/// jobd has the setting under another name or none: `(name, a field of the table where it
+/// applies, what to say)`.
+const OTHER_TOOLS_NAMES: &[(&str, &str, &str)] = &[
+    ("bf16", "dtype", "jobd spells it dtype = \"bf16\""),
+    ("fp16", "dtype", "jobd spells it dtype = \"f16\""),
+    (
+        "save_strategy",
+        "save_steps",
+        "jobd saves a checkpoint every save_steps steps",
+    ),
+    (
+        "optim",
+        "adam_beta1",
+        "jobd's optimizer is AdamW (adam_beta1, adam_beta2, adam_epsilon, weight_decay)",
+    ),
+    (
+        "output_dir",
+        "save_steps",
+        "jobd writes the model and checkpoints into the job's own directory",
+    ),
+];
+
+/// serde's "unknown field `x`, expected one of `a`, `b`, ..." (or "unknown variant") with the
+/// list replaced by what jobd has for a name other tools use, or by the closest expected name
+/// when one is close (same first letter, Jaro–Winkler ≥ 0.8: a misspelling); otherwise
+/// unchanged.
+fn suggest(message: &str) -> String {
+    let Some((what, rest)) = ["unknown field `", "unknown variant `"]
+        .iter()
+        .find_map(|p| message.strip_prefix(p).map(|r| (*p, r)))
+    else {
+        return message.to_string();
+    };
+    let Some((name, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    // The expected names are the backquoted words after the unknown one.
+    let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let unknown = format!("{what}{name}`");
+    if let Some((_, _, hint)) = OTHER_TOOLS_NAMES
+        .iter()
+        .find(|(other, field, _)| *other == name && names.contains(field))
+    {
+        return format!("{unknown}; {hint}");
+    }
+    let best = names
+        .iter()
+        .filter(|n| n.chars().next() == name.chars().next())
+        .map(|n| (strsim::jaro_winkler(name, n), *n))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match best {
+        Some((_, n)) => format!("{unknown}; did you mean `{n}`?"),
+        None => message.to_string(),
+    }
+}
+
 fn problem_at(
     text: &str,
     span: Option<Range<usize>>,
@@ -285,8 +343,53 @@ mod tests {
             .deserialize::<Doc>()
             .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("unknown field `cuont`"), "{msg}");
+        assert!(
+            msg.contains("unknown field `cuont`; did you mean `count`?"),
+            "{msg}"
+        );
         assert!(msg.starts_with("f:3:1"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_names_get_the_closest_expected_one() {
+        let expected = ", expected one of `num_train_epochs`, `max_steps`, `dtype`, \
+                        `eval_strategy`, `save_steps`, `seed`";
+        let fix = |m: &str| suggest(&format!("unknown field `{m}`{expected}"));
+        assert_eq!(
+            fix("num_epochs"),
+            "unknown field `num_epochs`; did you mean `num_train_epochs`?"
+        );
+        assert_eq!(
+            fix("max_step"),
+            "unknown field `max_step`; did you mean `max_steps`?"
+        );
+        assert_eq!(
+            fix("fp16"),
+            "unknown field `fp16`; jobd spells it dtype = \"f16\""
+        );
+        assert_eq!(
+            fix("evaluation_strategy"),
+            "unknown field `evaluation_strategy`; did you mean `eval_strategy`?"
+        );
+        // Close to `eval_strategy`, but a name starting with another letter is not its
+        // misspelling.
+        assert!(!fix("save_strateg").contains("eval_strategy"));
+        assert_eq!(
+            fix("save_strategy"),
+            "unknown field `save_strategy`; jobd saves a checkpoint every save_steps steps"
+        );
+        // Nothing close: serde's list stays.
+        assert_eq!(fix("banana"), format!("unknown field `banana`{expected}"));
+        // Where `dtype` is not expected, `bf16` is just unknown.
+        assert_eq!(
+            suggest("unknown field `bf16`, expected `name`"),
+            "unknown field `bf16`, expected `name`"
+        );
+        assert_eq!(
+            suggest("unknown variant `cosin`, expected one of `linear`, `cosine`"),
+            "unknown variant `cosin`; did you mean `cosine`?"
+        );
+        assert_eq!(suggest("invalid type: string"), "invalid type: string");
     }
 
     #[test]
