@@ -12,13 +12,21 @@ GPU (a carried binary, PyTorch already installed; see benches/gpu.sh):
 --repeat N alternates the trainers N times and keeps each one's best run, which evens out
 other load on a shared machine. --plain adds Candle with plain ops (the state before the
 fused kernels); --autograd adds Candle's fused ops through its autograd (what LoRA and other
-devices use; on the CPU in f32 the trainer's full fine-tuning step is train::direct's).
+devices use; on the CPU in f32 the trainer's full fine-tuning step is train::direct's). Those
+extra rows run after every variant named in --variants, which run in the order given.
+
+--budget S stops starting trainers once another one would likely end past S seconds (the
+longest run so far is the guess), and a SIGTERM (e.g. from `timeout`) stops the running one:
+either way the table shows what finished, so a time-limited GPU session still gets figures.
+Under the table, issue 9's targets are checked against this run's ratios.
 """
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -32,15 +40,54 @@ def last_json(out):
     raise RuntimeError("no JSON result in output:\n" + out[-2000:])
 
 
+class Stopped(Exception):
+    """SIGTERM arrived: stop running trainers and print what finished."""
+
+
+def on_sigterm(_signum, _frame):
+    raise Stopped()
+
+
 def run(cmd, env=None):
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    sys.stderr.write(p.stdout)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = p.communicate()
+    except Stopped:
+        p.terminate()
+        p.wait()
+        raise
+    sys.stderr.write(out)
     if p.returncode != 0:
         # One failed trainer should not cost the others' figures: report it and go on.
         print(f"FAILED ({p.returncode}): {' '.join(cmd)}", file=sys.stderr, flush=True)
         return None
-    return last_json(p.stdout)
+    return last_json(out)
+
+
+def targets(best, device):
+    """Issue 9's targets, each with this run's ratio (None where a row is missing)."""
+    def ratio(a, b, key="tokens_per_s"):
+        ra, rb = best.get(a), best.get(b)
+        if not ra or not rb or not ra.get(key) or not rb.get(key):
+            return None
+        return ra[key] / rb[key]
+
+    if device == "cpu":
+        refs = [n for n in ("pytorch eager", "pytorch sdpa") if n in best]
+        fastest = max(refs, key=lambda n: best[n]["tokens_per_s"], default="pytorch eager")
+        return [(f"candle f32 tokens/s vs the faster PyTorch f32 ({fastest.split()[-1]})",
+                 ">=", 1.0, ratio("candle f32", fastest))]
+    return [
+        ("candle f32 tokens/s vs PyTorch f32 eager", ">=", 1.0,
+         ratio("candle f32", "pytorch eager")),
+        ("candle bf16 tokens/s vs PyTorch bf16 autocast SDPA", ">=", 0.8,
+         ratio("candle bf16", "pytorch bf16")),
+        ("candle f32 peak memory vs PyTorch f32 eager", "<=", 1.5,
+         ratio("candle f32", "pytorch eager", "peak_memory_bytes")),
+        ("candle bf16 peak memory vs PyTorch bf16 autocast SDPA", "<=", 1.5,
+         ratio("candle bf16", "pytorch bf16", "peak_memory_bytes")),
+    ]
 
 
 def main():
@@ -53,13 +100,15 @@ def main():
     ap.add_argument("--plain", action="store_true", help="also run Candle with plain ops")
     ap.add_argument("--autograd", action="store_true",
                     help="also run Candle's fused ops through its autograd (LoRA's path)")
+    ap.add_argument("--budget", type=float, default=0.0,
+                    help="seconds: start no trainer likely to end past this (default: no limit)")
     ap.add_argument("--candle-bin", help="a built train_throughput binary (default: cargo bench)")
     ap.add_argument("--python", help="python with torch + transformers (default: install a venv)")
     ap.add_argument("--variants", help="comma-separated: candle dtypes and pytorch variants, "
-                    "e.g. f32,eager,sdpa (default: f32,eager,sdpa on CPU; "
-                    "f32,bf16,candle-tf32,eager,sdpa,tf32,pt-bf16 on CUDA; f16 and pt-f16 "
-                    "are Candle and PyTorch (autocast, GradScaler) in f16; candle-tf32 is "
-                    "Candle in f32 with TF32 matrix products, tf32 PyTorch's; candle-lora "
+                    "e.g. f32,eager,sdpa, run in this order (default: f32,eager,sdpa on CPU; "
+                    "f32,eager,bf16,pt-bf16,sdpa,candle-tf32,tf32 on CUDA, the targets' pairs "
+                    "first); f16 and pt-f16 are Candle and PyTorch (autocast, GradScaler) in "
+                    "f16; candle-tf32 is Candle in f32 with TF32 matrix products, tf32 PyTorch's; candle-lora "
                     "is Candle LoRA r16 on every projection, no PyTorch counterpart; "
                     "candle-unblocked is Candle f32 and bf16 with the GPU attention's whole "
                     "T×S products, without causal block skipping)")
@@ -79,22 +128,24 @@ def main():
         features = ["--features", "cuda"] if args.device == "cuda" else []
         candle = ["cargo", "bench", "--quiet", "--bench", "train_throughput", *features, "--"]
     default = ("f32,eager,sdpa" if args.device == "cpu"
-               else "f32,bf16,candle-tf32,eager,sdpa,tf32,pt-bf16")
+               else "f32,eager,bf16,pt-bf16,sdpa,candle-tf32,tf32")
     variants = (args.variants or default).split(",")
     common = ["--config", args.config, "--seconds", str(args.seconds), "--json"]
     cthreads = ["--threads", str(threads)] if args.device == "cpu" else []
 
-    jobs = []
+    # The variants run in the order named (a time-limited run lists what matters most first);
+    # the --plain and --autograd rows, before-and-after context, come after all of them.
+    jobs, extras = [], []
     for v in variants:
         if v in ("f32", "bf16", "f16"):
             jobs.append((f"candle {v}", candle + common + cthreads
                          + ["--dtype", v, "--device", args.device]))
             if args.plain:
-                jobs.append((f"candle plain {v}", candle + common + cthreads
-                             + ["--dtype", v, "--device", args.device, "--plain"]))
+                extras.append((f"candle plain {v}", candle + common + cthreads
+                               + ["--dtype", v, "--device", args.device, "--plain"]))
             if args.autograd:
-                jobs.append((f"candle autograd {v}", candle + common + cthreads
-                             + ["--dtype", v, "--device", args.device, "--autograd"]))
+                extras.append((f"candle autograd {v}", candle + common + cthreads
+                               + ["--dtype", v, "--device", args.device, "--autograd"]))
         elif v == "candle-events":
             jobs.append(("candle bf16 events", candle + common
                          + ["--dtype", "bf16", "--cuda-events", "--device", args.device]))
@@ -104,8 +155,8 @@ def main():
             lora = ["--dtype", dt, "--lora", "16", "--device", args.device]
             jobs.append((f"candle lora {dt}", candle + common + cthreads + lora))
             if args.autograd:
-                jobs.append((f"candle lora autograd {dt}", candle + common + cthreads + lora
-                             + ["--autograd"]))
+                extras.append((f"candle lora autograd {dt}", candle + common + cthreads + lora
+                               + ["--autograd"]))
         elif v == "candle-unblocked":
             # The GPU attention's whole T×S products (no causal block skipping), f32 and bf16.
             for dt in ("f32", "bf16"):
@@ -121,25 +172,45 @@ def main():
                                           "--variant", pv, "--device", args.device]
                          + common + cthreads))
 
+    jobs += extras
+
     best = {}
     peak_tflops = None
-    for _ in range(args.repeat):
-        for name, cmd in jobs:
-            if name.startswith("pytorch") and peak_tflops and args.device == "cpu":
-                cmd = cmd + ["--peak-tflops", str(peak_tflops)]
-            r = run(cmd, env)
-            if r is None:
-                continue
-            if name.startswith("candle") and args.device == "cpu" and peak_tflops is None:
-                # Candle measured this CPU's matmul peak; use the same figure for PyTorch's MFU.
-                peak_tflops = r["peak_tflops"]
-            if name not in best or r["tokens_per_s"] > best[name]["tokens_per_s"]:
-                best[name] = r
-        # Later Candle runs use the first run's peak too, so MFUs compare.
-        if peak_tflops and args.device == "cpu":
-            jobs = [(n, c + ["--peak-tflops", str(peak_tflops)]
-                     if n.startswith("candle") and "--peak-tflops" not in c else c)
-                    for n, c in jobs]
+    started = time.monotonic()
+    longest = 0.0
+    skipped = []
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        for _ in range(args.repeat):
+            for name, cmd in jobs:
+                elapsed = time.monotonic() - started
+                if args.budget and elapsed + longest > args.budget:
+                    skipped.append(name)
+                    continue
+                if name.startswith("pytorch") and peak_tflops and args.device == "cpu":
+                    cmd = cmd + ["--peak-tflops", str(peak_tflops)]
+                t0 = time.monotonic()
+                r = run(cmd, env)
+                longest = max(longest, time.monotonic() - t0)
+                if r is None:
+                    continue
+                if name.startswith("candle") and args.device == "cpu" and peak_tflops is None:
+                    # Candle measured this CPU's matmul peak; use it for PyTorch's MFU too.
+                    peak_tflops = r["peak_tflops"]
+                if name not in best or r["tokens_per_s"] > best[name]["tokens_per_s"]:
+                    best[name] = r
+            # Later Candle runs use the first run's peak too, so MFUs compare.
+            if peak_tflops and args.device == "cpu":
+                jobs = [(n, c + ["--peak-tflops", str(peak_tflops)]
+                         if n.startswith("candle") and "--peak-tflops" not in c else c)
+                        for n, c in jobs]
+    except Stopped:
+        print("compare.py: stopped by SIGTERM; the table shows the runs that finished",
+              file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if skipped:
+        print(f"compare.py: out of the {args.budget:.0f} s budget, skipped: "
+              + ", ".join(dict.fromkeys(skipped)), file=sys.stderr, flush=True)
 
     refs = [r for n, r in best.items() if n.startswith("pytorch")]
     print()
@@ -175,6 +246,17 @@ def main():
                     f"{r['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}x {ref['trainer']}"
                     for ref in refs if ref.get("peak_memory_bytes"))
                 print(f"peak memory of {name}: {ratios}")
+    print()
+    stated = "20m" if args.device == "cpu" else "100m"
+    print(f"issue 9 targets, config {args.config} on {args.device}, this run"
+          + ("" if args.config == stated else f" (the issue states them for {stated})") + ":")
+    for what, op, goal, got in targets(best, args.device):
+        if got is None:
+            verdict, shown = "not measured (a row is missing)", "    -"
+        else:
+            met = got >= goal if op == ">=" else got <= goal
+            verdict, shown = ("met" if met else "NOT met"), f"{got:5.2f}x"
+        print(f"  {what:<56} {op} {goal:.1f}x  {shown}  {verdict}")
 
 
 if __name__ == "__main__":
