@@ -24,8 +24,10 @@ pub struct MetricsRecord {
     pub loss: f64,
     /// Learning rate used by this step's update.
     pub learning_rate: f64,
-    /// Global gradient norm of this step, before clipping.
-    pub grad_norm: f64,
+    /// Global gradient norm of this step, before clipping; `null` for an f16 step whose
+    /// gradients overflowed (the step was skipped and the loss scale halved). JSON has no
+    /// infinity, and a bare non-finite number would be written as a `null` that did not say so.
+    pub grad_norm: Option<f64>,
     /// Input tokens processed per second since the previous record (wall clock).
     pub tokens_per_second: f64,
     /// Evaluation loss, when this step evaluated.
@@ -36,15 +38,19 @@ pub struct MetricsRecord {
     pub peak_memory_bytes: Option<u64>,
 }
 
+/// A record's fields that do not depend on the wall clock, as bits: step, epoch, loss,
+/// learning rate, gradient norm, evaluation loss.
+pub type DeterministicFields = (u64, u64, u64, u64, Option<u64>, Option<u64>);
+
 impl MetricsRecord {
     /// The record without its wall-clock-dependent fields (for reproducibility checks).
-    pub fn deterministic(&self) -> (u64, u64, u64, u64, u64, Option<u64>) {
+    pub fn deterministic(&self) -> DeterministicFields {
         (
             self.step,
             self.epoch.to_bits(),
             self.loss.to_bits(),
             self.learning_rate.to_bits(),
-            self.grad_norm.to_bits(),
+            self.grad_norm.map(f64::to_bits),
             self.eval_loss.map(f64::to_bits),
         )
     }
@@ -94,14 +100,17 @@ impl Reporter {
             .eval_loss
             .map(|e| format!("  eval_loss {e:.4}"))
             .unwrap_or_default();
+        let norm = r.grad_norm.map_or_else(
+            || "overflow (f16 step skipped)".to_string(),
+            |n| format!("{n:.3}"),
+        );
         println!(
-            "step {}/{}  epoch {:.2}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  tokens/s {:.0}{eval}",
+            "step {}/{}  epoch {:.2}  loss {:.4}  lr {:.2e}  grad_norm {norm}  tokens/s {:.0}{eval}",
             r.step,
             self.progress.total_steps,
             r.epoch,
             r.loss,
             r.learning_rate,
-            r.grad_norm,
             r.tokens_per_second
         );
         Ok(line)
@@ -192,6 +201,33 @@ pub fn read_metrics(job_dir: &Path) -> Result<Vec<MetricsRecord>, TrainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A record of an f16 step whose gradients overflowed (no norm) is written and read back
+    /// like any other, its norm an explicit `null`.
+    #[test]
+    fn a_record_without_a_gradient_norm_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut reporter = Reporter::new(dir.path(), &[], 10).unwrap();
+        let mut rec = MetricsRecord {
+            step: 1,
+            epoch: 0.1,
+            loss: 5.5,
+            learning_rate: 1e-3,
+            grad_norm: None,
+            tokens_per_second: 100.0,
+            eval_loss: None,
+            peak_memory_bytes: None,
+        };
+        let line = reporter.append(&rec).unwrap();
+        assert!(line.contains(r#""grad_norm":null"#), "{line}");
+        rec.step = 2;
+        rec.grad_norm = Some(1.25);
+        reporter.append(&rec).unwrap();
+        let back = read_metrics(dir.path()).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].grad_norm, None);
+        assert_eq!(back[1], rec);
+    }
 
     #[test]
     fn peak_rss_is_measured_on_cpu() {

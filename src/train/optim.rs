@@ -312,7 +312,7 @@ impl InplaceOp2 for Update {
                 std::slice::from_raw_parts_mut(m, n),
             )
         };
-        kernels::adamw_step(p, m, v, g, &self.s);
+        kernels::adamw_step(p, m, v, &g, &self.s);
         Ok(())
     }
 

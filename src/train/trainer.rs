@@ -42,8 +42,13 @@ pub struct Hooks {
     /// arriving mid-step would.
     pub stop_during_step: Option<u64>,
     /// Train full fine-tunes through [`direct_ops`] (CUDA's step) even on the CPU, where
-    /// [`direct`] would run: how the tests reach that step's trainer path without a GPU.
+    /// [`direct`] would run, and accept `dtype = "bf16"` / `"f16"` there (the CPU's ops
+    /// store 16-bit activations and compute in f32, as CUDA's do): how the tests reach that
+    /// step's trainer path, mixed precision and loss scaling included, without a GPU.
     pub direct_ops_on_cpu: bool,
+    /// Start f16's dynamic loss scale here instead of at 2¹⁶ (a scale too large for the
+    /// gradients makes steps overflow, so the tests can reach the skip-and-halve path).
+    pub initial_loss_scale: Option<f64>,
 }
 
 /// Like [`super::run`], with test hooks.
@@ -97,7 +102,7 @@ fn run_inner(
     let s = sections(spec)?;
     let args = &s.args;
     let device = select_device(spec.resources.gpus > 0)?;
-    if args.dtype != TrainDType::F32 && !device.is_cuda() {
+    if args.dtype != TrainDType::F32 && !device.is_cuda() && !hooks.direct_ops_on_cpu {
         return Err(TrainError::option(
             "training.dtype",
             format!(
@@ -172,7 +177,13 @@ fn run_inner(
         data_key: sess.data_key.clone(),
         trainable: if sess.lora { "lora" } else { "full" }.into(),
         // f16 needs loss scaling to keep small gradients; bf16 has f32's range.
-        loss_scale: (compute == DType::F16).then(optim::LossScale::default),
+        loss_scale: (compute == DType::F16).then(|| {
+            let mut ls = optim::LossScale::default();
+            if let Some(scale) = hooks.initial_loss_scale {
+                ls.scale = scale;
+            }
+            ls
+        }),
     };
     if let (Some((dir, saved)), Some(loaded)) = (&resume, &loaded) {
         restore(dir, saved, loaded, &mut sess, &mut opt, &st)?;
@@ -474,7 +485,7 @@ fn run_inner(
                 epoch: plan.epoch_after(done),
                 loss: st.pending_loss_sum / st.pending_steps as f64,
                 learning_rate: lr,
-                grad_norm,
+                grad_norm: grad_norm.is_finite().then_some(grad_norm),
                 tokens_per_second: tokens_since as f64 / secs,
                 eval_loss,
                 peak_memory_bytes: peak_memory_bytes(&device),

@@ -4,9 +4,10 @@
 use std::sync::{Arc, Mutex};
 
 use crate::train::kernels::attention::{self as kernel, Dims};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::{Stats, cpu_f32, fusable, gpu_fusable, split, storage_f32};
+use super::{Stats, cpu_f32, cpu_out, fusable, gpu_fusable, split, storage_widened};
 use crate::train::model::Result;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
@@ -97,9 +98,10 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dm = self.dims(l1, l2, l3)?;
-        let (out, lse) = kernel::forward(cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?, dm);
+        let (q, k, v) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let (out, lse) = kernel::forward(&q, &k, &v, dm);
         *self.lse.lock().expect("attention lse lock") = Some(Stats::Cpu(lse));
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((cpu_out(out, l1.shape(), s1.dtype())?, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -145,17 +147,22 @@ impl CustomOp3 for Attention {
             let (gd, ld) = grad.storage_and_layout();
             let dm = self.dims(lq, lk, lv)?;
             kernel::backward(
-                storage_f32(&gq, lq)?,
-                storage_f32(&gk, lk)?,
-                storage_f32(&gv, lv)?,
-                storage_f32(&go, lo)?,
-                storage_f32(&gd, ld)?,
+                &storage_widened(&gq, lq)?,
+                &storage_widened(&gk, lk)?,
+                &storage_widened(&gv, lv)?,
+                &storage_widened(&go, lo)?,
+                &storage_widened(&gd, ld)?,
                 lse,
                 dm,
             )
         };
-        let parts = split(buf, &[q.shape(), k.shape(), v.shape()], q.device())
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let parts = split(
+            buf,
+            &[q.shape(), k.shape(), v.shape()],
+            q.device(),
+            q.dtype(),
+        )
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let mut it = parts.into_iter();
         Ok((it.next(), it.next(), it.next()))
     }

@@ -12,8 +12,12 @@
 //!
 //! The kernels run on the CPU in f32 and, with the `cuda` feature, on CUDA in f32, bf16 and
 //! f16 ([`super::cuda`]: the same ops' `cuda_fwd`, and backward passes made of CUDA kernels and
-//! cuBLAS products). Anything else (a CPU in bf16 or f16) takes the plain-op path in [`plain`],
-//! which computes the same mathematics (and is what the tests compare against). Ops take tensors in the shapes the model
+//! cuBLAS products). The ops' CPU side also takes bf16 and f16 tensors as the CUDA kernels do
+//! (16-bit storage, f32 arithmetic, an f32 master weight rounded to the activations' type for
+//! a product, its gradient in f32), so that the op-level step CUDA runs in those types
+//! ([`super::direct_ops`]) runs and is tested on the CPU too; the entry points below send a
+//! CPU in bf16 or f16 to the plain-op path in [`plain`], which computes the same mathematics
+//! (and is what the tests compare against). Ops take tensors in the shapes the model
 //! produces them (`(B, T, heads·dim)`, any leading dimensions for linear and the loss)
 //! because every reshape node costs Candle's backward a zero-filled gradient and an addition.
 //! Every kernel is deterministic: work is split into fixed pieces whose partial results are
@@ -29,6 +33,7 @@ pub use attention::attention;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use crate::train::kernels;
@@ -62,36 +67,92 @@ use super::cuda;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
-/// The f32 data of a contiguous CPU tensor's storage, as a slice of its elements.
-pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        other => candle_core::bail!("fused kernel: expected f32, got {:?}", other.dtype()),
+/// The elements of a contiguous CPU tensor's storage in f32: borrowed when it holds f32,
+/// widened when it holds bf16 or f16 (the kernels compute in f32 whatever the storage).
+pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Cow<'a, [f32]>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("fused kernel: input is not contiguous")
     };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fused kernel: input is not contiguous"),
+    match s {
+        CpuStorage::F32(v) => Ok(Cow::Borrowed(&v[a..b])),
+        CpuStorage::BF16(_) | CpuStorage::F16(_) => match s.to_dtype(l, DType::F32)? {
+            CpuStorage::F32(v) => Ok(Cow::Owned(v)),
+            other => candle_core::bail!("fused kernel: widened to {:?}", other.dtype()),
+        },
+        other => candle_core::bail!(
+            "fused kernel: expected f32, bf16 or f16, got {:?}",
+            other.dtype()
+        ),
     }
 }
 
-/// [`cpu_f32`] for a whole tensor: the storage guard must outlive the slice.
+/// [`cpu_f32`] of a weight used in a product with activations of `dtype`: an f32 master is
+/// rounded to a 16-bit `dtype` first, as CUDA casts it for the product.
+fn cpu_f32_as<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    dtype: DType,
+) -> candle_core::Result<Cow<'a, [f32]>> {
+    if s.dtype() == DType::F32 && matches!(dtype, DType::BF16 | DType::F16) {
+        let narrow = s.to_dtype(l, dtype)?;
+        let shape = Layout::contiguous(l.shape());
+        return Ok(Cow::Owned(cpu_f32(&narrow, &shape)?.into_owned()));
+    }
+    cpu_f32(s, l)
+}
+
+/// The f32 elements of a contiguous CPU tensor holding f32, as a slice of its storage (the
+/// storage guard must outlive it).
 pub(crate) fn storage_f32<'a>(
     guard: &'a candle_core::StorageRef<'a>,
     l: &Layout,
 ) -> candle_core::Result<&'a [f32]> {
+    match storage_widened(guard, l)? {
+        Cow::Borrowed(data) => Ok(data),
+        Cow::Owned(_) => candle_core::bail!("fused kernel: expected f32"),
+    }
+}
+
+/// [`cpu_f32`] for a whole tensor: the storage guard must outlive the slice.
+pub(crate) fn storage_widened<'a>(
+    guard: &'a candle_core::StorageRef<'a>,
+    l: &Layout,
+) -> candle_core::Result<Cow<'a, [f32]>> {
     match &**guard {
         Storage::Cpu(s) => cpu_f32(s, l),
         _ => candle_core::bail!("fused kernel: tensor is not on the CPU"),
     }
 }
 
-/// Splits a buffer holding several gradients back into tensors of the given shapes.
-fn split(buf: Vec<f32>, shapes: &[&Shape], device: &candle_core::Device) -> Result<Vec<Tensor>> {
+/// A kernel's f32 output stored in `dtype`: as it is for f32, rounded to nearest (even) for
+/// bf16 and f16, as the CUDA kernels store their results.
+pub(crate) fn cpu_out(y: Vec<f32>, shape: &Shape, dtype: DType) -> candle_core::Result<CpuStorage> {
+    let y = CpuStorage::F32(y);
+    if dtype == DType::F32 {
+        return Ok(y);
+    }
+    y.to_dtype(&Layout::contiguous(shape), dtype)
+}
+
+/// A CPU gradient computed in f32, as a tensor of `like`'s type and shape.
+fn grad_like(g: Vec<f32>, like: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(g, like.shape(), like.device())?.to_dtype(like.dtype())
+}
+
+/// Splits a buffer holding several gradients back into tensors of the given shapes, stored in
+/// `dtype`.
+fn split(
+    buf: Vec<f32>,
+    shapes: &[&Shape],
+    device: &candle_core::Device,
+    dtype: DType,
+) -> Result<Vec<Tensor>> {
     let all = Tensor::from_vec(
         buf,
         (shapes.iter().map(|s| s.elem_count()).sum::<usize>(),),
         device,
-    )?;
+    )?
+    .to_dtype(dtype)?;
     Ok(split_views(&all, shapes)?)
 }
 
@@ -152,10 +213,12 @@ impl CustomOp2 for Linear {
             candle_core::bail!("linear: input {:?}, weight {:?}", l1.dims(), l2.dims());
         }
         let rows = lead.iter().product();
-        let y = kernels::linear_fwd(cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, rows, inp, out);
+        let w = cpu_f32_as(s2, l2, s1.dtype())?;
+        let y = kernels::linear_fwd(&cpu_f32(s1, l1)?, &w, rows, inp, out);
         let mut shape = lead.to_vec();
         shape.push(out);
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        let shape = Shape::from(shape);
+        Ok((cpu_out(y, &shape, s1.dtype())?, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -191,18 +254,23 @@ impl CustomOp2 for Linear {
             let (gx, lx) = x.storage_and_layout();
             let (gw, lw) = w.storage_and_layout();
             let (gd, ld) = dy.storage_and_layout();
+            let w_as_x = match &*gw {
+                Storage::Cpu(s) => cpu_f32_as(s, lw, x.dtype())?,
+                _ => candle_core::bail!("fused kernel: tensor is not on the CPU"),
+            };
             kernels::linear_bwd(
-                storage_f32(&gx, lx)?,
-                storage_f32(&gw, lw)?,
-                storage_f32(&gd, ld)?,
+                &storage_widened(&gx, lx)?,
+                &w_as_x,
+                &storage_widened(&gd, ld)?,
                 (rows, inp, out),
                 &mut dx,
                 want_dw.then_some(dw.as_mut_slice()),
             );
         }
-        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        // dx in the activations' type; dw in the weight's (f32 for a master).
+        let dx = grad_like(dx, x)?;
         let dw = if want_dw {
-            Some(Tensor::from_vec(dw, (out, inp), w.device())?)
+            Some(grad_like(dw, w)?)
         } else {
             None
         };
@@ -314,8 +382,8 @@ impl CustomOp2 for RmsNorm {
             candle_core::bail!("rms_norm: weight of {d} for input {:?}", l1.dims());
         }
         let mut y = vec![0f32; x.len()];
-        kernels::rms_norm_fwd(x, w, self.eps, &mut y);
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        kernels::rms_norm_fwd(&x, &w, self.eps, &mut y);
+        Ok((cpu_out(y, l1.shape(), s1.dtype())?, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -348,16 +416,16 @@ impl CustomOp2 for RmsNorm {
             let (gw, lw) = w.storage_and_layout();
             let (gd, ld) = dy.storage_and_layout();
             kernels::rms_norm_bwd(
-                storage_f32(&gx, lx)?,
-                storage_f32(&gw, lw)?,
-                storage_f32(&gd, ld)?,
+                &storage_widened(&gx, lx)?,
+                &storage_widened(&gw, lw)?,
+                &storage_widened(&gd, ld)?,
                 self.eps,
                 &mut buf,
                 false,
             )
         };
-        let dx = Tensor::from_vec(buf, x.shape(), x.device())?;
-        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
+        let dx = grad_like(buf, x)?;
+        let dw = grad_like(dw, w)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -436,14 +504,14 @@ impl CustomOp3 for Rope {
         let (t, heads, hd) = Rope::dims(l1, l2, l3)?;
         let mut y = vec![0f32; l1.shape().elem_count()];
         kernels::rope(
-            cpu_f32(s1, l1)?,
-            cpu_f32(s2, l2)?,
-            cpu_f32(s3, l3)?,
+            &cpu_f32(s1, l1)?,
+            &cpu_f32(s2, l2)?,
+            &cpu_f32(s3, l3)?,
             (t, heads, hd),
             self.transpose,
             &mut y,
         );
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((cpu_out(y, l1.shape(), s1.dtype())?, l1.shape().clone()))
     }
 
     fn bwd(
@@ -500,8 +568,8 @@ impl CustomOp2 for SwiGlu {
         let g = cpu_f32(s1, l1)?;
         let u = cpu_f32(s2, l2)?;
         let mut y = vec![0f32; g.len()];
-        kernels::swiglu_fwd(g, u, &mut y);
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        kernels::swiglu_fwd(&g, &u, &mut y);
+        Ok((cpu_out(y, l1.shape(), s1.dtype())?, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -534,14 +602,19 @@ impl CustomOp2 for SwiGlu {
             let (gg, lg) = gate.storage_and_layout();
             let (gu, lu) = up.storage_and_layout();
             let (gd, ld) = dy.storage_and_layout();
-            let g = storage_f32(&gg, lg)?;
-            let u = storage_f32(&gu, lu)?;
-            let d = storage_f32(&gd, ld)?;
+            let g = storage_widened(&gg, lg)?;
+            let u = storage_widened(&gu, lu)?;
+            let d = storage_widened(&gd, ld)?;
             let (dg, du) = buf.split_at_mut(n);
-            kernels::swiglu_bwd(g, u, d, dg, du);
+            kernels::swiglu_bwd(&g, &u, &d, dg, du);
         }
-        let parts = split(buf, &[gate.shape(), up.shape()], gate.device())
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let parts = split(
+            buf,
+            &[gate.shape(), up.shape()],
+            gate.device(),
+            gate.dtype(),
+        )
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let mut it = parts.into_iter();
         Ok((it.next(), it.next()))
     }
@@ -630,7 +703,7 @@ impl CustomOp3 for CrossEntropy {
         }
         let mut out = vec![0f32; n];
         let mut lse = vec![0f32; n];
-        kernels::cross_entropy_fwd(x, labels, mask, v, &mut out, &mut lse);
+        kernels::cross_entropy_fwd(&x, labels, &mask, v, &mut out, &mut lse);
         *self.lse.lock().expect("cross-entropy lse lock") = Some(Stats::Cpu(lse));
         Ok((CpuStorage::F32(out), Shape::from(lead.to_vec())))
     }
@@ -673,20 +746,20 @@ impl CustomOp3 for CrossEntropy {
             let (gl, ll) = labels.storage_and_layout();
             let (gm, lm) = mask.storage_and_layout();
             let (gg, lg) = grad.storage_and_layout();
-            let x = storage_f32(&gx, lx)?;
+            let x = storage_widened(&gx, lx)?;
             let lab = match &*gl {
                 Storage::Cpu(s) => labels_u32(s, ll)?,
                 _ => candle_core::bail!("cross_entropy: labels not on the CPU"),
             };
-            let m = storage_f32(&gm, lm)?;
-            let g = storage_f32(&gg, lg)?;
+            let m = storage_widened(&gm, lm)?;
+            let g = storage_widened(&gg, lg)?;
             let saved = self.lse.lock().expect("cross-entropy lse lock");
             let Some(Stats::Cpu(lse)) = saved.as_ref() else {
                 candle_core::bail!("cross_entropy: backward without the forward's statistics");
             };
-            kernels::cross_entropy_bwd(x, lab, m, lse, g, &mut dx);
+            kernels::cross_entropy_bwd(&x, lab, &m, lse, &g, &mut dx);
         }
-        let dx = Tensor::from_vec(dx, logits.shape(), logits.device())?;
+        let dx = grad_like(dx, logits)?;
         Ok((Some(dx), None, None))
     }
 }
@@ -808,8 +881,8 @@ impl CustomOp2 for LinearCrossEntropy {
         let mut dx = vec![0f32; if self.want_dx { rows * d } else { 0 }];
         let mut dw = vec![0f32; if self.want_dw { v * d } else { 0 }];
         let loss = kernels::linear_cross_entropy(
-            cpu_f32(s1, l1)?,
-            cpu_f32(s2, l2)?,
+            &cpu_f32(s1, l1)?,
+            &cpu_f32(s2, l2)?,
             &self.labels,
             &self.mask,
             (rows, d, v),
