@@ -245,6 +245,10 @@ fn op_level_step_in_bf16_and_f16_resumes_bit_identically() {
             let scale = state["loss_scale"]["scale"].as_f64().unwrap();
             assert!(scale < 2f64.powi(24), "the scale backed off: {scale}");
             assert!(scale >= 1.0, "{scale}");
+            // Each skipped step halved the scale and advanced neither AdamW nor the schedule.
+            let skipped = 24 - scale.log2() as u64;
+            assert_eq!(state["adam_step"], 20 - skipped);
+            assert_eq!(state["lr_scheduler"]["next_step"], 20 - skipped);
         }
     }
 }

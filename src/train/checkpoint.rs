@@ -98,7 +98,8 @@ pub struct SchedulerState {
     pub warmup_steps: u64,
     /// Total steps.
     pub total_steps: u64,
-    /// Index of the next step.
+    /// The schedule's position: optimizer steps applied so far (an f16 step skipped on
+    /// overflow does not advance it, as in Trainer), the index of the next step's rate.
     pub next_step: u64,
 }
 

@@ -416,10 +416,12 @@ fn run_inner(
         let scale = st.loss_scale.map_or(1.0, |ls| ls.scale);
         let (grad_norm, grad_factor) =
             optim::clip_factor_scaled(&grads, args.max_grad_norm, scale)?;
+        // The schedule's own position: an f16 step skipped on overflow does not advance it
+        // (as Trainer steps its scheduler only when the optimizer ran).
         let lr = optim::lr_at(
             args.lr_scheduler_type,
             args.learning_rate,
-            step,
+            st.lr_scheduler.next_step,
             total,
             warmup,
         );
@@ -429,6 +431,7 @@ fn run_inner(
         };
         if apply {
             opt.step_scaled(&sess.params, &grads, lr, grad_factor)?;
+            st.lr_scheduler.next_step += 1;
         } else {
             tracing::info!(
                 step = step + 1,
@@ -442,7 +445,6 @@ fn run_inner(
         st.step = done;
         st.adam_step = opt.step;
         st.position = plan.position(done);
-        st.lr_scheduler.next_step = done;
         st.pending_loss_sum += step_loss;
         st.pending_steps += 1;
         step_secs.push(t_step.elapsed().as_secs_f64());
