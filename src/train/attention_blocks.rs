@@ -111,6 +111,8 @@ pub(crate) struct Backward<B> {
 
 /// Query rows per block at length `t`: at least 128 (smaller products run below the GPU's
 /// rate), at most 8 blocks (each block is one more launch per product), in multiples of 64.
+/// `crate::estimate` has a copy of this rule (the daemon estimates VRAM without the training
+/// engine); a test here checks that the two agree.
 fn block_rows(t: usize) -> usize {
     t.div_ceil(8).next_multiple_of(64).max(128)
 }
@@ -658,5 +660,21 @@ mod tests {
                 .count()
         };
         assert_eq!(softmaxes(fwd(&Blocks::with_setting(&m, 64))), 8);
+    }
+
+    /// The VRAM estimate (which the daemon computes without the training engine) uses the
+    /// same rows per block, at every length.
+    #[test]
+    fn the_vram_estimate_uses_the_plans_block_rows() {
+        for t in [
+            1, 2, 64, 127, 128, 129, 300, 512, 1000, 1025, 4096, 32768, 131072,
+        ] {
+            let rows = block_rows(t).min(t) as u64;
+            assert_eq!(
+                crate::estimate::attention_block_rows(t as u64),
+                rows,
+                "{t} tokens"
+            );
+        }
     }
 }

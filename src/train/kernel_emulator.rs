@@ -11,7 +11,9 @@
 //! own arithmetic (`__expf`, contractions into fused multiply-adds) differs by rounding and is
 //! checked by `--check` on a GPU.
 
+use std::cell::Cell;
 use std::ffi::c_void;
+use std::rc::Rc;
 
 use super::attention_device::{
     AttentionDevice, ColumnMajorGemm, Elem, SoftmaxBlock, SoftmaxBwdBufs, SoftmaxFwdBufs,
@@ -267,12 +269,61 @@ storage!(
 /// [`AttentionDevice`] on the host: buffers are host memory (their addresses are pointers, as
 /// the emulated kernels take them), starting as NaN like uninitialised device memory; the
 /// kernels run in the emulator with `train::cuda`'s launch shapes; products follow cuBLAS's
-/// column-major interface exactly as [`ColumnMajorGemm`] describes the call.
-pub(crate) struct HostAttention<T>(std::marker::PhantomData<T>);
+/// column-major interface exactly as [`ColumnMajorGemm`] describes the call. It also keeps
+/// count of the bytes its buffers hold, and their peak, as the device's memory would see them.
+pub(crate) struct HostAttention<T> {
+    meter: Rc<Meter>,
+    _elem: std::marker::PhantomData<T>,
+}
+
+/// Bytes held by live [`HostBuf`]s, and the most held at once since the last reset.
+#[derive(Default)]
+pub(crate) struct Meter {
+    live: Cell<usize>,
+    peak: Cell<usize>,
+}
 
 impl<T: Storage> HostAttention<T> {
     pub(crate) fn new() -> Self {
-        HostAttention(std::marker::PhantomData)
+        HostAttention {
+            meter: Rc::default(),
+            _elem: std::marker::PhantomData,
+        }
+    }
+
+    /// Bytes its buffers hold now.
+    pub(crate) fn live_bytes(&self) -> usize {
+        self.meter.live.get()
+    }
+
+    /// The most bytes held at once since the last [`Self::reset_peak`].
+    pub(crate) fn peak_bytes(&self) -> usize {
+        self.meter.peak.get()
+    }
+
+    pub(crate) fn reset_peak(&self) {
+        self.meter.peak.set(self.meter.live.get());
+    }
+}
+
+/// A host buffer of [`HostAttention`]: 4-byte words (so that f32 buffers are aligned), its
+/// requested size counted in the meter while it lives.
+pub(crate) struct HostBuf {
+    words: Vec<u32>,
+    bytes: usize,
+    meter: Rc<Meter>,
+}
+
+impl std::ops::Deref for HostBuf {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.words
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        self.meter.live.set(self.meter.live.get() - self.bytes);
     }
 }
 
@@ -291,24 +342,29 @@ unsafe fn read<T: Storage>(addr: u64, f32_elems: bool, i: usize) -> f32 {
 }
 
 impl<T: Storage> AttentionDevice for HostAttention<T> {
-    /// 4-byte words, so that f32 buffers are aligned.
-    type Buf = Vec<u32>;
+    type Buf = HostBuf;
 
     fn compute_size(&self) -> usize {
         std::mem::size_of::<T>()
     }
 
-    fn alloc(&self, elem: Elem, n: usize) -> candle_core::Result<Vec<u32>> {
-        let bytes = n.max(1)
-            * match elem {
-                Elem::Compute => std::mem::size_of::<T>(),
-                Elem::F32 => 4,
-            };
-        // All-ones bits: NaN in f32 and in bf16.
-        Ok(vec![u32::MAX; bytes.div_ceil(4)])
+    fn alloc(&self, elem: Elem, n: usize) -> candle_core::Result<HostBuf> {
+        let bytes = n * match elem {
+            Elem::Compute => std::mem::size_of::<T>(),
+            Elem::F32 => 4,
+        };
+        let m = &self.meter;
+        m.live.set(m.live.get() + bytes);
+        m.peak.set(m.peak.get().max(m.live.get()));
+        Ok(HostBuf {
+            // All-ones bits: NaN in f32 and in bf16.
+            words: vec![u32::MAX; bytes.max(1).div_ceil(4)],
+            bytes,
+            meter: m.clone(),
+        })
     }
 
-    fn addr(&self, buf: &Vec<u32>) -> u64 {
+    fn addr(&self, buf: &HostBuf) -> u64 {
         buf.as_ptr() as u64
     }
 
@@ -1098,6 +1154,94 @@ mod tests {
             ("dv", nq + nk..nq + 2 * nk),
         ] {
             assert_close(name, &load(&grads[range.clone()]), &want[range], tol);
+        }
+    }
+
+    /// The VRAM estimate's attention working set is what the GPU attention's sequence
+    /// (`attention_device`) allocates at its peak, counted on the emulated device: the
+    /// backward's bytes beyond the forward's output and log-sum-exps, which the estimate counts
+    /// with the layer's activations, in f32, bf16 and f16, for one block, several blocks and
+    /// grouped heads.
+    fn attention_allocations<T: Storage>(m: Dims) {
+        use crate::estimate::{ModelShape, attention_working_set};
+        use crate::train::attention_device::{self, BackwardInputs};
+        let (nq, nk) = (m.b * m.t * m.h * m.d, m.b * m.s * m.kv * m.d);
+        let (q, k, v, d_out) = (
+            store::<T>(&values(40, nq, 1.0)),
+            store::<T>(&values(41, nk, 1.0)),
+            store::<T>(&values(42, nk, 1.0)),
+            store::<T>(&values(43, nq, 1.0)),
+        );
+        let dev = HostAttention::<T>::new();
+        let addr = |x: &[T]| x.as_ptr() as u64;
+        let (out, lse) =
+            attention_device::forward(&dev, (addr(&q), addr(&k), addr(&v)), m).unwrap();
+        let c = std::mem::size_of::<T>();
+        let kept = dev.live_bytes();
+        assert_eq!(
+            kept,
+            nq * c + m.b * m.h * m.t * 4,
+            "the forward keeps its output and lse"
+        );
+        let forward_peak = dev.peak_bytes();
+        dev.reset_peak();
+        let inputs = BackwardInputs {
+            q: addr(&q),
+            k: addr(&k),
+            v: addr(&v),
+            out: out.as_ptr() as u64,
+            lse: lse.as_ptr() as u64,
+            d_out: addr(&d_out),
+        };
+        let packed = attention_device::backward(&dev, inputs, m).unwrap();
+        assert_eq!(
+            dev.live_bytes() - kept,
+            (nq + 2 * nk) * c,
+            "only dQ, dK, dV remain"
+        );
+        let backward = dev.peak_bytes() - kept;
+        drop(packed);
+        let shape = ModelShape {
+            hidden: (m.h * m.d) as u64,
+            intermediate: 1,
+            layers: 1,
+            heads: m.h as u64,
+            kv_heads: m.kv as u64,
+            head_dim: m.d as u64,
+            vocab: 1,
+            tied: false,
+            qkv_bias: false,
+        };
+        let estimate = attention_working_set(&shape, m.b as u64, m.t as u64, c as u64);
+        assert_eq!(estimate, backward as u64, "{m:?}, {c}-byte type");
+        assert!(
+            forward_peak < backward + kept,
+            "the backward's peak is the larger"
+        );
+    }
+
+    #[test]
+    fn the_vram_estimate_counts_what_the_attention_call_allocates() {
+        let dims = |b, t, h, kv, d| Dims {
+            b,
+            t,
+            h,
+            s: t,
+            kv,
+            d,
+            start: 0,
+            window: None,
+        };
+        // A few tokens (the packed gradients are the peak), one block, three blocks of 128
+        // rows with a short last one, grouped heads.
+        for m in [
+            dims(2, 3, 4, 4, 64),
+            dims(2, 40, 4, 2, 8),
+            dims(1, 300, 4, 2, 8),
+        ] {
+            attention_allocations::<f32>(m);
+            attention_allocations::<u16>(m);
+            attention_allocations::<half::f16>(m);
         }
     }
 
