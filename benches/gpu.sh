@@ -25,7 +25,9 @@
 # a timeout. SECONDS_EACH (default 8) is each compared run's measured time, REPEAT (default 1)
 # how many times each runs. VARIANTS=...,f16,pt-f16 adds Candle and PyTorch (autocast +
 # GradScaler) in f16; VARIANTS=...,candle-lora adds Candle LoRA r16 in bf16 (direct and, with
-# AUTOGRAD=1, autograd). Logs go to $OUT when the device tool sets it.
+# AUTOGRAD=1, autograd). Logs go to $OUT when the device tool sets it (gpu.log: all output). It
+# ends with a summary: the check's verdict, the table, the targets, the end-to-end answers,
+# the long-context peaks and what was skipped (the device tool returns only the output's tail).
 # With the device tool:  run(command="bash benches/gpu.sh", carry=["target/gpu-bench"],
 #                            timeout_s=540)
 set -uo pipefail
@@ -46,6 +48,9 @@ cap() { local l; l=$(left); [ "$l" -lt 10 ] && l=10; echo $(($1 < l ? $1 : l)); 
 TORCH_PY=${TORCH_PY:-/opt/torch/.venv/bin/python}
 LOGS=${OUT:-target/gpu-logs}
 mkdir -p "$LOGS"
+# Everything also goes to gpu.log, which the summary at the end reads.
+exec > >(tee "$LOGS/gpu.log") 2>&1
+TEE=$!
 BIN=target/gpu-bench/train_throughput
 for f in target/gpu-bench/*.gz; do [ -e "$f" ] && gunzip -kf "$f"; done
 chmod +x target/gpu-bench/* 2>/dev/null
@@ -176,4 +181,13 @@ if section "5. long context: 100m, LoRA r16, bf16, batch 2 x 4096" 25; then
       | grep -v "^step " | tail -1 | sed "s/^/attention rows per block: $rows  /"
   done
 fi
+# The lines a note needs, together at the end (the device tool returns only the output's tail).
+echo "== summary"
+grep -h "^check:" "$LOGS/check.log" 2>/dev/null || echo "check: no result"
+sed -n '/^config 100m/,/^(÷ columns/p' "$LOGS/compare.log" 2>/dev/null
+sed -n '/^peak memory of/p; /^issue 9 targets/,$p' "$LOGS/compare.log" 2>/dev/null
+grep -h "held-out prompts right\|: skipped, \|^attention rows per block" "$LOGS/gpu.log" 2>/dev/null
 echo "gpu.sh: done in $((SECONDS - T0)) s of BUDGET_S=$BUDGET_S"
+# Let tee write the last lines before the script ends.
+exec >&- 2>&-
+wait "$TEE" 2>/dev/null
