@@ -149,39 +149,56 @@ fn stop_and_resume_is_bit_identical() {
     }
 }
 
+/// Runs `plain` uninterrupted (in `dir/reference`, returned), then stopped after `stop_at`
+/// steps and resumed as `resumed` (the same job with `gradient_checkpointing` on), all with
+/// `hooks`; the two runs must end with the same bits and records after `steps` steps.
+fn stop_and_resume_with_checkpointing(
+    dir: &Path,
+    (plain, resumed): (&JobSpec, &JobSpec),
+    hooks: &Hooks,
+    stop_at: u64,
+    steps: u64,
+) -> std::path::PathBuf {
+    let reference = dir.join("reference");
+    let out = run_with(plain, &ctx(&reference), hooks).unwrap();
+    assert_eq!(out, WorkerOutcome::Completed { steps });
+    let interrupted = dir.join("interrupted");
+    let stopping = Hooks {
+        stop_after_step: Some(stop_at),
+        ..hooks.clone()
+    };
+    assert_eq!(
+        run_with(plain, &ctx(&interrupted), &stopping).unwrap(),
+        WorkerOutcome::Stopped { step: stop_at }
+    );
+    let out = run_with(resumed, &ctx(&interrupted), hooks).unwrap();
+    assert_eq!(out, WorkerOutcome::Completed { steps });
+    assert_same_result(&reference, &interrupted);
+    reference
+}
+
+/// Whether the mean loss of the last record is below `factor` times the first's.
+fn learned(job: &Path, factor: f64) -> bool {
+    let losses: Vec<f64> = read_metrics(job).unwrap().iter().map(|r| r.loss).collect();
+    losses.last().unwrap() < &(losses[0] * factor)
+}
+
 /// The trainer's path through `direct_ops` (the op-level step CUDA takes), run here on the
 /// CPU: a run stopped and resumed (with `gradient_checkpointing` turned on for the second
 /// part) ends with the same bits and records as an uninterrupted one, and learns.
 #[test]
 fn op_level_step_resumes_bit_identically() {
     let dir = workspace();
-    let s = spec(dir.path(), &scratch_job(5, ""));
     let ops = Hooks {
         direct_ops_on_cpu: true,
         ..Hooks::default()
     };
-    let reference = dir.path().join("reference");
-    let out = run_with(&s, &ctx(&reference), &ops).unwrap();
-    assert_eq!(out, WorkerOutcome::Completed { steps: 20 });
-    let log = read_metrics(&reference).unwrap();
-    let losses: Vec<f64> = log.iter().map(|r| r.loss).collect();
-    assert!(
-        losses.last().unwrap() < &(losses[0] * 0.8),
-        "the loss went down: {losses:?}"
+    let jobs = (
+        &spec(dir.path(), &scratch_job(5, "")),
+        &spec(dir.path(), &scratch_job(5, "gradient_checkpointing = true")),
     );
-    let job = dir.path().join("interrupted");
-    let hooks = Hooks {
-        stop_after_step: Some(9),
-        ..ops.clone()
-    };
-    assert_eq!(
-        run_with(&s, &ctx(&job), &hooks).unwrap(),
-        WorkerOutcome::Stopped { step: 9 }
-    );
-    let checkpointed = spec(dir.path(), &scratch_job(5, "gradient_checkpointing = true"));
-    let out = run_with(&checkpointed, &ctx(&job), &ops).unwrap();
-    assert_eq!(out, WorkerOutcome::Completed { steps: 20 });
-    assert_same_result(&reference, &job);
+    let reference = stop_and_resume_with_checkpointing(dir.path(), jobs, &ops, 9, 20);
+    assert!(learned(&reference, 0.8), "the loss went down");
 }
 
 /// The same trainer path in bf16 and in f16 (the CPU's ops store 16-bit activations and
@@ -197,8 +214,7 @@ fn op_level_step_in_bf16_and_f16_resumes_bit_identically() {
             let text = scratch_job(5, &format!("dtype = \"{dtype}\"\n{extra}"));
             spec(dir.path(), &format!("{text}\n[resources]\ngpus = 1\n"))
         };
-        let s = job("");
-        let err = train::run(&s, &ctx(&dir.path().join("refused"))).unwrap_err();
+        let err = train::run(&job(""), &ctx(&dir.path().join("refused"))).unwrap_err();
         assert!(err.to_string().contains("needs a CUDA device"), "{err}");
         // f16 starts with a loss scale so large that the first steps overflow.
         let ops = Hooks {
@@ -206,42 +222,18 @@ fn op_level_step_in_bf16_and_f16_resumes_bit_identically() {
             initial_loss_scale: (dtype == "f16").then_some(2f64.powi(24)),
             ..Hooks::default()
         };
-        let reference = dir.path().join("reference");
-        let out = run_with(&s, &ctx(&reference), &ops).unwrap();
-        assert_eq!(out, WorkerOutcome::Completed { steps: 20 });
-        let losses: Vec<f64> = read_metrics(&reference)
-            .unwrap()
-            .iter()
-            .map(|r| r.loss)
-            .collect();
+        let jobs = (&job(""), &job("gradient_checkpointing = true"));
+        let reference = stop_and_resume_with_checkpointing(dir.path(), jobs, &ops, 9, 20);
         // (f16 skips its first few steps.)
-        assert!(
-            losses.last().unwrap() < &(losses[0] * 0.85),
-            "{dtype}: the loss went down: {losses:?}"
-        );
-        let interrupted = dir.path().join("interrupted");
-        let hooks = Hooks {
-            stop_after_step: Some(9),
-            ..ops.clone()
-        };
-        assert_eq!(
-            run_with(&s, &ctx(&interrupted), &hooks).unwrap(),
-            WorkerOutcome::Stopped { step: 9 }
-        );
-        let checkpointed = job("gradient_checkpointing = true");
-        let out = run_with(&checkpointed, &ctx(&interrupted), &ops).unwrap();
-        assert_eq!(out, WorkerOutcome::Completed { steps: 20 });
-        assert_same_result(&reference, &interrupted);
+        assert!(learned(&reference, 0.85), "{dtype}: the loss went down");
         if dtype == "f16" {
             // Some steps overflowed at the start: skipped, and the scale halved each time; the
             // first (logged) one records no gradient norm.
             let first = &read_metrics(&reference).unwrap()[0];
             assert_eq!((first.step, first.grad_norm), (1, None));
-            let state = std::fs::read_to_string(
-                reference.join("checkpoints/checkpoint-20/trainer_state.json"),
-            )
-            .unwrap();
-            let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+            let state = reference.join("checkpoints/checkpoint-20/trainer_state.json");
+            let state: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(state).unwrap()).unwrap();
             let scale = state["loss_scale"]["scale"].as_f64().unwrap();
             assert!(scale < 2f64.powi(24), "the scale backed off: {scale}");
             assert!(scale >= 1.0, "{scale}");
@@ -268,22 +260,8 @@ fn lora_in_bf16_resumes_bit_identically() {
         direct_ops_on_cpu: true,
         ..Hooks::default()
     };
-    let reference = dir.path().join("reference");
-    let out = run_with(&job(""), &ctx(&reference), &ops).unwrap();
-    assert_eq!(out, WorkerOutcome::Completed { steps: 12 });
-    let interrupted = dir.path().join("interrupted");
-    let hooks = Hooks {
-        stop_after_step: Some(5),
-        ..ops.clone()
-    };
-    assert_eq!(
-        run_with(&job(""), &ctx(&interrupted), &hooks).unwrap(),
-        WorkerOutcome::Stopped { step: 5 }
-    );
-    let checkpointed = job("gradient_checkpointing = true");
-    let out = run_with(&checkpointed, &ctx(&interrupted), &ops).unwrap();
-    assert_eq!(out, WorkerOutcome::Completed { steps: 12 });
-    assert_same_result(&reference, &interrupted);
+    let jobs = (&job(""), &job("gradient_checkpointing = true"));
+    stop_and_resume_with_checkpointing(dir.path(), jobs, &ops, 5, 12);
 }
 
 /// `gradient_checkpointing` recomputes activations instead of keeping them: a run stopped
