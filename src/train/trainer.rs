@@ -492,7 +492,9 @@ fn run_inner(
                 eval_loss,
                 peak_memory_bytes: peak_memory_bytes(&device),
             };
-            tracing::info!(step = done, loss = rec.loss, eval_loss = ?eval_loss, lr, grad_norm,
+            // Debug only: the reporter prints the same record on stdout, which the job's
+            // output (`jobctl logs`, `submit --follow`) shows next to this log.
+            tracing::debug!(step = done, loss = rec.loss, eval_loss = ?eval_loss, lr, grad_norm,
                 tokens_per_second = rec.tokens_per_second, "step");
             let line = reporter.append(&rec)?;
             st.log_history.push(line);
