@@ -46,7 +46,7 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
     } else {
         format!("LoRA, {} trainable", count(b.trainable_params))
     };
-    println!(
+    outln!(
         "{}: {} parameters ({mode}), {}, batch {} × {} tokens",
         args.file.display(),
         count(b.params),
@@ -84,11 +84,11 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
             },
         ],
     ];
-    println!("{}", table(&["PART", "BYTES"], rows));
+    outln!("{}", table(&["PART", "BYTES"], rows));
     match &gpus {
-        Some(g) if g.gpus.is_empty() => println!("\nGPUs: none on this daemon ({})", g.source),
+        Some(g) if g.gpus.is_empty() => outln!("\nGPUs: none on this daemon ({})", g.source),
         Some(g) => {
-            println!("\nGPUs:");
+            outln!("\nGPUs:");
             for x in &g.gpus {
                 let free = x
                     .total_bytes
@@ -100,7 +100,7 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
                 } else {
                     "fits now"
                 };
-                println!(
+                outln!(
                     "  GPU {} {} ({} total, {} free for jobd): {verdict}",
                     x.index,
                     x.name,
@@ -109,14 +109,14 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
                 );
             }
         }
-        None => println!("\nGPUs: the daemon is not reachable; not checked"),
+        None => outln!("\nGPUs: the daemon is not reachable; not checked"),
     }
-    println!("\nReference (bf16, batch 1 × 512 tokens, same formula; LoRA = r 16 on q,k,v,o):");
+    outln!("\nReference (bf16, batch 1 × 512 tokens, same formula; LoRA = r 16 on q,k,v,o):");
     let rows = refs
         .iter()
         .map(|(n, f, l)| vec![format!("llama {n}"), bytes(l.total), bytes(f.total)])
         .collect();
-    println!("{}", table(&["MODEL", "LORA", "FULL"], rows));
+    outln!("{}", table(&["MODEL", "LORA", "FULL"], rows));
     let mut all: Vec<(u64, String)> = refs
         .iter()
         .flat_map(|(n, f, l)| {
@@ -139,7 +139,7 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
         (Some(bl), None) => format!("more than the largest tier ({bl})"),
         (None, None) => String::new(),
     };
-    println!("This job needs {}: {place}.", bytes(need));
+    outln!("This job needs {}: {place}.", bytes(need));
     Ok(true)
 }
 

@@ -47,7 +47,7 @@ pub async fn cancel(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::Re
                     } else {
                         "stopping (SIGTERM sent)"
                     };
-                    println!("job {id}: {what}");
+                    outln!("job {id}: {what}");
                 }
                 views.push(v);
             }
@@ -93,7 +93,7 @@ pub async fn wait(client: &Client, ids: &[JobId], out: &Output) -> anyhow::Resul
                 .map(|e| e.reason)
                 .or(job.record.reason.clone())
                 .unwrap_or_default();
-            println!("job {id}: {} — {reason}", job.record.state);
+            outln!("job {id}: {} — {reason}", job.record.state);
         }
         finals.push(job);
     }
@@ -108,9 +108,9 @@ pub async fn explain(client: &Client, id: JobId, out: &Output) -> anyhow::Result
     if out.json {
         out.print_json(&x)?;
     } else {
-        println!("job {id}: {} ({})", x.state, x.summary);
+        outln!("job {id}: {} ({})", x.state, x.summary);
         for d in &x.details {
-            println!("  {d}");
+            outln!("  {d}");
         }
     }
     Ok(true)
@@ -128,7 +128,7 @@ pub async fn priority(client: &Client, args: &PriorityArgs, out: &Output) -> any
     if out.json {
         out.print_json(&v)?;
     } else {
-        println!("job {}: priority {}", args.id, v.record.priority);
+        outln!("job {}: priority {}", args.id, v.record.priority);
     }
     Ok(true)
 }
@@ -140,7 +140,7 @@ pub async fn requeue(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::R
             .post(&format!("/jobs/{id}/requeue"), &serde_json::json!({}))
             .await?;
         if !out.json {
-            println!("job {id}: {}", v.record.state);
+            outln!("job {id}: {}", v.record.state);
         }
         views.push(v);
     }
@@ -160,7 +160,7 @@ pub async fn gpus(client: &Client, out: &Output) -> anyhow::Result<bool> {
         eprintln!("{note}");
     }
     if g.gpus.is_empty() {
-        println!("no GPUs (source: {})", g.source);
+        outln!("no GPUs (source: {})", g.source);
         return Ok(true);
     }
     let rows = g
@@ -192,7 +192,7 @@ pub async fn gpus(client: &Client, out: &Output) -> anyhow::Result<bool> {
             ]
         })
         .collect();
-    println!(
+    outln!(
         "{}",
         table(
             &[
@@ -210,7 +210,7 @@ pub async fn whoami(client: &Client, out: &Output) -> anyhow::Result<bool> {
         out.print_json(&w)?;
     } else {
         let who = w.user.as_deref().unwrap_or("anonymous (read-only)");
-        println!(
+        outln!(
             "{who}{}{}{}",
             w.uid.map(|u| format!(" (uid {u})")).unwrap_or_default(),
             if w.admin { ", admin" } else { "" },

@@ -56,7 +56,7 @@ pub async fn list(client: &Client, args: &ListArgs, out: &Output) -> anyhow::Res
     }
     let now = now_ms();
     let rows = resp.jobs.iter().map(|j| row(j, now)).collect();
-    println!(
+    outln!(
         "{}",
         table(
             &[

@@ -60,6 +60,6 @@ pub async fn follow_both(client: &Client, id: JobId) -> anyhow::Result<()> {
     );
     let out = copy(client, &out_path, false);
     let err = copy(client, &err_path, true);
-    let (a, b) = tokio::join!(out, err);
-    a.and(b)
+    // The first failure ends both (stdout's reader gone: no waiting for the job to end).
+    tokio::try_join!(out, err).map(|_| ())
 }

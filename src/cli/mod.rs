@@ -1,6 +1,25 @@
 //! L4: `jobctl` — one file per subcommand. Results go to stdout (a table, or JSON with
 //! `--json`); diagnostics to stderr. Exit codes: 0 ok, 1 error (or a job that did not
-//! succeed, for `wait`/`submit --follow`), 2 daemon unreachable.
+//! succeed, for `wait`/`submit --follow`), 2 daemon unreachable. A reader that stops reading
+//! early (`jobctl list | head -3`) ends jobctl quietly with 0, as it would a C tool, rather
+//! than with a panic: output goes through [`outln!`]/[`out!`] and [`write_stdout`].
+
+/// `println!` for the command's output, through [`write_stdout`].
+macro_rules! outln {
+    () => {
+        $crate::cli::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for the command's output, through [`write_stdout`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
 
 mod estimate;
 mod jobs;
@@ -93,12 +112,41 @@ pub enum Command {
     },
 }
 
+/// Writes the command's output to stdout. When the reader has gone away (a closed pipe),
+/// jobctl ends at once with 0: nobody is left to read the rest. Any other failure to write
+/// ends it with a message and 1.
+pub(crate) fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        stdout_failed(&e)
+    }
+}
+
+/// Ends jobctl after a failed write to stdout (see [`write_stdout`]).
+fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0)
+    }
+    eprintln!("jobctl: cannot write the output: {e}");
+    std::process::exit(1)
+}
+
+/// Whether `e` comes from writing to a reader that went away.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Runs `jobctl` and returns its exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let json = cli.json;
     match dispatch(cli).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
+        // Streamed output (logs, the man page) whose reader stopped early.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let unreachable = e
                 .downcast_ref::<ClientError>()
@@ -112,7 +160,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 }) = e.downcast_ref::<ClientError>()
             {
                 let body = serde_json::json!({"error": {"code": code, "message": message, "problems": problems}});
-                println!("{body}");
+                outln!("{body}");
             }
             eprintln!("jobctl: {e:#}");
             ExitCode::from(if unreachable { 2 } else { 1 })
@@ -122,12 +170,17 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
     let out = Output { json: cli.json };
+    // Both are rendered in memory first: clap_complete panics on a failed write.
     if let Command::Completions { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "jobctl", &mut std::io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "jobctl", &mut script);
+        out!("{}", String::from_utf8_lossy(&script));
         return Ok(true);
     }
     if let Command::Man = cli.command {
-        clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+        out!("{}", String::from_utf8_lossy(&page));
         return Ok(true);
     }
     if let Command::Validate(args) = &cli.command {
@@ -184,7 +237,7 @@ pub struct Output {
 impl Output {
     /// Prints `value` as pretty JSON.
     pub fn print_json<T: serde::Serialize>(&self, value: &T) -> anyhow::Result<()> {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        outln!("{}", serde_json::to_string_pretty(value)?);
         Ok(())
     }
 }

@@ -60,7 +60,7 @@ pub async fn publish(client: &Client, args: &PublishArgs, out: &Output) -> anyho
     if out.json {
         out.print_json(&v)?;
     } else if let Some(m) = &v.record.published {
-        println!(
+        outln!(
             "published {} ({}, {}) — run it with:\n  {}",
             m.name,
             m.quantization,
@@ -90,7 +90,7 @@ pub async fn export(client: &Client, args: &ExportArgs, out: &Output) -> anyhow:
     if out.json {
         out.print_json(&serde_json::json!({"file": args.gguf, "bytes": summary.bytes, "sha256": summary.sha256}))?;
     } else {
-        println!(
+        outln!(
             "wrote {} ({}, {})",
             args.gguf.display(),
             bytes(summary.bytes),
@@ -124,6 +124,6 @@ pub async fn models(client: &Client, out: &Output) -> anyhow::Result<bool> {
             ]
         })
         .collect();
-    println!("{}", table(&["NAME", "ID", "SIZE", "MODIFIED"], rows));
+    outln!("{}", table(&["NAME", "ID", "SIZE", "MODIFIED"], rows));
     Ok(true)
 }

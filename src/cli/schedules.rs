@@ -66,7 +66,7 @@ pub async fn list(client: &Client, out: &Output) -> anyhow::Result<bool> {
             ]
         })
         .collect();
-    println!(
+    outln!(
         "{}",
         table(
             &["ID", "NAME", "USER", "SCHEDULE", "NEXT", "LAST RUN", "RUNS"],
@@ -95,14 +95,14 @@ pub async fn action(client: &Client, args: &ScheduleArgs, out: &Output) -> anyho
     }
     let r = &s.record;
     match args.action {
-        Action::Pause => println!("schedule {}: paused", r.id),
-        Action::Resume => println!(
+        Action::Pause => outln!("schedule {}: paused", r.id),
+        Action::Resume => outln!(
             "schedule {}: next run {}",
             r.id,
             r.next_fire.map(when).unwrap_or_else(|| "never".into())
         ),
-        Action::Delete => println!("schedule {}: deleted", r.id),
-        Action::RunNow => println!(
+        Action::Delete => outln!("schedule {}: deleted", r.id),
+        Action::RunNow => outln!(
             "schedule {}: queued job {}",
             r.id,
             r.last_job.map(|j| j.to_string()).unwrap_or_default()

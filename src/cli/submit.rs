@@ -67,7 +67,7 @@ pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
                 if r.gpus == 1 { "" } else { "s" }
             )
         };
-        println!(
+        outln!(
             "{}: ok — {} job, {gpus}, priority {}",
             args.file.display(),
             spec.kind.as_str(),
@@ -94,7 +94,7 @@ pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow:
                 "created schedule {} ({}): \"{expr}\", next run {next}",
                 s.record.id, s.record.name
             );
-            println!("{}", s.record.id);
+            outln!("{}", s.record.id);
         }
         if args.follow {
             eprintln!(
@@ -111,7 +111,7 @@ pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow:
     }
     eprintln!("submitted job {id} ({})", job.record.name);
     if !out.json && !args.follow {
-        println!("{id}");
+        outln!("{id}");
     }
     if !args.follow {
         return Ok(true);

@@ -175,3 +175,64 @@ fn cancel_escalates_to_sigkill_after_the_grace_period() {
     let reason = d.job(id).record.reason.unwrap();
     assert!(reason.contains("SIGKILL"), "{reason}");
 }
+
+/// jobctl's output read by a reader that stops early (`jobctl list | head -3`): jobctl ends at
+/// once with 0 and says nothing, as a C tool would, whatever the command (tables, streamed
+/// logs, completions, the man page); `logs -f` and `submit --follow` do not wait for the job.
+#[test]
+fn a_reader_that_stops_early_ends_jobctl_quietly() {
+    use std::process::{Command, Stdio};
+    let d = TestDaemon::start(&[]);
+    // Far more than a pipe holds, then a long wait.
+    let long = d.write(
+        "long.toml",
+        &command_job("seq 1 300000; sleep 60", "name = \"long\""),
+    );
+    let id = d.submit(&long).to_string();
+    wait_for("the job's output", Duration::from_secs(20), || {
+        std::fs::metadata(d.state.join(format!("jobs/{id}/stdout.log")))
+            .is_ok_and(|m| m.len() > 1 << 20)
+    });
+    let socket = d.socket.display().to_string();
+    let file = long.to_str().unwrap();
+    for args in [
+        vec!["list", "--all"],
+        vec!["show", &id],
+        vec!["logs", &id],
+        vec!["logs", "-f", &id],
+        vec!["submit", "--follow", file],
+        vec!["completions", "bash"],
+        vec!["man"],
+    ] {
+        let t = Instant::now();
+        let mut child = Command::new(JOBCTL)
+            .args(&args)
+            .env("JOBD_URL", &socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before reading anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {:?} {}",
+            out.status,
+            stderr(&out)
+        );
+        assert!(
+            !stderr(&out).contains("panicked"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{args:?} waited for the job"
+        );
+    }
+    // The job, and the second one `submit --follow` queued, still wait; cancel both.
+    let second = (id.parse::<u64>().unwrap() + 1).to_string();
+    let cancel = d.jobctl(&["cancel", &id, &second]);
+    assert!(cancel.status.success(), "{}", stderr(&cancel));
+}
