@@ -103,6 +103,14 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// `println!` through `jobd::cli::write_stdout`: a reader that stops early (`jobd gpus |
+/// head -1`) ends jobd quietly instead of with a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        jobd::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
@@ -113,7 +121,7 @@ fn main() -> ExitCode {
             max_tokens,
         }) => match jobd::train::generate(&model, &prompt, max_tokens) {
             Ok(text) => {
-                println!("{text}");
+                outln!("{text}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -123,8 +131,8 @@ fn main() -> ExitCode {
         },
         Some(Command::Token { user }) => {
             let token = jobd::config::new_token();
-            println!("token for {user} (give it to them; it is not stored anywhere):\n  {token}\n");
-            println!(
+            outln!("token for {user} (give it to them; it is not stored anywhere):\n  {token}\n");
+            outln!(
                 "add to the daemon's config file:\n[[tokens]]\nuser = {user:?}\nsha256 = {:?}",
                 jobd::config::hash_token(&token)
             );
@@ -140,20 +148,20 @@ fn main() -> ExitCode {
             };
             let snap = jobd::gpu::Inventory::open(&source).snapshot(&|_| false);
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&snap).unwrap_or_default()
                 );
             } else {
-                println!("source: {}", snap.source);
+                outln!("source: {}", snap.source);
                 if let Some(v) = &snap.driver_version {
-                    println!("driver: {v}");
+                    outln!("driver: {v}");
                 }
                 if let Some(n) = &snap.note {
-                    println!("note: {n}");
+                    outln!("note: {n}");
                 }
                 for g in &snap.gpus {
-                    println!(
+                    outln!(
                         "GPU {}: {} {} bus {} total {} free {} foreign {} cc {} util {}",
                         g.index,
                         g.name,

@@ -115,7 +115,7 @@ pub enum Command {
 /// Writes the command's output to stdout. When the reader has gone away (a closed pipe),
 /// jobctl ends at once with 0: nobody is left to read the rest. Any other failure to write
 /// ends it with a message and 1.
-pub(crate) fn write_stdout(args: std::fmt::Arguments) {
+pub fn write_stdout(args: std::fmt::Arguments) {
     use std::io::Write;
     if let Err(e) = std::io::stdout().lock().write_fmt(args) {
         stdout_failed(&e)
