@@ -28,7 +28,7 @@ pub struct PriorityArgs {
     #[arg(value_parser = super::parse_id)]
     pub id: JobId,
     /// New priority (-1000..1000; higher runs first).
-    #[arg(allow_negative_numbers = true)]
+    #[arg(allow_negative_numbers = true, value_parser = super::parse_priority)]
     pub priority: i32,
 }
 

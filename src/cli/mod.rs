@@ -298,3 +298,37 @@ pub fn parse_id(s: &str) -> Result<JobId, String> {
         .filter(|i| *i > 0)
         .ok_or_else(|| format!("{s:?} is not a job id"))
 }
+
+/// Parses a priority argument, refusing words and out-of-range numbers with the range in the
+/// message (clap's own `i32` parser only says "invalid digit found in string").
+pub fn parse_priority(s: &str) -> Result<i32, String> {
+    use crate::spec::job::{MAX_PRIORITY, priority_in_range};
+    s.parse::<i32>()
+        .ok()
+        .filter(|p| priority_in_range(*p))
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is not a priority: give an integer from -{MAX_PRIORITY} to {MAX_PRIORITY} \
+                 (higher runs first, 0 is the default)"
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_arguments_name_the_range() {
+        assert_eq!(parse_priority("-1000"), Ok(-1000));
+        assert_eq!(parse_priority("7"), Ok(7));
+        for bad in ["high", "1001", "-2147483648", "1.5", ""] {
+            let e = parse_priority(bad).unwrap_err();
+            assert!(e.contains("from -1000 to 1000"), "{bad}: {e}");
+        }
+        let e = Cli::try_parse_from(["jobctl", "priority", "3", "high"]).unwrap_err();
+        assert!(e.to_string().contains("\"high\" is not a priority"), "{e}");
+        let ok = Cli::try_parse_from(["jobctl", "priority", "3", "-5"]).unwrap();
+        assert!(matches!(ok.command, Command::Priority(ref a) if a.priority == -5 && a.id == 3));
+    }
+}

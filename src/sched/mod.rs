@@ -865,7 +865,7 @@ impl Scheduler {
         priority: i32,
     ) -> Result<JobRecord, SchedError> {
         let rec = self.get_for_change(caller, id)?;
-        if priority.abs() > crate::spec::job::MAX_PRIORITY {
+        if !crate::spec::job::priority_in_range(priority) {
             return Err(SchedError::Invalid(format!(
                 "priority must be between -{0} and {0}",
                 crate::spec::job::MAX_PRIORITY

@@ -17,6 +17,13 @@ use super::units::{ByteSize, HumanDuration};
 pub const MAX_JOB_FILE_BYTES: usize = 256 * 1024;
 /// Priorities range over `-MAX_PRIORITY..=MAX_PRIORITY`; higher runs first.
 pub const MAX_PRIORITY: i32 = 1000;
+
+/// Whether `priority` is in `-MAX_PRIORITY..=MAX_PRIORITY`. (Not `priority.abs()`, which
+/// overflows for `i32::MIN`: a panic in debug builds, a negative "absolute value" that passes
+/// the check in release builds.)
+pub fn priority_in_range(priority: i32) -> bool {
+    (-MAX_PRIORITY..=MAX_PRIORITY).contains(&priority)
+}
 /// Variables the scheduler sets for every job; a job file may not override them.
 pub const RESERVED_ENV: [&str; 2] = ["CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"];
 
@@ -285,7 +292,7 @@ impl JobSpec {
                 issues.push(Issue::new("name", "must not contain control characters"));
             }
         }
-        if self.priority.abs() > MAX_PRIORITY {
+        if !priority_in_range(self.priority) {
             issues.push(Issue::new(
                 "priority",
                 format!("must be between -{MAX_PRIORITY} and {MAX_PRIORITY}"),
@@ -624,6 +631,20 @@ backoff = "30s"
     fn wrong_type_names_key() {
         let e = parse_err("kind = \"command\"\npriority = \"high\"\n[command]\nargv=[\"x\"]\n");
         assert!(e.starts_with("job.toml:2:12: priority:"), "{e}");
+    }
+
+    #[test]
+    fn priority_out_of_range_is_refused_even_at_i32_min() {
+        for p in ["1001", "-1001", "2147483647", "-2147483648"] {
+            let e = parse_err(&format!(
+                "kind = \"command\"\npriority = {p}\n[command]\nargv=[\"x\"]\n"
+            ));
+            assert!(
+                e.contains("priority: must be between -1000 and 1000"),
+                "{p}: {e}"
+            );
+        }
+        assert!(priority_in_range(-1000) && priority_in_range(1000) && priority_in_range(0));
     }
 
     #[test]

@@ -180,6 +180,22 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
         400,
         "bad_json",
     );
+    // A priority whose absolute value overflows i32 is refused, not accepted or panicked on.
+    let queued = serde_json::json!({"toml": "kind = \"command\"\n[command]\nargv=[\"sleep\", \"60\"]\n", "base_dir": "/"}).to_string();
+    let (status, resp) = post_json(a, "/api/v1/jobs", Some(TOKEN_NOBODY), &queued);
+    assert_eq!(status, 201, "{resp}");
+    let id = serde_json::from_str::<serde_json::Value>(&resp).unwrap()["id"].clone();
+    assert!(id.is_u64(), "{resp}");
+    for p in [i64::from(i32::MIN), 1001] {
+        let (status, body) = post_json(
+            a,
+            &format!("/api/v1/jobs/{id}/priority"),
+            Some(TOKEN_NOBODY),
+            &format!("{{\"priority\": {p}}}"),
+        );
+        assert_eq!(status, 400, "priority {p}: {body}");
+        assert!(body.contains("between -1000 and 1000"), "{body}");
+    }
     let (status, _) = raw_http(a, b"garbage\r\n\r\n");
     assert!(status == 0 || (400..500).contains(&status));
     assert_serving(&d);
