@@ -16,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod estimate;
 pub mod gpu;
+pub mod jobfs;
 pub mod proc;
 pub mod publish;
 pub mod sched;

@@ -33,6 +33,7 @@ fn publish(m: &TestModel, models: &Path, name: &str, q: Quantization) -> publish
             model_dir: &m.dir,
             models_dir: models,
             spec: &spec,
+            read_as: None,
         },
         |_| {},
     )

@@ -43,6 +43,7 @@ fn publish_to(
             model_dir: model,
             models_dir: models,
             spec,
+            read_as: None,
         },
         |m| log.push(m.to_string()),
     );
@@ -1004,4 +1005,57 @@ fn export_figures() {
             fs::remove_file(out).unwrap();
         }
     }
+}
+
+/// A root daemon reads a user's model with the user's file rights (`read_as`): a link the
+/// user put in the model directory to a root-only file is not followed into the published
+/// model, while an ordinary model still publishes into the root-owned store. Root only.
+#[test]
+fn a_root_daemon_reads_the_model_with_its_owners_rights() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = build_model(&tmp.path().join("model"), Shape::tiny());
+    let models = tmp.path().join("models");
+    fs::create_dir(&models).unwrap();
+    let nobody = jobd::jobfs::Credentials {
+        uid: 65534,
+        gid: 65534,
+        groups: vec![65534],
+    };
+    let with = |dir: &Path, name: &str, read_as| {
+        publish::publish(
+            &PublishRequest {
+                model_dir: dir,
+                models_dir: &models,
+                spec: &spec(name, Quantization::F16),
+                read_as,
+            },
+            |_| {},
+        )
+    };
+    for e in fs::read_dir(&m.dir).unwrap().flatten() {
+        fs::set_permissions(e.path(), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    fs::set_permissions(&m.dir, fs::Permissions::from_mode(0o755)).unwrap();
+    with(&m.dir, "readable", Some(&nobody)).expect("a model its owner can read publishes");
+
+    // The owner's directory links its tokenizer to a file only root may read.
+    let secret = tmp.path().join("secret");
+    fs::create_dir(&secret).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o700)).unwrap();
+    let linked = tmp.path().join("linked");
+    copy_dir(&m.dir, &linked);
+    fs::rename(linked.join("tokenizer.json"), secret.join("tokenizer.json")).unwrap();
+    std::os::unix::fs::symlink(secret.join("tokenizer.json"), linked.join("tokenizer.json"))
+        .unwrap();
+    let e = with(&linked, "linked", Some(&nobody)).unwrap_err();
+    assert!(
+        e.to_string().contains("tokenizer.json") && e.to_string().contains("ermission denied"),
+        "{e}"
+    );
+    // With root's own rights the link is followed: what `read_as` prevents.
+    with(&linked, "linked", None).expect("root reads through the link");
 }

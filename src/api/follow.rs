@@ -188,7 +188,7 @@ pub fn stream_file(
 }
 
 fn read_chunk(path: &Path, pos: u64) -> std::io::Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path)?;
+    let mut f = crate::jobfs::open_regular(path)?;
     let len = f.metadata()?.len();
     if pos >= len {
         return Ok(Vec::new());

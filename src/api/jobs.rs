@@ -544,7 +544,10 @@ pub async fn logs(
     };
     let dir: PathBuf = rec.dir(&st.jobs_dir);
     let file = dir.join(name);
-    let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    let len = crate::jobfs::open_regular(&file)
+        .and_then(|f| f.metadata())
+        .map(|m| m.len())
+        .unwrap_or(0);
     let offset = match (q.offset, q.tail) {
         (Some(o), _) => o,
         (None, Some(t)) => len.saturating_sub(t),
@@ -705,9 +708,17 @@ pub async fn metrics(
         .get(&id)
         .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
     let path = rec.dir(&st.jobs_dir).join(files::METRICS);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
+    let text = match crate::jobfs::read_regular(&path) {
+        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        // `jobfs` refused what the job put in place of the file (a link, a FIFO).
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "unreadable",
+                e.to_string(),
+            ));
+        }
         Err(e) => {
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

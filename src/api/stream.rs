@@ -286,7 +286,7 @@ async fn run_job_stream(
             dir_sub = st.watcher.subscribe(&files.dir).await;
         }
         let ck = files.dir.join(files::CHECKPOINTS);
-        if checkpoints_sub.is_none() && ck.is_dir() {
+        if checkpoints_sub.is_none() && crate::jobfs::is_real_dir(&ck) {
             checkpoints_sub = st.watcher.subscribe(&ck).await;
         }
         // Read after subscribing, so no write falls in between.
@@ -392,7 +392,7 @@ impl JobFiles {
     fn metrics(&mut self) -> Option<MetricsUpdate> {
         use std::io::{Read, Seek, SeekFrom};
         let path = self.dir.join(files::METRICS);
-        let opened = std::fs::File::open(&path).and_then(|f| Ok((f.metadata()?, f)));
+        let opened = crate::jobfs::open_regular(&path).and_then(|f| Ok((f.metadata()?, f)));
         let (meta, mut file) = match opened {
             Ok(x) => x,
             Err(_) => {
@@ -435,6 +435,10 @@ impl JobFiles {
 
 /// The complete `checkpoint-<step>/` directories (temporary ones are hidden), oldest first.
 pub fn list_checkpoints(dir: &Path) -> Vec<CheckpointView> {
+    // The owner may have replaced the directory with a link to someone else's.
+    if !crate::jobfs::is_real_dir(dir) {
+        return Vec::new();
+    }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

@@ -8,7 +8,6 @@
 //! job never leaves orphans behind.
 
 use std::ffi::CString;
-use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,7 +22,7 @@ use crate::spec::record::{ExitInfo, ProcessInfo};
 /// Errors starting a process, naming what failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open the job's log file: {source}")]
     Output {
         path: PathBuf,
         source: std::io::Error,
@@ -37,12 +36,6 @@ pub enum ProcError {
     UnknownUser(String),
     #[error("cannot look up user {user:?}: {source}")]
     UserLookup { user: String, source: nix::Error },
-    #[error("cannot hand {path} to user {user}: {source}")]
-    Chown {
-        path: PathBuf,
-        user: String,
-        source: nix::Error,
-    },
 }
 
 /// A Unix account to run a process as.
@@ -77,18 +70,13 @@ impl RunAs {
         })
     }
 
-    /// Gives `path` to this user (for job directories and output files).
-    pub fn chown(&self, path: &Path) -> Result<(), ProcError> {
-        nix::unistd::chown(
-            path,
-            Some(Uid::from_raw(self.uid)),
-            Some(Gid::from_raw(self.gid)),
-        )
-        .map_err(|source| ProcError::Chown {
-            path: path.into(),
-            user: self.user.clone(),
-            source,
-        })
+    /// This account's file access rights, for reading its files in a root daemon's thread.
+    pub fn credentials(&self) -> crate::jobfs::Credentials {
+        crate::jobfs::Credentials {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+        }
     }
 }
 
@@ -132,19 +120,14 @@ pub fn spawn(
     req: SpawnRequest,
     on_exit: impl FnOnce(ExitInfo) + Send + 'static,
 ) -> Result<(ProcessInfo, ChildHandle), ProcError> {
+    // The log files sit in the owner's job directory: opened without following links and
+    // given to the owner through the handle (see `jobfs`).
+    let owner = req.run_as.as_ref().map(|r| (r.uid, r.gid));
     let open = |path: &Path| {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| ProcError::Output {
-                path: path.into(),
-                source,
-            })?;
-        if let Some(r) = &req.run_as {
-            r.chown(path)?;
-        }
-        Ok::<_, ProcError>(file)
+        crate::jobfs::open_append(path, owner).map_err(|source| ProcError::Output {
+            path: path.into(),
+            source,
+        })
     };
     let stdout = open(&req.stdout)?;
     let stderr = open(&req.stderr)?;

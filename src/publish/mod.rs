@@ -86,6 +86,9 @@ pub struct PublishRequest<'a> {
     pub models_dir: &'a Path,
     /// The job's `[publish]` section.
     pub spec: &'a PublishSpec,
+    /// Read the model with this account's file rights (a root daemon publishing a user's job:
+    /// the model directory is the user's, who may have put links to other files in it).
+    pub read_as: Option<&'a crate::jobfs::Credentials>,
 }
 
 impl<'a> PublishRequest<'a> {
@@ -214,7 +217,16 @@ pub fn publish(
     let name = ModelName::parse(&spec.ollama_name)?;
     let mut store = store::Store::open(req.models_dir)?;
     progress(&format!("reading {}", req.model_dir.display()));
-    let prepared = gguf::prepare(req.model_dir, spec.quantization)?;
+    let prepared = {
+        let _as_owner = match req.read_as {
+            Some(c) => Some(
+                c.enter()
+                    .map_err(|e| PublishError::io("read", req.model_dir, e))?,
+            ),
+            None => None,
+        };
+        gguf::prepare(req.model_dir, spec.quantization)?
+    };
     let (model, tok) = (&prepared.model, &prepared.tokenizer);
     let prompting = prompting(spec, tok);
 

@@ -1076,6 +1076,8 @@ impl Scheduler {
             .dir(&self.settings.jobs_dir)
             .join(contract::files::OUTPUT);
         let default = self.settings.ollama_models.clone();
+        // A root daemon reads the owner's model with the owner's file rights.
+        let read_as_user = self.settings.run_as_owner.then(|| rec.owner.user.clone());
         let tx = self.tx.clone();
         self.publishing.insert(id);
         tokio::task::spawn_blocking(move || {
@@ -1085,10 +1087,15 @@ impl Scheduler {
                     .clone()
                     .or(default)
                     .ok_or("no Ollama models directory")?;
+                let read_as = read_as_user
+                    .map(|u| crate::proc::RunAs::lookup(&u).map(|r| r.credentials()))
+                    .transpose()
+                    .map_err(|e| e.to_string())?;
                 let req = crate::publish::PublishRequest {
                     model_dir: &model_dir,
                     models_dir: &models_dir,
                     spec: &spec,
+                    read_as: read_as.as_ref(),
                 };
                 let p =
                     crate::publish::publish(&req, |step| tracing::debug!(job_id = id, "{step}"))
@@ -1489,6 +1496,6 @@ pub fn describe_placement(p: &Placement) -> String {
 
 /// The progress a train worker last reported, if any.
 pub fn read_progress(job_dir: &std::path::Path) -> Option<Progress> {
-    let text = std::fs::read(job_dir.join(contract::files::PROGRESS)).ok()?;
+    let text = crate::jobfs::read_regular(&job_dir.join(contract::files::PROGRESS)).ok()?;
     serde_json::from_slice(&text).ok()
 }

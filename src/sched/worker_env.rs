@@ -2,7 +2,6 @@
 //! worker contract promises (`job.toml`, `spec.json`), and the cleared environment with the
 //! documented variables (see `spec::contract`).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use super::SchedSettings;
@@ -22,27 +21,21 @@ pub fn prepare(
     } else {
         None
     };
+    // The job directory belongs to its owner, who may have replaced any entry in it with a
+    // link since the last attempt: everything below goes through `jobfs`, which follows no
+    // link and changes owners and modes through handles.
+    let owner = run_as.as_ref().map(|r| (r.uid, r.gid));
     let mkdir = |p: &Path, mode: u32| -> Result<(), String> {
-        std::fs::create_dir_all(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("cannot set permissions of {}: {e}", p.display()))?;
-        if let Some(r) = &run_as {
-            r.chown(p).map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        crate::jobfs::ensure_dir(p, mode, owner).map_err(|e| e.to_string())
     };
     mkdir(&dir, 0o750)?;
     let checkpoints = dir.join(files::CHECKPOINTS);
     let output = dir.join(files::OUTPUT);
     mkdir(&checkpoints, 0o750)?;
     mkdir(&output, 0o755)?;
-    write_atomic(
-        &dir.join(files::JOB_TOML),
-        rec.source.as_bytes(),
-        run_as.as_ref(),
-    )?;
+    write_atomic(&dir.join(files::JOB_TOML), rec.source.as_bytes(), owner)?;
     let spec = serde_json::to_vec_pretty(&rec.spec).map_err(|e| e.to_string())?;
-    write_atomic(&dir.join(files::SPEC_JSON), &spec, run_as.as_ref())?;
+    write_atomic(&dir.join(files::SPEC_JSON), &spec, owner)?;
 
     let placement = rec.placement.clone().unwrap_or_default();
     let (user, home) = match &run_as {
@@ -148,17 +141,8 @@ pub fn prepare(
 }
 
 /// Writes a file that must never be seen half-written: temp file, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8], owner: Option<&RunAs>) -> Result<(), String> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    if let Some(r) = owner {
-        r.chown(&tmp).map_err(|e| e.to_string())?;
-    }
-    std::fs::rename(&tmp, path).map_err(err)
+fn write_atomic(path: &Path, bytes: &[u8], owner: crate::jobfs::Owner) -> Result<(), String> {
+    crate::jobfs::write_atomic(path, bytes, owner).map_err(|e| e.to_string())
 }
 
 fn daemon_user() -> (String, String) {

@@ -6,6 +6,7 @@ mod daemon;
 mod dashboard;
 mod durability;
 mod errors;
+mod job_dir;
 mod llama_cpp;
 #[path = "../publish_support/mod.rs"]
 mod publish_support;

@@ -1,0 +1,147 @@
+//! A job's directory belongs to its owner, who can put links, FIFOs and other surprises in
+//! it between attempts. A root daemon must never act on them with its own rights, and no
+//! reader may hang on them.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use jobd::spec::JobState;
+
+use crate::daemon::*;
+
+/// A root-only file (0600) or directory (0700) with known content.
+fn victim(d: &TestDaemon, name: &str, dir: bool) -> std::path::PathBuf {
+    let p = d.path(name);
+    if dir {
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join("inside"), b"secret\n").unwrap();
+    } else {
+        std::fs::write(&p, b"secret\n").unwrap();
+    }
+    let mode = if dir { 0o700 } else { 0o600 };
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
+fn assert_untouched(p: &Path, dir: bool) {
+    let m = std::fs::metadata(p).unwrap();
+    assert_eq!(m.uid(), 0, "{} still belongs to root", p.display());
+    let mode = if dir { 0o700 } else { 0o600 };
+    assert_eq!(m.mode() & 0o777, mode, "{} keeps its mode", p.display());
+    let file = if dir {
+        p.join("inside")
+    } else {
+        p.to_path_buf()
+    };
+    assert_eq!(std::fs::read(file).unwrap(), b"secret\n", "{}", p.display());
+}
+
+/// The attacks a QA pass reproduced against a root daemon: on the next attempt the daemon
+/// appended to and chowned a planted `stdout.log` link, wrote and chowned through `job.tmp`,
+/// chmodded and chowned a linked `output/`, and served a linked `stderr.log` (/etc/shadow) as
+/// the job's log. Now the links are refused (the attempt fails, saying why) and the targets
+/// keep their owner, mode and content. Only meaningful when the tests run as root.
+#[test]
+fn links_planted_in_a_job_directory_are_never_followed_by_a_root_daemon() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let (log_victim, tmp_victim, dir_victim, read_victim) = (
+        victim(&d, "log-victim", false),
+        victim(&d, "tmp-victim", false),
+        victim(&d, "dir-victim", true),
+        victim(&d, "read-victim", false),
+    );
+    let retry = "[retry]\nmax = 1\nbackoff = \"1s\"\n";
+    let submit = |name: &str, script: String, extra: &str| -> u64 {
+        let f = d.write(name, &command_job(&script, extra));
+        let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", f.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).trim().parse().unwrap()
+    };
+    let files = submit(
+        "files.toml",
+        format!(
+            "cd \"$JOBD_JOB_DIR\" && rm -f stdout.log && ln -s {} stdout.log && ln -s {} job.tmp; exit 1",
+            log_victim.display(),
+            tmp_victim.display()
+        ),
+        retry,
+    );
+    let dir = submit(
+        "dir.toml",
+        format!(
+            "cd \"$JOBD_JOB_DIR\" && rm -rf output && ln -s {} output; exit 1",
+            dir_victim.display()
+        ),
+        retry,
+    );
+    let read = submit(
+        "read.toml",
+        format!(
+            "cd \"$JOBD_JOB_DIR\" && rm -f stderr.log && ln -s {} stderr.log",
+            read_victim.display()
+        ),
+        "",
+    );
+    for id in [files, dir] {
+        d.wait_state(id, JobState::Failed, Duration::from_secs(30));
+        let reason = d.job(id).record.reason.unwrap_or_default();
+        assert!(reason.contains("is a symbolic link"), "job {id}: {reason}");
+    }
+    d.wait_state(read, JobState::Succeeded, Duration::from_secs(30));
+    let logs = d.jobctl_tcp(Some(TOKEN_NOBODY), &["logs", "--stderr", &read.to_string()]);
+    assert!(!stdout(&logs).contains("secret"), "{}", stdout(&logs));
+    assert_untouched(&log_victim, false);
+    assert_untouched(&tmp_victim, false);
+    assert_untouched(&dir_victim, true);
+    assert_untouched(&read_victim, false);
+    assert!(!d.log().contains("panicked"), "{}", d.log());
+}
+
+/// A FIFO in place of `metrics.jsonl` or `stdout.log` is not a log: the metrics, logs and
+/// job-stream endpoints answer at once (a blocking open used to wait for a writer forever,
+/// holding a runtime thread, until the daemon stopped answering even `/health`).
+#[test]
+fn a_fifo_in_a_job_directory_hangs_no_reader() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let f = d.write(
+        "fifo.toml",
+        &command_job(
+            "cd \"$JOBD_JOB_DIR\" && mkfifo metrics.jsonl && rm -f stdout.log && mkfifo stdout.log && echo ready >&2 && sleep 60",
+            "",
+        ),
+    );
+    let id = d.submit(&f);
+    wait_for("the FIFOs", Duration::from_secs(20), || {
+        std::fs::read_to_string(d.state.join(format!("jobs/{id}/stderr.log")))
+            .is_ok_and(|s| s.contains("ready"))
+    });
+    let get = |path: &str| {
+        let started = Instant::now();
+        let r = raw_http(
+            d.addr(),
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        (r, started.elapsed())
+    };
+    for _ in 0..3 {
+        let ((status, body), took) = get(&format!("/api/v1/jobs/{id}/metrics"));
+        assert!(took < Duration::from_secs(5), "metrics took {took:?}");
+        assert_eq!(status, 409, "{body}");
+        assert!(body.contains("not a regular file"), "{body}");
+        let ((status, body), took) = get(&format!("/api/v1/jobs/{id}/logs"));
+        assert!(
+            took < Duration::from_secs(5),
+            "logs took {took:?}: {status} {body}"
+        );
+    }
+    let ((status, _), took) = get("/api/v1/health");
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let out = d.jobctl(&["cancel", &id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_state(id, JobState::Cancelled, Duration::from_secs(20));
+}
