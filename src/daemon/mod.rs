@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::api::{self, AppState, AuthPolicy, UnixPeer};
 use crate::config::Config;
@@ -63,7 +63,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (scheduler, handle) = Scheduler::start(store, inventory, settings)
         .await
         .context("cannot recover the job queue")?;
-    let sched_task = tokio::spawn(scheduler.run());
+    let mut sched_task = tokio::spawn(scheduler.run());
 
     let state = AppState {
         sched: handle.clone(),
@@ -112,7 +112,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let keepalive = CancellationToken::new();
     systemd::spawn_keepalive(handle.clone(), keepalive.clone());
 
-    shutdown.cancelled().await;
+    // The scheduler is the only writer of job state: if it ever ends by itself (a bug that
+    // panicked in it), serving on would answer every change with "shutting down" while
+    // `/health` said ok. Exit with an error instead, so that systemd (`Restart=on-failure`)
+    // restarts jobd, whose recovery takes the queue back from disk.
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        ended = &mut sched_task => {
+            let why = match ended {
+                Err(e) if e.is_panic() => "it panicked (see above)".to_string(),
+                Err(e) => e.to_string(),
+                Ok(()) => "it returned".to_string(),
+            };
+            error!("the scheduler stopped unexpectedly: {why}; exiting so that jobd restarts");
+            stop_serving.cancel();
+            keepalive.cancel();
+            anyhow::bail!("the scheduler stopped unexpectedly ({why}); the queue is safe on disk: start jobd again");
+        }
+    }
     info!("stopping: no new connections");
     systemd::stopping();
     stop_serving.cancel();

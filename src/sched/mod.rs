@@ -462,6 +462,9 @@ pub struct Scheduler {
 /// Maximum messages handled per batch (and so per flush).
 const BATCH: usize = 512;
 
+/// How many exits with code 75 that jobd did not ask for requeue a job before it fails.
+pub const MAX_UNREQUESTED_REQUEUES: u32 = 3;
+
 impl Scheduler {
     /// Loads the store, recovers jobs left running by an earlier daemon (stopping leftover
     /// workers) and returns the scheduler and its handle. Run it with [`Scheduler::run`].
@@ -897,6 +900,7 @@ impl Scheduler {
             &|r| {
                 r.queued_at = now_ms();
                 r.retries = 0;
+                r.unrequested_requeues = 0;
                 r.not_before = None;
                 r.stop = None;
                 r.finished_at = None;
@@ -924,6 +928,7 @@ impl Scheduler {
         let stop = rec.stop.clone();
         let retry = rec.spec.retry.clone();
         let retries = rec.retries;
+        let unrequested = rec.unrequested_requeues;
         let exit_info = exit.clone();
         let finish = move |r: &mut JobRecord| {
             r.exit = Some(exit_info.clone());
@@ -984,18 +989,61 @@ impl Scheduler {
                     r.finished_at = Some(now);
                 },
             ),
-            (None, Some(EXIT_PREEMPTED)) => self
-                .apply(
+            // 75 that jobd did not ask for: a SIGTERM from someone else (an admin, the system
+            // shutting down), or a program that returns EX_TEMPFAIL. Requeued like a
+            // preemption, but the second time after the retry backoff and never more than
+            // MAX_UNREQUESTED_REQUEUES times, so that it cannot spin.
+            (None, Some(EXIT_PREEMPTED)) if unrequested >= MAX_UNREQUESTED_REQUEUES => self.apply(
+                id,
+                Some(JobState::Failed),
+                format!(
+                    "failed: exit code {EXIT_PREEMPTED} (\"checkpointed, run me again\") \
+                     {} times without being asked to stop; see its log",
+                    unrequested + 1
+                ),
+                &|r| {
+                    finish(r);
+                    r.finished_at = Some(now);
+                },
+            ),
+            (None, Some(EXIT_PREEMPTED)) => {
+                let n = unrequested + 1;
+                let delay = if n == 1 {
+                    Duration::ZERO
+                } else {
+                    retry.delay_for(n - 1)
+                };
+                let until = now + delay.as_millis() as Millis;
+                let when = if delay.is_zero() {
+                    String::new()
+                } else {
+                    format!(" in {}", humantime::format_duration(delay))
+                };
+                self.apply(
                     id,
                     Some(JobState::Interrupted),
                     format!(
-                        "worker checkpointed and asked to be requeued (exit code {EXIT_PREEMPTED})"
+                        "exited with code {EXIT_PREEMPTED} (checkpointed, run me again) \
+                         without being asked to stop"
                     ),
                     &finish,
                 )
                 .and_then(|_| {
-                    self.requeue_now(id, "requeued; resumes from its last checkpoint".into())
-                }),
+                    self.apply(
+                        id,
+                        Some(JobState::Queued),
+                        format!(
+                            "requeued{when} ({n} of {MAX_UNREQUESTED_REQUEUES} such exits); \
+                             resumes from its last checkpoint if it has one"
+                        ),
+                        &|r| {
+                            r.unrequested_requeues = n;
+                            r.not_before = (!delay.is_zero()).then_some(until);
+                            r.queued_at = now;
+                        },
+                    )
+                })
+            }
             (None, code) if retries < retry.max && retry.retries_on(code) => {
                 let n = retries + 1;
                 let delay = retry.delay_for(n);

@@ -66,10 +66,12 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
                         r.stop = None;
                     },
                 )?;
-                s.requeue_now(
-                    id,
-                    "requeued after daemon restart; resumes from its last checkpoint".into(),
-                )?;
+                let again = if s.jobs[&id].kind == crate::spec::JobKind::Command {
+                    "requeued after daemon restart; its command runs again from the start"
+                } else {
+                    "requeued after daemon restart; resumes from its last checkpoint"
+                };
+                s.requeue_now(id, again.into())?;
                 info!(job_id = id, "recovered");
             }
             JobState::Interrupted => {

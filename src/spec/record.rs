@@ -53,6 +53,11 @@ pub struct JobRecord {
     /// Retries used of `[retry] max`.
     #[serde(default)]
     pub retries: u32,
+    /// Exits with the "checkpointed, run me again" code that jobd had not asked for (no
+    /// preemption or shutdown), since the job was submitted or last requeued by hand: bounded,
+    /// so that a program that simply returns 75 (`EX_TEMPFAIL`) is not restarted forever.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unrequested_requeues: u32,
     /// Not to be started before this time (retry backoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<Millis>,
@@ -207,6 +212,7 @@ impl JobRecord {
             finished_at: None,
             attempts: 0,
             retries: 0,
+            unrequested_requeues: 0,
             not_before: None,
             placement: None,
             process: None,
@@ -226,4 +232,8 @@ impl JobRecord {
     pub fn dir(&self, jobs_root: &std::path::Path) -> PathBuf {
         jobs_root.join(self.id.to_string())
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

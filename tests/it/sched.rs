@@ -302,3 +302,42 @@ fn wait_for_text(d: &TestDaemon, id: u64, want: &str) -> String {
     );
     last
 }
+
+/// Exit code 75 means "I checkpointed after SIGTERM, run me again". A job that returns it
+/// when jobd never asked it to stop is requeued a bounded number of times, after the first
+/// with the retry backoff, then fails saying why; it used to be requeued at once, forever
+/// (~230 attempts a second in a QA run). A requeue by hand starts the count again.
+#[test]
+fn an_unrequested_exit_75_is_requeued_a_few_times_then_fails() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let f = d.write(
+        "tempfail.toml",
+        &command_job(
+            "echo attempt $JOBD_ATTEMPT; exit 75",
+            "[retry]\nbackoff = \"1s\"",
+        ),
+    );
+    let id = d.submit(&f);
+    d.wait_state(id, JobState::Failed, Duration::from_secs(30));
+    let rec = d.job(id).record;
+    assert_eq!(rec.attempts, 4, "1 run + 3 requeues");
+    let reason = rec.reason.unwrap_or_default();
+    assert!(
+        reason.contains("exit code 75") && reason.contains("4 times"),
+        "{reason}"
+    );
+    let history: Vec<String> = d.events(id).into_iter().map(|e| e.reason).collect();
+    assert!(
+        history.iter().any(|m| m.contains("requeued in 1s (2 of 3")),
+        "the second requeue waits for the backoff: {history:#?}"
+    );
+    assert!(d.job(id).record.unrequested_requeues == 3);
+    let out = d.jobctl(&["requeue", &id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_state(id, JobState::Failed, Duration::from_secs(30));
+    assert_eq!(
+        d.job(id).record.attempts,
+        8,
+        "the count starts again after a requeue"
+    );
+}
