@@ -55,6 +55,20 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         job_dir: PathBuf,
     },
+    /// Run a command job's command and record how it ended (started by the daemon in place
+    /// of the command, so that the outcome survives a daemon restart).
+    #[command(name = "run-command", hide = true)]
+    Supervise {
+        /// Where to write the exit status.
+        #[arg(long, value_name = "FILE")]
+        status: PathBuf,
+        /// The attempt this run is (JOBD_ATTEMPT).
+        #[arg(long)]
+        attempt: u32,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Generate text greedily from a model in Hugging Face layout (a job's output directory).
     Generate {
         /// Model directory (config.json, model.safetensors, tokenizer.json).
@@ -115,6 +129,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
         Some(Command::Worker { job_dir }) => jobd::worker::main(&job_dir),
+        Some(Command::Supervise {
+            status,
+            attempt,
+            command,
+        }) => jobd::proc::supervise(&status, attempt, &command[0], &command[1..]),
         Some(Command::Generate {
             model,
             prompt,
@@ -234,7 +253,7 @@ fn daemon(args: Args) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("jobd: {e:#}");
+            eprintln!("jobd: {}", jobd::cli::error_chain(&e));
             ExitCode::from(1)
         }
     }

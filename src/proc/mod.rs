@@ -7,9 +7,10 @@
 //! SIGKILL to the group. When the leader exits, stragglers left in its group are killed, so a
 //! job never leaves orphans behind.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -24,6 +25,11 @@ use crate::spec::record::{ExitInfo, ProcessInfo};
 pub enum ProcError {
     #[error("cannot open the job's log file: {source}")]
     Output {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot enter the working directory {path}: {source}")]
+    Workdir {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -78,6 +84,78 @@ impl RunAs {
             groups: self.groups.clone(),
         }
     }
+}
+
+/// Runs `program` as a command job's supervisor (`jobd run-command`, which jobd starts in
+/// place of the command): waits for it, writes how it ended to `status` (attempt `attempt`),
+/// then ends the same way (its exit code, or its signal raised again), so that jobd sees no
+/// difference. The outcome stays on disk for a daemon that was not running when it came.
+///
+/// Stop signals are handled here by a no-op, not ignored: the job's whole process group gets
+/// them, the command included, and a handled signal is reset to its default in the command
+/// at exec (an ignored one would stay ignored there).
+pub fn supervise(status: &Path, attempt: u32, program: &OsStr, args: &[OsString]) -> ExitCode {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    use std::os::unix::process::ExitStatusExt;
+    extern "C" fn note(_: nix::libc::c_int) {}
+    let stop_signals = [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ];
+    let handled = SigAction::new(
+        SigHandler::Handler(note),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in stop_signals {
+        // SAFETY: the handler does nothing, so it is async-signal-safe.
+        let _ = unsafe { sigaction(sig, &handled) };
+    }
+    let record = |code: Option<i32>, signal: Option<i32>| {
+        let st = crate::spec::contract::ExitStatus {
+            attempt,
+            code,
+            signal,
+        };
+        let bytes = serde_json::to_vec(&st).unwrap_or_default();
+        if let Err(e) = crate::jobfs::write_atomic(status, &bytes, None) {
+            eprintln!("jobd: cannot record the command's exit status: {e}");
+        }
+    };
+    let mut child = match std::process::Command::new(program).args(args).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("jobd: cannot start {}: {e}", program.to_string_lossy());
+            // 127: the shell's "command not found".
+            record(Some(127), None);
+            return ExitCode::from(127);
+        }
+    };
+    let ended = loop {
+        match child.wait() {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!("jobd: cannot wait for the command: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    record(ended.code(), ended.signal());
+    if let Some(sig) = ended.signal().and_then(|s| Signal::try_from(s).ok()) {
+        // End by the same signal, so that jobd records "killed by signal N" as before.
+        // SAFETY: restoring the default disposition.
+        let _ = unsafe {
+            sigaction(
+                sig,
+                &SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty()),
+            )
+        };
+        let _ = nix::sys::signal::raise(sig);
+    }
+    ExitCode::from(ended.code().unwrap_or(1).clamp(0, 255) as u8)
 }
 
 /// What to run.
@@ -157,9 +235,22 @@ pub fn spawn(
     let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(false)
         .spawn()
-        .map_err(|source| ProcError::Spawn {
-            program: req.program.clone(),
-            source,
+        .map_err(|source| {
+            // exec's ENOENT is also what a missing working directory gives: name the right one.
+            match std::fs::metadata(&req.cwd) {
+                Err(e) => ProcError::Workdir {
+                    path: req.cwd.clone(),
+                    source: e,
+                },
+                Ok(m) if !m.is_dir() => ProcError::Workdir {
+                    path: req.cwd.clone(),
+                    source: std::io::Error::other("not a directory"),
+                },
+                Ok(_) => ProcError::Spawn {
+                    program: req.program.clone(),
+                    source,
+                },
+            }
         })?;
     let pid = child.id().expect("a just-spawned child has a pid") as i32;
     let info = ProcessInfo {
@@ -255,8 +346,10 @@ pub fn start_ticks(pid: i32) -> Option<u64> {
 /// Is the worker recorded in `info` (from an earlier daemon run) still around? True when its
 /// leader is alive with the same start time, or when members of its group remain.
 pub fn worker_alive(info: &ProcessInfo) -> bool {
-    match start_ticks(info.pid) {
-        Some(t) if t == info.start_ticks => true,
+    match stat_fields(info.pid) {
+        // A zombie has ended: orphaned by the earlier daemon, it waits for init to reap it.
+        Some((state, _, t)) if t == info.start_ticks && state != 'Z' && state != 'X' => true,
+        Some((_, _, t)) if t == info.start_ticks => group_alive(info.pgid),
         // Another process has the pid now: Linux never reuses a pid that still names a
         // process group, so our group is gone.
         Some(_) => false,
@@ -305,6 +398,44 @@ mod tests {
             stderr: dir.join("err"),
             run_as: None,
         }
+    }
+
+    /// A worker that ended but was not reaped yet (its daemon died; init reaps it later) is
+    /// a zombie: not alive, so recovery takes its recorded outcome instead of "stopping" it.
+    #[test]
+    fn a_zombie_worker_is_not_alive() {
+        let mut child = std::process::Command::new("/bin/true")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let start = start_ticks(pid).unwrap();
+        // Not waited for: once it has exited it stays a zombie.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stat_fields(pid).is_some_and(|(s, _, _)| s != 'Z') && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(stat_fields(pid).map(|f| f.0), Some('Z'));
+        let info = ProcessInfo {
+            pid,
+            pgid: pid,
+            start_ticks: start,
+        };
+        assert!(!worker_alive(&info));
+        child.wait().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_missing_working_directory_is_named_not_the_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = req(dir.path(), "true");
+        r.cwd = dir.path().join("gone");
+        let e = spawn(r, |_| {}).unwrap_err().to_string();
+        assert!(e.contains("working directory") && e.contains("gone"), "{e}");
+        let mut r = req(dir.path(), "true");
+        r.program = "/no/such/program".into();
+        let e = spawn(r, |_| {}).unwrap_err().to_string();
+        assert!(e.starts_with("cannot start /no/such/program"), "{e}");
     }
 
     #[tokio::test]

@@ -4,6 +4,8 @@
 //! found (recorded pid + start time, and a scan of `/proc/*/environ` for `JOBD_JOB_DIR` under
 //! our jobs directory, which also finds a worker spawned just before a crash) and stopped
 //! first: SIGTERM (train workers checkpoint), grace, SIGKILL. A job never runs twice at once.
+//! A command job whose command ended while no daemon was watching left its outcome in its job
+//! directory (`jobd run-command`), which is recorded as if seen, not run again.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,9 +15,9 @@ use tracing::{info, warn};
 
 use super::Scheduler;
 use crate::proc;
-use crate::spec::contract::ENV_JOB_DIR;
-use crate::spec::record::ProcessInfo;
-use crate::spec::{JobId, JobState};
+use crate::spec::contract::{ENV_JOB_DIR, ExitStatus, files};
+use crate::spec::record::{ExitInfo, ProcessInfo};
+use crate::spec::{JobId, JobKind, JobState};
 use crate::store::StoreError;
 
 pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
@@ -51,6 +53,24 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
 
     let ids: Vec<(JobId, JobState)> = s.jobs.values().map(|j| (j.id, j.state)).collect();
     for (id, state) in ids {
+        // A command that ended while jobd was down left its outcome behind (`jobd
+        // run-command`): record it as if jobd had seen it, rather than running it again.
+        let ended = state == JobState::Running && !stopped.contains_key(&id);
+        if let Some(exit) = ended.then(|| ended_meanwhile(s, id)).flatten() {
+            s.apply(
+                id,
+                None,
+                format!("daemon restarted; its command had ended meanwhile ({exit})"),
+                &|_| {},
+            )?;
+            let attempt = s.jobs[&id].attempts;
+            s.exited(id, attempt, exit);
+            info!(
+                job_id = id,
+                "recovered an outcome recorded while jobd was down"
+            );
+            continue;
+        }
         match state {
             JobState::Starting | JobState::Running | JobState::Publishing => {
                 let what = match stopped.get(&id) {
@@ -82,6 +102,21 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
         // Stray workers of finished jobs (should not exist) were stopped above as well.
     }
     Ok(())
+}
+
+/// The outcome `jobd run-command` recorded for a command job's current attempt, if any.
+fn ended_meanwhile(s: &Scheduler, id: JobId) -> Option<ExitInfo> {
+    let rec = s.jobs.get(&id)?;
+    if rec.kind != JobKind::Command {
+        return None;
+    }
+    let path = rec.dir(&s.settings.jobs_dir).join(files::EXIT_STATUS);
+    let status: ExitStatus =
+        serde_json::from_slice(&crate::jobfs::read_regular(&path).ok()?).ok()?;
+    (status.attempt == rec.attempts).then_some(ExitInfo {
+        code: status.code,
+        signal: status.signal,
+    })
 }
 
 fn join(pids: &[i32]) -> String {

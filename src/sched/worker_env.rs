@@ -108,7 +108,18 @@ pub fn prepare(
             }
             let cwd = cmd.workdir.clone().unwrap_or_else(|| dir.clone());
             let path = cmd.env.get("PATH").cloned();
-            (cmd.argv[0].clone(), cmd.argv[1..].to_vec(), cwd, path)
+            // Run under `jobd run-command`, which records the outcome in the job directory
+            // (read by recovery when the command ended while jobd was down).
+            let mut args = vec![
+                "run-command".to_string(),
+                "--status".into(),
+                dir.join(files::EXIT_STATUS).display().to_string(),
+                "--attempt".into(),
+                rec.attempts.to_string(),
+                "--".into(),
+            ];
+            args.extend(cmd.argv.iter().cloned());
+            (settings.worker_exe.display().to_string(), args, cwd, path)
         }
         _ => (
             settings.worker_exe.display().to_string(),

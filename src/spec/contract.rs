@@ -55,6 +55,22 @@ pub mod files {
     pub const OUTPUT: &str = "output";
     pub const METRICS: &str = "metrics.jsonl";
     pub const PROGRESS: &str = "progress.json";
+    /// A command job's outcome, written by its supervisor (`jobd run-command`) when the
+    /// command ends: [`super::ExitStatus`].
+    pub const EXIT_STATUS: &str = "exit-status.json";
+}
+
+/// How a command job's attempt ended, left in [`files::EXIT_STATUS`] by the process that
+/// supervises it, so that a daemon that was down when it ended still learns the outcome
+/// instead of running the command again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExitStatus {
+    /// `JOBD_ATTEMPT` of the run this describes.
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
 }
 
 /// Progress a worker reports in `progress.json` (replaced atomically), read by the daemon.
