@@ -60,7 +60,14 @@ impl IntoResponse for ApiError {
                 problems: self.problems,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"jobd\""),
+            );
+        }
+        response
     }
 }
 

@@ -3,10 +3,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
-use tokio::net::UnixListener;
-
 use crate::config::{Config, hash_token};
 use crate::spec::{Caller, Owner};
 
@@ -16,10 +12,11 @@ pub struct UnixPeer {
     pub uid: Option<u32>,
 }
 
-impl Connected<IncomingStream<'_, UnixListener>> for UnixPeer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+impl UnixPeer {
+    /// The peer of an accepted unix-socket connection, as the kernel reports it.
+    pub fn of(stream: &tokio::net::UnixStream) -> Self {
         UnixPeer {
-            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+            uid: stream.peer_cred().ok().map(|c| c.uid()),
         }
     }
 }

@@ -134,8 +134,12 @@ pub async fn submit(
 
 /// Validates a job file as submit would, without queueing it.
 pub async fn validate(
+    Extension(caller): Extension<Caller>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // Validation looks at the paths the file names with the daemon's rights: only callers who
+    // may submit may ask (an anonymous one could probe which files exist anywhere).
+    require_user(&caller)?;
     let Json(req) = body?;
     let sub = submission(req)?;
     Ok(Json(
@@ -565,8 +569,17 @@ pub async fn logs(
     let body = Body::from_stream(ReceiverStream::new(rx));
     Ok((
         [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (header::CACHE_CONTROL, "no-cache".to_string()),
+            // Where this body starts in the file (useful after `tail`): a client that loses
+            // the connection resumes at this offset plus what it received.
+            (
+                header::HeaderName::from_static(crate::spec::api::LOG_OFFSET_HEADER),
+                offset.to_string(),
+            ),
         ],
         body,
     )
@@ -578,7 +591,7 @@ pub async fn explain(
     JobIdPath(id): JobIdPath,
 ) -> Result<Json<sched::Explanation>, ApiError> {
     let view = st.sched.view();
-    sched::explain(&view, id)
+    sched::explain(&view, id, crate::spec::now_ms())
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))
 }

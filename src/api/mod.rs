@@ -16,6 +16,7 @@ mod stream;
 pub mod web;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -23,6 +24,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
 pub use identity::{AuthPolicy, UnixPeer};
@@ -74,6 +76,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/schedules/{id}/{action}", post(schedules::action))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
+        // A known path with another method: the API's error shape, not an empty 405.
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("this endpoint does not take {method}"),
+            )
+        })
         .layer(middleware::from_fn_with_state(state.clone(), identify));
     web::routes()
         .nest(crate::spec::api::PREFIX, api)
@@ -92,8 +102,10 @@ async fn identify(State(st): State<AppState>, mut req: Request, next: Next) -> R
                 let token = value
                     .to_str()
                     .ok()
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .map(str::trim);
+                    // The scheme name is case-insensitive (RFC 9110).
+                    .and_then(|v| v.split_once(' '))
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, t)| t.trim());
                 match token.and_then(|t| st.auth.for_token(t)) {
                     Some(c) => c,
                     None => return ApiError::unauthorized("invalid bearer token").into_response(),
@@ -142,4 +154,62 @@ async fn whoami(axum::Extension(caller): axum::Extension<Caller>) -> Json<Whoami
         admin: caller.admin,
         can_submit: caller.can_submit,
     })
+}
+
+/// Serves `router` on the connections `accept` yields until `stop`: HTTP/1.1 by hyper, with a
+/// limit on how long a client may take to send a request's headers (`axum::serve` has none, so
+/// a client trickling a header a byte at a time held its connection, and a file descriptor,
+/// for as long as it liked). A unix socket's peer is given to the handlers as `ConnectInfo`.
+pub async fn serve<S, A, F>(
+    mut accept: A,
+    router: axum::Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    A: FnMut() -> F,
+    F: std::future::Future<Output = std::io::Result<(S, Option<UnixPeer>)>>,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower_service::Service;
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a little rather than spin.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let router = router.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    if let Some(p) = &peer {
+                        req.extensions_mut().insert(ConnectInfo(*p));
+                    }
+                    // A Router is always ready, so it is called without `poll_ready`.
+                    router.clone().call(req.map(axum::body::Body::new))
+                },
+            );
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
 }

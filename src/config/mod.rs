@@ -29,6 +29,9 @@ pub struct ConfigFile {
     pub gpus: Option<String>,
     /// Time between SIGTERM and SIGKILL when stopping a job.
     pub grace_period: Option<HumanDuration>,
+    /// How long a client may take to send a request's headers before its connection is
+    /// closed (default 30s; slow-header clients would otherwise hold connections forever).
+    pub header_read_timeout: Option<HumanDuration>,
     /// Most CPU-only jobs running at once.
     pub max_cpu_jobs: Option<u32>,
     /// Users who may change any job.
@@ -133,6 +136,11 @@ impl FromStr for GpuSource {
             _ => {}
         }
         if let Some(path) = s.strip_prefix("fake-file:") {
+            // Read again at every inventory refresh (tests change it), but it must exist from
+            // the start: a typo would otherwise run a daemon that silently has no GPUs.
+            if !Path::new(path).is_file() {
+                return Err(format!("fake GPU file {path:?} does not exist"));
+            }
             return Ok(GpuSource::FakeFile(PathBuf::from(path)));
         }
         let Some(list) = s.strip_prefix("fake:") else {
@@ -189,6 +197,7 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     pub gpus: GpuSource,
     pub grace_period: Duration,
+    pub header_read_timeout: Duration,
     pub max_cpu_jobs: u32,
     pub admins: BTreeSet<String>,
     pub trusted_users: BTreeSet<String>,
@@ -335,6 +344,9 @@ impl Config {
                 .parse()
                 .map_err(ConfigError::Flag)?,
             grace_period: file.grace_period.map_or(Duration::from_secs(30), |d| d.0),
+            header_read_timeout: file
+                .header_read_timeout
+                .map_or(Duration::from_secs(30), |d| d.0),
             max_cpu_jobs: file.max_cpu_jobs.unwrap_or_else(default_cpu_jobs),
             admins: file.admins.iter().cloned().collect(),
             trusted_users: file.trusted_users.iter().cloned().collect(),
@@ -452,6 +464,14 @@ impl ConfigFile {
             && d.0 > Duration::from_secs(3600)
         {
             issues.push(Issue::new("grace_period", "must be at most 1h"));
+        }
+        if let Some(d) = self.header_read_timeout
+            && !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&d.0)
+        {
+            issues.push(Issue::new(
+                "header_read_timeout",
+                "must be between 1s and 10m",
+            ));
         }
         issues
     }

@@ -75,21 +75,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let router = api::router(state);
 
-    let unix = bind_unix(&config.socket)?;
+    let unix = Arc::new(bind_unix(&config.socket)?);
     info!(socket = %config.socket.display(), "listening on unix socket");
     let stop_serving = CancellationToken::new();
     let mut servers = Vec::new();
-    {
-        let stop = stop_serving.clone();
-        let svc = router
-            .clone()
-            .into_make_service_with_connect_info::<UnixPeer>();
-        servers.push(tokio::spawn(async move {
-            let _ = axum::serve(unix, svc)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-        }));
-    }
+    let header_timeout = config.header_read_timeout;
+    servers.push(tokio::spawn(api::serve(
+        move || {
+            let unix = unix.clone();
+            async move {
+                let (stream, _) = unix.accept().await?;
+                let peer = UnixPeer::of(&stream);
+                Ok((stream, Some(peer)))
+            }
+        },
+        router.clone(),
+        header_timeout,
+        stop_serving.clone(),
+    )));
     if let Some(addr) = config.listen {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
@@ -99,13 +102,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         // The bound address (useful with port 0), for tools and tests.
         std::fs::write(config.state_dir.join("http.addr"), format!("{local}\n"))
             .context("cannot write http.addr")?;
-        let stop = stop_serving.clone();
-        let svc = router.into_make_service();
-        servers.push(tokio::spawn(async move {
-            let _ = axum::serve(tcp, svc)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-        }));
+        let tcp = Arc::new(tcp);
+        servers.push(tokio::spawn(api::serve(
+            move || {
+                let tcp = tcp.clone();
+                async move {
+                    let (stream, _) = tcp.accept().await?;
+                    let _ = stream.set_nodelay(true);
+                    Ok((stream, None))
+                }
+            },
+            router,
+            header_timeout,
+            stop_serving.clone(),
+        )));
     }
     info!(state_dir = %config.state_dir.display(), "jobd ready");
     systemd::ready(&systemd::status_line(&handle));

@@ -14,6 +14,9 @@ use super::{JobId, Millis};
 /// API version prefix.
 pub const PREFIX: &str = "/api/v1";
 
+/// Response header of `GET /jobs/{id}/logs`: the byte offset in the log where the body starts.
+pub const LOG_OFFSET_HEADER: &str = "x-jobd-log-offset";
+
 /// `POST /api/v1/jobs`: submit a job file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -59,6 +59,12 @@ fn tcp_without_a_valid_token_is_refused() {
     let (status, resp) = post_json(d.addr(), "/api/v1/jobs", Some("not-a-token"), &body);
     assert_eq!(status, 401, "{resp}");
     assert!(resp.contains("invalid bearer token"));
+    // Validation checks paths with the daemon's rights: not for anonymous callers.
+    let probe = serde_json::json!({"toml": "kind = \"command\"\n[command]\nargv = [\"/root/.bashrc\"]\n", "base_dir": "/"}).to_string();
+    let (status, resp) = post_json(d.addr(), "/api/v1/jobs/validate", None, &probe);
+    assert_eq!(status, 401, "{resp}");
+    let (status, resp) = post_json(d.addr(), "/api/v1/jobs/validate", Some(TOKEN_NOBODY), &body);
+    assert_eq!(status, 200, "{resp}");
     let (status, resp) = raw_http(d.addr(), b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nConnection: close\r\n\r\n");
     assert_eq!(
         status, 401,

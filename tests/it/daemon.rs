@@ -41,7 +41,8 @@ pub struct TestDaemon {
 
 impl TestDaemon {
     /// Starts jobd with `extra` flags (e.g. `--gpus fake:24GiB`) and a config that enables TCP
-    /// with two tokens.
+    /// with two tokens. `config_extra` goes after the top-level keys, before the tokens: it
+    /// may hold top-level keys, then tables.
     pub fn start(extra: &[&str]) -> TestDaemon {
         Self::start_with_config(extra, "")
     }
@@ -63,7 +64,8 @@ impl TestDaemon {
             &config,
             format!(
                 "listen = \"127.0.0.1:0\"\ngrace_period = \"2s\"\ntrusted_users = [\"nobody\", \"daemon\"]\n\
-                 [[tokens]]\nuser = \"nobody\"\nsha256 = \"{}\"\n[[tokens]]\nuser = \"daemon\"\nsha256 = \"{}\"\n{config_extra}",
+                 {config_extra}\n\
+                 [[tokens]]\nuser = \"nobody\"\nsha256 = \"{}\"\n[[tokens]]\nuser = \"daemon\"\nsha256 = \"{}\"\n",
                 hash(TOKEN_NOBODY),
                 hash(TOKEN_DAEMON)
             ),

@@ -1,5 +1,7 @@
 //! Bad input gets a clear error naming the problem, and the daemon keeps serving.
 
+use std::time::Duration;
+
 use crate::daemon::*;
 
 fn assert_serving(d: &TestDaemon) {
@@ -196,6 +198,35 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
         assert_eq!(status, 400, "priority {p}: {body}");
         assert!(body.contains("between -1000 and 1000"), "{body}");
     }
+    // Another method on a known path: 405 with the error shape.
+    check(
+        raw_http(
+            a,
+            b"DELETE /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ),
+        405,
+        "method_not_allowed",
+    );
+    // The scheme name is case-insensitive; a 401 says which scheme it wants.
+    let lower = format!(
+        "GET /api/v1/whoami HTTP/1.1\r\nHost: x\r\nAuthorization: bearer {TOKEN_NOBODY}\r\nConnection: close\r\n\r\n"
+    );
+    let (status, body) = raw_http(a, lower.as_bytes());
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("nobody"), "{body}");
+    let mut s = std::net::TcpStream::connect(a).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = String::new();
+    std::io::Read::read_to_string(&mut s, &mut head).unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{head}"
+    );
     let (status, _) = raw_http(a, b"garbage\r\n\r\n");
     assert!(status == 0 || (400..500).contains(&status));
     assert_serving(&d);
@@ -214,3 +245,42 @@ fn unreachable_daemon_exits_2() {
     let out = jobctl_with("http://127.0.0.1:1", None, &["list"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A client that sends its request headers a little at a time is disconnected after
+/// `header_read_timeout` (it used to keep its connection open forever: an easy way to use up
+/// the daemon's file descriptors), on both listeners; streams that outlive it still work.
+#[test]
+fn slow_request_headers_are_cut_off() {
+    use std::io::{Read, Write};
+    let d = TestDaemon::start_with_config(&["--gpus", "none"], "header_read_timeout = \"1s\"");
+    let check = |mut s: Box<dyn ReadWrite>| {
+        s.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "closed after {took:?}: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+    };
+    let tcp = std::net::TcpStream::connect(d.addr()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    check(Box::new(tcp));
+    let unix = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    unix.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    check(Box::new(unix));
+    // A follow that lasts longer than the timeout is not cut.
+    let job = d.write("slow.toml", &command_job("echo a; sleep 2.5; echo b", ""));
+    let out = d.jobctl(&["submit", "--follow", job.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("a\nb\n"), "{}", stdout(&out));
+    assert_serving(&d);
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
