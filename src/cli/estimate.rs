@@ -18,7 +18,26 @@ pub struct EstimateArgs {
 }
 
 pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> anyhow::Result<bool> {
-    let (_, spec) = super::submit::load(&args.file)?;
+    let (_, mut spec) = super::submit::load(&args.file)?;
+    // A schedule's `base = "@previous"` is the last run's model, the shape of `first_base`
+    // (where the first run starts): estimate that.
+    if let Some(m) = &mut spec.model
+        && m.base
+            .as_deref()
+            .is_some_and(crate::spec::train::is_previous)
+    {
+        let Some(first) = m.first_base.clone() else {
+            anyhow::bail!(
+                "model.base = \"@previous\" names no model until a run has succeeded; set \
+                 model.first_base to estimate"
+            );
+        };
+        eprintln!(
+            "(base = \"@previous\": estimated for first_base {}, where the first run starts)",
+            first.display()
+        );
+        m.base = Some(first);
+    }
     let b = estimate::estimate_job(&spec).map_err(anyhow::Error::msg)?;
     let refs: Vec<(String, Breakdown, Breakdown)> = estimate::reference_shapes()
         .into_iter()

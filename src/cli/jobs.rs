@@ -53,7 +53,8 @@ pub async fn cancel(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::Re
             }
             Err(e) if e.is_unreachable() => return Err(e.into()),
             Err(e) => {
-                eprintln!("jobctl: job {id}: {e}");
+                // jobd's messages name the job already ("job 7 has already succeeded").
+                eprintln!("jobctl: {e}");
                 ok = false;
             }
         }
@@ -66,41 +67,63 @@ pub async fn cancel(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::Re
 
 /// Waits until every job is in a terminal state; true if all succeeded.
 pub async fn wait(client: &Client, ids: &[JobId], out: &Output) -> anyhow::Result<bool> {
-    let mut all_ok = true;
-    let mut finals = Vec::new();
-    for id in ids {
-        let mut events = client
-            .events(&format!("/jobs/{id}/events?follow=true"))
-            .await?;
-        let mut last: Option<JobEvent> = None;
-        while let Some(ev) = events.next_event().await? {
-            if ev.event == "job-event"
-                && let Ok(e) = serde_json::from_str::<JobEvent>(&ev.data)
-            {
-                last = Some(e);
-            }
-        }
-        let job: JobView = client.get(&format!("/jobs/{id}")).await?;
-        if !job.record.state.is_terminal() {
-            anyhow::bail!(
-                "lost the daemon while waiting for job {id} (it is {})",
-                job.record.state
-            );
-        }
-        all_ok &= job.record.state == JobState::Succeeded;
-        if !out.json {
-            let reason = last
-                .map(|e| e.reason)
-                .or(job.record.reason.clone())
-                .unwrap_or_default();
-            outln!("job {id}: {} — {reason}", job.record.state);
-        }
-        finals.push(job);
-    }
+    let (all_ok, finals) = wait_for_end(client, ids, !out.json).await?;
     if out.json {
         out.print_json(&finals)?;
     }
     Ok(all_ok)
+}
+
+/// Waits until every job is in a terminal state: whether all succeeded, and the jobs as they
+/// ended; `report` prints a line per job as it ends.
+pub async fn wait_for_end(
+    client: &Client,
+    ids: &[JobId],
+    report: bool,
+) -> anyhow::Result<(bool, Vec<JobView>)> {
+    let mut all_ok = true;
+    let mut finals = Vec::new();
+    for id in ids {
+        let mut last: Option<JobEvent> = None;
+        // Follows the job's events until it ends. The stream also ends (or breaks) when jobd
+        // stops: then wait for it to come back, as a restart keeps the queue.
+        let job = loop {
+            let followed = async {
+                let mut events = client
+                    .events(&format!("/jobs/{id}/events?follow=true"))
+                    .await?;
+                while let Some(ev) = events.next_event().await? {
+                    if ev.event == "job-event"
+                        && let Ok(e) = serde_json::from_str::<JobEvent>(&ev.data)
+                    {
+                        last = Some(e);
+                    }
+                }
+                client.get::<JobView>(&format!("/jobs/{id}")).await
+            }
+            .await;
+            match followed {
+                Ok(job) if job.record.state.is_terminal() => break job,
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+                Err(e) if e.is_transient() => super::logs::reconnect(client, &e).await?,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        all_ok &= job.record.state == JobState::Succeeded;
+        if report {
+            let reason = last
+                .map(|e| e.reason)
+                .or(job.record.reason.clone())
+                .unwrap_or_default();
+            outln!(
+                "job {id}: {} — {}",
+                job.record.state,
+                super::printable(&reason)
+            );
+        }
+        finals.push(job);
+    }
+    Ok((all_ok, finals))
 }
 
 pub async fn explain(client: &Client, id: JobId, out: &Output) -> anyhow::Result<bool> {
@@ -133,21 +156,33 @@ pub async fn priority(client: &Client, args: &PriorityArgs, out: &Output) -> any
     Ok(true)
 }
 
+/// Requeues each job; like `cancel`, one that cannot be requeued is reported and the others
+/// are still done (exit 1 if any failed).
 pub async fn requeue(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::Result<bool> {
+    let mut ok = true;
     let mut views = Vec::new();
     for id in &args.ids {
-        let v: JobView = client
-            .post(&format!("/jobs/{id}/requeue"), &serde_json::json!({}))
-            .await?;
-        if !out.json {
-            outln!("job {id}: {}", v.record.state);
+        match client
+            .post::<_, JobView>(&format!("/jobs/{id}/requeue"), &serde_json::json!({}))
+            .await
+        {
+            Ok(v) => {
+                if !out.json {
+                    outln!("job {id}: {}", v.record.state);
+                }
+                views.push(v);
+            }
+            Err(e) if e.is_unreachable() => return Err(e.into()),
+            Err(e) => {
+                eprintln!("jobctl: {e}");
+                ok = false;
+            }
         }
-        views.push(v);
     }
     if out.json {
         out.print_json(&views)?;
     }
-    Ok(true)
+    Ok(ok)
 }
 
 pub async fn gpus(client: &Client, out: &Output) -> anyhow::Result<bool> {

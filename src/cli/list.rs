@@ -22,9 +22,9 @@ pub struct ListArgs {
     /// Only your own jobs.
     #[arg(long, conflicts_with = "user")]
     pub mine: bool,
-    /// At most this many jobs (newest first).
-    #[arg(long, default_value_t = 100)]
-    pub limit: usize,
+    /// At most this many jobs (newest first; 1 to 1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub limit: u16,
 }
 
 pub async fn list(client: &Client, args: &ListArgs, out: &Output) -> anyhow::Result<bool> {
@@ -136,7 +136,7 @@ fn reason_column(j: &JobView) -> String {
     match r.state {
         JobState::Queued => j.waiting.clone().unwrap_or_else(|| "pending".into()),
         JobState::Failed | JobState::Cancelled | JobState::Interrupted => {
-            let reason = r.reason.clone().unwrap_or_default();
+            let reason = super::printable(r.reason.as_deref().unwrap_or_default()).into_owned();
             let mut s: String = reason.chars().take(48).collect();
             if reason.chars().count() > 48 {
                 s.push('…');

@@ -68,7 +68,9 @@ pub struct Cli {
 pub enum Command {
     /// Queue a job file (`kind = "command"` or `"train"`).
     Submit(submit::SubmitArgs),
-    /// Check a job file without submitting it.
+    /// Check a job file without submitting it: syntax, fields, values and the paths it names,
+    /// here, without the daemon. Whether it fits the daemon's GPUs and its dependencies exist
+    /// is checked when it is submitted.
     Validate(submit::ValidateArgs),
     /// List jobs (queued and active; --all for finished too).
     #[command(alias = "ls")]
@@ -151,18 +153,26 @@ pub async fn run(cli: Cli) -> ExitCode {
             let unreachable = e
                 .downcast_ref::<ClientError>()
                 .is_some_and(ClientError::is_unreachable);
-            if json
-                && let Some(ClientError::Api {
-                    code,
-                    message,
-                    problems,
-                    ..
-                }) = e.downcast_ref::<ClientError>()
-            {
-                let body = serde_json::json!({"error": {"code": code, "message": message, "problems": problems}});
+            // With --json, every failure also leaves one error object on stdout: jobd's own,
+            // or one made here (an invalid job file, no daemon).
+            if json {
+                let body = match e.downcast_ref::<ClientError>() {
+                    Some(ClientError::Api {
+                        code,
+                        message,
+                        problems,
+                        ..
+                    }) => {
+                        serde_json::json!({"error": {"code": code, "message": message, "problems": problems}})
+                    }
+                    _ => serde_json::json!({"error": {
+                        "code": if unreachable { "unreachable" } else { "error" },
+                        "message": error_chain(&e),
+                    }}),
+                };
                 outln!("{body}");
             }
-            eprintln!("jobctl: {e:#}");
+            eprintln!("jobctl: {}", error_chain(&e));
             ExitCode::from(if unreachable { 2 } else { 1 })
         }
     }
@@ -178,9 +188,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
         return Ok(true);
     }
     if let Command::Man = cli.command {
-        let mut page = Vec::new();
-        clap_mangen::Man::new(Cli::command()).render(&mut page)?;
-        out!("{}", String::from_utf8_lossy(&page));
+        out!("{}", man_page()?);
         return Ok(true);
     }
     if let Command::Validate(args) = &cli.command {
@@ -299,6 +307,100 @@ pub fn parse_id(s: &str) -> Result<JobId, String> {
         .ok_or_else(|| format!("{s:?} is not a job id"))
 }
 
+/// jobctl(1): one page with every command (clap_mangen's own page points at a page per
+/// command, jobctl-submit(1) and so on, that nothing installs) and the exit status.
+pub fn man_page() -> anyhow::Result<String> {
+    fn roff(text: &str) -> String {
+        text.lines()
+            .map(|l| {
+                let l = l.replace('\\', "\\e").replace('-', "\\-");
+                if l.starts_with('.') || l.starts_with('\'') {
+                    format!("\\&{l}")
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    let man = clap_mangen::Man::new(cmd.clone());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    let mut text = String::from_utf8_lossy(&page).into_owned();
+    text.push_str(".SH COMMANDS\n");
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let usage = sub
+            .clone()
+            .bin_name(format!("jobctl {}", sub.get_name()))
+            .render_usage()
+            .to_string();
+        let usage = usage.trim_start_matches("Usage:").trim();
+        text.push_str(&format!(".TP\n\\fB{}\\fR\n", roff(usage)));
+        if let Some(about) = sub.get_long_about().or_else(|| sub.get_about()) {
+            text.push_str(&roff(&about.to_string()));
+            text.push('\n');
+        }
+    }
+    text.push_str(
+        ".PP\nEach command's options: \\fBjobctl\\fR \\fIcommand\\fR \\fB\\-\\-help\\fR.\n\
+         .SH \"EXIT STATUS\"\n\
+         .TP\n0\nSuccess.\n\
+         .TP\n1\nAn error, or a job that did not succeed (\\fBwait\\fR, \\fBsubmit \\-\\-follow\\fR).\n\
+         .TP\n2\nThe daemon cannot be reached (for \\fBlogs \\-f\\fR, \\fBwait\\fR and \\fBsubmit \\-\\-follow\\fR: not \
+         within 2 minutes), or a usage error.\n\
+         .SH ENVIRONMENT\n\
+         .TP\nJOBD_URL\nThe daemon: a unix socket path or http://HOST:PORT.\n\
+         .TP\nJOBD_TOKEN\nA bearer token for a TCP address.\n",
+    );
+    let mut version = Vec::new();
+    man.render_version_section(&mut version)?;
+    text.push_str(&String::from_utf8_lossy(&version));
+    Ok(text)
+}
+
+/// An error and its causes, joined by ": " like `{:#}`, leaving out a cause whose text the
+/// message before it already includes (many errors quote their source: "cannot read X: No
+/// such file or directory" would otherwise end in the OS error twice).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.is_empty() {
+            text = part;
+        } else if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+/// `s` with control characters shown escaped (`\u{1b}`), for text from job files and logs
+/// printed to a terminal: an argv holding escape sequences must not clear or recolour the
+/// screen of whoever runs `jobctl show`.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
+}
+
 /// Parses a priority argument, refusing words and out-of-range numbers with the range in the
 /// message (clap's own `i32` parser only says "invalid digit found in string").
 pub fn parse_priority(s: &str) -> Result<i32, String> {
@@ -317,6 +419,50 @@ pub fn parse_priority(s: &str) -> Result<i32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_man_page_lists_every_command_and_the_exit_status() {
+        let page = man_page().unwrap();
+        assert!(
+            !page.contains("jobctl-submit(1)"),
+            "no pages that do not exist"
+        );
+        for sub in Cli::command()
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+        {
+            let name = sub.get_name().replace('-', "\\-");
+            assert!(
+                page.contains(&format!("\\fBjobctl {name}")),
+                "{name}:\n{page}"
+            );
+        }
+        assert!(page.contains(".SH \"EXIT STATUS\""));
+        assert!(page.contains(".SH OPTIONS"));
+    }
+
+    #[test]
+    fn error_chains_do_not_repeat_a_quoted_cause() {
+        let os = std::io::Error::from_raw_os_error(2);
+        let quoted = anyhow::Error::new(crate::publish::PublishError::Io {
+            action: "read",
+            path: "/x/config.json".into(),
+            source: os,
+        });
+        let text = error_chain(&quoted);
+        assert_eq!(text.matches("os error 2").count(), 1, "{text}");
+        let wrapped = anyhow::anyhow!("inner cause").context("outer");
+        assert_eq!(error_chain(&wrapped), "outer: inner cause");
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(printable("plain text, ünïcode"), "plain text, ünïcode");
+        assert_eq!(
+            printable("echo \u{1b}[2J\u{1b}[31mHACKED\r\n"),
+            "echo \\u{1b}[2J\\u{1b}[31mHACKED\\r\\n"
+        );
+    }
 
     #[test]
     fn priority_arguments_name_the_range() {

@@ -77,12 +77,19 @@ pub async fn export(client: &Client, args: &ExportArgs, out: &Output) -> anyhow:
         .job_dir
         .context("the daemon did not say where the job's files are")?
         .join(files::OUTPUT);
-    if !dir.join("config.json").exists() {
-        anyhow::bail!(
-            "job {} has no model in {} (is it a succeeded train job?)",
+    match std::fs::metadata(dir.join("config.json")) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => anyhow::bail!(
+            "cannot read job {}'s model in {}: permission denied (job files are readable by \
+             their owner)",
             args.id,
             dir.display()
-        );
+        ),
+        Err(_) => anyhow::bail!(
+            "job {} has no model in {} (is it a train job whose training finished?)",
+            args.id,
+            dir.display()
+        ),
     }
     let (gguf, q) = (args.gguf.clone(), args.quantization);
     let summary =

@@ -133,7 +133,7 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
     }
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in &lines {
-        outln!("{k:>width$}: {v}");
+        outln!("{k:>width$}: {}", super::printable(v));
     }
     if let Ok(x) = client
         .get::<Explanation>(&format!("/jobs/{id}/explain"))
@@ -141,12 +141,17 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
         && !r.state.is_terminal()
     {
         for d in &x.details {
-            outln!("{:>width$}  {d}", "");
+            outln!("{:>width$}  {}", "", super::printable(d));
         }
     }
     outln!("\nhistory:");
     for e in &events.events {
-        outln!("  {}  {:<11} {}", when(e.at), e.state.as_str(), e.reason);
+        outln!(
+            "  {}  {:<11} {}",
+            when(e.at),
+            e.state.as_str(),
+            super::printable(&e.reason)
+        );
     }
     Ok(true)
 }

@@ -116,6 +116,14 @@ pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow:
     if !args.follow {
         return Ok(true);
     }
-    super::logs::follow_both(client, id).await?;
+    if out.json {
+        // stdout carries one JSON object (as without --follow): the job's output goes to
+        // stderr, and the object is the job as it ended.
+        super::logs::follow_both(client, id, true).await?;
+        let (ok, mut views) = super::jobs::wait_for_end(client, &[id], false).await?;
+        out.print_json(&views.remove(0))?;
+        return Ok(ok);
+    }
+    super::logs::follow_both(client, id, false).await?;
     super::jobs::wait(client, &[id], out).await
 }

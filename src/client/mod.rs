@@ -36,6 +36,11 @@ impl std::str::FromStr for Endpoint {
     fn from_str(s: &str) -> Result<Self, String> {
         if let Some(rest) = s.strip_prefix("http://") {
             let rest = rest.trim_end_matches('/');
+            if let Some((_, path)) = rest.split_once('/') {
+                return Err(format!(
+                    "{s:?} has a path (/{path}); give only http://HOST:PORT (jobctl adds /api/v1)"
+                ));
+            }
             let (host, port) = match rest.rsplit_once(':') {
                 Some((h, p)) => (h, p.parse().map_err(|_| format!("bad port in {s:?}"))?),
                 None => (rest, 80),
@@ -78,12 +83,25 @@ pub enum ClientError {
     },
     #[error("unexpected answer from jobd: {0}")]
     Protocol(String),
+    /// The connection broke while a response was still coming (jobd stopped or restarted).
+    #[error("the connection to jobd broke ({0})")]
+    Interrupted(String),
 }
 
 impl ClientError {
-    /// The daemon could not be reached at all (exit code 2 in jobctl).
+    /// The daemon could not be reached, or went away mid-answer (exit code 2 in jobctl).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, ClientError::Unreachable { .. })
+        matches!(
+            self,
+            ClientError::Unreachable { .. } | ClientError::Interrupted(_)
+        )
+    }
+
+    /// Whether waiting for jobd to come back may help: it is unreachable, went away
+    /// mid-answer, or said it is shutting down.
+    pub fn is_transient(&self) -> bool {
+        self.is_unreachable()
+            || matches!(self, ClientError::Api { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE)
     }
 }
 
@@ -95,15 +113,23 @@ pub struct Client {
 }
 
 /// A streaming response body.
-pub struct BodyStream(Incoming);
+pub struct BodyStream {
+    body: Incoming,
+    headers: hyper::HeaderMap,
+}
 
 impl BodyStream {
+    /// A response header, if present and text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
     /// The next chunk, or `None` at the end.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientError> {
         loop {
-            match self.0.frame().await {
+            match self.body.frame().await {
                 None => return Ok(None),
-                Some(Err(e)) => return Err(ClientError::Protocol(e.to_string())),
+                Some(Err(e)) => return Err(ClientError::Interrupted(e.to_string())),
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         return Ok(Some(data));
@@ -222,7 +248,7 @@ impl Client {
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            .map_err(|e| ClientError::Interrupted(e.to_string()))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -276,9 +302,11 @@ impl Client {
 
     /// `GET path` as a byte stream.
     pub async fn stream(&self, path: &str) -> Result<BodyStream, ClientError> {
-        Ok(BodyStream(
-            self.send(Method::GET, path, None).await?.into_body(),
-        ))
+        let (parts, body) = self.send(Method::GET, path, None).await?.into_parts();
+        Ok(BodyStream {
+            body,
+            headers: parts.headers,
+        })
     }
 
     /// `GET path` as server-sent events.
@@ -316,5 +344,7 @@ mod tests {
         );
         assert!("https://x".parse::<Endpoint>().is_err());
         assert!("http://:80".parse::<Endpoint>().is_err());
+        let e = "http://gpu-box:8470/api".parse::<Endpoint>().unwrap_err();
+        assert!(e.contains("has a path (/api)"), "{e}");
     }
 }

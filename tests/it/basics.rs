@@ -131,6 +131,26 @@ fn submit_follow_streams_and_reports_the_outcome() {
         "{}",
         stdout(&out)
     );
+    // With --json, stdout is one JSON object (the job as it ended); its output goes to stderr.
+    let out = d.jobctl(&["--json", "submit", "--follow", ok.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)));
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert!(stderr(&out).contains("one\ntwo\n"), "{}", stderr(&out));
+    // Errors found by jobctl itself leave an error object too.
+    let broken = d.write("broken.toml", "kind = \"command\"\n[command\n");
+    let out = d.jobctl(&["--json", "submit", broken.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("broken.toml:2"),
+        "{v}"
+    );
 }
 
 /// A job whose processes ignore SIGTERM is killed after the grace period, leaving nothing.

@@ -116,3 +116,102 @@ fn clean_stop_interrupts_and_restart_resumes() {
     );
     assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
 }
+
+/// `logs -f`, `wait` and `submit --follow` outlive a daemon restart: they wait for jobd to
+/// come back and go on (they used to exit 1, "error reading a body from connection", which
+/// `jobctl wait $id && next-step` took for a failed job). The follower prints the log exactly
+/// once, from where it stopped; `wait` ends with the job's real outcome.
+#[test]
+fn followers_outlive_a_daemon_restart() {
+    let mut d = TestDaemon::start(&["--gpus", "none"]);
+    let f = d.write(
+        "slow.toml",
+        &command_job(
+            "echo attempt $JOBD_ATTEMPT; sleep 2; echo done $JOBD_ATTEMPT",
+            "",
+        ),
+    );
+    let id = d.submit(&f);
+    d.wait_state(id, JobState::Running, Duration::from_secs(20));
+    let spawn = |args: &[&str]| {
+        std::process::Command::new(JOBCTL)
+            .args(args)
+            .env("JOBD_URL", &d.socket)
+            .env_remove("JOBD_TOKEN")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let logs = spawn(&["logs", "-f", &id.to_string()]);
+    let wait = spawn(&["wait", &id.to_string()]);
+    let follow = spawn(&["submit", "--follow", f.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(700));
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    d.restart();
+    let logs = logs.wait_with_output().unwrap();
+    let wait = wait.wait_with_output().unwrap();
+    let follow = follow.wait_with_output().unwrap();
+    assert!(logs.status.success(), "{}", stderr(&logs));
+    assert!(stderr(&logs).contains("jobd is back"), "{}", stderr(&logs));
+    let file = std::fs::read_to_string(d.state.join(format!("jobs/{id}/stdout.log"))).unwrap();
+    assert_eq!(stdout(&logs), file, "each byte once, none lost");
+    assert!(file.lines().last().unwrap().starts_with("done "), "{file}");
+    assert!(wait.status.success(), "{}", stderr(&wait));
+    assert!(stdout(&wait).contains("succeeded"), "{}", stdout(&wait));
+    assert!(follow.status.success(), "{}", stderr(&follow));
+    assert!(stdout(&follow).contains("done "), "{}", stdout(&follow));
+}
+
+/// A command that ends while jobd is down is not run again: its outcome, recorded by the
+/// process supervising it (`jobd run-command`), is taken at the next start as if jobd had
+/// seen it — success or failure. (It used to be requeued and run a second time, its real
+/// outcome lost.)
+#[test]
+fn a_command_that_ended_while_jobd_was_down_is_not_run_again() {
+    let mut d = TestDaemon::start(&["--gpus", "none"]);
+    let runs = d.path("runs");
+    let job = |name: &str, code: u8| {
+        d.write(
+            name,
+            &command_job(
+                &format!(
+                    "sleep 1.5; echo {name}-attempt-$JOBD_ATTEMPT >> {}; exit {code}",
+                    runs.display()
+                ),
+                "",
+            ),
+        )
+    };
+    let (ok, bad) = (job("ok", 0), job("bad", 3));
+    let (ok, bad) = (d.submit(&ok), d.submit(&bad));
+    d.wait_state(ok, JobState::Running, Duration::from_secs(20));
+    d.wait_state(bad, JobState::Running, Duration::from_secs(20));
+    d.kill9();
+    wait_for("both commands to end", Duration::from_secs(20), || {
+        std::fs::read_to_string(&runs).is_ok_and(|t| t.lines().count() == 2)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    d.restart();
+    d.wait_state(ok, JobState::Succeeded, Duration::from_secs(20));
+    d.wait_state(bad, JobState::Failed, Duration::from_secs(20));
+    let rec = d.job(bad).record;
+    assert_eq!(rec.exit.and_then(|e| e.code), Some(3));
+    assert_eq!(rec.attempts, 1, "{:#?}", d.events(bad));
+    assert!(
+        d.events(ok)
+            .iter()
+            .any(|e| e.reason.contains("had ended meanwhile (exit code 0)")),
+        "{:#?}",
+        d.events(ok)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let mut lines: Vec<String> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["bad-attempt-1", "ok-attempt-1"], "each ran once");
+}

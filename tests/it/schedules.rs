@@ -230,10 +230,16 @@ fn previous_chains_train_runs() {
         first_base.display(),
         data.display()
     );
-    let out = d.jobctl(&[
-        "submit",
-        d.write("nightly.toml", &nightly).to_str().unwrap(),
-    ]);
+    let nightly_file = d.write("nightly.toml", &nightly);
+    // `estimate` takes first_base for "@previous" (it used to look for "@previous/config.json").
+    let est = d.jobctl(&["estimate", nightly_file.to_str().unwrap()]);
+    assert!(est.status.success(), "{}", stderr(&est));
+    assert!(
+        stderr(&est).contains("estimated for first_base"),
+        "{}",
+        stderr(&est)
+    );
+    let out = d.jobctl(&["submit", nightly_file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let sid: u64 = stdout(&out).trim().parse().unwrap();
     wait_for("two successful runs", Duration::from_secs(120), || {
