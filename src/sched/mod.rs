@@ -363,13 +363,15 @@ pub struct Explanation {
 }
 
 /// Explains a job's state from a snapshot.
-pub fn explain(view: &View, id: JobId) -> Option<Explanation> {
+pub fn explain(view: &View, id: JobId, now: Millis) -> Option<Explanation> {
     let job = view.jobs.get(&id)?;
     let mut details = Vec::new();
     let summary = match job.state {
         JobState::Queued => match view.waiting.get(&id) {
             Some(w) => {
-                details.push(format!("Job {id} {}.", w.wait.long(view.now)));
+                // Countdowns (retry backoff) run from the time of asking: the view is as old
+                // as the scheduler's last change, which may be minutes.
+                details.push(format!("Job {id} {}.", w.wait.long(now.max(view.now))));
                 let higher = view
                     .jobs
                     .values()
@@ -764,10 +766,18 @@ impl Scheduler {
             return Err(SchedError::ShuttingDown);
         }
         if !caller.can_submit {
-            return Err(SchedError::Forbidden(format!(
-                "user {} may not submit jobs to this daemon (it runs as another user; ask its admin to add you to trusted_users)",
-                caller.user.as_deref().unwrap_or("anonymous")
-            )));
+            let who = caller.user.as_deref().unwrap_or("anonymous");
+            return Err(SchedError::Forbidden(if self.settings.run_as_owner {
+                format!(
+                    "user {who} may not submit jobs to this daemon: it runs each job as its \
+                     owner, and {who} has no account on this machine"
+                )
+            } else {
+                format!(
+                    "user {who} may not submit jobs to this daemon (it runs as another user; \
+                     ask its admin to add you to trusted_users)"
+                )
+            }));
         }
         Ok(())
     }
@@ -872,6 +882,15 @@ impl Scheduler {
             return Err(SchedError::Invalid(format!(
                 "priority must be between -{0} and {0}",
                 crate::spec::job::MAX_PRIORITY
+            )));
+        }
+        // A finished job's priority means nothing, and the change would replace its reason
+        // (why it failed) in `list` and the dashboard.
+        if rec.state.is_terminal() {
+            return Err(SchedError::Conflict(format!(
+                "job {id} has already {}; a priority applies to queued and running jobs \
+                 (requeue it first)",
+                rec.state
             )));
         }
         let old = rec.priority;
@@ -1212,11 +1231,18 @@ impl Scheduler {
             Ok(r) => r.clone(),
             Err(e) => return Err((reply, e)),
         };
-        if rec.kind != JobKind::Train || rec.state != JobState::Succeeded {
+        // A train job whose training finished: succeeded, or failed only in publishing (its
+        // worker exited 0), so that a publish that failed (a quantization the model's shape
+        // does not allow, a full disk) can be done again by hand with other settings.
+        let trained = rec.state == JobState::Succeeded
+            || (rec.state == JobState::Failed
+                && rec.exit.as_ref().is_some_and(|e| e.code == Some(0)));
+        if rec.kind != JobKind::Train || !trained {
             return Err((
                 reply,
                 SchedError::Conflict(format!(
-                    "job {id} is not a succeeded train job (it is a {} job, {})",
+                    "job {id} has no finished training to publish (it is a {} job, {}); a \
+                     train job can be published once its training has finished",
                     rec.kind.as_str(),
                     rec.state
                 )),

@@ -717,6 +717,24 @@ pub fn feasible(
             source_note.map(|s| format!(" ({s})")).unwrap_or_default()
         ));
     }
+    let unknown: Vec<String> = rec
+        .spec
+        .resources
+        .only_gpus
+        .iter()
+        .filter(|s| !gpus.iter().any(|g| selects(s, g)))
+        .map(ToString::to_string)
+        .collect();
+    if !unknown.is_empty() && (eligible.len() as u32) < n {
+        return Err(format!(
+            "resources.only_gpus names {} that this machine does not have (its GPUs are {})",
+            unknown.join(", "),
+            gpus.iter()
+                .map(|g| g.index.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     if (eligible.len() as u32) < n {
         return Err(format!(
             "the job needs {n} GPUs but only {} of the {} GPUs are eligible (only_gpus / allowed_gpus)",
@@ -731,6 +749,19 @@ pub fn feasible(
             .collect();
         caps.sort_unstable_by(|a, b| b.cmp(a));
         let nth = caps[n as usize - 1];
+        if b > nth && n > 1 && b <= caps[0] {
+            // Some GPUs are big enough, just not n of them.
+            let big = caps.iter().filter(|c| **c >= b).count();
+            return Err(format!(
+                "the job needs {} on each of {n} GPUs but only {big} eligible GPU{} {} that much \
+                 (after the {} safety margin); the next largest has {} usable",
+                ByteSize(b),
+                if big == 1 { "" } else { "s" },
+                if big == 1 { "has" } else { "have" },
+                ByteSize(cfg.vram_margin),
+                ByteSize(caps[big]),
+            ));
+        }
         if b > nth {
             let largest = eligible.iter().map(|g| g.total_bytes).max().unwrap_or(0);
             return Err(format!(
@@ -1097,10 +1128,26 @@ mod tests {
         assert!(feasible(&job(1, 1, 30, 0), &gpus, &c, None).is_ok());
         let e = feasible(&job(1, 1, 100, 0), &gpus, &c, None).unwrap_err();
         assert!(e.contains("100GiB") && e.contains("80GiB"), "{e}");
+        // One GPU is big enough, the other not: say so, not "the largest has 80GiB".
         let e = feasible(&job(1, 2, 30, 0), &gpus, &c, None).unwrap_err();
-        assert!(e.contains("30GiB per GPU on 2 GPUs"), "{e}");
+        assert!(
+            e.contains("30GiB on each of 2 GPUs but only 1 eligible GPU has that much"),
+            "{e}"
+        );
+        let e = feasible(&job(1, 2, 100, 0), &gpus, &c, None).unwrap_err();
+        assert!(
+            e.contains("100GiB per GPU on 2 GPUs") && e.contains("80GiB"),
+            "{e}"
+        );
         let e = feasible(&job(1, 3, 1, 0), &gpus, &c, None).unwrap_err();
         assert!(e.contains("only 2 of the 2"), "{e}");
+        let mut seven = job(1, 1, 1, 0);
+        seven.spec.resources.only_gpus = vec![crate::spec::job::GpuSelector::Index(7)];
+        let e = feasible(&seven, &gpus, &c, None).unwrap_err();
+        assert!(
+            e.contains("only_gpus names 7 that this machine does not have (its GPUs are 0, 1)"),
+            "{e}"
+        );
         let e = feasible(&job(1, 1, 1, 0), &[], &c, Some("no NVML")).unwrap_err();
         assert!(e.contains("has none (no NVML)"), "{e}");
     }

@@ -18,6 +18,9 @@ pub const MAX_JOB_FILE_BYTES: usize = 256 * 1024;
 /// Priorities range over `-MAX_PRIORITY..=MAX_PRIORITY`; higher runs first.
 pub const MAX_PRIORITY: i32 = 1000;
 
+/// The smallest per-GPU VRAM request taken as meant (a CUDA context alone needs more).
+pub const MIN_VRAM_REQUEST: u64 = 64 << 20;
+
 /// Whether `priority` is in `-MAX_PRIORITY..=MAX_PRIORITY`. (Not `priority.abs()`, which
 /// overflows for `i32::MIN`: a panic in debug builds, a negative "absolute value" that passes
 /// the check in release builds.)
@@ -154,11 +157,31 @@ impl<'de> Deserialize<'de> for VramRequest {
 }
 
 /// A GPU named by its index (as `nvidia-smi` numbers them, PCI bus order) or its UUID.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(untagged)]
 pub enum GpuSelector {
     Index(u32),
     Uuid(String),
+}
+
+impl<'de> Deserialize<'de> for GpuSelector {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Text(String),
+        }
+        let wanted = "a GPU index (0, 1, …) or UUID (\"GPU-…\")";
+        match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom(format!("expected {wanted}")))?
+        {
+            Raw::Int(i) => u32::try_from(i)
+                .map(GpuSelector::Index)
+                .map_err(|_| serde::de::Error::custom(format!("{i} is not {wanted}"))),
+            Raw::Text(t) => Ok(GpuSelector::Uuid(t)),
+        }
+    }
 }
 
 impl std::fmt::Display for GpuSelector {
@@ -292,6 +315,13 @@ impl JobSpec {
                 issues.push(Issue::new("name", "must not contain control characters"));
             }
         }
+        if self.base_dir.is_some() {
+            issues.push(Issue::new(
+                "base_dir",
+                "is not for job files: relative paths resolve against the job file's directory \
+                 (jobctl sends it); remove the key",
+            ));
+        }
         if !priority_in_range(self.priority) {
             issues.push(Issue::new(
                 "priority",
@@ -342,6 +372,7 @@ impl JobSpec {
                 issues.extend(super::train::validate(self));
                 if let Some(publish) = &self.publish {
                     issues.extend(super::publish::validate(publish));
+                    self.validate_quantization_fits(publish, &mut issues);
                 }
             }
         }
@@ -384,6 +415,38 @@ impl JobSpec {
         issues
     }
 
+    /// A model made from scratch has its shape in the file: a quantization whose blocks do not
+    /// divide its rows would fail only at publishing, after all the training.
+    fn validate_quantization_fits(
+        &self,
+        publish: &super::publish::PublishSpec,
+        issues: &mut Vec<Issue>,
+    ) {
+        let Some(m) = &self.model else { return };
+        if m.init != Some(super::train::ModelInit::Scratch) {
+            return;
+        }
+        let q = publish.quantization;
+        let block = q.block_elements();
+        let dims = [
+            ("model.hidden_size", m.hidden_size),
+            ("model.intermediate_size", m.intermediate_size),
+        ];
+        if let Some((key, d)) = dims
+            .into_iter()
+            .find_map(|(k, d)| d.filter(|d| d % block != 0).map(|d| (k, d)))
+        {
+            issues.push(Issue::new(
+                "publish.quantization",
+                format!(
+                    "{q} needs every weight's input dimension to be a multiple of {block}, but \
+                     {key} is {d}: choose f16 or f32{}",
+                    if d % 32 == 0 { " (or q8_0, q4_0)" } else { "" }
+                ),
+            ));
+        }
+    }
+
     fn validate_resources(&self, issues: &mut Vec<Issue>) {
         let r = &self.resources;
         if r.gpus > 64 {
@@ -409,11 +472,21 @@ impl JobSpec {
                 ));
             }
         }
-        if r.vram == VramRequest::PerGpu(ByteSize(0)) {
-            issues.push(Issue::new(
+        match r.vram {
+            VramRequest::PerGpu(ByteSize(0)) => issues.push(Issue::new(
                 "resources.vram",
                 "must be more than 0 (or \"auto\")",
-            ));
+            )),
+            // `vram = 20` is 20 bytes: almost certainly meant as 20 GiB.
+            VramRequest::PerGpu(b) if b.0 < MIN_VRAM_REQUEST => issues.push(Issue::new(
+                "resources.vram",
+                format!(
+                    "{b} is too little to be meant: a bare number is bytes; write a unit, \
+                     e.g. \"20GiB\" (at least {})",
+                    ByteSize(MIN_VRAM_REQUEST)
+                ),
+            )),
+            _ => {}
         }
         if !r.only_gpus.is_empty() && (r.only_gpus.len() as u32) < r.gpus {
             issues.push(Issue::new(
@@ -631,6 +704,47 @@ backoff = "30s"
     fn wrong_type_names_key() {
         let e = parse_err("kind = \"command\"\npriority = \"high\"\n[command]\nargv=[\"x\"]\n");
         assert!(e.starts_with("job.toml:2:12: priority:"), "{e}");
+    }
+
+    #[test]
+    fn base_dir_is_not_a_job_file_key() {
+        let e = parse_err("kind = \"command\"\nbase_dir = \"/etc\"\n[command]\nargv=[\"x\"]\n");
+        assert!(
+            e.contains("job.toml:2:") && e.contains("base_dir: is not for job files"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_negative_gpu_index_is_named() {
+        let e = parse_err(
+            "kind = \"command\"\n[resources]\ngpus = 1\nonly_gpus = [-1]\n[command]\nargv=[\"x\"]\n",
+        );
+        assert!(e.contains("-1 is not a GPU index"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_kind_is_blamed_on_kind() {
+        let e = parse_err("name = \"x\"\n[command]\nargv = [\"x\"]\n");
+        assert!(e.contains("kind: missing field `kind`"), "{e}");
+        let e = parse_err("kind = \"command\"\n[command]\nenv = {}\n");
+        assert!(e.contains("command: missing field `argv`"), "{e}");
+    }
+
+    #[test]
+    fn a_bare_number_of_bytes_for_vram_is_refused() {
+        let job = |v: &str| {
+            format!(
+                "kind = \"command\"\n[resources]\ngpus = 1\nvram = {v}\n[command]\nargv=[\"x\"]\n"
+            )
+        };
+        let e = parse_err(&job("20"));
+        assert!(
+            e.contains("resources.vram") && e.contains("write a unit"),
+            "{e}"
+        );
+        parse_ok(&job("\"20GiB\""));
+        parse_ok(&job("21474836480"));
     }
 
     #[test]

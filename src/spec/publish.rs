@@ -92,6 +92,16 @@ pub enum Quantization {
 }
 
 impl Quantization {
+    /// How many weights of a row one block holds: a weight's input dimension must be a
+    /// multiple of it (ggml's block sizes).
+    pub fn block_elements(self) -> usize {
+        match self {
+            Quantization::F32 | Quantization::F16 => 1,
+            Quantization::Q8_0 | Quantization::Q4_0 => 32,
+            Quantization::Q4K => 256,
+        }
+    }
+
     /// Every supported value, in the order documented.
     pub const ALL: [Quantization; 5] = [
         Quantization::F32,

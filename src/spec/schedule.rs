@@ -52,16 +52,23 @@ impl fmt::Display for Cron {
 
 const DAYS: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
 
-/// Rewrites numeric weekdays (crontab: 0/7 = Sunday … 6 = Saturday) as names, because the
-/// `cron` crate numbers them 1 = Sunday … 7 = Saturday.
+/// Rewrites the day-of-week field in names, because the `cron` crate numbers days 1 = Sunday
+/// … 7 = Saturday where crontab has 0 (or 7) = Sunday … 6 = Saturday. Ranges are written out
+/// day by day, so that crontab's ranges ending on Sunday (`5-7`, `FRI-SUN`), which the crate
+/// reads backwards, mean what they mean in crontab.
 fn weekday_names(field: &str) -> Result<String, String> {
-    let name = |t: &str| -> Result<String, String> {
+    // Crontab's number of a day: 0..=7 or a name.
+    let number = |t: &str| -> Result<u32, String> {
         match t.parse::<u32>() {
-            Ok(n @ 0..=7) => Ok(DAYS[(n % 7) as usize].to_string()),
+            Ok(n @ 0..=7) => Ok(n),
             Ok(n) => Err(format!(
                 "day of week {n} is out of range (0–7, 0 and 7 = Sunday)"
             )),
-            Err(_) => Ok(t.to_string()),
+            Err(_) => DAYS
+                .iter()
+                .position(|d| d.eq_ignore_ascii_case(t))
+                .map(|i| i as u32)
+                .ok_or_else(|| format!("{t:?} is not a day of the week (SUN, MON, … or 0–7)")),
         }
     };
     field
@@ -71,14 +78,38 @@ fn weekday_names(field: &str) -> Result<String, String> {
                 Some((r, s)) => (r, Some(s)),
                 None => (item, None),
             };
-            let range = match range.split_once('-') {
-                Some((a, b)) => format!("{}-{}", name(a)?, name(b)?),
-                None => name(range)?,
+            if range == "*" || range == "?" {
+                // `*/2` means the same days in both numberings (Sunday, Tuesday, …).
+                return Ok(item.to_string());
+            }
+            let step: u32 =
+                match step {
+                    None => 1,
+                    Some(s) => s.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
+                        format!("day-of-week step {s:?} is not a positive number")
+                    })?,
+                };
+            let (first, last) = match range.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b) = (number(a)?, number(b)?);
+                    // SUN (0) ends a range as 7: `FRI-SUN` is Friday to Sunday.
+                    let b = if b == 0 && a > 0 { 7 } else { b };
+                    if a > b {
+                        return Err(format!("day-of-week range {range} runs backwards"));
+                    }
+                    (a, b)
+                }
+                None if step > 1 => (number(range)?, 6),
+                None => {
+                    let n = number(range)?;
+                    (n, n)
+                }
             };
-            Ok(match step {
-                Some(s) => format!("{range}/{s}"),
-                None => range,
-            })
+            Ok((first..=last)
+                .step_by(step as usize)
+                .map(|n| DAYS[(n % 7) as usize])
+                .collect::<Vec<_>>()
+                .join(","))
         })
         .collect::<Result<Vec<_>, String>>()
         .map(|v| v.join(","))
@@ -115,15 +146,25 @@ impl FromStr for Cron {
             }
         };
         let schedule = cron::Schedule::from_str(&expr).map_err(|e| {
-            // The parser's message quotes the expression with a caret; keep its last line.
+            // The parser's message is the expression, a caret under the fault, and sometimes
+            // a reason: keep the reason. Its range reasons say "less than" where they mean
+            // "at most" ("Minutes must be less than 59", yet 59 is fine).
             let e = e.to_string();
-            let why = e
+            let after_caret: Vec<&str> = e
                 .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or(&e)
-                .trim()
-                .to_string();
+                .skip_while(|l| !l.trim_start().starts_with('^'))
+                .skip(1)
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let why = Some(after_caret.join(" "))
+                .filter(|r| !r.is_empty())
+                .map(|l| l.replace("must be less than", "must be at most"))
+                .unwrap_or_else(|| {
+                    "not a crontab expression: write 5 fields (minute hour day-of-month month \
+                     day-of-week), 6 (seconds first) or @hourly/@daily/@weekly/@monthly/@yearly"
+                        .to_string()
+                });
             format!("invalid cron expression {source:?}: {why}")
         })?;
         let c = Cron { source, schedule };
@@ -210,6 +251,54 @@ mod tests {
 
     fn at(s: &str) -> Millis {
         DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis()
+    }
+
+    #[test]
+    fn weekday_ranges_may_end_on_sunday_as_in_crontab() {
+        // 2026-11-27 is a Friday.
+        for expr in [
+            "0 3 * * 5-7",
+            "0 3 * * FRI-SUN",
+            "0 3 * * fri-sun",
+            "0 3 * * 5,6,0",
+        ] {
+            let c: Cron = expr.parse().unwrap_or_else(|e| panic!("{expr}: {e}"));
+            let mut t = at("2026-11-26T12:00:00Z");
+            let mut fired = Vec::new();
+            for _ in 0..4 {
+                t = c.next_after(t, ScheduleTz::Utc).unwrap();
+                fired.push(t);
+            }
+            assert_eq!(
+                fired,
+                [
+                    at("2026-11-27T03:00:00Z"),
+                    at("2026-11-28T03:00:00Z"),
+                    at("2026-11-29T03:00:00Z"),
+                    at("2026-12-04T03:00:00Z")
+                ],
+                "{expr}"
+            );
+        }
+        let every_other: Cron = "0 3 * * 1-5/2".parse().unwrap();
+        assert_eq!(
+            every_other.next_after(at("2026-11-30T04:00:00Z"), ScheduleTz::Utc),
+            Some(at("2026-12-02T03:00:00Z")),
+            "Monday, Wednesday, Friday"
+        );
+        let e = "0 3 * * 6-2".parse::<Cron>().unwrap_err();
+        assert!(e.contains("runs backwards"), "{e}");
+        let e = "0 3 * * FUNDAY".parse::<Cron>().unwrap_err();
+        assert!(e.contains("not a day of the week"), "{e}");
+    }
+
+    #[test]
+    fn parser_messages_say_what_is_wrong() {
+        let e = "61 * * * *".parse::<Cron>().unwrap_err();
+        assert!(e.contains("must be at most 59"), "{e}");
+        "59 23 31 12 *".parse::<Cron>().unwrap();
+        let e = "@fortnightly".parse::<Cron>().unwrap_err();
+        assert!(e.contains("not a crontab expression"), "{e}");
     }
 
     #[test]

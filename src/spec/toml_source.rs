@@ -101,7 +101,15 @@ impl<'a> Source<'a> {
     /// Deserializes the document into `T`, naming the key of any type or field error.
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, SourceError> {
         toml::from_str::<T>(self.text).map_err(|e| {
-            let key = e.span().and_then(|span| self.key_at(span));
+            // A field missing at the top level spans the whole file, whose first key is not
+            // the one to blame: name the missing field itself.
+            let missing_at_top =
+                e.message().starts_with("missing field") && e.span().is_some_and(|s| s.start == 0);
+            let key = if missing_at_top {
+                e.message().split('`').nth(1).map(str::to_string)
+            } else {
+                e.span().and_then(|span| self.key_at(span))
+            };
             SourceError {
                 origin: self.origin.to_string(),
                 problems: vec![problem_at(self.text, e.span(), key, &suggest(e.message()))],

@@ -332,12 +332,50 @@ fn an_unrequested_exit_75_is_requeued_a_few_times_then_fails() {
         "the second requeue waits for the backoff: {history:#?}"
     );
     assert!(d.job(id).record.unrequested_requeues == 3);
-    let out = d.jobctl(&["requeue", &id.to_string()]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    // A finished job keeps its reason: no priority changes after the end.
+    let out = d.jobctl(&["priority", &id.to_string(), "5"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("has already failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(d.job(id).record.reason.unwrap_or_default(), reason);
+    // An unknown id first: reported, and the job after it is still requeued (as cancel does).
+    let out = d.jobctl(&["requeue", "999", &id.to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim(), "jobctl: job 999 not found");
+    assert_eq!(stdout(&out).trim(), format!("job {id}: queued"));
     d.wait_state(id, JobState::Failed, Duration::from_secs(30));
     assert_eq!(
         d.job(id).record.attempts,
         8,
         "the count starts again after a requeue"
     );
+}
+
+/// `explain` counts a retry backoff down as time passes (it used to show the seconds left
+/// when the scheduler last changed anything, frozen until some other event).
+#[test]
+fn explain_counts_a_backoff_down() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let id = d.submit(&d.write(
+        "later.toml",
+        &command_job("exit 3", "[retry]\nmax = 1\nbackoff = \"30s\""),
+    ));
+    let secs_left = || {
+        let x = explain(&d, id);
+        x.split("waits ")
+            .nth(1)
+            .and_then(|r| r.split('s').next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    wait_for("the backoff", Duration::from_secs(10), || {
+        secs_left().is_some()
+    });
+    let first = secs_left().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let later = secs_left().unwrap();
+    assert!(later + 2 <= first, "{first}s, then {later}s");
+    assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
 }

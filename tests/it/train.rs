@@ -319,3 +319,63 @@ fn interruptions_seed_2_end_bit_identical() {
         &[(15, KillDaemon), (47, KillWorker), (95, CancelRequeue)],
     );
 }
+
+/// A train job whose training finished but whose publishing failed (here: the Ollama models
+/// directory had become a file) fails saying why, and can then be published by hand once the
+/// problem is fixed; it used to be refused ("not a succeeded train job") with no way out but
+/// `jobctl export`. A quantization the model's shape cannot take is refused at submit.
+#[test]
+fn a_failed_publish_can_be_done_again_by_hand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    let d = TestDaemon::start(&[
+        "--gpus",
+        "none",
+        "--ollama-models",
+        models.to_str().unwrap(),
+    ]);
+    let data = repo().join("jobs/data");
+    let text = std::fs::read_to_string(repo().join("jobs/tiny.toml"))
+        .unwrap()
+        .replace("\"data/", &format!("\"{}/", data.display()))
+        .replace("max_steps = 400", "max_steps = 4")
+        .replace("warmup_steps = 20", "warmup_steps = 1")
+        .replace("eval_steps = 100", "eval_steps = 2")
+        .replace("save_steps = 100", "save_steps = 2");
+    assert!(text.contains("max_steps = 4\n") && text.contains("warmup_steps = 1\n"));
+    // q4_k needs rows of 256; the tiny model's are 64 wide: refused before any training.
+    let q4k = d.write("tiny-q4k.toml", &text.replace("\"f16\"", "\"q4_k\""));
+    let out = d.jobctl(&["submit", q4k.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("publish.quantization: q4_k needs every weight's input dimension"),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::remove_dir(&models).unwrap();
+    std::fs::write(&models, "not a directory").unwrap();
+    let id = d.submit(&d.write("tiny-short.toml", &text));
+    d.wait_state(id, JobState::Failed, Duration::from_secs(60));
+    let reason = d.job(id).record.reason.unwrap_or_default();
+    assert!(reason.contains("publishing failed"), "{reason}");
+
+    std::fs::remove_file(&models).unwrap();
+    std::fs::create_dir(&models).unwrap();
+    let out = d.jobctl(&["publish", &id.to_string(), "--quantization", "q8_0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rec = d.job(id).record;
+    assert_eq!(rec.published.expect("published").quantization, "q8_0");
+    // A job that never finished training has nothing to publish.
+    let never = d.write("never.toml", &command_job("exit 3", ""));
+    let cmd = d.submit(&never);
+    d.wait_state(cmd, JobState::Failed, Duration::from_secs(20));
+    let out = d.jobctl(&["publish", &cmd.to_string(), "--name", "x/y:z"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no finished training"),
+        "{}",
+        stderr(&out)
+    );
+}
