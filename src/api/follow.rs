@@ -160,6 +160,9 @@ pub fn stream_file(
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    // The job put something else in the log's place (a link, a FIFO): end
+                    // the stream; a new request gets the refusal as a 409.
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => return,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
                         return;

@@ -162,7 +162,9 @@ impl JobFilter {
         mine: Option<bool>,
         all: Option<bool>,
     ) -> Result<JobFilter, ApiError> {
+        // `state=` (empty) filters nothing, like no `state` at all.
         let states: Option<Vec<JobState>> = state
+            .filter(|s| !s.trim().is_empty())
             .map(|s| {
                 s.split(',')
                     .filter(|p| !p.is_empty())
@@ -548,10 +550,18 @@ pub async fn logs(
     };
     let dir: PathBuf = rec.dir(&st.jobs_dir);
     let file = dir.join(name);
-    let len = crate::jobfs::open_regular(&file)
-        .and_then(|f| f.metadata())
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let len = match crate::jobfs::open_regular(&file).and_then(|f| f.metadata()) {
+        Ok(m) => m.len(),
+        // Not written yet (a queued job).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "unreadable",
+                e.to_string(),
+            ));
+        }
+    };
     let offset = match (q.offset, q.tail) {
         (Some(o), _) => o,
         (None, Some(t)) => len.saturating_sub(t),

@@ -161,7 +161,12 @@ pub async fn priority(client: &Client, args: &PriorityArgs, out: &Output) -> any
 pub async fn requeue(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::Result<bool> {
     let mut ok = true;
     let mut views = Vec::new();
-    for id in &args.ids {
+    // Oldest first: a job's dependencies are older than it (they must exist at submit), so
+    // `requeue B A` puts A back before B, which would otherwise fail again at once on A.
+    let mut ids = args.ids.clone();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in &ids {
         match client
             .post::<_, JobView>(&format!("/jobs/{id}/requeue"), &serde_json::json!({}))
             .await

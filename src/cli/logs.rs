@@ -49,7 +49,11 @@ async fn copy(
 ) -> anyhow::Result<()> {
     // Where the next byte comes from in the file, once the daemon has said where it started.
     let mut offset: Option<u64> = None;
+    // Breaks in a row that brought no byte while jobd kept answering: a stream that cannot
+    // be read, not a restart. Give up after a few.
+    let mut fruitless = 0;
     loop {
+        let before = offset;
         let mut path = format!("/jobs/{id}/logs?stream={stream}&follow={follow}");
         match (offset, tail) {
             (Some(o), _) => path.push_str(&format!("&offset={o}")),
@@ -89,7 +93,13 @@ async fn copy(
                 Err(e) => return Err(e.into()),
             },
             Err(e) => match e.downcast_ref::<ClientError>() {
-                Some(c) if c.is_transient() => reconnect(client, c).await?,
+                Some(c) if c.is_transient() => {
+                    fruitless = if offset == before { fruitless + 1 } else { 0 };
+                    if fruitless > 3 {
+                        return Err(e);
+                    }
+                    reconnect(client, c).await?
+                }
                 _ => return Err(e),
             },
         }

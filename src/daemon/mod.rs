@@ -60,6 +60,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ollama_models: config.ollama_models.clone(),
         schedule_tz: config.schedule_timezone,
     };
+    if let Some(m) = &config.ollama_models
+        && !m.is_dir()
+    {
+        warn!(
+            dir = %m.display(),
+            "the Ollama models directory does not exist: train jobs that publish there are refused until it does"
+        );
+    }
     let (scheduler, handle) = Scheduler::start(store, inventory, settings)
         .await
         .context("cannot recover the job queue")?;

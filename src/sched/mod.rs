@@ -948,6 +948,7 @@ impl Scheduler {
         let retry = rec.spec.retry.clone();
         let retries = rec.retries;
         let unrequested = rec.unrequested_requeues;
+        let self_requeues = !retry.on_exit_codes.contains(&EXIT_PREEMPTED);
         let exit_info = exit.clone();
         let finish = move |r: &mut JobRecord| {
             r.exit = Some(exit_info.clone());
@@ -1012,20 +1013,25 @@ impl Scheduler {
             // shutting down), or a program that returns EX_TEMPFAIL. Requeued like a
             // preemption, but the second time after the retry backoff and never more than
             // MAX_UNREQUESTED_REQUEUES times, so that it cannot spin.
-            (None, Some(EXIT_PREEMPTED)) if unrequested >= MAX_UNREQUESTED_REQUEUES => self.apply(
-                id,
-                Some(JobState::Failed),
-                format!(
-                    "failed: exit code {EXIT_PREEMPTED} (\"checkpointed, run me again\") \
+            // A job whose retry policy names 75 itself gets its retries instead.
+            (None, Some(EXIT_PREEMPTED))
+                if self_requeues && unrequested >= MAX_UNREQUESTED_REQUEUES =>
+            {
+                self.apply(
+                    id,
+                    Some(JobState::Failed),
+                    format!(
+                        "failed: exit code {EXIT_PREEMPTED} (\"checkpointed, run me again\") \
                      {} times without being asked to stop; see its log",
-                    unrequested + 1
-                ),
-                &|r| {
-                    finish(r);
-                    r.finished_at = Some(now);
-                },
-            ),
-            (None, Some(EXIT_PREEMPTED)) => {
+                        unrequested + 1
+                    ),
+                    &|r| {
+                        finish(r);
+                        r.finished_at = Some(now);
+                    },
+                )
+            }
+            (None, Some(EXIT_PREEMPTED)) if self_requeues => {
                 let n = unrequested + 1;
                 let delay = if n == 1 {
                     Duration::ZERO
@@ -1063,7 +1069,7 @@ impl Scheduler {
                     )
                 })
             }
-            (None, code) if retries < retry.max && retry.retries_on(code) => {
+            (None, code) if retries < retry.max && retry.retries_on(code, exit.signal) => {
                 let n = retries + 1;
                 let delay = retry.delay_for(n);
                 let until = now + delay.as_millis() as Millis;
@@ -1112,6 +1118,14 @@ impl Scheduler {
                 "publish.models_dir: not set, and the daemon has no default Ollama models directory (jobd --ollama-models DIR)".into(),
             ));
         };
+        // A publish into a directory that is not there would fail only after the training.
+        if !dir.is_dir() {
+            return Err(SchedError::Invalid(format!(
+                "publish: the Ollama models directory {} does not exist (create it, or set \
+                 publish.models_dir or jobd --ollama-models)",
+                dir.display()
+            )));
+        }
         if !self.settings.run_as_owner || Some(dir) == default {
             return Ok(());
         }
@@ -1340,6 +1354,13 @@ impl Scheduler {
 
     /// Runs `plan` and applies its decisions until nothing more changes.
     fn replan(&mut self) {
+        // A job failed for its dependency fails the jobs that depend on it in turn: plan
+        // again until no more fail (each round fails at least one more job, so this ends).
+        while self.replan_once() {}
+    }
+
+    /// One planning round; true if it failed jobs whose dependencies failed.
+    fn replan_once(&mut self) -> bool {
         let needs_gpus = self
             .jobs
             .values()
@@ -1374,11 +1395,13 @@ impl Scheduler {
                 usage: &usage,
             })
         };
+        let mut failed_some = false;
         for (id, reason) in decisions.fail {
-            if let Err(e) = self.apply(id, Some(JobState::Failed), reason, &|r| {
+            match self.apply(id, Some(JobState::Failed), reason, &|r| {
                 r.finished_at = Some(now_ms())
             }) {
-                error!(job_id = id, error = %e, "cannot fail job");
+                Ok(_) => failed_some = true,
+                Err(e) => error!(job_id = id, error = %e, "cannot fail job"),
             }
         }
         for p in decisions.preempt {
@@ -1388,6 +1411,7 @@ impl Scheduler {
         for start in decisions.start {
             self.dispatch(start.id, start.placement);
         }
+        failed_some
     }
 
     fn preempt(&mut self, victim: JobId, for_job: JobId) {

@@ -245,9 +245,11 @@ impl RetrySpec {
         self.backoff.0.checked_mul(factor).unwrap_or(cap).min(cap)
     }
 
-    /// Should a run that exited with `code` (None: killed by a signal) be retried?
-    pub fn retries_on(&self, code: Option<i32>) -> bool {
-        match code {
+    /// Should a run that ended with exit `code`, or was killed by `signal`, be retried? A
+    /// signal N counts as code 128 + N, as a shell reports it, so `on_exit_codes = [137]`
+    /// matches a process the kernel's OOM killer ended with SIGKILL.
+    pub fn retries_on(&self, code: Option<i32>, signal: Option<i32>) -> bool {
+        match code.or(signal.map(|s| 128 + s)) {
             Some(0) => false,
             Some(c) => self.on_exit_codes.is_empty() || self.on_exit_codes.contains(&c),
             None => self.on_exit_codes.is_empty(),
@@ -840,11 +842,14 @@ backoff = "30s"
         assert_eq!(r.delay_for(1).as_secs(), 10);
         assert_eq!(r.delay_for(3).as_secs(), 40);
         assert_eq!(r.delay_for(40).as_secs(), 3600);
-        assert!(r.retries_on(Some(1)) && !r.retries_on(Some(0)));
+        assert!(r.retries_on(Some(1), None) && !r.retries_on(Some(0), None));
+        assert!(r.retries_on(None, Some(15)));
         let r = RetrySpec {
             on_exit_codes: vec![137],
             ..r
         };
-        assert!(!r.retries_on(Some(1)) && r.retries_on(Some(137)));
+        assert!(!r.retries_on(Some(1), None) && r.retries_on(Some(137), None));
+        assert!(r.retries_on(None, Some(9)), "SIGKILL counts as 137");
+        assert!(!r.retries_on(None, Some(15)));
     }
 }

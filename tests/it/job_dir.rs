@@ -138,6 +138,26 @@ fn a_fifo_in_a_job_directory_hangs_no_reader() {
             "logs took {took:?}: {status} {body}"
         );
     }
+    // jobctl says what is wrong and ends (it used to take the broken stream for a daemon
+    // restart: exit 2, and `-f` reconnected forever).
+    for args in [vec!["logs"], vec!["logs", "-f"]] {
+        let started = Instant::now();
+        let mut all = args.clone();
+        let id_s = id.to_string();
+        all.push(&id_s);
+        let out = d.jobctl(&all);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("not a regular file"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
     let ((status, _), took) = get("/api/v1/health");
     assert_eq!(status, 200);
     assert!(took < Duration::from_secs(2), "{took:?}");

@@ -163,6 +163,22 @@ fn dependencies_and_retries() {
             .unwrap()
             .contains(&format!("dependency job {bad} failed"))
     );
+    // A chain fails all the way down at once (the third link used to wait for some unrelated
+    // event to wake the scheduler), and `wait` on its end returns.
+    let gate = d.submit(&d.write("gate.toml", &command_job("sleep 0.5; exit 1", "")));
+    let mut chain = vec![gate];
+    for i in 0..3 {
+        let prev = *chain.last().unwrap();
+        chain.push(d.submit(&d.write(
+            &format!("link{i}.toml"),
+            &command_job("echo never", &format!("depends_on = [{prev}]")),
+        )));
+    }
+    wait_for("the whole chain to fail", Duration::from_secs(10), || {
+        chain[1..].iter().all(|id| d.state(*id) == JobState::Failed)
+    });
+    let out = d.jobctl(&["wait", &chain[3].to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 
     let flaky = d.submit(&d.write(
         "flaky.toml",
@@ -378,4 +394,45 @@ fn explain_counts_a_backoff_down() {
     let later = secs_left().unwrap();
     assert!(later + 2 <= first, "{first}s, then {later}s");
     assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
+}
+
+/// `on_exit_codes = [137]`, the README's example, retries a job killed by SIGKILL (as the
+/// OOM killer does): a signal N counts as exit code 128 + N. A command run without a shell
+/// reports the signal itself, so before this such a job was never retried.
+#[test]
+fn a_retry_on_137_covers_a_sigkill() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let id = d.submit(&d.write(
+        "oom.toml",
+        &command_job(
+            "kill -KILL $$",
+            "[retry]\nmax = 1\non_exit_codes = [137]\nbackoff = \"1s\"",
+        ),
+    ));
+    d.wait_state(id, JobState::Failed, Duration::from_secs(20));
+    let rec = d.job(id).record;
+    assert_eq!((rec.attempts, rec.retries), (2, 1), "{:#?}", d.events(id));
+}
+
+/// `jobctl requeue DEPENDENT DEPENDENCY` works in either order: the dependency goes back
+/// first (it used to requeue the dependent first, which failed again at once on the still
+/// failed dependency while jobctl said "queued").
+#[test]
+fn requeue_puts_dependencies_back_first() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let marker = d.path("fixed");
+    let a = d.submit(&d.write(
+        "a.toml",
+        &command_job(&format!("test -e {}", marker.display()), ""),
+    ));
+    let b = d.submit(&d.write(
+        "b.toml",
+        &command_job("echo b", &format!("depends_on = [{a}]")),
+    ));
+    d.wait_state(b, JobState::Failed, Duration::from_secs(20));
+    std::fs::write(&marker, "").unwrap();
+    let out = d.jobctl(&["requeue", &b.to_string(), &a.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_state(b, JobState::Succeeded, Duration::from_secs(20));
+    assert_eq!(d.state(a), JobState::Succeeded);
 }

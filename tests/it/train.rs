@@ -354,9 +354,20 @@ fn a_failed_publish_can_be_done_again_by_hand() {
         stderr(&out)
     );
 
+    // The models directory breaks while the job trains (a missing one is refused at submit).
+    let longer = text.replace("max_steps = 4\n", "max_steps = 60\n");
+    let id = d.submit(&d.write("tiny-short.toml", &longer));
+    d.wait_state(id, JobState::Running, Duration::from_secs(20));
     std::fs::remove_dir(&models).unwrap();
     std::fs::write(&models, "not a directory").unwrap();
-    let id = d.submit(&d.write("tiny-short.toml", &text));
+    let again = d.write("again.toml", &text);
+    let out = d.jobctl(&["submit", again.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("Ollama models directory") && stderr(&out).contains("does not exist"),
+        "{}",
+        stderr(&out)
+    );
     d.wait_state(id, JobState::Failed, Duration::from_secs(60));
     let reason = d.job(id).record.reason.unwrap_or_default();
     assert!(reason.contains("publishing failed"), "{reason}");
