@@ -80,6 +80,33 @@ pub fn job_view(rec: &JobRecord, caller: &Caller, view: &View, jobs_dir: &Path) 
     }
 }
 
+/// [`submission`], with the paths the job file names checked with `caller`'s file rights on a
+/// root daemon: with root's, any local user could learn which files exist in directories
+/// closed to them ("does not exist" vs "not executable").
+pub(super) async fn submission_as(
+    caller: &Caller,
+    req: SubmitRequest,
+) -> Result<Submission, ApiError> {
+    let user = caller
+        .user
+        .clone()
+        .filter(|u| crate::config::running_as_root() && u != "root");
+    tokio::task::spawn_blocking(move || {
+        let creds = user
+            .map(|u| crate::proc::RunAs::lookup(&u).map(|r| r.credentials()))
+            .transpose()
+            .map_err(|e| ApiError::forbidden(e.to_string()))?;
+        let _as_caller = creds
+            .as_ref()
+            .map(crate::jobfs::Credentials::enter)
+            .transpose()
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?;
+        submission(req)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?
+}
+
 pub(super) fn submission(req: SubmitRequest) -> Result<Submission, ApiError> {
     let base = req.base_dir.ok_or_else(|| {
         ApiError::bad_request("base_dir is required: the absolute directory the job file's relative paths resolve against")
@@ -123,7 +150,7 @@ pub async fn submit(
         .auth
         .owner_for(&caller)
         .ok_or_else(|| ApiError::unauthorized("unknown caller"))?;
-    let sub = submission(req)?;
+    let sub = submission_as(&caller, req).await?;
     let rec = st.sched.submit(&caller, owner, sub).await?;
     let view = st.sched.view();
     Ok((
@@ -137,11 +164,11 @@ pub async fn validate(
     Extension(caller): Extension<Caller>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    // Validation looks at the paths the file names with the daemon's rights: only callers who
-    // may submit may ask (an anonymous one could probe which files exist anywhere).
+    // Validation looks at the paths the file names, with the caller's rights: only known
+    // callers may ask.
     require_user(&caller)?;
     let Json(req) = body?;
-    let sub = submission(req)?;
+    let sub = submission_as(&caller, req).await?;
     Ok(Json(
         serde_json::json!({ "ok": true, "name": sub.name, "spec": sub.spec }),
     ))

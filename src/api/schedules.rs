@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
 
-use super::jobs::{redact, submission};
+use super::jobs::{redact, submission_as};
 use super::{ApiError, AppState, require_user};
 use crate::sched::{ScheduleAction, View};
 use crate::spec::Caller;
@@ -48,7 +48,7 @@ pub async fn create(
         .auth
         .owner_for(&caller)
         .ok_or_else(|| ApiError::unauthorized("unknown caller"))?;
-    let sub = submission(req)?;
+    let sub = submission_as(&caller, req).await?;
     if sub.spec.schedule.is_none() {
         return Err(ApiError::bad_request(
             "this job file has no schedule = \"...\": submit it as a job (POST /api/v1/jobs)",

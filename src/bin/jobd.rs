@@ -235,18 +235,33 @@ fn daemon(args: Args) -> ExitCode {
         let signals = shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
                 signal(SignalKind::terminate()),
                 signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
             ) else {
                 return;
             };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                    // Its default action would kill jobd on the spot (a closed terminal after
+                    // `jobd &`), leaving workers to a restart.
+                    _ = hup.recv() => {
+                        tracing::warn!("SIGHUP ignored: jobd reads its configuration only at start; restart it to apply changes");
+                        continue;
+                    }
+                }
+                if stopping {
+                    tracing::warn!("second stop signal: exiting now; workers still running are stopped by recovery at the next start");
+                    std::process::exit(1);
+                }
+                stopping = true;
+                tracing::info!("signal received; shutting down (a second one exits at once)");
+                signals.cancel();
             }
-            tracing::info!("signal received; shutting down");
-            signals.cancel();
         });
         jobd::daemon::run(config, shutdown).await
     });

@@ -465,6 +465,21 @@ impl ConfigFile {
         {
             issues.push(Issue::new("grace_period", "must be at most 1h"));
         }
+        // Zero would make the scheduler refresh the inventory in a busy loop, or divide past
+        // use by nothing.
+        if let Some(d) = self.scheduler.gpu_refresh
+            && d.0 < Duration::from_secs(1)
+        {
+            issues.push(Issue::new("scheduler.gpu_refresh", "must be at least 1s"));
+        }
+        if let Some(d) = self.scheduler.fair_share_half_life
+            && d.0.is_zero()
+        {
+            issues.push(Issue::new(
+                "scheduler.fair_share_half_life",
+                "must be more than 0",
+            ));
+        }
         if let Some(d) = self.header_read_timeout
             && !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&d.0)
         {
@@ -590,5 +605,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `grace`"), "{err}");
+        for (text, want) in [
+            (
+                "[scheduler]\ngpu_refresh = \"0s\"\n",
+                "scheduler.gpu_refresh: must be at least 1s",
+            ),
+            (
+                "[scheduler]\nfair_share_half_life = \"0s\"\n",
+                "scheduler.fair_share_half_life: must be more than 0",
+            ),
+            (
+                "header_read_timeout = \"0s\"\n",
+                "header_read_timeout: must be between",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(Some(&path), Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
     }
 }

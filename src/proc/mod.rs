@@ -33,6 +33,17 @@ pub enum ProcError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "cannot start {program} as {user} in {}: {source} (the job's owner must be able to \
+         enter its working directory and run its program)",
+        cwd.display()
+    )]
+    SpawnAs {
+        program: String,
+        user: String,
+        cwd: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start {program}: {source}")]
     Spawn {
         program: String,
@@ -214,23 +225,34 @@ pub fn spawn(
     cmd.args(&req.args)
         .env_clear()
         .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&req.cwd)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
         .process_group(0);
     if let Some(r) = req.run_as.clone() {
         let groups: Vec<Gid> = r.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-        // SAFETY: only async-signal-safe syscalls between fork and exec; the group list was
-        // computed in the parent.
+        // The working directory is entered after the switch to the owner, never as root
+        // (std's `current_dir` runs before `pre_exec`): a root chdir would let a job start in a
+        // directory its owner cannot reach and read what is there.
+        let cwd = CString::new(req.cwd.as_os_str().as_encoded_bytes()).map_err(|_| {
+            ProcError::Workdir {
+                path: req.cwd.clone(),
+                source: std::io::Error::other("contains a NUL byte"),
+            }
+        })?;
+        // SAFETY: only async-signal-safe syscalls between fork and exec; the group list and
+        // the path were made in the parent.
         unsafe {
             cmd.pre_exec(move || {
                 nix::unistd::setgroups(&groups)?;
                 nix::unistd::setgid(Gid::from_raw(r.gid))?;
                 nix::unistd::setuid(Uid::from_raw(r.uid))?;
+                nix::unistd::chdir(cwd.as_c_str())?;
                 Ok(())
             });
         }
+    } else {
+        cmd.current_dir(&req.cwd);
     }
     let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(false)
@@ -246,9 +268,17 @@ pub fn spawn(
                     path: req.cwd.clone(),
                     source: std::io::Error::other("not a directory"),
                 },
-                Ok(_) => ProcError::Spawn {
-                    program: req.program.clone(),
-                    source,
+                Ok(_) => match &req.run_as {
+                    Some(r) => ProcError::SpawnAs {
+                        program: req.program.clone(),
+                        user: r.user.clone(),
+                        cwd: req.cwd.clone(),
+                        source,
+                    },
+                    None => ProcError::Spawn {
+                        program: req.program.clone(),
+                        source,
+                    },
                 },
             }
         })?;

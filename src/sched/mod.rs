@@ -594,15 +594,11 @@ impl Scheduler {
         }
         let mut at = next
             .map(|t| tokio::time::Instant::now() + Duration::from_millis((t - now).max(0) as u64));
-        let has_gpu_work = self
-            .jobs
-            .values()
-            .any(|j| !j.state.is_terminal() && j.spec.resources.gpus > 0);
-        if has_gpu_work {
-            let refresh =
-                tokio::time::Instant::from_std(self.gpus_at + self.settings.policy.gpu_refresh);
-            at = Some(at.map_or(refresh, |a| a.min(refresh)));
-        }
+        // The inventory is refreshed even with no GPU work: `jobctl gpus` and the dashboard
+        // show other processes' use to people deciding where to run.
+        let refresh =
+            tokio::time::Instant::from_std(self.gpus_at + self.settings.policy.gpu_refresh);
+        at = Some(at.map_or(refresh, |a| a.min(refresh)));
         at
     }
 

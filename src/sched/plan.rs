@@ -136,20 +136,20 @@ impl Wait {
                 "waits {:.0}s more before its next retry (backoff)",
                 ((until - now).max(0) as f64 / 1000.0).ceil()
             ),
-            Wait::UserLimit { what } => format!("its owner is at a limit: {what}"),
-            Wait::CpuSlots { max } => {
-                format!("all {max} CPU job slots are in use; it starts when one frees up")
-            }
+            Wait::UserLimit { what } => format!("waits because its owner is at a limit: {what}"),
+            Wait::CpuSlots { max } => format!(
+                "waits for a CPU job slot (all {max} are in use); it starts when one frees up"
+            ),
             Wait::Vram {
                 need,
                 gpus,
                 best_gpu,
                 best_free,
             } => {
-                let per = if *gpus > 1 {
-                    format!("{gpus} GPUs with {need} each")
-                } else {
-                    format!("{need} on one GPU")
+                let per = match (*gpus > 1, need) {
+                    (true, _) => format!("{gpus} GPUs with {need} each"),
+                    (false, Need::Whole) => "a whole GPU".to_string(),
+                    (false, _) => format!("{need} on one GPU"),
                 };
                 match best_gpu {
                     Some(g) => format!(
@@ -160,7 +160,10 @@ impl Wait {
                 }
             }
             Wait::NoGpus { need, eligible } => format!(
-                "needs {need} GPUs but only {eligible} eligible GPUs exist (check only_gpus and the allow-list)"
+                "needs {need} GPU{} but only {eligible} eligible GPU{} exist{} (check only_gpus and the allow-list)",
+                if *need == 1 { "" } else { "s" },
+                if *eligible == 1 { "" } else { "s" },
+                if *eligible == 1 { "s" } else { "" },
             ),
             Wait::Held { for_job } => format!(
                 "the GPUs that could take it are held for job {for_job}, which has waited longer than the starvation limit"
@@ -431,6 +434,25 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             .copied()
             .filter(|&i| fits(&rooms[i], need) && rooms[i].held_for.is_none_or(|h| h == job.id))
             .collect();
+        // A whole card counts against the owner's VRAM limit by what it gives the job (the
+        // limit check above knows only sizes asked for in bytes): only cards that fit what
+        // is left of the limit.
+        if let (Some(max), Need::Whole) = (limits.max_vram, need) {
+            let allowance = max.0.saturating_sub(user.vram) / u64::from(n.max(1));
+            let before = candidates.len();
+            candidates.retain(|&i| rooms[i].room.max(0) as u64 <= allowance);
+            if (candidates.len() as u32) < n && before as u32 >= n {
+                wait(Wait::UserLimit {
+                    what: format!(
+                        "{} of {max} VRAM in use, and the whole GPUs free now are larger than \
+                         the {} left",
+                        ByteSize(user.vram),
+                        ByteSize(allowance * u64::from(n))
+                    ),
+                });
+                continue;
+            }
+        }
         // Best fit: preferred first, then the least room left after placing, then index.
         candidates.sort_by_key(|&i| {
             let r = &rooms[i];
@@ -701,6 +723,24 @@ pub fn feasible(
     let n = rec.spec.resources.gpus;
     if n == 0 {
         return Ok(());
+    }
+    // The owner's own limits: a job beyond them would wait forever.
+    let limits = cfg.limits_for(&rec.owner.user);
+    let user = &rec.owner.user;
+    if let Some(max) = limits.max_gpus
+        && n > max
+    {
+        return Err(format!(
+            "the job needs {n} GPUs but {user} may hold at most {max} at once (scheduler limits)"
+        ));
+    }
+    if let (Some(max), Need::Bytes(b)) = (limits.max_vram, vram_need(rec))
+        && b * n as u64 > max.0
+    {
+        return Err(format!(
+            "the job needs {} of VRAM but {user} may hold at most {max} at once (scheduler limits)",
+            ByteSize(b * n as u64)
+        ));
     }
     let eligible: Vec<&GpuInfo> = gpus
         .iter()
@@ -1121,6 +1161,28 @@ mod tests {
         assert_eq!(p.start[0].placement.vram_per_gpu, 24 * GIB);
     }
 
+    /// A whole card counts against max_vram by its size (it used to bypass the limit: only
+    /// sizes in bytes were checked).
+    #[test]
+    fn a_whole_card_counts_against_the_vram_limit() {
+        let mut w = World::new(vec![gpu(0, 80, 0), gpu(1, 24, 0)]);
+        w.cfg.default_limits.max_vram = Some(ByteSize::gib(30));
+        let mut whole = job(1, 1, 0, 1);
+        whole.spec.resources.vram = VramRequest::Auto;
+        whole.spec.resources.only_gpus = vec![crate::spec::job::GpuSelector::Index(0)];
+        w.queued = vec![whole.clone()];
+        let p = w.plan();
+        assert!(p.start.is_empty(), "{p:?}");
+        assert!(
+            matches!(&p.waiting[&1].wait, Wait::UserLimit { what } if what.contains("larger than the 30GiB left")),
+            "{p:?}"
+        );
+        // The 24 GiB card fits the limit.
+        whole.spec.resources.only_gpus.clear();
+        w.queued = vec![whole];
+        assert_eq!(started(&w.plan()), vec![(1, vec![1])]);
+    }
+
     #[test]
     fn impossible_jobs_are_refused_with_numbers() {
         let gpus = vec![gpu(0, 24, 0), gpu(1, 80, 0)];
@@ -1141,6 +1203,17 @@ mod tests {
         );
         let e = feasible(&job(1, 3, 1, 0), &gpus, &c, None).unwrap_err();
         assert!(e.contains("only 2 of the 2"), "{e}");
+        let mut limited = cfg();
+        limited.default_limits.max_gpus = Some(1);
+        limited.default_limits.max_vram = Some(ByteSize::gib(30));
+        let e = feasible(&job(1, 2, 10, 0), &gpus, &limited, None).unwrap_err();
+        assert!(e.contains("may hold at most 1 at once"), "{e}");
+        let e = feasible(&job(1, 1, 40, 0), &gpus, &limited, None).unwrap_err();
+        assert!(
+            e.contains("needs 40GiB of VRAM") && e.contains("at most 30GiB"),
+            "{e}"
+        );
+        assert!(feasible(&job(1, 1, 30, 0), &gpus, &limited, None).is_ok());
         let mut seven = job(1, 1, 1, 0);
         seven.spec.resources.only_gpus = vec![crate::spec::job::GpuSelector::Index(7)];
         let e = feasible(&seven, &gpus, &c, None).unwrap_err();

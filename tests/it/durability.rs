@@ -215,3 +215,19 @@ fn a_command_that_ended_while_jobd_was_down_is_not_run_again() {
     lines.sort();
     assert_eq!(lines, ["bad-attempt-1", "ok-attempt-1"], "each ran once");
 }
+
+/// SIGHUP (a closed terminal after `jobd &`) no longer kills the daemon on the spot; it is
+/// logged and ignored, and a running job goes on.
+#[test]
+fn sighup_is_ignored() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let id = d.submit(&d.write("s.toml", &command_job("sleep 1", "")));
+    d.wait_state(id, JobState::Running, Duration::from_secs(20));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    d.wait_state(id, JobState::Succeeded, Duration::from_secs(20));
+    assert!(d.log().contains("SIGHUP ignored"), "{}", d.log());
+}

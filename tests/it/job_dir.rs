@@ -165,3 +165,67 @@ fn a_fifo_in_a_job_directory_hangs_no_reader() {
     assert!(out.status.success(), "{}", stderr(&out));
     d.wait_state(id, JobState::Cancelled, Duration::from_secs(20));
 }
+
+/// A root daemon acts on a job file's paths with its owner's rights only: a job cannot start
+/// in a working directory its owner cannot enter (the daemon used to enter it as root before
+/// switching users, and the job read what was there), and checking a file names no path its
+/// owner could not see (root's checks told "does not exist" from "not executable" in closed
+/// directories). Only meaningful as root.
+#[test]
+fn a_job_file_is_checked_and_run_with_its_owners_rights() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let closed = d.path("closed");
+    std::fs::create_dir_all(closed.join("open")).unwrap();
+    std::fs::write(closed.join("open/secret.txt"), "secret\n").unwrap();
+    std::fs::write(closed.join("present"), "").unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let post = |path: &str, toml: String| {
+        let body = serde_json::json!({"toml": toml, "base_dir": "/"}).to_string();
+        post_json(d.addr(), path, Some(TOKEN_NOBODY), &body)
+    };
+    let id_of = |resp: &str| {
+        serde_json::from_str::<serde_json::Value>(resp).unwrap()["id"]
+            .as_u64()
+            .unwrap()
+    };
+    // Submitted while the directory is open; closed before the job starts.
+    let (status, resp) = post(
+        "/api/v1/jobs",
+        "kind = \"command\"\n[command]\nargv = [\"sleep\", \"1\"]\n".into(),
+    );
+    assert_eq!(status, 201, "{resp}");
+    let blocker = id_of(&resp);
+    let job = format!(
+        "kind = \"command\"\ndepends_on = [{blocker}]\n[command]\nargv = [\"/bin/cat\", \"secret.txt\"]\nworkdir = \"{}\"\n",
+        closed.join("open").display()
+    );
+    let (status, resp) = post("/api/v1/jobs", job.clone());
+    assert_eq!(status, 201, "{resp}");
+    let id = id_of(&resp);
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    d.wait_state(id, JobState::Failed, Duration::from_secs(20));
+    let reason = d.job(id).record.reason.unwrap_or_default();
+    assert!(reason.contains("as nobody in"), "{reason}");
+    let log =
+        std::fs::read_to_string(d.state.join(format!("jobs/{id}/stdout.log"))).unwrap_or_default();
+    assert!(!log.contains("secret"), "{log}");
+    // Now closed: refused at submit, saying nothing about what is inside.
+    let (status, resp) = post("/api/v1/jobs", job);
+    assert_eq!(status, 400, "{resp}");
+    let probe = |name: &str| {
+        let toml = format!(
+            "kind = \"command\"\n[command]\nargv = [\"{}\"]\n",
+            closed.join(name).display()
+        );
+        let (status, resp) = post("/api/v1/jobs/validate", toml);
+        (status, resp.replace(name, "NAME"))
+    };
+    assert_eq!(
+        probe("present"),
+        probe("absent"),
+        "no difference to learn from"
+    );
+}

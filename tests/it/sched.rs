@@ -234,7 +234,7 @@ fn explain_names_limits_and_slots() {
     d2.wait_state(x, JobState::Running, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(200));
     assert!(
-        explain(&d2, y).contains("all 1 CPU job slots are in use"),
+        explain(&d2, y).contains("waits for a CPU job slot (all 1 are in use)"),
         "{}",
         explain(&d2, y)
     );
@@ -435,4 +435,21 @@ fn requeue_puts_dependencies_back_first() {
     assert!(out.status.success(), "{}", stderr(&out));
     d.wait_state(b, JobState::Succeeded, Duration::from_secs(20));
     assert_eq!(d.state(a), JobState::Succeeded);
+}
+
+/// The inventory is refreshed every `gpu_refresh` even with no GPU work, so `jobctl gpus`
+/// shows other processes' memory to people deciding where to run (it used to stay stale until
+/// a GPU job was submitted).
+#[test]
+fn an_idle_daemon_keeps_the_gpu_view_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("gpus.toml");
+    std::fs::write(&fake, "[[gpu]]\ntotal = \"24GiB\"\nforeign = \"0GiB\"\n").unwrap();
+    let spec = format!("fake-file:{}", fake.display());
+    let d =
+        TestDaemon::start_with_config(&["--gpus", &spec], "[scheduler]\ngpu_refresh = \"1s\"\n");
+    std::fs::write(&fake, "[[gpu]]\ntotal = \"24GiB\"\nforeign = \"7GiB\"\n").unwrap();
+    wait_for("the new foreign use", Duration::from_secs(10), || {
+        stdout(&d.jobctl(&["gpus"])).contains("7GiB")
+    });
 }
