@@ -1213,7 +1213,10 @@ impl Scheduler {
             }
             (Ok(m), true) => {
                 let reason = format!("published as {} — {}", m.name, m.run_command);
-                self.apply(id, None, reason, &|r| r.published = Some(m.clone()))
+                // A job that failed only in publishing has now done all it was for.
+                let to = (self.jobs.get(&id).map(|j| j.state) == Some(JobState::Failed))
+                    .then_some(JobState::Succeeded);
+                self.apply(id, to, reason, &|r| r.published = Some(m.clone()))
             }
             (Err(e), false) => {
                 warn!(job_id = id, error = %e, "publishing failed");

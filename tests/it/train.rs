@@ -378,6 +378,9 @@ fn a_failed_publish_can_be_done_again_by_hand() {
     assert!(out.status.success(), "{}", stderr(&out));
     let rec = d.job(id).record;
     assert_eq!(rec.published.expect("published").quantization, "q8_0");
+    // It has done all it was for now: succeeded, and `wait` says so.
+    assert_eq!(rec.state, JobState::Succeeded);
+    assert!(d.jobctl(&["wait", &id.to_string()]).status.success());
     // A job that never finished training has nothing to publish.
     let never = d.write("never.toml", &command_job("exit 3", ""));
     let cmd = d.submit(&never);
