@@ -72,6 +72,11 @@ pub fn open_append(path: &Path, owner: Owner) -> io::Result<File> {
         .map_err(|e| no_follow_error(path, e))?;
     check_regular(&file, path)?;
     give(&file, owner, path)?;
+    // O_NONBLOCK was only for the open (a FIFO would wait for a reader); the handle becomes
+    // a job's stdout or stderr, which should see an ordinary file.
+    let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
     Ok(file)
 }
 
@@ -354,10 +359,15 @@ mod tests {
     fn plain_files_and_directories_work() {
         let t = tempfile::tempdir().unwrap();
         let log = t.path().join("stdout.log");
-        open_append(&log, None)
-            .unwrap()
-            .write_all(b"one\n")
-            .unwrap();
+        let mut first = open_append(&log, None).unwrap();
+        let flags = nix::fcntl::fcntl(&first, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_eq!(
+            flags & libc::O_NONBLOCK,
+            0,
+            "a job's stdout is an ordinary file"
+        );
+        assert_ne!(flags & libc::O_APPEND, 0);
+        first.write_all(b"one\n").unwrap();
         open_append(&log, None)
             .unwrap()
             .write_all(b"two\n")
