@@ -887,6 +887,47 @@ fn sharded_bf16_checkpoints_export() {
     );
 }
 
+/// Files of the model directory that are not what they seem fail the publish with an error
+/// naming them, and nothing is written: a FIFO (which a plain read would wait on forever, with
+/// the daemon's publishing thread) and a truncated weights file.
+#[test]
+fn a_fifo_or_a_truncated_weights_file_fails_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    fs::create_dir(&models).unwrap();
+    let good = build_model(&tmp.path().join("good"), Shape::tiny());
+    publish_to(&good.dir, &models, &spec("m", Quantization::F16)).unwrap();
+    let before = tree(&models);
+    for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        let m = build_model(&tmp.path().join(file), Shape::tiny());
+        let path = m.dir.join(file);
+        let _ = fs::remove_file(&path);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = publish_to(&m.dir, &models, &spec("m", Quantization::F16))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(file) && e.contains("not a regular file"), "{e}");
+        assert_nothing_written(&models, &before);
+    }
+    let m = build_model(&tmp.path().join("short"), Shape::tiny());
+    let weights = m.dir.join("model.safetensors");
+    let len = fs::metadata(&weights).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let e = publish_to(&m.dir, &models, &spec("m", Quantization::F16))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+    assert_nothing_written(&models, &before);
+}
+
 /// A root daemon publishing into another user's store (the systemd `ollama` user) gives what
 /// it creates to that user, so `ollama rm` and Ollama's pruning can delete it.
 #[test]

@@ -1,18 +1,24 @@
 //! Reading a finished model in Hugging Face layout (`config.json` + `model.safetensors`) and
 //! planning its GGUF tensors: names, shapes, types and the q/k RoPE permutation.
 //!
-//! The safetensors file is memory-mapped and each tensor is converted only when it is written,
-//! so exporting never holds more than one tensor's worth of converted data. Llama, Mistral
+//! The safetensors files are read tensor by tensor with positioned reads when each tensor is
+//! written, so exporting never holds more than one tensor's worth of data. They are not
+//! memory-mapped: they belong to the job's owner, who could truncate one while the daemon
+//! reads it, and a mapped read past the new end is a SIGBUS that would end the daemon, where a
+//! positioned read is an error for this publish alone. Llama, Mistral
 //! (without an effective sliding window) and Qwen2 (q/k/v biases) map to llama.cpp's `llama`
 //! architecture, including an explicit `head_dim` and linear or Llama-3.1 RoPE scaling.
 //! Anything this module cannot map exactly (an unknown tensor, YaRN scaling, a sliding
 //! window, a non-SiLU MLP) is refused: a GGUF that loads but computes something else is worse
 //! than an error.
 
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;
-use candle_core::safetensors::MmapedSafetensors;
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
@@ -156,7 +162,7 @@ impl LlamaConfig {
 impl LlamaConfig {
     /// Reads and checks `config.json`.
     pub fn read(path: &Path) -> Result<LlamaConfig, PublishError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PublishError::io("read", path, e))?;
+        let text = super::read_model_text(path).map_err(|e| PublishError::io("read", path, e))?;
         let raw: RawConfig = serde_json::from_str(&text).map_err(|e| PublishError::Config {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -356,7 +362,7 @@ pub struct HfModel {
     pub weights_path: PathBuf,
     /// The checked `config.json`.
     pub config: LlamaConfig,
-    safetensors: MmapedSafetensors,
+    weights: WeightFiles,
     /// GGUF tensors in file order.
     pub tensors: Vec<TensorPlan>,
 }
@@ -391,18 +397,12 @@ impl HfModel {
                     .into(),
             });
         };
-        // SAFETY: the files are only read; the training worker has finished writing them (the
-        // model directory is its final output), so they are not modified while mapped.
-        let safetensors =
-            unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| PublishError::Config {
-                path: weights_path.clone(),
-                reason: format!("not a safetensors file: {e}"),
-            })?;
-        let tensors = plan_tensors(&config, &safetensors, &weights_path, quantization)?;
+        let weights = WeightFiles::open(&files)?;
+        let tensors = plan_tensors(&config, &weights, &weights_path, quantization)?;
         Ok(HfModel {
             weights_path,
             config,
-            safetensors,
+            weights,
             tensors,
         })
     }
@@ -424,9 +424,9 @@ impl HfModel {
                 .map_err(|e| err(e.to_string()));
         }
         let t = self
-            .safetensors
-            .load(&plan.hf_name, &Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
+            .weights
+            .load(&plan.hf_name)?
+            .to_dtype(DType::F32)
             .map_err(|e| err(e.to_string()))?;
         let Some(n_heads) = plan.permute_heads else {
             return Ok(t);
@@ -435,13 +435,136 @@ impl HfModel {
     }
 }
 
+/// Where one tensor's bytes lie in the weight files.
+struct WeightEntry {
+    /// Index into [`WeightFiles::files`].
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte offset of the data in the file.
+    offset: u64,
+    len: usize,
+}
+
+/// The safetensors files of a model, opened once and read with positioned reads.
+struct WeightFiles {
+    files: Vec<(PathBuf, File)>,
+    tensors: BTreeMap<String, WeightEntry>,
+}
+
+/// Safetensors' own limit on the JSON header (`MAX_HEADER_SIZE` in the crate).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+impl WeightFiles {
+    /// Opens each file and reads its header. A file whose length differs from what its header
+    /// describes (truncated, or with trailing bytes) is refused here, before anything is
+    /// written.
+    fn open(paths: &[PathBuf]) -> Result<WeightFiles, PublishError> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut tensors = BTreeMap::new();
+        for path in paths {
+            let bad = |reason: String| PublishError::Config {
+                path: path.clone(),
+                reason,
+            };
+            let file =
+                super::open_model_file(path).map_err(|e| PublishError::io("open", path, e))?;
+            let len = file
+                .metadata()
+                .map_err(|e| PublishError::io("stat", path, e))?
+                .len();
+            let mut prefix = [0u8; 8];
+            read_at(&file, path, &mut prefix, 0)?;
+            let header_len = u64::from_le_bytes(prefix);
+            if header_len > MAX_SAFETENSORS_HEADER || header_len + 8 > len {
+                return Err(bad(format!(
+                    "not a safetensors file: a header of {header_len} bytes in a file of {len}"
+                )));
+            }
+            let mut header = vec![0u8; header_len as usize];
+            read_at(&file, path, &mut header, 8)?;
+            let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+                .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+            let data_start = 8 + header_len;
+            let mut data_end = data_start;
+            for (name, info) in meta.tensors() {
+                let (begin, end) = info.data_offsets;
+                data_end = data_end.max(data_start + end as u64);
+                let entry = WeightEntry {
+                    file: files.len(),
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    offset: data_start + begin as u64,
+                    len: end - begin,
+                };
+                if tensors.insert(name.clone(), entry).is_some() {
+                    return Err(bad(format!("tensor {name} is in more than one shard")));
+                }
+            }
+            if data_end != len {
+                return Err(bad(format!(
+                    "the header describes {data_end} bytes but the file has {len} (truncated or \
+                     still being written?)"
+                )));
+            }
+            files.push((path.clone(), file));
+        }
+        Ok(WeightFiles { files, tensors })
+    }
+
+    /// Reads one tensor in its stored type. A file shortened since [`WeightFiles::open`] gives
+    /// an error naming it.
+    fn load(&self, name: &str) -> Result<Tensor, PublishError> {
+        let Some(entry) = self.tensors.get(name) else {
+            let path = self
+                .files
+                .first()
+                .map(|(p, _)| p.clone())
+                .unwrap_or_default();
+            return Err(PublishError::Tensor {
+                path,
+                name: name.into(),
+                reason: "not in the weight files".into(),
+            });
+        };
+        let (path, file) = &self.files[entry.file];
+        let mut data = vec![0u8; entry.len];
+        read_at(file, path, &mut data, entry.offset)?;
+        let err = |reason: String| PublishError::Tensor {
+            path: path.clone(),
+            name: name.into(),
+            reason,
+        };
+        let view = safetensors::tensor::TensorView::new(entry.dtype, entry.shape.clone(), &data)
+            .map_err(|e| err(e.to_string()))?;
+        view.load(&Device::Cpu).map_err(|e| err(e.to_string()))
+    }
+}
+
+/// `read_exact_at` whose short read says that the file was truncated.
+fn read_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), PublishError> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            PublishError::Config {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "ends before byte {} (truncated while being read?)",
+                    offset + buf.len() as u64
+                ),
+            }
+        } else {
+            PublishError::io("read", path, e)
+        }
+    })
+}
+
 /// The shard files an index names (`weight_map` values), each inside the model directory.
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>, PublishError> {
     let err = |reason: String| PublishError::Config {
         path: index.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(index).map_err(|e| PublishError::io("read", index, e))?;
+    let text = super::read_model_text(index).map_err(|e| PublishError::io("read", index, e))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
     let map = json
         .get("weight_map")
@@ -504,7 +627,7 @@ type Wanted = (String, String, Vec<usize>, bool, Option<usize>);
 
 fn plan_tensors(
     c: &LlamaConfig,
-    st: &MmapedSafetensors,
+    weights: &WeightFiles,
     path: &Path,
     quantization: Quantization,
 ) -> Result<Vec<TensorPlan>, PublishError> {
@@ -515,10 +638,10 @@ fn plan_tensors(
     );
     let q_rows = (c.num_heads * c.head_dim) as usize;
     let kv_rows = (c.num_kv_heads * c.head_dim) as usize;
-    let present: std::collections::BTreeMap<String, Vec<usize>> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name, view.shape().to_vec()))
+    let present: BTreeMap<String, Vec<usize>> = weights
+        .tensors
+        .iter()
+        .map(|(name, entry)| (name.clone(), entry.shape.clone()))
         .collect();
     let mut used = std::collections::BTreeSet::new();
     let mut plans = Vec::new();
@@ -807,6 +930,84 @@ mod tests {
             let e = raw(&format!("{{{BASE},{extra}}}")).unwrap_err();
             assert!(e.contains(why), "{extra}: {e}");
         }
+    }
+
+    /// Two tensors in a safetensors file in a fresh temp dir.
+    fn weights_file() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let a = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let b = Tensor::arange(0f32, 256., &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let tensors: std::collections::HashMap<String, Tensor> =
+            [("a".to_string(), a), ("b".to_string(), b)].into();
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn weight_files_read_each_tensor_in_its_stored_type() {
+        let (_dir, path) = weights_file();
+        let w = WeightFiles::open(std::slice::from_ref(&path)).unwrap();
+        assert_eq!(w.tensors["a"].shape, [2, 3]);
+        let a = w.load("a").unwrap();
+        assert_eq!(a.to_vec2::<f32>().unwrap(), [[0., 1., 2.], [3., 4., 5.]]);
+        let b = w.load("b").unwrap();
+        assert_eq!(b.dtype(), DType::BF16);
+        let b: Vec<f32> = b.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        assert_eq!(b[255], 255.0);
+        let e = w.load("c").unwrap_err().to_string();
+        assert!(e.contains("tensor c: not in the weight files"), "{e}");
+    }
+
+    #[test]
+    fn a_weight_file_truncated_before_or_while_publishing_is_an_error() {
+        // Before: the header describes more bytes than the file has.
+        let (_dir, path) = weights_file();
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 1).unwrap();
+        let e = WeightFiles::open(std::slice::from_ref(&path))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
+        f.set_len(10).unwrap();
+        let e = WeightFiles::open(std::slice::from_ref(&path))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not a safetensors file"), "{e}");
+
+        // While: the owner truncates it after it was opened. A mapped file would read zeros
+        // up to the end of the last page and end this process with SIGBUS beyond it.
+        let (_dir, path) = weights_file();
+        let w = WeightFiles::open(std::slice::from_ref(&path)).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+        let e = w.load("b").unwrap_err().to_string();
+        assert!(e.contains("truncated while being read"), "{e}");
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_the_weights_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = WeightFiles::open(std::slice::from_ref(&path))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 
     #[test]

@@ -76,6 +76,31 @@ impl PublishError {
     }
 }
 
+/// Opens a file of the model directory for reading. It never blocks on a FIFO and refuses
+/// anything but a regular file. Links are followed: a root daemon reads with the owner's
+/// rights ([`PublishRequest::read_as`]), and Hugging Face caches link files to blobs.
+pub(crate) fn open_model_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
+/// Reads a text file of the model directory (see [`open_model_file`]).
+pub(crate) fn read_model_text(path: &Path) -> std::io::Result<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut open_model_file(path)?, &mut text)?;
+    Ok(text)
+}
+
 /// What to publish and where.
 #[derive(Debug, Clone, Copy)]
 pub struct PublishRequest<'a> {

@@ -215,19 +215,21 @@ fn config_token(cfg: &Json, key: &str) -> Option<String> {
 /// Reads `tokenizer.json` (and `tokenizer_config.json` when present) from `dir`.
 pub fn read_tokenizer(dir: &Path, config: &LlamaConfig) -> Result<GgufTokenizer, PublishError> {
     let path = dir.join("tokenizer.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| PublishError::io("read", &path, e))?;
+    let text = super::read_model_text(&path).map_err(|e| PublishError::io("read", &path, e))?;
     // Parse it with the real library too: a file it rejects is not a tokenizer the model was
     // trained with, whatever its JSON says.
-    tokenizers::Tokenizer::from_file(&path).map_err(|e| PublishError::Config {
-        path: path.clone(),
-        reason: format!("the tokenizers library cannot load it: {e}"),
+    <tokenizers::Tokenizer as std::str::FromStr>::from_str(&text).map_err(|e| {
+        PublishError::Config {
+            path: path.clone(),
+            reason: format!("the tokenizers library cannot load it: {e}"),
+        }
     })?;
     let json: Json = serde_json::from_str(&text).map_err(|e| PublishError::Config {
         path: path.clone(),
         reason: e.to_string(),
     })?;
     let cfg_path = dir.join("tokenizer_config.json");
-    let tok_cfg: Json = match std::fs::read_to_string(&cfg_path) {
+    let tok_cfg: Json = match super::read_model_text(&cfg_path) {
         Ok(t) => serde_json::from_str(&t).map_err(|e| PublishError::Config {
             path: cfg_path.clone(),
             reason: e.to_string(),
