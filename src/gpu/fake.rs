@@ -20,6 +20,21 @@ struct FakeFile {
     gpu: Vec<FakeGpu>,
 }
 
+impl FakeFile {
+    /// The same checks as `fake:` sizes on the command line.
+    fn checked(self) -> Result<FakeFile, String> {
+        for (i, g) in self.gpu.iter().enumerate() {
+            if g.total.0 == 0 || g.foreign > g.total {
+                return Err(format!(
+                    "gpu {i}: total ({}) must be > 0 and ≥ foreign use ({})",
+                    g.total, g.foreign
+                ));
+            }
+        }
+        Ok(self)
+    }
+}
+
 impl FakeInventory {
     pub fn fixed(gpus: Vec<FakeGpu>) -> Self {
         FakeInventory {
@@ -41,6 +56,7 @@ impl FakeInventory {
             Some(path) => match std::fs::read_to_string(path)
                 .map_err(|e| e.to_string())
                 .and_then(|t| toml::from_str::<FakeFile>(&t).map_err(|e| e.to_string()))
+                .and_then(FakeFile::checked)
             {
                 Ok(f) => (f.gpu, None),
                 Err(e) => (
@@ -68,6 +84,34 @@ impl FakeInventory {
                     utilization_percent: None,
                 })
                 .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot_of(text: &str) -> Snapshot {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gpus.toml");
+        std::fs::write(&path, text).unwrap();
+        FakeInventory::file(path).snapshot()
+    }
+
+    #[test]
+    fn a_fake_file_is_checked_like_the_command_line() {
+        let s = snapshot_of("[[gpu]]\ntotal = \"24GiB\"\nforeign = \"2GiB\"\n");
+        assert_eq!(s.gpus.len(), 1);
+        assert_eq!(s.gpus[0].free_bytes, Some(22 << 30));
+        for bad in [
+            "[[gpu]]\ntotal = \"0B\"\n",
+            "[[gpu]]\ntotal = \"8GiB\"\nforeign = \"9GiB\"\n",
+        ] {
+            let s = snapshot_of(bad);
+            assert!(s.gpus.is_empty(), "{bad}");
+            let note = s.note.unwrap();
+            assert!(note.contains("gpu 0: total"), "{note}");
         }
     }
 }

@@ -49,6 +49,11 @@ pub enum ProcError {
         program: String,
         source: std::io::Error,
     },
+    #[error(
+        "cannot start {program}: its arguments and environment ({bytes} bytes) exceed the \
+         system's limit (ARG_MAX, and 128 KiB for any one of them); pass large inputs in a file"
+    )]
+    TooLong { program: String, bytes: usize },
     #[error("unknown user {0:?}: jobs run as their owner, who needs an account on this machine")]
     UnknownUser(String),
     #[error("cannot look up user {user:?}: {source}")]
@@ -129,6 +134,7 @@ pub fn supervise(status: &Path, attempt: u32, program: &OsStr, args: &[OsString]
             attempt,
             code,
             signal,
+            ended_at: Some(crate::spec::now_ms()),
         };
         let bytes = serde_json::to_vec(&st).unwrap_or_default();
         if let Err(e) = crate::jobfs::write_atomic(status, &bytes, None) {
@@ -182,6 +188,9 @@ pub struct SpawnRequest {
     pub stderr: PathBuf,
     /// Run as this account (only when the daemon is root); `None` runs as the daemon.
     pub run_as: Option<RunAs>,
+    /// The job's own program when `program` is its supervisor (`jobd run-command`): named
+    /// instead of jobd when the job's arguments and environment are too long to start.
+    pub supervised: Option<String>,
 }
 
 /// Handle to a supervised child; cheap to clone.
@@ -269,6 +278,18 @@ pub fn spawn(
                     source: std::io::Error::other("not a directory"),
                 },
                 Ok(_) => match &req.run_as {
+                    _ if source.raw_os_error() == Some(nix::libc::E2BIG) => ProcError::TooLong {
+                        program: req
+                            .supervised
+                            .clone()
+                            .unwrap_or_else(|| req.program.clone()),
+                        bytes: req
+                            .args
+                            .iter()
+                            .chain(req.env.iter().flat_map(|(k, v)| [k, v]))
+                            .map(|a| a.len() + 1)
+                            .sum(),
+                    },
                     Some(r) => ProcError::SpawnAs {
                         program: req.program.clone(),
                         user: r.user.clone(),
@@ -427,6 +448,7 @@ mod tests {
             stdout: dir.join("out"),
             stderr: dir.join("err"),
             run_as: None,
+            supervised: None,
         }
     }
 
@@ -466,6 +488,21 @@ mod tests {
         r.program = "/no/such/program".into();
         let e = spawn(r, |_| {}).unwrap_err().to_string();
         assert!(e.starts_with("cannot start /no/such/program"), "{e}");
+    }
+
+    /// A job whose arguments exceed exec's limits is told so, naming its own program rather
+    /// than the supervisor that jobd starts it under.
+    #[tokio::test]
+    async fn arguments_too_long_name_the_jobs_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = req(dir.path(), &"x".repeat(200 * 1024));
+        r.supervised = Some("train.py".into());
+        let e = spawn(r, |_| {}).unwrap_err().to_string();
+        assert!(
+            e.starts_with("cannot start train.py: its arguments and environment")
+                && e.contains("pass large inputs in a file"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -447,6 +447,8 @@ pub struct Scheduler {
     shared: Arc<Shared>,
     gpus: Snapshot,
     gpus_at: Instant,
+    /// `allowed_gpus` entries that selected no GPU at the last refresh (warned once a change).
+    unmatched_allowed: Vec<String>,
     usage: usage::Ledger,
     waiting: HashMap<JobId, Waiting>,
     shutting_down: Option<oneshot::Sender<()>>,
@@ -496,6 +498,7 @@ impl Scheduler {
             shared: shared.clone(),
             gpus,
             gpus_at: Instant::now(),
+            unmatched_allowed: Vec::new(),
             waiting: HashMap::new(),
             shutting_down: None,
             publishing: HashSet::new(),
@@ -507,6 +510,7 @@ impl Scheduler {
         for job in s.jobs.values() {
             s.usage.record_finished(job);
         }
+        s.warn_unmatched_allowed();
         recovery::recover(&mut s).await?;
         s.schedules = s
             .store
@@ -647,7 +651,7 @@ impl Scheduler {
                 reply(tx, r)
             }
             Msg::Exited { id, attempt, exit } => {
-                self.exited(id, attempt, exit);
+                self.exited(id, attempt, exit, now_ms());
                 None
             }
             Msg::Published {
@@ -923,7 +927,9 @@ impl Scheduler {
         )?)
     }
 
-    fn exited(&mut self, id: JobId, attempt: u32, exit: ExitInfo) {
+    /// Records the end of a job's attempt `attempt` at `ended_at` (Unix ms; earlier than now
+    /// when recovery learns of a command that ended while jobd was down).
+    fn exited(&mut self, id: JobId, attempt: u32, exit: ExitInfo, ended_at: Millis) {
         let Some(rec) = self.jobs.get(&id) else {
             return;
         };
@@ -931,7 +937,7 @@ impl Scheduler {
             return;
         }
         self.children.remove(&id);
-        let now = now_ms();
+        let now = ended_at;
         let gpus = rec.placement.as_ref().map_or(0, |p| p.gpus.len());
         let seconds = gpus as f64
             * rec
@@ -1349,6 +1355,23 @@ impl Scheduler {
             .inventory
             .snapshot(&|pid| crate::gpu::pid_in_groups(pid, &pgids));
         self.gpus_at = Instant::now();
+        self.warn_unmatched_allowed();
+    }
+
+    /// Warns when `allowed_gpus` names a GPU the inventory does not have (a typo, or a card
+    /// that fell off the bus), once each time that set changes.
+    fn warn_unmatched_allowed(&mut self) {
+        let unmatched = plan::unmatched_selectors(&self.settings.policy, &self.gpus.gpus);
+        if unmatched != self.unmatched_allowed {
+            if !unmatched.is_empty() {
+                warn!(
+                    allowed_gpus = %unmatched.join(", "),
+                    gpus = self.gpus.gpus.len(),
+                    "scheduler.allowed_gpus names GPUs this machine does not have; they are ignored"
+                );
+            }
+            self.unmatched_allowed = unmatched;
+        }
     }
 
     /// Runs `plan` and applies its decisions until nothing more changes.

@@ -216,6 +216,15 @@ struct GpuRoom<'a> {
     held_for: Option<JobId>,
 }
 
+/// The `allowed_gpus` entries that select none of `gpus`, as written.
+pub(super) fn unmatched_selectors(cfg: &SchedulerConfig, gpus: &[GpuInfo]) -> Vec<String> {
+    cfg.allowed_gpus
+        .iter()
+        .filter(|s| !gpus.iter().any(|g| selects(s, g)))
+        .map(ToString::to_string)
+        .collect()
+}
+
 fn selects(sel: &GpuSelector, g: &GpuInfo) -> bool {
     match sel {
         GpuSelector::Index(i) => *i == g.index,

@@ -17,7 +17,7 @@ use super::Scheduler;
 use crate::proc;
 use crate::spec::contract::{ENV_JOB_DIR, ExitStatus, files};
 use crate::spec::record::{ExitInfo, ProcessInfo};
-use crate::spec::{JobId, JobKind, JobState};
+use crate::spec::{JobId, JobKind, JobState, Millis, now_ms};
 use crate::store::StoreError;
 
 pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
@@ -56,7 +56,7 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
         // A command that ended while jobd was down left its outcome behind (`jobd
         // run-command`): record it as if jobd had seen it, rather than running it again.
         let ended = state == JobState::Running && !stopped.contains_key(&id);
-        if let Some(exit) = ended.then(|| ended_meanwhile(s, id)).flatten() {
+        if let Some((exit, ended_at)) = ended.then(|| ended_meanwhile(s, id)).flatten() {
             s.apply(
                 id,
                 None,
@@ -64,7 +64,7 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
                 &|_| {},
             )?;
             let attempt = s.jobs[&id].attempts;
-            s.exited(id, attempt, exit);
+            s.exited(id, attempt, exit, ended_at);
             info!(
                 job_id = id,
                 "recovered an outcome recorded while jobd was down"
@@ -86,7 +86,7 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
                         r.stop = None;
                     },
                 )?;
-                let again = if s.jobs[&id].kind == crate::spec::JobKind::Command {
+                let again = if s.jobs[&id].kind == JobKind::Command {
                     "requeued after daemon restart; its command runs again from the start"
                 } else {
                     "requeued after daemon restart; resumes from its last checkpoint"
@@ -104,8 +104,9 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The outcome `jobd run-command` recorded for a command job's current attempt, if any.
-fn ended_meanwhile(s: &Scheduler, id: JobId) -> Option<ExitInfo> {
+/// The outcome `jobd run-command` recorded for a command job's current attempt, if any, and
+/// when the command ended (now, if the file does not say; never before the job started).
+fn ended_meanwhile(s: &Scheduler, id: JobId) -> Option<(ExitInfo, Millis)> {
     let rec = s.jobs.get(&id)?;
     if rec.kind != JobKind::Command {
         return None;
@@ -113,10 +114,17 @@ fn ended_meanwhile(s: &Scheduler, id: JobId) -> Option<ExitInfo> {
     let path = rec.dir(&s.settings.jobs_dir).join(files::EXIT_STATUS);
     let status: ExitStatus =
         serde_json::from_slice(&crate::jobfs::read_regular(&path).ok()?).ok()?;
-    (status.attempt == rec.attempts).then_some(ExitInfo {
-        code: status.code,
-        signal: status.signal,
-    })
+    let now = now_ms();
+    let ended_at = status
+        .ended_at
+        .map_or(now, |t| t.clamp(rec.started_at.unwrap_or(t), now));
+    (status.attempt == rec.attempts).then_some((
+        ExitInfo {
+            code: status.code,
+            signal: status.signal,
+        },
+        ended_at,
+    ))
 }
 
 fn join(pids: &[i32]) -> String {

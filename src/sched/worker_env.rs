@@ -101,6 +101,12 @@ pub fn prepare(
             env.push((var.into(), n.to_string()));
         }
     }
+    let supervised = rec
+        .spec
+        .command
+        .as_ref()
+        .and_then(|c| c.argv.first().cloned())
+        .filter(|_| rec.kind == JobKind::Command);
     let (program, args, cwd, path) = match (rec.kind, &rec.spec.command) {
         (JobKind::Command, Some(cmd)) => {
             for (k, v) in &cmd.env {
@@ -148,6 +154,7 @@ pub fn prepare(
         stdout: dir.join(files::STDOUT),
         stderr: dir.join(files::STDERR),
         run_as,
+        supervised,
     })
 }
 

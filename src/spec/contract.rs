@@ -71,6 +71,9 @@ pub struct ExitStatus {
     pub code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
+    /// When it ended (Unix ms). Absent in files written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<super::Millis>,
 }
 
 /// Progress a worker reports in `progress.json` (replaced atomically), read by the daemon.

@@ -192,12 +192,19 @@ fn a_command_that_ended_while_jobd_was_down_is_not_run_again() {
     wait_for("both commands to end", Duration::from_secs(20), || {
         std::fs::read_to_string(&runs).is_ok_and(|t| t.lines().count() == 2)
     });
-    std::thread::sleep(Duration::from_millis(300));
+    let ended = jobd::spec::now_ms();
+    std::thread::sleep(Duration::from_millis(2000));
     d.restart();
     d.wait_state(ok, JobState::Succeeded, Duration::from_secs(20));
     d.wait_state(bad, JobState::Failed, Duration::from_secs(20));
     let rec = d.job(bad).record;
     assert_eq!(rec.exit.and_then(|e| e.code), Some(3));
+    // Finished when the command ended, not when jobd came back 2 s later.
+    let finished = rec.finished_at.unwrap();
+    assert!(
+        finished <= ended + 500 && finished >= rec.started_at.unwrap(),
+        "finished {finished}, ended by {ended}"
+    );
     assert_eq!(rec.attempts, 1, "{:#?}", d.events(bad));
     assert!(
         d.events(ok)

@@ -453,3 +453,33 @@ fn an_idle_daemon_keeps_the_gpu_view_fresh() {
         stdout(&d.jobctl(&["gpus"])).contains("7GiB")
     });
 }
+
+/// `allowed_gpus` keeps jobs off the other cards, and an entry naming a GPU the machine does
+/// not have is logged once (it used to be ignored without a word).
+#[test]
+fn allowed_gpus_confine_jobs_and_a_missing_one_is_warned_about() {
+    let d = TestDaemon::start_with_config(
+        &["--gpus", "fake:24GiB,24GiB"],
+        "[scheduler]\nallowed_gpus = [1, 7]\ngpu_refresh = \"1s\"\n",
+    );
+    let a = gpu_job(&d, "a", "4GiB", 0, "sleep 30");
+    let b = gpu_job(&d, "b", "4GiB", 0, "sleep 30");
+    d.wait_state(a, JobState::Running, Duration::from_secs(10));
+    d.wait_state(b, JobState::Running, Duration::from_secs(10));
+    for id in [a, b] {
+        assert_eq!(d.job(id).record.placement.unwrap().gpus[0].index, 1);
+    }
+    // Several refreshes later, still one warning.
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = d.log();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("allowed_gpus names GPUs this machine does not have"))
+        .collect::<Vec<_>>();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(
+        warned[0].contains('7') && !warned[0].contains("1, "),
+        "{}",
+        warned[0]
+    );
+}
