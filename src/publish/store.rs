@@ -198,9 +198,15 @@ pub struct Store {
     /// systemd service runs as `ollama`, which must be able to delete what we create).
     owner: Option<(u32, u32)>,
     staging: PathBuf,
-    /// Blobs this publish created, removed again if it fails before the manifest is written.
-    created_blobs: Vec<PathBuf>,
-    committed: bool,
+    /// Complete blobs waiting in the staging directory for the commit.
+    pending: Vec<PendingBlob>,
+}
+
+/// A staged blob and where it goes.
+struct PendingBlob {
+    staged: StagedFile,
+    dest: PathBuf,
+    size: u64,
 }
 
 fn io_at<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PublishError + 'a {
@@ -244,8 +250,7 @@ impl Store {
             root: root.to_path_buf(),
             owner,
             staging,
-            created_blobs: Vec::new(),
-            committed: false,
+            pending: Vec::new(),
         };
         for sub in ["blobs", "manifests", STAGING_DIR] {
             store
@@ -312,8 +317,9 @@ impl Store {
         blob_path(&self.root, digest)
     }
 
-    /// Moves a complete staged blob into `blobs/` under its digest. An existing blob with the
-    /// same digest and size is kept (same bytes): re-publishing writes nothing new.
+    /// Keeps a complete staged blob, hashed as `digest`, for [`Store::commit`] to move into
+    /// `blobs/`. Nothing in `blobs/` changes before the commit, so a publish that fails never
+    /// removes or replaces a blob that another publish's manifest uses.
     pub(crate) fn add_blob(
         &mut self,
         staged: StagedFile,
@@ -321,26 +327,29 @@ impl Store {
         size: u64,
     ) -> Result<(), PublishError> {
         let dest = self.blob_path(digest)?;
-        if let Ok(m) = fs::symlink_metadata(&dest)
-            && m.is_file()
-            && m.len() == size
-        {
-            tracing::debug!(target: "publish", blob = %dest.display(), "blob already present");
-            return Ok(());
+        if self.pending.iter().all(|b| b.dest != dest) {
+            self.pending.push(PendingBlob { staged, dest, size });
         }
-        let staged_path = staged.path().to_path_buf();
-        self.chown(&staged_path)
-            .map_err(io_at("change the owner of", &staged_path))?;
-        staged
-            .persist(&dest)
-            .map_err(io_at("move into place", &dest))?;
-        self.created_blobs.push(dest);
         Ok(())
     }
 
     /// Stores `bytes` as a blob and returns its layer entry.
     pub fn add_bytes(&mut self, media_type: &str, bytes: &[u8]) -> Result<Layer, PublishError> {
         let digest = digest_of(bytes);
+        let size = bytes.len() as u64;
+        let layer = Layer {
+            media_type: media_type.to_string(),
+            digest: digest.clone(),
+            size,
+            from: None,
+            name: None,
+        };
+        let dest = self.blob_path(&digest)?;
+        if self.pending.iter().any(|b| b.dest == dest) {
+            // The same bytes as another layer of this publish (a system prompt equal to the
+            // template, say): one blob serves both.
+            return Ok(layer);
+        }
         let staged = self
             .stage(&format!("layer-{}", &digest[7..19]))
             .map_err(io_at("create a file in", &self.staging))?;
@@ -348,31 +357,75 @@ impl Store {
         (&mut staged.file.as_ref().expect("open"))
             .write_all(bytes)
             .map_err(io_at("write", &path))?;
-        let size = bytes.len() as u64;
         self.add_blob(staged, &digest, size)?;
-        Ok(Layer {
-            media_type: media_type.to_string(),
-            digest,
-            size,
-            from: None,
-            name: None,
-        })
+        Ok(layer)
     }
 
-    /// Writes the manifest for `name` atomically (staged, fsynced, renamed over any old one)
-    /// and then removes blobs only the replaced manifest used. Returns the manifest digest.
+    /// Moves the staged blobs into `blobs/`, writes the manifest for `name` atomically
+    /// (staged, fsynced, renamed over any old one) and then removes blobs only the replaced
+    /// manifest used. Returns the manifest digest.
+    ///
+    /// Commits in this store are serialised by a lock on `manifests/` (a directory, so no lock
+    /// file is left behind), and every change to `blobs/` happens under it: another publish's
+    /// clean-up cannot delete a blob between its move here and this manifest referencing it.
+    /// A staged blob always replaces a file of the same name: its bytes were hashed as they
+    /// were written, whereas the old file may have been damaged since. Ollama itself never
+    /// takes the lock; it only reads.
     pub fn commit(
         &mut self,
         name: &ModelName,
         manifest: &Manifest,
     ) -> Result<String, PublishError> {
-        // Commits in this store are serialised by a lock on manifests/ (a directory, so no
-        // lock file is left behind): another publish's clean-up cannot delete a blob between
-        // the check below and this manifest referencing it. Ollama itself never takes it.
         let manifests = self.root.join("manifests");
         let dir_handle = File::open(&manifests).map_err(io_at("open", &manifests))?;
         let _lock = nix::fcntl::Flock::lock(dir_handle, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, errno)| PublishError::io("lock", &manifests, io::Error::from(errno)))?;
+        let mut moved_new = Vec::new();
+        let result = self.commit_locked(name, manifest, &mut moved_new);
+        if result.is_err() {
+            // Still under the lock: no other manifest can have come to use a blob that was not
+            // there before this commit.
+            for blob in moved_new {
+                let _ = fs::remove_file(blob);
+            }
+        }
+        result
+    }
+
+    fn commit_locked(
+        &mut self,
+        name: &ModelName,
+        manifest: &Manifest,
+        moved_new: &mut Vec<PathBuf>,
+    ) -> Result<String, PublishError> {
+        for blob in std::mem::take(&mut self.pending) {
+            let PendingBlob { staged, dest, size } = blob;
+            let staged_path = staged.path().to_path_buf();
+            let len = staged
+                .file()
+                .metadata()
+                .map_err(io_at("check", &staged_path))?
+                .len();
+            if len != size {
+                return Err(PublishError::Manifest {
+                    path: staged_path,
+                    reason: format!("staged blob is {len} bytes, expected {size}"),
+                });
+            }
+            self.chown(&staged_path)
+                .map_err(io_at("change the owner of", &staged_path))?;
+            let existed = fs::symlink_metadata(&dest).is_ok();
+            staged
+                .persist(&dest)
+                .map_err(io_at("move into place", &dest))?;
+            if !existed {
+                moved_new.push(dest);
+            }
+        }
+        if let Ok(d) = File::open(self.root.join("blobs")) {
+            // The blobs' renames are durable before the manifest that names them.
+            let _ = d.sync_all();
+        }
         for layer in manifest.layers.iter().chain([&manifest.config]) {
             let path = self.blob_path(&layer.digest)?;
             let size = fs::metadata(&path).map_err(io_at("check", &path))?.len();
@@ -407,7 +460,6 @@ impl Store {
             // Make the rename durable before reporting success.
             let _ = d.sync_all();
         }
-        self.committed = true;
         if let Some(old) = old {
             self.remove_unreferenced(&old, manifest);
         }
@@ -450,11 +502,8 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        if !self.committed {
-            for blob in &self.created_blobs {
-                let _ = fs::remove_file(blob);
-            }
-        }
+        // Blobs not committed are still staged: removing the staging directory removes them.
+        self.pending.clear();
         let _ = fs::remove_dir_all(&self.staging);
         // Succeeds only when no other publish is staging.
         let _ = fs::remove_dir(self.root.join(STAGING_DIR));
