@@ -405,8 +405,10 @@ const TEMPLATE_FUNCS: [&str; 22] = [
 
 /// Checks a Go `text/template` source the way Ollama's parser would reject it: unterminated
 /// actions, strings or comments, unbalanced `if`/`range`/`with`/`define`/`block` and `end`,
-/// `else` outside a block, unbalanced parentheses and calls to functions Ollama does not
-/// define. It is a structural check, not a full Go parser.
+/// `else` outside a block, unbalanced parentheses, calls to functions Ollama does not define
+/// and variables used outside their scope (Go's parser: a variable lives until the `end` of
+/// the control structure it is declared in, `define`/`block` bodies start with only `$`). It
+/// is a structural check, not a full Go parser.
 pub fn check_template(src: &str) -> Result<(), String> {
     #[derive(PartialEq)]
     enum Block {
@@ -415,7 +417,9 @@ pub fn check_template(src: &str) -> Result<(), String> {
         With,
         Define,
     }
-    let mut stack: Vec<(Block, usize)> = Vec::new();
+    // Each open block remembers the variables in scope before it.
+    let mut stack: Vec<(Block, usize, Vec<String>)> = Vec::new();
+    let mut vars: Vec<String> = vec!["$".into()];
     let mut rest = src;
     let mut offset = 0usize;
     let line_of = |at: usize| src[..at].matches('\n').count() + 1;
@@ -436,21 +440,34 @@ pub fn check_template(src: &str) -> Result<(), String> {
             let first = words.first().map(String::as_str).unwrap_or("");
             match first {
                 "" => return Err(format!("{at}: empty action {{{{}}}}")),
-                "if" => stack.push((Block::If, start)),
-                "range" => stack.push((Block::Range, start)),
-                "with" => stack.push((Block::With, start)),
-                "define" | "block" => stack.push((Block::Define, start)),
+                "if" => stack.push((Block::If, start, vars.clone())),
+                "range" => stack.push((Block::Range, start, vars.clone())),
+                "with" => stack.push((Block::With, start, vars.clone())),
+                "define" | "block" => {
+                    // `block` evaluates its pipeline here, then its body is a new template.
+                    if first == "block" {
+                        check_variables(&words, &mut vars).map_err(|e| format!("{at}: {e}"))?;
+                    }
+                    stack.push((Block::Define, start, vars.clone()));
+                    vars = vec!["$".into()];
+                }
                 "else" => match stack.last() {
-                    Some((Block::If | Block::Range | Block::With, _)) => {}
+                    Some((Block::If | Block::Range | Block::With, _, _)) => {}
                     _ => return Err(format!("{at}: {{{{ else }}}} outside if/range/with")),
                 },
-                "end" if stack.pop().is_none() => {
-                    return Err(format!("{at}: {{{{ end }}}} without an opening action"));
-                }
-                "break" | "continue" if !stack.iter().any(|(b, _)| *b == Block::Range) => {
+                "end" => match stack.pop() {
+                    Some((_, _, before)) => vars = before,
+                    None => {
+                        return Err(format!("{at}: {{{{ end }}}} without an opening action"));
+                    }
+                },
+                "break" | "continue" if !stack.iter().any(|(b, _, _)| *b == Block::Range) => {
                     return Err(format!("{at}: {{{{ {first} }}}} outside range"));
                 }
                 _ => {}
+            }
+            if !matches!(first, "define" | "block") {
+                check_variables(&words, &mut vars).map_err(|e| format!("{at}: {e}"))?;
             }
             for w in &words {
                 let is_ident = w.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
@@ -478,13 +495,51 @@ pub fn check_template(src: &str) -> Result<(), String> {
         offset += advance;
         rest = &rest[advance..];
     }
-    if let Some((_, start)) = stack.last() {
+    if let Some((_, start, _)) = stack.last() {
         return Err(format!(
             "line {}: {:?} has no matching {{{{ end }}}}",
             line_of(*start),
             snippet(&src[*start..])
         ));
     }
+    Ok(())
+}
+
+/// Checks that every variable an action uses is in scope, then adds the ones it declares
+/// (`$x := …`, `range $i, $m := …`). `$x = …` assigns, so `$x` must exist already.
+fn check_variables(words: &[String], vars: &mut Vec<String>) -> Result<(), String> {
+    // `$x:=1` is one word to the tokenizer; split it as Go's lexer would.
+    let mut split: Vec<&str> = Vec::new();
+    for w in words {
+        match w.starts_with('$').then(|| w.find(":=")).flatten() {
+            Some(i) if i > 0 => {
+                split.push(&w[..i]);
+                split.push(":=");
+                if i + 2 < w.len() {
+                    split.push(&w[i + 2..]);
+                }
+            }
+            _ => split.push(w),
+        }
+    }
+    let declares = split.iter().position(|w| *w == ":=");
+    let mut declared = Vec::new();
+    for (i, w) in split.iter().enumerate() {
+        if !w.starts_with('$') {
+            continue;
+        }
+        // `$m.Content` uses `$m`; `$.Messages` uses `$`.
+        let name = match w[1..].find('.') {
+            Some(dot) => &w[..dot + 1],
+            None => w,
+        };
+        if declares.is_some_and(|d| i < d) {
+            declared.push(name.to_string());
+        } else if !vars.iter().any(|v| v == name) {
+            return Err(format!("undefined variable {name:?}"));
+        }
+    }
+    vars.extend(declared);
     Ok(())
 }
 
@@ -759,6 +814,15 @@ mod tests {
         )
         .unwrap();
         check_template("{{ printf `%q` .Prompt | print }}").unwrap();
+        // Variables in scope, as in Ollama's llama3.1 template with tools.
+        check_template(
+            "{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}{{ if $last }}{{ $_.Content }}{{ end }}{{ end }}",
+        )
+        .unwrap();
+        check_template("{{ $x := 1 }}{{ $x = 2 }}{{ if $y:=.System }}{{ $y }}{{ else }}{{ $y }}{{ end }}{{ $x }}")
+            .unwrap();
+        check_template("{{ define \"t\" }}{{ $ }}{{ $.Prompt }}{{ end }}{{ template \"t\" . }}")
+            .unwrap();
     }
 
     #[test]
@@ -777,6 +841,15 @@ mod tests {
             ("{{ }}", "empty action"),
             ("{{ break }}", "outside range"),
             ("{{/* open", "unclosed comment"),
+            // Found by QA: published, then Ollama failed to parse it.
+            (
+                "{{ range $i, $m := .Messages }}{{ $m.Content }}{{ end }}{{ $m.Role }}",
+                "undefined variable \"$m\"",
+            ),
+            ("{{ $y }}", "undefined variable \"$y\""),
+            ("{{ if true }}{{ $a := 1 }}{{ end }}{{ $a }}", "\"$a\""),
+            ("{{ $z = 1 }}", "\"$z\""),
+            ("{{ $x := 1 }}{{ define \"t\" }}{{ $x }}{{ end }}", "\"$x\""),
         ] {
             let e = check_template(bad).unwrap_err();
             assert!(e.contains(why), "{bad:?}: {e}");
