@@ -21,7 +21,7 @@ use crate::spec::api::{
     PriorityRequest, QueueQuery, QueueResponse, QueueSort, SortOrder, SubmitRequest,
 };
 use crate::spec::contract::files;
-use crate::spec::job::parse_and_resolve;
+use crate::spec::job::parse_and_resolve_with;
 use crate::spec::{Caller, JobId, JobKind, JobRecord, JobSpec, JobState};
 
 /// A job id from the URL, with a clear error for anything else.
@@ -125,7 +125,7 @@ pub(super) fn submission(req: SubmitRequest) -> Result<Submission, ApiError> {
             || "job.toml".to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
-    let spec = parse_and_resolve(&origin, &req.toml, &base)?;
+    let spec = parse_and_resolve_with(&origin, &req.toml, &base, &crate::publish::base_issues)?;
     let stem = req
         .source_path
         .as_deref()

@@ -8,7 +8,7 @@ use clap::Args;
 use super::Output;
 use crate::client::Client;
 use crate::spec::api::{JobView, SubmitRequest};
-use crate::spec::job::parse_and_resolve;
+use crate::spec::job::parse_and_resolve_with;
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
@@ -36,7 +36,7 @@ pub fn load(file: &Path) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/"));
     let origin = file.display().to_string();
-    let spec = parse_and_resolve(&origin, &text, &base_dir)
+    let spec = parse_and_resolve_with(&origin, &text, &base_dir, &crate::publish::base_issues)
         .map_err(|e| anyhow::anyhow!("invalid job file:\n{e}"))?;
     Ok((
         SubmitRequest {

@@ -101,6 +101,59 @@ pub(crate) fn read_model_text(path: &Path) -> std::io::Result<String> {
     Ok(text)
 }
 
+/// Problems that would make a train job's `[publish]` fail only after its training: the base
+/// model's `config.json` or `tokenizer.json` cannot be represented in GGUF, or its weights'
+/// dimensions do not fit the chosen quantization. The trained model keeps the base's config
+/// and tokenizer, so these are known at submit time. Paths must be resolved and checked
+/// (`JobSpec::check_paths`) first.
+pub fn base_issues(spec: &crate::spec::JobSpec) -> Vec<crate::spec::toml_source::Issue> {
+    use crate::spec::toml_source::Issue;
+    let (Some(publish), Some(model)) = (&spec.publish, &spec.model) else {
+        return Vec::new();
+    };
+    let Some(base) = model
+        .base
+        .as_deref()
+        .filter(|b| !crate::spec::train::is_previous(b))
+    else {
+        return Vec::new();
+    };
+    let after = "the job would train and then fail to publish: fix the base model or leave \
+                 out [publish]";
+    let config = match hf::LlamaConfig::read(&base.join("config.json")) {
+        Ok(c) => c,
+        Err(e) => return vec![Issue::new("model.base", format!("{e}; {after}"))],
+    };
+    if let Err(e) = tokenizer::read_tokenizer(base, &config) {
+        return vec![Issue::new("model.base", format!("{e}; {after}"))];
+    }
+    let block = publish.quantization.block_elements() as u32;
+    let inputs = [
+        ("hidden_size", config.hidden_size),
+        ("intermediate_size", config.intermediate_size),
+        (
+            "num_attention_heads × head_dim",
+            config.num_heads * config.head_dim,
+        ),
+    ];
+    inputs
+        .into_iter()
+        .find(|(_, d)| d % block != 0)
+        .map(|(what, d)| {
+            Issue::new(
+                "publish.quantization",
+                format!(
+                    "{} needs every weight's input dimension to be a multiple of {block}, but \
+                     the base model's {what} is {d}: choose f16 or f32{}",
+                    publish.quantization,
+                    if d % 32 == 0 { " (or q8_0, q4_0)" } else { "" }
+                ),
+            )
+        })
+        .into_iter()
+        .collect()
+}
+
 /// What to publish and where.
 #[derive(Debug, Clone, Copy)]
 pub struct PublishRequest<'a> {

@@ -290,9 +290,23 @@ pub fn parse_and_resolve(
     text: &str,
     base_dir: &Path,
 ) -> Result<JobSpec, SourceError> {
+    parse_and_resolve_with(origin, text, base_dir, &|_| Vec::new())
+}
+
+/// [`parse_and_resolve`], with `more` checks of the files the job names that layers above
+/// this one own (such as whether a base model can be published), located like the others.
+pub fn parse_and_resolve_with(
+    origin: &str,
+    text: &str,
+    base_dir: &Path,
+    more: &dyn Fn(&JobSpec) -> Vec<Issue>,
+) -> Result<JobSpec, SourceError> {
     let mut spec = parse(origin, text)?;
     spec.resolve_paths(base_dir);
-    let issues = spec.check_paths();
+    let mut issues = spec.check_paths();
+    if issues.is_empty() {
+        issues = more(&spec);
+    }
     if issues.is_empty() {
         Ok(spec)
     } else {

@@ -149,6 +149,57 @@ ollama_name = "jobd/tiny-lora:latest"
         ),
     )
     .unwrap();
+    // A base whose tokenizer GGUF cannot represent is refused before training, by both
+    // `jobctl validate` and the daemon (it used to train, then fail to publish).
+    let odd = dir.path().join("odd-base");
+    std::fs::create_dir(&odd).unwrap();
+    for e in std::fs::read_dir(base).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), odd.join(e.file_name())).unwrap();
+        }
+    }
+    let tok_path = odd.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&tok_path).unwrap()).unwrap();
+    tok["normalizer"] = serde_json::json!({"type": "NFC"});
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let odd_job = dir.path().join("odd.toml");
+    std::fs::write(
+        &odd_job,
+        std::fs::read_to_string(&job)
+            .unwrap()
+            .replace(&base.display().to_string(), &odd.display().to_string()),
+    )
+    .unwrap();
+    for cmd in ["validate", "submit"] {
+        let out = d.jobctl(&[cmd, odd_job.to_str().unwrap()]);
+        let err = stderr(&out);
+        assert!(
+            !out.status.success()
+                && err.contains("model.base")
+                && err.contains("normalizer")
+                && err.contains("fail to publish"),
+            "{cmd}: {err}"
+        );
+    }
+    // The daemon's own check (a client that skips jobctl's); a root daemon reads the files
+    // with the token user's rights.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let body = serde_json::json!({
+        "toml": std::fs::read_to_string(&odd_job).unwrap(),
+        "base_dir": dir.path(),
+    });
+    let (status, resp) = post_json(
+        d.addr(),
+        "/api/v1/jobs",
+        Some(TOKEN_DAEMON),
+        &body.to_string(),
+    );
+    assert!(
+        status == 400 && resp.contains("normalizer"),
+        "{status} {resp}"
+    );
     let out = d.jobctl(&["submit", "--follow", job.to_str().unwrap()]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let id = 2;
