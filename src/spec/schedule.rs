@@ -4,7 +4,9 @@
 //! `schedule` takes standard crontab syntax — five fields `minute hour day-of-month month
 //! day-of-week` (0 or 7 = Sunday; names like `MON` work too), or six with seconds first — and
 //! the shortcuts `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`. Times are UTC unless
-//! the daemon's `schedule_timezone = "local"`.
+//! the daemon's `schedule_timezone = "local"`. As in crontab, when both day-of-month and
+//! day-of-week are restricted (neither starts with `*`), a day matching either one fires
+//! (`0 0 1 * MON`: every Monday and every 1st); the `cron` crate alone would need both.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -41,7 +43,9 @@ pub enum ScheduleTz {
 #[derive(Debug, Clone)]
 pub struct Cron {
     source: String,
-    schedule: cron::Schedule,
+    /// One schedule, or two whose union is the expression (crontab's day-of-month OR
+    /// day-of-week).
+    schedules: Vec<cron::Schedule>,
 }
 
 impl fmt::Display for Cron {
@@ -120,59 +124,65 @@ impl FromStr for Cron {
     fn from_str(s: &str) -> Result<Self, String> {
         let source = s.trim().to_string();
         let fields: Vec<&str> = source.split_whitespace().collect();
-        let expr = match fields.len() {
-            1 if source.starts_with('@') => source.clone(),
-            5 => format!(
-                "0 {} {} {} {} {}",
-                fields[0],
-                fields[1],
-                fields[2],
-                fields[3],
-                weekday_names(fields[4])?
-            ),
-            6 => format!(
-                "{} {} {} {} {} {}",
-                fields[0],
-                fields[1],
-                fields[2],
-                fields[3],
-                fields[4],
-                weekday_names(fields[5])?
-            ),
+        // (seconds, minute, hour, day-of-month, month, day-of-week), or a shortcut.
+        let parts: Option<[&str; 6]> = match fields.len() {
+            1 if source.starts_with('@') => None,
+            5 => Some(["0", fields[0], fields[1], fields[2], fields[3], fields[4]]),
+            6 => Some([
+                fields[0], fields[1], fields[2], fields[3], fields[4], fields[5],
+            ]),
             n => {
                 return Err(format!(
                     "{n} fields; write 5 (minute hour day-of-month month day-of-week), 6 (seconds first) or @hourly/@daily/@weekly/@monthly/@yearly"
                 ));
             }
         };
-        let schedule = cron::Schedule::from_str(&expr).map_err(|e| {
-            // The parser's message is the expression, a caret under the fault, and sometimes
-            // a reason: keep the reason. Its range reasons say "less than" where they mean
-            // "at most" ("Minutes must be less than 59", yet 59 is fine).
-            let e = e.to_string();
-            let after_caret: Vec<&str> = e
-                .lines()
-                .skip_while(|l| !l.trim_start().starts_with('^'))
-                .skip(1)
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect();
-            let why = Some(after_caret.join(" "))
-                .filter(|r| !r.is_empty())
-                .map(|l| l.replace("must be less than", "must be at most"))
-                .unwrap_or_else(|| {
-                    "not a crontab expression: write 5 fields (minute hour day-of-month month \
-                     day-of-week), 6 (seconds first) or @hourly/@daily/@weekly/@monthly/@yearly"
-                        .to_string()
-                });
-            format!("invalid cron expression {source:?}: {why}")
-        })?;
-        let c = Cron { source, schedule };
+        let exprs = match parts {
+            None => vec![source.clone()],
+            Some([sec, min, hour, dom, month, dow]) => {
+                let dow = weekday_names(dow)?;
+                let restricted = |f: &str| !f.starts_with('*') && f != "?";
+                let expr = |dom: &str, dow: &str| format!("{sec} {min} {hour} {dom} {month} {dow}");
+                if restricted(dom) && restricted(&dow) {
+                    vec![expr(dom, "*"), expr("*", &dow)]
+                } else {
+                    vec![expr(dom, &dow)]
+                }
+            }
+        };
+        let schedules = exprs
+            .iter()
+            .map(|expr| cron::Schedule::from_str(expr).map_err(|e| parse_error(&source, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let c = Cron { source, schedules };
         if c.next_after(0, ScheduleTz::Utc).is_none() {
             return Err(format!("cron expression {:?} never fires", c.source));
         }
         Ok(c)
     }
+}
+
+/// The cron crate's message is the expression, a caret under the fault, and sometimes a
+/// reason: keep the reason. Its range reasons say "less than" where they mean "at most"
+/// ("Minutes must be less than 59", yet 59 is fine).
+fn parse_error(source: &str, e: cron::error::Error) -> String {
+    let e = e.to_string();
+    let after_caret: Vec<&str> = e
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with('^'))
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let why = Some(after_caret.join(" "))
+        .filter(|r| !r.is_empty())
+        .map(|l| l.replace("must be less than", "must be at most"))
+        .unwrap_or_else(|| {
+            "not a crontab expression: write 5 fields (minute hour day-of-month month \
+             day-of-week), 6 (seconds first) or @hourly/@daily/@weekly/@monthly/@yearly"
+                .to_string()
+        });
+    format!("invalid cron expression {source:?}: {why}")
 }
 
 impl Cron {
@@ -182,10 +192,13 @@ impl Cron {
             s.after(&after).next().map(|t| t.timestamp_millis())
         }
         let utc = Utc.timestamp_millis_opt(after).single()?;
-        match tz {
-            ScheduleTz::Utc => next(&self.schedule, utc),
-            ScheduleTz::Local => next(&self.schedule, utc.with_timezone(&Local)),
-        }
+        self.schedules
+            .iter()
+            .filter_map(|s| match tz {
+                ScheduleTz::Utc => next(s, utc),
+                ScheduleTz::Local => next(s, utc.with_timezone(&Local)),
+            })
+            .min()
     }
 }
 
@@ -251,6 +264,52 @@ mod tests {
 
     fn at(s: &str) -> Millis {
         DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis()
+    }
+
+    /// crontab(5): "If both fields are restricted (i.e., do not contain the \"*\"
+    /// character), the command will be run when either field matches the current time."
+    #[test]
+    fn day_of_month_and_day_of_week_together_fire_on_either() {
+        let fires = |expr: &str, from: &str, n: usize| {
+            let c: Cron = expr.parse().unwrap_or_else(|e| panic!("{expr}: {e}"));
+            let mut t = at(from);
+            (0..n)
+                .map(|_| {
+                    t = c.next_after(t, ScheduleTz::Utc).unwrap();
+                    t
+                })
+                .collect::<Vec<_>>()
+        };
+        // Found by QA: on Sunday 2026-11-29 this waited for 2027-02-01, a 1st that is a
+        // Monday.
+        assert_eq!(
+            fires("0 0 1 * MON", "2026-11-29T05:48:00Z", 3),
+            [
+                at("2026-11-30T00:00:00Z"),
+                at("2026-12-01T00:00:00Z"),
+                at("2026-12-07T00:00:00Z")
+            ]
+        );
+        // Six fields, a range of days and a month: Fridays of December and the 24th–26th.
+        assert_eq!(
+            fires("0 30 9 24-26 12 FRI", "2026-12-01T00:00:00Z", 4),
+            [
+                at("2026-12-04T09:30:00Z"),
+                at("2026-12-11T09:30:00Z"),
+                at("2026-12-18T09:30:00Z"),
+                at("2026-12-24T09:30:00Z")
+            ]
+        );
+        // A `*` (with or without a step) in either field keeps "both must match": Mondays
+        // that are the 1st, 11th, 21st or 31st.
+        assert_eq!(
+            fires("0 0 */10 * MON", "2026-11-29T00:00:00Z", 2),
+            [at("2026-12-21T00:00:00Z"), at("2027-01-11T00:00:00Z")]
+        );
+        assert_eq!(
+            fires("0 0 13 * *", "2026-11-29T00:00:00Z", 1),
+            [at("2026-12-13T00:00:00Z")]
+        );
     }
 
     #[test]
