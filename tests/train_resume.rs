@@ -465,7 +465,7 @@ fn a_checkpoint_of_another_job_file_is_refused() {
         run_with(&relaxed, &ctx(&job), &hooks).unwrap(),
         WorkerOutcome::Stopped { step: 5 }
     );
-    // An explicit checkpoint path resumes from that checkpoint.
+    // An explicit checkpoint path resumes another job from that checkpoint...
     let ck4 = job.join("checkpoints/checkpoint-4");
     let explicit = spec(
         dir.path(),
@@ -474,13 +474,66 @@ fn a_checkpoint_of_another_job_file_is_refused() {
             &format!("resume_from_checkpoint = {:?}", ck4.display().to_string()),
         ),
     );
+    let other = dir.path().join("other");
     let hooks = Hooks {
         stop_after_step: Some(6),
         ..Hooks::default()
     };
-    run_with(&explicit, &ctx(&job), &hooks).unwrap();
-    let steps: Vec<u64> = read_metrics(&job).unwrap().iter().map(|r| r.step).collect();
-    assert_eq!(steps, vec![1, 3, 4, 6]);
+    run_with(&explicit, &ctx(&other), &hooks).unwrap();
+    let steps: Vec<u64> = read_metrics(&other)
+        .unwrap()
+        .iter()
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(
+        steps,
+        vec![1, 3, 4, 6],
+        "the records up to step 4 come with it"
+    );
+    // ...on its first start only: interrupted again, it goes on from its own checkpoint-6,
+    // even once the checkpoint it started from is gone (QA: it went back to step 4 at every
+    // interruption, and failed for good after the source was deleted).
+    let moved = dir.path().join("moved-checkpoint-4");
+    std::fs::rename(&ck4, &moved).unwrap();
+    let hooks = Hooks {
+        stop_after_step: Some(9),
+        ..Hooks::default()
+    };
+    run_with(&explicit, &ctx(&other), &hooks).unwrap();
+    let steps: Vec<u64> = read_metrics(&other)
+        .unwrap()
+        .iter()
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(steps, vec![1, 3, 4, 6, 8, 9]);
+    std::fs::rename(&moved, &ck4).unwrap();
+    // The same holds for resume_from_checkpoint = false once the job has checkpoints.
+    let never = spec(
+        dir.path(),
+        &scratch_job(1, "resume_from_checkpoint = false"),
+    );
+    assert_eq!(
+        checkpoint::spec_hash(&never),
+        checkpoint::spec_hash(&s),
+        "where a job starts is not part of what it computes"
+    );
+    // A fresh start would reach step 5 and crash there; going on from step 9 never does.
+    let hooks = Hooks {
+        stop_after_step: Some(10),
+        crash_after_step: Some(5),
+        ..Hooks::default()
+    };
+    assert_eq!(
+        run_with(&never, &ctx(&other), &hooks).unwrap(),
+        WorkerOutcome::Stopped { step: 10 }
+    );
+    let steps: Vec<u64> = read_metrics(&other)
+        .unwrap()
+        .iter()
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(steps, vec![1, 3, 4, 6, 8, 9]);
+    assert!(checkpoint::verify(&other.join("checkpoints/checkpoint-10")).is_ok());
     // resume_from_checkpoint = false starts afresh and replaces a checkpoint of the same step.
     let fresh = spec(
         dir.path(),

@@ -183,7 +183,8 @@ impl TrainDType {
 }
 
 /// `resume_from_checkpoint`: `"auto"` (newest valid checkpoint in the checkpoint directory,
-/// if any), a checkpoint directory, or `false` (always start afresh).
+/// if any), a checkpoint directory, or `false` (start afresh). The last two apply to the
+/// job's first start; later attempts go on from the job's own newest checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ResumeFrom {
     /// The newest checkpoint that verifies, else a fresh start.

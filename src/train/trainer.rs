@@ -596,9 +596,24 @@ fn find_resume(
     root: &Path,
     hash: &str,
 ) -> Result<Option<(PathBuf, TrainerState)>, TrainError> {
+    let own = checkpoint::latest_valid(root);
     let found = match &args.resume_from_checkpoint {
+        ResumeFrom::Auto => own,
+        // The setting says where the job's first start begins. Once this job has checkpoints
+        // of its own (it was preempted, stopped with the daemon, or requeued), later attempts
+        // go on from them: starting over, or from the given checkpoint, would throw away its
+        // progress at every interruption, and fail for good once that checkpoint is gone.
+        _ if own
+            .as_ref()
+            .is_some_and(|(_, state)| state.spec_hash == hash) =>
+        {
+            tracing::info!(
+                "resume_from_checkpoint applies to the job's first start; this attempt goes on \
+                 from the job's own newest checkpoint"
+            );
+            own
+        }
         ResumeFrom::Never => None,
-        ResumeFrom::Auto => checkpoint::latest_valid(root),
         ResumeFrom::Path(p) => {
             let state = checkpoint::verify(p).map_err(|reason| TrainError::Checkpoint {
                 path: p.clone(),
