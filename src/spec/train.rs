@@ -94,7 +94,8 @@ pub struct ModelSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {
-    /// By extension: `.jsonl` is JSON lines, anything else plain text.
+    /// By extension: `.jsonl` and `.json` are JSON lines (as for Hugging Face's
+    /// `load_dataset("json")`), anything else plain text.
     #[default]
     Auto,
     /// Plain text: the whole file is tokenized as one text (lines stay joined by their
@@ -103,6 +104,60 @@ pub enum DataFormat {
     /// JSON lines: each line `{"text": ...}` or `{"prompt": ..., "completion": ...}` (loss
     /// only on the completion) is one example, cut at `block_size` tokens.
     Jsonl,
+}
+
+impl DataFormat {
+    /// Whether `path` is read as JSON lines.
+    pub fn reads_jsonl(self, path: &Path) -> bool {
+        match self {
+            DataFormat::Jsonl => true,
+            DataFormat::Text => false,
+            DataFormat::Auto => path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json")),
+        }
+    }
+}
+
+/// A data file's start that says it is read the wrong way: a JSON array where JSON lines are
+/// expected, or JSON-lines examples in a file `format = "auto"` reads as plain text (which
+/// would train on the JSON syntax itself, with no error).
+fn data_format_issue(path: &Path, format: DataFormat) -> Option<String> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    std::fs::File::open(path)
+        .ok()?
+        .take(64 * 1024)
+        .read_to_end(&mut head)
+        .ok()?;
+    let text = String::from_utf8_lossy(&head);
+    let text = text.trim_start_matches('\u{feff}');
+    let first = text.lines().find(|l| !l.trim().is_empty())?.trim();
+    if format.reads_jsonl(path) {
+        return first.starts_with('[').then(|| {
+            format!(
+                "{} holds a JSON array; write one JSON object per line (JSON lines), e.g. \
+                 jq -c '.[]' {} > data.jsonl",
+                path.display(),
+                path.display()
+            )
+        });
+    }
+    if format != DataFormat::Auto {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(first).ok()?;
+    ["text", "prompt", "completion"]
+        .iter()
+        .any(|k| v.get(k).is_some_and(serde_json::Value::is_string))
+        .then(|| {
+            format!(
+                "{} looks like JSON lines (its first line is an object with \"text\" or \
+                 \"prompt\") but would be read as plain text, JSON syntax and all: name it \
+                 .jsonl, or set data.format = \"jsonl\" (or \"text\" if it really is text)",
+                path.display()
+            )
+        })
 }
 
 /// `[data]`: training and evaluation data.
@@ -882,7 +937,11 @@ pub fn check_paths(spec: &JobSpec) -> Vec<Issue> {
             Ok(m) if m.len() == 0 => {
                 issues.push(Issue::new(key, format!("{} is empty", p.display())))
             }
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some(why) = data_format_issue(p, d.format) {
+                    issues.push(Issue::new(key, why));
+                }
+            }
         };
         check("data.train_file", &d.train_file);
         if let Some(e) = &d.eval_file {
@@ -1197,6 +1256,48 @@ mod tests {
         );
         let e = err(&format!("{SCRATCH}[lora]\n"));
         assert!(e.contains("lora: LoRA adapts a pretrained model"), "{e}");
+    }
+
+    /// QA: `train.json` in JSON lines (as Hugging Face users name them) trained as plain text,
+    /// JSON syntax and all, with no word said.
+    #[test]
+    fn data_read_the_wrong_way_is_refused_and_json_means_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = |file: &str, extra: &str| {
+            SCRATCH.replace(
+                "train_file = \"train.jsonl\"",
+                &format!("train_file = \"{file}\"\n{extra}"),
+            )
+        };
+        let lines = "\u{feff}{\"text\": \"a b c\"}\n{\"text\": \"d e f\"}\n";
+        for name in ["train.json", "train.txt", "train"] {
+            std::fs::write(dir.path().join(name), lines).unwrap();
+        }
+        let spec = parse_and_resolve("job.toml", &job("train.json", ""), dir.path()).unwrap();
+        let d = spec.data.unwrap();
+        assert!(d.format.reads_jsonl(&d.train_file));
+        for name in ["train.txt", "train"] {
+            let e = parse_and_resolve("job.toml", &job(name, ""), dir.path())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("data.train_file: ") && e.contains("looks like JSON lines"),
+                "{e}"
+            );
+            parse_and_resolve("job.toml", &job(name, "format = \"jsonl\""), dir.path()).unwrap();
+            parse_and_resolve("job.toml", &job(name, "format = \"text\""), dir.path()).unwrap();
+        }
+        std::fs::write(dir.path().join("train.json"), "[{\"text\": \"a\"}]\n").unwrap();
+        let e = parse_and_resolve("job.toml", &job("train.json", ""), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("holds a JSON array") && e.contains("jq -c"),
+            "{e}"
+        );
+        // Plain text stays plain text.
+        std::fs::write(dir.path().join("train.txt"), "{not json at all\nhello\n").unwrap();
+        parse_and_resolve("job.toml", &job("train.txt", ""), dir.path()).unwrap();
     }
 
     #[test]

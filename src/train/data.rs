@@ -65,11 +65,7 @@ pub fn load(
             reason: "the file is empty".into(),
         });
     }
-    let jsonl = match format {
-        DataFormat::Jsonl => true,
-        DataFormat::Text => false,
-        DataFormat::Auto => path.extension().is_some_and(|e| e == "jsonl"),
-    };
+    let jsonl = format.reads_jsonl(path);
     let mut h = Sha256::new();
     h.update(b"jobd-tokenized-v1\0");
     h.update(if jsonl { b"jsonl" } else { b"text\0" });
@@ -84,11 +80,18 @@ pub fn load(
         tracing::info!(file = %path.display(), cache = %cache.display(), "tokenized data from cache");
         return Ok(Dataset { examples, key });
     }
-    let text = String::from_utf8(bytes).map_err(|e| TrainError::Data {
-        path: path.to_path_buf(),
-        line: None,
-        reason: format!("not UTF-8 text: {e}"),
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        TrainError::Data {
+            path: path.to_path_buf(),
+            line: Some(line),
+            reason: format!("not UTF-8 text (byte {at} of the file); save it as UTF-8"),
+        }
     })?;
+    // A byte-order mark (Windows tools write one) is not part of the data.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let examples = if jsonl {
         tokenize_jsonl(path, &text, tok, block_size)?
     } else {
@@ -495,6 +498,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped_and_bad_utf8_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.jsonl");
+        std::fs::write(&f, "\u{feff}{\"text\":\"hello\"}\n").unwrap();
+        let t = tok();
+        let d = load(&f, DataFormat::Auto, &t, 64, dir.path()).unwrap();
+        assert_eq!(d.examples.len(), 1);
+        std::fs::write(&f, b"{\"text\":\"a\"}\n{\"text\":\"\xff\"}\n").unwrap();
+        let e = load(&f, DataFormat::Auto, &t, 64, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a.jsonl:2:") && e.contains("not UTF-8"), "{e}");
     }
 
     #[test]

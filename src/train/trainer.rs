@@ -637,11 +637,8 @@ fn find_resume(
 /// Texts to train a tokenizer on: the lines of a text file, or the fields of JSON lines.
 fn tokenizer_texts(path: &Path, format: DataFormat) -> Result<Vec<String>, TrainError> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-    let jsonl = match format {
-        DataFormat::Jsonl => true,
-        DataFormat::Text => false,
-        DataFormat::Auto => path.extension().is_some_and(|e| e == "jsonl"),
-    };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let jsonl = format.reads_jsonl(path);
     if !jsonl {
         return Ok(text.split_inclusive('\n').map(str::to_string).collect());
     }
