@@ -93,9 +93,9 @@ pub fn load(
     // A byte-order mark (Windows tools write one) is not part of the data.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let examples = if jsonl {
-        tokenize_jsonl(path, &text, tok, block_size)?
+        tokenize_jsonl(path, text, tok, block_size)?
     } else {
-        tokenize_text(path, &text, tok, block_size)?
+        tokenize_text(path, text, tok, block_size)?
     };
     if examples.is_empty() {
         return Err(TrainError::Data {
