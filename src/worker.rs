@@ -103,6 +103,16 @@ pub fn main(job_dir: &Path) -> ExitCode {
                     .and_then(|v| v.parse().ok());
                 eprintln!("jobd worker: {}", train::out_of_memory_hint(&spec, vram));
             }
+            let record = contract::WorkerError {
+                attempt: ctx.attempt,
+                message: e.to_string(),
+            };
+            let bytes = serde_json::to_vec(&record).unwrap_or_default();
+            if let Err(e) =
+                crate::jobfs::write_atomic(&job_dir.join(files::WORKER_ERROR), &bytes, None)
+            {
+                eprintln!("jobd worker: cannot record the error for the daemon: {e}");
+            }
             ExitCode::from(1)
         }
     }

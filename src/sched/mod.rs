@@ -946,6 +946,14 @@ impl Scheduler {
         self.usage.add(&rec.owner.user, seconds, now);
         let job_dir = rec.dir(&self.settings.jobs_dir);
         let peak = read_progress(&job_dir).and_then(|p| p.peak_memory_bytes);
+        let worker_error = (rec.kind == JobKind::Train && exit.code == Some(1))
+            .then(|| read_worker_error(&job_dir, attempt))
+            .flatten();
+        // "exit code 1: data/train.jsonl:5: invalid JSON: …" rather than "exit code 1".
+        let failure = match &worker_error {
+            Some(message) => format!("{exit}: {message}"),
+            None => exit.to_string(),
+        };
         let stop = rec.stop.clone();
         let retry = rec.spec.retry.clone();
         let retries = rec.retries;
@@ -1079,7 +1087,7 @@ impl Scheduler {
                     id,
                     Some(JobState::Queued),
                     format!(
-                        "{exit}; retry {n} of {} in {}",
+                        "{failure}; retry {n} of {} in {}",
                         retry.max,
                         humantime::format_duration(delay)
                     ),
@@ -1094,7 +1102,7 @@ impl Scheduler {
             (None, _) => self.apply(
                 id,
                 Some(JobState::Failed),
-                format!("failed: {exit}"),
+                format!("failed: {failure}"),
                 &|r| {
                     finish(r);
                     r.finished_at = Some(now);
@@ -1615,6 +1623,24 @@ pub fn describe_placement(p: &Placement) -> String {
 }
 
 /// The progress a train worker last reported, if any.
+/// What the train worker of `attempt` said went wrong, if it said (shortened for a reason
+/// line; the whole message is in the job's log).
+fn read_worker_error(job_dir: &std::path::Path, attempt: u32) -> Option<String> {
+    const MAX_CHARS: usize = 600;
+    let bytes = crate::jobfs::read_regular(&job_dir.join(contract::files::WORKER_ERROR)).ok()?;
+    let e: contract::WorkerError = serde_json::from_slice(&bytes).ok()?;
+    if e.attempt != attempt {
+        return None;
+    }
+    let message = e.message.trim();
+    Some(if message.chars().count() > MAX_CHARS {
+        let cut: String = message.chars().take(MAX_CHARS).collect();
+        format!("{cut}… (see its log)")
+    } else {
+        message.to_string()
+    })
+}
+
 pub fn read_progress(job_dir: &std::path::Path) -> Option<Progress> {
     let text = crate::jobfs::read_regular(&job_dir.join(contract::files::PROGRESS)).ok()?;
     serde_json::from_slice(&text).ok()

@@ -58,6 +58,18 @@ pub mod files {
     /// A command job's outcome, written by its supervisor (`jobd run-command`) when the
     /// command ends: [`super::ExitStatus`].
     pub const EXIT_STATUS: &str = "exit-status.json";
+    /// What went wrong when a train worker fails: [`super::WorkerError`].
+    pub const WORKER_ERROR: &str = "worker-error.json";
+}
+
+/// A train worker's failure, left in [`files::WORKER_ERROR`] before it exits 1: the daemon
+/// makes it the job's failure reason, so `jobctl show`/`list` say what went wrong without
+/// the log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerError {
+    /// `JOBD_ATTEMPT` of the run that failed.
+    pub attempt: u32,
+    pub message: String,
 }
 
 /// How a command job's attempt ended, left in [`files::EXIT_STATUS`] by the process that

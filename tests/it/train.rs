@@ -444,3 +444,34 @@ fn a_failed_publish_can_be_done_again_by_hand() {
         stderr(&out)
     );
 }
+
+/// A train job that fails says why in its reason (`jobctl show`, `list`, `--json`), not only in
+/// its log: QA saw "failed: exit code 1" for a data file with a line that is not JSON.
+#[test]
+fn a_failed_train_job_says_why_in_its_reason() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let data = repo().join("jobs/data");
+    let mut lines = std::fs::read_to_string(data.join("tiny_train.jsonl")).unwrap();
+    lines.push_str("{\"text\": \"unterminated\n");
+    let bad = d.write("bad.jsonl", &lines);
+    let text = std::fs::read_to_string(repo().join("jobs/tiny.toml"))
+        .unwrap()
+        .replace(
+            "\"data/tiny_train.jsonl\"",
+            &format!("{:?}", bad.display().to_string()),
+        )
+        .replace("\"data/", &format!("\"{}/", data.display()));
+    let text = text.split("[publish]").next().unwrap().to_string();
+    let id = d.submit(&d.write("bad.toml", &text));
+    d.wait_state(id, JobState::Failed, Duration::from_secs(60));
+    let reason = d.job(id).record.reason.unwrap_or_default();
+    let line = lines.lines().count();
+    assert!(
+        reason.starts_with("failed: exit code 1: ")
+            && reason.contains(&format!("bad.jsonl:{line}:"))
+            && reason.contains("invalid JSON"),
+        "{reason}"
+    );
+    let show = stdout(&d.jobctl(&["show", &id.to_string()]));
+    assert!(show.contains("invalid JSON"), "{show}");
+}
