@@ -48,6 +48,7 @@ pub static ASSETS: &[Asset] = &[
     asset!("js/queue.js", "text/javascript; charset=utf-8"),
     asset!("js/gpus.js", "text/javascript; charset=utf-8"),
     asset!("js/job.js", "text/javascript; charset=utf-8"),
+    asset!("js/schedules.js", "text/javascript; charset=utf-8"),
     asset!(
         "vendor/uplot/uPlot.iife.min.js",
         "text/javascript; charset=utf-8"

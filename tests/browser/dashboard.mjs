@@ -11,6 +11,7 @@
 //   DEP_JOB         a job waiting for TRAIN_JOB (depends_on)
 //   PUBLISH_JOB     a short train job that publishes into Ollama (may still be running)
 //   PUBLISH_NAME    the model name it publishes
+//   SCHEDULE        a schedule of the same owner that does not fire during the test
 //   ARTIFACTS       directory for the screenshots
 //   CHROMIUM        the browser (default /usr/bin/chromium)
 // Prints one JSON line with what it saw; exits 1 with the reason on the first failed check.
@@ -161,6 +162,10 @@ try {
     });
     check(painted > 100, `the loss curve is drawn (${painted} pixels of its colour)`);
     seen.loss_curve_pixels = painted;
+    // The legend shows the latest train loss as a number (QA saw "0" for 1.6e-4, and "--").
+    const legend = await page.locator('#chart-loss .u-legend .u-series:nth-child(2) .u-value').textContent();
+    check(Number.isFinite(Number(legend)) && Number(legend) > 0, `the legend's train loss: ${legend}`);
+    seen.loss_legend = legend;
     await page.waitForSelector('.checkpoints tbody tr', { timeout: 30000 });
     await page.waitForFunction(() => [...document.querySelectorAll('.events td')].some((td) => td.textContent === 'running'));
     // Logs belong to the owner: read-only visitors are told so.
@@ -223,6 +228,17 @@ try {
     await page.waitForFunction(() => document.querySelector('.title-row .state')?.textContent === 'cancelled', null, { timeout: 30000 });
   });
 
+  await step('schedules', async () => {
+    await page.goto(`${url}/#/`);
+    const row = page.locator(`#schedules tbody tr[data-id="${env.SCHEDULE}"]`);
+    await row.waitFor({ timeout: 10000 });
+    check((await row.textContent()).includes('0 0 1 1 *'), 'the schedule shows its cron expression');
+    await row.locator('.sched-toggle').click();
+    await page.waitForSelector(`#schedules tbody tr[data-id="${env.SCHEDULE}"][data-paused="true"]`, { timeout: 10000 });
+    const listed = await apiGet('/schedules', env.JOBD_TOKEN);
+    check(listed.schedules.find((x) => x.id === Number(env.SCHEDULE))?.paused === true, 'the daemon has it paused');
+  });
+
   if (env.PUBLISH_JOB) {
     await step('published', async () => {
       await page.goto(`${url}/#/job/${env.PUBLISH_JOB}`);
@@ -234,6 +250,19 @@ try {
       await page.screenshot({ path: join(artifacts, 'job-published.png'), fullPage: true });
     });
   }
+
+  await step('stale_token', async () => {
+    // A token jobd no longer knows (revoked): the page forgets it and stays usable read-only.
+    await page.evaluate(() => localStorage.setItem('jobd.token', 'revoked-token-0123456789'));
+    await page.goto(`${url}/#/?state=all`);
+    await page.waitForSelector('#toast.error:not([hidden])', { timeout: 10000 });
+    const toast = await page.locator('#toast').textContent();
+    check(/no longer valid/.test(toast), `the page says the token is stale: ${toast}`);
+    await page.waitForSelector(`#queue tbody tr[data-id="${train}"]`, { timeout: 10000 });
+    await page.waitForSelector('.gpu', { timeout: 10000 });
+    check((await page.locator('#token-button').textContent()).includes('Read-only'), 'read-only again');
+    check(await page.evaluate(() => localStorage.getItem('jobd.token')) === null, 'the stale token is forgotten');
+  });
 
   await step('phone', async () => {
     const phone = await browser.newContext({ viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2 });

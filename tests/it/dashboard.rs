@@ -396,6 +396,15 @@ fn dashboard_in_headless_chromium() {
         TOKEN_DAEMON,
     );
 
+    // A schedule that will not fire during the test (1 January), for the schedules panel.
+    let nightly = d.write(
+        "nightly.toml",
+        &command_job("true", "name = \"new-year\"\nschedule = \"0 0 1 1 *\""),
+    );
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", nightly.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let schedule: u64 = stdout(&out).trim().parse().unwrap();
+
     let out_dir = artifacts();
     let _ = std::fs::remove_dir_all(&out_dir);
     let start = Instant::now();
@@ -407,6 +416,7 @@ fn dashboard_in_headless_chromium() {
         .env("DEP_JOB", dep.to_string())
         .env("PUBLISH_JOB", publish.to_string())
         .env("PUBLISH_NAME", "jobd/web-test:latest")
+        .env("SCHEDULE", schedule.to_string())
         .env("ARTIFACTS", &out_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -448,6 +458,19 @@ fn dashboard_in_headless_chromium() {
         d.state(dep),
         JobState::Failed,
         "its dependency was cancelled"
+    );
+    let out = d.jobctl(&["--json", "schedules"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let paused = list["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == schedule)
+        .map(|s| s["paused"].clone());
+    assert_eq!(
+        paused,
+        Some(serde_json::Value::Bool(true)),
+        "paused from the page: {list}"
     );
     for shot in [
         "queue-desktop.png",

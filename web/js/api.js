@@ -14,6 +14,15 @@ export function setToken(t) {
   else localStorage.removeItem(TOKEN_KEY);
 }
 
+let tokenRejected = () => {};
+/**
+ * Registers what to do when jobd answers 401 to a request sent with the saved token: it was
+ * revoked, or the daemon's configuration changed.
+ */
+export function onTokenRejected(f) {
+  tokenRejected = f;
+}
+
 function headers(extra = {}, tok = token()) {
   const h = { ...extra };
   if (tok) h.Authorization = `Bearer ${tok}`;
@@ -47,6 +56,7 @@ export async function api(path, { method = 'GET', body, tok } = {}) {
     init.body = JSON.stringify(body);
   }
   const res = await fetch(PREFIX + path, init);
+  if (res.status === 401 && tok === undefined && token()) tokenRejected();
   if (!res.ok) throw await errorOf(res);
   return res.status === 204 ? null : res.json();
 }
@@ -72,6 +82,7 @@ export function subscribe(path, handlers, onState = () => {}) {
           cache: 'no-store',
           signal: ctrl.signal,
         });
+        if (res.status === 401 && token()) tokenRejected();
         if (!res.ok) throw await errorOf(res);
         handlers.open?.();
         onState('live');

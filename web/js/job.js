@@ -24,9 +24,10 @@ const LOG_KEEP = 256 * 1024; // characters of log kept on the page
 
 /** A line chart of metrics against step. */
 class Chart {
-  constructor(container, title, series) {
+  constructor(container, title, series, { log = false } = {}) {
     this.container = container;
     this.series = series; // [{label, key, points}]
+    this.log = log;
     const css = getComputedStyle(document.documentElement);
     const fg = css.getPropertyValue('--fg').trim() || '#222';
     const grid = css.getPropertyValue('--grid').trim() || '#ddd';
@@ -37,14 +38,26 @@ class Chart {
       title,
       width: Math.max(240, container.clientWidth),
       height: 200,
-      scales: { x: { time: false } },
-      axes: [{ ...axis, label: 'step', incrs: stepIncrs }, { ...axis, size: 60 }],
+      // A loss falls by orders of magnitude: on a linear axis its tail lies flat on 0.
+      scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
+      axes: [
+        { ...axis, label: 'step', incrs: stepIncrs },
+        { ...axis, size: 60, values: (u, splits) => splits.map((v) => num(v, 3)) },
+      ],
       series: [{ label: 'step' }, ...series.map((s) => ({
         label: s.label,
         stroke: s.colour,
         width: 2,
         spanGaps: true,
         points: { show: s.points, size: 6, fill: s.colour },
+        // The legend shows the value at the cursor, else the series' latest one (a step that
+        // logged only an eval loss has no train loss, and uPlot would show "--"), in
+        // significant digits: a loss of 1.6e-4 is not "0".
+        value: (u, v, si, idx) => {
+          let x = v;
+          for (let i = idx ?? -1; x == null && i >= 0; i -= 1) x = u.data[si][i];
+          return x == null ? '--' : num(x);
+        },
       }))],
     }, [[], ...series.map(() => [])], container);
     this.resize = new ResizeObserver(() => {
@@ -55,7 +68,12 @@ class Chart {
   }
 
   set(records) {
-    const data = [records.map((r) => r.step), ...this.series.map((s) => records.map((r) => r[s.key] ?? null))];
+    // A log axis cannot show 0 or less: such points are left out.
+    const value = (r, key) => {
+      const v = r[key] ?? null;
+      return this.log && v !== null && v <= 0 ? null : v;
+    };
+    const data = [records.map((r) => r.step), ...this.series.map((s) => records.map((r) => value(r, s.key)))];
     this.plot.setData(data);
     // Without the cursor on the chart, the legend shows the latest values.
     if (data[0].length && this.plot.cursor.idx == null) this.plot.setLegend({ idx: data[0].length - 1 });
@@ -271,7 +289,7 @@ export class JobPage {
       new Chart(boxes[0], 'Loss', [
         { label: 'train loss', key: 'loss', colour: '#2f6feb', points: false },
         { label: 'eval loss', key: 'eval_loss', colour: '#d9480f', points: true },
-      ]),
+      ], { log: true }),
       new Chart(boxes[1], 'Learning rate', [{ label: 'learning rate', key: 'learning_rate', colour: '#2b8a3e' }]),
       new Chart(boxes[2], 'Throughput', [{ label: 'tokens/s', key: 'tokens_per_second', colour: '#862e9c' }]),
     ];

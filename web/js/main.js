@@ -2,10 +2,11 @@
 // (counts by state, live indicator, token), and the one stream every page shares
 // (`/api/v1/stream`: GPUs, "the queue changed", progress).
 
-import { api, setToken, subscribe } from './api.js';
+import { api, onTokenRejected, setToken, subscribe, token } from './api.js';
 import { renderGpus } from './gpus.js';
 import { JobPage } from './job.js';
 import { QueueView } from './queue.js';
+import { SchedulesView } from './schedules.js';
 import { el } from './util.js';
 
 const $ = (s) => document.querySelector(s);
@@ -46,6 +47,7 @@ const ctx = {
 };
 
 const queue = new QueueView(ctx);
+const schedules = new SchedulesView(ctx);
 const jobPage = new JobPage(ctx, $('#job-page'));
 
 function route() {
@@ -63,6 +65,7 @@ function route() {
   $('#queue-page').hidden = false;
   const q = hash.indexOf('?') >= 0 ? hash.slice(hash.indexOf('?') + 1) : '';
   queue.show(Object.fromEntries(new URLSearchParams(q)));
+  schedules.refresh();
   document.title = 'jobd';
 }
 
@@ -73,12 +76,15 @@ function connect() {
     gpus: (g) => renderGpus($('#gpu-list'), g),
     queue: (q) => {
       ctx.setCounts(q.counts);
-      if (!$('#queue-page').hidden) queue.refresh();
+      if (!$('#queue-page').hidden) {
+        queue.refresh();
+        schedules.refresh();
+      }
     },
     progress: (p) => queue.progress(p),
   }, (state, err) => {
     ctx.setLive('queue', state);
-    if (state === 'error') ctx.toast(`Live updates stopped: ${err.message}`, true);
+    if (state === 'error' && err.status !== 401) ctx.toast(`Live updates stopped: ${err.message}`, true);
   });
 }
 
@@ -88,7 +94,14 @@ async function whoami() {
     ctx.user = me.user;
   } catch (e) {
     ctx.user = null;
-    if (e.status === 401) ctx.toast(e.message, true);
+    if (e.status === 401 && token()) {
+      // A saved token jobd no longer knows (revoked, or the daemon's config changed) would
+      // make every request fail, reads included: forget it and carry on read-only.
+      setToken('');
+      ctx.toast('Your saved token is no longer valid, so it was forgotten: showing the read-only view. Add a new token to act on your jobs.', true);
+    } else if (e.status === 401) {
+      ctx.toast(e.message, true);
+    }
   }
   const b = $('#token-button');
   b.textContent = ctx.user ? `● ${ctx.user}` : 'Read-only · add token';
@@ -137,6 +150,18 @@ function tokenDialog() {
 }
 
 tokenDialog();
+// The saved token was refused (revoked while the page was open): whoami forgets it, and the
+// page starts again read-only.
+let rechecking = false;
+onTokenRejected(() => {
+  if (rechecking) return;
+  rechecking = true;
+  whoami().then(() => {
+    connect();
+    route();
+    queue.setUser();
+  }).finally(() => { rechecking = false; });
+});
 window.addEventListener('hashchange', route);
 // A background tab lets go of its streams: browsers allow only six HTTP/1.1 connections per
 // host, and each visible page holds two or three. Coming back resyncs from scratch.
@@ -155,6 +180,9 @@ setInterval(() => {
   if (!$('#queue-page').hidden) queue.tick();
   else jobPage.tick();
 }, 1000);
-connect();
-route();
-whoami().then(() => queue.setUser());
+// Who the token belongs to comes first: a stale one is dropped before the page uses it.
+whoami().then(() => {
+  connect();
+  route();
+  queue.setUser();
+});

@@ -2,7 +2,7 @@
 // hash), fetched again when the server pushes "the queue changed"; progress pushes update
 // their rows in place.
 
-import { api } from './api.js';
+import { api, token } from './api.js';
 import { bytes, duration, el, Eta, num, stateBadge } from './util.js';
 
 const PAGE = 50;
@@ -96,10 +96,16 @@ export class QueueView {
     this.fetching = true;
     try {
       const resp = await api(`/queue?${this.query()}`);
+      this.table.classList.remove('stale');
       this.render(resp);
     } catch (e) {
-      console.error(e);
-      this.ctx.toast(`Cannot load the queue: ${e.message}`, true);
+      // What is on screen may no longer be true (the daemon is stopping, say): say so.
+      this.table.classList.add('stale');
+      // A refused saved token is handled once for the whole page (main.js).
+      if (!(e.status === 401 && token())) {
+        console.error(e);
+        this.ctx.toast(`Cannot load the queue: ${e.message}`, true);
+      }
     } finally {
       this.fetching = false;
     }
