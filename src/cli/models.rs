@@ -72,6 +72,24 @@ pub async fn publish(client: &Client, args: &PublishArgs, out: &Output) -> anyho
 }
 
 pub async fn export(client: &Client, args: &ExportArgs, out: &Output) -> anyhow::Result<bool> {
+    // Checked before minutes of export, not at the final rename.
+    let target = &args.gguf;
+    if target.is_dir() || target.as_os_str().to_string_lossy().ends_with('/') {
+        anyhow::bail!(
+            "--gguf {}: a directory; give the file to write, e.g. {}",
+            target.display(),
+            target.join(format!("job-{}.gguf", args.id)).display()
+        );
+    }
+    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        anyhow::bail!(
+            "--gguf {}: the directory {} does not exist",
+            target.display(),
+            parent.display()
+        );
+    }
     let v: JobView = client.get(&format!("/jobs/{}", args.id)).await?;
     let dir = v
         .job_dir

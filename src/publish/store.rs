@@ -224,11 +224,13 @@ impl Store {
         if !root.is_absolute() {
             return Err(dir_err("must be an absolute path".into()));
         }
-        if !root.exists() {
-            match root.parent() {
+        match fs::metadata(root) {
+            Ok(m) if !m.is_dir() => return Err(dir_err("is not a directory".into())),
+            Ok(_) => {}
+            Err(_) => match root.parent() {
                 Some(parent) if parent.is_dir() => {}
                 _ => return Err(dir_err("does not exist, nor does its parent".into())),
-            }
+            },
         }
         create_dir(root).map_err(|e| dir_err(format!("cannot create it: {e}")))?;
         let meta = fs::metadata(root).map_err(|e| dir_err(e.to_string()))?;

@@ -1130,8 +1130,13 @@ impl Scheduler {
         };
         // A publish into a directory that is not there would fail only after the training.
         if !dir.is_dir() {
+            let what = if dir.exists() {
+                "is not a directory"
+            } else {
+                "does not exist"
+            };
             return Err(SchedError::Invalid(format!(
-                "publish: the Ollama models directory {} does not exist (create it, or set \
+                "publish: the Ollama models directory {} {what} (create it, or set \
                  publish.models_dir or jobd --ollama-models)",
                 dir.display()
             )));
@@ -1295,13 +1300,13 @@ impl Scheduler {
         if let Some(d) = overrides.models_dir {
             spec.models_dir = Some(d);
         }
-        if spec.ollama_name.is_empty() {
-            return Err((
-                reply,
-                SchedError::Invalid(format!(
-                    "job {id} has no [publish] section: give a name (--name)"
-                )),
-            ));
+        if spec.ollama_name.trim().is_empty() {
+            let why = if rec.spec.publish.is_some() {
+                "the model name must not be empty".to_string()
+            } else {
+                format!("job {id} has no [publish] section: give a name (--name)")
+            };
+            return Err((reply, SchedError::Invalid(why)));
         }
         let issues = crate::spec::publish::validate(&spec);
         if let Some(i) = issues.first() {

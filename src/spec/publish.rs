@@ -248,9 +248,11 @@ impl PartKind {
 }
 
 /// Ollama's `isValidPart`: 1–80 bytes (host 350), first `[A-Za-z0-9_]`, then also `-` and `.`
-/// (`.` not in a namespace) and `:` (host only, as a port).
+/// (`.` not in a namespace) and `:` (host only, as a port). A host is also a directory name in
+/// the store, so it must fit a file name (255 bytes): a longer one, which Ollama's rule allows,
+/// would fail only when the manifest is written, after the whole export.
 fn check_part(kind: PartKind, s: &str) -> Result<(), String> {
-    let max = if kind == PartKind::Host { 350 } else { 80 };
+    let max = if kind == PartKind::Host { 255 } else { 80 };
     if s.is_empty() {
         return Err(format!("the {} is empty", kind.label()));
     }
@@ -787,6 +789,14 @@ mod tests {
             name(&"m".repeat(81))
                 .unwrap_err()
                 .contains("longer than 80")
+        );
+        // A host is a directory name in the store: at most 255 bytes (QA: 300 passed the
+        // check and failed at the end of the export with "File name too long").
+        assert!(name(&format!("{}/ns/m", "h".repeat(255))).is_ok());
+        assert!(
+            name(&format!("{}/ns/m", "h".repeat(256)))
+                .unwrap_err()
+                .contains("host is longer than 255")
         );
     }
 

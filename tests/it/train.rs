@@ -415,7 +415,8 @@ fn a_failed_publish_can_be_done_again_by_hand() {
     let out = d.jobctl(&["submit", again.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("Ollama models directory") && stderr(&out).contains("does not exist"),
+        stderr(&out).contains("Ollama models directory")
+            && stderr(&out).contains("is not a directory"),
         "{}",
         stderr(&out)
     );
@@ -431,6 +432,30 @@ fn a_failed_publish_can_be_done_again_by_hand() {
     assert_eq!(rec.published.expect("published").quantization, "q8_0");
     // It has done all it was for now: succeeded, and `wait` says so.
     assert_eq!(rec.state, JobState::Succeeded);
+    // Mistakes in a publish or export by hand are named before any work.
+    let job = id.to_string();
+    for (args, why) in [
+        (vec!["publish", &job, "--name", ""], "must not be empty"),
+        (
+            vec!["publish", &job, "--models-dir", again.to_str().unwrap()],
+            "is not a directory",
+        ),
+        (
+            vec!["export", &job, "--gguf", tmp.path().to_str().unwrap()],
+            "a directory; give the file to write",
+        ),
+        (
+            vec!["export", &job, "--gguf", "/no/such/dir/m.gguf"],
+            "/no/such/dir does not exist",
+        ),
+    ] {
+        let out = d.jobctl(&args);
+        assert!(
+            out.status.code() == Some(1) && stderr(&out).contains(why),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
     assert!(d.jobctl(&["wait", &id.to_string()]).status.success());
     // A job that never finished training has nothing to publish.
     let never = d.write("never.toml", &command_job("exit 3", ""));
