@@ -112,7 +112,14 @@ impl From<JsonRejection> for ApiError {
         } else {
             status
         };
-        ApiError::new(status, code, r.body_text())
+        // axum says "Failed to deserialize the JSON body into the target type: priority: …";
+        // the field and the reason are what the caller needs.
+        let text = r.body_text();
+        let reason = text
+            .strip_prefix("Failed to deserialize the JSON body into the target type: ")
+            .map(|r| format!("invalid request body: {r}"))
+            .unwrap_or(text);
+        ApiError::new(status, code, reason)
     }
 }
 

@@ -438,7 +438,10 @@ pub async fn set_priority(
 ) -> Result<Json<JobView>, ApiError> {
     require_user(&caller)?;
     let Json(req) = body?;
-    let rec = st.sched.set_priority(&caller, id, req.priority).await?;
+    // Out of i32 is out of range too: the scheduler's check gives the message.
+    let priority =
+        i32::try_from(req.priority).unwrap_or(if req.priority < 0 { i32::MIN } else { i32::MAX });
+    let rec = st.sched.set_priority(&caller, id, priority).await?;
     Ok(Json(job_view(
         &rec,
         &caller,

@@ -144,7 +144,7 @@ pub async fn priority(client: &Client, args: &PriorityArgs, out: &Output) -> any
         .post(
             &format!("/jobs/{}/priority", args.id),
             &PriorityRequest {
-                priority: args.priority,
+                priority: args.priority.into(),
             },
         )
         .await?;

@@ -282,12 +282,13 @@ pub fn age(now: Millis, t: Millis) -> String {
     }
 }
 
-/// Local date and time of `t`.
+/// Local date and time of `t`, with the zone's offset (the daemon's schedules may be in
+/// another zone than this terminal).
 pub fn when(t: Millis) -> String {
     chrono::DateTime::from_timestamp_millis(t)
         .map(|d| {
             d.with_timezone(&chrono::Local)
-                .format("%Y-%m-%d %H:%M:%S")
+                .format("%Y-%m-%d %H:%M:%S %:z")
                 .to_string()
         })
         .unwrap_or_else(|| t.to_string())

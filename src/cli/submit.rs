@@ -67,8 +67,29 @@ pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
                 if r.gpus == 1 { "" } else { "s" }
             )
         };
+        // A schedule makes submit create a schedule, not a job: say so, with its next firing
+        // in UTC (the daemon's schedule_timezone may say local time instead).
+        let recurring = spec
+            .schedule
+            .as_deref()
+            .and_then(|expr| {
+                let cron: crate::spec::schedule::Cron = expr.parse().ok()?;
+                let next = cron.next_after(
+                    crate::spec::now_ms(),
+                    crate::spec::schedule::ScheduleTz::Utc,
+                )?;
+                Some(format!(
+                    "; recurring \"{expr}\" (submit creates a schedule; next run {} if the \
+                     daemon reads schedules in UTC)",
+                    crate::spec::schedule::describe_time(
+                        next,
+                        crate::spec::schedule::ScheduleTz::Utc
+                    )
+                ))
+            })
+            .unwrap_or_default();
         outln!(
-            "{}: ok — {} job, {gpus}, priority {}",
+            "{}: ok — {} job, {gpus}, priority {}{recurring}",
             args.file.display(),
             spec.kind.as_str(),
             spec.priority

@@ -113,7 +113,9 @@ pub struct EventsResponse {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriorityRequest {
-    pub priority: i32,
+    /// Wider than a job's `i32` so that any integer gets the range message rather than a
+    /// JSON type error.
+    pub priority: i64,
 }
 
 /// A change pushed on event streams: the job after the change and the event that made it.

@@ -188,7 +188,7 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
     assert_eq!(status, 201, "{resp}");
     let id = serde_json::from_str::<serde_json::Value>(&resp).unwrap()["id"].clone();
     assert!(id.is_u64(), "{resp}");
-    for p in [i64::from(i32::MIN), 1001] {
+    for p in [i64::from(i32::MIN), 1001, 99_999_999_999, -99_999_999_999] {
         let (status, body) = post_json(
             a,
             &format!("/api/v1/jobs/{id}/priority"),

@@ -35,6 +35,15 @@ fn firing_skip_on_overlap_pause_resume_run_now_delete() {
             "name = \"tick\"\nschedule = \"* * * * * *\"",
         ),
     );
+    // validate says the file makes a schedule, and when it fires.
+    let out = d.jobctl(&["validate", f.to_str().unwrap()]);
+    assert!(
+        out.status.success()
+            && stdout(&out)
+                .contains("recurring \"* * * * * *\" (submit creates a schedule; next run"),
+        "{}",
+        stdout(&out)
+    );
     let out = d.jobctl(&["submit", f.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(

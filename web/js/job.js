@@ -133,7 +133,7 @@ export class JobPage {
     this.meta = el('p', { class: 'meta' });
     this.cancelBtn = el('button', { type: 'button', id: 'act-cancel', onclick: () => this.cancel() }, 'Cancel');
     this.requeueBtn = el('button', { type: 'button', id: 'act-requeue', onclick: () => this.act('requeue', {}, 'Requeue') }, 'Requeue');
-    this.prioInput = el('input', { type: 'number', id: 'act-priority-value', step: 1, 'aria-label': 'new priority' });
+    this.prioInput = el('input', { type: 'number', id: 'act-priority-value', step: 1, min: -1000, max: 1000, 'aria-label': 'new priority' });
     this.prioBtn = el('button', { type: 'button', id: 'act-priority', onclick: () => this.setPriority() }, 'Set priority');
     this.actHint = el('p', { class: 'muted hint' });
     this.progress = el('div', { class: 'job-progress' });
@@ -359,8 +359,9 @@ export class JobPage {
 
   setPriority() {
     const v = Number(this.prioInput.value);
-    if (!Number.isInteger(v)) {
-      this.ctx.toast('The priority is a whole number', true);
+    // The daemon's range (spec::job::MAX_PRIORITY); it checks again.
+    if (!Number.isInteger(v) || Math.abs(v) > 1000) {
+      this.ctx.toast('The priority is a whole number from -1000 to 1000', true);
       return;
     }
     this.act('priority', { priority: v }, 'Priority');
