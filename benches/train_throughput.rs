@@ -702,6 +702,7 @@ fn time_checkpoint(params: &[Param], opt: &AdamW, rng: Rng, step: f64, dev: &Dev
         best_metric: None,
         best_checkpoint: None,
         spec_hash: String::new(),
+        settings: None,
         data_key: String::new(),
         trainable: "full".into(),
         loss_scale: None,

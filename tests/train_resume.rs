@@ -454,9 +454,19 @@ fn a_checkpoint_of_another_job_file_is_refused() {
     );
     let e = train::run(&changed, &ctx(&job)).unwrap_err();
     assert!(matches!(e, TrainError::CheckpointMismatch { .. }), "{e}");
-    assert!(e.to_string().contains("different job file"), "{e}");
-    // Options that do not change the computation may change between attempts.
-    let relaxed = spec(dir.path(), &scratch_job(1, "save_total_limit = 3"));
+    assert!(
+        e.to_string().contains("different job file")
+            && e.to_string()
+                .contains("training.learning_rate: 0.003 there, 0.001 here"),
+        "the error names what differs: {e}"
+    );
+    // Options that do not change the computation may change between attempts: saving,
+    // logging, how evaluation is batched.
+    let relaxed = spec(
+        dir.path(),
+        &scratch_job(1, "save_total_limit = 3\nper_device_eval_batch_size = 3")
+            .replace("logging_steps = 3", "logging_steps = 1"),
+    );
     let hooks = Hooks {
         stop_after_step: Some(5),
         ..Hooks::default()
@@ -588,4 +598,38 @@ fn a_stop_mid_step_abandons_the_step_when_finishing_would_not_fit() {
         train::run(s, &ctx(&job)).unwrap();
         assert_same_result(reference, &job);
     }
+}
+
+/// A best checkpoint damaged while the job was stopped is found when the job resumes, and the
+/// best is chosen again from the evaluations to come. (QA: the job trained to the end, then
+/// failed with "best checkpoint unusable" — and again at every requeue.)
+#[test]
+fn a_damaged_best_checkpoint_is_found_at_resume_not_after_training() {
+    let dir = workspace();
+    let extra = "load_best_model_at_end = true\ngreater_is_better = true\n";
+    let s = spec(dir.path(), &scratch_job(6, extra));
+    let job = dir.path().join("job");
+    let hooks = Hooks {
+        stop_after_step: Some(9),
+        ..Hooks::default()
+    };
+    assert_eq!(
+        run_with(&s, &ctx(&job), &hooks).unwrap(),
+        WorkerOutcome::Stopped { step: 9 }
+    );
+    let state = checkpoint::verify(&job.join("checkpoints/checkpoint-9")).unwrap();
+    let best = state.best_checkpoint.expect("evaluated at 4 and 8");
+    let weights = job
+        .join("checkpoints")
+        .join(&best)
+        .join("weights.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] ^= 0xff;
+    std::fs::write(&weights, bytes).unwrap();
+    assert_eq!(
+        train::run(&s, &ctx(&job)).unwrap(),
+        WorkerOutcome::Completed { steps: 20 }
+    );
+    assert!(job.join("output/model.safetensors").exists());
 }

@@ -606,11 +606,22 @@ fn validate_model(
                          and special tokens before any merge)",
                 ));
             }
-            match m.max_position_embeddings {
-                Some(0) => issues.push(Issue::new("model.max_position_embeddings", "must be > 0")),
-                None if data.and_then(|d| d.block_size).is_none() => issues.push(Issue::new(
+            match (m.max_position_embeddings, data.and_then(|d| d.block_size)) {
+                (Some(0), _) => {
+                    issues.push(Issue::new("model.max_position_embeddings", "must be > 0"))
+                }
+                (None, None) => issues.push(Issue::new(
                     "model.max_position_embeddings",
                     "is required with init = \"scratch\" unless data.block_size is set",
+                )),
+                // Both are in the file: a block longer than the model's positions would fail
+                // only in the worker.
+                (Some(ctx), Some(block)) if block > ctx => issues.push(Issue::new(
+                    "data.block_size",
+                    format!(
+                        "is {block}, longer than the model's model.max_position_embeddings \
+                         ({ctx})"
+                    ),
                 )),
                 _ => {}
             }
@@ -710,6 +721,16 @@ fn validate_training(a: &TrainingArgs, spec: &JobSpec, issues: &mut Vec<Issue>) 
     }
     if !(a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
         issues.push(Issue::new(k("weight_decay"), "must be >= 0"));
+    } else if a.learning_rate.is_finite() && a.learning_rate * a.weight_decay >= 1.0 {
+        // AdamW's decoupled decay multiplies every weight by 1 − lr·wd at each step.
+        issues.push(Issue::new(
+            k("weight_decay"),
+            format!(
+                "{} × learning_rate {} is at least 1: each step would multiply every weight by \
+                 1 − learning_rate × weight_decay ≤ 0 (typical: 0.0 to 0.1)",
+                a.weight_decay, a.learning_rate
+            ),
+        ));
     }
     for (name, v) in [("adam_beta1", a.adam_beta1), ("adam_beta2", a.adam_beta2)] {
         if !(v.is_finite() && (0.0..1.0).contains(&v)) {
@@ -1076,6 +1097,16 @@ mod tests {
     fn data_section_errors_name_the_option() {
         let e = err("kind = \"train\"\n[model]\nbase = \"m\"\n");
         assert!(e.contains("data: kind = \"train\" needs a [data]"), "{e}");
+        let e = err(&SCRATCH.replace(
+            "init = \"scratch\"\n",
+            "init = \"scratch\"\nmax_position_embeddings = 8\n",
+        ));
+        assert!(
+            e.contains(
+                "data.block_size: is 16, longer than the model's model.max_position_embeddings (8)"
+            ),
+            "{e}"
+        );
         let e = err(&SCRATCH.replace("block_size = 16", "block_size = 1"));
         assert!(e.contains("data.block_size: must be between 2"), "{e}");
         let e = err(&SCRATCH.replace("block_size = 16", "block_size = 16\neval_split = 1.5"));
@@ -1147,6 +1178,11 @@ mod tests {
             "at most max_steps",
         );
         bad(&t("weight_decay = -0.1"), "training.weight_decay", ">= 0");
+        bad(
+            &t("weight_decay = 1e300"),
+            "training.weight_decay",
+            "each step would multiply every weight",
+        );
         bad(&t("adam_beta1 = 1.0"), "training.adam_beta1", "< 1");
         bad(&t("adam_beta2 = -0.5"), "training.adam_beta2", ">= 0");
         bad(&t("adam_epsilon = 0.0"), "training.adam_epsilon", "> 0");

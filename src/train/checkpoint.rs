@@ -80,6 +80,10 @@ pub struct TrainerState {
     pub best_checkpoint: Option<String>,
     /// Hash of the training-relevant job spec ([`spec_hash`]).
     pub spec_hash: String,
+    /// Those settings ([`settings`]), so that a mismatch can name what differs (absent in
+    /// older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<serde_json::Value>,
     /// Hash of the tokenized training data.
     pub data_key: String,
     /// `"full"` or `"lora"`.
@@ -149,15 +153,48 @@ struct ManifestFile {
     sha256: String,
 }
 
-/// The hash of everything in the job spec that changes the training computation
-/// (`[model]`, `[data]`, `[training]` except saving, resume and activation-checkpointing
-/// options, `[lora]`).
-pub fn spec_hash(spec: &JobSpec) -> String {
+/// Everything in the job spec that changes the trained weights, as JSON: `[model]`, `[data]`,
+/// `[training]` and `[lora]`, less what only logs, saves or resumes (`logging_steps`,
+/// `logging_first_step`, `save_steps`, `save_total_limit`, `resume_from_checkpoint`), what
+/// computes the same bits another way (`gradient_checkpointing`), how evaluation is batched,
+/// and, unless `load_best_model_at_end` picks the output by it, when and on what it is judged.
+/// A run may resume with any of those changed.
+pub fn settings(spec: &JobSpec) -> serde_json::Value {
     let mut t = spec.training.clone().unwrap_or_default();
     t.save_steps = 0;
     t.save_total_limit = None;
     t.resume_from_checkpoint = Default::default();
     // Recomputing activations gives the same gradients, bit for bit.
+    t.gradient_checkpointing = false;
+    t.logging_steps = 0;
+    t.logging_first_step = false;
+    t.per_device_eval_batch_size = 0;
+    if !t.load_best_model_at_end {
+        t.eval_strategy = Default::default();
+        t.eval_steps = None;
+        t.metric_for_best_model = None;
+        t.greater_is_better = None;
+    }
+    serde_json::json!({
+        "model": spec.model,
+        "data": spec.data,
+        "training": t,
+        "lora": spec.lora,
+    })
+}
+
+/// The hash of [`settings`], recorded in each checkpoint.
+pub fn spec_hash(spec: &JobSpec) -> String {
+    hex::encode(Sha256::digest(settings(spec).to_string().as_bytes()))
+}
+
+/// The hash checkpoints written before [`settings`] left out logging and evaluation options:
+/// they still resume.
+fn spec_hash_v1(spec: &JobSpec) -> String {
+    let mut t = spec.training.clone().unwrap_or_default();
+    t.save_steps = 0;
+    t.save_total_limit = None;
+    t.resume_from_checkpoint = Default::default();
     t.gradient_checkpointing = false;
     let v = serde_json::json!({
         "model": spec.model,
@@ -166,6 +203,53 @@ pub fn spec_hash(spec: &JobSpec) -> String {
         "lora": spec.lora,
     });
     hex::encode(Sha256::digest(v.to_string().as_bytes()))
+}
+
+/// Whether a checkpoint was written by a job with the same [`settings`] as `spec`; if not, the
+/// settings that differ (`training.learning_rate: 0.003 there, 0.001 here`), when the
+/// checkpoint records its own (older ones keep only the hash).
+pub fn matches(state: &TrainerState, spec: &JobSpec) -> Result<(), Vec<String>> {
+    if state.spec_hash == spec_hash(spec) || state.spec_hash == spec_hash_v1(spec) {
+        return Ok(());
+    }
+    let Some(theirs) = &state.settings else {
+        return Err(Vec::new());
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    flatten("", theirs, &mut a);
+    flatten("", &settings(spec), &mut b);
+    let theirs: std::collections::BTreeMap<_, _> = a.into_iter().collect();
+    let ours: std::collections::BTreeMap<_, _> = b.into_iter().collect();
+    let keys: std::collections::BTreeSet<&String> = theirs.keys().chain(ours.keys()).collect();
+    let shown = |v: Option<&String>| v.cloned().unwrap_or_else(|| "unset".into());
+    Err(keys
+        .into_iter()
+        .filter(|k| theirs.get(*k) != ours.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} there, {} here",
+                shown(theirs.get(k)),
+                shown(ours.get(k))
+            )
+        })
+        .collect())
+}
+
+/// `{"a": {"b": 1}}` as `[("a.b", "1")]`.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
 }
 
 /// The directory name of the checkpoint at `step`.
@@ -583,5 +667,85 @@ mod tests {
         // TF32 products round differently: resuming across it is a different run.
         assert!(job("tf32 = true").training.unwrap().tf32);
         assert_ne!(base, spec_hash(&job("tf32 = true")));
+        // Logging and how evaluation is batched leave the weights alone (QA: a resume with
+        // only logging_steps changed was refused). Evaluation options count only when the
+        // output is the best evaluated checkpoint.
+        let variant = |from: &str, to: &str, extra: &str| {
+            let text = include_str!("../../jobs/tiny.toml")
+                .replace(from, to)
+                .replace("[training]\n", &format!("[training]\n{extra}\n"));
+            crate::spec::job::parse("tiny.toml", &text).expect("variant parses")
+        };
+        for (from, to, extra) in [
+            ("logging_steps = 25", "logging_steps = 7", ""),
+            ("", "", "logging_first_step = true"),
+            ("", "", "per_device_eval_batch_size = 64"),
+            ("eval_steps = 100", "eval_steps = 50", ""),
+        ] {
+            assert_eq!(base, spec_hash(&variant(from, to, extra)), "{to}{extra}");
+        }
+        let best = "load_best_model_at_end = true";
+        assert_ne!(
+            spec_hash(&variant("", "", best)),
+            spec_hash(&variant("eval_steps = 100", "eval_steps = 50", best))
+        );
+        assert_ne!(
+            base,
+            spec_hash(&variant("learning_rate = 3e-3", "learning_rate = 1e-3", ""))
+        );
+    }
+
+    #[test]
+    fn a_mismatch_names_the_settings_that_differ() {
+        let spec = job("");
+        let mut state = TrainerState {
+            version: FORMAT_VERSION,
+            step: 4,
+            total_steps: 10,
+            adam_step: 4,
+            position: super::super::data::Position {
+                epoch: 0,
+                micro_batch: 4,
+            },
+            accumulated_micro_batches: 0,
+            lr_scheduler: SchedulerState {
+                kind: "Linear".into(),
+                warmup_steps: 0,
+                total_steps: 10,
+                next_step: 4,
+            },
+            rng: super::super::rng::Rng { state: 1 },
+            log_history: Vec::new(),
+            pending_loss_sum: 0.0,
+            pending_steps: 0,
+            best_metric: None,
+            best_checkpoint: None,
+            spec_hash: spec_hash(&spec),
+            settings: None,
+            data_key: "k".into(),
+            trainable: "full".into(),
+            loss_scale: None,
+        };
+        assert_eq!(matches(&state, &spec), Ok(()));
+        // A checkpoint of the hash before logging options were left out still resumes.
+        state.spec_hash = spec_hash_v1(&spec);
+        assert_eq!(matches(&state, &spec), Ok(()));
+        let other = crate::spec::job::parse(
+            "tiny.toml",
+            &include_str!("../../jobs/tiny.toml")
+                .replace("learning_rate = 3e-3", "learning_rate = 1e-3")
+                .replace("seed = 1\n", "seed = 9\n"),
+        )
+        .unwrap();
+        state.spec_hash = spec_hash(&other);
+        assert_eq!(matches(&state, &spec), Err(vec![]), "no recorded settings");
+        state.settings = Some(settings(&other));
+        let diff = matches(&state, &spec).unwrap_err();
+        assert_eq!(diff.len(), 2, "{diff:?}");
+        assert!(
+            diff[0].starts_with("training.learning_rate: 0.001 there, "),
+            "{diff:?}"
+        );
+        assert!(diff[1].starts_with("training.seed: 9 there, "), "{diff:?}");
     }
 }

@@ -194,9 +194,14 @@ pub enum TrainError {
     },
     /// The checkpoint was written for a different job file.
     #[error(
-        "checkpoint {} was written by a different job file (training settings hash {found}, \
-         this job {expected}); use a new checkpoint directory or resume_from_checkpoint = false",
-        path.display()
+        "checkpoint {} was written by a different job file ({}); use a new checkpoint \
+         directory or resume_from_checkpoint = false",
+        path.display(),
+        if differences.is_empty() {
+            format!("training settings hash {found}, this job {expected}")
+        } else {
+            differences.join("; ")
+        }
     )]
     CheckpointMismatch {
         /// The checkpoint directory.
@@ -205,6 +210,8 @@ pub enum TrainError {
         expected: String,
         /// The checkpoint's hash.
         found: String,
+        /// The settings that differ, when the checkpoint records its own.
+        differences: Vec<String>,
     },
     /// The loop ended before the planned number of steps.
     #[error("training ended after {done} of {planned} planned steps")]

@@ -129,7 +129,7 @@ fn run_inner(
     checkpoint::clean_temporaries(&ctx.checkpoint_dir);
 
     let t_resume = Instant::now();
-    let resume = find_resume(args, &ctx.checkpoint_dir, &hash)?;
+    let resume = find_resume(args, &ctx.checkpoint_dir, spec)?;
     let loaded = match &resume {
         Some((dir, _)) => Some(checkpoint::load(dir, &device)?),
         None => None,
@@ -174,6 +174,7 @@ fn run_inner(
         best_metric: None,
         best_checkpoint: None,
         spec_hash: hash.clone(),
+        settings: Some(checkpoint::settings(spec)),
         data_key: sess.data_key.clone(),
         trainable: if sess.lora { "lora" } else { "full" }.into(),
         // f16 needs loss scaling to keep small gradients; bf16 has f32's range.
@@ -188,6 +189,26 @@ fn run_inner(
     if let (Some((dir, saved)), Some(loaded)) = (&resume, &loaded) {
         restore(dir, saved, loaded, &mut sess, &mut opt, &st)?;
         st = saved.clone();
+        // Checkpoints written from here on describe this job file (it may differ from the
+        // checkpoint's in logging or evaluation options, or the checkpoint may predate them).
+        st.spec_hash = hash.clone();
+        st.settings = Some(checkpoint::settings(spec));
+        // The best checkpoint is loaded only at the very end: one damaged since it was saved
+        // would fail the job after all its training, and again at every requeue. Found now,
+        // it is forgotten, and the evaluations still to come choose a new best (or the final
+        // weights are the output).
+        if args.load_best_model_at_end
+            && let Some(best) = st.best_checkpoint.clone()
+            && let Err(reason) = checkpoint::verify(&ctx.checkpoint_dir.join(&best))
+        {
+            tracing::warn!(checkpoint = %best, %reason, "the best checkpoint is unusable; choosing the best again from the evaluations still to come");
+            eprintln!(
+                "jobd worker: the best checkpoint {best} is unusable ({reason}); the best is \
+                 chosen again from the evaluations still to come"
+            );
+            st.best_checkpoint = None;
+            st.best_metric = None;
+        }
         let msg = format!("resumed from step {} ({})", st.step, dir.display());
         tracing::info!(step = st.step, checkpoint = %dir.display(), "resumed");
         eprintln!("jobd worker: {msg}");
@@ -457,9 +478,12 @@ fn run_inner(
         };
         let save = done.is_multiple_of(args.save_steps) || done == total;
         let eval_loss = if evaluate {
+            let t_eval = Instant::now();
             reporter.stage("evaluating")?;
             let l = eval_loss(&sess, &device, compute, args.per_device_eval_batch_size)?;
             reporter.stage("training")?;
+            // tokens_per_second is training throughput: the evaluation's time is left out.
+            since += t_eval.elapsed();
             Some(l)
         } else {
             None
@@ -594,7 +618,7 @@ fn run_inner(
 fn find_resume(
     args: &TrainingArgs,
     root: &Path,
-    hash: &str,
+    spec: &JobSpec,
 ) -> Result<Option<(PathBuf, TrainerState)>, TrainError> {
     let own = checkpoint::latest_valid(root);
     let found = match &args.resume_from_checkpoint {
@@ -605,7 +629,7 @@ fn find_resume(
         // progress at every interruption, and fail for good once that checkpoint is gone.
         _ if own
             .as_ref()
-            .is_some_and(|(_, state)| state.spec_hash == hash) =>
+            .is_some_and(|(_, state)| checkpoint::matches(state, spec).is_ok()) =>
         {
             tracing::info!(
                 "resume_from_checkpoint applies to the job's first start; this attempt goes on \
@@ -623,12 +647,13 @@ fn find_resume(
         }
     };
     if let Some((dir, state)) = &found
-        && state.spec_hash != hash
+        && let Err(differences) = checkpoint::matches(state, spec)
     {
         return Err(TrainError::CheckpointMismatch {
             path: dir.clone(),
-            expected: hash[..12].to_string(),
+            expected: checkpoint::spec_hash(spec)[..12].to_string(),
             found: state.spec_hash.chars().take(12).collect(),
+            differences,
         });
     }
     Ok(found)
