@@ -438,6 +438,22 @@ fn rotation_keeps_the_newest_and_the_best() {
     }
 }
 
+/// Runs `s` in `job` until it stops after step `stop` (as SIGTERM would there); returns the
+/// steps of the metrics records the job has then.
+fn run_until(s: &JobSpec, job: &Path, stop: u64) -> Vec<u64> {
+    let hooks = Hooks {
+        stop_after_step: Some(stop),
+        ..Hooks::default()
+    };
+    run_with(s, &ctx(job), &hooks).unwrap();
+    logged_steps(job)
+}
+
+/// The steps of `job`'s metrics records.
+fn logged_steps(job: &Path) -> Vec<u64> {
+    read_metrics(job).unwrap().iter().map(|r| r.step).collect()
+}
+
 #[test]
 fn a_checkpoint_of_another_job_file_is_refused() {
     let dir = workspace();
@@ -485,16 +501,7 @@ fn a_checkpoint_of_another_job_file_is_refused() {
         ),
     );
     let other = dir.path().join("other");
-    let hooks = Hooks {
-        stop_after_step: Some(6),
-        ..Hooks::default()
-    };
-    run_with(&explicit, &ctx(&other), &hooks).unwrap();
-    let steps: Vec<u64> = read_metrics(&other)
-        .unwrap()
-        .iter()
-        .map(|r| r.step)
-        .collect();
+    let steps = run_until(&explicit, &other, 6);
     assert_eq!(
         steps,
         vec![1, 3, 4, 6],
@@ -505,16 +512,7 @@ fn a_checkpoint_of_another_job_file_is_refused() {
     // interruption, and failed for good after the source was deleted).
     let moved = dir.path().join("moved-checkpoint-4");
     std::fs::rename(&ck4, &moved).unwrap();
-    let hooks = Hooks {
-        stop_after_step: Some(9),
-        ..Hooks::default()
-    };
-    run_with(&explicit, &ctx(&other), &hooks).unwrap();
-    let steps: Vec<u64> = read_metrics(&other)
-        .unwrap()
-        .iter()
-        .map(|r| r.step)
-        .collect();
+    let steps = run_until(&explicit, &other, 9);
     assert_eq!(steps, vec![1, 3, 4, 6, 8, 9]);
     std::fs::rename(&moved, &ck4).unwrap();
     // The same holds for resume_from_checkpoint = false once the job has checkpoints.
@@ -537,12 +535,7 @@ fn a_checkpoint_of_another_job_file_is_refused() {
         run_with(&never, &ctx(&other), &hooks).unwrap(),
         WorkerOutcome::Stopped { step: 10 }
     );
-    let steps: Vec<u64> = read_metrics(&other)
-        .unwrap()
-        .iter()
-        .map(|r| r.step)
-        .collect();
-    assert_eq!(steps, vec![1, 3, 4, 6, 8, 9]);
+    assert_eq!(logged_steps(&other), vec![1, 3, 4, 6, 8, 9]);
     assert!(checkpoint::verify(&other.join("checkpoints/checkpoint-10")).is_ok());
     // resume_from_checkpoint = false starts afresh and replaces a checkpoint of the same step.
     let fresh = spec(

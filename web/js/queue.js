@@ -3,7 +3,7 @@
 // their rows in place.
 
 import { api, token } from './api.js';
-import { bytes, duration, el, Eta, num, stateBadge } from './util.js';
+import { bytes, coalesced, duration, el, Eta, num, stateBadge } from './util.js';
 
 const PAGE = 50;
 
@@ -15,9 +15,9 @@ export class QueueView {
     this.params = {};
     this.rows = new Map(); // id -> {job, cells}
     this.eta = new Eta();
-    this.fetching = false;
-    this.again = false;
     this.rendered = false;
+    /** Fetches the page again; calls during a fetch coalesce into one more fetch after it. */
+    this.refresh = coalesced(() => this.load());
 
     this.mine = document.querySelector('#f-mine');
     this.state = document.querySelector('#f-state');
@@ -87,13 +87,8 @@ export class QueueView {
     return q;
   }
 
-  /** Fetches the page again; calls during a fetch coalesce into one more fetch after it. */
-  async refresh() {
-    if (this.fetching) {
-      this.again = true;
-      return;
-    }
-    this.fetching = true;
+  /** Fetches the page again. */
+  async load() {
     try {
       const resp = await api(`/queue?${this.query()}`);
       this.table.classList.remove('stale');
@@ -106,12 +101,6 @@ export class QueueView {
         console.error(e);
         this.ctx.toast(`Cannot load the queue: ${e.message}`, true);
       }
-    } finally {
-      this.fetching = false;
-    }
-    if (this.again) {
-      this.again = false;
-      this.refresh();
     }
   }
 

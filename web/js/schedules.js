@@ -3,24 +3,18 @@
 // Refreshed when the queue changes (a firing queues a job) and after each action.
 
 import { api } from './api.js';
-import { el, stateBadge, time } from './util.js';
+import { coalesced, el, stateBadge, time } from './util.js';
 
 export class SchedulesView {
   constructor(ctx) {
     this.ctx = ctx;
     this.panel = document.querySelector('#schedules-panel');
     this.body = document.querySelector('#schedules tbody');
-    this.fetching = false;
-    this.again = false;
+    /** Fetches the schedules again (calls during a fetch coalesce into one more). */
+    this.refresh = coalesced(() => this.load());
   }
 
-  /** Fetches the schedules again (coalescing calls that come while one is under way). */
-  async refresh() {
-    if (this.fetching) {
-      this.again = true;
-      return;
-    }
-    this.fetching = true;
+  async load() {
     try {
       const { schedules } = await api('/schedules');
       this.render(schedules);
@@ -28,12 +22,6 @@ export class SchedulesView {
       // Reads may be closed to anonymous visitors: then there is nothing to show.
       if (e.status !== 401 && e.status !== 403) this.ctx.toast(`Cannot load the schedules: ${e.message}`, true);
       this.panel.hidden = true;
-    } finally {
-      this.fetching = false;
-      if (this.again) {
-        this.again = false;
-        this.refresh();
-      }
     }
   }
 

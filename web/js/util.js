@@ -53,6 +53,32 @@ export function num(v, digits = 4) {
   return Number(v.toFixed(digits)).toString();
 }
 
+/**
+ * Wraps an async `task` so that calls while it runs do not overlap: they coalesce into one
+ * more run after it (a burst of "the queue changed" pushes makes two fetches, not twenty).
+ */
+export function coalesced(task) {
+  let running = false;
+  let again = false;
+  const run = async () => {
+    if (running) {
+      again = true;
+      return;
+    }
+    running = true;
+    try {
+      await task();
+    } finally {
+      running = false;
+    }
+    if (again) {
+      again = false;
+      run();
+    }
+  };
+  return run;
+}
+
 /** A stable colour per job, so it is the same on every GPU bar. */
 export function jobColour(id) {
   const hue = (id * 137.508) % 360;
