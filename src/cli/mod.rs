@@ -199,7 +199,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
         Command::Submit(args) => submit::submit(&client, &args, &out).await,
         Command::List(args) => list::list(&client, &args, &out).await,
         Command::Show(args) => show::show(&client, &args, &out).await,
-        Command::Logs(args) => logs::logs(&client, &args).await,
+        Command::Logs(args) => logs::logs(&client, &args, &out).await,
         Command::Cancel(args) => jobs::cancel(&client, &args, &out).await,
         Command::Wait(args) => jobs::wait(&client, &args.ids, &out).await,
         Command::Explain(args) => jobs::explain(&client, args.id, &out).await,

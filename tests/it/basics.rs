@@ -256,3 +256,49 @@ fn a_reader_that_stops_early_ends_jobctl_quietly() {
     let cancel = d.jobctl(&["cancel", &id, &second]);
     assert!(cancel.status.success(), "{}", stderr(&cancel));
 }
+
+/// `logs -n N` starts with the last N lines (QA: `--tail` counts bytes and cut lines in two);
+/// `--json logs` is one object with the text, and with `-f` one object per chunk, whole
+/// characters only (QA: `--json` was ignored and printed raw text).
+#[test]
+fn logs_by_lines_and_as_json() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    // 200 lines of multi-byte text, the last one without a newline; then more while followed.
+    let script = "for i in $(seq 1 200); do echo \"línea $i ✓\"; done; printf 'último'; sleep 1; printf ' fin\\n'";
+    let id = d.submit(&d.write("lines.toml", &command_job(script, "")));
+    let job = id.to_string();
+    wait_for("the first 200 lines", Duration::from_secs(20), || {
+        stdout(&d.jobctl(&["logs", &job])).contains("último")
+    });
+    let out = d.jobctl(&["logs", "-n", "3", &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text == "línea 199 ✓\nlínea 200 ✓\núltimo" || text == "línea 200 ✓\núltimo fin\n",
+        "{text:?}"
+    );
+    let all = d.jobctl(&["logs", "-f", "-n", "2", &job]);
+    assert_eq!(stdout(&all), "línea 200 ✓\núltimo fin\n");
+    let out = d.jobctl(&["--json", "logs", "-n", "1", &job]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["text"], "último fin\n", "{v}");
+    assert_eq!(v["stream"], "stdout");
+    let whole = std::fs::read(d.state.join(format!("jobs/{id}/stdout.log"))).unwrap();
+    assert_eq!(
+        v["offset"].as_u64().unwrap() as usize,
+        whole.len() - "último fin\n".len()
+    );
+    // -f with --json: JSON lines whose texts join to the whole log, offsets in order.
+    let out = d.jobctl(&["--json", "logs", "-f", &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut joined = String::new();
+    let mut next = 0;
+    for line in stdout(&out).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["offset"].as_u64().unwrap(), next, "{line}");
+        let t = v["text"].as_str().unwrap();
+        next += t.len() as u64;
+        joined.push_str(t);
+    }
+    assert_eq!(joined.as_bytes(), whole.as_slice());
+}
