@@ -77,6 +77,14 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
                     Some(pids) => format!("its worker (pid {}) was stopped", join(pids)),
                     None => "its worker was no longer running".into(),
                 };
+                // The attempt's GPU time counts for fair share as if jobd had seen it end (it
+                // used to be lost with the daemon): until now if its worker ran until this
+                // start, else until the last sign of life in its job directory.
+                let (seconds, until) = interrupted_usage(s, id, stopped.contains_key(&id));
+                if seconds > 0.0 {
+                    let user = s.jobs[&id].owner.user.clone();
+                    s.usage.add(&user, seconds, until);
+                }
                 s.apply(
                     id,
                     Some(JobState::Interrupted),
@@ -84,6 +92,7 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
                     &|r| {
                         r.process = None;
                         r.stop = None;
+                        r.gpu_seconds += seconds;
                     },
                 )?;
                 let again = if s.jobs[&id].kind == JobKind::Command {
@@ -125,6 +134,37 @@ fn ended_meanwhile(s: &Scheduler, id: JobId) -> Option<(ExitInfo, Millis)> {
         },
         ended_at,
     ))
+}
+
+/// GPU-seconds of an attempt that a daemon crash interrupted, and when they end.
+fn interrupted_usage(s: &Scheduler, id: JobId, ran_until_now: bool) -> (f64, Millis) {
+    let now = now_ms();
+    let Some(rec) = s.jobs.get(&id) else {
+        return (0.0, now);
+    };
+    let gpus = rec.placement.as_ref().map_or(0, |p| p.gpus.len());
+    let (Some(started), true) = (rec.started_at, rec.state != JobState::Publishing) else {
+        return (0.0, now);
+    };
+    let until = if ran_until_now {
+        now
+    } else {
+        let dir = rec.dir(&s.settings.jobs_dir);
+        [
+            files::STDOUT,
+            files::STDERR,
+            files::PROGRESS,
+            files::METRICS,
+        ]
+        .iter()
+        .filter_map(|f| std::fs::symlink_metadata(dir.join(f)).ok()?.modified().ok())
+        .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as Millis)
+        .max()
+        .unwrap_or(started)
+        .clamp(started, now)
+    };
+    (gpus as f64 * (until - started) as f64 / 1000.0, until)
 }
 
 fn join(pids: &[i32]) -> String {

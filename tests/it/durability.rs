@@ -238,3 +238,29 @@ fn sighup_is_ignored() {
     d.wait_state(id, JobState::Succeeded, Duration::from_secs(20));
     assert!(d.log().contains("SIGHUP ignored"), "{}", d.log());
 }
+
+/// A daemon killed with -9 does not lose the GPU time its running jobs had used: recovery
+/// charges it to them, so fair share comes back as it was (QA: the usage of every running job
+/// was reset to 0, and the queue order flipped after the restart).
+#[test]
+fn gpu_time_of_running_jobs_survives_a_crash() {
+    let mut d = TestDaemon::start(&["--gpus", "fake:24GiB"]);
+    let f = d.write(
+        "gpu.toml",
+        &command_job("sleep 60", "[resources]\ngpus = 1\nvram = \"10GiB\""),
+    );
+    let id = d.submit(&f);
+    d.wait_state(id, JobState::Running, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(2500));
+    d.kill9();
+    d.restart();
+    wait_for("the restarted job", Duration::from_secs(20), || {
+        d.job(id).record.attempts == 2
+    });
+    let used = d.job(id).record.gpu_seconds;
+    assert!(
+        (2.0..30.0).contains(&used),
+        "the first attempt's GPU time is kept: {used}"
+    );
+    d.jobctl(&["cancel", &id.to_string()]);
+}
