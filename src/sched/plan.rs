@@ -268,8 +268,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         match &job.placement {
             Some(p) if !p.gpus.is_empty() => {
                 use_.gpus += p.gpus.len() as u32;
-                use_.vram += p.vram_per_gpu * p.gpus.len() as u64;
                 for slot in &p.gpus {
+                    // A whole card counts against its owner's VRAM limit by its size, as
+                    // documented, not by the room it had when the job started.
+                    use_.vram += match rooms.iter().find(|r| r.info.uuid == slot.uuid) {
+                        Some(r) if p.exclusive => r.info.total_bytes.max(p.vram_per_gpu),
+                        _ => p.vram_per_gpu,
+                    };
                     if let Some(r) = rooms.iter_mut().find(|r| r.info.uuid == slot.uuid) {
                         r.room -= p.vram_per_gpu as i128;
                         r.jobs += 1;
@@ -310,15 +315,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut out = Plan::default();
     let mut held_one = false;
     let mut preempted: BTreeSet<JobId> = BTreeSet::new();
-    for (position, job) in order.iter().enumerate() {
+    for job in &order {
         let mut wait = |wait: Wait| {
-            out.waiting.insert(
-                job.id,
-                Waiting {
-                    wait,
-                    ahead: position,
-                },
-            );
+            // Ahead in line: the jobs before it that wait too (not those starting in this
+            // round, which leave the line).
+            let ahead = out.waiting.len();
+            out.waiting.insert(job.id, Waiting { wait, ahead });
         };
         // Dependencies.
         let mut blocked = None;
@@ -443,13 +445,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             .copied()
             .filter(|&i| fits(&rooms[i], need) && rooms[i].held_for.is_none_or(|h| h == job.id))
             .collect();
-        // A whole card counts against the owner's VRAM limit by what it gives the job (the
-        // limit check above knows only sizes asked for in bytes): only cards that fit what
-        // is left of the limit.
+        // A whole card counts against the owner's VRAM limit by its size (the limit check
+        // above knows only sizes asked for in bytes): only cards that fit what is left of
+        // the limit.
         if let (Some(max), Need::Whole) = (limits.max_vram, need) {
             let allowance = max.0.saturating_sub(user.vram) / u64::from(n.max(1));
             let before = candidates.len();
-            candidates.retain(|&i| rooms[i].room.max(0) as u64 <= allowance);
+            candidates.retain(|&i| rooms[i].info.total_bytes <= allowance);
             if (candidates.len() as u32) < n && before as u32 >= n {
                 wait(Wait::UserLimit {
                     what: format!(
@@ -488,7 +490,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             }
             user.running += 1;
             user.gpus += n;
-            user.vram += per_gpu * n as u64;
+            user.vram += match need {
+                Need::Bytes(b) => b * u64::from(n),
+                Need::Whole => chosen.iter().map(|&i| rooms[i].info.total_bytes).sum(),
+            };
             let mut gpus: Vec<GpuSlot> = chosen
                 .iter()
                 .map(|&i| GpuSlot {
@@ -791,6 +796,25 @@ pub fn feasible(
             gpus.len()
         ));
     }
+    // Whole cards count against the owner's VRAM limit by their size: with none of the
+    // eligible cards small enough, the job could never start.
+    if let (Some(max), Need::Whole) = (limits.max_vram, vram_need(rec)) {
+        let allowance = max.0 / u64::from(n.max(1));
+        let small = eligible
+            .iter()
+            .filter(|g| g.total_bytes <= allowance)
+            .count();
+        if (small as u32) < n {
+            let smallest = eligible.iter().map(|g| g.total_bytes).min().unwrap_or(0);
+            return Err(format!(
+                "the job takes {n} whole GPU{}, which count against {user}'s VRAM limit ({max}, \
+                 scheduler limits) by their size, and the smallest eligible GPU has {}: ask for \
+                 a VRAM amount instead of a whole card",
+                if n == 1 { "" } else { "s" },
+                ByteSize(smallest)
+            ));
+        }
+    }
     if let Need::Bytes(b) = vram_need(rec) {
         let mut caps: Vec<u64> = eligible
             .iter()
@@ -1018,8 +1042,10 @@ mod tests {
         w.queued = vec![job(1, 1, 20, 10), job(2, 1, 20, 20), hi];
         let p = w.plan();
         assert_eq!(started(&p), vec![(3, vec![0])]);
-        assert_eq!(p.waiting[&1].ahead, 1);
-        assert_eq!(p.waiting[&2].ahead, 2);
+        // Job 3 started: it is no longer in line ahead of them (QA: explain said "1 job is
+        // ahead" of the only job left waiting).
+        assert_eq!(p.waiting[&1].ahead, 0);
+        assert_eq!(p.waiting[&2].ahead, 1);
     }
 
     #[test]
@@ -1188,8 +1214,35 @@ mod tests {
         );
         // The 24 GiB card fits the limit.
         whole.spec.resources.only_gpus.clear();
-        w.queued = vec![whole];
+        w.queued = vec![whole.clone()];
         assert_eq!(started(&w.plan()), vec![(1, vec![1])]);
+
+        // By its size, not by the room other processes leave on it (QA: a 24 GiB card with
+        // 10 GiB in foreign use passed a 20 GiB limit, and kept counting as 13.5 GiB).
+        let mut w = World::new(vec![gpu(0, 24, 10)]);
+        w.cfg.default_limits.max_vram = Some(ByteSize::gib(20));
+        w.queued = vec![whole.clone()];
+        assert!(w.plan().start.is_empty());
+        let e = feasible(&whole, &w.gpus, &w.cfg, None).unwrap_err();
+        assert!(
+            e.contains("count against") && e.contains("smallest eligible GPU has 24GiB"),
+            "{e}"
+        );
+        // A running whole-card job counts its card's size: nothing more fits a 30 GiB limit.
+        let mut w = World::new(vec![gpu(0, 24, 10), gpu(1, 80, 0)]);
+        w.cfg.default_limits.max_vram = Some(ByteSize::gib(30));
+        let p = {
+            w.queued = vec![whole.clone()];
+            w.plan()
+        };
+        assert_eq!(started(&p), vec![(1, vec![0])]);
+        let mut running = whole;
+        running.state = JobState::Running;
+        running.placement = Some(p.start[0].placement.clone());
+        w.active = vec![running];
+        w.queued = vec![job(2, 1, 8, 0)];
+        let p = w.plan();
+        assert!(p.start.is_empty(), "24 + 8 > 30: {p:?}");
     }
 
     #[test]
