@@ -33,9 +33,24 @@ pub struct PriorityArgs {
 }
 
 pub async fn cancel(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::Result<bool> {
+    let mut ids = args.ids.clone();
+    ids.dedup();
+    // Queued jobs first: cancelling a running one frees its GPUs, and a queued job about to be
+    // cancelled too could start on them in between (QA: started, then killed at once).
+    if ids.len() > 1 {
+        let mut running = std::collections::HashSet::new();
+        for id in &ids {
+            if let Ok(v) = client.get::<JobView>(&format!("/jobs/{id}")).await
+                && v.record.state.holds_resources()
+            {
+                running.insert(*id);
+            }
+        }
+        ids.sort_by_key(|id| running.contains(id));
+    }
     let mut ok = true;
-    let mut views = Vec::new();
-    for id in &args.ids {
+    let mut entries = Vec::new();
+    for id in &ids {
         match client
             .post::<_, JobView>(&format!("/jobs/{id}/cancel"), &serde_json::json!({}))
             .await
@@ -49,27 +64,58 @@ pub async fn cancel(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::Re
                     };
                     outln!("job {id}: {what}");
                 }
-                views.push(v);
+                entries.push(serde_json::to_value(&v)?);
             }
             Err(e) if e.is_unreachable() => return Err(e.into()),
             Err(e) => {
                 // jobd's messages name the job already ("job 7 has already succeeded").
                 eprintln!("jobctl: {e}");
+                entries.push(failed_entry(*id, e));
                 ok = false;
             }
         }
     }
     if out.json {
-        out.print_json(&views)?;
+        out.print_json(&entries)?;
     }
     Ok(ok)
 }
 
+/// The `--json` entry of an id that failed in a command taking several:
+/// `{"id", "error": {"code", "message", "problems"}}`, in place of the job.
+fn failed_entry(id: JobId, e: impl Into<anyhow::Error>) -> serde_json::Value {
+    serde_json::json!({"id": id, "error": super::error_object(&e.into())})
+}
+
 /// Waits until every job is in a terminal state; true if all succeeded.
 pub async fn wait(client: &Client, ids: &[JobId], out: &Output) -> anyhow::Result<bool> {
-    let (all_ok, finals) = wait_for_end(client, ids, !out.json).await?;
+    // An id jobd does not know (or will not show) is reported in its place; the others are
+    // still waited for.
+    let mut all_ok = true;
+    let mut entries = Vec::new();
+    for id in ids {
+        match wait_for_end(client, &[*id], !out.json).await {
+            Ok((ok, finals)) => {
+                all_ok &= ok;
+                for v in finals {
+                    entries.push(serde_json::to_value(&v)?);
+                }
+            }
+            Err(e)
+                if e.downcast_ref::<crate::client::ClientError>()
+                    .is_some_and(crate::client::ClientError::is_unreachable) =>
+            {
+                return Err(e);
+            }
+            Err(e) => {
+                eprintln!("jobctl: {}", super::error_chain(&e));
+                entries.push(failed_entry(*id, e));
+                all_ok = false;
+            }
+        }
+    }
     if out.json {
-        out.print_json(&finals)?;
+        out.print_json(&entries)?;
     }
     Ok(all_ok)
 }
@@ -160,7 +206,7 @@ pub async fn priority(client: &Client, args: &PriorityArgs, out: &Output) -> any
 /// are still done (exit 1 if any failed).
 pub async fn requeue(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::Result<bool> {
     let mut ok = true;
-    let mut views = Vec::new();
+    let mut entries = Vec::new();
     // Oldest first: a job's dependencies are older than it (they must exist at submit), so
     // `requeue B A` puts A back before B, which would otherwise fail again at once on A.
     let mut ids = args.ids.clone();
@@ -175,17 +221,18 @@ pub async fn requeue(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::R
                 if !out.json {
                     outln!("job {id}: {}", v.record.state);
                 }
-                views.push(v);
+                entries.push(serde_json::to_value(&v)?);
             }
             Err(e) if e.is_unreachable() => return Err(e.into()),
             Err(e) => {
                 eprintln!("jobctl: {e}");
+                entries.push(failed_entry(*id, e));
                 ok = false;
             }
         }
     }
     if out.json {
-        out.print_json(&views)?;
+        out.print_json(&entries)?;
     }
     Ok(ok)
 }

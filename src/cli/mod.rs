@@ -141,6 +141,24 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// The `{"code", "message", "problems"}` object `--json` gives for a failure: jobd's own, or
+/// one made here (an invalid job file, no daemon).
+pub fn error_object(e: &anyhow::Error) -> serde_json::Value {
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Api {
+            code,
+            message,
+            problems,
+            ..
+        }) => serde_json::json!({"code": code, "message": message, "problems": problems}),
+        other => serde_json::json!({
+            "code": if other.is_some_and(ClientError::is_unreachable) { "unreachable" } else { "error" },
+            "message": error_chain(e),
+            "problems": [],
+        }),
+    }
+}
+
 /// Runs `jobctl` and returns its exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let json = cli.json;
@@ -156,21 +174,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             // With --json, every failure also leaves one error object on stdout: jobd's own,
             // or one made here (an invalid job file, no daemon).
             if json {
-                let body = match e.downcast_ref::<ClientError>() {
-                    Some(ClientError::Api {
-                        code,
-                        message,
-                        problems,
-                        ..
-                    }) => {
-                        serde_json::json!({"error": {"code": code, "message": message, "problems": problems}})
-                    }
-                    _ => serde_json::json!({"error": {
-                        "code": if unreachable { "unreachable" } else { "error" },
-                        "message": error_chain(&e),
-                    }}),
-                };
-                outln!("{body}");
+                outln!("{}", serde_json::json!({ "error": error_object(&e) }));
             }
             eprintln!("jobctl: {}", error_chain(&e));
             ExitCode::from(if unreachable { 2 } else { 1 })

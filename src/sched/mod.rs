@@ -791,10 +791,20 @@ impl Scheduler {
         now: Millis,
     ) -> Result<JobRecord, SchedError> {
         for (i, dep) in sub.spec.depends_on.iter().enumerate() {
-            if !self.jobs.contains_key(dep) {
-                return Err(SchedError::Invalid(format!(
-                    "depends_on[{i}]: job {dep} does not exist"
-                )));
+            match self.jobs.get(dep).map(|d| d.state) {
+                None => {
+                    return Err(SchedError::Invalid(format!(
+                        "depends_on[{i}]: job {dep} does not exist"
+                    )));
+                }
+                // It would fail at once: say so now (requeue the dependency first).
+                Some(s @ (JobState::Failed | JobState::Cancelled)) => {
+                    return Err(SchedError::Invalid(format!(
+                        "depends_on[{i}]: job {dep} has {s}, so this job would fail at once \
+                         (requeue job {dep} first)"
+                    )));
+                }
+                Some(_) => {}
             }
         }
         let mut rec = JobRecord::new_queued(owner, sub.name, sub.spec, sub.source, now);
@@ -887,9 +897,13 @@ impl Scheduler {
         // A finished job's priority means nothing, and the change would replace its reason
         // (why it failed) in `list` and the dashboard.
         if rec.state.is_terminal() {
+            let hint = if matches!(rec.state, JobState::Failed | JobState::Cancelled) {
+                " (requeue it first)"
+            } else {
+                ""
+            };
             return Err(SchedError::Conflict(format!(
-                "job {id} has already {}; a priority applies to queued and running jobs \
-                 (requeue it first)",
+                "job {id} has already {}; a priority applies to queued and running jobs{hint}",
                 rec.state
             )));
         }

@@ -302,3 +302,39 @@ fn logs_by_lines_and_as_json() {
     }
     assert_eq!(joined.as_bytes(), whole.as_slice());
 }
+
+/// Several ids under `--json`: each gets its job or an error entry, and the rest go on (QA:
+/// failures vanished from the array, and `wait` lost the jobs it had). Cancelling a running
+/// job and the queued job waiting for its GPU cancels the queued one first, so it never starts
+/// in between.
+#[test]
+fn several_ids_report_each_and_cancel_queued_first() {
+    let d = TestDaemon::start(&["--gpus", "fake:24GiB"]);
+    let gpu = "[resources]\ngpus = 1\nvram = \"20GiB\"";
+    let running = d.submit(&d.write("r.toml", &command_job("sleep 60", gpu)));
+    d.wait_state(running, JobState::Running, Duration::from_secs(20));
+    let queued = d.submit(&d.write("q.toml", &command_job("sleep 60", gpu)));
+    let out = d.jobctl(&[
+        "--json",
+        "cancel",
+        &running.to_string(),
+        &queued.to_string(),
+        "999",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    let missing = entries.iter().find(|e| e["id"] == 999).unwrap();
+    assert_eq!(missing["error"]["code"], "not_found", "{missing}");
+    assert!(entries.iter().any(|e| e["id"] == running && e["error"].is_null()));
+    d.wait_state(running, JobState::Cancelled, Duration::from_secs(20));
+    let states: Vec<JobState> = d.events(queued).iter().map(|e| e.state).collect();
+    assert_eq!(states, [JobState::Queued, JobState::Cancelled], "never started");
+
+    let out = d.jobctl(&["--json", "wait", "999", &running.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(entries[0]["error"]["code"], "not_found", "{entries:?}");
+    assert_eq!(entries[1]["id"], running, "{entries:?}");
+    assert_eq!(entries[1]["state"], "cancelled", "{entries:?}");
+}

@@ -150,7 +150,7 @@ fn dependencies_and_retries() {
     );
     let out = d.jobctl(&["wait", &after.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let bad = d.submit(&d.write("bad.toml", &command_job("exit 4", "")));
+    let bad = d.submit(&d.write("bad.toml", &command_job("sleep 1; exit 4", "")));
     let dep = d.submit(&d.write(
         "dep.toml",
         &command_job("echo never", &format!("depends_on = [{bad}]")),
@@ -163,9 +163,23 @@ fn dependencies_and_retries() {
             .unwrap()
             .contains(&format!("dependency job {bad} failed"))
     );
+    // Once the dependency has failed, a new dependent is refused: it would fail at once.
+    let late = d.write(
+        "late.toml",
+        &command_job("echo never", &format!("depends_on = [{bad}]")),
+    );
+    let out = d.jobctl(&["submit", late.to_str().unwrap()]);
+    assert!(
+        out.status.code() == Some(1)
+            && stderr(&out).contains(&format!(
+                "job {bad} has failed, so this job would fail at once"
+            )),
+        "{}",
+        stderr(&out)
+    );
     // A chain fails all the way down at once (the third link used to wait for some unrelated
     // event to wake the scheduler), and `wait` on its end returns.
-    let gate = d.submit(&d.write("gate.toml", &command_job("sleep 0.5; exit 1", "")));
+    let gate = d.submit(&d.write("gate.toml", &command_job("sleep 2; exit 1", "")));
     let mut chain = vec![gate];
     for i in 0..3 {
         let prev = *chain.last().unwrap();
@@ -423,7 +437,7 @@ fn requeue_puts_dependencies_back_first() {
     let marker = d.path("fixed");
     let a = d.submit(&d.write(
         "a.toml",
-        &command_job(&format!("test -e {}", marker.display()), ""),
+        &command_job(&format!("sleep 1; test -e {}", marker.display()), ""),
     ));
     let b = d.submit(&d.write(
         "b.toml",
