@@ -194,6 +194,7 @@ impl JobFilter {
             .filter(|s| !s.trim().is_empty())
             .map(|s| {
                 s.split(',')
+                    .map(str::trim)
                     .filter(|p| !p.is_empty())
                     .map(str::parse)
                     .collect::<Result<_, _>>()

@@ -28,16 +28,21 @@ pub struct ListArgs {
 }
 
 pub async fn list(client: &Client, args: &ListArgs, out: &Output) -> anyhow::Result<bool> {
-    let mut path = format!("/jobs?limit={}&all={}", args.limit, args.all);
+    // Encoded: a filter value is the user's text (spaces, '&').
+    let mut query: Vec<(&str, String)> = vec![
+        ("limit", args.limit.to_string()),
+        ("all", args.all.to_string()),
+    ];
     if let Some(s) = &args.state {
-        path.push_str(&format!("&state={s}"));
+        query.push(("state", s.clone()));
     }
     if let Some(u) = &args.user {
-        path.push_str(&format!("&owner={u}"));
+        query.push(("owner", u.clone()));
     }
     if args.mine {
-        path.push_str("&mine=true");
+        query.push(("mine", "true".into()));
     }
+    let path = format!("/jobs?{}", serde_urlencoded::to_string(&query)?);
     let resp: ListResponse = client.get(&path).await?;
     if out.json {
         out.print_json(&resp)?;

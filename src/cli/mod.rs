@@ -305,11 +305,27 @@ pub fn bytes(b: u64) -> String {
 
 /// Parses job ids given on the command line.
 pub fn parse_id(s: &str) -> Result<JobId, String> {
+    if s.starts_with("schedule:") {
+        return Err(format!(
+            "{s:?} is a schedule, not a job: `jobctl schedules` lists schedules and the job \
+             each last queued"
+        ));
+    }
     s.trim_start_matches('#')
         .parse::<JobId>()
         .ok()
         .filter(|i| *i > 0)
         .ok_or_else(|| format!("{s:?} is not a job id"))
+}
+
+/// A schedule id: `N`, or `schedule:N` as `jobctl submit` prints it.
+pub fn parse_schedule_id(s: &str) -> Result<u64, String> {
+    s.strip_prefix("schedule:")
+        .unwrap_or(s)
+        .parse::<u64>()
+        .ok()
+        .filter(|i| *i > 0)
+        .ok_or_else(|| format!("{s:?} is not a schedule id"))
 }
 
 /// jobctl(1): one page with every command (clap_mangen's own page points at a page per

@@ -23,7 +23,8 @@ pub struct ScheduleArgs {
     /// What to do.
     #[arg(value_enum)]
     pub action: Action,
-    /// Schedule id (see `jobctl schedules`).
+    /// Schedule id (see `jobctl schedules`; `schedule:N` as `submit` prints it works too).
+    #[arg(value_parser = super::parse_schedule_id)]
     pub id: u64,
 }
 

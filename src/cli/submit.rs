@@ -115,7 +115,9 @@ pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow:
                 "created schedule {} ({}): \"{expr}\", next run {next}",
                 s.record.id, s.record.name
             );
-            outln!("{}", s.record.id);
+            // Not a bare number: `id=$(jobctl submit f.toml); jobctl wait $id` would wait for
+            // an unrelated job with that number.
+            outln!("schedule:{}", s.record.id);
         }
         if args.follow {
             eprintln!(

@@ -62,6 +62,19 @@ impl std::str::FromStr for Endpoint {
         if path.is_empty() {
             return Err("empty daemon address".into());
         }
+        // `127.0.0.1:8080` or `gpu-box:7878` is a TCP address missing its scheme, not a socket
+        // file in the current directory.
+        if !s.starts_with("unix:")
+            && !path.contains('/')
+            && path
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        {
+            return Err(format!(
+                "{s:?} is neither a socket path nor a URL: for TCP write http://{s} (a socket \
+                 file here: ./{s})"
+            ));
+        }
         Ok(Endpoint::Unix(PathBuf::from(path)))
     }
 }
@@ -69,7 +82,10 @@ impl std::str::FromStr for Endpoint {
 /// Errors talking to the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach jobd at {endpoint} (is the daemon running? set JOBD_URL or --url)")]
+    #[error(
+        "cannot reach jobd at {endpoint}: {source} (is the daemon running? `systemctl start \
+         jobd`, or `jobd &` for your own; another address: JOBD_URL or --url)"
+    )]
     Unreachable {
         endpoint: Endpoint,
         source: std::io::Error,
@@ -343,6 +359,13 @@ mod tests {
             }
         );
         assert!("https://x".parse::<Endpoint>().is_err());
+        // A TCP address without its scheme is not a socket file named "127.0.0.1:8470".
+        let e = "127.0.0.1:8470".parse::<Endpoint>().unwrap_err();
+        assert!(e.contains("write http://127.0.0.1:8470"), "{e}");
+        assert_eq!(
+            "jobd.sock".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("jobd.sock".into())
+        );
         assert!("http://:80".parse::<Endpoint>().is_err());
         let e = "http://gpu-box:8470/api".parse::<Endpoint>().unwrap_err();
         assert!(e.contains("has a path (/api)"), "{e}");

@@ -326,10 +326,32 @@ fn several_ids_report_each_and_cancel_queued_first() {
     assert_eq!(entries.len(), 3, "{entries:?}");
     let missing = entries.iter().find(|e| e["id"] == 999).unwrap();
     assert_eq!(missing["error"]["code"], "not_found", "{missing}");
-    assert!(entries.iter().any(|e| e["id"] == running && e["error"].is_null()));
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["id"] == running && e["error"].is_null())
+    );
     d.wait_state(running, JobState::Cancelled, Duration::from_secs(20));
     let states: Vec<JobState> = d.events(queued).iter().map(|e| e.state).collect();
-    assert_eq!(states, [JobState::Queued, JobState::Cancelled], "never started");
+    assert_eq!(
+        states,
+        [JobState::Queued, JobState::Cancelled],
+        "never started"
+    );
+
+    // Filters are the user's text: encoded, and "a, b" is a list like "a,b" (QA: "invalid
+    // uri character", and an owner of 'x&state=failed' applied a state filter).
+    let out = d.jobctl(&["list", "--all", "--state", "queued, cancelled"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&queued.to_string()),
+        "{}",
+        stdout(&out)
+    );
+    let out = d.jobctl(&["--json", "list", "--all", "--user", "root&state=failed"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["total"], 0, "no user has that name: {v}");
 
     let out = d.jobctl(&["--json", "wait", "999", &running.to_string()]);
     assert_eq!(out.status.code(), Some(1));

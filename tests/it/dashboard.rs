@@ -403,7 +403,12 @@ fn dashboard_in_headless_chromium() {
     );
     let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", nightly.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let schedule: u64 = stdout(&out).trim().parse().unwrap();
+    let schedule: u64 = stdout(&out)
+        .trim()
+        .strip_prefix("schedule:")
+        .unwrap()
+        .parse()
+        .unwrap();
 
     let out_dir = artifacts();
     let _ = std::fs::remove_dir_all(&out_dir);

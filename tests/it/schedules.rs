@@ -51,7 +51,12 @@ fn firing_skip_on_overlap_pause_resume_run_now_delete() {
         "{}",
         stderr(&out)
     );
-    let sid: u64 = stdout(&out).trim().parse().unwrap();
+    let sid: u64 = stdout(&out)
+        .trim()
+        .strip_prefix("schedule:")
+        .unwrap()
+        .parse()
+        .unwrap();
     wait_for("two runs", Duration::from_secs(15), || {
         jobs_of(&d, sid).len() >= 2
     });
@@ -83,11 +88,15 @@ fn firing_skip_on_overlap_pause_resume_run_now_delete() {
         stderr(&other)
     );
 
+    // What submit printed is taken by the schedule commands, and refused by the job ones.
+    let printed = format!("schedule:{sid}");
+    let out = d.jobctl(&["wait", &printed]);
     assert!(
-        d.jobctl(&["schedule", "pause", &sid.to_string()])
-            .status
-            .success()
+        out.status.code() == Some(2) && stderr(&out).contains("is a schedule, not a job"),
+        "{}",
+        stderr(&out)
     );
+    assert!(d.jobctl(&["schedule", "pause", &printed]).status.success());
     let n = jobs_of(&d, sid).len();
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(jobs_of(&d, sid).len(), n, "a paused schedule does not fire");
@@ -138,6 +147,8 @@ fn overlap_queue_queues_every_firing() {
     );
     let sid: u64 = stdout(&d.jobctl(&["submit", f.to_str().unwrap()]))
         .trim()
+        .strip_prefix("schedule:")
+        .unwrap()
         .parse()
         .unwrap();
     wait_for("three runs", Duration::from_secs(10), || {
@@ -171,6 +182,8 @@ fn catch_up_after_a_restart_runs_once() {
         );
         let sid: u64 = stdout(&d.jobctl(&["submit", f.to_str().unwrap()]))
             .trim()
+            .strip_prefix("schedule:")
+            .unwrap()
             .parse()
             .unwrap();
         wait_for("a first run", Duration::from_secs(10), || {
@@ -250,7 +263,12 @@ fn previous_chains_train_runs() {
     );
     let out = d.jobctl(&["submit", nightly_file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let sid: u64 = stdout(&out).trim().parse().unwrap();
+    let sid: u64 = stdout(&out)
+        .trim()
+        .strip_prefix("schedule:")
+        .unwrap()
+        .parse()
+        .unwrap();
     wait_for("two successful runs", Duration::from_secs(120), || {
         jobs_of(&d, sid)
             .iter()
