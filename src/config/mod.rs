@@ -80,6 +80,10 @@ pub struct SchedulerFile {
     pub allowed_gpus: Vec<GpuSelector>,
     /// Let higher-priority jobs preempt lower-priority running ones (default true).
     pub preemption: Option<bool>,
+    /// The highest priority a user who is not an admin may give a job (default 0, as Slurm's
+    /// nice: users may lower their jobs' priority to let their other jobs go first; above it
+    /// a job would go ahead of, and preempt, other people's work).
+    pub max_user_priority: Option<i32>,
     /// How fast past GPU use is forgotten for fair share (half-life).
     pub fair_share_half_life: Option<HumanDuration>,
     /// How often the GPU inventory is refreshed when nothing else happens.
@@ -219,6 +223,8 @@ pub struct SchedulerConfig {
     pub starvation_after: Duration,
     pub allowed_gpus: Vec<GpuSelector>,
     pub preemption: bool,
+    /// See [`SchedulerFile::max_user_priority`].
+    pub max_user_priority: i32,
     pub fair_share_half_life: Duration,
     pub gpu_refresh: Duration,
     pub default_limits: UserLimits,
@@ -232,6 +238,7 @@ impl Default for SchedulerConfig {
             starvation_after: Duration::from_secs(300),
             allowed_gpus: Vec::new(),
             preemption: true,
+            max_user_priority: 0,
             fair_share_half_life: Duration::from_secs(24 * 3600),
             gpu_refresh: Duration::from_secs(10),
             default_limits: UserLimits::default(),
@@ -366,6 +373,7 @@ impl Config {
                     .map_or(defaults.starvation_after, |d| d.0),
                 allowed_gpus: s.allowed_gpus.clone(),
                 preemption: s.preemption.unwrap_or(true),
+                max_user_priority: s.max_user_priority.unwrap_or(defaults.max_user_priority),
                 fair_share_half_life: s
                     .fair_share_half_life
                     .map_or(defaults.fair_share_half_life, |d| d.0),
@@ -471,6 +479,17 @@ impl ConfigFile {
             && d.0 < Duration::from_secs(1)
         {
             issues.push(Issue::new("scheduler.gpu_refresh", "must be at least 1s"));
+        }
+        if let Some(p) = self.scheduler.max_user_priority
+            && !crate::spec::job::priority_in_range(p)
+        {
+            issues.push(Issue::new(
+                "scheduler.max_user_priority",
+                format!(
+                    "must be between -{0} and {0}",
+                    crate::spec::job::MAX_PRIORITY
+                ),
+            ));
         }
         if let Some(d) = self.scheduler.fair_share_half_life
             && d.0.is_zero()
@@ -613,6 +632,10 @@ mod tests {
             (
                 "[scheduler]\nfair_share_half_life = \"0s\"\n",
                 "scheduler.fair_share_half_life: must be more than 0",
+            ),
+            (
+                "[scheduler]\nmax_user_priority = 5000\n",
+                "scheduler.max_user_priority: must be between -1000 and 1000",
             ),
             (
                 "header_read_timeout = \"0s\"\n",

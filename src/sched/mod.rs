@@ -751,6 +751,7 @@ impl Scheduler {
                 "this job file has a schedule: submit it as a schedule (jobctl submit does; POST /api/v1/schedules)".into(),
             ));
         }
+        self.check_priority(caller, sub.spec.priority, None)?;
         let rec = self.prepare_job(owner, sub, now_ms())?;
         let reason = format!("submitted by {}", caller.user.as_deref().unwrap_or("?"));
         let (rec, event) = self
@@ -759,6 +760,26 @@ impl Scheduler {
         info!(job_id = rec.id, owner = %rec.owner.user, name = %rec.name, "job submitted");
         self.note_change(rec.clone(), Some(event));
         Ok(rec)
+    }
+
+    /// A priority above `scheduler.max_user_priority` puts a job ahead of other people's (and
+    /// lets it preempt them): only admins may give it. Anyone may lower a priority, including
+    /// one an admin raised (`current`).
+    pub(super) fn check_priority(
+        &self,
+        caller: &Caller,
+        priority: i32,
+        current: Option<i32>,
+    ) -> Result<(), SchedError> {
+        let max = self.settings.policy.max_user_priority;
+        if caller.admin || priority <= max || current.is_some_and(|c| priority <= c) {
+            return Ok(());
+        }
+        Err(SchedError::Forbidden(format!(
+            "priority {priority} is above what users may give their jobs ({max}, \
+             scheduler.max_user_priority): it would put the job ahead of other people's work \
+             and let it preempt them; ask an admin, or lower your other jobs' priority instead"
+        )))
     }
 
     fn check_submitter(&self, caller: &Caller) -> Result<(), SchedError> {
@@ -822,8 +843,35 @@ impl Scheduler {
             &self.settings.policy,
             self.gpus.note.as_deref(),
         )
-        .map_err(SchedError::Infeasible)?;
+        .map_err(|why| SchedError::Infeasible(format!("{why}{}", self.smaller_variant(&rec))))?;
         Ok(rec)
+    }
+
+    /// For a train job too big for this machine: the change in its job file that would make
+    /// it fit, when recomputing activations (`gradient_checkpointing`) is enough.
+    fn smaller_variant(&self, rec: &JobRecord) -> String {
+        let Some(t) = rec.spec.training.as_ref() else {
+            return String::new();
+        };
+        if rec.kind != JobKind::Train
+            || t.gradient_checkpointing
+            || rec.spec.resources.vram != crate::spec::job::VramRequest::Auto
+        {
+            return String::new();
+        }
+        let mut with = rec.clone();
+        if let Some(t) = with.spec.training.as_mut() {
+            t.gradient_checkpointing = true;
+        }
+        with.vram_estimate = crate::estimate::per_gpu_bytes(&with.spec);
+        let fits = plan::feasible(&with, &self.gpus.gpus, &self.settings.policy, None).is_ok();
+        match with.vram_estimate {
+            Some(b) if fits => format!(
+                "; with training.gradient_checkpointing = true it needs {} and fits",
+                crate::spec::units::ByteSize(b)
+            ),
+            _ => String::new(),
+        }
     }
 
     fn get_for_change(&self, caller: &Caller, id: JobId) -> Result<&JobRecord, SchedError> {
@@ -894,6 +942,7 @@ impl Scheduler {
                 crate::spec::job::MAX_PRIORITY
             )));
         }
+        self.check_priority(caller, priority, Some(rec.priority))?;
         // A finished job's priority means nothing, and the change would replace its reason
         // (why it failed) in `list` and the dashboard.
         if rec.state.is_terminal() {

@@ -31,6 +31,7 @@ impl Scheduler {
         sub: Submission,
     ) -> Result<ScheduleRecord, SchedError> {
         self.check_submitter(caller)?;
+        self.check_priority(caller, sub.spec.priority, None)?;
         let expr = sub.spec.schedule.clone().ok_or_else(|| {
             SchedError::Invalid("a schedule needs schedule = \"<cron expression>\"".into())
         })?;

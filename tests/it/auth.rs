@@ -43,6 +43,37 @@ fn only_the_owner_or_an_admin_may_cancel() {
         "priority changes are refused too"
     );
 
+    // A user may lower their job's priority, not raise it above scheduler.max_user_priority
+    // (0 by default): that would put it ahead of other people's jobs and preempt them.
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["priority", &id, "1"]);
+    assert!(
+        out.status.code() == Some(1) && stderr(&out).contains("scheduler.max_user_priority"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["priority", &id, "-5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let high = d.write("high.toml", &command_job("sleep 30", "priority = 3"));
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", high.to_str().unwrap()]);
+    assert!(
+        out.status.code() == Some(1) && stderr(&out).contains("above what users may give"),
+        "{}",
+        stderr(&out)
+    );
+    // An admin may raise it; its owner may then lower it again, not raise it further.
+    assert!(d.jobctl(&["priority", &id, "50"]).status.success());
+    assert!(
+        d.jobctl_tcp(Some(TOKEN_NOBODY), &["priority", &id, "20"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        d.jobctl_tcp(Some(TOKEN_NOBODY), &["priority", &id, "30"])
+            .status
+            .code(),
+        Some(1)
+    );
+
     // The socket caller here is the test's own user: root or the daemon's user, an admin.
     let out = d.jobctl(&["cancel", &id]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -101,7 +101,11 @@ fn dashboard_files_are_served_from_the_binary() {
 /// counts every job by state, and shows each row's resources and waiting reason.
 #[test]
 fn queue_sorts_filters_and_pages() {
-    let d = TestDaemon::start(&["--gpus", "fake:24GiB"]);
+    // Users may give priorities up to 10 here (the default is 0: only admins go higher).
+    let d = TestDaemon::start_with_config(
+        &["--gpus", "fake:24GiB"],
+        "[scheduler]\nmax_user_priority = 10\n",
+    );
     // Job 1 holds 20 GiB (at a priority nothing preempts); jobs 2..=7 wait behind it, of two
     // owners and several priorities.
     let hold = d.write(
@@ -355,12 +359,16 @@ fn dashboard_in_headless_chromium() {
         return;
     }
     let models = tempfile::tempdir().unwrap();
-    let d = TestDaemon::start(&[
-        "--gpus",
-        "fake:24GiB,80GiB",
-        "--ollama-models",
-        models.path().to_str().unwrap(),
-    ]);
+    // The page raises a priority as its owner: allowed up to 10 here.
+    let d = TestDaemon::start_with_config(
+        &[
+            "--gpus",
+            "fake:24GiB,80GiB",
+            "--ollama-models",
+            models.path().to_str().unwrap(),
+        ],
+        "[scheduler]\nmax_user_priority = 10\n",
+    );
     let submit = |name: &str, text: &str, token: &str| -> u64 {
         let f = d.write(name, text);
         let out = d.jobctl_tcp(Some(token), &["submit", f.to_str().unwrap()]);

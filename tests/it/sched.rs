@@ -497,3 +497,50 @@ fn allowed_gpus_confine_jobs_and_a_missing_one_is_warned_about() {
         warned[0]
     );
 }
+
+/// A train job too big for every GPU is refused with the change that makes it fit, when
+/// recomputing activations is enough (QA: "needs 156GiB" and nothing more, though the
+/// estimate knew that gradient checkpointing halves it).
+#[test]
+fn a_train_job_too_big_is_told_what_would_make_it_fit() {
+    let d = TestDaemon::start(&["--gpus", "fake:24GiB"]);
+    // A 7B llama, as far as the estimate looks: its config (the files need only exist).
+    let base = d.path("llama-7b");
+    std::fs::create_dir(&base).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+    });
+    std::fs::write(base.join("config.json"), config.to_string()).unwrap();
+    for f in ["tokenizer.json", "model.safetensors"] {
+        std::fs::write(base.join(f), "{}").unwrap();
+    }
+    let data = d.write("train.jsonl", "{\"text\": \"hello\"}\n");
+    let job = |extra: &str| {
+        format!(
+            "kind = \"train\"\n[model]\nbase = {:?}\n[data]\ntrain_file = {:?}\nblock_size = 4096\n\
+             [training]\ndtype = \"bf16\"\nper_device_train_batch_size = 1\n{extra}\n\
+             [lora]\nr = 16\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]\n\
+             [resources]\ngpus = 1\n",
+            base.display().to_string(),
+            data.display().to_string()
+        )
+    };
+    let out = d.jobctl(&["submit", d.write("big.toml", &job("")).to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("with training.gradient_checkpointing = true it needs")
+            && stderr(&out).contains("and fits"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.jobctl(&[
+        "submit",
+        d.write("ckpt.toml", &job("gradient_checkpointing = true"))
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.jobctl(&["cancel", stdout(&out).trim()]);
+}
