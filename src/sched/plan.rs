@@ -151,12 +151,17 @@ impl Wait {
                     (false, Need::Whole) => "a whole GPU".to_string(),
                     (false, _) => format!("{need} on one GPU"),
                 };
-                match best_gpu {
-                    Some(g) => format!(
+                match (best_gpu, need) {
+                    // Room is not what a whole card waits for: a card without jobd jobs.
+                    (_, Need::Whole) => format!(
+                        "needs {per} to itself: it starts on an eligible GPU once no other \
+                         jobd job runs there"
+                    ),
+                    (Some(g), _) => format!(
                         "needs {per}; the best GPU now is GPU {g} with {} free for jobd",
                         ByteSize(*best_free)
                     ),
-                    None => format!("needs {per}; no eligible GPU has room now"),
+                    (None, _) => format!("needs {per}; no eligible GPU has room now"),
                 }
             }
             Wait::NoGpus { need, eligible } => format!(

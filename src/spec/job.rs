@@ -573,13 +573,21 @@ impl JobSpec {
     pub fn check_paths(&self) -> Vec<Issue> {
         let mut issues = Vec::new();
         if let Some(cmd) = &self.command {
-            if let Some(w) = &cmd.workdir
-                && !w.is_dir()
-            {
-                issues.push(Issue::new(
-                    "command.workdir",
-                    format!("{} is not a directory", w.display()),
-                ));
+            if let Some(w) = &cmd.workdir {
+                if !w.is_dir() {
+                    issues.push(Issue::new(
+                        "command.workdir",
+                        format!("{} is not a directory", w.display()),
+                    ));
+                } else if let Err(e) = std::fs::metadata(w.join(".")) {
+                    // Looking up "DIR/." needs the right to enter DIR, checked with the file
+                    // rights in force (a root daemon checks with the submitter's): a directory
+                    // the job could not start in is refused now, not at its start.
+                    issues.push(Issue::new(
+                        "command.workdir",
+                        format!("{}: cannot enter it: {e}", w.display()),
+                    ));
+                }
             }
             if let Some(program) = cmd.argv.first() {
                 let path_var = cmd

@@ -215,6 +215,22 @@ fn a_job_file_is_checked_and_run_with_its_owners_rights() {
     // Now closed: refused at submit, saying nothing about what is inside.
     let (status, resp) = post("/api/v1/jobs", job);
     assert_eq!(status, 400, "{resp}");
+    // A working directory that is there but closed to the owner is refused at submit too,
+    // not at the job's start (QA: accepted, then "cannot start … Permission denied").
+    let private = d.path("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (status, resp) = post(
+        "/api/v1/jobs",
+        format!(
+            "kind = \"command\"\n[command]\nargv = [\"true\"]\nworkdir = \"{}\"\n",
+            private.display()
+        ),
+    );
+    assert!(
+        status == 400 && resp.contains("command.workdir") && resp.contains("cannot enter it"),
+        "{status} {resp}"
+    );
     let probe = |name: &str| {
         let toml = format!(
             "kind = \"command\"\n[command]\nargv = [\"{}\"]\n",
