@@ -295,6 +295,15 @@ pub fn post_json(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) 
     raw_http(addr, req.as_bytes())
 }
 
+/// The schedule id `jobctl submit` printed for a job file with `schedule` (`schedule:ID`).
+pub fn schedule_id(o: &Output) -> u64 {
+    let text = stdout(o);
+    text.trim()
+        .strip_prefix("schedule:")
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("not a schedule id: {text:?} ({})", stderr(o)))
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }

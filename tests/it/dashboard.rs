@@ -411,12 +411,7 @@ fn dashboard_in_headless_chromium() {
     );
     let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", nightly.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let schedule: u64 = stdout(&out)
-        .trim()
-        .strip_prefix("schedule:")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let schedule: u64 = schedule_id(&out);
 
     let out_dir = artifacts();
     let _ = std::fs::remove_dir_all(&out_dir);

@@ -51,12 +51,7 @@ fn firing_skip_on_overlap_pause_resume_run_now_delete() {
         "{}",
         stderr(&out)
     );
-    let sid: u64 = stdout(&out)
-        .trim()
-        .strip_prefix("schedule:")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let sid: u64 = schedule_id(&out);
     wait_for("two runs", Duration::from_secs(15), || {
         jobs_of(&d, sid).len() >= 2
     });
@@ -145,12 +140,7 @@ fn overlap_queue_queues_every_firing() {
         "q.toml",
         &command_job("sleep 5", "schedule = \"* * * * * *\"\noverlap = \"queue\""),
     );
-    let sid: u64 = stdout(&d.jobctl(&["submit", f.to_str().unwrap()]))
-        .trim()
-        .strip_prefix("schedule:")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let sid: u64 = schedule_id(&d.jobctl(&["submit", f.to_str().unwrap()]));
     wait_for("three runs", Duration::from_secs(10), || {
         jobs_of(&d, sid).len() >= 3
     });
@@ -180,12 +170,7 @@ fn catch_up_after_a_restart_runs_once() {
                 &format!("schedule = \"*/2 * * * * *\"\ncatch_up = {catch_up}"),
             ),
         );
-        let sid: u64 = stdout(&d.jobctl(&["submit", f.to_str().unwrap()]))
-            .trim()
-            .strip_prefix("schedule:")
-            .unwrap()
-            .parse()
-            .unwrap();
+        let sid: u64 = schedule_id(&d.jobctl(&["submit", f.to_str().unwrap()]));
         wait_for("a first run", Duration::from_secs(10), || {
             !jobs_of(&d, sid).is_empty()
         });
@@ -263,12 +248,7 @@ fn previous_chains_train_runs() {
     );
     let out = d.jobctl(&["submit", nightly_file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let sid: u64 = stdout(&out)
-        .trim()
-        .strip_prefix("schedule:")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let sid: u64 = schedule_id(&out);
     wait_for("two successful runs", Duration::from_secs(120), || {
         jobs_of(&d, sid)
             .iter()
