@@ -23,6 +23,31 @@ pub struct IdsArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    group(clap::ArgGroup::new("which").required(true).multiple(true).args(["ids", "mine", "user"])),
+    group(clap::ArgGroup::new("selector").args(["mine", "user"])),
+    after_help = "Examples:\n  jobctl cancel 12 13\n  \
+        jobctl cancel --mine                   all your queued and running jobs\n  \
+        jobctl cancel --mine --state queued    only those not started yet\n  \
+        jobctl cancel --user bob               (an admin) all of bob's"
+)]
+pub struct CancelArgs {
+    /// Job ids.
+    #[arg(value_parser = super::parse_id)]
+    pub ids: Vec<JobId>,
+    /// All your own jobs that have not ended (with --state: in those states).
+    #[arg(long, conflicts_with = "user")]
+    pub mine: bool,
+    /// All of this user's jobs that have not ended (yours, or anyone's for an admin).
+    #[arg(long, short = 'u', value_name = "USER")]
+    pub user: Option<String>,
+    /// With --mine or --user: only jobs in these states (comma-separated: queued, starting,
+    /// running, interrupted); default all four.
+    #[arg(long, value_name = "STATES", requires = "selector")]
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct PriorityArgs {
     /// Job id.
     #[arg(value_parser = super::parse_id)]
@@ -32,8 +57,35 @@ pub struct PriorityArgs {
     pub priority: i32,
 }
 
-pub async fn cancel(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::Result<bool> {
+pub async fn cancel(client: &Client, args: &CancelArgs, out: &Output) -> anyhow::Result<bool> {
     let mut ids = args.ids.clone();
+    if args.mine || args.user.is_some() {
+        // Every job of theirs that has not ended, in the states asked for.
+        let states = args
+            .state
+            .clone()
+            .unwrap_or_else(|| "queued,starting,running,interrupted".into());
+        let mut query: Vec<(&str, String)> = vec![
+            ("limit", "1000".into()),
+            ("all", "true".into()),
+            ("state", states),
+        ];
+        match &args.user {
+            Some(u) => query.push(("owner", u.clone())),
+            None => query.push(("mine", "true".into())),
+        }
+        let path = format!("/jobs?{}", serde_urlencoded::to_string(&query)?);
+        let found: crate::spec::api::ListResponse = client.get(&path).await?;
+        ids.extend(found.jobs.iter().map(|j| j.record.id));
+        if ids.is_empty() {
+            eprintln!("jobctl: no job matches; nothing cancelled");
+            if out.json {
+                out.print_json(&Vec::<serde_json::Value>::new())?;
+            }
+            return Ok(true);
+        }
+    }
+    ids.sort_unstable();
     ids.dedup();
     // Queued jobs first: cancelling a running one frees its GPUs, and a queued job about to be
     // cancelled too could start on them in between (QA: started, then killed at once).

@@ -44,6 +44,18 @@ type Sink<'a> = dyn FnMut(u64, &[u8]) -> anyhow::Result<()> + Send + 'a;
 pub async fn logs(client: &Client, args: &LogsArgs, out: &super::Output) -> anyhow::Result<bool> {
     let stream = if args.stderr { "stderr" } else { "stdout" };
     let id = args.id;
+    // An empty answer for a job that has not run yet would look like a job that printed
+    // nothing: say so (on stderr; the log itself stays the output).
+    if !args.follow
+        && let Ok(v) = client.get::<JobView>(&format!("/jobs/{id}")).await
+        && v.record.attempts == 0
+    {
+        eprintln!(
+            "jobctl: job {id} has not started yet ({}); `jobctl logs -f {id}` waits for its \
+             output",
+            v.record.state
+        );
+    }
     // `-n`: the last lines first, then (following) everything after them.
     let (start, head) = match args.lines {
         Some(n) => {

@@ -80,7 +80,7 @@ pub enum Command {
     /// Print a job's output; -f follows it until the job ends.
     Logs(logs::LogsArgs),
     /// Cancel jobs: queued ones at once, running ones get SIGTERM, then SIGKILL after the grace period.
-    Cancel(jobs::IdsArgs),
+    Cancel(jobs::CancelArgs),
     /// Wait until jobs end; exits 0 only if all succeeded.
     Wait(jobs::IdsArgs),
     /// Say why a job waits (or why it is where it is).

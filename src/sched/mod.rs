@@ -1055,10 +1055,14 @@ impl Scheduler {
                     &finish,
                 )
                 .and_then(|_| {
-                    self.requeue_now(
-                        id,
-                        "requeued after preemption; resumes from its last checkpoint".into(),
-                    )
+                    // A command job's program keeps its own state, if any: jobd only runs it
+                    // again.
+                    let again = if self.jobs[&id].kind == JobKind::Train {
+                        "requeued after preemption; resumes from its last checkpoint"
+                    } else {
+                        "requeued after preemption; its command runs again"
+                    };
+                    self.requeue_now(id, again.into())
                 })
             }
             (None, Some(0)) if self.jobs[&id].spec.publish.is_some() => {

@@ -360,3 +360,46 @@ fn several_ids_report_each_and_cancel_queued_first() {
     assert_eq!(entries[1]["id"], running, "{entries:?}");
     assert_eq!(entries[1]["state"], "cancelled", "{entries:?}");
 }
+
+/// `cancel --mine` (like `scancel -u`): every job of the caller's that has not ended, or only
+/// those in `--state`; other users' jobs are left alone. `logs` on a job that has not started
+/// says so instead of printing nothing.
+#[test]
+fn cancel_mine_by_state_and_logs_of_a_queued_job() {
+    let d = TestDaemon::start(&["--gpus", "fake:24GiB"]);
+    let gpu = "[resources]\ngpus = 1\nvram = \"20GiB\"";
+    let f = d.write("g.toml", &command_job("sleep 60", gpu));
+    let submit_as = |token: &str| -> u64 {
+        let out = d.jobctl_tcp(Some(token), &["submit", f.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).trim().parse().unwrap()
+    };
+    let running = submit_as(TOKEN_NOBODY);
+    d.wait_state(running, JobState::Running, Duration::from_secs(20));
+    let (queued, theirs) = (submit_as(TOKEN_NOBODY), submit_as(TOKEN_DAEMON));
+
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["logs", &queued.to_string()]);
+    assert!(
+        out.status.success() && stderr(&out).contains("has not started yet"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.jobctl_tcp(
+        Some(TOKEN_NOBODY),
+        &["cancel", "--mine", "--state", "queued"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), format!("job {queued}: cancelled"));
+    assert_eq!(d.state(running), JobState::Running);
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["cancel", "--mine"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_state(running, JobState::Cancelled, Duration::from_secs(20));
+    // Another user's job is left alone (it takes the freed GPU).
+    d.wait_state(theirs, JobState::Running, Duration::from_secs(20));
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["cancel", "--mine"]);
+    assert!(
+        out.status.success() && stderr(&out).contains("no job matches"),
+        "{}",
+        stderr(&out)
+    );
+}
