@@ -32,7 +32,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::train::TrainDType;
+use crate::spec::train::{TrainDType, TrainingArgs};
 use crate::spec::{JobKind, JobSpec};
 
 /// CUDA context + cuBLAS workspace + loaded kernels + allocator slack.
@@ -301,21 +301,40 @@ pub fn job_shape(spec: &JobSpec) -> Result<ModelShape, String> {
     })
 }
 
+/// The context (`max_position_embeddings`) of a train job's model: the base's `config.json`,
+/// or the scratch model's own (`None` when the job does not set it).
+fn job_context(spec: &JobSpec) -> Result<Option<u64>, String> {
+    let Some(m) = spec.model.as_ref() else {
+        return Ok(None);
+    };
+    let Some(base) = &m.base else {
+        return Ok(m.max_position_embeddings.map(|c| c as u64));
+    };
+    #[derive(Deserialize)]
+    struct Raw {
+        max_position_embeddings: Option<u64>,
+    }
+    let path = base.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let raw: Raw = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(raw.max_position_embeddings)
+}
+
 /// The estimate for a train job, from its spec.
 pub fn estimate_job(spec: &JobSpec) -> Result<Breakdown, String> {
     if spec.kind != JobKind::Train {
         return Err("only train jobs have an estimate; a command job declares its VRAM".into());
     }
     let shape = job_shape(spec)?;
-    let t = spec
-        .training
-        .as_ref()
-        .ok_or("the job has no [training] section")?;
-    let seq = spec
-        .data
-        .as_ref()
-        .and_then(|d| d.block_size)
-        .unwrap_or(1024) as u64;
+    // No [training] section: every option has its default, as the trainer takes them.
+    let defaults = TrainingArgs::default();
+    let t = spec.training.as_ref().unwrap_or(&defaults);
+    // As the trainer: block_size, else the smaller of 1024 and the model's context.
+    let seq = match spec.data.as_ref().and_then(|d| d.block_size) {
+        Some(b) => b as u64,
+        None => job_context(spec)?.map_or(1024, |c| c.min(1024)),
+    };
     let tuning = match &spec.lora {
         None => Tuning::Full,
         Some(l) => {
@@ -545,6 +564,37 @@ gpus = 1
         assert!(on && needed < total, "f16 recomputes too");
         let (on, needed, total) = need("gradient_checkpointing = true", true);
         assert!(on && needed < total, "LoRA recomputes too");
+    }
+
+    /// A job with no `[training]` section and no `block_size` is estimated as the trainer runs
+    /// it: default options, and the base's context when it is under 1024 tokens (the estimate
+    /// used to fail, and the job got a whole GPU; or it counted 1024 tokens for a 64-token
+    /// model).
+    #[test]
+    fn defaults_are_the_trainers() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("base")).unwrap();
+        let config = serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
+            "max_position_embeddings": 64
+        });
+        std::fs::write(dir.path().join("base/config.json"), config.to_string()).unwrap();
+        for f in ["tokenizer.json", "model.safetensors"] {
+            std::fs::write(dir.path().join("base").join(f), "").unwrap();
+        }
+        std::fs::write(dir.path().join("train.jsonl"), "{\"text\": \"a\"}\n").unwrap();
+        let text = "kind = \"train\"\n[model]\nbase = \"base\"\n[data]\ntrain_file = \"train.jsonl\"\n\
+                    [resources]\ngpus = 1\n";
+        let spec = crate::spec::job::parse_and_resolve("job.toml", text, dir.path()).unwrap();
+        assert!(spec.training.is_none());
+        let b = estimate_job(&spec).unwrap();
+        let defaults = TrainingArgs::default();
+        assert_eq!(
+            (b.batch, b.seq),
+            (defaults.per_device_train_batch_size as u64, 64)
+        );
+        assert!(per_gpu_bytes(&spec).is_some());
     }
 
     /// LoRA dropout keeps a mask as wide as each adapted projection's input.

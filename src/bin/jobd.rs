@@ -18,10 +18,11 @@ struct Args {
     #[arg(long, short = 'c', value_name = "FILE", env = "JOBD_CONFIG")]
     config: Option<PathBuf>,
     /// Directory for the job store and job directories [default: /var/lib/jobd as root,
-    /// else ~/.local/state/jobd].
+    /// else $XDG_STATE_HOME/jobd or ~/.local/state/jobd].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// Unix socket for jobctl [default: /run/jobd/jobd.sock as root, else STATE_DIR/jobd.sock].
+    /// Unix socket for jobctl [default: /run/jobd/jobd.sock as root with the default state
+    /// directory, else STATE_DIR/jobd.sock].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Also listen on TCP (dashboard, remote clients with a token), e.g. 127.0.0.1:8470.
@@ -37,7 +38,8 @@ struct Args {
     /// Most CPU-only jobs at once [default: number of cores].
     #[arg(long, value_name = "N")]
     max_cpu_jobs: Option<u32>,
-    /// Default Ollama models directory for [publish].
+    /// Default Ollama models directory for [publish] [default: $OLLAMA_MODELS, else
+    /// /usr/share/ollama/.ollama/models as root or ~/.ollama/models, if it exists]
     #[arg(long, value_name = "DIR")]
     ollama_models: Option<PathBuf>,
     /// More logging (-v debug, -vv trace); JOBD_LOG or RUST_LOG set filters.
@@ -89,8 +91,13 @@ enum Command {
     },
     /// Probe the GPU inventory as the daemon would (no CUDA context) and print it.
     Gpus {
-        /// auto, none, fake:... (as --gpus).
-        #[arg(long, default_value = "auto")]
+        /// auto, none, fake:..., fake-file:PATH (as the daemon's --gpus, also accepted here).
+        #[arg(
+            long,
+            visible_alias = "gpus",
+            default_value = "auto",
+            value_name = "SPEC"
+        )]
         source: String,
         /// Print JSON.
         #[arg(long)]

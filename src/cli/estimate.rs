@@ -8,7 +8,7 @@ use clap::Args;
 use super::{Output, bytes, table};
 use crate::client::Client;
 use crate::estimate::{self, Breakdown, REFERENCE_LORA, Tuning};
-use crate::spec::api::GpusResponse;
+use crate::spec::api::{GpuView, GpusResponse};
 use crate::spec::train::TrainDType;
 
 #[derive(Debug, Args)]
@@ -56,7 +56,19 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
         out.print_json(&serde_json::json!({
             "estimate": b,
             "reference": refs.iter().map(|(n, f, l)| serde_json::json!({"size": n, "full_bf16": f.total, "lora_bf16": l.total})).collect::<Vec<_>>(),
-            "gpus": gpus.as_ref().map(|g| g.gpus.iter().map(|x| serde_json::json!({"index": x.index, "fits": x.total_bytes >= need})).collect::<Vec<_>>()),
+            "needed_bytes": need,
+            "on_cpu": spec.resources.gpus == 0,
+            "gpus": gpus.as_ref().map(|g| g.gpus.iter().map(|x| {
+                let fit = Fit::of(x, need);
+                serde_json::json!({
+                    "index": x.index,
+                    "name": x.name,
+                    "total_bytes": x.total_bytes,
+                    "free_bytes": free_for_jobd(x),
+                    "fits": fit != Fit::TooSmall,
+                    "fit": fit.key(),
+                })
+            }).collect::<Vec<_>>()),
         }))?;
         return Ok(true);
     }
@@ -104,27 +116,24 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
         ],
     ];
     outln!("{}", table(&["PART", "BYTES"], rows));
+    if spec.resources.gpus == 0 {
+        outln!(
+            "\nThis job trains on the CPU (resources.gpus = 0) and reserves no GPU memory; the \
+             figures are what it would need on one GPU (gpus = 1)."
+        );
+    }
     match &gpus {
         Some(g) if g.gpus.is_empty() => outln!("\nGPUs: none on this daemon ({})", g.source),
         Some(g) => {
             outln!("\nGPUs:");
             for x in &g.gpus {
-                let free = x
-                    .total_bytes
-                    .saturating_sub(x.foreign_bytes + x.reserved_bytes);
-                let verdict = if x.total_bytes < need {
-                    "too small"
-                } else if free < need {
-                    "fits when jobs there finish"
-                } else {
-                    "fits now"
-                };
                 outln!(
-                    "  GPU {} {} ({} total, {} free for jobd): {verdict}",
+                    "  GPU {} {} ({} total, {} free for jobd): {}",
                     x.index,
                     x.name,
                     bytes(x.total_bytes),
-                    bytes(free)
+                    bytes(free_for_jobd(x)),
+                    Fit::of(x, need).words()
                 );
             }
         }
@@ -160,6 +169,49 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
     };
     outln!("This job needs {}: {place}.", bytes(need));
     Ok(true)
+}
+
+/// Whether a job needing some bytes fits on one GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fit {
+    TooSmall,
+    WhenJobsThereFinish,
+    Now,
+}
+
+impl Fit {
+    fn of(gpu: &GpuView, need: u64) -> Fit {
+        if gpu.total_bytes < need {
+            Fit::TooSmall
+        } else if free_for_jobd(gpu) < need {
+            Fit::WhenJobsThereFinish
+        } else {
+            Fit::Now
+        }
+    }
+
+    /// The `--json` value.
+    fn key(self) -> &'static str {
+        match self {
+            Fit::TooSmall => "too_small",
+            Fit::WhenJobsThereFinish => "when_jobs_finish",
+            Fit::Now => "now",
+        }
+    }
+
+    fn words(self) -> &'static str {
+        match self {
+            Fit::TooSmall => "too small",
+            Fit::WhenJobsThereFinish => "fits when jobs there finish",
+            Fit::Now => "fits now",
+        }
+    }
+}
+
+/// What jobd could still reserve on a GPU: its size less foreign use and reservations.
+fn free_for_jobd(gpu: &GpuView) -> u64 {
+    gpu.total_bytes
+        .saturating_sub(gpu.foreign_bytes + gpu.reserved_bytes)
 }
 
 fn count(n: u64) -> String {

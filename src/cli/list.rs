@@ -96,7 +96,8 @@ fn row(j: &JobView, now: i64) -> Vec<String> {
     ]
 }
 
-/// Placed: "0,1 10GiB"; waiting: "2x 20GiB"; CPU: "-".
+/// Placed: "[0,1] 10GiB" (which GPUs, in brackets so that one index is not read as a
+/// count); waiting: "2x 20GiB" (how many, each); CPU: "-".
 pub fn gpus_column(j: &JobView) -> String {
     let r = &j.record;
     if r.spec.resources.gpus == 0 {
@@ -106,9 +107,9 @@ pub fn gpus_column(j: &JobView) -> String {
         (Some(p), true) => {
             let ids: Vec<_> = p.gpus.iter().map(|g| g.index.to_string()).collect();
             if p.exclusive {
-                format!("{} whole", ids.join(","))
+                format!("[{}] whole", ids.join(","))
             } else {
-                format!("{} {}", ids.join(","), bytes(p.vram_per_gpu))
+                format!("[{}] {}", ids.join(","), bytes(p.vram_per_gpu))
             }
         }
         _ => {

@@ -10,7 +10,7 @@ use crate::spec::JobId;
 use crate::spec::api::{JobView, LOG_OFFSET_HEADER};
 
 /// How long a following jobctl (`logs -f`, `wait`, `submit --follow`) waits for a daemon that
-/// went away to come back (a restart or an upgrade) before it gives up with exit code 2.
+/// went away to come back (a restart or an upgrade) before it gives up with exit code 3.
 pub const RECONNECT_FOR: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! L4: `jobctl` — one file per subcommand. Results go to stdout (a table, or JSON with
 //! `--json`); diagnostics to stderr. Exit codes: 0 ok, 1 error (or a job that did not
-//! succeed, for `wait`/`submit --follow`), 2 daemon unreachable. A reader that stops reading
+//! succeed, for `wait`/`submit --follow`), 2 usage error (clap's), [`EXIT_UNREACHABLE`] daemon
+//! unreachable, so that a script can tell "retry later" from "fix the command". A reader that stops reading
 //! early (`jobctl list | head -3`) ends jobctl quietly with 0, as it would a C tool, rather
 //! than with a panic: output goes through [`outln!`]/[`out!`] and [`write_stdout`].
 
@@ -40,9 +41,20 @@ use crate::client::{Client, ClientError, Endpoint};
 use crate::spec::units::ByteSize;
 use crate::spec::{JobId, Millis};
 
+/// The exit code when the daemon cannot be reached (2 is clap's, for a usage error).
+pub const EXIT_UNREACHABLE: u8 = 3;
+
 /// jobctl — submit and control jobs on a jobd GPU scheduler.
 #[derive(Debug, Parser)]
-#[command(name = "jobctl", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "jobctl",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = "Exit status: 0 ok; 1 an error, or (wait, submit --follow) a job that did not \
+                  succeed; 2 a usage error; 3 jobd could not be reached."
+)]
 pub struct Cli {
     /// Daemon address: a unix socket path or http://HOST:PORT [default: your own daemon's
     /// socket if it exists, else /run/jobd/jobd.sock]
@@ -177,7 +189,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 outln!("{}", serde_json::json!({ "error": error_object(&e) }));
             }
             eprintln!("jobctl: {}", error_chain(&e));
-            ExitCode::from(if unreachable { 2 } else { 1 })
+            ExitCode::from(if unreachable { EXIT_UNREACHABLE } else { 1 })
         }
     }
 }

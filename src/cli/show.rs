@@ -44,7 +44,85 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
             lines.push(("workdir", w.display().to_string()));
         }
     }
+    if let Some(m) = &r.spec.model {
+        let what = match (&m.base, m.hidden_size) {
+            (Some(b), _) => b.display().to_string(),
+            (None, Some(h)) => format!(
+                "from scratch: hidden {h}, {} layers, {} heads, vocabulary {}",
+                m.num_hidden_layers.unwrap_or(0),
+                m.num_attention_heads.unwrap_or(0),
+                m.vocab_size.unwrap_or(0)
+            ),
+            (None, None) => "from scratch".into(),
+        };
+        lines.push(("model", what));
+    }
+    if let Some(d) = &r.spec.data {
+        let mut data = d.train_file.display().to_string();
+        if let Some(e) = &d.eval_file {
+            data += &format!(", eval {}", e.display());
+        }
+        lines.push(("data", data));
+    }
+    if r.kind == crate::spec::JobKind::Train {
+        let t = r.spec.training.clone().unwrap_or_default();
+        let length = if t.max_steps > 0 {
+            format!("{} steps", t.max_steps)
+        } else {
+            format!("{} epochs", t.num_train_epochs)
+        };
+        let mut training = format!(
+            "{length}, batch {} × {} accumulated, lr {:e} ({}), {}",
+            t.per_device_train_batch_size,
+            t.gradient_accumulation_steps,
+            t.learning_rate,
+            serde_json::to_value(t.lr_scheduler_type)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            t.dtype.as_str()
+        );
+        if let Some(l) = &r.spec.lora {
+            training += &format!(", LoRA r {} on {}", l.r, l.target_modules.join(","));
+        }
+        lines.push(("training", training));
+    }
     lines.push(("resources", super::list::gpus_column(&job)));
+    if let Some(c) = r.spec.resources.cpus {
+        lines.push(("cpus", c.to_string()));
+    }
+    if !r.spec.depends_on.is_empty() {
+        let ids: Vec<String> = r.spec.depends_on.iter().map(ToString::to_string).collect();
+        lines.push(("depends on", ids.join(", ")));
+    }
+    if r.spec.retry.max > 0 {
+        let on = if r.spec.retry.on_exit_codes.is_empty() {
+            "any failure".to_string()
+        } else {
+            let codes: Vec<String> = r
+                .spec
+                .retry
+                .on_exit_codes
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            format!("exit codes {}", codes.join(", "))
+        };
+        lines.push((
+            "retry",
+            format!(
+                "up to {} times on {on}, backoff {} (doubling)",
+                r.spec.retry.max, r.spec.retry.backoff
+            ),
+        ));
+    }
+    if let Some(cmd) = &r.spec.command
+        && !cmd.env.is_empty()
+    {
+        // Names only: values may be credentials (WANDB_API_KEY); `--json` has them.
+        let names: Vec<&str> = cmd.env.keys().map(String::as_str).collect();
+        lines.push(("env", names.join(", ")));
+    }
     if let Some(p) = &r.placement
         && r.state.holds_resources()
     {
@@ -107,7 +185,11 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
                     .unwrap_or(loss);
                 lines.push((
                     "loss",
-                    format!("{first:.4} → {loss:.4}{eval} ({} records)", metrics.len()),
+                    format!(
+                        "{first:.4} → {loss:.4}{eval} ({} record{})",
+                        metrics.len(),
+                        if metrics.len() == 1 { "" } else { "s" }
+                    ),
                 ));
             }
         }

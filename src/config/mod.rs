@@ -48,7 +48,8 @@ pub struct ConfigFile {
     pub anonymous_read: Option<bool>,
     /// Let everyone read every job's logs (default false: owner and admins only).
     pub public_logs: Option<bool>,
-    /// Default Ollama models directory for `[publish]`.
+    /// Default Ollama models directory for `[publish]` (default: `$OLLAMA_MODELS`, else
+    /// Ollama's own directory if it exists; see [`default_ollama_models`]).
     pub ollama_models: Option<PathBuf>,
     /// The zone recurring jobs' cron expressions are read in: "utc" (default) or "local".
     pub schedule_timezone: Option<crate::spec::schedule::ScheduleTz>,
@@ -291,6 +292,21 @@ pub fn default_state_dir() -> PathBuf {
     home.join(".local/state/jobd")
 }
 
+/// Where Ollama keeps its models on this machine, when neither the config nor a flag says:
+/// `$OLLAMA_MODELS` (Ollama's own variable), else the directory of Ollama's Linux install
+/// (`/usr/share/ollama/.ollama/models`, its service user's) for a root daemon, or
+/// `~/.ollama/models` (`ollama serve` run by that user) for a daemon of one user — only one
+/// that exists: a directory Ollama never made is not where it looks.
+pub fn default_ollama_models() -> Option<PathBuf> {
+    let candidate = match std::env::var_os("OLLAMA_MODELS").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None if running_as_root() => PathBuf::from("/usr/share/ollama/.ollama/models"),
+        None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?)
+            .join(".ollama/models"),
+    };
+    candidate.is_dir().then_some(candidate)
+}
+
 /// Default socket: `/run/jobd/jobd.sock` for root, else `<state_dir>/jobd.sock`.
 pub fn default_socket(state_dir: &Path) -> PathBuf {
     if running_as_root() && state_dir == Path::new("/var/lib/jobd") {
@@ -324,6 +340,9 @@ impl Config {
         let mut cfg = Config::from_file(file)?;
         cfg.source = path.map(Path::to_path_buf);
         cfg.apply(flags)?;
+        if cfg.ollama_models.is_none() {
+            cfg.ollama_models = default_ollama_models();
+        }
         Ok(cfg)
     }
 
@@ -605,6 +624,49 @@ mod tests {
         assert!(matches!(cfg.gpus, GpuSource::Fake(_)));
         assert_eq!(cfg.scheduler.limits_for("carol").max_running, Some(2));
         assert_eq!(cfg.scheduler.limits_for("bob").max_gpus, Some(1));
+    }
+
+    /// The README's config example and `dist/jobd.toml` load as shown (with a real token
+    /// hash where they show a placeholder), and set what they say they set.
+    #[test]
+    fn documented_configs_load() {
+        let readme = include_str!("../../README.md");
+        let example = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap())
+            .find(|b| b.starts_with("state_dir"))
+            .expect("README's config example");
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            ("README.md", example.to_string()),
+            (
+                "jobd.toml",
+                include_str!("../../dist/jobd.toml").to_string(),
+            ),
+        ] {
+            let text = text
+                .replace("\"…\"", &format!("\"{}\"", hash_token("t")))
+                .replace("\"...\"", &format!("\"{}\"", hash_token("t")));
+            let path = dir.path().join(name);
+            std::fs::write(&path, &text).unwrap();
+            let cfg = Config::load(Some(&path), Overrides::default())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/jobd"), "{name}");
+            assert_eq!(
+                cfg.ollama_models.as_deref(),
+                Some(Path::new("/usr/share/ollama/.ollama/models")),
+                "{name}"
+            );
+        }
+        let path = dir.path().join("README.md");
+        let cfg = Config::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(cfg.scheduler.gpu_refresh, Duration::from_secs(10));
+        assert_eq!(
+            cfg.scheduler.fair_share_half_life,
+            Duration::from_secs(86400)
+        );
+        assert_eq!(cfg.user_for_token("t"), Some("alice"));
     }
 
     #[test]

@@ -803,8 +803,13 @@ fn plan_tensors(
                     name: hf_name,
                     reason: format!(
                         "its input dimension {} is not a multiple of {block}, which {quantization} \
-                         needs; choose f16 or f32",
-                        shape[1]
+                         needs; choose f16 or f32{}",
+                        shape[1],
+                        if shape[1] % 32 == 0 {
+                            " (or q8_0, q4_0)"
+                        } else {
+                            ""
+                        }
                     ),
                 });
             }

@@ -417,7 +417,12 @@ pub fn explain(view: &View, id: JobId, now: Millis) -> Option<Explanation> {
                 .reason
                 .clone()
                 .unwrap_or_else(|| "no reason recorded".into());
-            details.push(format!("Job {id} is {}: {reason}.", job.state));
+            let verb = match job.state {
+                JobState::Succeeded | JobState::Failed => "",
+                JobState::Cancelled | JobState::Interrupted => "was ",
+                _ => "is ",
+            };
+            details.push(format!("Job {id} {verb}{}: {reason}.", job.state));
             reason
         }
     };
@@ -907,7 +912,12 @@ impl Scheduler {
                     id,
                     None,
                     format!(
-                        "cancel requested by {by}; stopping the worker (grace {}s)",
+                        "cancel requested by {by}; stopping {} (grace {}s)",
+                        if rec.kind == JobKind::Train {
+                            "the worker"
+                        } else {
+                            "the command"
+                        },
                         grace.as_secs()
                     ),
                     &|r| {
@@ -1192,7 +1202,12 @@ impl Scheduler {
         let default = self.settings.ollama_models.as_deref();
         let Some(dir) = dir.or(default) else {
             return Err(SchedError::Invalid(
-                "publish.models_dir: not set, and the daemon has no default Ollama models directory (jobd --ollama-models DIR)".into(),
+                "publish.models_dir: not set, and the daemon has no Ollama models directory \
+                 (found none; its admin sets one with ollama_models in its config or jobd \
+                 --ollama-models DIR). Set publish.models_dir to a directory of yours, or \
+                 leave out [publish] to train without publishing (jobctl publish can do it \
+                 later)"
+                    .into(),
             ));
         };
         // A publish into a directory that is not there would fail only after the training.

@@ -784,7 +784,9 @@ pub fn feasible(
         .filter(|s| !gpus.iter().any(|g| selects(s, g)))
         .map(ToString::to_string)
         .collect();
-    if !unknown.is_empty() && (eligible.len() as u32) < n {
+    // Even when the others are enough: a misspelt UUID is a mistake to name now, not a
+    // preference that silently never applies.
+    if !unknown.is_empty() {
         return Err(format!(
             "resources.only_gpus names {} that this machine does not have (its GPUs are {})",
             unknown.join(", "),
@@ -1288,6 +1290,14 @@ mod tests {
             e.contains("only_gpus names 7 that this machine does not have (its GPUs are 0, 1)"),
             "{e}"
         );
+        // A misspelt selector beside one that is there is named too (it used to be ignored).
+        seven
+            .spec
+            .resources
+            .only_gpus
+            .insert(0, crate::spec::job::GpuSelector::Index(1));
+        let e = feasible(&seven, &gpus, &c, None).unwrap_err();
+        assert!(e.contains("only_gpus names 7"), "{e}");
         let e = feasible(&job(1, 1, 1, 0), &[], &c, Some("no NVML")).unwrap_err();
         assert!(e.contains("has none (no NVML)"), "{e}");
     }

@@ -257,6 +257,31 @@ impl RetrySpec {
     }
 }
 
+/// An absolute path as the kernel would walk it, written plainly: without `.` components,
+/// and with each `..` taken where it leads (the directory before it is resolved, symlinks
+/// included, so `link/..` is where the link's target's parent is, not the link's directory).
+/// A path whose `..` cannot be followed (a directory missing) is kept as written; the check
+/// of the paths names the problem. `/srv/exp/./../data/x` → `/srv/data/x`.
+pub fn tidy_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let plain: PathBuf = path
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect();
+    let parts: Vec<Component> = plain.components().collect();
+    let Some(last_up) = parts
+        .iter()
+        .rposition(|c| matches!(c, Component::ParentDir))
+    else {
+        return plain;
+    };
+    let up_to: PathBuf = parts[..=last_up].iter().collect();
+    match std::fs::canonicalize(&up_to) {
+        Ok(dir) => dir.join(parts[last_up + 1..].iter().collect::<PathBuf>()),
+        Err(_) => plain,
+    }
+}
+
 /// Parses and validates job-file text. `origin` names the file in messages.
 pub fn parse(origin: &str, text: &str) -> Result<JobSpec, SourceError> {
     if text.len() > MAX_JOB_FILE_BYTES {
@@ -546,9 +571,9 @@ impl JobSpec {
     pub fn resolve_paths(&mut self, base_dir: &Path) {
         let abs = |p: &Path| {
             if p.is_absolute() {
-                p.to_path_buf()
+                tidy_path(p)
             } else {
-                base_dir.join(p)
+                tidy_path(&base_dir.join(p))
             }
         };
         if let Some(cmd) = &mut self.command {
@@ -562,7 +587,7 @@ impl JobSpec {
             }
             cmd.workdir = Some(match &cmd.workdir {
                 Some(w) => abs(w),
-                None => base_dir.to_path_buf(),
+                None => tidy_path(base_dir),
             });
         }
         super::train::resolve_paths(self, base_dir);
@@ -674,6 +699,68 @@ mod tests {
 
     fn parse_err(text: &str) -> String {
         parse("job.toml", text).unwrap_err().to_string()
+    }
+
+    /// The TOML blocks of the two READMEs (fenced as toml) that are job files, or parts of
+    /// one, parse as shown (a new user copies them: one of them lacked `[data]`), and the
+    /// error the README shows for a misspelt key is the one jobd gives.
+    #[test]
+    fn readme_job_snippets_parse() {
+        let mut checked = 0;
+        for (doc, text) in [
+            ("README.md", include_str!("../../README.md")),
+            ("jobs/README.md", include_str!("../../jobs/README.md")),
+        ] {
+            for block in text.split("```toml\n").skip(1) {
+                let block = block.split("```").next().unwrap();
+                let job = if block.contains("kind = ") {
+                    block.to_string()
+                } else if block.starts_with("[publish]") {
+                    format!(
+                        "kind = \"train\"\n[model]\ninit = \"scratch\"\nhidden_size = 64\n\
+                         num_hidden_layers = 1\nnum_attention_heads = 4\nvocab_size = 300\n\
+                         [data]\ntrain_file = \"t.jsonl\"\nblock_size = 16\n{block}"
+                    )
+                } else {
+                    continue; // the daemon's config: config's tests
+                };
+                if let Err(e) = parse(doc, &job) {
+                    panic!("a job snippet of {doc} does not parse: {e}\n{block}");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 3, "{checked} snippets");
+        let readme = include_str!("../../README.md");
+        let err = parse(
+            "bad.toml",
+            "name = \"x\"\nkind = \"command\"\n[resources]\ngpu = 1\n[command]\nargv = [\"true\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        let line = err.lines().find(|l| l.contains("resources.gpu")).unwrap();
+        assert!(readme.contains(line.trim()), "README should show: {line}");
+    }
+
+    /// Paths are written as the kernel walks them: no `.`, each `..` where it leads (after a
+    /// symlink, to the target's parent), kept as written when the way is missing.
+    #[test]
+    fn tidy_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        std::fs::create_dir_all(d.join("c")).unwrap();
+        std::os::unix::fs::symlink(d.join("a/b"), d.join("c/link")).unwrap();
+        assert_eq!(tidy_path(&d.join("./c/./x")), d.join("c/x"));
+        assert_eq!(tidy_path(&d.join("c/../a/x.jsonl")), d.join("a/x.jsonl"));
+        assert_eq!(tidy_path(&d.join("c/link/../y")), d.join("a/y"));
+        assert_eq!(tidy_path(&d.join("gone/../y")), d.join("gone/../y"));
+        let mut spec =
+            parse_ok("kind = \"command\"\n[command]\nargv = [\"./run.sh\"]\nworkdir = \".\"\n");
+        spec.resolve_paths(&d.join("c/."));
+        let cmd = spec.command.unwrap();
+        assert_eq!(cmd.workdir, Some(d.join("c")));
+        assert_eq!(cmd.argv[0], d.join("c/run.sh").to_string_lossy());
     }
 
     #[test]
@@ -822,7 +909,7 @@ backoff = "30s"
             parse_ok("kind = \"command\"\n[command]\nargv = [\"./run.sh\", \"data/x\"]\n");
         spec.resolve_paths(Path::new("/jobs/exp"));
         let cmd = spec.command.unwrap();
-        assert_eq!(cmd.argv, vec!["/jobs/exp/./run.sh", "data/x"]);
+        assert_eq!(cmd.argv, vec!["/jobs/exp/run.sh", "data/x"]);
         assert_eq!(cmd.workdir.unwrap(), PathBuf::from("/jobs/exp"));
         assert_eq!(spec.base_dir.unwrap(), PathBuf::from("/jobs/exp"));
     }

@@ -82,6 +82,23 @@ pub struct Source<'a> {
     table: Option<Spanned<DeTable<'a>>>,
 }
 
+/// A syntax error's message, with the key it is about where the parser's message does not
+/// name it ("duplicate key" → "duplicate key `lr`").
+fn name_the_key(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    let key = e
+        .span()
+        .and_then(|span| text.get(span))
+        .map(|k| k.lines().next().unwrap_or("").trim())
+        .filter(|k| !k.is_empty() && k.len() <= 80);
+    match key {
+        Some(k) if message.starts_with("duplicate key") && !message.contains('`') => {
+            format!("{message} `{k}`")
+        }
+        _ => message.to_string(),
+    }
+}
+
 impl<'a> Source<'a> {
     /// Parses `text` (named `origin` in messages) as TOML syntax.
     pub fn parse(origin: &'a str, text: &'a str) -> Result<Self, SourceError> {
@@ -93,7 +110,7 @@ impl<'a> Source<'a> {
             }),
             Err(e) => Err(SourceError {
                 origin: origin.to_string(),
-                problems: vec![problem_at(text, e.span(), None, e.message())],
+                problems: vec![problem_at(text, e.span(), None, &name_the_key(text, &e))],
             }),
         }
     }
@@ -341,6 +358,17 @@ mod tests {
                 .starts_with("job.toml:4:9: inner.count: invalid type"),
             "{err}"
         );
+    }
+
+    /// A key given twice is named (the parser's message is only "duplicate key").
+    #[test]
+    fn duplicate_keys_are_named() {
+        let err = Source::parse("t.toml", "name = \"x\"\nname = \"y\"\n")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.starts_with("t.toml:2:"), "{err}");
+        assert!(err.contains("duplicate key `name`"), "{err}");
     }
 
     #[test]

@@ -811,8 +811,12 @@ fn validate_training(a: &TrainingArgs, spec: &JobSpec, issues: &mut Vec<Issue>) 
             "resources.gpus",
             format!(
                 "a train job trains on one GPU (jobd has no multi-GPU training); gpus = {gpus} \
-                 would hold {} GPUs idle: use gpus = 1",
-                gpus - 1
+                 would hold {} idle: use gpus = 1",
+                if gpus == 2 {
+                    "1 GPU".to_string()
+                } else {
+                    format!("{} GPUs", gpus - 1)
+                }
             ),
         ));
     }
@@ -881,9 +885,13 @@ pub fn is_previous(base: &Path) -> bool {
 /// Makes the train sections' relative paths absolute.
 pub fn resolve_paths(spec: &mut JobSpec, base_dir: &Path) {
     let abs = |p: &mut PathBuf| {
-        if !p.as_os_str().is_empty() && p.is_relative() {
+        if p.as_os_str().is_empty() {
+            return;
+        }
+        if p.is_relative() {
             *p = base_dir.join(&*p);
         }
+        *p = super::job::tidy_path(p);
     };
     if let Some(m) = &mut spec.model {
         if let Some(b) = &mut m.base

@@ -222,9 +222,10 @@ pub fn matches(state: &TrainerState, spec: &JobSpec) -> Result<(), Vec<String>> 
     let ours: std::collections::BTreeMap<_, _> = b.into_iter().collect();
     let keys: std::collections::BTreeSet<&String> = theirs.keys().chain(ours.keys()).collect();
     let shown = |v: Option<&String>| v.cloned().unwrap_or_else(|| "unset".into());
-    Err(keys
+    let differ: Vec<String> = keys
         .into_iter()
         .filter(|k| theirs.get(*k) != ours.get(*k))
+        .filter(|k| !same_file_named(theirs.get(*k), ours.get(*k)))
         .map(|k| {
             format!(
                 "{k}: {} there, {} here",
@@ -232,7 +233,28 @@ pub fn matches(state: &TrainerState, spec: &JobSpec) -> Result<(), Vec<String>> 
                 shown(ours.get(k))
             )
         })
-        .collect())
+        .collect();
+    if differ.is_empty() {
+        Ok(())
+    } else {
+        Err(differ)
+    }
+}
+
+/// Whether two settings (JSON-encoded) are absolute paths of one existing file or directory,
+/// written differently (`a/../b`, a symlink, a bind mount): the same data, the same base.
+fn same_file_named(a: Option<&String>, b: Option<&String>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let path = |v: Option<&String>| {
+        let s: String = serde_json::from_str(v?).ok()?;
+        s.starts_with('/')
+            .then(|| std::fs::metadata(s).ok())
+            .flatten()
+    };
+    match (path(a), path(b)) {
+        (Some(x), Some(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// `{"a": {"b": 1}}` as `[("a.b", "1")]`.
@@ -747,5 +769,29 @@ mod tests {
             "{diff:?}"
         );
         assert!(diff[1].starts_with("training.seed: 9 there, "), "{diff:?}");
+
+        // The same data file named another way (`x/../`, a symlink) is the same setting; a
+        // different file is not.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("data")).unwrap();
+        std::fs::create_dir_all(d.join("x")).unwrap();
+        std::fs::write(d.join("data/t.jsonl"), "{}").unwrap();
+        std::fs::write(d.join("data/u.jsonl"), "{}").unwrap();
+        std::os::unix::fs::symlink(d.join("data"), d.join("link")).unwrap();
+        let with_data = |path: std::path::PathBuf| {
+            let mut s = spec.clone();
+            s.data.as_mut().unwrap().train_file = path;
+            s
+        };
+        let theirs = with_data(d.join("data/t.jsonl"));
+        state.spec_hash = spec_hash(&theirs);
+        state.settings = Some(settings(&theirs));
+        for same in [d.join("x/../data/t.jsonl"), d.join("link/t.jsonl")] {
+            assert_eq!(matches(&state, &with_data(same)), Ok(()));
+        }
+        let diff = matches(&state, &with_data(d.join("data/u.jsonl"))).unwrap_err();
+        assert_eq!(diff.len(), 1, "{diff:?}");
+        assert!(diff[0].starts_with("data.train_file: "), "{diff:?}");
     }
 }

@@ -1,5 +1,6 @@
 //! The everyday path: submit, list, show, logs, wait, cancel — over the unix socket and TCP.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use jobd::spec::JobState;
@@ -402,4 +403,28 @@ fn cancel_mine_by_state_and_logs_of_a_queued_job() {
         "{}",
         stderr(&out)
     );
+}
+
+/// `estimate --json` says, per GPU, whether the job fits now, once jobs there finish, or not
+/// at all, with the figures behind it (it used to give only the index and a yes/no).
+#[test]
+fn estimate_json_gives_each_gpus_fit() {
+    let d = TestDaemon::start(&["--gpus", "fake:64MiB,24GiB+24GiB,80GiB"]);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs");
+    let text = std::fs::read_to_string(data.join("tiny.toml"))
+        .unwrap()
+        .replace("data/tiny_", &format!("{}/data/tiny_", data.display()));
+    let file = d.write("tiny.toml", &text);
+    let out = d.jobctl(&["--json", "estimate", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let need = v["needed_bytes"].as_u64().unwrap();
+    assert!(need > 64 << 20 && need < 24 << 30, "{need}");
+    let gpus = v["gpus"].as_array().unwrap();
+    let fits: Vec<&str> = gpus.iter().map(|g| g["fit"].as_str().unwrap()).collect();
+    assert_eq!(fits, ["too_small", "when_jobs_finish", "now"], "{v}");
+    assert_eq!(gpus[1]["free_bytes"].as_u64(), Some(0), "{v}");
+    assert_eq!(gpus[2]["total_bytes"].as_u64(), Some(80 << 30), "{v}");
+    assert_eq!(gpus[0]["fits"], false);
+    assert_eq!(gpus[1]["fits"], true);
 }

@@ -102,6 +102,8 @@ impl TestDaemon {
             .stdout(Stdio::null())
             .stderr(log)
             .env("JOBD_LOG", "debug,sled=warn")
+            // The default Ollama directory comes from it: only a test that sets it has one.
+            .env_remove("OLLAMA_MODELS")
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().expect("start jobd");
         self.child = Some(child);

@@ -232,18 +232,24 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
     assert_serving(&d);
 }
 
-/// jobctl exits 2 when the daemon cannot be reached, with a hint.
+/// jobctl exits 3 when the daemon cannot be reached, with a hint (2 is a usage error).
 #[test]
-fn unreachable_daemon_exits_2() {
+fn unreachable_daemon_exits_3() {
     let out = jobctl_with("/nonexistent/jobd.sock", None, &["list"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
     assert!(
         stderr(&out).contains("cannot reach jobd"),
         "{}",
         stderr(&out)
     );
     let out = jobctl_with("http://127.0.0.1:1", None, &["list"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
+    let out = jobctl_with("http://127.0.0.1:1", None, &["list", "--no-such-flag"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a usage error is not 'unreachable'"
+    );
 }
 
 /// A client that sends its request headers a little at a time is disconnected after
@@ -284,3 +290,33 @@ fn slow_request_headers_are_cut_off() {
 
 trait ReadWrite: std::io::Read + std::io::Write {}
 impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// A train job that publishes, on a daemon with no Ollama directory, is refused with what the
+/// user can do about it; `$OLLAMA_MODELS` (Ollama's own variable) gives the daemon its default.
+#[test]
+fn publishing_needs_a_models_dir_and_ollama_models_is_the_default() {
+    let jobs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs");
+    let text = std::fs::read_to_string(jobs.join("tiny.toml"))
+        .unwrap()
+        .replace("data/tiny_", &format!("{}/data/tiny_", jobs.display()));
+    if jobd::config::default_ollama_models().is_none() {
+        let d = TestDaemon::start(&[]);
+        let file = d.write("tiny.toml", &text);
+        let out = d.jobctl(&["submit", file.to_str().unwrap()]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(
+            err.contains("publish.models_dir: not set") && err.contains("leave out [publish]"),
+            "{err}"
+        );
+    }
+    let models = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_full(
+        &[],
+        "",
+        &[("OLLAMA_MODELS", models.path().to_str().unwrap())],
+    );
+    let file = d.write("tiny.toml", &text);
+    let id = d.submit(&file);
+    assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
+}
