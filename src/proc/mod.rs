@@ -107,27 +107,41 @@ impl RunAs {
 /// then ends the same way (its exit code, or its signal raised again), so that jobd sees no
 /// difference. The outcome stays on disk for a daemon that was not running when it came.
 ///
-/// Stop signals are handled here by a no-op, not ignored: the job's whole process group gets
-/// them, the command included, and a handled signal is reset to its default in the command
-/// at exec (an ignored one would stay ignored there).
+/// Stop signals are handled here, not ignored: the job's whole process group gets them, the
+/// command included, and a handled signal is reset to its default in the command at exec (an
+/// ignored one would stay ignored there).
+///
+/// Processes that leave the job's process group (`setsid`, Python's `start_new_session`, a
+/// daemonising tool) would miss the group's signals and outlive the job, holding its GPU
+/// memory after jobd has given the GPU to someone else. The supervisor is therefore a child
+/// subreaper: whatever the command starts stays its descendant. A stop signal is passed on to
+/// descendants outside the group, which are killed shortly before the grace period ends (when
+/// jobd kills the group, this supervisor included); and when the command ends, every
+/// descendant left is killed before the supervisor ends, as the group's are.
 pub fn supervise(status: &Path, attempt: u32, program: &OsStr, args: &[OsString]) -> ExitCode {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
-    use std::os::unix::process::ExitStatusExt;
-    extern "C" fn note(_: nix::libc::c_int) {}
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use std::sync::atomic::{AtomicI32, Ordering};
+    static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+    extern "C" fn note(sig: nix::libc::c_int) {
+        STOP_SIGNAL.store(sig, Ordering::SeqCst);
+    }
     let stop_signals = [
         Signal::SIGTERM,
         Signal::SIGINT,
         Signal::SIGHUP,
         Signal::SIGQUIT,
     ];
-    let handled = SigAction::new(
-        SigHandler::Handler(note),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
+    // No SA_RESTART: the wait below returns EINTR, so a stop is passed on at once.
+    let handled = SigAction::new(SigHandler::Handler(note), SaFlags::empty(), SigSet::empty());
     for sig in stop_signals {
-        // SAFETY: the handler does nothing, so it is async-signal-safe.
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         let _ = unsafe { sigaction(sig, &handled) };
+    }
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        eprintln!(
+            "jobd: cannot keep the command's processes together (PR_SET_CHILD_SUBREAPER): {e}"
+        );
     }
     let record = |code: Option<i32>, signal: Option<i32>| {
         let st = crate::spec::contract::ExitStatus {
@@ -141,8 +155,8 @@ pub fn supervise(status: &Path, attempt: u32, program: &OsStr, args: &[OsString]
             eprintln!("jobd: cannot record the command's exit status: {e}");
         }
     };
-    let mut child = match std::process::Command::new(program).args(args).spawn() {
-        Ok(c) => c,
+    let child = match std::process::Command::new(program).args(args).spawn() {
+        Ok(c) => Pid::from_raw(c.id() as i32),
         Err(e) => {
             eprintln!("jobd: cannot start {}: {e}", program.to_string_lossy());
             // 127: the shell's "command not found".
@@ -150,18 +164,48 @@ pub fn supervise(status: &Path, attempt: u32, program: &OsStr, args: &[OsString]
             return ExitCode::from(127);
         }
     };
-    let ended = loop {
-        match child.wait() {
-            Ok(s) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+    let me = nix::unistd::getpid().as_raw();
+    let grace = std::env::var(crate::spec::contract::ENV_GRACE_SECONDS)
+        .ok()
+        .and_then(|g| g.parse::<f64>().ok())
+        .unwrap_or(30.0);
+    let mut kill_timer_armed = false;
+    let (code, signal) = loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => break (Some(code), None),
+            Ok(WaitStatus::Signaled(_, sig, _)) => break (None, Some(sig as i32)),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => {
+                let sig = STOP_SIGNAL.swap(0, Ordering::SeqCst);
+                let Ok(sig) = Signal::try_from(sig) else {
+                    continue;
+                };
+                for pid in descendants(me, true) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+                }
+                if !kill_timer_armed {
+                    kill_timer_armed = true;
+                    // jobd kills the group (this supervisor too) when the grace period ends:
+                    // the processes outside it are killed just before, while they are still
+                    // this supervisor's to find.
+                    let wait = Duration::from_secs_f64((grace - 0.5).max(0.0));
+                    std::thread::spawn(move || {
+                        std::thread::sleep(wait);
+                        for pid in descendants(me, true) {
+                            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                        }
+                    });
+                }
+            }
             Err(e) => {
                 eprintln!("jobd: cannot wait for the command: {e}");
                 return ExitCode::FAILURE;
             }
         }
     };
-    record(ended.code(), ended.signal());
-    if let Some(sig) = ended.signal().and_then(|s| Signal::try_from(s).ok()) {
+    record(code, signal);
+    end_descendants(me);
+    if let Some(sig) = signal.and_then(|s| Signal::try_from(s).ok()) {
         // End by the same signal, so that jobd records "killed by signal N" as before.
         // SAFETY: restoring the default disposition.
         let _ = unsafe {
@@ -172,7 +216,64 @@ pub fn supervise(status: &Path, attempt: u32, program: &OsStr, args: &[OsString]
         };
         let _ = nix::sys::signal::raise(sig);
     }
-    ExitCode::from(ended.code().unwrap_or(1).clamp(0, 255) as u8)
+    ExitCode::from(code.unwrap_or(1).clamp(0, 255) as u8)
+}
+
+/// The live (not zombie) descendants of `root`, found through `/proc`; with `outside_group`,
+/// only those in another process group than `root`'s (the group's own get its signals).
+fn descendants(root: i32, outside_group: bool) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let procs: Vec<(i32, char, i32, i32)> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let f = stat_fields(pid)?;
+            Some((pid, f.state, f.ppid, f.pgrp))
+        })
+        .collect();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(procs.iter().filter(|p| p.2 == parent).map(|p| p.0));
+        i += 1;
+    }
+    let root_group = nix::unistd::getpgid(Some(Pid::from_raw(root)))
+        .map(Pid::as_raw)
+        .unwrap_or(root);
+    procs
+        .iter()
+        .filter(|p| found[1..].contains(&p.0))
+        .filter(|p| p.1 != 'Z' && p.1 != 'X')
+        .filter(|p| !outside_group || p.3 != root_group)
+        .map(|p| p.0)
+        .collect()
+}
+
+/// After the command has ended: SIGKILL every descendant still there (whatever its group) and
+/// reap them, for up to a few seconds, so that the job's processes are gone (and their GPU
+/// memory free) when jobd learns that it ended.
+fn end_descendants(me: i32) {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = descendants(me, false);
+        for pid in &left {
+            let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        // Reap what was handed to this subreaper.
+        while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            if status == nix::sys::wait::WaitStatus::StillAlive {
+                break;
+            }
+        }
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// What to run.
@@ -372,26 +473,42 @@ pub fn group_alive(pgid: i32) -> bool {
         return true;
     };
     entries.flatten().any(|e| {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { return false };
-        matches!(stat_fields(pid), Some((state, pgrp, _)) if pgrp == pgid && state != 'Z' && state != 'X')
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            return false;
+        };
+        matches!(stat_fields(pid), Some(f) if f.pgrp == pgid && f.state != 'Z' && f.state != 'X')
     })
 }
 
-/// State, process group and start time (ticks) of `pid` from `/proc/PID/stat`.
-fn stat_fields(pid: i32) -> Option<(char, i32, u64)> {
+/// What `/proc/PID/stat` says of a process.
+struct ProcStat {
+    state: char,
+    ppid: i32,
+    pgrp: i32,
+    /// Start time in clock ticks since boot.
+    start: u64,
+}
+
+/// `/proc/PID/stat` of `pid`.
+fn stat_fields(pid: i32) -> Option<ProcStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Field 2 (comm) may contain spaces and parentheses: parse after the last ')'.
     let mut rest = stat[stat.rfind(')')? + 2..].split_whitespace();
     let state = rest.next()?.chars().next()?;
-    let _ppid = rest.next()?;
+    let ppid = rest.next()?.parse().ok()?;
     let pgrp = rest.next()?.parse().ok()?;
     let start = rest.nth(16)?.parse().ok()?;
-    Some((state, pgrp, start))
+    Some(ProcStat {
+        state,
+        ppid,
+        pgrp,
+        start,
+    })
 }
 
 /// Start time of `pid` in clock ticks since boot (`/proc/PID/stat` field 22).
 pub fn start_ticks(pid: i32) -> Option<u64> {
-    stat_fields(pid).map(|(_, _, start)| start)
+    stat_fields(pid).map(|f| f.start)
 }
 
 /// Is the worker recorded in `info` (from an earlier daemon run) still around? True when its
@@ -399,8 +516,8 @@ pub fn start_ticks(pid: i32) -> Option<u64> {
 pub fn worker_alive(info: &ProcessInfo) -> bool {
     match stat_fields(info.pid) {
         // A zombie has ended: orphaned by the earlier daemon, it waits for init to reap it.
-        Some((state, _, t)) if t == info.start_ticks && state != 'Z' && state != 'X' => true,
-        Some((_, _, t)) if t == info.start_ticks => group_alive(info.pgid),
+        Some(f) if f.start == info.start_ticks && f.state != 'Z' && f.state != 'X' => true,
+        Some(f) if f.start == info.start_ticks => group_alive(info.pgid),
         // Another process has the pid now: Linux never reuses a pid that still names a
         // process group, so our group is gone.
         Some(_) => false,
@@ -464,10 +581,10 @@ mod tests {
         let start = start_ticks(pid).unwrap();
         // Not waited for: once it has exited it stays a zombie.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while stat_fields(pid).is_some_and(|(s, _, _)| s != 'Z') && Instant::now() < deadline {
+        while stat_fields(pid).is_some_and(|f| f.state != 'Z') && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(stat_fields(pid).map(|f| f.0), Some('Z'));
+        assert_eq!(stat_fields(pid).map(|f| f.state), Some('Z'));
         let info = ProcessInfo {
             pid,
             pgid: pid,

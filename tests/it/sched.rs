@@ -544,3 +544,68 @@ fn a_train_job_too_big_is_told_what_would_make_it_fit() {
     assert!(out.status.success(), "{}", stderr(&out));
     d.jobctl(&["cancel", stdout(&out).trim()]);
 }
+
+/// Is `pid` a live process (not gone, not a zombie)?
+fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s[s.rfind(')')? + 2..].chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// Processes that leave the job's process group (`setsid`, `start_new_session=True`) end
+/// with the job: when its command ends by itself, and at a cancel even when they and the
+/// command ignore SIGTERM. They used to run on under init, holding the GPU memory of a job
+/// that jobd had already ended.
+#[test]
+fn processes_that_leave_the_group_end_with_the_job() {
+    let d = TestDaemon::start(&["--gpus", "none", "--grace-period", "3s"]);
+    let pid_in = |path: &std::path::Path| -> i32 {
+        let mut pid = 0;
+        wait_for("the escaped pid", Duration::from_secs(20), || {
+            pid = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            pid > 0
+        });
+        pid
+    };
+
+    let first = d.path("first.pid");
+    let id = d.submit(&d.write(
+        "ends.toml",
+        &command_job(
+            &format!("setsid sleep 300 & echo $! > {}; sleep 1", first.display()),
+            "",
+        ),
+    ));
+    let pid = pid_in(&first);
+    assert!(process_alive(pid));
+    d.wait_state(id, JobState::Succeeded, Duration::from_secs(30));
+    wait_for("the escaped process to end", Duration::from_secs(5), || {
+        !process_alive(pid)
+    });
+
+    let second = d.path("second.pid");
+    let id = d.submit(&d.write(
+        "cancelled.toml",
+        &command_job(
+            &format!(
+                "setsid sh -c 'trap \"\" TERM; sleep 300' & echo $! > {}; trap '' TERM; sleep 300",
+                second.display()
+            ),
+            "",
+        ),
+    ));
+    let pid = pid_in(&second);
+    d.wait_state(id, JobState::Running, Duration::from_secs(10));
+    assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
+    d.wait_state(id, JobState::Cancelled, Duration::from_secs(30));
+    wait_for("the escaped process to end", Duration::from_secs(5), || {
+        !process_alive(pid)
+    });
+}
