@@ -661,7 +661,17 @@ pub fn gpus_response(view: &View, policy: &crate::config::SchedulerConfig) -> Gp
                     id: j.id,
                     name: j.name.clone(),
                     owner: j.owner.user.clone(),
-                    reserved_bytes: j.placement.as_ref().map_or(0, |p| p.vram_per_gpu),
+                    // A card held whole is the job's, all that other processes leave of it
+                    // (`vram_per_gpu` is the smallest card's when they differ).
+                    reserved_bytes: j.placement.as_ref().map_or(0, |p| {
+                        if p.exclusive {
+                            g.total_bytes
+                                .saturating_sub(g.foreign_bytes)
+                                .max(p.vram_per_gpu)
+                        } else {
+                            p.vram_per_gpu
+                        }
+                    }),
                 })
                 .collect();
             GpuView {

@@ -281,7 +281,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                         _ => p.vram_per_gpu,
                     };
                     if let Some(r) = rooms.iter_mut().find(|r| r.info.uuid == slot.uuid) {
-                        r.room -= p.vram_per_gpu as i128;
+                        // A card held whole has no room left, whatever its size (with cards
+                        // of several sizes, `vram_per_gpu` is the smallest one's).
+                        r.room = if p.exclusive {
+                            r.room.min(0)
+                        } else {
+                            r.room - p.vram_per_gpu as i128
+                        };
                         r.jobs += 1;
                         r.exclusive |= p.exclusive;
                     }
@@ -489,7 +495,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                     .unwrap_or(0),
             };
             for &i in chosen {
-                rooms[i].room -= per_gpu as i128;
+                rooms[i].room = match need {
+                    Need::Bytes(_) => rooms[i].room - per_gpu as i128,
+                    Need::Whole => rooms[i].room.min(0),
+                };
                 rooms[i].jobs += 1;
                 rooms[i].exclusive |= need == Need::Whole;
             }
@@ -1201,6 +1210,35 @@ mod tests {
         assert_eq!(started(&p), vec![(1, vec![0])]);
         assert!(p.start[0].placement.exclusive);
         assert_eq!(p.start[0].placement.vram_per_gpu, 24 * GIB);
+    }
+
+    /// Whole cards of different sizes: each is full, not just the smallest one's room (a job
+    /// on 24 + 80 GiB cards used to leave "56GiB free" on the 80 GiB one in `explain`), in
+    /// the round that starts it and in later rounds.
+    #[test]
+    fn whole_cards_of_different_sizes_are_full() {
+        let mut w = World::new(vec![gpu(0, 24, 0), gpu(1, 80, 0)]);
+        let mut whole = job(1, 2, 0, 1);
+        whole.spec.resources.vram = VramRequest::Auto;
+        w.queued = vec![whole.clone(), job(2, 1, 8, 2)];
+        let p = w.plan();
+        assert_eq!(started(&p), vec![(1, vec![0, 1])]);
+        assert_eq!(p.start[0].placement.vram_per_gpu, 24 * GIB);
+        assert!(
+            matches!(p.waiting[&2].wait, Wait::Vram { best_free: 0, .. }),
+            "{p:?}"
+        );
+        let mut held = running(whole, &[0, 1]);
+        held.placement.as_mut().unwrap().exclusive = true;
+        held.placement.as_mut().unwrap().vram_per_gpu = 24 * GIB;
+        w.active = vec![held];
+        w.queued = vec![job(2, 1, 8, 2)];
+        let p = w.plan();
+        assert!(p.start.is_empty(), "{p:?}");
+        assert!(
+            matches!(p.waiting[&2].wait, Wait::Vram { best_free: 0, .. }),
+            "{p:?}"
+        );
     }
 
     /// A whole card counts against max_vram by its size (it used to bypass the limit: only

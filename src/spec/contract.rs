@@ -36,7 +36,8 @@ pub const ENV_OUTPUT_DIR: &str = "JOBD_OUTPUT_DIR";
 pub const ENV_ATTEMPT: &str = "JOBD_ATTEMPT";
 /// Seconds between SIGTERM and SIGKILL.
 pub const ENV_GRACE_SECONDS: &str = "JOBD_GRACE_SECONDS";
-/// VRAM reserved for the job on each of its GPUs, in bytes (absent for CPU jobs).
+/// VRAM reserved for the job on each of its GPUs, in bytes (absent for CPU jobs); for whole
+/// cards of different sizes, what the smallest of them had free for jobd.
 pub const ENV_VRAM_BYTES: &str = "JOBD_VRAM_BYTES";
 /// The exit code that means "preempted, requeue me" (`75`).
 pub const ENV_PREEMPT_EXIT_CODE: &str = "JOBD_PREEMPT_EXIT_CODE";
