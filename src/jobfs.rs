@@ -240,6 +240,13 @@ impl Drop for AsAccount {
     }
 }
 
+/// This thread's file-system uid (0 for root's own file rights; a user's inside
+/// [`Credentials::enter`]).
+pub fn current_fsuid() -> u32 {
+    // An invalid id (-1) changes nothing and returns the current one.
+    nix::unistd::setfsuid(nix::unistd::Uid::from_raw(u32::MAX)).as_raw()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

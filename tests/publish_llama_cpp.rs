@@ -34,6 +34,7 @@ fn publish(m: &TestModel, models: &Path, name: &str, q: Quantization) -> publish
             models_dir: models,
             spec: &spec,
             read_as: None,
+            write_as: None,
         },
         |_| {},
     )

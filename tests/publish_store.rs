@@ -44,6 +44,7 @@ fn publish_to(
             models_dir: models,
             spec,
             read_as: None,
+            write_as: None,
         },
         |m| log.push(m.to_string()),
     );
@@ -1158,6 +1159,7 @@ fn a_root_daemon_reads_the_model_with_its_owners_rights() {
                 models_dir: &models,
                 spec: &spec(name, Quantization::F16),
                 read_as,
+                write_as: None,
             },
             |_| {},
         )
@@ -1184,4 +1186,56 @@ fn a_root_daemon_reads_the_model_with_its_owners_rights() {
     );
     // With root's own rights the link is followed: what `read_as` prevents.
     with(&linked, "linked", None).expect("root reads through the link");
+}
+
+/// A models directory the job's owner named is written with their file rights (`write_as`):
+/// a link they put in its place after the submit-time check, to a directory only root may
+/// write (or another user's private store), gets nothing; their own directory works, and
+/// what is created there is theirs. Root only.
+#[test]
+fn a_users_models_dir_is_written_with_their_rights() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = build_model(&tmp.path().join("model"), Shape::tiny());
+    for e in fs::read_dir(&m.dir).unwrap().flatten() {
+        fs::set_permissions(e.path(), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    fs::set_permissions(&m.dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let nobody = jobd::jobfs::Credentials {
+        uid: 65534,
+        gid: 65534,
+        groups: vec![65534],
+    };
+    let publish_into = |models: &Path| {
+        publish::publish(
+            &PublishRequest {
+                model_dir: &m.dir,
+                models_dir: models,
+                spec: &spec("mine", Quantization::F16),
+                read_as: Some(&nobody),
+                write_as: Some(&nobody),
+            },
+            |_| {},
+        )
+    };
+    let own = tmp.path().join("own");
+    fs::create_dir(&own).unwrap();
+    std::os::unix::fs::lchown(&own, Some(65534), Some(65534)).unwrap();
+    publish_into(&own).expect("the owner's own directory");
+    for f in tree(&own) {
+        assert_eq!(fs::metadata(own.join(&f)).unwrap().uid(), 65534, "{f}");
+    }
+
+    let root_only = tmp.path().join("root-only");
+    fs::create_dir(&root_only).unwrap();
+    fs::set_permissions(&root_only, fs::Permissions::from_mode(0o700)).unwrap();
+    let swapped = tmp.path().join("swapped");
+    std::os::unix::fs::symlink(&root_only, &swapped).unwrap();
+    let e = publish_into(&swapped).unwrap_err();
+    assert!(e.to_string().contains("ermission denied"), "{e}");
+    assert!(tree(&root_only).is_empty(), "{:?}", tree(&root_only));
 }

@@ -167,6 +167,10 @@ pub struct PublishRequest<'a> {
     /// Read the model with this account's file rights (a root daemon publishing a user's job:
     /// the model directory is the user's, who may have put links to other files in it).
     pub read_as: Option<&'a crate::jobfs::Credentials>,
+    /// Write the store with this account's file rights: a models directory the job's owner
+    /// named (not the daemon's own) is written as they could write it, so that a link they
+    /// swap in for it after the submit-time check leads only where they may write anyway.
+    pub write_as: Option<&'a crate::jobfs::Credentials>,
 }
 
 impl<'a> PublishRequest<'a> {
@@ -293,6 +297,13 @@ pub fn publish(
         });
     }
     let name = ModelName::parse(&spec.ollama_name)?;
+    let _writing_as = match req.write_as {
+        Some(c) => Some(
+            c.enter()
+                .map_err(|e| PublishError::io("write", req.models_dir, e))?,
+        ),
+        None => None,
+    };
     let mut store = store::Store::open(req.models_dir)?;
     progress(&format!("reading {}", req.model_dir.display()));
     let prepared = {

@@ -237,8 +237,12 @@ impl Store {
         if !meta.is_dir() {
             return Err(dir_err("is not a directory".into()));
         }
-        let owner =
-            (nix::unistd::geteuid().is_root() && meta.uid() != 0).then(|| (meta.uid(), meta.gid()));
+        // Root writing with its own file rights hands what it creates to the directory's
+        // owner; with a user's rights (`Credentials::enter`) the files are theirs already.
+        let owner = (nix::unistd::geteuid().is_root()
+            && crate::jobfs::current_fsuid() == 0
+            && meta.uid() != 0)
+            .then(|| (meta.uid(), meta.gid()));
         let unique = format!(
             "{}-{}",
             std::process::id(),

@@ -758,6 +758,9 @@ impl Scheduler {
         }
         self.check_priority(caller, sub.spec.priority, None)?;
         let rec = self.prepare_job(owner, sub, now_ms())?;
+        if let Some(p) = &rec.spec.publish {
+            self.check_model_name(p, &rec.owner.user, caller.admin, rec.id, None)?;
+        }
         let reason = format!("submitted by {}", caller.user.as_deref().unwrap_or("?"));
         let (rec, event) = self
             .store
@@ -1076,16 +1079,42 @@ impl Scheduler {
                 })
             }
             (None, Some(0)) if self.jobs[&id].spec.publish.is_some() => {
-                let r = self.apply(
+                let job = &self.jobs[&id];
+                let spec = job
+                    .spec
+                    .publish
+                    .clone()
+                    .unwrap_or_else(|| crate::spec::publish::PublishSpec::named(&job.name));
+                // Another user's job may have taken the name while this one trained.
+                let taken = self.check_model_name(
+                    &spec,
+                    &job.owner.user,
+                    false,
                     id,
-                    Some(JobState::Publishing),
-                    "training finished; publishing the model to Ollama".into(),
-                    &finish,
+                    Some(job.submitted_at),
                 );
-                if let (Ok(_), Some(spec)) = (&r, self.jobs[&id].spec.publish.clone()) {
-                    self.start_publish(id, spec, None);
+                if let Err(e) = taken {
+                    self.apply(
+                        id,
+                        Some(JobState::Failed),
+                        format!("publishing failed: {e}"),
+                        &|r| {
+                            finish(r);
+                            r.finished_at = Some(now);
+                        },
+                    )
+                } else {
+                    let r = self.apply(
+                        id,
+                        Some(JobState::Publishing),
+                        "training finished; publishing the model to Ollama".into(),
+                        &finish,
+                    );
+                    if r.is_ok() {
+                        self.start_publish(id, spec, None);
+                    }
+                    r
                 }
-                r
             }
             (None, Some(0)) => self.apply(
                 id,
@@ -1240,6 +1269,66 @@ impl Scheduler {
         }
     }
 
+    /// In the daemon's own Ollama directory, which everyone's jobs share, a model name is its
+    /// publisher's: a user may replace a model there only if jobd's latest publish of that
+    /// name was one of their jobs, and a model jobd did not publish (`ollama pull`, `ollama
+    /// create`) only an admin may replace — otherwise anyone could put their weights behind
+    /// a name others run. A directory a user names is theirs to manage. `since`: only
+    /// publishes after that time count (the check after training, the rest having been
+    /// checked at submit).
+    pub(super) fn check_model_name(
+        &self,
+        spec: &crate::spec::publish::PublishSpec,
+        publisher: &str,
+        admin: bool,
+        this_job: JobId,
+        since: Option<Millis>,
+    ) -> Result<(), SchedError> {
+        use crate::spec::publish::ModelName;
+        let Some(shared) = self.settings.ollama_models.as_deref() else {
+            return Ok(());
+        };
+        let dir = spec.models_dir.as_deref().unwrap_or(shared);
+        if admin || dir != shared {
+            return Ok(());
+        }
+        // An invalid name is refused with its own reason elsewhere.
+        let Ok(name) = ModelName::parse(&spec.ollama_name) else {
+            return Ok(());
+        };
+        let latest = self
+            .jobs
+            .values()
+            .filter(|j| j.id != this_job)
+            .filter(|j| since.is_none_or(|t| j.finished_at.is_some_and(|f| f > t)))
+            .filter_map(|j| Some((j, j.published.as_ref()?)))
+            .filter(|(_, p)| p.models_dir == dir)
+            .filter(|(_, p)| ModelName::parse(&p.name).is_ok_and(|n| n == name))
+            .max_by_key(|(j, _)| (j.finished_at, j.id));
+        let taken_by = match latest {
+            Some((j, _)) if j.owner.user == publisher => return Ok(()),
+            Some((j, _)) => format!("job {} of {}", j.id, j.owner.user),
+            // After training, only what changed since the submit-time check counts.
+            None if since.is_some() => return Ok(()),
+            None => {
+                let exists = dir.join("manifests").join(name.manifest_relpath()).exists();
+                if !exists {
+                    return Ok(());
+                }
+                "someone outside jobd (ollama pull or create)".to_string()
+            }
+        };
+        Err(SchedError::Forbidden(format!(
+            "publish.ollama_name: {} in the shared Ollama directory {} was published by \
+             {taken_by}; only they or an admin may replace it (choose another name, e.g. \
+             {publisher}/{}:{})",
+            name.display_shortest(),
+            dir.display(),
+            name.model,
+            name.tag
+        )))
+    }
+
     /// Publishes a job's model on a blocking thread; the result comes back as `Msg::Published`.
     fn start_publish(
         &mut self,
@@ -1263,17 +1352,21 @@ impl Scheduler {
                 let models_dir = spec
                     .models_dir
                     .clone()
-                    .or(default)
+                    .or(default.clone())
                     .ok_or("no Ollama models directory")?;
                 let read_as = read_as_user
                     .map(|u| crate::proc::RunAs::lookup(&u).map(|r| r.credentials()))
                     .transpose()
                     .map_err(|e| e.to_string())?;
+                // The daemon's own directory is written with its rights (files handed to
+                // the directory's owner); one the job's owner named, with theirs.
+                let owners_dir = Some(models_dir.as_path()) != default.as_deref();
                 let req = crate::publish::PublishRequest {
                     model_dir: &model_dir,
                     models_dir: &models_dir,
                     spec: &spec,
                     read_as: read_as.as_ref(),
+                    write_as: read_as.as_ref().filter(|_| owners_dir),
                 };
                 let p =
                     crate::publish::publish(&req, |step| tracing::debug!(job_id = id, "{step}"))
@@ -1398,6 +1491,10 @@ impl Scheduler {
             ));
         }
         if let Err(e) = self.check_models_dir(spec.models_dir.as_deref(), &rec.owner) {
+            return Err((reply, e));
+        }
+        // By hand, the caller publishes: an admin may replace any name.
+        if let Err(e) = self.check_model_name(&spec, &rec.owner.user, caller.admin, id, None) {
             return Err((reply, e));
         }
         self.start_publish(id, spec, Some(reply));

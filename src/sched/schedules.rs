@@ -40,7 +40,10 @@ impl Scheduler {
         // Check now what each firing would be checked against (with the first base).
         let mut probe = sub.clone();
         resolve_previous(&mut probe.spec, None);
-        self.prepare_job(owner.clone(), probe, now)?;
+        let probe = self.prepare_job(owner.clone(), probe, now)?;
+        if let Some(p) = &probe.spec.publish {
+            self.check_model_name(p, &owner.user, caller.admin, 0, None)?;
+        }
         let next_fire = cron.next_after(now, self.settings.schedule_tz);
         let rec = self.store.insert_schedule(&|id| ScheduleRecord {
             id,

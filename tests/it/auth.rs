@@ -140,3 +140,63 @@ fn logs_are_private_to_the_owner() {
     let owner = d.jobctl_tcp(Some(TOKEN_NOBODY), &["logs", "1"]);
     assert_eq!(stdout(&owner), "secret\n");
 }
+
+/// A train job of `tiny.toml` publishing as `name`, with its data copied where any user can
+/// read it (jobs submitted with another user's token are checked with that user's rights).
+pub fn tiny_publishing_as(d: &TestDaemon, name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = tempfile::Builder::new()
+        .prefix("jobd-data")
+        .tempdir()
+        .unwrap()
+        .keep();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in ["tiny_train.jsonl", "tiny_eval.jsonl"] {
+        let to = data.join(f);
+        std::fs::copy(repo.join("jobs/data").join(f), &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let text = std::fs::read_to_string(repo.join("jobs/tiny.toml"))
+        .unwrap()
+        .replace("data/tiny_", &format!("{}/tiny_", data.display()))
+        .replace("jobd/tiny-shift:latest", name);
+    d.write(&format!("{}.toml", name.replace(['/', ':'], "_")), &text)
+}
+
+/// In the daemon's shared Ollama directory a user may not take a name that jobd did not
+/// publish (a model pulled with `ollama pull`), while their own names and an admin's are
+/// fine: anyone could otherwise put their weights behind a model others run.
+#[test]
+fn a_shared_model_name_is_its_publishers() {
+    let models = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start(&[
+        "--gpus",
+        "none",
+        "--ollama-models",
+        models.path().to_str().unwrap(),
+    ]);
+    let pulled = models
+        .path()
+        .join("manifests/registry.ollama.ai/library/llama3");
+    std::fs::create_dir_all(&pulled).unwrap();
+    std::fs::write(pulled.join("latest"), "{}").unwrap();
+
+    let squat = tiny_publishing_as(&d, "llama3");
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", squat.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("llama3:latest")
+            && stderr(&out).contains("published by someone outside jobd"),
+        "{}",
+        stderr(&out)
+    );
+    let own = tiny_publishing_as(&d, "nobody/shift");
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", own.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(d.jobctl(&["cancel", stdout(&out).trim()]).status.success());
+    // root is an admin.
+    let out = d.jobctl(&["submit", squat.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(d.jobctl(&["cancel", stdout(&out).trim()]).status.success());
+}

@@ -73,6 +73,14 @@ fn tiny_job_learns_publishes_and_answers_held_out_prompts() {
     );
     let listing = stdout(&d.jobctl(&["models"]));
     assert!(listing.contains("jobd/tiny-shift:latest"), "{listing}");
+    // Another user may not put their model behind that name in the shared directory.
+    let squat = crate::auth::tiny_publishing_as(&d, "jobd/tiny-shift");
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", squat.to_str().unwrap()]);
+    assert!(
+        out.status.code() == Some(1) && stderr(&out).contains("published by job 1 of root"),
+        "{}",
+        stderr(&out)
+    );
 
     let output = d.state.join(format!("jobs/{id}/output"));
     let (right, total) = held_out_right(&output, 20);
