@@ -146,12 +146,46 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// Reads a whole file with [`open_regular`]'s checks.
-pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+/// Reads a whole file with [`open_regular`]'s checks, if it holds at most `max` bytes: the
+/// files jobd reads from job directories are their owners', who could otherwise make the
+/// daemon read gigabytes (a sparse file costs them nothing).
+pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
-    let mut bytes = Vec::new();
-    open_regular(path)?.read_to_end(&mut bytes)?;
+    let file = open_regular(path)?;
+    let len = file.metadata()?.len();
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is {len} bytes, more than the {max} jobd reads of it",
+                path.display()
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    // It may grow meanwhile: never past the limit.
+    file.take(max).read_to_end(&mut bytes)?;
     Ok(bytes)
+}
+
+/// The last `max` bytes of a file, from its first line that starts within them (all of it
+/// when it is shorter), with [`open_regular`]'s checks; and whether the start was cut.
+pub fn read_regular_tail(path: &Path, max: u64) -> io::Result<(Vec<u8>, bool)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = open_regular(path)?;
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(max);
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes)?;
+    if start > 0 {
+        let from = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(bytes.len(), |i| i + 1);
+        bytes.drain(..from);
+    }
+    Ok((bytes, start > 0))
 }
 
 /// Whether `path` is a real directory (not a symlink to one).
@@ -379,7 +413,16 @@ mod tests {
             .unwrap()
             .write_all(b"two\n")
             .unwrap();
-        assert_eq!(read_regular(&log).unwrap(), b"one\ntwo\n");
+        assert_eq!(read_regular(&log, 100).unwrap(), b"one\ntwo\n");
+        assert!(read_regular(&log, 4).is_err());
+        assert_eq!(
+            read_regular_tail(&log, 6).unwrap(),
+            (b"two\n".to_vec(), true)
+        );
+        assert_eq!(
+            read_regular_tail(&log, 100).unwrap(),
+            (b"one\ntwo\n".to_vec(), false)
+        );
         let out = t.path().join("output");
         ensure_dir(&out, 0o750, None).unwrap();
         ensure_dir(&out, 0o755, None).unwrap();

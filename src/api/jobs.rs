@@ -772,8 +772,14 @@ pub async fn metrics(
         .get(&id)
         .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
     let path = rec.dir(&st.jobs_dir).join(files::METRICS);
-    let text = match crate::jobfs::read_regular(&path) {
-        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+    // The newest records of a file its owner may have made any size, off the async threads.
+    let read = tokio::task::spawn_blocking(move || {
+        crate::jobfs::read_regular_tail(&path, files::MAX_METRICS_BYTES)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?;
+    let text = match read {
+        Ok((t, _)) => String::from_utf8_lossy(&t).into_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         // `jobfs` refused what the job put in place of the file (a link, a FIFO).
         Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {

@@ -411,20 +411,42 @@ impl JobFiles {
             self.metrics_pos = 0;
             self.metrics_ino = Some(meta.ino());
         }
+        // Never more than the newest MAX_METRICS_BYTES at once (the owner could make the file
+        // any size): what came before them is skipped, from a line's start.
+        let limit = files::MAX_METRICS_BYTES;
+        let skipped = meta.len().saturating_sub(self.metrics_pos) > limit;
+        if skipped {
+            self.metrics_pos = meta.len() - limit;
+        }
         let mut buf = Vec::new();
         if meta.len() > self.metrics_pos {
             let read = file.seek(SeekFrom::Start(self.metrics_pos)).and_then(|_| {
-                file.take(meta.len() - self.metrics_pos)
+                file.by_ref()
+                    .take((meta.len() - self.metrics_pos).min(limit))
                     .read_to_end(&mut buf)
             });
             if read.is_err() {
                 buf.clear();
             }
         }
-        // A line being appended right now may be incomplete: keep it for next time.
+        let mut from = 0;
+        if skipped {
+            from = buf
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(buf.len(), |i| i + 1);
+        }
+        // A line being appended right now may be incomplete: keep it for next time (unless a
+        // whole window holds no line end: then it is no line, and is skipped).
         let complete = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let complete = if complete == 0 && buf.len() as u64 >= limit {
+            buf.len()
+        } else {
+            complete.max(from)
+        };
         self.metrics_pos += complete as u64;
-        let records: Vec<serde_json::Value> = buf[..complete]
+        let buf = &buf[from..complete];
+        let records: Vec<serde_json::Value> = buf
             .split(|b| *b == b'\n')
             .filter_map(|l| serde_json::from_slice(l).ok())
             .collect();

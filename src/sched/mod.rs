@@ -1806,12 +1806,15 @@ pub fn describe_placement(p: &Placement) -> String {
     }
 }
 
-/// The progress a train worker last reported, if any.
 /// What the train worker of `attempt` said went wrong, if it said (shortened for a reason
 /// line; the whole message is in the job's log).
 fn read_worker_error(job_dir: &std::path::Path, attempt: u32) -> Option<String> {
     const MAX_CHARS: usize = 600;
-    let bytes = crate::jobfs::read_regular(&job_dir.join(contract::files::WORKER_ERROR)).ok()?;
+    let bytes = crate::jobfs::read_regular(
+        &job_dir.join(contract::files::WORKER_ERROR),
+        contract::files::MAX_STATUS_BYTES,
+    )
+    .ok()?;
     let e: contract::WorkerError = serde_json::from_slice(&bytes).ok()?;
     if e.attempt != attempt {
         return None;
@@ -1825,7 +1828,12 @@ fn read_worker_error(job_dir: &std::path::Path, attempt: u32) -> Option<String> 
     })
 }
 
+/// The progress a train worker last reported, if any.
 pub fn read_progress(job_dir: &std::path::Path) -> Option<Progress> {
-    let text = crate::jobfs::read_regular(&job_dir.join(contract::files::PROGRESS)).ok()?;
+    let text = crate::jobfs::read_regular(
+        &job_dir.join(contract::files::PROGRESS),
+        contract::files::MAX_STATUS_BYTES,
+    )
+    .ok()?;
     serde_json::from_slice(&text).ok()
 }

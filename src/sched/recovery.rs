@@ -122,7 +122,8 @@ fn ended_meanwhile(s: &Scheduler, id: JobId) -> Option<(ExitInfo, Millis)> {
     }
     let path = rec.dir(&s.settings.jobs_dir).join(files::EXIT_STATUS);
     let status: ExitStatus =
-        serde_json::from_slice(&crate::jobfs::read_regular(&path).ok()?).ok()?;
+        serde_json::from_slice(&crate::jobfs::read_regular(&path, files::MAX_STATUS_BYTES).ok()?)
+            .ok()?;
     let now = now_ms();
     let ended_at = status
         .ended_at

@@ -61,6 +61,11 @@ pub mod files {
     pub const EXIT_STATUS: &str = "exit-status.json";
     /// What went wrong when a train worker fails: [`super::WorkerError`].
     pub const WORKER_ERROR: &str = "worker-error.json";
+    /// The most jobd reads of a small status file a job writes (progress, exit status,
+    /// worker error): a bigger one is ignored, as the owner could make it any size.
+    pub const MAX_STATUS_BYTES: u64 = 64 << 10;
+    /// The most of `metrics.jsonl` jobd serves at once: its newest records.
+    pub const MAX_METRICS_BYTES: u64 = 32 << 20;
 }
 
 /// A train worker's failure, left in [`files::WORKER_ERROR`] before it exits 1: the daemon

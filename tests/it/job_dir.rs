@@ -166,6 +166,51 @@ fn a_fifo_in_a_job_directory_hangs_no_reader() {
     d.wait_state(id, JobState::Cancelled, Duration::from_secs(20));
 }
 
+/// Files a job owns cannot make the daemon read gigabytes: a sparse 8 GiB `metrics.jsonl`
+/// (its newest records are served) and `progress.json` (ignored) cost the daemon no more
+/// than their limits (both used to be read whole, per request, on the async threads).
+#[test]
+fn huge_job_files_are_read_only_up_to_a_limit() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let f = d.write(
+        "huge.toml",
+        &command_job(
+            "cd \"$JOBD_JOB_DIR\" && truncate -s 8G metrics.jsonl && \
+             printf '\\n{\"step\": 7, \"loss\": 1.5}\\n' >> metrics.jsonl && \
+             truncate -s 8G progress.json && echo ready >&2 && sleep 60",
+            "",
+        ),
+    );
+    let id = d.submit(&f);
+    wait_for("the files", Duration::from_secs(20), || {
+        std::fs::read_to_string(d.state.join(format!("jobs/{id}/stderr.log")))
+            .is_ok_and(|s| s.contains("ready"))
+    });
+    let get = |path: &str| {
+        raw_http(
+            d.addr(),
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+    };
+    let (status, body) = get(&format!("/api/v1/jobs/{id}/metrics"));
+    assert_eq!(status, 200, "{body}");
+    let records: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(records, serde_json::json!([{"step": 7, "loss": 1.5}]));
+    let (status, body) = get(&format!("/api/v1/jobs/{id}"));
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = get("/api/v1/queue");
+    assert_eq!(status, 200);
+    let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", d.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap();
+    assert!(rss_kib < 1 << 20, "the daemon's peak RSS is {rss_kib} KiB");
+    let out = d.jobctl(&["cancel", &id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 /// A root daemon acts on a job file's paths with its owner's rights only: a job cannot start
 /// in a working directory its owner cannot enter (the daemon used to enter it as root before
 /// switching users, and the job read what was there), and checking a file names no path its
