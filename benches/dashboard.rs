@@ -159,7 +159,7 @@ fn populate(addr: SocketAddr, n: usize) {
 fn submit(addr: SocketAddr, token: &str, toml: &str, base: &Path) {
     let body = serde_json::json!({"toml": toml, "base_dir": base}).to_string();
     let req = format!(
-        "POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /api/v1/jobs HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let (status, resp) = http(addr, req.as_bytes());
@@ -169,7 +169,7 @@ fn submit(addr: SocketAddr, token: &str, toml: &str, base: &Path) {
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     http(
         addr,
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
     )
 }
 

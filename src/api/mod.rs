@@ -156,14 +156,101 @@ async fn whoami(axum::Extension(caller): axum::Extension<Caller>) -> Json<Whoami
     })
 }
 
-/// Serves `router` on the connections `accept` yields until `stop`: HTTP/1.1 by hyper, with a
-/// limit on how long a client may take to send a request's headers (`axum::serve` has none, so
-/// a client trickling a header a byte at a time held its connection, and a file descriptor,
-/// for as long as it liked). A unix socket's peer is given to the handlers as `ConnectInfo`.
+/// How [`serve`] protects a listener from clients that hold connections without using them.
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    /// How long a client may take to send a request's headers, and then its body.
+    pub request_timeout: Duration,
+    /// Connections served at once; further ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Host names a request's `Host` may carry (port aside); `None`: any. A listener on a
+    /// loopback address takes only its own names, so that a web page whose name an attacker
+    /// points at 127.0.0.1 (DNS rebinding) cannot read it from the user's browser.
+    pub allowed_hosts: Option<Vec<String>>,
+}
+
+impl ServeLimits {
+    /// The host names a listener on `addr` answers to: for a loopback address, `localhost`,
+    /// the address itself and `extra` (names a reverse proxy passes on); otherwise any.
+    pub fn hosts_for(addr: std::net::SocketAddr, extra: &[String]) -> Option<Vec<String>> {
+        if !addr.ip().is_loopback() {
+            return None;
+        }
+        let mut hosts = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+            addr.ip().to_string(),
+        ];
+        hosts.extend(extra.iter().map(|h| h.to_ascii_lowercase()));
+        Some(hosts)
+    }
+}
+
+/// Whether a `Host` header names one of `allowed` (any port; `[::1]:8470` is `::1`).
+fn host_allowed(host: Option<&axum::http::HeaderValue>, allowed: &[String]) -> bool {
+    let Some(host) = host.and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let host = host.trim().to_ascii_lowercase();
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h),
+    };
+    let name = name.trim_end_matches('.');
+    allowed.iter().any(|a| a == name) || name.ends_with(".localhost")
+}
+
+/// A request body that must have arrived by a deadline: after its headers, a client could
+/// otherwise send the body a byte at a time, or never, holding its connection as long as it
+/// liked.
+struct TimedBody {
+    inner: hyper::body::Incoming,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+}
+
+impl hyper::body::Body for TimedBody {
+    type Data = axum::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                "the request body did not arrive within {}s",
+                self.timeout.as_secs()
+            )
+            .into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves `router` on the connections `accept` yields until `stop`: HTTP/1.1 by hyper, within
+/// `limits` (`axum::serve` has none: a client trickling its headers or body a byte at a time
+/// held its connection, and a file descriptor, for as long as it liked, and enough of them
+/// left the daemon none for `jobctl`). A unix socket's peer is given to the handlers as
+/// `ConnectInfo`.
 pub async fn serve<S, A, F>(
     mut accept: A,
     router: axum::Router,
-    header_timeout: Duration,
+    limits: ServeLimits,
     stop: CancellationToken,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -172,7 +259,17 @@ pub async fn serve<S, A, F>(
 {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower_service::Service;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let allowed_hosts = limits.allowed_hosts.clone().map(Arc::new);
+    let timeout = limits.request_timeout;
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            () = stop.cancelled() => return,
+        };
         let (io, peer) = tokio::select! {
             accepted = accept() => match accepted {
                 Ok(c) => c,
@@ -187,20 +284,45 @@ pub async fn serve<S, A, F>(
         };
         let router = router.clone();
         let stop = stop.clone();
+        let allowed_hosts = allowed_hosts.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     if let Some(p) = &peer {
                         req.extensions_mut().insert(ConnectInfo(*p));
                     }
+                    let misdirected = allowed_hosts.as_ref().is_some_and(|hosts| {
+                        !host_allowed(req.headers().get(axum::http::header::HOST), hosts)
+                    });
+                    let req = req.map(|inner| {
+                        axum::body::Body::new(TimedBody {
+                            inner,
+                            deadline: Box::pin(tokio::time::sleep(timeout)),
+                            timeout,
+                        })
+                    });
                     // A Router is always ready, so it is called without `poll_ready`.
-                    router.clone().call(req.map(axum::body::Body::new))
+                    let call = router.clone().call(req);
+                    async move {
+                        if misdirected {
+                            return Ok(error::ApiError::new(
+                                axum::http::StatusCode::MISDIRECTED_REQUEST,
+                                "misdirected",
+                                "this listener answers only to its own host names (Host: \
+                                 localhost or its address; a reverse proxy's name goes in \
+                                 allowed_hosts in the daemon's config)",
+                            )
+                            .into_response());
+                        }
+                        call.await
+                    }
                 },
             );
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
+                .header_read_timeout(timeout);
             let conn = builder.serve_connection(TokioIo::new(io), svc);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {

@@ -29,9 +29,16 @@ pub struct ConfigFile {
     pub gpus: Option<String>,
     /// Time between SIGTERM and SIGKILL when stopping a job.
     pub grace_period: Option<HumanDuration>,
-    /// How long a client may take to send a request's headers before its connection is
-    /// closed (default 30s; slow-header clients would otherwise hold connections forever).
+    /// How long a client may take to send a request's headers, and then its body, before its
+    /// connection is closed (default 30s; slow clients would otherwise hold connections
+    /// forever).
     pub header_read_timeout: Option<HumanDuration>,
+    /// Most TCP connections served at once (default 1024); the unix socket has its own.
+    pub max_connections: Option<u32>,
+    /// Host names, besides localhost and its address, that a TCP listener on a loopback
+    /// address answers to: a reverse proxy's public name, if it passes it on in `Host`.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
     /// Most CPU-only jobs running at once.
     pub max_cpu_jobs: Option<u32>,
     /// Users who may change any job.
@@ -203,6 +210,8 @@ pub struct Config {
     pub gpus: GpuSource,
     pub grace_period: Duration,
     pub header_read_timeout: Duration,
+    pub max_connections: u32,
+    pub allowed_hosts: Vec<String>,
     pub max_cpu_jobs: u32,
     pub admins: BTreeSet<String>,
     pub trusted_users: BTreeSet<String>,
@@ -373,6 +382,8 @@ impl Config {
             header_read_timeout: file
                 .header_read_timeout
                 .map_or(Duration::from_secs(30), |d| d.0),
+            max_connections: file.max_connections.unwrap_or(1024),
+            allowed_hosts: file.allowed_hosts.clone(),
             max_cpu_jobs: file.max_cpu_jobs.unwrap_or_else(default_cpu_jobs),
             admins: file.admins.iter().cloned().collect(),
             trusted_users: file.trusted_users.iter().cloned().collect(),
@@ -524,6 +535,17 @@ impl ConfigFile {
             issues.push(Issue::new(
                 "header_read_timeout",
                 "must be between 1s and 10m",
+            ));
+        }
+        if self.max_connections == Some(0) {
+            issues.push(Issue::new("max_connections", "must be at least 1"));
+        }
+        if let Some(i) = self.allowed_hosts.iter().position(|h| {
+            h.is_empty() || h.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+        }) {
+            issues.push(Issue::new(
+                format!("allowed_hosts[{i}]"),
+                "must be a host name without a port or scheme (e.g. \"jobd.example.com\")",
             ));
         }
         issues

@@ -20,8 +20,19 @@ use crate::store::Store;
 
 mod systemd;
 
+/// Connections served at once on the unix socket (`jobctl`, `logs -f` followers).
+const UNIX_CONNECTIONS: usize = 1024;
+
 /// Runs the daemon until `shutdown` is cancelled; returns after every worker has stopped.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let fd_limit = crate::proc::raise_fd_limit();
+    if fd_limit < u64::from(config.max_connections) + UNIX_CONNECTIONS as u64 + 256 {
+        tracing::warn!(
+            open_files = fd_limit,
+            max_connections = config.max_connections,
+            "the limit on open files leaves little room beyond max_connections (raise LimitNOFILE or ulimit -n)"
+        );
+    }
     prepare_dirs(&config)?;
     let store = Store::open(&config.store_dir()).map_err(|e| {
         if e.to_string().contains("lock") {
@@ -87,7 +98,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     info!(socket = %config.socket.display(), "listening on unix socket");
     let stop_serving = CancellationToken::new();
     let mut servers = Vec::new();
-    let header_timeout = config.header_read_timeout;
+    let unix_limits = api::ServeLimits {
+        request_timeout: config.header_read_timeout,
+        max_connections: UNIX_CONNECTIONS,
+        allowed_hosts: None,
+    };
     servers.push(tokio::spawn(api::serve(
         move || {
             let unix = unix.clone();
@@ -98,7 +113,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
         },
         router.clone(),
-        header_timeout,
+        unix_limits,
         stop_serving.clone(),
     )));
     if let Some(addr) = config.listen {
@@ -121,7 +136,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             },
             router,
-            header_timeout,
+            api::ServeLimits {
+                request_timeout: config.header_read_timeout,
+                max_connections: config.max_connections as usize,
+                allowed_hosts: api::ServeLimits::hosts_for(local, &config.allowed_hosts),
+            },
             stop_serving.clone(),
         )));
     }

@@ -276,6 +276,25 @@ fn end_descendants(me: i32) {
     }
 }
 
+/// The soft limit on open files jobd started with, given back to every job it starts.
+static JOB_NOFILE_LIMIT: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Raises this process's soft limit on open files to its hard limit (connections, log
+/// followers and stores all hold descriptors; 1024 is soon too few), and returns the new
+/// soft limit. Jobs still start with the limit jobd was given: some programs break with
+/// descriptors above 1024 (`select`).
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    let _ = JOB_NOFILE_LIMIT.set((soft, hard));
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct SpawnRequest {
@@ -339,6 +358,19 @@ pub fn spawn(
         .stdout(stdout)
         .stderr(stderr)
         .process_group(0);
+    if let Some(&(soft, hard)) = JOB_NOFILE_LIMIT.get() {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let _ = nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    soft,
+                    hard,
+                );
+                Ok(())
+            });
+        }
+    }
     if let Some(r) = req.run_as.clone() {
         let groups: Vec<Gid> = r.groups.iter().map(|g| Gid::from_raw(*g)).collect();
         // The working directory is entered after the switch to the owner, never as root

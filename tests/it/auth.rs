@@ -96,7 +96,7 @@ fn tcp_without_a_valid_token_is_refused() {
     assert_eq!(status, 401, "{resp}");
     let (status, resp) = post_json(d.addr(), "/api/v1/jobs/validate", Some(TOKEN_NOBODY), &body);
     assert_eq!(status, 200, "{resp}");
-    let (status, resp) = raw_http(d.addr(), b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nConnection: close\r\n\r\n");
+    let (status, resp) = raw_http(d.addr(), b"GET /api/v1/jobs HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer wrong\r\nConnection: close\r\n\r\n");
     assert_eq!(
         status, 401,
         "a wrong token is refused even for reads: {resp}"
@@ -113,7 +113,7 @@ fn tcp_without_a_valid_token_is_refused() {
     // Reading needs no token.
     let (status, body) = raw_http(
         d.addr(),
-        b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /api/v1/jobs HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status, 200, "{body}");
     let who = d.jobctl_tcp(Some(TOKEN_NOBODY), &["whoami"]);

@@ -23,7 +23,7 @@ fn get(d: &TestDaemon, path: &str, extra: &str) -> (u16, String, String) {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n"
     )
     .unwrap();
     let mut buf = Vec::new();
@@ -190,7 +190,7 @@ fn read_events(
     let mut s = std::net::TcpStream::connect(d.addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
     let mut r = BufReader::new(s);
     let start = Instant::now();
     let mut events = Vec::new();

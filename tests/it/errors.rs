@@ -135,7 +135,7 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
     check(
         raw_http(
             a,
-            b"GET /api/v1/jobs/abc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /api/v1/jobs/abc HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         ),
         400,
         "bad_request",
@@ -143,7 +143,7 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
     check(
         raw_http(
             a,
-            b"GET /api/v1/jobs/0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /api/v1/jobs/0 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         ),
         400,
         "bad_request",
@@ -151,7 +151,7 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
     check(
         raw_http(
             a,
-            b"GET /api/v1/jobs/77 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /api/v1/jobs/77 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         ),
         404,
         "not_found",
@@ -159,7 +159,7 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
     check(
         raw_http(
             a,
-            b"GET /api/v1/jobs?limit=lots HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /api/v1/jobs?limit=lots HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         ),
         400,
         "bad_query",
@@ -167,7 +167,7 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
     check(
         raw_http(
             a,
-            b"GET /api/v1/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /api/v1/nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         ),
         404,
         "not_found",
@@ -202,14 +202,14 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
     check(
         raw_http(
             a,
-            b"DELETE /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"DELETE /api/v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         ),
         405,
         "method_not_allowed",
     );
     // The scheme name is case-insensitive; a 401 says which scheme it wants.
     let lower = format!(
-        "GET /api/v1/whoami HTTP/1.1\r\nHost: x\r\nAuthorization: bearer {TOKEN_NOBODY}\r\nConnection: close\r\n\r\n"
+        "GET /api/v1/whoami HTTP/1.1\r\nHost: localhost\r\nAuthorization: bearer {TOKEN_NOBODY}\r\nConnection: close\r\n\r\n"
     );
     let (status, body) = raw_http(a, lower.as_bytes());
     assert_eq!(status, 200, "{body}");
@@ -217,7 +217,7 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
     let mut s = std::net::TcpStream::connect(a).unwrap();
     std::io::Write::write_all(
         &mut s,
-        b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nConnection: close\r\n\r\n",
+        b"GET /api/v1/jobs HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer wrong\r\nConnection: close\r\n\r\n",
     )
     .unwrap();
     let mut head = String::new();
@@ -260,7 +260,7 @@ fn slow_request_headers_are_cut_off() {
     use std::io::{Read, Write};
     let d = TestDaemon::start_with_config(&["--gpus", "none"], "header_read_timeout = \"1s\"");
     let check = |mut s: Box<dyn ReadWrite>| {
-        s.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+        s.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n")
             .unwrap();
         let started = std::time::Instant::now();
         let mut buf = Vec::new();
@@ -285,6 +285,60 @@ fn slow_request_headers_are_cut_off() {
     let out = d.jobctl(&["submit", "--follow", job.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).starts_with("a\nb\n"), "{}", stdout(&out));
+    assert_serving(&d);
+}
+
+/// After its headers, a request's body must arrive within the same timeout (a client could
+/// send it a byte at a time, or never, holding its connection); and the TCP listener, on a
+/// loopback address, answers only to its own names (a page whose name an attacker points at
+/// 127.0.0.1 could otherwise read the queue from a user's browser), plus `allowed_hosts`.
+#[test]
+fn slow_bodies_are_cut_off_and_foreign_hosts_refused() {
+    use std::io::{Read, Write};
+    let d = TestDaemon::start_with_config(
+        &["--gpus", "none"],
+        "header_read_timeout = \"1s\"\nallowed_hosts = [\"jobd.example.com\"]",
+    );
+    let mut s = std::net::TcpStream::connect(d.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        format!(
+            "POST /api/v1/jobs/validate HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN_NOBODY}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "held for {took:?}: {}",
+        String::from_utf8_lossy(&buf)
+    );
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    for (host, want) in [
+        ("evil.example", 421),
+        ("evil.example:8470", 421),
+        ("localhost:8470", 200),
+        ("127.0.0.1", 200),
+        ("[::1]:8470", 200),
+        ("JOBD.example.com", 200),
+    ] {
+        let (status, body) = raw_http(
+            d.addr(),
+            format!("GET /api/v1/health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(status, want, "{host}: {body}");
+        if want == 421 {
+            assert!(body.contains("\"misdirected\""), "{body}");
+        }
+    }
     assert_serving(&d);
 }
 

@@ -123,7 +123,8 @@ fn a_fifo_in_a_job_directory_hangs_no_reader() {
         let started = Instant::now();
         let r = raw_http(
             d.addr(),
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
         );
         (r, started.elapsed())
     };
@@ -189,7 +190,8 @@ fn huge_job_files_are_read_only_up_to_a_limit() {
     let get = |path: &str| {
         raw_http(
             d.addr(),
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
         )
     };
     let (status, body) = get(&format!("/api/v1/jobs/{id}/metrics"));
