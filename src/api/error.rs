@@ -115,10 +115,16 @@ impl From<JsonRejection> for ApiError {
         // axum says "Failed to deserialize the JSON body into the target type: priority: …";
         // the field and the reason are what the caller needs.
         let text = r.body_text();
-        let reason = text
-            .strip_prefix("Failed to deserialize the JSON body into the target type: ")
-            .map(|r| format!("invalid request body: {r}"))
-            .unwrap_or(text);
+        let reason = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!(
+                "the request body is larger than the {} KiB jobd takes",
+                super::MAX_BODY_BYTES >> 10
+            )
+        } else {
+            text.strip_prefix("Failed to deserialize the JSON body into the target type: ")
+                .map(|r| format!("invalid request body: {r}"))
+                .unwrap_or(text)
+        };
         ApiError::new(status, code, reason)
     }
 }

@@ -36,8 +36,11 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for JobIdPath {
         let UrlPath(raw) = UrlPath::<String>::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        raw.parse::<JobId>()
-            .ok()
+        // Digits only: `parse` would also take "+1".
+        raw.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| raw.parse::<JobId>().ok())
+            .flatten()
             .filter(|id| *id > 0)
             .map(JobIdPath)
             .ok_or_else(|| {

@@ -88,6 +88,13 @@ pub fn router(state: AppState) -> Router {
     web::routes()
         .nest(crate::spec::api::PREFIX, api)
         .fallback(|| async { ApiError::not_found("not found") })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("the dashboard's files are read with GET, not {method}"),
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

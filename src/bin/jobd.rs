@@ -156,6 +156,17 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Token { user }) => {
+            if user.trim().is_empty() || user.chars().any(char::is_control) {
+                eprintln!("jobd: --user must name a Unix user");
+                return ExitCode::from(2);
+            }
+            // A root daemon runs the token's jobs as that account: it should exist here.
+            if jobd::proc::RunAs::lookup(&user).is_err() {
+                eprintln!(
+                    "jobd: warning: there is no user {user:?} on this machine; a root daemon \
+                     refuses that token's submissions until there is"
+                );
+            }
             let token = jobd::config::new_token();
             outln!("token for {user} (give it to them; it is not stored anywhere):\n  {token}\n");
             outln!(

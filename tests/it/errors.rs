@@ -207,6 +207,24 @@ fn bad_http_requests_get_4xx_with_the_error_shape() {
         405,
         "method_not_allowed",
     );
+    // ... on the dashboard's files too (it used to be an empty 405).
+    check(
+        raw_http(
+            a,
+            b"POST /index.html HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ),
+        405,
+        "method_not_allowed",
+    );
+    // A job id is digits: "+1" is not job 1.
+    check(
+        raw_http(
+            a,
+            b"GET /api/v1/jobs/+1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        ),
+        400,
+        "bad_request",
+    );
     // The scheme name is case-insensitive; a 401 says which scheme it wants.
     let lower = format!(
         "GET /api/v1/whoami HTTP/1.1\r\nHost: localhost\r\nAuthorization: bearer {TOKEN_NOBODY}\r\nConnection: close\r\n\r\n"
