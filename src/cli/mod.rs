@@ -156,6 +156,13 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// The `{"code", "message", "problems"}` object `--json` gives for a failure: jobd's own, or
 /// one made here (an invalid job file, no daemon).
 pub fn error_object(e: &anyhow::Error) -> serde_json::Value {
+    if let Some(submit::InvalidJobFile(source)) = e.downcast_ref::<submit::InvalidJobFile>() {
+        return serde_json::json!({
+            "code": "invalid_job",
+            "message": source.to_string(),
+            "problems": source.problems,
+        });
+    }
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Api {
             code,

@@ -12,7 +12,8 @@ use crate::spec::job::parse_and_resolve_with;
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// The job file (TOML).
+    /// The job file (TOML); `-` reads it from standard input (relative paths in it are then
+    /// relative to the current directory).
     pub file: PathBuf,
     /// Stream the job's output until it ends; exit 0 only if it succeeded.
     #[arg(short, long)]
@@ -21,28 +22,58 @@ pub struct SubmitArgs {
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
-    /// The job file (TOML).
+    /// The job file (TOML); `-` reads it from standard input.
     pub file: PathBuf,
 }
 
-/// Reads a job file and checks it here, as the daemon will; returns the request to send.
+/// A job file that did not pass the checks: `--json` gives its problems one by one, as the
+/// daemon's `invalid_job` error does.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid job file:\n{0}")]
+pub struct InvalidJobFile(pub crate::spec::toml_source::SourceError);
+
+/// Reads a job file (`-`: standard input) and checks it here, as the daemon will; returns the
+/// request to send. Relative paths in it are relative to the file's directory, or, for a job
+/// file that is no file on disk (`-`, a pipe such as `<(envsubst < tmpl.toml)`), to the
+/// current directory, as for a command typed here.
 pub fn load(file: &Path) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let abs =
-        std::path::absolute(file).with_context(|| format!("cannot resolve {}", file.display()))?;
-    let base_dir = abs
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/"));
-    let origin = file.display().to_string();
+    use std::io::Read;
+    let stdin = file == Path::new("-");
+    let text = if stdin {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the job file from standard input")?;
+        text
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    let on_disk = !stdin && std::fs::metadata(file).is_ok_and(|m| m.is_file());
+    let (base_dir, source_path) = if on_disk {
+        let abs = std::path::absolute(file)
+            .with_context(|| format!("cannot resolve {}", file.display()))?;
+        let dir = abs
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        (dir, Some(abs))
+    } else {
+        let here = std::env::current_dir()
+            .context("cannot find the current directory (relative paths need it)")?;
+        (here, None)
+    };
+    let origin = if stdin {
+        "(stdin)".to_string()
+    } else {
+        file.display().to_string()
+    };
     let spec = parse_and_resolve_with(&origin, &text, &base_dir, &crate::publish::base_issues)
-        .map_err(|e| anyhow::anyhow!("invalid job file:\n{e}"))?;
+        .map_err(InvalidJobFile)?;
     Ok((
         SubmitRequest {
             toml: text,
             base_dir: Some(base_dir),
-            source_path: Some(abs),
+            source_path,
         },
         spec,
     ))

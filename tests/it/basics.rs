@@ -428,3 +428,54 @@ fn estimate_json_gives_each_gpus_fit() {
     assert_eq!(gpus[0]["fits"], false);
     assert_eq!(gpus[1]["fits"], true);
 }
+
+/// `jobctl submit -` reads the job file from standard input, and relative paths in a job
+/// file that is no file on disk (stdin, a pipe) are relative to the current directory (the
+/// job ran in `/dev`); `--json` gives a bad job file's problems one by one.
+#[test]
+fn a_job_file_from_stdin_and_structured_problems() {
+    use std::io::Write;
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let here = tempfile::tempdir().unwrap();
+    std::fs::write(here.path().join("hello.sh"), "echo hello from $(pwd)\n").unwrap();
+    let run = |args: &[&str], input: &str| {
+        let mut child = std::process::Command::new(JOBCTL)
+            .args(args)
+            .env("JOBD_URL", &d.socket)
+            .current_dir(here.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let job = "kind = \"command\"\n[command]\nargv = [\"sh\", \"hello.sh\"]\n";
+    let out = run(&["submit", "--follow", "-"], job);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = std::fs::canonicalize(here.path()).unwrap();
+    assert!(
+        stdout(&out).contains(&format!("hello from {}", dir.display())),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(
+        &["--json", "validate", "-"],
+        "kind = \"command\"\n[resources]\ngpu = 1\n[command]\nargv = [\"true\"]\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_job", "{v}");
+    let p = &v["error"]["problems"][0];
+    assert_eq!(
+        (p["key"].as_str(), p["line"].as_u64()),
+        (Some("resources.gpu"), Some(3)),
+        "{v}"
+    );
+}
