@@ -101,9 +101,32 @@ pub async fn logs(client: &Client, args: &LogsArgs, out: &super::Output) -> anyh
     if let Some((_, text)) = &head {
         write_stdout(text)?;
     }
+    let mut printed = head.as_ref().map_or(0, |(_, t)| t.len());
     if args.follow || head.is_none() {
-        let mut sink = |_: u64, chunk: &[u8]| write_stdout(chunk);
+        let mut sink = |_: u64, chunk: &[u8]| {
+            printed += chunk.len();
+            write_stdout(chunk)
+        };
         copy(client, id, stream, args.follow, args.tail, start, &mut sink).await?;
+    }
+    // Python's tracebacks, tqdm's bars and most tools' errors go to stderr: an empty stdout
+    // says nothing about them, so point there.
+    if printed == 0 && !args.stderr && !args.follow {
+        let mut stderr_bytes = 0;
+        let mut count = |_: u64, chunk: &[u8]| {
+            stderr_bytes += chunk.len();
+            Ok(())
+        };
+        if copy(client, id, "stderr", false, Some(1), None, &mut count)
+            .await
+            .is_ok()
+            && stderr_bytes > 0
+        {
+            eprintln!(
+                "jobctl: job {id} wrote nothing to stdout, but has output on stderr: \
+                 jobctl logs --stderr {id}"
+            );
+        }
     }
     Ok(true)
 }
@@ -117,7 +140,7 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
 
 /// The last `n` lines of a job's log (a partial last line counts as one), and the file
 /// offset where they start. Reads backwards from the end in growing windows.
-async fn last_lines(
+pub(super) async fn last_lines(
     client: &Client,
     id: JobId,
     stream: &str,

@@ -226,6 +226,17 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
             outln!("{:>width$}  {}", "", super::printable(d));
         }
     }
+    // Why a job failed is usually at the end of its stderr (a traceback, CUDA's error): its
+    // owner (and admins) see the last lines here, as `sacct` users look for them in the .err file.
+    if r.state == crate::spec::JobState::Failed
+        && let Ok((_, tail)) = super::logs::last_lines(client, id, "stderr", 8).await
+        && !tail.is_empty()
+    {
+        outln!("\nlast lines of stderr (jobctl logs --stderr {id}):");
+        for line in String::from_utf8_lossy(&tail).lines() {
+            outln!("  {}", super::printable(line));
+        }
+    }
     outln!("\nhistory:");
     for e in &events.events {
         outln!(

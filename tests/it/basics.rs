@@ -479,3 +479,31 @@ fn a_job_file_from_stdin_and_structured_problems() {
         "{v}"
     );
 }
+
+/// A job that wrote only to stderr: `logs` says where its output is, and `show` of a failed
+/// job ends with the last lines of its stderr (a traceback says why it failed).
+#[test]
+fn stderr_is_pointed_at_and_shown_for_a_failed_job() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let id = d.submit(&d.write(
+        "boom.toml",
+        &command_job(
+            "echo 'Traceback: CUDA error: out of memory' >&2; exit 3",
+            "",
+        ),
+    ));
+    d.wait_state(id, JobState::Failed, Duration::from_secs(20));
+    let out = d.jobctl(&["logs", &id.to_string()]);
+    assert!(out.status.success());
+    assert!(stdout(&out).is_empty());
+    assert!(
+        stderr(&out).contains(&format!("jobctl logs --stderr {id}")),
+        "{}",
+        stderr(&out)
+    );
+    let show = stdout(&d.jobctl(&["show", &id.to_string()]));
+    assert!(
+        show.contains("last lines of stderr") && show.contains("CUDA error: out of memory"),
+        "{show}"
+    );
+}
