@@ -836,6 +836,16 @@ impl Scheduler {
                 Some(_) => {}
             }
         }
+        // More threads than the machine has cores only slow a job down (and OMP_NUM_THREADS
+        // would say that many): most likely a file written for a bigger machine.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        if let Some(cpus) = sub.spec.resources.cpus
+            && cpus > cores
+        {
+            return Err(SchedError::Infeasible(format!(
+                "resources.cpus = {cpus} is more than this machine's {cores} cores"
+            )));
+        }
         let mut rec = JobRecord::new_queued(owner, sub.name, sub.spec, sub.source, now);
         rec.source_path = sub.source_path;
         if let Some(p) = &rec.spec.publish {

@@ -48,6 +48,7 @@ pub fn prepare(
         ("LOGNAME".into(), user),
         ("LANG".into(), "C.UTF-8".into()),
         (contract::ENV_JOB_ID.into(), rec.id.to_string()),
+        (contract::ENV_JOB_NAME.into(), rec.name.clone()),
         (contract::ENV_JOB_DIR.into(), dir.display().to_string()),
         (
             contract::ENV_CHECKPOINT_DIR.into(),

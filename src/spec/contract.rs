@@ -26,6 +26,8 @@ pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// The job's id.
 pub const ENV_JOB_ID: &str = "JOBD_JOB_ID";
+/// The job's name (from its job file, or the file's name).
+pub const ENV_JOB_NAME: &str = "JOBD_JOB_NAME";
 /// The job's directory (see the module docs).
 pub const ENV_JOB_DIR: &str = "JOBD_JOB_DIR";
 /// Where to save checkpoints; kept across attempts.

@@ -522,8 +522,8 @@ impl JobSpec {
             VramRequest::PerGpu(b) if b.0 < MIN_VRAM_REQUEST => issues.push(Issue::new(
                 "resources.vram",
                 format!(
-                    "{b} is too little to be meant: a bare number is bytes; write a unit, \
-                     e.g. \"20GiB\" (at least {})",
+                    "{b} is too little for a GPU job (at least {}); a bare number is bytes, \
+                     so write a unit, e.g. \"20GiB\"",
                     ByteSize(MIN_VRAM_REQUEST)
                 ),
             )),
@@ -638,21 +638,38 @@ fn validate_command(cmd: &CommandSpec, issues: &mut Vec<Issue>) {
         }
         _ => {}
     }
+    // Linux takes at most MAX_ARG_STRLEN bytes per argument or `NAME=value` (with its NUL):
+    // longer fails only when the job starts.
+    const MAX_ARG_STRLEN: usize = 32 * 4096;
+    let too_long = |len: usize| {
+        format!(
+            "is {len} bytes; Linux takes at most {MAX_ARG_STRLEN} per argument or variable (put it in a file)"
+        )
+    };
     for (i, arg) in cmd.argv.iter().enumerate() {
         if arg.contains('\0') {
             issues.push(Issue::new(
                 format!("command.argv[{i}]"),
                 "must not contain NUL",
             ));
+        } else if arg.len() + 1 > MAX_ARG_STRLEN {
+            issues.push(Issue::new(
+                format!("command.argv[{i}]"),
+                too_long(arg.len()),
+            ));
         }
     }
     for (k, v) in &cmd.env {
         let key = format!("command.env.{k}");
-        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
             issues.push(Issue::new(
                 key,
                 "variable names must be non-empty without '=' or NUL",
             ));
+        } else if v.contains('\0') {
+            issues.push(Issue::new(key, "the value must not contain NUL"));
+        } else if k.len() + v.len() + 2 > MAX_ARG_STRLEN {
+            issues.push(Issue::new(key, too_long(k.len() + v.len() + 1)));
         } else if RESERVED_ENV.contains(&k.as_str()) || k.starts_with("JOBD_") {
             issues.push(Issue::new(
                 key,

@@ -289,9 +289,15 @@ fn suggest(message: &str) -> String {
         .max_by(|a, b| a.0.total_cmp(&b.0));
     match best {
         Some((_, n)) => format!("{unknown}; did you mean `{n}`?"),
-        None => message.to_string(),
+        // Keys jobd records in a stored job, not for job files, are not offered.
+        None => INTERNAL_KEYS.iter().fold(message.to_string(), |m, k| {
+            m.replace(&format!(", `{k}`"), "")
+        }),
     }
 }
+
+/// Fields of the stored job spec that job files must not set (serde lists them as expected).
+const INTERNAL_KEYS: &[&str] = &["base_dir"];
 
 fn problem_at(
     text: &str,

@@ -14,7 +14,7 @@ fn submit_list_show_logs_wait_cancel_over_the_socket() {
     let job = d.write(
         "hello.toml",
         &command_job(
-            "echo \"job $JOBD_JOB_ID attempt $JOBD_ATTEMPT gpus=[$CUDA_VISIBLE_DEVICES] order=$CUDA_DEVICE_ORDER fake=$JOBD_FAKE_GPUS\"; echo to-stderr >&2; sleep 0.3; echo bye",
+            "echo \"job $JOBD_JOB_ID ($JOBD_JOB_NAME) attempt $JOBD_ATTEMPT gpus=[$CUDA_VISIBLE_DEVICES] order=$CUDA_DEVICE_ORDER fake=$JOBD_FAKE_GPUS\"; echo to-stderr >&2; sleep 0.3; echo bye",
             "name = \"hello\"\n[resources]\ngpus = 1\nvram = \"10GiB\"",
         ),
     );
@@ -27,7 +27,7 @@ fn submit_list_show_logs_wait_cancel_over_the_socket() {
     assert!(logs.status.success());
     assert_eq!(
         stdout(&logs),
-        format!("job {id} attempt 1 gpus=[0] order=PCI_BUS_ID fake=1\nbye\n"),
+        format!("job {id} (hello) attempt 1 gpus=[0] order=PCI_BUS_ID fake=1\nbye\n"),
         "stdout of the job, in full"
     );
     let err = stdout(&d.jobctl(&["logs", "--stderr", &id.to_string()]));

@@ -609,3 +609,33 @@ fn processes_that_leave_the_group_end_with_the_job() {
         !process_alive(pid)
     });
 }
+
+/// A job asking for more CPU threads than the machine has cores is refused at submit (it
+/// would run with OMP_NUM_THREADS that high), as are arguments longer than Linux takes.
+#[test]
+fn impossible_cpus_and_arguments_are_refused_at_submit() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let many = d.write(
+        "many.toml",
+        &command_job("true", "[resources]\ncpus = 4096"),
+    );
+    let out = d.jobctl(&["submit", many.to_str().unwrap()]);
+    assert!(
+        out.status.code() == Some(1) && stderr(&out).contains("more than this machine's"),
+        "{}",
+        stderr(&out)
+    );
+    let long = d.write(
+        "long.toml",
+        &format!(
+            "kind = \"command\"\n[command]\nargv = [\"echo\", \"{}\"]\n",
+            "x".repeat(200_000)
+        ),
+    );
+    let out = d.jobctl(&["submit", long.to_str().unwrap()]);
+    assert!(
+        out.status.code() == Some(1) && stderr(&out).contains("command.argv[1]: is 200000 bytes"),
+        "{}",
+        stderr(&out)
+    );
+}
