@@ -408,7 +408,21 @@ pub fn explain(view: &View, id: JobId, now: Millis) -> Option<Explanation> {
                 Some(StopKind::Shutdown) => {
                     details.push("The daemon is stopping; it will resume at the next start.".into())
                 }
-                None => {}
+                Some(StopKind::TimeLimit) => details
+                    .push("It reached its time limit and is being stopped; it will fail.".into()),
+                None => {
+                    if let (Some(limit), Some(started)) =
+                        (job.spec.resources.time_limit, job.started_at)
+                    {
+                        let left = (started + limit.0.as_millis() as Millis - now_ms()).max(0);
+                        details.push(format!(
+                            "Its time limit is {limit}: {} left.",
+                            crate::spec::units::HumanDuration(Duration::from_secs(
+                                (left as u64).div_ceil(1000)
+                            ))
+                        ));
+                    }
+                }
             }
             job.state.to_string()
         }
@@ -558,6 +572,7 @@ impl Scheduler {
             }
             if self.shutting_down.is_none() {
                 self.fire_due(now_ms());
+                self.stop_overdue(now_ms());
                 self.replan();
             }
             if let Err(e) = self.store.flush().await {
@@ -574,6 +589,47 @@ impl Scheduler {
                     let _ = done.send(());
                 }
                 return;
+            }
+        }
+    }
+
+    /// Running jobs with a time limit not yet being stopped, and when their runs end.
+    fn time_limits(&self) -> impl Iterator<Item = (JobId, Millis)> + '_ {
+        self.jobs
+            .values()
+            .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
+            .filter(|j| j.stop.is_none())
+            .filter_map(|j| {
+                let limit = j.spec.resources.time_limit?;
+                Some((j.id, j.started_at? + limit.0.as_millis() as Millis))
+            })
+    }
+
+    /// Stops the runs that reached their time limit, as a cancel does; they then fail.
+    fn stop_overdue(&mut self, now: Millis) {
+        let due: Vec<JobId> = self
+            .time_limits()
+            .filter(|(_, t)| *t <= now)
+            .map(|(id, _)| id)
+            .collect();
+        let grace = self.settings.grace;
+        for id in due {
+            let limit = self.jobs[&id].spec.resources.time_limit.unwrap_or_default();
+            let r = self.apply(
+                id,
+                None,
+                format!(
+                    "time limit of {limit} reached; stopping it (grace {}s)",
+                    grace.as_secs()
+                ),
+                &|r| r.stop = Some(StopKind::TimeLimit),
+            );
+            if let Err(e) = r {
+                error!(job_id = id, error = %e, "cannot record a time limit");
+                continue;
+            }
+            if let Some(child) = self.children.get(&id) {
+                child.stop(grace);
             }
         }
     }
@@ -599,6 +655,9 @@ impl Scheduler {
             }
         }
         if let Some(t) = self.next_schedule_fire() {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        for (_, t) in self.time_limits() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         let mut at = next
@@ -1062,6 +1121,27 @@ impl Scheduler {
                     finish(r);
                     r.finished_at = Some(now);
                 })
+            }
+            (Some(StopKind::TimeLimit), _) => {
+                let limit = rec
+                    .spec
+                    .resources
+                    .time_limit
+                    .map_or_else(String::new, |l| format!(" of {l}"));
+                let resumes = if rec.kind == JobKind::Train {
+                    "; jobctl requeue resumes it from its last checkpoint"
+                } else {
+                    ""
+                };
+                self.apply(
+                    id,
+                    Some(JobState::Failed),
+                    format!("reached its time limit{limit} ({exit}){resumes}"),
+                    &|r| {
+                        finish(r);
+                        r.finished_at = Some(now);
+                    },
+                )
             }
             (Some(StopKind::Shutdown), _) => self.apply(
                 id,

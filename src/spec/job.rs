@@ -116,6 +116,11 @@ pub struct Resources {
     /// CPU threads for the job (sets `OMP_NUM_THREADS`, `RAYON_NUM_THREADS`); default: all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
+    /// The longest one run may take (Slurm's `--time`): then it is stopped as a cancel is
+    /// (SIGTERM, the grace period, SIGKILL) and fails, a train job having saved a checkpoint
+    /// that a requeue resumes from. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_limit: Option<HumanDuration>,
 }
 
 /// A VRAM request: a fixed size per GPU, or "auto".
@@ -512,6 +517,14 @@ impl JobSpec {
                     "needs resources.gpus of at least 1",
                 ));
             }
+        }
+        if let Some(t) = r.time_limit
+            && t.0 < std::time::Duration::from_secs(1)
+        {
+            issues.push(Issue::new(
+                "resources.time_limit",
+                "must be at least 1s (leave it out for none)",
+            ));
         }
         match r.vram {
             VramRequest::PerGpu(ByteSize(0)) => issues.push(Issue::new(

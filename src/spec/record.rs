@@ -174,6 +174,8 @@ pub enum StopKind {
     Preempt { for_job: JobId },
     /// The daemon is shutting down; requeue at next start.
     Shutdown,
+    /// The run reached `resources.time_limit`; the job fails.
+    TimeLimit,
 }
 
 /// One entry of a job's history.

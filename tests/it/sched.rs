@@ -639,3 +639,35 @@ fn impossible_cpus_and_arguments_are_refused_at_submit() {
         stderr(&out)
     );
 }
+
+/// `resources.time_limit` stops a run that takes longer (SIGTERM first: the job may save its
+/// state) and fails the job, saying why; a run within its limit is left alone.
+#[test]
+fn a_run_past_its_time_limit_is_stopped_and_fails() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let slow = d.submit(&d.write(
+        "slow.toml",
+        &command_job(
+            "trap 'echo saving; exit 75' TERM; sleep 30 & wait",
+            "[resources]\ntime_limit = \"2s\"",
+        ),
+    ));
+    let quick = d.submit(&d.write(
+        "quick.toml",
+        &command_job("sleep 0.2", "[resources]\ntime_limit = \"1m\""),
+    ));
+    d.wait_state(quick, JobState::Succeeded, Duration::from_secs(20));
+    let started = Instant::now();
+    d.wait_state(slow, JobState::Failed, Duration::from_secs(20));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let rec = d.job(slow).record;
+    assert!(
+        rec.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("time limit of 2s")),
+        "{:?}",
+        rec.reason
+    );
+    let out = stdout(&d.jobctl(&["logs", &slow.to_string()]));
+    assert_eq!(out, "saving\n", "SIGTERM came first");
+}
