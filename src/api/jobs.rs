@@ -22,7 +22,7 @@ use crate::spec::api::{
 };
 use crate::spec::contract::files;
 use crate::spec::job::parse_and_resolve_with;
-use crate::spec::{Caller, JobId, JobKind, JobRecord, JobSpec, JobState};
+use crate::spec::{Caller, JobId, JobRecord, JobSpec, JobState};
 
 /// A job id from the URL, with a clear error for anything else.
 pub struct JobIdPath(pub JobId);
@@ -72,7 +72,8 @@ pub fn job_view(rec: &JobRecord, caller: &Caller, view: &View, jobs_dir: &Path) 
         &mut record.spec,
         &mut record.source,
     );
-    let progress = (rec.kind == JobKind::Train && rec.attempts > 0)
+    // Train workers write it; a command job may too (`$JOBD_JOB_DIR/progress.json`).
+    let progress = (rec.attempts > 0)
         .then(|| sched::read_progress(&rec.dir(jobs_dir)))
         .flatten();
     JobView {
@@ -298,7 +299,8 @@ pub fn job_summary(rec: &JobRecord, view: &View, jobs_dir: &Path) -> JobSummary 
             sched::Need::Whole => (None, true),
         },
     };
-    let progress = (rec.kind == JobKind::Train && rec.attempts > 0)
+    // Train workers write it; a command job may too (`$JOBD_JOB_DIR/progress.json`).
+    let progress = (rec.attempts > 0)
         .then(|| sched::read_progress(&rec.dir(jobs_dir)))
         .flatten();
     JobSummary {

@@ -38,7 +38,7 @@ use crate::spec::api::stream::{
     self as names, CheckpointView, MetricsUpdate, ProgressUpdate, QueueChanged,
 };
 use crate::spec::contract::{Progress, files};
-use crate::spec::{Caller, JobId, JobKind, JobState};
+use crate::spec::{Caller, JobId, JobState};
 
 type SseTx = mpsc::Sender<Result<Event, Infallible>>;
 
@@ -122,11 +122,12 @@ async fn run_queue_stream(st: AppState, tx: SseTx) {
         }
         jobs_changed = false;
 
-        // Follow the progress of the train jobs that run now, and only those.
+        // Follow the progress of the jobs that run now (train workers report it; command
+        // jobs may), and only those.
         let running: HashSet<JobId> = view
             .jobs
             .values()
-            .filter(|j| j.kind == JobKind::Train && j.state == JobState::Running)
+            .filter(|j| j.state == JobState::Running)
             .map(|j| j.id)
             .collect();
         watched.retain(|id, _| running.contains(id));

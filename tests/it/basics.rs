@@ -507,3 +507,26 @@ fn stderr_is_pointed_at_and_shown_for_a_failed_job() {
         "{show}"
     );
 }
+
+/// A command job that writes `$JOBD_JOB_DIR/progress.json` has its progress shown, as a
+/// train job has (it used to be ignored).
+#[test]
+fn a_command_job_can_report_progress() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let id = d.submit(&d.write(
+        "progress.toml",
+        &command_job(
+            "printf '{\"step\": 3, \"total_steps\": 10}' > \"$JOBD_JOB_DIR/p.tmp\" && \
+             mv \"$JOBD_JOB_DIR/p.tmp\" \"$JOBD_JOB_DIR/progress.json\" && sleep 30",
+            "",
+        ),
+    ));
+    wait_for("the progress", Duration::from_secs(20), || {
+        d.job(id)
+            .progress
+            .is_some_and(|p| p.step == 3 && p.total_steps == 10)
+    });
+    let list = stdout(&d.jobctl(&["list"]));
+    assert!(list.contains("3/10 30%"), "{list}");
+    assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
+}
