@@ -94,6 +94,9 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
     if let Some(t) = r.spec.resources.time_limit {
         lines.push(("time limit", format!("{t} per run")));
     }
+    if let Some(t) = r.spec.resources.stall_timeout {
+        lines.push(("stall timeout", format!("{t} without output or progress")));
+    }
     if !r.spec.depends_on.is_empty() {
         let ids: Vec<String> = r.spec.depends_on.iter().map(ToString::to_string).collect();
         lines.push(("depends on", ids.join(", ")));

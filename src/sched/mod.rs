@@ -410,6 +410,9 @@ pub fn explain(view: &View, id: JobId, now: Millis) -> Option<Explanation> {
                 }
                 Some(StopKind::TimeLimit) => details
                     .push("It reached its time limit and is being stopped; it will fail.".into()),
+                Some(StopKind::Stalled) => details.push(
+                    "It showed no sign of life for its stall_timeout and is being stopped.".into(),
+                ),
                 None => {
                     if let (Some(limit), Some(started)) =
                         (job.spec.resources.time_limit, job.started_at)
@@ -605,27 +608,71 @@ impl Scheduler {
             })
     }
 
-    /// Stops the runs that reached their time limit, as a cancel does; they then fail.
+    /// Running jobs with a stall timeout, not being stopped, and when they count as stalled
+    /// unless they show a sign of life first: the newest change to their output, progress or
+    /// metrics (or the run's start), plus the timeout.
+    fn stall_deadlines(&self) -> impl Iterator<Item = (JobId, Millis)> + '_ {
+        self.jobs
+            .values()
+            .filter(|j| j.state == JobState::Running && j.stop.is_none())
+            .filter_map(|j| {
+                let timeout = j.spec.resources.stall_timeout?;
+                let dir = j.dir(&self.settings.jobs_dir);
+                let newest = [
+                    contract::files::STDOUT,
+                    contract::files::STDERR,
+                    contract::files::PROGRESS,
+                    contract::files::METRICS,
+                ]
+                .iter()
+                // Not followed: a link the owner put there says nothing of the job.
+                .filter_map(|f| std::fs::symlink_metadata(dir.join(f)).ok()?.modified().ok())
+                .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as Millis)
+                .max()
+                .unwrap_or(0);
+                let since = newest.max(j.started_at?);
+                Some((j.id, since + timeout.0.as_millis() as Millis))
+            })
+    }
+
+    /// Stops the runs that reached their time limit (they then fail) or stalled (they are
+    /// retried as a failure), as a cancel does.
     fn stop_overdue(&mut self, now: Millis) {
-        let due: Vec<JobId> = self
+        let due: Vec<(JobId, StopKind)> = self
             .time_limits()
             .filter(|(_, t)| *t <= now)
-            .map(|(id, _)| id)
+            .map(|(id, _)| (id, StopKind::TimeLimit))
+            .chain(
+                self.stall_deadlines()
+                    .filter(|(_, t)| *t <= now)
+                    .map(|(id, _)| (id, StopKind::Stalled)),
+            )
             .collect();
         let grace = self.settings.grace;
-        for id in due {
-            let limit = self.jobs[&id].spec.resources.time_limit.unwrap_or_default();
+        for (id, kind) in due {
+            if self.jobs[&id].stop.is_some() {
+                continue; // both at once: the time limit came first
+            }
+            let resources = &self.jobs[&id].spec.resources;
+            let why = match kind {
+                StopKind::TimeLimit => format!(
+                    "time limit of {} reached",
+                    resources.time_limit.unwrap_or_default()
+                ),
+                _ => format!(
+                    "no output or progress for {}",
+                    resources.stall_timeout.unwrap_or_default()
+                ),
+            };
             let r = self.apply(
                 id,
                 None,
-                format!(
-                    "time limit of {limit} reached; stopping it (grace {}s)",
-                    grace.as_secs()
-                ),
-                &|r| r.stop = Some(StopKind::TimeLimit),
+                format!("{why}; stopping it (grace {}s)", grace.as_secs()),
+                &|r| r.stop = Some(kind.clone()),
             );
             if let Err(e) = r {
-                error!(job_id = id, error = %e, "cannot record a time limit");
+                error!(job_id = id, error = %e, "cannot record a stop");
                 continue;
             }
             if let Some(child) = self.children.get(&id) {
@@ -657,7 +704,7 @@ impl Scheduler {
         if let Some(t) = self.next_schedule_fire() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
-        for (_, t) in self.time_limits() {
+        for (_, t) in self.time_limits().chain(self.stall_deadlines()) {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         let mut at = next
@@ -1142,6 +1189,39 @@ impl Scheduler {
                         r.finished_at = Some(now);
                     },
                 )
+            }
+            (Some(StopKind::Stalled), _) => {
+                let timeout = rec
+                    .spec
+                    .resources
+                    .stall_timeout
+                    .map_or_else(String::new, |t| format!(" for {t}"));
+                let stalled = format!("stalled: no output or progress{timeout} ({exit})");
+                if retries < retry.max && retry.on_exit_codes.is_empty() {
+                    let n = retries + 1;
+                    let delay = retry.delay_for(n);
+                    let until = now + delay.as_millis() as Millis;
+                    self.apply(
+                        id,
+                        Some(JobState::Queued),
+                        format!(
+                            "{stalled}; retry {n} of {} in {}",
+                            retry.max,
+                            humantime::format_duration(delay)
+                        ),
+                        &|r| {
+                            finish(r);
+                            r.retries = n;
+                            r.not_before = Some(until);
+                            r.queued_at = now;
+                        },
+                    )
+                } else {
+                    self.apply(id, Some(JobState::Failed), stalled, &|r| {
+                        finish(r);
+                        r.finished_at = Some(now);
+                    })
+                }
             }
             (Some(StopKind::Shutdown), _) => self.apply(
                 id,

@@ -121,6 +121,12 @@ pub struct Resources {
     /// that a requeue resumes from. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_limit: Option<HumanDuration>,
+    /// A run that shows no sign of life for this long — no new output on stdout or stderr, no
+    /// new `progress.json` or metrics (a train worker writes them every step) — is taken as
+    /// hung (a deadlocked data loader, a collective call waiting forever) and stopped; it is
+    /// retried as a failure is (`[retry]`), else it fails. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_timeout: Option<HumanDuration>,
 }
 
 /// A VRAM request: a fixed size per GPU, or "auto".
@@ -518,13 +524,16 @@ impl JobSpec {
                 ));
             }
         }
-        if let Some(t) = r.time_limit
-            && t.0 < std::time::Duration::from_secs(1)
-        {
-            issues.push(Issue::new(
-                "resources.time_limit",
-                "must be at least 1s (leave it out for none)",
-            ));
+        for (key, t) in [
+            ("resources.time_limit", r.time_limit),
+            ("resources.stall_timeout", r.stall_timeout),
+        ] {
+            if t.is_some_and(|t| t.0 < std::time::Duration::from_secs(1)) {
+                issues.push(Issue::new(
+                    key,
+                    "must be at least 1s (leave it out for none)",
+                ));
+            }
         }
         match r.vram {
             VramRequest::PerGpu(ByteSize(0)) => issues.push(Issue::new(

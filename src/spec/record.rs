@@ -176,6 +176,8 @@ pub enum StopKind {
     Shutdown,
     /// The run reached `resources.time_limit`; the job fails.
     TimeLimit,
+    /// The run showed no sign of life for `resources.stall_timeout`; retried as a failure.
+    Stalled,
 }
 
 /// One entry of a job's history.

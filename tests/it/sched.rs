@@ -671,3 +671,36 @@ fn a_run_past_its_time_limit_is_stopped_and_fails() {
     let out = stdout(&d.jobctl(&["logs", &slow.to_string()]));
     assert_eq!(out, "saving\n", "SIGTERM came first");
 }
+
+/// `resources.stall_timeout`: a run that goes quiet (no output, no progress) for that long is
+/// stopped and retried as a failure, then fails saying it stalled; one that keeps printing
+/// runs on past the timeout.
+#[test]
+fn a_stalled_run_is_stopped_and_retried() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let hung = d.submit(&d.write(
+        "hung.toml",
+        &command_job(
+            "echo started; sleep 60",
+            "[resources]\nstall_timeout = \"2s\"\n[retry]\nmax = 1\nbackoff = \"0s\"",
+        ),
+    ));
+    let alive = d.submit(&d.write(
+        "alive.toml",
+        &command_job(
+            "for i in 1 2 3 4 5 6 7 8; do echo $i; sleep 0.5; done",
+            "[resources]\nstall_timeout = \"2s\"",
+        ),
+    ));
+    d.wait_state(alive, JobState::Succeeded, Duration::from_secs(30));
+    d.wait_state(hung, JobState::Failed, Duration::from_secs(30));
+    let rec = d.job(hung).record;
+    assert_eq!((rec.attempts, rec.retries), (2, 1), "{:#?}", d.events(hung));
+    assert!(
+        rec.reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("stalled: no output or progress for 2s")),
+        "{:?}",
+        rec.reason
+    );
+}
