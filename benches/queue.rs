@@ -98,6 +98,7 @@ fn request(toml: &str, base: &Path) -> SubmitRequest {
         toml: toml.to_string(),
         base_dir: Some(base.to_path_buf()),
         source_path: None,
+        hold: false,
     }
 }
 

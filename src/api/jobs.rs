@@ -140,6 +140,7 @@ pub(super) fn submission(req: SubmitRequest) -> Result<Submission, ApiError> {
         spec,
         source: req.toml,
         source_path: req.source_path,
+        hold: req.hold,
     })
 }
 
@@ -413,6 +414,40 @@ pub async fn cancel(
 ) -> Result<Json<JobView>, ApiError> {
     require_user(&caller)?;
     let rec = st.sched.cancel(&caller, id).await?;
+    Ok(Json(job_view(
+        &rec,
+        &caller,
+        &st.sched.view(),
+        &st.jobs_dir,
+    )))
+}
+
+/// `POST /jobs/{id}/hold`: a queued job keeps its place but does not start.
+pub async fn hold(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JobIdPath(id): JobIdPath,
+) -> Result<Json<JobView>, ApiError> {
+    hold_or_release(st, caller, id, true).await
+}
+
+/// `POST /jobs/{id}/release`: a held job may start again.
+pub async fn release(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JobIdPath(id): JobIdPath,
+) -> Result<Json<JobView>, ApiError> {
+    hold_or_release(st, caller, id, false).await
+}
+
+async fn hold_or_release(
+    st: AppState,
+    caller: Caller,
+    id: JobId,
+    hold: bool,
+) -> Result<Json<JobView>, ApiError> {
+    require_user(&caller)?;
+    let rec = st.sched.hold(&caller, id, hold).await?;
     Ok(Json(job_view(
         &rec,
         &caller,

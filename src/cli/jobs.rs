@@ -1,4 +1,4 @@
-//! Small subcommands: cancel, wait, explain, priority, requeue, gpus, whoami.
+//! Small subcommands: cancel, wait, explain, priority, requeue, hold, release, gpus, whoami.
 
 use clap::Args;
 
@@ -257,21 +257,47 @@ pub async fn priority(client: &Client, args: &PriorityArgs, out: &Output) -> any
 /// Requeues each job; like `cancel`, one that cannot be requeued is reported and the others
 /// are still done (exit 1 if any failed).
 pub async fn requeue(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::Result<bool> {
-    let mut ok = true;
-    let mut entries = Vec::new();
     // Oldest first: a job's dependencies are older than it (they must exist at submit), so
     // `requeue B A` puts A back before B, which would otherwise fail again at once on A.
     let mut ids = args.ids.clone();
     ids.sort_unstable();
     ids.dedup();
-    for id in &ids {
+    post_each(client, &ids, "requeue", out).await
+}
+
+/// Holds (`hold`) or releases each queued job, reporting each as `requeue` does.
+pub async fn hold(
+    client: &Client,
+    args: &IdsArgs,
+    hold: bool,
+    out: &Output,
+) -> anyhow::Result<bool> {
+    let action = if hold { "hold" } else { "release" };
+    post_each(client, &args.ids, action, out).await
+}
+
+/// POSTs `/jobs/{id}/{action}` for each id: prints each job's new state (or its error, and
+/// carries on), with `--json` one array of the jobs and `{id, error}` entries.
+async fn post_each(
+    client: &Client,
+    ids: &[JobId],
+    action: &str,
+    out: &Output,
+) -> anyhow::Result<bool> {
+    let mut ok = true;
+    let mut entries = Vec::new();
+    for id in ids {
         match client
-            .post::<_, JobView>(&format!("/jobs/{id}/requeue"), &serde_json::json!({}))
+            .post::<_, JobView>(&format!("/jobs/{id}/{action}"), &serde_json::json!({}))
             .await
         {
             Ok(v) => {
                 if !out.json {
-                    outln!("job {id}: {}", v.record.state);
+                    let held = match &v.record.held_by {
+                        Some(by) => format!(", held by {by}"),
+                        None => String::new(),
+                    };
+                    outln!("job {id}: {}{held}", v.record.state);
                 }
                 entries.push(serde_json::to_value(&v)?);
             }

@@ -101,6 +101,10 @@ pub enum Command {
     Priority(jobs::PriorityArgs),
     /// Put failed or cancelled jobs back in the queue.
     Requeue(jobs::IdsArgs),
+    /// Keep queued jobs from starting (they keep their place in line) until released.
+    Hold(jobs::IdsArgs),
+    /// Let held jobs start again.
+    Release(jobs::IdsArgs),
     /// Show the GPUs and what is placed on them.
     Gpus,
     /// Estimate the VRAM a train job needs, and where it fits.
@@ -228,6 +232,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
         Command::Explain(args) => jobs::explain(&client, args.id, &out).await,
         Command::Priority(args) => jobs::priority(&client, &args, &out).await,
         Command::Requeue(args) => jobs::requeue(&client, &args, &out).await,
+        Command::Hold(args) => jobs::hold(&client, &args, true, &out).await,
+        Command::Release(args) => jobs::hold(&client, &args, false, &out).await,
         Command::Gpus => jobs::gpus(&client, &out).await,
         Command::Estimate(args) => estimate::estimate(&client, &args, &out).await,
         Command::Publish(args) => models::publish(&client, &args, &out).await,

@@ -18,6 +18,9 @@ pub struct SubmitArgs {
     /// Stream the job's output until it ends; exit 0 only if it succeeded.
     #[arg(short, long)]
     pub follow: bool,
+    /// Queue it on hold: it keeps its place in line but starts only after `jobctl release`.
+    #[arg(long, conflicts_with = "follow")]
+    pub hold: bool,
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +77,7 @@ pub fn load(file: &Path) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)
             toml: text,
             base_dir: Some(base_dir),
             source_path,
+            hold: false,
         },
         spec,
     ))
@@ -130,7 +134,8 @@ pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
 }
 
 pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow::Result<bool> {
-    let (req, spec) = load(&args.file)?;
+    let (mut req, spec) = load(&args.file)?;
+    req.hold = args.hold;
     if let Some(expr) = &spec.schedule {
         // A job file with a schedule creates a recurring schedule, not a job.
         let s: crate::spec::api::ScheduleView = client.post("/schedules", &req).await?;
@@ -153,6 +158,11 @@ pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow:
         if args.follow {
             eprintln!(
                 "(--follow does not apply to a schedule; follow its jobs with jobctl logs -f)"
+            );
+        }
+        if args.hold {
+            eprintln!(
+                "(--hold does not apply to a schedule; `jobctl schedule pause` stops its firings)"
             );
         }
         return Ok(true);

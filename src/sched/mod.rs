@@ -101,6 +101,8 @@ pub struct Submission {
     pub source: String,
     pub source_path: Option<PathBuf>,
     pub name: String,
+    /// Queued on hold (`jobctl submit --hold`).
+    pub hold: bool,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, SchedError>>;
@@ -126,6 +128,12 @@ enum Msg {
     Requeue {
         caller: Caller,
         id: JobId,
+        reply: Reply<JobRecord>,
+    },
+    Hold {
+        caller: Caller,
+        id: JobId,
+        hold: bool,
         reply: Reply<JobRecord>,
     },
     Exited {
@@ -312,6 +320,22 @@ impl SchedHandle {
         self.ask(|reply| Msg::Requeue {
             caller: caller.clone(),
             id,
+            reply,
+        })
+        .await
+    }
+
+    /// Puts a queued job on hold (`hold`), or releases it.
+    pub async fn hold(
+        &self,
+        caller: &Caller,
+        id: JobId,
+        hold: bool,
+    ) -> Result<JobRecord, SchedError> {
+        self.ask(|reply| Msg::Hold {
+            caller: caller.clone(),
+            id,
+            hold,
             reply,
         })
         .await
@@ -761,6 +785,15 @@ impl Scheduler {
                 let r = self.requeue(&caller, id);
                 reply(tx, r)
             }
+            Msg::Hold {
+                caller,
+                id,
+                hold,
+                reply: tx,
+            } => {
+                let r = self.hold(&caller, id, hold);
+                reply(tx, r)
+            }
             Msg::Exited { id, attempt, exit } => {
                 self.exited(id, attempt, exit, now_ms());
                 None
@@ -863,7 +896,11 @@ impl Scheduler {
             ));
         }
         self.check_priority(caller, sub.spec.priority, None)?;
-        let rec = self.prepare_job(owner, sub, now_ms())?;
+        let hold = sub.hold;
+        let mut rec = self.prepare_job(owner, sub, now_ms())?;
+        if hold {
+            rec.held_by = caller.user.clone();
+        }
         if let Some(p) = &rec.spec.publish {
             self.check_model_name(p, &rec.owner.user, caller.admin, rec.id, None)?;
         }
@@ -1109,6 +1146,7 @@ impl Scheduler {
             Some(JobState::Queued),
             format!("requeued by {by}"),
             &|r| {
+                r.held_by = None;
                 r.queued_at = now_ms();
                 r.retries = 0;
                 r.unrequested_requeues = 0;
@@ -1117,6 +1155,28 @@ impl Scheduler {
                 r.finished_at = None;
             },
         )?)
+    }
+
+    /// Holds a queued job (it keeps its place in line but does not start) or releases it, as
+    /// Slurm's `scontrol hold`/`release`: owner or admin.
+    fn hold(&mut self, caller: &Caller, id: JobId, hold: bool) -> Result<JobRecord, SchedError> {
+        let rec = self.get_for_change(caller, id)?;
+        let by = caller.user.clone().unwrap_or_default();
+        match (hold, rec.state, &rec.held_by) {
+            (true, JobState::Queued, None) => {
+                Ok(self.apply(id, None, format!("held by {by}"), &|r| {
+                    r.held_by = Some(by.clone())
+                })?)
+            }
+            (false, _, Some(_)) => {
+                Ok(self.apply(id, None, format!("released by {by}"), &|r| r.held_by = None)?)
+            }
+            // Asked twice: nothing more to do.
+            (true, _, Some(_)) | (false, JobState::Queued, None) => Ok(rec.clone()),
+            (_, state, _) => Err(SchedError::Conflict(format!(
+                "job {id} is {state}; only queued jobs can be held"
+            ))),
+        }
     }
 
     /// Records the end of a job's attempt `attempt` at `ended_at` (Unix ms; earlier than now

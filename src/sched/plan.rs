@@ -108,6 +108,8 @@ pub enum Wait {
     Held { for_job: JobId },
     /// Lower-priority jobs are being stopped to make room.
     Preempting { victims: Vec<JobId> },
+    /// Put on hold (`jobctl hold`) until released.
+    OnHold { by: String },
 }
 
 impl Wait {
@@ -123,6 +125,7 @@ impl Wait {
             Wait::NoGpus { .. } => "not enough GPUs".into(),
             Wait::Held { for_job } => format!("GPUs held for {for_job}"),
             Wait::Preempting { victims } => format!("preempting {}", join_ids(victims)),
+            Wait::OnHold { by } => format!("held by {by}"),
         }
     }
 
@@ -177,6 +180,9 @@ impl Wait {
                 "lower-priority jobs {} are being stopped (checkpoint, then requeue) to make room",
                 join_ids(victims)
             ),
+            Wait::OnHold { by } => {
+                format!("is on hold (put there by {by}); jobctl release starts it again")
+            }
         }
     }
 }
@@ -333,6 +339,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             let ahead = out.waiting.len();
             out.waiting.insert(job.id, Waiting { wait, ahead });
         };
+        if let Some(by) = &job.held_by {
+            wait(Wait::OnHold { by: by.clone() });
+            continue;
+        }
         // Dependencies.
         let mut blocked = None;
         for dep in &job.spec.depends_on {

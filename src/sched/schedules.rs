@@ -199,6 +199,7 @@ impl Scheduler {
             source: upd.source.clone(),
             source_path: upd.source_path.clone(),
             name: upd.name.clone(),
+            hold: false,
         };
         let mut rec = match self.prepare_job(upd.owner.clone(), sub, now_ms()) {
             Ok(r) => r,

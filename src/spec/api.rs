@@ -30,6 +30,9 @@ pub struct SubmitRequest {
     /// Path of the job file, for messages and `jobctl show`.
     #[serde(default)]
     pub source_path: Option<PathBuf>,
+    /// Queue it on hold: it does not start until released (`jobctl submit --hold`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
 }
 
 /// A job as the API shows it.

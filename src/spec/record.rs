@@ -91,6 +91,9 @@ pub struct JobRecord {
     /// The Ollama model this job published, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub published: Option<PublishedModel>,
+    /// Who put this queued job on hold (it does not start until released).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
     /// Number of events recorded; the next event's sequence number.
     #[serde(default)]
     pub event_count: u32,
@@ -223,6 +226,7 @@ impl JobRecord {
             exit: None,
             reason: None,
             stop: None,
+            held_by: None,
             vram_estimate: None,
             vram_peak: None,
             gpu_seconds: 0.0,

@@ -704,3 +704,45 @@ fn a_stalled_run_is_stopped_and_retried() {
         rec.reason
     );
 }
+
+/// `hold` keeps a queued job from starting (explain and list say so), `release` lets it go;
+/// `submit --hold` queues it held; only queued jobs can be held, and only by their owner or
+/// an admin.
+#[test]
+fn hold_and_release() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let held = d.write("held.toml", &command_job("echo ran", ""));
+    let out = d.jobctl(&["submit", "--hold", held.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id: u64 = stdout(&out).trim().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(d.state(id), JobState::Queued);
+    assert!(explain(&d, id).contains("on hold"), "{}", explain(&d, id));
+    let list = stdout(&d.jobctl(&["list"]));
+    assert!(list.contains("held by root"), "{list}");
+    // Someone else may not release it.
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["release", &id.to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let out = d.jobctl(&["release", &id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_state(id, JobState::Succeeded, Duration::from_secs(20));
+    // A job that ended cannot be held; `hold` of a queued one holds it.
+    let out = d.jobctl(&["hold", &id.to_string()]);
+    assert!(
+        out.status.code() == Some(1) && stderr(&out).contains("only queued jobs can be held"),
+        "{}",
+        stderr(&out)
+    );
+    let blocker = d.submit(&d.write("dep.toml", &command_job("sleep 30", "")));
+    let later = d.submit(&d.write(
+        "later.toml",
+        &command_job("echo later", &format!("depends_on = [{blocker}]")),
+    ));
+    let out = d.jobctl(&["hold", &later.to_string()]);
+    assert!(stdout(&out).contains("held by root"), "{}", stdout(&out));
+    assert!(
+        d.jobctl(&["cancel", &blocker.to_string(), &later.to_string()])
+            .status
+            .success()
+    );
+}

@@ -133,6 +133,11 @@ export class JobPage {
     this.meta = el('p', { class: 'meta' });
     this.cancelBtn = el('button', { type: 'button', id: 'act-cancel', onclick: () => this.cancel() }, 'Cancel');
     this.requeueBtn = el('button', { type: 'button', id: 'act-requeue', onclick: () => this.act('requeue', {}, 'Requeue') }, 'Requeue');
+    // A queued job may be held (it keeps its place but does not start) and released.
+    this.holdBtn = el('button', {
+      type: 'button', id: 'act-hold',
+      onclick: () => (this.job && this.job.held_by ? this.act('release', {}, 'Release') : this.act('hold', {}, 'Hold')),
+    }, 'Hold');
     this.prioInput = el('input', { type: 'number', id: 'act-priority-value', step: 1, min: -1000, max: 1000, 'aria-label': 'new priority' });
     this.prioBtn = el('button', { type: 'button', id: 'act-priority', onclick: () => this.setPriority() }, 'Set priority');
     this.actHint = el('p', { class: 'muted hint' });
@@ -154,7 +159,7 @@ export class JobPage {
         el('a', { href: '#/', class: 'back' }, '← queue'),
         el('div', { class: 'title-row' }, this.title, this.badge),
         this.meta,
-        el('div', { class: 'actions' }, this.cancelBtn, this.requeueBtn,
+        el('div', { class: 'actions' }, this.cancelBtn, this.requeueBtn, this.holdBtn,
           el('span', { class: 'prio' }, this.prioInput, this.prioBtn)),
         this.actHint),
       this.progress,
@@ -194,6 +199,8 @@ export class JobPage {
     const terminal = TERMINAL.includes(job.state);
     this.cancelBtn.disabled = terminal;
     this.requeueBtn.disabled = !['failed', 'cancelled'].includes(job.state);
+    this.holdBtn.textContent = job.held_by ? 'Release' : 'Hold';
+    this.holdBtn.disabled = job.state !== 'queued';
     this.prioBtn.disabled = terminal;
     if (document.activeElement !== this.prioInput) this.prioInput.value = job.priority;
     this.actHint.textContent = this.ctx.user ? '' : 'Read-only: jobd refuses changes without a token (add one at the top).';
