@@ -15,10 +15,12 @@ use crate::spec::train::TrainDType;
 pub struct EstimateArgs {
     /// The job file (TOML).
     pub file: PathBuf,
+    #[command(flatten)]
+    pub overrides: super::submit::Overrides,
 }
 
 pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> anyhow::Result<bool> {
-    let (_, mut spec) = super::submit::load(&args.file)?;
+    let (_, mut spec) = super::submit::load(&args.file, &args.overrides)?;
     // A schedule's `base = "@previous"` is the last run's model, the shape of `first_base`
     // (where the first run starts): estimate that.
     if let Some(m) = &mut spec.model

@@ -21,12 +21,84 @@ pub struct SubmitArgs {
     /// Queue it on hold: it keeps its place in line but starts only after `jobctl release`.
     #[arg(long, conflicts_with = "follow")]
     pub hold: bool,
+    #[command(flatten)]
+    pub overrides: Overrides,
 }
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
     /// The job file (TOML); `-` reads it from standard input.
     pub file: PathBuf,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+/// Changes to a job file given on the command line, for sweeps: one file, many variants.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Overrides {
+    /// Set a key of the job file, as a dotted path and a TOML value (a bare word is a string;
+    /// a key the file has as a string, and `command.env.*`, stay strings), e.g. `--set
+    /// training.learning_rate=3e-4 --set name=lr-3e-4`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// The job file's text with `overrides` applied (the text as written when there are none;
+/// otherwise re-written from the parsed document, so its comments are not kept).
+fn apply_overrides(text: &str, origin: &str, overrides: &Overrides) -> anyhow::Result<String> {
+    if overrides.set.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut doc: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid job file:\n{origin}: {e}"))?;
+    for item in &overrides.set {
+        let Some((path, raw)) = item.split_once('=') else {
+            anyhow::bail!("--set {item:?}: write KEY=VALUE, e.g. training.learning_rate=3e-4");
+        };
+        let keys: Vec<&str> = path.trim().split('.').map(str::trim).collect();
+        if keys.iter().any(|k| k.is_empty()) {
+            anyhow::bail!("--set {item:?}: {path:?} is not a dotted key path");
+        }
+        let (last, parents) = keys.split_last().expect("at least one key");
+        // A string where the file has one and for environment variables (`command.env.LR=3e-4`
+        // is the text "3e-4"); otherwise a TOML value (3e-4, true, [1, 2], "x"), else the text
+        // itself as a string.
+        let was_string = parents
+            .iter()
+            .try_fold(&doc, |t, k| t.get(*k)?.as_table())
+            .and_then(|t| t.get(*last))
+            .is_some_and(toml::Value::is_str);
+        let in_env = keys.len() == 3 && keys[0] == "command" && keys[1] == "env";
+        let value = if was_string || in_env {
+            let unquoted = format!("v = {raw}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .and_then(|v| v.as_str().map(str::to_string));
+            toml::Value::String(unquoted.unwrap_or_else(|| raw.to_string()))
+        } else {
+            format!("v = {raw}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+        };
+        let mut table = &mut doc;
+        for (i, k) in parents.iter().enumerate() {
+            let entry = table
+                .entry(k.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry.as_table_mut().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--set {item:?}: {} is not a table in {origin}",
+                    keys[..=i].join(".")
+                )
+            })?;
+        }
+        table.insert(last.to_string(), value);
+    }
+    Ok(toml::to_string(&doc)?)
 }
 
 /// A job file that did not pass the checks: `--json` gives its problems one by one, as the
@@ -39,7 +111,10 @@ pub struct InvalidJobFile(pub crate::spec::toml_source::SourceError);
 /// request to send. Relative paths in it are relative to the file's directory, or, for a job
 /// file that is no file on disk (`-`, a pipe such as `<(envsubst < tmpl.toml)`), to the
 /// current directory, as for a command typed here.
-pub fn load(file: &Path) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)> {
+pub fn load(
+    file: &Path,
+    overrides: &Overrides,
+) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)> {
     use std::io::Read;
     let stdin = file == Path::new("-");
     let text = if stdin {
@@ -70,6 +145,7 @@ pub fn load(file: &Path) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)
     } else {
         file.display().to_string()
     };
+    let text = apply_overrides(&text, &origin, overrides)?;
     let spec = parse_and_resolve_with(&origin, &text, &base_dir, &crate::publish::base_issues)
         .map_err(InvalidJobFile)?;
     Ok((
@@ -84,7 +160,7 @@ pub fn load(file: &Path) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)
 }
 
 pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
-    let (_, spec) = load(&args.file)?;
+    let (_, spec) = load(&args.file, &args.overrides)?;
     if out.json {
         out.print_json(&serde_json::json!({"ok": true, "spec": spec}))?;
     } else {
@@ -134,7 +210,7 @@ pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
 }
 
 pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow::Result<bool> {
-    let (mut req, spec) = load(&args.file)?;
+    let (mut req, spec) = load(&args.file, &args.overrides)?;
     req.hold = args.hold;
     if let Some(expr) = &spec.schedule {
         // A job file with a schedule creates a recurring schedule, not a job.

@@ -530,3 +530,44 @@ fn a_command_job_can_report_progress() {
     assert!(list.contains("3/10 30%"), "{list}");
     assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
 }
+
+/// `--set KEY=VALUE` changes a job file for one submission (sweeps from one file): values are
+/// TOML (a bare word is a string), tables are made as needed, and a path through a value is
+/// refused with its name.
+#[test]
+fn set_overrides_keys_of_the_job_file() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let file = d.write(
+        "sweep.toml",
+        "# a sweep\nname = \"base\"\nkind = \"command\"\n[command]\nargv = [\"sh\", \"-c\", \"echo $LR\"]\n",
+    );
+    let f = file.to_str().unwrap();
+    let out = d.jobctl(&[
+        "submit",
+        "--follow",
+        f,
+        "--set",
+        "name=lr-3e-4",
+        "--set",
+        "command.env.LR=3e-4",
+        "--set",
+        "resources.cpus=1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("3e-4\n"), "{}", stdout(&out));
+    let job = d.all_jobs().into_iter().next().unwrap().record;
+    assert_eq!(job.name, "lr-3e-4");
+    assert_eq!(job.spec.resources.cpus, Some(1));
+    let out = d.jobctl(&["validate", f, "--set", "name.first=x"]);
+    assert!(
+        out.status.code() == Some(1) && stderr(&out).contains("name is not a table"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.jobctl(&["validate", f, "--set", "resources.gpu=1"]);
+    assert!(
+        stderr(&out).contains("did you mean `gpus`"),
+        "{}",
+        stderr(&out)
+    );
+}
