@@ -83,9 +83,26 @@ pub fn main(job_dir: &Path) -> ExitCode {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1),
     };
+    // How it ended stays in the job directory, as `jobd run-command` leaves a command's: a
+    // daemon that was down when it came learns it at its next start (a finished training is
+    // then published, not resumed).
+    let record_exit = |code: i32| {
+        let status = contract::ExitStatus {
+            attempt: ctx.attempt,
+            code: Some(code),
+            signal: None,
+            ended_at: Some(crate::spec::now_ms()),
+        };
+        let bytes = serde_json::to_vec(&status).unwrap_or_default();
+        if let Err(e) = crate::jobfs::write_atomic(&job_dir.join(files::EXIT_STATUS), &bytes, None)
+        {
+            eprintln!("jobd worker: cannot record how it ended: {e}");
+        }
+    };
     match train::run(&spec, &ctx) {
         Ok(WorkerOutcome::Completed { steps }) => {
             eprintln!("jobd worker: training complete ({steps} steps)");
+            record_exit(0);
             ExitCode::SUCCESS
         }
         Ok(WorkerOutcome::Stopped { step }) => {
@@ -93,6 +110,7 @@ pub fn main(job_dir: &Path) -> ExitCode {
                 "jobd worker: stopped at step {step} after checkpointing; exit {}",
                 contract::EXIT_PREEMPTED
             );
+            record_exit(contract::EXIT_PREEMPTED);
             ExitCode::from(contract::EXIT_PREEMPTED as u8)
         }
         Err(e) => {
@@ -113,6 +131,7 @@ pub fn main(job_dir: &Path) -> ExitCode {
             {
                 eprintln!("jobd worker: cannot record the error for the daemon: {e}");
             }
+            record_exit(1);
             ExitCode::from(1)
         }
     }

@@ -500,6 +500,10 @@ pub struct Scheduler {
     shutting_down: Option<oneshot::Sender<()>>,
     /// Jobs whose model is being published (shutdown waits for them).
     publishing: HashSet<JobId>,
+    /// Jobs recorded `starting` in this round, spawned once that record is on disk: a crash
+    /// between the two must not leave a job that ran recorded as `queued` (it ran again, with
+    /// nothing in its history).
+    to_spawn: Vec<JobId>,
     schedules: BTreeMap<u64, ScheduleRecord>,
     /// When this daemon started: schedule firings due before it were missed.
     started_at: Millis,
@@ -548,6 +552,7 @@ impl Scheduler {
             waiting: HashMap::new(),
             shutting_down: None,
             publishing: HashSet::new(),
+            to_spawn: Vec::new(),
             schedules: BTreeMap::new(),
             started_at: now_ms(),
             schedules_changed: true,
@@ -568,6 +573,8 @@ impl Scheduler {
         s.fire_due(now_ms());
         s.store.flush().await?;
         s.replan();
+        s.store.flush().await?;
+        s.spawn_started();
         s.store.flush().await?;
         s.publish_view();
         let handle = SchedHandle {
@@ -607,6 +614,13 @@ impl Scheduler {
                 error!(error = %e, "cannot flush the job store; stopping");
                 std::process::exit(70);
             }
+            // Their `running` records (pids) on disk too, before anyone is told.
+            if self.spawn_started()
+                && let Err(e) = self.store.flush().await
+            {
+                error!(error = %e, "cannot flush the job store; stopping");
+                std::process::exit(70);
+            }
             self.publish_view();
             for r in replies {
                 r();
@@ -641,20 +655,7 @@ impl Scheduler {
             .filter(|j| j.state == JobState::Running && j.stop.is_none())
             .filter_map(|j| {
                 let timeout = j.spec.resources.stall_timeout?;
-                let dir = j.dir(&self.settings.jobs_dir);
-                let newest = [
-                    contract::files::STDOUT,
-                    contract::files::STDERR,
-                    contract::files::PROGRESS,
-                    contract::files::METRICS,
-                ]
-                .iter()
-                // Not followed: a link the owner put there says nothing of the job.
-                .filter_map(|f| std::fs::symlink_metadata(dir.join(f)).ok()?.modified().ok())
-                .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_millis() as Millis)
-                .max()
-                .unwrap_or(0);
+                let newest = last_sign_of_life(&j.dir(&self.settings.jobs_dir)).unwrap_or(0);
                 let since = newest.max(j.started_at?);
                 Some((j.id, since + timeout.0.as_millis() as Millis))
             })
@@ -1876,12 +1877,13 @@ impl Scheduler {
         }
     }
 
-    /// Starts a job on its placement: job directory, `starting`, spawn, `running`.
+    /// Starts a job on its placement: records it `starting`; [`Self::spawn_started`] spawns
+    /// it once that is on disk.
     fn dispatch(&mut self, id: JobId, placement: Placement) {
         let where_ = describe_placement(&placement);
         let attempt = self.jobs.get(&id).map_or(1, |j| j.attempts + 1);
         let now = now_ms();
-        let rec = match self.apply(
+        match self.apply(
             id,
             Some(JobState::Starting),
             format!("starting on {where_} (attempt {attempt})"),
@@ -1893,12 +1895,35 @@ impl Scheduler {
                 r.not_before = None;
             },
         ) {
-            Ok(r) => r,
-            Err(e) => {
-                error!(job_id = id, error = %e, "cannot mark job starting");
-                return;
+            Ok(_) => self.to_spawn.push(id),
+            Err(e) => error!(job_id = id, error = %e, "cannot mark job starting"),
+        }
+    }
+
+    /// Spawns the jobs [`Self::dispatch`] recorded `starting` (the store has been flushed
+    /// since): job directory, spawn, `running`.
+    fn spawn_started(&mut self) -> bool {
+        let any = !self.to_spawn.is_empty();
+        for id in std::mem::take(&mut self.to_spawn) {
+            match self.jobs.get(&id) {
+                Some(rec) if rec.state == JobState::Starting && rec.stop.is_none() => {
+                    let rec = rec.clone();
+                    self.spawn(rec);
+                }
+                _ => {}
             }
-        };
+        }
+        any
+    }
+
+    fn spawn(&mut self, rec: JobRecord) {
+        let id = rec.id;
+        let attempt = rec.attempts;
+        let where_ = rec
+            .placement
+            .as_ref()
+            .map(describe_placement)
+            .unwrap_or_else(|| "CPU".into());
         let tx = self.tx.clone();
         let spawned =
             worker_env::prepare(&rec, &self.settings, self.inventory.is_fake()).and_then(|req| {
@@ -2034,6 +2059,27 @@ pub fn describe_placement(p: &Placement) -> String {
     } else {
         format!("GPU {} ({amount})", ids[0])
     }
+}
+
+/// When a job last showed a sign of life: the newest change to its output, progress or
+/// metrics (Unix ms). Links are not followed: one the owner put there says nothing of the job.
+pub(crate) fn last_sign_of_life(job_dir: &std::path::Path) -> Option<Millis> {
+    [
+        contract::files::STDOUT,
+        contract::files::STDERR,
+        contract::files::PROGRESS,
+        contract::files::METRICS,
+    ]
+    .iter()
+    .filter_map(|f| {
+        std::fs::symlink_metadata(job_dir.join(f))
+            .ok()?
+            .modified()
+            .ok()
+    })
+    .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+    .map(|d| d.as_millis() as Millis)
+    .max()
 }
 
 /// What the train worker of `attempt` said went wrong, if it said (shortened for a reason

@@ -5,7 +5,8 @@
 //! our jobs directory, which also finds a worker spawned just before a crash) and stopped
 //! first: SIGTERM (train workers checkpoint), grace, SIGKILL. A job never runs twice at once.
 //! A command job whose command ended while no daemon was watching left its outcome in its job
-//! directory (`jobd run-command`), which is recorded as if seen, not run again.
+//! directory (`jobd run-command`; a train worker's too), which is recorded as if seen, not run
+//! again; a job cancelled before the crash stays cancelled.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,7 +17,7 @@ use tracing::{info, warn};
 use super::Scheduler;
 use crate::proc;
 use crate::spec::contract::{ENV_JOB_DIR, ExitStatus, files};
-use crate::spec::record::{ExitInfo, ProcessInfo};
+use crate::spec::record::{ExitInfo, ProcessInfo, StopKind};
 use crate::spec::{JobId, JobKind, JobState, Millis, now_ms};
 use crate::store::StoreError;
 
@@ -53,14 +54,25 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
 
     let ids: Vec<(JobId, JobState)> = s.jobs.values().map(|j| (j.id, j.state)).collect();
     for (id, state) in ids {
-        // A command that ended while jobd was down left its outcome behind (`jobd
-        // run-command`): record it as if jobd had seen it, rather than running it again.
-        let ended = state == JobState::Running && !stopped.contains_key(&id);
+        // A command or worker that ended while jobd was down left its outcome behind (`jobd
+        // run-command`, `jobd worker`): record it as if jobd had seen it, rather than running
+        // it again.
+        let ended =
+            matches!(state, JobState::Starting | JobState::Running) && !stopped.contains_key(&id);
         if let Some((exit, ended_at)) = ended.then(|| ended_meanwhile(s, id)).flatten() {
+            // `starting` was on disk, `running` not yet: it ran all the same.
+            let running = (state == JobState::Starting).then_some(JobState::Running);
             s.apply(
                 id,
-                None,
-                format!("daemon restarted; its command had ended meanwhile ({exit})"),
+                running,
+                format!(
+                    "daemon restarted; its {} had ended meanwhile ({exit})",
+                    if s.jobs[&id].kind == JobKind::Command {
+                        "command"
+                    } else {
+                        "worker"
+                    }
+                ),
                 &|_| {},
             )?;
             let attempt = s.jobs[&id].attempts;
@@ -84,6 +96,32 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
                 if seconds > 0.0 {
                     let user = s.jobs[&id].owner.user.clone();
                     s.usage.add(&user, seconds, until);
+                }
+                // A stop it was given before the crash still stands: a cancelled job stays
+                // cancelled (it used to run again), one past its time limit fails.
+                let stop = s.jobs[&id].stop.clone();
+                let ended = match (&stop, state) {
+                    (Some(StopKind::Cancel { by }), JobState::Starting | JobState::Running) => {
+                        Some((
+                            JobState::Cancelled,
+                            format!("cancelled by {by}; daemon restarted meanwhile, {what}"),
+                        ))
+                    }
+                    (Some(StopKind::TimeLimit), JobState::Starting | JobState::Running) => Some((
+                        JobState::Failed,
+                        format!("reached its time limit; daemon restarted meanwhile, {what}"),
+                    )),
+                    _ => None,
+                };
+                if let Some((end, reason)) = ended {
+                    let now = now_ms();
+                    s.apply(id, Some(end), reason, &|r| {
+                        r.process = None;
+                        r.gpu_seconds += seconds;
+                        r.finished_at = Some(now);
+                    })?;
+                    info!(job_id = id, "recovered a stop given before the restart");
+                    continue;
                 }
                 s.apply(
                     id,
@@ -117,9 +155,6 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
 /// when the command ended (now, if the file does not say; never before the job started).
 fn ended_meanwhile(s: &Scheduler, id: JobId) -> Option<(ExitInfo, Millis)> {
     let rec = s.jobs.get(&id)?;
-    if rec.kind != JobKind::Command {
-        return None;
-    }
     let path = rec.dir(&s.settings.jobs_dir).join(files::EXIT_STATUS);
     let status: ExitStatus =
         serde_json::from_slice(&crate::jobfs::read_regular(&path, files::MAX_STATUS_BYTES).ok()?)
@@ -150,20 +185,9 @@ fn interrupted_usage(s: &Scheduler, id: JobId, ran_until_now: bool) -> (f64, Mil
     let until = if ran_until_now {
         now
     } else {
-        let dir = rec.dir(&s.settings.jobs_dir);
-        [
-            files::STDOUT,
-            files::STDERR,
-            files::PROGRESS,
-            files::METRICS,
-        ]
-        .iter()
-        .filter_map(|f| std::fs::symlink_metadata(dir.join(f)).ok()?.modified().ok())
-        .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as Millis)
-        .max()
-        .unwrap_or(started)
-        .clamp(started, now)
+        super::last_sign_of_life(&rec.dir(&s.settings.jobs_dir))
+            .unwrap_or(started)
+            .clamp(started, now)
     };
     (gpus as f64 * (until - started) as f64 / 1000.0, until)
 }

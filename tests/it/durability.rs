@@ -264,3 +264,27 @@ fn gpu_time_of_running_jobs_survives_a_crash() {
     );
     d.jobctl(&["cancel", &id.to_string()]);
 }
+
+/// A cancel given just before a crash stands: the job ends cancelled at the next start (it
+/// used to be requeued and run again), even when its command ignores SIGTERM and outlives
+/// the crashed daemon.
+#[test]
+fn a_cancel_before_a_crash_stands() {
+    let mut d = TestDaemon::start(&["--gpus", "none"]);
+    let id = d.submit(&d.write(
+        "stubborn.toml",
+        &command_job(
+            "trap 'echo got TERM' TERM; while true; do sleep 0.2; done",
+            "",
+        ),
+    ));
+    d.wait_state(id, JobState::Running, Duration::from_secs(20));
+    assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
+    d.kill9();
+    d.restart();
+    d.wait_state(id, JobState::Cancelled, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let rec = d.job(id).record;
+    assert_eq!(rec.state, JobState::Cancelled, "{:#?}", d.events(id));
+    assert_eq!(rec.attempts, 1, "never run again: {:#?}", d.events(id));
+}

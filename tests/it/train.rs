@@ -508,3 +508,31 @@ fn a_failed_train_job_says_why_in_its_reason() {
     let show = stdout(&d.jobctl(&["show", &id.to_string()]));
     assert!(show.contains("invalid JSON"), "{show}");
 }
+
+/// A training that finishes while jobd is down is recorded as finished at the next start
+/// (its worker leaves its exit status, as a command's supervisor does): not resumed as if
+/// interrupted, with its real run time.
+#[test]
+fn a_training_that_ended_while_jobd_was_down_is_recorded() {
+    let mut d = TestDaemon::start(&["--gpus", "none"]);
+    let id = d.submit(&d.write("short.toml", &short_job(d.dir.path(), 3)));
+    wait_step(&d, id, 10);
+    d.kill9();
+    let status = d.state.join(format!("jobs/{id}/exit-status.json"));
+    wait_for("the worker to finish", Duration::from_secs(120), || {
+        status.exists()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    d.restart();
+    d.wait_state(id, JobState::Succeeded, Duration::from_secs(30));
+    let rec = d.job(id).record;
+    assert_eq!(rec.attempts, 1, "{:#?}", d.events(id));
+    assert!(
+        d.events(id).iter().any(|e| e
+            .reason
+            .contains("its worker had ended meanwhile (exit code 0)")),
+        "{:#?}",
+        d.events(id)
+    );
+    assert!(rec.finished_at.unwrap() + 1000 < jobd::spec::now_ms());
+}
