@@ -1239,3 +1239,35 @@ fn a_users_models_dir_is_written_with_their_rights() {
     assert!(e.to_string().contains("ermission denied"), "{e}");
     assert!(tree(&root_only).is_empty(), "{:?}", tree(&root_only));
 }
+
+/// A publish removes the staging directories that crashed publishes left (a partial GGUF of
+/// gigabytes, kept forever before): older than a minute and locked by no live publish; a
+/// fresh one and a held one stay.
+#[test]
+fn crashed_publishes_staging_is_swept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = build_model(&tmp.path().join("model"), Shape::tiny());
+    let models = tmp.path().join("models");
+    let staging = models.join(".jobd-staging");
+    let make = |name: &str, old: bool| {
+        let d = staging.join(name);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("model.gguf"), vec![0u8; 4096]).unwrap();
+        if old {
+            let t = std::time::SystemTime::now() - std::time::Duration::from_secs(600);
+            fs::File::open(&d).unwrap().set_modified(t).unwrap();
+        }
+        d
+    };
+    let crashed = make("4242-1", true);
+    let fresh = make("4243-2", false);
+    let held = make("4244-3", true);
+    let _lock = nix::fcntl::Flock::lock(
+        fs::File::open(&held).unwrap(),
+        nix::fcntl::FlockArg::LockExclusive,
+    )
+    .unwrap();
+    publish_to(&m.dir, &models, &spec("swept", Quantization::F16)).unwrap();
+    assert!(!crashed.exists(), "a crashed publish's staging is removed");
+    assert!(fresh.exists() && held.exists());
+}

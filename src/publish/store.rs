@@ -198,6 +198,9 @@ pub struct Store {
     /// systemd service runs as `ollama`, which must be able to delete what we create).
     owner: Option<(u32, u32)>,
     staging: PathBuf,
+    /// Held while this store stages: a staging directory nobody holds is a crashed
+    /// publish's, which the next publish removes.
+    _staging_lock: Option<nix::fcntl::Flock<File>>,
     /// Complete blobs waiting in the staging directory for the commit.
     pending: Vec<PendingBlob>,
 }
@@ -252,10 +255,11 @@ impl Store {
                 .unwrap_or(0)
         );
         let staging = root.join(STAGING_DIR).join(unique);
-        let store = Store {
+        let mut store = Store {
             root: root.to_path_buf(),
             owner,
             staging,
+            _staging_lock: None,
             pending: Vec::new(),
         };
         for sub in ["blobs", "manifests", STAGING_DIR] {
@@ -264,12 +268,52 @@ impl Store {
                 .map_err(|e| dir_err(format!("cannot create {sub}/: {e}")))?;
         }
         fs::create_dir(&store.staging).map_err(|e| dir_err(format!("not writable: {e}")))?;
+        store._staging_lock = File::open(&store.staging)
+            .ok()
+            .and_then(|d| nix::fcntl::Flock::lock(d, nix::fcntl::FlockArg::LockExclusive).ok());
+        store.sweep_stale_staging();
         // Probe now: a read-only store should fail before minutes of export, not after.
         let probe = store
             .stage("probe")
             .map_err(|e| dir_err(format!("not writable: {e}")))?;
         drop(probe);
         Ok(store)
+    }
+
+    /// Removes the staging directories of publishes that crashed (a daemon killed while
+    /// exporting left a partial GGUF, gigabytes for a big model): those no live publish holds
+    /// locked, and older than a minute (one just made may not be locked yet).
+    fn sweep_stale_staging(&self) {
+        let staging_root = self.root.join(STAGING_DIR);
+        let Ok(entries) = fs::read_dir(&staging_root) else {
+            return;
+        };
+        let a_minute_ago = SystemTime::now() - std::time::Duration::from_secs(60);
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if path == self.staging
+                || !meta.is_dir()
+                || meta.modified().is_ok_and(|t| t > a_minute_ago)
+            {
+                continue;
+            }
+            let unheld = File::open(&path).ok().and_then(|d| {
+                nix::fcntl::Flock::lock(d, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
+            });
+            if unheld.is_some() {
+                match fs::remove_dir_all(&path) {
+                    Ok(()) => {
+                        tracing::info!(dir = %path.display(), "removed a crashed publish's staging directory")
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %path.display(), error = %e, "cannot remove a crashed publish's staging directory")
+                    }
+                }
+            }
+        }
     }
 
     /// The models directory.
