@@ -623,7 +623,18 @@ pub async fn logs(
     let file = dir.join(name);
     let len = match crate::jobfs::open_regular(&file).and_then(|f| f.metadata()) {
         Ok(m) => m.len(),
-        // Not written yet (a queued job).
+        // A job that never started has none yet; one that ran had its job directory (or
+        // this file) removed.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && rec.attempts > 0 && !q.follow => {
+            let what = if dir.exists() {
+                format!("{} is gone", file.display())
+            } else {
+                format!("its job directory {} is gone", dir.display())
+            };
+            return Err(ApiError::not_found(format!(
+                "job {id} ran, but {what}: its output cannot be shown"
+            )));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => {
             return Err(ApiError::new(

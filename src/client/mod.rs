@@ -100,12 +100,15 @@ pub enum ClientError {
     #[error("unexpected answer from jobd: {0}")]
     Protocol(String),
     /// The connection broke while a response was still coming (jobd stopped or restarted).
-    #[error("the connection to jobd broke ({0})")]
+    #[error(
+        "the connection to jobd broke ({0}); a change asked for may or may not have been made: \
+         check with jobctl list"
+    )]
     Interrupted(String),
 }
 
 impl ClientError {
-    /// The daemon could not be reached, or went away mid-answer (exit code 2 in jobctl).
+    /// The daemon could not be reached, or went away mid-answer (exit code 3 in jobctl).
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,

@@ -35,10 +35,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     prepare_dirs(&config)?;
     let store = Store::open(&config.store_dir()).map_err(|e| {
-        if e.to_string().contains("lock") {
+        let text = e.to_string();
+        if text.contains("lock") {
             anyhow::anyhow!(
                 "{e}\n(is another jobd already using {}?)",
                 config.state_dir.display()
+            )
+        } else if text.contains("orrupt") {
+            anyhow::anyhow!(
+                "{e}\nthe job store {} is damaged (a disk fault, or a file cut short). Move it \
+                 aside (mv {0} {0}.damaged) to start with an empty queue: each job's files, \
+                 its job file (job.toml) included, stay in {}",
+                config.store_dir().display(),
+                config.jobs_dir().display()
+            )
+        } else if text.contains("No space left") {
+            anyhow::anyhow!(
+                "{e}\nthe file system of {} is full: free some space (old job directories in \
+                 {}, checkpoints) and start jobd again",
+                config.state_dir.display(),
+                config.jobs_dir().display()
             )
         } else {
             e.into()
@@ -195,6 +211,27 @@ fn prepare_dirs(config: &Config) -> anyhow::Result<()> {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
             .with_context(|| format!("cannot set permissions of {}", p.display()))
     };
+    // The state directory's mode is set below (others may enter it, not list it): only a
+    // directory of jobd's own may have its mode changed so.
+    if let Ok(m) = std::fs::metadata(&config.state_dir) {
+        use std::os::unix::fs::MetadataExt;
+        let dir = config.state_dir.display();
+        let me = nix::unistd::geteuid().as_raw();
+        if m.uid() != me {
+            bail!(
+                "the state directory {dir} belongs to uid {} (jobd runs as uid {me}): jobd keeps \
+                 its queue and job directories in a directory of its own; choose another \
+                 --state-dir",
+                m.uid()
+            );
+        }
+        if m.mode() & 0o1002 != 0 {
+            bail!(
+                "the state directory {dir} is writable by everyone (like /tmp), and jobd would \
+                 make it private: use a directory of its own, e.g. {dir}/jobd"
+            );
+        }
+    }
     // Job directories belong to their owners, who must be able to reach them.
     mk(&config.state_dir, 0o711)?;
     mk(&config.jobs_dir(), 0o711)?;

@@ -345,13 +345,19 @@ pub fn verify(dir: &Path) -> Result<TrainerState, String> {
 /// The newest checkpoint in `dir` that verifies. Unusable newer ones are reported on stderr
 /// (a line the daemon shows in the job's log) and skipped.
 pub fn latest_valid(dir: &Path) -> Option<(PathBuf, TrainerState)> {
-    for (_, path) in list(dir) {
-        match verify(&path) {
-            Ok(state) => return Some((path, state)),
+    let all = list(dir);
+    for (i, (_, path)) in all.iter().enumerate() {
+        match verify(path) {
+            Ok(state) => return Some((path.clone(), state)),
             Err(reason) => {
                 tracing::warn!(checkpoint = %path.display(), %reason, "skipping unusable checkpoint");
+                let next = if i + 1 < all.len() {
+                    "trying the previous one"
+                } else {
+                    "no usable checkpoint is left: training starts again from step 0"
+                };
                 eprintln!(
-                    "jobd worker: skipping checkpoint {}: {reason}; trying the previous one",
+                    "jobd worker: skipping checkpoint {}: {reason}; {next}",
                     path.display()
                 );
             }

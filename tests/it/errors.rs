@@ -392,3 +392,43 @@ fn publishing_needs_a_models_dir_and_ollama_models_is_the_default() {
     let id = d.submit(&file);
     assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
 }
+
+/// jobd refuses a state directory that is not its own to take over — one everyone may write
+/// (it used to make /tmp-like directories private), or another user's — naming the problem.
+#[test]
+fn a_shared_or_foreign_state_dir_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let start = |dir: &std::path::Path| {
+        std::process::Command::new(JOBD)
+            .args(["--gpus", "none", "--state-dir"])
+            .arg(dir)
+            .arg("--socket")
+            .arg(tmp.path().join("s.sock"))
+            .output()
+            .unwrap()
+    };
+    let out = start(&shared);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("writable by everyone"),
+        "{}",
+        stderr(&out)
+    );
+    let mode = std::fs::metadata(&shared).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o1777, "left as it was");
+    if nix::unistd::geteuid().is_root() {
+        let foreign = tmp.path().join("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+        let out = start(&foreign);
+        assert!(
+            out.status.code() == Some(1) && stderr(&out).contains("belongs to uid 65534"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}

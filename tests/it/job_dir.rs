@@ -292,3 +292,18 @@ fn a_job_file_is_checked_and_run_with_its_owners_rights() {
         "no difference to learn from"
     );
 }
+
+/// `logs` of a job whose job directory was removed says so (it printed nothing and exited 0).
+#[test]
+fn logs_of_a_removed_job_directory_say_so() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let id = d.submit(&d.write("hi.toml", &command_job("echo hi", "")));
+    d.wait_state(id, JobState::Succeeded, Duration::from_secs(20));
+    std::fs::remove_dir_all(d.state.join(format!("jobs/{id}"))).unwrap();
+    let out = d.jobctl(&["logs", &id.to_string()]);
+    assert!(
+        out.status.code() == Some(1) && stderr(&out).contains("job directory"),
+        "{}",
+        stderr(&out)
+    );
+}
