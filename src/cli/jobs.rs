@@ -57,26 +57,56 @@ pub struct PriorityArgs {
     pub priority: i32,
 }
 
+/// Every job `/jobs?QUERY` lists, page after page (the API gives at most 1000 at a time:
+/// `cancel --mine` used to stop at the newest 1000, silently).
+pub(super) async fn list_every_page(
+    client: &Client,
+    query: &[(&str, String)],
+) -> anyhow::Result<Vec<JobView>> {
+    let mut all = Vec::new();
+    let mut before: Option<JobId> = None;
+    loop {
+        let mut q = query.to_vec();
+        q.retain(|(k, _)| *k != "limit" && *k != "before");
+        q.push(("limit", "1000".into()));
+        if let Some(b) = before {
+            q.push(("before", b.to_string()));
+        }
+        let path = format!("/jobs?{}", serde_urlencoded::to_string(&q)?);
+        let page: crate::spec::api::ListResponse = client.get(&path).await?;
+        all.extend(page.jobs);
+        match page.next_before {
+            Some(b) => before = Some(b),
+            None => return Ok(all),
+        }
+    }
+}
+
 pub async fn cancel(client: &Client, args: &CancelArgs, out: &Output) -> anyhow::Result<bool> {
     let mut ids = args.ids.clone();
+    // What the listing already told: no need to ask again per job.
+    let mut known_running = std::collections::HashSet::new();
+    let mut listed = std::collections::HashSet::new();
     if args.mine || args.user.is_some() {
         // Every job of theirs that has not ended, in the states asked for.
         let states = args
             .state
             .clone()
             .unwrap_or_else(|| "queued,starting,running,interrupted".into());
-        let mut query: Vec<(&str, String)> = vec![
-            ("limit", "1000".into()),
-            ("all", "true".into()),
-            ("state", states),
-        ];
+        let mut query: Vec<(&str, String)> = vec![("all", "true".into()), ("state", states)];
         match &args.user {
             Some(u) => query.push(("owner", u.clone())),
             None => query.push(("mine", "true".into())),
         }
-        let path = format!("/jobs?{}", serde_urlencoded::to_string(&query)?);
-        let found: crate::spec::api::ListResponse = client.get(&path).await?;
-        ids.extend(found.jobs.iter().map(|j| j.record.id));
+        let found = list_every_page(client, &query).await?;
+        ids.extend(found.iter().map(|j| j.record.id));
+        known_running.extend(
+            found
+                .iter()
+                .filter(|j| j.record.state.holds_resources())
+                .map(|j| j.record.id),
+        );
+        listed.extend(found.iter().map(|j| j.record.id));
         if ids.is_empty() {
             eprintln!("jobctl: no job matches; nothing cancelled");
             if out.json {
@@ -90,8 +120,8 @@ pub async fn cancel(client: &Client, args: &CancelArgs, out: &Output) -> anyhow:
     // Queued jobs first: cancelling a running one frees its GPUs, and a queued job about to be
     // cancelled too could start on them in between (QA: started, then killed at once).
     if ids.len() > 1 {
-        let mut running = std::collections::HashSet::new();
-        for id in &ids {
+        let mut running = known_running;
+        for id in ids.iter().filter(|id| !listed.contains(*id)) {
             if let Ok(v) = client.get::<JobView>(&format!("/jobs/{id}")).await
                 && v.record.state.holds_resources()
             {

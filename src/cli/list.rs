@@ -6,7 +6,7 @@ use super::{Output, age, bytes, table};
 use crate::client::Client;
 use crate::spec::api::{JobView, ListResponse};
 use crate::spec::job::VramRequest;
-use crate::spec::{JobState, now_ms};
+use crate::spec::{JobId, JobState, now_ms};
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
@@ -22,17 +22,14 @@ pub struct ListArgs {
     /// Only your own jobs.
     #[arg(long, conflicts_with = "user")]
     pub mine: bool,
-    /// At most this many jobs (newest first; 1 to 1000).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
-    pub limit: u16,
+    /// At most this many jobs (running ones first, then the newest); 0: all of them.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
 }
 
 pub async fn list(client: &Client, args: &ListArgs, out: &Output) -> anyhow::Result<bool> {
     // Encoded: a filter value is the user's text (spaces, '&').
-    let mut query: Vec<(&str, String)> = vec![
-        ("limit", args.limit.to_string()),
-        ("all", args.all.to_string()),
-    ];
+    let mut query: Vec<(&str, String)> = vec![("all", args.all.to_string())];
     if let Some(s) = &args.state {
         query.push(("state", s.clone()));
     }
@@ -42,8 +39,7 @@ pub async fn list(client: &Client, args: &ListArgs, out: &Output) -> anyhow::Res
     if args.mine {
         query.push(("mine", "true".into()));
     }
-    let path = format!("/jobs?{}", serde_urlencoded::to_string(&query)?);
-    let resp: ListResponse = client.get(&path).await?;
+    let resp = fetch(client, &query, args).await?;
     if out.json {
         out.print_json(&resp)?;
         return Ok(true);
@@ -72,12 +68,69 @@ pub async fn list(client: &Client, args: &ListArgs, out: &Output) -> anyhow::Res
     );
     if resp.total > resp.jobs.len() {
         eprintln!(
-            "({} of {} jobs shown; --limit to see more)",
+            "({} of {} jobs shown; --limit N for more, --limit 0 for all)",
             resp.jobs.len(),
             resp.total
         );
     }
     Ok(true)
+}
+
+/// The jobs to list: those running (starting, publishing) first, whatever their age — a big
+/// sweep queued after them used to push them out of the newest `--limit` — then the newest
+/// others, page after page up to `--limit` (0: all).
+async fn fetch(
+    client: &Client,
+    query: &[(&str, String)],
+    args: &ListArgs,
+) -> anyhow::Result<ListResponse> {
+    let limit = if args.limit == 0 {
+        usize::MAX
+    } else {
+        args.limit as usize
+    };
+    let page = |extra: Vec<(&'static str, String)>| {
+        let mut q = query.to_vec();
+        q.extend(extra);
+        q
+    };
+    let mut jobs: Vec<JobView> = Vec::new();
+    if args.state.is_none() {
+        let active = page(vec![("state", "starting,running,publishing".into())]);
+        jobs = super::jobs::list_every_page(client, &active).await?;
+        jobs.truncate(limit);
+    }
+    // The total of the query as asked (one small page says it).
+    let first: ListResponse = client
+        .get(&format!(
+            "/jobs?{}",
+            serde_urlencoded::to_string(page(vec![("limit", "1".into())]))?
+        ))
+        .await?;
+    let mut before: Option<JobId> = None;
+    while jobs.len() < limit {
+        let want = (limit - jobs.len()).clamp(1, 1000);
+        let mut extra = vec![("limit", want.to_string())];
+        if let Some(b) = before {
+            extra.push(("before", b.to_string()));
+        }
+        let path = format!("/jobs?{}", serde_urlencoded::to_string(page(extra))?);
+        let resp: ListResponse = client.get(&path).await?;
+        for j in resp.jobs {
+            if jobs.len() < limit && !jobs.iter().any(|k| k.record.id == j.record.id) {
+                jobs.push(j);
+            }
+        }
+        match resp.next_before {
+            Some(b) => before = Some(b),
+            None => break,
+        }
+    }
+    Ok(ListResponse {
+        jobs,
+        next_before: None,
+        total: first.total,
+    })
 }
 
 fn row(j: &JobView, now: i64) -> Vec<String> {

@@ -71,6 +71,14 @@ pub async fn logs(client: &Client, args: &LogsArgs, out: &super::Output) -> anyh
             let mut got: Option<u64> = None;
             let mut sink = |offset: u64, chunk: &[u8]| {
                 got.get_or_insert(offset);
+                // One JSON object holds the whole text: bounded, not a 500 MB log in memory.
+                if text.len() + chunk.len() > MAX_JSON_LOG_BYTES {
+                    anyhow::bail!(
+                        "the log of job {id} is larger than {} MiB, too much for one JSON \
+                         object: use -n LINES or --tail BYTES, or -f for JSON lines",
+                        MAX_JSON_LOG_BYTES >> 20
+                    );
+                }
                 text.extend_from_slice(chunk);
                 Ok(())
             };
@@ -130,6 +138,9 @@ pub async fn logs(client: &Client, args: &LogsArgs, out: &super::Output) -> anyh
     }
     Ok(true)
 }
+
+/// The most `--json logs` (one object) holds.
+const MAX_JSON_LOG_BYTES: usize = 64 << 20;
 
 fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();

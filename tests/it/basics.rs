@@ -571,3 +571,41 @@ fn set_overrides_keys_of_the_job_file() {
         stderr(&out)
     );
 }
+
+/// `cancel --mine` and `list` go past the API's pages of 1000 (cancel used to stop at the
+/// newest 1000, silently); `list` shows running jobs first, however many newer jobs wait.
+#[test]
+fn cancel_mine_and_list_go_past_a_thousand_jobs() {
+    let d = TestDaemon::start(&["--gpus", "none", "--max-cpu-jobs", "1"]);
+    let running = d.submit(&d.write("long.toml", &command_job("sleep 60", "")));
+    d.wait_state(running, JobState::Running, Duration::from_secs(20));
+    let held = d.write("held.toml", &command_job("true", ""));
+    // Through the API directly: 1100 jobctl processes would take longer than needed.
+    let toml = std::fs::read_to_string(&held).unwrap();
+    let body = serde_json::json!({
+        "toml": toml, "base_dir": d.dir.path(), "hold": true,
+    })
+    .to_string();
+    for _ in 0..1100 {
+        let (status, text) = post_json(d.addr(), "/api/v1/jobs", Some(TOKEN_NOBODY), &body);
+        assert_eq!(status, 201, "{text}");
+    }
+    let list = stdout(&d.jobctl(&["list", "--limit", "5"]));
+    assert!(
+        list.lines().nth(1).is_some_and(|l| l.contains("running")),
+        "{list}"
+    );
+    let all = d.jobctl(&["list", "--limit", "0"]);
+    assert_eq!(stdout(&all).lines().count(), 1 + 1101, "{}", stderr(&all));
+    let out = d.jobctl_tcp(
+        Some(TOKEN_NOBODY),
+        &["cancel", "--mine", "--state", "queued"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let queued = d
+        .all_jobs()
+        .iter()
+        .filter(|j| j.record.state == JobState::Queued)
+        .count();
+    assert_eq!(queued, 0);
+}

@@ -191,7 +191,7 @@ impl TestDaemon {
     }
 
     pub fn all_jobs(&self) -> Vec<JobView> {
-        let out = self.jobctl(&["list", "--all", "--json", "--limit", "1000"]);
+        let out = self.jobctl(&["list", "--all", "--json", "--limit", "0"]);
         assert!(
             out.status.success(),
             "{}",
