@@ -422,6 +422,17 @@ pub async fn cancel(
     )))
 }
 
+/// `POST /jobs/clean`: removes finished jobs for good (record, history, job directory).
+pub async fn clean(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<crate::spec::api::CleanRequest>, JsonRejection>,
+) -> Result<Json<crate::spec::api::CleanResponse>, ApiError> {
+    require_user(&caller)?;
+    let Json(req) = body?;
+    Ok(Json(st.sched.clean(&caller, req).await?))
+}
+
 /// `POST /jobs/{id}/hold`: a queued job keeps its place but does not start.
 pub async fn hold(
     State(st): State<AppState>,

@@ -55,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .route("/whoami", get(whoami))
         .route("/jobs", get(jobs::list).post(jobs::submit))
         .route("/jobs/validate", post(jobs::validate))
+        .route("/jobs/clean", post(jobs::clean))
         .route("/jobs/{id}", get(jobs::get_job))
         .route("/jobs/{id}/cancel", post(jobs::cancel))
         .route("/jobs/{id}/requeue", post(jobs::requeue))

@@ -295,6 +295,48 @@ pub async fn requeue(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::R
     post_each(client, &ids, "requeue", out).await
 }
 
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    jobctl clean                       all your finished jobs\n  \
+    jobctl clean --older-than 7d       yours that finished over a week ago\n  \
+    jobctl clean --all-users --older-than 30d   (admins)\n\n\
+    Kept: a dependency of a job not yet ended, a schedule's latest successful run (its \
+    @previous model), the latest publish of a model name.")]
+pub struct CleanArgs {
+    /// Only jobs that finished at least this long ago (e.g. 7d, 12h); default: all.
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: Option<crate::spec::units::HumanDuration>,
+    /// This user's jobs (admins); default: your own.
+    #[arg(long, short = 'u', value_name = "USER", conflicts_with = "all_users")]
+    pub user: Option<String>,
+    /// Every user's finished jobs (admins).
+    #[arg(long)]
+    pub all_users: bool,
+}
+
+/// `jobctl clean`: removes finished jobs and says which it kept and why.
+pub async fn clean(client: &Client, args: &CleanArgs, out: &Output) -> anyhow::Result<bool> {
+    let req = crate::spec::api::CleanRequest {
+        older_than: args.older_than,
+        owner: args.user.clone(),
+        all_users: args.all_users,
+    };
+    let r: crate::spec::api::CleanResponse = client.post("/jobs/clean", &req).await?;
+    if out.json {
+        out.print_json(&r)?;
+        return Ok(true);
+    }
+    let n = r.removed.len();
+    outln!(
+        "removed {n} finished job{} (records, histories, job directories)",
+        if n == 1 { "" } else { "s" }
+    );
+    for k in &r.kept {
+        outln!("kept job {}: {}", k.id, k.why);
+    }
+    Ok(true)
+}
+
 /// Holds (`hold`) or releases each queued job, reporting each as `requeue` does.
 pub async fn hold(
     client: &Client,

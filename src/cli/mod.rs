@@ -105,6 +105,9 @@ pub enum Command {
     Hold(jobs::IdsArgs),
     /// Let held jobs start again.
     Release(jobs::IdsArgs),
+    /// Remove finished jobs for good: record, history and job directory (logs, checkpoints,
+    /// output). Published models stay in Ollama.
+    Clean(jobs::CleanArgs),
     /// Show the GPUs and what is placed on them.
     Gpus,
     /// Estimate the VRAM a train job needs, and where it fits.
@@ -234,6 +237,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
         Command::Requeue(args) => jobs::requeue(&client, &args, &out).await,
         Command::Hold(args) => jobs::hold(&client, &args, true, &out).await,
         Command::Release(args) => jobs::hold(&client, &args, false, &out).await,
+        Command::Clean(args) => jobs::clean(&client, &args, &out).await,
         Command::Gpus => jobs::gpus(&client, &out).await,
         Command::Estimate(args) => estimate::estimate(&client, &args, &out).await,
         Command::Publish(args) => models::publish(&client, &args, &out).await,

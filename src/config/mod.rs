@@ -96,6 +96,9 @@ pub struct SchedulerFile {
     pub fair_share_half_life: Option<HumanDuration>,
     /// How often the GPU inventory is refreshed when nothing else happens.
     pub gpu_refresh: Option<HumanDuration>,
+    /// Finished jobs older than this are removed (record, history, job directory), as
+    /// `jobctl clean --older-than` does; default: kept until cleaned by hand.
+    pub keep_finished: Option<HumanDuration>,
     /// Per-user limits: `[scheduler.limits.default]` and `[scheduler.limits.<user>]`.
     #[serde(default)]
     pub limits: BTreeMap<String, UserLimits>,
@@ -237,6 +240,8 @@ pub struct SchedulerConfig {
     pub max_user_priority: i32,
     pub fair_share_half_life: Duration,
     pub gpu_refresh: Duration,
+    /// See [`SchedulerFile::keep_finished`].
+    pub keep_finished: Option<Duration>,
     pub default_limits: UserLimits,
     pub user_limits: BTreeMap<String, UserLimits>,
 }
@@ -251,6 +256,7 @@ impl Default for SchedulerConfig {
             max_user_priority: 0,
             fair_share_half_life: Duration::from_secs(24 * 3600),
             gpu_refresh: Duration::from_secs(10),
+            keep_finished: None,
             default_limits: UserLimits::default(),
             user_limits: BTreeMap::new(),
         }
@@ -408,6 +414,7 @@ impl Config {
                     .fair_share_half_life
                     .map_or(defaults.fair_share_half_life, |d| d.0),
                 gpu_refresh: s.gpu_refresh.map_or(defaults.gpu_refresh, |d| d.0),
+                keep_finished: s.keep_finished.map(|d| d.0),
                 default_limits,
                 user_limits,
             },

@@ -11,6 +11,7 @@
 //! There is no polling: the loop sleeps until the next message or the next deadline (a retry
 //! backoff ending, a starvation limit, the periodic GPU refresh).
 
+mod clean;
 pub mod plan;
 mod recovery;
 mod schedules;
@@ -135,6 +136,11 @@ enum Msg {
         id: JobId,
         hold: bool,
         reply: Reply<JobRecord>,
+    },
+    Clean {
+        caller: Caller,
+        req: crate::spec::api::CleanRequest,
+        reply: Reply<crate::spec::api::CleanResponse>,
     },
     Exited {
         id: JobId,
@@ -341,6 +347,20 @@ impl SchedHandle {
         .await
     }
 
+    /// Removes finished jobs for good (`jobctl clean`).
+    pub async fn clean(
+        &self,
+        caller: &Caller,
+        req: crate::spec::api::CleanRequest,
+    ) -> Result<crate::spec::api::CleanResponse, SchedError> {
+        self.ask(|reply| Msg::Clean {
+            caller: caller.clone(),
+            req,
+            reply,
+        })
+        .await
+    }
+
     /// Answers when the event loop has gone round once: proof that it is alive (for the
     /// systemd watchdog).
     pub async fn ping(&self) -> bool {
@@ -504,6 +524,10 @@ pub struct Scheduler {
     /// between the two must not leave a job that ran recorded as `queued` (it ran again, with
     /// nothing in its history).
     to_spawn: Vec<JobId>,
+    /// Jobs removed (`clean`) since the last view: taken out of the next one.
+    removed: Vec<JobId>,
+    /// When `scheduler.keep_finished` was last applied.
+    last_auto_clean: Millis,
     schedules: BTreeMap<u64, ScheduleRecord>,
     /// When this daemon started: schedule firings due before it were missed.
     started_at: Millis,
@@ -553,6 +577,8 @@ impl Scheduler {
             shutting_down: None,
             publishing: HashSet::new(),
             to_spawn: Vec::new(),
+            removed: Vec::new(),
+            last_auto_clean: 0,
             schedules: BTreeMap::new(),
             started_at: now_ms(),
             schedules_changed: true,
@@ -607,6 +633,7 @@ impl Scheduler {
             if self.shutting_down.is_none() {
                 self.fire_due(now_ms());
                 self.stop_overdue(now_ms());
+                self.auto_clean(now_ms());
                 self.replan();
             }
             if let Err(e) = self.store.flush().await {
@@ -793,6 +820,14 @@ impl Scheduler {
                 reply: tx,
             } => {
                 let r = self.hold(&caller, id, hold);
+                reply(tx, r)
+            }
+            Msg::Clean {
+                caller,
+                req,
+                reply: tx,
+            } => {
+                let r = self.clean(&caller, &req, now_ms());
                 reply(tx, r)
             }
             Msg::Exited { id, attempt, exit } => {
@@ -1980,6 +2015,9 @@ impl Scheduler {
     fn publish_view(&mut self) {
         let old = self.shared.view.read().expect("view lock").clone();
         let mut jobs = old.jobs.clone();
+        for id in std::mem::take(&mut self.removed) {
+            jobs.remove(&id);
+        }
         let changed: Vec<JobId> = self.pending.iter().map(|c| c.job.record.id).collect();
         for id in &changed {
             if let Some(r) = self.jobs.get(id) {

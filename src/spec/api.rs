@@ -95,6 +95,37 @@ pub struct ListQuery {
     pub limit: Option<usize>,
 }
 
+/// `POST /api/v1/jobs/clean`: remove finished jobs (record, history, job directory).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CleanRequest {
+    /// Only jobs that finished at least this long ago; default: every finished job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub older_than: Option<super::units::HumanDuration>,
+    /// This user's jobs (another user's: admins only); default: the caller's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Every user's finished jobs (admins only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_users: bool,
+}
+
+/// What `POST /api/v1/jobs/clean` did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CleanResponse {
+    /// Jobs removed.
+    pub removed: Vec<JobId>,
+    /// Finished jobs that matched but are still needed, and why.
+    pub kept: Vec<KeptJob>,
+}
+
+/// A finished job kept by a clean.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeptJob {
+    pub id: JobId,
+    pub why: String,
+}
+
 /// `GET /api/v1/jobs` answer: newest first.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ListResponse {

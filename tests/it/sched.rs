@@ -746,3 +746,54 @@ fn hold_and_release() {
             .success()
     );
 }
+
+/// `jobctl clean` removes finished jobs for good (record, history, job directory) except those
+/// still needed (a dependency of a job not yet ended); only admins clean other users' jobs;
+/// `scheduler.keep_finished` does it by itself.
+#[test]
+fn clean_removes_finished_jobs_but_keeps_what_is_needed() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let ok = d.submit(&d.write("ok.toml", &command_job("echo ok", "")));
+    let bad = d.submit(&d.write("bad.toml", &command_job("exit 1", "")));
+    d.wait_state(ok, JobState::Succeeded, Duration::from_secs(20));
+    d.wait_state(bad, JobState::Failed, Duration::from_secs(20));
+    let later = d.write(
+        "later.toml",
+        &command_job("true", &format!("depends_on = [{ok}]")),
+    );
+    let out = d.jobctl(&["submit", "--hold", later.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = d.jobctl(&["clean", "--older-than", "1h"]);
+    assert!(
+        stdout(&out).contains("removed 0 finished jobs"),
+        "{}",
+        stdout(&out)
+    );
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["clean", "--user", "root"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let out = d.jobctl(&["--json", "clean"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["removed"], serde_json::json!([bad]), "{r}");
+    assert_eq!(r["kept"][0]["id"], ok, "{r}");
+    assert!(
+        !d.state.join(format!("jobs/{bad}")).exists() || {
+            std::thread::sleep(Duration::from_millis(500));
+            !d.state.join(format!("jobs/{bad}")).exists()
+        }
+    );
+    let show = d.jobctl(&["show", &bad.to_string()]);
+    assert_eq!(show.status.code(), Some(1));
+    assert!(d.all_jobs().iter().all(|j| j.record.id != bad));
+
+    let auto =
+        TestDaemon::start_with_config(&["--gpus", "none"], "[scheduler]\nkeep_finished = \"2s\"");
+    let id = auto.submit(&auto.write("ok.toml", &command_job("true", "")));
+    auto.wait_state(id, JobState::Succeeded, Duration::from_secs(20));
+    wait_for(
+        "keep_finished to remove it",
+        Duration::from_secs(15),
+        || auto.all_jobs().is_empty(),
+    );
+}

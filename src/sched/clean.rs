@@ -1,0 +1,169 @@
+//! Removing finished jobs for good (`jobctl clean`, `scheduler.keep_finished`): their
+//! records, histories and job directories. Jobs something still needs stay: a dependency of a
+//! job not yet ended, a schedule's latest successful run (its `@previous` model), the latest
+//! publish of a model name (who may replace it).
+
+use std::collections::BTreeMap;
+
+use tracing::{info, warn};
+
+use super::{SchedError, Scheduler};
+use crate::spec::api::{CleanRequest, CleanResponse, KeptJob};
+use crate::spec::{Caller, JobId, JobState, Millis};
+
+impl Scheduler {
+    /// `jobctl clean`: the caller's finished jobs (an admin's choice of user, or everyone's)
+    /// that finished before `older_than`.
+    pub(super) fn clean(
+        &mut self,
+        caller: &Caller,
+        req: &CleanRequest,
+        now: Millis,
+    ) -> Result<CleanResponse, SchedError> {
+        let who = caller
+            .user
+            .clone()
+            .ok_or_else(|| SchedError::Forbidden("cleaning needs a known user".into()))?;
+        let owner = match (&req.owner, req.all_users) {
+            (Some(_), true) => {
+                return Err(SchedError::Invalid(
+                    "give a user or every user's jobs, not both".into(),
+                ));
+            }
+            (None, true) if !caller.admin => {
+                return Err(SchedError::Forbidden(
+                    "only admins may clean every user's jobs".into(),
+                ));
+            }
+            (None, true) => None,
+            (Some(u), false) if *u != who && !caller.admin => {
+                return Err(SchedError::Forbidden(format!(
+                    "the jobs of {u} are theirs to clean (or an admin's)"
+                )));
+            }
+            (Some(u), false) => Some(u.clone()),
+            (None, false) => Some(who.clone()),
+        };
+        let cutoff = now - req.older_than.map_or(0, |d| d.0.as_millis() as Millis);
+        let report = self.remove_finished(owner.as_deref(), cutoff)?;
+        info!(by = %who, removed = report.removed.len(), kept = report.kept.len(), "cleaned finished jobs");
+        Ok(report)
+    }
+
+    /// `scheduler.keep_finished`: removes every user's finished jobs older than it (checked
+    /// every quarter of it, between a second and an hour).
+    pub(super) fn auto_clean(&mut self, now: Millis) {
+        let Some(keep) = self.settings.policy.keep_finished else {
+            return;
+        };
+        // Often enough that nothing stays much past its time.
+        let every = (keep.as_millis() as Millis / 4).clamp(1000, 3600 * 1000);
+        if now < self.last_auto_clean + every {
+            return;
+        }
+        self.last_auto_clean = now;
+        match self.remove_finished(None, now - keep.as_millis() as Millis) {
+            Ok(r) if !r.removed.is_empty() => info!(
+                removed = r.removed.len(),
+                "removed finished jobs older than keep_finished"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot remove old finished jobs"),
+        }
+    }
+
+    fn remove_finished(
+        &mut self,
+        owner: Option<&str>,
+        cutoff: Millis,
+    ) -> Result<CleanResponse, SchedError> {
+        let needed = self.needed_jobs();
+        let mut report = CleanResponse::default();
+        for j in self.jobs.values() {
+            let finished = matches!(
+                j.state,
+                JobState::Succeeded | JobState::Failed | JobState::Cancelled
+            );
+            if !finished
+                || j.finished_at.unwrap_or(j.updated_at) > cutoff
+                || owner.is_some_and(|o| o != j.owner.user)
+            {
+                continue;
+            }
+            match needed.get(&j.id) {
+                Some(why) => report.kept.push(KeptJob {
+                    id: j.id,
+                    why: why.clone(),
+                }),
+                None => report.removed.push(j.id),
+            }
+        }
+        self.store.remove_jobs(&report.removed)?;
+        let mut dirs = Vec::new();
+        for id in &report.removed {
+            if let Some(j) = self.jobs.remove(id) {
+                dirs.push(j.dir(&self.settings.jobs_dir));
+            }
+            self.waiting.remove(id);
+            self.removed.push(*id);
+        }
+        // Files only: off the scheduler's thread. `remove_dir_all` never follows a link a job
+        // left in its directory.
+        if !dirs.is_empty() {
+            tokio::task::spawn_blocking(move || {
+                for dir in dirs {
+                    if let Err(e) = std::fs::remove_dir_all(&dir)
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        warn!(dir = %dir.display(), error = %e, "cannot remove a cleaned job's directory");
+                    }
+                }
+            });
+        }
+        Ok(report)
+    }
+
+    /// Finished jobs that must stay, and why.
+    fn needed_jobs(&self) -> BTreeMap<JobId, String> {
+        let mut needed = BTreeMap::new();
+        for j in self.jobs.values().filter(|j| !j.state.is_terminal()) {
+            for dep in &j.spec.depends_on {
+                needed
+                    .entry(*dep)
+                    .or_insert_with(|| format!("job {} depends on it", j.id));
+            }
+        }
+        // A schedule's latest successful run: `base = "@previous"` trains from its model.
+        let mut latest_run: BTreeMap<u64, (Millis, JobId)> = BTreeMap::new();
+        // The latest publish of each model name: who may replace it (`check_model_name`).
+        let mut latest_publish: BTreeMap<(std::path::PathBuf, String), (Millis, JobId)> =
+            BTreeMap::new();
+        for j in self.jobs.values() {
+            let at = (j.finished_at.unwrap_or(0), j.id);
+            if let Some(sid) = j.schedule_id
+                && j.state == JobState::Succeeded
+                && self.schedules.contains_key(&sid)
+            {
+                let e = latest_run.entry(sid).or_insert(at);
+                *e = (*e).max(at);
+            }
+            if let Some(p) = &j.published {
+                let e = latest_publish
+                    .entry((p.models_dir.clone(), p.name.clone()))
+                    .or_insert(at);
+                *e = (*e).max(at);
+            }
+        }
+        for (sid, (_, id)) in latest_run {
+            needed
+                .entry(id)
+                .or_insert_with(|| format!("the latest successful run of schedule {sid}"));
+        }
+        for ((_, name), (_, id)) in latest_publish {
+            needed
+                .entry(id)
+                .or_insert_with(|| format!("the latest publish of {name}"));
+        }
+        needed
+    }
+}
