@@ -273,18 +273,7 @@ pub async fn list(
 
 /// Every job in `view` by state.
 pub fn state_counts(view: &View) -> Vec<(JobState, usize)> {
-    let mut counts = [0usize; JobState::ALL.len()];
-    for j in view.jobs.values() {
-        if let Some(i) = JobState::ALL.iter().position(|s| *s == j.state) {
-            counts[i] += 1;
-        }
-    }
-    JobState::ALL
-        .iter()
-        .zip(counts)
-        .filter(|(_, n)| *n > 0)
-        .map(|(s, n)| (*s, n))
-        .collect()
+    view.counts.clone()
 }
 
 /// A queue row. Reads `progress.json` of train jobs that have started (as `job_view` does).

@@ -125,8 +125,8 @@ async fn run_queue_stream(st: AppState, tx: SseTx) {
         // Follow the progress of the jobs that run now (train workers report it; command
         // jobs may), and only those.
         let running: HashSet<JobId> = view
-            .jobs
-            .values()
+            .active
+            .iter()
             .filter(|j| j.state == JobState::Running)
             .map(|j| j.id)
             .collect();

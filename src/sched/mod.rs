@@ -186,6 +186,11 @@ pub struct View {
     pub waiting: HashMap<JobId, Waiting>,
     pub gpus: Option<Snapshot>,
     pub now: Millis,
+    /// The jobs holding resources (starting, running), found once per view: readers (every
+    /// dashboard stream, `/gpus`) then cost what runs, not what the store holds.
+    pub active: Vec<Arc<JobRecord>>,
+    /// Jobs by state, counted once per view.
+    pub counts: Vec<(JobState, usize)>,
 }
 
 impl View {
@@ -194,12 +199,31 @@ impl View {
         &'a self,
         uuid: &'a str,
     ) -> impl Iterator<Item = &'a Arc<JobRecord>> + 'a {
-        self.jobs.values().filter(move |j| {
-            j.state.holds_resources()
-                && j.placement
-                    .as_ref()
-                    .is_some_and(|p| p.gpus.iter().any(|g| g.uuid == uuid))
+        self.active.iter().filter(move |j| {
+            j.placement
+                .as_ref()
+                .is_some_and(|p| p.gpus.iter().any(|g| g.uuid == uuid))
         })
+    }
+
+    /// Builds the derived parts ([`View::active`], [`View::counts`]) from `jobs`.
+    fn derive(&mut self) {
+        let mut counts = [0usize; JobState::ALL.len()];
+        self.active.clear();
+        for j in self.jobs.values() {
+            if let Some(i) = JobState::ALL.iter().position(|s| *s == j.state) {
+                counts[i] += 1;
+            }
+            if j.state.holds_resources() {
+                self.active.push(j.clone());
+            }
+        }
+        self.counts = JobState::ALL
+            .iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, n)| (*s, n))
+            .collect();
     }
 }
 
@@ -2036,13 +2060,16 @@ impl Scheduler {
         } else {
             old.schedules.clone()
         };
-        let view = View {
+        let mut view = View {
             jobs,
             schedules,
             waiting: self.waiting.clone(),
             gpus: Some(self.gpus.clone()),
             now: now_ms(),
+            active: Vec::new(),
+            counts: Vec::new(),
         };
+        view.derive();
         *self.shared.view.write().expect("view lock") = Arc::new(view);
         for mut change in self.pending.drain(..) {
             change.job.waiting = self
