@@ -34,7 +34,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         );
     }
     prepare_dirs(&config)?;
-    let store = Store::open(&config.store_dir()).map_err(|e| {
+    // A full file system where the store lives: its reserve makes room to open it.
+    let store = match Store::open(&config.store_dir()) {
+        Err(e) if e.is_disk_full() && crate::store::release_reserve(&config.store_dir()) => {
+            warn!("the state directory's file system is full: gave back jobd's reserve to start");
+            Store::open(&config.store_dir())
+        }
+        other => other,
+    };
+    if !crate::store::ensure_reserve(&config.store_dir()) {
+        warn!(
+            dir = %config.store_dir().display(),
+            "cannot set aside jobd's disk reserve (little free space): a full disk would stop the queue"
+        );
+    }
+    let store = store.map_err(|e| {
         let text = e.to_string();
         if text.contains("lock") {
             anyhow::anyhow!(
@@ -74,6 +88,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         info!(index = g.index, name = %g.name, uuid = %g.uuid, total = %crate::spec::units::ByteSize(g.total_bytes), "GPU");
     }
     let settings = SchedSettings {
+        store_dir: config.store_dir(),
         jobs_dir: config.jobs_dir(),
         grace: config.grace_period,
         max_cpu_jobs: config.max_cpu_jobs,

@@ -46,6 +46,8 @@ pub use schedules::ScheduleAction;
 #[derive(Debug, Clone)]
 pub struct SchedSettings {
     pub jobs_dir: PathBuf,
+    /// The job store's directory (where its disk reserve lives).
+    pub store_dir: PathBuf,
     pub grace: Duration,
     pub max_cpu_jobs: u32,
     pub policy: SchedulerConfig,
@@ -552,6 +554,8 @@ pub struct Scheduler {
     removed: Vec<JobId>,
     /// When `scheduler.keep_finished` was last applied.
     last_auto_clean: Millis,
+    /// The state file system filled up: no job starts until it has room.
+    disk_full: bool,
     schedules: BTreeMap<u64, ScheduleRecord>,
     /// When this daemon started: schedule firings due before it were missed.
     started_at: Millis,
@@ -603,6 +607,7 @@ impl Scheduler {
             to_spawn: Vec::new(),
             removed: Vec::new(),
             last_auto_clean: 0,
+            disk_full: false,
             schedules: BTreeMap::new(),
             started_at: now_ms(),
             schedules_changed: true,
@@ -622,6 +627,7 @@ impl Scheduler {
         // Missed firings (the daemon was down) run once now, if their schedule says so.
         s.fire_due(now_ms());
         s.store.flush().await?;
+        s.check_disk_space();
         s.replan();
         s.store.flush().await?;
         s.spawn_started();
@@ -658,13 +664,10 @@ impl Scheduler {
                 self.fire_due(now_ms());
                 self.stop_overdue(now_ms());
                 self.auto_clean(now_ms());
+                self.check_disk_space();
                 self.replan();
             }
-            if let Err(e) = self.store.flush().await {
-                // A store that cannot persist must not keep accepting work.
-                error!(error = %e, "cannot flush the job store; stopping");
-                std::process::exit(70);
-            }
+            self.flush_or_stop().await;
             // Their `running` records (pids) on disk too, before anyone is told.
             if self.spawn_started()
                 && let Err(e) = self.store.flush().await
@@ -682,6 +685,44 @@ impl Scheduler {
                 }
                 return;
             }
+        }
+    }
+
+    /// Flushes the store; on failure jobd stops (the changes were not answered yet), saying
+    /// what to do when the cause is a full file system.
+    async fn flush_or_stop(&self) {
+        if let Err(e) = self.store.flush().await {
+            if e.is_disk_full() {
+                error!(
+                    "the file system of the state directory is full; jobd stops with its queue \
+                     safe on disk. Started again (systemd does), it uses its disk reserve and \
+                     starts no job until space is free"
+                );
+            }
+            // A store that cannot persist must not keep accepting work.
+            error!(error = %e, "cannot flush the job store; stopping");
+            std::process::exit(70);
+        }
+    }
+
+    /// Watches the free space of the state file system: with less than two reserves free,
+    /// no job starts (a job filling it would stop the queue for everyone, or fail writing its
+    /// job directory); they start again once jobd's reserve could be set aside again.
+    fn check_disk_space(&mut self) {
+        let dir = &self.settings.store_dir;
+        let free = nix::sys::statvfs::statvfs(dir)
+            .map(|v| v.blocks_available() as u64 * v.fragment_size() as u64)
+            .unwrap_or(u64::MAX);
+        if !self.disk_full && free < 2 * crate::store::RESERVE_BYTES {
+            self.disk_full = true;
+            error!(
+                free_bytes = free,
+                "the file system of the state directory is nearly full: no job starts until \
+                 space is free (old job directories, checkpoints; jobctl clean)"
+            );
+        } else if self.disk_full && crate::store::ensure_reserve(dir) {
+            self.disk_full = false;
+            info!("the state directory's file system has room again: jobs start again");
         }
     }
 
@@ -1908,10 +1949,24 @@ impl Scheduler {
                 Err(e) => error!(job_id = id, error = %e, "cannot fail job"),
             }
         }
+        self.waiting = decisions.waiting.into_iter().collect();
+        if self.disk_full {
+            // Nothing starts (and nothing is preempted for a start) while the state file
+            // system is full: a job would fail at once writing its job directory.
+            for start in decisions.start {
+                self.waiting.insert(
+                    start.id,
+                    plan::Waiting {
+                        wait: Wait::DiskFull,
+                        ahead: 0,
+                    },
+                );
+            }
+            return failed_some;
+        }
         for p in decisions.preempt {
             self.preempt(p.victim, p.for_job);
         }
-        self.waiting = decisions.waiting.into_iter().collect();
         for start in decisions.start {
             self.dispatch(start.id, start.placement);
         }

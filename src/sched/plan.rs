@@ -110,6 +110,8 @@ pub enum Wait {
     Preempting { victims: Vec<JobId> },
     /// Put on hold (`jobctl hold`) until released.
     OnHold { by: String },
+    /// The state directory's file system is full: nothing starts until it has room.
+    DiskFull,
 }
 
 impl Wait {
@@ -126,6 +128,7 @@ impl Wait {
             Wait::Held { for_job } => format!("GPUs held for {for_job}"),
             Wait::Preempting { victims } => format!("preempting {}", join_ids(victims)),
             Wait::OnHold { by } => format!("held by {by}"),
+            Wait::DiskFull => "state disk full".into(),
         }
     }
 
@@ -183,6 +186,10 @@ impl Wait {
             Wait::OnHold { by } => {
                 format!("is on hold (put there by {by}); jobctl release starts it again")
             }
+            Wait::DiskFull => "would start, but the file system of jobd's state directory is \
+                full: it starts once space is freed (old job directories, checkpoints; \
+                jobctl clean)"
+                .into(),
         }
     }
 }

@@ -200,6 +200,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let settings = SchedSettings {
             jobs_dir: tmp.path().to_path_buf(),
+            store_dir: tmp.path().join("store"),
             grace: std::time::Duration::from_secs(5),
             max_cpu_jobs: 1,
             policy: Default::default(),

@@ -56,6 +56,60 @@ pub enum StoreError {
     Io(#[from] sled::Error),
 }
 
+impl StoreError {
+    /// Whether the file system holding the store is full.
+    pub fn is_disk_full(&self) -> bool {
+        let sled_err = match self {
+            StoreError::Open { source, .. } | StoreError::Io(source) => source,
+            _ => return false,
+        };
+        match sled_err {
+            sled::Error::Io(e) => {
+                e.raw_os_error() == Some(nix::libc::ENOSPC)
+                    || e.to_string().contains("No space left")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Space jobd keeps taken in the store's directory (a file of zeros, really allocated), given
+/// back when the file system fills: the queue can still be written (and jobd restarted) while
+/// a job's checkpoints take the rest.
+pub const RESERVE_BYTES: u64 = 32 << 20;
+const RESERVE_FILE: &str = "reserve";
+
+/// Makes sure the reserve exists in the store directory `dir`, if the file system has room
+/// for it and more; returns whether it exists now.
+pub fn ensure_reserve(dir: &Path) -> bool {
+    use std::os::fd::AsFd;
+    let path = dir.join(RESERVE_FILE);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES) {
+        return true;
+    }
+    // Only with room to spare: taking the last free bytes back at once would fill it again.
+    let free = nix::sys::statvfs::statvfs(dir)
+        .map(|v| v.blocks_available() as u64 * v.fragment_size() as u64)
+        .unwrap_or(0);
+    if free < 4 * RESERVE_BYTES {
+        return false;
+    }
+    let made = std::fs::File::create(&path).and_then(|f| {
+        nix::fcntl::posix_fallocate(f.as_fd(), 0, RESERVE_BYTES as i64)
+            .map_err(std::io::Error::from)?;
+        f.sync_all()
+    });
+    if made.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    made.is_ok()
+}
+
+/// Gives the reserve back to the file system; returns whether there was one.
+pub fn release_reserve(dir: &Path) -> bool {
+    std::fs::remove_file(dir.join(RESERVE_FILE)).is_ok()
+}
+
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {

@@ -288,3 +288,106 @@ fn a_cancel_before_a_crash_stands() {
     assert_eq!(rec.state, JobState::Cancelled, "{:#?}", d.events(id));
     assert_eq!(rec.attempts, 1, "never run again: {:#?}", d.events(id));
 }
+
+/// When a job fills the file system of the state directory, no job starts until there is
+/// room again; should the queue's own writes fail there, jobd stops with its queue safe on
+/// disk and, started again, opens it with its disk reserve (it used to be unable to start).
+/// Needs root and tmpfs (skipped otherwise).
+#[test]
+fn a_full_state_disk_stops_starts_and_the_daemon_comes_back() {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=160m,mode=0711", "tmpfs"])
+        .arg(&state)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    struct Daemon(std::path::PathBuf, Option<std::process::Child>);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            if let Some(c) = &mut self.1 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let config = tmp.path().join("jobd.toml");
+    std::fs::write(&config, "[scheduler]\ngpu_refresh = \"1s\"\n").unwrap();
+    let socket = state.join("jobd.sock");
+    let start = || {
+        let child = Command::new(JOBD)
+            .arg("--config")
+            .arg(&config)
+            .args(["--gpus", "none", "--state-dir"])
+            .arg(&state)
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(tmp.path().join("jobd.log"))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        wait_for("jobd", Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        child
+    };
+    let mut d = Daemon(state.clone(), Some(start()));
+    let url = socket.to_str().unwrap().to_string();
+    assert!(
+        state.join("store/reserve").exists(),
+        "the reserve is set aside"
+    );
+    let write = |name: &str, text: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let fill = write(
+        "fill.toml",
+        &command_job(
+            "head -c 400M /dev/zero > \"$JOBD_JOB_DIR/fill\"; exit 0",
+            "",
+        ),
+    );
+    let out = jobctl_with(&url, None, &["submit", fill.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the disk to fill", Duration::from_secs(30), || {
+        nix::sys::statvfs::statvfs(&state).is_ok_and(|v| v.blocks_available() == 0)
+    });
+    let next = write("next.toml", &command_job("echo next", ""));
+    let mut submitted = jobctl_with(&url, None, &["submit", next.to_str().unwrap()]);
+    if !submitted.status.success() {
+        // The store could not write: jobd stopped, as systemd would see; start it again.
+        let code = d.1.as_mut().unwrap().wait().unwrap().code();
+        assert_eq!(code, Some(70), "{}", stderr(&submitted));
+        d.1 = Some(start());
+        submitted = jobctl_with(&url, None, &["submit", next.to_str().unwrap()]);
+    }
+    assert!(submitted.status.success(), "{}", stderr(&submitted));
+    let id = stdout(&submitted).trim().to_string();
+    wait_for("the job to wait for space", Duration::from_secs(10), || {
+        stdout(&jobctl_with(&url, None, &["explain", &id])).contains("is full")
+    });
+    std::fs::remove_file(state.join("jobs/1/fill")).unwrap();
+    wait_for("the job to run", Duration::from_secs(20), || {
+        stdout(&jobctl_with(&url, None, &["--json", "show", &id])).contains("\"succeeded\"")
+    });
+    assert!(
+        state.join("store/reserve").exists(),
+        "the reserve is taken back"
+    );
+}
