@@ -110,6 +110,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "the Ollama models directory does not exist: train jobs that publish there are refused until it does"
         );
     }
+    // Bound before recovery, which may wait a grace period for an earlier run's workers:
+    // clients that come meanwhile wait in the backlog, answered once it is done, rather than
+    // being told that no daemon runs.
+    let unix = Arc::new(bind_unix(&config.socket)?);
     let (scheduler, handle) = Scheduler::start(store, inventory, settings)
         .await
         .context("cannot recover the job queue")?;
@@ -125,7 +129,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let router = api::router(state);
 
-    let unix = Arc::new(bind_unix(&config.socket)?);
     info!(socket = %config.socket.display(), "listening on unix socket");
     let stop_serving = CancellationToken::new();
     let mut servers = Vec::new();
