@@ -710,9 +710,7 @@ impl Scheduler {
     /// job directory); they start again once jobd's reserve could be set aside again.
     fn check_disk_space(&mut self) {
         let dir = &self.settings.store_dir;
-        let free = nix::sys::statvfs::statvfs(dir)
-            .map(|v| v.blocks_available() as u64 * v.fragment_size() as u64)
-            .unwrap_or(u64::MAX);
+        let free = crate::store::free_bytes(dir).unwrap_or(u64::MAX);
         if !self.disk_full && free < 2 * crate::store::RESERVE_BYTES {
             self.disk_full = true;
             error!(
@@ -1359,24 +1357,7 @@ impl Scheduler {
                     .map_or_else(String::new, |t| format!(" for {t}"));
                 let stalled = format!("stalled: no output or progress{timeout} ({exit})");
                 if retries < retry.max && retry.on_exit_codes.is_empty() {
-                    let n = retries + 1;
-                    let delay = retry.delay_for(n);
-                    let until = now + delay.as_millis() as Millis;
-                    self.apply(
-                        id,
-                        Some(JobState::Queued),
-                        format!(
-                            "{stalled}; retry {n} of {} in {}",
-                            retry.max,
-                            humantime::format_duration(delay)
-                        ),
-                        &|r| {
-                            finish(r);
-                            r.retries = n;
-                            r.not_before = Some(until);
-                            r.queued_at = now;
-                        },
-                    )
+                    self.retry_later(id, &stalled, &retry, retries + 1, now, &finish)
                 } else {
                     self.apply(id, Some(JobState::Failed), stalled, &|r| {
                         finish(r);
@@ -1517,24 +1498,7 @@ impl Scheduler {
                 })
             }
             (None, code) if retries < retry.max && retry.retries_on(code, exit.signal) => {
-                let n = retries + 1;
-                let delay = retry.delay_for(n);
-                let until = now + delay.as_millis() as Millis;
-                self.apply(
-                    id,
-                    Some(JobState::Queued),
-                    format!(
-                        "{failure}; retry {n} of {} in {}",
-                        retry.max,
-                        humantime::format_duration(delay)
-                    ),
-                    &|r| {
-                        finish(r);
-                        r.retries = n;
-                        r.not_before = Some(until);
-                        r.queued_at = now;
-                    },
-                )
+                self.retry_later(id, &failure, &retry, retries + 1, now, &finish)
             }
             (None, _) => self.apply(
                 id,
@@ -1549,6 +1513,36 @@ impl Scheduler {
         if let Err(e) = result {
             error!(job_id = id, error = %e, "cannot record a job's exit");
         }
+    }
+
+    /// Puts a job whose run failed (`why`) back in the queue for its retry `n`, after the
+    /// retry policy's backoff; `finish` records the run's end.
+    fn retry_later(
+        &mut self,
+        id: JobId,
+        why: &str,
+        retry: &crate::spec::job::RetrySpec,
+        n: u32,
+        now: Millis,
+        finish: &dyn Fn(&mut JobRecord),
+    ) -> Result<JobRecord, StoreError> {
+        let delay = retry.delay_for(n);
+        let until = now + delay.as_millis() as Millis;
+        self.apply(
+            id,
+            Some(JobState::Queued),
+            format!(
+                "{why}; retry {n} of {} in {}",
+                retry.max,
+                humantime::format_duration(delay)
+            ),
+            &|r| {
+                finish(r);
+                r.retries = n;
+                r.not_before = Some(until);
+                r.queued_at = now;
+            },
+        )
     }
 
     /// Checks that a `[publish]` target may be written for `owner`: a root daemon writes only

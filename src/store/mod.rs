@@ -88,10 +88,7 @@ pub fn ensure_reserve(dir: &Path) -> bool {
         return true;
     }
     // Only with room to spare: taking the last free bytes back at once would fill it again.
-    let free = nix::sys::statvfs::statvfs(dir)
-        .map(|v| v.blocks_available() as u64 * v.fragment_size() as u64)
-        .unwrap_or(0);
-    if free < 4 * RESERVE_BYTES {
+    if free_bytes(dir).unwrap_or(0) < 4 * RESERVE_BYTES {
         return false;
     }
     let made = std::fs::File::create(&path).and_then(|f| {
@@ -103,6 +100,12 @@ pub fn ensure_reserve(dir: &Path) -> bool {
         let _ = std::fs::remove_file(&path);
     }
     made.is_ok()
+}
+
+/// Bytes an unprivileged user may still write on the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let v = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(v.blocks_available() * v.fragment_size())
 }
 
 /// Gives the reserve back to the file system; returns whether there was one.

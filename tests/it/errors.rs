@@ -275,20 +275,12 @@ fn unreachable_daemon_exits_3() {
 /// the daemon's file descriptors), on both listeners; streams that outlive it still work.
 #[test]
 fn slow_request_headers_are_cut_off() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let d = TestDaemon::start_with_config(&["--gpus", "none"], "header_read_timeout = \"1s\"");
     let check = |mut s: Box<dyn ReadWrite>| {
         s.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n")
             .unwrap();
-        let started = std::time::Instant::now();
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf);
-        let took = started.elapsed();
-        assert!(
-            took < Duration::from_secs(5),
-            "closed after {took:?}: {}",
-            String::from_utf8_lossy(&buf)
-        );
+        let (took, _) = read_until_closed(&mut s);
         assert!(took >= Duration::from_millis(900), "{took:?}");
     };
     let tcp = std::net::TcpStream::connect(d.addr()).unwrap();
@@ -312,7 +304,7 @@ fn slow_request_headers_are_cut_off() {
 /// 127.0.0.1 could otherwise read the queue from a user's browser), plus `allowed_hosts`.
 #[test]
 fn slow_bodies_are_cut_off_and_foreign_hosts_refused() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let d = TestDaemon::start_with_config(
         &["--gpus", "none"],
         "header_read_timeout = \"1s\"\nallowed_hosts = [\"jobd.example.com\"]",
@@ -327,16 +319,7 @@ fn slow_bodies_are_cut_off_and_foreign_hosts_refused() {
         .as_bytes(),
     )
     .unwrap();
-    let started = std::time::Instant::now();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let took = started.elapsed();
-    assert!(
-        took < Duration::from_secs(5),
-        "held for {took:?}: {}",
-        String::from_utf8_lossy(&buf)
-    );
-    let answer = String::from_utf8_lossy(&buf);
+    let (_, answer) = read_until_closed(&mut s);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 
     for (host, want) in [
@@ -358,6 +341,21 @@ fn slow_bodies_are_cut_off_and_foreign_hosts_refused() {
         }
     }
     assert_serving(&d);
+}
+
+/// Reads until the daemon closes the connection, which it must do within 5 s; how long it
+/// took and what came.
+fn read_until_closed(s: &mut impl std::io::Read) -> (Duration, String) {
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    assert!(
+        took < Duration::from_secs(5),
+        "closed after {took:?}: {text}"
+    );
+    (took, text)
 }
 
 trait ReadWrite: std::io::Read + std::io::Write {}
