@@ -101,9 +101,10 @@ pub enum Command {
     Priority(jobs::PriorityArgs),
     /// Put failed or cancelled jobs back in the queue.
     Requeue(jobs::IdsArgs),
-    /// Keep queued jobs from starting (they keep their place in line) until released.
+    /// Keep queued jobs from starting until released.
     Hold(jobs::IdsArgs),
-    /// Let held jobs start again.
+    /// Let held jobs start again (they queue from then on; an admin's hold on someone else's
+    /// job only an admin releases).
     Release(jobs::IdsArgs),
     /// Remove finished jobs for good: record, history and job directory (logs, checkpoints,
     /// output). Published models stay in Ollama.
@@ -229,9 +230,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
         Command::Submit(args) => submit::submit(&client, &args, &out).await,
         Command::List(args) => list::list(&client, &args, &out).await,
         Command::Show(args) => show::show(&client, &args, &out).await,
-        Command::Logs(args) => logs::logs(&client, &args, &out).await,
+        Command::Logs(args) => {
+            // Followers wait for a daemon that went away meanwhile; one that was never there
+            // is said at once (exit 3), not after the reconnect window.
+            if args.follow {
+                client.get::<serde_json::Value>("/health").await?;
+            }
+            logs::logs(&client, &args, &out).await
+        }
         Command::Cancel(args) => jobs::cancel(&client, &args, &out).await,
-        Command::Wait(args) => jobs::wait(&client, &args.ids, &out).await,
+        Command::Wait(args) => {
+            client.get::<serde_json::Value>("/health").await?;
+            jobs::wait(&client, &args.ids, &out).await
+        }
         Command::Explain(args) => jobs::explain(&client, args.id, &out).await,
         Command::Priority(args) => jobs::priority(&client, &args, &out).await,
         Command::Requeue(args) => jobs::requeue(&client, &args, &out).await,

@@ -18,7 +18,7 @@ pub struct SubmitArgs {
     /// Stream the job's output until it ends; exit 0 only if it succeeded.
     #[arg(short, long)]
     pub follow: bool,
-    /// Queue it on hold: it keeps its place in line but starts only after `jobctl release`.
+    /// Queue it on hold: it starts only after `jobctl release`.
     #[arg(long, conflicts_with = "follow")]
     pub hold: bool,
     #[command(flatten)]
@@ -145,9 +145,30 @@ pub fn load(
     } else {
         file.display().to_string()
     };
-    let text = apply_overrides(&text, &origin, overrides)?;
-    let spec = parse_and_resolve_with(&origin, &text, &base_dir, &crate::publish::base_issues)
-        .map_err(InvalidJobFile)?;
+    let original = text;
+    let text = apply_overrides(&original, &origin, overrides)?;
+    let check =
+        |text: &str| parse_and_resolve_with(&origin, text, &base_dir, &crate::publish::base_issues);
+    let spec = match check(&text) {
+        Ok(spec) => spec,
+        // The positions are in the rewritten document: the file's own problems are shown in
+        // the file, and those the overrides brought without positions.
+        Err(e) if !overrides.set.is_empty() => {
+            return Err(match check(&original) {
+                Err(in_file) => InvalidJobFile(in_file),
+                Ok(_) => {
+                    let mut e = e;
+                    e.origin = format!("{origin} with --set");
+                    for p in &mut e.problems {
+                        (p.line, p.column) = (None, None);
+                    }
+                    InvalidJobFile(e)
+                }
+            }
+            .into());
+        }
+        Err(e) => return Err(InvalidJobFile(e).into()),
+    };
     Ok((
         SubmitRequest {
             toml: text,

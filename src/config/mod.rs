@@ -544,6 +544,15 @@ impl ConfigFile {
                 "must be between 1s and 10m",
             ));
         }
+        if let Some(d) = self.scheduler.keep_finished
+            && d.0 < Duration::from_secs(10)
+        {
+            issues.push(Issue::new(
+                "scheduler.keep_finished",
+                "must be at least 10s (a job's end must stay readable a while: jobctl wait, \
+                 submit --follow); leave it out to keep finished jobs until jobctl clean",
+            ));
+        }
         if self.max_connections == Some(0) {
             issues.push(Issue::new("max_connections", "must be at least 1"));
         }

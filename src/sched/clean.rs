@@ -98,6 +98,32 @@ impl Scheduler {
                 None => report.removed.push(j.id),
             }
         }
+        // What they used still counts for fair share (it used to be forgotten at the next
+        // start, so a clean shed one's debt): carried in the store.
+        let mut carried: BTreeMap<String, (f64, Millis)> = BTreeMap::new();
+        for id in &report.removed {
+            let j = &self.jobs[id];
+            if j.gpu_seconds > 0.0 {
+                let this = (j.gpu_seconds, j.finished_at.unwrap_or(j.updated_at));
+                let e = carried.entry(j.owner.user.clone()).or_insert((0.0, this.1));
+                *e = self.usage.merge(*e, this);
+            }
+        }
+        if !carried.is_empty() {
+            let before: BTreeMap<String, (f64, Millis)> = self
+                .store
+                .carried_usage()?
+                .into_iter()
+                .map(|(u, v, at)| (u, (v, at)))
+                .collect();
+            for (user, add) in carried {
+                let (v, at) = match before.get(&user) {
+                    Some(old) => self.usage.merge(*old, add),
+                    None => add,
+                };
+                self.store.set_carried_usage(&user, v, at)?;
+            }
+        }
         self.store.remove_jobs(&report.removed)?;
         let mut dirs = Vec::new();
         for id in &report.removed {
@@ -107,20 +133,33 @@ impl Scheduler {
             self.waiting.remove(id);
             self.removed.push(*id);
         }
-        // Files only: off the scheduler's thread. `remove_dir_all` never follows a link a job
-        // left in its directory.
-        if !dirs.is_empty() {
-            tokio::task::spawn_blocking(move || {
-                for dir in dirs {
-                    if let Err(e) = std::fs::remove_dir_all(&dir)
-                        && e.kind() != std::io::ErrorKind::NotFound
-                    {
-                        warn!(dir = %dir.display(), error = %e, "cannot remove a cleaned job's directory");
-                    }
-                }
-            });
-        }
+        remove_dirs(dirs);
         Ok(report)
+    }
+
+    /// Removes job directories whose job is gone (a clean removes the record first; the
+    /// daemon may have stopped before the directory went), off the scheduler's thread.
+    pub(super) fn sweep_removed_job_dirs(&self) -> Result<(), crate::store::StoreError> {
+        let last = self.store.last_id()?;
+        let Ok(entries) = std::fs::read_dir(&self.settings.jobs_dir) else {
+            return Ok(());
+        };
+        let orphans: Vec<std::path::PathBuf> = entries
+            .flatten()
+            .filter_map(|e| {
+                let id: JobId = e.file_name().to_str()?.parse().ok()?;
+                // Only ids this store gave out, whose record is gone.
+                (id <= last && !self.jobs.contains_key(&id)).then(|| e.path())
+            })
+            .collect();
+        if !orphans.is_empty() {
+            info!(
+                count = orphans.len(),
+                "removing job directories of removed jobs"
+            );
+            remove_dirs(orphans);
+        }
+        Ok(())
     }
 
     /// Finished jobs that must stay, and why.
@@ -166,4 +205,22 @@ impl Scheduler {
         }
         needed
     }
+}
+
+/// Removes removed jobs' directories, off the scheduler's thread (checkpoints may be large);
+/// a daemon stopped meanwhile finishes at its next start. `remove_dir_all` never follows a
+/// link a job left in its directory.
+fn remove_dirs(dirs: Vec<std::path::PathBuf>) {
+    if dirs.is_empty() {
+        return;
+    }
+    tokio::task::spawn_blocking(move || {
+        for dir in dirs {
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(dir = %dir.display(), error = %e, "cannot remove a removed job's directory");
+            }
+        }
+    });
 }

@@ -185,7 +185,7 @@ enum Msg {
 pub struct View {
     pub jobs: BTreeMap<JobId, Arc<JobRecord>>,
     pub schedules: Arc<BTreeMap<u64, ScheduleRecord>>,
-    pub waiting: HashMap<JobId, Waiting>,
+    pub waiting: BTreeMap<JobId, Waiting>,
     pub gpus: Option<Snapshot>,
     pub now: Millis,
     /// The jobs holding resources (starting, running), found once per view: readers (every
@@ -542,7 +542,7 @@ pub struct Scheduler {
     /// `allowed_gpus` entries that selected no GPU at the last refresh (warned once a change).
     unmatched_allowed: Vec<String>,
     usage: usage::Ledger,
-    waiting: HashMap<JobId, Waiting>,
+    waiting: BTreeMap<JobId, Waiting>,
     shutting_down: Option<oneshot::Sender<()>>,
     /// Jobs whose model is being published (shutdown waits for them).
     publishing: HashSet<JobId>,
@@ -601,7 +601,7 @@ impl Scheduler {
             gpus,
             gpus_at: Instant::now(),
             unmatched_allowed: Vec::new(),
-            waiting: HashMap::new(),
+            waiting: BTreeMap::new(),
             shutting_down: None,
             publishing: HashSet::new(),
             to_spawn: Vec::new(),
@@ -616,6 +616,10 @@ impl Scheduler {
         for job in s.jobs.values() {
             s.usage.record_finished(job);
         }
+        for (user, seconds, at) in s.store.carried_usage()? {
+            s.usage.add(&user, seconds, at);
+        }
+        s.sweep_removed_job_dirs()?;
         s.warn_unmatched_allowed();
         recovery::recover(&mut s).await?;
         s.schedules = s
@@ -1155,6 +1159,7 @@ impl Scheduler {
                 format!("cancelled by {by}"),
                 &|r| {
                     r.finished_at = Some(now_ms());
+                    r.held_by = None;
                 },
             )?),
             JobState::Starting | JobState::Running => {
@@ -1259,22 +1264,36 @@ impl Scheduler {
     /// Holds a queued job (it keeps its place in line but does not start) or releases it, as
     /// Slurm's `scontrol hold`/`release`: owner or admin.
     fn hold(&mut self, caller: &Caller, id: JobId, hold: bool) -> Result<JobRecord, SchedError> {
-        let rec = self.get_for_change(caller, id)?;
+        let rec = self.get_for_change(caller, id)?.clone();
         let by = caller.user.clone().unwrap_or_default();
-        match (hold, rec.state, &rec.held_by) {
-            (true, JobState::Queued, None) => {
-                Ok(self.apply(id, None, format!("held by {by}"), &|r| {
-                    r.held_by = Some(by.clone())
+        if rec.state != JobState::Queued {
+            let verb = if hold { "held" } else { "released" };
+            return Err(SchedError::Conflict(format!(
+                "job {id} {}; only queued jobs can be {verb}",
+                state_phrase(rec.state)
+            )));
+        }
+        match (hold, &rec.held_by) {
+            (true, None) => Ok(self.apply(id, None, format!("held by {by}"), &|r| {
+                r.held_by = Some(by.clone())
+            })?),
+            // A hold someone else (an admin) put on a job is an admin's to lift, as Slurm's.
+            (false, Some(placer)) if *placer != rec.owner.user && !caller.admin => {
+                Err(SchedError::Forbidden(format!(
+                    "job {id} was put on hold by {placer}; only an admin may release it"
+                )))
+            }
+            (false, Some(_)) => {
+                // Held, it did not age: it queues from now on, so that a long hold does not
+                // make it the starving first in line the moment it is released.
+                let now = now_ms();
+                Ok(self.apply(id, None, format!("released by {by}"), &|r| {
+                    r.held_by = None;
+                    r.queued_at = now;
                 })?)
             }
-            (false, _, Some(_)) => {
-                Ok(self.apply(id, None, format!("released by {by}"), &|r| r.held_by = None)?)
-            }
             // Asked twice: nothing more to do.
-            (true, _, Some(_)) | (false, JobState::Queued, None) => Ok(rec.clone()),
-            (_, state, _) => Err(SchedError::Conflict(format!(
-                "job {id} is {state}; only queued jobs can be held"
-            ))),
+            (true, Some(_)) | (false, None) => Ok(rec),
         }
     }
 
@@ -1943,7 +1962,7 @@ impl Scheduler {
                 Err(e) => error!(job_id = id, error = %e, "cannot fail job"),
             }
         }
-        self.waiting = decisions.waiting.into_iter().collect();
+        self.waiting = decisions.waiting;
         if self.disk_full {
             // Nothing starts (and nothing is preempted for a start) while the state file
             // system is full: a job would fail at once writing its job directory.
@@ -2143,6 +2162,15 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+/// "is running", "has succeeded", "was cancelled": a state in a sentence about a job.
+fn state_phrase(s: JobState) -> String {
+    match s {
+        JobState::Succeeded | JobState::Failed => format!("has {s}"),
+        JobState::Cancelled | JobState::Interrupted => format!("was {s}"),
+        _ => format!("is {s}"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Fair-share accounting: GPU-seconds per user, decayed with a half-life so that recent use
 //! counts more than old use. Rebuilt from the store at start-up (each finished job's
-//! `gpu_seconds` at its finish time), so a restart does not reset fairness.
+//! `gpu_seconds` at its finish time, plus what removed jobs had used, which `clean` keeps
+//! in the store), so neither a restart nor a clean resets fairness.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -32,13 +33,18 @@ impl Ledger {
         if seconds <= 0.0 {
             return;
         }
-        let (value, since) = self.per_user.get(user).copied().unwrap_or((0.0, at));
-        let (value, since) = if at >= since {
-            (self.decay(value, since, at) + seconds, at)
+        let old = self.per_user.get(user).copied().unwrap_or((0.0, at));
+        let merged = self.merge(old, (seconds, at));
+        self.per_user.insert(user.to_string(), merged);
+    }
+
+    /// Two amounts of use, each as of its time, as one as of the later time.
+    pub fn merge(&self, (a, a_at): (f64, Millis), (b, b_at): (f64, Millis)) -> (f64, Millis) {
+        if b_at >= a_at {
+            (self.decay(a, a_at, b_at) + b, b_at)
         } else {
-            (value + self.decay(seconds, at, since), since)
-        };
-        self.per_user.insert(user.to_string(), (value, since));
+            (a + self.decay(b, b_at, a_at), a_at)
+        }
     }
 
     /// Counts a job's past GPU time (at start-up).
@@ -87,5 +93,15 @@ mod tests {
         l.add("a", 500.0, 100_000);
         let s = l.snapshot(200_000, std::iter::empty());
         assert!((s["a"] - 500.0).abs() < 1e-6);
+    }
+
+    /// Use merged as of the later time, in either order: what `clean` carries.
+    #[test]
+    fn merges_as_of_the_later_time() {
+        let l = Ledger::new(Duration::from_secs(100));
+        let (v, at) = l.merge((1000.0, 0), (10.0, 100_000));
+        assert_eq!(at, 100_000);
+        assert!((v - 510.0).abs() < 1e-6);
+        assert_eq!(l.merge((10.0, 100_000), (1000.0, 0)), (v, at));
     }
 }

@@ -15,7 +15,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use crate::spec::record::RECORD_VERSION;
 use crate::spec::schedule::ScheduleRecord;
-use crate::spec::{JobEvent, JobId, JobRecord, JobState, now_ms};
+use crate::spec::{JobEvent, JobId, JobRecord, JobState, Millis, now_ms};
 
 /// Layout version of the trees; a store written by a newer jobd is refused.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -23,6 +23,7 @@ pub const SCHEMA_VERSION: u64 = 1;
 const META_SCHEMA: &[u8] = b"schema";
 const META_LAST_ID: &[u8] = b"last_job_id";
 const META_LAST_SCHEDULE: &[u8] = b"last_schedule_id";
+const META_USAGE_PREFIX: &[u8] = b"usage/";
 
 /// Errors of the store, naming the job or path involved.
 #[derive(Debug, thiserror::Error)]
@@ -312,6 +313,33 @@ impl Store {
         Ok(())
     }
 
+    /// GPU use of removed jobs, per user, as (seconds, as of): fair share must not forget it.
+    pub fn carried_usage(&self) -> Result<Vec<(String, f64, Millis)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix(META_USAGE_PREFIX) {
+            let (k, v) = kv?;
+            let user = String::from_utf8_lossy(&k[META_USAGE_PREFIX.len()..]).into_owned();
+            if let Ok((seconds, at)) = serde_json::from_slice::<(f64, Millis)>(&v) {
+                out.push((user, seconds, at));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records `user`'s carried GPU use (see [`Store::carried_usage`]).
+    pub fn set_carried_usage(
+        &self,
+        user: &str,
+        seconds: f64,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        let mut key = META_USAGE_PREFIX.to_vec();
+        key.extend_from_slice(user.as_bytes());
+        let value = serde_json::to_vec(&(seconds, at)).expect("numbers serialize");
+        self.meta.insert(key, value)?;
+        Ok(())
+    }
+
     /// The highest job id ever assigned.
     pub fn last_id(&self) -> Result<JobId, StoreError> {
         Ok(self
@@ -506,6 +534,29 @@ pub(crate) mod tests {
         assert!(store.events(1).unwrap().is_empty());
         assert_eq!(store.events(2).unwrap().len(), 1);
         assert_eq!(store.insert("submitted", &sample_record).unwrap().0.id, 4);
+    }
+
+    /// Removed jobs' GPU use is kept per user, across a reopen.
+    #[test]
+    fn carried_usage_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.set_carried_usage("alice", 3600.0, 1_000).unwrap();
+            store.set_carried_usage("bob", 60.0, 2_000).unwrap();
+            store.set_carried_usage("alice", 7200.0, 3_000).unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut got = store.carried_usage().unwrap();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            [
+                ("alice".to_string(), 7200.0, 3_000),
+                ("bob".to_string(), 60.0, 2_000)
+            ]
+        );
     }
 
     #[test]

@@ -745,6 +745,38 @@ fn hold_and_release() {
             .status
             .success()
     );
+    // A cancelled job is not held any more, nor can it be.
+    let out = d.jobctl(&["hold", &later.to_string()]);
+    assert!(
+        out.status.code() == Some(1) && stderr(&out).contains("was cancelled; only queued"),
+        "{}",
+        stderr(&out)
+    );
+
+    // An admin's hold on someone else's job is an admin's to release.
+    let long = d.submit(&d.write("long.toml", &command_job("sleep 30", "")));
+    let waits = d.write(
+        "waits.toml",
+        &command_job("true", &format!("depends_on = [{long}]")),
+    );
+    let theirs = d.jobctl_tcp(
+        Some(TOKEN_NOBODY),
+        &["submit", waits.to_str().unwrap(), "--hold"],
+    );
+    let theirs = stdout(&theirs).trim().to_string();
+    assert!(d.jobctl(&["release", &theirs]).status.success());
+    assert!(d.jobctl(&["hold", &theirs]).status.success());
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["release", &theirs]);
+    assert!(
+        out.status.code() == Some(1) && stderr(&out).contains("only an admin may release it"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        d.jobctl(&["cancel", &theirs, &long.to_string()])
+            .status
+            .success()
+    );
 }
 
 /// `jobctl clean` removes finished jobs for good (record, history, job directory) except those
@@ -786,9 +818,22 @@ fn clean_removes_finished_jobs_but_keeps_what_is_needed() {
     let show = d.jobctl(&["show", &bad.to_string()]);
     assert_eq!(show.status.code(), Some(1));
     assert!(d.all_jobs().iter().all(|j| j.record.id != bad));
+    // A directory left behind (the daemon stopped before removing it) goes at the next start.
+    let left = d.state.join(format!("jobs/{bad}"));
+    std::fs::create_dir_all(left.join("checkpoints")).unwrap();
+    let mut d = d;
+    d.kill9();
+    d.restart();
+    wait_for("the left directory to go", Duration::from_secs(10), || {
+        !left.exists()
+    });
+    assert!(
+        d.state.join(format!("jobs/{ok}")).exists(),
+        "a kept job's directory stays"
+    );
 
     let auto =
-        TestDaemon::start_with_config(&["--gpus", "none"], "[scheduler]\nkeep_finished = \"2s\"");
+        TestDaemon::start_with_config(&["--gpus", "none"], "[scheduler]\nkeep_finished = \"10s\"");
     let id = auto.submit(&auto.write("ok.toml", &command_job("true", "")));
     auto.wait_state(id, JobState::Succeeded, Duration::from_secs(20));
     wait_for(
