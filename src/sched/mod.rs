@@ -730,8 +730,8 @@ impl Scheduler {
 
     /// Running jobs with a time limit not yet being stopped, and when their runs end.
     fn time_limits(&self) -> impl Iterator<Item = (JobId, Millis)> + '_ {
-        self.jobs
-            .values()
+        // The jobs with a process (not every job ever stored: this runs every round).
+        self.running_jobs()
             .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
             .filter(|j| j.stop.is_none())
             .filter_map(|j| {
@@ -740,12 +740,16 @@ impl Scheduler {
             })
     }
 
+    /// The jobs whose process this daemon started and watches.
+    fn running_jobs(&self) -> impl Iterator<Item = &JobRecord> + '_ {
+        self.children.keys().filter_map(|id| self.jobs.get(id))
+    }
+
     /// Running jobs with a stall timeout, not being stopped, and when they count as stalled
     /// unless they show a sign of life first: the newest change to their output, progress or
     /// metrics (or the run's start), plus the timeout.
     fn stall_deadlines(&self) -> impl Iterator<Item = (JobId, Millis)> + '_ {
-        self.jobs
-            .values()
+        self.running_jobs()
             .filter(|j| j.state == JobState::Running && j.stop.is_none())
             .filter_map(|j| {
                 let timeout = j.spec.resources.stall_timeout?;
@@ -814,7 +818,13 @@ impl Scheduler {
             }
         }
         let starvation = self.settings.policy.starvation_after.as_millis() as Millis;
-        for job in self.jobs.values().filter(|j| j.state == JobState::Queued) {
+        // Every queued job has an entry in `waiting` (not every job ever stored).
+        for job in self
+            .waiting
+            .keys()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|j| j.state == JobState::Queued)
+        {
             let t = job.queued_at.max(job.submitted_at) + starvation;
             if t > now {
                 next = Some(next.map_or(t, |n| n.min(t)));
