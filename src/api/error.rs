@@ -102,6 +102,10 @@ impl From<SourceError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let status = r.status();
+        // The body's deadline (`api::ServeLimits`) passed while it was being read.
+        if r.body_text().contains("did not arrive within") {
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", r.body_text());
+        }
         let code = match status {
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",

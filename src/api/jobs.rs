@@ -851,6 +851,9 @@ pub async fn metrics(
     // A line being appended right now may be incomplete: skip what does not parse.
     Ok(Json(
         text.lines()
+            // A record is well under 1 KiB: a longer line (the owner's) would cost many
+            // times its size parsed, and is no record anyway.
+            .filter(|l| l.len() <= files::MAX_METRICS_LINE_BYTES)
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect(),
     ))

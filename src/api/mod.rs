@@ -203,11 +203,29 @@ fn host_allowed(host: Option<&axum::http::HeaderValue>, allowed: &[String]) -> b
         return false;
     };
     let host = host.trim().to_ascii_lowercase();
+    let port_ok = |p: &str| p.is_empty() || p.bytes().all(|b| b.is_ascii_digit());
+    // `[v6]` or `[v6]:port`; `name` or `name:port` — nothing else (no lists, no spaces).
     let name = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h),
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, tail)) if tail.is_empty() || tail.strip_prefix(':').is_some_and(port_ok) => {
+                v6
+            }
+            _ => return false,
+        },
+        None => match host.split_once(':') {
+            Some((h, p)) if port_ok(p) && !p.is_empty() => h,
+            Some(_) => return false,
+            None => host.as_str(),
+        },
     };
     let name = name.trim_end_matches('.');
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b))
+    {
+        return false;
+    }
     allowed.iter().any(|a| a == name) || name.ends_with(".localhost")
 }
 

@@ -449,6 +449,7 @@ impl JobFiles {
         let buf = &buf[from..complete];
         let records: Vec<serde_json::Value> = buf
             .split(|b| *b == b'\n')
+            .filter(|l| l.len() <= files::MAX_METRICS_LINE_BYTES)
             .filter_map(|l| serde_json::from_slice(l).ok())
             .collect();
         self.metrics_sent = true;

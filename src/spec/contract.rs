@@ -68,6 +68,8 @@ pub mod files {
     pub const MAX_STATUS_BYTES: u64 = 64 << 10;
     /// The most of `metrics.jsonl` jobd serves at once: its newest records.
     pub const MAX_METRICS_BYTES: u64 = 32 << 20;
+    /// The longest line of `metrics.jsonl` taken for a record (a worker's are ~300 bytes).
+    pub const MAX_METRICS_LINE_BYTES: usize = 16 << 10;
 }
 
 /// A train worker's failure, left in [`files::WORKER_ERROR`] before it exits 1: the daemon

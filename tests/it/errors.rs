@@ -320,7 +320,10 @@ fn slow_bodies_are_cut_off_and_foreign_hosts_refused() {
     )
     .unwrap();
     let (_, answer) = read_until_closed(&mut s);
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("\"timeout\""),
+        "{answer}"
+    );
 
     for (host, want) in [
         ("evil.example", 421),
@@ -329,6 +332,10 @@ fn slow_bodies_are_cut_off_and_foreign_hosts_refused() {
         ("127.0.0.1", 200),
         ("[::1]:8470", 200),
         ("JOBD.example.com", 200),
+        // Only one name, written plainly.
+        ("[::1].evil.com", 421),
+        ("127.0.0.1:8470, evil.com", 421),
+        ("localhost:evil.com", 421),
     ] {
         let (status, body) = raw_http(
             d.addr(),
