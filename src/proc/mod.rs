@@ -442,6 +442,15 @@ pub fn spawn(
         pgid: pid,
         start_ticks: start_ticks(pid).unwrap_or(0),
     };
+    let job_marker = req
+        .env
+        .iter()
+        .find(|(k, _)| k == crate::spec::contract::ENV_JOB_DIR)
+        .map(|(k, v)| format!("{k}={v}"));
+    let uid = req
+        .run_as
+        .as_ref()
+        .map_or_else(|| nix::unistd::geteuid().as_raw(), |r| r.uid);
     let (tx, mut rx) = mpsc::unbounded_channel::<Duration>();
     let handle = ChildHandle {
         pgid: pid,
@@ -470,8 +479,13 @@ pub fn spawn(
                 }
             }
         };
-        // The leader is gone; nothing of the job may outlive it.
+        // The leader is gone; nothing of the job may outlive it: its group, and what left the
+        // group and lost its supervisor (a job may kill `jobd run-command`, which runs as its
+        // owner), found by the job's environment.
         signal_group(pid, Signal::SIGKILL);
+        if let Some(entry) = &job_marker {
+            kill_marked(entry, uid);
+        }
         let exit = match status {
             Ok(s) => {
                 use std::os::unix::process::ExitStatusExt;
@@ -488,6 +502,43 @@ pub fn spawn(
         on_exit(exit);
     });
     Ok((info, handle))
+}
+
+/// SIGKILLs every process of `uid` whose environment holds `entry` exactly (`JOBD_JOB_DIR=…`
+/// of an ended job): what escaped its process group and its supervisor. Returns how many.
+pub fn kill_marked(entry: &str, uid: u32) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me || std::fs::metadata(e.path()).map_or(true, |m| m.uid() != uid) {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == entry.as_bytes())
+            && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+        {
+            killed += 1;
+        }
+    }
+    if killed > 0 {
+        tracing::info!(
+            killed,
+            marker = entry,
+            "killed processes that outlived their job"
+        );
+    }
+    killed
 }
 
 /// Sends `sig` to process group `pgid`, ignoring a group that is already gone.

@@ -608,6 +608,24 @@ fn processes_that_leave_the_group_end_with_the_job() {
     wait_for("the escaped process to end", Duration::from_secs(5), || {
         !process_alive(pid)
     });
+
+    // The job kills its supervisor (it runs as the job's owner): what escaped still ends.
+    let third = d.path("third.pid");
+    let id = d.submit(&d.write(
+        "killer.toml",
+        &command_job(
+            &format!(
+                "setsid sleep 300 & echo $! > {}; sleep 0.5; kill -9 $PPID; sleep 300",
+                third.display()
+            ),
+            "",
+        ),
+    ));
+    let pid = pid_in(&third);
+    d.wait_state(id, JobState::Failed, Duration::from_secs(20));
+    wait_for("the escaped process to end", Duration::from_secs(5), || {
+        !process_alive(pid)
+    });
 }
 
 /// A job asking for more CPU threads than the machine has cores is refused at submit (it
