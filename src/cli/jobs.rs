@@ -301,7 +301,7 @@ pub async fn requeue(client: &Client, args: &IdsArgs, out: &Output) -> anyhow::R
     jobctl clean --older-than 7d       yours that finished over a week ago\n  \
     jobctl clean --all-users --older-than 30d   (admins)\n\n\
     Kept: a dependency of a job not yet ended, a schedule's latest successful run (its \
-    @previous model), the latest publish of a model name.")]
+    @previous model).")]
 pub struct CleanArgs {
     /// Only jobs that finished at least this long ago (e.g. 7d, 12h); default: all.
     #[arg(long, value_name = "DURATION")]

@@ -101,6 +101,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         run_as_owner: crate::config::running_as_root(),
         ollama_models: config.ollama_models.clone(),
         schedule_tz: config.schedule_timezone,
+        admins: config.admins.clone(),
     };
     if let Some(m) = &config.ollama_models
         && !m.is_dir()

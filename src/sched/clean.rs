@@ -1,7 +1,7 @@
 //! Removing finished jobs for good (`jobctl clean`, `scheduler.keep_finished`): their
 //! records, histories and job directories. Jobs something still needs stay: a dependency of a
-//! job not yet ended, a schedule's latest successful run (its `@previous` model), the latest
-//! publish of a model name (who may replace it).
+//! job not yet ended, a schedule's latest successful run (its `@previous` model). Who
+//! published a model name stays recorded in the store, not in the job.
 
 use std::collections::BTreeMap;
 
@@ -174,9 +174,6 @@ impl Scheduler {
         }
         // A schedule's latest successful run: `base = "@previous"` trains from its model.
         let mut latest_run: BTreeMap<u64, (Millis, JobId)> = BTreeMap::new();
-        // The latest publish of each model name: who may replace it (`check_model_name`).
-        let mut latest_publish: BTreeMap<(std::path::PathBuf, String), (Millis, JobId)> =
-            BTreeMap::new();
         for j in self.jobs.values() {
             let at = (j.finished_at.unwrap_or(0), j.id);
             if let Some(sid) = j.schedule_id
@@ -186,22 +183,11 @@ impl Scheduler {
                 let e = latest_run.entry(sid).or_insert(at);
                 *e = (*e).max(at);
             }
-            if let Some(p) = &j.published {
-                let e = latest_publish
-                    .entry((p.models_dir.clone(), p.name.clone()))
-                    .or_insert(at);
-                *e = (*e).max(at);
-            }
         }
         for (sid, (_, id)) in latest_run {
             needed
                 .entry(id)
                 .or_insert_with(|| format!("the latest successful run of schedule {sid}"));
-        }
-        for ((_, name), (_, id)) in latest_publish {
-            needed
-                .entry(id)
-                .or_insert_with(|| format!("the latest publish of {name}"));
         }
         needed
     }

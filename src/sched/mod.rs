@@ -62,6 +62,8 @@ pub struct SchedSettings {
     pub ollama_models: Option<PathBuf>,
     /// The zone cron expressions are read in.
     pub schedule_tz: crate::spec::schedule::ScheduleTz,
+    /// Users who may change any job (root always may), as configured.
+    pub admins: std::collections::BTreeSet<String>,
 }
 
 /// Errors answered to callers.
@@ -616,6 +618,7 @@ impl Scheduler {
         for job in s.jobs.values() {
             s.usage.record_finished(job);
         }
+        s.seed_model_owners()?;
         for (user, seconds, at) in s.store.carried_usage()? {
             s.usage.add(&user, seconds, at);
         }
@@ -1015,7 +1018,7 @@ impl Scheduler {
             rec.held_by = caller.user.clone();
         }
         if let Some(p) = &rec.spec.publish {
-            self.check_model_name(p, &rec.owner.user, caller.admin, rec.id, None)?;
+            self.check_model_name(p, &rec.owner.user, caller.admin)?;
         }
         let reason = format!("submitted by {}", caller.user.as_deref().unwrap_or("?"));
         let (rec, event) = self
@@ -1427,13 +1430,8 @@ impl Scheduler {
                     .clone()
                     .unwrap_or_else(|| crate::spec::publish::PublishSpec::named(&job.name));
                 // Another user's job may have taken the name while this one trained.
-                let taken = self.check_model_name(
-                    &spec,
-                    &job.owner.user,
-                    false,
-                    id,
-                    Some(job.submitted_at),
-                );
+                let taken =
+                    self.check_model_name(&spec, &job.owner.user, self.is_admin(&job.owner.user));
                 if let Err(e) = taken {
                     self.apply(
                         id,
@@ -1625,18 +1623,16 @@ impl Scheduler {
 
     /// In the daemon's own Ollama directory, which everyone's jobs share, a model name is its
     /// publisher's: a user may replace a model there only if jobd's latest publish of that
-    /// name was one of their jobs, and a model jobd did not publish (`ollama pull`, `ollama
-    /// create`) only an admin may replace — otherwise anyone could put their weights behind
-    /// a name others run. A directory a user names is theirs to manage. `since`: only
-    /// publishes after that time count (the check after training, the rest having been
-    /// checked at submit).
+    /// name was one of their jobs (recorded in the store when it happens), and a model jobd
+    /// did not publish (`ollama pull`, `ollama create`) only an admin may replace — otherwise
+    /// anyone could put their weights behind a name others run. A directory a user names is
+    /// theirs to manage. Checked at submit, by hand, and again before publishing after
+    /// training (the name may have been taken meanwhile).
     pub(super) fn check_model_name(
         &self,
         spec: &crate::spec::publish::PublishSpec,
         publisher: &str,
         admin: bool,
-        this_job: JobId,
-        since: Option<Millis>,
     ) -> Result<(), SchedError> {
         use crate::spec::publish::ModelName;
         let Some(shared) = self.settings.ollama_models.as_deref() else {
@@ -1650,27 +1646,13 @@ impl Scheduler {
         let Ok(name) = ModelName::parse(&spec.ollama_name) else {
             return Ok(());
         };
-        let latest = self
-            .jobs
-            .values()
-            .filter(|j| j.id != this_job)
-            .filter(|j| since.is_none_or(|t| j.finished_at.is_some_and(|f| f > t)))
-            .filter_map(|j| Some((j, j.published.as_ref()?)))
-            .filter(|(_, p)| p.models_dir == dir)
-            .filter(|(_, p)| ModelName::parse(&p.name).is_ok_and(|n| n == name))
-            .max_by_key(|(j, _)| (j.finished_at, j.id));
-        let taken_by = match latest {
-            Some((j, _)) if j.owner.user == publisher => return Ok(()),
-            Some((j, _)) => format!("job {} of {}", j.id, j.owner.user),
-            // After training, only what changed since the submit-time check counts.
-            None if since.is_some() => return Ok(()),
-            None => {
-                let exists = dir.join("manifests").join(name.manifest_relpath()).exists();
-                if !exists {
-                    return Ok(());
-                }
+        let taken_by = match self.store.model_owner(dir, &name.to_string())? {
+            Some(o) if o.user == publisher => return Ok(()),
+            Some(o) => format!("{} (job {})", o.user, o.job),
+            None if dir.join("manifests").join(name.manifest_relpath()).exists() => {
                 "someone outside jobd (ollama pull or create)".to_string()
             }
+            None => return Ok(()),
         };
         Err(SchedError::Forbidden(format!(
             "publish.ollama_name: {} in the shared Ollama directory {} was published by \
@@ -1681,6 +1663,60 @@ impl Scheduler {
             name.model,
             name.tag
         )))
+    }
+
+    /// Whether `user` is one of the daemon's admins (root always is).
+    fn is_admin(&self, user: &str) -> bool {
+        user == "root" || self.settings.admins.contains(user)
+    }
+
+    /// Records who owns the name a model was just published as, in the shared directory.
+    fn record_model_owner(&self, id: JobId, m: &PublishedModel) {
+        let Ok(name) = crate::spec::publish::ModelName::parse(&m.name) else {
+            return;
+        };
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        let owner = crate::store::ModelOwner {
+            user: job.owner.user.clone(),
+            job: id,
+            at: now_ms(),
+        };
+        if let Err(e) = self
+            .store
+            .set_model_owner(&m.models_dir, &name.to_string(), &owner)
+        {
+            error!(job_id = id, error = %e, "cannot record who published a model");
+        }
+    }
+
+    /// Fills the name registry from published jobs that predate it (latest publish wins).
+    fn seed_model_owners(&self) -> Result<(), StoreError> {
+        let mut latest: BTreeMap<(PathBuf, String), &JobRecord> = BTreeMap::new();
+        for j in self.jobs.values() {
+            let Some(p) = &j.published else { continue };
+            let Ok(name) = crate::spec::publish::ModelName::parse(&p.name) else {
+                continue;
+            };
+            let e = latest
+                .entry((p.models_dir.clone(), name.to_string()))
+                .or_insert(j);
+            if (j.finished_at, j.id) > (e.finished_at, e.id) {
+                *e = j;
+            }
+        }
+        for ((dir, name), j) in latest {
+            if self.store.model_owner(&dir, &name)?.is_none() {
+                let owner = crate::store::ModelOwner {
+                    user: j.owner.user.clone(),
+                    job: j.id,
+                    at: j.finished_at.unwrap_or(j.updated_at),
+                };
+                self.store.set_model_owner(&dir, &name, &owner)?;
+            }
+        }
+        Ok(())
     }
 
     /// Publishes a job's model on a blocking thread; the result comes back as `Msg::Published`.
@@ -1753,6 +1789,7 @@ impl Scheduler {
         let r = match (result, by_hand) {
             (Ok(m), false) => {
                 info!(job_id = id, model = %m.name, "published");
+                self.record_model_owner(id, &m);
                 let reason = format!("published as {} — {}", m.name, m.run_command);
                 self.apply(id, Some(JobState::Succeeded), reason, &|r| {
                     r.published = Some(m.clone());
@@ -1760,6 +1797,7 @@ impl Scheduler {
                 })
             }
             (Ok(m), true) => {
+                self.record_model_owner(id, &m);
                 let reason = format!("published as {} — {}", m.name, m.run_command);
                 // A job that failed only in publishing has now done all it was for.
                 let to = (self.jobs.get(&id).map(|j| j.state) == Some(JobState::Failed))
@@ -1848,7 +1886,7 @@ impl Scheduler {
             return Err((reply, e));
         }
         // By hand, the caller publishes: an admin may replace any name.
-        if let Err(e) = self.check_model_name(&spec, &rec.owner.user, caller.admin, id, None) {
+        if let Err(e) = self.check_model_name(&spec, &rec.owner.user, caller.admin) {
             return Err((reply, e));
         }
         self.start_publish(id, spec, Some(reply));

@@ -42,7 +42,7 @@ impl Scheduler {
         resolve_previous(&mut probe.spec, None);
         let probe = self.prepare_job(owner.clone(), probe, now)?;
         if let Some(p) = &probe.spec.publish {
-            self.check_model_name(p, &owner.user, caller.admin, 0, None)?;
+            self.check_model_name(p, &owner.user, caller.admin)?;
         }
         let next_fire = cron.next_after(now, self.settings.schedule_tz);
         let rec = self.store.insert_schedule(&|id| ScheduleRecord {

@@ -209,6 +209,7 @@ mod tests {
             run_as_owner: false,
             ollama_models: None,
             schedule_tz: Default::default(),
+            admins: Default::default(),
         };
         let train = record(include_str!("../../jobs/tiny.toml"));
         let req = prepare(&train, &settings, false).unwrap();

@@ -24,6 +24,7 @@ const META_SCHEMA: &[u8] = b"schema";
 const META_LAST_ID: &[u8] = b"last_job_id";
 const META_LAST_SCHEDULE: &[u8] = b"last_schedule_id";
 const META_USAGE_PREFIX: &[u8] = b"usage/";
+const META_MODEL_PREFIX: &[u8] = b"model/";
 
 /// Errors of the store, naming the job or path involved.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,24 @@ impl StoreError {
             _ => false,
         }
     }
+}
+
+/// Who published a model name into an Ollama directory through jobd: the name is theirs
+/// there (only they or an admin replace it), whatever becomes of the job.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelOwner {
+    pub user: String,
+    /// The job whose model it was.
+    pub job: JobId,
+    pub at: Millis,
+}
+
+fn model_key(dir: &Path, name: &str) -> Vec<u8> {
+    let mut key = META_MODEL_PREFIX.to_vec();
+    key.extend_from_slice(dir.as_os_str().as_encoded_bytes());
+    key.push(0);
+    key.extend_from_slice(name.as_bytes());
+    key
 }
 
 /// Space jobd keeps taken in the store's directory (a file of zeros, really allocated), given
@@ -310,6 +329,26 @@ impl Store {
             }
             self.events.apply_batch(batch)?;
         }
+        Ok(())
+    }
+
+    /// Who last published model `name` (fully qualified) into the Ollama directory `dir`.
+    pub fn model_owner(&self, dir: &Path, name: &str) -> Result<Option<ModelOwner>, StoreError> {
+        Ok(self
+            .meta
+            .get(model_key(dir, name))?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Records who published model `name` into `dir` (see [`Store::model_owner`]).
+    pub fn set_model_owner(
+        &self,
+        dir: &Path,
+        name: &str,
+        owner: &ModelOwner,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(owner).expect("owner serializes");
+        self.meta.insert(model_key(dir, name), value)?;
         Ok(())
     }
 

@@ -199,4 +199,56 @@ fn a_shared_model_name_is_its_publishers() {
     let out = d.jobctl(&["submit", squat.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(d.jobctl(&["cancel", stdout(&out).trim()]).status.success());
+
+    // A name taken outside jobd while a job trains is checked again before publishing: the
+    // job fails to publish (it used to replace the model), and can be published by hand
+    // under another name.
+    let short = [
+        "--set",
+        "training.max_steps=40",
+        "--set",
+        "training.eval_steps=20",
+        "--set",
+        "training.save_steps=20",
+        "--set",
+        "training.logging_steps=10",
+    ];
+    let later = tiny_publishing_as(&d, "later");
+    let mut args = vec!["submit", later.to_str().unwrap(), "--hold"];
+    args.extend(short);
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    let taken = models
+        .path()
+        .join("manifests/registry.ollama.ai/library/later");
+    std::fs::create_dir_all(&taken).unwrap();
+    std::fs::write(taken.join("latest"), "{\"handmade\": true}").unwrap();
+    assert!(
+        d.jobctl_tcp(Some(TOKEN_NOBODY), &["release", &id])
+            .status
+            .success()
+    );
+    d.wait_state(
+        id.parse().unwrap(),
+        jobd::spec::JobState::Failed,
+        std::time::Duration::from_secs(180),
+    );
+    let rec = d.job(id.parse().unwrap()).record;
+    assert!(
+        rec.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("outside jobd")),
+        "{:?}",
+        rec.reason
+    );
+    assert_eq!(
+        std::fs::read_to_string(taken.join("latest")).unwrap(),
+        "{\"handmade\": true}"
+    );
+    let out = d.jobctl_tcp(
+        Some(TOKEN_NOBODY),
+        &["publish", &id, "--name", "nobody/later"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -77,7 +77,7 @@ fn tiny_job_learns_publishes_and_answers_held_out_prompts() {
     let squat = crate::auth::tiny_publishing_as(&d, "jobd/tiny-shift");
     let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", squat.to_str().unwrap()]);
     assert!(
-        out.status.code() == Some(1) && stderr(&out).contains("published by job 1 of root"),
+        out.status.code() == Some(1) && stderr(&out).contains("published by root (job 1)"),
         "{}",
         stderr(&out)
     );
