@@ -15,6 +15,7 @@ mod schedules;
 mod stream;
 pub mod web;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,6 +174,9 @@ pub struct ServeLimits {
     pub request_timeout: Duration,
     /// Connections served at once; further ones wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Connections one unix-socket user (but root) may hold at once, so that one user's
+    /// streams cannot take every connection from the others; more are answered 503.
+    pub max_per_user: Option<usize>,
     /// Host names a request's `Host` may carry (port aside); `None`: any. A listener on a
     /// loopback address takes only its own names, so that a web page whose name an attacker
     /// points at 127.0.0.1 (DNS rebinding) cannot read it from the user's browser.
@@ -195,6 +199,54 @@ impl ServeLimits {
         hosts.extend(extra.iter().map(|h| h.to_ascii_lowercase()));
         Some(hosts)
     }
+}
+
+/// One connection counted against its unix user's share ([`ServeLimits::max_per_user`]).
+struct UserSlot {
+    counts: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl UserSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+        uid: u32,
+        max: usize,
+    ) -> Option<Self> {
+        let mut c = counts.lock().expect("connection counts");
+        let n = c.entry(uid).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            counts: counts.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("connection counts");
+        if let Some(n) = c.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Answers a connection over its user's share with 503 and closes it.
+async fn refuse_busy<S: tokio::io::AsyncWrite + Unpin>(mut io: S) {
+    use tokio::io::AsyncWriteExt;
+    let body = r#"{"error":{"code":"too_many_connections","message":"you hold too many connections to jobd at once (log followers, streams); close some and try again","problems":[]}}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), io.write_all(answer.as_bytes())).await;
 }
 
 /// Whether a `Host` header names one of `allowed` (any port; `[::1]:8470` is `::1`).
@@ -288,6 +340,7 @@ pub async fn serve<S, A, F>(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower_service::Service;
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let per_user: Arc<std::sync::Mutex<HashMap<u32, usize>>> = Arc::default();
     let allowed_hosts = limits.allowed_hosts.clone().map(Arc::new);
     let timeout = limits.request_timeout;
     loop {
@@ -313,8 +366,22 @@ pub async fn serve<S, A, F>(
         let router = router.clone();
         let stop = stop.clone();
         let allowed_hosts = allowed_hosts.clone();
+        let user = peer
+            .and_then(|p| p.uid)
+            .filter(|uid| *uid != 0 && limits.max_per_user.is_some());
+        let user_slot = match user {
+            Some(uid) => match UserSlot::take(&per_user, uid, limits.max_per_user.unwrap_or(0)) {
+                Some(s) => Some(s),
+                None => {
+                    tokio::spawn(refuse_busy(io));
+                    continue;
+                }
+            },
+            None => None,
+        };
         tokio::spawn(async move {
             let _slot = slot;
+            let _user_slot = user_slot;
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     if let Some(p) = &peer {

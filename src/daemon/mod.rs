@@ -136,6 +136,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let unix_limits = api::ServeLimits {
         request_timeout: config.header_read_timeout,
         max_connections: UNIX_CONNECTIONS,
+        max_per_user: Some(UNIX_CONNECTIONS / 4),
         allowed_hosts: None,
     };
     servers.push(tokio::spawn(api::serve(
@@ -174,6 +175,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             api::ServeLimits {
                 request_timeout: config.header_read_timeout,
                 max_connections: config.max_connections as usize,
+                max_per_user: None,
                 allowed_hosts: api::ServeLimits::hosts_for(local, &config.allowed_hosts),
             },
             stop_serving.clone(),

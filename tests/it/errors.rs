@@ -437,3 +437,56 @@ fn a_shared_or_foreign_state_dir_is_refused() {
         );
     }
 }
+
+/// One unix-socket user cannot take every connection from the others: past their share
+/// (a quarter of the socket's) they are answered 503, and other users still get in.
+#[test]
+fn one_user_cannot_hold_every_unix_connection() {
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let script = r#"
+import select, socket, sys
+socks, busy, seen = [], 0, set()
+for i in range(300):
+    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); socks.append(s)
+while True:
+    ready, _, _ = select.select([s for s in socks if s not in seen], [], [], 1.0)
+    if not ready:
+        break
+    for s in ready:
+        seen.add(s)
+        if s.recv(64).startswith(b"HTTP/1.1 503"):
+            busy += 1
+print(busy)
+sys.stdout.flush()
+import time; time.sleep(3)
+"#;
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&d.socket)
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(
+        line.trim(),
+        "44",
+        "connections past nobody's 256 answered 503"
+    );
+    // Meanwhile, others are served.
+    let out = d.jobctl(&["whoami"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _ = child.kill();
+    let _ = child.wait();
+}
