@@ -182,6 +182,8 @@ pub async fn validate(
 /// The filters `GET /jobs` and `GET /queue` share.
 struct JobFilter {
     states: Option<Vec<JobState>>,
+    /// `state=held`: queued jobs on hold (a flag, not a state of its own).
+    held: bool,
     owner: Option<String>,
     all: bool,
 }
@@ -195,12 +197,18 @@ impl JobFilter {
         all: Option<bool>,
     ) -> Result<JobFilter, ApiError> {
         // `state=` (empty) filters nothing, like no `state` at all.
+        let mut held = false;
         let states: Option<Vec<JobState>> = state
             .filter(|s| !s.trim().is_empty())
             .map(|s| {
                 s.split(',')
                     .map(str::trim)
                     .filter(|p| !p.is_empty())
+                    .filter(|p| {
+                        let is_held = p.eq_ignore_ascii_case("held");
+                        held |= is_held;
+                        !is_held
+                    })
                     .map(str::parse)
                     .collect::<Result<_, _>>()
             })
@@ -218,16 +226,20 @@ impl JobFilter {
         };
         Ok(JobFilter {
             states,
+            held,
             owner,
             all: all.unwrap_or(false),
         })
     }
 
     fn matches(&self, j: &JobRecord) -> bool {
-        let state_ok = match &self.states {
-            Some(s) => s.contains(&j.state),
-            None => self.all || !j.state.is_terminal(),
-        };
+        let held = self.held && j.state == JobState::Queued && j.held_by.is_some();
+        let state_ok = held
+            || match &self.states {
+                Some(s) if s.is_empty() && self.held => false,
+                Some(s) => s.contains(&j.state),
+                None => self.all || !j.state.is_terminal(),
+            };
         state_ok && self.owner.as_ref().is_none_or(|o| &j.owner.user == o)
     }
 }

@@ -42,7 +42,7 @@ pub struct CancelArgs {
     #[arg(long, short = 'u', value_name = "USER")]
     pub user: Option<String>,
     /// With --mine or --user: only jobs in these states (comma-separated: queued, starting,
-    /// running, interrupted); default all four.
+    /// running, interrupted; held: queued jobs on hold); default the first four.
     #[arg(long, value_name = "STATES", requires = "selector")]
     pub state: Option<String>,
 }

@@ -13,7 +13,8 @@ pub struct ListArgs {
     /// Include finished jobs.
     #[arg(short, long)]
     pub all: bool,
-    /// Only jobs in these states (comma separated: queued,running,...).
+    /// Only jobs in these states (comma separated: queued,running,...; `held`: queued jobs
+    /// on hold).
     #[arg(long, value_name = "STATES")]
     pub state: Option<String>,
     /// Only this user's jobs.

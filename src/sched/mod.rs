@@ -444,6 +444,14 @@ pub fn explain(view: &View, id: JobId, now: Millis) -> Option<Explanation> {
                 // Countdowns (retry backoff) run from the time of asking: the view is as old
                 // as the scheduler's last change, which may be minutes.
                 details.push(format!("Job {id} {}.", w.wait.long(now.max(view.now))));
+                // What it waits for may itself be held: say so, or the wait looks endless.
+                if let Wait::Dependency { on, .. } = &w.wait
+                    && let Some(by) = view.jobs.get(on).and_then(|d| d.held_by.as_deref())
+                {
+                    details.push(format!(
+                        "Job {on} is on hold (put there by {by}): it starts once released."
+                    ));
+                }
                 let higher = view
                     .jobs
                     .values()

@@ -738,6 +738,17 @@ fn hold_and_release() {
     assert!(explain(&d, id).contains("on hold"), "{}", explain(&d, id));
     let list = stdout(&d.jobctl(&["list"]));
     assert!(list.contains("held by root"), "{list}");
+    let only_held = stdout(&d.jobctl(&["list", "--state", "held"]));
+    assert_eq!(only_held.lines().count(), 2, "{only_held}");
+    let after = d.submit(&d.write(
+        "after.toml",
+        &command_job("true", &format!("depends_on = [{id}]")),
+    ));
+    assert!(
+        explain(&d, after).contains(&format!("Job {id} is on hold")),
+        "{}",
+        explain(&d, after)
+    );
     // Someone else may not release it.
     let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["release", &id.to_string()]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
