@@ -210,10 +210,10 @@ impl JobFilter {
                         !is_held
                     })
                     .map(str::parse)
-                    .collect::<Result<_, _>>()
+                    .collect::<Result<_, String>>()
             })
             .transpose()
-            .map_err(ApiError::bad_request)?;
+            .map_err(|e| ApiError::bad_request(format!("{e}, or held (queued jobs on hold)")))?;
         let owner = if mine == Some(true) {
             Some(
                 caller

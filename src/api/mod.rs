@@ -241,7 +241,7 @@ impl Drop for UserSlot {
 /// Answers a connection over its user's share with 503 and closes it.
 async fn refuse_busy<S: tokio::io::AsyncWrite + Unpin>(mut io: S) {
     use tokio::io::AsyncWriteExt;
-    let body = r#"{"error":{"code":"too_many_connections","message":"you hold too many connections to jobd at once (log followers, streams); close some and try again","problems":[]}}"#;
+    let body = r#"{"error":{"code":"too_many_connections","message":"too many connections to jobd at once (yours, or all users together: log followers, streams); close some and try again","problems":[]}}"#;
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
@@ -344,12 +344,18 @@ pub async fn serve<S, A, F>(
     let allowed_hosts = limits.allowed_hosts.clone().map(Arc::new);
     let timeout = limits.request_timeout;
     loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(s) => s,
-                Err(_) => return,
-            },
-            () = stop.cancelled() => return,
+        // Per-user shares (the unix socket): accept first, to know who it is — root is always
+        // served, others only with a free slot (else a 503); TCP waits for a slot first.
+        let slot = if limits.max_per_user.is_some() {
+            None
+        } else {
+            tokio::select! {
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(s) => Some(s),
+                    Err(_) => return,
+                },
+                () = stop.cancelled() => return,
+            }
         };
         let (io, peer) = tokio::select! {
             accepted = accept() => match accepted {
@@ -378,6 +384,17 @@ pub async fn serve<S, A, F>(
                 }
             },
             None => None,
+        };
+        let slot = match slot {
+            Some(s) => Some(s),
+            None if user.is_none() => None,
+            None => match slots.clone().try_acquire_owned() {
+                Ok(s) => Some(s),
+                Err(_) => {
+                    tokio::spawn(refuse_busy(io));
+                    continue;
+                }
+            },
         };
         tokio::spawn(async move {
             let _slot = slot;

@@ -67,6 +67,17 @@ enum Command {
         /// The attempt this run is (JOBD_ATTEMPT).
         #[arg(long)]
         attempt: u32,
+        /// Run the command as this uid (a root daemon's supervisor stays root).
+        #[arg(long, requires_all = ["gid", "workdir"])]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+        /// Supplementary groups, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<u32>,
+        /// The command's working directory, entered as the user.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
@@ -139,8 +150,23 @@ fn main() -> ExitCode {
         Some(Command::Supervise {
             status,
             attempt,
+            uid,
+            gid,
+            groups,
+            workdir,
             command,
-        }) => jobd::proc::supervise(&status, attempt, &command[0], &command[1..]),
+        }) => {
+            let user = match (uid, gid, workdir) {
+                (Some(uid), Some(gid), Some(workdir)) => Some(jobd::proc::CommandUser {
+                    uid,
+                    gid,
+                    groups,
+                    workdir,
+                }),
+                _ => None,
+            };
+            jobd::proc::supervise(&status, attempt, user.as_ref(), &command[0], &command[1..])
+        }
         Some(Command::Generate {
             model,
             prompt,

@@ -118,7 +118,13 @@ impl RunAs {
 /// descendants outside the group, which are killed shortly before the grace period ends (when
 /// jobd kills the group, this supervisor included); and when the command ends, every
 /// descendant left is killed before the supervisor ends, as the group's are.
-pub fn supervise(status: &Path, attempt: u32, program: &OsStr, args: &[OsString]) -> ExitCode {
+pub fn supervise(
+    status: &Path,
+    attempt: u32,
+    user: Option<&CommandUser>,
+    program: &OsStr,
+    args: &[OsString],
+) -> ExitCode {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
     use nix::sys::wait::{WaitStatus, waitpid};
     use std::sync::atomic::{AtomicI32, Ordering};
@@ -151,14 +157,40 @@ pub fn supervise(status: &Path, attempt: u32, program: &OsStr, args: &[OsString]
             ended_at: Some(crate::spec::now_ms()),
         };
         let bytes = serde_json::to_vec(&st).unwrap_or_default();
-        if let Err(e) = crate::jobfs::write_atomic(status, &bytes, None) {
+        // In the owner's job directory, as theirs.
+        let owner = user.map(|u| (u.uid, u.gid));
+        if let Err(e) = crate::jobfs::write_atomic(status, &bytes, owner) {
             eprintln!("jobd: cannot record the command's exit status: {e}");
         }
     };
-    let child = match std::process::Command::new(program).args(args).spawn() {
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    if let Some(u) = user
+        && become_user(&mut command, u.uid, u.gid, &u.groups, &u.workdir).is_err()
+    {
+        eprintln!("jobd: the working directory contains a NUL byte");
+        record(Some(127), None);
+        return ExitCode::from(127);
+    }
+    let child = match command.spawn() {
         Ok(c) => Pid::from_raw(c.id() as i32),
         Err(e) => {
-            eprintln!("jobd: cannot start {}: {e}", program.to_string_lossy());
+            let who = user.map_or_else(String::new, |u| {
+                let name = nix::unistd::User::from_uid(Uid::from_raw(u.uid))
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| u.uid.to_string(), |n| n.name);
+                format!(" as {name} in {}", u.workdir.display())
+            });
+            let message = format!("cannot start {}{who}: {e}", program.to_string_lossy());
+            eprintln!("jobd: {message}");
+            // For the job's failure reason, as a train worker leaves its error.
+            if let Some(dir) = status.parent() {
+                let why = crate::spec::contract::WorkerError { attempt, message };
+                let bytes = serde_json::to_vec(&why).unwrap_or_default();
+                let path = dir.join(crate::spec::contract::files::WORKER_ERROR);
+                let _ = crate::jobfs::write_atomic(&path, &bytes, user.map(|u| (u.uid, u.gid)));
+            }
             // 127: the shell's "command not found".
             record(Some(127), None);
             return ExitCode::from(127);
@@ -295,6 +327,42 @@ pub fn raise_fd_limit() -> u64 {
     soft
 }
 
+/// Makes `cmd` run as `uid`/`gid`/`groups` and start in `cwd`, entered after the switch,
+/// never as root (std's `current_dir` runs before `pre_exec`): a root chdir would let a job
+/// start in a directory its owner cannot reach and read what is there. Err: `cwd` holds NUL.
+fn become_user(
+    cmd: &mut std::process::Command,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    cwd: &Path,
+) -> Result<(), std::ffi::NulError> {
+    let groups: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    let cwd = CString::new(cwd.as_os_str().as_encoded_bytes())?;
+    // SAFETY: only async-signal-safe syscalls between fork and exec; the group list and the
+    // path were made in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setgroups(&groups)?;
+            nix::unistd::setgid(Gid::from_raw(gid))?;
+            nix::unistd::setuid(Uid::from_raw(uid))?;
+            nix::unistd::chdir(cwd.as_c_str())?;
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Who a root supervisor runs the command as (`jobd run-command --uid ...`).
+#[derive(Debug, Clone)]
+pub struct CommandUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    /// The working directory, entered as the user.
+    pub workdir: PathBuf,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct SpawnRequest {
@@ -371,30 +439,21 @@ pub fn spawn(
             });
         }
     }
-    if let Some(r) = req.run_as.clone() {
-        let groups: Vec<Gid> = r.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-        // The working directory is entered after the switch to the owner, never as root
-        // (std's `current_dir` runs before `pre_exec`): a root chdir would let a job start in a
-        // directory its owner cannot reach and read what is there.
-        let cwd = CString::new(req.cwd.as_os_str().as_encoded_bytes()).map_err(|_| {
+    match req.run_as.clone() {
+        // A command job's supervisor stays root (it drops to the owner for the command
+        // itself, `--uid`): a job cannot kill it, so nothing the job starts escapes it.
+        Some(_) if req.supervised.is_some() => {
+            cmd.current_dir("/");
+        }
+        Some(r) => become_user(&mut cmd, r.uid, r.gid, &r.groups, &req.cwd).map_err(|_| {
             ProcError::Workdir {
                 path: req.cwd.clone(),
                 source: std::io::Error::other("contains a NUL byte"),
             }
-        })?;
-        // SAFETY: only async-signal-safe syscalls between fork and exec; the group list and
-        // the path were made in the parent.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::setgroups(&groups)?;
-                nix::unistd::setgid(Gid::from_raw(r.gid))?;
-                nix::unistd::setuid(Uid::from_raw(r.uid))?;
-                nix::unistd::chdir(cwd.as_c_str())?;
-                Ok(())
-            });
+        })?,
+        None => {
+            cmd.current_dir(&req.cwd);
         }
-    } else {
-        cmd.current_dir(&req.cwd);
     }
     let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(false)

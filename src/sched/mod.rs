@@ -556,6 +556,10 @@ pub struct Scheduler {
     shutting_down: Option<oneshot::Sender<()>>,
     /// Jobs whose model is being published (shutdown waits for them).
     publishing: HashSet<JobId>,
+    /// Model names being published into the shared Ollama directory, and by which job: a
+    /// name is taken from the start of its publish, so that two jobs finishing together cannot
+    /// both pass the ownership check.
+    publishing_names: HashMap<String, JobId>,
     /// Jobs recorded `starting` in this round, spawned once that record is on disk: a crash
     /// between the two must not leave a job that ran recorded as `queued` (it ran again, with
     /// nothing in its history).
@@ -614,6 +618,7 @@ impl Scheduler {
             waiting: BTreeMap::new(),
             shutting_down: None,
             publishing: HashSet::new(),
+            publishing_names: HashMap::new(),
             to_spawn: Vec::new(),
             removed: Vec::new(),
             last_auto_clean: 0,
@@ -1337,9 +1342,13 @@ impl Scheduler {
         self.usage.add(&rec.owner.user, seconds, now);
         let job_dir = rec.dir(&self.settings.jobs_dir);
         let peak = read_progress(&job_dir).and_then(|p| p.peak_memory_bytes);
-        let worker_error = (rec.kind == JobKind::Train && exit.code == Some(1))
-            .then(|| read_worker_error(&job_dir, attempt))
-            .flatten();
+        // A train worker's error (exit 1), or a command that could not be started (127).
+        let worker_error = (matches!(
+            (rec.kind, exit.code),
+            (JobKind::Train, Some(1)) | (JobKind::Command, Some(127))
+        ))
+        .then(|| read_worker_error(&job_dir, attempt))
+        .flatten();
         // "exit code 1: data/train.jsonl:5: invalid JSON: …" rather than "exit code 1".
         let failure = match &worker_error {
             Some(message) => format!("{exit}: {message}"),
@@ -1654,7 +1663,23 @@ impl Scheduler {
         let Ok(name) = ModelName::parse(&spec.ollama_name) else {
             return Ok(());
         };
-        let taken_by = match self.store.model_owner(dir, &name.to_string())? {
+        // Being published right now by someone else's job: theirs from now on.
+        if let Some(j) = self
+            .publishing_names
+            .get(&name.to_string())
+            .and_then(|id| self.jobs.get(id))
+            && j.owner.user != publisher
+        {
+            return Err(SchedError::Forbidden(format!(
+                "publish.ollama_name: {} is being published by {} (job {}) into the shared \
+                 Ollama directory; choose another name",
+                name.display_shortest(),
+                j.owner.user,
+                j.id
+            )));
+        }
+        // The key is the configured directory, however the job file spells it.
+        let taken_by = match self.store.model_owner(shared, &name.to_string())? {
             Some(o) if o.user == publisher => return Ok(()),
             Some(o) => format!("{} (job {})", o.user, o.job),
             None if dir.join("manifests").join(name.manifest_relpath()).exists() => {
@@ -1691,10 +1716,11 @@ impl Scheduler {
             job: id,
             at: now_ms(),
         };
-        if let Err(e) = self
-            .store
-            .set_model_owner(&m.models_dir, &name.to_string(), &owner)
-        {
+        let dir = match self.settings.ollama_models.as_deref() {
+            Some(shared) if m.models_dir == shared => shared,
+            _ => m.models_dir.as_path(),
+        };
+        if let Err(e) = self.store.set_model_owner(dir, &name.to_string(), &owner) {
             error!(job_id = id, error = %e, "cannot record who published a model");
         }
     }
@@ -1707,9 +1733,11 @@ impl Scheduler {
             let Ok(name) = crate::spec::publish::ModelName::parse(&p.name) else {
                 continue;
             };
-            let e = latest
-                .entry((p.models_dir.clone(), name.to_string()))
-                .or_insert(j);
+            let dir = match self.settings.ollama_models.as_deref() {
+                Some(shared) if p.models_dir == shared => shared.to_path_buf(),
+                _ => p.models_dir.clone(),
+            };
+            let e = latest.entry((dir, name.to_string())).or_insert(j);
             if (j.finished_at, j.id) > (e.finished_at, e.id) {
                 *e = j;
             }
@@ -1745,6 +1773,13 @@ impl Scheduler {
         let read_as_user = self.settings.run_as_owner.then(|| rec.owner.user.clone());
         let tx = self.tx.clone();
         self.publishing.insert(id);
+        let shared = self.settings.ollama_models.as_deref();
+        if shared.is_some()
+            && spec.models_dir.as_deref().is_none_or(|d| Some(d) == shared)
+            && let Ok(name) = crate::spec::publish::ModelName::parse(&spec.ollama_name)
+        {
+            self.publishing_names.insert(name.to_string(), id);
+        }
         tokio::task::spawn_blocking(move || {
             let result = (|| {
                 let models_dir = spec
@@ -1793,6 +1828,7 @@ impl Scheduler {
         by_hand: bool,
     ) -> Result<JobRecord, SchedError> {
         self.publishing.remove(&id);
+        self.publishing_names.retain(|_, j| *j != id);
         let now = now_ms();
         let r = match (result, by_hand) {
             (Ok(m), false) => {

@@ -123,8 +123,24 @@ pub fn prepare(
                 dir.join(files::EXIT_STATUS).display().to_string(),
                 "--attempt".into(),
                 rec.attempts.to_string(),
-                "--".into(),
             ];
+            // A root daemon's supervisor stays root and runs the command as its owner (see
+            // `proc::spawn`), so that the job cannot kill it.
+            if let Some(r) = &run_as {
+                args.extend([
+                    "--uid".into(),
+                    r.uid.to_string(),
+                    "--gid".into(),
+                    r.gid.to_string(),
+                    "--workdir".into(),
+                    cwd.display().to_string(),
+                ]);
+                if !r.groups.is_empty() {
+                    let groups: Vec<String> = r.groups.iter().map(u32::to_string).collect();
+                    args.extend(["--groups".into(), groups.join(",")]);
+                }
+            }
+            args.push("--".into());
             args.extend(cmd.argv.iter().cloned());
             (settings.worker_exe.display().to_string(), args, cwd, path)
         }

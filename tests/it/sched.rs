@@ -626,6 +626,26 @@ fn processes_that_leave_the_group_end_with_the_job() {
     wait_for("the escaped process to end", Duration::from_secs(5), || {
         !process_alive(pid)
     });
+
+    // Run as another user, a job cannot kill its supervisor at all (it stays root), so even
+    // a process that drops the job's environment ends with the job.
+    let job = d.write(
+        "stripped.toml",
+        &command_job(
+            "setsid env -u JOBD_JOB_DIR sleep 300 & echo $! > \"$JOBD_JOB_DIR/esc.pid\"; \
+             kill -9 $PPID || echo refused; sleep 1",
+            "",
+        ),
+    );
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", job.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id: u64 = stdout(&out).trim().parse().unwrap();
+    let pid = pid_in(&d.state.join(format!("jobs/{id}/esc.pid")));
+    d.wait_state(id, JobState::Succeeded, Duration::from_secs(20));
+    assert!(stdout(&d.jobctl(&["logs", &id.to_string()])).contains("refused"));
+    wait_for("the escaped process to end", Duration::from_secs(5), || {
+        !process_alive(pid)
+    });
 }
 
 /// A job asking for more CPU threads than the machine has cores is refused at submit (it
