@@ -35,6 +35,9 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
     if let Some(p) = &r.source_path {
         lines.push(("job file", p.display().to_string()));
     }
+    if let Some(by) = &r.held_by {
+        lines.push(("held", format!("by {by} (jobctl release {})", r.id)));
+    }
     if let Some(sid) = r.schedule_id {
         lines.push(("schedule", format!("{sid} (jobctl schedules)")));
     }

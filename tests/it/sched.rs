@@ -758,6 +758,8 @@ fn hold_and_release() {
     assert!(explain(&d, id).contains("on hold"), "{}", explain(&d, id));
     let list = stdout(&d.jobctl(&["list"]));
     assert!(list.contains("held by root"), "{list}");
+    let show = stdout(&d.jobctl(&["show", &id.to_string()]));
+    assert!(show.contains("held: by root"), "{show}");
     let only_held = stdout(&d.jobctl(&["list", "--state", "held"]));
     assert_eq!(only_held.lines().count(), 2, "{only_held}");
     let after = d.submit(&d.write(

@@ -194,6 +194,7 @@ export class JobPage {
       job.finished_at ? `finished ${time(job.finished_at)}` : null,
       job.attempts ? `attempt ${job.attempts}` : null,
       job.vram_peak ? `peak memory ${bytes(job.vram_peak)}` : null,
+      job.held_by ? `held by ${job.held_by}` : null,
     ];
     this.meta.textContent = parts.filter(Boolean).join(' · ');
     const terminal = TERMINAL.includes(job.state);
