@@ -80,11 +80,7 @@ impl Scheduler {
         let needed = self.needed_jobs();
         let mut report = CleanResponse::default();
         for j in self.jobs.values() {
-            let finished = matches!(
-                j.state,
-                JobState::Succeeded | JobState::Failed | JobState::Cancelled
-            );
-            if !finished
+            if !j.state.is_terminal()
                 || j.finished_at.unwrap_or(j.updated_at) > cutoff
                 || owner.is_some_and(|o| o != j.owner.user)
             {

@@ -689,11 +689,8 @@ impl Scheduler {
             }
             self.flush_or_stop().await;
             // Their `running` records (pids) on disk too, before anyone is told.
-            if self.spawn_started()
-                && let Err(e) = self.store.flush().await
-            {
-                error!(error = %e, "cannot flush the job store; stopping");
-                std::process::exit(70);
+            if self.spawn_started() {
+                self.flush_or_stop().await;
             }
             self.publish_view();
             for r in replies {
