@@ -322,11 +322,15 @@ impl hyper::body::Body for TimedBody {
     }
 }
 
+/// How long a connection may go on once serving stops, for a request already on its way.
+const STOP_LINGER: Duration = Duration::from_millis(500);
+
 /// Serves `router` on the connections `accept` yields until `stop`: HTTP/1.1 by hyper, within
 /// `limits` (`axum::serve` has none: a client trickling its headers or body a byte at a time
 /// held its connection, and a file descriptor, for as long as it liked, and enough of them
 /// left the daemon none for `jobctl`). A unix socket's peer is given to the handlers as
-/// `ConnectInfo`.
+/// `ConnectInfo`. Once stopped, it returns when the connections it served have ended
+/// (streams that never end are the caller's to give up on).
 pub async fn serve<S, A, F>(
     mut accept: A,
     router: axum::Router,
@@ -343,6 +347,12 @@ pub async fn serve<S, A, F>(
     let per_user: Arc<std::sync::Mutex<HashMap<u32, usize>>> = Arc::default();
     let allowed_hosts = limits.allowed_hosts.clone().map(Arc::new);
     let timeout = limits.request_timeout;
+    // The connections being served: when asked to stop, this returns once they have ended.
+    let connections = tokio_util::task::TaskTracker::new();
+    let stopped = async {
+        connections.close();
+        connections.wait().await;
+    };
     loop {
         // Per-user shares (the unix socket): accept first, to know who it is — root is always
         // served, others only with a free slot (else a 503); TCP waits for a slot first.
@@ -352,9 +362,9 @@ pub async fn serve<S, A, F>(
             tokio::select! {
                 slot = slots.clone().acquire_owned() => match slot {
                     Ok(s) => Some(s),
-                    Err(_) => return,
+                    Err(_) => return stopped.await,
                 },
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => return stopped.await,
             }
         };
         let (io, peer) = tokio::select! {
@@ -367,7 +377,7 @@ pub async fn serve<S, A, F>(
                     continue;
                 }
             },
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => return stopped.await,
         };
         let router = router.clone();
         let stop = stop.clone();
@@ -396,7 +406,7 @@ pub async fn serve<S, A, F>(
                 }
             },
         };
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _slot = slot;
             let _user_slot = user_slot;
             let svc = hyper::service::service_fn(
@@ -440,8 +450,15 @@ pub async fn serve<S, A, F>(
             tokio::select! {
                 _ = conn.as_mut() => {}
                 () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    // A client that has just connected has its request on the way: a
+                    // connection closed before it is read would leave the client unsure
+                    // whether its change was made. Answer what comes in a moment; then
+                    // finish the request in progress and close, or, for a stream that does
+                    // not end (a log follower, which reconnects), give up on it.
+                    if tokio::time::timeout(STOP_LINGER, conn.as_mut()).await.is_err() {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(STOP_LINGER, conn).await;
+                    }
                 }
             }
         });

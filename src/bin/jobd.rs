@@ -3,11 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::os::unix::process::CommandExt;
+
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use jobd::config::{Config, Overrides};
+use jobd::daemon::{Ended, StopRequest};
 use jobd::spec::units::HumanDuration;
 
 /// jobd — a batch scheduler for shared GPU machines. Without a subcommand it runs the daemon.
@@ -248,16 +250,10 @@ fn main() -> ExitCode {
 
 fn daemon(args: Args) -> ExitCode {
     init_logging(args.verbose);
-    let flags = Overrides {
-        state_dir: args.state_dir,
-        socket: args.socket,
-        listen: args.listen,
-        gpus: args.gpus,
-        grace_period: args.grace_period,
-        ollama_models: args.ollama_models,
-        max_cpu_jobs: args.max_cpu_jobs,
-    };
-    let config = match Config::load(args.config.as_deref(), flags) {
+    // Found now: a package upgrade replaces the file, and a restart in place must start the
+    // new one from the same path (`/proc/self/exe` then names the deleted old file).
+    let exe = std::env::current_exe().ok();
+    let config = match load_config(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("jobd: {e}");
@@ -274,46 +270,111 @@ fn daemon(args: Args) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
+    let result = rt.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let stop = StopRequest::new();
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            anyhow::bail!("cannot handle signals");
+        };
+        // A restart in place blocks these across `exec` so that none ends the new image
+        // before it handles them; they are handled from here on.
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+            Some(&stop_signals()),
+            None,
+        );
+        let signals = stop.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::hangup()),
-            ) else {
-                return;
-            };
             let mut stopping = false;
             loop {
                 tokio::select! {
                     _ = term.recv() => {}
                     _ = int.recv() => {}
-                    // Its default action would kill jobd on the spot (a closed terminal after
-                    // `jobd &`), leaving workers to a restart.
+                    // A restart in place: the configuration file and the executable are read
+                    // again, and running jobs keep running. Refused while the file has an
+                    // error (jobd would not start again).
                     _ = hup.recv() => {
-                        tracing::warn!("SIGHUP ignored: jobd reads its configuration only at start; restart it to apply changes");
+                        if stopping {
+                            continue;
+                        }
+                        match load_config(&args) {
+                            Ok(_) => {
+                                tracing::info!("SIGHUP: restarting in place with the configuration file and executable as they are now; running jobs keep running");
+                                stopping = true;
+                                signals.restart();
+                            }
+                            Err(e) => tracing::error!("SIGHUP: not restarting, the configuration has an error (jobd goes on as it was): {e}"),
+                        }
                         continue;
                     }
                 }
                 if stopping {
-                    tracing::warn!("second stop signal: exiting now; workers still running are stopped by recovery at the next start");
+                    tracing::warn!("second stop signal: exiting now; workers still running are taken over or stopped by recovery at the next start");
                     std::process::exit(1);
                 }
                 stopping = true;
                 tracing::info!("signal received; shutting down (a second one exits at once)");
-                signals.cancel();
+                signals.stop();
             }
         });
-        jobd::daemon::run(config, shutdown).await
+        jobd::daemon::run(config, stop).await
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Ended::Stopped) => ExitCode::SUCCESS,
+        Ok(Ended::Restart { listen_fds }) => {
+            // Nothing of this image may run on: its tasks and threads end here.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            let Some(exe) = exe else {
+                eprintln!("jobd: cannot restart: the jobd executable's path is unknown");
+                return ExitCode::from(1);
+            };
+            let _ = nix::sys::signal::pthread_sigmask(
+                nix::sys::signal::SigmaskHow::SIG_BLOCK,
+                Some(&stop_signals()),
+                None,
+            );
+            let mut argv = std::env::args_os();
+            let _ = argv.next();
+            let err = std::process::Command::new(&exe)
+                .args(argv)
+                .env(jobd::daemon::ENV_LISTEN_FDS, listen_fds)
+                .exec();
+            // Still this image: exit with an error (systemd starts jobd again, and its
+            // recovery takes the running jobs over).
+            eprintln!("jobd: cannot restart {}: {err}", exe.display());
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("jobd: {}", jobd::cli::error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The daemon's configuration: the file, then the flags.
+fn load_config(args: &Args) -> Result<Config, jobd::config::ConfigError> {
+    let flags = Overrides {
+        state_dir: args.state_dir.clone(),
+        socket: args.socket.clone(),
+        listen: args.listen.clone(),
+        gpus: args.gpus.clone(),
+        grace_period: args.grace_period,
+        ollama_models: args.ollama_models.clone(),
+        max_cpu_jobs: args.max_cpu_jobs,
+    };
+    Config::load(args.config.as_deref(), flags)
+}
+
+/// The signals that stop (or restart) the daemon.
+fn stop_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    set
 }

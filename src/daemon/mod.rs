@@ -1,10 +1,14 @@
 //! L4: the daemon's wiring — directories, store, inventory, recovery, listeners, scheduler —
 //! and its orderly shutdown: stop accepting, stop dispatching, SIGTERM the workers (they
-//! checkpoint), wait out the grace period, SIGKILL, record them interrupted, flush.
+//! checkpoint), wait out the grace period, SIGKILL, record them interrupted, flush. Or, for a
+//! restart in place (`SIGHUP`, `systemctl reload`), the same without stopping the workers:
+//! the listening sockets are handed to the next daemon image, which takes the jobs over.
 
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -23,8 +27,49 @@ mod systemd;
 /// Connections served at once on the unix socket (`jobctl`, `logs -f` followers).
 const UNIX_CONNECTIONS: usize = 1024;
 
-/// Runs the daemon until `shutdown` is cancelled; returns after every worker has stopped.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// The environment variable that hands listening sockets to the next daemon image at a
+/// restart in place: `unix=FD,tcp=FD` (descriptors left open across `exec`).
+pub const ENV_LISTEN_FDS: &str = "JOBD_LISTEN_FDS";
+
+/// How the daemon is asked to end; cheap to clone (the signal handler holds one).
+#[derive(Debug, Clone, Default)]
+pub struct StopRequest {
+    token: CancellationToken,
+    keep_jobs: Arc<AtomicBool>,
+}
+
+impl StopRequest {
+    pub fn new() -> StopRequest {
+        StopRequest::default()
+    }
+
+    /// Stop: running jobs checkpoint and are recorded interrupted (they resume at the next
+    /// start).
+    pub fn stop(&self) {
+        self.token.cancel();
+    }
+
+    /// Restart in place: running jobs keep running; [`run`] returns [`Ended::Restart`], and
+    /// the caller starts the daemon's executable again in this process.
+    pub fn restart(&self) {
+        self.keep_jobs.store(true, Ordering::SeqCst);
+        self.token.cancel();
+    }
+}
+
+/// How [`run`] ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Every worker has stopped.
+    Stopped,
+    /// Running jobs were left running for the next daemon image; `listen_fds` is the value
+    /// of [`ENV_LISTEN_FDS`] for it (its descriptors are not closed at `exec`).
+    Restart { listen_fds: String },
+}
+
+/// Runs the daemon until `stop` is asked; returns after every worker has stopped, or, for a
+/// restart in place, once the queue is on disk with the running jobs left running.
+pub async fn run(config: Config, stop: StopRequest) -> anyhow::Result<Ended> {
     let fd_limit = crate::proc::raise_fd_limit();
     if fd_limit < u64::from(config.max_connections) + UNIX_CONNECTIONS as u64 + 256 {
         tracing::warn!(
@@ -114,7 +159,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // Bound before recovery, which may wait a grace period for an earlier run's workers:
     // clients that come meanwhile wait in the backlog, answered once it is done, rather than
     // being told that no daemon runs.
-    let unix = Arc::new(bind_unix(&config.socket)?);
+    let mut inherited = inherited_listeners();
+    let unix = Arc::new(
+        match inherited.unix.take().filter(|l| {
+            l.local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                .is_some_and(|p| p == config.socket && p.exists())
+        }) {
+            Some(l) => l,
+            None => bind_unix(&config.socket)?,
+        },
+    );
+    let unix_for_next = unix.clone();
+    let mut tcp_for_next = None;
     let (scheduler, handle) = Scheduler::start(store, inventory, settings)
         .await
         .context("cannot recover the job queue")?;
@@ -153,15 +211,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         stop_serving.clone(),
     )));
     if let Some(addr) = config.listen {
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+        // The listener of the daemon image before a restart in place, if it listened there.
+        let tcp = match inherited.tcp.take().filter(|l| {
+            l.local_addr()
+                .is_ok_and(|a| a.ip() == addr.ip() && (addr.port() == 0 || a.port() == addr.port()))
+        }) {
+            Some(l) => l,
+            None => tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        };
         let local = tcp.local_addr()?;
         info!(address = %local, "listening on TCP");
         // The bound address (useful with port 0), for tools and tests.
         std::fs::write(config.state_dir.join("http.addr"), format!("{local}\n"))
             .context("cannot write http.addr")?;
         let tcp = Arc::new(tcp);
+        tcp_for_next = Some(tcp.clone());
         servers.push(tokio::spawn(api::serve(
             move || {
                 let tcp = tcp.clone();
@@ -181,6 +247,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             stop_serving.clone(),
         )));
     }
+    // A socket handed over for a listener the configuration no longer has: closed, so that
+    // its clients are refused rather than left waiting.
+    drop(inherited);
     info!(state_dir = %config.state_dir.display(), "jobd ready");
     systemd::ready(&systemd::status_line(&handle));
     let keepalive = CancellationToken::new();
@@ -191,7 +260,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // `/health` said ok. Exit with an error instead, so that systemd (`Restart=on-failure`)
     // restarts jobd, whose recovery takes the queue back from disk.
     tokio::select! {
-        () = shutdown.cancelled() => {}
+        () = stop.token.cancelled() => {}
         ended = &mut sched_task => {
             let why = match ended {
                 Err(e) if e.is_panic() => "it panicked (see above)".to_string(),
@@ -204,26 +273,120 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             anyhow::bail!("the scheduler stopped unexpectedly ({why}); the queue is safe on disk: start jobd again");
         }
     }
-    info!("stopping: no new connections");
-    systemd::stopping();
+    let restart = stop.keep_jobs.load(Ordering::SeqCst);
+    if restart {
+        info!("restarting in place: no new connections until the next image serves them");
+        systemd::reloading();
+    } else {
+        info!("stopping: no new connections");
+        systemd::stopping();
+    }
     stop_serving.cancel();
-    sched::shutdown(&handle).await;
     // Followers (log streams) would keep graceful shutdown waiting forever: give open requests
-    // a moment, then drop them.
-    for s in servers {
-        if tokio::time::timeout(Duration::from_secs(2), s)
-            .await
-            .is_err()
-        {
-            warn!("closing open streams");
+    // a moment, then drop them. A restart lets them end before the scheduler hands over, so
+    // that what they asked is done or refused by this image, never cut off.
+    let servers_ended = async {
+        for s in servers {
+            if tokio::time::timeout(Duration::from_secs(2), s)
+                .await
+                .is_err()
+            {
+                warn!("closing open streams");
+            }
         }
+    };
+    if restart {
+        servers_ended.await;
+        sched::hand_over(&handle).await;
+    } else {
+        sched::shutdown(&handle).await;
+        servers_ended.await;
     }
     keepalive.cancel();
+    if restart {
+        // The store is closed (its lock released) before the next image opens it.
+        let _ = sched_task.await;
+        // Connections that come meanwhile wait in the sockets' backlogs for the next image.
+        let mut fds = Vec::new();
+        let keep = |fd: std::os::fd::BorrowedFd<'_>| -> anyhow::Result<i32> {
+            // A duplicate has no close-on-exec flag: it stays open for the next image.
+            let dup = nix::unistd::dup(fd).context("cannot keep a listening socket open")?;
+            Ok(std::os::fd::IntoRawFd::into_raw_fd(dup))
+        };
+        fds.push(format!("unix={}", keep(unix_for_next.as_fd())?));
+        if let Some(tcp) = &tcp_for_next {
+            fds.push(format!("tcp={}", keep(tcp.as_fd())?));
+        }
+        info!("handing over to the next daemon image");
+        return Ok(Ended::Restart {
+            listen_fds: fds.join(","),
+        });
+    }
     drop(sched_task);
     let _ = std::fs::remove_file(&config.socket);
     let _ = std::fs::remove_file(config.state_dir.join("http.addr"));
     info!("stopped");
-    Ok(())
+    Ok(Ended::Stopped)
+}
+
+/// Listening sockets handed over by the daemon image before a restart in place.
+#[derive(Default)]
+struct Inherited {
+    unix: Option<tokio::net::UnixListener>,
+    tcp: Option<tokio::net::TcpListener>,
+}
+
+/// Takes the listening sockets named in [`ENV_LISTEN_FDS`], each checked to be a listening
+/// socket of its kind (anything else is left alone: a stale variable must not take over an
+/// unrelated descriptor). A unix socket is kept only if it is still bound where the
+/// configuration says (see `run`); a TCP one only for the address configured.
+fn inherited_listeners() -> Inherited {
+    let mut out = Inherited::default();
+    let Ok(value) = std::env::var(ENV_LISTEN_FDS) else {
+        return out;
+    };
+    for entry in value.split(',') {
+        let Some((kind, fd)) = entry.split_once('=') else {
+            continue;
+        };
+        let Ok(fd) = fd.parse::<i32>() else {
+            continue;
+        };
+        if fd < 3 || !is_listening_socket(fd) {
+            continue;
+        }
+        // SAFETY: `fd` is an open listening socket (checked above) that nothing else in this
+        // process owns: the previous image left it for us and named it only here.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let _ = nix::fcntl::fcntl(
+            &owned,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+        match kind {
+            "unix" => {
+                let l = std::os::unix::net::UnixListener::from(owned);
+                if l.set_nonblocking(true).is_ok() {
+                    out.unix = tokio::net::UnixListener::from_std(l).ok();
+                }
+            }
+            "tcp" => {
+                let l = std::net::TcpListener::from(owned);
+                if l.set_nonblocking(true).is_ok() {
+                    out.tcp = tokio::net::TcpListener::from_std(l).ok();
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Is `fd` an open socket that listens?
+fn is_listening_socket(fd: i32) -> bool {
+    use nix::sys::socket::{getsockopt, sockopt::AcceptConn};
+    // SAFETY: borrowed only for the call; a closed descriptor makes it fail.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    getsockopt(&fd, AcceptConn).unwrap_or(false)
 }
 
 fn prepare_dirs(config: &Config) -> anyhow::Result<()> {

@@ -49,6 +49,19 @@ pub fn stopping() {
     send(&["STOPPING=1", "STATUS=stopping: checkpointing running jobs"]);
 }
 
+/// Tells systemd the daemon is reloading (a restart in place); READY=1 from the next image
+/// ends it.
+pub fn reloading() {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+    });
+    send(&[
+        "RELOADING=1",
+        &format!("MONOTONIC_USEC={now}"),
+        "STATUS=restarting in place: running jobs keep running",
+    ]);
+}
+
 /// A one-line status: "3 running, 12 queued, 2 interrupted".
 pub fn status_line(sched: &SchedHandle) -> String {
     let view = sched.view();

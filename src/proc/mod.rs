@@ -510,57 +510,140 @@ pub fn spawn(
         .run_as
         .as_ref()
         .map_or_else(|| nix::unistd::geteuid().as_raw(), |r| r.uid);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Duration>();
+    let (tx, rx) = mpsc::unbounded_channel::<Duration>();
     let handle = ChildHandle {
         pgid: pid,
         stop: tx,
     };
 
     tokio::spawn(async move {
-        let mut kill_at: Option<tokio::time::Instant> = None;
-        let status = loop {
-            let deadline = async {
-                match kill_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                status = child.wait() => break status,
-                Some(grace) = rx.recv() => {
-                    signal_group(pid, Signal::SIGTERM);
-                    let at = tokio::time::Instant::now() + grace;
-                    kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
-                }
-                () = deadline => {
-                    signal_group(pid, Signal::SIGKILL);
-                    kill_at = None;
-                }
-            }
-        };
-        // The leader is gone; nothing of the job may outlive it: its group, and what left the
-        // group and lost its supervisor (a job may kill `jobd run-command`, which runs as its
-        // owner), found by the job's environment.
-        signal_group(pid, Signal::SIGKILL);
-        if let Some(entry) = &job_marker {
-            kill_marked(entry, uid);
-        }
-        let exit = match status {
-            Ok(s) => {
+        let ended = async {
+            child.wait().await.ok().map(|s| {
                 use std::os::unix::process::ExitStatusExt;
                 ExitInfo {
                     code: s.code(),
                     signal: s.signal(),
                 }
-            }
-            Err(_) => ExitInfo {
-                code: None,
-                signal: None,
-            },
+            })
         };
-        on_exit(exit);
+        let exit = watch_group(pid, ended, rx, job_marker, uid).await;
+        on_exit(exit.unwrap_or(ExitInfo {
+            code: None,
+            signal: None,
+        }));
     });
     Ok((info, handle))
+}
+
+/// Watches a job's process group until its leader has ended (`ended` resolves), passing on
+/// stop requests: SIGTERM to the group, SIGKILL when the grace period is over. Then nothing
+/// of the job may outlive its leader: its group is killed, and what left the group and lost
+/// its supervisor (found by the job's environment, `marker`, among `uid`'s processes).
+async fn watch_group(
+    pgid: i32,
+    ended: impl std::future::Future<Output = Option<ExitInfo>>,
+    mut stop: mpsc::UnboundedReceiver<Duration>,
+    marker: Option<String>,
+    uid: u32,
+) -> Option<ExitInfo> {
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut ended = std::pin::pin!(ended);
+    let exit = loop {
+        let deadline = async {
+            match kill_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            exit = &mut ended => break exit,
+            Some(grace) = stop.recv() => {
+                signal_group(pgid, Signal::SIGTERM);
+                let at = tokio::time::Instant::now() + grace;
+                kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
+            }
+            () = deadline => {
+                signal_group(pgid, Signal::SIGKILL);
+                kill_at = None;
+            }
+        }
+    };
+    signal_group(pgid, Signal::SIGKILL);
+    if let Some(entry) = &marker {
+        kill_marked(entry, uid);
+    }
+    exit
+}
+
+/// Takes over a job's process left running by an earlier daemon (it crashed, was killed, or
+/// restarted in place): when the leader recorded in `info` is still that process and running,
+/// it is watched and stopped as [`spawn`]'s children are, and `on_exit` runs once when it has
+/// ended and its group is gone — with its exit status when this process is its parent (after
+/// a restart in place), `None` when it is not (the status then is only what the job left in
+/// its directory). Returns `None`, and does nothing, when the leader is no longer running.
+///
+/// `marker` is the job's `JOBD_JOB_DIR=…` entry and `uid` the user its processes run as, to
+/// find what escaped its group when it ends (as for a spawned child).
+pub fn adopt(
+    info: &ProcessInfo,
+    marker: String,
+    uid: u32,
+    on_exit: impl FnOnce(Option<ExitInfo>) + Send + 'static,
+) -> Option<ChildHandle> {
+    if !leader_running(info) {
+        return None;
+    }
+    let (tx, rx) = mpsc::unbounded_channel::<Duration>();
+    let handle = ChildHandle {
+        pgid: info.pgid,
+        stop: tx,
+    };
+    let info = info.clone();
+    tokio::spawn(async move {
+        let exit = watch_group(info.pgid, leader_ended(info.clone()), rx, Some(marker), uid).await;
+        on_exit(exit);
+    });
+    Some(handle)
+}
+
+/// Is the process recorded in `info` still that process (same start time), and not ended?
+pub fn leader_running(info: &ProcessInfo) -> bool {
+    matches!(stat_fields(info.pid), Some(f) if f.start == info.start_ticks && f.state != 'Z' && f.state != 'X')
+}
+
+/// Resolves when the adopted leader `info` has ended: with its status if it is this
+/// process's child (reaped here), else `None`. No notification exists for a process that is
+/// not our child, so it looks every 200 ms (one `/proc` read).
+async fn leader_ended(info: ProcessInfo) -> Option<ExitInfo> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        // The start time first: a pid that now names another process (one this daemon
+        // spawned, say) must never be reaped here.
+        match stat_fields(info.pid) {
+            Some(f) if f.start == info.start_ticks => {}
+            _ => return None,
+        }
+        match waitpid(Pid::from_raw(info.pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => {
+                return Some(ExitInfo {
+                    code: Some(code),
+                    signal: None,
+                });
+            }
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                return Some(ExitInfo {
+                    code: None,
+                    signal: Some(sig as i32),
+                });
+            }
+            Ok(_) => continue,
+            // Not our child: its parent (init, or a subreaper) reaps it.
+            Err(_) if !leader_running(&info) => return None,
+            Err(_) => {}
+        }
+    }
 }
 
 /// SIGKILLs every process of `uid` whose environment holds `entry` exactly (`JOBD_JOB_DIR=…`
@@ -862,5 +945,123 @@ mod tests {
         assert!(!group_alive(pid));
         assert!(!worker_alive(&info));
         drop(dir);
+    }
+
+    fn info_of(pid: i32) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            pgid: pid,
+            start_ticks: start_ticks(pid).unwrap(),
+        }
+    }
+
+    /// A job's leader left by an earlier daemon image that is still this process's child (a
+    /// restart in place): taken over, its real exit status reaped; a stop reaches its group.
+    #[tokio::test]
+    // The children are reaped by `adopt`, which is what this tests.
+    #[allow(clippy::zombie_processes)]
+    async fn an_adopted_child_gives_its_exit_status() {
+        let child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 0.3; exit 7"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let info = info_of(child.id() as i32);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let handle = adopt(&info, "JOBD_TEST_NONE=1".into(), 0, move |e| {
+            let _ = tx.send(e);
+        })
+        .expect("running");
+        assert_eq!(handle.pgid(), info.pgid);
+        let exit = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit.and_then(|e| e.code), Some(7));
+        assert!(!leader_running(&info));
+        assert!(
+            adopt(&info, String::new(), 0, |_| {}).is_none(),
+            "an ended leader is not taken over"
+        );
+
+        let stubborn = std::process::Command::new("/bin/sh")
+            .args(["-c", "trap '' TERM; sleep 1000"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let info = info_of(stubborn.id() as i32);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let handle = adopt(&info, "JOBD_TEST_NONE=1".into(), 0, move |e| {
+            let _ = tx.send(e);
+        })
+        .unwrap();
+        // Its trap set before the stop comes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        handle.stop(Duration::from_millis(300));
+        let exit = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit.and_then(|e| e.signal), Some(Signal::SIGKILL as i32));
+        assert!(!group_alive(info.pgid));
+    }
+
+    /// A leader that is not this process's child (its parent daemon died): watched through
+    /// `/proc` until it ends; its exit status is not ours to know.
+    #[tokio::test]
+    async fn an_adopted_orphan_is_watched_until_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        // The shell starts a new group's leader in the background and exits: the leader's
+        // parent is gone, as a worker's is after a daemon crash.
+        let status = std::process::Command::new("/bin/sh")
+            .args([
+                "-c",
+                &format!(
+                    "setsid sh -c 'sleep 0.5' & echo $! > {}",
+                    pid_file.display()
+                ),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // setsid forks when it leads a group already; wait for the session leader to exist.
+        let mut info = None;
+        for _ in 0..100 {
+            if let Some(p) = (pid..pid + 5).find(|p| {
+                stat_fields(*p).is_some_and(|f| f.pgrp == *p && f.state != 'Z')
+                    && std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                        .is_ok_and(|c| c.contains("sleep 0.5"))
+            }) {
+                info = Some(info_of(p));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let info = info.expect("the orphan leader");
+        assert!(
+            nix::sys::wait::waitpid(
+                Pid::from_raw(info.pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG)
+            )
+            .is_err(),
+            "not our child"
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        adopt(&info, "JOBD_TEST_NONE=1".into(), 0, move |e| {
+            let _ = tx.send(e);
+        })
+        .expect("running");
+        let exit = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit, None, "not our child: no status");
+        assert!(!leader_running(&info));
     }
 }

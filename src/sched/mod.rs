@@ -179,6 +179,8 @@ enum Msg {
     },
     Shutdown {
         reply: oneshot::Sender<()>,
+        /// A restart in place: running jobs keep running (the next daemon takes them over).
+        keep_jobs: bool,
     },
 }
 
@@ -554,6 +556,8 @@ pub struct Scheduler {
     usage: usage::Ledger,
     waiting: BTreeMap<JobId, Waiting>,
     shutting_down: Option<oneshot::Sender<()>>,
+    /// The shutdown is a restart in place: running jobs are left running.
+    handing_over: bool,
     /// Jobs whose model is being published (shutdown waits for them).
     publishing: HashSet<JobId>,
     /// Model names being published into the shared Ollama directory, and by which job: a
@@ -617,6 +621,7 @@ impl Scheduler {
             unmatched_allowed: Vec::new(),
             waiting: BTreeMap::new(),
             shutting_down: None,
+            handing_over: false,
             publishing: HashSet::new(),
             publishing_names: HashMap::new(),
             to_spawn: Vec::new(),
@@ -696,7 +701,7 @@ impl Scheduler {
             for r in replies {
                 r();
             }
-            if self.shutting_down.is_some() && self.idle() {
+            if self.shutting_down.is_some() && (self.idle() || self.handed_over()) {
                 if let Some(done) = self.shutting_down.take() {
                     let _ = done.send(());
                 }
@@ -820,6 +825,12 @@ impl Scheduler {
     /// No worker runs and no model is being published.
     fn idle(&self) -> bool {
         self.children.is_empty() && self.publishing.is_empty()
+    }
+
+    /// A restart in place may go ahead: no model is being published (its work is done here,
+    /// not in a worker the next daemon could take over).
+    fn handed_over(&self) -> bool {
+        self.handing_over && self.publishing.is_empty()
     }
 
     fn next_deadline(&self) -> Option<tokio::time::Instant> {
@@ -963,8 +974,12 @@ impl Scheduler {
                 let _ = reply.send(());
                 None
             }
-            Msg::Shutdown { reply } => {
-                self.begin_shutdown(reply);
+            Msg::Shutdown { reply, keep_jobs } => {
+                if keep_jobs {
+                    self.begin_handover(reply);
+                } else {
+                    self.begin_shutdown(reply);
+                }
                 None
             }
         }
@@ -1939,6 +1954,18 @@ impl Scheduler {
         self.apply(id, Some(JobState::Queued), reason, &|_| {})
     }
 
+    /// A restart in place: nothing new starts, publishes in progress finish, and the running
+    /// jobs are left as they are for the next daemon to take over.
+    fn begin_handover(&mut self, reply: oneshot::Sender<()>) {
+        info!(
+            running = self.children.len(),
+            publishing = self.publishing.len(),
+            "restarting in place: running jobs keep running"
+        );
+        self.handing_over = true;
+        self.shutting_down = Some(reply);
+    }
+
     fn begin_shutdown(&mut self, reply: oneshot::Sender<()>) {
         info!(
             running = self.children.len(),
@@ -2143,22 +2170,8 @@ impl Scheduler {
         let tx = self.tx.clone();
         let spawned =
             worker_env::prepare(&rec, &self.settings, self.inventory.is_fake()).and_then(|req| {
-                proc::spawn(req, move |exit| {
-                    // The scheduler may be gone during shutdown; nothing to record then.
-                    let _ = tx
-                        .try_send(Msg::Exited { id, attempt, exit })
-                        .or_else(|e| match e {
-                            mpsc::error::TrySendError::Full(m) => {
-                                let tx = tx.clone();
-                                tokio::spawn(async move {
-                                    let _ = tx.send(m).await;
-                                });
-                                Ok(())
-                            }
-                            mpsc::error::TrySendError::Closed(_) => Err(()),
-                        });
-                })
-                .map_err(|e| e.to_string())
+                proc::spawn(req, move |exit| send_exit(&tx, id, attempt, exit))
+                    .map_err(|e| e.to_string())
             });
         match spawned {
             Ok((info, handle)) => {
@@ -2241,8 +2254,27 @@ impl Scheduler {
 
 /// Asks the scheduler to stop every worker (they checkpoint) and waits until it has.
 pub async fn shutdown(handle: &SchedHandle) {
+    stop(handle, false).await;
+}
+
+/// For a restart in place: asks the scheduler to start nothing more and to finish the
+/// publishes in progress, leaving running jobs running, and waits until it has (its queue
+/// flushed to disk).
+pub async fn hand_over(handle: &SchedHandle) {
+    stop(handle, true).await;
+}
+
+async fn stop(handle: &SchedHandle, keep_jobs: bool) {
     let (tx, rx) = oneshot::channel();
-    if handle.tx.send(Msg::Shutdown { reply: tx }).await.is_ok() {
+    if handle
+        .tx
+        .send(Msg::Shutdown {
+            reply: tx,
+            keep_jobs,
+        })
+        .await
+        .is_ok()
+    {
         let _ = rx.await;
     }
 }
@@ -2290,6 +2322,24 @@ pub fn describe_placement(p: &Placement) -> String {
     } else {
         format!("GPU {} ({amount})", ids[0])
     }
+}
+
+/// Tells the scheduler that attempt `attempt` of job `id` has ended, from the task that
+/// supervised it.
+fn send_exit(tx: &mpsc::Sender<Msg>, id: JobId, attempt: u32, exit: ExitInfo) {
+    // The scheduler may be gone during shutdown; nothing to record then.
+    let _ = tx
+        .try_send(Msg::Exited { id, attempt, exit })
+        .or_else(|e| match e {
+            mpsc::error::TrySendError::Full(m) => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(m).await;
+                });
+                Ok(())
+            }
+            mpsc::error::TrySendError::Closed(_) => Err(()),
+        });
 }
 
 /// When a job last showed a sign of life: the newest change to its output, progress or

@@ -1,14 +1,16 @@
 //! Start-up recovery: jobs an earlier daemon left `starting`, `running` or `publishing` (it
-//! crashed or was killed) and `interrupted` jobs (it stopped cleanly) go back to the queue.
-//! Workers of the earlier daemon may still be alive — they are not our children — so they are
-//! found (recorded pid + start time, and a scan of `/proc/*/environ` for `JOBD_JOB_DIR` under
-//! our jobs directory, which also finds a worker spawned just before a crash) and stopped
+//! crashed, was killed, or restarted in place) and `interrupted` jobs (it stopped cleanly).
+//! A `running` job whose recorded leader (pid + start time) still runs is taken over and goes
+//! on: watched as if spawned here, its end recorded from what its supervisor or worker leaves
+//! in its job directory. Otherwise the job goes back to the queue: its leftover processes —
+//! found by the recorded leader and by a scan of `/proc/*/environ` for `JOBD_JOB_DIR` under
+//! our jobs directory, which also finds a worker spawned just before a crash — are stopped
 //! first: SIGTERM (train workers checkpoint), grace, SIGKILL. A job never runs twice at once.
 //! A command job whose command ended while no daemon was watching left its outcome in its job
 //! directory (`jobd run-command`; a train worker's too), which is recorded as if seen, not run
 //! again; a job cancelled before the crash stays cancelled.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use futures_util::future::join_all;
@@ -35,6 +37,12 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
             }
         }
     }
+    // A job still running under its recorded leader is taken over, not stopped: a daemon
+    // crash or restart costs no job its progress.
+    let adopted = adopt_running(s);
+    for id in &adopted {
+        leftovers.remove(id);
+    }
     let grace = s.settings.grace;
     let stops = leftovers.iter().flat_map(|(id, infos)| {
         infos
@@ -52,7 +60,12 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
         }
     }
 
-    let ids: Vec<(JobId, JobState)> = s.jobs.values().map(|j| (j.id, j.state)).collect();
+    let ids: Vec<(JobId, JobState)> = s
+        .jobs
+        .values()
+        .filter(|j| !adopted.contains(&j.id))
+        .map(|j| (j.id, j.state))
+        .collect();
     for (id, state) in ids {
         // A command or worker that ended while jobd was down left its outcome behind (`jobd
         // run-command`, `jobd worker`): record it as if jobd had seen it, rather than running
@@ -148,27 +161,99 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
         }
         // Stray workers of finished jobs (should not exist) were stopped above as well.
     }
+    for id in adopted {
+        let rec = &s.jobs[&id];
+        let what = match rec.kind {
+            JobKind::Command => "command",
+            JobKind::Train => "worker",
+        };
+        let pid = rec.process.as_ref().map_or(0, |p| p.pid);
+        s.apply(
+            id,
+            None,
+            format!("daemon restarted; its {what} (pid {pid}) was still running and goes on"),
+            &|_| {},
+        )?;
+        info!(job_id = id, pid, "took over a job still running");
+    }
+    if !s.children.is_empty() {
+        // Their GPU memory is theirs, not another program's.
+        s.refresh_gpus(true);
+    }
     Ok(())
+}
+
+/// Takes over the `running` jobs whose recorded leader still runs: watched as if spawned
+/// here (their end recorded, stops passed on), with the GPUs they hold. Not taken over: a job
+/// given a stop before the crash (recovery carries the stop out), and one placed on a GPU
+/// this daemon does not have (its configuration changed): both are stopped as before.
+fn adopt_running(s: &mut Scheduler) -> BTreeSet<JobId> {
+    let uuids: BTreeSet<&str> = s.gpus.gpus.iter().map(|g| g.uuid.as_str()).collect();
+    let candidates: Vec<(JobId, u32, ProcessInfo, u32, std::path::PathBuf)> = s
+        .jobs
+        .values()
+        .filter(|j| j.state == JobState::Running && j.stop.is_none())
+        .filter(|j| {
+            j.placement
+                .as_ref()
+                .is_none_or(|p| p.gpus.iter().all(|g| uuids.contains(g.uuid.as_str())))
+        })
+        .filter_map(|j| {
+            let p = j.process.clone()?;
+            // The user its processes run as: the owner under a root daemon.
+            let uid = if s.settings.run_as_owner {
+                j.owner.uid
+            } else {
+                nix::unistd::geteuid().as_raw()
+            };
+            Some((j.id, j.attempts, p, uid, j.dir(&s.settings.jobs_dir)))
+        })
+        .collect();
+    let mut adopted = BTreeSet::new();
+    for (id, attempt, info, uid, dir) in candidates {
+        let marker = format!("{ENV_JOB_DIR}={}", dir.display());
+        let tx = s.tx.clone();
+        let handle = proc::adopt(&info, marker, uid, move |exit| {
+            // Not this daemon's child: what the job's supervisor (or worker) recorded.
+            let exit = exit
+                .or_else(|| recorded_exit(&dir, attempt).map(|(e, _)| e))
+                .unwrap_or(ExitInfo {
+                    code: None,
+                    signal: None,
+                });
+            super::send_exit(&tx, id, attempt, exit);
+        });
+        if let Some(handle) = handle {
+            s.children.insert(id, handle);
+            adopted.insert(id);
+        }
+    }
+    adopted
 }
 
 /// The outcome `jobd run-command` recorded for a command job's current attempt, if any, and
 /// when the command ended (now, if the file does not say; never before the job started).
 fn ended_meanwhile(s: &Scheduler, id: JobId) -> Option<(ExitInfo, Millis)> {
     let rec = s.jobs.get(&id)?;
-    let path = rec.dir(&s.settings.jobs_dir).join(files::EXIT_STATUS);
+    let (exit, ended_at) = recorded_exit(&rec.dir(&s.settings.jobs_dir), rec.attempts)?;
+    let now = now_ms();
+    let ended_at = ended_at.map_or(now, |t| t.clamp(rec.started_at.unwrap_or(t), now));
+    Some((exit, ended_at))
+}
+
+/// How attempt `attempt` ended, as its supervisor (`jobd run-command`) or train worker left
+/// it in the job directory `dir`, and when, if the file says.
+fn recorded_exit(dir: &Path, attempt: u32) -> Option<(ExitInfo, Option<Millis>)> {
+    let path = dir.join(files::EXIT_STATUS);
     let status: ExitStatus =
         serde_json::from_slice(&crate::jobfs::read_regular(&path, files::MAX_STATUS_BYTES).ok()?)
             .ok()?;
-    let now = now_ms();
-    let ended_at = status
-        .ended_at
-        .map_or(now, |t| t.clamp(rec.started_at.unwrap_or(t), now));
-    (status.attempt == rec.attempts).then_some((
+    (status.attempt == attempt).then_some((
         ExitInfo {
             code: status.code,
             signal: status.signal,
         },
-        ended_at,
+        status.ended_at,
     ))
 }
 

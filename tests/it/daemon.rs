@@ -231,6 +231,12 @@ impl TestDaemon {
         self.spawn();
     }
 
+    /// Starts again with other flags in place of the first ones.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }

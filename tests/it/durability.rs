@@ -9,8 +9,8 @@ use jobd::spec::JobState;
 use crate::daemon::*;
 
 /// kill -9 of jobd while a command job runs and 100 jobs are queued: after a restart every job
-/// exists exactly once, the running one is requeued (its old worker stopped first) and runs to
-/// completion, and the queued ones all run.
+/// exists exactly once, the running one is taken over by the new daemon and runs to
+/// completion once (it is neither stopped nor run again), and the queued ones all run.
 #[test]
 fn kill9_loses_and_duplicates_nothing() {
     let mut d = TestDaemon::start(&[
@@ -55,14 +55,20 @@ fn kill9_loses_and_duplicates_nothing() {
     assert!(
         events
             .iter()
-            .any(|e| e.state == JobState::Interrupted && e.reason.contains("daemon restarted")),
+            .any(|e| e.state == JobState::Running && e.reason.contains("still running and goes on")),
         "{events:?}"
     );
     let out = d.jobctl(&["wait", &long_id.to_string()]);
     assert!(
         out.status.success(),
-        "the interrupted job runs to completion: {}",
+        "the job taken over runs to completion: {}",
         stderr(&out)
+    );
+    assert_eq!(
+        d.job(long_id).record.attempts,
+        1,
+        "{:#?}",
+        d.events(long_id)
     );
     let all: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
     let mut args = vec!["wait"];
@@ -72,12 +78,8 @@ fn kill9_loses_and_duplicates_nothing() {
 
     let log = std::fs::read_to_string(&runs).unwrap();
     let lines: Vec<&str> = log.lines().collect();
-    // The first run was stopped (no "end 1"); the second ran alone to the end.
-    assert_eq!(
-        lines,
-        vec!["start 1", "start 2", "end 2"],
-        "no overlapping runs:\n{log}"
-    );
+    // One run, never stopped, and nothing started while it ran (one CPU job at a time).
+    assert_eq!(lines, vec!["start 1", "end 1"], "one run:\n{log}");
 }
 
 /// A clean stop (SIGTERM) interrupts running jobs and they resume at the next start.
@@ -223,46 +225,167 @@ fn a_command_that_ended_while_jobd_was_down_is_not_run_again() {
     assert_eq!(lines, ["bad-attempt-1", "ok-attempt-1"], "each ran once");
 }
 
-/// SIGHUP (a closed terminal after `jobd &`) no longer kills the daemon on the spot; it is
-/// logged and ignored, and a running job goes on.
-#[test]
-fn sighup_is_ignored() {
-    let d = TestDaemon::start(&["--gpus", "none"]);
-    let id = d.submit(&d.write("s.toml", &command_job("sleep 1", "")));
-    d.wait_state(id, JobState::Running, Duration::from_secs(20));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.pid() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    d.wait_state(id, JobState::Succeeded, Duration::from_secs(20));
-    assert!(d.log().contains("SIGHUP ignored"), "{}", d.log());
-}
-
 /// A daemon killed with -9 does not lose the GPU time its running jobs had used: recovery
 /// charges it to them, so fair share comes back as it was (QA: the usage of every running job
-/// was reset to 0, and the queue order flipped after the restart).
+/// was reset to 0, and the queue order flipped after the restart). A job taken over keeps its
+/// GPU, is charged for the whole run, and a cancel stops it as before.
 #[test]
 fn gpu_time_of_running_jobs_survives_a_crash() {
-    let mut d = TestDaemon::start(&["--gpus", "fake:24GiB"]);
-    let f = d.write(
-        "gpu.toml",
-        &command_job("sleep 60", "[resources]\ngpus = 1\nvram = \"10GiB\""),
-    );
-    let id = d.submit(&f);
-    d.wait_state(id, JobState::Running, Duration::from_secs(20));
+    let mut d = TestDaemon::start(&["--gpus", "fake:24GiB", "--grace-period", "5s"]);
+    let run = |script: &str| command_job(script, "[resources]\ngpus = 1\nvram = \"10GiB\"");
+    // The first goes down with jobd (the machine did): charged until its last output; the
+    // second is taken over.
+    let lost = d.submit(&d.write(
+        "lost.toml",
+        &run("while true; do echo tick; sleep 0.2; done"),
+    ));
+    let kept = d.submit(&d.write(
+        "kept.toml",
+        &run("trap 'echo kept got TERM; exit 143' TERM; sleep 60 & wait"),
+    ));
+    d.wait_state(lost, JobState::Running, Duration::from_secs(20));
+    d.wait_state(kept, JobState::Running, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(2500));
+    let lost_pid = d.job(lost).record.process.unwrap().pid;
     d.kill9();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(lost_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     d.restart();
     wait_for("the restarted job", Duration::from_secs(20), || {
-        d.job(id).record.attempts == 2
+        d.job(lost).record.attempts == 2
     });
-    let used = d.job(id).record.gpu_seconds;
+    let used = d.job(lost).record.gpu_seconds;
     assert!(
         (2.0..30.0).contains(&used),
         "the first attempt's GPU time is kept: {used}"
     );
-    d.jobctl(&["cancel", &id.to_string()]);
+    assert_eq!(d.state(kept), JobState::Running);
+    assert!(d.jobctl(&["cancel", &kept.to_string()]).status.success());
+    d.wait_state(kept, JobState::Cancelled, Duration::from_secs(20));
+    let rec = d.job(kept).record;
+    assert_eq!(rec.attempts, 1, "{:#?}", d.events(kept));
+    assert!(
+        (2.0..30.0).contains(&rec.gpu_seconds),
+        "the whole run is charged: {}",
+        rec.gpu_seconds
+    );
+    let out = std::fs::read_to_string(d.state.join(format!("jobs/{kept}/stdout.log"))).unwrap();
+    assert!(out.contains("kept got TERM"), "stopped gracefully: {out}");
+    d.jobctl(&["cancel", &lost.to_string()]);
+}
+
+/// A command taken over by a restarted daemon ends as if that daemon had started it: its exit
+/// code decides (a failure is a failure, with its code), and a supervisor killed from outside
+/// ends the job with its processes. A job placed on a GPU the restarted daemon no longer has
+/// is stopped and requeued instead of taken over.
+#[test]
+fn jobs_taken_over_end_as_their_commands_do() {
+    let mut d = TestDaemon::start(&["--gpus", "fake:24GiB,24GiB"]);
+    let marks = d.path("marks");
+    std::fs::create_dir(&marks).unwrap();
+    let gpu_job = |name: &str| {
+        command_job(
+            &format!(
+                "echo $CUDA_VISIBLE_DEVICES-$JOBD_ATTEMPT >> {}/{name}; sleep 60",
+                marks.display()
+            ),
+            "[resources]\ngpus = 1\nvram = \"20GiB\"",
+        )
+    };
+    let on0 = d.submit(&d.write("on0.toml", &gpu_job("a")));
+    d.wait_state(on0, JobState::Running, Duration::from_secs(20));
+    let on1 = d.submit(&d.write("on1.toml", &gpu_job("b")));
+    d.wait_state(on1, JobState::Running, Duration::from_secs(20));
+    let go = d.path("go");
+    let fails = d.submit(&d.write(
+        "fails.toml",
+        &command_job(
+            &format!(
+                "while [ ! -e {} ]; do sleep 0.1; done; exit 3",
+                go.display()
+            ),
+            "",
+        ),
+    ));
+    let victim = d.submit(&d.write(
+        "victim.toml",
+        &command_job(&format!("sleep 60; touch {}/survived", marks.display()), ""),
+    ));
+    d.wait_state(fails, JobState::Running, Duration::from_secs(20));
+    d.wait_state(victim, JobState::Running, Duration::from_secs(20));
+    let gpu_of = |id: u64| d.job(id).record.placement.unwrap().gpus[0].index;
+    let (first, second) = if gpu_of(on0) == 0 {
+        (on0, on1)
+    } else {
+        (on1, on0)
+    };
+    assert_eq!(gpu_of(second), 1);
+
+    d.kill9();
+    // One GPU less: the job on GPU 1 cannot be kept.
+    d.restart_with(&["--gpus", "fake:24GiB"]);
+    assert_eq!(d.state(first), JobState::Running, "{:#?}", d.events(first));
+    assert_eq!(d.job(first).record.attempts, 1);
+    let events = d.events(second);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.state == JobState::Interrupted && e.reason.contains("daemon restarted")),
+        "{events:#?}"
+    );
+    assert_eq!(
+        d.state(second),
+        JobState::Queued,
+        "GPU 0 is taken: {events:#?}"
+    );
+
+    std::fs::write(&go, "").unwrap();
+    d.wait_state(fails, JobState::Failed, Duration::from_secs(20));
+    let rec = d.job(fails).record;
+    assert_eq!(
+        rec.exit.and_then(|e| e.code),
+        Some(3),
+        "{:#?}",
+        d.events(fails)
+    );
+    assert_eq!(rec.attempts, 1);
+
+    // Its supervisor killed from outside: no exit status was recorded; the job fails and its
+    // command does not outlive it.
+    let supervisor = d.job(victim).record.process.unwrap().pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    d.wait_state(victim, JobState::Failed, Duration::from_secs(20));
+    let reason = d.job(victim).record.reason.unwrap_or_default();
+    assert!(reason.contains("unknown exit status"), "{reason}");
+    let marker = format!(
+        "JOBD_JOB_DIR={}",
+        d.state.join(format!("jobs/{victim}")).display()
+    );
+    wait_for(
+        "the victim's command to be gone",
+        Duration::from_secs(10),
+        || !processes_with_env(&marker),
+    );
+    assert!(
+        d.jobctl(&["cancel", &first.to_string(), &second.to_string()])
+            .status
+            .success()
+    );
+}
+
+/// Is any process's environment holding `entry` exactly?
+fn processes_with_env(entry: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("environ"))
+            .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == entry.as_bytes()))
+    })
 }
 
 /// A cancel given just before a crash stands: the job ends cancelled at the next start (it

@@ -129,6 +129,140 @@ fn notify_protocol_and_checkpoint_on_stop() {
     assert!(log.contains("resumed from step"), "{log}");
 }
 
+/// SIGHUP (`systemctl reload`) restarts jobd in place: the same process runs the executable
+/// again with the configuration file as it is now, keeps its listening sockets (the TCP port
+/// stays; clients asking meanwhile are answered), and takes its running jobs over — they
+/// neither stop nor run again, and, being its children still, their real exit status is
+/// known. A configuration with an error refuses the restart. (SIGHUP used to be ignored.)
+#[test]
+fn sighup_restarts_in_place_and_jobs_keep_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let d = TestDaemon::start_full(
+        &["--gpus", "none"],
+        "",
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let mut seen = Vec::new();
+    recv_until(&sock, "READY=1", Duration::from_secs(5), &mut seen);
+    let marks = d.path("marks");
+    let ok = d.submit(&d.write(
+        "ok.toml",
+        &command_job(
+            &format!(
+                "echo start-$JOBD_ATTEMPT | tee -a {0}; sleep 3; echo end-$JOBD_ATTEMPT | tee -a {0}",
+                marks.display()
+            ),
+            "",
+        ),
+    ));
+    let killed = d.submit(&d.write("killed.toml", &command_job("sleep 60", "")));
+    d.wait_state(ok, JobState::Running, Duration::from_secs(20));
+    d.wait_state(killed, JobState::Running, Duration::from_secs(20));
+    let pid = d.pid() as i32;
+    let addr = d.addr();
+
+    // An error in the configuration file: refused, nothing changes.
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, format!("{good}\nno_such_key = 1\n")).unwrap();
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    hup();
+    wait_for("the refusal", Duration::from_secs(10), || {
+        d.log().contains("SIGHUP: not restarting")
+    });
+    assert!(d.log().contains("no_such_key"), "{}", d.log());
+    std::fs::write(&d.config, &good).unwrap();
+
+    // A follower of the job's log goes on through the restart.
+    let follower = std::process::Command::new(JOBCTL)
+        .args(["logs", "-f", &ok.to_string()])
+        .env("JOBD_URL", &d.socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    hup();
+    // Clients keep being answered while it restarts.
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut asked = 0;
+    while Instant::now() < until {
+        let out = d.jobctl(&["list", "--all"]);
+        assert!(
+            out.status.success(),
+            "answered during the restart: {}",
+            stderr(&out)
+        );
+        asked += 1;
+    }
+    recv_until(&sock, "RELOADING=1", Duration::from_secs(5), &mut seen);
+    recv_until(&sock, "READY=1", Duration::from_secs(10), &mut seen);
+    assert!(asked > 3, "{asked}");
+    assert_eq!(d.pid() as i32, pid, "the same process");
+    assert_eq!(d.addr(), addr, "the same TCP socket");
+    assert!(
+        d.log().contains("handing over to the next daemon image"),
+        "{}",
+        d.log()
+    );
+
+    for id in [ok, killed] {
+        let rec = d.job(id).record;
+        assert_eq!(
+            (rec.state, rec.attempts),
+            (JobState::Running, 1),
+            "{:#?}",
+            d.events(id)
+        );
+        assert!(
+            d.events(id)
+                .iter()
+                .any(|e| e.reason.contains("still running and goes on")),
+            "{:#?}",
+            d.events(id)
+        );
+    }
+    let supervisor = d.job(killed).record.process.unwrap().pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    d.wait_state(killed, JobState::Failed, Duration::from_secs(20));
+    let reason = d.job(killed).record.reason.unwrap_or_default();
+    assert!(
+        reason.contains("killed by SIGKILL"),
+        "its own exit status: {reason}"
+    );
+
+    d.wait_state(ok, JobState::Succeeded, Duration::from_secs(20));
+    assert_eq!(
+        std::fs::read_to_string(&marks).unwrap(),
+        "start-1\nend-1\n",
+        "one run, never stopped"
+    );
+    let follower = follower.wait_with_output().unwrap();
+    assert!(follower.status.success(), "{}", stderr(&follower));
+    assert_eq!(
+        stdout(&follower),
+        "start-1\nend-1\n",
+        "each line once: {}",
+        stderr(&follower)
+    );
+    // Still a daemon that works: a new job runs.
+    let again = d.submit(&d.write("again.toml", &command_job("true", "")));
+    d.wait_state(again, JobState::Succeeded, Duration::from_secs(20));
+}
+
 /// `systemd-analyze verify` accepts dist/jobd.service (with ExecStart pointed at the built
 /// binary), where systemd is installed.
 #[test]

@@ -274,7 +274,11 @@ enum Interruption {
     CancelRequeue,
     /// kill -9 of the worker: `[retry]` requeues it; it resumes from its last checkpoint.
     KillWorker,
-    /// kill -9 of the daemon, then a restart: recovery stops the orphaned worker and requeues.
+    /// kill -9 of the daemon and of its worker (the machine went down), then a restart:
+    /// recovery requeues the job; it resumes from its last checkpoint.
+    KillDaemonAndWorker,
+    /// kill -9 of the daemon only, then a restart: the worker never stopped; the restarted
+    /// daemon takes it over and it goes on (no resume).
     KillDaemon,
 }
 
@@ -327,9 +331,31 @@ fn interrupted_run_is_bit_identical(seed: u64, schedule: &[(u64, Interruption)])
                 )
                 .unwrap();
             }
+            Interruption::KillDaemonAndWorker => {
+                let pid = d.job(id).record.process.expect("running worker").pid;
+                d.kill9();
+                nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .unwrap();
+                d.restart();
+            }
             Interruption::KillDaemon => {
+                let before = d.job(id).record;
                 d.kill9();
                 d.restart();
+                let after = d.job(id).record;
+                assert_eq!(
+                    (after.state, after.attempts, after.process.map(|p| p.pid)),
+                    (
+                        JobState::Running,
+                        before.attempts,
+                        before.process.map(|p| p.pid)
+                    ),
+                    "the same worker goes on: {:#?}",
+                    d.events(id)
+                );
             }
         }
     }
@@ -354,9 +380,14 @@ fn interrupted_run_is_bit_identical(seed: u64, schedule: &[(u64, Interruption)])
         "the same metrics records"
     );
     let log = std::fs::read_to_string(d.state.join(format!("jobs/{id}/stderr.log"))).unwrap();
-    assert!(
-        log.matches("resumed from step").count() >= schedule.len(),
-        "each restart resumed:\n{log}"
+    let resumes = schedule
+        .iter()
+        .filter(|(_, how)| !matches!(how, Interruption::KillDaemon))
+        .count();
+    assert_eq!(
+        log.matches("jobd worker: resumed from step").count(),
+        resumes,
+        "each restart resumed, and a worker taken over did not restart:\n{log}"
     );
     let _ = d.pid();
 }
@@ -366,7 +397,12 @@ fn interruptions_seed_1_end_bit_identical() {
     use Interruption::*;
     interrupted_run_is_bit_identical(
         1,
-        &[(25, CancelRequeue), (55, KillWorker), (85, KillDaemon)],
+        &[
+            (20, CancelRequeue),
+            (45, KillDaemon),
+            (70, KillWorker),
+            (95, KillDaemonAndWorker),
+        ],
     );
 }
 
@@ -375,7 +411,12 @@ fn interruptions_seed_2_end_bit_identical() {
     use Interruption::*;
     interrupted_run_is_bit_identical(
         2,
-        &[(15, KillDaemon), (47, KillWorker), (95, CancelRequeue)],
+        &[
+            (15, KillDaemonAndWorker),
+            (40, KillDaemon),
+            (67, KillWorker),
+            (95, CancelRequeue),
+        ],
     );
 }
 
