@@ -47,6 +47,26 @@ pub fn main(job_dir: &Path) -> ExitCode {
         });
     }
 
+    let attempt: u32 = std::env::var(contract::ENV_ATTEMPT)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    // A panic (a bug) ends the worker with 101: its message and that exit are left for the
+    // daemon as an error is, so that a daemon that is not this worker's parent (it restarted
+    // meanwhile) still learns how it ended, and the failure says why.
+    {
+        let job_dir = job_dir.to_path_buf();
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            record_end(
+                &job_dir,
+                attempt,
+                101,
+                Some(&format!("the worker panicked: {info}")),
+            );
+        }));
+    }
     let spec_path = job_dir.join(files::SPEC_JSON);
     let spec: JobSpec = match std::fs::read(&spec_path)
         .map_err(|e| e.to_string())
@@ -54,7 +74,9 @@ pub fn main(job_dir: &Path) -> ExitCode {
     {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("jobd worker: cannot read {}: {e}", spec_path.display());
+            let message = format!("cannot read {}: {e}", spec_path.display());
+            eprintln!("jobd worker: {message}");
+            record_end(job_dir, attempt, 1, Some(&message));
             return ExitCode::from(1);
         }
     };
@@ -78,31 +100,12 @@ pub fn main(job_dir: &Path) -> ExitCode {
             .and_then(|v| v.parse().ok())
             .map(Duration::from_secs),
         threads,
-        attempt: std::env::var(contract::ENV_ATTEMPT)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1),
-    };
-    // How it ended stays in the job directory, as `jobd run-command` leaves a command's: a
-    // daemon that was down when it came learns it at its next start (a finished training is
-    // then published, not resumed).
-    let record_exit = |code: i32| {
-        let status = contract::ExitStatus {
-            attempt: ctx.attempt,
-            code: Some(code),
-            signal: None,
-            ended_at: Some(crate::spec::now_ms()),
-        };
-        let bytes = serde_json::to_vec(&status).unwrap_or_default();
-        if let Err(e) = crate::jobfs::write_atomic(&job_dir.join(files::EXIT_STATUS), &bytes, None)
-        {
-            eprintln!("jobd worker: cannot record how it ended: {e}");
-        }
+        attempt,
     };
     match train::run(&spec, &ctx) {
         Ok(WorkerOutcome::Completed { steps }) => {
             eprintln!("jobd worker: training complete ({steps} steps)");
-            record_exit(0);
+            record_end(job_dir, attempt, 0, None);
             ExitCode::SUCCESS
         }
         Ok(WorkerOutcome::Stopped { step }) => {
@@ -110,7 +113,7 @@ pub fn main(job_dir: &Path) -> ExitCode {
                 "jobd worker: stopped at step {step} after checkpointing; exit {}",
                 contract::EXIT_PREEMPTED
             );
-            record_exit(contract::EXIT_PREEMPTED);
+            record_end(job_dir, attempt, contract::EXIT_PREEMPTED, None);
             ExitCode::from(contract::EXIT_PREEMPTED as u8)
         }
         Err(e) => {
@@ -121,18 +124,36 @@ pub fn main(job_dir: &Path) -> ExitCode {
                     .and_then(|v| v.parse().ok());
                 eprintln!("jobd worker: {}", train::out_of_memory_hint(&spec, vram));
             }
-            let record = contract::WorkerError {
-                attempt: ctx.attempt,
-                message: e.to_string(),
-            };
-            let bytes = serde_json::to_vec(&record).unwrap_or_default();
-            if let Err(e) =
-                crate::jobfs::write_atomic(&job_dir.join(files::WORKER_ERROR), &bytes, None)
-            {
-                eprintln!("jobd worker: cannot record the error for the daemon: {e}");
-            }
-            record_exit(1);
+            record_end(job_dir, attempt, 1, Some(&e.to_string()));
             ExitCode::from(1)
         }
+    }
+}
+
+/// Leaves how attempt `attempt` ends in the job directory, as `jobd run-command` leaves a
+/// command's: its error, if any (`worker-error.json`, for the failure reason), and its exit
+/// code (`exit-status.json`), so that a daemon that was down, or is not this worker's parent
+/// since it restarted, learns it (a finished training is then published, not resumed).
+fn record_end(job_dir: &Path, attempt: u32, code: i32, error: Option<&str>) {
+    if let Some(message) = error {
+        let record = contract::WorkerError {
+            attempt,
+            message: message.to_string(),
+        };
+        let bytes = serde_json::to_vec(&record).unwrap_or_default();
+        if let Err(e) = crate::jobfs::write_atomic(&job_dir.join(files::WORKER_ERROR), &bytes, None)
+        {
+            eprintln!("jobd worker: cannot record the error for the daemon: {e}");
+        }
+    }
+    let status = contract::ExitStatus {
+        attempt,
+        code: Some(code),
+        signal: None,
+        ended_at: Some(crate::spec::now_ms()),
+    };
+    let bytes = serde_json::to_vec(&status).unwrap_or_default();
+    if let Err(e) = crate::jobfs::write_atomic(&job_dir.join(files::EXIT_STATUS), &bytes, None) {
+        eprintln!("jobd worker: cannot record how it ended: {e}");
     }
 }

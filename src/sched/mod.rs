@@ -1354,10 +1354,11 @@ impl Scheduler {
         self.usage.add(&rec.owner.user, seconds, now);
         let job_dir = rec.dir(&self.settings.jobs_dir);
         let peak = read_progress(&job_dir).and_then(|p| p.peak_memory_bytes);
-        // A train worker's error (exit 1), or a command that could not be started (127).
+        // A train worker's error (exit 1) or panic (101), or a command that could not be
+        // started (127).
         let worker_error = (matches!(
             (rec.kind, exit.code),
-            (JobKind::Train, Some(1)) | (JobKind::Command, Some(127))
+            (JobKind::Train, Some(1 | 101)) | (JobKind::Command, Some(127))
         ))
         .then(|| read_worker_error(&job_dir, attempt))
         .flatten();

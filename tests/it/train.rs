@@ -577,3 +577,32 @@ fn a_training_that_ended_while_jobd_was_down_is_recorded() {
     );
     assert!(rec.finished_at.unwrap() + 1000 < jobd::spec::now_ms());
 }
+
+/// A worker that cannot even read its job leaves how it ended (exit code and error) in its
+/// job directory for this attempt, as every worker does: a daemon that is not its parent
+/// (restarted meanwhile) learns the outcome and the reason from there.
+#[test]
+fn a_worker_leaves_its_end_in_the_job_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(JOBD)
+        .args(["worker", "--job-dir"])
+        .arg(dir.path())
+        .env("JOBD_ATTEMPT", "3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.path().join(name)).unwrap()).unwrap()
+    };
+    let status = read("exit-status.json");
+    assert_eq!(
+        (status["attempt"].as_u64(), status["code"].as_i64()),
+        (Some(3), Some(1))
+    );
+    let error = read("worker-error.json");
+    assert_eq!(error["attempt"].as_u64(), Some(3));
+    assert!(
+        error["message"].as_str().unwrap().contains("cannot read"),
+        "{error}"
+    );
+}
