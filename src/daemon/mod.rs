@@ -275,8 +275,11 @@ pub async fn run(config: Config, stop: StopRequest) -> anyhow::Result<Ended> {
     }
     let restart = stop.keep_jobs.load(Ordering::SeqCst);
     if restart {
-        info!("restarting in place: no new connections until the next image serves them");
         systemd::reloading();
+        // A publish in progress (minutes for a big model) ends first; requests are served
+        // meanwhile.
+        sched::drain(&handle).await;
+        info!("restarting in place: no new connections until the next image serves them");
     } else {
         info!("stopping: no new connections");
         systemd::stopping();

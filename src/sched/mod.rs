@@ -182,6 +182,11 @@ enum Msg {
         /// A restart in place: running jobs keep running (the next daemon takes them over).
         keep_jobs: bool,
     },
+    /// Before a restart in place: start nothing more, and answer once no model is being
+    /// published (requests are still served meanwhile).
+    Drain {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// What readers see: swapped whole after every flushed batch.
@@ -558,6 +563,10 @@ pub struct Scheduler {
     shutting_down: Option<oneshot::Sender<()>>,
     /// The shutdown is a restart in place: running jobs are left running.
     handing_over: bool,
+    /// A restart in place is coming: nothing new starts.
+    draining: bool,
+    /// Answered once draining and no model is being published.
+    drained: Option<oneshot::Sender<()>>,
     /// Jobs whose model is being published (shutdown waits for them).
     publishing: HashSet<JobId>,
     /// Model names being published into the shared Ollama directory, and by which job: a
@@ -622,6 +631,8 @@ impl Scheduler {
             waiting: BTreeMap::new(),
             shutting_down: None,
             handing_over: false,
+            draining: false,
+            drained: None,
             publishing: HashSet::new(),
             publishing_names: HashMap::new(),
             to_spawn: Vec::new(),
@@ -686,11 +697,14 @@ impl Scheduler {
                 break;
             }
             if self.shutting_down.is_none() {
-                self.fire_due(now_ms());
                 self.stop_overdue(now_ms());
                 self.auto_clean(now_ms());
                 self.check_disk_space();
-                self.replan();
+                // Draining for a restart in place: what is due is the next image's to start.
+                if !self.draining {
+                    self.fire_due(now_ms());
+                    self.replan();
+                }
             }
             self.flush_or_stop().await;
             // Their `running` records (pids) on disk too, before anyone is told.
@@ -700,6 +714,12 @@ impl Scheduler {
             self.publish_view();
             for r in replies {
                 r();
+            }
+            if self.draining
+                && self.publishing.is_empty()
+                && let Some(done) = self.drained.take()
+            {
+                let _ = done.send(());
             }
             if self.shutting_down.is_some() && (self.idle() || self.handed_over()) {
                 if let Some(done) = self.shutting_down.take() {
@@ -972,6 +992,17 @@ impl Scheduler {
             }
             Msg::Ping { reply } => {
                 let _ = reply.send(());
+                None
+            }
+            Msg::Drain { reply } => {
+                if !self.publishing.is_empty() {
+                    info!(
+                        publishing = self.publishing.len(),
+                        "the restart in place waits for the publishes in progress; nothing new starts meanwhile"
+                    );
+                }
+                self.draining = true;
+                self.drained = Some(reply);
                 None
             }
             Msg::Shutdown { reply, keep_jobs } => {
@@ -2258,9 +2289,18 @@ pub async fn shutdown(handle: &SchedHandle) {
     stop(handle, false).await;
 }
 
-/// For a restart in place: asks the scheduler to start nothing more and to finish the
-/// publishes in progress, leaving running jobs running, and waits until it has (its queue
-/// flushed to disk).
+/// Before a restart in place: asks the scheduler to start nothing more (requests are still
+/// answered) and waits until no model is being published.
+pub async fn drain(handle: &SchedHandle) {
+    let (tx, rx) = oneshot::channel();
+    if handle.tx.send(Msg::Drain { reply: tx }).await.is_ok() {
+        let _ = rx.await;
+    }
+}
+
+/// For a restart in place, after [`drain`] and once requests are no longer served: asks the
+/// scheduler to finish the publishes in progress, leaving running jobs running, and waits
+/// until it has (its queue flushed to disk).
 pub async fn hand_over(handle: &SchedHandle) {
     stop(handle, true).await;
 }
