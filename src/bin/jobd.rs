@@ -14,7 +14,17 @@ use jobd::spec::units::HumanDuration;
 
 /// jobd — a batch scheduler for shared GPU machines. Without a subcommand it runs the daemon.
 #[derive(Debug, Parser)]
-#[command(name = "jobd", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "jobd",
+    version,
+    about,
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    after_help = "Signals: SIGTERM or SIGINT stops the daemon (running jobs checkpoint and resume at \
+                  the next start; a second one exits at once). SIGHUP (systemctl reload) restarts it \
+                  in place with its configuration file and executable as they are now: running jobs \
+                  keep running. Should jobd die, a restarted jobd takes over the jobs still running."
+)]
 struct Args {
     /// Config file (TOML; see dist/jobd.toml). Flags override it.
     #[arg(long, short = 'c', value_name = "FILE", env = "JOBD_CONFIG")]
