@@ -165,6 +165,18 @@ pub fn supervise(
     };
     let mut command = std::process::Command::new(program);
     command.args(args);
+    // SAFETY: sigprocmask is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            // The command starts with every signal deliverable, whatever this process blocks.
+            let _ = nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&nix::sys::signal::SigSet::empty()),
+                None,
+            );
+            Ok(())
+        });
+    }
     if let Some(u) = user
         && become_user(&mut command, u.uid, u.gid, &u.groups, &u.workdir).is_err()
     {
@@ -426,18 +438,27 @@ pub fn spawn(
         .stdout(stdout)
         .stderr(stderr)
         .process_group(0);
-    if let Some(&(soft, hard)) = JOB_NOFILE_LIMIT.get() {
-        // SAFETY: setrlimit is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
+    let nofile = JOB_NOFILE_LIMIT.get().copied();
+    // SAFETY: setrlimit and sigprocmask are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some((soft, hard)) = nofile {
                 let _ = nix::sys::resource::setrlimit(
                     nix::sys::resource::Resource::RLIMIT_NOFILE,
                     soft,
                     hard,
                 );
-                Ok(())
-            });
-        }
+            }
+            // Every signal deliverable, whatever the spawning thread blocks (after a restart
+            // in place jobd's threads block the stop signals, and a mask is inherited): a job
+            // must get its SIGTERM to checkpoint.
+            let _ = nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&nix::sys::signal::SigSet::empty()),
+                None,
+            );
+            Ok(())
+        });
     }
     match req.run_as.clone() {
         // A command job's supervisor stays root (it drops to the owner for the command

@@ -258,9 +258,32 @@ fn sighup_restarts_in_place_and_jobs_keep_running() {
         "each line once: {}",
         stderr(&follower)
     );
-    // Still a daemon that works: a new job runs.
+    // Still a daemon that works: a new job runs, and a cancel reaches it as SIGTERM (the new
+    // image's threads block the stop signals; jobs must not inherit that).
     let again = d.submit(&d.write("again.toml", &command_job("true", "")));
     d.wait_state(again, JobState::Succeeded, Duration::from_secs(20));
+    let trap = d.submit(&d.write(
+        "trap.toml",
+        &command_job(
+            "trap 'echo got TERM; exit 0' TERM; echo ready; while :; do sleep 0.1; done",
+            "",
+        ),
+    ));
+    wait_for("the trap set", Duration::from_secs(20), || {
+        std::fs::read_to_string(d.state.join(format!("jobs/{trap}/stdout.log")))
+            .is_ok_and(|t| t.contains("ready"))
+    });
+    // Its supervisor passes stop signals on to what left the job's group: none blocked.
+    let supervisor = d.job(trap).record.process.unwrap().pid;
+    let status = std::fs::read_to_string(format!("/proc/{supervisor}/status")).unwrap();
+    let blocked = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap();
+    assert!(blocked.ends_with("0000000000000000"), "{blocked}");
+    assert!(d.jobctl(&["cancel", &trap.to_string()]).status.success());
+    d.wait_state(trap, JobState::Cancelled, Duration::from_secs(20));
+    let out = std::fs::read_to_string(d.state.join(format!("jobs/{trap}/stdout.log"))).unwrap();
+    assert!(out.contains("got TERM"), "the job got SIGTERM: {out}");
+    let reason = d.job(trap).record.reason.unwrap_or_default();
+    assert!(reason.contains("exit code 0"), "{reason}");
 }
 
 /// `systemd-analyze verify` accepts dist/jobd.service (with ExecStart pointed at the built
