@@ -262,7 +262,7 @@ fn daemon(args: Args) -> ExitCode {
     init_logging(args.verbose);
     // Found now: a package upgrade replaces the file, and a restart in place must start the
     // new one from the same path (`/proc/self/exe` then names the deleted old file).
-    let exe = std::env::current_exe().ok();
+    let exe = own_path();
     let config = match load_config(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -280,6 +280,8 @@ fn daemon(args: Args) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let running = config.clone();
+    let exe_for_check = exe.clone();
     let result = rt.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let stop = StopRequest::new();
@@ -311,13 +313,17 @@ fn daemon(args: Args) -> ExitCode {
                         if stopping {
                             continue;
                         }
-                        match load_config(&args) {
-                            Ok(_) => {
+                        let checked = match load_config(&args) {
+                            Ok(next) => restart_check(&running, &next, exe_for_check.as_deref()).await,
+                            Err(e) => Err(format!("the configuration has an error: {e}")),
+                        };
+                        match checked {
+                            Ok(()) => {
                                 tracing::info!("SIGHUP: restarting in place with the configuration file and executable as they are now; running jobs keep running");
                                 stopping = true;
                                 signals.restart();
                             }
-                            Err(e) => tracing::error!("SIGHUP: not restarting, the configuration has an error (jobd goes on as it was): {e}"),
+                            Err(why) => tracing::error!("SIGHUP: not restarting (jobd goes on as it was): {why}"),
                         }
                         continue;
                     }
@@ -363,6 +369,89 @@ fn daemon(args: Args) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The path this executable was started from, symlinks kept (a `current` link switched to a
+/// new version is followed at the next restart in place): `argv[0]` made absolute, or found
+/// on `PATH`; else what `/proc/self/exe` names.
+fn own_path() -> Option<PathBuf> {
+    let argv0 = PathBuf::from(std::env::args_os().next()?);
+    if argv0.components().count() > 1 {
+        return std::path::absolute(&argv0).ok();
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(&argv0))
+                .find(|p| p.is_file())
+                .and_then(|p| std::path::absolute(p).ok())
+        })
+        .or_else(|| std::env::current_exe().ok())
+}
+
+/// Whether a restart in place from `running` to `next` can work: the new image would start
+/// and serve. Refused, with the reason: another state directory (the running jobs and the
+/// queue are this one's), an executable that is gone or does not run, a new TCP address
+/// that cannot be bound, a new socket path whose directory is missing or that another jobd
+/// serves.
+async fn restart_check(
+    running: &Config,
+    next: &Config,
+    exe: Option<&std::path::Path>,
+) -> Result<(), String> {
+    if next.state_dir != running.state_dir {
+        return Err(format!(
+            "state_dir would change from {} to {}: a restart in place keeps its queue and \
+             running jobs; stop jobd, move the state, and start it",
+            running.state_dir.display(),
+            next.state_dir.display()
+        ));
+    }
+    let exe = exe.ok_or("the path of the jobd executable is unknown")?;
+    let version = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::process::Command::new(exe)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
+    match version {
+        Ok(Ok(out)) if out.status.success() => {}
+        Ok(Ok(out)) => {
+            return Err(format!(
+                "{} --version failed ({}): {}",
+                exe.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Err(e)) => return Err(format!("cannot run {}: {e}", exe.display())),
+        Err(_) => return Err(format!("{} --version did not answer", exe.display())),
+    }
+    if let Some(addr) = next.listen
+        && next.listen != running.listen
+        && addr.port() != 0
+    {
+        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    }
+    if next.socket != running.socket {
+        let dir = next.socket.parent().unwrap_or(std::path::Path::new("/"));
+        if !dir.is_dir() {
+            return Err(format!(
+                "the directory of the new socket {} does not exist",
+                next.socket.display()
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(&next.socket).is_ok() {
+            return Err(format!(
+                "another jobd is listening on {}",
+                next.socket.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The daemon's configuration: the file, then the flags.

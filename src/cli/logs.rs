@@ -330,23 +330,42 @@ async fn copy(
     }
 }
 
-/// Waits (up to [`RECONNECT_FOR`]) for jobd to answer again after it went away mid-follow,
-/// saying so on stderr; the last error if it does not come back.
+/// Waits (up to [`RECONNECT_FOR`]) for jobd to answer again after it went away mid-follow;
+/// the last error if it does not come back. A daemon back within a few seconds (a restart in
+/// place, `systemctl reload`) goes unremarked; a longer absence is said on stderr, once for
+/// all the streams followed.
 pub async fn reconnect(client: &Client, why: &ClientError) -> Result<(), ClientError> {
-    eprintln!(
-        "jobctl: lost jobd: {why}; waiting up to {}s for it to come back",
-        RECONNECT_FOR.as_secs()
-    );
-    let deadline = Instant::now() + RECONNECT_FOR;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Said by one follower for all (stdout and stderr are followed side by side).
+    static SAID_LOST: AtomicBool = AtomicBool::new(false);
+    const QUIET_FOR: Duration = Duration::from_secs(3);
+    let started = Instant::now();
+    let deadline = started + RECONNECT_FOR;
+    let mut said = false;
     loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         match client.get::<serde_json::Value>("/health").await {
             Ok(_) => {
-                eprintln!("jobctl: jobd is back; following again");
+                if SAID_LOST.swap(false, Ordering::SeqCst) {
+                    eprintln!("jobctl: jobd is back; following again");
+                }
                 return Ok(());
             }
             Err(e) if Instant::now() >= deadline || !e.is_transient() => return Err(e),
             Err(_) => {}
+        }
+        if !said && started.elapsed() >= QUIET_FOR {
+            said = true;
+            if !SAID_LOST.swap(true, Ordering::SeqCst) {
+                let how = match why {
+                    ClientError::Interrupted(_) => "the connection closed".to_string(),
+                    other => other.to_string(),
+                };
+                eprintln!(
+                    "jobctl: lost jobd ({how}); waiting up to {}s for it to come back",
+                    RECONNECT_FOR.as_secs()
+                );
+            }
         }
     }
 }

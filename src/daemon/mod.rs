@@ -147,6 +147,7 @@ pub async fn run(config: Config, stop: StopRequest) -> anyhow::Result<Ended> {
         ollama_models: config.ollama_models.clone(),
         schedule_tz: config.schedule_timezone,
         admins: config.admins.clone(),
+        restarted_in_place: std::env::var_os(ENV_LISTEN_FDS).is_some(),
     };
     if let Some(m) = &config.ollama_models
         && !m.is_dir()
@@ -160,17 +161,27 @@ pub async fn run(config: Config, stop: StopRequest) -> anyhow::Result<Ended> {
     // clients that come meanwhile wait in the backlog, answered once it is done, rather than
     // being told that no daemon runs.
     let mut inherited = inherited_listeners();
-    let unix = Arc::new(
-        match inherited.unix.take().filter(|l| {
-            l.local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
-                .is_some_and(|p| p == config.socket && p.exists())
-        }) {
-            Some(l) => l,
-            None => bind_unix(&config.socket)?,
-        },
-    );
+    let inherited_unix = inherited.unix.take().and_then(|l| {
+        let path = l
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))?;
+        if path == config.socket && path.exists() {
+            return Some(l);
+        }
+        // The configuration moved the socket: the old one's file goes with it.
+        drop(l);
+        if std::fs::symlink_metadata(&path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+        None
+    });
+    let unix = Arc::new(match inherited_unix {
+        Some(l) => l,
+        None => bind_unix(&config.socket)?,
+    });
     let unix_for_next = unix.clone();
     let mut tcp_for_next = None;
     let (scheduler, handle) = Scheduler::start(store, inventory, settings)
@@ -210,6 +221,10 @@ pub async fn run(config: Config, stop: StopRequest) -> anyhow::Result<Ended> {
         unix_limits,
         stop_serving.clone(),
     )));
+    if config.listen.is_none() {
+        // Left by an earlier run (or image) that listened: it names nothing any more.
+        let _ = std::fs::remove_file(config.state_dir.join("http.addr"));
+    }
     if let Some(addr) = config.listen {
         // The listener of the daemon image before a restart in place, if it listened there.
         let tcp = match inherited.tcp.take().filter(|l| {

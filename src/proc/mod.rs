@@ -627,6 +627,27 @@ pub fn adopt(
     Some(handle)
 }
 
+/// When the leader recorded in `info` has ended as this process's child (a zombie: it ended
+/// around a restart in place), reaps it and returns its exit status; else `None`.
+pub fn reap_ended_child(info: &ProcessInfo) -> Option<ExitInfo> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    match stat_fields(info.pid) {
+        Some(f) if f.start == info.start_ticks && f.state == 'Z' => {}
+        _ => return None,
+    }
+    match waitpid(Pid::from_raw(info.pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, code)) => Some(ExitInfo {
+            code: Some(code),
+            signal: None,
+        }),
+        Ok(WaitStatus::Signaled(_, sig, _)) => Some(ExitInfo {
+            code: None,
+            signal: Some(sig as i32),
+        }),
+        _ => None,
+    }
+}
+
 /// Is the process recorded in `info` still that process (same start time), and not ended?
 pub fn leader_running(info: &ProcessInfo) -> bool {
     matches!(stat_fields(info.pid), Some(f) if f.start == info.start_ticks && f.state != 'Z' && f.state != 'X')

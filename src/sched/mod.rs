@@ -64,6 +64,9 @@ pub struct SchedSettings {
     pub schedule_tz: crate::spec::schedule::ScheduleTz,
     /// Users who may change any job (root always may), as configured.
     pub admins: std::collections::BTreeSet<String>,
+    /// This daemon is the next image of a restart in place: the running jobs it takes over
+    /// are its children, and their history is not told of a restart nobody would notice.
+    pub restarted_in_place: bool,
 }
 
 /// Errors answered to callers.
@@ -2207,6 +2210,11 @@ impl Scheduler {
             });
         match spawned {
             Ok((info, handle)) => {
+                // Crash tests: die where a crash is worst, the job started but not yet
+                // recorded `running` (tests/it/durability.rs).
+                if std::env::var_os("JOBD_FAILPOINT").is_some_and(|v| v == "exit-after-spawn") {
+                    std::process::exit(86);
+                }
                 let pid = info.pid;
                 self.children.insert(id, handle);
                 if let Err(e) = self.apply(
@@ -2222,6 +2230,19 @@ impl Scheduler {
                 info!(job_id = id, pid, placement = %where_, "job started");
             }
             Err(why) => {
+                // Not the job's fault: jobd's own executable (the worker, a command's
+                // supervisor) was replaced or removed under the running daemon.
+                let exe = &self.settings.worker_exe;
+                let why = if exe.exists() {
+                    why
+                } else {
+                    format!(
+                        "jobd's own executable {} is gone (upgraded or removed while jobd \
+                         runs: `systemctl reload jobd`, or SIGHUP, restarts it from the file \
+                         at its path)",
+                        exe.display()
+                    )
+                };
                 warn!(job_id = id, error = %why, "cannot start job");
                 if let Err(e) = self.apply(
                     id,

@@ -20,15 +20,23 @@ use super::Scheduler;
 use crate::proc;
 use crate::spec::contract::{ENV_JOB_DIR, ExitStatus, files};
 use crate::spec::record::{ExitInfo, ProcessInfo, StopKind};
-use crate::spec::{JobId, JobKind, JobState, Millis, now_ms};
+use crate::spec::{JobId, JobKind, JobRecord, JobState, Millis, now_ms};
 use crate::store::StoreError;
 
 pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
     let mut leftovers: BTreeMap<JobId, Vec<ProcessInfo>> = scan_proc(&s.settings.jobs_dir);
+    // A job still running under its leader is taken over, not stopped: a daemon crash or
+    // restart costs no job its progress. A leader that ended as our child (before a restart
+    // in place, or while it went on) is reaped here, its status known.
+    let TakeOver { adopted, reaped } = take_over(s, &leftovers);
+    for id in adopted.iter().chain(reaped.keys()) {
+        leftovers.remove(id);
+    }
     for job in s
         .jobs
         .values()
         .filter(|j| j.state.holds_resources() || j.state == JobState::Publishing)
+        .filter(|j| !adopted.contains(&j.id) && !reaped.contains_key(&j.id))
     {
         if let Some(p) = &job.process {
             let list = leftovers.entry(job.id).or_default();
@@ -36,12 +44,6 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
                 list.push(p.clone());
             }
         }
-    }
-    // A job still running under its recorded leader is taken over, not stopped: a daemon
-    // crash or restart costs no job its progress.
-    let adopted = adopt_running(s);
-    for id in &adopted {
-        leftovers.remove(id);
     }
     let grace = s.settings.grace;
     let stops = leftovers.iter().flat_map(|(id, infos)| {
@@ -54,7 +56,7 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
         if was_alive {
             warn!(
                 job_id = id,
-                pid, "stopped a worker left over from an earlier daemon"
+                pid, "stopped a job's processes left over from an earlier daemon"
             );
             stopped.entry(id).or_default().push(pid);
         }
@@ -72,7 +74,17 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
         // it again.
         let ended =
             matches!(state, JobState::Starting | JobState::Running) && !stopped.contains_key(&id);
-        if let Some((exit, ended_at)) = ended.then(|| ended_meanwhile(s, id)).flatten() {
+        let outcome = ended
+            .then(|| {
+                let recorded = ended_meanwhile(s, id);
+                match reaped.get(&id) {
+                    // Its own status, from the kernel; the file's time if it has one.
+                    Some(exit) => Some((exit.clone(), recorded.map_or_else(now_ms, |(_, at)| at))),
+                    None => recorded,
+                }
+            })
+            .flatten();
+        if let Some((exit, ended_at)) = outcome {
             // `starting` was on disk, `running` not yet: it ran all the same.
             let running = (state == JobState::Starting).then_some(JobState::Running);
             s.apply(
@@ -80,11 +92,7 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
                 running,
                 format!(
                     "daemon restarted; its {} had ended meanwhile ({exit})",
-                    if s.jobs[&id].kind == JobKind::Command {
-                        "command"
-                    } else {
-                        "worker"
-                    }
+                    what_runs(s.jobs[&id].kind)
                 ),
                 &|_| {},
             )?;
@@ -98,9 +106,18 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
         }
         match state {
             JobState::Starting | JobState::Running | JobState::Publishing => {
-                let what = match stopped.get(&id) {
-                    Some(pids) => format!("its worker (pid {}) was stopped", join(pids)),
-                    None => "its worker was no longer running".into(),
+                let rec = &s.jobs[&id];
+                let what = what_runs(rec.kind);
+                let gone = missing_gpus(s, rec);
+                let what = match (stopped.get(&id), gone.is_empty()) {
+                    (Some(pids), true) => format!("its {what} (pid {}) was stopped", join(pids)),
+                    (Some(pids), false) => format!(
+                        "its GPU {} is not in this daemon's inventory any more, so its {what} \
+                         (pid {}) was stopped",
+                        gone.join(", "),
+                        join(pids)
+                    ),
+                    (None, _) => format!("its {what} was no longer running"),
                 };
                 // The attempt's GPU time counts for fair share as if jobd had seen it end (it
                 // used to be lost with the daemon): until now if its worker ran until this
@@ -161,21 +178,6 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
         }
         // Stray workers of finished jobs (should not exist) were stopped above as well.
     }
-    for id in adopted {
-        let rec = &s.jobs[&id];
-        let what = match rec.kind {
-            JobKind::Command => "command",
-            JobKind::Train => "worker",
-        };
-        let pid = rec.process.as_ref().map_or(0, |p| p.pid);
-        s.apply(
-            id,
-            None,
-            format!("daemon restarted; its {what} (pid {pid}) was still running and goes on"),
-            &|_| {},
-        )?;
-        info!(job_id = id, pid, "took over a job still running");
-    }
     if !s.children.is_empty() {
         // Their GPU memory is theirs, not another program's.
         s.refresh_gpus(true);
@@ -183,37 +185,80 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Takes over the `running` jobs whose recorded leader still runs: watched as if spawned
-/// here (their end recorded, stops passed on), with the GPUs they hold. Not taken over: a job
-/// given a stop before the crash (recovery carries the stop out), and one placed on a GPU
-/// this daemon does not have (its configuration changed): both are stopped as before.
-fn adopt_running(s: &mut Scheduler) -> BTreeSet<JobId> {
-    let uuids: BTreeSet<&str> = s.gpus.gpus.iter().map(|g| g.uuid.as_str()).collect();
-    let candidates: Vec<(JobId, u32, ProcessInfo, u32, std::path::PathBuf)> = s
+/// What a job runs as, for messages.
+fn what_runs(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Command => "command",
+        JobKind::Train => "worker",
+    }
+}
+
+/// The GPUs of a job's placement that this daemon's inventory does not have (its
+/// configuration changed).
+fn missing_gpus(s: &Scheduler, rec: &JobRecord) -> Vec<String> {
+    rec.placement.as_ref().map_or_else(Vec::new, |p| {
+        p.gpus
+            .iter()
+            .filter(|g| !s.gpus.gpus.iter().any(|have| have.uuid == g.uuid))
+            .map(|g| format!("{} ({})", g.index, g.uuid))
+            .collect()
+    })
+}
+
+/// What [`take_over`] did.
+struct TakeOver {
+    /// Jobs now watched as if spawned here.
+    adopted: BTreeSet<JobId>,
+    /// Jobs whose leader had ended as this process's child, with its exit status.
+    reaped: BTreeMap<JobId, ExitInfo>,
+}
+
+/// Takes over the `starting` and `running` jobs whose leader still runs — the recorded one,
+/// or, for a job whose `running` record did not reach the disk, its group leader found in
+/// `/proc` (`scanned`) — watched as if spawned here (their end recorded, stops passed on),
+/// with the GPUs they hold. A stop given before the restart is given again (a cancel, a time
+/// limit or a preemption is carried out; the stop of a daemon shutdown is over). Not taken
+/// over: a job placed on a GPU this daemon does not have (its configuration changed), stopped
+/// and requeued by the caller.
+fn take_over(s: &mut Scheduler, scanned: &BTreeMap<JobId, Vec<ProcessInfo>>) -> TakeOver {
+    let mut out = TakeOver {
+        adopted: BTreeSet::new(),
+        reaped: BTreeMap::new(),
+    };
+    let candidates: Vec<(JobId, ProcessInfo)> = s
         .jobs
         .values()
-        .filter(|j| j.state == JobState::Running && j.stop.is_none())
-        .filter(|j| {
-            j.placement
-                .as_ref()
-                .is_none_or(|p| p.gpus.iter().all(|g| uuids.contains(g.uuid.as_str())))
-        })
+        .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
         .filter_map(|j| {
-            let p = j.process.clone()?;
-            // The user its processes run as: the owner under a root daemon.
-            let uid = if s.settings.run_as_owner {
-                j.owner.uid
-            } else {
-                nix::unistd::geteuid().as_raw()
-            };
-            Some((j.id, j.attempts, p, uid, j.dir(&s.settings.jobs_dir)))
+            let leader = j.process.clone().or_else(|| {
+                scanned
+                    .get(&j.id)?
+                    .iter()
+                    .find(|p| p.pid == p.pgid)
+                    .cloned()
+            })?;
+            Some((j.id, leader))
         })
         .collect();
-    let mut adopted = BTreeSet::new();
-    for (id, attempt, info, uid, dir) in candidates {
+    for (id, info) in candidates {
+        if let Some(exit) = proc::reap_ended_child(&info) {
+            out.reaped.insert(id, exit);
+            continue;
+        }
+        let rec = &s.jobs[&id];
+        if !missing_gpus(s, rec).is_empty() {
+            continue;
+        }
+        // The user its processes run as: the owner under a root daemon.
+        let uid = if s.settings.run_as_owner {
+            rec.owner.uid
+        } else {
+            nix::unistd::geteuid().as_raw()
+        };
+        let (attempt, dir) = (rec.attempts, rec.dir(&s.settings.jobs_dir));
         let marker = format!("{ENV_JOB_DIR}={}", dir.display());
         let tx = s.tx.clone();
-        let handle = proc::adopt(&info, marker, uid, move |exit| {
+        let Some(handle) = proc::adopt(&info, marker, uid, move |exit| {
             // Not this daemon's child: what the job's supervisor (or worker) recorded.
             let exit = exit
                 .or_else(|| recorded_exit(&dir, attempt).map(|(e, _)| e))
@@ -222,13 +267,49 @@ fn adopt_running(s: &mut Scheduler) -> BTreeSet<JobId> {
                     signal: None,
                 });
             super::send_exit(&tx, id, attempt, exit);
-        });
-        if let Some(handle) = handle {
-            s.children.insert(id, handle);
-            adopted.insert(id);
+        }) else {
+            continue;
+        };
+        let rec = &s.jobs[&id];
+        let what = what_runs(rec.kind);
+        let pid = info.pid;
+        let starting = rec.state == JobState::Starting;
+        let stop = rec.stop.clone();
+        let grace = s.settings.grace;
+        // Its stop (if any) goes on; a shutdown's is over.
+        let (stop_again, keep_stop) = match &stop {
+            Some(StopKind::Shutdown) | None => (false, None),
+            Some(other) => (true, Some(other.clone())),
+        };
+        let reason = match (&stop, stop_again) {
+            (Some(_), true) => format!(
+                "daemon restarted; its {what} (pid {pid}) was still running; stopping it again \
+                 (grace {}s)",
+                grace.as_secs()
+            ),
+            _ => format!("daemon restarted; its {what} (pid {pid}) was still running and goes on"),
+        };
+        // A restart in place is nobody's news, unless something changes.
+        let quiet = s.settings.restarted_in_place && !starting && stop.is_none();
+        let changed = if quiet {
+            Ok(s.jobs[&id].clone())
+        } else {
+            s.apply(id, starting.then_some(JobState::Running), reason, &|r| {
+                r.process = Some(info.clone());
+                r.stop = keep_stop.clone();
+            })
+        };
+        if let Err(e) = changed {
+            warn!(job_id = id, error = %e, "cannot record a job taken over");
         }
+        if stop_again {
+            handle.stop(grace);
+        }
+        s.children.insert(id, handle);
+        out.adopted.insert(id);
+        info!(job_id = id, pid, "took over a job still running");
     }
-    adopted
+    out
 }
 
 /// The outcome `jobd run-command` recorded for a command job's current attempt, if any, and
@@ -322,13 +403,17 @@ fn scan_proc(jobs_dir: &Path) -> BTreeMap<JobId, Vec<ProcessInfo>> {
         let Some(start_ticks) = proc::start_ticks(pid) else {
             continue;
         };
+        let found = ProcessInfo {
+            pid,
+            pgid: pgid.as_raw(),
+            start_ticks,
+        };
+        // One process per group, its leader where it is seen (it names the job's process).
         let list = out.entry(id).or_default();
-        if !list.iter().any(|p| p.pgid == pgid.as_raw()) {
-            list.push(ProcessInfo {
-                pid,
-                pgid: pgid.as_raw(),
-                start_ticks,
-            });
+        match list.iter_mut().find(|p| p.pgid == found.pgid) {
+            Some(p) if found.pid == found.pgid => *p = found,
+            Some(_) => {}
+            None => list.push(found),
         }
     }
     out

@@ -226,6 +226,7 @@ mod tests {
             ollama_models: None,
             schedule_tz: Default::default(),
             admins: Default::default(),
+            restarted_in_place: false,
         };
         let train = record(include_str!("../../jobs/tiny.toml"));
         let req = prepare(&train, &settings, false).unwrap();
