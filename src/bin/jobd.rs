@@ -282,6 +282,10 @@ fn daemon(args: Args) -> ExitCode {
     };
     let running = config.clone();
     let exe_for_check = exe.clone();
+    // A stop asked for during a restart in place: given to the next image, which stops as
+    // asked (jobs checkpoint), rather than cutting the restart short with jobs unwatched.
+    let stop_after_restart = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_later = stop_after_restart.clone();
     let result = rt.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let stop = StopRequest::new();
@@ -302,6 +306,7 @@ fn daemon(args: Args) -> ExitCode {
         let signals = stop.clone();
         tokio::spawn(async move {
             let mut stopping = false;
+            let mut restarting = false;
             loop {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -321,12 +326,19 @@ fn daemon(args: Args) -> ExitCode {
                             Ok(()) => {
                                 tracing::info!("SIGHUP: restarting in place with the configuration file and executable as they are now; running jobs keep running");
                                 stopping = true;
+                                restarting = true;
                                 signals.restart();
                             }
                             Err(why) => tracing::error!("SIGHUP: not restarting (jobd goes on as it was): {why}"),
                         }
                         continue;
                     }
+                }
+                if restarting {
+                    if !stop_later.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        tracing::info!("stop signal during the restart in place: the restarted daemon stops as asked (jobs checkpoint)");
+                    }
+                    continue;
                 }
                 if stopping {
                     tracing::warn!("second stop signal: exiting now; workers still running are taken over or stopped by recovery at the next start");
@@ -353,6 +365,14 @@ fn daemon(args: Args) -> ExitCode {
                 Some(&stop_signals()),
                 None,
             );
+            if stop_after_restart.load(std::sync::atomic::Ordering::SeqCst) {
+                // Pending (blocked) across `exec`: the next image takes it when it unblocks.
+                // Sent to this thread, the one that execs, whose pending signals survive it.
+                let _ = nix::sys::pthread::pthread_kill(
+                    nix::sys::pthread::pthread_self(),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
             let mut argv = std::env::args_os();
             let _ = argv.next();
             let err = std::process::Command::new(&exe)

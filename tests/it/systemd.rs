@@ -326,3 +326,56 @@ fn unit_file_verifies() {
         "warnings about the unit:\n{text}"
     );
 }
+
+/// A stop asked for while jobd restarts in place (`systemctl reload` then `systemctl stop`)
+/// is a normal stop done by the restarted daemon: jobs are asked to checkpoint and recorded
+/// interrupted, and jobd exits 0. (It used to exit at once as on a second stop signal,
+/// leaving the jobs running unwatched.)
+#[test]
+fn a_stop_during_a_restart_in_place_is_a_clean_stop() {
+    let mut d = TestDaemon::start(&["--gpus", "none"]);
+    let id = d.submit(&d.write(
+        "j.toml",
+        &command_job(
+            "trap 'echo got TERM; exit 75' TERM; echo ready; while :; do sleep 0.1; done",
+            "",
+        ),
+    ));
+    wait_for("the trap set", Duration::from_secs(20), || {
+        std::fs::read_to_string(d.state.join(format!("jobs/{id}/stdout.log")))
+            .is_ok_and(|t| t.contains("ready"))
+    });
+    // An open log stream makes the restart take a moment.
+    let mut follower = std::process::Command::new(JOBCTL)
+        .args(["logs", "-f", &id.to_string()])
+        .env("JOBD_URL", &d.socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = d.wait_exit(Duration::from_secs(30));
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(
+        d.log().contains("handing over"),
+        "it did restart: {}",
+        d.log()
+    );
+    let out = std::fs::read_to_string(d.state.join(format!("jobs/{id}/stdout.log"))).unwrap();
+    assert!(out.contains("got TERM"), "the job was asked to stop: {out}");
+    d.restart();
+    let events = d.events(id);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.state == JobState::Interrupted && e.reason.contains("daemon stopping")),
+        "{events:#?}"
+    );
+    assert!(d.jobctl(&["cancel", &id.to_string()]).status.success());
+}
