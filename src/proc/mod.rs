@@ -568,6 +568,7 @@ async fn watch_group(
     uid: u32,
 ) -> Option<ExitInfo> {
     let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut killed = false;
     let mut ended = std::pin::pin!(ended);
     let exit = loop {
         let deadline = async {
@@ -585,10 +586,16 @@ async fn watch_group(
             }
             () = deadline => {
                 signal_group(pgid, Signal::SIGKILL);
+                killed = true;
                 kill_at = None;
             }
         }
     };
+    // A leader that is not our child leaves no status; one we SIGKILLed is known to be that.
+    let exit = exit.or(killed.then_some(ExitInfo {
+        code: None,
+        signal: Some(Signal::SIGKILL as i32),
+    }));
     signal_group(pgid, Signal::SIGKILL);
     if let Some(entry) = &marker {
         kill_marked(entry, uid);
@@ -812,6 +819,8 @@ pub async fn stop_leftover(info: &ProcessInfo, grace: Duration) -> bool {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    // Our child still, after a restart in place: reaped, not left a zombie.
+    let _ = reap_ended_child(info);
     true
 }
 
@@ -982,7 +991,11 @@ mod tests {
             "a pid with another start time is another process"
         );
         assert!(stop_leftover(&info, Duration::from_secs(5)).await);
-        // Reap our test child so it is not a zombie.
+        // Our child (as after a restart in place): reaped, not left a zombie.
+        assert!(
+            stat_fields(pid).is_none_or(|f| f.start != info.start_ticks),
+            "reaped"
+        );
         let _ = child.wait_with_output();
         assert!(!group_alive(pid));
         assert!(!worker_alive(&info));

@@ -1828,6 +1828,12 @@ impl Scheduler {
             self.publishing_names.insert(name.to_string(), id);
         }
         tokio::task::spawn_blocking(move || {
+            // Crash tests: die while publishing, once the `publishing` record is on disk
+            // (tests/it/train.rs).
+            if std::env::var_os("JOBD_FAILPOINT").is_some_and(|v| v == "exit-while-publishing") {
+                std::thread::sleep(Duration::from_millis(500));
+                std::process::exit(86);
+            }
             let result = (|| {
                 let models_dir = spec
                     .models_dir

@@ -105,6 +105,42 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
             continue;
         }
         match state {
+            // The training had finished (its worker left exit 0): only the publish is done
+            // again, not the training on a GPU from its last checkpoint.
+            JobState::Publishing if trained(s, id) => {
+                let job = &s.jobs[&id];
+                let spec = job
+                    .spec
+                    .publish
+                    .clone()
+                    .unwrap_or_else(|| crate::spec::publish::PublishSpec::named(&job.name));
+                let owner = job.owner.user.clone();
+                match s.check_model_name(&spec, &owner, s.is_admin(&owner)) {
+                    Err(e) => {
+                        let now = now_ms();
+                        s.apply(
+                            id,
+                            Some(JobState::Failed),
+                            format!("publishing failed: {e}"),
+                            &|r| {
+                                r.process = None;
+                                r.finished_at = Some(now);
+                            },
+                        )?;
+                    }
+                    Ok(()) => {
+                        s.apply(
+                            id,
+                            None,
+                            "daemon restarted while publishing; the training had finished: \
+                             publishing again"
+                                .into(),
+                            &|r| r.process = None,
+                        )?;
+                        s.start_publish(id, spec, None);
+                    }
+                }
+            }
             JobState::Starting | JobState::Running | JobState::Publishing => {
                 let rec = &s.jobs[&id];
                 let what = what_runs(rec.kind);
@@ -183,6 +219,13 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
         s.refresh_gpus(true);
     }
     Ok(())
+}
+
+/// Did the job's current attempt finish its training (its worker recorded exit 0)?
+fn trained(s: &Scheduler, id: JobId) -> bool {
+    let rec = &s.jobs[&id];
+    recorded_exit(&rec.dir(&s.settings.jobs_dir), rec.attempts)
+        .is_some_and(|(exit, _)| exit.code == Some(0))
 }
 
 /// What a job runs as, for messages.

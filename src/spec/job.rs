@@ -260,10 +260,12 @@ impl RetrySpec {
     /// signal N counts as code 128 + N, as a shell reports it, so `on_exit_codes = [137]`
     /// matches a process the kernel's OOM killer ended with SIGKILL.
     pub fn retries_on(&self, code: Option<i32>, signal: Option<i32>) -> bool {
-        match code.or(signal.map(|s| 128 + s)) {
-            Some(0) => false,
-            Some(c) => self.on_exit_codes.is_empty() || self.on_exit_codes.contains(&c),
-            None => self.on_exit_codes.is_empty(),
+        // An end nobody could record (a process taken over after a daemon restart is not
+        // jobd's child; the job's own record of its exit was never written) was a kill that
+        // could not be caught: SIGKILL, 137, the out-of-memory killer's.
+        match code.or(signal.map(|s| 128 + s)).unwrap_or(137) {
+            0 => false,
+            c => self.on_exit_codes.is_empty() || self.on_exit_codes.contains(&c),
         }
     }
 }

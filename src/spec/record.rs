@@ -162,7 +162,7 @@ impl std::fmt::Display for ExitInfo {
                     .unwrap_or_else(|_| format!("signal {s}"));
                 write!(f, "killed by {name}")
             }
-            (None, None) => f.write_str("unknown exit status"),
+            (None, None) => f.write_str("ended without a recorded exit status (killed?)"),
         }
     }
 }

@@ -313,7 +313,10 @@ fn jobs_taken_over_end_as_their_commands_do() {
     ));
     let victim = d.submit(&d.write(
         "victim.toml",
-        &command_job(&format!("sleep 60; touch {}/survived", marks.display()), ""),
+        &command_job(
+            &format!("sleep 60; touch {}/survived", marks.display()),
+            "[retry]\nmax = 1\non_exit_codes = [137]\nbackoff = \"0s\"",
+        ),
     ));
     d.wait_state(fails, JobState::Running, Duration::from_secs(20));
     d.wait_state(victim, JobState::Running, Duration::from_secs(20));
@@ -354,21 +357,37 @@ fn jobs_taken_over_end_as_their_commands_do() {
     );
     assert_eq!(rec.attempts, 1);
 
-    // Its supervisor killed from outside: no exit status was recorded; the job fails and its
-    // command does not outlive it.
+    // Its supervisor killed from outside: no exit status was recorded; that counts as a
+    // SIGKILL (137, which its retry policy names, as for the OOM killer), and its command
+    // does not outlive it.
     let supervisor = d.job(victim).record.process.unwrap().pid;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(supervisor),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    d.wait_state(victim, JobState::Failed, Duration::from_secs(20));
-    let reason = d.job(victim).record.reason.unwrap_or_default();
-    assert!(reason.contains("unknown exit status"), "{reason}");
+    wait_for("the victim's retry", Duration::from_secs(20), || {
+        d.job(victim).record.attempts == 2
+    });
+    assert!(
+        d.events(victim)
+            .iter()
+            .any(|e| e.reason.contains("ended without a recorded exit status")),
+        "{:#?}",
+        d.events(victim)
+    );
     let marker = format!(
         "JOBD_JOB_DIR={}",
         d.state.join(format!("jobs/{victim}")).display()
     );
+    std::thread::sleep(Duration::from_millis(300));
+    let first_run = std::fs::read_to_string(d.state.join(format!("jobs/{victim}/stdout.log")));
+    assert!(
+        !std::path::Path::new(&format!("{}/survived", marks.display())).exists(),
+        "{first_run:?}"
+    );
+    assert!(d.jobctl(&["cancel", &victim.to_string()]).status.success());
+    d.wait_state(victim, JobState::Cancelled, Duration::from_secs(20));
     wait_for(
         "the victim's command to be gone",
         Duration::from_secs(10),
@@ -411,6 +430,9 @@ fn a_cancel_before_a_crash_stands() {
     let rec = d.job(id).record;
     assert_eq!(rec.state, JobState::Cancelled, "{:#?}", d.events(id));
     assert_eq!(rec.attempts, 1, "never run again: {:#?}", d.events(id));
+    // Taken over and stopped again by the new daemon, which had to SIGKILL it (and knows).
+    let reason = rec.reason.unwrap_or_default();
+    assert!(reason.contains("killed by SIGKILL"), "{reason}");
 }
 
 /// When a job fills the file system of the state directory, no job starts until there is

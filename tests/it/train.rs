@@ -606,3 +606,55 @@ fn a_worker_leaves_its_end_in_the_job_directory() {
         "{error}"
     );
 }
+
+/// A daemon that dies while publishing a finished training publishes it again at its next
+/// start, without training again (QA: the job went back to the queue for a GPU and its worker
+/// ran a second time).
+#[test]
+fn a_publish_cut_by_a_crash_is_done_again_without_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    let mut d = TestDaemon::start_full(
+        &[
+            "--gpus",
+            "none",
+            "--ollama-models",
+            models.to_str().unwrap(),
+        ],
+        "",
+        &[("JOBD_FAILPOINT", "exit-while-publishing")],
+    );
+    let data = repo().join("jobs/data");
+    let text = std::fs::read_to_string(repo().join("jobs/tiny.toml"))
+        .unwrap()
+        .replace("\"data/", &format!("\"{}/", data.display()))
+        .replace("max_steps = 400", "max_steps = 4")
+        .replace("warmup_steps = 20", "warmup_steps = 1")
+        .replace("eval_steps = 100", "eval_steps = 2")
+        .replace("save_steps = 100", "save_steps = 2");
+    assert!(text.contains("max_steps = 4\n") && text.contains("[publish]"));
+    let id = d.submit(&d.write("tiny.toml", &text));
+    let status = d.wait_exit(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(86), "the failpoint: {}", d.log());
+    d.restart_with_env(&[]);
+    d.wait_state(id, JobState::Succeeded, Duration::from_secs(60));
+    let rec = d.job(id).record;
+    assert_eq!(rec.attempts, 1, "{:#?}", d.events(id));
+    assert!(
+        d.events(id)
+            .iter()
+            .any(|e| e.reason.contains("publishing again")),
+        "{:#?}",
+        d.events(id)
+    );
+    let log = std::fs::read_to_string(d.state.join(format!("jobs/{id}/stderr.log"))).unwrap();
+    assert_eq!(
+        log.matches("training complete").count(),
+        1,
+        "trained once:\n{log}"
+    );
+    let out = d.jobctl(&["models"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("jobd/tiny-shift"), "{}", stdout(&out));
+}
