@@ -166,6 +166,12 @@ try {
     const legend = await page.locator('#chart-loss .u-legend .u-series:nth-child(2) .u-value').textContent();
     check(Number.isFinite(Number(legend)) && Number(legend) > 0, `the legend's train loss: ${legend}`);
     seen.loss_legend = legend;
+    // Axis labels fit their column: thousands of tokens/s as "52.3k" (QA saw ".00e+4").
+    const ticks = await page.evaluate(async () => {
+      const { axisNum } = await import('/js/util.js');
+      return [52345, 1234567, 0.25].map(axisNum).join(' ');
+    });
+    check(ticks === '52.3k 1.23M 0.25', `axis labels: ${ticks}`);
     await page.waitForSelector('.checkpoints tbody tr', { timeout: 30000 });
     await page.waitForFunction(() => [...document.querySelectorAll('.events td')].some((td) => td.textContent === 'running'));
     // Logs belong to the owner: read-only visitors are told so.

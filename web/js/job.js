@@ -3,7 +3,7 @@
 // (`/jobs/{id}/logs?follow=true`). Charts are uPlot (web/vendor/uplot).
 
 import { api, followLog, subscribe } from './api.js';
-import { bytes, duration, el, Eta, num, stateBadge, time } from './util.js';
+import { axisNum, bytes, duration, el, Eta, num, stateBadge, time } from './util.js';
 
 const TERMINAL = ['succeeded', 'failed', 'cancelled'];
 
@@ -42,7 +42,7 @@ class Chart {
       scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
       axes: [
         { ...axis, label: 'step', incrs: stepIncrs },
-        { ...axis, size: 60, values: (u, splits) => splits.map((v) => num(v, 3)) },
+        { ...axis, size: 60, values: (u, splits) => splits.map(axisNum) },
       ],
       series: [{ label: 'step' }, ...series.map((s) => ({
         label: s.label,

@@ -53,6 +53,16 @@ export function num(v, digits = 4) {
   return Number(v.toFixed(digits)).toString();
 }
 
+/** A chart axis label that fits its narrow column: 52.3k, 1.2M, 0.25, 3.00e-5. */
+export function axisNum(v) {
+  if (v === undefined || v === null) return '';
+  const a = Math.abs(v);
+  for (const [scale, unit] of [[1e12, 'T'], [1e9, 'G'], [1e6, 'M'], [1e3, 'k']]) {
+    if (a >= scale) return `${Number((v / scale).toPrecision(3))}${unit}`;
+  }
+  return num(v, 3);
+}
+
 /**
  * Wraps an async `task` so that calls while it runs do not overlap: they coalesce into one
  * more run after it (a burst of "the queue changed" pushes makes two fetches, not twenty).
