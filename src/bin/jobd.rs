@@ -3,8 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use std::os::unix::process::CommandExt;
-
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -373,12 +371,9 @@ fn daemon(args: Args) -> ExitCode {
                     nix::sys::signal::Signal::SIGTERM,
                 );
             }
-            let mut argv = std::env::args_os();
-            let _ = argv.next();
-            let err = std::process::Command::new(&exe)
-                .args(argv)
-                .env(jobd::daemon::ENV_LISTEN_FDS, listen_fds)
-                .exec();
+            // execve itself, not `Command::exec`: the signal mask and the pending signal above
+            // must reach the next image as they are.
+            let err = exec_again(&exe, &listen_fds);
             // Still this image: exit with an error (systemd starts jobd again, and its
             // recovery takes the running jobs over).
             eprintln!("jobd: cannot restart {}: {err}", exe.display());
@@ -388,6 +383,33 @@ fn daemon(args: Args) -> ExitCode {
             eprintln!("jobd: {}", jobd::cli::error_chain(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// Replaces this process's image with `exe`, given this process's arguments and environment
+/// plus the listening sockets to take over ([`jobd::daemon::ENV_LISTEN_FDS`]); returns only
+/// on failure.
+fn exec_again(exe: &std::path::Path, listen_fds: &str) -> std::io::Error {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |b: &[u8]| CString::new(b).map_err(|_| std::io::Error::other("a NUL byte"));
+    let run = || -> std::io::Result<std::convert::Infallible> {
+        let path = c(exe.as_os_str().as_bytes())?;
+        let argv = std::env::args_os()
+            .map(|a| c(a.as_bytes()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut env = std::env::vars_os()
+            .filter(|(k, _)| k != jobd::daemon::ENV_LISTEN_FDS)
+            .map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        env.push(c(
+            format!("{}={listen_fds}", jobd::daemon::ENV_LISTEN_FDS).as_bytes()
+        )?);
+        Ok(nix::unistd::execve(&path, &argv, &env)?)
+    };
+    match run() {
+        Ok(never) => match never {},
+        Err(e) => e,
     }
 }
 
