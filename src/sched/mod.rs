@@ -503,6 +503,9 @@ pub fn explain(view: &View, id: JobId, now: Millis) -> Option<Explanation> {
                 Some(StopKind::Stalled) => details.push(
                     "It showed no sign of life for its stall_timeout and is being stopped.".into(),
                 ),
+                Some(StopKind::Requeue { why }) => {
+                    details.push(format!("It is being stopped ({why}); it will be requeued."))
+                }
                 None => {
                     if let (Some(limit), Some(started)) =
                         (job.spec.resources.time_limit, job.started_at)
@@ -1467,6 +1470,23 @@ impl Scheduler {
                 format!("daemon stopping ({exit}); resumes at next start"),
                 &finish,
             ),
+            (Some(StopKind::Requeue { why }), _) => {
+                let why = why.clone();
+                self.apply(
+                    id,
+                    Some(JobState::Interrupted),
+                    format!("stopped: {why} ({exit})"),
+                    &finish,
+                )
+                .and_then(|_| {
+                    let again = if self.jobs[&id].kind == JobKind::Train {
+                        "requeued; resumes from its last checkpoint"
+                    } else {
+                        "requeued; its command runs again"
+                    };
+                    self.requeue_now(id, again.into())
+                })
+            }
             (Some(StopKind::Preempt { for_job }), _) => {
                 let for_job = *for_job;
                 self.apply(

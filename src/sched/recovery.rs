@@ -260,9 +260,9 @@ struct TakeOver {
 /// or, for a job whose `running` record did not reach the disk, its group leader found in
 /// `/proc` (`scanned`) — watched as if spawned here (their end recorded, stops passed on),
 /// with the GPUs they hold. A stop given before the restart is given again (a cancel, a time
-/// limit or a preemption is carried out; the stop of a daemon shutdown is over). Not taken
-/// over: a job placed on a GPU this daemon does not have (its configuration changed), stopped
-/// and requeued by the caller.
+/// limit or a preemption is carried out; the stop of a daemon shutdown is over), and a job
+/// placed on a GPU this daemon does not have (its configuration changed) is stopped and then
+/// requeued — in the background, so that start-up never waits a grace period for them.
 fn take_over(s: &mut Scheduler, scanned: &BTreeMap<JobId, Vec<ProcessInfo>>) -> TakeOver {
     let mut out = TakeOver {
         adopted: BTreeSet::new(),
@@ -289,9 +289,9 @@ fn take_over(s: &mut Scheduler, scanned: &BTreeMap<JobId, Vec<ProcessInfo>>) -> 
             continue;
         }
         let rec = &s.jobs[&id];
-        if !missing_gpus(s, rec).is_empty() {
-            continue;
-        }
+        // Its GPU gone (the configuration changed): taken over all the same, so that the stop
+        // goes on in the background, and requeued once it has ended.
+        let gone = missing_gpus(s, rec);
         // The user its processes run as: the owner under a root daemon.
         let uid = if s.settings.run_as_owner {
             rec.owner.uid
@@ -317,14 +317,27 @@ fn take_over(s: &mut Scheduler, scanned: &BTreeMap<JobId, Vec<ProcessInfo>>) -> 
         let what = what_runs(rec.kind);
         let pid = info.pid;
         let starting = rec.state == JobState::Starting;
-        let stop = rec.stop.clone();
         let grace = s.settings.grace;
+        let stop = if gone.is_empty() {
+            rec.stop.clone()
+        } else {
+            Some(StopKind::Requeue {
+                why: format!(
+                    "its GPU {} is not in this daemon's inventory any more",
+                    gone.join(", ")
+                ),
+            })
+        };
         // Its stop (if any) goes on; a shutdown's is over.
         let (stop_again, keep_stop) = match &stop {
             Some(StopKind::Shutdown) | None => (false, None),
             Some(other) => (true, Some(other.clone())),
         };
         let reason = match (&stop, stop_again) {
+            (Some(StopKind::Requeue { why }), _) => format!(
+                "daemon restarted; {why}: stopping its {what} (pid {pid}, grace {}s) to requeue it",
+                grace.as_secs()
+            ),
             (Some(_), true) => format!(
                 "daemon restarted; its {what} (pid {pid}) was still running; stopping it again \
                  (grace {}s)",

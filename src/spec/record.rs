@@ -181,6 +181,9 @@ pub enum StopKind {
     TimeLimit,
     /// The run showed no sign of life for `resources.stall_timeout`; retried as a failure.
     Stalled,
+    /// jobd cannot keep the run where it is (`why`: its GPU left the inventory when the
+    /// daemon's configuration changed); requeued after, as a preemption is.
+    Requeue { why: String },
 }
 
 /// One entry of a job's history.

@@ -333,6 +333,12 @@ fn jobs_taken_over_end_as_their_commands_do() {
     d.restart_with(&["--gpus", "fake:24GiB"]);
     assert_eq!(d.state(first), JobState::Running, "{:#?}", d.events(first));
     assert_eq!(d.job(first).record.attempts, 1);
+    // Stopped in the background (start-up does not wait for it), then requeued.
+    wait_for(
+        "the job on the GPU gone to be requeued",
+        Duration::from_secs(20),
+        || d.state(second) == JobState::Queued,
+    );
     let events = d.events(second);
     assert!(
         events.iter().any(|e| e.state == JobState::Interrupted
@@ -341,8 +347,8 @@ fn jobs_taken_over_end_as_their_commands_do() {
         "{events:#?}"
     );
     assert_eq!(
-        d.state(second),
-        JobState::Queued,
+        d.job(second).record.attempts,
+        1,
         "GPU 0 is taken: {events:#?}"
     );
 
