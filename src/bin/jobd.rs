@@ -260,7 +260,7 @@ fn daemon(args: Args) -> ExitCode {
     init_logging(args.verbose);
     // Found now: a package upgrade replaces the file, and a restart in place must start the
     // new one from the same path (`/proc/self/exe` then names the deleted old file).
-    let exe = own_path();
+    let exe = jobd::daemon::started_as();
     let config = match load_config(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -413,24 +413,6 @@ fn exec_again(exe: &std::path::Path, listen_fds: &str) -> std::io::Error {
     }
 }
 
-/// The path this executable was started from, symlinks kept (a `current` link switched to a
-/// new version is followed at the next restart in place): `argv[0]` made absolute, or found
-/// on `PATH`; else what `/proc/self/exe` names.
-fn own_path() -> Option<PathBuf> {
-    let argv0 = PathBuf::from(std::env::args_os().next()?);
-    if argv0.components().count() > 1 {
-        return std::path::absolute(&argv0).ok();
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(&argv0))
-                .find(|p| p.is_file())
-                .and_then(|p| std::path::absolute(p).ok())
-        })
-        .or_else(|| std::env::current_exe().ok())
-}
-
 /// Whether a restart in place from `running` to `next` can work: the new image would start
 /// and serve. Refused, with the reason: another state directory (the running jobs and the
 /// queue are this one's), an executable that is gone or does not run, a new TCP address
@@ -472,9 +454,12 @@ async fn restart_check(
         Ok(Err(e)) => return Err(format!("cannot run {}: {e}", exe.display())),
         Err(_) => return Err(format!("{} --version did not answer", exe.display())),
     }
+    // A port this daemon holds itself (another address, same port) is free for the next
+    // image: the old listener closes before it binds.
     if let Some(addr) = next.listen
         && next.listen != running.listen
         && addr.port() != 0
+        && running.listen.is_none_or(|r| r.port() != addr.port())
     {
         std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     }

@@ -6,7 +6,7 @@
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -30,6 +30,24 @@ const UNIX_CONNECTIONS: usize = 1024;
 /// The environment variable that hands listening sockets to the next daemon image at a
 /// restart in place: `unix=FD,tcp=FD` (descriptors left open across `exec`).
 pub const ENV_LISTEN_FDS: &str = "JOBD_LISTEN_FDS";
+
+/// The path this executable was started from, symlinks kept (a `current` link switched to a
+/// new version is followed at the next restart in place): `argv[0]` made absolute, or found
+/// on `PATH`; else what `/proc/self/exe` names.
+pub fn started_as() -> Option<PathBuf> {
+    let argv0 = PathBuf::from(std::env::args_os().next()?);
+    if argv0.components().count() > 1 {
+        return std::path::absolute(&argv0).ok();
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(&argv0))
+                .find(|p| p.is_file())
+                .and_then(|p| std::path::absolute(p).ok())
+        })
+        .or_else(|| std::env::current_exe().ok())
+}
 
 /// How the daemon is asked to end; cheap to clone (the signal handler holds one).
 #[derive(Debug, Clone, Default)]
@@ -140,6 +158,7 @@ pub async fn run(config: Config, stop: StopRequest) -> anyhow::Result<Ended> {
         policy: config.scheduler.clone(),
         worker_exe: std::env::current_exe()
             .context("cannot find the jobd executable for workers")?,
+        worker_exe_link: started_as(),
         worker_library_path: std::env::var("LD_LIBRARY_PATH")
             .ok()
             .filter(|v| !v.is_empty()),

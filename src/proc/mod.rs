@@ -397,14 +397,32 @@ pub struct SpawnRequest {
 #[derive(Debug, Clone)]
 pub struct ChildHandle {
     pgid: i32,
-    stop: mpsc::UnboundedSender<Duration>,
+    stop: mpsc::UnboundedSender<StopOrder>,
+}
+
+/// What a [`ChildHandle`] asks of the task watching its child.
+#[derive(Debug)]
+enum StopOrder {
+    /// SIGTERM to the group now, SIGKILL after the grace period.
+    Term(Duration),
+    /// SIGKILL to the group then, if it has not ended (its SIGTERM was sent already).
+    KillAt(tokio::time::Instant),
 }
 
 impl ChildHandle {
     /// Asks the child to stop: SIGTERM to its group now, SIGKILL after `grace`.
     pub fn stop(&self, grace: Duration) {
         // If the supervisor is gone the child has exited already.
-        let _ = self.stop.send(grace);
+        let _ = self.stop.send(StopOrder::Term(grace));
+    }
+
+    /// Ends a stop begun before (its SIGTERM sent, by an earlier daemon): SIGKILL to the
+    /// group once `left` has passed, with no second SIGTERM (which many programs take as
+    /// "exit now", abandoning their checkpoint).
+    pub fn kill_after(&self, left: Duration) {
+        let _ = self
+            .stop
+            .send(StopOrder::KillAt(tokio::time::Instant::now() + left));
     }
 
     pub fn pgid(&self) -> i32 {
@@ -531,7 +549,7 @@ pub fn spawn(
         .run_as
         .as_ref()
         .map_or_else(|| nix::unistd::geteuid().as_raw(), |r| r.uid);
-    let (tx, rx) = mpsc::unbounded_channel::<Duration>();
+    let (tx, rx) = mpsc::unbounded_channel::<StopOrder>();
     let handle = ChildHandle {
         pgid: pid,
         stop: tx,
@@ -563,7 +581,7 @@ pub fn spawn(
 async fn watch_group(
     pgid: i32,
     ended: impl std::future::Future<Output = Option<ExitInfo>>,
-    mut stop: mpsc::UnboundedReceiver<Duration>,
+    mut stop: mpsc::UnboundedReceiver<StopOrder>,
     marker: Option<String>,
     uid: u32,
 ) -> Option<ExitInfo> {
@@ -579,9 +597,14 @@ async fn watch_group(
         };
         tokio::select! {
             exit = &mut ended => break exit,
-            Some(grace) = stop.recv() => {
-                signal_group(pgid, Signal::SIGTERM);
-                let at = tokio::time::Instant::now() + grace;
+            Some(order) = stop.recv() => {
+                let at = match order {
+                    StopOrder::Term(grace) => {
+                        signal_group(pgid, Signal::SIGTERM);
+                        tokio::time::Instant::now() + grace
+                    }
+                    StopOrder::KillAt(at) => at,
+                };
                 kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
             }
             () = deadline => {
@@ -621,7 +644,7 @@ pub fn adopt(
     if !leader_running(info) {
         return None;
     }
-    let (tx, rx) = mpsc::unbounded_channel::<Duration>();
+    let (tx, rx) = mpsc::unbounded_channel::<StopOrder>();
     let handle = ChildHandle {
         pgid: info.pgid,
         stop: tx,
@@ -801,23 +824,20 @@ pub fn worker_alive(info: &ProcessInfo) -> bool {
     }
 }
 
-/// Stops a worker left over from an earlier daemon run (not our child): SIGTERM to its group,
-/// wait up to `grace` for the group to go away, then SIGKILL. Returns whether it was alive.
-pub async fn stop_leftover(info: &ProcessInfo, grace: Duration) -> bool {
+/// Kills what is left of a job whose leader has gone (an earlier daemon's, not ours to
+/// watch): its process group, as jobd kills what is left of a job when its leader ends.
+/// Waits (briefly: SIGKILL is not caught) until the group is gone, so that its GPU memory is
+/// free before the job is placed again; reaps the leader if it was our child. Returns
+/// whether anything of it was alive.
+pub async fn kill_leftover(info: &ProcessInfo) -> bool {
     if !worker_alive(info) {
+        let _ = reap_ended_child(info);
         return false;
     }
-    signal_group(info.pgid, Signal::SIGTERM);
-    let deadline = tokio::time::Instant::now() + grace;
-    // Not our child: no exit notification exists, so look every 50 ms (recovery only).
+    signal_group(info.pgid, Signal::SIGKILL);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while group_alive(info.pgid) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if group_alive(info.pgid) {
-        signal_group(info.pgid, Signal::SIGKILL);
-        while group_alive(info.pgid) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Our child still, after a restart in place: reaped, not left a zombie.
     let _ = reap_ended_child(info);
@@ -967,7 +987,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn leftover_workers_are_found_and_stopped() {
+    async fn leftover_processes_are_found_and_killed() {
         let dir = tempfile::tempdir().unwrap();
         // Simulate a worker of a crashed daemon: a process group we do not supervise.
         let child = std::process::Command::new("/bin/sh")
@@ -990,7 +1010,7 @@ mod tests {
             !worker_alive(&reused),
             "a pid with another start time is another process"
         );
-        assert!(stop_leftover(&info, Duration::from_secs(5)).await);
+        assert!(kill_leftover(&info).await);
         // Our child (as after a restart in place): reaped, not left a zombie.
         assert!(
             stat_fields(pid).is_none_or(|f| f.start != info.start_ticks),

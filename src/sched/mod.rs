@@ -51,8 +51,12 @@ pub struct SchedSettings {
     pub grace: Duration,
     pub max_cpu_jobs: u32,
     pub policy: SchedulerConfig,
-    /// The `jobd` executable, for `jobd worker`.
+    /// The `jobd` executable, for `jobd worker` and a command's supervisor: the file this
+    /// daemon runs (so that workers are its own version).
     pub worker_exe: PathBuf,
+    /// The path the daemon was started as, symlinks kept: used when `worker_exe` is gone
+    /// (an upgrade switched a `current` link and removed the old version before a reload).
+    pub worker_exe_link: Option<PathBuf>,
     /// The daemon's `LD_LIBRARY_PATH`, passed on to `jobd worker` (the daemon's own binary,
     /// which loads the CUDA libraries at run time); command jobs set their own environment.
     pub worker_library_path: Option<String>,
@@ -2258,7 +2262,7 @@ impl Scheduler {
             Err(why) => {
                 // Not the job's fault: jobd's own executable (the worker, a command's
                 // supervisor) was replaced or removed under the running daemon.
-                let exe = &self.settings.worker_exe;
+                let exe = worker_env::jobd_exe(&self.settings);
                 let why = if exe.exists() {
                     why
                 } else {

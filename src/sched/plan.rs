@@ -102,6 +102,14 @@ pub enum Wait {
         best_gpu: Option<u32>,
         best_free: u64,
     },
+    /// Fewer eligible GPUs than the job asks for could hold it even with no jobd job on them
+    /// (the daemon's GPUs changed after it was accepted, or other programs hold memory).
+    TooBig {
+        need: Need,
+        gpus: u32,
+        largest_gpu: Option<u32>,
+        largest: u64,
+    },
     /// Fewer eligible GPUs exist than the job asks for (or none at all).
     NoGpus { need: u32, eligible: u32 },
     /// The GPUs with room are held for a job that has waited too long.
@@ -124,6 +132,7 @@ impl Wait {
             Wait::CpuSlots { .. } => "CPU slots busy".into(),
             Wait::Vram { need, gpus, .. } if *gpus > 1 => format!("vram: {gpus}x {need}"),
             Wait::Vram { need, .. } => format!("vram: {need}"),
+            Wait::TooBig { need, .. } => format!("vram: {need} (no GPU that big)"),
             Wait::NoGpus { .. } => "not enough GPUs".into(),
             Wait::Held { for_job } => format!("GPUs held for {for_job}"),
             Wait::Preempting { victims } => format!("preempting {}", join_ids(victims)),
@@ -169,6 +178,31 @@ impl Wait {
                     ),
                     (None, _) => format!("needs {per}; no eligible GPU has room now"),
                 }
+            }
+            Wait::TooBig {
+                need,
+                gpus,
+                largest_gpu,
+                largest,
+            } => {
+                let per = if *gpus > 1 {
+                    format!("{gpus} GPUs with {need} each")
+                } else {
+                    format!("{need} on one GPU")
+                };
+                let biggest = largest_gpu.map_or_else(
+                    || "there is no eligible GPU".to_string(),
+                    |g| {
+                        format!(
+                            "the most any eligible GPU could give jobd is GPU {g}'s {}",
+                            ByteSize(*largest)
+                        )
+                    },
+                );
+                format!(
+                    "needs {per}, but {biggest}: it cannot start unless the daemon's GPUs \
+                     change or other programs free memory (cancel it, or lower its vram)"
+                )
             }
             Wait::NoGpus { need, eligible } => format!(
                 "needs {need} GPU{} but only {eligible} eligible GPU{} exist{} (check only_gpus and the allow-list)",
@@ -587,6 +621,24 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 }
                 held_one = true;
             }
+        }
+        // Not even empty GPUs would do (the inventory shrank after it was accepted).
+        let could_ever = eligible
+            .iter()
+            .filter(|&&i| ceiling_fits(&rooms[i], need))
+            .count() as u32;
+        if could_ever < n {
+            let largest = eligible
+                .iter()
+                .copied()
+                .max_by_key(|&i| (rooms[i].ceiling, std::cmp::Reverse(rooms[i].info.index)));
+            wait(Wait::TooBig {
+                need,
+                gpus: n,
+                largest_gpu: largest.map(|i| rooms[i].info.index),
+                largest: largest.map_or(0, |i| rooms[i].ceiling.max(0) as u64),
+            });
+            continue;
         }
         let best = eligible
             .iter()
@@ -1016,15 +1068,17 @@ mod tests {
         w.queued = vec![job(1, 1, 30, 1)];
         let p = w.plan();
         assert!(p.start.is_empty());
+        // Other programs hold so much of the big card that no GPU could take it now: said so.
         assert_eq!(
             p.waiting[&1].wait,
-            Wait::Vram {
+            Wait::TooBig {
                 need: Need::Bytes(30 * GIB),
                 gpus: 1,
-                best_gpu: Some(0),
-                best_free: 24 * GIB
+                largest_gpu: Some(0),
+                largest: 24 * GIB
             }
         );
+        assert!(p.waiting[&1].wait.long(0).contains("cannot start unless"));
         w.gpus[1].foreign_bytes = 10 * GIB;
         assert_eq!(started(&w.plan()), vec![(1, vec![1])]);
     }

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use tracing::{info, warn};
@@ -24,13 +25,43 @@ use crate::spec::{JobId, JobKind, JobRecord, JobState, Millis, now_ms};
 use crate::store::StoreError;
 
 pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
-    let mut leftovers: BTreeMap<JobId, Vec<ProcessInfo>> = scan_proc(&s.settings.jobs_dir);
+    // Only the processes of jobs that hold resources, running as their owner or as jobd: a
+    // process anyone can start with a job's directory in its environment is none of ours.
+    let daemon_uid = nix::unistd::geteuid().as_raw();
+    let owners: BTreeMap<JobId, u32> = s
+        .jobs
+        .values()
+        .filter(|j| j.state.holds_resources())
+        .map(|j| {
+            (
+                j.id,
+                if s.settings.run_as_owner {
+                    j.owner.uid
+                } else {
+                    daemon_uid
+                },
+            )
+        })
+        .collect();
+    let mut leftovers: BTreeMap<JobId, Vec<ProcessInfo>> =
+        scan_proc(&s.settings.jobs_dir, |id, uid| {
+            owners
+                .get(&id)
+                .is_some_and(|owner| uid == *owner || uid == daemon_uid)
+        });
     // A job still running under its leader is taken over, not stopped: a daemon crash or
     // restart costs no job its progress. A leader that ended as our child (before a restart
     // in place, or while it went on) is reaped here, its status known.
     let TakeOver { adopted, reaped } = take_over(s, &leftovers);
     for id in adopted.iter().chain(reaped.keys()) {
         leftovers.remove(id);
+    }
+    // Whole groups are killed only where a job's process leads its own (or is the recorded
+    // leader, below); a process in some other group is killed alone, by its marker, below —
+    // never the group of a shell it was started from.
+    let scanned: BTreeSet<JobId> = leftovers.keys().copied().collect();
+    for infos in leftovers.values_mut() {
+        infos.retain(|p| p.pid == p.pgid);
     }
     for job in s
         .jobs
@@ -45,20 +76,37 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
             }
         }
     }
-    let grace = s.settings.grace;
-    let stops = leftovers.iter().flat_map(|(id, infos)| {
+    // Every live leader was taken over: what is left belongs to jobs whose leader has gone
+    // (a supervisor killed while jobd was down), and is killed at once, as jobd kills what is
+    // left of a job when its leader ends — start-up never waits a grace period.
+    let kills = leftovers.iter().flat_map(|(id, infos)| {
         infos
             .iter()
-            .map(move |info| async move { (*id, info.pid, proc::stop_leftover(info, grace).await) })
+            .map(move |info| async move { (*id, info.pid, proc::kill_leftover(info).await) })
     });
     let mut stopped: BTreeMap<JobId, Vec<i32>> = BTreeMap::new();
-    for (id, pid, was_alive) in join_all(stops).await {
+    for (id, pid, was_alive) in join_all(kills).await {
         if was_alive {
             warn!(
                 job_id = id,
-                pid, "stopped a job's processes left over from an earlier daemon"
+                pid, "killed what was left of a job whose leader had gone"
             );
             stopped.entry(id).or_default().push(pid);
+        }
+    }
+    let to_sweep: BTreeSet<JobId> = scanned.iter().chain(stopped.keys()).copied().collect();
+    for id in &to_sweep {
+        if let Some(rec) = s.jobs.get(id) {
+            let marker = format!("{ENV_JOB_DIR}={}", rec.dir(&s.settings.jobs_dir).display());
+            let owner = owners.get(id).copied().unwrap_or(daemon_uid);
+            let mut killed = proc::kill_marked(&marker, owner);
+            if owner != daemon_uid {
+                // A root daemon's command supervisor runs as root.
+                killed += proc::kill_marked(&marker, daemon_uid);
+            }
+            if killed > 0 {
+                stopped.entry(*id).or_default();
+            }
         }
     }
 
@@ -144,17 +192,28 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
             JobState::Starting | JobState::Running | JobState::Publishing => {
                 let rec = &s.jobs[&id];
                 let what = what_runs(rec.kind);
-                let gone = missing_gpus(s, rec);
-                let what = match (stopped.get(&id), gone.is_empty()) {
-                    (Some(pids), true) => format!("its {what} (pid {}) was stopped", join(pids)),
-                    (Some(pids), false) => format!(
-                        "its GPU {} is not in this daemon's inventory any more, so its {what} \
-                         (pid {}) was stopped",
-                        gone.join(", "),
+                let what = match stopped.get(&id) {
+                    Some(pids) if !pids.is_empty() => format!(
+                        "its {what} had gone, and what was left of it (pid {}) was killed",
                         join(pids)
                     ),
-                    (None, _) => format!("its {what} was no longer running"),
+                    Some(_) => format!("its {what} had gone, and what was left of it was killed"),
+                    None => format!("its {what} was no longer running"),
                 };
+                // Its program still ran without its leader (a supervisor killed while jobd
+                // was down): an end nobody recorded, as if jobd had seen the leader die —
+                // failed, or retried as its [retry] says of 137; not simply run again.
+                if stopped.contains_key(&id) && state != JobState::Publishing {
+                    let running = (state == JobState::Starting).then_some(JobState::Running);
+                    s.apply(id, running, format!("daemon restarted; {what}"), &|_| {})?;
+                    let attempt = s.jobs[&id].attempts;
+                    let exit = ExitInfo {
+                        code: None,
+                        signal: None,
+                    };
+                    s.exited(id, attempt, exit, now_ms());
+                    continue;
+                }
                 // The attempt's GPU time counts for fair share as if jobd had seen it end (it
                 // used to be lost with the daemon): until now if its worker ran until this
                 // start, else until the last sign of life in its job directory.
@@ -212,7 +271,6 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
             }
             _ => {}
         }
-        // Stray workers of finished jobs (should not exist) were stopped above as well.
     }
     if !s.children.is_empty() {
         // Their GPU memory is theirs, not another program's.
@@ -333,20 +391,31 @@ fn take_over(s: &mut Scheduler, scanned: &BTreeMap<JobId, Vec<ProcessInfo>>) -> 
             Some(StopKind::Shutdown) | None => (false, None),
             Some(other) => (true, Some(other.clone())),
         };
+        // A stop under way got its SIGTERM from the earlier daemon when it was asked for (the
+        // job's last event): only its SIGKILL is left, at the time it was due.
+        let asked_at = s
+            .store
+            .events(id)
+            .ok()
+            .and_then(|events| events.last().map(|e| e.at))
+            .unwrap_or_else(now_ms);
+        let waited = Duration::from_millis((now_ms() - asked_at).max(0) as u64);
+        let left = grace.saturating_sub(waited);
+        let requeue = matches!(stop, Some(StopKind::Requeue { .. }));
         let reason = match (&stop, stop_again) {
             (Some(StopKind::Requeue { why }), _) => format!(
                 "daemon restarted; {why}: stopping its {what} (pid {pid}, grace {}s) to requeue it",
                 grace.as_secs()
             ),
             (Some(_), true) => format!(
-                "daemon restarted; its {what} (pid {pid}) was still running; stopping it again \
-                 (grace {}s)",
-                grace.as_secs()
+                "daemon restarted; its {what} (pid {pid}) is still stopping (SIGKILL in {}s if \
+                 it has not ended)",
+                left.as_secs()
             ),
             _ => format!("daemon restarted; its {what} (pid {pid}) was still running and goes on"),
         };
         // A restart in place is nobody's news, unless something changes.
-        let quiet = s.settings.restarted_in_place && !starting && stop.is_none();
+        let quiet = s.settings.restarted_in_place && !starting && !requeue;
         let changed = if quiet {
             Ok(s.jobs[&id].clone())
         } else {
@@ -358,8 +427,10 @@ fn take_over(s: &mut Scheduler, scanned: &BTreeMap<JobId, Vec<ProcessInfo>>) -> 
         if let Err(e) = changed {
             warn!(job_id = id, error = %e, "cannot record a job taken over");
         }
-        if stop_again {
+        if requeue {
             handle.stop(grace);
+        } else if stop_again {
+            handle.kill_after(left);
         }
         s.children.insert(id, handle);
         out.adopted.insert(id);
@@ -422,7 +493,10 @@ fn join(pids: &[i32]) -> String {
 }
 
 /// Processes whose environment says they belong to a job under `jobs_dir`.
-fn scan_proc(jobs_dir: &Path) -> BTreeMap<JobId, Vec<ProcessInfo>> {
+fn scan_proc(
+    jobs_dir: &Path,
+    accept: impl Fn(JobId, u32) -> bool,
+) -> BTreeMap<JobId, Vec<ProcessInfo>> {
     let mut out: BTreeMap<JobId, Vec<ProcessInfo>> = BTreeMap::new();
     let prefix = format!("{ENV_JOB_DIR}={}/", jobs_dir.display());
     let me = std::process::id() as i32;
@@ -453,6 +527,13 @@ fn scan_proc(jobs_dir: &Path) -> BTreeMap<JobId, Vec<ProcessInfo>> {
         }) else {
             continue;
         };
+        let uid = std::os::unix::fs::MetadataExt::uid(&match entry.metadata() {
+            Ok(m) => m,
+            Err(_) => continue,
+        });
+        if !accept(id, uid) {
+            continue;
+        }
         let Ok(pgid) = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))) else {
             continue;
         };

@@ -9,6 +9,15 @@ use crate::proc::{RunAs, SpawnRequest};
 use crate::spec::contract::{self, files};
 use crate::spec::{JobKind, JobRecord};
 
+/// The jobd executable a job's worker or supervisor runs: the daemon's own file, or, once
+/// an upgrade has removed it, the path the daemon was started as (a `current` link).
+pub fn jobd_exe(settings: &SchedSettings) -> &Path {
+    match &settings.worker_exe_link {
+        Some(link) if !settings.worker_exe.exists() && link.exists() => link,
+        _ => &settings.worker_exe,
+    }
+}
+
 /// Prepares the job directory and describes the process to spawn.
 pub fn prepare(
     rec: &JobRecord,
@@ -142,10 +151,10 @@ pub fn prepare(
             }
             args.push("--".into());
             args.extend(cmd.argv.iter().cloned());
-            (settings.worker_exe.display().to_string(), args, cwd, path)
+            (jobd_exe(settings).display().to_string(), args, cwd, path)
         }
         _ => (
-            settings.worker_exe.display().to_string(),
+            jobd_exe(settings).display().to_string(),
             vec![
                 "worker".into(),
                 "--job-dir".into(),
@@ -221,6 +230,7 @@ mod tests {
             max_cpu_jobs: 1,
             policy: Default::default(),
             worker_exe: "/usr/bin/jobd".into(),
+            worker_exe_link: None,
             worker_library_path: Some("/opt/cuda/lib64".into()),
             run_as_owner: false,
             ollama_models: None,

@@ -231,6 +231,16 @@ impl TestDaemon {
         self.spawn();
     }
 
+    /// Waits until job `id` has written `text` to its stdout.
+    pub fn wait_output(&self, id: JobId, text: &str) {
+        let log = self.state.join(format!("jobs/{id}/stdout.log"));
+        wait_for(
+            &format!("job {id} to print {text:?}"),
+            Duration::from_secs(20),
+            || std::fs::read_to_string(&log).is_ok_and(|t| t.contains(text)),
+        );
+    }
+
     /// Starts again with other environment variables in place of the first ones.
     pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
         self.env = env

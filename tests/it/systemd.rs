@@ -275,10 +275,7 @@ fn sighup_restarts_in_place_and_jobs_keep_running() {
             "",
         ),
     ));
-    wait_for("the trap set", Duration::from_secs(20), || {
-        std::fs::read_to_string(d.state.join(format!("jobs/{trap}/stdout.log")))
-            .is_ok_and(|t| t.contains("ready"))
-    });
+    d.wait_output(trap, "ready");
     // Its supervisor passes stop signals on to what left the job's group: none blocked.
     let supervisor = d.job(trap).record.process.unwrap().pid;
     let status = std::fs::read_to_string(format!("/proc/{supervisor}/status")).unwrap();
@@ -341,10 +338,7 @@ fn a_stop_during_a_restart_in_place_is_a_clean_stop() {
             "",
         ),
     ));
-    wait_for("the trap set", Duration::from_secs(20), || {
-        std::fs::read_to_string(d.state.join(format!("jobs/{id}/stdout.log")))
-            .is_ok_and(|t| t.contains("ready"))
-    });
+    d.wait_output(id, "ready");
     // An open log stream makes the restart take a moment.
     let mut follower = std::process::Command::new(JOBCTL)
         .args(["logs", "-f", &id.to_string()])

@@ -435,14 +435,7 @@ fn a_failed_publish_can_be_done_again_by_hand() {
         "--ollama-models",
         models.to_str().unwrap(),
     ]);
-    let data = repo().join("jobs/data");
-    let text = std::fs::read_to_string(repo().join("jobs/tiny.toml"))
-        .unwrap()
-        .replace("\"data/", &format!("\"{}/", data.display()))
-        .replace("max_steps = 400", "max_steps = 4")
-        .replace("warmup_steps = 20", "warmup_steps = 1")
-        .replace("eval_steps = 100", "eval_steps = 2")
-        .replace("save_steps = 100", "save_steps = 2");
+    let text = tiny_four_steps();
     assert!(text.contains("max_steps = 4\n") && text.contains("warmup_steps = 1\n"));
     // q4_k needs rows of 256; the tiny model's are 64 wide: refused before any training.
     let q4k = d.write("tiny-q4k.toml", &text.replace("\"f16\"", "\"q4_k\""));
@@ -625,14 +618,7 @@ fn a_publish_cut_by_a_crash_is_done_again_without_training() {
         "",
         &[("JOBD_FAILPOINT", "exit-while-publishing")],
     );
-    let data = repo().join("jobs/data");
-    let text = std::fs::read_to_string(repo().join("jobs/tiny.toml"))
-        .unwrap()
-        .replace("\"data/", &format!("\"{}/", data.display()))
-        .replace("max_steps = 400", "max_steps = 4")
-        .replace("warmup_steps = 20", "warmup_steps = 1")
-        .replace("eval_steps = 100", "eval_steps = 2")
-        .replace("save_steps = 100", "save_steps = 2");
+    let text = tiny_four_steps();
     assert!(text.contains("max_steps = 4\n") && text.contains("[publish]"));
     let id = d.submit(&d.write("tiny.toml", &text));
     let status = d.wait_exit(Duration::from_secs(120));
@@ -657,4 +643,17 @@ fn a_publish_cut_by_a_crash_is_done_again_without_training() {
     let out = d.jobctl(&["models"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("jobd/tiny-shift"), "{}", stdout(&out));
+}
+
+/// jobs/tiny.toml (with its `[publish]`), its data paths made absolute, trained for 4 steps
+/// with a checkpoint and an evaluation every 2.
+fn tiny_four_steps() -> String {
+    let data = repo().join("jobs/data");
+    std::fs::read_to_string(repo().join("jobs/tiny.toml"))
+        .unwrap()
+        .replace("\"data/", &format!("\"{}/", data.display()))
+        .replace("max_steps = 400", "max_steps = 4")
+        .replace("warmup_steps = 20", "warmup_steps = 1")
+        .replace("eval_steps = 100", "eval_steps = 2")
+        .replace("save_steps = 100", "save_steps = 2")
 }
