@@ -282,7 +282,9 @@ fn foreign_memory_is_respected_and_preemption_is_explained() {
     );
     let x = explain(&d, a);
     assert!(
-        x.contains("needs 10GiB") && x.contains("7.8GiB free"),
+        x.contains("needs 10GiB")
+            && x.contains("GPU 0's 7.8GiB")
+            && x.contains("other programs free memory"),
         "{x}"
     );
     let gpus = stdout(&d.jobctl(&["gpus"]));
