@@ -840,7 +840,10 @@ impl Scheduler {
                 id,
                 None,
                 format!("{why}; stopping it (grace {}s)", grace.as_secs()),
-                &|r| r.stop = Some(kind.clone()),
+                &|r| {
+                    r.stop = Some(kind.clone());
+                    r.stop_at = Some(now_ms());
+                },
             );
             if let Err(e) = r {
                 error!(job_id = id, error = %e, "cannot record a stop");
@@ -1261,6 +1264,7 @@ impl Scheduler {
                     ),
                     &|r| {
                         r.stop = Some(stop.clone());
+                        r.stop_at = Some(now_ms());
                     },
                 )?;
                 if let Some(child) = self.children.get(&id) {
@@ -2039,16 +2043,15 @@ impl Scheduler {
         let grace = self.settings.grace;
         let ids: Vec<JobId> = self.children.keys().copied().collect();
         for id in ids {
+            let asking = stop_request(self.jobs.get(&id).map(|j| j.kind));
             if let Err(e) = self.apply(
                 id,
                 None,
-                format!(
-                    "daemon stopping; asking the worker to checkpoint and exit (grace {}s)",
-                    grace.as_secs()
-                ),
+                format!("daemon stopping; {asking} (grace {}s)", grace.as_secs()),
                 &|r| {
                     if r.stop.is_none() {
                         r.stop = Some(StopKind::Shutdown);
+                        r.stop_at = Some(now_ms());
                     }
                 },
             ) {
@@ -2170,11 +2173,15 @@ impl Scheduler {
     fn preempt(&mut self, victim: JobId, for_job: JobId) {
         let grace = self.settings.grace;
         let stop = StopKind::Preempt { for_job };
+        let asking = stop_request(self.jobs.get(&victim).map(|j| j.kind));
         let reason = format!(
-            "preempting for higher-priority job {for_job}: asking the worker to checkpoint and exit (grace {}s)",
+            "preempting for higher-priority job {for_job}: {asking} (grace {}s)",
             grace.as_secs()
         );
-        match self.apply(victim, None, reason, &|r| r.stop = Some(stop.clone())) {
+        match self.apply(victim, None, reason, &|r| {
+            r.stop = Some(stop.clone());
+            r.stop_at = Some(now_ms());
+        }) {
             Ok(_) => {
                 info!(job_id = victim, for_job, "preempting");
                 if let Some(c) = self.children.get(&victim) {
@@ -2413,6 +2420,14 @@ pub fn describe_placement(p: &Placement) -> String {
         format!("GPU {} ({amount} each)", ids.join(", "))
     } else {
         format!("GPU {} ({amount})", ids[0])
+    }
+}
+
+/// What a stop asks of a job's process, for its history.
+fn stop_request(kind: Option<JobKind>) -> &'static str {
+    match kind {
+        Some(JobKind::Train) => "asking the worker to checkpoint and exit",
+        _ => "sending its command SIGTERM",
     }
 }
 

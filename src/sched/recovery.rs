@@ -43,16 +43,15 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
             )
         })
         .collect();
-    let mut leftovers: BTreeMap<JobId, Vec<ProcessInfo>> =
-        scan_proc(&s.settings.jobs_dir, |id, uid| {
-            owners
-                .get(&id)
-                .is_some_and(|owner| uid == *owner || uid == daemon_uid)
-        });
+    let (mut leftovers, jobd_leaders) = scan_proc(&s.settings.jobs_dir, |id, uid| {
+        owners
+            .get(&id)
+            .is_some_and(|owner| uid == *owner || uid == daemon_uid)
+    });
     // A job still running under its leader is taken over, not stopped: a daemon crash or
     // restart costs no job its progress. A leader that ended as our child (before a restart
     // in place, or while it went on) is reaped here, its status known.
-    let TakeOver { adopted, reaped } = take_over(s, &leftovers);
+    let TakeOver { adopted, reaped } = take_over(s, &leftovers, &jobd_leaders);
     for id in adopted.iter().chain(reaped.keys()) {
         leftovers.remove(id);
     }
@@ -194,7 +193,8 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
                 let what = what_runs(rec.kind);
                 let what = match stopped.get(&id) {
                     Some(pids) if !pids.is_empty() => format!(
-                        "its {what} had gone, and what was left of it (pid {}) was killed",
+                        "its {what} had gone, and what was left of its process group (led by \
+                         pid {}) was killed",
                         join(pids)
                     ),
                     Some(_) => format!("its {what} had gone, and what was left of it was killed"),
@@ -321,7 +321,11 @@ struct TakeOver {
 /// limit or a preemption is carried out; the stop of a daemon shutdown is over), and a job
 /// placed on a GPU this daemon does not have (its configuration changed) is stopped and then
 /// requeued — in the background, so that start-up never waits a grace period for them.
-fn take_over(s: &mut Scheduler, scanned: &BTreeMap<JobId, Vec<ProcessInfo>>) -> TakeOver {
+fn take_over(
+    s: &mut Scheduler,
+    scanned: &BTreeMap<JobId, Vec<ProcessInfo>>,
+    jobd_leaders: &BTreeSet<i32>,
+) -> TakeOver {
     let mut out = TakeOver {
         adopted: BTreeSet::new(),
         reaped: BTreeMap::new(),
@@ -335,7 +339,7 @@ fn take_over(s: &mut Scheduler, scanned: &BTreeMap<JobId, Vec<ProcessInfo>>) -> 
                 scanned
                     .get(&j.id)?
                     .iter()
-                    .find(|p| p.pid == p.pgid)
+                    .find(|p| p.pid == p.pgid && jobd_leaders.contains(&p.pid))
                     .cloned()
             })?;
             Some((j.id, leader))
@@ -376,38 +380,37 @@ fn take_over(s: &mut Scheduler, scanned: &BTreeMap<JobId, Vec<ProcessInfo>>) -> 
         let pid = info.pid;
         let starting = rec.state == JobState::Starting;
         let grace = s.settings.grace;
-        let stop = if gone.is_empty() {
-            rec.stop.clone()
-        } else {
-            Some(StopKind::Requeue {
-                why: format!(
-                    "its GPU {} is not in this daemon's inventory any more",
-                    gone.join(", ")
-                ),
+        let now = now_ms();
+        // A stop under way goes on (a shutdown's is over); a job on a GPU gone is given one
+        // to requeue it, unless it is being stopped already (a cancel stays a cancel).
+        let recorded = match &rec.stop {
+            Some(StopKind::Shutdown) | None => None,
+            Some(other) => Some(other.clone()),
+        };
+        let imposed = (recorded.is_none() && !gone.is_empty()).then(|| StopKind::Requeue {
+            why: format!(
+                "its GPU {} is not in this daemon's inventory any more",
+                gone.join(", ")
+            ),
+        });
+        // A recorded stop got its SIGTERM when it was asked for: only its SIGKILL is left,
+        // due a grace period after (records from before `stop_at` existed: the last event).
+        let asked_at = rec
+            .stop_at
+            .or_else(|| {
+                s.store
+                    .events(id)
+                    .ok()
+                    .and_then(|events| events.last().map(|e| e.at))
             })
-        };
-        // Its stop (if any) goes on; a shutdown's is over.
-        let (stop_again, keep_stop) = match &stop {
-            Some(StopKind::Shutdown) | None => (false, None),
-            Some(other) => (true, Some(other.clone())),
-        };
-        // A stop under way got its SIGTERM from the earlier daemon when it was asked for (the
-        // job's last event): only its SIGKILL is left, at the time it was due.
-        let asked_at = s
-            .store
-            .events(id)
-            .ok()
-            .and_then(|events| events.last().map(|e| e.at))
-            .unwrap_or_else(now_ms);
-        let waited = Duration::from_millis((now_ms() - asked_at).max(0) as u64);
-        let left = grace.saturating_sub(waited);
-        let requeue = matches!(stop, Some(StopKind::Requeue { .. }));
-        let reason = match (&stop, stop_again) {
+            .unwrap_or(now);
+        let left = grace.saturating_sub(Duration::from_millis((now - asked_at).max(0) as u64));
+        let reason = match (&imposed, &recorded) {
             (Some(StopKind::Requeue { why }), _) => format!(
                 "daemon restarted; {why}: stopping its {what} (pid {pid}, grace {}s) to requeue it",
                 grace.as_secs()
             ),
-            (Some(_), true) => format!(
+            (_, Some(_)) => format!(
                 "daemon restarted; its {what} (pid {pid}) is still stopping (SIGKILL in {}s if \
                  it has not ended)",
                 left.as_secs()
@@ -415,21 +418,25 @@ fn take_over(s: &mut Scheduler, scanned: &BTreeMap<JobId, Vec<ProcessInfo>>) -> 
             _ => format!("daemon restarted; its {what} (pid {pid}) was still running and goes on"),
         };
         // A restart in place is nobody's news, unless something changes.
-        let quiet = s.settings.restarted_in_place && !starting && !requeue;
+        let quiet = s.settings.restarted_in_place && !starting && imposed.is_none();
+        let keep_stop = imposed.clone().or(recorded.clone());
         let changed = if quiet {
             Ok(s.jobs[&id].clone())
         } else {
             s.apply(id, starting.then_some(JobState::Running), reason, &|r| {
                 r.process = Some(info.clone());
                 r.stop = keep_stop.clone();
+                if imposed.is_some() {
+                    r.stop_at = Some(now);
+                }
             })
         };
         if let Err(e) = changed {
             warn!(job_id = id, error = %e, "cannot record a job taken over");
         }
-        if requeue {
+        if imposed.is_some() {
             handle.stop(grace);
-        } else if stop_again {
+        } else if recorded.is_some() {
             handle.kill_after(left);
         }
         s.children.insert(id, handle);
@@ -493,15 +500,18 @@ fn join(pids: &[i32]) -> String {
 }
 
 /// Processes whose environment says they belong to a job under `jobs_dir`.
+/// Also returns the pids that are a job's own leader as jobd starts one (`jobd worker`, `jobd
+/// run-command`), not a process of the job's that leads a group of its own (`setsid`).
 fn scan_proc(
     jobs_dir: &Path,
     accept: impl Fn(JobId, u32) -> bool,
-) -> BTreeMap<JobId, Vec<ProcessInfo>> {
+) -> (BTreeMap<JobId, Vec<ProcessInfo>>, BTreeSet<i32>) {
     let mut out: BTreeMap<JobId, Vec<ProcessInfo>> = BTreeMap::new();
+    let mut leaders = BTreeSet::new();
     let prefix = format!("{ENV_JOB_DIR}={}/", jobs_dir.display());
     let me = std::process::id() as i32;
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
+        return (out, leaders);
     };
     for entry in entries.flatten() {
         let Some(pid) = entry
@@ -552,6 +562,13 @@ fn scan_proc(
             Some(_) => {}
             None => list.push(found),
         }
+        let subcommand = std::fs::read(entry.path().join("cmdline"))
+            .ok()
+            .and_then(|c| c.split(|b| *b == 0).nth(1).map(<[u8]>::to_vec));
+        if pid == pgid.as_raw() && matches!(subcommand.as_deref(), Some(b"worker" | b"run-command"))
+        {
+            leaders.insert(pid);
+        }
     }
-    out
+    (out, leaders)
 }

@@ -76,6 +76,10 @@ pub struct JobRecord {
     /// A stop asked of the running worker (cancel or preemption), applied when it exits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<StopKind>,
+    /// When `stop` was asked for (Unix ms): its SIGKILL is due a grace period after, also
+    /// for a daemon that takes the run over after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_at: Option<Millis>,
     /// Estimated VRAM per GPU, bytes (train jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vram_estimate: Option<u64>,
@@ -229,6 +233,7 @@ impl JobRecord {
             exit: None,
             reason: None,
             stop: None,
+            stop_at: None,
             held_by: None,
             vram_estimate: None,
             vram_peak: None,

@@ -715,3 +715,139 @@ fn a_job_whose_leader_died_while_jobd_was_down_is_not_run_again() {
     );
     assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n", "ran once");
 }
+
+/// Across restarts, a stop keeps what it is and when it ends: a job being cancelled whose GPU
+/// left the inventory ends cancelled (QA: it was requeued and ran again); its SIGKILL comes a
+/// grace period after the cancel however often jobd restarts meanwhile (QA: each restart put
+/// it off); and a stop jobd gives to requeue a job on a GPU gone sends one SIGTERM, not one
+/// per restart.
+#[test]
+fn stops_keep_their_kind_and_deadline_across_restarts() {
+    let mut d = TestDaemon::start(&["--gpus", "fake:24GiB,24GiB", "--grace-period", "6s"]);
+    let job = |name: &str| {
+        command_job(
+            "trap 'echo TERM' TERM; echo ready; while :; do sleep 0.1; done",
+            &format!("name = \"{name}\"\n[resources]\ngpus = 1\nvram = \"20GiB\"\nonly_gpus = [1]"),
+        )
+    };
+    let cancelled = d.submit(&d.write("c.toml", &job("c")));
+    d.wait_output(cancelled, "ready");
+    assert!(
+        d.jobctl(&["cancel", &cancelled.to_string()])
+            .status
+            .success()
+    );
+    // Two crashes within the grace period, the second with GPU 1 gone.
+    std::thread::sleep(Duration::from_millis(1500));
+    d.kill9();
+    d.restart();
+    std::thread::sleep(Duration::from_millis(2000));
+    d.kill9();
+    d.restart_with(&["--gpus", "fake:24GiB", "--grace-period", "6s"]);
+    d.wait_state(cancelled, JobState::Cancelled, Duration::from_secs(20));
+    // Timed by the daemon's own history, from the cancel to the end.
+    let events = d.events(cancelled);
+    let at = |want: &str| {
+        events
+            .iter()
+            .find(|e| e.reason.starts_with(want))
+            .map(|e| e.at)
+            .unwrap_or_else(|| panic!("no {want:?} in {events:#?}"))
+    };
+    let took = at("cancelled by") - at("cancel requested");
+    // Due 6 s after the cancel; counted from either restart, it would come at 7.5 s or later.
+    assert!(took < 6900, "SIGKILL when due: {took} ms");
+    let rec = d.job(cancelled).record;
+    assert_eq!(rec.attempts, 1, "{:#?}", d.events(cancelled));
+    let state = d.state.clone();
+    let log =
+        |id: u64| std::fs::read_to_string(state.join(format!("jobs/{id}/stdout.log"))).unwrap();
+    assert_eq!(
+        log(cancelled).matches("TERM").count(),
+        1,
+        "{}",
+        log(cancelled)
+    );
+
+    // A job on GPU 1 when it goes: stopped to be requeued, one SIGTERM over two restarts.
+    d.kill9();
+    d.restart_with(&["--gpus", "fake:24GiB,24GiB", "--grace-period", "6s"]);
+    let moved = d.submit(&d.write(
+        "m.toml",
+        &job("m").replace("only_gpus = [1]", "prefer_gpus = [1]"),
+    ));
+    d.wait_output(moved, "ready");
+    assert_eq!(d.job(moved).record.placement.unwrap().gpus[0].index, 1);
+    d.kill9();
+    d.restart_with(&["--gpus", "fake:24GiB", "--grace-period", "6s"]);
+    std::thread::sleep(Duration::from_millis(800));
+    d.kill9();
+    d.restart_with(&["--gpus", "fake:24GiB", "--grace-period", "6s"]);
+    wait_for(
+        "the moved job to run again",
+        Duration::from_secs(20),
+        || d.job(moved).record.attempts == 2,
+    );
+    let text = log(moved);
+    assert_eq!(text.matches("TERM").count(), 1, "{text}");
+    assert!(
+        d.events(moved)
+            .iter()
+            .any(|e| e.reason.contains("not in this daemon's inventory any more")),
+        "{:#?}",
+        d.events(moved)
+    );
+    assert!(d.jobctl(&["cancel", &moved.to_string()]).status.success());
+}
+
+/// A job started just before a crash, whose supervisor then died while jobd was down, is not
+/// taken over through a process of its that leads a group of its own (`setsid`): it ends as
+/// if jobd had seen its supervisor die, and all of it is killed (QA: the setsid child was
+/// taken for the job's leader and held its GPU for as long as it lived).
+#[test]
+fn a_setsid_child_is_not_taken_for_the_jobs_leader() {
+    let mut d = TestDaemon::start_full(
+        &["--gpus", "none"],
+        "",
+        &[("JOBD_FAILPOINT", "exit-after-spawn")],
+    );
+    let job = d.write(
+        "s.toml",
+        &command_job("setsid sleep 301 & sleep 302 & echo started; sleep 30", ""),
+    );
+    let _ = d.jobctl(&["submit", job.to_str().unwrap()]);
+    let id = 1;
+    assert_eq!(d.wait_exit(Duration::from_secs(20)).code(), Some(86));
+    d.wait_output(id, "started");
+    let marker = format!(
+        "JOBD_JOB_DIR={}",
+        d.state.join(format!("jobs/{id}")).display()
+    );
+    // Its supervisor dies while jobd is down.
+    let supervisor = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"run-command"))
+                && std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
+        })
+        .expect("the job's supervisor");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    d.restart_with_env(&[]);
+    d.wait_state(id, JobState::Failed, Duration::from_secs(20));
+    let reason = d.job(id).record.reason.unwrap_or_default();
+    assert!(
+        reason.contains("ended without a recorded exit status"),
+        "{reason}"
+    );
+    wait_for("all of the job to be gone", Duration::from_secs(10), || {
+        !processes_with_env(&marker)
+    });
+}
