@@ -231,6 +231,26 @@ impl TestDaemon {
         self.spawn();
     }
 
+    /// Asserts that some event of job `id`'s history says `text`.
+    #[track_caller]
+    pub fn assert_said(&self, id: JobId, text: &str) {
+        let events = self.events(id);
+        assert!(
+            events.iter().any(|e| e.reason.contains(text)),
+            "no {text:?} in job {id}'s history: {events:#?}"
+        );
+    }
+
+    /// Asserts that no event of job `id`'s history says `text`.
+    #[track_caller]
+    pub fn assert_not_said(&self, id: JobId, text: &str) {
+        let events = self.events(id);
+        assert!(
+            !events.iter().any(|e| e.reason.contains(text)),
+            "{text:?} in job {id}'s history: {events:#?}"
+        );
+    }
+
     /// Waits until job `id` has written `text` to its stdout.
     pub fn wait_output(&self, id: JobId, text: &str) {
         let log = self.state.join(format!("jobs/{id}/stdout.log"));

@@ -209,13 +209,7 @@ fn a_command_that_ended_while_jobd_was_down_is_not_run_again() {
         "finished {finished}, ended by {ended}"
     );
     assert_eq!(rec.attempts, 1, "{:#?}", d.events(bad));
-    assert!(
-        d.events(ok)
-            .iter()
-            .any(|e| e.reason.contains("had ended meanwhile (exit code 0)")),
-        "{:#?}",
-        d.events(ok)
-    );
+    d.assert_said(ok, "had ended meanwhile (exit code 0)");
     std::thread::sleep(Duration::from_millis(500));
     let mut lines: Vec<String> = std::fs::read_to_string(&runs)
         .unwrap()
@@ -375,13 +369,7 @@ fn jobs_taken_over_end_as_their_commands_do() {
     wait_for("the victim's retry", Duration::from_secs(20), || {
         d.job(victim).record.attempts == 2
     });
-    assert!(
-        d.events(victim)
-            .iter()
-            .any(|e| e.reason.contains("ended without a recorded exit status")),
-        "{:#?}",
-        d.events(victim)
-    );
+    d.assert_said(victim, "ended without a recorded exit status");
     let marker = format!(
         "JOBD_JOB_DIR={}",
         d.state.join(format!("jobs/{victim}")).display()
@@ -632,13 +620,7 @@ fn a_restart_in_place_does_not_wait_for_a_stopping_job() {
         "{:#?}",
         d.events(id)
     );
-    assert!(
-        !d.events(id)
-            .iter()
-            .any(|e| e.reason.contains("daemon restarted")),
-        "{:#?}",
-        d.events(id)
-    );
+    d.assert_not_said(id, "daemon restarted");
 }
 
 /// A job whose supervisor died while jobd was down, its command still running, is not run
@@ -694,13 +676,7 @@ fn a_job_whose_leader_died_while_jobd_was_down_is_not_run_again() {
         reason.contains("ended without a recorded exit status"),
         "{reason}"
     );
-    assert!(
-        d.events(id)
-            .iter()
-            .any(|e| e.reason.contains("what was left of it")),
-        "{:#?}",
-        d.events(id)
-    );
+    d.assert_said(id, "what was left of it");
     let marker = format!("JOBD_JOB_DIR={}", job_dir.display());
     assert!(
         impostor.try_wait().unwrap().is_none(),
@@ -790,13 +766,7 @@ fn stops_keep_their_kind_and_deadline_across_restarts() {
     );
     let text = log(moved);
     assert_eq!(text.matches("TERM").count(), 1, "{text}");
-    assert!(
-        d.events(moved)
-            .iter()
-            .any(|e| e.reason.contains("not in this daemon's inventory any more")),
-        "{:#?}",
-        d.events(moved)
-    );
+    d.assert_said(moved, "not in this daemon's inventory any more");
     assert!(d.jobctl(&["cancel", &moved.to_string()]).status.success());
 }
 

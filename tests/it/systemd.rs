@@ -224,13 +224,7 @@ fn sighup_restarts_in_place_and_jobs_keep_running() {
             d.events(id)
         );
         // Nobody's news: the job's history does not change.
-        assert!(
-            !d.events(id)
-                .iter()
-                .any(|e| e.reason.contains("daemon restarted")),
-            "{:#?}",
-            d.events(id)
-        );
+        d.assert_not_said(id, "daemon restarted");
     }
     let supervisor = d.job(killed).record.process.unwrap().pid;
     nix::sys::signal::kill(

@@ -627,13 +627,7 @@ fn a_publish_cut_by_a_crash_is_done_again_without_training() {
     d.wait_state(id, JobState::Succeeded, Duration::from_secs(60));
     let rec = d.job(id).record;
     assert_eq!(rec.attempts, 1, "{:#?}", d.events(id));
-    assert!(
-        d.events(id)
-            .iter()
-            .any(|e| e.reason.contains("publishing again")),
-        "{:#?}",
-        d.events(id)
-    );
+    d.assert_said(id, "publishing again");
     let log = std::fs::read_to_string(d.state.join(format!("jobs/{id}/stderr.log"))).unwrap();
     assert_eq!(
         log.matches("training complete").count(),
