@@ -687,33 +687,12 @@ pub fn leader_running(info: &ProcessInfo) -> bool {
 /// process's child (reaped here), else `None`. No notification exists for a process that is
 /// not our child, so it looks every 200 ms (one `/proc` read).
 async fn leader_ended(info: ProcessInfo) -> Option<ExitInfo> {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;
-        // The start time first: a pid that now names another process (one this daemon
-        // spawned, say) must never be reaped here.
-        match stat_fields(info.pid) {
-            Some(f) if f.start == info.start_ticks => {}
-            _ => return None,
-        }
-        match waitpid(Pid::from_raw(info.pid), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => {
-                return Some(ExitInfo {
-                    code: Some(code),
-                    signal: None,
-                });
-            }
-            Ok(WaitStatus::Signaled(_, sig, _)) => {
-                return Some(ExitInfo {
-                    code: None,
-                    signal: Some(sig as i32),
-                });
-            }
-            Ok(_) => continue,
-            // Not our child: its parent (init, or a subreaper) reaps it.
-            Err(_) if !leader_running(&info) => return None,
-            Err(_) => {}
+        if !leader_running(&info) {
+            // Ended: reaped here with its status if it is our child (a zombie until then).
+            return reap_ended_child(&info);
         }
     }
 }

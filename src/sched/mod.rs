@@ -1478,40 +1478,30 @@ impl Scheduler {
                 format!("daemon stopping ({exit}); resumes at next start"),
                 &finish,
             ),
-            (Some(StopKind::Requeue { why }), _) => {
-                let why = why.clone();
+            // Stopped to run again later: preempted, or its GPU gone.
+            (Some(stop @ (StopKind::Preempt { .. } | StopKind::Requeue { .. })), _) => {
+                let (stopped, after) = match stop {
+                    StopKind::Preempt { for_job } => {
+                        (format!("preempted for job {for_job}"), " after preemption")
+                    }
+                    StopKind::Requeue { why } => (format!("stopped: {why}"), ""),
+                    _ => unreachable!("matched above"),
+                };
                 self.apply(
                     id,
                     Some(JobState::Interrupted),
-                    format!("stopped: {why} ({exit})"),
-                    &finish,
-                )
-                .and_then(|_| {
-                    let again = if self.jobs[&id].kind == JobKind::Train {
-                        "requeued; resumes from its last checkpoint"
-                    } else {
-                        "requeued; its command runs again"
-                    };
-                    self.requeue_now(id, again.into())
-                })
-            }
-            (Some(StopKind::Preempt { for_job }), _) => {
-                let for_job = *for_job;
-                self.apply(
-                    id,
-                    Some(JobState::Interrupted),
-                    format!("preempted for job {for_job} ({exit})"),
+                    format!("{stopped} ({exit})"),
                     &finish,
                 )
                 .and_then(|_| {
                     // A command job's program keeps its own state, if any: jobd only runs it
                     // again.
                     let again = if self.jobs[&id].kind == JobKind::Train {
-                        "requeued after preemption; resumes from its last checkpoint"
+                        "resumes from its last checkpoint"
                     } else {
-                        "requeued after preemption; its command runs again"
+                        "its command runs again"
                     };
-                    self.requeue_now(id, again.into())
+                    self.requeue_now(id, format!("requeued{after}; {again}"))
                 })
             }
             (None, Some(0)) if self.jobs[&id].spec.publish.is_some() => {
