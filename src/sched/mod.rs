@@ -1254,12 +1254,8 @@ impl Scheduler {
                     id,
                     None,
                     format!(
-                        "cancel requested by {by}; stopping {} (grace {}s)",
-                        if rec.kind == JobKind::Train {
-                            "the worker"
-                        } else {
-                            "the command"
-                        },
+                        "cancel requested by {by}; stopping the {} (grace {}s)",
+                        what_runs(rec.kind),
                         grace.as_secs()
                     ),
                     &|r| {
@@ -2410,6 +2406,14 @@ pub fn describe_placement(p: &Placement) -> String {
         format!("GPU {} ({amount} each)", ids.join(", "))
     } else {
         format!("GPU {} ({amount})", ids[0])
+    }
+}
+
+/// What a job runs as, for messages.
+fn what_runs(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Command => "command",
+        JobKind::Train => "worker",
     }
 }
 

@@ -139,7 +139,7 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
                 running,
                 format!(
                     "daemon restarted; its {} had ended meanwhile ({exit})",
-                    what_runs(s.jobs[&id].kind)
+                    super::what_runs(s.jobs[&id].kind)
                 ),
                 &|_| {},
             )?;
@@ -190,7 +190,7 @@ pub(super) async fn recover(s: &mut Scheduler) -> Result<(), StoreError> {
             }
             JobState::Starting | JobState::Running | JobState::Publishing => {
                 let rec = &s.jobs[&id];
-                let what = what_runs(rec.kind);
+                let what = super::what_runs(rec.kind);
                 let what = match stopped.get(&id) {
                     Some(pids) if !pids.is_empty() => format!(
                         "its {what} had gone, and what was left of its process group (led by \
@@ -286,14 +286,6 @@ fn trained(s: &Scheduler, id: JobId) -> bool {
         .is_some_and(|(exit, _)| exit.code == Some(0))
 }
 
-/// What a job runs as, for messages.
-fn what_runs(kind: JobKind) -> &'static str {
-    match kind {
-        JobKind::Command => "command",
-        JobKind::Train => "worker",
-    }
-}
-
 /// The GPUs of a job's placement that this daemon's inventory does not have (its
 /// configuration changed).
 fn missing_gpus(s: &Scheduler, rec: &JobRecord) -> Vec<String> {
@@ -376,7 +368,7 @@ fn take_over(
             continue;
         };
         let rec = &s.jobs[&id];
-        let what = what_runs(rec.kind);
+        let what = super::what_runs(rec.kind);
         let pid = info.pid;
         let starting = rec.state == JobState::Starting;
         let grace = s.settings.grace;
