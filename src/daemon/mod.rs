@@ -258,7 +258,10 @@ pub async fn run(config: Config, stop: StopRequest) -> anyhow::Result<Ended> {
         let local = tcp.local_addr()?;
         info!(address = %local, "listening on TCP");
         // The bound address (useful with port 0), for tools and tests.
-        std::fs::write(config.state_dir.join("http.addr"), format!("{local}\n"))
+        // Written whole or not at all (a reader must never see it empty): a temp file renamed.
+        let tmp = config.state_dir.join("http.addr.tmp");
+        std::fs::write(&tmp, format!("{local}\n"))
+            .and_then(|()| std::fs::rename(&tmp, config.state_dir.join("http.addr")))
             .context("cannot write http.addr")?;
         let tcp = Arc::new(tcp);
         tcp_for_next = Some(tcp.clone());
