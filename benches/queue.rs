@@ -318,6 +318,7 @@ fn record(j: &TraceJob) -> JobRecord {
         training: None,
         lora: None,
         publish: None,
+        notify: None,
         schedule: None,
         overlap: None,
         catch_up: None,

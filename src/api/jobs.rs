@@ -49,17 +49,31 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for JobIdPath {
     }
 }
 
-/// Hides environment values (and so the job file text) from callers who do not own the job:
-/// they may hold secrets such as API keys.
+/// Hides environment values and a notifier's arguments (and so the job file text) from
+/// callers who do not own the job: they may hold secrets such as API keys or a webhook's URL.
 pub(super) fn redact(caller: &Caller, owner: &str, spec: &mut JobSpec, source: &mut String) {
-    if !caller.may_change(owner)
-        && let Some(cmd) = &mut spec.command
+    if caller.may_change(owner) {
+        return;
+    }
+    let mut hidden = false;
+    if let Some(cmd) = &mut spec.command
         && !cmd.env.is_empty()
     {
         for v in cmd.env.values_mut() {
             *v = "(hidden)".into();
         }
-        *source = "# hidden: this job file sets environment variables; only its owner and admins see it\n".into();
+        hidden = true;
+    }
+    if let Some(notify) = &mut spec.notify {
+        for arg in notify.argv.iter_mut().skip(1) {
+            *arg = "(hidden)".into();
+        }
+        hidden = true;
+    }
+    if hidden {
+        *source = "# hidden: this job file sets environment variables or a notifier; only its \
+                   owner and admins see it\n"
+            .into();
     }
 }
 

@@ -239,9 +239,13 @@ pub async fn wait_for_end(
         };
         all_ok &= job.record.state == JobState::Succeeded;
         if report {
-            let reason = last
-                .map(|e| e.reason)
-                .or(job.record.reason.clone())
+            // The record's reason is why it ended; its last event may be a note after that
+            // (a notification sent).
+            let reason = job
+                .record
+                .reason
+                .clone()
+                .or(last.map(|e| e.reason))
                 .unwrap_or_default();
             outln!(
                 "job {id}: {} — {}",

@@ -125,6 +125,20 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
             ),
         ));
     }
+    if let Some(n) = &r.spec.notify {
+        let on: Vec<&str> = n.on.iter().map(|e| e.as_str()).collect();
+        // The program only: its arguments may hold a webhook's secret URL.
+        let program = n.argv.first().map(String::as_str).unwrap_or_default();
+        lines.push((
+            "notify",
+            format!(
+                "{} when {} (timeout {})",
+                super::printable(program),
+                on.join(", "),
+                n.timeout
+            ),
+        ));
+    }
     if let Some(cmd) = &r.spec.command
         && !cmd.env.is_empty()
     {

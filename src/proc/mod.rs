@@ -391,6 +391,9 @@ pub struct SpawnRequest {
     /// The job's own program when `program` is its supervisor (`jobd run-command`): named
     /// instead of jobd when the job's arguments and environment are too long to start.
     pub supervised: Option<String>,
+    /// When the leader ends, also kill the processes of the same user that left its group
+    /// but carry its `JOBD_JOB_DIR` (a job's run: nothing of it may outlive it).
+    pub kill_escaped: bool,
 }
 
 /// Handle to a supervised child; cheap to clone.
@@ -544,6 +547,7 @@ pub fn spawn(
         .env
         .iter()
         .find(|(k, _)| k == crate::spec::contract::ENV_JOB_DIR)
+        .filter(|_| req.kill_escaped)
         .map(|(k, v)| format!("{k}={v}"));
     let uid = req
         .run_as
@@ -841,6 +845,7 @@ mod tests {
             stderr: dir.join("err"),
             run_as: None,
             supervised: None,
+            kill_escaped: true,
         }
     }
 

@@ -12,6 +12,7 @@
 //! backoff ending, a starvation limit, the periodic GPU refresh).
 
 mod clean;
+mod notify;
 pub mod plan;
 mod recovery;
 mod schedules;
@@ -188,6 +189,12 @@ enum Msg {
         reply: oneshot::Sender<()>,
         /// A restart in place: running jobs keep running (the next daemon takes them over).
         keep_jobs: bool,
+    },
+    /// A job's `[notify]` command has ended.
+    Notified {
+        id: JobId,
+        end: crate::spec::record::JobEnd,
+        outcome: notify::NotifyOutcome,
     },
     /// Before a restart in place: start nothing more, and answer once no model is being
     /// published (requests are still served meanwhile).
@@ -587,6 +594,10 @@ pub struct Scheduler {
     /// between the two must not leave a job that ran recorded as `queued` (it ran again, with
     /// nothing in its history).
     to_spawn: Vec<JobId>,
+    /// Jobs whose end is to be notified once this round is on disk (`[notify]`).
+    to_notify: Vec<JobId>,
+    /// Jobs whose notifier runs.
+    notifying: HashMap<JobId, notify::Notifier>,
     /// Jobs removed (`clean`) since the last view: taken out of the next one.
     removed: Vec<JobId>,
     /// When `scheduler.keep_finished` was last applied.
@@ -646,6 +657,8 @@ impl Scheduler {
             publishing: HashSet::new(),
             publishing_names: HashMap::new(),
             to_spawn: Vec::new(),
+            to_notify: Vec::new(),
+            notifying: HashMap::new(),
             removed: Vec::new(),
             last_auto_clean: 0,
             disk_full: false,
@@ -664,6 +677,7 @@ impl Scheduler {
         s.sweep_removed_job_dirs()?;
         s.warn_unmatched_allowed();
         recovery::recover(&mut s).await?;
+        s.queue_due_notifications();
         s.schedules = s
             .store
             .all_schedules()?
@@ -678,6 +692,7 @@ impl Scheduler {
         s.store.flush().await?;
         s.spawn_started();
         s.store.flush().await?;
+        s.start_notifications();
         s.publish_view();
         let handle = SchedHandle {
             tx,
@@ -721,12 +736,14 @@ impl Scheduler {
             if self.spawn_started() {
                 self.flush_or_stop().await;
             }
+            self.start_notifications();
             self.publish_view();
             for r in replies {
                 r();
             }
             if self.draining
                 && self.publishing.is_empty()
+                && self.notifying.is_empty()
                 && let Some(done) = self.drained.take()
             {
                 let _ = done.send(());
@@ -855,15 +872,15 @@ impl Scheduler {
         }
     }
 
-    /// No worker runs and no model is being published.
+    /// No worker or notifier runs and no model is being published.
     fn idle(&self) -> bool {
-        self.children.is_empty() && self.publishing.is_empty()
+        self.children.is_empty() && self.publishing.is_empty() && self.notifying.is_empty()
     }
 
-    /// A restart in place may go ahead: no model is being published (its work is done here,
-    /// not in a worker the next daemon could take over).
+    /// A restart in place may go ahead: no model is being published and no notifier runs
+    /// (their work is done here, not in a worker the next daemon could take over).
     fn handed_over(&self) -> bool {
-        self.handing_over && self.publishing.is_empty()
+        self.handing_over && self.publishing.is_empty() && self.notifying.is_empty()
     }
 
     fn next_deadline(&self) -> Option<tokio::time::Instant> {
@@ -968,6 +985,10 @@ impl Scheduler {
                 self.exited(id, attempt, exit, now_ms());
                 None
             }
+            Msg::Notified { id, end, outcome } => {
+                self.notifier_ended(id, end, outcome);
+                None
+            }
             Msg::Published {
                 id,
                 result,
@@ -1016,6 +1037,7 @@ impl Scheduler {
                 }
                 self.draining = true;
                 self.drained = Some(reply);
+                self.bound_notifiers();
                 None
             }
             Msg::Shutdown { reply, keep_jobs } => {
@@ -1046,6 +1068,29 @@ impl Scheduler {
                 expect: &[],
                 reason,
                 edit,
+                keeps_reason: false,
+            },
+        )?;
+        self.note_change(rec.clone(), Some(event));
+        Ok(rec)
+    }
+
+    /// Records a note in a job's history (`reason`) with `edit`, leaving its state and the
+    /// reason for it as they are.
+    fn add_note(
+        &mut self,
+        id: JobId,
+        reason: String,
+        edit: &dyn Fn(&mut JobRecord),
+    ) -> Result<JobRecord, StoreError> {
+        let (rec, event) = self.store.apply(
+            id,
+            &Change {
+                to: None,
+                expect: &[],
+                reason,
+                edit,
+                keeps_reason: true,
             },
         )?;
         self.note_change(rec.clone(), Some(event));
@@ -1056,6 +1101,7 @@ impl Scheduler {
         if rec.state != JobState::Queued {
             self.waiting.remove(&rec.id);
         }
+        self.queue_notification(&rec);
         self.pending.push(JobChange {
             job: crate::spec::api::JobView {
                 record: rec.clone(),
@@ -2019,6 +2065,7 @@ impl Scheduler {
         );
         self.handing_over = true;
         self.shutting_down = Some(reply);
+        self.bound_notifiers();
     }
 
     fn begin_shutdown(&mut self, reply: oneshot::Sender<()>) {
@@ -2048,6 +2095,7 @@ impl Scheduler {
             }
         }
         self.shutting_down = Some(reply);
+        self.bound_notifiers();
     }
 
     // ---- planning ------------------------------------------------------------------------

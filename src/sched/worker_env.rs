@@ -181,6 +181,7 @@ pub fn prepare(
         stderr: dir.join(files::STDERR),
         run_as,
         supervised,
+        kill_escaped: true,
     })
 }
 
@@ -189,7 +190,8 @@ fn write_atomic(path: &Path, bytes: &[u8], owner: crate::jobfs::Owner) -> Result
     crate::jobfs::write_atomic(path, bytes, owner).map_err(|e| e.to_string())
 }
 
-fn daemon_user() -> (String, String) {
+/// The daemon's own user name and home, for jobs run as the daemon.
+pub(super) fn daemon_user() -> (String, String) {
     let uid = nix::unistd::geteuid();
     match nix::unistd::User::from_uid(uid) {
         Ok(Some(u)) => (u.name, u.dir.display().to_string()),

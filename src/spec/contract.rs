@@ -48,6 +48,18 @@ pub const ENV_GPU_UUIDS: &str = "JOBD_GPU_UUIDS";
 /// Set to `1` when the GPUs are simulated (`--gpus fake:...`): the job must run on CPU.
 pub const ENV_FAKE_GPUS: &str = "JOBD_FAKE_GPUS";
 
+/// For a `[notify]` command: how the job ended (`succeeded`, `failed`, `cancelled`).
+pub const ENV_JOB_STATE: &str = "JOBD_JOB_STATE";
+/// For a `[notify]` command: why, as its history says it ("exit code 1", "cancelled by ann").
+pub const ENV_JOB_REASON: &str = "JOBD_JOB_REASON";
+/// For a `[notify]` command: the last run's exit code, killed by signal N counting as 128 + N
+/// (absent when no run ended with one, e.g. a job cancelled while queued).
+pub const ENV_EXIT_CODE: &str = "JOBD_EXIT_CODE";
+/// For a `[notify]` command: the job's kind (`command` or `train`).
+pub const ENV_JOB_KIND: &str = "JOBD_JOB_KIND";
+/// For a `[notify]` command: the Ollama model the job published (`ollama run` takes it).
+pub const ENV_MODEL: &str = "JOBD_MODEL";
+
 /// File names inside a job directory.
 pub mod files {
     pub const JOB_TOML: &str = "job.toml";
@@ -63,6 +75,9 @@ pub mod files {
     pub const EXIT_STATUS: &str = "exit-status.json";
     /// What went wrong when a train worker fails: [`super::WorkerError`].
     pub const WORKER_ERROR: &str = "worker-error.json";
+    /// What the job's `[notify]` command printed (stdout and stderr), each run after a
+    /// header line.
+    pub const NOTIFY_LOG: &str = "notify.log";
     /// The most jobd reads of a small status file a job writes (progress, exit status,
     /// worker error): a bigger one is ignored, as the owner could make it any size.
     pub const MAX_STATUS_BYTES: u64 = 64 << 10;

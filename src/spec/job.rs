@@ -61,6 +61,9 @@ pub struct JobSpec {
     pub lora: Option<LoraSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish: Option<PublishSpec>,
+    /// A command to run when the job ends (see `spec::notify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<super::notify::NotifySpec>,
     /// A cron expression: submitting creates a recurring schedule instead of one job
     /// (see `spec::schedule` for the syntax).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -430,6 +433,9 @@ impl JobSpec {
                 }
             }
         }
+        if let Some(notify) = &self.notify {
+            issues.extend(notify.validate());
+        }
         match &self.schedule {
             Some(expr) => {
                 if let Err(e) = expr.parse::<super::schedule::Cron>() {
@@ -601,18 +607,14 @@ impl JobSpec {
             }
         };
         if let Some(cmd) = &mut self.command {
-            if let Some(program) = cmd.argv.first_mut()
-                && program.contains('/')
-                && !Path::new(program.as_str()).is_absolute()
-            {
-                *program = abs(Path::new(program.as_str()))
-                    .to_string_lossy()
-                    .into_owned();
-            }
+            resolve_program(&mut cmd.argv, base_dir);
             cmd.workdir = Some(match &cmd.workdir {
                 Some(w) => abs(w),
                 None => tidy_path(base_dir),
             });
+        }
+        if let Some(notify) = &mut self.notify {
+            notify.resolve_paths(base_dir);
         }
         super::train::resolve_paths(self, base_dir);
         self.base_dir = Some(base_dir.to_path_buf());
@@ -649,40 +651,58 @@ impl JobSpec {
                 }
             }
         }
+        if let Some(notify) = &self.notify {
+            issues.extend(notify.check_paths());
+        }
         issues.extend(super::train::check_paths(self));
         issues
     }
 }
 
-fn validate_command(cmd: &CommandSpec, issues: &mut Vec<Issue>) {
-    match cmd.argv.first() {
-        None => issues.push(Issue::new("command.argv", "must name a program to run")),
+/// Makes `argv`'s program absolute against `base_dir` when it is a relative path (has a `/`);
+/// a bare name stays one, for a lookup in `PATH`.
+pub(super) fn resolve_program(argv: &mut [String], base_dir: &Path) {
+    if let Some(program) = argv.first_mut()
+        && program.contains('/')
+        && !Path::new(program.as_str()).is_absolute()
+    {
+        *program = tidy_path(&base_dir.join(program.as_str()))
+            .to_string_lossy()
+            .into_owned();
+    }
+}
+
+/// Linux takes at most MAX_ARG_STRLEN bytes per argument or `NAME=value` (with its NUL):
+/// longer fails only when the job starts.
+const MAX_ARG_STRLEN: usize = 32 * 4096;
+
+fn too_long(len: usize) -> String {
+    format!(
+        "is {len} bytes; Linux takes at most {MAX_ARG_STRLEN} per argument or variable (put it in a file)"
+    )
+}
+
+/// Checks a program and its arguments (`key` is `command.argv`, `notify.argv`): a program
+/// named, no NUL, no argument longer than Linux takes.
+pub(super) fn validate_argv(key: &str, argv: &[String], issues: &mut Vec<Issue>) {
+    match argv.first() {
+        None => issues.push(Issue::new(key, "must name a program to run")),
         Some(p) if p.trim().is_empty() => {
-            issues.push(Issue::new("command.argv[0]", "program must not be empty"))
+            issues.push(Issue::new(format!("{key}[0]"), "program must not be empty"))
         }
         _ => {}
     }
-    // Linux takes at most MAX_ARG_STRLEN bytes per argument or `NAME=value` (with its NUL):
-    // longer fails only when the job starts.
-    const MAX_ARG_STRLEN: usize = 32 * 4096;
-    let too_long = |len: usize| {
-        format!(
-            "is {len} bytes; Linux takes at most {MAX_ARG_STRLEN} per argument or variable (put it in a file)"
-        )
-    };
-    for (i, arg) in cmd.argv.iter().enumerate() {
+    for (i, arg) in argv.iter().enumerate() {
         if arg.contains('\0') {
-            issues.push(Issue::new(
-                format!("command.argv[{i}]"),
-                "must not contain NUL",
-            ));
+            issues.push(Issue::new(format!("{key}[{i}]"), "must not contain NUL"));
         } else if arg.len() + 1 > MAX_ARG_STRLEN {
-            issues.push(Issue::new(
-                format!("command.argv[{i}]"),
-                too_long(arg.len()),
-            ));
+            issues.push(Issue::new(format!("{key}[{i}]"), too_long(arg.len())));
         }
     }
+}
+
+fn validate_command(cmd: &CommandSpec, issues: &mut Vec<Issue>) {
+    validate_argv("command.argv", &cmd.argv, issues);
     for (k, v) in &cmd.env {
         let key = format!("command.env.{k}");
         if k.is_empty() || k.contains('=') || k.contains('\0') {
@@ -756,6 +776,8 @@ mod tests {
                 let block = block.split("```").next().unwrap();
                 let job = if block.contains("kind = ") {
                     block.to_string()
+                } else if block.starts_with("[notify]") {
+                    format!("kind = \"command\"\n[command]\nargv = [\"true\"]\n{block}")
                 } else if block.starts_with("[publish]") {
                     format!(
                         "kind = \"train\"\n[model]\ninit = \"scratch\"\nhidden_size = 64\n\
@@ -771,7 +793,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert!(checked >= 3, "{checked} snippets");
+        assert!(checked >= 4, "{checked} snippets");
         let readme = include_str!("../../README.md");
         let err = parse(
             "bad.toml",

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod contract;
 pub mod job;
+pub mod notify;
 pub mod publish;
 pub mod record;
 pub mod schedule;

@@ -98,9 +98,20 @@ pub struct JobRecord {
     /// Who put this queued job on hold (it does not start until released).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_by: Option<String>,
+    /// The end of the job its `[notify]` command last ran for (a job may end again after a
+    /// requeue); an end it asks to hear of that differs is still to be notified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notified: Option<JobEnd>,
     /// Number of events recorded; the next event's sequence number.
     #[serde(default)]
     pub event_count: u32,
+}
+
+/// One end of a job: the state it ended in, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEnd {
+    pub state: JobState,
+    pub finished_at: Millis,
 }
 
 /// A model published into an Ollama store.
@@ -240,8 +251,24 @@ impl JobRecord {
             gpu_seconds: 0.0,
             schedule_id: None,
             published: None,
+            notified: None,
             event_count: 0,
         }
+    }
+
+    /// How and when the job ended, if it has (succeeded, failed or cancelled).
+    pub fn end(&self) -> Option<JobEnd> {
+        let ended = matches!(
+            self.state,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        );
+        ended
+            .then_some(self.finished_at)
+            .flatten()
+            .map(|finished_at| JobEnd {
+                state: self.state,
+                finished_at,
+            })
     }
 
     /// The job's directory under the daemon's state directory.

@@ -151,6 +151,9 @@ pub struct Change<'a> {
     pub expect: &'a [JobState],
     pub reason: String,
     pub edit: &'a dyn Fn(&mut JobRecord),
+    /// The event is a note in the history (a notification sent), not why the job is in its
+    /// state: the record's `reason` stays as it was.
+    pub keeps_reason: bool,
 }
 
 impl Store {
@@ -272,7 +275,9 @@ impl Store {
             let now = now_ms();
             record.state = to;
             record.updated_at = now;
-            record.reason = Some(change.reason.clone());
+            if !change.keeps_reason {
+                record.reason = Some(change.reason.clone());
+            }
             let event = JobEvent {
                 seq: record.event_count,
                 at: now,
@@ -539,6 +544,7 @@ pub(crate) mod tests {
             expect: &[],
             reason: reason.into(),
             edit: &|_| {},
+            keeps_reason: false,
         }
     }
 
@@ -618,6 +624,7 @@ pub(crate) mod tests {
                     expect: &[JobState::Starting],
                     reason: "spawned".into(),
                     edit: &|r| r.attempts += 1,
+                    keeps_reason: false,
                 },
             )
             .unwrap();
@@ -644,6 +651,7 @@ pub(crate) mod tests {
                     expect: &[JobState::Queued],
                     reason: "x".into(),
                     edit: &|_| {},
+                    keeps_reason: false,
                 },
             )
             .unwrap_err();
@@ -652,6 +660,28 @@ pub(crate) mod tests {
             store.apply(99, &to(JobState::Starting, "x")),
             Err(StoreError::NotFound(99))
         ));
+        // A note goes into the history and leaves the record's reason alone.
+        let (rec, ev) = store
+            .apply(
+                rec.id,
+                &Change {
+                    to: None,
+                    expect: &[],
+                    reason: "notification sent".into(),
+                    edit: &|_| {},
+                    keeps_reason: true,
+                },
+            )
+            .unwrap();
+        assert_eq!(rec.reason.as_deref(), Some("spawned"));
+        assert_eq!(
+            (ev.seq, ev.state, ev.reason.as_str()),
+            (3, JobState::Running, "notification sent")
+        );
+        assert_eq!(
+            store.get(rec.id).unwrap().reason.as_deref(),
+            Some("spawned")
+        );
     }
 
     #[test]

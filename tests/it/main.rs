@@ -8,6 +8,7 @@ mod durability;
 mod errors;
 mod job_dir;
 mod llama_cpp;
+mod notify;
 #[path = "../publish_support/mod.rs"]
 mod publish_support;
 mod sched;

@@ -448,7 +448,21 @@ fn a_failed_publish_can_be_done_again_by_hand() {
     );
 
     // The models directory breaks while the job trains (a missing one is refused at submit).
-    let longer = text.replace("max_steps = 4\n", "max_steps = 60\n");
+    // Its notifier hears of both ends: the failure, then the success with the model.
+    let ends = tmp.path().join("ends");
+    let tell = d.write(
+        "tell.sh",
+        &format!(
+            "#!/bin/sh\necho \"$JOBD_JOB_STATE $JOBD_MODEL\" >> {}\n",
+            ends.display()
+        ),
+    );
+    std::fs::set_permissions(&tell, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let longer = format!(
+        "{}\n[notify]\nargv = [{:?}]\n",
+        text.replace("max_steps = 4\n", "max_steps = 60\n"),
+        tell.display().to_string()
+    );
     let id = d.submit(&d.write("tiny-short.toml", &longer));
     d.wait_state(id, JobState::Running, Duration::from_secs(20));
     std::fs::remove_dir(&models).unwrap();
@@ -465,6 +479,12 @@ fn a_failed_publish_can_be_done_again_by_hand() {
     d.wait_state(id, JobState::Failed, Duration::from_secs(60));
     let reason = d.job(id).record.reason.unwrap_or_default();
     assert!(reason.contains("publishing failed"), "{reason}");
+    let told = || std::fs::read_to_string(&ends).unwrap_or_default();
+    wait_for(
+        "the failure's notification",
+        Duration::from_secs(20),
+        || told() == "failed \n",
+    );
 
     std::fs::remove_file(&models).unwrap();
     std::fs::create_dir(&models).unwrap();
@@ -474,6 +494,11 @@ fn a_failed_publish_can_be_done_again_by_hand() {
     assert_eq!(rec.published.expect("published").quantization, "q8_0");
     // It has done all it was for now: succeeded, and `wait` says so.
     assert_eq!(rec.state, JobState::Succeeded);
+    wait_for(
+        "the success's notification",
+        Duration::from_secs(20),
+        || told() == "failed \nsucceeded jobd/tiny-shift:latest\n",
+    );
     // Mistakes in a publish or export by hand are named before any work.
     let job = id.to_string();
     for (args, why) in [
