@@ -220,8 +220,16 @@ pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
                 ))
             })
             .unwrap_or_default();
+        let notify = spec
+            .notify
+            .as_ref()
+            .map(|n| {
+                let on: Vec<&str> = n.on.iter().map(|e| e.as_str()).collect();
+                format!("; notifies when {}", on.join(", "))
+            })
+            .unwrap_or_default();
         outln!(
-            "{}: ok — {} job, {gpus}, priority {}{recurring}",
+            "{}: ok — {} job, {gpus}, priority {}{notify}{recurring}",
             args.file.display(),
             spec.kind.as_str(),
             spec.priority

@@ -85,6 +85,11 @@ fn notifiers_run_for_the_ends_they_list_with_the_job_in_their_environment() {
             "on = [\"failed\", \"succeeded\"]",
         ),
     );
+    let valid = stdout(&d.jobctl(&["validate", failing.to_str().unwrap()]));
+    assert!(
+        valid.contains("; notifies when failed, succeeded"),
+        "{valid}"
+    );
     let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", failing.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let failing: JobId = stdout(&out).trim().parse().unwrap();
