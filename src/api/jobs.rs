@@ -51,9 +51,15 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for JobIdPath {
 
 /// Hides environment values and a notifier's arguments (and so the job file text) from
 /// callers who do not own the job: they may hold secrets such as API keys or a webhook's URL.
-pub(super) fn redact(caller: &Caller, owner: &str, spec: &mut JobSpec, source: &mut String) {
+/// Whether anything was hidden.
+pub(super) fn redact(
+    caller: &Caller,
+    owner: &str,
+    spec: &mut JobSpec,
+    source: &mut String,
+) -> bool {
     if caller.may_change(owner) {
-        return;
+        return false;
     }
     let mut hidden = false;
     if let Some(cmd) = &mut spec.command
@@ -75,12 +81,13 @@ pub(super) fn redact(caller: &Caller, owner: &str, spec: &mut JobSpec, source: &
                    owner and admins see it\n"
             .into();
     }
+    hidden
 }
 
 /// The job as `caller` may see it (see [`redact`]).
 pub fn job_view(rec: &JobRecord, caller: &Caller, view: &View, jobs_dir: &Path) -> JobView {
     let mut record = rec.clone();
-    redact(
+    let redacted = redact(
         caller,
         &rec.owner.user,
         &mut record.spec,
@@ -95,6 +102,7 @@ pub fn job_view(rec: &JobRecord, caller: &Caller, view: &View, jobs_dir: &Path) 
         progress,
         waiting: view.waiting.get(&rec.id).map(|w| w.wait.short()),
         job_dir: Some(rec.dir(jobs_dir)),
+        redacted,
     }
 }
 

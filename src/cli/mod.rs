@@ -101,6 +101,9 @@ pub enum Command {
     Priority(jobs::PriorityArgs),
     /// Put failed or cancelled jobs back in the queue.
     Requeue(jobs::IdsArgs),
+    /// Submit a job's file again as a new job (any state, e.g. a succeeded one): the file as
+    /// it was submitted, `--set` changes it further.
+    Resubmit(submit::ResubmitArgs),
     /// Keep queued jobs from starting until released.
     Hold(jobs::IdsArgs),
     /// Let held jobs start again (they queue from then on; an admin's hold on someone else's
@@ -246,6 +249,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
         Command::Explain(args) => jobs::explain(&client, args.id, &out).await,
         Command::Priority(args) => jobs::priority(&client, &args, &out).await,
         Command::Requeue(args) => jobs::requeue(&client, &args, &out).await,
+        Command::Resubmit(args) => submit::resubmit(&client, &args, &out).await,
         Command::Hold(args) => jobs::hold(&client, &args, true, &out).await,
         Command::Release(args) => jobs::hold(&client, &args, false, &out).await,
         Command::Clean(args) => jobs::clean(&client, &args, &out).await,

@@ -145,10 +145,21 @@ pub fn load(
     } else {
         file.display().to_string()
     };
-    let original = text;
-    let text = apply_overrides(&original, &origin, overrides)?;
+    prepare(text, &origin, base_dir, source_path, overrides)
+}
+
+/// A job file's text checked here as the daemon will (with `overrides` applied, relative
+/// paths against `base_dir`): the request to send, and the job it describes.
+fn prepare(
+    original: String,
+    origin: &str,
+    base_dir: PathBuf,
+    source_path: Option<PathBuf>,
+    overrides: &Overrides,
+) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)> {
+    let text = apply_overrides(&original, origin, overrides)?;
     let check =
-        |text: &str| parse_and_resolve_with(&origin, text, &base_dir, &crate::publish::base_issues);
+        |text: &str| parse_and_resolve_with(origin, text, &base_dir, &crate::publish::base_issues);
     let spec = match check(&text) {
         Ok(spec) => spec,
         // The positions are in the rewritten document: the file's own problems are shown in
@@ -239,8 +250,104 @@ pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
 }
 
 pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow::Result<bool> {
-    let (mut req, spec) = load(&args.file, &args.overrides)?;
-    req.hold = args.hold;
+    let (req, spec) = load(&args.file, &args.overrides)?;
+    send(client, req, &spec, args.follow, args.hold, out).await
+}
+
+/// `jobctl resubmit`: a job again, as a new job.
+#[derive(Debug, Args)]
+pub struct ResubmitArgs {
+    /// The job to run again (any state; its job file as it was submitted, `--set` included).
+    pub id: crate::spec::JobId,
+    /// Stream the new job's output until it ends; exit 0 only if it succeeded.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Queue it on hold: it starts only after `jobctl release`.
+    #[arg(long, conflicts_with = "follow")]
+    pub hold: bool,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+/// Submits job `id`'s job file again, as it was submitted (with its relative paths against
+/// the same directory), as a new job of the caller: pueue's `restart`, for any finished job
+/// (a failed or cancelled one can also be requeued in place).
+pub async fn resubmit(client: &Client, args: &ResubmitArgs, out: &Output) -> anyhow::Result<bool> {
+    let id = args.id;
+    let job: JobView = client.get(&format!("/jobs/{id}")).await?;
+    if job.redacted {
+        anyhow::bail!(
+            "job {id}'s file is hidden from you (it sets environment variables or a \
+             notifier): only {} or an admin can resubmit it",
+            job.record.owner.user
+        );
+    }
+    let r = &job.record;
+    let base_dir = r
+        .spec
+        .base_dir
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("job {id} has no base directory recorded"))?;
+    let text = without_schedule(r)?;
+    let origin = format!(
+        "job {id}'s file{}",
+        r.source_path
+            .as_ref()
+            .map(|p| format!(" ({})", p.display()))
+            .unwrap_or_default()
+    );
+    let (req, spec) = prepare(
+        text,
+        &origin,
+        base_dir,
+        r.source_path.clone(),
+        &args.overrides,
+    )?;
+    send(client, req, &spec, args.follow, args.hold, out).await
+}
+
+/// The job file of `rec` to submit as one job: a job a schedule queued has its schedule's
+/// file, whose `schedule` keys would create another schedule and whose `base = "@previous"`
+/// meant the model this run started from.
+fn without_schedule(rec: &crate::spec::JobRecord) -> anyhow::Result<String> {
+    if rec.schedule_id.is_none() {
+        return Ok(rec.source.clone());
+    }
+    let mut doc: toml::Table = rec
+        .source
+        .parse()
+        .with_context(|| format!("job {}'s file does not parse", rec.id))?;
+    for key in ["schedule", "overlap", "catch_up"] {
+        doc.remove(key);
+    }
+    if let Some(model) = doc.get_mut("model").and_then(toml::Value::as_table_mut)
+        && model
+            .get("base")
+            .and_then(toml::Value::as_str)
+            .is_some_and(|b| crate::spec::train::is_previous(Path::new(b)))
+    {
+        model.remove("first_base");
+        match rec.spec.model.as_ref().and_then(|m| m.base.as_ref()) {
+            Some(base) => model.insert(
+                "base".into(),
+                toml::Value::String(base.display().to_string()),
+            ),
+            None => model.remove("base"),
+        };
+    }
+    Ok(toml::to_string(&doc)?)
+}
+
+/// Sends a checked job file: a job (followed if asked), or a schedule when it has one.
+async fn send(
+    client: &Client,
+    mut req: SubmitRequest,
+    spec: &crate::spec::JobSpec,
+    follow: bool,
+    hold: bool,
+    out: &Output,
+) -> anyhow::Result<bool> {
+    req.hold = hold;
     if let Some(expr) = &spec.schedule {
         // A job file with a schedule creates a recurring schedule, not a job.
         let s: crate::spec::api::ScheduleView = client.post("/schedules", &req).await?;
@@ -260,12 +367,12 @@ pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow:
             // an unrelated job with that number.
             outln!("schedule:{}", s.record.id);
         }
-        if args.follow {
+        if follow {
             eprintln!(
                 "(--follow does not apply to a schedule; follow its jobs with jobctl logs -f)"
             );
         }
-        if args.hold {
+        if hold {
             eprintln!(
                 "(--hold does not apply to a schedule; `jobctl schedule pause` stops its firings)"
             );
@@ -274,15 +381,15 @@ pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow:
     }
     let job: JobView = client.post("/jobs", &req).await?;
     let id = job.record.id;
-    if out.json && !args.follow {
+    if out.json && !follow {
         out.print_json(&job)?;
         return Ok(true);
     }
     eprintln!("submitted job {id} ({})", job.record.name);
-    if !out.json && !args.follow {
+    if !out.json && !follow {
         outln!("{id}");
     }
-    if !args.follow {
+    if !follow {
         return Ok(true);
     }
     if out.json {
@@ -295,4 +402,53 @@ pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow:
     }
     super::logs::follow_both(client, id, false).await?;
     super::jobs::wait(client, &[id], out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{JobRecord, Owner};
+
+    /// A run a schedule queued is resubmitted as one job: no schedule keys, and the model it
+    /// started from in place of `@previous`.
+    #[test]
+    fn a_scheduled_runs_file_loses_its_schedule_and_previous() {
+        let source = "name = \"nightly\"\nkind = \"train\"\nschedule = \"0 3 * * *\"\n\
+                      catch_up = false\noverlap = \"queue\"\n[model]\nbase = \"@previous\"\n\
+                      first_base = \"models/base\"\n[data]\ntrain_file = \"d.jsonl\"\n";
+        let mut spec = crate::spec::job::parse(
+            "t.toml",
+            "kind = \"command\"\n[command]\nargv = [\"true\"]\n",
+        )
+        .unwrap();
+        spec.model = Some(crate::spec::train::ModelSpec {
+            base: Some("/jobs/7/output".into()),
+            ..Default::default()
+        });
+        let owner = Owner {
+            user: "ann".into(),
+            uid: 1000,
+        };
+        let mut rec = JobRecord::new_queued(owner, "nightly".into(), spec, source.into(), 0);
+        assert_eq!(
+            without_schedule(&rec).unwrap(),
+            source,
+            "not a schedule's run"
+        );
+        rec.schedule_id = Some(3);
+        let doc: toml::Table = without_schedule(&rec).unwrap().parse().unwrap();
+        for key in ["schedule", "catch_up", "overlap"] {
+            assert!(!doc.contains_key(key), "{key}: {doc}");
+        }
+        assert_eq!(doc["name"].as_str(), Some("nightly"));
+        let model = doc["model"].as_table().unwrap();
+        assert_eq!(model["base"].as_str(), Some("/jobs/7/output"));
+        assert!(!model.contains_key("first_base"), "{doc}");
+        assert_eq!(doc["data"]["train_file"].as_str(), Some("d.jsonl"));
+        // A fixed base stays as written.
+        rec.source = source.replace("base = \"@previous\"", "base = \"models/b\"");
+        let doc: toml::Table = without_schedule(&rec).unwrap().parse().unwrap();
+        assert_eq!(doc["model"]["base"].as_str(), Some("models/b"));
+        assert_eq!(doc["model"]["first_base"].as_str(), Some("models/base"));
+    }
 }

@@ -1108,6 +1108,7 @@ impl Scheduler {
                 progress: None,
                 waiting: None,
                 job_dir: None,
+                redacted: false,
             },
             event,
         });
@@ -1365,7 +1366,8 @@ impl Scheduler {
         let rec = self.get_for_change(caller, id)?;
         if !matches!(rec.state, JobState::Failed | JobState::Cancelled) {
             return Err(SchedError::Conflict(format!(
-                "job {id} is {}; only failed or cancelled jobs can be requeued",
+                "job {id} is {}; only failed or cancelled jobs can be requeued (`jobctl \
+                 resubmit {id}` runs its job file again as a new job)",
                 rec.state
             )));
         }

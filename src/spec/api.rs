@@ -49,6 +49,10 @@ pub struct JobView {
     /// The job's directory on the daemon's machine (outputs, logs, checkpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_dir: Option<PathBuf>,
+    /// Secrets in the job file (environment values, a notifier's arguments) are hidden from
+    /// this caller, and so is the file's text.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redacted: bool,
 }
 
 /// `GET /api/v1/models` entry: a model in the daemon's Ollama store, as `ollama list` shows it.

@@ -609,3 +609,113 @@ fn cancel_mine_and_list_go_past_a_thousand_jobs() {
         .count();
     assert_eq!(queued, 0);
 }
+
+/// `resubmit` runs a job's file again as a new job — a succeeded one too, which `requeue`
+/// refuses (saying so) — with its relative paths where they were, `--set` on top; a job a
+/// schedule queued makes a job, not a schedule; another user may resubmit a job only when
+/// nothing in its file is hidden from them, and the copy is theirs.
+#[test]
+fn resubmit_runs_a_job_file_again_as_a_new_job() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let dir = d.path("exp");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = dir.join("run.sh");
+    std::fs::write(&script, "#!/bin/sh\necho \"ran $JOBD_JOB_NAME as $USER\"\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let file = dir.join("exp.toml");
+    std::fs::write(
+        &file,
+        "kind = \"command\"\n[command]\nargv = [\"./run.sh\"]\n",
+    )
+    .unwrap();
+    let out = d.jobctl(&["submit", file.to_str().unwrap(), "--set", "name=first"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first: u64 = stdout(&out).trim().parse().unwrap();
+    d.wait_state(first, JobState::Succeeded, Duration::from_secs(20));
+    let requeue = d.jobctl(&["requeue", &first.to_string()]);
+    assert!(
+        stderr(&requeue).contains(&format!(
+            "`jobctl resubmit {first}` runs its job file again"
+        )),
+        "{}",
+        stderr(&requeue)
+    );
+    // From elsewhere, with the job file gone: the job's own copy is run.
+    std::fs::remove_file(&file).unwrap();
+    let again = std::process::Command::new(JOBCTL)
+        .args([
+            "--url",
+            d.socket.to_str().unwrap(),
+            "resubmit",
+            &first.to_string(),
+        ])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    let second: u64 = stdout(&again).trim().parse().unwrap();
+    assert_ne!(second, first);
+    d.wait_state(second, JobState::Succeeded, Duration::from_secs(20));
+    d.wait_output(second, "ran first as");
+    let out = d.jobctl(&[
+        "resubmit",
+        &first.to_string(),
+        "--set",
+        "name=third",
+        "--follow",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("ran third as"), "{}", stdout(&out));
+
+    // Another user: a job without secrets is theirs to run again, as themselves.
+    if nix::unistd::geteuid().is_root() {
+        let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["resubmit", &first.to_string()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let theirs: u64 = stdout(&out).trim().parse().unwrap();
+        d.wait_state(theirs, JobState::Succeeded, Duration::from_secs(20));
+        assert_eq!(d.job(theirs).record.owner.user, "nobody");
+        d.wait_output(theirs, "ran first as nobody");
+    }
+    let secret = d.write(
+        "secret.toml",
+        "kind = \"command\"\n[command]\nargv = [\"true\"]\nenv = { TOKEN = \"s3cret\" }\n",
+    );
+    let secret = d.submit(&secret);
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["resubmit", &secret.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("file is hidden from you")
+            && stderr(&out).contains("or an admin can resubmit it"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A run a schedule queued: one job, no second schedule.
+    let sched = d.write(
+        "nightly.toml",
+        "kind = \"command\"\nschedule = \"0 3 * * *\"\ncatch_up = false\n[command]\nargv = [\"true\"]\n",
+    );
+    let sid = schedule_id(&d.jobctl(&["submit", sched.to_str().unwrap()]));
+    let out = d.jobctl(&["schedule", "run-now", &sid.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fired = d
+        .all_jobs()
+        .into_iter()
+        .find(|j| j.record.schedule_id == Some(sid))
+        .expect("the schedule's run")
+        .record
+        .id;
+    let out = d.jobctl(&["resubmit", &fired.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let copy: u64 = stdout(&out).trim().parse().unwrap();
+    assert_eq!(d.job(copy).record.schedule_id, None);
+    d.wait_state(copy, JobState::Succeeded, Duration::from_secs(20));
+    let schedules = stdout(&d.jobctl(&["--json", "schedules"]));
+    let n: serde_json::Value = serde_json::from_str(&schedules).unwrap();
+    assert_eq!(
+        n["schedules"].as_array().map(Vec::len),
+        Some(1),
+        "{schedules}"
+    );
+}
