@@ -18,7 +18,8 @@ use super::{ApiError, AppState, require_user};
 use crate::sched::{self, Submission, View};
 use crate::spec::api::{
     EventsResponse, GpuJob, GpuView, GpusResponse, JobSummary, JobView, ListQuery, ListResponse,
-    PriorityRequest, QueueQuery, QueueResponse, QueueSort, SortOrder, SubmitRequest,
+    PriorityRequest, QueueQuery, QueueResponse, QueueSort, ResubmitRequest, SortOrder,
+    SubmitRequest,
 };
 use crate::spec::contract::files;
 use crate::spec::job::parse_and_resolve_with;
@@ -183,6 +184,63 @@ pub async fn submit(
     Ok((
         StatusCode::CREATED,
         Json(job_view(&rec, &caller, &view, &st.jobs_dir)),
+    ))
+}
+
+/// Submits job `id`'s file again as a new job of the caller (`jobctl resubmit`, the
+/// dashboard's "Run again"): the file as it was submitted (a schedule's run: as one job), with
+/// `set` changes, its relative paths against the same directory, checked with the caller's
+/// rights. Someone else's job only when nothing in its file is hidden from the caller.
+pub async fn resubmit(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JobIdPath(id): JobIdPath,
+    body: Result<Json<ResubmitRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    require_user(&caller)?;
+    let Json(req) = body?;
+    let rec = st
+        .sched
+        .view()
+        .jobs
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| ApiError::from(sched::SchedError::NotFound(id)))?;
+    let (mut spec, mut source) = (rec.spec.clone(), rec.source.clone());
+    if redact(&caller, &rec.owner.user, &mut spec, &mut source) {
+        return Err(ApiError::forbidden(format!(
+            "job {id}'s file is hidden from you (it sets environment variables or a notifier): \
+             only {} or an admin can resubmit it",
+            rec.owner.user
+        )));
+    }
+    let base_dir =
+        rec.spec.base_dir.clone().ok_or_else(|| {
+            ApiError::bad_request(format!("job {id} has no base directory recorded"))
+        })?;
+    let text = crate::spec::schedule::file_of_one_run(&rec).map_err(ApiError::bad_request)?;
+    let origin = format!("job {id}'s file");
+    let text = crate::spec::job::apply_overrides(&text, &origin, &req.set)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let owner = st
+        .auth
+        .owner_for(&caller)
+        .ok_or_else(|| ApiError::unauthorized("unknown caller"))?;
+    let sub = submission_as(
+        &caller,
+        SubmitRequest {
+            toml: text,
+            base_dir: Some(base_dir),
+            source_path: rec.source_path.clone(),
+            hold: req.hold,
+        },
+    )
+    .await?;
+    let new = st.sched.submit(&caller, owner, sub).await?;
+    let view = st.sched.view();
+    Ok((
+        StatusCode::CREATED,
+        Json(job_view(&new, &caller, &view, &st.jobs_dir)),
     ))
 }
 

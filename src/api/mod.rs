@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}", get(jobs::get_job))
         .route("/jobs/{id}/cancel", post(jobs::cancel))
         .route("/jobs/{id}/requeue", post(jobs::requeue))
+        .route("/jobs/{id}/resubmit", post(jobs::resubmit))
         .route("/jobs/{id}/hold", post(jobs::hold))
         .route("/jobs/{id}/release", post(jobs::release))
         .route("/jobs/{id}/priority", post(jobs::set_priority))

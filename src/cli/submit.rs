@@ -43,64 +43,6 @@ pub struct Overrides {
     pub set: Vec<String>,
 }
 
-/// The job file's text with `overrides` applied (the text as written when there are none;
-/// otherwise re-written from the parsed document, so its comments are not kept).
-fn apply_overrides(text: &str, origin: &str, overrides: &Overrides) -> anyhow::Result<String> {
-    if overrides.set.is_empty() {
-        return Ok(text.to_string());
-    }
-    let mut doc: toml::Table = text
-        .parse()
-        .map_err(|e| anyhow::anyhow!("invalid job file:\n{origin}: {e}"))?;
-    for item in &overrides.set {
-        let Some((path, raw)) = item.split_once('=') else {
-            anyhow::bail!("--set {item:?}: write KEY=VALUE, e.g. training.learning_rate=3e-4");
-        };
-        let keys: Vec<&str> = path.trim().split('.').map(str::trim).collect();
-        if keys.iter().any(|k| k.is_empty()) {
-            anyhow::bail!("--set {item:?}: {path:?} is not a dotted key path");
-        }
-        let (last, parents) = keys.split_last().expect("at least one key");
-        // A string where the file has one and for environment variables (`command.env.LR=3e-4`
-        // is the text "3e-4"); otherwise a TOML value (3e-4, true, [1, 2], "x"), else the text
-        // itself as a string.
-        let was_string = parents
-            .iter()
-            .try_fold(&doc, |t, k| t.get(*k)?.as_table())
-            .and_then(|t| t.get(*last))
-            .is_some_and(toml::Value::is_str);
-        let in_env = keys.len() == 3 && keys[0] == "command" && keys[1] == "env";
-        let value = if was_string || in_env {
-            let unquoted = format!("v = {raw}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .and_then(|v| v.as_str().map(str::to_string));
-            toml::Value::String(unquoted.unwrap_or_else(|| raw.to_string()))
-        } else {
-            format!("v = {raw}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(raw.to_string()))
-        };
-        let mut table = &mut doc;
-        for (i, k) in parents.iter().enumerate() {
-            let entry = table
-                .entry(k.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table = entry.as_table_mut().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--set {item:?}: {} is not a table in {origin}",
-                    keys[..=i].join(".")
-                )
-            })?;
-        }
-        table.insert(last.to_string(), value);
-    }
-    Ok(toml::to_string(&doc)?)
-}
-
 /// A job file that did not pass the checks: `--json` gives its problems one by one, as the
 /// daemon's `invalid_job` error does.
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +99,7 @@ fn prepare(
     source_path: Option<PathBuf>,
     overrides: &Overrides,
 ) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)> {
-    let text = apply_overrides(&original, origin, overrides)?;
+    let text = crate::spec::job::apply_overrides(&original, origin, &overrides.set)?;
     let check =
         |text: &str| parse_and_resolve_with(origin, text, &base_dir, &crate::publish::base_issues);
     let spec = match check(&text) {
@@ -270,72 +212,18 @@ pub struct ResubmitArgs {
 }
 
 /// Submits job `id`'s job file again, as it was submitted (with its relative paths against
-/// the same directory), as a new job of the caller: pueue's `restart`, for any finished job
-/// (a failed or cancelled one can also be requeued in place).
+/// the same directory), as a new job of the caller: pueue's `restart`, for any job (a failed
+/// or cancelled one can also be requeued in place). The daemon does it (`POST
+/// /jobs/{id}/resubmit`): the file and the directory are on its machine.
 pub async fn resubmit(client: &Client, args: &ResubmitArgs, out: &Output) -> anyhow::Result<bool> {
-    let id = args.id;
-    let job: JobView = client.get(&format!("/jobs/{id}")).await?;
-    if job.redacted {
-        anyhow::bail!(
-            "job {id}'s file is hidden from you (it sets environment variables or a \
-             notifier): only {} or an admin can resubmit it",
-            job.record.owner.user
-        );
-    }
-    let r = &job.record;
-    let base_dir = r
-        .spec
-        .base_dir
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("job {id} has no base directory recorded"))?;
-    let text = without_schedule(r)?;
-    let origin = format!(
-        "job {id}'s file{}",
-        r.source_path
-            .as_ref()
-            .map(|p| format!(" ({})", p.display()))
-            .unwrap_or_default()
-    );
-    let (req, spec) = prepare(
-        text,
-        &origin,
-        base_dir,
-        r.source_path.clone(),
-        &args.overrides,
-    )?;
-    send(client, req, &spec, args.follow, args.hold, out).await
-}
-
-/// The job file of `rec` to submit as one job: a job a schedule queued has its schedule's
-/// file, whose `schedule` keys would create another schedule and whose `base = "@previous"`
-/// meant the model this run started from.
-fn without_schedule(rec: &crate::spec::JobRecord) -> anyhow::Result<String> {
-    if rec.schedule_id.is_none() {
-        return Ok(rec.source.clone());
-    }
-    let mut doc: toml::Table = rec
-        .source
-        .parse()
-        .with_context(|| format!("job {}'s file does not parse", rec.id))?;
-    for key in ["schedule", "overlap", "catch_up"] {
-        doc.remove(key);
-    }
-    if let Some(model) = doc.get_mut("model").and_then(toml::Value::as_table_mut)
-        && model
-            .get("base")
-            .and_then(toml::Value::as_str)
-            .is_some_and(|b| crate::spec::train::is_previous(Path::new(b)))
-    {
-        model.remove("first_base");
-        match rec.spec.model.as_ref().and_then(|m| m.base.as_ref()) {
-            Some(base) => model.insert(
-                "base".into(),
-                toml::Value::String(base.display().to_string()),
-            ),
-            None => model.remove("base"),
-        };
-    }
-    Ok(toml::to_string(&doc)?)
+    let req = crate::spec::api::ResubmitRequest {
+        set: args.overrides.set.clone(),
+        hold: args.hold,
+    };
+    let job: JobView = client
+        .post(&format!("/jobs/{}/resubmit", args.id), &req)
+        .await?;
+    submitted(client, job, args.follow, out).await
 }
 
 /// Sends a checked job file: a job (followed if asked), or a schedule when it has one.
@@ -380,6 +268,16 @@ async fn send(
         return Ok(true);
     }
     let job: JobView = client.post("/jobs", &req).await?;
+    submitted(client, job, follow, out).await
+}
+
+/// Reports a job just submitted, and follows it if asked.
+async fn submitted(
+    client: &Client,
+    job: JobView,
+    follow: bool,
+    out: &Output,
+) -> anyhow::Result<bool> {
     let id = job.record.id;
     if out.json && !follow {
         out.print_json(&job)?;
@@ -402,53 +300,4 @@ async fn send(
     }
     super::logs::follow_both(client, id, false).await?;
     super::jobs::wait(client, &[id], out).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::spec::{JobRecord, Owner};
-
-    /// A run a schedule queued is resubmitted as one job: no schedule keys, and the model it
-    /// started from in place of `@previous`.
-    #[test]
-    fn a_scheduled_runs_file_loses_its_schedule_and_previous() {
-        let source = "name = \"nightly\"\nkind = \"train\"\nschedule = \"0 3 * * *\"\n\
-                      catch_up = false\noverlap = \"queue\"\n[model]\nbase = \"@previous\"\n\
-                      first_base = \"models/base\"\n[data]\ntrain_file = \"d.jsonl\"\n";
-        let mut spec = crate::spec::job::parse(
-            "t.toml",
-            "kind = \"command\"\n[command]\nargv = [\"true\"]\n",
-        )
-        .unwrap();
-        spec.model = Some(crate::spec::train::ModelSpec {
-            base: Some("/jobs/7/output".into()),
-            ..Default::default()
-        });
-        let owner = Owner {
-            user: "ann".into(),
-            uid: 1000,
-        };
-        let mut rec = JobRecord::new_queued(owner, "nightly".into(), spec, source.into(), 0);
-        assert_eq!(
-            without_schedule(&rec).unwrap(),
-            source,
-            "not a schedule's run"
-        );
-        rec.schedule_id = Some(3);
-        let doc: toml::Table = without_schedule(&rec).unwrap().parse().unwrap();
-        for key in ["schedule", "catch_up", "overlap"] {
-            assert!(!doc.contains_key(key), "{key}: {doc}");
-        }
-        assert_eq!(doc["name"].as_str(), Some("nightly"));
-        let model = doc["model"].as_table().unwrap();
-        assert_eq!(model["base"].as_str(), Some("/jobs/7/output"));
-        assert!(!model.contains_key("first_base"), "{doc}");
-        assert_eq!(doc["data"]["train_file"].as_str(), Some("d.jsonl"));
-        // A fixed base stays as written.
-        rec.source = source.replace("base = \"@previous\"", "base = \"models/b\"");
-        let doc: toml::Table = without_schedule(&rec).unwrap().parse().unwrap();
-        assert_eq!(doc["model"]["base"].as_str(), Some("models/b"));
-        assert_eq!(doc["model"]["first_base"].as_str(), Some("models/base"));
-    }
 }

@@ -35,6 +35,18 @@ pub struct SubmitRequest {
     pub hold: bool,
 }
 
+/// `POST /api/v1/jobs/{id}/resubmit`: job `id`'s file again, as a new job of the caller.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResubmitRequest {
+    /// Changes to the file, as `jobctl --set KEY=VALUE` takes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<String>,
+    /// Queue it on hold.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
+}
+
 /// A job as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobView {

@@ -723,6 +723,75 @@ fn validate_command(cmd: &CommandSpec, issues: &mut Vec<Issue>) {
     }
 }
 
+/// A `--set` change that cannot be applied.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OverrideError(pub String);
+
+/// A job file's text with `set` changes applied (`KEY=VALUE`: a dotted key path and a TOML
+/// value; `jobctl --set`, sweeps): the text as written when there are none, otherwise
+/// re-written from the parsed document (so its comments are not kept). `origin` names the file
+/// in messages.
+pub fn apply_overrides(text: &str, origin: &str, set: &[String]) -> Result<String, OverrideError> {
+    if set.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut doc: toml::Table = text
+        .parse()
+        .map_err(|e| OverrideError(format!("invalid job file:\n{origin}: {e}")))?;
+    for item in set {
+        let Some((path, raw)) = item.split_once('=') else {
+            return Err(OverrideError(format!(
+                "--set {item:?}: write KEY=VALUE, e.g. training.learning_rate=3e-4"
+            )));
+        };
+        let keys: Vec<&str> = path.trim().split('.').map(str::trim).collect();
+        if keys.iter().any(|k| k.is_empty()) {
+            return Err(OverrideError(format!(
+                "--set {item:?}: {path:?} is not a dotted key path"
+            )));
+        }
+        let (last, parents) = keys.split_last().expect("at least one key");
+        // A string where the file has one and for environment variables (`command.env.LR=3e-4`
+        // is the text "3e-4"); otherwise a TOML value (3e-4, true, [1, 2], "x"), else the text
+        // itself as a string.
+        let was_string = parents
+            .iter()
+            .try_fold(&doc, |t, k| t.get(*k)?.as_table())
+            .and_then(|t| t.get(*last))
+            .is_some_and(toml::Value::is_str);
+        let in_env = keys.len() == 3 && keys[0] == "command" && keys[1] == "env";
+        let value = if was_string || in_env {
+            let unquoted = format!("v = {raw}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .and_then(|v| v.as_str().map(str::to_string));
+            toml::Value::String(unquoted.unwrap_or_else(|| raw.to_string()))
+        } else {
+            format!("v = {raw}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+        };
+        let mut table = &mut doc;
+        for (i, k) in parents.iter().enumerate() {
+            let entry = table
+                .entry(k.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry.as_table_mut().ok_or_else(|| {
+                OverrideError(format!(
+                    "--set {item:?}: {} is not a table in {origin}",
+                    keys[..=i].join(".")
+                ))
+            })?;
+        }
+        table.insert(last.to_string(), value);
+    }
+    toml::to_string(&doc).map_err(|e| OverrideError(e.to_string()))
+}
+
 /// Finds `program` as the worker would: a path (containing `/`) must be an executable file;
 /// a bare name is searched in `path_var`.
 pub fn find_program(program: &str, path_var: &str) -> Result<PathBuf, String> {

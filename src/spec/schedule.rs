@@ -258,6 +258,39 @@ impl ScheduleRecord {
     }
 }
 
+/// The job file of `rec` to submit again as one job (`jobctl resubmit`): its file as
+/// submitted, except that a job a schedule queued has its schedule's file, whose `schedule`
+/// keys would create another schedule and whose `base = "@previous"` meant the model this run
+/// started from.
+pub fn file_of_one_run(rec: &super::JobRecord) -> Result<String, String> {
+    if rec.schedule_id.is_none() {
+        return Ok(rec.source.clone());
+    }
+    let mut doc: toml::Table = rec
+        .source
+        .parse()
+        .map_err(|e| format!("job {}'s file does not parse: {e}", rec.id))?;
+    for key in ["schedule", "overlap", "catch_up"] {
+        doc.remove(key);
+    }
+    if let Some(model) = doc.get_mut("model").and_then(toml::Value::as_table_mut)
+        && model
+            .get("base")
+            .and_then(toml::Value::as_str)
+            .is_some_and(|b| super::train::is_previous(std::path::Path::new(b)))
+    {
+        model.remove("first_base");
+        match rec.spec.model.as_ref().and_then(|m| m.base.as_ref()) {
+            Some(base) => model.insert(
+                "base".into(),
+                toml::Value::String(base.display().to_string()),
+            ),
+            None => model.remove("base"),
+        };
+    }
+    toml::to_string(&doc).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,5 +453,54 @@ mod tests {
                 .unwrap_err()
                 .contains("never fires")
         );
+    }
+}
+
+#[cfg(test)]
+mod one_run_tests {
+    use super::*;
+    use crate::spec::{JobRecord, Owner};
+
+    /// A run a schedule queued is resubmitted as one job: no schedule keys, and the model it
+    /// started from in place of `@previous`.
+    #[test]
+    fn a_scheduled_runs_file_loses_its_schedule_and_previous() {
+        let source = "name = \"nightly\"\nkind = \"train\"\nschedule = \"0 3 * * *\"\n\
+                      catch_up = false\noverlap = \"queue\"\n[model]\nbase = \"@previous\"\n\
+                      first_base = \"models/base\"\n[data]\ntrain_file = \"d.jsonl\"\n";
+        let mut spec = crate::spec::job::parse(
+            "t.toml",
+            "kind = \"command\"\n[command]\nargv = [\"true\"]\n",
+        )
+        .unwrap();
+        spec.model = Some(crate::spec::train::ModelSpec {
+            base: Some("/jobs/7/output".into()),
+            ..Default::default()
+        });
+        let owner = Owner {
+            user: "ann".into(),
+            uid: 1000,
+        };
+        let mut rec = JobRecord::new_queued(owner, "nightly".into(), spec, source.into(), 0);
+        assert_eq!(
+            file_of_one_run(&rec).unwrap(),
+            source,
+            "not a schedule's run"
+        );
+        rec.schedule_id = Some(3);
+        let doc: toml::Table = file_of_one_run(&rec).unwrap().parse().unwrap();
+        for key in ["schedule", "catch_up", "overlap"] {
+            assert!(!doc.contains_key(key), "{key}: {doc}");
+        }
+        assert_eq!(doc["name"].as_str(), Some("nightly"));
+        let model = doc["model"].as_table().unwrap();
+        assert_eq!(model["base"].as_str(), Some("/jobs/7/output"));
+        assert!(!model.contains_key("first_base"), "{doc}");
+        assert_eq!(doc["data"]["train_file"].as_str(), Some("d.jsonl"));
+        // A fixed base stays as written.
+        rec.source = source.replace("base = \"@previous\"", "base = \"models/b\"");
+        let doc: toml::Table = file_of_one_run(&rec).unwrap().parse().unwrap();
+        assert_eq!(doc["model"]["base"].as_str(), Some("models/b"));
+        assert_eq!(doc["model"]["first_base"].as_str(), Some("models/base"));
     }
 }

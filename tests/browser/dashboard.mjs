@@ -234,6 +234,19 @@ try {
     await page.waitForFunction(() => document.querySelector('.title-row .state')?.textContent === 'cancelled', null, { timeout: 30000 });
   });
 
+  await step('resubmit', async () => {
+    // "Run again": the same job file as a new job of the caller; the page moves to it.
+    await page.click('#act-resubmit');
+    await page.waitForFunction((old) => /^#\/job\/\d+$/.test(window.location.hash) && window.location.hash !== `#/job/${old}`, train, { timeout: 10000 });
+    const copy = Number(page.url().split('#/job/')[1]);
+    const job = await apiGet(`/jobs/${copy}`, env.JOBD_TOKEN);
+    check(job.id > train && job.owner.user === 'nobody', `the copy: job ${job.id} of ${job.owner.user}`);
+    check(job.source === (await apiGet(`/jobs/${train}`, env.JOBD_TOKEN)).source, 'the same job file');
+    await page.waitForFunction(() => ['queued', 'starting', 'running'].includes(document.querySelector('.title-row .state')?.textContent), null, { timeout: 20000 });
+    await page.click('#act-cancel');
+    await page.waitForFunction(() => document.querySelector('.title-row .state')?.textContent === 'cancelled', null, { timeout: 30000 });
+  });
+
   await step('schedules', async () => {
     await page.goto(`${url}/#/`);
     const row = page.locator(`#schedules tbody tr[data-id="${env.SCHEDULE}"]`);

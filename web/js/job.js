@@ -133,6 +133,10 @@ export class JobPage {
     this.meta = el('p', { class: 'meta' });
     this.cancelBtn = el('button', { type: 'button', id: 'act-cancel', onclick: () => this.cancel() }, 'Cancel');
     this.requeueBtn = el('button', { type: 'button', id: 'act-requeue', onclick: () => this.act('requeue', {}, 'Requeue') }, 'Requeue');
+    // Its job file again, as a new job of whoever asks (any state: a succeeded one too).
+    this.resubmitBtn = el('button', {
+      type: 'button', id: 'act-resubmit', title: 'Submit this job file again as a new job', onclick: () => this.resubmit(),
+    }, 'Run again');
     // A queued job may be held (it keeps its place but does not start) and released.
     this.holdBtn = el('button', {
       type: 'button', id: 'act-hold',
@@ -159,7 +163,7 @@ export class JobPage {
         el('a', { href: '#/', class: 'back' }, '← queue'),
         el('div', { class: 'title-row' }, this.title, this.badge),
         this.meta,
-        el('div', { class: 'actions' }, this.cancelBtn, this.requeueBtn, this.holdBtn,
+        el('div', { class: 'actions' }, this.cancelBtn, this.requeueBtn, this.resubmitBtn, this.holdBtn,
           el('span', { class: 'prio' }, this.prioInput, this.prioBtn)),
         this.actHint),
       this.progress,
@@ -200,6 +204,8 @@ export class JobPage {
     const terminal = TERMINAL.includes(job.state);
     this.cancelBtn.disabled = terminal;
     this.requeueBtn.disabled = !['failed', 'cancelled'].includes(job.state);
+    // Secrets in the file are hidden from this caller: only its owner or an admin may.
+    this.resubmitBtn.disabled = Boolean(job.redacted);
     this.holdBtn.textContent = job.held_by ? 'Release' : 'Hold';
     this.holdBtn.disabled = job.state !== 'queued';
     this.prioBtn.disabled = terminal;
@@ -357,6 +363,16 @@ export class JobPage {
       this.ctx.toast(`${what}: job ${job.id} is ${job.state}${job.stop ? ' (stopping)' : ''}`);
     } catch (e) {
       this.ctx.toast(`${what} refused: ${e.message}`, true);
+    }
+  }
+
+  async resubmit() {
+    try {
+      const job = await api(`/jobs/${this.id}/resubmit`, { method: 'POST', body: {} });
+      this.ctx.toast(`Run again: job ${job.id} is ${job.state}`);
+      window.location.hash = `#/job/${job.id}`;
+    } catch (e) {
+      this.ctx.toast(`Run again refused: ${e.message}`, true);
     }
   }
 
