@@ -167,7 +167,11 @@ fn catch_up_after_a_restart_runs_once() {
             "c.toml",
             &command_job(
                 "true",
-                &format!("schedule = \"*/2 * * * * *\"\ncatch_up = {catch_up}"),
+                // overlap = "queue": a run still active at the stop (on a loaded machine,
+                // `true` may not have ended within its 2 s) would otherwise skip the catch-up.
+                &format!(
+                    "schedule = \"*/2 * * * * *\"\ncatch_up = {catch_up}\noverlap = \"queue\""
+                ),
             ),
         );
         let sid: u64 = schedule_id(&d.jobctl(&["submit", f.to_str().unwrap()]));
