@@ -114,10 +114,17 @@ pub(super) async fn submission_as(
     caller: &Caller,
     req: SubmitRequest,
 ) -> Result<Submission, ApiError> {
-    let user = caller
-        .user
-        .clone()
-        .filter(|u| crate::config::running_as_root() && u != "root");
+    submission_with_rights_of(caller.user.clone(), req, None).await
+}
+
+/// [`submission_named`] with `user`'s file rights (a root daemon checks the paths a job file
+/// names as the user whose job it is).
+async fn submission_with_rights_of(
+    user: Option<String>,
+    req: SubmitRequest,
+    named: Option<(String, bool)>,
+) -> Result<Submission, ApiError> {
+    let user = user.filter(|u| crate::config::running_as_root() && u != "root");
     tokio::task::spawn_blocking(move || {
         let creds = user
             .map(|u| crate::proc::RunAs::lookup(&u).map(|r| r.credentials()))
@@ -128,13 +135,19 @@ pub(super) async fn submission_as(
             .map(crate::jobfs::Credentials::enter)
             .transpose()
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?;
-        submission(req)
+        submission_named(req, named)
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?
 }
 
-pub(super) fn submission(req: SubmitRequest) -> Result<Submission, ApiError> {
+/// The job a submit request describes, parsed, resolved and checked; problems are said to be
+/// in the file the request names, or in `named`'s origin instead, without line and column when
+/// the text is no file's own (`rewritten`).
+fn submission_named(
+    req: SubmitRequest,
+    named: Option<(String, bool)>,
+) -> Result<Submission, ApiError> {
     let base = req.base_dir.ok_or_else(|| {
         ApiError::bad_request("base_dir is required: the absolute directory the job file's relative paths resolve against")
     })?;
@@ -152,7 +165,18 @@ pub(super) fn submission(req: SubmitRequest) -> Result<Submission, ApiError> {
             || "job.toml".to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
-    let spec = parse_and_resolve_with(&origin, &req.toml, &base, &crate::publish::base_issues)?;
+    let spec = parse_and_resolve_with(&origin, &req.toml, &base, &crate::publish::base_issues)
+        .map_err(|mut e| {
+            if let Some((origin, rewritten)) = &named {
+                e.origin.clone_from(origin);
+                if *rewritten {
+                    for p in &mut e.problems {
+                        (p.line, p.column) = (None, None);
+                    }
+                }
+            }
+            e
+        })?;
     let stem = req
         .source_path
         .as_deref()
@@ -164,6 +188,7 @@ pub(super) fn submission(req: SubmitRequest) -> Result<Submission, ApiError> {
         source: req.toml,
         source_path: req.source_path,
         hold: req.hold,
+        copy_of: None,
     })
 }
 
@@ -187,18 +212,37 @@ pub async fn submit(
     ))
 }
 
-/// Submits job `id`'s file again as a new job of the caller (`jobctl resubmit`, the
-/// dashboard's "Run again"): the file as it was submitted (a schedule's run: as one job), with
-/// `set` changes, its relative paths against the same directory, checked with the caller's
-/// rights. Someone else's job only when nothing in its file is hidden from the caller.
+/// Submits job `id`'s file again as a new job (`jobctl resubmit`, the dashboard's "Run
+/// again"): the file as it was submitted (a schedule's run: as one job), with `set` changes,
+/// its relative paths against the same directory. Only its owner or an admin may, and the
+/// copy is its owner's, checked and run with the owner's rights, as a requeue would be: a copy
+/// as the caller would run files its owner can change (`./train.sh`) as someone else.
 pub async fn resubmit(
     State(st): State<AppState>,
     Extension(caller): Extension<Caller>,
     JobIdPath(id): JobIdPath,
-    body: Result<Json<ResubmitRequest>, JsonRejection>,
+    body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     require_user(&caller)?;
-    let Json(req) = body?;
+    // No body is `{}`: every field is optional, as for a requeue.
+    let req: ResubmitRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ResubmitRequest::default()
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(v @ serde_json::Value::Object(_)) => serde_json::from_value(v)
+                .map_err(|e| ApiError::bad_request(format!("invalid resubmit request: {e}")))?,
+            Ok(_) => {
+                return Err(ApiError::bad_request(
+                    "invalid resubmit request: expected a JSON object such as {\"set\": [\"name=x\"], \"hold\": true}",
+                ));
+            }
+            Err(e) => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid resubmit request: {e}"
+                )));
+            }
+        }
+    };
     let rec = st
         .sched
         .view()
@@ -206,11 +250,10 @@ pub async fn resubmit(
         .get(&id)
         .cloned()
         .ok_or_else(|| ApiError::from(sched::SchedError::NotFound(id)))?;
-    let (mut spec, mut source) = (rec.spec.clone(), rec.source.clone());
-    if redact(&caller, &rec.owner.user, &mut spec, &mut source) {
+    if !caller.may_change(&rec.owner.user) {
         return Err(ApiError::forbidden(format!(
-            "job {id}'s file is hidden from you (it sets environment variables or a notifier): \
-             only {} or an admin can resubmit it",
+            "job {id} is {}'s: only its owner or an admin can resubmit it (the copy runs as its \
+             owner); `jobctl show --json {id}` has its file to submit one of your own",
             rec.owner.user
         )));
     }
@@ -218,25 +261,44 @@ pub async fn resubmit(
         rec.spec.base_dir.clone().ok_or_else(|| {
             ApiError::bad_request(format!("job {id} has no base directory recorded"))
         })?;
-    let text = crate::spec::schedule::file_of_one_run(&rec).map_err(ApiError::bad_request)?;
-    let origin = format!("job {id}'s file");
-    let text = crate::spec::job::apply_overrides(&text, &origin, &req.set)
+    if !base_dir.is_dir() {
+        return Err(ApiError::bad_request(format!(
+            "job {id} was submitted from {}, which is gone: its relative paths (and a command's \
+             default working directory) resolve there; `--set command.workdir=DIR` gives a \
+             command job another one",
+            base_dir.display()
+        )));
+    }
+    let file = crate::spec::schedule::file_of_one_run(&rec).map_err(ApiError::bad_request)?;
+    let name = rec
+        .source_path
+        .as_deref()
+        .and_then(Path::file_name)
+        .map(|n| format!(" ({})", n.to_string_lossy()))
+        .unwrap_or_default();
+    let origin = format!("job {id}'s file{name}");
+    let text = crate::spec::job::apply_overrides(&file, &origin, &req.set)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let owner = st
-        .auth
-        .owner_for(&caller)
-        .ok_or_else(|| ApiError::unauthorized("unknown caller"))?;
-    let sub = submission_as(
-        &caller,
-        SubmitRequest {
-            toml: text,
-            base_dir: Some(base_dir),
-            source_path: rec.source_path.clone(),
-            hold: req.hold,
-        },
+    let rewritten = text != rec.source;
+    let origin = if req.set.is_empty() {
+        origin
+    } else {
+        format!("{origin} with --set")
+    };
+    let request = SubmitRequest {
+        toml: text,
+        base_dir: Some(base_dir),
+        source_path: rec.source_path.clone(),
+        hold: req.hold,
+    };
+    let mut sub = submission_with_rights_of(
+        Some(rec.owner.user.clone()),
+        request,
+        Some((origin, rewritten)),
     )
     .await?;
-    let new = st.sched.submit(&caller, owner, sub).await?;
+    sub.copy_of = Some(id);
+    let new = st.sched.submit(&caller, rec.owner.clone(), sub).await?;
     let view = st.sched.view();
     Ok((
         StatusCode::CREATED,

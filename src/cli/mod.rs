@@ -101,8 +101,8 @@ pub enum Command {
     Priority(jobs::PriorityArgs),
     /// Put failed or cancelled jobs back in the queue.
     Requeue(jobs::IdsArgs),
-    /// Submit a job's file again as a new job (any state, e.g. a succeeded one): the file as
-    /// it was submitted, `--set` changes it further.
+    /// Submit a job's file again as a new job of its owner (any state, e.g. a succeeded one):
+    /// the file as it was submitted, `--set` changes it further.
     Resubmit(submit::ResubmitArgs),
     /// Keep queued jobs from starting until released.
     Hold(jobs::IdsArgs),

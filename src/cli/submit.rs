@@ -196,10 +196,11 @@ pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow:
     send(client, req, &spec, args.follow, args.hold, out).await
 }
 
-/// `jobctl resubmit`: a job again, as a new job.
+/// `jobctl resubmit`: a job again, as a new job of its owner (only the owner or an admin may).
 #[derive(Debug, Args)]
 pub struct ResubmitArgs {
-    /// The job to run again (any state; its job file as it was submitted, `--set` included).
+    /// The job to run again (any state; its job file as it was submitted, `--set` included;
+    /// the copy is its owner's, as a requeue would be).
     pub id: crate::spec::JobId,
     /// Stream the new job's output until it ends; exit 0 only if it succeeded.
     #[arg(short, long)]
@@ -212,7 +213,7 @@ pub struct ResubmitArgs {
 }
 
 /// Submits job `id`'s job file again, as it was submitted (with its relative paths against
-/// the same directory), as a new job of the caller: pueue's `restart`, for any job (a failed
+/// the same directory), as a new job of its owner: pueue's `restart`, for any job (a failed
 /// or cancelled one can also be requeued in place). The daemon does it (`POST
 /// /jobs/{id}/resubmit`): the file and the directory are on its machine.
 pub async fn resubmit(client: &Client, args: &ResubmitArgs, out: &Output) -> anyhow::Result<bool> {

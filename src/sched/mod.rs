@@ -116,6 +116,8 @@ pub struct Submission {
     pub name: String,
     /// Queued on hold (`jobctl submit --hold`).
     pub hold: bool,
+    /// The job whose file this is, run again (`jobctl resubmit`): said in the history.
+    pub copy_of: Option<JobId>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, SchedError>>;
@@ -1129,6 +1131,7 @@ impl Scheduler {
         }
         self.check_priority(caller, sub.spec.priority, None)?;
         let hold = sub.hold;
+        let sub_copy_of = sub.copy_of;
         let mut rec = self.prepare_job(owner, sub, now_ms())?;
         if hold {
             rec.held_by = caller.user.clone();
@@ -1136,7 +1139,11 @@ impl Scheduler {
         if let Some(p) = &rec.spec.publish {
             self.check_model_name(p, &rec.owner.user, caller.admin)?;
         }
-        let reason = format!("submitted by {}", caller.user.as_deref().unwrap_or("?"));
+        let by = caller.user.as_deref().unwrap_or("?");
+        let reason = match sub_copy_of {
+            Some(of) => format!("resubmitted by {by}: job {of}'s file, run again"),
+            None => format!("submitted by {by}"),
+        };
         let (rec, event) = self
             .store
             .insert(&reason, &|id| JobRecord { id, ..rec.clone() })?;
@@ -1366,9 +1373,9 @@ impl Scheduler {
         let rec = self.get_for_change(caller, id)?;
         if !matches!(rec.state, JobState::Failed | JobState::Cancelled) {
             return Err(SchedError::Conflict(format!(
-                "job {id} is {}; only failed or cancelled jobs can be requeued (`jobctl \
+                "job {id} {}; only failed or cancelled jobs can be requeued (`jobctl \
                  resubmit {id}` runs its job file again as a new job)",
-                rec.state
+                state_phrase(rec.state)
             )));
         }
         let by = caller.user.clone().unwrap_or_default();

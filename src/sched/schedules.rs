@@ -200,6 +200,7 @@ impl Scheduler {
             source_path: upd.source_path.clone(),
             name: upd.name.clone(),
             hold: false,
+            copy_of: None,
         };
         let mut rec = match self.prepare_job(upd.owner.clone(), sub, now_ms()) {
             Ok(r) => r,

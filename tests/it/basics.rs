@@ -668,27 +668,44 @@ fn resubmit_runs_a_job_file_again_as_a_new_job() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("ran third as"), "{}", stdout(&out));
 
-    // Another user: a job without secrets is theirs to run again, as themselves.
+    d.assert_said(second, &format!("job {first}'s file, run again"));
+
+    // Someone else's job: only its owner or an admin may run it again, and the copy is its
+    // owner's (a copy as the caller would run the owner's `./run.sh` as someone else).
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["resubmit", &first.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("only its owner or an admin can resubmit it"),
+        "{}",
+        stderr(&out)
+    );
     if nix::unistd::geteuid().is_root() {
-        let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["resubmit", &first.to_string()]);
+        std::fs::write(
+            &file,
+            "kind = \"command\"\n[command]\nargv = [\"./run.sh\"]\n",
+        )
+        .unwrap();
+        let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["submit", file.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
         let theirs: u64 = stdout(&out).trim().parse().unwrap();
         d.wait_state(theirs, JobState::Succeeded, Duration::from_secs(20));
-        assert_eq!(d.job(theirs).record.owner.user, "nobody");
-        d.wait_output(theirs, "ran first as nobody");
+        let out = d.jobctl(&["resubmit", &theirs.to_string()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let copy: u64 = stdout(&out).trim().parse().unwrap();
+        d.wait_state(copy, JobState::Succeeded, Duration::from_secs(20));
+        assert_eq!(d.job(copy).record.owner.user, "nobody");
+        d.wait_output(copy, "ran exp as nobody");
+        d.assert_said(copy, &format!("resubmitted by root: job {theirs}'s file"));
     }
-    let secret = d.write(
-        "secret.toml",
-        "kind = \"command\"\n[command]\nargv = [\"true\"]\nenv = { TOKEN = \"s3cret\" }\n",
-    );
-    let secret = d.submit(&secret);
-    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["resubmit", &secret.to_string()]);
+    // Errors in a file changed by --set name the job, with no line of a text nobody wrote.
+    let out = d.jobctl(&["resubmit", &first.to_string(), "--set", "priority=x"]);
     assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
     assert!(
-        stderr(&out).contains("file is hidden from you")
-            && stderr(&out).contains("or an admin can resubmit it"),
-        "{}",
-        stderr(&out)
+        err.contains(&format!(
+            "job {first}'s file (exp.toml) with --set: priority: invalid type"
+        )),
+        "{err}"
     );
 
     // A run a schedule queued: one job, no second schedule.
@@ -717,5 +734,19 @@ fn resubmit_runs_a_job_file_again_as_a_new_job() {
         n["schedules"].as_array().map(Vec::len),
         Some(1),
         "{schedules}"
+    );
+
+    // The directory it was submitted from is gone: said so, with the way out.
+    let gone = d.path("gone");
+    std::fs::create_dir(&gone).unwrap();
+    let f = gone.join("g.toml");
+    std::fs::write(&f, "kind = \"command\"\n[command]\nargv = [\"true\"]\n").unwrap();
+    let g = d.submit(&f);
+    std::fs::remove_dir_all(&gone).unwrap();
+    let out = d.jobctl(&["resubmit", &g.to_string()]);
+    assert!(
+        stderr(&out).contains("which is gone") && stderr(&out).contains("command.workdir"),
+        "{}",
+        stderr(&out)
     );
 }

@@ -133,10 +133,8 @@ export class JobPage {
     this.meta = el('p', { class: 'meta' });
     this.cancelBtn = el('button', { type: 'button', id: 'act-cancel', onclick: () => this.cancel() }, 'Cancel');
     this.requeueBtn = el('button', { type: 'button', id: 'act-requeue', onclick: () => this.act('requeue', {}, 'Requeue') }, 'Requeue');
-    // Its job file again, as a new job of whoever asks (any state: a succeeded one too).
-    this.resubmitBtn = el('button', {
-      type: 'button', id: 'act-resubmit', title: 'Submit this job file again as a new job', onclick: () => this.resubmit(),
-    }, 'Run again');
+    // Its job file again, as a new job of its owner (any state: a succeeded one too).
+    this.resubmitBtn = el('button', { type: 'button', id: 'act-resubmit', onclick: () => this.resubmit() }, 'Run again');
     // A queued job may be held (it keeps its place but does not start) and released.
     this.holdBtn = el('button', {
       type: 'button', id: 'act-hold',
@@ -204,8 +202,12 @@ export class JobPage {
     const terminal = TERMINAL.includes(job.state);
     this.cancelBtn.disabled = terminal;
     this.requeueBtn.disabled = !['failed', 'cancelled'].includes(job.state);
-    // Secrets in the file are hidden from this caller: only its owner or an admin may.
-    this.resubmitBtn.disabled = Boolean(job.redacted);
+    // Only its owner or an admin may: the copy runs as its owner.
+    const mayRerun = Boolean(this.ctx.user) && (this.ctx.user === job.owner.user || this.ctx.admin);
+    this.resubmitBtn.disabled = !mayRerun;
+    this.resubmitBtn.title = mayRerun
+      ? `Submit this job file again as a new job of ${job.owner.user}`
+      : (this.ctx.user ? `Only ${job.owner.user} or an admin can run this job again` : 'Add a token to run your jobs again');
     this.holdBtn.textContent = job.held_by ? 'Release' : 'Hold';
     this.holdBtn.disabled = job.state !== 'queued';
     this.prioBtn.disabled = terminal;
@@ -367,6 +369,7 @@ export class JobPage {
   }
 
   async resubmit() {
+    if (!window.confirm(`Run job ${this.id}'s file again as a new job?`)) return;
     try {
       const job = await api(`/jobs/${this.id}/resubmit`, { method: 'POST', body: {} });
       this.ctx.toast(`Run again: job ${job.id} is ${job.state}`);

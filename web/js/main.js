@@ -92,8 +92,10 @@ async function whoami() {
   try {
     const me = await api('/whoami');
     ctx.user = me.user;
+    ctx.admin = Boolean(me.admin);
   } catch (e) {
     ctx.user = null;
+    ctx.admin = false;
     if (e.status === 401 && token()) {
       // A saved token jobd no longer knows (revoked, or the daemon's config changed) would
       // make every request fail, reads included: forget it and carry on read-only.
