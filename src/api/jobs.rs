@@ -732,7 +732,7 @@ fn sse_event(e: &crate::spec::JobEvent) -> Event {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
-    /// "stdout" (default) or "stderr".
+    /// "stdout" (default), "stderr", or "notify" (what the job's `[notify]` command printed).
     #[serde(default)]
     stream: Option<String>,
     /// Keep streaming until the job finishes.
@@ -767,19 +767,22 @@ pub async fn logs(
     let name = match q.stream.as_deref().unwrap_or("stdout") {
         "stdout" => files::STDOUT,
         "stderr" => files::STDERR,
+        "notify" => files::NOTIFY_LOG,
         other => {
             return Err(ApiError::bad_request(format!(
-                "stream must be stdout or stderr, not {other:?}"
+                "stream must be stdout, stderr or notify, not {other:?}"
             )));
         }
     };
+    // A notifier runs after the job, if at all: no log yet is no loss.
+    let ran = rec.attempts > 0 && name != files::NOTIFY_LOG;
     let dir: PathBuf = rec.dir(&st.jobs_dir);
     let file = dir.join(name);
     let len = match crate::jobfs::open_regular(&file).and_then(|f| f.metadata()) {
         Ok(m) => m.len(),
         // A job that never started has none yet; one that ran had its job directory (or
         // this file) removed.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && rec.attempts > 0 && !q.follow => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && ran && !q.follow => {
             let what = if dir.exists() {
                 format!("{} is gone", file.display())
             } else {

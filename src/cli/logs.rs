@@ -18,6 +18,7 @@ pub const RECONNECT_FOR: Duration = Duration::from_secs(120);
     after_help = "Examples:\n  jobctl logs 12                 the whole standard output\n  \
     jobctl logs -n 50 -f 12        the last 50 lines, then follow until the job ends\n  \
     jobctl logs --stderr 12        the worker's log (train jobs) or the program's stderr\n  \
+    jobctl logs --notify 12        what the job's [notify] command printed\n  \
     jobctl --json logs 12          one object {id, stream, offset, text}; with -f, one per chunk"
 )]
 pub struct LogsArgs {
@@ -30,6 +31,9 @@ pub struct LogsArgs {
     /// Show standard error instead of standard output.
     #[arg(long)]
     pub stderr: bool,
+    /// Show what the job's `[notify]` command printed (`notify.log`) instead.
+    #[arg(long, conflicts_with = "stderr")]
+    pub notify: bool,
     /// Start with the last N lines.
     #[arg(short = 'n', long, value_name = "N", conflicts_with = "tail")]
     pub lines: Option<usize>,
@@ -42,11 +46,16 @@ pub struct LogsArgs {
 type Sink<'a> = dyn FnMut(u64, &[u8]) -> anyhow::Result<()> + Send + 'a;
 
 pub async fn logs(client: &Client, args: &LogsArgs, out: &super::Output) -> anyhow::Result<bool> {
-    let stream = if args.stderr { "stderr" } else { "stdout" };
+    let stream = match (args.stderr, args.notify) {
+        (true, _) => "stderr",
+        (_, true) => "notify",
+        _ => "stdout",
+    };
     let id = args.id;
     // An empty answer for a job that has not run yet would look like a job that printed
     // nothing: say so (on stderr; the log itself stays the output).
     if !args.follow
+        && !args.notify
         && let Ok(v) = client.get::<JobView>(&format!("/jobs/{id}")).await
         && v.record.attempts == 0
     {
@@ -119,7 +128,7 @@ pub async fn logs(client: &Client, args: &LogsArgs, out: &super::Output) -> anyh
     }
     // Python's tracebacks, tqdm's bars and most tools' errors go to stderr: an empty stdout
     // says nothing about them, so point there.
-    if printed == 0 && !args.stderr && !args.follow {
+    if printed == 0 && !args.stderr && !args.notify && !args.follow {
         let mut stderr_bytes = 0;
         let mut count = |_: u64, chunk: &[u8]| {
             stderr_bytes += chunk.len();

@@ -641,7 +641,7 @@ async fn watch_group(
 /// find what escaped its group when it ends (as for a spawned child).
 pub fn adopt(
     info: &ProcessInfo,
-    marker: String,
+    marker: Option<String>,
     uid: u32,
     on_exit: impl FnOnce(Option<ExitInfo>) + Send + 'static,
 ) -> Option<ChildHandle> {
@@ -655,7 +655,7 @@ pub fn adopt(
     };
     let info = info.clone();
     tokio::spawn(async move {
-        let exit = watch_group(info.pgid, leader_ended(info.clone()), rx, Some(marker), uid).await;
+        let exit = watch_group(info.pgid, leader_ended(info.clone()), rx, marker, uid).await;
         on_exit(exit);
     });
     Some(handle)
@@ -723,6 +723,7 @@ pub fn kill_marked(entry: &str, uid: u32) -> usize {
         if environ
             .split(|b| *b == 0)
             .any(|var| var == entry.as_bytes())
+            && !is_notifier(&environ)
             && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
         {
             killed += 1;
@@ -736,6 +737,16 @@ pub fn kill_marked(entry: &str, uid: u32) -> usize {
         );
     }
     killed
+}
+
+/// Whether a process's environment (`/proc/PID/environ`) is a job's `[notify]` command's (it
+/// has `JOBD_JOB_STATE`, which no job has): it carries its job's `JOBD_JOB_DIR`, but it is not
+/// part of a run of the job, which may run again while it tells of the last end.
+pub fn is_notifier(environ: &[u8]) -> bool {
+    let key = format!("{}=", crate::spec::contract::ENV_JOB_STATE);
+    environ
+        .split(|b| *b == 0)
+        .any(|var| var.starts_with(key.as_bytes()))
 }
 
 /// Sends `sig` to process group `pgid`, ignoring a group that is already gone.
@@ -1027,7 +1038,7 @@ mod tests {
             .unwrap();
         let info = info_of(child.id() as i32);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let handle = adopt(&info, "JOBD_TEST_NONE=1".into(), 0, move |e| {
+        let handle = adopt(&info, Some("JOBD_TEST_NONE=1".into()), 0, move |e| {
             let _ = tx.send(e);
         })
         .expect("running");
@@ -1039,7 +1050,7 @@ mod tests {
         assert_eq!(exit.and_then(|e| e.code), Some(7));
         assert!(!leader_running(&info));
         assert!(
-            adopt(&info, String::new(), 0, |_| {}).is_none(),
+            adopt(&info, None, 0, |_| {}).is_none(),
             "an ended leader is not taken over"
         );
 
@@ -1050,7 +1061,7 @@ mod tests {
             .unwrap();
         let info = info_of(stubborn.id() as i32);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let handle = adopt(&info, "JOBD_TEST_NONE=1".into(), 0, move |e| {
+        let handle = adopt(&info, Some("JOBD_TEST_NONE=1".into()), 0, move |e| {
             let _ = tx.send(e);
         })
         .unwrap();
@@ -1112,7 +1123,7 @@ mod tests {
             "not our child"
         );
         let (tx, rx) = tokio::sync::oneshot::channel();
-        adopt(&info, "JOBD_TEST_NONE=1".into(), 0, move |e| {
+        adopt(&info, Some("JOBD_TEST_NONE=1".into()), 0, move |e| {
             let _ = tx.send(e);
         })
         .expect("running");

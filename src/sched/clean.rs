@@ -168,6 +168,14 @@ impl Scheduler {
                     .or_insert_with(|| format!("job {} depends on it", j.id));
             }
         }
+        // An end still to be told to the job's `[notify]` command, or being told.
+        for j in self.jobs.values() {
+            if super::notify::due(j).is_some() || self.notifying.contains_key(&j.id) {
+                needed
+                    .entry(j.id)
+                    .or_insert_with(|| "its notifier has not run yet".to_string());
+            }
+        }
         // A schedule's latest successful run: `base = "@previous"` trains from its model.
         let mut latest_run: BTreeMap<u64, (Millis, JobId)> = BTreeMap::new();
         for j in self.jobs.values() {

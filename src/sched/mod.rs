@@ -679,7 +679,7 @@ impl Scheduler {
         s.sweep_removed_job_dirs()?;
         s.warn_unmatched_allowed();
         recovery::recover(&mut s).await?;
-        s.queue_due_notifications();
+        s.resume_notifications();
         s.schedules = s
             .store
             .all_schedules()?
@@ -694,7 +694,9 @@ impl Scheduler {
         s.store.flush().await?;
         s.spawn_started();
         s.store.flush().await?;
-        s.start_notifications();
+        if s.start_notifications() {
+            s.store.flush().await?;
+        }
         s.publish_view();
         let handle = SchedHandle {
             tx,
@@ -738,7 +740,9 @@ impl Scheduler {
             if self.spawn_started() {
                 self.flush_or_stop().await;
             }
-            self.start_notifications();
+            if self.start_notifications() {
+                self.flush_or_stop().await;
+            }
             self.publish_view();
             for r in replies {
                 r();
@@ -1074,6 +1078,17 @@ impl Scheduler {
             },
         )?;
         self.note_change(rec.clone(), Some(event));
+        Ok(rec)
+    }
+
+    /// Changes a job's record with no event in its history (the process of its notifier).
+    fn edit_quietly(
+        &mut self,
+        id: JobId,
+        edit: &dyn Fn(&mut JobRecord),
+    ) -> Result<JobRecord, StoreError> {
+        let rec = self.store.edit(id, edit)?;
+        self.note_change(rec.clone(), None);
         Ok(rec)
     }
 

@@ -1,13 +1,18 @@
 //! `[notify]`: running a job's notifier when it ends in a way its `on` lists.
 //!
-//! The end a notifier last ran for is recorded in the job (`JobRecord::notified`), in the same
-//! batch as what it did, so every end is notified at least once: one whose notifier had not
-//! run or finished when jobd stopped or crashed is notified by the next daemon. A notifier is
-//! spawned only after the job's end is on disk (as jobs are), runs as the job's owner with a
-//! cleared environment, and is stopped at its `timeout`.
+//! The end a notifier last ran for is recorded in the job (`JobRecord::notified`), so every
+//! end is notified at least once and, as far as jobd can tell, once only:
+//! - a notifier is spawned only after the job's end is on disk (as jobs are), runs as the
+//!   job's owner with a cleared environment, and is stopped at its `timeout`;
+//! - the running notifier is recorded in the job (`JobRecord::notifier`): after a daemon crash
+//!   the next daemon watches it to its end (its timeout still holding), or, if it ended while
+//!   jobd was down, takes the end as notified;
+//! - a notifier still running when jobd stops or restarts in place gets the grace period,
+//!   then SIGTERM (SIGKILL 5 s later), and the next daemon runs it again;
+//! - an end due when jobd stops is notified by the next daemon.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -16,8 +21,8 @@ use tracing::{info, warn};
 use super::{Msg, Scheduler, worker_env};
 use crate::proc::{self, ChildHandle, RunAs, SpawnRequest};
 use crate::spec::contract::{self, files};
-use crate::spec::record::{ExitInfo, JobEnd};
-use crate::spec::{JobId, JobRecord};
+use crate::spec::record::{ExitInfo, JobEnd, NotifierRun};
+use crate::spec::{JobId, JobRecord, now_ms};
 
 /// Between a notifier's SIGTERM (at its timeout) and SIGKILL.
 const NOTIFY_KILL_GRACE: Duration = Duration::from_secs(5);
@@ -29,18 +34,26 @@ const MAX_NOTIFIERS_PER_USER: usize = 4;
 /// Notifiers running at once, for all users.
 const MAX_NOTIFIERS: usize = 32;
 
+/// Why jobd stopped a notifier (kept in a [`Notifier`]'s `stopped`).
+const RAN: u8 = 0;
+const TIMED_OUT: u8 = 1;
+const JOBD_STOPPING: u8 = 2;
+
 /// A notifier that runs.
 pub(super) struct Notifier {
     handle: ChildHandle,
     owner: String,
+    /// [`RAN`], [`TIMED_OUT`] or [`JOBD_STOPPING`].
+    stopped: Arc<AtomicU8>,
 }
 
 /// How a notifier ended.
 #[derive(Debug)]
 pub(super) struct NotifyOutcome {
-    pub exit: ExitInfo,
-    /// It was stopped at its timeout.
-    pub timed_out: bool,
+    /// `None`: it was started by an earlier daemon (not our child), its status unknown.
+    pub exit: Option<ExitInfo>,
+    /// [`RAN`], [`TIMED_OUT`] or [`JOBD_STOPPING`].
+    pub stopped: u8,
 }
 
 /// The end of `rec` still to be notified, if any: it ended in a state its `[notify] on`
@@ -65,11 +78,13 @@ impl Scheduler {
 
     /// Starts the notifiers queued (the ends they tell of are on disk now), as many as may
     /// run at once; the others stay queued. Nothing starts while jobd stops or restarts: the
-    /// next daemon notifies those ends.
-    pub(super) fn start_notifications(&mut self) {
+    /// next daemon notifies those ends. Whether any started (their processes are to be
+    /// flushed to disk, for a daemon after a crash to find them).
+    pub(super) fn start_notifications(&mut self) -> bool {
         if self.draining || self.shutting_down.is_some() {
-            return;
+            return false;
         }
+        let mut started = false;
         for id in std::mem::take(&mut self.to_notify) {
             let Some(rec) = self.jobs.get(&id) else {
                 continue; // removed (`clean`) meanwhile
@@ -88,116 +103,213 @@ impl Scheduler {
                 continue;
             }
             let rec = rec.clone();
+            started = true;
             if let Err(why) = self.spawn_notifier(&rec, end) {
                 warn!(job_id = id, error = %why, "cannot start the job's notifier");
                 self.notified_note(
                     id,
-                    end,
+                    Some(end),
                     format!("notification failed: cannot start {}: {why}", program(&rec)),
                 );
             }
         }
+        started
     }
 
     fn spawn_notifier(&mut self, rec: &JobRecord, end: JobEnd) -> Result<(), String> {
         let notify = rec.spec.notify.as_ref().ok_or("no [notify]")?;
         let req = request(rec, end, &self.settings)?;
         let id = rec.id;
-        let tx = self.tx.clone();
-        let timed_out = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::new(AtomicU8::new(RAN));
         let (ended_tx, ended_rx) = oneshot::channel::<()>();
-        let flag = timed_out.clone();
-        let (info, handle) = proc::spawn(req, move |exit| {
-            let _ = ended_tx.send(());
-            let outcome = NotifyOutcome {
-                exit,
-                timed_out: flag.load(Ordering::SeqCst),
-            };
-            send_notified(&tx, id, end, outcome);
-        })
-        .map_err(|e| e.to_string())?;
-        let timeout = notify.timeout.0;
-        let stopper = handle.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = tokio::time::sleep(timeout) => {
-                    timed_out.store(true, Ordering::SeqCst);
-                    stopper.stop(NOTIFY_KILL_GRACE);
-                }
-                _ = ended_rx => {}
-            }
-        });
+        let on_exit = self.on_notifier_exit(id, end, stopped.clone(), ended_tx);
+        let (info, handle) =
+            proc::spawn(req, move |exit| on_exit(Some(exit))).map_err(|e| e.to_string())?;
+        let started_at = now_ms();
+        self.watch_timeout(&handle, &stopped, notify.timeout.0, ended_rx);
         info!(job_id = id, pid = info.pid, state = %end.state, "notifier started");
+        let run = NotifierRun {
+            end,
+            process: info,
+            started_at,
+        };
+        if let Err(e) = self.edit_quietly(id, &|r| r.notifier = Some(run.clone())) {
+            warn!(job_id = id, error = %e, "cannot record the job's notifier");
+        }
         self.notifying.insert(
             id,
             Notifier {
                 handle,
                 owner: rec.owner.user.clone(),
+                stopped,
             },
         );
         Ok(())
     }
 
+    /// What runs when a notifier has ended: the scheduler is told, and its timeout watch ends.
+    fn on_notifier_exit(
+        &self,
+        id: JobId,
+        end: JobEnd,
+        stopped: Arc<AtomicU8>,
+        ended: oneshot::Sender<()>,
+    ) -> impl FnOnce(Option<ExitInfo>) + Send + 'static {
+        let tx = self.tx.clone();
+        move |exit| {
+            let _ = ended.send(());
+            let outcome = NotifyOutcome {
+                exit,
+                stopped: stopped.load(Ordering::SeqCst),
+            };
+            send_notified(&tx, id, end, outcome);
+        }
+    }
+
+    /// Stops a notifier still running `left` from now: SIGTERM, SIGKILL 5 s later.
+    fn watch_timeout(
+        &self,
+        handle: &ChildHandle,
+        stopped: &Arc<AtomicU8>,
+        left: Duration,
+        ended: oneshot::Receiver<()>,
+    ) {
+        let (handle, stopped) = (handle.clone(), stopped.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(left) => {
+                    let _ = stopped.compare_exchange(RAN, TIMED_OUT, Ordering::SeqCst, Ordering::SeqCst);
+                    handle.stop(NOTIFY_KILL_GRACE);
+                }
+                _ = ended => {}
+            }
+        });
+    }
+
     /// A notifier has ended: its outcome goes into the job's history and the end is marked
-    /// notified (a failed notifier is not run again). An end that came meanwhile (a requeue,
-    /// a publish by hand) is notified in turn.
+    /// notified (a failed notifier is not run again) — unless jobd stopped it on its way out,
+    /// for the next daemon to run again. An end that came meanwhile (a requeue, a publish by
+    /// hand) is notified in turn.
     pub(super) fn notifier_ended(&mut self, id: JobId, end: JobEnd, outcome: NotifyOutcome) {
         self.notifying.remove(&id);
         let Some(rec) = self.jobs.get(&id) else {
             return;
         };
         let what = program(rec);
-        let timeout = rec.spec.notify.as_ref().map(|n| n.timeout);
-        let exit = &outcome.exit;
-        let reason = match (outcome.timed_out, timeout) {
-            (true, Some(t)) => format!(
-                "notification failed: {what} still ran after its timeout ({t}) and was stopped \
-                 (its output: {} in the job directory)",
-                files::NOTIFY_LOG
+        let timeout = rec
+            .spec
+            .notify
+            .as_ref()
+            .map(|n| n.timeout.to_string())
+            .unwrap_or_default();
+        let log = files::NOTIFY_LOG;
+        let (notified, reason) = match (outcome.stopped, &outcome.exit) {
+            (TIMED_OUT, _) => (
+                true,
+                format!(
+                    "notification failed: {what} still ran after its timeout ({timeout}) and was \
+                     stopped (its output: {log} in the job directory)"
+                ),
             ),
-            _ if exit.code == Some(0) => format!("notification sent ({what} exited 0)"),
-            _ => format!(
-                "notification failed: {what} ended with {exit} (its output: {} in the job \
-                 directory)",
-                files::NOTIFY_LOG
+            (JOBD_STOPPING, _) => (
+                false,
+                format!(
+                    "notification stopped: jobd was stopping and {what} still ran after the grace \
+                     period ({}s); the next jobd runs it again",
+                    self.settings.grace.as_secs()
+                ),
+            ),
+            (_, None) => (
+                true,
+                format!(
+                    "notification ended: {what}, started before jobd restarted, has ended (its \
+                     exit status is not known; its output: {log} in the job directory)"
+                ),
+            ),
+            (_, Some(e)) if e.code == Some(0) => {
+                (true, format!("notification sent ({what} exited 0)"))
+            }
+            (_, Some(e)) => (
+                true,
+                format!(
+                    "notification failed: {what} {} (its output: {log} in the job directory)",
+                    ended_how(e)
+                ),
             ),
         };
-        if exit.code != Some(0) {
-            warn!(job_id = id, %exit, timed_out = outcome.timed_out, "the job's notifier failed");
+        if !notified || outcome.exit.as_ref().is_some_and(|e| e.code != Some(0)) {
+            warn!(job_id = id, %reason, "the job's notifier did not succeed");
         }
-        self.notified_note(id, end, reason);
+        self.notified_note(id, notified.then_some(end), reason);
     }
 
-    /// Records that `end` of job `id` was notified (`reason` says how it went), as a note in
-    /// its history, and queues a newer end if one is due.
-    fn notified_note(&mut self, id: JobId, end: JobEnd, reason: String) {
-        match self.add_note(id, reason, &|r| r.notified = Some(end)) {
+    /// Records how a notifier went (`reason`) as a note in the job's history, with `end`
+    /// marked notified if given, and queues an end that is due.
+    fn notified_note(&mut self, id: JobId, end: Option<JobEnd>, reason: String) {
+        let edit = |r: &mut JobRecord| {
+            r.notifier = None;
+            if end.is_some() {
+                r.notified = end;
+            }
+        };
+        match self.add_note(id, reason, &edit) {
             Ok(rec) => self.queue_notification(&rec),
             Err(e) => warn!(job_id = id, error = %e, "cannot record the notification"),
         }
     }
 
-    /// Stops waiting for notifiers when jobd stops or restarts: each may run until the grace
-    /// period is over, then it is killed (its end is then recorded as notified: it ran).
+    /// When jobd stops or restarts in place: each notifier may run for the grace period, then
+    /// it is stopped (SIGTERM, SIGKILL 5 s later), and the next daemon runs it again.
     pub(super) fn bound_notifiers(&self) {
-        if !self.notifying.is_empty() {
-            info!(
-                notifiers = self.notifying.len(),
-                "waiting for job notifiers to finish (at most the grace period)"
-            );
+        if self.notifying.is_empty() {
+            return;
         }
+        info!(
+            notifiers = self.notifying.len(),
+            "waiting for job notifiers to finish (at most the grace period)"
+        );
+        let grace = self.settings.grace;
         for n in self.notifying.values() {
-            n.handle.kill_after(self.settings.grace);
+            let (handle, stopped) = (n.handle.clone(), n.stopped.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                if stopped
+                    .compare_exchange(RAN, JOBD_STOPPING, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    handle.stop(NOTIFY_KILL_GRACE);
+                }
+            });
         }
     }
 
-    /// At start-up: every end still to be notified (jobd stopped or crashed before its
-    /// notifier ran or finished).
-    pub(super) fn queue_due_notifications(&mut self) {
+    /// At start-up, after recovery: the notifiers an earlier daemon left running (it crashed)
+    /// are watched to their end, their timeout still holding; one that ended while jobd was
+    /// down has notified its end. Then every end still to be notified is queued.
+    pub(super) fn resume_notifications(&mut self) {
+        let left: Vec<(JobId, NotifierRun)> = self
+            .jobs
+            .values()
+            .filter_map(|r| r.notifier.clone().map(|n| (r.id, n)))
+            .collect();
+        for (id, run) in left {
+            if !self.adopt_notifier(id, &run) {
+                let what = self.jobs.get(&id).map(program).unwrap_or_default();
+                self.notified_note(
+                    id,
+                    Some(run.end),
+                    format!(
+                        "notification ended while jobd was down: {what} (its exit status is not \
+                         known; its output: {} in the job directory)",
+                        files::NOTIFY_LOG
+                    ),
+                );
+            }
+        }
         let due: Vec<JobId> = self
             .jobs
             .values()
-            .filter(|r| due(r).is_some())
+            .filter(|r| due(r).is_some() && !self.notifying.contains_key(&r.id))
             .map(|r| r.id)
             .collect();
         for id in due {
@@ -205,6 +317,51 @@ impl Scheduler {
                 self.to_notify.push(id);
             }
         }
+    }
+
+    /// Watches a notifier an earlier daemon started, if it still runs.
+    fn adopt_notifier(&mut self, id: JobId, run: &NotifierRun) -> bool {
+        let Some(rec) = self.jobs.get(&id) else {
+            return false;
+        };
+        let timeout = rec
+            .spec
+            .notify
+            .as_ref()
+            .map_or(Duration::ZERO, |n| n.timeout.0);
+        let owner = rec.owner.user.clone();
+        let stopped = Arc::new(AtomicU8::new(RAN));
+        let (ended_tx, ended_rx) = oneshot::channel::<()>();
+        let on_exit = self.on_notifier_exit(id, run.end, stopped.clone(), ended_tx);
+        // Its exit status is ours to read only after a restart in place (then it is our child).
+        let Some(handle) = proc::adopt(&run.process, None, rec.owner.uid, on_exit) else {
+            return false;
+        };
+        let ran = Duration::from_millis((now_ms() - run.started_at).max(0) as u64);
+        self.watch_timeout(&handle, &stopped, timeout.saturating_sub(ran), ended_rx);
+        info!(
+            job_id = id,
+            pid = run.process.pid,
+            "took over a running notifier"
+        );
+        self.notifying.insert(
+            id,
+            Notifier {
+                handle,
+                owner,
+                stopped,
+            },
+        );
+        true
+    }
+}
+
+/// "exited with code 7", "was killed by SIGKILL", for a history line.
+fn ended_how(exit: &ExitInfo) -> String {
+    match (exit.code, exit.signal) {
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, Some(_)) => format!("was {exit}"),
+        (None, None) => format!("{exit}"),
     }
 }
 

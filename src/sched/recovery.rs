@@ -355,7 +355,7 @@ fn take_over(
         let (attempt, dir) = (rec.attempts, rec.dir(&s.settings.jobs_dir));
         let marker = format!("{ENV_JOB_DIR}={}", dir.display());
         let tx = s.tx.clone();
-        let Some(handle) = proc::adopt(&info, marker, uid, move |exit| {
+        let Some(handle) = proc::adopt(&info, Some(marker), uid, move |exit| {
             // Not this daemon's child: what the job's supervisor (or worker) recorded.
             let exit = exit
                 .or_else(|| recorded_exit(&dir, attempt).map(|(e, _)| e))
@@ -519,6 +519,11 @@ fn scan_proc(
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
+        // A job's notifier is not part of its run (see `proc::is_notifier`); a running one
+        // is found by the pid its job records.
+        if proc::is_notifier(&environ) {
+            continue;
+        }
         let Some(id) = environ.split(|b| *b == 0).find_map(|var| {
             let var = std::str::from_utf8(var).ok()?;
             var.strip_prefix(&prefix)?

@@ -48,7 +48,8 @@ pub const ENV_GPU_UUIDS: &str = "JOBD_GPU_UUIDS";
 /// Set to `1` when the GPUs are simulated (`--gpus fake:...`): the job must run on CPU.
 pub const ENV_FAKE_GPUS: &str = "JOBD_FAKE_GPUS";
 
-/// For a `[notify]` command: how the job ended (`succeeded`, `failed`, `cancelled`).
+/// For a `[notify]` command: how the job ended (`succeeded`, `failed`, `cancelled`). Only a
+/// notifier has it in its environment (`proc::is_notifier`).
 pub const ENV_JOB_STATE: &str = "JOBD_JOB_STATE";
 /// For a `[notify]` command: why, as its history says it ("exit code 1", "cancelled by ann").
 pub const ENV_JOB_REASON: &str = "JOBD_JOB_REASON";

@@ -102,6 +102,9 @@ pub struct JobRecord {
     /// requeue); an end it asks to hear of that differs is still to be notified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notified: Option<JobEnd>,
+    /// The `[notify]` command running now, to find it again after a daemon crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifier: Option<NotifierRun>,
     /// Number of events recorded; the next event's sequence number.
     #[serde(default)]
     pub event_count: u32,
@@ -112,6 +115,15 @@ pub struct JobRecord {
 pub struct JobEnd {
     pub state: JobState,
     pub finished_at: Millis,
+}
+
+/// A `[notify]` command started for an end of its job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifierRun {
+    pub end: JobEnd,
+    pub process: ProcessInfo,
+    /// When it started (its timeout counts from then).
+    pub started_at: Millis,
 }
 
 /// A model published into an Ollama store.
@@ -252,6 +264,7 @@ impl JobRecord {
             schedule_id: None,
             published: None,
             notified: None,
+            notifier: None,
             event_count: 0,
         }
     }

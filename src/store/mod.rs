@@ -292,6 +292,24 @@ impl Store {
         result.map_err(unwrap_tx)
     }
 
+    /// Changes a job's record with no event in its history (what jobd keeps to find a process
+    /// again, not something that happened to the job).
+    pub fn edit(&self, id: JobId, edit: &dyn Fn(&mut JobRecord)) -> Result<JobRecord, StoreError> {
+        let result = self.jobs.transaction(|jobs| {
+            let raw = jobs
+                .get(id.to_be_bytes())?
+                .ok_or(ConflictableTransactionError::Abort(StoreError::NotFound(
+                    id,
+                )))?;
+            let mut record: JobRecord =
+                decode(id, &raw).map_err(ConflictableTransactionError::Abort)?;
+            edit(&mut record);
+            jobs.insert(&id.to_be_bytes(), encode(&record))?;
+            Ok(record)
+        });
+        result.map_err(unwrap_tx)
+    }
+
     /// One job.
     pub fn get(&self, id: JobId) -> Result<JobRecord, StoreError> {
         let raw = self

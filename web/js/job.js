@@ -155,7 +155,10 @@ export class JobPage {
     const tab = (name) => el('button', {
       type: 'button', class: 'tab', dataset: { stream: name }, onclick: () => this.startLog(name),
     }, name);
-    this.tabs = el('div', { class: 'tabs', role: 'tablist' }, tab('stdout'), tab('stderr'));
+    // What the job's [notify] command printed: shown for jobs that have one.
+    this.notifyTab = tab('notify');
+    this.notifyTab.hidden = true;
+    this.tabs = el('div', { class: 'tabs', role: 'tablist' }, tab('stdout'), tab('stderr'), this.notifyTab);
     this.root.replaceChildren(
       el('div', { class: 'job-head' },
         el('a', { href: '#/', class: 'back' }, '← queue'),
@@ -214,6 +217,7 @@ export class JobPage {
     if (document.activeElement !== this.prioInput) this.prioInput.value = job.priority;
     this.actHint.textContent = this.ctx.user ? '' : 'Read-only: jobd refuses changes without a token (add one at the top).';
     this.source.textContent = job.source;
+    this.notifyTab.hidden = !job.spec.notify;
     this.renderProgress();
     this.renderPublished();
     if (job.kind === 'train' && !this.charts) this.makeCharts();
