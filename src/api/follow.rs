@@ -13,7 +13,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::sched::SchedHandle;
-use crate::spec::{JobId, JobState};
+use crate::spec::JobId;
 
 type Senders = Arc<RwLock<HashMap<PathBuf, broadcast::Sender<()>>>>;
 
@@ -129,8 +129,19 @@ impl DirWatcher {
     }
 }
 
-/// Streams `file` of job `id` from `offset`; with `follow`, keeps streaming as it grows until
-/// the job has finished and everything is sent. Ends when the client goes away.
+/// How long [`stream_file`] follows a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// Send what is there, and end.
+    No,
+    /// Until the job has ended.
+    UntilJobEnds,
+    /// Until the job has ended and its `[notify]` command has run (its `notify.log`).
+    UntilNotified,
+}
+
+/// Streams `file` of job `id` from `offset`, and as it grows for as long as `follow` says (and
+/// everything is sent). Ends when the client goes away.
 pub fn stream_file(
     sched: SchedHandle,
     watcher: Arc<DirWatcher>,
@@ -138,7 +149,7 @@ pub fn stream_file(
     dir: PathBuf,
     file: PathBuf,
     offset: u64,
-    follow: bool,
+    follow: Follow,
 ) -> mpsc::Receiver<Result<Bytes, std::io::Error>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
@@ -169,9 +180,11 @@ pub fn stream_file(
                     }
                 }
             }
-            let state = sched.view().jobs.get(&id).map(|j| j.state);
-            let done = state.is_none_or(JobState::is_terminal);
-            if !follow || done {
+            let done = sched.view().jobs.get(&id).is_none_or(|j| {
+                j.state.is_terminal()
+                    && !(follow == Follow::UntilNotified && crate::sched::notification_pending(j))
+            });
+            if follow == Follow::No || done {
                 return;
             }
             let fallback = if watcher.pushes() {

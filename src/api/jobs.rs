@@ -253,7 +253,16 @@ pub async fn resubmit(
     if !caller.may_change(&rec.owner.user) {
         return Err(ApiError::forbidden(format!(
             "job {id} is {}'s: only its owner or an admin can resubmit it (the copy runs as its \
-             owner); `jobctl show --json {id}` has its file to submit one of your own",
+             owner); submit a job file of your own instead",
+            rec.owner.user
+        )));
+    }
+    // An admin reruns a job as its owner wrote it: a file changed by someone else would run
+    // their commands with the owner's rights.
+    if !req.set.is_empty() && caller.user.as_deref() != Some(rec.owner.user.as_str()) {
+        return Err(ApiError::forbidden(format!(
+            "job {id} is {}'s: only they can change its file (--set) when resubmitting it; \
+             an admin's resubmit runs it unchanged",
             rec.owner.user
         )));
     }
@@ -261,7 +270,7 @@ pub async fn resubmit(
         rec.spec.base_dir.clone().ok_or_else(|| {
             ApiError::bad_request(format!("job {id} has no base directory recorded"))
         })?;
-    if !base_dir.is_dir() {
+    if !base_dir.is_dir() && req.set.is_empty() {
         return Err(ApiError::bad_request(format!(
             "job {id} was submitted from {}, which is gone: its relative paths (and a command's \
              default working directory) resolve there; `--set command.workdir=DIR` gives a \
@@ -297,7 +306,16 @@ pub async fn resubmit(
         Some((origin, rewritten)),
     )
     .await?;
-    sub.copy_of = Some(id);
+    let keys = req
+        .set
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map_or(s.as_str(), |(k, _)| k.trim())
+                .to_string()
+        })
+        .collect();
+    sub.copy_of = Some((id, keys));
     let new = st.sched.submit(&caller, rec.owner.clone(), sub).await?;
     let view = st.sched.view();
     Ok((
@@ -813,7 +831,11 @@ pub async fn logs(
         dir,
         file,
         offset,
-        q.follow,
+        match (q.follow, name == files::NOTIFY_LOG) {
+            (false, _) => super::follow::Follow::No,
+            (true, false) => super::follow::Follow::UntilJobEnds,
+            (true, true) => super::follow::Follow::UntilNotified,
+        },
     );
     let body = Body::from_stream(ReceiverStream::new(rx));
     Ok((

@@ -15,6 +15,13 @@ pub struct SubmitArgs {
     /// The job file (TOML); `-` reads it from standard input (relative paths in it are then
     /// relative to the current directory).
     pub file: PathBuf,
+    #[command(flatten)]
+    pub how: HowToQueue,
+}
+
+/// How `submit` and `resubmit` queue a job.
+#[derive(Debug, Args)]
+pub struct HowToQueue {
     /// Stream the job's output until it ends; exit 0 only if it succeeded.
     #[arg(short, long)]
     pub follow: bool,
@@ -192,8 +199,8 @@ pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
 }
 
 pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow::Result<bool> {
-    let (req, spec) = load(&args.file, &args.overrides)?;
-    send(client, req, &spec, args.follow, args.hold, out).await
+    let (req, spec) = load(&args.file, &args.how.overrides)?;
+    send(client, req, &spec, args.how.follow, args.how.hold, out).await
 }
 
 /// `jobctl resubmit`: a job again, as a new job of its owner (only the owner or an admin may).
@@ -202,14 +209,8 @@ pub struct ResubmitArgs {
     /// The job to run again (any state; its job file as it was submitted, `--set` included;
     /// the copy is its owner's, as a requeue would be).
     pub id: crate::spec::JobId,
-    /// Stream the new job's output until it ends; exit 0 only if it succeeded.
-    #[arg(short, long)]
-    pub follow: bool,
-    /// Queue it on hold: it starts only after `jobctl release`.
-    #[arg(long, conflicts_with = "follow")]
-    pub hold: bool,
     #[command(flatten)]
-    pub overrides: Overrides,
+    pub how: HowToQueue,
 }
 
 /// Submits job `id`'s job file again, as it was submitted (with its relative paths against
@@ -218,13 +219,13 @@ pub struct ResubmitArgs {
 /// /jobs/{id}/resubmit`): the file and the directory are on its machine.
 pub async fn resubmit(client: &Client, args: &ResubmitArgs, out: &Output) -> anyhow::Result<bool> {
     let req = crate::spec::api::ResubmitRequest {
-        set: args.overrides.set.clone(),
-        hold: args.hold,
+        set: args.how.overrides.set.clone(),
+        hold: args.how.hold,
     };
     let job: JobView = client
         .post(&format!("/jobs/{}/resubmit", args.id), &req)
         .await?;
-    submitted(client, job, args.follow, out).await
+    submitted(client, job, args.how.follow, out).await
 }
 
 /// Sends a checked job file: a job (followed if asked), or a schedule when it has one.

@@ -203,9 +203,12 @@ pub async fn run(config: Config, stop: StopRequest) -> anyhow::Result<Ended> {
     });
     let unix_for_next = unix.clone();
     let mut tcp_for_next = None;
-    let (scheduler, handle) = Scheduler::start(store, inventory, settings)
+    let (mut scheduler, handle) = Scheduler::start(store, inventory, settings)
         .await
         .context("cannot recover the job queue")?;
+    if stop.token.is_cancelled() {
+        scheduler.hold_notifiers();
+    }
     let mut sched_task = tokio::spawn(scheduler.run());
 
     let state = AppState {

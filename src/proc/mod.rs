@@ -749,6 +749,68 @@ pub fn is_notifier(environ: &[u8]) -> bool {
         .any(|var| var.starts_with(key.as_bytes()))
 }
 
+/// A `[notify]` command found running (see [`running_notifiers`]).
+#[derive(Debug, Clone)]
+pub struct FoundNotifier {
+    /// Its job's directory (`JOBD_JOB_DIR`).
+    pub job_dir: PathBuf,
+    /// The end it tells of (`JOBD_JOB_STATE`).
+    pub state: String,
+    pub process: ProcessInfo,
+    pub uid: u32,
+}
+
+/// The `[notify]` commands running now that lead their own process group, as jobd starts
+/// them: for a daemon after a crash to find one started just before it, not yet recorded.
+pub fn running_notifiers() -> Vec<FoundNotifier> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let value = |environ: &[u8], key: &str| -> Option<String> {
+        let prefix = format!("{key}=");
+        environ.split(|b| *b == 0).find_map(|var| {
+            let var = std::str::from_utf8(var).ok()?;
+            var.strip_prefix(&prefix).map(str::to_string)
+        })
+    };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if !is_notifier(&environ) {
+            continue;
+        }
+        let (Some(job_dir), Some(state)) = (
+            value(&environ, crate::spec::contract::ENV_JOB_DIR),
+            value(&environ, crate::spec::contract::ENV_JOB_STATE),
+        ) else {
+            continue;
+        };
+        let (Ok(meta), Some(fields)) = (e.metadata(), stat_fields(pid)) else {
+            continue;
+        };
+        if fields.pgrp != pid || fields.state == 'Z' {
+            continue;
+        }
+        found.push(FoundNotifier {
+            job_dir: job_dir.into(),
+            state,
+            process: ProcessInfo {
+                pid,
+                pgid: pid,
+                start_ticks: fields.start,
+            },
+            uid: meta.uid(),
+        });
+    }
+    found
+}
+
 /// Sends `sig` to process group `pgid`, ignoring a group that is already gone.
 pub fn signal_group(pgid: i32, sig: Signal) {
     let _ = killpg(Pid::from_raw(pgid), sig);

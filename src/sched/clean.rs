@@ -170,11 +170,14 @@ impl Scheduler {
         }
         // An end still to be told to the job's `[notify]` command, or being told.
         for j in self.jobs.values() {
-            if super::notify::due(j).is_some() || self.notifying.contains_key(&j.id) {
-                needed
-                    .entry(j.id)
-                    .or_insert_with(|| "its notifier has not run yet".to_string());
-            }
+            let why = if self.notifying.contains_key(&j.id) {
+                "its notifier is running"
+            } else if super::notify::due(j).is_some() {
+                "its notifier has not run yet"
+            } else {
+                continue;
+            };
+            needed.entry(j.id).or_insert_with(|| why.to_string());
         }
         // A schedule's latest successful run: `base = "@previous"` trains from its model.
         let mut latest_run: BTreeMap<u64, (Millis, JobId)> = BTreeMap::new();

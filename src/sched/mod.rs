@@ -40,6 +40,7 @@ use crate::spec::{
 };
 use crate::store::{Change, Store, StoreError};
 
+pub use notify::notification_pending;
 pub use plan::{Need, Wait, Waiting};
 pub use schedules::ScheduleAction;
 
@@ -116,8 +117,9 @@ pub struct Submission {
     pub name: String,
     /// Queued on hold (`jobctl submit --hold`).
     pub hold: bool,
-    /// The job whose file this is, run again (`jobctl resubmit`): said in the history.
-    pub copy_of: Option<JobId>,
+    /// The job whose file this is, run again (`jobctl resubmit`), and the keys `--set`
+    /// changed: said in the history.
+    pub copy_of: Option<(JobId, Vec<String>)>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, SchedError>>;
@@ -600,6 +602,8 @@ pub struct Scheduler {
     to_notify: Vec<JobId>,
     /// Jobs whose notifier runs.
     notifying: HashMap<JobId, notify::Notifier>,
+    /// A stop was asked for before the loop ran: no notifier starts (the next daemon's do).
+    notifiers_held: bool,
     /// Jobs removed (`clean`) since the last view: taken out of the next one.
     removed: Vec<JobId>,
     /// When `scheduler.keep_finished` was last applied.
@@ -661,6 +665,7 @@ impl Scheduler {
             to_spawn: Vec::new(),
             to_notify: Vec::new(),
             notifying: HashMap::new(),
+            notifiers_held: false,
             removed: Vec::new(),
             last_auto_clean: 0,
             disk_full: false,
@@ -694,9 +699,8 @@ impl Scheduler {
         s.store.flush().await?;
         s.spawn_started();
         s.store.flush().await?;
-        if s.start_notifications() {
-            s.store.flush().await?;
-        }
+        // Notifiers start in the first round of `run`, unless a stop came first
+        // (`hold_notifiers`).
         s.publish_view();
         let handle = SchedHandle {
             tx,
@@ -705,6 +709,13 @@ impl Scheduler {
             policy: Arc::new(s.settings.policy.clone()),
         };
         Ok((s, handle))
+    }
+
+    /// A stop was asked for while the scheduler started (a stop signal during a restart in
+    /// place is given to the next image): it starts no notifier, for one started now would
+    /// be stopped at once and run again by the next daemon.
+    pub fn hold_notifiers(&mut self) {
+        self.notifiers_held = true;
     }
 
     /// The event loop; returns after a shutdown request once every worker has stopped.
@@ -923,6 +934,10 @@ impl Scheduler {
         let refresh =
             tokio::time::Instant::from_std(self.gpus_at + self.settings.policy.gpu_refresh);
         at = Some(at.map_or(refresh, |a| a.min(refresh)));
+        // Ends queued for a notifier at start-up (or waiting for a place): a round now.
+        if self.notifier_may_start() {
+            at = Some(tokio::time::Instant::now());
+        }
         at
     }
 
@@ -1067,18 +1082,7 @@ impl Scheduler {
         reason: String,
         edit: &dyn Fn(&mut JobRecord),
     ) -> Result<JobRecord, StoreError> {
-        let (rec, event) = self.store.apply(
-            id,
-            &Change {
-                to,
-                expect: &[],
-                reason,
-                edit,
-                keeps_reason: false,
-            },
-        )?;
-        self.note_change(rec.clone(), Some(event));
-        Ok(rec)
+        self.record(id, to, reason, edit, false)
     }
 
     /// Changes a job's record with no event in its history (the process of its notifier).
@@ -1100,14 +1104,25 @@ impl Scheduler {
         reason: String,
         edit: &dyn Fn(&mut JobRecord),
     ) -> Result<JobRecord, StoreError> {
+        self.record(id, None, reason, edit, true)
+    }
+
+    fn record(
+        &mut self,
+        id: JobId,
+        to: Option<JobState>,
+        reason: String,
+        edit: &dyn Fn(&mut JobRecord),
+        keeps_reason: bool,
+    ) -> Result<JobRecord, StoreError> {
         let (rec, event) = self.store.apply(
             id,
             &Change {
-                to: None,
+                to,
                 expect: &[],
                 reason,
                 edit,
-                keeps_reason: true,
+                keeps_reason,
             },
         )?;
         self.note_change(rec.clone(), Some(event));
@@ -1146,7 +1161,7 @@ impl Scheduler {
         }
         self.check_priority(caller, sub.spec.priority, None)?;
         let hold = sub.hold;
-        let sub_copy_of = sub.copy_of;
+        let sub_copy_of = sub.copy_of.clone();
         let mut rec = self.prepare_job(owner, sub, now_ms())?;
         if hold {
             rec.held_by = caller.user.clone();
@@ -1156,7 +1171,13 @@ impl Scheduler {
         }
         let by = caller.user.as_deref().unwrap_or("?");
         let reason = match sub_copy_of {
-            Some(of) => format!("resubmitted by {by}: job {of}'s file, run again"),
+            Some((of, keys)) if keys.is_empty() => {
+                format!("resubmitted by {by}: job {of}'s file, run again")
+            }
+            Some((of, keys)) => format!(
+                "resubmitted by {by}: job {of}'s file, run again with --set {}",
+                keys.join(", ")
+            ),
             None => format!("submitted by {by}"),
         };
         let (rec, event) = self

@@ -64,6 +64,11 @@ pub(super) fn due(rec: &JobRecord) -> Option<JobEnd> {
     (notify.wants(end.state) && rec.notified != Some(end)).then_some(end)
 }
 
+/// Whether job `rec`'s `[notify]` command has yet to run or to end for its last end.
+pub fn notification_pending(rec: &JobRecord) -> bool {
+    rec.notifier.is_some() || due(rec).is_some()
+}
+
 impl Scheduler {
     /// Queues `rec`'s notifier if an end of it is due and none runs for it now; it starts
     /// after the batch is flushed ([`Self::start_notifications`]).
@@ -76,12 +81,29 @@ impl Scheduler {
         }
     }
 
+    /// Whether a queued notifier may start now (the loop then runs a round at once).
+    pub(super) fn notifier_may_start(&self) -> bool {
+        if self.draining || self.shutting_down.is_some() || self.notifiers_held {
+            return false;
+        }
+        self.notifying.len() < MAX_NOTIFIERS
+            && self.to_notify.iter().any(|id| {
+                self.jobs.get(id).is_some_and(|rec| {
+                    self.notifying
+                        .values()
+                        .filter(|n| n.owner == rec.owner.user)
+                        .count()
+                        < MAX_NOTIFIERS_PER_USER
+                })
+            })
+    }
+
     /// Starts the notifiers queued (the ends they tell of are on disk now), as many as may
     /// run at once; the others stay queued. Nothing starts while jobd stops or restarts: the
     /// next daemon notifies those ends. Whether any started (their processes are to be
     /// flushed to disk, for a daemon after a crash to find them).
     pub(super) fn start_notifications(&mut self) -> bool {
-        if self.draining || self.shutting_down.is_some() {
+        if self.draining || self.shutting_down.is_some() || self.notifiers_held {
             return false;
         }
         let mut started = false;
@@ -125,6 +147,11 @@ impl Scheduler {
         let on_exit = self.on_notifier_exit(id, end, stopped.clone(), ended_tx);
         let (info, handle) =
             proc::spawn(req, move |exit| on_exit(Some(exit))).map_err(|e| e.to_string())?;
+        // Crash tests: die where a crash is worst for a notifier, started but not recorded
+        // (tests/it/notify.rs).
+        if std::env::var_os("JOBD_FAILPOINT").is_some_and(|v| v == "exit-after-notifier-spawn") {
+            std::process::exit(86);
+        }
         let started_at = now_ms();
         self.watch_timeout(&handle, &stopped, notify.timeout.0, ended_rx);
         info!(job_id = id, pid = info.pid, state = %end.state, "notifier started");
@@ -306,13 +333,43 @@ impl Scheduler {
                 );
             }
         }
-        let due: Vec<JobId> = self
+        let due: Vec<(JobId, JobEnd)> = self
             .jobs
             .values()
-            .filter(|r| due(r).is_some() && !self.notifying.contains_key(&r.id))
-            .map(|r| r.id)
+            .filter(|r| !self.notifying.contains_key(&r.id))
+            .filter_map(|r| due(r).map(|end| (r.id, end)))
             .collect();
-        for id in due {
+        // One started just before a crash, before its process was on disk, runs still: it is
+        // the job's owner's (or jobd's), leads its group, and tells of this very end.
+        let found = if due.is_empty() {
+            Vec::new()
+        } else {
+            proc::running_notifiers()
+        };
+        let daemon_uid = nix::unistd::geteuid().as_raw();
+        for (id, end) in due {
+            let Some(rec) = self.jobs.get(&id) else {
+                continue;
+            };
+            let dir = rec.dir(&self.settings.jobs_dir);
+            let running = found.iter().find(|f| {
+                f.job_dir == dir
+                    && f.state == end.state.as_str()
+                    && (f.uid == rec.owner.uid || f.uid == daemon_uid)
+            });
+            if let Some(f) = running {
+                let run = NotifierRun {
+                    end,
+                    process: f.process.clone(),
+                    started_at: now_ms(),
+                };
+                if self.adopt_notifier(id, &run) {
+                    if let Err(e) = self.edit_quietly(id, &|r| r.notifier = Some(run.clone())) {
+                        warn!(job_id = id, error = %e, "cannot record the job's notifier");
+                    }
+                    continue;
+                }
+            }
             if !self.to_notify.contains(&id) {
                 self.to_notify.push(id);
             }

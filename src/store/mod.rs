@@ -247,13 +247,7 @@ impl Store {
         change: &Change<'_>,
     ) -> Result<(JobRecord, JobEvent), StoreError> {
         let result = (&self.jobs, &self.events).transaction(|(jobs, events)| {
-            let raw = jobs
-                .get(id.to_be_bytes())?
-                .ok_or(ConflictableTransactionError::Abort(StoreError::NotFound(
-                    id,
-                )))?;
-            let mut record: JobRecord =
-                decode(id, &raw).map_err(ConflictableTransactionError::Abort)?;
+            let mut record = read_in(jobs, id)?;
             if !change.expect.is_empty() && !change.expect.contains(&record.state) {
                 let expected: Vec<_> = change.expect.iter().map(|s| s.as_str()).collect();
                 return Err(ConflictableTransactionError::Abort(
@@ -296,13 +290,7 @@ impl Store {
     /// again, not something that happened to the job).
     pub fn edit(&self, id: JobId, edit: &dyn Fn(&mut JobRecord)) -> Result<JobRecord, StoreError> {
         let result = self.jobs.transaction(|jobs| {
-            let raw = jobs
-                .get(id.to_be_bytes())?
-                .ok_or(ConflictableTransactionError::Abort(StoreError::NotFound(
-                    id,
-                )))?;
-            let mut record: JobRecord =
-                decode(id, &raw).map_err(ConflictableTransactionError::Abort)?;
+            let mut record = read_in(jobs, id)?;
             edit(&mut record);
             jobs.insert(&id.to_be_bytes(), encode(&record))?;
             Ok(record)
@@ -520,6 +508,19 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
 
 fn decode(id: JobId, raw: &[u8]) -> Result<JobRecord, StoreError> {
     serde_json::from_slice(raw).map_err(|source| StoreError::Corrupt { id, source })
+}
+
+/// Job `id`'s record, read within a transaction over the `jobs` tree.
+fn read_in(
+    jobs: &sled::transaction::TransactionalTree,
+    id: JobId,
+) -> Result<JobRecord, ConflictableTransactionError<StoreError>> {
+    let raw = jobs
+        .get(id.to_be_bytes())?
+        .ok_or(ConflictableTransactionError::Abort(StoreError::NotFound(
+            id,
+        )))?;
+    decode(id, &raw).map_err(ConflictableTransactionError::Abort)
 }
 
 fn unwrap_tx(e: TransactionError<StoreError>) -> StoreError {

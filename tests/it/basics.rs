@@ -662,6 +662,15 @@ fn resubmit_runs_a_job_file_again_as_a_new_job() {
         "resubmit",
         &first.to_string(),
         "--set",
+        "name=fourth",
+        "--hold",
+    ]);
+    let held: u64 = stdout(&out).trim().parse().unwrap();
+    d.assert_said(held, "run again with --set name");
+    let out = d.jobctl(&[
+        "resubmit",
+        &first.to_string(),
+        "--set",
         "name=third",
         "--follow",
     ]);
@@ -696,6 +705,19 @@ fn resubmit_runs_a_job_file_again_as_a_new_job() {
         assert_eq!(d.job(copy).record.owner.user, "nobody");
         d.wait_output(copy, "ran exp as nobody");
         d.assert_said(copy, &format!("resubmitted by root: job {theirs}'s file"));
+        // An admin reruns it as its owner wrote it: no --set (their commands, its rights).
+        let out = d.jobctl(&[
+            "resubmit",
+            &theirs.to_string(),
+            "--set",
+            "command.argv=[\"id\"]",
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            stderr(&out).contains("only they can change its file (--set)"),
+            "{}",
+            stderr(&out)
+        );
     }
     // Errors in a file changed by --set name the job, with no line of a text nobody wrote.
     let out = d.jobctl(&["resubmit", &first.to_string(), "--set", "priority=x"]);

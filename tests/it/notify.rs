@@ -211,6 +211,30 @@ fn failing_and_hanging_notifiers_are_recorded_and_stopped() {
     let shown = d.jobctl(&["logs", "--notify", &a.to_string()]);
     assert!(shown.status.success(), "{}", stderr(&shown));
     assert_eq!(stdout(&shown), log, "jobctl logs --notify shows it");
+    // -f follows it until the notifier has ended, not the job.
+    let talk = notifier(&d, "talk.sh", "echo first; sleep 1; echo second");
+    let c = d.submit(&d.write(
+        "c.toml",
+        &notified_job("true", &[talk.to_str().unwrap()], ""),
+    ));
+    d.wait_state(c, JobState::Succeeded, Duration::from_secs(20));
+    let followed = d.jobctl(&["logs", "-f", "--notify", &c.to_string()]);
+    assert!(
+        stdout(&followed).ends_with("first\nsecond\n"),
+        "{}",
+        stdout(&followed)
+    );
+    let none = d.jobctl(&[
+        "logs",
+        "--notify",
+        &d.submit(&d.write("p.toml", &command_job("true", "")))
+            .to_string(),
+    ]);
+    assert!(
+        stderr(&none).contains("has no [notify]"),
+        "{}",
+        stderr(&none)
+    );
     assert_eq!(d.state(a), JobState::Succeeded);
 
     wait_note(&d, b, "still ran after its timeout (1s) and was stopped");
@@ -274,6 +298,15 @@ fn notifiers_across_crashes_stops_and_restarts() {
     d.restart();
     wait_note(&d, a, "started before jobd restarted, has ended");
     assert_eq!((runs(a), done(a)), (1, 1));
+
+    // Killed between starting a notifier and recording it: the next daemon finds it running.
+    d.kill9();
+    d.restart_with_env(&[("JOBD_FAILPOINT", "exit-after-notifier-spawn")]);
+    let n = submit_notified(&d, "n", &[slow], "");
+    assert_eq!(d.wait_exit(Duration::from_secs(20)).code(), Some(86));
+    d.restart_with_env(&[]);
+    wait_note(&d, n, "started before jobd restarted, has ended");
+    assert_eq!((runs(n), done(n)), (1, 1));
 
     // Killed, and the notifier ends while jobd is down: its end has been told.
     let b = submit_notified(&d, "b", &[slow], "");
@@ -372,7 +405,7 @@ fn a_requeue_or_a_clean_does_not_cut_a_notification_short() {
     assert!(
         report["kept"][0]["why"]
             .as_str()
-            .is_some_and(|w| w.contains("notifier has not run yet")),
+            .is_some_and(|w| w.contains("its notifier is running")),
         "{report}"
     );
     assert!(d.jobctl(&["requeue", &id.to_string()]).status.success());
