@@ -34,17 +34,49 @@ const MAX_NOTIFIERS_PER_USER: usize = 4;
 /// Notifiers running at once, for all users.
 const MAX_NOTIFIERS: usize = 32;
 
-/// Why jobd stopped a notifier (kept in a [`Notifier`]'s `stopped`).
-const RAN: u8 = 0;
-const TIMED_OUT: u8 = 1;
-const JOBD_STOPPING: u8 = 2;
+/// Whether jobd stopped a notifier, and why (kept in a [`StopFlag`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum Stopped {
+    /// It ran its course.
+    No = 0,
+    /// At its `timeout`.
+    TimedOut = 1,
+    /// jobd was stopping or restarting, and the grace period was over.
+    JobdStopping = 2,
+}
+
+/// A [`Stopped`] shared by a notifier's watchers: the first reason to stop it wins.
+#[derive(Debug, Clone, Default)]
+struct StopFlag(Arc<AtomicU8>);
+
+impl StopFlag {
+    /// Records `why`; false if it was stopped already (for another reason).
+    fn set(&self, why: Stopped) -> bool {
+        self.0
+            .compare_exchange(
+                Stopped::No as u8,
+                why as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    fn get(&self) -> Stopped {
+        match self.0.load(Ordering::SeqCst) {
+            1 => Stopped::TimedOut,
+            2 => Stopped::JobdStopping,
+            _ => Stopped::No,
+        }
+    }
+}
 
 /// A notifier that runs.
 pub(super) struct Notifier {
     handle: ChildHandle,
     owner: String,
-    /// [`RAN`], [`TIMED_OUT`] or [`JOBD_STOPPING`].
-    stopped: Arc<AtomicU8>,
+    stopped: StopFlag,
 }
 
 /// How a notifier ended.
@@ -52,8 +84,7 @@ pub(super) struct Notifier {
 pub(super) struct NotifyOutcome {
     /// `None`: it was started by an earlier daemon (not our child), its status unknown.
     pub exit: Option<ExitInfo>,
-    /// [`RAN`], [`TIMED_OUT`] or [`JOBD_STOPPING`].
-    pub stopped: u8,
+    pub stopped: Stopped,
 }
 
 /// The end of `rec` still to be notified, if any: it ended in a state its `[notify] on`
@@ -142,7 +173,7 @@ impl Scheduler {
         let notify = rec.spec.notify.as_ref().ok_or("no [notify]")?;
         let req = request(rec, end, &self.settings)?;
         let id = rec.id;
-        let stopped = Arc::new(AtomicU8::new(RAN));
+        let stopped = StopFlag::default();
         let (ended_tx, ended_rx) = oneshot::channel::<()>();
         let on_exit = self.on_notifier_exit(id, end, stopped.clone(), ended_tx);
         let (info, handle) =
@@ -179,7 +210,7 @@ impl Scheduler {
         &self,
         id: JobId,
         end: JobEnd,
-        stopped: Arc<AtomicU8>,
+        stopped: StopFlag,
         ended: oneshot::Sender<()>,
     ) -> impl FnOnce(Option<ExitInfo>) + Send + 'static {
         let tx = self.tx.clone();
@@ -187,7 +218,7 @@ impl Scheduler {
             let _ = ended.send(());
             let outcome = NotifyOutcome {
                 exit,
-                stopped: stopped.load(Ordering::SeqCst),
+                stopped: stopped.get(),
             };
             send_notified(&tx, id, end, outcome);
         }
@@ -197,7 +228,7 @@ impl Scheduler {
     fn watch_timeout(
         &self,
         handle: &ChildHandle,
-        stopped: &Arc<AtomicU8>,
+        stopped: &StopFlag,
         left: Duration,
         ended: oneshot::Receiver<()>,
     ) {
@@ -205,8 +236,9 @@ impl Scheduler {
         tokio::spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep(left) => {
-                    let _ = stopped.compare_exchange(RAN, TIMED_OUT, Ordering::SeqCst, Ordering::SeqCst);
-                    handle.stop(NOTIFY_KILL_GRACE);
+                    if stopped.set(Stopped::TimedOut) {
+                        handle.stop(NOTIFY_KILL_GRACE);
+                    }
                 }
                 _ = ended => {}
             }
@@ -231,14 +263,14 @@ impl Scheduler {
             .unwrap_or_default();
         let log = files::NOTIFY_LOG;
         let (notified, reason) = match (outcome.stopped, &outcome.exit) {
-            (TIMED_OUT, _) => (
+            (Stopped::TimedOut, _) => (
                 true,
                 format!(
                     "notification failed: {what} still ran after its timeout ({timeout}) and was \
                      stopped (its output: {log} in the job directory)"
                 ),
             ),
-            (JOBD_STOPPING, _) => (
+            (Stopped::JobdStopping, _) => (
                 false,
                 format!(
                     "notification stopped: jobd was stopping and {what} still ran after the grace \
@@ -300,10 +332,7 @@ impl Scheduler {
             let (handle, stopped) = (n.handle.clone(), n.stopped.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
-                if stopped
-                    .compare_exchange(RAN, JOBD_STOPPING, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
+                if stopped.set(Stopped::JobdStopping) {
                     handle.stop(NOTIFY_KILL_GRACE);
                 }
             });
@@ -387,7 +416,7 @@ impl Scheduler {
             .as_ref()
             .map_or(Duration::ZERO, |n| n.timeout.0);
         let owner = rec.owner.user.clone();
-        let stopped = Arc::new(AtomicU8::new(RAN));
+        let stopped = StopFlag::default();
         let (ended_tx, ended_rx) = oneshot::channel::<()>();
         let on_exit = self.on_notifier_exit(id, run.end, stopped.clone(), ended_tx);
         // Its exit status is ours to read only after a restart in place (then it is our child).

@@ -407,7 +407,10 @@ fn processes_with_env(entry: &str) -> bool {
 /// the crashed daemon.
 #[test]
 fn a_cancel_before_a_crash_stands() {
-    let mut d = TestDaemon::start(&["--gpus", "none"]);
+    // A grace period the restart surely fits in, even on a loaded machine: with the tests'
+    // 2 s the supervisor could kill the command before the new daemon took it over (then the
+    // job ends cancelled as well, but that is not the path this test is for).
+    let mut d = TestDaemon::start(&["--gpus", "none", "--grace-period", "6s"]);
     let id = d.submit(&d.write(
         "stubborn.toml",
         &command_job(
