@@ -1447,6 +1447,13 @@ impl Scheduler {
             (true, None) => Ok(self.apply(id, None, format!("held by {by}"), &|r| {
                 r.held_by = Some(by.clone())
             })?),
+            // An admin holding a job its owner held makes it the admin's hold, which the
+            // owner cannot lift.
+            (true, Some(placer)) if *placer == rec.owner.user && by != rec.owner.user => {
+                Ok(self.apply(id, None, format!("held by {by}"), &|r| {
+                    r.held_by = Some(by.clone())
+                })?)
+            }
             // A hold someone else (an admin) put on a job is an admin's to lift, as Slurm's.
             (false, Some(placer)) if *placer != rec.owner.user && !caller.admin => {
                 Err(SchedError::Forbidden(format!(

@@ -825,6 +825,17 @@ fn hold_and_release() {
         "{}",
         stderr(&out)
     );
+    // So is an admin's hold on a job its owner had held already (QA: it stayed the owner's).
+    assert!(d.jobctl(&["release", &theirs]).status.success());
+    let own = d.jobctl_tcp(Some(TOKEN_NOBODY), &["hold", &theirs]);
+    assert!(own.status.success(), "{}", stderr(&own));
+    assert!(d.jobctl(&["hold", &theirs]).status.success());
+    let out = d.jobctl_tcp(Some(TOKEN_NOBODY), &["release", &theirs]);
+    assert!(
+        out.status.code() == Some(1) && stderr(&out).contains("put on hold by root"),
+        "{}",
+        stderr(&out)
+    );
     assert!(
         d.jobctl(&["cancel", &theirs, &long.to_string()])
             .status
