@@ -271,10 +271,17 @@ pub async fn resubmit(
             ApiError::bad_request(format!("job {id} has no base directory recorded"))
         })?;
     if !base_dir.is_dir() && req.set.is_empty() {
+        let way_out = if caller.user.as_deref() == Some(rec.owner.user.as_str()) {
+            "`--set command.workdir=DIR` gives a command job another one".to_string()
+        } else {
+            format!(
+                "only {} can give it another one (`--set command.workdir=DIR`)",
+                rec.owner.user
+            )
+        };
         return Err(ApiError::bad_request(format!(
             "job {id} was submitted from {}, which is gone: its relative paths (and a command's \
-             default working directory) resolve there; `--set command.workdir=DIR` gives a \
-             command job another one",
+             default working directory) resolve there; {way_out}",
             base_dir.display()
         )));
     }

@@ -167,6 +167,7 @@ pub async fn run(config: Config, stop: StopRequest) -> anyhow::Result<Ended> {
         schedule_tz: config.schedule_timezone,
         admins: config.admins.clone(),
         restarted_in_place: std::env::var_os(ENV_LISTEN_FDS).is_some(),
+        stop_asked: stop.token.clone(),
     };
     if let Some(m) = &config.ollama_models
         && !m.is_dir()
@@ -203,12 +204,9 @@ pub async fn run(config: Config, stop: StopRequest) -> anyhow::Result<Ended> {
     });
     let unix_for_next = unix.clone();
     let mut tcp_for_next = None;
-    let (mut scheduler, handle) = Scheduler::start(store, inventory, settings)
+    let (scheduler, handle) = Scheduler::start(store, inventory, settings)
         .await
         .context("cannot recover the job queue")?;
-    if stop.token.is_cancelled() {
-        scheduler.hold_notifiers();
-    }
     let mut sched_task = tokio::spawn(scheduler.run());
 
     let state = AppState {

@@ -763,7 +763,6 @@ pub struct FoundNotifier {
 /// The `[notify]` commands running now that lead their own process group, as jobd starts
 /// them: for a daemon after a crash to find one started just before it, not yet recorded.
 pub fn running_notifiers() -> Vec<FoundNotifier> {
-    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -791,7 +790,7 @@ pub fn running_notifiers() -> Vec<FoundNotifier> {
         ) else {
             continue;
         };
-        let (Ok(meta), Some(fields)) = (e.metadata(), stat_fields(pid)) else {
+        let (Some(uid), Some(fields)) = (single_uid(pid), stat_fields(pid)) else {
             continue;
         };
         if fields.pgrp != pid || fields.state == 'Z' {
@@ -805,10 +804,24 @@ pub fn running_notifiers() -> Vec<FoundNotifier> {
                 pgid: pid,
                 start_ticks: fields.start,
             },
-            uid: meta.uid(),
+            uid,
         });
     }
     found
+}
+
+/// The uid process `pid` runs as when its real, effective, saved and file-system uids are
+/// one (as for a process jobd starts for a user); `None` otherwise: a setuid program a user
+/// started is not the program's owner's.
+fn single_uid(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let uids: Vec<u32> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    (uids.len() == 4 && uids.iter().all(|u| *u == uids[0])).then(|| uids[0])
 }
 
 /// Sends `sig` to process group `pgid`, ignoring a group that is already gone.
@@ -920,6 +933,14 @@ mod tests {
             supervised: None,
             kill_escaped: true,
         }
+    }
+
+    /// A process whose uids are all one is that user's; this test process's are.
+    #[test]
+    fn single_uid_reads_all_four_uids() {
+        let me = nix::unistd::geteuid().as_raw();
+        assert_eq!(single_uid(std::process::id() as i32), Some(me));
+        assert_eq!(single_uid(i32::MAX), None);
     }
 
     /// A worker that ended but was not reaped yet (its daemon died; init reaps it later) is

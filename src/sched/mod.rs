@@ -73,6 +73,9 @@ pub struct SchedSettings {
     /// This daemon is the next image of a restart in place: the running jobs it takes over
     /// are its children, and their history is not told of a restart nobody would notice.
     pub restarted_in_place: bool,
+    /// Cancelled when a stop or restart is asked for (a signal), before the scheduler hears
+    /// of it: from then on no notifier starts (it would be stopped and run again).
+    pub stop_asked: tokio_util::sync::CancellationToken,
 }
 
 /// Errors answered to callers.
@@ -602,8 +605,6 @@ pub struct Scheduler {
     to_notify: Vec<JobId>,
     /// Jobs whose notifier runs.
     notifying: HashMap<JobId, notify::Notifier>,
-    /// A stop was asked for before the loop ran: no notifier starts (the next daemon's do).
-    notifiers_held: bool,
     /// Jobs removed (`clean`) since the last view: taken out of the next one.
     removed: Vec<JobId>,
     /// When `scheduler.keep_finished` was last applied.
@@ -665,7 +666,6 @@ impl Scheduler {
             to_spawn: Vec::new(),
             to_notify: Vec::new(),
             notifying: HashMap::new(),
-            notifiers_held: false,
             removed: Vec::new(),
             last_auto_clean: 0,
             disk_full: false,
@@ -709,13 +709,6 @@ impl Scheduler {
             policy: Arc::new(s.settings.policy.clone()),
         };
         Ok((s, handle))
-    }
-
-    /// A stop was asked for while the scheduler started (a stop signal during a restart in
-    /// place is given to the next image): it starts no notifier, for one started now would
-    /// be stopped at once and run again by the next daemon.
-    pub fn hold_notifiers(&mut self) {
-        self.notifiers_held = true;
     }
 
     /// The event loop; returns after a shutdown request once every worker has stopped.

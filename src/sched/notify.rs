@@ -114,7 +114,8 @@ impl Scheduler {
 
     /// Whether a queued notifier may start now (the loop then runs a round at once).
     pub(super) fn notifier_may_start(&self) -> bool {
-        if self.draining || self.shutting_down.is_some() || self.notifiers_held {
+        if self.draining || self.shutting_down.is_some() || self.settings.stop_asked.is_cancelled()
+        {
             return false;
         }
         self.notifying.len() < MAX_NOTIFIERS
@@ -134,7 +135,8 @@ impl Scheduler {
     /// next daemon notifies those ends. Whether any started (their processes are to be
     /// flushed to disk, for a daemon after a crash to find them).
     pub(super) fn start_notifications(&mut self) -> bool {
-        if self.draining || self.shutting_down.is_some() || self.notifiers_held {
+        if self.draining || self.shutting_down.is_some() || self.settings.stop_asked.is_cancelled()
+        {
             return false;
         }
         let mut started = false;

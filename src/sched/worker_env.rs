@@ -239,6 +239,7 @@ mod tests {
             schedule_tz: Default::default(),
             admins: Default::default(),
             restarted_in_place: false,
+            stop_asked: Default::default(),
         };
         let train = record(include_str!("../../jobs/tiny.toml"));
         let req = prepare(&train, &settings, false).unwrap();
