@@ -102,7 +102,7 @@ pub enum Command {
     /// Put failed or cancelled jobs back in the queue.
     Requeue(jobs::IdsArgs),
     /// Submit a job's file again as a new job of its owner (any state, e.g. a succeeded one):
-    /// the file as it was submitted, `--set` changes it further.
+    /// the file as it was submitted; its owner may change it with `--set`.
     Resubmit(submit::ResubmitArgs),
     /// Keep queued jobs from starting until released.
     Hold(jobs::IdsArgs),
