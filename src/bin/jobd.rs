@@ -295,7 +295,7 @@ fn daemon(args: Args) -> ExitCode {
             anyhow::bail!("cannot handle signals");
         };
         // After tokio's handlers, so that a stop signal is never only counted.
-        count_stop_signals();
+        jobd::proc::count_stop_signals();
         // A restart in place blocks these across `exec` so that none ends the new image
         // before it handles them; they are handled from here on.
         let _ = nix::sys::signal::pthread_sigmask(
@@ -325,7 +325,7 @@ fn daemon(args: Args) -> ExitCode {
                         match checked {
                             Ok(()) => {
                                 STOPS_AT_RESTART.store(
-                                    STOP_SIGNALS.load(std::sync::atomic::Ordering::SeqCst),
+                                    jobd::proc::stop_signals(),
                                     std::sync::atomic::Ordering::SeqCst,
                                 );
                                 tracing::info!("SIGHUP: restarting in place with the configuration file and executable as they are now; running jobs keep running");
@@ -371,7 +371,7 @@ fn daemon(args: Args) -> ExitCode {
             );
             // A stop signal that came after the restart began, seen by the signal task or not
             // (it may have come after the task ended with this image's runtime).
-            let late_stop = STOP_SIGNALS.load(std::sync::atomic::Ordering::SeqCst)
+            let late_stop = jobd::proc::stop_signals()
                 > STOPS_AT_RESTART.load(std::sync::atomic::Ordering::SeqCst);
             if stop_after_restart.load(std::sync::atomic::Ordering::SeqCst) || late_stop {
                 // Pending (blocked) across `exec`: the next image takes it when it unblocks.
@@ -396,24 +396,8 @@ fn daemon(args: Args) -> ExitCode {
     }
 }
 
-/// Stop signals (SIGTERM, SIGINT) this image has received, counted when they arrive.
-static STOP_SIGNALS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-/// [`STOP_SIGNALS`] when a restart in place began.
+/// [`jobd::proc::stop_signals`] when a restart in place began.
 static STOPS_AT_RESTART: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-/// Counts stop signals in [`STOP_SIGNALS`] as they arrive, beside tokio's own handling of
-/// them: once this image's runtime has ended (a restart in place, just before the `exec`),
-/// no task reads tokio's, and a `systemctl stop` then would be lost.
-fn count_stop_signals() {
-    for sig in [nix::libc::SIGTERM, nix::libc::SIGINT] {
-        // SAFETY: the action only increments an atomic, which is async-signal-safe.
-        let _ = unsafe {
-            signal_hook_registry::register(sig, || {
-                STOP_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            })
-        };
-    }
-}
 
 /// Replaces this process's image with `exe`, given this process's arguments and environment
 /// plus the listening sockets to take over ([`jobd::daemon::ENV_LISTEN_FDS`]); returns only

@@ -749,6 +749,30 @@ pub fn is_notifier(environ: &[u8]) -> bool {
         .any(|var| var.starts_with(key.as_bytes()))
 }
 
+/// Stop signals (SIGTERM, SIGINT) this process image has received, counted when they arrive.
+static STOP_SIGNALS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Counts stop signals as they arrive, beside tokio's own handling of them (call it after
+/// tokio's handlers are installed, so that a stop signal is never only counted): a signal's
+/// arrival is then known at once, before any task has read it, and also once no task is
+/// left to read it (the last instants of an image restarting in place).
+pub fn count_stop_signals() {
+    for sig in [nix::libc::SIGTERM, nix::libc::SIGINT] {
+        // SAFETY: the action only increments an atomic, which is async-signal-safe.
+        let _ = unsafe {
+            signal_hook_registry::register(sig, || {
+                STOP_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+    }
+}
+
+/// How many stop signals this process image has received so far (see
+/// [`count_stop_signals`]).
+pub fn stop_signals() -> u32 {
+    STOP_SIGNALS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// A `[notify]` command found running (see [`running_notifiers`]).
 #[derive(Debug, Clone)]
 pub struct FoundNotifier {

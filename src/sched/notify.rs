@@ -112,10 +112,15 @@ impl Scheduler {
         }
     }
 
+    /// A stop or restart was asked for: the daemon's token, or a stop signal that arrived
+    /// (counted at once, before the task that cancels the token has read it).
+    fn stop_asked(&self) -> bool {
+        self.settings.stop_asked.is_cancelled() || proc::stop_signals() > 0
+    }
+
     /// Whether a queued notifier may start now (the loop then runs a round at once).
     pub(super) fn notifier_may_start(&self) -> bool {
-        if self.draining || self.shutting_down.is_some() || self.settings.stop_asked.is_cancelled()
-        {
+        if self.draining || self.shutting_down.is_some() || self.stop_asked() {
             return false;
         }
         self.notifying.len() < MAX_NOTIFIERS
@@ -135,8 +140,7 @@ impl Scheduler {
     /// next daemon notifies those ends. Whether any started (their processes are to be
     /// flushed to disk, for a daemon after a crash to find them).
     pub(super) fn start_notifications(&mut self) -> bool {
-        if self.draining || self.shutting_down.is_some() || self.settings.stop_asked.is_cancelled()
-        {
+        if self.draining || self.shutting_down.is_some() || self.stop_asked() {
             return false;
         }
         let mut started = false;
@@ -146,6 +150,11 @@ impl Scheduler {
             };
             let Some(end) = due(rec) else { continue };
             if self.notifying.contains_key(&id) {
+                continue;
+            }
+            // Asked again before each: starting one takes a moment, and a stop may come.
+            if self.stop_asked() {
+                self.to_notify.push(id);
                 continue;
             }
             let users = self
