@@ -123,16 +123,17 @@ impl Scheduler {
         if self.draining || self.shutting_down.is_some() || self.stop_asked() {
             return false;
         }
-        self.notifying.len() < MAX_NOTIFIERS
-            && self.to_notify.iter().any(|id| {
-                self.jobs.get(id).is_some_and(|rec| {
-                    self.notifying
-                        .values()
-                        .filter(|n| n.owner == rec.owner.user)
-                        .count()
-                        < MAX_NOTIFIERS_PER_USER
-                })
-            })
+        self.to_notify.iter().any(|id| {
+            self.jobs
+                .get(id)
+                .is_some_and(|rec| self.has_room_for(&rec.owner.user))
+        })
+    }
+
+    /// Whether a notifier of `user`'s may start: under both caps.
+    fn has_room_for(&self, user: &str) -> bool {
+        let theirs = self.notifying.values().filter(|n| n.owner == user).count();
+        self.notifying.len() < MAX_NOTIFIERS && theirs < MAX_NOTIFIERS_PER_USER
     }
 
     /// Starts the notifiers queued (the ends they tell of are on disk now), as many as may
@@ -157,12 +158,7 @@ impl Scheduler {
                 self.to_notify.push(id);
                 continue;
             }
-            let users = self
-                .notifying
-                .values()
-                .filter(|n| n.owner == rec.owner.user)
-                .count();
-            if self.notifying.len() >= MAX_NOTIFIERS || users >= MAX_NOTIFIERS_PER_USER {
+            if !self.has_room_for(&rec.owner.user) {
                 self.to_notify.push(id);
                 continue;
             }
