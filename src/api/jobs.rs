@@ -119,7 +119,7 @@ pub(super) async fn submission_as(
 
 /// [`submission_named`] with `user`'s file rights (a root daemon checks the paths a job file
 /// names as the user whose job it is).
-async fn submission_with_rights_of(
+pub(super) async fn submission_with_rights_of(
     user: Option<String>,
     req: SubmitRequest,
     named: Option<(String, bool)>,
@@ -1010,37 +1010,39 @@ pub async fn metrics(
         .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
     let path = rec.dir(&st.jobs_dir).join(files::METRICS);
     // The newest records of a file its owner may have made any size, off the async threads.
-    let read = tokio::task::spawn_blocking(move || {
-        crate::jobfs::read_regular_tail(&path, files::MAX_METRICS_BYTES)
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?;
-    let text = match read {
+    let read = tokio::task::spawn_blocking(move || read_metrics(&path))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?;
+    match read {
+        Ok(records) => Ok(Json(records)),
+        // `jobfs` refused what the job put in place of the file (a link, a FIFO).
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "unreadable",
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "io",
+            e.to_string(),
+        )),
+    }
+}
+
+/// The newest records of a `metrics.jsonl` (none when there is no such file), oldest first.
+/// Blocking.
+pub(super) fn read_metrics(path: &Path) -> std::io::Result<Vec<serde_json::Value>> {
+    let text = match crate::jobfs::read_regular_tail(path, files::MAX_METRICS_BYTES) {
         Ok((t, _)) => String::from_utf8_lossy(&t).into_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        // `jobfs` refused what the job put in place of the file (a link, a FIFO).
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "unreadable",
-                e.to_string(),
-            ));
-        }
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "io",
-                e.to_string(),
-            ));
-        }
+        Err(e) => return Err(e),
     };
     // A line being appended right now may be incomplete: skip what does not parse.
-    Ok(Json(
-        text.lines()
-            // A record is well under 1 KiB: a longer line (the owner's) would cost many
-            // times its size parsed, and is no record anyway.
-            .filter(|l| l.len() <= files::MAX_METRICS_LINE_BYTES)
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect(),
-    ))
+    Ok(text
+        .lines()
+        // A record is well under 1 KiB: a longer line (the owner's) would cost many times its
+        // size parsed, and is no record anyway.
+        .filter(|l| l.len() <= files::MAX_METRICS_LINE_BYTES)
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }

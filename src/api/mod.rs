@@ -13,6 +13,7 @@ pub mod identity;
 mod jobs;
 mod schedules;
 mod stream;
+mod sweeps;
 pub mod web;
 
 use std::collections::HashMap;
@@ -74,6 +75,8 @@ pub fn router(state: AppState) -> Router {
         .route("/stream", get(stream::queue_stream))
         .route("/models", get(jobs::models))
         .route("/gpus", get(jobs::gpus))
+        .route("/sweeps", post(sweeps::submit))
+        .route("/sweeps/{id}", get(sweeps::get_one))
         .route("/schedules", get(schedules::list).post(schedules::create))
         .route(
             "/schedules/{id}",

@@ -30,6 +30,7 @@ mod models;
 mod schedules;
 mod show;
 mod submit;
+mod sweep;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -126,6 +127,9 @@ pub enum Command {
     Schedules,
     /// Pause, resume, delete or run a schedule now.
     Schedule(schedules::ScheduleArgs),
+    /// Compare a sweep's jobs (`submit --sweep`): their values, states and losses, the best
+    /// marked.
+    Sweep(sweep::SweepArgs),
     /// Print the jobctl man page (roff), e.g. `jobctl man > jobctl.1`.
     Man,
     /// Show who the daemon thinks you are.
@@ -260,6 +264,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
         Command::Models => models::models(&client, &out).await,
         Command::Schedules => schedules::list(&client, &out).await,
         Command::Schedule(args) => schedules::action(&client, &args, &out).await,
+        Command::Sweep(args) => sweep::show(&client, &args, &out).await,
         Command::Whoami => jobs::whoami(&client, &out).await,
         Command::Validate(_) | Command::Completions { .. } | Command::Man => {
             unreachable!("handled above")

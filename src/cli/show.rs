@@ -41,6 +41,19 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
     if let Some(sid) = r.schedule_id {
         lines.push(("schedule", format!("{sid} (jobctl schedules)")));
     }
+    if let Some(s) = &r.sweep {
+        lines.push((
+            "sweep",
+            format!(
+                "{}, job {} of {}: {} (jobctl sweep {})",
+                s.id,
+                s.index,
+                s.size,
+                s.label(),
+                s.id
+            ),
+        ));
+    }
     if let Some(cmd) = &r.spec.command {
         lines.push(("command", shell_words(&cmd.argv)));
         if let Some(w) = &cmd.workdir {

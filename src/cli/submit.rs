@@ -17,6 +17,8 @@ pub struct SubmitArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub how: HowToQueue,
+    #[command(flatten)]
+    pub sweep: super::sweep::SweepAxes,
 }
 
 /// How `submit` and `resubmit` queue a job.
@@ -38,6 +40,9 @@ pub struct ValidateArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub overrides: Overrides,
+    /// Check every job of a sweep, as `submit --sweep` would queue them; repeatable.
+    #[arg(long = "sweep", value_name = "KEY=V1,V2,...")]
+    pub sweep: Vec<String>,
 }
 
 /// Changes to a job file given on the command line, for sweeps: one file, many variants.
@@ -64,37 +69,70 @@ pub fn load(
     file: &Path,
     overrides: &Overrides,
 ) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)> {
-    use std::io::Read;
-    let stdin = file == Path::new("-");
-    let text = if stdin {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("cannot read the job file from standard input")?;
-        text
-    } else {
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
-    };
-    let on_disk = !stdin && std::fs::metadata(file).is_ok_and(|m| m.is_file());
-    let (base_dir, source_path) = if on_disk {
-        let abs = std::path::absolute(file)
-            .with_context(|| format!("cannot resolve {}", file.display()))?;
-        let dir = abs
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("/"));
-        (dir, Some(abs))
-    } else {
-        let here = std::env::current_dir()
-            .context("cannot find the current directory (relative paths need it)")?;
-        (here, None)
-    };
-    let origin = if stdin {
-        "(stdin)".to_string()
-    } else {
-        file.display().to_string()
-    };
-    prepare(text, &origin, base_dir, source_path, overrides)
+    let f = JobFile::read(file)?;
+    prepare(f.text, &f.origin, f.base_dir, f.source_path, overrides)
+}
+
+/// A job file as read, before any check.
+pub(super) struct JobFile {
+    pub text: String,
+    /// How messages name it: its path as given, or `(stdin)`.
+    pub origin: String,
+    /// What its relative paths resolve against.
+    pub base_dir: PathBuf,
+    /// Its absolute path, when it is a file on disk.
+    pub source_path: Option<PathBuf>,
+}
+
+impl JobFile {
+    /// Reads a job file (`-`: standard input).
+    pub fn read(file: &Path) -> anyhow::Result<JobFile> {
+        use std::io::Read;
+        let stdin = file == Path::new("-");
+        let text = if stdin {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read the job file from standard input")?;
+            text
+        } else {
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+        };
+        let on_disk = !stdin && std::fs::metadata(file).is_ok_and(|m| m.is_file());
+        let (base_dir, source_path) = if on_disk {
+            let abs = std::path::absolute(file)
+                .with_context(|| format!("cannot resolve {}", file.display()))?;
+            let dir = abs
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("/"));
+            (dir, Some(abs))
+        } else {
+            let here = std::env::current_dir()
+                .context("cannot find the current directory (relative paths need it)")?;
+            (here, None)
+        };
+        let origin = if stdin {
+            "(stdin)".to_string()
+        } else {
+            file.display().to_string()
+        };
+        Ok(JobFile {
+            text,
+            origin,
+            base_dir,
+            source_path,
+        })
+    }
+
+    /// The name a job file without `name` gets: the file's stem (as the daemon gives it).
+    pub fn stem(&self) -> String {
+        self.source_path
+            .as_deref()
+            .and_then(Path::file_stem)
+            .map_or_else(|| "job".into(), |n| n.to_string_lossy().into_owned())
+    }
 }
 
 /// A job file's text checked here as the daemon will (with `overrides` applied, relative
@@ -107,28 +145,13 @@ fn prepare(
     overrides: &Overrides,
 ) -> anyhow::Result<(SubmitRequest, crate::spec::JobSpec)> {
     let text = crate::spec::job::apply_overrides(&original, origin, &overrides.set)?;
-    let check =
-        |text: &str| parse_and_resolve_with(origin, text, &base_dir, &crate::publish::base_issues);
-    let spec = match check(&text) {
-        Ok(spec) => spec,
-        // The positions are in the rewritten document: the file's own problems are shown in
-        // the file, and those the overrides brought without positions.
-        Err(e) if !overrides.set.is_empty() => {
-            return Err(match check(&original) {
-                Err(in_file) => InvalidJobFile(in_file),
-                Ok(_) => {
-                    let mut e = e;
-                    e.origin = format!("{origin} with --set");
-                    for p in &mut e.problems {
-                        (p.line, p.column) = (None, None);
-                    }
-                    InvalidJobFile(e)
-                }
-            }
-            .into());
-        }
-        Err(e) => return Err(InvalidJobFile(e).into()),
-    };
+    let spec = check_variant(
+        &original,
+        &text,
+        &format!("{origin} with --set"),
+        origin,
+        &base_dir,
+    )?;
     Ok((
         SubmitRequest {
             toml: text,
@@ -140,7 +163,40 @@ fn prepare(
     ))
 }
 
+/// Checks `variant`, the job file `original` with changes made: the file's own problems are
+/// shown in the file (with their positions), and those the changes brought as `variant_origin`'s,
+/// without positions (they are in a rewritten document).
+pub(super) fn check_variant(
+    original: &str,
+    variant: &str,
+    variant_origin: &str,
+    origin: &str,
+    base_dir: &Path,
+) -> anyhow::Result<crate::spec::JobSpec> {
+    let check =
+        |text: &str| parse_and_resolve_with(origin, text, base_dir, &crate::publish::base_issues);
+    match check(variant) {
+        Ok(spec) => Ok(spec),
+        Err(e) if variant != original => Err(match check(original) {
+            Err(in_file) => InvalidJobFile(in_file),
+            Ok(_) => {
+                let mut e = e;
+                e.origin = variant_origin.to_string();
+                for p in &mut e.problems {
+                    (p.line, p.column) = (None, None);
+                }
+                InvalidJobFile(e)
+            }
+        }
+        .into()),
+        Err(e) => Err(InvalidJobFile(e).into()),
+    }
+}
+
 pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
+    if !args.sweep.is_empty() {
+        return super::sweep::validate(&args.file, &args.overrides, &args.sweep, out);
+    }
     let (_, spec) = load(&args.file, &args.overrides)?;
     if out.json {
         out.print_json(&serde_json::json!({"ok": true, "spec": spec}))?;
@@ -199,6 +255,18 @@ pub fn validate(args: &ValidateArgs, out: &Output) -> anyhow::Result<bool> {
 }
 
 pub async fn submit(client: &Client, args: &SubmitArgs, out: &Output) -> anyhow::Result<bool> {
+    if !args.sweep.is_empty() {
+        let how = &args.how;
+        return super::sweep::submit(
+            client,
+            &args.file,
+            &how.overrides,
+            &args.sweep,
+            how.hold,
+            out,
+        )
+        .await;
+    }
     let (req, spec) = load(&args.file, &args.how.overrides)?;
     send(client, req, &spec, args.how.follow, args.how.hold, out).await
 }

@@ -35,6 +35,7 @@ use crate::spec::contract::{self, EXIT_PREEMPTED, Progress};
 use crate::spec::record::PublishedModel;
 use crate::spec::record::{ExitInfo, Placement, StopKind};
 use crate::spec::schedule::ScheduleRecord;
+use crate::spec::sweep::{SweepMember, SweepValue};
 use crate::spec::{
     Caller, JobEvent, JobId, JobKind, JobRecord, JobSpec, JobState, Millis, Owner, now_ms,
 };
@@ -99,6 +100,19 @@ pub enum SchedError {
     Store(#[from] StoreError),
 }
 
+impl SchedError {
+    /// The same error, saying which of several things it is about (`sweep job 2 (lr=3e-4)`).
+    fn context(self, what: &str) -> SchedError {
+        match self {
+            SchedError::Forbidden(m) => SchedError::Forbidden(format!("{what}: {m}")),
+            SchedError::Invalid(m) => SchedError::Invalid(format!("{what}: {m}")),
+            SchedError::Infeasible(m) => SchedError::Infeasible(format!("{m} ({what})")),
+            SchedError::Conflict(m) => SchedError::Conflict(format!("{what}: {m}")),
+            other => other,
+        }
+    }
+}
+
 /// Changes to a job's `[publish]` for a publish by hand.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,6 +147,12 @@ enum Msg {
         caller: Caller,
         sub: Box<Submission>,
         reply: Reply<JobRecord>,
+    },
+    SubmitSweep {
+        owner: Owner,
+        caller: Caller,
+        members: Vec<(Submission, Vec<SweepValue>)>,
+        reply: Reply<Vec<JobRecord>>,
     },
     Cancel {
         caller: Caller,
@@ -297,6 +317,23 @@ impl SchedHandle {
             owner,
             caller: caller.clone(),
             sub: Box::new(sub),
+            reply,
+        })
+        .await
+    }
+
+    /// Queues a sweep's jobs (one per combination of its values), all or none; returns them
+    /// in order, the first one's id being the sweep's.
+    pub async fn submit_sweep(
+        &self,
+        caller: &Caller,
+        owner: Owner,
+        members: Vec<(Submission, Vec<SweepValue>)>,
+    ) -> Result<Vec<JobRecord>, SchedError> {
+        self.ask(|reply| Msg::SubmitSweep {
+            owner,
+            caller: caller.clone(),
+            members,
             reply,
         })
         .await
@@ -953,6 +990,15 @@ impl Scheduler {
                 let r = self.submit(&caller, owner, *sub);
                 reply(tx, r)
             }
+            Msg::SubmitSweep {
+                owner,
+                caller,
+                members,
+                reply: tx,
+            } => {
+                let r = self.submit_sweep(&caller, owner, members);
+                reply(tx, r)
+            }
             Msg::Cancel {
                 caller,
                 id,
@@ -1147,6 +1193,69 @@ impl Scheduler {
         sub: Submission,
     ) -> Result<JobRecord, SchedError> {
         self.check_submitter(caller)?;
+        let (rec, reason) = self.checked_job(caller, owner, sub)?;
+        let (rec, event) = self
+            .store
+            .insert(&reason, &|id| JobRecord { id, ..rec.clone() })?;
+        info!(job_id = rec.id, owner = %rec.owner.user, name = %rec.name, "job submitted");
+        self.note_change(rec.clone(), Some(event));
+        Ok(rec)
+    }
+
+    /// Queues a sweep's jobs, all or none: each is checked as a submitted job would be, and
+    /// they are stored in one transaction with consecutive ids, the first being the sweep's.
+    fn submit_sweep(
+        &mut self,
+        caller: &Caller,
+        owner: Owner,
+        members: Vec<(Submission, Vec<SweepValue>)>,
+    ) -> Result<Vec<JobRecord>, SchedError> {
+        self.check_submitter(caller)?;
+        let size = members.len();
+        let mut checked = Vec::with_capacity(size);
+        for (i, (sub, values)) in members.into_iter().enumerate() {
+            let label = crate::spec::sweep::label(&values);
+            let (rec, reason) = self
+                .checked_job(caller, owner.clone(), sub)
+                .map_err(|e| e.context(&format!("sweep job {} ({label})", i + 1)))?;
+            checked.push((rec, values, reason));
+        }
+        let made = self.store.insert_many(size, &|id, first| {
+            let (rec, values, reason) = &checked[(id - first) as usize];
+            let index = id - first + 1;
+            let reason = format!(
+                "{reason}: sweep {first}, job {index} of {size} ({})",
+                crate::spec::sweep::label(values)
+            );
+            let rec = JobRecord {
+                id,
+                sweep: Some(SweepMember {
+                    id: first,
+                    index: index as u32,
+                    size: size as u32,
+                    values: values.clone(),
+                }),
+                ..rec.clone()
+            };
+            (rec, reason)
+        })?;
+        let mut recs = Vec::with_capacity(size);
+        for (rec, event) in made {
+            info!(job_id = rec.id, owner = %rec.owner.user, name = %rec.name, sweep = rec.sweep.as_ref().map_or(0, |s| s.id), "job submitted");
+            self.note_change(rec.clone(), Some(event));
+            recs.push(rec);
+        }
+        Ok(recs)
+    }
+
+    /// A submitted job's record (id not yet assigned) after every check, and the reason its
+    /// history starts with.
+    fn checked_job(
+        &mut self,
+        caller: &Caller,
+        owner: Owner,
+        sub: Submission,
+    ) -> Result<(JobRecord, String), SchedError> {
         if sub.spec.schedule.is_some() {
             return Err(SchedError::Invalid(
                 "this job file has a schedule: submit it as a schedule (jobctl submit does; POST /api/v1/schedules)".into(),
@@ -1173,12 +1282,7 @@ impl Scheduler {
             ),
             None => format!("submitted by {by}"),
         };
-        let (rec, event) = self
-            .store
-            .insert(&reason, &|id| JobRecord { id, ..rec.clone() })?;
-        info!(job_id = rec.id, owner = %rec.owner.user, name = %rec.name, "job submitted");
-        self.note_change(rec.clone(), Some(event));
-        Ok(rec)
+        Ok((rec, reason))
     }
 
     /// A priority above `scheduler.max_user_priority` puts a job ahead of other people's (and

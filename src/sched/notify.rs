@@ -524,6 +524,7 @@ fn request(
     if let Some(model) = &rec.published {
         env.push((contract::ENV_MODEL.into(), without_nul(&model.name)));
     }
+    env.extend(worker_env::sweep_env(rec));
     let mut argv = notify.argv.iter().cloned();
     let program = argv.next().ok_or("[notify] argv is empty")?;
     Ok(SpawnRequest {

@@ -97,6 +97,7 @@ pub fn prepare(
                 .join(","),
         ),
     ];
+    env.extend(sweep_env(rec));
     if !placement.gpus.is_empty() {
         env.push((
             contract::ENV_VRAM_BYTES.into(),
@@ -197,6 +198,21 @@ pub(super) fn daemon_user() -> (String, String) {
         Ok(Some(u)) => (u.name, u.dir.display().to_string()),
         _ => (uid.to_string(), "/".into()),
     }
+}
+
+/// A sweep's job is told which one it is (`JOBD_SWEEP_ID`, `_INDEX`, `_SIZE`); other jobs get
+/// nothing.
+pub(super) fn sweep_env(rec: &JobRecord) -> Vec<(String, String)> {
+    rec.sweep
+        .as_ref()
+        .map(|s| {
+            vec![
+                (contract::ENV_SWEEP_ID.into(), s.id.to_string()),
+                (contract::ENV_SWEEP_INDEX.into(), s.index.to_string()),
+                (contract::ENV_SWEEP_SIZE.into(), s.size.to_string()),
+            ]
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

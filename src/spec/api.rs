@@ -47,6 +47,89 @@ pub struct ResubmitRequest {
     pub hold: bool,
 }
 
+/// `POST /api/v1/sweeps`: a job file and the keys to sweep; one job is queued for every
+/// combination of their values (`jobctl submit --sweep`), all or none.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepRequest {
+    /// The job file's text (with any `--set` changes already made).
+    pub toml: String,
+    /// As for [`SubmitRequest`].
+    #[serde(default)]
+    pub base_dir: Option<PathBuf>,
+    /// As for [`SubmitRequest`].
+    #[serde(default)]
+    pub source_path: Option<PathBuf>,
+    /// Queue every job on hold.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
+    /// The swept keys and their values (as TOML value texts, `"3e-4"`, `"\"q_proj\""`), the
+    /// first varying slowest.
+    pub sweep: Vec<super::sweep::SweepAxis>,
+}
+
+/// `GET /api/v1/sweeps/{id}` (and the answer to `POST /sweeps`): a sweep's jobs side by side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepView {
+    /// The sweep's id: its first job's.
+    pub id: JobId,
+    /// The swept keys, in the order they were given.
+    pub keys: Vec<String>,
+    /// Its jobs in order (those not cleaned away).
+    pub jobs: Vec<SweepJobView>,
+}
+
+/// One job of a sweep, with what it reached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepJobView {
+    #[serde(flatten)]
+    pub job: JobView,
+    /// What its `metrics.jsonl` says (train jobs, once they logged a step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<TrainResult>,
+}
+
+/// A train job's results so far, from its newest `metrics.jsonl` records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainResult {
+    /// The last logged step.
+    pub step: u64,
+    /// Training loss at the last logged step.
+    pub loss: f64,
+    /// The last evaluation loss, if it evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    /// The lowest evaluation loss and its step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_eval_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_eval_step: Option<u64>,
+}
+
+impl TrainResult {
+    /// The result the records say (each a `metrics.jsonl` object, oldest first); `None`
+    /// before the first logged step.
+    pub fn from_records(records: &[serde_json::Value]) -> Option<TrainResult> {
+        let number = |r: &serde_json::Value, k: &str| r.get(k).and_then(serde_json::Value::as_f64);
+        let step = |r: &serde_json::Value| r.get("step").and_then(serde_json::Value::as_u64);
+        let last = records
+            .iter()
+            .rev()
+            .find(|r| step(r).is_some() && number(r, "loss").is_some())?;
+        let mut evals = records
+            .iter()
+            .filter_map(|r| Some((step(r)?, number(r, "eval_loss")?)));
+        let best = evals.clone().min_by(|a, b| a.1.total_cmp(&b.1));
+        Some(TrainResult {
+            step: step(last)?,
+            loss: number(last, "loss")?,
+            eval_loss: evals.next_back().map(|(_, l)| l),
+            best_eval_loss: best.map(|(_, l)| l),
+            best_eval_step: best.map(|(s, _)| s),
+        })
+    }
+}
+
 /// A job as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobView {
@@ -459,4 +542,38 @@ pub struct ScheduleView {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SchedulesResponse {
     pub schedules: Vec<ScheduleView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrainResult;
+
+    #[test]
+    fn a_train_result_is_the_last_step_and_the_best_evaluation() {
+        let records: Vec<serde_json::Value> = [
+            r#"{"step": 10, "loss": 3.0, "eval_loss": 2.9}"#,
+            r#"{"step": 20, "loss": 2.0, "eval_loss": 1.5}"#,
+            r#"{"step": 30, "loss": 1.0, "eval_loss": 1.7}"#,
+            r#"{"step": 35, "loss": 0.9}"#,
+            // What is no record (a line cut short, a foreign object) is passed over.
+            r#"{"note": "x"}"#,
+        ]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+        assert_eq!(
+            TrainResult::from_records(&records),
+            Some(TrainResult {
+                step: 35,
+                loss: 0.9,
+                eval_loss: Some(1.7),
+                best_eval_loss: Some(1.5),
+                best_eval_step: Some(20),
+            })
+        );
+        let no_eval = TrainResult::from_records(&records[3..]).unwrap();
+        assert_eq!((no_eval.eval_loss, no_eval.best_eval_step), (None, None));
+        assert_eq!(TrainResult::from_records(&records[4..]), None);
+        assert_eq!(TrainResult::from_records(&[]), None);
+    }
 }

@@ -45,6 +45,13 @@ pub const ENV_VRAM_BYTES: &str = "JOBD_VRAM_BYTES";
 pub const ENV_PREEMPT_EXIT_CODE: &str = "JOBD_PREEMPT_EXIT_CODE";
 /// GPUs given to the job, as UUIDs (comma separated); empty for CPU jobs.
 pub const ENV_GPU_UUIDS: &str = "JOBD_GPU_UUIDS";
+/// For a job of a sweep (`jobctl submit --sweep`): the sweep's id (its first job's), as
+/// Slurm's `SLURM_ARRAY_JOB_ID`. Absent for other jobs.
+pub const ENV_SWEEP_ID: &str = "JOBD_SWEEP_ID";
+/// For a job of a sweep: its place in it, from 1 (`SLURM_ARRAY_TASK_ID`).
+pub const ENV_SWEEP_INDEX: &str = "JOBD_SWEEP_INDEX";
+/// For a job of a sweep: how many jobs the sweep has.
+pub const ENV_SWEEP_SIZE: &str = "JOBD_SWEEP_SIZE";
 /// Set to `1` when the GPUs are simulated (`--gpus fake:...`): the job must run on CPU.
 pub const ENV_FAKE_GPUS: &str = "JOBD_FAKE_GPUS";
 

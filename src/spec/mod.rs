@@ -9,6 +9,7 @@ pub mod publish;
 pub mod record;
 pub mod schedule;
 pub mod state;
+pub mod sweep;
 pub mod toml_source;
 pub mod train;
 pub mod units;

@@ -105,6 +105,9 @@ pub struct JobRecord {
     /// The `[notify]` command running now, to find it again after a daemon crash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notifier: Option<NotifierRun>,
+    /// The sweep this job is one of (`jobctl submit --sweep`), and its values there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<super::sweep::SweepMember>,
     /// Number of events recorded; the next event's sequence number.
     #[serde(default)]
     pub event_count: u32,
@@ -265,6 +268,7 @@ impl JobRecord {
             published: None,
             notified: None,
             notifier: None,
+            sweep: None,
             event_count: 0,
         }
     }

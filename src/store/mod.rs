@@ -218,24 +218,40 @@ impl Store {
         reason: &str,
         make: &dyn Fn(JobId) -> JobRecord,
     ) -> Result<(JobRecord, JobEvent), StoreError> {
+        let mut made = self.insert_many(1, &|id, _| (make(id), reason.to_string()))?;
+        Ok(made.remove(0))
+    }
+
+    /// Inserts `count` new jobs in one transaction, all or none, with consecutive ids: `make`
+    /// receives each one's id and the first one's, and returns its record and the reason of its
+    /// first event.
+    pub fn insert_many(
+        &self,
+        count: usize,
+        make: &dyn Fn(JobId, JobId) -> (JobRecord, String),
+    ) -> Result<Vec<(JobRecord, JobEvent)>, StoreError> {
         let result = (&self.jobs, &self.events, &self.meta).transaction(|(jobs, events, meta)| {
             let last = meta.get(META_LAST_ID)?.map(|v| decode_u64(&v)).unwrap_or(0);
-            let id = last + 1;
-            let mut record = make(id);
-            record.id = id;
-            record.v = RECORD_VERSION;
-            let event = JobEvent {
-                seq: 0,
-                at: record.submitted_at,
-                state: record.state,
-                reason: reason.to_string(),
-            };
-            record.event_count = 1;
-            record.reason = Some(reason.to_string());
-            meta.insert(META_LAST_ID, &id.to_be_bytes())?;
-            jobs.insert(&id.to_be_bytes(), encode(&record))?;
-            events.insert(&event_key(id, 0), encode(&event))?;
-            Ok((record, event))
+            let first = last + 1;
+            let mut made = Vec::with_capacity(count);
+            for id in (first..).take(count) {
+                let (mut record, reason) = make(id, first);
+                record.id = id;
+                record.v = RECORD_VERSION;
+                let event = JobEvent {
+                    seq: 0,
+                    at: record.submitted_at,
+                    state: record.state,
+                    reason: reason.clone(),
+                };
+                record.event_count = 1;
+                record.reason = Some(reason);
+                jobs.insert(&id.to_be_bytes(), encode(&record))?;
+                events.insert(&event_key(id, 0), encode(&event))?;
+                made.push((record, event));
+            }
+            meta.insert(META_LAST_ID, &(last + count as u64).to_be_bytes())?;
+            Ok(made)
         });
         result.map_err(unwrap_tx)
     }
@@ -582,6 +598,27 @@ pub(crate) mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.all_jobs().unwrap().len(), 3);
         assert_eq!(store.insert("submitted", &sample_record).unwrap().0.id, 4);
+    }
+
+    /// A batch gets consecutive ids, each knows the first, and each has its first event.
+    #[test]
+    fn insert_many_is_one_batch_of_consecutive_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert("submitted", &sample_record).unwrap();
+        let made = store
+            .insert_many(3, &|id, first| {
+                let mut r = sample_record(id);
+                r.name = format!("t-{}", id - first + 1);
+                (r, format!("submitted as {id} of {first}"))
+            })
+            .unwrap();
+        let ids: Vec<JobId> = made.iter().map(|(r, _)| r.id).collect();
+        assert_eq!(ids, [2, 3, 4]);
+        assert_eq!(made[2].0.name, "t-3");
+        assert_eq!(made[2].1.reason, "submitted as 4 of 2");
+        assert_eq!(store.events(3).unwrap()[0].reason, "submitted as 3 of 2");
+        assert_eq!(store.insert("submitted", &sample_record).unwrap().0.id, 5);
     }
 
     /// Removed jobs leave no record and no history, and their ids are not given again.

@@ -13,5 +13,6 @@ mod notify;
 mod publish_support;
 mod sched;
 mod schedules;
+mod sweeps;
 mod systemd;
 mod train;

@@ -10,7 +10,7 @@ use jobd::spec::JobState;
 
 use crate::daemon::*;
 
-fn repo() -> PathBuf {
+pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 

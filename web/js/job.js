@@ -200,6 +200,9 @@ export class JobPage {
       job.attempts ? `attempt ${job.attempts}` : null,
       job.vram_peak ? `peak memory ${bytes(job.vram_peak)}` : null,
       job.held_by ? `held by ${job.held_by}` : null,
+      job.sweep
+        ? `sweep ${job.sweep.id}, job ${job.sweep.index} of ${job.sweep.size}: ${job.sweep.values.map((v) => `${v.key}=${v.value}`).join(', ')}`
+        : null,
     ];
     this.meta.textContent = parts.filter(Boolean).join(' · ');
     const terminal = TERMINAL.includes(job.state);

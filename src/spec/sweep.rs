@@ -1,0 +1,440 @@
+//! Sweeps: one job file, many jobs — every combination of the values given for some of its
+//! keys (`jobctl submit job.toml --sweep training.learning_rate=1e-4,3e-4 --sweep lora.r=8,16`
+//! queues four jobs). What Slurm's job arrays and W&B's grid sweeps give: the jobs are queued
+//! together or not at all, share a sweep id (their first job's id), and are compared side by
+//! side (`jobctl sweep ID`).
+
+use serde::{Deserialize, Serialize};
+
+use super::JobId;
+
+/// The most jobs one sweep may queue: a typo (`--sweep seed=1..1000` spelled as a list)
+/// should not flood a shared queue.
+pub const MAX_SWEEP_JOBS: usize = 256;
+
+/// Why a job file with a schedule cannot be swept.
+pub const NO_SCHEDULE: &str = "this job file has a schedule: a sweep queues jobs now, it makes \
+     no recurring schedules; remove `schedule` from the file, or submit one schedule per variant \
+     with --set";
+
+/// One swept key and the values it takes, as TOML value texts (`3e-4`, `"q_proj"`, `[8, 16]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepAxis {
+    /// Dotted key path in the job file, as `--set` takes it.
+    pub key: String,
+    /// The values, each as `--set` would take it after `KEY=`.
+    pub values: Vec<String>,
+}
+
+/// One key's value in one job of a sweep.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepValue {
+    pub key: String,
+    pub value: String,
+}
+
+/// What a job of a sweep records about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepMember {
+    /// The sweep: its first job's id.
+    pub id: JobId,
+    /// This job's place in it, from 1.
+    pub index: u32,
+    /// How many jobs the sweep queued.
+    pub size: u32,
+    /// This job's values of the swept keys, in the order the axes were given.
+    pub values: Vec<SweepValue>,
+}
+
+impl SweepMember {
+    /// `key=value, key=value`, for tables and messages.
+    pub fn label(&self) -> String {
+        label(&self.values)
+    }
+}
+
+/// `key=value, key=value`.
+pub fn label(values: &[SweepValue]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{}={}", v.key, v.value))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why a sweep cannot be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SweepError(pub String);
+
+impl SweepAxis {
+    /// Parses `KEY=V1,V2,...`, or `KEY=[V1, V2, ...]` (a TOML array: for values holding
+    /// commas, such as strings or lists).
+    pub fn parse(arg: &str) -> Result<SweepAxis, SweepError> {
+        let Some((key, raw)) = arg.split_once('=') else {
+            return Err(SweepError(format!(
+                "--sweep {arg:?}: write KEY=V1,V2,..., e.g. training.learning_rate=1e-4,3e-4"
+            )));
+        };
+        let key = key.trim();
+        let raw = raw.trim();
+        let values: Vec<String> = if raw.starts_with('[') {
+            let array = format!("v = {raw}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .and_then(|v| match v {
+                    toml::Value::Array(a) => Some(a),
+                    _ => None,
+                })
+                .ok_or_else(|| {
+                    SweepError(format!(
+                        "--sweep {key}: {raw} is not a TOML array of values, e.g. \
+                         [\"q_proj\", \"v_proj\"] or [[\"q_proj\"], [\"q_proj\", \"v_proj\"]]"
+                    ))
+                })?;
+            array.iter().map(value_text).collect()
+        } else {
+            raw.split(',').map(|v| v.trim().to_string()).collect()
+        };
+        SweepAxis {
+            key: key.split('.').map(str::trim).collect::<Vec<_>>().join("."),
+            values,
+        }
+        .checked()
+    }
+
+    /// The axis, if its key is a dotted path and its values are there, non-empty and
+    /// different (an axis may come from the API, not from [`SweepAxis::parse`]).
+    pub fn checked(self) -> Result<SweepAxis, SweepError> {
+        let key = &self.key;
+        if key.is_empty() || key.split('.').any(|k| k.trim().is_empty()) {
+            return Err(SweepError(format!(
+                "--sweep {key:?}: not a dotted key path"
+            )));
+        }
+        if self.values.is_empty() || self.values.iter().any(|v| v.trim().is_empty()) {
+            return Err(SweepError(format!(
+                "--sweep {key}: has an empty value; give values separated by commas, e.g. \
+                 {key}=1,2,3"
+            )));
+        }
+        for (i, v) in self.values.iter().enumerate() {
+            if self.values[..i].contains(v) {
+                return Err(SweepError(format!(
+                    "--sweep {key}: {v} is given twice (it would run the same job twice)"
+                )));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// A TOML value as text `--set` reads back as the same value (strings quoted).
+fn value_text(v: &toml::Value) -> String {
+    match v {
+        toml::Value::Table(_) => {
+            // An inline table: `toml` writes tables as documents, so write it inline.
+            let body = toml::to_string(v).unwrap_or_default();
+            let fields: Vec<&str> = body.lines().filter(|l| !l.trim().is_empty()).collect();
+            format!("{{ {} }}", fields.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Every combination of the axes' values, the first axis varying slowest (as nested loops
+/// written in the order the axes were given). Checks the keys and the size.
+pub fn grid(axes: &[SweepAxis], set_keys: &[&str]) -> Result<Vec<Vec<SweepValue>>, SweepError> {
+    if axes.is_empty() {
+        return Err(SweepError(
+            "a sweep needs at least one --sweep KEY=V1,V2".into(),
+        ));
+    }
+    for (i, a) in axes.iter().enumerate() {
+        a.clone().checked()?;
+        if axes[..i].iter().any(|b| b.key == a.key) {
+            return Err(SweepError(format!(
+                "--sweep {}: the key is swept twice; give all its values in one --sweep",
+                a.key
+            )));
+        }
+        if let Some(k) = set_keys.iter().find(|k| k.trim() == a.key) {
+            return Err(SweepError(format!(
+                "{k} is given by both --set and --sweep: drop one of them"
+            )));
+        }
+    }
+    let size = axes
+        .iter()
+        .try_fold(1usize, |n, a| n.checked_mul(a.values.len()))
+        .filter(|n| *n <= MAX_SWEEP_JOBS)
+        .ok_or_else(|| {
+            let sizes: Vec<String> = axes.iter().map(|a| a.values.len().to_string()).collect();
+            SweepError(format!(
+                "the sweep makes {} jobs; at most {MAX_SWEEP_JOBS} may be queued as one sweep",
+                sizes.join(" × ")
+            ))
+        })?;
+    let mut points = Vec::with_capacity(size);
+    for n in 0..size {
+        // Mixed radix: the last axis is the fastest digit.
+        let mut rest = n;
+        let mut point = vec![None; axes.len()];
+        for (i, a) in axes.iter().enumerate().rev() {
+            point[i] = Some(SweepValue {
+                key: a.key.clone(),
+                value: a.values[rest % a.values.len()].clone(),
+            });
+            rest /= a.values.len();
+        }
+        points.push(
+            point
+                .into_iter()
+                .map(|v| v.expect("every axis set"))
+                .collect(),
+        );
+    }
+    Ok(points)
+}
+
+/// The `--set` changes that make job `index` (from 1) of a sweep: its values, plus what keeps
+/// the jobs apart where the file would make them collide — its name gets `-INDEX`, and its
+/// Ollama model (when it publishes one and the sweep does not vary it) the tag `TAG-INDEX`, so
+/// that each job's model is kept and the best can be published under the real name later
+/// (`jobctl publish ID --name`).
+pub fn member_overrides(
+    point: &[SweepValue],
+    index: usize,
+    name: &str,
+    ollama_name: Option<&str>,
+) -> Vec<String> {
+    let swept = |key: &str| point.iter().any(|v| v.key == key);
+    let mut set: Vec<String> = point
+        .iter()
+        .map(|v| format!("{}={}", v.key, v.value))
+        .collect();
+    if !swept("name") {
+        let suffix = format!("-{index}");
+        // Job names hold at most 128 characters.
+        let keep: String = name
+            .chars()
+            .take(128usize.saturating_sub(suffix.len()))
+            .collect();
+        set.push(format!("name={}", toml::Value::String(keep + &suffix)));
+    }
+    if let Some(model) = ollama_name
+        && !swept("publish.ollama_name")
+    {
+        set.push(format!(
+            "publish.ollama_name={}",
+            toml::Value::String(tagged(model, index))
+        ));
+    }
+    set
+}
+
+/// One job of a sweep, ready to check and submit.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// The job file's text with the job's values (and its name and Ollama tag) set.
+    pub text: String,
+    /// Its values of the swept keys.
+    pub values: Vec<SweepValue>,
+    /// How messages name it: `job.toml, sweep job 2 (lr=3e-4)`.
+    pub origin: String,
+}
+
+/// The jobs of a sweep of the job file `text` (`origin` names it in messages, `stem` is the
+/// name a file without `name` gets): one per combination of the axes' values. `set_keys` are
+/// the keys `--set` already changed, which a sweep may not also vary.
+pub fn members(
+    text: &str,
+    origin: &str,
+    stem: &str,
+    axes: &[SweepAxis],
+    set_keys: &[&str],
+) -> Result<Vec<Member>, SweepError> {
+    let points = grid(axes, set_keys)?;
+    // What the file names before the sweep's changes: each job gets its own variant of both.
+    let doc: toml::Table = text
+        .parse()
+        .map_err(|e| SweepError(format!("invalid job file:\n{origin}: {e}")))?;
+    let name = doc
+        .get("name")
+        .and_then(toml::Value::as_str)
+        .unwrap_or(stem);
+    let model = doc
+        .get("publish")
+        .and_then(|p| p.get("ollama_name"))
+        .and_then(toml::Value::as_str);
+    points
+        .into_iter()
+        .enumerate()
+        .map(|(i, values)| {
+            let origin = format!("{origin}, sweep job {} ({})", i + 1, label(&values));
+            let set = member_overrides(&values, i + 1, name, model);
+            let text =
+                super::job::apply_overrides(text, &origin, &set).map_err(|e| SweepError(e.0))?;
+            Ok(Member {
+                text,
+                values,
+                origin,
+            })
+        })
+        .collect()
+}
+
+/// `model[:tag]` with the tag `TAG-INDEX` (`latest` when it has none), cut to Ollama's 80
+/// characters for a tag.
+fn tagged(model: &str, index: usize) -> String {
+    let last_slash = model.rfind('/');
+    let (path, tag) = match model.rfind(':') {
+        Some(colon) if last_slash.is_none_or(|sl| colon > sl) => {
+            (&model[..colon], &model[colon + 1..])
+        }
+        _ => (model, super::publish::DEFAULT_TAG),
+    };
+    let suffix = format!("-{index}");
+    let keep: String = tag.chars().take(80 - suffix.len()).collect();
+    format!("{path}:{keep}{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn axis(s: &str) -> SweepAxis {
+        SweepAxis::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parses_lists_and_toml_arrays() {
+        assert_eq!(
+            axis("training.learning_rate = 1e-4, 3e-4"),
+            SweepAxis {
+                key: "training.learning_rate".into(),
+                values: vec!["1e-4".into(), "3e-4".into()]
+            }
+        );
+        let a = axis(r#"lora.target_modules=[["q_proj"], ["q_proj", "v_proj"]]"#);
+        assert_eq!(a.values, vec![r#"["q_proj"]"#, r#"["q_proj", "v_proj"]"#]);
+        let a = axis(r#"command.env.MSG=["a,b", "c"]"#);
+        assert_eq!(a.values, vec![r#""a,b""#, r#""c""#]);
+        let a = axis("x=[{ a = 1 }]");
+        assert_eq!(a.values, vec!["{ a = 1 }"]);
+    }
+
+    #[test]
+    fn bad_axes_say_what_is_wrong() {
+        let err = |s: &str| SweepAxis::parse(s).unwrap_err().0;
+        assert!(err("lr").contains("write KEY=V1,V2"), "{}", err("lr"));
+        assert!(err("a..b=1,2").contains("not a dotted key path"));
+        assert!(err("lr=1,,2").contains("empty value"));
+        assert!(err("lr=").contains("empty value"));
+        assert!(err("lr=[1, 2").contains("not a TOML array"));
+        assert!(err("seed=1,2,1").contains("1 is given twice"));
+    }
+
+    #[test]
+    fn grid_is_every_combination_first_axis_slowest() {
+        let points = grid(&[axis("a=1,2"), axis("b=x,y,z")], &[]).unwrap();
+        let labels: Vec<String> = points.iter().map(|p| label(p)).collect();
+        assert_eq!(
+            labels,
+            [
+                "a=1, b=x", "a=1, b=y", "a=1, b=z", "a=2, b=x", "a=2, b=y", "a=2, b=z"
+            ]
+        );
+    }
+
+    #[test]
+    fn grid_refuses_repeats_conflicts_and_floods() {
+        let e = grid(&[axis("a=1,2"), axis("a=3")], &[]).unwrap_err().0;
+        assert!(e.contains("swept twice"), "{e}");
+        let e = grid(&[axis("a=1,2")], &["a"]).unwrap_err().0;
+        assert!(e.contains("both --set and --sweep"), "{e}");
+        let many: Vec<String> = (0..17).map(|i| i.to_string()).collect();
+        let a = axis(&format!("a={}", many.join(",")));
+        let b = axis(&format!("b={}", many.join(",")));
+        let e = grid(&[a.clone(), b], &[]).unwrap_err().0;
+        assert!(
+            e.contains("17 × 17 jobs") && e.contains("at most 256"),
+            "{e}"
+        );
+        assert_eq!(grid(&[a], &[]).unwrap().len(), 17);
+        assert!(grid(&[], &[]).is_err());
+    }
+
+    #[test]
+    fn members_are_the_file_with_each_point_set() {
+        let text = "name = \"tiny\"\nkind = \"command\"\n[command]\nargv = [\"true\"]\n";
+        let m = members(
+            text,
+            "t.toml",
+            "t",
+            &[axis("command.env.LR=1e-4,3e-4")],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1].origin, "t.toml, sweep job 2 (command.env.LR=3e-4)");
+        let doc: toml::Table = m[1].text.parse().unwrap();
+        assert_eq!(doc["name"].as_str(), Some("tiny-2"));
+        assert_eq!(doc["command"]["env"]["LR"].as_str(), Some("3e-4"));
+        // No name in the file: the stem is the base of each job's.
+        let m = members(
+            "kind = \"command\"",
+            "t.toml",
+            "t",
+            &[axis("priority=1,2")],
+            &[],
+        );
+        let doc: toml::Table = m.unwrap()[0].text.parse().unwrap();
+        assert_eq!(doc["name"].as_str(), Some("t-1"));
+        assert_eq!(doc["priority"].as_integer(), Some(1));
+        let e = members("kind = ", "t.toml", "t", &[axis("a=1")], &[]).unwrap_err();
+        assert!(e.0.starts_with("invalid job file:\nt.toml:"), "{e}");
+    }
+
+    #[test]
+    fn members_get_their_own_names_and_models() {
+        let point = vec![SweepValue {
+            key: "training.learning_rate".into(),
+            value: "3e-4".into(),
+        }];
+        assert_eq!(
+            member_overrides(&point, 2, "tiny", Some("me/tiny-lora")),
+            [
+                "training.learning_rate=3e-4",
+                "name=\"tiny-2\"",
+                "publish.ollama_name=\"me/tiny-lora:latest-2\""
+            ]
+        );
+        assert_eq!(
+            member_overrides(&point, 12, "t", Some("host:5000/me/m:v1"))[2],
+            "publish.ollama_name=\"host:5000/me/m:v1-12\""
+        );
+        let long = "n".repeat(128);
+        let set = member_overrides(&point, 3, &long, None);
+        assert_eq!(set.len(), 2);
+        assert_eq!(set[1], format!("name=\"{}-3\"", "n".repeat(126)));
+        // A swept name or model is the user's choice.
+        let point = vec![
+            SweepValue {
+                key: "name".into(),
+                value: "a".into(),
+            },
+            SweepValue {
+                key: "publish.ollama_name".into(),
+                value: "m:a".into(),
+            },
+        ];
+        assert_eq!(member_overrides(&point, 1, "x", Some("m")).len(), 2);
+        let tag = tagged(&format!("m:{}", "t".repeat(80)), 7);
+        assert!(
+            crate::spec::publish::ModelName::parse(&tag).is_ok(),
+            "{tag}"
+        );
+    }
+}

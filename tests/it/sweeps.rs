@@ -1,0 +1,260 @@
+//! Sweeps (`jobctl submit --sweep`): one job file, a job per combination of values, queued
+//! all or none, told which one they are, and compared side by side (`jobctl sweep`).
+
+use std::time::Duration;
+
+use jobd::spec::JobState;
+use jobd::spec::api::SweepView;
+
+use crate::daemon::*;
+
+fn ids(o: &std::process::Output) -> Vec<u64> {
+    stdout(o)
+        .lines()
+        .map(|l| l.parse().unwrap_or_else(|_| panic!("not an id: {l:?}")))
+        .collect()
+}
+
+/// Every combination is queued, first key slowest; each job sees its values, its place in the
+/// sweep and its own name; `sweep` finds the jobs from any of their ids.
+#[test]
+fn a_sweep_queues_every_combination_and_tells_each_job_which_it_is() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let job = d.write(
+        "sw.toml",
+        &command_job(
+            "echo \"$JOBD_SWEEP_ID $JOBD_SWEEP_INDEX/$JOBD_SWEEP_SIZE $LR $MSG $JOBD_JOB_NAME\"",
+            "name = \"sw\"\n",
+        ),
+    );
+    let file = job.to_str().unwrap();
+    // A job before it, so the sweep's id is not 1.
+    let before = d.submit(&d.write("one.toml", &command_job("true", "")));
+    let out = d.jobctl(&[
+        "submit",
+        file,
+        "--sweep",
+        "command.env.LR=1e-4,3e-4",
+        "--sweep",
+        r#"command.env.MSG=["a,b", "c"]"#,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sweep: Vec<u64> = (before + 1..=before + 4).collect();
+    assert_eq!(ids(&out), sweep, "stdout: the jobs' ids");
+    assert!(
+        stderr(&out).contains(&format!("submitted sweep {}: 4 jobs", sweep[0])),
+        "{}",
+        stderr(&out)
+    );
+    let args: Vec<String> = sweep.iter().map(u64::to_string).collect();
+    let mut wait = vec!["wait"];
+    wait.extend(args.iter().map(String::as_str));
+    assert!(d.jobctl(&wait).status.success());
+    let s0 = sweep[0];
+    let expect = [
+        format!("{s0} 1/4 1e-4 a,b sw-1"),
+        format!("{s0} 2/4 1e-4 c sw-2"),
+        format!("{s0} 3/4 3e-4 a,b sw-3"),
+        format!("{s0} 4/4 3e-4 c sw-4"),
+    ];
+    for (id, want) in sweep.iter().zip(expect) {
+        assert_eq!(stdout(&d.jobctl(&["logs", &id.to_string()])).trim(), want);
+    }
+
+    // Any member's id finds the sweep, in order, with the values of each job.
+    let view: SweepView =
+        serde_json::from_str(&stdout(&d.jobctl(&["--json", "sweep", &args[2]]))).unwrap();
+    assert_eq!(view.id, s0);
+    assert_eq!(view.keys, ["command.env.LR", "command.env.MSG"]);
+    let got: Vec<(u64, String)> = view
+        .jobs
+        .iter()
+        .map(|j| {
+            (
+                j.job.record.id,
+                j.job.record.sweep.as_ref().unwrap().label(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got[1],
+        (s0 + 1, r#"command.env.LR=1e-4, command.env.MSG="c""#.into())
+    );
+    assert!(view.jobs.iter().all(|j| j.result.is_none()), "no metrics");
+    assert_eq!(
+        ids(&d.jobctl(&["sweep", &args[3], "--ids"])),
+        sweep,
+        "--ids, for cancel and wait"
+    );
+    let table = stdout(&d.jobctl(&["sweep", &args[0]]));
+    assert!(
+        table.contains("command.env.LR") && table.contains("succeeded"),
+        "{table}"
+    );
+    let show = stdout(&d.jobctl(&["show", &args[1]]));
+    assert!(show.contains(&format!("sweep: {s0}, job 2 of 4")), "{show}");
+    d.assert_said(sweep[1], &format!("sweep {s0}, job 2 of 4"));
+
+    // A job of no sweep, and no job at all.
+    let o = d.jobctl(&["sweep", &before.to_string()]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("is not part of a sweep"),
+        "{}",
+        stderr(&o)
+    );
+    let o = d.jobctl(&["sweep", "999"]);
+    assert!(stderr(&o).contains("sweep 999 not found"), "{}", stderr(&o));
+}
+
+/// A sweep with one job the daemon refuses queues none, and says which job and why; bad
+/// sweeps are refused with what is wrong, by jobctl and by the API.
+#[test]
+fn a_sweep_is_queued_all_or_none() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let job = d.write("sw.toml", &command_job("true", "name = \"sw\""));
+    let file = job.to_str().unwrap();
+    // Only the daemon knows job 99 does not exist: the second job is refused there.
+    let out = d.jobctl(&["submit", file, "--sweep", "depends_on=[[], [99]]"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("sweep job 2 (depends_on=[99])") && err.contains("job 99 does not exist"),
+        "{err}"
+    );
+    assert!(d.all_jobs().is_empty(), "nothing queued");
+
+    // jobctl checks each job before sending any.
+    let out = d.jobctl(&["submit", file, "--sweep", "priority=1,x"]);
+    assert!(
+        stderr(&out).contains("sweep job 2 (priority=x)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.jobctl(&[
+        "submit",
+        file,
+        "--sweep",
+        "priority=1,2",
+        "--set",
+        "priority=3",
+    ]);
+    assert!(
+        stderr(&out).contains("both --set and --sweep"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.jobctl(&["submit", file, "--sweep", "priority=1", "--follow"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+
+    // The API refuses what jobctl would not send.
+    let body = |sweep: &str| {
+        format!(
+            r#"{{"toml": "kind = \"command\"\n[command]\nargv = [\"true\"]\n", "base_dir": "/tmp", "sweep": {sweep}}}"#
+        )
+    };
+    for (sweep, want) in [
+        ("[]", "at least one --sweep"),
+        (
+            r#"[{"key": "priority", "values": ["-1", "-1"]}]"#,
+            "-1 is given twice",
+        ),
+        (
+            r#"[{"key": "priority", "values": ["-1"]}, {"key": "priority", "values": ["-2"]}]"#,
+            "swept twice",
+        ),
+        (r#"[{"key": "priority", "values": ["x"]}]"#, "sweep job 1"),
+        (
+            r#"[{"key": "a..b", "values": ["1"]}]"#,
+            "not a dotted key path",
+        ),
+        (r#"[{"key": "priority", "values": []}]"#, "empty value"),
+        (r#"[{"key": "priority"}]"#, "values"),
+    ] {
+        let (status, text) =
+            post_json(d.addr(), "/api/v1/sweeps", Some(TOKEN_NOBODY), &body(sweep));
+        assert_eq!(status, 400, "{sweep}: {text}");
+        assert!(text.contains(want), "{sweep}: {text}");
+    }
+    assert!(d.all_jobs().is_empty(), "nothing queued");
+}
+
+/// Train jobs of a sweep: each publishes its model under its own tag, and `sweep` shows their
+/// losses with the best (lowest evaluation loss) marked and how to publish it under the file's
+/// name.
+#[test]
+fn a_train_sweep_compares_losses_and_keeps_each_model() {
+    let models = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start(&[
+        "--gpus",
+        "none",
+        "--ollama-models",
+        models.path().to_str().unwrap(),
+    ]);
+    let tiny = crate::train::repo().join("jobs/tiny.toml");
+    let out = d.jobctl(&[
+        "submit",
+        tiny.to_str().unwrap(),
+        "--set",
+        "training.max_steps=30",
+        "--set",
+        "training.eval_steps=10",
+        "--set",
+        "training.logging_steps=10",
+        "--sweep",
+        "training.learning_rate=1e-4,1e-2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sweep = ids(&out);
+    assert_eq!(sweep, [1, 2]);
+    for id in &sweep {
+        d.wait_state(*id, JobState::Succeeded, Duration::from_secs(120));
+    }
+    for (id, tag) in [(1, "latest-1"), (2, "latest-2")] {
+        let published = d.job(id).record.published.expect("published");
+        assert_eq!(published.name, format!("jobd/tiny-shift:{tag}"));
+    }
+    let view: SweepView =
+        serde_json::from_str(&stdout(&d.jobctl(&["--json", "sweep", "1"]))).unwrap();
+    let results: Vec<_> = view
+        .jobs
+        .iter()
+        .map(|j| j.result.clone().expect("a train job's result"))
+        .collect();
+    for r in &results {
+        assert_eq!(r.step, 30);
+        assert!(r.best_eval_loss.unwrap() <= r.eval_loss.unwrap());
+    }
+    // The jobs' own metrics agree with the summary.
+    let m: Vec<serde_json::Value> = std::fs::read_to_string(d.state.join("jobs/2/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let best = m
+        .iter()
+        .filter_map(|r| r["eval_loss"].as_f64())
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(results[1].best_eval_loss, Some(best));
+    let winner = if results[0].best_eval_loss < results[1].best_eval_loss {
+        1
+    } else {
+        2
+    };
+
+    let out = d.jobctl(&["sweep", "2"]);
+    let table = stdout(&out);
+    let marked: Vec<&str> = table
+        .lines()
+        .filter(|l| l.split_whitespace().next().unwrap_or("").ends_with('*'))
+        .collect();
+    assert_eq!(marked.len(), 1, "{table}");
+    assert!(marked[0].starts_with(&format!("{winner}*")), "{table}");
+    assert!(table.contains("BEST EVAL"), "{table}");
+    assert!(
+        stderr(&out).contains(&format!(
+            "jobctl publish {winner} --name jobd/tiny-shift:latest`"
+        )),
+        "{}",
+        stderr(&out)
+    );
+}
