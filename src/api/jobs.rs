@@ -799,6 +799,12 @@ pub async fn logs(
             )));
         }
     };
+    if name == files::NOTIFY_LOG && rec.spec.notify.is_none() {
+        return Err(ApiError::not_found(format!(
+            "job {id} has no [notify] section: no command is run when it ends, so there is no \
+             notify output"
+        )));
+    }
     // A notifier runs after the job, if at all: no log yet is no loss.
     let ran = rec.attempts > 0 && name != files::NOTIFY_LOG;
     let dir: PathBuf = rec.dir(&st.jobs_dir);

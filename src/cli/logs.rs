@@ -53,13 +53,8 @@ pub async fn logs(client: &Client, args: &LogsArgs, out: &super::Output) -> anyh
     };
     let id = args.id;
     // An empty answer for a job that has not run yet would look like a job that printed
-    // nothing: say so (on stderr; the log itself stays the output).
-    if args.notify
-        && let Ok(v) = client.get::<JobView>(&format!("/jobs/{id}")).await
-        && v.record.spec.notify.is_none()
-    {
-        eprintln!("jobctl: job {id} has no [notify]: nothing runs when it ends");
-    }
+    // nothing: say so (on stderr; the log itself stays the output). The daemon refuses
+    // `--notify` for a job without `[notify]`.
     if !args.follow
         && !args.notify
         && let Ok(v) = client.get::<JobView>(&format!("/jobs/{id}")).await
