@@ -49,6 +49,7 @@ pub static ASSETS: &[Asset] = &[
     asset!("js/gpus.js", "text/javascript; charset=utf-8"),
     asset!("js/job.js", "text/javascript; charset=utf-8"),
     asset!("js/schedules.js", "text/javascript; charset=utf-8"),
+    asset!("js/sweep.js", "text/javascript; charset=utf-8"),
     asset!(
         "vendor/uplot/uPlot.iife.min.js",
         "text/javascript; charset=utf-8"

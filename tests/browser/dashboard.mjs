@@ -12,6 +12,7 @@
 //   PUBLISH_JOB     a short train job that publishes into Ollama (may still be running)
 //   PUBLISH_NAME    the model name it publishes
 //   SCHEDULE        a schedule of the same owner that does not fire during the test
+//   SWEEP           a sweep of two short train jobs (learning_rate 1e-3 and 1e-2)
 //   ARTIFACTS       directory for the screenshots
 //   CHROMIUM        the browser (default /usr/bin/chromium)
 // Prints one JSON line with what it saw; exits 1 with the reason on the first failed check.
@@ -283,6 +284,36 @@ try {
     check(await page.evaluate(() => localStorage.getItem('jobd.token')) === null, 'the stale token is forgotten');
   });
 
+  // A sweep of two short train jobs: the page lists both with their values, marks the one
+  // with the lowest evaluation loss (as the API's results say), draws each job's curve, and
+  // links to the jobs and back.
+  await step('sweep', async () => {
+    const sweep = Number(env.SWEEP);
+    await page.goto(`${url}/#/sweep/${sweep + 1}`);
+    await page.waitForSelector('#sweep-table tbody tr');
+    check(await page.locator('#sweep-table tbody tr').count() === 2, 'both jobs of the sweep');
+    // Until both have ended and the page has fetched their final metrics.
+    await page.waitForFunction(() => /★ best: job/.test(document.querySelector('#sweep-best')?.textContent || ''), null, { timeout: 60000 });
+    const view = await apiGet(`/sweeps/${sweep}`);
+    check(view.jobs.every((j) => j.state === 'succeeded' && j.result), 'the API has both results');
+    const best = view.jobs.reduce((a, b) => (b.result.best_eval_loss < a.result.best_eval_loss ? b : a));
+    const marked = await page.locator('#sweep-table tr.best').getAttribute('data-id');
+    check(Number(marked) === best.id, `the best row is job ${best.id}, not ${marked}`);
+    const text = await page.textContent('#sweep-table');
+    check(text.includes('1e-3') && text.includes('1e-2'), `the swept values: ${text}`);
+    await page.waitForFunction(() => {
+      const p = document.querySelector('#sweep-chart-eval')?.dataset.points;
+      return p && p.split(',').length === 2 && p.split(',').every((n) => Number(n) >= 2);
+    }, null, { timeout: 10000 });
+    seen.sweep_points = await page.getAttribute('#sweep-chart-loss', 'data-points');
+    await page.screenshot({ path: join(artifacts, 'sweep.png'), fullPage: true });
+    await page.click(`#sweep-table tr[data-id="${best.id}"] td.name`);
+    await page.waitForSelector('#sweep-link');
+    check((await page.textContent('#sweep-link')) === `sweep ${sweep}`, 'the job page links its sweep');
+    await page.click('#sweep-link');
+    await page.waitForSelector('#sweep-table tbody tr');
+  });
+
   await step('phone', async () => {
     const phone = await browser.newContext({ viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2 });
     await phone.addInitScript(cspScript);
@@ -301,6 +332,11 @@ try {
     const overflowJob = await p.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     check(overflowJob <= 0, `the job page fits the phone's width (${overflowJob}px too wide)`);
     await p.screenshot({ path: join(artifacts, 'job-phone.png'), fullPage: true });
+    await p.goto(`${url}/#/sweep/${env.SWEEP}`);
+    await p.waitForSelector('#sweep-chart-loss[data-points]');
+    const overflowSweep = await p.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    check(overflowSweep <= 0, `the sweep page fits the phone's width (${overflowSweep}px too wide)`);
+    await p.screenshot({ path: join(artifacts, 'sweep-phone.png'), fullPage: true });
   });
 
   current = 'console';

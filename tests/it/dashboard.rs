@@ -413,6 +413,20 @@ fn dashboard_in_headless_chromium() {
     assert!(out.status.success(), "{}", stderr(&out));
     let schedule: u64 = schedule_id(&out);
 
+    // Two short train jobs of a sweep, for the sweep page.
+    let sweep_file = d.write("sweep.toml", &train_job(20, 10, "[resources]\ncpus = 1"));
+    let out = d.jobctl_tcp(
+        Some(TOKEN_NOBODY),
+        &[
+            "submit",
+            sweep_file.to_str().unwrap(),
+            "--sweep",
+            "training.learning_rate=1e-3,1e-2",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sweep: u64 = stdout(&out).lines().next().unwrap().parse().unwrap();
+
     let out_dir = artifacts();
     let _ = std::fs::remove_dir_all(&out_dir);
     let start = Instant::now();
@@ -425,6 +439,7 @@ fn dashboard_in_headless_chromium() {
         .env("PUBLISH_JOB", publish.to_string())
         .env("PUBLISH_NAME", "jobd/web-test:latest")
         .env("SCHEDULE", schedule.to_string())
+        .env("SWEEP", sweep.to_string())
         .env("ARTIFACTS", &out_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -8,8 +8,8 @@ import { axisNum, bytes, duration, el, Eta, num, stateBadge, time } from './util
 const TERMINAL = ['succeeded', 'failed', 'cancelled'];
 
 let uplot = null;
-/** Loads uPlot on the first job page, keeping it off the queue view's first render. */
-function loadUplot() {
+/** Loads uPlot on the first job or sweep page, keeping it off the queue view's first render. */
+export function loadUplot() {
   uplot ??= new Promise((resolve, reject) => {
     document.head.append(el('link', { rel: 'stylesheet', href: 'vendor/uplot/uPlot.min.css' }));
     document.head.append(el('script', {
@@ -23,7 +23,7 @@ function loadUplot() {
 const LOG_KEEP = 256 * 1024; // characters of log kept on the page
 
 /** A line chart of metrics against step. */
-class Chart {
+export class Chart {
   constructor(container, title, series, { log = false } = {}) {
     this.container = container;
     this.series = series; // [{label, key, points}]
@@ -131,6 +131,7 @@ export class JobPage {
     this.title = el('h1', {}, `Job ${this.id}`);
     this.badge = el('span');
     this.meta = el('p', { class: 'meta' });
+    this.sweepLine = el('p', { class: 'meta' });
     this.cancelBtn = el('button', { type: 'button', id: 'act-cancel', onclick: () => this.cancel() }, 'Cancel');
     this.requeueBtn = el('button', { type: 'button', id: 'act-requeue', onclick: () => this.act('requeue', {}, 'Requeue') }, 'Requeue');
     // Its job file again, as a new job of its owner (any state: a succeeded one too).
@@ -164,6 +165,7 @@ export class JobPage {
         el('a', { href: '#/', class: 'back' }, '← queue'),
         el('div', { class: 'title-row' }, this.title, this.badge),
         this.meta,
+        this.sweepLine,
         el('div', { class: 'actions' }, this.cancelBtn, this.requeueBtn, this.resubmitBtn, this.holdBtn,
           el('span', { class: 'prio' }, this.prioInput, this.prioBtn)),
         this.actHint),
@@ -200,11 +202,13 @@ export class JobPage {
       job.attempts ? `attempt ${job.attempts}` : null,
       job.vram_peak ? `peak memory ${bytes(job.vram_peak)}` : null,
       job.held_by ? `held by ${job.held_by}` : null,
-      job.sweep
-        ? `sweep ${job.sweep.id}, job ${job.sweep.index} of ${job.sweep.size}: ${job.sweep.values.map((v) => `${v.key}=${v.value}`).join(', ')}`
-        : null,
     ];
     this.meta.textContent = parts.filter(Boolean).join(' · ');
+    const s = job.sweep;
+    this.sweepLine.replaceChildren(...(s ? [
+      el('a', { href: `#/sweep/${s.id}`, id: 'sweep-link' }, `sweep ${s.id}`),
+      `, job ${s.index} of ${s.size}: ${s.values.map((v) => `${v.key}=${v.value}`).join(', ')}`,
+    ] : []));
     const terminal = TERMINAL.includes(job.state);
     this.cancelBtn.disabled = terminal;
     this.requeueBtn.disabled = !['failed', 'cancelled'].includes(job.state);

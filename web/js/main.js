@@ -7,6 +7,7 @@ import { renderGpus } from './gpus.js';
 import { JobPage } from './job.js';
 import { QueueView } from './queue.js';
 import { SchedulesView } from './schedules.js';
+import { SweepPage } from './sweep.js';
 import { el } from './util.js';
 
 const $ = (s) => document.querySelector(s);
@@ -49,20 +50,27 @@ const ctx = {
 const queue = new QueueView(ctx);
 const schedules = new SchedulesView(ctx);
 const jobPage = new JobPage(ctx, $('#job-page'));
+const sweepPage = new SweepPage(ctx, $('#sweep-page'));
 
 function route() {
   const hash = location.hash || '#/';
   const m = hash.match(/^#\/job\/(\d+)/);
+  const sw = hash.match(/^#\/sweep\/(\d+)/);
+  $('#queue-page').hidden = Boolean(m || sw);
+  $('#job-page').hidden = !m;
+  $('#sweep-page').hidden = !sw;
+  if (!m) jobPage.hide();
+  if (!sw) sweepPage.hide();
   if (m) {
-    $('#queue-page').hidden = true;
-    $('#job-page').hidden = false;
     jobPage.show(Number(m[1]));
     document.title = `jobd · job ${m[1]}`;
     return;
   }
-  jobPage.hide();
-  $('#job-page').hidden = true;
-  $('#queue-page').hidden = false;
+  if (sw) {
+    sweepPage.show(Number(sw[1]));
+    document.title = `jobd · sweep ${sw[1]}`;
+    return;
+  }
   const q = hash.indexOf('?') >= 0 ? hash.slice(hash.indexOf('?') + 1) : '';
   queue.show(Object.fromEntries(new URLSearchParams(q)));
   schedules.refresh();
@@ -80,8 +88,12 @@ function connect() {
         queue.refresh();
         schedules.refresh();
       }
+      if (!$('#sweep-page').hidden) sweepPage.poke();
     },
-    progress: (p) => queue.progress(p),
+    progress: (p) => {
+      queue.progress(p);
+      if (!$('#sweep-page').hidden) sweepPage.poke(p.id);
+    },
   }, (state, err) => {
     ctx.setLive('queue', state);
     if (state === 'error' && err.status !== 401) ctx.toast(`Live updates stopped: ${err.message}`, true);
@@ -172,6 +184,7 @@ document.addEventListener('visibilitychange', () => {
     shared?.close();
     shared = null;
     jobPage.hide();
+    sweepPage.hide();
   } else {
     connect();
     route();
