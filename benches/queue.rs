@@ -21,9 +21,10 @@ use jobd::client::{Client, Endpoint};
 use jobd::config::SchedulerConfig;
 use jobd::gpu::GpuInfo;
 use jobd::sched::plan::{PlanInput, plan};
-use jobd::spec::api::{JobView, SubmitRequest};
+use jobd::spec::api::{JobView, SubmitRequest, SweepRequest, SweepView};
 use jobd::spec::job::{CommandSpec, JobSpec, Resources, RetrySpec, VramRequest};
 use jobd::spec::record::{Placement, StopKind};
+use jobd::spec::sweep::SweepAxis;
 use jobd::spec::units::ByteSize;
 use jobd::spec::{JobId, JobKind, JobRecord, JobState, Millis, Owner};
 
@@ -155,6 +156,51 @@ fn daemon_bench() {
                 format!("{clients} × {per_client}"),
                 n as f64 / secs,
                 secs * 1000.0 * clients as f64 / n as f64
+            );
+        });
+    }
+
+    // A sweep of 256 jobs in one request (one transaction, one flush) against the same 256
+    // jobs submitted one by one (what a shell loop over `jobctl submit --set` does).
+    {
+        let d = Daemon::start(&["--gpus", "none", "--max-cpu-jobs", "1"]);
+        let base = d.dir.clone();
+        rt.block_on(async {
+            let c = d.client();
+            let job = "kind = \"command\"\n[command]\nargv = [\"true\"]\n";
+            let hold = |mut r: SubmitRequest| {
+                r.hold = true;
+                r
+            };
+            let start = Instant::now();
+            for i in 0..256 {
+                let text = format!("{job}env = {{ I = \"{i}\" }}\n");
+                let _: JobView = c.post("/jobs", &hold(request(&text, &base))).await.unwrap();
+            }
+            let one_by_one = start.elapsed().as_secs_f64();
+            let sweep = SweepRequest {
+                toml: job.to_string(),
+                base_dir: Some(base.clone()),
+                source_path: None,
+                hold: true,
+                sweep: vec![SweepAxis {
+                    key: "command.env.I".into(),
+                    values: (0..256).map(|i| i.to_string()).collect(),
+                }],
+            };
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let start = Instant::now();
+                let v: SweepView = c.post("/sweeps", &sweep).await.unwrap();
+                assert_eq!(v.jobs.len(), 256);
+                times.push(start.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "\n256 jobs: one sweep (POST /sweeps, median of 5) {:.1} ms   one by one (256 × POST \
+                 /jobs) {:.1} ms",
+                times[2] * 1000.0,
+                one_by_one * 1000.0
             );
         });
     }

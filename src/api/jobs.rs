@@ -88,12 +88,17 @@ pub(super) fn redact(
 /// The job as `caller` may see it (see [`redact`]).
 pub fn job_view(rec: &JobRecord, caller: &Caller, view: &View, jobs_dir: &Path) -> JobView {
     let mut record = rec.clone();
-    let redacted = redact(
+    let mut redacted = redact(
         caller,
         &rec.owner.user,
         &mut record.spec,
         &mut record.source,
     );
+    if !caller.may_change(&rec.owner.user)
+        && let Some(sweep) = &mut record.sweep
+    {
+        redacted |= sweep.hide_secrets();
+    }
     // Train workers write it; a command job may too (`$JOBD_JOB_DIR/progress.json`).
     let progress = (rec.attempts > 0)
         .then(|| sched::read_progress(&rec.dir(jobs_dir)))
@@ -189,6 +194,7 @@ fn submission_named(
         source_path: req.source_path,
         hold: req.hold,
         copy_of: None,
+        sweep: None,
     })
 }
 
@@ -313,7 +319,7 @@ pub async fn resubmit(
         Some((origin, rewritten)),
     )
     .await?;
-    let keys = req
+    let keys: Vec<String> = req
         .set
         .iter()
         .map(|s| {
@@ -322,6 +328,14 @@ pub async fn resubmit(
                 .to_string()
         })
         .collect();
+    // A job of a sweep run again stays in it (JOBD_SWEEP_INDEX says which task it is), unless
+    // `--set` changed what the sweep varies: then it is another point, of no sweep.
+    sub.sweep = rec.sweep.clone().filter(|s| {
+        !s.values.iter().any(|v| {
+            keys.iter()
+                .any(|k| crate::spec::sweep::keys_overlap(k, &v.key))
+        })
+    });
     sub.copy_of = Some((id, keys));
     let new = st.sched.submit(&caller, rec.owner.clone(), sub).await?;
     let view = st.sched.view();

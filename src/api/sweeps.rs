@@ -66,10 +66,7 @@ pub async fn submit(
     let view = st.sched.view();
     let jobs = recs
         .iter()
-        .map(|r| SweepJobView {
-            job: job_view(r, &caller, &view, &st.jobs_dir),
-            result: None,
-        })
+        .filter_map(|r| SweepJobView::of(job_view(r, &caller, &view, &st.jobs_dir), None))
         .collect();
     Ok((
         StatusCode::CREATED,
@@ -95,6 +92,14 @@ pub async fn get_one(
                 "job {id} is not part of a sweep (jobctl submit --sweep makes one)"
             ))
         })?,
+        // Its first job (whose id is the sweep's) may have been cleaned away.
+        None if view
+            .jobs
+            .values()
+            .any(|r| r.sweep.as_ref().is_some_and(|s| s.id == id)) =>
+        {
+            id
+        }
         None => {
             return Err(ApiError::not_found(format!("sweep {id} not found")));
         }
@@ -138,7 +143,7 @@ pub async fn get_one(
         jobs: jobs
             .into_iter()
             .zip(results)
-            .map(|(job, result)| SweepJobView { job, result })
+            .filter_map(|(job, result)| SweepJobView::of(job, result))
             .collect(),
     }))
 }

@@ -95,13 +95,19 @@ pub fn validate(
         return Ok(true);
     }
     let spec = &members[0].1;
+    let lowest = members.iter().map(|(_, s)| s.priority).min().unwrap_or(0);
+    let highest = members.iter().map(|(_, s)| s.priority).max().unwrap_or(0);
+    let priority = if lowest == highest {
+        format!("priority {lowest}")
+    } else {
+        format!("priorities {lowest} to {highest}")
+    };
     outln!(
-        "{}: ok — a sweep of {} {} jobs ({}), priority {}",
+        "{}: ok — a sweep of {} {} jobs ({}), {priority}",
         file.display(),
         members.len(),
         spec.kind.as_str(),
         dimensions(&req.sweep),
-        spec.priority
     );
     for (i, (m, spec)) in members.iter().enumerate() {
         outln!(
@@ -141,8 +147,8 @@ pub async fn submit(
         return Ok(true);
     }
     let (first, last) = (
-        view.jobs.first().map_or(0, |j| j.job.record.id),
-        view.jobs.last().map_or(0, |j| j.job.record.id),
+        view.jobs.first().map_or(0, |j| j.id),
+        view.jobs.last().map_or(0, |j| j.id),
     );
     eprintln!(
         "submitted sweep {}: {} jobs, {first} to {last}, over {dims}{}",
@@ -150,19 +156,17 @@ pub async fn submit(
         view.jobs.len(),
         if hold { ", on hold" } else { "" }
     );
-    for j in &view.jobs {
-        let values = j
-            .job
-            .record
-            .sweep
-            .as_ref()
-            .map(|s| s.label())
-            .unwrap_or_default();
-        eprintln!("  {}  {}  {values}", j.job.record.id, j.job.record.name);
+    // A long sweep's list would scroll the summary away: its head, then how many more.
+    const LISTED: usize = 20;
+    for j in view.jobs.iter().take(LISTED) {
+        eprintln!("  {}  {}  {}", j.id, j.name, j.sweep.label());
+    }
+    if view.jobs.len() > LISTED {
+        eprintln!("  … and {} more", view.jobs.len() - LISTED);
     }
     eprintln!("compare them with `jobctl sweep {}`", view.id);
     for j in &view.jobs {
-        outln!("{}", j.job.record.id);
+        outln!("{}", j.id);
     }
     Ok(true)
 }
@@ -171,9 +175,13 @@ pub async fn submit(
 pub struct SweepArgs {
     /// The sweep's id (its first job's; any of its jobs' ids finds it).
     pub id: crate::spec::JobId,
-    /// Print only its jobs' ids, one per line (for `jobctl cancel $(jobctl sweep ID --ids)`).
+    /// Print only its jobs' ids, one per line (for `jobctl wait $(jobctl sweep ID --ids)`).
     #[arg(long)]
     pub ids: bool,
+    /// With --ids: only the jobs that have not ended (for `jobctl cancel $(jobctl sweep ID
+    /// --ids --active)`).
+    #[arg(long, requires = "ids")]
+    pub active: bool,
 }
 
 /// `jobctl sweep ID`: the sweep's jobs side by side — their values, state, and what the train
@@ -181,8 +189,12 @@ pub struct SweepArgs {
 pub async fn show(client: &Client, args: &SweepArgs, out: &Output) -> anyhow::Result<bool> {
     let view: SweepView = client.get(&format!("/sweeps/{}", args.id)).await?;
     if args.ids {
-        for j in &view.jobs {
-            outln!("{}", j.job.record.id);
+        for j in view
+            .jobs
+            .iter()
+            .filter(|j| !args.active || !j.state.is_terminal())
+        {
+            outln!("{}", j.id);
         }
         return Ok(true);
     }
@@ -209,12 +221,11 @@ pub async fn show(client: &Client, args: &SweepArgs, out: &Output) -> anyhow::Re
         .jobs
         .iter()
         .map(|j| {
-            let rec = &j.job.record;
-            let mark = if Some(rec.id) == best { "*" } else { "" };
-            let mut row = vec![format!("{}{mark}", rec.id), rec.name.clone(), state_of(j)];
-            let values = rec.sweep.as_ref().map(|s| &s.values[..]).unwrap_or(&[]);
+            let mark = if Some(j.id) == best { "*" } else { "" };
+            let mut row = vec![format!("{}{mark}", j.id), j.name.clone(), state_of(j)];
             row.extend(view.keys.iter().map(|k| {
-                values
+                j.sweep
+                    .values
                     .iter()
                     .find(|v| &v.key == k)
                     .map_or("-".into(), |v| v.value.clone())
@@ -240,32 +251,33 @@ pub async fn show(client: &Client, args: &SweepArgs, out: &Output) -> anyhow::Re
         })
         .collect();
     outln!("{}", table(&header, rows));
-    if let Some(j) = view.jobs.iter().find(|j| Some(j.job.record.id) == best) {
-        let rec = &j.job.record;
+    if let Some(j) = view.jobs.iter().find(|j| Some(j.id) == best) {
         let r = j.result.as_ref().expect("the best has a result");
         let how = match (r.best_eval_loss, r.best_eval_step) {
             (Some(l), Some(s)) => format!("eval loss {l:.4} at step {s}"),
             _ => format!("loss {:.4} at step {}", r.loss, r.step),
         };
-        let values = rec.sweep.as_ref().map(|s| s.label()).unwrap_or_default();
-        let ended = view.jobs.iter().all(|j| j.job.record.state.is_terminal());
+        let ended = view.jobs.iter().all(|j| j.state.is_terminal());
         eprintln!(
-            "* best{}: job {} ({values}), {how}",
+            "* best{}: job {} ({}), {how}",
             if ended { "" } else { " so far" },
-            rec.id
+            j.id,
+            j.sweep.label()
         );
-        if rec.state == crate::spec::JobState::Succeeded
-            && let Some(model) = &rec.published
+        // Its model is under the sweep's tag (`TAG-N`): offer the name the file gave, unless
+        // the sweep chose the names itself.
+        let named_by_sweep = view
+            .keys
+            .iter()
+            .any(|k| sweep::keys_overlap(k, "publish.ollama_name"));
+        if j.state == crate::spec::JobState::Succeeded
+            && !named_by_sweep
+            && let Some(model) = &j.published
+            && let Some(name) = model.strip_suffix(&format!("-{}", j.sweep.index))
         {
-            // Its model is under the sweep's tag (`TAG-N`): offer the name the file gave.
-            let index = rec.sweep.as_ref().map_or(0, |s| s.index);
-            let name = model
-                .name
-                .strip_suffix(&format!("-{index}"))
-                .unwrap_or("NAME");
             eprintln!(
                 "  publish it under the file's name with `jobctl publish {} --name {name}`",
-                rec.id
+                j.id
             );
         }
     }
@@ -277,7 +289,7 @@ pub async fn show(client: &Client, args: &SweepArgs, out: &Output) -> anyhow::Re
 fn best(jobs: &[SweepJobView]) -> Option<crate::spec::JobId> {
     let pick = |score: &dyn Fn(&TrainResult) -> Option<f64>| {
         jobs.iter()
-            .filter_map(|j| Some((j.job.record.id, score(j.result.as_ref()?)?)))
+            .filter_map(|j| Some((j.id, score(j.result.as_ref()?)?)))
             .filter(|(_, l)| l.is_finite())
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(id, _)| id)
@@ -287,12 +299,9 @@ fn best(jobs: &[SweepJobView]) -> Option<crate::spec::JobId> {
 
 /// `running`, `failed (exit code 1)`, `queued (held)`.
 fn state_of(j: &SweepJobView) -> String {
-    let rec = &j.job.record;
-    let state = rec.state.to_string();
-    if rec.held_by.is_some() && rec.state == crate::spec::JobState::Queued {
-        return format!("{state} (held)");
-    }
-    match (&rec.exit, rec.state) {
+    let state = j.state.to_string();
+    match (&j.exit, j.state) {
+        (_, crate::spec::JobState::Queued) if j.held_by.is_some() => format!("{state} (held)"),
         (Some(e), crate::spec::JobState::Failed) => format!("{state} ({e})"),
         _ => state,
     }
@@ -300,7 +309,7 @@ fn state_of(j: &SweepJobView) -> String {
 
 /// `40/100` while the planned steps are known, else the step.
 fn step_of(j: &SweepJobView, r: &TrainResult) -> String {
-    match &j.job.progress {
+    match &j.progress {
         Some(p) if p.total_steps > 0 => format!("{}/{}", r.step, p.total_steps),
         _ => r.step.to_string(),
     }

@@ -137,6 +137,8 @@ pub struct Submission {
     /// The job whose file this is, run again (`jobctl resubmit`), and the keys `--set`
     /// changed: said in the history.
     pub copy_of: Option<(JobId, Vec<String>)>,
+    /// The sweep a resubmitted job of a sweep stays in (its values unchanged by `--set`).
+    pub sweep: Option<SweepMember>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, SchedError>>;
@@ -1223,10 +1225,9 @@ impl Scheduler {
         let made = self.store.insert_many(size, &|id, first| {
             let (rec, values, reason) = &checked[(id - first) as usize];
             let index = id - first + 1;
-            let reason = format!(
-                "{reason}: sweep {first}, job {index} of {size} ({})",
-                crate::spec::sweep::label(values)
-            );
+            // No values here: the history is shown to everyone, and a swept environment
+            // variable may be a secret (the record's values are hidden as its spec is).
+            let reason = format!("{reason}: sweep {first}, job {index} of {size}");
             let rec = JobRecord {
                 id,
                 sweep: Some(SweepMember {
@@ -1264,7 +1265,9 @@ impl Scheduler {
         self.check_priority(caller, sub.spec.priority, None)?;
         let hold = sub.hold;
         let sub_copy_of = sub.copy_of.clone();
+        let sweep = sub.sweep.clone();
         let mut rec = self.prepare_job(owner, sub, now_ms())?;
+        rec.sweep = sweep;
         if hold {
             rec.held_by = caller.user.clone();
         }
@@ -1281,6 +1284,11 @@ impl Scheduler {
                 keys.join(", ")
             ),
             None => format!("submitted by {by}"),
+        };
+        // Only a resubmitted job of a sweep has its membership yet: it stays in the sweep.
+        let reason = match &rec.sweep {
+            Some(s) => format!("{reason}, as job {} of sweep {}", s.index, s.id),
+            None => reason,
         };
         Ok((rec, reason))
     }

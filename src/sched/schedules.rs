@@ -201,6 +201,7 @@ impl Scheduler {
             name: upd.name.clone(),
             hold: false,
             copy_of: None,
+            sweep: None,
         };
         let mut rec = match self.prepare_job(upd.owner.clone(), sub, now_ms()) {
             Ok(r) => r,

@@ -79,14 +79,54 @@ pub struct SweepView {
     pub jobs: Vec<SweepJobView>,
 }
 
-/// One job of a sweep, with what it reached.
+/// One job of a sweep, with what it reached: what a side-by-side table needs (not the job's
+/// file and spec, which a sweep of big files would repeat hundreds of times).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SweepJobView {
-    #[serde(flatten)]
-    pub job: JobView,
+    pub id: JobId,
+    pub name: String,
+    /// Its owner's user name.
+    pub owner: String,
+    pub kind: JobKind,
+    pub state: JobState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<super::record::ExitInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Its place and values in the sweep (values that may be secrets hidden from others).
+    pub sweep: super::sweep::SweepMember,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// The Ollama model it published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<String>,
     /// What its `metrics.jsonl` says (train jobs, once they logged a step).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<TrainResult>,
+}
+
+impl SweepJobView {
+    /// The row of a job of a sweep (`None` for a job of none), from the job as the caller
+    /// may see it.
+    pub fn of(job: JobView, result: Option<TrainResult>) -> Option<SweepJobView> {
+        let r = job.record;
+        Some(SweepJobView {
+            id: r.id,
+            name: r.name,
+            owner: r.owner.user,
+            kind: r.kind,
+            state: r.state,
+            held_by: r.held_by,
+            exit: r.exit,
+            reason: r.reason,
+            sweep: r.sweep?,
+            progress: job.progress,
+            published: r.published.map(|p| p.name),
+            result,
+        })
+    }
 }
 
 /// A train job's results so far, from its newest `metrics.jsonl` records.

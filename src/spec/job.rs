@@ -762,18 +762,10 @@ pub fn apply_overrides(text: &str, origin: &str, set: &[String]) -> Result<Strin
             .is_some_and(toml::Value::is_str);
         let in_env = keys.len() == 3 && keys[0] == "command" && keys[1] == "env";
         let value = if was_string || in_env {
-            let unquoted = format!("v = {raw}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .and_then(|v| v.as_str().map(str::to_string));
+            let unquoted = toml_value(raw).and_then(|v| v.as_str().map(str::to_string));
             toml::Value::String(unquoted.unwrap_or_else(|| raw.to_string()))
         } else {
-            format!("v = {raw}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+            toml_value(raw).unwrap_or_else(|| toml::Value::String(raw.to_string()))
         };
         let mut table = &mut doc;
         for (i, k) in parents.iter().enumerate() {
@@ -790,6 +782,14 @@ pub fn apply_overrides(text: &str, origin: &str, set: &[String]) -> Result<Strin
         table.insert(last.to_string(), value);
     }
     toml::to_string(&doc).map_err(|e| OverrideError(e.to_string()))
+}
+
+/// `raw` read as one TOML value (`3e-4`, `"x"`, `[1, 2]`, `{ a = 1 }`); `None` for anything
+/// else, including text that would also set other keys (`0\nname = "x"`).
+pub fn toml_value(raw: &str) -> Option<toml::Value> {
+    let mut t: toml::Table = format!("v = {raw}").parse().ok()?;
+    let v = t.remove("v")?;
+    t.is_empty().then_some(v)
 }
 
 /// Finds `program` as the worker would: a path (containing `/`) must be an executable file;

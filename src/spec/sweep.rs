@@ -13,9 +13,9 @@ use super::JobId;
 pub const MAX_SWEEP_JOBS: usize = 256;
 
 /// Why a job file with a schedule cannot be swept.
-pub const NO_SCHEDULE: &str = "this job file has a schedule: a sweep queues jobs now, it makes \
-     no recurring schedules; remove `schedule` from the file, or submit one schedule per variant \
-     with --set";
+pub const NO_SCHEDULE: &str = "a sweep's jobs would have a schedule: a sweep queues jobs now, \
+     and a job file with `schedule` makes a recurring schedule instead; remove `schedule` from \
+     the file (or do not sweep it), or submit one schedule per variant with --set";
 
 /// One swept key and the values it takes, as TOML value texts (`3e-4`, `"q_proj"`, `[8, 16]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +51,29 @@ impl SweepMember {
     pub fn label(&self) -> String {
         label(&self.values)
     }
+
+    /// Hides the values of keys that may hold secrets (environment variables, a notifier's
+    /// arguments), as the job's spec is hidden from those who do not own it; whether any was.
+    pub fn hide_secrets(&mut self) -> bool {
+        let mut hidden = false;
+        for v in &mut self.values {
+            if may_hold_secrets(&v.key) {
+                v.value = "(hidden)".into();
+                hidden = true;
+            }
+        }
+        hidden
+    }
+}
+
+/// Whether a key's value is hidden from other users: `command.env` and `[notify]` (and the
+/// tables holding them).
+pub fn may_hold_secrets(key: &str) -> bool {
+    key == "command"
+        || key == "notify"
+        || key == "command.env"
+        || key.starts_with("command.env.")
+        || key.starts_with("notify.")
 }
 
 /// `key=value, key=value`.
@@ -60,6 +83,18 @@ pub fn label(values: &[SweepValue]) -> String {
         .map(|v| format!("{}={}", v.key, v.value))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Whether two dotted keys name the same value or one holds the other (`training` and
+/// `training.learning_rate`): setting one changes the other.
+pub fn keys_overlap(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim(), b.trim());
+    let within = |inner: &str, outer: &str| {
+        inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    };
+    within(a, b) || within(b, a)
 }
 
 /// Why a sweep cannot be made.
@@ -119,8 +154,30 @@ impl SweepAxis {
                  {key}=1,2,3"
             )));
         }
+        if let Some(bad) = key.split('.').find(|k| {
+            !k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        }) {
+            return Err(SweepError(format!(
+                "--sweep {key:?}: {bad:?} is not a key of a job file (letters, digits, '_' and \
+                 '-')"
+            )));
+        }
+        // The same value spelled twice (`3e-4` and `0.0003`) would run the same job twice.
+        let parsed: Vec<toml::Value> = self
+            .values
+            .iter()
+            .map(|v| {
+                if v.contains('\n') {
+                    return Err(SweepError(format!(
+                        "--sweep {key}: {v:?} holds a line break; give one TOML value per item"
+                    )));
+                }
+                Ok(super::job::toml_value(v).unwrap_or_else(|| toml::Value::String(v.clone())))
+            })
+            .collect::<Result<_, _>>()?;
         for (i, v) in self.values.iter().enumerate() {
-            if self.values[..i].contains(v) {
+            if parsed[..i].contains(&parsed[i]) {
                 return Err(SweepError(format!(
                     "--sweep {key}: {v} is given twice (it would run the same job twice)"
                 )));
@@ -130,17 +187,9 @@ impl SweepAxis {
     }
 }
 
-/// A TOML value as text `--set` reads back as the same value (strings quoted).
+/// A TOML value as text `--set` reads back as the same value (strings quoted, tables inline).
 fn value_text(v: &toml::Value) -> String {
-    match v {
-        toml::Value::Table(_) => {
-            // An inline table: `toml` writes tables as documents, so write it inline.
-            let body = toml::to_string(v).unwrap_or_default();
-            let fields: Vec<&str> = body.lines().filter(|l| !l.trim().is_empty()).collect();
-            format!("{{ {} }}", fields.join(", "))
-        }
-        other => other.to_string(),
-    }
+    v.to_string()
 }
 
 /// Every combination of the axes' values, the first axis varying slowest (as nested loops
@@ -153,16 +202,31 @@ pub fn grid(axes: &[SweepAxis], set_keys: &[&str]) -> Result<Vec<Vec<SweepValue>
     }
     for (i, a) in axes.iter().enumerate() {
         a.clone().checked()?;
-        if axes[..i].iter().any(|b| b.key == a.key) {
-            return Err(SweepError(format!(
-                "--sweep {}: the key is swept twice; give all its values in one --sweep",
-                a.key
-            )));
+        if let Some(b) = axes[..i].iter().find(|b| keys_overlap(&b.key, &a.key)) {
+            return Err(SweepError(if b.key == a.key {
+                format!(
+                    "--sweep {}: the key is swept twice; give all its values in one --sweep",
+                    a.key
+                )
+            } else {
+                format!(
+                    "--sweep {} and --sweep {} change the same part of the file (one holds the \
+                     other); sweep one of them",
+                    b.key, a.key
+                )
+            }));
         }
-        if let Some(k) = set_keys.iter().find(|k| k.trim() == a.key) {
-            return Err(SweepError(format!(
-                "{k} is given by both --set and --sweep: drop one of them"
-            )));
+        if let Some(k) = set_keys.iter().find(|k| keys_overlap(k, &a.key)) {
+            let k = k.trim();
+            return Err(SweepError(if k == a.key {
+                format!("{k} is given by both --set and --sweep: drop one of them")
+            } else {
+                format!(
+                    "--set {k} and --sweep {} change the same part of the file (one holds the \
+                     other): the sweep's values would replace the --set; drop one of them",
+                    a.key
+                )
+            }));
         }
     }
     let size = axes
@@ -274,8 +338,13 @@ pub fn members(
         .map(|(i, values)| {
             let origin = format!("{origin}, sweep job {} ({})", i + 1, label(&values));
             let set = member_overrides(&values, i + 1, name, model);
-            let text =
-                super::job::apply_overrides(text, &origin, &set).map_err(|e| SweepError(e.0))?;
+            // The changes are the sweep's (and the names it gives), not `--set`s.
+            let text = super::job::apply_overrides(text, &origin, &set).map_err(|e| {
+                SweepError(match e.0.strip_prefix("--set ") {
+                    Some(rest) => format!("--sweep {rest}"),
+                    None => e.0,
+                })
+            })?;
             Ok(Member {
                 text,
                 values,
@@ -321,8 +390,10 @@ mod tests {
         assert_eq!(a.values, vec![r#"["q_proj"]"#, r#"["q_proj", "v_proj"]"#]);
         let a = axis(r#"command.env.MSG=["a,b", "c"]"#);
         assert_eq!(a.values, vec![r#""a,b""#, r#""c""#]);
-        let a = axis("x=[{ a = 1 }]");
-        assert_eq!(a.values, vec!["{ a = 1 }"]);
+        let a = axis(r#"command=[{argv=["echo","a"], env={A="1"}}]"#);
+        let back: toml::Table = format!("v = {}", a.values[0]).parse().unwrap();
+        let want: toml::Table = r#"v = {argv=["echo","a"], env={A="1"}}"#.parse().unwrap();
+        assert_eq!(back, want, "{}", a.values[0]);
     }
 
     #[test]
@@ -334,6 +405,18 @@ mod tests {
         assert!(err("lr=").contains("empty value"));
         assert!(err("lr=[1, 2").contains("not a TOML array"));
         assert!(err("seed=1,2,1").contains("1 is given twice"));
+        assert!(err("lr=3e-4,0.0003").contains("0.0003 is given twice"));
+        assert!(err(r#"name=a,"a""#).contains("given twice"));
+        let api = SweepAxis {
+            key: "name=zz".into(),
+            values: vec!["1".into()],
+        };
+        assert!(api.checked().unwrap_err().0.contains("is not a key"));
+        let api = SweepAxis {
+            key: "priority".into(),
+            values: vec!["0\nname=\"inj\"".into()],
+        };
+        assert!(api.checked().unwrap_err().0.contains("line break"));
     }
 
     #[test]
@@ -354,6 +437,19 @@ mod tests {
         assert!(e.contains("swept twice"), "{e}");
         let e = grid(&[axis("a=1,2")], &["a"]).unwrap_err().0;
         assert!(e.contains("both --set and --sweep"), "{e}");
+        // One holding the other: the sweep's table would replace the --set silently.
+        let e = grid(
+            &[axis("training=[{max_steps=10}]")],
+            &["training.learning_rate"],
+        );
+        assert!(e.unwrap_err().0.contains("change the same part"));
+        let e = grid(&[axis("a.b=1"), axis("a=[{b=2}]")], &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("change the same part"), "{e}");
+        assert!(grid(&[axis("a.b=1"), axis("a.bc=2")], &["a.b2"]).is_ok());
+        assert!(keys_overlap("command.env", "command.env.X"));
+        assert!(!keys_overlap("command.env", "command.environment"));
         let many: Vec<String> = (0..17).map(|i| i.to_string()).collect();
         let a = axis(&format!("a={}", many.join(",")));
         let b = axis(&format!("b={}", many.join(",")));
@@ -431,6 +527,23 @@ mod tests {
             },
         ];
         assert_eq!(member_overrides(&point, 1, "x", Some("m")).len(), 2);
+        let mut m = SweepMember {
+            id: 1,
+            index: 1,
+            size: 1,
+            values: vec![
+                SweepValue {
+                    key: "command.env.TOKEN".into(),
+                    value: "s3cret".into(),
+                },
+                SweepValue {
+                    key: "training.seed".into(),
+                    value: "7".into(),
+                },
+            ],
+        };
+        assert!(m.hide_secrets());
+        assert_eq!(m.label(), "command.env.TOKEN=(hidden), training.seed=7");
         let tag = tagged(&format!("m:{}", "t".repeat(80)), 7);
         assert!(
             crate::spec::publish::ModelName::parse(&tag).is_ok(),

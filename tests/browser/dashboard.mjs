@@ -12,7 +12,7 @@
 //   PUBLISH_JOB     a short train job that publishes into Ollama (may still be running)
 //   PUBLISH_NAME    the model name it publishes
 //   SCHEDULE        a schedule of the same owner that does not fire during the test
-//   SWEEP           a sweep of two short train jobs (learning_rate 1e-3 and 1e-2)
+//   SWEEP           a sweep of two short train jobs (learning_rate 1e-3 and 1e-2), held
 //   ARTIFACTS       directory for the screenshots
 //   CHROMIUM        the browser (default /usr/bin/chromium)
 // Prints one JSON line with what it saw; exits 1 with the reason on the first failed check.
@@ -90,7 +90,8 @@ try {
     seen.dep_waiting = why;
     check((await row.locator('td[data-label="VRAM"]').textContent()).includes('10 GiB'), 'VRAM column');
     const counts = await page.locator('#counts').textContent();
-    check(/\d+ running/.test(counts) && /1 queued/.test(counts), `header counts: ${counts}`);
+    // Queued: the dependent job and the sweep's two held jobs.
+    check(/\d+ running/.test(counts) && /3 queued/.test(counts), `header counts: ${counts}`);
     await page.waitForSelector('#live[data-state="live"]');
   });
 
@@ -288,7 +289,14 @@ try {
   // with the lowest evaluation loss (as the API's results say), draws each job's curve, and
   // links to the jobs and back.
   await step('sweep', async () => {
+    // Held until now, so that they do not change the queue while the steps above watch it.
     const sweep = Number(env.SWEEP);
+    for (const id of [sweep, sweep + 1]) {
+      const res = await fetch(`${url}/api/v1/jobs/${id}/release`, {
+        method: 'POST', headers: { Authorization: `Bearer ${env.JOBD_TOKEN}` },
+      });
+      check(res.ok, `release job ${id}: ${res.status}`);
+    }
     await page.goto(`${url}/#/sweep/${sweep + 1}`);
     await page.waitForSelector('#sweep-table tbody tr');
     check(await page.locator('#sweep-table tbody tr').count() === 2, 'both jobs of the sweep');

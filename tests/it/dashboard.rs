@@ -413,13 +413,14 @@ fn dashboard_in_headless_chromium() {
     assert!(out.status.success(), "{}", stderr(&out));
     let schedule: u64 = schedule_id(&out);
 
-    // Two short train jobs of a sweep, for the sweep page.
+    // Two short train jobs of a sweep, for the sweep page: held until the page's sweep step.
     let sweep_file = d.write("sweep.toml", &train_job(20, 10, "[resources]\ncpus = 1"));
     let out = d.jobctl_tcp(
         Some(TOKEN_NOBODY),
         &[
             "submit",
             sweep_file.to_str().unwrap(),
+            "--hold",
             "--sweep",
             "training.learning_rate=1e-3,1e-2",
         ],

@@ -66,16 +66,7 @@ fn a_sweep_queues_every_combination_and_tells_each_job_which_it_is() {
         serde_json::from_str(&stdout(&d.jobctl(&["--json", "sweep", &args[2]]))).unwrap();
     assert_eq!(view.id, s0);
     assert_eq!(view.keys, ["command.env.LR", "command.env.MSG"]);
-    let got: Vec<(u64, String)> = view
-        .jobs
-        .iter()
-        .map(|j| {
-            (
-                j.job.record.id,
-                j.job.record.sweep.as_ref().unwrap().label(),
-            )
-        })
-        .collect();
+    let got: Vec<(u64, String)> = view.jobs.iter().map(|j| (j.id, j.sweep.label())).collect();
     assert_eq!(
         got[1],
         (s0 + 1, r#"command.env.LR=1e-4, command.env.MSG="c""#.into())
@@ -104,6 +95,140 @@ fn a_sweep_queues_every_combination_and_tells_each_job_which_it_is() {
     );
     let o = d.jobctl(&["sweep", "999"]);
     assert!(stderr(&o).contains("sweep 999 not found"), "{}", stderr(&o));
+}
+
+/// Swept values that may be secrets (environment variables) are hidden from other users and
+/// anonymous readers, as the job file is; the owner sees them.
+#[test]
+fn swept_secrets_are_hidden_from_others() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let job = d.write(
+        "sec.toml",
+        &command_job("true", "name = \"secret\"\n[resources]\ncpus = 1"),
+    );
+    let out = d.jobctl_tcp(
+        Some(TOKEN_NOBODY),
+        &[
+            "submit",
+            job.to_str().unwrap(),
+            "--hold",
+            "--sweep",
+            "command.env.HF_TOKEN=hf_AAA111,hf_BBB222",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = ids(&out)[0].to_string();
+    let owner = stdout(&d.jobctl_tcp(Some(TOKEN_NOBODY), &["sweep", &first]));
+    assert!(owner.contains("hf_AAA111"), "the owner sees them:\n{owner}");
+    for (who, text) in [
+        ("another user", stdout(&d.jobctl_tcp(Some(TOKEN_DAEMON), &["sweep", &first]))),
+        (
+            "another user's --json",
+            stdout(&d.jobctl_tcp(Some(TOKEN_DAEMON), &["--json", "sweep", &first])),
+        ),
+        (
+            "another user's show",
+            stdout(&d.jobctl_tcp(Some(TOKEN_DAEMON), &["show", &first])),
+        ),
+        (
+            "anonymous sweep",
+            raw_http(
+                d.addr(),
+                format!("GET /api/v1/sweeps/{first} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .1,
+        ),
+        (
+            "anonymous history",
+            raw_http(
+                d.addr(),
+                format!("GET /api/v1/jobs/{first}/events HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .1,
+        ),
+        (
+            "anonymous queue",
+            raw_http(
+                d.addr(),
+                b"GET /api/v1/queue HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
+            .1,
+        ),
+    ] {
+        assert!(!text.contains("hf_"), "{who} sees a secret:\n{text}");
+    }
+    let other = stdout(&d.jobctl_tcp(Some(TOKEN_DAEMON), &["sweep", &first]));
+    assert!(other.contains("(hidden)"), "{other}");
+}
+
+/// A resubmitted job of a sweep stays in it with the same index (unless `--set` changes what
+/// the sweep varies); the sweep's id works after its first job was cleaned away; `--ids
+/// --active` gives what is left to cancel.
+#[test]
+fn a_sweep_outlives_resubmits_and_cleaning() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let job = d.write(
+        "sl.toml",
+        &command_job(
+            "echo task=$JOBD_SWEEP_INDEX/$JOBD_SWEEP_SIZE; sleep $S",
+            "name = \"sl\"",
+        ),
+    );
+    let out = d.jobctl(&[
+        "submit",
+        job.to_str().unwrap(),
+        "--sweep",
+        "command.env.S=0,60",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (first, second) = (ids(&out)[0], ids(&out)[1]);
+    d.wait_state(first, JobState::Succeeded, Duration::from_secs(20));
+    d.wait_state(second, JobState::Running, Duration::from_secs(20));
+
+    let again: u64 = stdout(&d.jobctl(&["resubmit", &first.to_string()]))
+        .trim()
+        .parse()
+        .unwrap();
+    d.wait_state(again, JobState::Succeeded, Duration::from_secs(20));
+    assert_eq!(
+        stdout(&d.jobctl(&["logs", &again.to_string()])),
+        "task=1/2\n"
+    );
+    d.assert_said(again, &format!("as job 1 of sweep {first}"));
+    let moved: u64 =
+        stdout(&d.jobctl(&["resubmit", &first.to_string(), "--set", "command.env.S=0.1"]))
+            .trim()
+            .parse()
+            .unwrap();
+    assert!(
+        d.job(moved).record.sweep.is_none(),
+        "another point: no sweep"
+    );
+
+    let view: SweepView = serde_json::from_str(&stdout(&d.jobctl(&[
+        "--json",
+        "sweep",
+        &second.to_string(),
+    ])))
+    .unwrap();
+    let listed: Vec<u64> = view.jobs.iter().map(|j| j.id).collect();
+    assert_eq!(
+        listed,
+        [first, again, second],
+        "by index, the copy after the first"
+    );
+
+    d.wait_state(moved, JobState::Succeeded, Duration::from_secs(20));
+    let out = d.jobctl(&["clean"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(d.all_jobs().iter().all(|j| j.record.id != first), "cleaned");
+    let active = d.jobctl(&["sweep", &first.to_string(), "--ids", "--active"]);
+    assert_eq!(ids(&active), [second], "{}", stderr(&active));
+    let mut cancel = vec!["cancel".to_string()];
+    cancel.extend(ids(&active).iter().map(u64::to_string));
+    let cancel: Vec<&str> = cancel.iter().map(String::as_str).collect();
+    assert!(d.jobctl(&cancel).status.success());
+    d.wait_state(second, JobState::Cancelled, Duration::from_secs(20));
 }
 
 /// A sweep with one job the daemon refuses queues none, and says which job and why; bad

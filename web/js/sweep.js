@@ -100,7 +100,7 @@ export class SweepPage {
 
   render() {
     const { jobs, keys } = this.view;
-    const owner = jobs[0]?.owner.user;
+    const owner = jobs[0]?.owner;
     const ended = jobs.filter((j) => ['succeeded', 'failed', 'cancelled'].includes(j.state)).length;
     this.meta.textContent = `${jobs.length} jobs of ${owner} over ${keys.join(' × ')} · ${ended} ended`;
     const best = bestOf(jobs);
