@@ -3,7 +3,8 @@
 //! 1. The live daemon (the real `jobd` binary, unix socket): durable submits per second at
 //!    several client concurrencies (every answered submit is flushed to disk), and submit →
 //!    running latency percentiles on an idle daemon (from the client's submit call to the job's
-//!    process writing its first line).
+//!    process writing its first line), and a 256-job sweep in one request against the same jobs
+//!    submitted one by one.
 //! 2. The scheduler's policy on a seeded synthetic trace replayed through the real
 //!    `sched::plan::plan` on a simulated clock, against a FIFO first-fit baseline (strict
 //!    arrival order, head-of-line blocking, first GPUs that fit — what GPU-aware task spoolers
