@@ -180,10 +180,16 @@ pub fn stream_file(
                     }
                 }
             }
-            let done = sched.view().jobs.get(&id).is_none_or(|j| {
-                j.state.is_terminal()
-                    && !(follow == Follow::UntilNotified && crate::sched::notification_pending(j))
-            });
+            let done = {
+                let view = sched.view();
+                view.jobs.get(&id).is_none_or(|j| {
+                    j.state.is_terminal()
+                        && !(follow == Follow::UntilNotified
+                            && crate::sched::notification_pending(j, &|f| {
+                                view.jobs.values().for_each(|r| f(r))
+                            }))
+                })
+            };
             if follow == Follow::No || done {
                 return;
             }

@@ -172,7 +172,7 @@ impl Scheduler {
         for j in self.jobs.values() {
             let why = if self.notifying.contains_key(&j.id) {
                 "its notifier is running"
-            } else if super::notify::due(j).is_some() {
+            } else if self.due(j).is_some() {
                 "its notifier has not run yet"
             } else {
                 continue;

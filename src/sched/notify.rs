@@ -21,8 +21,9 @@ use tracing::{info, warn};
 use super::{Msg, Scheduler, worker_env};
 use crate::proc::{self, ChildHandle, RunAs, SpawnRequest};
 use crate::spec::contract::{self, files};
+use crate::spec::notify::SweepNotify;
 use crate::spec::record::{ExitInfo, JobEnd, NotifierRun};
-use crate::spec::{JobId, JobRecord, now_ms};
+use crate::spec::{JobId, JobRecord, JobState, now_ms};
 
 /// Between a notifier's SIGTERM (at its timeout) and SIGKILL.
 const NOTIFY_KILL_GRACE: Duration = Duration::from_secs(5);
@@ -87,24 +88,76 @@ pub(super) struct NotifyOutcome {
     pub stopped: Stopped,
 }
 
+/// Every job jobd knows, one by one: how [`due`] finds a sweep's other jobs in the
+/// scheduler's map and in a published `View` alike.
+pub type EachJob<'a> = &'a dyn Fn(&mut dyn FnMut(&JobRecord));
+
 /// The end of `rec` still to be notified, if any: it ended in a state its `[notify] on`
-/// lists, and its notifier has not run for that end.
-pub(super) fn due(rec: &JobRecord) -> Option<JobEnd> {
+/// lists, and its notifier has not run for that end. A job of a sweep notifying `once` is due
+/// only as the sweep's last end (every job of it ended, this one last), and if any of the
+/// sweep's jobs ended as `on` lists: a pure function of the records, so a daemon after a crash
+/// finds the same one.
+pub(super) fn due(rec: &JobRecord, each_job: EachJob<'_>) -> Option<JobEnd> {
     let notify = rec.spec.notify.as_ref()?;
     let end = rec.end()?;
-    (notify.wants(end.state) && rec.notified != Some(end)).then_some(end)
+    if rec.notified == Some(end) {
+        return None;
+    }
+    let Some(sweep) = rec
+        .sweep
+        .as_ref()
+        .filter(|_| notify.sweep == SweepNotify::Once)
+    else {
+        return notify.wants(end.state).then_some(end);
+    };
+    let (mut last, mut all_ended, mut wanted) = (true, true, notify.wants(end.state));
+    each_job(&mut |r| {
+        // `rec` itself may be newer than the map's copy (a change being noted).
+        if r.id == rec.id || r.sweep.as_ref().is_none_or(|s| s.id != sweep.id) {
+            return;
+        }
+        match r.end() {
+            None => all_ended = false,
+            Some(e) => {
+                last &= (e.finished_at, r.id) <= (end.finished_at, rec.id);
+                wanted |= notify.wants(e.state);
+            }
+        }
+    });
+    (last && all_ended && wanted).then_some(end)
+}
+
+/// How a sweep's jobs ended, counted for its notifier: (succeeded, failed, cancelled).
+fn sweep_ends(sweep_id: JobId, each_job: EachJob<'_>) -> (u32, u32, u32) {
+    let mut counts = (0, 0, 0);
+    each_job(&mut |r| {
+        if r.sweep.as_ref().is_some_and(|s| s.id == sweep_id) {
+            match r.state {
+                JobState::Succeeded => counts.0 += 1,
+                JobState::Failed => counts.1 += 1,
+                JobState::Cancelled => counts.2 += 1,
+                _ => {}
+            }
+        }
+    });
+    counts
 }
 
 /// Whether job `rec`'s `[notify]` command has yet to run or to end for its last end.
-pub fn notification_pending(rec: &JobRecord) -> bool {
-    rec.notifier.is_some() || due(rec).is_some()
+pub fn notification_pending(rec: &JobRecord, each_job: EachJob<'_>) -> bool {
+    rec.notifier.is_some() || due(rec, each_job).is_some()
 }
 
 impl Scheduler {
+    /// [`due`], with the jobs the scheduler knows.
+    pub(super) fn due(&self, rec: &JobRecord) -> Option<JobEnd> {
+        due(rec, &|f| self.jobs.values().for_each(f))
+    }
+
     /// Queues `rec`'s notifier if an end of it is due and none runs for it now; it starts
     /// after the batch is flushed ([`Self::start_notifications`]).
     pub(super) fn queue_notification(&mut self, rec: &JobRecord) {
-        if due(rec).is_some()
+        if self.due(rec).is_some()
             && !self.notifying.contains_key(&rec.id)
             && !self.to_notify.contains(&rec.id)
         {
@@ -149,7 +202,7 @@ impl Scheduler {
             let Some(rec) = self.jobs.get(&id) else {
                 continue; // removed (`clean`) meanwhile
             };
-            let Some(end) = due(rec) else { continue };
+            let Some(end) = self.due(rec) else { continue };
             if self.notifying.contains_key(&id) {
                 continue;
             }
@@ -178,7 +231,12 @@ impl Scheduler {
 
     fn spawn_notifier(&mut self, rec: &JobRecord, end: JobEnd) -> Result<(), String> {
         let notify = rec.spec.notify.as_ref().ok_or("no [notify]")?;
-        let req = request(rec, end, &self.settings)?;
+        let sweep_ends = rec
+            .sweep
+            .as_ref()
+            .filter(|_| notify.sweep == SweepNotify::Once)
+            .map(|s| sweep_ends(s.id, &|f| self.jobs.values().for_each(f)));
+        let req = request(rec, end, sweep_ends, &self.settings)?;
         let id = rec.id;
         let stopped = StopFlag::default();
         let (ended_tx, ended_rx) = oneshot::channel::<()>();
@@ -373,7 +431,7 @@ impl Scheduler {
             .jobs
             .values()
             .filter(|r| !self.notifying.contains_key(&r.id))
-            .filter_map(|r| due(r).map(|end| (r.id, end)))
+            .filter_map(|r| self.due(r).map(|end| (r.id, end)))
             .collect();
         // One started just before a crash, before its process was on disk, runs still: it is
         // the job's owner's (or jobd's), leads its group, and tells of this very end.
@@ -475,6 +533,7 @@ fn program(rec: &JobRecord) -> String {
 fn request(
     rec: &JobRecord,
     end: JobEnd,
+    sweep_ends: Option<(u32, u32, u32)>,
     settings: &super::SchedSettings,
 ) -> Result<SpawnRequest, String> {
     let notify = rec.spec.notify.as_ref().ok_or("no [notify]")?;
@@ -525,6 +584,14 @@ fn request(
         env.push((contract::ENV_MODEL.into(), without_nul(&model.name)));
     }
     env.extend(worker_env::sweep_env(rec));
+    // Told once for a whole sweep: how its jobs ended.
+    if let Some((succeeded, failed, cancelled)) = sweep_ends {
+        env.extend([
+            (contract::ENV_SWEEP_SUCCEEDED.into(), succeeded.to_string()),
+            (contract::ENV_SWEEP_FAILED.into(), failed.to_string()),
+            (contract::ENV_SWEEP_CANCELLED.into(), cancelled.to_string()),
+        ]);
+    }
     let mut argv = notify.argv.iter().cloned();
     let program = argv.next().ok_or("[notify] argv is empty")?;
     Ok(SpawnRequest {

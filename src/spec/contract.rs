@@ -52,6 +52,12 @@ pub const ENV_SWEEP_ID: &str = "JOBD_SWEEP_ID";
 pub const ENV_SWEEP_INDEX: &str = "JOBD_SWEEP_INDEX";
 /// For a job of a sweep: how many jobs the sweep has.
 pub const ENV_SWEEP_SIZE: &str = "JOBD_SWEEP_SIZE";
+/// For a sweep's `[notify]` command run once for the sweep: how many of its jobs succeeded.
+pub const ENV_SWEEP_SUCCEEDED: &str = "JOBD_SWEEP_SUCCEEDED";
+/// For a sweep's `[notify]` command run once for the sweep: how many of its jobs failed.
+pub const ENV_SWEEP_FAILED: &str = "JOBD_SWEEP_FAILED";
+/// For a sweep's `[notify]` command run once for the sweep: how many were cancelled.
+pub const ENV_SWEEP_CANCELLED: &str = "JOBD_SWEEP_CANCELLED";
 /// Set to `1` when the GPUs are simulated (`--gpus fake:...`): the job must run on CPU.
 pub const ENV_FAKE_GPUS: &str = "JOBD_FAKE_GPUS";
 

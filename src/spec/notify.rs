@@ -29,6 +29,26 @@ pub struct NotifySpec {
     /// most 10m).
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
+    /// For the jobs of a sweep (`jobctl submit --sweep`): `"once"` (default) runs the command
+    /// once, when the last of them has ended, if any of them ended as `on` lists; `"each"`
+    /// runs it for each job as it ends (Slurm's `--mail-type=ARRAY_TASKS`).
+    #[serde(default, skip_serializing_if = "SweepNotify::is_once")]
+    pub sweep: SweepNotify,
+}
+
+/// When a sweep's jobs notify: once for the sweep, or each job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SweepNotify {
+    #[default]
+    Once,
+    Each,
+}
+
+impl SweepNotify {
+    fn is_once(&self) -> bool {
+        *self == SweepNotify::Once
+    }
 }
 
 /// An end of a job that `[notify] on` may list.

@@ -474,3 +474,86 @@ fn one_users_notifiers_run_at_most_four_at_once() {
     assert!(most <= 4, "{most} notifiers of one user ran at once");
     assert!(most >= 2, "they do run side by side ({most})");
 }
+
+/// A sweep's `[notify]` runs once, when its last job has ended, with how its jobs ended
+/// (`sweep = "each"`: once per job); `on = ["failed"]` runs it if any of them failed.
+#[test]
+fn a_sweep_notifies_once_when_its_last_job_ends() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let calls = d.path("calls");
+    let tell = notifier(
+        &d,
+        "tell.sh",
+        &format!(
+            "echo \"$JOBD_JOB_ID $JOBD_SWEEP_INDEX $JOBD_SWEEP_SUCCEEDED/$JOBD_SWEEP_FAILED/$JOBD_SWEEP_CANCELLED $JOBD_JOB_STATE\" >> {}",
+            calls.display()
+        ),
+    );
+    let file = |name: &str, more: &str| {
+        d.write(
+            name,
+            &notified_job("sleep $T; exit $CODE", &[tell.to_str().unwrap()], more),
+        )
+    };
+    let submit = |f: &std::path::Path, extra: &[&str]| -> Vec<JobId> {
+        let mut args = vec![
+            "submit",
+            f.to_str().unwrap(),
+            "--sweep",
+            r#"command.env=[{T="0", CODE="0"}, {T="1.5", CODE="1"}, {T="0.5", CODE="0"}]"#,
+        ];
+        args.extend(extra);
+        let out = d.jobctl(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).lines().map(|l| l.parse().unwrap()).collect()
+    };
+    let lines = || {
+        std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+
+    // Once: for the second job, the last to end (a failure), with the sweep's counts.
+    let ids = submit(&file("once.toml", ""), &[]);
+    wait_note(&d, ids[1], "notification sent");
+    for id in &ids {
+        assert!(d.state(*id).is_terminal());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lines(), [format!("{} 2 2/1/0 failed", ids[1])]);
+    d.assert_not_said(ids[0], "notification");
+    d.assert_not_said(ids[2], "notification");
+    // Only failures listed, and one failed: told; none failed would tell nothing.
+    let _ = std::fs::remove_file(&calls);
+    let ids = submit(&file("failed.toml", "on = [\"failed\"]"), &[]);
+    wait_note(&d, ids[1], "notification sent");
+    assert_eq!(lines().len(), 1);
+    let _ = std::fs::remove_file(&calls);
+    let ids = submit(
+        &file("failed.toml", "on = [\"failed\"]"),
+        &["--set", "command.argv=[\"true\"]"],
+    );
+    for id in &ids {
+        d.wait_state(*id, JobState::Succeeded, Duration::from_secs(20));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(lines().is_empty(), "none failed: {:?}", lines());
+
+    // Each: three calls, each job as it ends, without the sweep's counts.
+    let _ = std::fs::remove_file(&calls);
+    let ids = submit(&file("each.toml", "sweep = \"each\""), &[]);
+    for id in &ids {
+        wait_note(&d, *id, "notification sent");
+    }
+    let mut got = lines();
+    got.sort();
+    let mut want = vec![
+        format!("{} 1 // succeeded", ids[0]),
+        format!("{} 2 // failed", ids[1]),
+        format!("{} 3 // succeeded", ids[2]),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+}
