@@ -1030,7 +1030,7 @@ pub async fn metrics(
         .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
     let path = rec.dir(&st.jobs_dir).join(files::METRICS);
     // The newest records of a file its owner may have made any size, off the async threads.
-    let read = tokio::task::spawn_blocking(move || read_metrics(&path))
+    let read = tokio::task::spawn_blocking(move || super::metrics::read_all(&path))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?;
     match read {
@@ -1047,22 +1047,4 @@ pub async fn metrics(
             e.to_string(),
         )),
     }
-}
-
-/// The newest records of a `metrics.jsonl` (none when there is no such file), oldest first.
-/// Blocking.
-pub(super) fn read_metrics(path: &Path) -> std::io::Result<Vec<serde_json::Value>> {
-    let text = match crate::jobfs::read_regular_tail(path, files::MAX_METRICS_BYTES) {
-        Ok((t, _)) => String::from_utf8_lossy(&t).into_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e),
-    };
-    // A line being appended right now may be incomplete: skip what does not parse.
-    Ok(text
-        .lines()
-        // A record is well under 1 KiB: a longer line (the owner's) would cost many times its
-        // size parsed, and is no record anyway.
-        .filter(|l| l.len() <= files::MAX_METRICS_LINE_BYTES)
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect())
 }

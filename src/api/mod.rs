@@ -11,6 +11,7 @@ mod error;
 pub mod follow;
 pub mod identity;
 mod jobs;
+mod metrics;
 mod schedules;
 mod stream;
 mod sweeps;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub started_at: Millis,
     /// The daemon's default Ollama models directory.
     pub ollama_models: Arc<Option<std::path::PathBuf>>,
+    /// Train jobs' results so far, read incrementally for `/sweeps/{id}`.
+    pub train_results: Arc<metrics::TrainResults>,
 }
 
 /// The whole API.

@@ -16,7 +16,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,11 +31,10 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::follow::{DirSubscription, DirWatcher};
 use super::jobs::{JobIdPath, gpus_response, job_view, state_counts};
+use super::metrics::MetricsTail;
 use super::{ApiError, AppState};
 use crate::sched::{self, View};
-use crate::spec::api::stream::{
-    self as names, CheckpointView, MetricsUpdate, ProgressUpdate, QueueChanged,
-};
+use crate::spec::api::stream::{self as names, CheckpointView, ProgressUpdate, QueueChanged};
 use crate::spec::contract::{Progress, files};
 use crate::spec::{Caller, JobId, JobState};
 
@@ -344,11 +342,8 @@ async fn recv_opt(sub: &mut Option<DirSubscription>) {
 struct JobFiles {
     id: JobId,
     dir: PathBuf,
-    /// Bytes of `metrics.jsonl` sent (complete lines only), and the inode they came from: the
-    /// worker rewrites the file (new inode) when it resumes from a checkpoint.
-    metrics_pos: u64,
-    metrics_ino: Option<u64>,
-    metrics_sent: bool,
+    /// What of `metrics.jsonl` was sent.
+    metrics: MetricsTail,
     progress: Option<Progress>,
     checkpoints: Option<Vec<CheckpointView>>,
 }
@@ -358,16 +353,14 @@ impl JobFiles {
         JobFiles {
             id,
             dir,
-            metrics_pos: 0,
-            metrics_ino: None,
-            metrics_sent: false,
+            metrics: MetricsTail::default(),
             progress: None,
             checkpoints: None,
         }
     }
 
     async fn send_changes(&mut self, tx: &SseTx) -> Result<(), Gone> {
-        if let Some(update) = self.metrics() {
+        if let Some(update) = self.metrics.read(&self.dir.join(files::METRICS)) {
             send(tx, event(names::METRICS, &update)).await?;
         }
         if let Some(p) = sched::read_progress(&self.dir)
@@ -386,74 +379,6 @@ impl JobFiles {
             self.checkpoints = Some(cks);
         }
         Ok(())
-    }
-
-    /// New complete records of `metrics.jsonl` (all of them, with `reset`, the first time and
-    /// after the file was replaced).
-    fn metrics(&mut self) -> Option<MetricsUpdate> {
-        use std::io::{Read, Seek, SeekFrom};
-        let path = self.dir.join(files::METRICS);
-        let opened = crate::jobfs::open_regular(&path).and_then(|f| Ok((f.metadata()?, f)));
-        let (meta, mut file) = match opened {
-            Ok(x) => x,
-            Err(_) => {
-                let first = !self.metrics_sent;
-                self.metrics_sent = true;
-                return first.then(|| MetricsUpdate {
-                    reset: true,
-                    records: Vec::new(),
-                });
-            }
-        };
-        let reset = !self.metrics_sent
-            || self.metrics_ino != Some(meta.ino())
-            || meta.len() < self.metrics_pos;
-        if reset {
-            self.metrics_pos = 0;
-            self.metrics_ino = Some(meta.ino());
-        }
-        // Never more than the newest MAX_METRICS_BYTES at once (the owner could make the file
-        // any size): what came before them is skipped, from a line's start.
-        let limit = files::MAX_METRICS_BYTES;
-        let skipped = meta.len().saturating_sub(self.metrics_pos) > limit;
-        if skipped {
-            self.metrics_pos = meta.len() - limit;
-        }
-        let mut buf = Vec::new();
-        if meta.len() > self.metrics_pos {
-            let read = file.seek(SeekFrom::Start(self.metrics_pos)).and_then(|_| {
-                file.by_ref()
-                    .take((meta.len() - self.metrics_pos).min(limit))
-                    .read_to_end(&mut buf)
-            });
-            if read.is_err() {
-                buf.clear();
-            }
-        }
-        let mut from = 0;
-        if skipped {
-            from = buf
-                .iter()
-                .position(|b| *b == b'\n')
-                .map_or(buf.len(), |i| i + 1);
-        }
-        // A line being appended right now may be incomplete: keep it for next time (unless a
-        // whole window holds no line end: then it is no line, and is skipped).
-        let complete = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        let complete = if complete == 0 && buf.len() as u64 >= limit {
-            buf.len()
-        } else {
-            complete.max(from)
-        };
-        self.metrics_pos += complete as u64;
-        let buf = &buf[from..complete];
-        let records: Vec<serde_json::Value> = buf
-            .split(|b| *b == b'\n')
-            .filter(|l| l.len() <= files::MAX_METRICS_LINE_BYTES)
-            .filter_map(|l| serde_json::from_slice(l).ok())
-            .collect();
-        self.metrics_sent = true;
-        (reset || !records.is_empty()).then_some(MetricsUpdate { reset, records })
     }
 }
 
@@ -502,42 +427,6 @@ pub fn list_checkpoints(dir: &Path) -> Vec<CheckpointView> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metrics_are_sent_once_whole_then_by_complete_line_and_again_after_a_rewrite() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut f = JobFiles::new(1, dir.path().to_path_buf());
-        let first = f.metrics().expect("the first call says what there is");
-        assert!(first.reset && first.records.is_empty());
-        assert_eq!(f.metrics(), None, "nothing new");
-
-        let path = dir.path().join(files::METRICS);
-        std::fs::write(&path, "{\"step\":10,\"loss\":2.5}\n{\"step\":20,").unwrap();
-        let u = f.metrics().unwrap();
-        assert!(u.reset, "the file appeared: a new inode");
-        assert_eq!(u.records.len(), 1, "the incomplete line waits");
-        assert_eq!(f.metrics(), None);
-
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap();
-        std::io::Write::write_all(&mut file, b"\"loss\":2.0}\n").unwrap();
-        let u = f.metrics().unwrap();
-        assert!(!u.reset);
-        assert_eq!(
-            u.records,
-            vec![serde_json::json!({"step": 20, "loss": 2.0})]
-        );
-
-        // A resumed worker replaces the file (write to temp + rename).
-        let tmp = dir.path().join("m.tmp");
-        std::fs::write(&tmp, "{\"step\":10,\"loss\":2.5}\n").unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-        let u = f.metrics().unwrap();
-        assert!(u.reset);
-        assert_eq!(u.records.len(), 1);
-    }
 
     #[test]
     fn checkpoints_list_complete_directories_by_step_with_their_size() {

@@ -9,10 +9,10 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
 
-use super::jobs::{JobIdPath, job_view, read_metrics, submission_with_rights_of};
+use super::jobs::{JobIdPath, job_view, submission_with_rights_of};
 use super::{ApiError, AppState, require_user};
 use crate::sched::Submission;
-use crate::spec::api::{SubmitRequest, SweepJobView, SweepRequest, SweepView, TrainResult};
+use crate::spec::api::{SubmitRequest, SweepJobView, SweepRequest, SweepView};
 use crate::spec::contract::files;
 use crate::spec::sweep::{self, SweepValue};
 use crate::spec::{Caller, JobKind, JobRecord};
@@ -110,30 +110,27 @@ pub async fn get_one(
         .filter(|r| r.sweep.as_ref().is_some_and(|s| s.id == sweep_id))
         .map(|r| &**r)
         .collect();
-    members.sort_by_key(|r| r.sweep.as_ref().map(|s| s.index));
+    members.sort_by_key(|r| (r.sweep.as_ref().map(|s| s.index), r.id));
     let jobs = members
         .iter()
         .map(|r| job_view(r, &caller, &view, &st.jobs_dir))
         .collect::<Vec<_>>();
     let keys = keys_of(members[0]);
-    // Only train jobs log metrics; each file is read (its newest records) off the async
-    // threads, all in one task.
-    let paths: Vec<Option<std::path::PathBuf>> = members
+    // Only train jobs log metrics; each file is read from where the last request stopped
+    // (a page refreshes while they run), all in one task off the async threads.
+    let paths: Vec<(crate::spec::JobId, Option<std::path::PathBuf>)> = members
         .iter()
         .map(|r| {
-            (r.kind == JobKind::Train && r.attempts > 0)
-                .then(|| r.dir(&st.jobs_dir).join(files::METRICS))
+            let path = (r.kind == JobKind::Train && r.attempts > 0)
+                .then(|| r.dir(&st.jobs_dir).join(files::METRICS));
+            (r.id, path)
         })
         .collect();
+    let known = st.train_results.clone();
+    let alive: std::collections::HashSet<crate::spec::JobId> = view.jobs.keys().copied().collect();
     let results = tokio::task::spawn_blocking(move || {
-        paths
-            .iter()
-            .map(|p| {
-                p.as_deref()
-                    .and_then(|p| read_metrics(p).ok())
-                    .and_then(|records| TrainResult::from_records(&records))
-            })
-            .collect::<Vec<_>>()
+        known.retain(|id| alive.contains(&id));
+        known.of(&paths)
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?;

@@ -216,6 +216,7 @@ pub async fn run(config: Config, stop: StopRequest) -> anyhow::Result<Ended> {
         watcher: api::follow::DirWatcher::new(),
         started_at: now_ms(),
         ollama_models: Arc::new(config.ollama_models.clone()),
+        train_results: Arc::default(),
     };
     let router = api::router(state);
 

@@ -150,23 +150,39 @@ impl TrainResult {
     /// The result the records say (each a `metrics.jsonl` object, oldest first); `None`
     /// before the first logged step.
     pub fn from_records(records: &[serde_json::Value]) -> Option<TrainResult> {
+        TrainResult::fold(None, records)
+    }
+
+    /// `before` (the result of the records before these), brought up to date with `records`.
+    pub fn fold(before: Option<TrainResult>, records: &[serde_json::Value]) -> Option<TrainResult> {
         let number = |r: &serde_json::Value, k: &str| r.get(k).and_then(serde_json::Value::as_f64);
         let step = |r: &serde_json::Value| r.get("step").and_then(serde_json::Value::as_u64);
-        let last = records
-            .iter()
-            .rev()
-            .find(|r| step(r).is_some() && number(r, "loss").is_some())?;
-        let mut evals = records
-            .iter()
-            .filter_map(|r| Some((step(r)?, number(r, "eval_loss")?)));
-        let best = evals.clone().min_by(|a, b| a.1.total_cmp(&b.1));
-        Some(TrainResult {
-            step: step(last)?,
-            loss: number(last, "loss")?,
-            eval_loss: evals.next_back().map(|(_, l)| l),
-            best_eval_loss: best.map(|(_, l)| l),
-            best_eval_step: best.map(|(s, _)| s),
-        })
+        let mut result = before;
+        for r in records {
+            let Some(s) = step(r) else { continue };
+            if let Some(loss) = number(r, "loss") {
+                let prev = result.take();
+                result = Some(TrainResult {
+                    step: s,
+                    loss,
+                    ..prev.unwrap_or(TrainResult {
+                        step: s,
+                        loss,
+                        eval_loss: None,
+                        best_eval_loss: None,
+                        best_eval_step: None,
+                    })
+                });
+            }
+            if let (Some(eval), Some(res)) = (number(r, "eval_loss"), result.as_mut()) {
+                res.eval_loss = Some(eval);
+                if res.best_eval_loss.is_none_or(|b| eval < b) {
+                    res.best_eval_loss = Some(eval);
+                    res.best_eval_step = Some(s);
+                }
+            }
+        }
+        result
     }
 }
 
@@ -610,6 +626,12 @@ mod tests {
                 best_eval_loss: Some(1.5),
                 best_eval_step: Some(20),
             })
+        );
+        // Read in two parts (a page refreshed while the job logs), the same result.
+        let first = TrainResult::from_records(&records[..2]);
+        assert_eq!(
+            TrainResult::fold(first, &records[2..]),
+            TrainResult::from_records(&records)
         );
         let no_eval = TrainResult::from_records(&records[3..]).unwrap();
         assert_eq!((no_eval.eval_loss, no_eval.best_eval_step), (None, None));
