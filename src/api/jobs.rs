@@ -329,13 +329,11 @@ pub async fn resubmit(
         })
         .collect();
     // A job of a sweep run again stays in it (JOBD_SWEEP_INDEX says which task it is), unless
-    // `--set` changed what the sweep varies: then it is another point, of no sweep.
-    sub.sweep = rec.sweep.clone().filter(|s| {
-        !s.values.iter().any(|v| {
-            keys.iter()
-                .any(|k| crate::spec::sweep::keys_overlap(k, &v.key))
-        })
-    });
+    // `--set` changed a value the sweep gave it: then it is another point, of no sweep.
+    sub.sweep = rec
+        .sweep
+        .clone()
+        .filter(|s| crate::spec::sweep::values_hold(&sub.source, &s.values));
     sub.copy_of = Some((id, keys));
     let new = st.sched.submit(&caller, rec.owner.clone(), sub).await?;
     let view = st.sched.view();

@@ -739,6 +739,22 @@ pub fn apply_overrides(text: &str, origin: &str, set: &[String]) -> Result<Strin
     let mut doc: toml::Table = text
         .parse()
         .map_err(|e| OverrideError(format!("invalid job file:\n{origin}: {e}")))?;
+    // Two changes to the same part of the file (`command.env.X` and `command.env`): the later
+    // would silently undo the earlier.
+    for (i, a) in set.iter().enumerate() {
+        let key = |s: &str| s.split_once('=').map_or(s, |(k, _)| k).trim().to_string();
+        if let Some(b) = set[..i]
+            .iter()
+            .find(|b| super::sweep::keys_overlap(&key(b), &key(a)))
+        {
+            return Err(OverrideError(format!(
+                "--set {:?} and --set {:?} change the same part of the file (one holds the \
+                 other): the later would undo the earlier; give one of them",
+                key(b),
+                key(a)
+            )));
+        }
+    }
     for item in set {
         let Some((path, raw)) = item.split_once('=') else {
             return Err(OverrideError(format!(
@@ -761,6 +777,15 @@ pub fn apply_overrides(text: &str, origin: &str, set: &[String]) -> Result<Strin
             .and_then(|t| t.get(*last))
             .is_some_and(toml::Value::is_str);
         let in_env = keys.len() == 3 && keys[0] == "command" && keys[1] == "env";
+        // Quotes, brackets and braces start a TOML value: one that does not parse is a mistake
+        // (`name="x" name="y"`), not a bare word.
+        if raw.trim_start().starts_with(['"', '\'', '[', '{']) && toml_value(raw).is_none() {
+            return Err(OverrideError(format!(
+                "--set {item:?}: {} is not one TOML value (a string in quotes, a number, a list \
+                 [..] or a table {{..}})",
+                raw.trim()
+            )));
+        }
         let value = if was_string || in_env {
             let unquoted = toml_value(raw).and_then(|v| v.as_str().map(str::to_string));
             toml::Value::String(unquoted.unwrap_or_else(|| raw.to_string()))

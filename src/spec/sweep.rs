@@ -97,6 +97,35 @@ pub fn keys_overlap(a: &str, b: &str) -> bool {
     within(a, b) || within(b, a)
 }
 
+/// Whether the job file `text` still has each of `values` (a job of a sweep resubmitted with
+/// `--set`: if it changed none of them, it is still that job of the sweep). A string in the
+/// file matches the value's text, as `--set` makes a string of it there.
+pub fn values_hold(text: &str, values: &[SweepValue]) -> bool {
+    let Ok(doc) = text.parse::<toml::Table>() else {
+        return false;
+    };
+    values.iter().all(|v| {
+        let (parents, last) = match v.key.rsplit_once('.') {
+            Some((p, l)) => (p.split('.').collect::<Vec<_>>(), l),
+            None => (Vec::new(), v.key.as_str()),
+        };
+        let Some(found) = parents
+            .iter()
+            .try_fold(&doc, |t, k| t.get(*k)?.as_table())
+            .and_then(|t| t.get(last))
+        else {
+            return false;
+        };
+        let given = super::job::toml_value(&v.value);
+        match found {
+            toml::Value::String(s) => {
+                given.as_ref().and_then(toml::Value::as_str) == Some(s.as_str()) || *s == v.value
+            }
+            other => given.as_ref() == Some(other),
+        }
+    })
+}
+
 /// Why a sweep cannot be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -130,7 +159,18 @@ impl SweepAxis {
                 })?;
             array.iter().map(value_text).collect()
         } else {
-            raw.split(',').map(|v| v.trim().to_string()).collect()
+            let values: Vec<String> = raw.split(',').map(|v| v.trim().to_string()).collect();
+            // `{a=1, b=2},{...}` split at its commas: what was meant is a TOML array.
+            if let Some(v) = values.iter().find(|v| {
+                v.starts_with(['{', '[', '"', '\'']) && super::job::toml_value(v).is_none()
+            }) {
+                return Err(SweepError(format!(
+                    "--sweep {key}: {v} is no TOML value once the values are split at their \
+                     commas; give values holding commas as a TOML array, e.g. \
+                     {key}=[{{a = 1, b = 2}}, {{a = 3, b = 4}}]"
+                )));
+            }
+            values
         };
         SweepAxis {
             key: key.split('.').map(str::trim).collect::<Vec<_>>().join("."),
@@ -273,7 +313,8 @@ pub fn member_overrides(
     name: &str,
     ollama_name: Option<&str>,
 ) -> Vec<String> {
-    let swept = |key: &str| point.iter().any(|v| v.key == key);
+    // A key swept itself or within a swept table (`--sweep 'publish=[{...}]'`) is the sweep's.
+    let swept = |key: &str| point.iter().any(|v| keys_overlap(&v.key, key));
     let mut set: Vec<String> = point
         .iter()
         .map(|v| format!("{}={}", v.key, v.value))
@@ -494,6 +535,29 @@ mod tests {
     }
 
     #[test]
+    fn values_hold_while_the_file_keeps_them() {
+        let text = "priority = 3\n[command]\nargv = [\"true\"]\nenv = { LR = \"1e-4\" }\n";
+        let v = |key: &str, value: &str| SweepValue {
+            key: key.into(),
+            value: value.into(),
+        };
+        assert!(values_hold(
+            text,
+            &[v("priority", "3"), v("command.env.LR", "1e-4")]
+        ));
+        assert!(values_hold(text, &[v("command.env.LR", "\"1e-4\"")]));
+        assert!(!values_hold(text, &[v("priority", "4")]));
+        assert!(!values_hold(text, &[v("command.env.LR", "3e-4")]));
+        assert!(!values_hold(text, &[v("command.env.X", "1")]));
+    }
+
+    #[test]
+    fn a_list_split_inside_a_table_asks_for_an_array() {
+        let e = SweepAxis::parse(r#"command={argv=["a"], env={K="a"}},{argv=["b"]}"#).unwrap_err();
+        assert!(e.0.contains("as a TOML array"), "{e}");
+    }
+
+    #[test]
     fn members_get_their_own_names_and_models() {
         let point = vec![SweepValue {
             key: "training.learning_rate".into(),
@@ -527,6 +591,16 @@ mod tests {
             },
         ];
         assert_eq!(member_overrides(&point, 1, "x", Some("m")).len(), 2);
+        // A swept `[publish]` table names the model itself.
+        let table = vec![SweepValue {
+            key: "publish".into(),
+            value: r#"{ ollama_name = "qa/first:v" }"#.into(),
+        }];
+        assert!(
+            !member_overrides(&table, 1, "x", Some("m"))
+                .iter()
+                .any(|s| s.starts_with("publish.ollama_name"))
+        );
         let mut m = SweepMember {
             id: 1,
             index: 1,

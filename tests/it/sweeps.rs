@@ -204,6 +204,21 @@ fn a_sweep_outlives_resubmits_and_cleaning() {
         d.job(moved).record.sweep.is_none(),
         "another point: no sweep"
     );
+    let same: u64 = stdout(&d.jobctl(&[
+        "resubmit",
+        &first.to_string(),
+        "--set",
+        "command.env.S=0",
+        "--hold",
+    ]))
+    .trim()
+    .parse()
+    .unwrap();
+    assert!(
+        d.job(same).record.sweep.is_some(),
+        "the same value: still the sweep's"
+    );
+    assert!(d.jobctl(&["cancel", &same.to_string()]).status.success());
 
     let view: SweepView = serde_json::from_str(&stdout(&d.jobctl(&[
         "--json",
@@ -214,8 +229,8 @@ fn a_sweep_outlives_resubmits_and_cleaning() {
     let listed: Vec<u64> = view.jobs.iter().map(|j| j.id).collect();
     assert_eq!(
         listed,
-        [first, again, second],
-        "by index, the copy after the first"
+        [first, again, same, second],
+        "by index, the copies after the first"
     );
 
     d.wait_state(moved, JobState::Succeeded, Duration::from_secs(20));

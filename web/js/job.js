@@ -24,7 +24,7 @@ const LOG_KEEP = 256 * 1024; // characters of log kept on the page
 
 /** A line chart of metrics against step. */
 export class Chart {
-  constructor(container, title, series, { log = false } = {}) {
+  constructor(container, title, series, { log = false, tight = false } = {}) {
     this.container = container;
     this.series = series; // [{label, key, points}]
     this.log = log;
@@ -39,7 +39,15 @@ export class Chart {
       width: Math.max(240, container.clientWidth),
       height: 200,
       // A loss falls by orders of magnitude: on a linear axis its tail lies flat on 0.
-      scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
+      // `tight`: the y axis spans the data (padded 5%), not whole powers of ten, so close
+      // curves stay apart.
+      scales: {
+        x: { time: false },
+        y: {
+          ...(log ? { distr: 3 } : {}),
+          ...(tight ? { range: (u, min, max) => (min == null ? [1, 10] : [min / 1.05, max * 1.05]) } : {}),
+        },
+      },
       axes: [
         { ...axis, label: 'step', incrs: stepIncrs },
         { ...axis, size: 60, values: (u, splits) => splits.map(axisNum) },

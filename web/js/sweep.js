@@ -8,6 +8,10 @@ import { Chart, loadUplot } from './job.js';
 import { el, num, stateBadge } from './util.js';
 
 const COLOURS = ['#2f6feb', '#d9480f', '#2b8a3e', '#862e9c', '#c2255c', '#0b7285', '#e67700', '#5c940d', '#364fc7', '#a61e4d'];
+/** The n-th job's colour: the ten above, then hues spread by the golden angle. */
+function colourAt(n) {
+  return n < COLOURS.length ? COLOURS[n] : `hsl(${Math.round((n * 137.508) % 360)} 65% 45%)`;
+}
 const REFRESH_MS = 2000;
 
 /** The best job: lowest best evaluation loss, else lowest training loss (as `jobctl sweep`). */
@@ -41,9 +45,12 @@ export class SweepPage {
     this.hide();
     this.gen = (this.gen || 0) + 1;
     this.id = id;
+    this.missing = false;
     this.view = null;
     this.metrics = new Map(); // job id -> {step, records}
+    this.colours = new Map(); // job id -> colour, kept while the page is open
     this.charts = null;
+    this.charted = ''; // the train jobs the charts were made for
     this.build();
     this.refresh();
   }
@@ -51,9 +58,20 @@ export class SweepPage {
   hide() {
     clearTimeout(this.timer);
     this.timer = null;
+    this.dropCharts();
+    this.id = null;
+  }
+
+  dropCharts() {
     if (this.charts) for (const c of this.charts) c.destroy();
     this.charts = null;
-    this.id = null;
+    this.charted = '';
+  }
+
+  /** A job's colour: given on first sight, the same in the table and the charts. */
+  colourOf(id) {
+    if (!this.colours.has(id)) this.colours.set(id, colourAt(this.colours.size));
+    return this.colours.get(id);
   }
 
   build() {
@@ -62,19 +80,24 @@ export class SweepPage {
     this.table = el('table', { class: 'queue sweep', id: 'sweep-table' });
     this.best = el('p', { id: 'sweep-best' });
     this.chartBox = el('div', { class: 'charts' });
+    // Many swept keys make a wide table: it scrolls inside its panel, not the page.
+    this.jobsPanel = el('section', { class: 'panel' }, el('h2', {}, 'Jobs'), el('div', { class: 'table-scroll' }, this.table), this.best);
+    this.lossPanel = el('section', { class: 'panel' }, el('h2', {}, 'Loss'), this.chartBox);
+    this.jobsPanel.hidden = true;
+    this.lossPanel.hidden = true;
     this.root.replaceChildren(
       el('div', { class: 'job-head' },
         el('a', { href: '#/', class: 'back' }, '← queue'),
         el('div', { class: 'title-row' }, this.title),
         this.meta),
-      // Many swept keys make a wide table: it scrolls inside its panel, not the page.
-      el('section', { class: 'panel' }, el('h2', {}, 'Jobs'), el('div', { class: 'table-scroll' }, this.table), this.best),
-      el('section', { class: 'panel' }, el('h2', {}, 'Loss'), this.chartBox));
+      this.jobsPanel,
+      this.lossPanel);
   }
 
   /** A change somewhere in the queue, or progress of `jobId`: refetch soon (coalesced). */
   poke(jobId) {
-    if (this.id === null || this.timer) return;
+    // A sweep that is not there (a 404) is not asked about again.
+    if (this.id === null || this.timer || this.missing) return;
     if (jobId !== undefined && !this.view?.jobs.some((j) => j.id === jobId)) return;
     this.timer = setTimeout(() => {
       this.timer = null;
@@ -88,11 +111,15 @@ export class SweepPage {
     try {
       view = await api(`/sweeps/${this.id}`);
     } catch (e) {
-      if (this.gen === gen) this.title.textContent = `Sweep ${this.id}: ${e.message}`;
+      if (this.gen !== gen) return;
+      this.title.textContent = `Sweep ${this.id}`;
+      this.meta.textContent = e.message;
+      this.missing = e.status === 404;
       return;
     }
     if (this.gen !== gen) return;
     this.view = view;
+    this.jobsPanel.hidden = false;
     this.title.textContent = `Sweep ${view.id}`;
     this.render();
     await this.fetchMetrics(gen);
@@ -104,20 +131,24 @@ export class SweepPage {
     const ended = jobs.filter((j) => ['succeeded', 'failed', 'cancelled'].includes(j.state)).length;
     this.meta.textContent = `${jobs.length} jobs of ${owner} over ${keys.join(' × ')} · ${ended} ended`;
     const best = bestOf(jobs);
+    const anyTrain = jobs.some((j) => j.kind === 'train');
     const anyEval = jobs.some((j) => j.result?.best_eval_loss !== undefined);
-    const head = ['ID', 'Name', 'State', ...keys, 'Step', 'Loss', ...(anyEval ? ['Eval loss', 'Best eval'] : [])];
-    const colour = new Map(jobs.map((j, i) => [j.id, COLOURS[i % COLOURS.length]]));
+    const head = ['ID', 'Name', 'State', ...keys, ...(anyTrain ? ['Step', 'Loss'] : []), ...(anyEval ? ['Eval loss', 'Best eval'] : [])];
+    // Command jobs log no losses: no loss columns, no chart panel.
+    this.lossPanel.hidden = !anyTrain;
     const rows = jobs.map((j) => {
       const values = new Map((j.sweep?.values ?? []).map((v) => [v.key, v.value]));
       const r = j.result;
       const steps = r ? (j.progress?.total_steps ? `${r.step}/${j.progress.total_steps}` : r.step) : '';
       const tr = el('tr', { class: j.id === best ? 'best' : null, dataset: { id: j.id } },
-        el('td', {}, swatch(colour.get(j.id)), el('a', { href: `#/job/${j.id}` }, j.id), j.id === best ? ' ★' : ''),
+        el('td', {}, swatch(this.colourOf(j.id)), el('a', { href: `#/job/${j.id}` }, j.id), j.id === best ? ' ★' : ''),
         el('td', { class: 'name' }, j.name),
-        el('td', {}, stateBadge(j.state)),
+        el('td', {}, stateBadge(j.state), j.state === 'queued' && j.held_by ? ' (held)' : ''),
         ...keys.map((k) => el('td', { class: 'value' }, values.get(k) ?? '')),
-        el('td', { class: 'num' }, steps),
-        el('td', { class: 'num' }, r ? num(r.loss) : ''),
+        ...(anyTrain ? [
+          el('td', { class: 'num' }, steps),
+          el('td', { class: 'num' }, r ? num(r.loss) : ''),
+        ] : []),
         ...(anyEval ? [
           el('td', { class: 'num' }, r?.eval_loss !== undefined ? num(r.eval_loss) : ''),
           el('td', { class: 'num' }, r?.best_eval_loss !== undefined ? `${num(r.best_eval_loss)} @${r.best_eval_step}` : ''),
@@ -154,6 +185,12 @@ export class SweepPage {
       }
     }));
     if (this.gen !== gen || !this.metrics.size) return;
+    // A job that joined the sweep (a resubmit) or left it (cleaned): new series.
+    const train = this.view.jobs.filter((j) => j.kind === 'train').map((j) => j.id).join(',');
+    if (this.charts && this.charted !== train) this.dropCharts();
+    for (const id of [...this.metrics.keys()]) {
+      if (!this.view.jobs.some((j) => j.id === id)) this.metrics.delete(id);
+    }
     if (!this.charts) {
       try {
         await loadUplot();
@@ -163,6 +200,7 @@ export class SweepPage {
       }
       if (this.gen !== gen) return;
       this.makeCharts();
+      this.charted = train;
     }
     // One row per step any job logged; each job's values under its own keys.
     const bySteps = new Map();
@@ -182,13 +220,14 @@ export class SweepPage {
     const jobs = this.view.jobs.filter((j) => j.kind === 'train');
     // The same colour as the job's swatch in the table.
     const series = (key, points) => jobs.map((j) => ({
-      label: `job ${j.id}`, key: `${key}@${j.id}`, colour: COLOURS[this.view.jobs.indexOf(j) % COLOURS.length], points,
+      label: `job ${j.id}`, key: `${key}@${j.id}`, colour: this.colourOf(j.id), points,
     }));
     const boxes = [el('div', { class: 'chart', id: 'sweep-chart-loss' }), el('div', { class: 'chart', id: 'sweep-chart-eval' })];
     this.chartBox.replaceChildren(...boxes);
+    // Close curves must stay apart: the axis spans the data, not whole powers of ten.
     this.charts = [
-      new Chart(boxes[0], 'Training loss', series('loss', false), { log: true }),
-      new Chart(boxes[1], 'Evaluation loss', series('eval', true), { log: true }),
+      new Chart(boxes[0], 'Training loss', series('loss', false), { log: true, tight: true }),
+      new Chart(boxes[1], 'Evaluation loss', series('eval', true), { log: true, tight: true }),
     ];
   }
 }
