@@ -180,10 +180,7 @@ fn daemon_bench() {
             }
             let one_by_one = start.elapsed().as_secs_f64();
             let sweep = SweepRequest {
-                toml: job.to_string(),
-                base_dir: Some(base.clone()),
-                source_path: None,
-                hold: true,
+                job: hold(request(job, &base)),
                 sweep: vec![SweepAxis {
                     key: "command.env.I".into(),
                     values: (0..256).map(|i| i.to_string()).collect(),

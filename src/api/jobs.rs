@@ -14,7 +14,7 @@ use futures_util::Stream;
 use serde::Deserialize;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{ApiError, AppState, require_user};
+use super::{ApiError, AppState, require_user, submitter};
 use crate::sched::{self, Submission, View};
 use crate::spec::api::{
     EventsResponse, GpuJob, GpuView, GpusResponse, JobSummary, JobView, ListQuery, ListResponse,
@@ -203,12 +203,8 @@ pub async fn submit(
     Extension(caller): Extension<Caller>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    require_user(&caller)?;
+    let owner = submitter(&st, &caller)?;
     let Json(req) = body?;
-    let owner = st
-        .auth
-        .owner_for(&caller)
-        .ok_or_else(|| ApiError::unauthorized("unknown caller"))?;
     let sub = submission_as(&caller, req).await?;
     let rec = st.sched.submit(&caller, owner, sub).await?;
     let view = st.sched.view();

@@ -149,6 +149,14 @@ pub(crate) fn require_user(caller: &Caller) -> Result<&str, ApiError> {
     })
 }
 
+/// Who a job submitted by `caller` belongs to; only known callers may submit.
+pub(crate) fn submitter(st: &AppState, caller: &Caller) -> Result<crate::spec::Owner, ApiError> {
+    require_user(caller)?;
+    st.auth
+        .owner_for(caller)
+        .ok_or_else(|| ApiError::unauthorized("unknown caller"))
+}
+
 async fn health(State(st): State<AppState>) -> Json<Health> {
     let view = st.sched.view();
     let counts = JobState::ALL

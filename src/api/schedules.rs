@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 use axum::{Extension, Json};
 
 use super::jobs::{redact, submission_as};
-use super::{ApiError, AppState, require_user};
+use super::{ApiError, AppState, require_user, submitter};
 use crate::sched::{ScheduleAction, View};
 use crate::spec::Caller;
 use crate::spec::api::{ScheduleView, SchedulesResponse, SubmitRequest};
@@ -42,12 +42,8 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    require_user(&caller)?;
+    let owner = submitter(&st, &caller)?;
     let Json(req) = body?;
-    let owner = st
-        .auth
-        .owner_for(&caller)
-        .ok_or_else(|| ApiError::unauthorized("unknown caller"))?;
     let sub = submission_as(&caller, req).await?;
     if sub.spec.schedule.is_none() {
         return Err(ApiError::bad_request(

@@ -10,7 +10,7 @@ use axum::response::IntoResponse;
 use axum::{Extension, Json};
 
 use super::jobs::{JobIdPath, job_view, submission_with_rights_of};
-use super::{ApiError, AppState, require_user};
+use super::{ApiError, AppState, submitter};
 use crate::sched::Submission;
 use crate::spec::api::{SubmitRequest, SweepJobView, SweepRequest, SweepView};
 use crate::spec::contract::files;
@@ -25,12 +25,9 @@ pub async fn submit(
     Extension(caller): Extension<Caller>,
     body: Result<Json<SweepRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    require_user(&caller)?;
+    let owner = submitter(&st, &caller)?;
     let Json(req) = body?;
-    let owner = st
-        .auth
-        .owner_for(&caller)
-        .ok_or_else(|| ApiError::unauthorized("unknown caller"))?;
+    let SweepRequest { job: req, sweep } = req;
     let origin = req
         .source_path
         .as_deref()
@@ -44,7 +41,7 @@ pub async fn submit(
         .as_deref()
         .and_then(Path::file_stem)
         .map_or_else(|| "job".into(), |n| n.to_string_lossy().into_owned());
-    let made = sweep::members(&req.toml, &origin, &stem, &req.sweep, &[])
+    let made = sweep::members(&req.toml, &origin, &stem, &sweep, &[])
         .map_err(|e| ApiError::bad_request(e.0))?;
     let mut members: Vec<(Submission, Vec<SweepValue>)> = Vec::with_capacity(made.len());
     for member in made {

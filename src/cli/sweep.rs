@@ -68,10 +68,12 @@ pub fn load(
     }
     Ok((
         SweepRequest {
-            toml: text,
-            base_dir: Some(f.base_dir),
-            source_path: f.source_path,
-            hold: false,
+            job: crate::spec::api::SubmitRequest {
+                toml: text,
+                base_dir: Some(f.base_dir),
+                source_path: f.source_path,
+                hold: false,
+            },
             sweep: parsed,
         },
         checked,
@@ -139,7 +141,7 @@ pub async fn submit(
     out: &Output,
 ) -> anyhow::Result<bool> {
     let (mut req, _) = load(file, overrides, &axes.sweep)?;
-    req.hold = hold;
+    req.job.hold = hold;
     let dims = dimensions(&req.sweep);
     let view: SweepView = client.post("/sweeps", &req).await?;
     if out.json {

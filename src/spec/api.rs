@@ -52,17 +52,9 @@ pub struct ResubmitRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SweepRequest {
-    /// The job file's text (with any `--set` changes already made).
-    pub toml: String,
-    /// As for [`SubmitRequest`].
-    #[serde(default)]
-    pub base_dir: Option<PathBuf>,
-    /// As for [`SubmitRequest`].
-    #[serde(default)]
-    pub source_path: Option<PathBuf>,
-    /// Queue every job on hold.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub hold: bool,
+    /// The job file (with any `--set` changes already made), as for `POST /jobs`; `hold`
+    /// holds every job.
+    pub job: SubmitRequest,
     /// The swept keys and their values (as TOML value texts, `"3e-4"`, `"\"q_proj\""`), the
     /// first varying slowest.
     pub sweep: Vec<super::sweep::SweepAxis>,

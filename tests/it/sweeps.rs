@@ -289,7 +289,7 @@ fn a_sweep_is_queued_all_or_none() {
     // The API refuses what jobctl would not send.
     let body = |sweep: &str| {
         format!(
-            r#"{{"toml": "kind = \"command\"\n[command]\nargv = [\"true\"]\n", "base_dir": "/tmp", "sweep": {sweep}}}"#
+            r#"{{"job": {{"toml": "kind = \"command\"\n[command]\nargv = [\"true\"]\n", "base_dir": "/tmp"}}, "sweep": {sweep}}}"#
         )
     };
     for (sweep, want) in [
@@ -315,6 +315,15 @@ fn a_sweep_is_queued_all_or_none() {
         assert_eq!(status, 400, "{sweep}: {text}");
         assert!(text.contains(want), "{sweep}: {text}");
     }
+    // The job file goes in `job`, as for POST /jobs.
+    let (status, text) = post_json(
+        d.addr(),
+        "/api/v1/sweeps",
+        Some(TOKEN_NOBODY),
+        r#"{"toml": "kind = \"command\"", "sweep": []}"#,
+    );
+    assert!(status == 400 || status == 422, "{status}: {text}");
+    assert!(text.contains("toml"), "{text}");
     assert!(d.all_jobs().is_empty(), "nothing queued");
 }
 
