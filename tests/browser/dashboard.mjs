@@ -314,6 +314,12 @@ try {
       return p && p.split(',').length === 2 && p.split(',').every((n) => Number(n) >= 2);
     }, null, { timeout: 10000 });
     seen.sweep_points = await page.getAttribute('#sweep-chart-loss', 'data-points');
+    // Without the cursor on it, each legend shows the latest values, not "--".
+    await page.waitForFunction(() => {
+      const legend = document.querySelector('#sweep-chart-eval .u-legend')?.textContent || '';
+      return /^\s*step\s*\d/.test(legend) && !legend.includes('--');
+    }, null, { timeout: 5000 });
+    seen.sweep_legend = (await page.textContent('#sweep-chart-eval .u-legend')).replace(/\s+/g, ' ').trim();
     await page.screenshot({ path: join(artifacts, 'sweep.png'), fullPage: true });
     await page.click(`#sweep-table tr[data-id="${best.id}"] td.name`);
     await page.waitForSelector('#sweep-link');

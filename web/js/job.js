@@ -70,7 +70,10 @@ export class Chart {
     }, [[], ...series.map(() => [])], container);
     this.resize = new ResizeObserver(() => {
       const w = Math.max(240, this.container.clientWidth);
-      if (w !== this.plot.width) this.plot.setSize({ width: w, height: 200 });
+      if (w !== this.plot.width) {
+        this.plot.setSize({ width: w, height: 200 });
+        this.showLatest(); // a resize clears the legend
+      }
     });
     this.resize.observe(container);
   }
@@ -83,11 +86,19 @@ export class Chart {
     };
     const data = [records.map((r) => r.step), ...this.series.map((s) => records.map((r) => value(r, s.key)))];
     this.plot.setData(data);
-    // Without the cursor on the chart, the legend shows the latest values.
-    if (data[0].length && this.plot.cursor.idx == null) this.plot.setLegend({ idx: data[0].length - 1 });
+    // Without the cursor on the chart, the legend shows the latest values (again after the
+    // redraw uPlot defers: a chart made and filled at once would otherwise show "--").
+    this.showLatest();
+    requestAnimationFrame(() => this.showLatest());
     // How many points each series has, for people with screen readers and for the tests.
     this.container.dataset.points = this.series
       .map((s, i) => data[i + 1].filter((v) => v !== null).length).join(',');
+  }
+
+  /** Without the cursor on the chart, the legend shows the latest values. */
+  showLatest() {
+    const n = this.plot.data[0].length;
+    if (n && this.plot.cursor.idx == null) this.plot.setLegend({ idx: n - 1 });
   }
 
   destroy() {
