@@ -17,12 +17,15 @@ pub struct EstimateArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub overrides: super::submit::Overrides,
+    /// Estimate every job of a sweep, as `submit --sweep` would queue them (e.g. which batch
+    /// sizes fit): a table of what each needs and where it fits; repeatable.
+    #[arg(long = "sweep", value_name = "KEY=V1,V2,...")]
+    pub sweep: Vec<String>,
 }
 
-pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> anyhow::Result<bool> {
-    let (_, mut spec) = super::submit::load(&args.file, &args.overrides)?;
-    // A schedule's `base = "@previous"` is the last run's model, the shape of `first_base`
-    // (where the first run starts): estimate that.
+/// The spec to estimate: a schedule's `base = "@previous"` is the last run's model, the shape
+/// of `first_base` (where the first run starts).
+fn estimable(mut spec: crate::spec::JobSpec) -> anyhow::Result<crate::spec::JobSpec> {
     if let Some(m) = &mut spec.model
         && m.base
             .as_deref()
@@ -40,6 +43,71 @@ pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> any
         );
         m.base = Some(first);
     }
+    Ok(spec)
+}
+
+/// `estimate --sweep`: each job's need, and the GPUs it fits on.
+async fn estimate_sweep(
+    client: &Client,
+    args: &EstimateArgs,
+    out: &Output,
+) -> anyhow::Result<bool> {
+    let (_, members) = super::sweep::load(&args.file, &args.overrides, &args.sweep)?;
+    let gpus: Option<GpusResponse> = client.get("/gpus").await.ok();
+    let mut rows = Vec::new();
+    let mut json = Vec::new();
+    for (i, (m, spec)) in members.into_iter().enumerate() {
+        let b = estimate::estimate_job(&estimable(spec)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", m.origin))?;
+        let need = b.needed();
+        let fits: Vec<(u32, Fit)> = gpus
+            .iter()
+            .flat_map(|g| &g.gpus)
+            .map(|x| (x.index, Fit::of(x, need)))
+            .collect();
+        let on = fits
+            .iter()
+            .filter(|(_, f)| *f != Fit::TooSmall)
+            .map(|(i, f)| format!("{i}{}", if *f == Fit::Now { "" } else { " (later)" }))
+            .collect::<Vec<_>>();
+        rows.push(vec![
+            (i + 1).to_string(),
+            crate::spec::sweep::label(&m.values),
+            bytes(need),
+            match &gpus {
+                None => "(daemon not reachable)".into(),
+                Some(_) if on.is_empty() => "none".into(),
+                Some(_) => format!("GPU {}", on.join(", ")),
+            },
+        ]);
+        json.push(serde_json::json!({
+            "values": m.values,
+            "needed_bytes": need,
+            "estimate": b,
+            "gpus": fits.iter().map(|(i, f)| serde_json::json!({"index": i, "fit": f.key()})).collect::<Vec<_>>(),
+        }));
+    }
+    if out.json {
+        out.print_json(&serde_json::json!({ "jobs": json }))?;
+    } else {
+        let later = rows.iter().any(|r| r[3].contains("(later)"));
+        outln!(
+            "{}",
+            table(&["#", "VALUES", "NEEDS PER GPU", "FITS ON"], rows)
+        );
+        if later {
+            outln!("(later: the GPU holds it once jobs running there finish)");
+        }
+    }
+    Ok(true)
+}
+
+pub async fn estimate(client: &Client, args: &EstimateArgs, out: &Output) -> anyhow::Result<bool> {
+    if !args.sweep.is_empty() {
+        return estimate_sweep(client, args, out).await;
+    }
+    let (_, spec) = super::submit::load(&args.file, &args.overrides)?;
+    let spec = estimable(spec)?;
     let b = estimate::estimate_job(&spec).map_err(anyhow::Error::msg)?;
     let refs: Vec<(String, Breakdown, Breakdown)> = estimate::reference_shapes()
         .into_iter()

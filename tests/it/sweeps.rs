@@ -407,3 +407,38 @@ fn a_train_sweep_compares_losses_and_keeps_each_model() {
         stderr(&out)
     );
 }
+
+/// `estimate --sweep`: what each job of a sweep would need, and where it fits.
+#[test]
+fn a_sweep_is_estimated_job_by_job() {
+    let d = TestDaemon::start(&["--gpus", "fake:24GiB,80GiB"]);
+    let tiny = crate::train::repo().join("jobs/tiny.toml");
+    let out = d.jobctl(&[
+        "--json",
+        "estimate",
+        tiny.to_str().unwrap(),
+        "--set",
+        "resources.gpus=1",
+        "--sweep",
+        "training.per_device_train_batch_size=8,512",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let jobs = v["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2);
+    let need = |i: usize| jobs[i]["needed_bytes"].as_u64().unwrap();
+    assert!(need(1) > need(0), "a bigger batch needs more: {v}");
+    assert_eq!(jobs[0]["gpus"][1]["fit"], "now");
+    let table = stdout(&d.jobctl(&[
+        "estimate",
+        tiny.to_str().unwrap(),
+        "--set",
+        "resources.gpus=1",
+        "--sweep",
+        "training.per_device_train_batch_size=8,512",
+    ]));
+    assert!(
+        table.contains("training.per_device_train_batch_size=512") && table.contains("GPU 0, 1"),
+        "{table}"
+    );
+}
