@@ -52,6 +52,18 @@ pub async fn logs(client: &Client, args: &LogsArgs, out: &super::Output) -> anyh
         _ => "stdout",
     };
     let id = args.id;
+    // A sweep notifies once, from its last job to end: say so on another job's (empty) log.
+    if args.notify
+        && let Ok(v) = client.get::<JobView>(&format!("/jobs/{id}")).await
+        && let (Some(s), Some(n)) = (&v.record.sweep, &v.record.spec.notify)
+        && n.sweep == crate::spec::notify::SweepNotify::Once
+    {
+        eprintln!(
+            "jobctl: job {id} is one of sweep {}, which is notified once: the notification \
+             runs in the directory of its last job to end (see `jobctl sweep {}`)",
+            s.id, s.id
+        );
+    }
     // An empty answer for a job that has not run yet would look like a job that printed
     // nothing: say so (on stderr; the log itself stays the output). The daemon refuses
     // `--notify` for a job without `[notify]`.

@@ -3,7 +3,7 @@
 //! job not yet ended, a schedule's latest successful run (its `@previous` model). Who
 //! published a model name stays recorded in the store, not in the job.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tracing::{info, warn};
 
@@ -168,16 +168,24 @@ impl Scheduler {
                     .or_insert_with(|| format!("job {} depends on it", j.id));
             }
         }
-        // An end still to be told to the job's `[notify]` command, or being told.
+        // An end still to be told to the job's `[notify]` command, or being told; for a sweep
+        // notified once, every job of it until then (its end is counted).
+        let mut sweeps_pending: HashMap<JobId, bool> = HashMap::new();
         for j in self.jobs.values() {
             let why = if self.notifying.contains_key(&j.id) {
-                "its notifier is running"
+                "its notifier is running".to_string()
             } else if self.due(j).is_some() {
-                "its notifier has not run yet"
+                "its notifier has not run yet".to_string()
+            } else if let Some(sweep) = super::notify::once_sweep(j)
+                && *sweeps_pending
+                    .entry(sweep)
+                    .or_insert_with(|| self.sweep_notification_pending(sweep))
+            {
+                format!("sweep {sweep} has not been notified of its end yet")
             } else {
                 continue;
             };
-            needed.entry(j.id).or_insert_with(|| why.to_string());
+            needed.entry(j.id).or_insert(why);
         }
         // A schedule's latest successful run: `base = "@previous"` trains from its model.
         let mut latest_run: BTreeMap<u64, (Millis, JobId)> = BTreeMap::new();

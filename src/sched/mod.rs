@@ -1174,10 +1174,13 @@ impl Scheduler {
         if rec.state != JobState::Queued {
             self.waiting.remove(&rec.id);
         }
+        // In the map first: whether a notification is due may depend on the other jobs of
+        // its sweep, this one as it is now among them.
+        self.jobs.insert(rec.id, rec.clone());
         self.queue_notification(&rec);
         self.pending.push(JobChange {
             job: crate::spec::api::JobView {
-                record: rec.clone(),
+                record: rec,
                 progress: None,
                 waiting: None,
                 job_dir: None,
@@ -1185,7 +1188,6 @@ impl Scheduler {
             },
             event,
         });
-        self.jobs.insert(rec.id, rec);
     }
 
     fn submit(

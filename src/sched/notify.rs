@@ -94,53 +94,82 @@ pub type EachJob<'a> = &'a dyn Fn(&mut dyn FnMut(&JobRecord));
 
 /// The end of `rec` still to be notified, if any: it ended in a state its `[notify] on`
 /// lists, and its notifier has not run for that end. A job of a sweep notifying `once` is due
-/// only as the sweep's last end (every job of it ended, this one last), and if any of the
-/// sweep's jobs ended as `on` lists: a pure function of the records, so a daemon after a crash
-/// finds the same one.
+/// only as the sweep's designated job ([`SweepEnds::last`]: every job ended, this one last)
+/// and if any of them ended as `on` lists: a pure function of the records, so a daemon after
+/// a crash finds the same one.
 pub(super) fn due(rec: &JobRecord, each_job: EachJob<'_>) -> Option<JobEnd> {
     let notify = rec.spec.notify.as_ref()?;
     let end = rec.end()?;
     if rec.notified == Some(end) {
         return None;
     }
-    let Some(sweep) = rec
-        .sweep
-        .as_ref()
-        .filter(|_| notify.sweep == SweepNotify::Once)
-    else {
+    let Some(sweep) = once_sweep(rec) else {
         return notify.wants(end.state).then_some(end);
     };
-    let (mut last, mut all_ended, mut wanted) = (true, true, notify.wants(end.state));
-    each_job(&mut |r| {
-        // `rec` itself may be newer than the map's copy (a change being noted).
-        if r.id == rec.id || r.sweep.as_ref().is_none_or(|s| s.id != sweep.id) {
-            return;
-        }
-        match r.end() {
-            None => all_ended = false,
-            Some(e) => {
-                last &= (e.finished_at, r.id) <= (end.finished_at, rec.id);
-                wanted |= notify.wants(e.state);
-            }
-        }
-    });
-    (last && all_ended && wanted).then_some(end)
+    let ends = SweepEnds::of(sweep, each_job);
+    (ends.last == Some(rec.id) && ends.states.iter().any(|s| notify.wants(*s))).then_some(end)
 }
 
-/// How a sweep's jobs ended, counted for its notifier: (succeeded, failed, cancelled).
-fn sweep_ends(sweep_id: JobId, each_job: EachJob<'_>) -> (u32, u32, u32) {
-    let mut counts = (0, 0, 0);
-    each_job(&mut |r| {
-        if r.sweep.as_ref().is_some_and(|s| s.id == sweep_id) {
-            match r.state {
-                JobState::Succeeded => counts.0 += 1,
-                JobState::Failed => counts.1 += 1,
-                JobState::Cancelled => counts.2 += 1,
-                _ => {}
-            }
+/// The sweep whose end `rec` tells of, if its `[notify]` runs once for its sweep.
+pub(super) fn once_sweep(rec: &JobRecord) -> Option<JobId> {
+    let notify = rec.spec.notify.as_ref()?;
+    let sweep = rec.sweep.as_ref()?;
+    (notify.sweep == SweepNotify::Once).then_some(sweep.id)
+}
+
+/// How a sweep stands for its notification: the newest run of each of its jobs (a resubmitted
+/// job stands for the run it repeats), their states, and the job that ended last once all
+/// have ended.
+#[derive(Debug, Default)]
+pub(super) struct SweepEnds {
+    /// The state of each job's newest run.
+    pub states: Vec<JobState>,
+    /// The newest run that ended last (latest end, then highest id), once every one has ended.
+    pub last: Option<JobId>,
+}
+
+impl SweepEnds {
+    pub fn of(sweep_id: JobId, each_job: EachJob<'_>) -> SweepEnds {
+        // index → (id, state, end) of its newest run
+        let mut runs: std::collections::BTreeMap<u32, (JobId, JobState, Option<JobEnd>)> =
+            std::collections::BTreeMap::new();
+        each_job(&mut |r| {
+            let Some(s) = r.sweep.as_ref().filter(|s| s.id == sweep_id) else {
+                return;
+            };
+            let run = (r.id, r.state, r.end());
+            runs.entry(s.index)
+                .and_modify(|held| {
+                    if r.id > held.0 {
+                        *held = run;
+                    }
+                })
+                .or_insert(run);
+        });
+        let all_ended = runs.values().all(|(_, _, end)| end.is_some());
+        let last = all_ended
+            .then(|| {
+                runs.values()
+                    .filter_map(|(id, _, end)| Some((end.as_ref()?.finished_at, *id)))
+                    .max()
+                    .map(|(_, id)| id)
+            })
+            .flatten();
+        SweepEnds {
+            states: runs.values().map(|(_, state, _)| *state).collect(),
+            last,
         }
-    });
-    counts
+    }
+
+    /// (succeeded, failed, cancelled), for the notifier.
+    fn counts(&self) -> (u32, u32, u32) {
+        let n = |want: JobState| self.states.iter().filter(|s| **s == want).count() as u32;
+        (
+            n(JobState::Succeeded),
+            n(JobState::Failed),
+            n(JobState::Cancelled),
+        )
+    }
 }
 
 /// Whether job `rec`'s `[notify]` command has yet to run or to end for its last end.
@@ -156,12 +185,31 @@ impl Scheduler {
 
     /// Queues `rec`'s notifier if an end of it is due and none runs for it now; it starts
     /// after the batch is flushed ([`Self::start_notifications`]).
+    /// (`rec` is in `self.jobs` as it is now.) For a job of a sweep notifying once, it is the
+    /// sweep's designated job that may have become due: the jobs' ends may be recorded in
+    /// another order than their times say (two in the same millisecond).
     pub(super) fn queue_notification(&mut self, rec: &JobRecord) {
-        if self.due(rec).is_some()
-            && !self.notifying.contains_key(&rec.id)
-            && !self.to_notify.contains(&rec.id)
-        {
-            self.to_notify.push(rec.id);
+        let designated = once_sweep(rec)
+            .and_then(|s| SweepEnds::of(s, &|f| self.jobs.values().for_each(f)).last)
+            .filter(|id| *id != rec.id);
+        for id in std::iter::once(rec.id).chain(designated) {
+            let is_due = self.jobs.get(&id).is_some_and(|r| self.due(r).is_some());
+            if is_due && !self.notifying.contains_key(&id) && !self.to_notify.contains(&id) {
+                self.to_notify.push(id);
+            }
+        }
+    }
+
+    /// Whether sweep `sweep_id`'s notification (once for the sweep) is still to come or under
+    /// way: its jobs are all needed for it, their ends being counted.
+    pub(super) fn sweep_notification_pending(&self, sweep_id: JobId) -> bool {
+        let ends = SweepEnds::of(sweep_id, &|f| self.jobs.values().for_each(f));
+        match ends.last {
+            None => true,
+            Some(id) => {
+                self.notifying.contains_key(&id)
+                    || self.jobs.get(&id).is_some_and(|r| self.due(r).is_some())
+            }
         }
     }
 
@@ -231,11 +279,8 @@ impl Scheduler {
 
     fn spawn_notifier(&mut self, rec: &JobRecord, end: JobEnd) -> Result<(), String> {
         let notify = rec.spec.notify.as_ref().ok_or("no [notify]")?;
-        let sweep_ends = rec
-            .sweep
-            .as_ref()
-            .filter(|_| notify.sweep == SweepNotify::Once)
-            .map(|s| sweep_ends(s.id, &|f| self.jobs.values().for_each(f)));
+        let sweep_ends =
+            once_sweep(rec).map(|s| SweepEnds::of(s, &|f| self.jobs.values().for_each(f)).counts());
         let req = request(rec, end, sweep_ends, &self.settings)?;
         let id = rec.id;
         let stopped = StopFlag::default();

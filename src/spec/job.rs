@@ -747,12 +747,16 @@ pub fn apply_overrides(text: &str, origin: &str, set: &[String]) -> Result<Strin
             .iter()
             .find(|b| super::sweep::keys_overlap(&key(b), &key(a)))
         {
-            return Err(OverrideError(format!(
-                "--set {:?} and --set {:?} change the same part of the file (one holds the \
-                 other): the later would undo the earlier; give one of them",
-                key(b),
-                key(a)
-            )));
+            return Err(OverrideError(if key(b) == key(a) {
+                format!("--set {:?} is given twice: give it once", key(a))
+            } else {
+                format!(
+                    "--set {:?} and --set {:?} change the same part of the file (one is inside \
+                     the other): give one of them",
+                    key(b),
+                    key(a)
+                )
+            }));
         }
     }
     for item in set {
@@ -777,12 +781,18 @@ pub fn apply_overrides(text: &str, origin: &str, set: &[String]) -> Result<Strin
             .and_then(|t| t.get(*last))
             .is_some_and(toml::Value::is_str);
         let in_env = keys.len() == 3 && keys[0] == "command" && keys[1] == "env";
-        // Quotes, brackets and braces start a TOML value: one that does not parse is a mistake
-        // (`name="x" name="y"`), not a bare word.
-        if raw.trim_start().starts_with(['"', '\'', '[', '{']) && toml_value(raw).is_none() {
+        // A quote starts a TOML string, and (where a value is not kept as text) brackets and
+        // braces a list or table: one that does not parse is a mistake (`name="x" name="y"`),
+        // not a bare word. Text kept as text may hold them (`command.env.CFG={"lr": 0.1}`).
+        let opens = if was_string || in_env {
+            &['"', '\''][..]
+        } else {
+            &['"', '\'', '[', '{'][..]
+        };
+        if raw.trim_start().starts_with(opens) && toml_value(raw).is_none() {
             return Err(OverrideError(format!(
                 "--set {item:?}: {} is not one TOML value (a string in quotes, a number, a list \
-                 [..] or a table {{..}})",
+                 [..] or a table {{..}}); to give it as text, quote it: '...'",
                 raw.trim()
             )));
         }
@@ -1096,6 +1106,46 @@ backoff = "30s"
             e.contains("command.workdir") && e.contains("is not a directory"),
             "{e}"
         );
+    }
+
+    /// `--set`: values kept as text stay text (JSON in an environment variable), a quoted
+    /// value or a list or table elsewhere must be one TOML value, and two changes of the same
+    /// part of the file are refused.
+    #[test]
+    fn overrides_keep_text_refuse_broken_values_and_overlaps() {
+        let file = "name = \"n\"\npriority = 1\n[command]\nargv = [\"true\"]\n";
+        let set = |items: &[&str]| {
+            let items: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+            apply_overrides(file, "f.toml", &items).map(|t| t.parse::<toml::Table>().unwrap())
+        };
+        let doc = set(&[
+            r#"command.env.CFG={"lr": 0.1}"#,
+            "command.env.TAG=[v1] nightly",
+        ])
+        .unwrap();
+        assert_eq!(
+            doc["command"]["env"]["CFG"].as_str(),
+            Some(r#"{"lr": 0.1}"#)
+        );
+        assert_eq!(doc["command"]["env"]["TAG"].as_str(), Some("[v1] nightly"));
+        let doc = set(&["priority=[1, 2]", "command.env.Q='a b'"]).unwrap();
+        assert!(doc["priority"].is_array());
+        assert_eq!(doc["command"]["env"]["Q"].as_str(), Some("a b"));
+        let e = set(&[r#"name="x" name="y""#]).unwrap_err().0;
+        assert!(e.contains("not one TOML value"), "{e}");
+        let e = set(&["priority=[1, 2"]).unwrap_err().0;
+        assert!(e.contains("not one TOML value"), "{e}");
+        let e = set(&["priority=0\nname=\"inj\""]);
+        assert!(
+            e.is_ok_and(|d| d["name"].as_str() == Some("n")),
+            "no second key"
+        );
+        let e = set(&["command.env.X=1", r#"command.env={Y="1"}"#])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("change the same part"), "{e}");
+        let e = set(&["priority=1", "priority=2"]).unwrap_err().0;
+        assert!(e.contains("given twice"), "{e}");
     }
 
     #[test]

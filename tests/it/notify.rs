@@ -557,3 +557,101 @@ fn a_sweep_notifies_once_when_its_last_job_ends() {
     want.sort();
     assert_eq!(got, want);
 }
+
+/// A sweep's one notification does not depend on the order its jobs' ends are recorded in
+/// (three failing at once when their dependency fails), `clean` keeps its jobs until it has
+/// run, and a job resubmitted stands for the run it repeats in the counts.
+#[test]
+fn a_sweep_notification_survives_same_time_ends_cleaning_and_resubmits() {
+    let d = TestDaemon::start(&["--gpus", "none"]);
+    let calls = d.path("calls");
+    let tell = notifier(
+        &d,
+        "tell.sh",
+        &format!(
+            "echo \"$JOBD_SWEEP_ID $JOBD_SWEEP_SUCCEEDED/$JOBD_SWEEP_FAILED/$JOBD_SWEEP_CANCELLED\" >> {}",
+            calls.display()
+        ),
+    );
+    let lines = || {
+        std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let tell = tell.to_str().unwrap();
+    let sweep = |script: &str, more: &str, extra: &[&str]| -> Vec<JobId> {
+        let f = d.write("s.toml", &notified_job(script, &[tell], more));
+        let mut args = vec!["submit", f.to_str().unwrap()];
+        args.extend(extra);
+        let out = d.jobctl(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).lines().map(|l| l.parse().unwrap()).collect()
+    };
+
+    // All three fail in one batch when their dependency fails, the later ones first.
+    let prep = d.submit(&d.write("prep.toml", &command_job("sleep 1; exit 1", "")));
+    let ids = sweep(
+        "true",
+        "",
+        &[
+            "--set",
+            &format!("depends_on=[{prep}]"),
+            "--sweep",
+            "command.env.K=1,2,3",
+        ],
+    );
+    for (id, p) in [(ids[2], "5"), (ids[1], "3")] {
+        assert!(d.jobctl(&["priority", &id.to_string(), p]).status.success());
+    }
+    wait_for("the sweep's notification", Duration::from_secs(20), || {
+        lines().len() == 1
+    });
+    assert_eq!(lines(), [format!("{} 0/3/0", ids[0])]);
+
+    // One fails at once, the other runs on: `clean` meanwhile keeps the failed one, counted.
+    let _ = std::fs::remove_file(&calls);
+    let ids = sweep(
+        "[ \"$RC\" = 3 ] && exit 3; sleep 2",
+        "on = [\"failed\"]",
+        &["--sweep", "command.env.RC=3,0"],
+    );
+    d.wait_state(ids[0], JobState::Failed, Duration::from_secs(20));
+    let out = d.jobctl(&["clean"]);
+    assert!(
+        stdout(&out).contains(&format!(
+            "kept job {}: sweep {} has not been notified",
+            ids[0], ids[0]
+        )),
+        "{}",
+        stdout(&out)
+    );
+    wait_for("the sweep's notification", Duration::from_secs(20), || {
+        lines().len() == 1
+    });
+    assert_eq!(lines(), [format!("{} 1/1/0", ids[0])]);
+
+    // Resubmitted, the failed job's new run replaces it in the counts.
+    let _ = std::fs::remove_file(&calls);
+    let ok = d.path("ok");
+    let ids = sweep(
+        &format!("[ \"$K\" = 2 ] || test -e {}", ok.display()),
+        "",
+        &["--sweep", "command.env.K=1,2"],
+    );
+    wait_for("the first notification", Duration::from_secs(20), || {
+        lines().len() == 1
+    });
+    assert_eq!(lines(), [format!("{} 1/1/0", ids[0])]);
+    std::fs::write(&ok, "").unwrap();
+    assert!(
+        d.jobctl(&["resubmit", &ids[0].to_string()])
+            .status
+            .success()
+    );
+    wait_for("the second notification", Duration::from_secs(20), || {
+        lines().len() == 2
+    });
+    assert_eq!(lines()[1], format!("{} 2/0/0", ids[0]));
+}
