@@ -189,7 +189,9 @@ impl Scheduler {
     /// sweep's designated job that may have become due: the jobs' ends may be recorded in
     /// another order than their times say (two in the same millisecond).
     pub(super) fn queue_notification(&mut self, rec: &JobRecord) {
+        // Only an end can complete a sweep.
         let designated = once_sweep(rec)
+            .filter(|_| rec.end().is_some())
             .and_then(|s| SweepEnds::of(s, &|f| self.jobs.values().for_each(f)).last)
             .filter(|id| *id != rec.id);
         for id in std::iter::once(rec.id).chain(designated) {
