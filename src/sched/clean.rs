@@ -171,17 +171,20 @@ impl Scheduler {
         // An end still to be told to the job's `[notify]` command, or being told; for a sweep
         // notified once, every job of it until then (its end is counted).
         let mut sweeps_pending: HashMap<JobId, bool> = HashMap::new();
+        // (A sweep's state is worked out once per sweep, not once per job of it.)
         for j in self.jobs.values() {
             let why = if self.notifying.contains_key(&j.id) {
                 "its notifier is running".to_string()
+            } else if let Some(sweep) = super::notify::once_sweep(j) {
+                let pending = *sweeps_pending
+                    .entry(sweep)
+                    .or_insert_with(|| self.sweep_notification_pending(sweep));
+                if !pending {
+                    continue;
+                }
+                format!("sweep {sweep} has not been notified of its end yet")
             } else if self.due(j).is_some() {
                 "its notifier has not run yet".to_string()
-            } else if let Some(sweep) = super::notify::once_sweep(j)
-                && *sweeps_pending
-                    .entry(sweep)
-                    .or_insert_with(|| self.sweep_notification_pending(sweep))
-            {
-                format!("sweep {sweep} has not been notified of its end yet")
             } else {
                 continue;
             };
