@@ -501,6 +501,7 @@ pub fn job_summary(rec: &JobRecord, view: &View, jobs_dir: &Path) -> JobSummary 
         finished_at: rec.finished_at,
         attempts: rec.attempts,
         stopping: rec.stop.is_some() && placed,
+        sweep: rec.sweep.as_ref().map(|s| s.id),
     }
 }
 

@@ -427,6 +427,9 @@ pub struct JobSummary {
     /// A cancel or preemption is in progress.
     #[serde(default)]
     pub stopping: bool,
+    /// The sweep the job is one of (its id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<JobId>,
 }
 
 /// Server-sent events of `GET /api/v1/stream` (the dashboard's live queue) and

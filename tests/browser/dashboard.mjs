@@ -289,8 +289,13 @@ try {
   // with the lowest evaluation loss (as the API's results say), draws each job's curve, and
   // links to the jobs and back.
   await step('sweep', async () => {
-    // Held until now, so that they do not change the queue while the steps above watch it.
     const sweep = Number(env.SWEEP);
+    // The queue links a sweep's jobs to their sweep.
+    await page.goto(`${url}/#/`);
+    const tag = page.locator(`#queue tbody tr[data-id="${sweep + 1}"] a.sweep-tag`);
+    await tag.waitFor({ timeout: 10000 });
+    check((await tag.getAttribute('href')) === `#/sweep/${sweep}`, 'the queue row links the sweep');
+    // Held until now, so that they do not change the queue while the steps above watch it.
     for (const id of [sweep, sweep + 1]) {
       const res = await fetch(`${url}/api/v1/jobs/${id}/release`, {
         method: 'POST', headers: { Authorization: `Bearer ${env.JOBD_TOKEN}` },

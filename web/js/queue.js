@@ -140,7 +140,8 @@ export class QueueView {
     const why = job.waiting || (job.state === 'queued' ? '' : job.reason) || '';
     const tr = el('tr', { dataset: { id: job.id, state: job.state } },
       el('td', { class: 'id', 'data-label': 'ID' }, el('a', { href: `#/job/${job.id}` }, `#${job.id}`)),
-      el('td', { class: 'name', 'data-label': 'Name' }, el('a', { href: `#/job/${job.id}` }, job.name)),
+      el('td', { class: 'name', 'data-label': 'Name' }, el('a', { href: `#/job/${job.id}` }, job.name),
+        job.sweep ? el('a', { class: 'sweep-tag', href: `#/sweep/${job.sweep}`, title: `compare the jobs of sweep ${job.sweep}` }, `sweep ${job.sweep}`) : null),
       el('td', { 'data-label': 'State' }, stateBadge(job.state, job.stopping)),
       el('td', { 'data-label': 'Owner' }, job.owner),
       el('td', { class: 'num', 'data-label': 'Priority' }, job.priority),
