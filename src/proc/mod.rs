@@ -701,25 +701,44 @@ async fn leader_ended(info: ProcessInfo) -> Option<ExitInfo> {
     }
 }
 
+/// Every other process's pid, `/proc/PID` directory and environment (`/proc/PID/environ`:
+/// `NUL`-separated `KEY=value`), as far as this process may read them: the walk of `/proc`
+/// that finds a job's processes by the `JOBD_JOB_DIR` they carry.
+pub fn environs() -> impl Iterator<Item = (i32, PathBuf, Vec<u8>)> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(move |e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            if pid == me {
+                return None;
+            }
+            let environ = std::fs::read(e.path().join("environ")).ok()?;
+            Some((pid, e.path(), environ))
+        })
+}
+
+/// The value of `key` in an environment as [`environs`] gives it.
+pub fn env_value<'a>(environ: &'a [u8], key: &str) -> Option<&'a str> {
+    environ.split(|b| *b == 0).find_map(|var| {
+        std::str::from_utf8(var)
+            .ok()?
+            .strip_prefix(key)?
+            .strip_prefix('=')
+    })
+}
+
 /// SIGKILLs every process of `uid` whose environment holds `entry` exactly (`JOBD_JOB_DIR=…`
 /// of an ended job): what escaped its process group and its supervisor. Returns how many.
 pub fn kill_marked(entry: &str, uid: u32) -> usize {
     use std::os::unix::fs::MetadataExt;
-    let me = std::process::id() as i32;
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
     let mut killed = 0;
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me || std::fs::metadata(e.path()).map_or(true, |m| m.uid() != uid) {
+    for (pid, dir, environ) in environs() {
+        if std::fs::metadata(&dir).map_or(true, |m| m.uid() != uid) {
             continue;
         }
-        let Ok(environ) = std::fs::read(e.path().join("environ")) else {
-            continue;
-        };
         if environ
             .split(|b| *b == 0)
             .any(|var| var == entry.as_bytes())
@@ -787,30 +806,14 @@ pub struct FoundNotifier {
 /// The `[notify]` commands running now that lead their own process group, as jobd starts
 /// them: for a daemon after a crash to find one started just before it, not yet recorded.
 pub fn running_notifiers() -> Vec<FoundNotifier> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let value = |environ: &[u8], key: &str| -> Option<String> {
-        let prefix = format!("{key}=");
-        environ.split(|b| *b == 0).find_map(|var| {
-            let var = std::str::from_utf8(var).ok()?;
-            var.strip_prefix(&prefix).map(str::to_string)
-        })
-    };
     let mut found = Vec::new();
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(e.path().join("environ")) else {
-            continue;
-        };
+    for (pid, _, environ) in environs() {
         if !is_notifier(&environ) {
             continue;
         }
         let (Some(job_dir), Some(state)) = (
-            value(&environ, crate::spec::contract::ENV_JOB_DIR),
-            value(&environ, crate::spec::contract::ENV_JOB_STATE),
+            env_value(&environ, crate::spec::contract::ENV_JOB_DIR),
+            env_value(&environ, crate::spec::contract::ENV_JOB_STATE),
         ) else {
             continue;
         };
@@ -822,7 +825,7 @@ pub fn running_notifiers() -> Vec<FoundNotifier> {
         }
         found.push(FoundNotifier {
             job_dir: job_dir.into(),
-            state,
+            state: state.to_string(),
             process: ProcessInfo {
                 pid,
                 pgid: pid,

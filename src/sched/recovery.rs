@@ -500,33 +500,15 @@ fn scan_proc(
 ) -> (BTreeMap<JobId, Vec<ProcessInfo>>, BTreeSet<i32>) {
     let mut out: BTreeMap<JobId, Vec<ProcessInfo>> = BTreeMap::new();
     let mut leaders = BTreeSet::new();
-    let prefix = format!("{ENV_JOB_DIR}={}/", jobs_dir.display());
-    let me = std::process::id() as i32;
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return (out, leaders);
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
+    let prefix = format!("{}/", jobs_dir.display());
+    for (pid, dir, environ) in proc::environs() {
         // A job's notifier is not part of its run (see `proc::is_notifier`); a running one
         // is found by the pid its job records.
         if proc::is_notifier(&environ) {
             continue;
         }
-        let Some(id) = environ.split(|b| *b == 0).find_map(|var| {
-            let var = std::str::from_utf8(var).ok()?;
-            var.strip_prefix(&prefix)?
+        let Some(id) = proc::env_value(&environ, ENV_JOB_DIR).and_then(|d| {
+            d.strip_prefix(&prefix)?
                 .split('/')
                 .next()?
                 .parse::<JobId>()
@@ -534,7 +516,7 @@ fn scan_proc(
         }) else {
             continue;
         };
-        let uid = std::os::unix::fs::MetadataExt::uid(&match entry.metadata() {
+        let uid = std::os::unix::fs::MetadataExt::uid(&match std::fs::metadata(&dir) {
             Ok(m) => m,
             Err(_) => continue,
         });
@@ -559,7 +541,7 @@ fn scan_proc(
             Some(_) => {}
             None => list.push(found),
         }
-        let subcommand = std::fs::read(entry.path().join("cmdline"))
+        let subcommand = std::fs::read(dir.join("cmdline"))
             .ok()
             .and_then(|c| c.split(|b| *b == 0).nth(1).map(<[u8]>::to_vec));
         if pid == pgid.as_raw() && matches!(subcommand.as_deref(), Some(b"worker" | b"run-command"))
