@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jobd::spec::{JobId, JobState};
@@ -475,6 +475,24 @@ fn one_users_notifiers_run_at_most_four_at_once() {
     assert!(most >= 2, "they do run side by side ({most})");
 }
 
+/// The lines a notifier appended to `path` so far.
+fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `jobctl submit FILE ARGS...` of a sweep: its jobs' ids.
+fn submit_sweep(d: &TestDaemon, file: &Path, args: &[&str]) -> Vec<JobId> {
+    let mut all = vec!["submit", file.to_str().unwrap()];
+    all.extend(args);
+    let out = d.jobctl(&all);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).lines().map(|l| l.parse().unwrap()).collect()
+}
+
 /// A sweep's `[notify]` runs once, when its last job has ended, with how its jobs ended
 /// (`sweep = "each"`: once per job); `on = ["failed"]` runs it if any of them failed.
 #[test]
@@ -495,25 +513,15 @@ fn a_sweep_notifies_once_when_its_last_job_ends() {
             &notified_job("sleep $T; exit $CODE", &[tell.to_str().unwrap()], more),
         )
     };
-    let submit = |f: &std::path::Path, extra: &[&str]| -> Vec<JobId> {
+    let submit = |f: &Path, extra: &[&str]| -> Vec<JobId> {
         let mut args = vec![
-            "submit",
-            f.to_str().unwrap(),
             "--sweep",
             r#"command.env=[{T="0", CODE="0"}, {T="1.5", CODE="1"}, {T="0.5", CODE="0"}]"#,
         ];
         args.extend(extra);
-        let out = d.jobctl(&args);
-        assert!(out.status.success(), "{}", stderr(&out));
-        stdout(&out).lines().map(|l| l.parse().unwrap()).collect()
+        submit_sweep(&d, f, &args)
     };
-    let lines = || {
-        std::fs::read_to_string(&calls)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
+    let lines = || lines_of(&calls);
 
     // Once: for the second job, the last to end (a failure), with the sweep's counts.
     let ids = submit(&file("once.toml", ""), &[]);
@@ -573,21 +581,14 @@ fn a_sweep_notification_survives_same_time_ends_cleaning_and_resubmits() {
             calls.display()
         ),
     );
-    let lines = || {
-        std::fs::read_to_string(&calls)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
+    let lines = || lines_of(&calls);
     let tell = tell.to_str().unwrap();
     let sweep = |script: &str, more: &str, extra: &[&str]| -> Vec<JobId> {
-        let f = d.write("s.toml", &notified_job(script, &[tell], more));
-        let mut args = vec!["submit", f.to_str().unwrap()];
-        args.extend(extra);
-        let out = d.jobctl(&args);
-        assert!(out.status.success(), "{}", stderr(&out));
-        stdout(&out).lines().map(|l| l.parse().unwrap()).collect()
+        submit_sweep(
+            &d,
+            &d.write("s.toml", &notified_job(script, &[tell], more)),
+            extra,
+        )
     };
 
     // All three fail in one batch when their dependency fails, the later ones first.
