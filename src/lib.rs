@@ -10,6 +10,7 @@
 //! - L5 `src/bin/jobd.rs`, `src/bin/jobctl.rs`: thin.
 
 pub mod api;
+pub mod chat;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -170,18 +170,20 @@ fn submission_named(
             || "job.toml".to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
-    let spec = parse_and_resolve_with(&origin, &req.toml, &base, &crate::publish::base_issues)
-        .map_err(|mut e| {
-            if let Some((origin, rewritten)) = &named {
-                e.origin.clone_from(origin);
-                if *rewritten {
-                    for p in &mut e.problems {
-                        (p.line, p.column) = (None, None);
-                    }
+    let more = |s: &crate::spec::JobSpec| {
+        [crate::publish::base_issues(s), crate::chat::job_issues(s)].concat()
+    };
+    let spec = parse_and_resolve_with(&origin, &req.toml, &base, &more).map_err(|mut e| {
+        if let Some((origin, rewritten)) = &named {
+            e.origin.clone_from(origin);
+            if *rewritten {
+                for p in &mut e.problems {
+                    (p.line, p.column) = (None, None);
                 }
             }
-            e
-        })?;
+        }
+        e
+    })?;
     let stem = req
         .source_path
         .as_deref()

@@ -97,9 +97,13 @@ enum Command {
         /// Model directory (config.json, model.safetensors, tokenizer.json).
         #[arg(long, value_name = "DIR")]
         model: PathBuf,
-        /// The prompt.
-        #[arg(long)]
-        prompt: String,
+        /// The prompt, continued as it is.
+        #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
+        prompt: Option<String>,
+        /// A user message: rendered with the model's chat template (its
+        /// tokenizer_config.json's), the reply ends with the assistant's turn.
+        #[arg(long, value_name = "MESSAGE")]
+        chat: Option<String>,
         /// Tokens to generate.
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
@@ -180,8 +184,13 @@ fn main() -> ExitCode {
         Some(Command::Generate {
             model,
             prompt,
+            chat,
             max_tokens,
-        }) => match jobd::train::generate(&model, &prompt, max_tokens) {
+        }) => match match chat {
+            Some(message) => jobd::train::generate::chat(&model, &message, max_tokens),
+            // clap requires one of --prompt and --chat.
+            None => jobd::train::generate(&model, &prompt.unwrap_or_default(), max_tokens),
+        } {
             Ok(text) => {
                 outln!("{text}");
                 ExitCode::SUCCESS

@@ -173,8 +173,10 @@ pub(super) fn check_variant(
     origin: &str,
     base_dir: &Path,
 ) -> anyhow::Result<crate::spec::JobSpec> {
-    let check =
-        |text: &str| parse_and_resolve_with(origin, text, base_dir, &crate::publish::base_issues);
+    let more = |s: &crate::spec::JobSpec| {
+        [crate::publish::base_issues(s), crate::chat::job_issues(s)].concat()
+    };
+    let check = |text: &str| parse_and_resolve_with(origin, text, base_dir, &more);
     match check(variant) {
         Ok(spec) => Ok(spec),
         Err(e) if variant != original => Err(match check(original) {

@@ -495,15 +495,7 @@ fn convert(
         }
     };
 
-    let chat_template = match tok_cfg.get("chat_template") {
-        Some(Json::String(s)) => Some(s.clone()),
-        // The newer list form: [{"name": "default", "template": ...}, ...].
-        Some(Json::Array(list)) => list
-            .iter()
-            .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
-            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
-        _ => None,
-    };
+    let chat_template = crate::chat::template_in_config(tok_cfg);
 
     Ok(GgufTokenizer {
         model: "gpt2",

@@ -101,8 +101,9 @@ pub enum DataFormat {
     /// Plain text: the whole file is tokenized as one text (lines stay joined by their
     /// newlines) and cut into `block_size` blocks; a shorter tail is dropped.
     Text,
-    /// JSON lines: each line `{"text": ...}` or `{"prompt": ..., "completion": ...}` (loss
-    /// only on the completion) is one example, cut at `block_size` tokens.
+    /// JSON lines: each line `{"text": ...}`, `{"prompt": ..., "completion": ...}` (loss
+    /// only on the completion) or `{"messages": [...]}` (a conversation; loss only on the
+    /// assistant's replies) is one example, cut at `block_size` tokens.
     Jsonl,
 }
 
@@ -147,17 +148,19 @@ fn data_format_issue(path: &Path, format: DataFormat) -> Option<String> {
         return None;
     }
     let v: serde_json::Value = serde_json::from_str(first).ok()?;
-    ["text", "prompt", "completion"]
+    (["text", "prompt", "completion"]
         .iter()
         .any(|k| v.get(k).is_some_and(serde_json::Value::is_string))
-        .then(|| {
-            format!(
-                "{} looks like JSON lines (its first line is an object with \"text\" or \
-                 \"prompt\") but would be read as plain text, JSON syntax and all: name it \
-                 .jsonl, or set data.format = \"jsonl\" (or \"text\" if it really is text)",
-                path.display()
-            )
-        })
+        || v.get("messages").is_some_and(serde_json::Value::is_array))
+    .then(|| {
+        format!(
+            "{} looks like JSON lines (its first line is an object with \"text\", \
+                 \"prompt\" or \"messages\") but would be read as plain text, JSON syntax and \
+                 all: name it .jsonl, or set data.format = \"jsonl\" (or \"text\" if it really \
+                 is text)",
+            path.display()
+        )
+    })
 }
 
 /// `[data]`: training and evaluation data.
@@ -179,6 +182,11 @@ pub struct DataSpec {
     /// `"auto"` (by extension), `"text"` or `"jsonl"`.
     #[serde(default)]
     pub format: DataFormat,
+    /// A Jinja chat template file (Hugging Face's `chat_template` syntax) for conversations
+    /// (`{"messages": [...]}`); default: the base model's, or ChatML for a model trained
+    /// from scratch. It goes into the trained model's `tokenizer_config.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<PathBuf>,
 }
 
 /// `lr_scheduler_type`: how the learning rate moves over training (as in `transformers`).
@@ -908,6 +916,9 @@ pub fn resolve_paths(spec: &mut JobSpec, base_dir: &Path) {
         if let Some(e) = &mut d.eval_file {
             abs(e);
         }
+        if let Some(t) = &mut d.chat_template {
+            abs(t);
+        }
     }
     if let Some(t) = &mut spec.training
         && let ResumeFrom::Path(p) = &mut t.resume_from_checkpoint
@@ -975,6 +986,14 @@ pub fn check_paths(spec: &JobSpec) -> Vec<Issue> {
         check("data.train_file", &d.train_file);
         if let Some(e) = &d.eval_file {
             check("data.eval_file", e);
+        }
+        if let Some(t) = &d.chat_template
+            && !t.is_file()
+        {
+            issues.push(Issue::new(
+                "data.chat_template",
+                format!("{} is not a file", t.display()),
+            ));
         }
     }
     if let Some(ResumeFrom::Path(p)) = spec.training.as_ref().map(|t| &t.resume_from_checkpoint)
@@ -1342,6 +1361,28 @@ mod tests {
         // Plain text stays plain text.
         std::fs::write(dir.path().join("train.txt"), "{not json at all\nhello\n").unwrap();
         parse_and_resolve("job.toml", &job("train.txt", ""), dir.path()).unwrap();
+        // Conversations too are JSON lines.
+        std::fs::write(
+            dir.path().join("chat.txt"),
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}\n",
+        )
+        .unwrap();
+        let e = parse_and_resolve("job.toml", &job("chat.txt", ""), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"messages\""), "{e}");
+        // A chat template file must exist, and resolves against the job file's directory.
+        let e = parse_and_resolve(
+            "job.toml",
+            &job("train.json", "chat_template = \"nope.jinja\""),
+            dir.path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("data.chat_template: ") && e.contains("nope.jinja"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //!   tokens concatenated into one stream, which is cut into `block_size` blocks; a tail
 //!   shorter than a block is dropped (as `TextDataset` does). Blocks therefore span lines.
 //! - JSON lines: each line is one example, `{"text"}` (loss on every token) or
-//!   `{"prompt", "completion"}` (loss only on the completion), followed by the eos token and
-//!   cut at `block_size` tokens. Blank lines are skipped.
+//!   `{"prompt", "completion"}` (loss only on the completion), followed by the eos token, or
+//!   `{"messages": [...]}`, a conversation rendered with the chat template (loss only on the
+//!   assistant's replies, see [`super::chat`]; the template ends each turn, so no eos is
+//!   added); cut at `block_size` tokens. Blank lines are skipped.
 //!
 //! The data order is a function of the seed, the epoch and the step alone, so a resumed run
 //! seeks straight to its position instead of replaying batches.
@@ -20,6 +22,7 @@ use super::TrainError;
 use super::rng::Rng;
 use super::tokenizer::Tok;
 use super::weights::write_atomic;
+use crate::chat::ChatTemplate;
 use crate::spec::train::DataFormat;
 
 /// One tokenized example.
@@ -27,16 +30,41 @@ use crate::spec::train::DataFormat;
 pub struct Example {
     /// Token ids, at most `block_size` of them.
     pub ids: Vec<u32>,
-    /// Index of the first token that counts in the loss (0 for text; the completion's first
-    /// token for prompt/completion).
-    pub loss_start: u32,
+    /// Ranges of token indices that count in the loss, ascending and disjoint: all of them
+    /// for text, the completion for prompt/completion, each reply for a conversation.
+    pub targets: Vec<(u32, u32)>,
 }
 
 impl Example {
-    /// Positions whose next token is predicted with loss.
+    /// An example whose tokens from `start` on count in the loss.
+    pub fn from(ids: Vec<u32>, start: usize) -> Self {
+        let end = ids.len() as u32;
+        Example {
+            targets: vec![(start as u32, end)],
+            ids,
+        }
+    }
+
+    /// Positions whose next token is predicted with loss (the first token never is).
     pub fn labelled(&self) -> usize {
-        let start = (self.loss_start as usize).max(1);
-        self.ids.len().saturating_sub(start)
+        self.targets
+            .iter()
+            .map(|&(a, b)| (b as usize).saturating_sub((a as usize).max(1)))
+            .sum()
+    }
+
+    /// Cuts the example at `block` tokens; whether it was longer.
+    fn truncate(&mut self, block: usize) -> bool {
+        if self.ids.len() <= block {
+            return false;
+        }
+        self.ids.truncate(block);
+        let end = block as u32;
+        self.targets.retain(|&(a, _)| a < end);
+        if let Some(last) = self.targets.last_mut() {
+            last.1 = last.1.min(end);
+        }
+        true
     }
 }
 
@@ -47,13 +75,17 @@ pub struct Dataset {
     pub examples: Vec<Example>,
     /// Hex SHA-256 of the file and the tokenization settings (the cache key).
     pub key: String,
+    /// Whether any example is a conversation (rendered with the chat template).
+    pub chat: bool,
 }
 
 /// Reads and tokenizes `path`, or reads the result from the cache in `cache_dir`.
+/// Conversations are rendered with `chat`; without one, a conversation is an error.
 pub fn load(
     path: &Path,
     format: DataFormat,
     tok: &Tok,
+    chat: Option<&ChatTemplate>,
     block_size: usize,
     cache_dir: &Path,
 ) -> Result<Dataset, TrainError> {
@@ -67,18 +99,27 @@ pub fn load(
     }
     let jsonl = format.reads_jsonl(path);
     let mut h = Sha256::new();
-    h.update(b"jobd-tokenized-v1\0");
+    h.update(b"jobd-tokenized-v2\0");
     h.update(if jsonl { b"jsonl" } else { b"text\0" });
     h.update((block_size as u64).to_le_bytes());
     h.update(tok.to_json()?.as_bytes());
     h.update([tok.eos.is_some() as u8]);
     h.update(tok.eos.unwrap_or(0).to_le_bytes());
+    // The template, and the special tokens it may insert, decide how conversations read.
+    for part in chat.map_or(["", "", ""], |c| [c.source(), c.bos_token(), c.eos_token()]) {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
     h.update(&bytes);
     let key = hex::encode(h.finalize());
     let cache = cache_dir.join(format!("tokenized-{}.bin", &key[..16]));
-    if let Some(examples) = read_cache(&cache, &key) {
+    if let Some((examples, chat)) = read_cache(&cache, &key) {
         tracing::info!(file = %path.display(), cache = %cache.display(), "tokenized data from cache");
-        return Ok(Dataset { examples, key });
+        return Ok(Dataset {
+            examples,
+            key,
+            chat,
+        });
     }
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
@@ -92,10 +133,10 @@ pub fn load(
     })?;
     // A byte-order mark (Windows tools write one) is not part of the data.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let examples = if jsonl {
-        tokenize_jsonl(path, text, tok, block_size)?
+    let (examples, has_chat) = if jsonl {
+        tokenize_jsonl(path, text, tok, chat, block_size)?
     } else {
-        tokenize_text(path, text, tok, block_size)?
+        (tokenize_text(path, text, tok, block_size)?, false)
     };
     if examples.is_empty() {
         return Err(TrainError::Data {
@@ -109,11 +150,15 @@ pub fn load(
         });
     }
     if std::fs::create_dir_all(cache_dir).is_ok()
-        && let Err(e) = write_atomic(&cache, &encode_cache(&key, &examples))
+        && let Err(e) = write_atomic(&cache, &encode_cache(&key, &examples, has_chat))
     {
         tracing::warn!(error = %e, "could not write the tokenized-data cache");
     }
-    Ok(Dataset { examples, key })
+    Ok(Dataset {
+        examples,
+        key,
+        chat: has_chat,
+    })
 }
 
 fn tokenize_text(
@@ -136,10 +181,7 @@ fn tokenize_text(
         .collect();
     Ok(stream
         .chunks_exact(block)
-        .map(|c| Example {
-            ids: c.to_vec(),
-            loss_start: 0,
-        })
+        .map(|c| Example::from(c.to_vec(), 0))
         .collect())
 }
 
@@ -147,10 +189,11 @@ fn tokenize_jsonl(
     path: &Path,
     text: &str,
     tok: &Tok,
+    chat: Option<&ChatTemplate>,
     block: usize,
-) -> Result<Vec<Example>, TrainError> {
+) -> Result<(Vec<Example>, bool), TrainError> {
     let mut out = Vec::new();
-    let (mut truncated, mut unlearnable) = (0usize, 0usize);
+    let (mut truncated, mut unlearnable, mut has_chat) = (0usize, 0usize, false);
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -169,29 +212,44 @@ fn tokenize_jsonl(
                 Some(_) => Err(bad(format!("\"{k}\" must be a string"))),
             }
         };
-        let (mut ids, loss_start) = match (field("text")?, field("prompt")?, field("completion")?) {
-            (Some(t), None, None) => (tok.encode(t, true)?, 0),
-            (None, Some(p), Some(c)) => {
+        let mut ex = match (
+            field("text")?,
+            field("prompt")?,
+            field("completion")?,
+            v.get("messages"),
+        ) {
+            (Some(t), None, None, None) => {
+                let mut ids = tok.encode(t, true)?;
+                ids.extend(tok.eos);
+                Example::from(ids, 0)
+            }
+            (None, Some(p), Some(c), None) => {
                 let mut ids = tok.encode(p, true)?;
                 let start = ids.len();
                 ids.extend(tok.encode(c, false)?);
-                (ids, start)
+                ids.extend(tok.eos);
+                Example::from(ids, start)
+            }
+            (None, None, None, Some(m)) => {
+                let chat = chat.ok_or_else(|| {
+                    bad(
+                        "a conversation (\"messages\"), but the model has no chat template: \
+                         set data.chat_template to a Jinja template file"
+                            .into(),
+                    )
+                })?;
+                has_chat = true;
+                conversation(chat, tok, m).map_err(bad)?
             }
             _ => {
                 return Err(bad(
-                    "expected {\"text\": ...} or {\"prompt\": ..., \"completion\": ...}".into(),
+                    "expected {\"text\": ...}, {\"prompt\": ..., \"completion\": ...} or \
+                     {\"messages\": [{\"role\": ..., \"content\": ...}, ...]}"
+                        .into(),
                 ));
             }
         };
-        ids.extend(tok.eos);
-        if ids.len() > block {
-            ids.truncate(block);
-            truncated += 1;
-        }
-        let ex = Example {
-            ids,
-            loss_start: loss_start as u32,
-        };
+        truncated += ex.truncate(block) as usize;
         if ex.labelled() == 0 {
             unlearnable += 1;
             continue;
@@ -203,21 +261,49 @@ fn tokenize_jsonl(
     }
     if unlearnable > 0 {
         tracing::warn!(file = %path.display(), skipped = unlearnable,
-            "examples skipped: no completion token left within data.block_size");
+            "examples skipped: no completion or reply token left within data.block_size");
     }
-    Ok(out)
+    Ok((out, has_chat))
 }
 
-const CACHE_MAGIC: &[u8; 8] = b"JOBDTOK1";
+/// A conversation's tokens, with its replies as targets. The rendering is tokenized whole,
+/// without added specials (the template writes them, as `apply_chat_template` does).
+fn conversation(
+    chat: &ChatTemplate,
+    tok: &Tok,
+    messages: &serde_json::Value,
+) -> Result<Example, String> {
+    let messages = crate::chat::check_messages(messages)?;
+    let rendered = chat.conversation(messages)?;
+    let enc = tok
+        .inner
+        .encode(rendered.text.as_str(), false)
+        .map_err(|e| format!("tokenizing the rendered conversation: {e}"))?;
+    let targets = crate::chat::trained_tokens(enc.get_offsets(), &rendered.trained)
+        .into_iter()
+        .map(|r| (r.start as u32, r.end as u32))
+        .collect();
+    Ok(Example {
+        ids: enc.get_ids().to_vec(),
+        targets,
+    })
+}
 
-fn encode_cache(key: &str, examples: &[Example]) -> Vec<u8> {
+const CACHE_MAGIC: &[u8; 8] = b"JOBDTOK2";
+
+fn encode_cache(key: &str, examples: &[Example], chat: bool) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(CACHE_MAGIC);
     out.extend_from_slice(key.as_bytes());
+    out.push(chat as u8);
     out.extend_from_slice(&(examples.len() as u64).to_le_bytes());
     for e in examples {
         out.extend_from_slice(&(e.ids.len() as u32).to_le_bytes());
-        out.extend_from_slice(&e.loss_start.to_le_bytes());
+        out.extend_from_slice(&(e.targets.len() as u32).to_le_bytes());
+        for &(a, b) in &e.targets {
+            out.extend_from_slice(&a.to_le_bytes());
+            out.extend_from_slice(&b.to_le_bytes());
+        }
         for id in &e.ids {
             out.extend_from_slice(&id.to_le_bytes());
         }
@@ -225,7 +311,7 @@ fn encode_cache(key: &str, examples: &[Example]) -> Vec<u8> {
     out
 }
 
-fn read_cache(path: &Path, key: &str) -> Option<Vec<Example>> {
+fn read_cache(path: &Path, key: &str) -> Option<(Vec<Example>, bool)> {
     let bytes = std::fs::read(path).ok()?;
     let mut rest = bytes.strip_prefix(CACHE_MAGIC.as_slice())?;
     rest = rest.strip_prefix(key.as_bytes())?;
@@ -235,15 +321,23 @@ fn read_cache(path: &Path, key: &str) -> Option<Vec<Example>> {
         Some(a)
     };
     let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+    let chat = take(1)?[0] != 0;
     let n = u64::from_le_bytes(take(8)?.try_into().ok()?) as usize;
     let mut out = Vec::with_capacity(n.min(1 << 24));
     for _ in 0..n {
         let len = u32_at(take(4)?) as usize;
-        let loss_start = u32_at(take(4)?);
-        let ids = take(len * 4)?.chunks_exact(4).map(u32_at).collect();
-        out.push(Example { ids, loss_start });
+        let spans = u32_at(take(4)?) as usize;
+        let targets = take(spans.checked_mul(8)?)?
+            .chunks_exact(8)
+            .map(|c| (u32_at(&c[..4]), u32_at(&c[4..])))
+            .collect();
+        let ids = take(len.checked_mul(4)?)?
+            .chunks_exact(4)
+            .map(u32_at)
+            .collect();
+        out.push(Example { ids, targets });
     }
-    rest.is_empty().then_some(out)
+    rest.is_empty().then_some((out, chat))
 }
 
 /// Splits off a fraction of `examples` for evaluation, chosen with `seed`; both parts keep
@@ -386,7 +480,7 @@ pub struct Batch {
 }
 
 /// Builds a batch from examples, right-padded with `pad` to the longest one. Position `t`'s
-/// label is token `t+1`, counted when `t+1 >= loss_start`.
+/// label is token `t+1`, counted when `t+1` is in one of the example's targets.
 pub fn batch(examples: &[&Example], pad: u32, device: &Device) -> Result<Batch, TrainError> {
     let t = examples
         .iter()
@@ -403,10 +497,11 @@ pub fn batch(examples: &[&Example], pad: u32, device: &Device) -> Result<Batch, 
         let row = r * t;
         ids[row..row + e.ids.len()].copy_from_slice(&e.ids);
         tokens += e.ids.len();
-        for p in 0..e.ids.len().saturating_sub(1) {
-            if p + 1 >= e.loss_start as usize {
-                labels[row + p] = e.ids[p + 1];
-                mask[row + p] = 1.0;
+        for &(a, b) in &e.targets {
+            // Token `q` is predicted at position `q - 1`.
+            for q in (a as usize).max(1)..(b as usize).min(e.ids.len()) {
+                labels[row + q - 1] = e.ids[q];
+                mask[row + q - 1] = 1.0;
                 labelled += 1;
             }
         }
@@ -439,12 +534,12 @@ mod tests {
         let all = t.encode("hello world 1\n", false).unwrap().len()
             + t.encode("hello world 2\n", false).unwrap().len()
             + t.encode("hello world 3\n", false).unwrap().len();
-        let d = load(&f, DataFormat::Auto, &t, 4, dir.path()).unwrap();
+        let d = load(&f, DataFormat::Auto, &t, None, 4, dir.path()).unwrap();
         assert_eq!(d.examples.len(), all / 4);
         assert!(
             d.examples
                 .iter()
-                .all(|e| e.ids.len() == 4 && e.loss_start == 0)
+                .all(|e| e.ids.len() == 4 && e.targets == [(0, 4)])
         );
         let cached = std::fs::read_dir(dir.path())
             .unwrap()
@@ -457,9 +552,9 @@ mod tests {
             })
             .count();
         assert_eq!(cached, 1);
-        let again = load(&f, DataFormat::Auto, &t, 4, dir.path()).unwrap();
+        let again = load(&f, DataFormat::Auto, &t, None, 4, dir.path()).unwrap();
         assert_eq!(again.examples, d.examples);
-        let e = load(&f, DataFormat::Text, &t, 1000, dir.path()).unwrap_err();
+        let e = load(&f, DataFormat::Text, &t, None, 1000, dir.path()).unwrap_err();
         assert!(e.to_string().contains("shorter than one block"), "{e}");
     }
 
@@ -473,11 +568,11 @@ mod tests {
         )
         .unwrap();
         let t = tok();
-        let d = load(&f, DataFormat::Auto, &t, 64, dir.path()).unwrap();
+        let d = load(&f, DataFormat::Auto, &t, None, 64, dir.path()).unwrap();
         assert_eq!(d.examples.len(), 2);
         let p = t.encode("prompt =>", true).unwrap();
         let ex = &d.examples[0];
-        assert_eq!(ex.loss_start as usize, p.len());
+        assert_eq!(ex.targets, [(p.len() as u32, ex.ids.len() as u32)]);
         assert_eq!(*ex.ids.last().unwrap(), t.eos.unwrap());
         let b = batch(&[ex, &d.examples[1]], 0, &Device::Cpu).unwrap();
         let mask = b.mask.to_vec2::<f32>().unwrap();
@@ -489,15 +584,79 @@ mod tests {
             ex.ids.len() - p.len() + d.examples[1].ids.len() - 1
         );
         std::fs::write(&f, "{\"text\":\"a\"}\n{\"prompt\":\"x\"}\n").unwrap();
-        let e = load(&f, DataFormat::Auto, &t, 64, dir.path())
+        let e = load(&f, DataFormat::Auto, &t, None, 64, dir.path())
             .unwrap_err()
             .to_string();
         assert!(e.contains("a.jsonl:2:") && e.contains("expected"), "{e}");
         std::fs::write(&f, "  \n").unwrap();
-        let e = load(&f, DataFormat::Auto, &t, 64, dir.path())
+        let e = load(&f, DataFormat::Auto, &t, None, 64, dir.path())
             .unwrap_err()
             .to_string();
         assert!(e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn conversations_train_on_replies_only_and_cache_with_their_template() {
+        use crate::chat::{CHATML, CHATML_TOKENS, ChatTemplate};
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.jsonl");
+        let conv = serde_json::json!({"messages": [
+            {"role": "user", "content": "hello world 1"},
+            {"role": "assistant", "content": "prompt => answer"},
+            {"role": "user", "content": "hello world 2"},
+            {"role": "assistant", "content": "answer", "weight": 0},
+            {"role": "user", "content": "hello world 3"},
+            {"role": "assistant", "content": "hello"},
+        ]});
+        std::fs::write(&f, format!("{conv}\n{{\"text\":\"hello\"}}\n")).unwrap();
+        let texts = (0..50).map(|i| format!("hello world {i}\nprompt => answer\n"));
+        let t = crate::train::tokenizer::train_bpe_with(texts, 290, Path::new("t"), &CHATML_TOKENS)
+            .unwrap();
+        let chat = ChatTemplate::new(CHATML, None, None).unwrap();
+        let e = load(&f, DataFormat::Auto, &t, None, 256, dir.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("c.jsonl:1:") && e.to_string().contains("chat_template"),
+            "{e}"
+        );
+        let d = load(&f, DataFormat::Auto, &t, Some(&chat), 256, dir.path()).unwrap();
+        assert!(d.chat);
+        let ex = &d.examples[0];
+        // Exactly the trained replies' tokens are targets, decoded back to their text.
+        let decode = |ids: &[u32]| t.inner.decode(ids, false).unwrap();
+        let trained: Vec<String> = ex
+            .targets
+            .iter()
+            .map(|&(a, b)| decode(&ex.ids[a as usize..b as usize]))
+            .collect();
+        assert_eq!(
+            trained,
+            ["prompt => answer<|im_end|>\n", "hello<|im_end|>\n"]
+        );
+        let b = batch(&[ex], 0, &Device::Cpu).unwrap();
+        assert_eq!(b.labelled, ex.labelled());
+        assert_eq!(
+            b.labelled,
+            ex.targets
+                .iter()
+                .map(|&(a, b)| (b - a) as usize)
+                .sum::<usize>()
+        );
+        // The cache holds the targets and that the data is chat; another template misses it.
+        let again = load(&f, DataFormat::Auto, &t, Some(&chat), 256, dir.path()).unwrap();
+        assert_eq!((again.examples, again.chat), (d.examples.clone(), true));
+        let other = ChatTemplate::new(&CHATML.replace("\\n", " "), None, None).unwrap();
+        let d2 = load(&f, DataFormat::Auto, &t, Some(&other), 256, dir.path()).unwrap();
+        assert_ne!(d2.key, d.key);
+        // Cut at the block size, a reply keeps only the tokens inside it.
+        let full = &d.examples[0].targets;
+        let block = full[1].0 as usize + 1;
+        let short = load(&f, DataFormat::Auto, &t, Some(&chat), block, dir.path()).unwrap();
+        let ex = &short.examples[0];
+        assert_eq!(ex.ids.len(), block);
+        assert_eq!(ex.targets, [full[0], (full[1].0, full[1].0 + 1)]);
+        // Cut before any reply, the conversation teaches nothing and is skipped.
+        let none = load(&f, DataFormat::Auto, &t, Some(&chat), 4, dir.path()).unwrap();
+        assert_eq!(none.examples.len(), 1);
     }
 
     #[test]
@@ -506,10 +665,10 @@ mod tests {
         let f = dir.path().join("a.jsonl");
         std::fs::write(&f, "\u{feff}{\"text\":\"hello\"}\n").unwrap();
         let t = tok();
-        let d = load(&f, DataFormat::Auto, &t, 64, dir.path()).unwrap();
+        let d = load(&f, DataFormat::Auto, &t, None, 64, dir.path()).unwrap();
         assert_eq!(d.examples.len(), 1);
         std::fs::write(&f, b"{\"text\":\"a\"}\n{\"text\":\"\xff\"}\n").unwrap();
-        let e = load(&f, DataFormat::Auto, &t, 64, dir.path())
+        let e = load(&f, DataFormat::Auto, &t, None, 64, dir.path())
             .unwrap_err()
             .to_string();
         assert!(e.contains("a.jsonl:2:") && e.contains("not UTF-8"), "{e}");
@@ -540,12 +699,7 @@ mod tests {
         );
         assert_eq!(Plan::new(10, 3, 2, 5, 2.0, 7).total_steps, 7);
         let (train, eval) = split(
-            (0..10)
-                .map(|i| Example {
-                    ids: vec![i, i],
-                    loss_start: 0,
-                })
-                .collect(),
+            (0..10).map(|i| Example::from(vec![i, i], 0)).collect(),
             0.2,
             1,
             Path::new("x"),

@@ -9,6 +9,7 @@ use super::config::{LlamaConfig, ids_of};
 use super::model::{KvCache, Llama, Pass};
 use super::weights::load_hf_weights;
 use super::{TrainError, select_device, tokenizer};
+use crate::chat::{ChatTemplate, END_OF_TURN_TOKENS};
 
 /// A loaded model and tokenizer, ready to generate.
 pub struct Generator {
@@ -18,6 +19,8 @@ pub struct Generator {
     pub tok: tokenizer::Tok,
     /// Ids that end generation.
     pub stop_ids: Vec<u32>,
+    /// The chat template of the model's `tokenizer_config.json`, if any.
+    pub chat_template: Option<String>,
 }
 
 impl Generator {
@@ -49,7 +52,50 @@ impl Generator {
             model,
             tok,
             stop_ids,
+            chat_template: crate::chat::template_in_dir(dir),
         })
+    }
+
+    /// Greedy reply to one user `message`, rendered with the model's chat template and its
+    /// generation prompt (as `apply_chat_template(..., add_generation_prompt=True)`); stops at
+    /// an eos id or the end of the assistant's turn (`<|im_end|>`, `<|eot_id|>`, ...).
+    pub fn chat(&self, message: &str, max_tokens: usize) -> Result<String, TrainError> {
+        let source = self.chat_template.as_deref().ok_or_else(|| {
+            TrainError::option(
+                "chat_template",
+                "the model has none (its tokenizer_config.json has no chat_template); give \
+                 --prompt instead",
+            )
+        })?;
+        let template = ChatTemplate::new(
+            source,
+            self.tok.bos_token.as_deref(),
+            self.tok.eos_token.as_deref(),
+        )
+        .map_err(|e| TrainError::option("chat_template", e))?;
+        let message = serde_json::json!({"role": "user", "content": message});
+        let text = template
+            .render(&[message], true)
+            .map_err(|e| TrainError::option("chat_template", e))?;
+        let ids = self.tok.encode(&text, false)?;
+        let mut stop = self.stop_ids.clone();
+        stop.extend(
+            END_OF_TURN_TOKENS
+                .iter()
+                .filter_map(|t| self.tok.inner.token_to_id(t)),
+        );
+        let out = self.greedy(&ids, max_tokens, &stop)?;
+        self.decode(&out)
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String, TrainError> {
+        self.tok
+            .inner
+            .decode(ids, true)
+            .map_err(|e| TrainError::Tokenizer {
+                path: "tokenizer.json".into(),
+                reason: format!("decoding failed: {e}"),
+            })
     }
 
     /// Greedy continuation of `prompt`, at most `max_tokens` tokens, stopping at an eos id or
@@ -57,13 +103,7 @@ impl Generator {
     pub fn generate(&self, prompt: &str, max_tokens: usize) -> Result<String, TrainError> {
         let ids = self.tok.encode(prompt, true)?;
         let out = self.greedy(&ids, max_tokens, &self.stop_ids)?;
-        self.tok
-            .inner
-            .decode(&out, true)
-            .map_err(|e| TrainError::Tokenizer {
-                path: "tokenizer.json".into(),
-                reason: format!("decoding failed: {e}"),
-            })
+        self.decode(&out)
     }
 
     /// Greedy continuation of `prompt_ids` by ids, the loop of [`Generator::generate`]
@@ -135,6 +175,11 @@ pub fn generate(model_dir: &Path, prompt: &str, max_tokens: usize) -> Result<Str
     Generator::load(model_dir)?.generate(prompt, max_tokens)
 }
 
+/// Loads the model in `model_dir` and greedily replies to the user message `message`.
+pub fn chat(model_dir: &Path, message: &str, max_tokens: usize) -> Result<String, TrainError> {
+    Generator::load(model_dir)?.chat(message, max_tokens)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +203,7 @@ mod tests {
             model: Llama::new(cfg, &weights, &dev).unwrap(),
             tok,
             stop_ids: vec![0],
+            chat_template: None,
         }
     }
 

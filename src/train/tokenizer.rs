@@ -114,6 +114,21 @@ pub fn train_bpe<I>(texts: I, vocab_size: usize, origin: &Path) -> Result<Tok, T
 where
     I: Iterator<Item = String> + Send,
 {
+    train_bpe_with(texts, vocab_size, origin, &[])
+}
+
+/// [`train_bpe`] with more special tokens after `<|endoftext|>` (ids 1, 2, ...): markers a
+/// chat template writes (ChatML's `<|im_start|>`), each then one token that text never
+/// produces by accident. `texts` should not contain them: they are not learned as merges.
+pub fn train_bpe_with<I>(
+    texts: I,
+    vocab_size: usize,
+    origin: &Path,
+    specials: &[&str],
+) -> Result<Tok, TrainError>
+where
+    I: Iterator<Item = String> + Send,
+{
     let err = |e: tokenizers::Error| TrainError::Tokenizer {
         path: origin.to_path_buf(),
         reason: format!("training a BPE tokenizer: {e}"),
@@ -122,7 +137,12 @@ where
         .vocab_size(vocab_size)
         .min_frequency(2)
         .show_progress(false)
-        .special_tokens(vec![AddedToken::from(EOS_TOKEN, true)])
+        .special_tokens(
+            std::iter::once(EOS_TOKEN)
+                .chain(specials.iter().copied())
+                .map(|t| AddedToken::from(t, true))
+                .collect(),
+        )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build()
         .into();

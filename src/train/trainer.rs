@@ -26,6 +26,7 @@ use super::tokenizer::{self, Tok};
 use super::weights::{load_hf_weights, save_safetensors, write_atomic};
 use super::{TrainError, WorkerContext, WorkerOutcome, select_device, with_threads};
 use super::{direct, direct_ops};
+use crate::chat::{CHATML, CHATML_TOKENS, ChatTemplate};
 use crate::spec::JobSpec;
 use crate::spec::train::{
     DataFormat, DataSpec, EvalStrategy, LoraSpec, ModelSpec, ResumeFrom, TrainDType, TrainingArgs,
@@ -92,6 +93,8 @@ struct Session {
     eval: Vec<Example>,
     data_key: String,
     lora: bool,
+    /// The chat template to write into the output's `tokenizer_config.json`.
+    chat_template: Option<String>,
 }
 
 fn run_inner(
@@ -608,6 +611,7 @@ fn run_inner(
         &sess.model,
         &sess.tok,
         s.model.base.as_deref(),
+        sess.chat_template.as_deref(),
         &ctx.output_dir,
     )?;
     reporter.stage("done")?;
@@ -659,26 +663,73 @@ fn find_resume(
     Ok(found)
 }
 
-/// Texts to train a tokenizer on: the lines of a text file, or the fields of JSON lines.
-fn tokenizer_texts(path: &Path, format: DataFormat) -> Result<Vec<String>, TrainError> {
+/// Texts to train a tokenizer on: the lines of a text file, or the fields of JSON lines, and
+/// conversations as `chat` renders them, their turn markers left out (they become special
+/// tokens). Also whether there were conversations.
+fn tokenizer_texts(
+    path: &Path,
+    format: DataFormat,
+    chat: &ChatTemplate,
+) -> Result<(Vec<String>, bool), TrainError> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let jsonl = format.reads_jsonl(path);
     if !jsonl {
-        return Ok(text.split_inclusive('\n').map(str::to_string).collect());
+        return Ok((
+            text.split_inclusive('\n').map(str::to_string).collect(),
+            false,
+        ));
     }
     let mut out = Vec::new();
+    let mut has_chat = false;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         // Malformed lines are reported with their line number by the data loader later.
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-            for k in ["text", "prompt", "completion"] {
-                if let Some(s) = v.get(k).and_then(|s| s.as_str()) {
-                    out.push(s.to_string());
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        for k in ["text", "prompt", "completion"] {
+            if let Some(s) = v.get(k).and_then(|s| s.as_str()) {
+                out.push(s.to_string());
+            }
+        }
+        if let Some(Ok(messages)) = v.get("messages").map(crate::chat::check_messages) {
+            has_chat = true;
+            if let Ok(rendered) = chat.render(messages, false) {
+                let mut pieces = vec![rendered];
+                for marker in CHATML_TOKENS {
+                    pieces = pieces
+                        .iter()
+                        .flat_map(|p| p.split(marker).map(str::to_string))
+                        .collect();
                 }
+                out.extend(pieces.into_iter().filter(|p| !p.is_empty()));
             }
         }
     }
-    Ok(out)
+    Ok((out, has_chat))
+}
+
+/// The chat template conversations are rendered with: `data.chat_template`'s file, else the
+/// base model's (`tokenizer_config.json`), else, from scratch, ChatML. `None`: a base without
+/// a template (conversations in its data are then an error naming the line).
+fn chat_template(s: &Sections<'_>, tok: Option<&Tok>) -> Result<Option<ChatTemplate>, TrainError> {
+    let source = match (&s.data.chat_template, &s.model.base) {
+        (Some(file), _) => {
+            Some(std::fs::read_to_string(file).map_err(|e| TrainError::io(file, e))?)
+        }
+        (None, Some(base)) => crate::chat::template_in_dir(base),
+        (None, None) => Some(CHATML.to_string()),
+    };
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    let (bos, eos) = match tok {
+        Some(t) => (t.bos_token.as_deref(), t.eos_token.as_deref()),
+        None => (None, Some(tokenizer::EOS_TOKEN)),
+    };
+    ChatTemplate::new(&source, bos, eos)
+        .map(Some)
+        .map_err(|e| TrainError::option("data.chat_template", e))
 }
 
 fn build_session(
@@ -689,7 +740,7 @@ fn build_session(
 ) -> Result<Session, TrainError> {
     let args = &s.args;
     let saved_tokenizer = loaded.and_then(|l| l.tokenizer_json.as_deref());
-    let (cfg, tok) = match &s.model.base {
+    let (cfg, tok, chat) = match &s.model.base {
         Some(base) => {
             let cfg = LlamaConfig::load(&base.join("config.json"))?;
             let tok = tokenizer::load(&base.join("tokenizer.json"), &cfg.eos_ids())?;
@@ -704,16 +755,30 @@ fn build_session(
                     ),
                 ));
             }
-            (cfg, tok)
+            let chat = chat_template(s, Some(&tok))?;
+            (cfg, tok, chat)
         }
         None => {
             let vocab = s.model.vocab_size.unwrap_or(512);
+            let chat = chat_template(s, None)?.expect("from scratch, ChatML at least");
             let tok = match saved_tokenizer {
                 Some(json) => tokenizer::from_json(json, &ctx.checkpoint_dir)?,
                 None => {
                     early_stage(&ctx.job_dir, "training tokenizer")?;
-                    let texts = tokenizer_texts(&s.data.train_file, s.data.format)?;
-                    tokenizer::train_bpe(texts.into_iter(), vocab, &s.data.train_file)?
+                    let (texts, has_chat) =
+                        tokenizer_texts(&s.data.train_file, s.data.format, &chat)?;
+                    // The markers get their own tokens when the data is chat and the
+                    // template writes them (ChatML does).
+                    let specials: Vec<&str> = CHATML_TOKENS
+                        .into_iter()
+                        .filter(|m| has_chat && chat.source().contains(m))
+                        .collect();
+                    tokenizer::train_bpe_with(
+                        texts.into_iter(),
+                        vocab,
+                        &s.data.train_file,
+                        &specials,
+                    )?
                 }
             };
             let block = s.data.block_size.unwrap_or(1024);
@@ -721,7 +786,7 @@ fn build_session(
             cfg.eos_token_id = tok.eos.map(serde_json::Value::from);
             cfg.check()
                 .map_err(|reason| TrainError::option("model", reason))?;
-            (cfg, tok)
+            (cfg, tok, Some(chat))
         }
     };
     let block = s
@@ -738,11 +803,23 @@ fn build_session(
         ));
     }
     early_stage(&ctx.job_dir, "tokenizing")?;
-    let train_ds = data::load(&s.data.train_file, s.data.format, &tok, block, &ctx.job_dir)?;
+    let load = |file: &Path| {
+        data::load(
+            file,
+            s.data.format,
+            &tok,
+            chat.as_ref(),
+            block,
+            &ctx.job_dir,
+        )
+    };
+    let train_ds = load(&s.data.train_file)?;
     let data_key = train_ds.key.clone();
+    let mut has_chat = train_ds.chat;
     let (train, eval) = match (&s.data.eval_file, s.data.eval_split) {
         (Some(f), _) => {
-            let e: Dataset = data::load(f, s.data.format, &tok, block, &ctx.job_dir)?;
+            let e: Dataset = load(f)?;
+            has_chat |= e.chat;
             (train_ds.examples, e.examples)
         }
         (None, Some(frac)) => data::split(train_ds.examples, frac, args.seed, &s.data.train_file)?,
@@ -789,6 +866,12 @@ fn build_session(
             device,
         )?,
     };
+    // The trained model keeps the template it learned: a base's own stays in the copy of its
+    // tokenizer_config.json, so only one given in the job file, or ChatML for a model from
+    // scratch that learned conversations, is written.
+    let chat_template = chat
+        .filter(|_| s.data.chat_template.is_some() || (s.model.base.is_none() && has_chat))
+        .map(|c| c.source().to_string());
     Ok(Session {
         model,
         params,
@@ -797,6 +880,7 @@ fn build_session(
         eval,
         data_key,
         lora: s.lora.is_some(),
+        chat_template,
     })
 }
 
@@ -1056,11 +1140,13 @@ fn eval_loss(
 }
 
 /// Writes the model as `save_pretrained` would: `config.json`, `model.safetensors` (adapters
-/// merged), `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`; files 0644.
+/// merged), `generation_config.json`, `tokenizer.json`, `tokenizer_config.json` (the base's,
+/// with `chat_template` set to `chat_template` if given); files 0644.
 pub fn save_pretrained(
     model: &Llama,
     tok: &Tok,
     base: Option<&Path>,
+    chat_template: Option<&str>,
     out: &Path,
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
@@ -1072,12 +1158,24 @@ pub fn save_pretrained(
     write_atomic(&out.join("config.json"), &json(&cfg.to_json()))?;
     save_safetensors(&out.join("model.safetensors"), &model.merged_weights()?)?;
     write_atomic(&out.join("tokenizer.json"), tok.to_json()?.as_bytes())?;
-    let copy_or = |name: &str, fallback: serde_json::Value| -> Result<(), TrainError> {
+    let copy_or = |name: &str,
+                   fallback: serde_json::Value,
+                   set: Option<(&str, &str)>|
+     -> Result<(), TrainError> {
         let src = base.map(|b| b.join(name)).filter(|p| p.is_file());
-        let bytes = match src {
+        let mut bytes = match src {
             Some(p) => std::fs::read(&p).map_err(|e| TrainError::io(&p, e))?,
             None => json(&fallback),
         };
+        if let Some((key, value)) = set {
+            let mut v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                TrainError::option("model.base", format!("{name} is not valid JSON: {e}"))
+            })?;
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert(key.into(), value.into());
+            }
+            bytes = json(&v);
+        }
         write_atomic(&out.join(name), &bytes)
     };
     copy_or(
@@ -1087,6 +1185,7 @@ pub fn save_pretrained(
             "eos_token_id": cfg.eos_token_id,
             "do_sample": false,
         }),
+        None,
     )?;
     copy_or(
         "tokenizer_config.json",
@@ -1098,6 +1197,7 @@ pub fn save_pretrained(
             "pad_token": tok.eos_token,
             "clean_up_tokenization_spaces": false,
         }),
+        chat_template.map(|t| ("chat_template", t)),
     )?;
     if let Some(b) = base {
         let p = b.join("special_tokens_map.json");

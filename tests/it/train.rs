@@ -159,13 +159,17 @@ ollama_name = "jobd/tiny-lora:latest"
     .unwrap();
     // A base whose tokenizer GGUF cannot represent is refused before training, by both
     // `jobctl validate` and the daemon (it used to train, then fail to publish).
-    let odd = dir.path().join("odd-base");
-    std::fs::create_dir(&odd).unwrap();
-    for e in std::fs::read_dir(base).unwrap().flatten() {
-        if e.path().is_file() {
-            std::fs::copy(e.path(), odd.join(e.file_name())).unwrap();
+    let copy_base = |name: &str| {
+        let copy = dir.path().join(name);
+        std::fs::create_dir(&copy).unwrap();
+        for e in std::fs::read_dir(base).unwrap().flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+            }
         }
-    }
+        copy
+    };
+    let odd = copy_base("odd-base");
     let tok_path = odd.join("tokenizer.json");
     let mut tok: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&tok_path).unwrap()).unwrap();
@@ -208,6 +212,54 @@ ollama_name = "jobd/tiny-lora:latest"
         status == 400 && resp.contains("normalizer"),
         "{status} {resp}"
     );
+    // Conversations need a chat template. The tiny model has none, so a chat job on it is
+    // refused at submit, by jobctl and by the daemon, naming the data and the fix (a copy of
+    // it the daemon's token user may read).
+    let chat_base = copy_base("chat-base");
+    let chat_job = dir.path().join("chat.toml");
+    std::fs::write(
+        &chat_job,
+        std::fs::read_to_string(&job)
+            .unwrap()
+            .replace(
+                &base.display().to_string(),
+                &chat_base.display().to_string(),
+            )
+            .replace("tiny_train.jsonl", "tiny_chat_train.jsonl")
+            .replace("tiny_eval.jsonl", "tiny_chat_eval.jsonl"),
+    )
+    .unwrap();
+    for cmd in ["validate", "submit"] {
+        let out = d.jobctl(&[cmd, chat_job.to_str().unwrap()]);
+        let err = stderr(&out);
+        assert!(
+            !out.status.success()
+                && err.contains("data.train_file")
+                && err.contains("no chat_template")
+                && err.contains("set data.chat_template"),
+            "{cmd}: {err}"
+        );
+    }
+    let body = serde_json::json!({
+        "toml": std::fs::read_to_string(&chat_job).unwrap(),
+        "base_dir": dir.path(),
+    });
+    let (status, resp) = post_json(
+        d.addr(),
+        "/api/v1/jobs",
+        Some(TOKEN_DAEMON),
+        &body.to_string(),
+    );
+    assert!(
+        status == 400 && resp.contains("no chat_template"),
+        "{status} {resp}"
+    );
+    let template = dir.path().join("chatml.jinja");
+    std::fs::write(&template, jobd::chat::CHATML).unwrap();
+    let set = format!("data.chat_template=\"{}\"", template.display());
+    let out = d.jobctl(&["validate", chat_job.to_str().unwrap(), "--set", &set]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
     let out = d.jobctl(&["submit", "--follow", job.to_str().unwrap()]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let id = 2;

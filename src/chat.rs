@@ -1,0 +1,618 @@
+//! Chat templates. Conversation data, `{"messages": [{"role": ..., "content": ...}, ...]}`,
+//! is rendered with the model's Jinja chat template as Hugging Face's `apply_chat_template`
+//! renders it, and the bytes of the rendering that are the assistant's replies (the only
+//! text trained on) are found. Also: where a model directory keeps its template, and the
+//! submit-time checks of a job's conversations and template.
+//!
+//! A reply's bytes are found by rendering the conversation up to it: the messages before it
+//! with the generation prompt (`<|im_start|>assistant\n`), then the messages through it. The
+//! bytes between the two renderings are the reply and its end-of-turn marker, so the model
+//! learns to end its turn. A template that renders earlier turns differently once later ones
+//! follow (e.g. one that drops the reasoning of earlier replies) has no such split, and is
+//! refused naming the message.
+
+use std::ops::Range;
+use std::path::Path;
+
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::{Kwargs, Serde, Value};
+use minijinja::{Environment, Error, ErrorKind};
+use serde_json::Value as Json;
+
+use crate::spec::JobSpec;
+use crate::spec::toml_source::Issue;
+
+/// The template used when the model has none of its own: ChatML, whose markers
+/// ([`CHATML_TOKENS`]) a tokenizer trained here keeps as single special tokens, and which
+/// publishing recognises (Ollama gets its ChatML template and stop words).
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' \
+     + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ \
+     '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// ChatML's turn markers.
+pub const CHATML_TOKENS: [&str; 2] = ["<|im_start|>", "<|im_end|>"];
+
+/// Tokens that end a turn in common chat templates (a chat reply stops at any of them).
+pub const END_OF_TURN_TOKENS: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+];
+
+/// Work one rendering may do (minijinja's fuel): generous for any real conversation, but a
+/// template looping without end stops with an error instead of hanging the worker.
+const FUEL: u64 = 50_000_000;
+
+/// A compiled chat template with the special tokens it may use.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+/// A rendered conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The whole conversation as the template renders it.
+    pub text: String,
+    /// Byte ranges of `text` that are trained on: each assistant reply (with `"weight"`
+    /// absent or 1) and the template's end-of-turn text after it.
+    pub trained: Vec<Range<usize>>,
+}
+
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// `tojson` as Hugging Face defines it for chat templates (`json.dumps` with
+/// `ensure_ascii=False`): no HTML escaping, an optional `indent`.
+fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let text = match indent {
+        None => write_json(&json, PythonSeparators),
+        Some(n) => write_json(
+            &json,
+            serde_json::ser::PrettyFormatter::with_indent(&vec![b' '; n]),
+        ),
+    };
+    Ok(Value::from_safe_string(text))
+}
+
+fn write_json(json: &Json, fmt: impl serde_json::ser::Formatter) -> String {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    serde::Serialize::serialize(json, &mut ser).expect("a JSON value serializes");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
+/// Python's default `json.dumps` separators: `", "` and `": "`.
+struct PythonSeparators;
+
+impl serde_json::ser::Formatter for PythonSeparators {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
+/// Checks a template's syntax; the error names the line.
+pub fn check_syntax(source: &str) -> Result<(), String> {
+    ChatTemplate::new(source, None, None).map(|_| ())
+}
+
+impl ChatTemplate {
+    /// Compiles `source` with Hugging Face's settings (`trim_blocks`, `lstrip_blocks`,
+    /// `raise_exception`, Python string methods). `bos`/`eos` fill `bos_token`/`eos_token`.
+    pub fn new(source: &str, bos: Option<&str>, eos: Option<&str>) -> Result<Self, String> {
+        let mut env = Environment::new();
+        env.set_syntax(
+            SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .expect("the default delimiters are valid"),
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_filter("tojson", tojson);
+        env.set_fuel(Some(FUEL));
+        env.add_template_owned("chat_template", source.to_string())
+            .map_err(|e| describe(&e))?;
+        Ok(ChatTemplate {
+            env,
+            source: source.to_string(),
+            bos_token: bos.unwrap_or_default().to_string(),
+            eos_token: eos.unwrap_or_default().to_string(),
+        })
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// What `bos_token` renders as.
+    pub fn bos_token(&self) -> &str {
+        &self.bos_token
+    }
+
+    /// What `eos_token` renders as.
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
+    /// Renders `messages`; `add_generation_prompt` appends the start of an assistant turn.
+    pub fn render(&self, messages: &[Json], add_generation_prompt: bool) -> Result<String, String> {
+        let tmpl = self
+            .env
+            .get_template("chat_template")
+            .expect("added at construction");
+        tmpl.render(minijinja::context! {
+            messages => Value::from(Serde(messages)),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.as_str(),
+            eos_token => self.eos_token.as_str(),
+        })
+        .map_err(|e| describe(&e))
+    }
+
+    /// Renders a conversation and finds the bytes of its trained replies. `messages` must
+    /// have been checked with [`check_messages`].
+    pub fn conversation(&self, messages: &[Json]) -> Result<Rendered, String> {
+        let text = self.render(messages, false)?;
+        let mut trained = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if !is_trained(m) {
+                continue;
+            }
+            if i == 0 {
+                return Err(
+                    "the first message is the assistant's: a reply needs a message \
+                            to answer"
+                        .into(),
+                );
+            }
+            let before = self.render(&messages[..i], true)?;
+            let through = self.render(&messages[..=i], false)?;
+            if !through.starts_with(&before) || !text.starts_with(&through) {
+                return Err(format!(
+                    "the chat template renders message {} (the assistant's) so that the \
+                     conversation up to it is not a prefix of the whole, so its reply cannot \
+                     be told apart (templates that rewrite earlier turns, e.g. drop the \
+                     reasoning of earlier replies, are not supported; give each reply its own \
+                     example, or set data.chat_template)",
+                    i + 1
+                ));
+            }
+            if through.len() > before.len() {
+                trained.push(before.len()..through.len());
+            }
+        }
+        Ok(Rendered { text, trained })
+    }
+}
+
+/// Whether a (checked) message is trained on: the assistant's, without `"weight": 0`.
+fn is_trained(m: &Json) -> bool {
+    m.get("role").and_then(Json::as_str) == Some("assistant")
+        && m.get("weight").and_then(Json::as_f64) != Some(0.0)
+}
+
+/// Checks the shape of a `messages` value: a non-empty array of objects, each with a string
+/// `role` and `content` (OpenAI's and TRL's conversational format; other keys, such as
+/// `tool_calls` or `name`, are passed to the template), and `weight` only 0 or 1 on an
+/// assistant message (OpenAI's fine-tuning format).
+pub fn check_messages(messages: &Json) -> Result<&[Json], String> {
+    let list = messages
+        .as_array()
+        .ok_or("\"messages\" must be an array of {\"role\", \"content\"} objects")?;
+    if list.is_empty() {
+        return Err("\"messages\" is empty".into());
+    }
+    for (i, m) in list.iter().enumerate() {
+        let n = i + 1;
+        let obj = m
+            .as_object()
+            .ok_or_else(|| format!("message {n} is not an object"))?;
+        let role = match obj.get("role") {
+            Some(Json::String(r)) if !r.is_empty() => r.as_str(),
+            Some(_) => return Err(format!("message {n}: \"role\" must be a non-empty string")),
+            None => return Err(format!("message {n} has no \"role\"")),
+        };
+        match obj.get("content") {
+            Some(Json::String(_)) => {}
+            Some(Json::Array(_)) => {
+                return Err(format!(
+                    "message {n}: \"content\" is a list of parts (text and images); only \
+                     text content (a string) can be trained on"
+                ));
+            }
+            Some(_) => return Err(format!("message {n}: \"content\" must be a string")),
+            None => return Err(format!("message {n} has no \"content\"")),
+        }
+        if let Some(w) = obj.get("weight") {
+            if role != "assistant" {
+                return Err(format!(
+                    "message {n}: \"weight\" applies only to assistant messages"
+                ));
+            }
+            if w.as_f64() != Some(0.0) && w.as_f64() != Some(1.0) {
+                return Err(format!("message {n}: \"weight\" must be 0 or 1"));
+            }
+        }
+    }
+    Ok(list)
+}
+
+/// A template error as one line with its place in the template (a `raise_exception` gives
+/// the template's own words, e.g. "Conversation roles must alternate").
+fn describe(e: &Error) -> String {
+    let place = match e.line() {
+        Some(l) => format!("chat template line {l}"),
+        None => "chat template".to_string(),
+    };
+    match e.detail() {
+        Some(d) => format!("{place}: {}: {d}", e.kind()),
+        None => format!("{place}: {}", e.kind()),
+    }
+}
+
+/// The chat template of a `tokenizer_config.json`: its `chat_template` string, or in the
+/// newer list form (`[{"name": "default", "template": ...}, ...]`) the one named "default".
+pub fn template_in_config(cfg: &Json) -> Option<String> {
+    match cfg.get("chat_template")? {
+        Json::String(s) => Some(s.clone()),
+        Json::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    }
+}
+
+/// The chat template in model directory `dir`'s `tokenizer_config.json`, if any.
+pub fn template_in_dir(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    template_in_config(&serde_json::from_str(&text).ok()?)
+}
+
+/// Whether a data file's first example is a conversation (`{"messages": [...]}`).
+fn starts_with_conversation(path: &Path) -> bool {
+    use std::io::{BufRead, BufReader};
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    // A first line longer than this is not inspected (the worker still reads it in full).
+    let reader = BufReader::new(std::io::Read::take(f, 1 << 20));
+    reader
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str::<Json>(l.trim_start_matches('\u{feff}')).ok())
+        .is_some_and(|v| v.get("messages").is_some_and(Json::is_array))
+}
+
+/// Submit-time checks of a train job's chat template: a `data.chat_template` file must be
+/// UTF-8 and parse; conversation data needs a template (a base model without one, and no
+/// `data.chat_template`, is refused now rather than after the model loads). Paths must be
+/// resolved and checked (`JobSpec::check_paths`) first.
+pub fn job_issues(spec: &JobSpec) -> Vec<Issue> {
+    let Some(data) = &spec.data else {
+        return Vec::new();
+    };
+    if let Some(file) = &data.chat_template {
+        let issue = |why: String| vec![Issue::new("data.chat_template", why)];
+        return match std::fs::read_to_string(file) {
+            Err(e) => issue(format!("{}: {e}", file.display())),
+            Ok(src) => match check_syntax(&src) {
+                Err(e) => issue(format!("{}: {e}", file.display())),
+                Ok(()) => Vec::new(),
+            },
+        };
+    }
+    let Some(base) = spec
+        .model
+        .as_ref()
+        .and_then(|m| m.base.as_deref())
+        .filter(|b| !crate::spec::train::is_previous(b))
+    else {
+        return Vec::new();
+    };
+    let files = std::iter::once(("data.train_file", &data.train_file))
+        .chain(data.eval_file.iter().map(|e| ("data.eval_file", e)));
+    for (key, file) in files {
+        if data.format.reads_jsonl(file)
+            && starts_with_conversation(file)
+            && template_in_dir(base).is_none()
+        {
+            return vec![Issue::new(
+                key,
+                format!(
+                    "{} holds conversations (\"messages\"), but {} has no chat_template in \
+                     tokenizer_config.json: set data.chat_template to a Jinja template file \
+                     (e.g. the chat model's of the same family)",
+                    file.display(),
+                    base.display()
+                ),
+            )];
+        }
+    }
+    Vec::new()
+}
+
+/// Marks which tokens are trained: a token is when its bytes overlap a trained range (an
+/// empty-offset token counts when it starts inside one). Returns runs of token indices.
+pub fn trained_tokens(offsets: &[(usize, usize)], trained: &[Range<usize>]) -> Vec<Range<usize>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for (t, &(start, end)) in offsets.iter().enumerate() {
+        let hit = trained
+            .iter()
+            .any(|r| start < r.end && (end > r.start || start >= r.start));
+        if hit {
+            match runs.last_mut() {
+                Some(last) if last.end == t => last.end = t + 1,
+                _ => runs.push(t..t + 1),
+            }
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Llama 3's template (as in Meta's tokenizer_config.json, shortened to its core).
+    const LLAMA3: &str = "{{ bos_token }}{% for message in messages %}{% set content = \
+        '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + \
+        message['content'] | trim + '<|eot_id|>' %}{{ content }}{% endfor %}{% if \
+        add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% \
+        endif %}";
+
+    /// Mistral-style: roles must alternate, system folded into the first user turn.
+    const STRICT: &str = "{%- if messages[0]['role'] == 'system' %}\n    {%- set system = \
+        messages[0]['content'] %}\n    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    \
+        {%- set loop_messages = messages %}\n{%- endif %}\n{{- bos_token }}\n{%- for message in \
+        loop_messages %}\n    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n  \
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') \
+        }}\n    {%- endif %}\n    {%- if message['role'] == 'user' %}\n        {%- if loop.first \
+        and system is defined %}\n            {{- ' [INST] ' + system + '\\n\\n' + \
+        message['content'].strip() + ' [/INST]' }}\n        {%- else %}\n            {{- ' [INST] \
+        ' + message['content'].strip() + ' [/INST]' }}\n        {%- endif %}\n    {%- else %}\n   \
+        {{- ' ' + message['content'] + eos_token }}\n    {%- endif %}\n{%- endfor %}\n";
+
+    fn msgs(v: Json) -> Vec<Json> {
+        check_messages(&v).unwrap().to_vec()
+    }
+
+    fn spans(r: &Rendered) -> Vec<&str> {
+        r.trained.iter().map(|s| &r.text[s.clone()]).collect()
+    }
+
+    #[test]
+    fn chatml_trains_each_reply_with_its_end_of_turn() {
+        let t = ChatTemplate::new(CHATML, None, None).unwrap();
+        let m = msgs(json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "see you"},
+        ]));
+        let r = t.conversation(&m).unwrap();
+        assert_eq!(
+            r.text,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n\
+             <|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nbye<|im_end|>\n\
+             <|im_start|>assistant\nsee you<|im_end|>\n"
+        );
+        assert_eq!(spans(&r), ["hello<|im_end|>\n", "see you<|im_end|>\n"]);
+        // weight 0 leaves a reply out (OpenAI's fine-tuning format).
+        let mut m2 = m.clone();
+        m2[2]["weight"] = json!(0);
+        let r2 = t.conversation(&m2).unwrap();
+        assert_eq!(spans(&r2), ["see you<|im_end|>\n"]);
+        assert_eq!(
+            t.render(&m[..2], true).unwrap(),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn llama3_and_strict_templates_render_with_special_tokens_and_methods() {
+        let t = ChatTemplate::new(LLAMA3, Some("<|begin_of_text|>"), None).unwrap();
+        let m = msgs(json!([
+            {"role": "user", "content": " hi "},
+            {"role": "assistant", "content": "hello"},
+        ]));
+        let r = t.conversation(&m).unwrap();
+        assert!(
+            r.text
+                .starts_with("<|begin_of_text|><|start_header_id|>user")
+        );
+        assert_eq!(spans(&r), ["hello<|eot_id|>"]);
+        let t = ChatTemplate::new(STRICT, Some("<s>"), Some("</s>")).unwrap();
+        let m = msgs(json!([
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": " q1 "},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"},
+        ]));
+        let r = t.conversation(&m).unwrap();
+        assert_eq!(
+            r.text,
+            "<s> [INST] S\n\nq1 [/INST] a1</s> [INST] q2 [/INST] a2</s>"
+        );
+        assert_eq!(spans(&r), [" a1</s>", " a2</s>"]);
+        // The template's own refusal reaches the user in its words.
+        let bad = msgs(json!([
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"},
+        ]));
+        let e = t.conversation(&bad).unwrap_err();
+        assert!(
+            e.contains("line 10") && e.contains("roles must alternate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn templates_that_rewrite_earlier_turns_are_refused_naming_the_message() {
+        // Drops every reply but the last, as reasoning templates drop earlier thoughts.
+        let src = "{% for m in messages %}{% if m.role != 'assistant' or loop.last %}[{{ m.role \
+                   }}]{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt \
+                   %}[assistant]{% endif %}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        let m = msgs(json!([
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]));
+        let e = t.conversation(&m).unwrap_err();
+        assert!(e.contains("message 2") && e.contains("prefix"), "{e}");
+        let e = t
+            .conversation(&msgs(json!([{"role": "assistant", "content": "x"}])))
+            .unwrap_err();
+        assert!(e.contains("first message"), "{e}");
+    }
+
+    #[test]
+    fn bad_messages_and_templates_are_named() {
+        for (v, words) in [
+            (json!({"role": "user"}), "must be an array"),
+            (json!([]), "empty"),
+            (json!([1]), "message 1 is not an object"),
+            (json!([{"content": "x"}]), "message 1 has no \"role\""),
+            (json!([{"role": "user"}]), "message 1 has no \"content\""),
+            (
+                json!([{"role": "user", "content": [{"type": "text"}]}]),
+                "list of parts",
+            ),
+            (
+                json!([{"role": "user", "content": "x", "weight": 0}]),
+                "only to assistant",
+            ),
+            (
+                json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0.5}]),
+                "0 or 1",
+            ),
+        ] {
+            let e = check_messages(&v).unwrap_err();
+            assert!(e.contains(words), "{v}: {e}");
+        }
+        let e = check_syntax("{% for m in messages %}{{ m.content }").unwrap_err();
+        assert!(e.contains("line 1"), "{e}");
+        let t = ChatTemplate::new("{{ messages[0].content.bogus() }}", None, None).unwrap();
+        let e = t
+            .render(&msgs(json!([{"role": "user", "content": "x"}])), false)
+            .unwrap_err();
+        assert!(e.contains("chat template"), "{e}");
+        let t = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let e = t.render(&[], false).unwrap_err();
+        assert!(e.contains("fuel"), "{e}");
+    }
+
+    #[test]
+    fn submit_checks_name_a_missing_or_broken_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("chat.jsonl"),
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("text.jsonl"), "{\"text\": \"hi\"}\n").unwrap();
+        std::fs::write(d.join("tokenizer_config.json"), "{}").unwrap();
+        let job = |data: &str, extra: &str| {
+            let text = format!(
+                "kind = \"train\"\n[model]\nbase = \"{}\"\n[data]\ntrain_file = \"{}\"\n{extra}",
+                d.display(),
+                d.join(data).display()
+            );
+            crate::spec::job::parse("job.toml", &text).unwrap()
+        };
+        let issues = job_issues(&job("chat.jsonl", ""));
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].key, "data.train_file");
+        assert!(issues[0].message.contains("no chat_template"), "{issues:?}");
+        assert!(job_issues(&job("text.jsonl", "")).is_empty());
+        // A base with a template, or a template file that parses, is fine.
+        std::fs::write(d.join("t.jinja"), CHATML).unwrap();
+        let with_file = format!("chat_template = \"{}\"\n", d.join("t.jinja").display());
+        assert!(job_issues(&job("chat.jsonl", &with_file)).is_empty());
+        std::fs::write(d.join("t.jinja"), "{% for m in messages %}").unwrap();
+        let issues = job_issues(&job("chat.jsonl", &with_file));
+        assert_eq!(issues[0].key, "data.chat_template");
+        assert!(
+            issues[0].message.contains("t.jinja: chat template"),
+            "{issues:?}"
+        );
+        std::fs::write(
+            d.join("tokenizer_config.json"),
+            serde_json::json!({"chat_template": [{"name": "default", "template": CHATML}]})
+                .to_string(),
+        )
+        .unwrap();
+        assert_eq!(template_in_dir(d).as_deref(), Some(CHATML));
+        assert!(job_issues(&job("chat.jsonl", "")).is_empty());
+    }
+
+    #[test]
+    fn tojson_matches_python_json_dumps() {
+        let t = ChatTemplate::new(
+            "{{ messages[0] | tojson }}|{{ messages[0].content | tojson }}",
+            None,
+            None,
+        )
+        .unwrap();
+        let out = t
+            .render(&[json!({"content": "a<b>\"é", "role": "user"})], false)
+            .unwrap();
+        assert_eq!(
+            out,
+            "{\"content\": \"a<b>\\\"é\", \"role\": \"user\"}|\"a<b>\\\"é\""
+        );
+    }
+
+    #[test]
+    fn tokens_overlapping_a_trained_range_are_trained() {
+        // "ab|cd|" tokens with byte offsets; the range covers "cd" and a bit of the last.
+        let offsets = [(0, 2), (2, 4), (4, 5), (5, 5), (5, 7)];
+        let one = |r: Range<usize>| vec![r];
+        assert_eq!(trained_tokens(&offsets, &one(3..6)), one(1..5));
+        assert_eq!(trained_tokens(&offsets, &[0..1, 5..7]), vec![0..1, 3..5]);
+        assert!(trained_tokens(&offsets, &one(7..9)).is_empty());
+    }
+}
