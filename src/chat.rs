@@ -9,7 +9,8 @@
 //! bytes between the two renderings are the reply and its end-of-turn marker, so the model
 //! learns to end its turn. A template that renders earlier turns differently once later ones
 //! follow (e.g. one that drops the reasoning of earlier replies) has no such split, and is
-//! refused naming the message.
+//! refused naming the message. `strftime_now` is the real date, as in `transformers`: a job
+//! renders its data once (the tokenized cache in its job directory keeps it for resumes).
 
 use std::ops::Range;
 use std::path::Path;
@@ -59,12 +60,29 @@ pub struct Rendered {
     /// The whole conversation as the template renders it.
     pub text: String,
     /// Byte ranges of `text` that are trained on: each assistant reply (with `"weight"`
-    /// absent or 1) and the template's end-of-turn text after it.
+    /// absent or 1) and the template's end-of-turn text after it. Found by comparing
+    /// renderings character by character, a range may end a few bytes into the next turn's
+    /// marker when it begins like the conversation's end (`<|user|>` after `<eos>`): tokens
+    /// are trained only when they end within a range ([`trained_tokens`]).
     pub trained: Vec<Range<usize>>,
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// Today's date and time in a Python `strftime` format (templates that print the date, such
+/// as Llama 3.2's and Mistral Small's, call it).
+fn strftime_now(format: String) -> Result<Value, Error> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: bad format {format:?}"),
+        )
+    })?;
+    Ok(Value::from(out))
 }
 
 /// `tojson` as Hugging Face defines it for chat templates (`json.dumps` with
@@ -137,6 +155,7 @@ impl ChatTemplate {
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.set_fuel(Some(FUEL));
         env.add_template_owned("chat_template", source.to_string())
@@ -181,6 +200,14 @@ impl ChatTemplate {
 
     /// Renders a conversation and finds the bytes of its trained replies. `messages` must
     /// have been checked with [`check_messages`].
+    ///
+    /// For reply `i`, three renderings are compared with the whole: the messages before it
+    /// (`prior`), the same with the generation prompt (`prompted`), and the messages through
+    /// it (`through`). The reply starts where `through` leaves both `prior` and `prompted`
+    /// (so a generation prompt the reply's rendering does not repeat, such as a `<think>`
+    /// opener, is not trained on), and ends where `through` leaves the whole. What a
+    /// rendering adds only at the end of a conversation (Phi's final eos) may differ; any
+    /// other difference means the template rewrote a turn, which is refused.
     pub fn conversation(&self, messages: &[Json]) -> Result<Rendered, String> {
         let text = self.render(messages, false)?;
         let mut trained = Vec::new();
@@ -195,24 +222,45 @@ impl ChatTemplate {
                         .into(),
                 );
             }
-            let before = self.render(&messages[..i], true)?;
-            let through = self.render(&messages[..=i], false)?;
-            if !through.starts_with(&before) || !text.starts_with(&through) {
-                return Err(format!(
-                    "the chat template renders message {} (the assistant's) so that the \
-                     conversation up to it is not a prefix of the whole, so its reply cannot \
-                     be told apart (templates that rewrite earlier turns, e.g. drop the \
-                     reasoning of earlier replies, are not supported; give each reply its own \
-                     example, or set data.chat_template)",
+            let rewritten = || {
+                format!(
+                    "the chat template renders the conversation differently once message {} \
+                     (the assistant's) follows, so its reply cannot be told apart (templates \
+                     that rewrite earlier turns, e.g. drop the reasoning of earlier replies, \
+                     are not supported: give each such reply its own example, or set \
+                     data.chat_template)",
                     i + 1
-                ));
+                )
+            };
+            // A rendering's tail after the common part may only be what the template writes
+            // at a conversation's end.
+            let ends_only = |rest: &str| rest.is_empty() || text.ends_with(rest);
+            let prior = self.render(&messages[..i], false)?;
+            let prompted = self.render(&messages[..i], true)?;
+            let through = self.render(&messages[..=i], false)?;
+            let kept = common_prefix(&prior, &through);
+            let end = common_prefix(&through, &text);
+            if !ends_only(&prior[kept..]) || !ends_only(&through[end..]) {
+                return Err(rewritten());
             }
-            if through.len() > before.len() {
-                trained.push(before.len()..through.len());
+            let start = kept.max(common_prefix(&prompted, &through));
+            if end < start {
+                return Err(rewritten());
+            }
+            if end > start {
+                trained.push(start..end);
             }
         }
         Ok(Rendered { text, trained })
     }
+}
+
+/// Length in bytes of the longest common prefix of `a` and `b` (whole characters).
+fn common_prefix(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((at, _), _)| at)
 }
 
 /// Whether a (checked) message is trained on: the assistant's, without `"weight": 0`.
@@ -363,14 +411,17 @@ pub fn job_issues(spec: &JobSpec) -> Vec<Issue> {
     Vec::new()
 }
 
-/// Marks which tokens are trained: a token is when its bytes overlap a trained range (an
-/// empty-offset token counts when it starts inside one). Returns runs of token indices.
+/// Marks which tokens are trained: a token is when it ends within a trained range and
+/// reaches into it (a token that begins in the generation prompt and ends in the reply, as
+/// `" Hello"` after a prompt ending in a space, is the reply's; one that begins in the reply
+/// and ends beyond it is the next turn's). An empty-offset token counts when it starts inside
+/// a range. Returns runs of token indices.
 pub fn trained_tokens(offsets: &[(usize, usize)], trained: &[Range<usize>]) -> Vec<Range<usize>> {
     let mut runs: Vec<Range<usize>> = Vec::new();
     for (t, &(start, end)) in offsets.iter().enumerate() {
         let hit = trained
             .iter()
-            .any(|r| start < r.end && (end > r.start || start >= r.start));
+            .any(|r| start < r.end && end <= r.end && (end > r.start || start >= r.start));
         if hit {
             match runs.last_mut() {
                 Some(last) if last.end == t => last.end = t + 1,
@@ -496,11 +547,36 @@ mod tests {
             {"role": "assistant", "content": "d"},
         ]));
         let e = t.conversation(&m).unwrap_err();
-        assert!(e.contains("message 2") && e.contains("prefix"), "{e}");
+        assert!(e.contains("message 2") && e.contains("rewrite"), "{e}");
         let e = t
             .conversation(&msgs(json!([{"role": "assistant", "content": "x"}])))
             .unwrap_err();
         assert!(e.contains("first message"), "{e}");
+    }
+
+    #[test]
+    fn an_end_of_conversation_eos_and_an_unrepeated_generation_prompt_are_not_trained() {
+        // Phi-style: eos only after the last turn; R1-style: the generation prompt opens a
+        // reasoning block that the reply's own rendering does not have.
+        let src = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}{% if \
+                   add_generation_prompt %}<|assistant|><think>\n{% else %}{{ eos_token }}{% \
+                   endif %}";
+        let t = ChatTemplate::new(src, None, Some("<eos>")).unwrap();
+        let m = msgs(json!([
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]));
+        let r = t.conversation(&m).unwrap();
+        assert_eq!(
+            r.text,
+            "<|user|>a<|end|><|assistant|>b<|end|><|user|>c<|end|><|assistant|>d<|end|><eos>"
+        );
+        // The role marker is shared with the generation prompt; the last reply learns eos.
+        // The first range reaches one byte into `<|user|>`, which begins like `<eos>`: as a
+        // token, `<|user|>` ends beyond it and is not trained (`trained_tokens`).
+        assert_eq!(spans(&r), ["b<|end|><", "d<|end|><eos>"]);
     }
 
     #[test]
@@ -608,11 +684,12 @@ mod tests {
 
     #[test]
     fn tokens_overlapping_a_trained_range_are_trained() {
-        // "ab|cd|" tokens with byte offsets; the range covers "cd" and a bit of the last.
+        // Tokens with byte offsets (one empty); a token reaching past a range is not its.
         let offsets = [(0, 2), (2, 4), (4, 5), (5, 5), (5, 7)];
         let one = |r: Range<usize>| vec![r];
-        assert_eq!(trained_tokens(&offsets, &one(3..6)), one(1..5));
-        assert_eq!(trained_tokens(&offsets, &[0..1, 5..7]), vec![0..1, 3..5]);
+        assert_eq!(trained_tokens(&offsets, &one(3..6)), one(1..4));
+        assert_eq!(trained_tokens(&offsets, &one(3..7)), one(1..5));
+        assert_eq!(trained_tokens(&offsets, &[0..1, 5..7]), one(3..5));
         assert!(trained_tokens(&offsets, &one(7..9)).is_empty());
     }
 }

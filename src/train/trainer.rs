@@ -231,6 +231,9 @@ fn run_inner(
         parameters = sess.model.cfg.num_parameters(),
         trainable = sess.params.iter().map(|p| p.var.elem_count()).sum::<usize>(),
         examples = sess.train.len(),
+        // What the loss is over: all tokens of text, completions only, or replies only.
+        tokens = sess.train.iter().map(|e| e.ids.len()).sum::<usize>(),
+        trained_tokens = sess.train.iter().map(Example::labelled).sum::<usize>(),
         eval_examples = sess.eval.len(),
         steps = total,
         start = st.step,
