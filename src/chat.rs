@@ -65,6 +65,9 @@ pub struct Rendered {
     /// marker when it begins like the conversation's end (`<|user|>` after `<eos>`): tokens
     /// are trained only when they end within a range ([`trained_tokens`]).
     pub trained: Vec<Range<usize>>,
+    /// Whether only the last reply is trained, the template rendering earlier turns
+    /// differently once later ones follow.
+    pub last_only: bool,
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {
@@ -136,6 +139,68 @@ impl serde_json::ser::Formatter for PythonSeparators {
     }
 }
 
+/// The template with each backslash-newline inside a string literal of a tag removed: Jinja
+/// reads string literals with Python's escapes, where that is a line continuation (Mistral
+/// Small 3.1's default system prompt is written so), while minijinja keeps both characters.
+/// Text outside tags, where a backslash is just text, is left alone.
+fn python_line_continuations(src: &str) -> String {
+    if !src.contains("\\\n") && !src.contains("\\\r\n") {
+        return src.to_string();
+    }
+    let mut out = String::with_capacity(src.len());
+    // In a tag (`{{ }}`, `{% %}`), and in a string literal there (its quote).
+    let (mut in_tag, mut quote) = (false, None::<char>);
+    let mut chars = src.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (in_tag, quote, c) {
+            (true, Some(_), '\\') => match chars.peek() {
+                Some('\n') => {
+                    chars.next();
+                }
+                Some('\r') => {
+                    let mut ahead = chars.clone();
+                    ahead.next();
+                    if ahead.peek() == Some(&'\n') {
+                        chars.next();
+                        chars.next();
+                    } else {
+                        out.push(c);
+                    }
+                }
+                // Any other escape stays as it is, and its character cannot end the string.
+                Some(&d) => {
+                    out.push(c);
+                    out.push(d);
+                    chars.next();
+                }
+                None => out.push(c),
+            },
+            (true, Some(q), _) => {
+                out.push(c);
+                if c == q {
+                    quote = None;
+                }
+            }
+            (true, None, '\'' | '"') => {
+                out.push(c);
+                quote = Some(c);
+            }
+            (true, None, '}' | '%') if chars.peek() == Some(&'}') => {
+                out.push(c);
+                out.push(chars.next().expect("peeked"));
+                in_tag = false;
+            }
+            (false, _, '{') if matches!(chars.peek(), Some('{' | '%')) => {
+                out.push(c);
+                out.push(chars.next().expect("peeked"));
+                in_tag = true;
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
 /// Checks a template's syntax; the error names the line.
 pub fn check_syntax(source: &str) -> Result<(), String> {
     ChatTemplate::new(source, None, None).map(|_| ())
@@ -158,7 +223,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.set_fuel(Some(FUEL));
-        env.add_template_owned("chat_template", source.to_string())
+        env.add_template_owned("chat_template", python_line_continuations(source))
             .map_err(|e| describe(&e))?;
         Ok(ChatTemplate {
             env,
@@ -206,8 +271,14 @@ impl ChatTemplate {
     /// it (`through`). The reply starts where `through` leaves both `prior` and `prompted`
     /// (so a generation prompt the reply's rendering does not repeat, such as a `<think>`
     /// opener, is not trained on), and ends where `through` leaves the whole. What a
-    /// rendering adds only at the end of a conversation (Phi's final eos) may differ; any
-    /// other difference means the template rewrote a turn, which is refused.
+    /// rendering adds only at the end of a conversation (Phi's final eos) may differ.
+    ///
+    /// Any other difference means the template renders an earlier turn differently once
+    /// later ones follow (Qwen3's drops the reasoning of replies before the last question;
+    /// Mistral's moves the system prompt into the last question). The whole is then the
+    /// conversation as the model sees it writing its last reply, so only that reply is
+    /// trained (`last_only`); if the last message is no trained reply, the conversation is
+    /// refused naming the message.
     pub fn conversation(&self, messages: &[Json]) -> Result<Rendered, String> {
         let text = self.render(messages, false)?;
         let mut trained = Vec::new();
@@ -222,36 +293,80 @@ impl ChatTemplate {
                         .into(),
                 );
             }
-            let rewritten = || {
-                format!(
-                    "the chat template renders the conversation differently once message {} \
-                     (the assistant's) follows, so its reply cannot be told apart (templates \
-                     that rewrite earlier turns, e.g. drop the reasoning of earlier replies, \
-                     are not supported: give each such reply its own example, or set \
-                     data.chat_template)",
-                    i + 1
-                )
-            };
-            // A rendering's tail after the common part may only be what the template writes
-            // at a conversation's end.
-            let ends_only = |rest: &str| rest.is_empty() || text.ends_with(rest);
-            let prior = self.render(&messages[..i], false)?;
-            let prompted = self.render(&messages[..i], true)?;
-            let through = self.render(&messages[..=i], false)?;
-            let kept = common_prefix(&prior, &through);
-            let end = common_prefix(&through, &text);
-            if !ends_only(&prior[kept..]) || !ends_only(&through[end..]) {
-                return Err(rewritten());
-            }
-            let start = kept.max(common_prefix(&prompted, &through));
-            if end < start {
-                return Err(rewritten());
-            }
-            if end > start {
-                trained.push(start..end);
+            match self.reply(messages, i, &text)? {
+                Some(span) => trained.extend(Some(span).filter(|s| !s.is_empty())),
+                None => return self.last_reply_only(messages, i, text),
             }
         }
-        Ok(Rendered { text, trained })
+        Ok(Rendered {
+            text,
+            trained,
+            last_only: false,
+        })
+    }
+
+    /// The bytes of reply `i` in `text`, the whole conversation; `None` when the template
+    /// renders the conversation up to it differently from the whole.
+    fn reply(
+        &self,
+        messages: &[Json],
+        i: usize,
+        text: &str,
+    ) -> Result<Option<Range<usize>>, String> {
+        // A rendering's tail after the common part may only be what the template writes at
+        // a conversation's end.
+        let ends_only = |rest: &str| rest.is_empty() || text.ends_with(rest);
+        let prior = self.render(&messages[..i], false)?;
+        let prompted = self.render(&messages[..i], true)?;
+        let through = if i + 1 == messages.len() {
+            text.to_string()
+        } else {
+            self.render(&messages[..=i], false)?
+        };
+        let kept = common_prefix(&prior, &through);
+        let end = common_prefix(&through, text);
+        if !ends_only(&prior[kept..]) || !ends_only(&through[end..]) {
+            return Ok(None);
+        }
+        let start = kept.max(common_prefix(&prompted, &through));
+        Ok((start <= end).then_some(start..end))
+    }
+
+    /// The conversation with only its last reply trained (see [`ChatTemplate::conversation`]);
+    /// `first` is the reply the template rewrites.
+    fn last_reply_only(
+        &self,
+        messages: &[Json],
+        first: usize,
+        text: String,
+    ) -> Result<Rendered, String> {
+        let last = messages.len() - 1;
+        let ends_with_reply = is_trained(&messages[last]);
+        let span = if ends_with_reply {
+            self.reply(messages, last, &text)?
+        } else {
+            None
+        };
+        let Some(span) = span else {
+            return Err(format!(
+                "the chat template renders the conversation differently once message {} (the \
+                 assistant's) follows, so its reply cannot be told apart; {} (a template that \
+                 rewrites earlier turns, e.g. drops the reasoning of earlier replies, is \
+                 trained on the last reply only; or set data.chat_template)",
+                first + 1,
+                if ends_with_reply {
+                    "nor can the last reply, which would be trained alone: the template renders \
+                     even the turns before it differently once it follows"
+                } else {
+                    "and the conversation does not end with a reply to train alone instead"
+                }
+            ));
+        };
+        Ok(Rendered {
+            text,
+            trained: vec![span].into_iter().filter(|s| !s.is_empty()).collect(),
+            last_only: true,
+        })
     }
 }
 
@@ -534,20 +649,28 @@ mod tests {
     }
 
     #[test]
-    fn templates_that_rewrite_earlier_turns_are_refused_naming_the_message() {
-        // Drops every reply but the last, as reasoning templates drop earlier thoughts.
+    fn templates_that_rewrite_earlier_turns_train_the_last_reply_only() {
+        // Drops every reply but the last, as Qwen3's drops earlier replies' reasoning.
         let src = "{% for m in messages %}{% if m.role != 'assistant' or loop.last %}[{{ m.role \
                    }}]{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt \
                    %}[assistant]{% endif %}";
         let t = ChatTemplate::new(src, None, None).unwrap();
-        let m = msgs(json!([
+        let mut m = msgs(json!([
             {"role": "user", "content": "a"},
             {"role": "assistant", "content": "b"},
             {"role": "user", "content": "c"},
             {"role": "assistant", "content": "d"},
         ]));
+        let r = t.conversation(&m).unwrap();
+        assert_eq!(r.text, "[user]a[user]c[assistant]d");
+        assert_eq!((spans(&r), r.last_only), (vec!["d"], true));
+        // Without a reply at the end there is nothing to train: refused, naming the reply.
+        m.push(json!({"role": "user", "content": "e"}));
         let e = t.conversation(&m).unwrap_err();
-        assert!(e.contains("message 2") && e.contains("rewrite"), "{e}");
+        assert!(
+            e.contains("message 2") && e.contains("does not end with a reply"),
+            "{e}"
+        );
         let e = t
             .conversation(&msgs(json!([{"role": "assistant", "content": "x"}])))
             .unwrap_err();
@@ -663,6 +786,15 @@ mod tests {
         .unwrap();
         assert_eq!(template_in_dir(d).as_deref(), Some(CHATML));
         assert!(job_issues(&job("chat.jsonl", "")).is_empty());
+    }
+
+    #[test]
+    fn a_backslash_newline_in_a_string_literal_continues_the_line_as_in_python() {
+        let src = "{% set s = \"one.\\\ntwo \\\"q\\\" \\n\" %}{{ s }}|a\\\nb|{{ 'x\\\r\ny' }}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        // In strings: the continuation goes, other escapes work; outside, text is text.
+        assert_eq!(t.render(&[], false).unwrap(), "one.two \"q\" \n|a\\\nb|xy");
+        assert_eq!(python_line_continuations("{{ 'a' }}"), "{{ 'a' }}");
     }
 
     #[test]

@@ -194,6 +194,7 @@ fn tokenize_jsonl(
 ) -> Result<(Vec<Example>, bool), TrainError> {
     let mut out = Vec::new();
     let (mut truncated, mut unlearnable, mut has_chat) = (0usize, 0usize, false);
+    let mut last_only = 0usize;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -239,7 +240,9 @@ fn tokenize_jsonl(
                     )
                 })?;
                 has_chat = true;
-                conversation(chat, tok, m).map_err(bad)?
+                let (ex, only_last) = conversation(chat, tok, m).map_err(bad)?;
+                last_only += only_last as usize;
+                ex
             }
             _ => {
                 return Err(bad(
@@ -259,6 +262,11 @@ fn tokenize_jsonl(
     if truncated > 0 {
         tracing::warn!(file = %path.display(), truncated, "examples cut at data.block_size tokens");
     }
+    if last_only > 0 {
+        tracing::warn!(file = %path.display(), conversations = last_only,
+            "the chat template renders earlier turns differently once later ones follow (as \
+             Qwen3's drops their reasoning): only these conversations' last reply is trained");
+    }
     if unlearnable > 0 {
         tracing::warn!(file = %path.display(), skipped = unlearnable,
             "examples skipped: no completion or reply token left within data.block_size");
@@ -266,13 +274,14 @@ fn tokenize_jsonl(
     Ok((out, has_chat))
 }
 
-/// A conversation's tokens, with its replies as targets. The rendering is tokenized whole,
-/// without added specials (the template writes them, as `apply_chat_template` does).
+/// A conversation's tokens, with its replies as targets, and whether only its last reply is
+/// trained. The rendering is tokenized whole, without added specials (the template writes
+/// them, as `apply_chat_template` does).
 fn conversation(
     chat: &ChatTemplate,
     tok: &Tok,
     messages: &serde_json::Value,
-) -> Result<Example, String> {
+) -> Result<(Example, bool), String> {
     let messages = crate::chat::check_messages(messages)?;
     let rendered = chat.conversation(messages)?;
     let enc = tok
@@ -283,10 +292,11 @@ fn conversation(
         .into_iter()
         .map(|r| (r.start as u32, r.end as u32))
         .collect();
-    Ok(Example {
+    let ex = Example {
         ids: enc.get_ids().to_vec(),
         targets,
-    })
+    };
+    Ok((ex, rendered.last_only))
 }
 
 const CACHE_MAGIC: &[u8; 8] = b"JOBDTOK2";
@@ -465,6 +475,26 @@ impl Plan {
     }
 }
 
+/// An example's text with its trained tokens in `⟦ ⟧`, cut after `max_chars` characters.
+pub fn marked(e: &Example, tok: &Tok, max_chars: usize) -> String {
+    let decode = |ids: &[u32]| tok.inner.decode(ids, false).unwrap_or_default();
+    let mut out = String::new();
+    let mut at = 0usize;
+    for &(a, b) in &e.targets {
+        let (a, b) = (a as usize, (b as usize).min(e.ids.len()));
+        out.push_str(&decode(&e.ids[at..a]));
+        out.push('⟦');
+        out.push_str(&decode(&e.ids[a..b]));
+        out.push('⟧');
+        at = b;
+    }
+    out.push_str(&decode(&e.ids[at.min(e.ids.len())..]));
+    match out.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}… ({} tokens)", &out[..cut], e.ids.len()),
+        None => out,
+    }
+}
+
 /// A padded micro-batch on the device.
 pub struct Batch {
     /// Input ids `(B, T)`.
@@ -632,6 +662,14 @@ mod tests {
             trained,
             ["prompt => answer<|im_end|>\n", "hello<|im_end|>\n"]
         );
+        assert_eq!(
+            marked(ex, &t, 10_000),
+            "<|im_start|>user\nhello world 1<|im_end|>\n<|im_start|>assistant\n⟦prompt => \
+             answer<|im_end|>\n⟧<|im_start|>user\nhello world 2<|im_end|>\n<|im_start|>assistant\n\
+             answer<|im_end|>\n<|im_start|>user\nhello world 3<|im_end|>\n<|im_start|>assistant\n\
+             ⟦hello<|im_end|>\n⟧"
+        );
+        assert!(marked(ex, &t, 20).ends_with(&format!("… ({} tokens)", ex.ids.len())));
         let b = batch(&[ex], 0, &Device::Cpu).unwrap();
         assert_eq!(b.labelled, ex.labelled());
         assert_eq!(

@@ -241,6 +241,11 @@ fn run_inner(
         device = ?device,
         "training"
     );
+    if let Some(first) = sess.train.first() {
+        // What the model is asked to learn, as LLaMA-Factory and axolotl show it: a wrong
+        // template or mask is seen here before hours of training.
+        tracing::info!(example = ?data::marked(first, &sess.tok, 2000), "first training example, ⟦trained⟧");
+    }
 
     let pad = sess.tok.eos.unwrap_or(0);
     let rotation = |st: &TrainerState| Rotation {
