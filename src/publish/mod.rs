@@ -231,8 +231,8 @@ pub struct Prompting {
 }
 
 /// Chooses the prompt layers: the spec's template, else the family default from the chat
-/// template (ChatML, Llama 3) with its stop sequences when the spec sets none, else
-/// `{{ .Prompt }}`.
+/// template (ChatML, Llama 3, Gemma, Phi-3, Mistral) with its stop sequences when the spec
+/// sets none, else `{{ .Prompt }}`.
 pub fn prompting(spec: &PublishSpec, tok: &tokenizer::GgufTokenizer) -> Prompting {
     let family = tokenizer::chat_family(tok);
     let template = match (&spec.template, family) {

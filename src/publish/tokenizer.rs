@@ -519,9 +519,24 @@ pub enum ChatFamily {
     ChatMl,
     /// `<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>`.
     Llama3,
+    /// `<start_of_turn>user\n...<end_of_turn>` (Gemma 2 and 3; the assistant is "model").
+    Gemma,
+    /// `<|user|>\n...<|end|>\n<|assistant|>\n` (Phi-3, Phi-3.5).
+    Phi3,
+    /// `[INST] ... [/INST]` (Mistral and Mixtral instruct).
+    Mistral,
 }
 
 impl ChatFamily {
+    /// Every family, in the order they are recognised.
+    pub const ALL: [ChatFamily; 5] = [
+        ChatFamily::ChatMl,
+        ChatFamily::Llama3,
+        ChatFamily::Gemma,
+        ChatFamily::Phi3,
+        ChatFamily::Mistral,
+    ];
+
     /// Ollama's Go template for the family (as in Ollama's `template/*.gotmpl`).
     pub fn template(self) -> &'static str {
         match self {
@@ -531,6 +546,15 @@ impl ChatFamily {
             ChatFamily::Llama3 => {
                 "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
             }
+            ChatFamily::Gemma => {
+                "{{- $system := .System }}\n{{- range $i, $_ := .Messages }}\n{{- $last := eq (len (slice $.Messages $i)) 1 }}\n{{- if eq .Role \"user\" }}<start_of_turn>user\n{{- if and (eq $i 1) $system }}\n{{ $system }}\n{{- end }}\n{{ .Content }}<end_of_turn>\n{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n{{ end }}\n{{- if $last }}<start_of_turn>model\n{{ end }}\n{{- end }}\n"
+            }
+            ChatFamily::Phi3 => {
+                "{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}{{ if .Prompt }}<|user|>\n{{ .Prompt }}<|end|>\n{{ end }}<|assistant|>\n{{ .Response }}<|end|>"
+            }
+            ChatFamily::Mistral => {
+                "{{- if .Messages }}\n{{- range $index, $_ := .Messages }}\n{{- if eq .Role \"user\" }}[INST] {{ if and $.System (eq (len (slice $.Messages $index)) 1) }}{{ $.System }}\n{{ end }}{{ .Content }}\n{{- else if eq .Role \"assistant\" }}[/INST] {{ .Content }}</s>\n{{- end }}\n{{- end }}[/INST]\n{{- else -}}\n[INST] {{ if .System }}{{ .System }} {{ end }}{{ .Prompt }}[/INST] {{ .Response }}</s>\n{{- end -}}"
+            }
         }
     }
 
@@ -539,23 +563,67 @@ impl ChatFamily {
         match self {
             ChatFamily::ChatMl => &["<|im_start|>", "<|im_end|>"],
             ChatFamily::Llama3 => &["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+            ChatFamily::Gemma => &["<end_of_turn>"],
+            ChatFamily::Phi3 => &["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"],
+            ChatFamily::Mistral => &["[INST]", "[/INST]"],
+        }
+    }
+
+    /// What a question "Hi" and the generation prompt after it look like in the family's
+    /// own (Hugging Face) template; how a template is recognised by rendering it.
+    fn probe(self) -> &'static str {
+        match self {
+            ChatFamily::ChatMl => "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+            ChatFamily::Llama3 => {
+                "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+            }
+            ChatFamily::Gemma => "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+            ChatFamily::Phi3 => "<|user|>\nHi<|end|>\n<|assistant|>\n",
+            ChatFamily::Mistral => "[INST]",
+        }
+    }
+
+    /// A marker of the family, for a template that cannot be rendered, or a vocabulary.
+    fn marker(self) -> &'static str {
+        match self {
+            ChatFamily::ChatMl => "<|im_start|>",
+            ChatFamily::Llama3 => "<|start_header_id|>",
+            ChatFamily::Gemma => "<start_of_turn>",
+            ChatFamily::Phi3 => "<|assistant|>",
+            ChatFamily::Mistral => "[INST]",
         }
     }
 }
 
-/// The family of the tokenizer's chat template, judged by its markers; without a chat
-/// template, by whether the vocabulary has the family's control tokens.
+/// The family of the tokenizer's chat template, by how it renders a question (so that
+/// templates written any way are recognised), else by its markers; without a chat template,
+/// ChatML or Llama 3 by whether the vocabulary has the family's control tokens.
 pub fn chat_family(tok: &GgufTokenizer) -> Option<ChatFamily> {
-    let has = |marker: &str| match &tok.chat_template {
-        Some(t) => t.contains(marker),
-        None => tok.tokens.iter().any(|t| t == marker),
+    let Some(source) = &tok.chat_template else {
+        let has = |marker: &str| tok.tokens.iter().any(|t| t == marker);
+        return [ChatFamily::ChatMl, ChatFamily::Llama3]
+            .into_iter()
+            .find(|f| has(f.marker()));
     };
-    if has("<|im_start|>") {
-        Some(ChatFamily::ChatMl)
-    } else if has("<|start_header_id|>") {
-        Some(ChatFamily::Llama3)
-    } else {
-        None
+    let token = |id: u32| tok.tokens.get(id as usize).map(String::as_str);
+    let rendered = crate::chat::ChatTemplate::new(
+        source,
+        tok.add_bos_token.then(|| token(tok.bos_token_id)).flatten(),
+        token(tok.eos_token_id),
+    )
+    .and_then(|t| {
+        t.render(
+            &[serde_json::json!({"role": "user", "content": "Hi"})],
+            true,
+        )
+    });
+    match rendered {
+        Ok(text) => ChatFamily::ALL
+            .into_iter()
+            .find(|f| text.contains(f.probe())),
+        Err(_) => ChatFamily::ALL
+            .into_iter()
+            .find(|f| source.contains(f.marker())),
     }
 }
 
@@ -753,14 +821,40 @@ mod tests {
     #[test]
     fn chat_family_from_template_or_tokens() {
         let json = tokenizer_json(gpt2_pre(), Json::Null);
-        let cfg = serde_json::json!({"chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}"});
-        let t = convert(Path::new("t"), &json, &cfg, &config(5)).unwrap();
-        assert_eq!(chat_family(&t), Some(ChatFamily::ChatMl));
+        let family = |template: &str| {
+            let cfg = serde_json::json!({ "chat_template": template });
+            chat_family(&convert(Path::new("t"), &json, &cfg, &config(5)).unwrap())
+        };
+        // Recognised by rendering, however the template is written.
+        let role_turns = |open: &str, close: &str, assistant: &str| {
+            format!(
+                "{{% for m in messages %}}{open}{{{{ m.role }}}}\n{{{{ m.content }}}}{close}{{% \
+                 endfor %}}{{% if add_generation_prompt %}}{open}{assistant}\n{{% endif %}}"
+            )
+        };
+        assert_eq!(family(crate::chat::CHATML), Some(ChatFamily::ChatMl));
+        assert_eq!(
+            family(&role_turns("<start_of_turn>", "<end_of_turn>\n", "model")),
+            Some(ChatFamily::Gemma)
+        );
+        let phi = "{% for m in messages %}{{ '<|' + m.role + '|>\\n' + m.content + '<|end|>\\n' }}\
+                   {% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}";
+        assert_eq!(family(phi), Some(ChatFamily::Phi3));
+        let mistral = "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' \
+                       + m.content + ' [/INST]' }}{% else %}{{ m.content + eos_token }}{% endif \
+                       %}{% endfor %}";
+        assert_eq!(family(mistral), Some(ChatFamily::Mistral));
+        // A template that cannot be rendered is judged by its markers.
+        assert_eq!(
+            family("{% for m in messages %}<|start_header_id|>{{ m.bogus() }}{% endfor %}"),
+            Some(ChatFamily::Llama3)
+        );
+        assert_eq!(family("{{ messages[0].content }}"), None);
         let mut t = convert(Path::new("t"), &json, &Json::Null, &config(5)).unwrap();
         assert_eq!(chat_family(&t), None);
         t.tokens[4] = "<|start_header_id|>".into();
         assert_eq!(chat_family(&t), Some(ChatFamily::Llama3));
-        for f in [ChatFamily::ChatMl, ChatFamily::Llama3] {
+        for f in ChatFamily::ALL {
             crate::spec::publish::check_template(f.template()).unwrap();
         }
     }
