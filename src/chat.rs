@@ -456,16 +456,24 @@ pub fn template_in_config(cfg: &Json) -> Option<String> {
     }
 }
 
-/// The chat template in model directory `dir`'s `tokenizer_config.json`, if any.
+/// Most of a `tokenizer_config.json` read (real ones are kilobytes to a few megabytes).
+const MAX_TOKENIZER_CONFIG: u64 = 64 << 20;
+
+/// Most of a chat template file read (real templates are a few kilobytes).
+pub const MAX_TEMPLATE_FILE: u64 = 1 << 20;
+
+/// The chat template in model directory `dir`'s `tokenizer_config.json`, if any. The file is
+/// read as a root daemon reads a user's files: never blocking on a FIFO, never gigabytes.
 pub fn template_in_dir(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
-    template_in_config(&serde_json::from_str(&text).ok()?)
+    let path = dir.join("tokenizer_config.json");
+    let bytes = crate::jobfs::read_linked_regular(&path, MAX_TOKENIZER_CONFIG).ok()?;
+    template_in_config(&serde_json::from_slice(&bytes).ok()?)
 }
 
 /// Whether a data file's first example is a conversation (`{"messages": [...]}`).
 fn starts_with_conversation(path: &Path) -> bool {
     use std::io::{BufRead, BufReader};
-    let Ok(f) = std::fs::File::open(path) else {
+    let Ok(f) = crate::jobfs::open_linked_regular(path) else {
         return false;
     };
     // A first line longer than this is not inspected (the worker still reads it in full).
@@ -488,7 +496,11 @@ pub fn job_issues(spec: &JobSpec) -> Vec<Issue> {
     };
     if let Some(file) = &data.chat_template {
         let issue = |why: String| vec![Issue::new("data.chat_template", why)];
-        return match std::fs::read_to_string(file) {
+        let text = crate::jobfs::read_linked_regular(file, MAX_TEMPLATE_FILE).and_then(|b| {
+            String::from_utf8(b)
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+        });
+        return match text {
             Err(e) => issue(format!("{}: {e}", file.display())),
             Ok(src) => match check_syntax(&src) {
                 Err(e) => issue(format!("{}: {e}", file.display())),
@@ -786,6 +798,15 @@ mod tests {
         .unwrap();
         assert_eq!(template_in_dir(d).as_deref(), Some(CHATML));
         assert!(job_issues(&job("chat.jsonl", "")).is_empty());
+        // A FIFO in a user's model directory never blocks the daemon's check.
+        std::fs::remove_file(d.join("tokenizer_config.json")).unwrap();
+        nix::unistd::mkfifo(
+            &d.join("tokenizer_config.json"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        assert_eq!(template_in_dir(d), None);
+        assert_eq!(job_issues(&job("chat.jsonl", "")).len(), 1);
     }
 
     #[test]

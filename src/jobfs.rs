@@ -146,6 +146,42 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Opens `path` for reading only if it is a regular file, following symbolic links (a model
+/// directory in the Hugging Face cache links its files to blobs; a root daemon reads them
+/// with the owner's rights), without ever blocking on the open (a FIFO).
+pub fn open_linked_regular(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// Reads a whole file with [`open_linked_regular`]'s checks, if it holds at most `max` bytes.
+pub fn read_linked_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = open_linked_regular(path)?;
+    let len = file.metadata()?.len();
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is {len} bytes, more than the {max} jobd reads of it",
+                path.display()
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(max).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Reads a whole file with [`open_regular`]'s checks, if it holds at most `max` bytes: the
 /// files jobd reads from job directories are their owners', who could otherwise make the
 /// daemon read gigabytes (a sparse file costs them nothing).

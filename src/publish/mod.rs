@@ -80,18 +80,7 @@ impl PublishError {
 /// anything but a regular file. Links are followed: a root daemon reads with the owner's
 /// rights ([`PublishRequest::read_as`]), and Hugging Face caches link files to blobs.
 pub(crate) fn open_model_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    Ok(file)
+    crate::jobfs::open_linked_regular(path)
 }
 
 /// Reads a text file of the model directory (see [`open_model_file`]).

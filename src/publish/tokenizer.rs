@@ -569,21 +569,7 @@ impl ChatFamily {
         }
     }
 
-    /// What a question "Hi" and the generation prompt after it look like in the family's
-    /// own (Hugging Face) template; how a template is recognised by rendering it.
-    fn probe(self) -> &'static str {
-        match self {
-            ChatFamily::ChatMl => "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
-            ChatFamily::Llama3 => {
-                "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-            }
-            ChatFamily::Gemma => "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
-            ChatFamily::Phi3 => "<|user|>\nHi<|end|>\n<|assistant|>\n",
-            ChatFamily::Mistral => "[INST]",
-        }
-    }
-
-    /// A marker of the family, for a template that cannot be rendered, or a vocabulary.
+    /// The family's control token, as a vocabulary or a template holds it.
     fn marker(self) -> &'static str {
         match self {
             ChatFamily::ChatMl => "<|im_start|>",
@@ -593,37 +579,33 @@ impl ChatFamily {
             ChatFamily::Mistral => "[INST]",
         }
     }
+
+    /// Whether a chat template's text is of the family. Phi-3's also ends its turns with
+    /// `<|end|>` and puts a line break after the role (Phi-4-mini's has none, and Ollama's
+    /// Phi-3 template would give it one).
+    fn in_template(self, source: &str) -> bool {
+        match self {
+            ChatFamily::Phi3 => {
+                source.contains("<|end|>")
+                    && (source.contains("<|assistant|>\n") || source.contains("<|assistant|>\\n"))
+            }
+            f => source.contains(f.marker()),
+        }
+    }
 }
 
-/// The family of the tokenizer's chat template, by how it renders a question (so that
-/// templates written any way are recognised), else by its markers; without a chat template,
-/// ChatML or Llama 3 by whether the vocabulary has the family's control tokens.
+/// The family of the tokenizer's chat template, judged by its markers; without a chat
+/// template, ChatML or Llama 3 by whether the vocabulary has the family's control tokens.
+///
+/// The template is not rendered: the daemon publishes, and a user's template could make a
+/// renderer allocate without bound (`'x' * 10**10`); rendering is for the worker, which is
+/// the user's own process.
 pub fn chat_family(tok: &GgufTokenizer) -> Option<ChatFamily> {
-    let Some(source) = &tok.chat_template else {
-        let has = |marker: &str| tok.tokens.iter().any(|t| t == marker);
-        return [ChatFamily::ChatMl, ChatFamily::Llama3]
+    match &tok.chat_template {
+        Some(source) => ChatFamily::ALL.into_iter().find(|f| f.in_template(source)),
+        None => [ChatFamily::ChatMl, ChatFamily::Llama3]
             .into_iter()
-            .find(|f| has(f.marker()));
-    };
-    let token = |id: u32| tok.tokens.get(id as usize).map(String::as_str);
-    let rendered = crate::chat::ChatTemplate::new(
-        source,
-        tok.add_bos_token.then(|| token(tok.bos_token_id)).flatten(),
-        token(tok.eos_token_id),
-    )
-    .and_then(|t| {
-        t.render(
-            &[serde_json::json!({"role": "user", "content": "Hi"})],
-            true,
-        )
-    });
-    match rendered {
-        Ok(text) => ChatFamily::ALL
-            .into_iter()
-            .find(|f| text.contains(f.probe())),
-        Err(_) => ChatFamily::ALL
-            .into_iter()
-            .find(|f| source.contains(f.marker())),
+            .find(|f| tok.tokens.iter().any(|t| t == f.marker())),
     }
 }
 
@@ -825,7 +807,6 @@ mod tests {
             let cfg = serde_json::json!({ "chat_template": template });
             chat_family(&convert(Path::new("t"), &json, &cfg, &config(5)).unwrap())
         };
-        // Recognised by rendering, however the template is written.
         let role_turns = |open: &str, close: &str, assistant: &str| {
             format!(
                 "{{% for m in messages %}}{open}{{{{ m.role }}}}\n{{{{ m.content }}}}{close}{{% \
@@ -840,15 +821,17 @@ mod tests {
         let phi = "{% for m in messages %}{{ '<|' + m.role + '|>\\n' + m.content + '<|end|>\\n' }}\
                    {% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}";
         assert_eq!(family(phi), Some(ChatFamily::Phi3));
+        assert_eq!(family(&phi.replace("|>\\n", "|>")), None);
         let mistral = "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' \
                        + m.content + ' [/INST]' }}{% else %}{{ m.content + eos_token }}{% endif \
                        %}{% endfor %}";
         assert_eq!(family(mistral), Some(ChatFamily::Mistral));
-        // A template that cannot be rendered is judged by its markers.
         assert_eq!(
             family("{% for m in messages %}<|start_header_id|>{{ m.bogus() }}{% endfor %}"),
             Some(ChatFamily::Llama3)
         );
+        // A template is never rendered here: a renderer's memory is not bounded.
+        assert_eq!(family("{{ 'x' * 100000000000 }}"), None);
         assert_eq!(family("{{ messages[0].content }}"), None);
         let mut t = convert(Path::new("t"), &json, &Json::Null, &config(5)).unwrap();
         assert_eq!(chat_family(&t), None);

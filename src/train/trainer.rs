@@ -723,7 +723,14 @@ fn tokenizer_texts(
 fn chat_template(s: &Sections<'_>, tok: Option<&Tok>) -> Result<Option<ChatTemplate>, TrainError> {
     let source = match (&s.data.chat_template, &s.model.base) {
         (Some(file), _) => {
-            Some(std::fs::read_to_string(file).map_err(|e| TrainError::io(file, e))?)
+            let bytes = crate::jobfs::read_linked_regular(file, crate::chat::MAX_TEMPLATE_FILE)
+                .map_err(|e| TrainError::io(file, e))?;
+            Some(String::from_utf8(bytes).map_err(|_| {
+                TrainError::option(
+                    "data.chat_template",
+                    format!("{} is not UTF-8 text", file.display()),
+                )
+            })?)
         }
         (None, Some(base)) => crate::chat::template_in_dir(base),
         (None, None) => Some(CHATML.to_string()),
