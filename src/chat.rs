@@ -201,6 +201,58 @@ fn python_line_continuations(src: &str) -> String {
     out
 }
 
+/// Most characters of one tag (`{{ }}`, `{% %}`) outside its string literals; real templates'
+/// longest are under 200.
+const MAX_TAG: usize = 2048;
+
+/// Refuses a tag longer than [`MAX_TAG`] outside its strings. minijinja's parser recurses
+/// once per operator of an expression without a limit (`- - - ... 1`, `x.a.a.a...`), and a
+/// few thousand levels overflow a 2 MiB thread stack, which aborts the process: the daemon's
+/// at submit. Short tags keep every expression shallow.
+fn check_tag_lengths(src: &str) -> Result<(), String> {
+    let bytes = src.as_bytes();
+    let (mut i, mut line) = (0usize, 1usize);
+    while i + 1 < bytes.len() {
+        let (c, next) = (bytes[i], bytes[i + 1]);
+        if c == b'\n' {
+            line += 1;
+        }
+        if c != b'{' || !matches!(next, b'{' | b'%' | b'#') {
+            i += 1;
+            continue;
+        }
+        let close: &[u8] = match next {
+            b'{' => b"}}",
+            b'%' => b"%}",
+            _ => b"#}",
+        };
+        let (start_line, mut j, mut outside, mut quote) = (line, i + 2, 0usize, None::<u8>);
+        while j < bytes.len() && !(quote.is_none() && bytes[j..].starts_with(close)) {
+            let b = bytes[j];
+            line += (b == b'\n') as usize;
+            match quote {
+                Some(_) if b == b'\\' => {
+                    line += (bytes.get(j + 1) == Some(&b'\n')) as usize;
+                    j += 1;
+                }
+                Some(q) if b == q => quote = None,
+                Some(_) => {}
+                None if next != b'#' && matches!(b, b'\'' | b'"') => quote = Some(b),
+                None => outside += (next != b'#') as usize,
+            }
+            j += 1;
+        }
+        if outside > MAX_TAG {
+            return Err(format!(
+                "chat template line {start_line}: a tag of {outside} characters outside its \
+                 strings; at most {MAX_TAG} are taken"
+            ));
+        }
+        i = j + close.len();
+    }
+    Ok(())
+}
+
 /// Checks a template's syntax; the error names the line.
 pub fn check_syntax(source: &str) -> Result<(), String> {
     ChatTemplate::new(source, None, None).map(|_| ())
@@ -223,6 +275,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.set_fuel(Some(FUEL));
+        check_tag_lengths(source)?;
         env.add_template_owned("chat_template", python_line_continuations(source))
             .map_err(|e| describe(&e))?;
         Ok(ChatTemplate {
@@ -274,8 +327,8 @@ impl ChatTemplate {
     /// rendering adds only at the end of a conversation (Phi's final eos) may differ.
     ///
     /// Any other difference means the template renders an earlier turn differently once
-    /// later ones follow (Qwen3's drops the reasoning of replies before the last question;
-    /// Mistral's moves the system prompt into the last question). The whole is then the
+    /// later ones follow (Qwen3's drops the reasoning of replies before the last question).
+    /// The whole is then the
     /// conversation as the model sees it writing its last reply, so only that reply is
     /// trained (`last_only`); if the last message is no trained reply, the conversation is
     /// refused naming the message.
@@ -378,6 +431,54 @@ fn common_prefix(a: &str, b: &str) -> usize {
         .map_or(a.len().min(b.len()), |((at, _), _)| at)
 }
 
+/// What a model's chat template does on its own that a publisher should know, found by
+/// rendering it (which only the worker does: see [`crate::publish`]). Written beside the
+/// trained model as [`ChatDefaults::FILE`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatDefaults {
+    /// The system prompt the template writes when a conversation has none (Qwen2.5's "You
+    /// are Qwen, ..."): Ollama's family template does not, so publishing sets it as the
+    /// model's SYSTEM, and the model is asked as it was trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_system: Option<String>,
+}
+
+impl ChatDefaults {
+    /// The file in a model directory.
+    pub const FILE: &str = "jobd-chat.json";
+
+    /// Finds them by rendering `template`.
+    pub fn of(template: &ChatTemplate) -> Self {
+        ChatDefaults {
+            default_system: default_system(template),
+        }
+    }
+
+    /// Reads them from model directory `dir` (none when the file is missing or unreadable:
+    /// a model not trained by jobd, or by an older one).
+    pub fn read(dir: &Path) -> Self {
+        crate::jobfs::read_linked_regular(&dir.join(Self::FILE), 1 << 20)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// The system prompt `template` writes for a conversation without one: the text it puts
+/// where a given system message's content would go. Found by rendering a question alone and
+/// with a system message whose content is a marker, and comparing what surrounds it.
+fn default_system(template: &ChatTemplate) -> Option<String> {
+    const MARK: &str = "\u{E000}jobd-system\u{E001}";
+    let user = serde_json::json!({"role": "user", "content": "Hi"});
+    let alone = template.render(std::slice::from_ref(&user), true).ok()?;
+    let system = serde_json::json!({"role": "system", "content": MARK});
+    let with = template.render(&[system, user], true).ok()?;
+    let at = with.find(MARK)?;
+    let (before, after) = (&with[..at], &with[at + MARK.len()..]);
+    let text = alone.strip_prefix(before)?.strip_suffix(after)?;
+    (!text.trim().is_empty()).then(|| text.to_string())
+}
+
 /// Whether a (checked) message is trained on: the assistant's, without `"weight": 0`.
 fn is_trained(m: &Json) -> bool {
     m.get("role").and_then(Json::as_str) == Some("assistant")
@@ -386,8 +487,9 @@ fn is_trained(m: &Json) -> bool {
 
 /// Checks the shape of a `messages` value: a non-empty array of objects, each with a string
 /// `role` and `content` (OpenAI's and TRL's conversational format; other keys, such as
-/// `tool_calls` or `name`, are passed to the template), and `weight` only 0 or 1 on an
-/// assistant message (OpenAI's fine-tuning format).
+/// `tool_calls` or `name`, are passed to the template; an assistant message with
+/// `tool_calls` may have no or null content), and `weight` only 0 or 1 on an assistant
+/// message (OpenAI's fine-tuning format).
 pub fn check_messages(messages: &Json) -> Result<&[Json], String> {
     let list = messages
         .as_array()
@@ -405,8 +507,11 @@ pub fn check_messages(messages: &Json) -> Result<&[Json], String> {
             Some(_) => return Err(format!("message {n}: \"role\" must be a non-empty string")),
             None => return Err(format!("message {n} has no \"role\"")),
         };
+        // An assistant message calling tools may have no content (OpenAI's format).
+        let calls_tools = role == "assistant" && obj.get("tool_calls").is_some_and(Json::is_array);
         match obj.get("content") {
             Some(Json::String(_)) => {}
+            None | Some(Json::Null) if calls_tools => {}
             Some(Json::Array(_)) => {
                 return Err(format!(
                     "message {n}: \"content\" is a list of parts (text and images); only \
@@ -502,7 +607,7 @@ pub fn job_issues(spec: &JobSpec) -> Vec<Issue> {
         });
         return match text {
             Err(e) => issue(format!("{}: {e}", file.display())),
-            Ok(src) => match check_syntax(&src) {
+            Ok(src) => match check_syntax(src.strip_prefix('\u{feff}').unwrap_or(&src)) {
                 Err(e) => issue(format!("{}: {e}", file.display())),
                 Ok(()) => Vec::new(),
             },
@@ -738,6 +843,19 @@ mod tests {
             let e = check_messages(&v).unwrap_err();
             assert!(e.contains(words), "{v}: {e}");
         }
+        // An assistant calling tools may have no content (OpenAI's format); others may not.
+        let call = json!({"type": "function", "function": {"name": "f", "arguments": "{}"}});
+        for content in [json!(null), json!("")] {
+            let mut v = json!([
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "tool_calls": [call], "content": content},
+            ]);
+            check_messages(&v).unwrap();
+            v[1].as_object_mut().unwrap().remove("content");
+            check_messages(&v).unwrap();
+        }
+        let v = json!([{"role": "user", "content": null, "tool_calls": [call]}]);
+        assert!(check_messages(&v).unwrap_err().contains("must be a string"));
         let e = check_syntax("{% for m in messages %}{{ m.content }").unwrap_err();
         assert!(e.contains("line 1"), "{e}");
         let t = ChatTemplate::new("{{ messages[0].content.bogus() }}", None, None).unwrap();
@@ -816,6 +934,60 @@ mod tests {
         // In strings: the continuation goes, other escapes work; outside, text is text.
         assert_eq!(t.render(&[], false).unwrap(), "one.two \"q\" \n|a\\\nb|xy");
         assert_eq!(python_line_continuations("{{ 'a' }}"), "{{ 'a' }}");
+    }
+
+    #[test]
+    fn deep_expressions_are_refused_before_the_parser_can_overflow_its_stack() {
+        // Each of these, 200000 deep, aborts the process with a stack overflow in the parser.
+        let n = 200_000;
+        for deep in [
+            format!("{{{{ {}1 }}}}", "-".repeat(n)),
+            format!("{{{{ x{} }}}}", ".a".repeat(n)),
+            format!("{{{{ 1{} }}}}", " ~ 1".repeat(n)),
+            format!("\n{{% if {}1 %}}{{% endif %}}", "not ".repeat(n)),
+        ] {
+            let e = check_syntax(&deep).unwrap_err();
+            assert!(e.contains("characters outside its strings"), "{e}");
+        }
+        let e = check_syntax(&format!("a\n\n{{{{ {}1 }}}}", "-".repeat(3000))).unwrap_err();
+        assert!(e.starts_with("chat template line 3:"), "{e}");
+        // Long strings, comments and text are no depth.
+        let long = "x".repeat(n);
+        check_syntax(&format!("{long}{{{{ '{long}' }}}}{{# {long} #}}")).unwrap();
+        check_syntax(&format!("{{% set s = \"{long}\\\"\" %}}{{{{ s }}}}")).unwrap();
+    }
+
+    #[test]
+    fn a_templates_own_system_prompt_is_found() {
+        // Qwen2.5-style: a default system turn when the conversation has none.
+        let own = "{% if messages[0].role != 'system' %}<|im_start|>system\nYou are Tiny.\
+                   <|im_end|>\n{% endif %}";
+        let t = ChatTemplate::new(&format!("{own}{CHATML}"), None, None).unwrap();
+        assert_eq!(
+            ChatDefaults::of(&t).default_system.as_deref(),
+            Some("You are Tiny.")
+        );
+        // None: plain ChatML, or a preamble around the system text that is not a prompt.
+        let plain = ChatTemplate::new(CHATML, None, None).unwrap();
+        assert_eq!(ChatDefaults::of(&plain), ChatDefaults::default());
+        let preamble = "<|im_start|>system\nDate: today\n{% if messages[0].role == 'system' \
+                        %}{{ messages[0].content }}{% endif %}<|im_end|>\n{% for m in messages \
+                        %}{% if m.role != 'system' %}<|im_start|>{{ m.role }}\n{{ m.content \
+                        }}<|im_end|>\n{% endif %}{% endfor %}";
+        let t = ChatTemplate::new(preamble, None, None).unwrap();
+        assert_eq!(ChatDefaults::of(&t).default_system, None);
+        // Written and read back beside a model.
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ChatDefaults::read(dir.path()), ChatDefaults::default());
+        let d = ChatDefaults {
+            default_system: Some("You are Tiny.".into()),
+        };
+        std::fs::write(
+            dir.path().join(ChatDefaults::FILE),
+            serde_json::to_vec(&d).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ChatDefaults::read(dir.path()), d);
     }
 
     #[test]

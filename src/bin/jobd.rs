@@ -93,12 +93,13 @@ enum Command {
         command: Vec<std::ffi::OsString>,
     },
     /// Generate text greedily from a model in Hugging Face layout (a job's output directory).
+    #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat"])))]
     Generate {
         /// Model directory (config.json, model.safetensors, tokenizer.json).
         #[arg(long, value_name = "DIR")]
         model: PathBuf,
         /// The prompt, continued as it is.
-        #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
+        #[arg(long)]
         prompt: Option<String>,
         /// A user message: rendered with the model's chat template (its
         /// tokenizer_config.json's), the reply ends with the assistant's turn.

@@ -78,6 +78,9 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
         if let Some(e) = &d.eval_file {
             data += &format!(", eval {}", e.display());
         }
+        if let Some(t) = &d.chat_template {
+            data += &format!(", chat template {}", t.display());
+        }
         lines.push(("data", data));
     }
     if r.kind == crate::spec::JobKind::Train {

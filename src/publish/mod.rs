@@ -221,8 +221,13 @@ pub struct Prompting {
 
 /// Chooses the prompt layers: the spec's template, else the family default from the chat
 /// template (ChatML, Llama 3, Gemma, Phi-3, Mistral) with its stop sequences when the spec
-/// sets none, else `{{ .Prompt }}`.
-pub fn prompting(spec: &PublishSpec, tok: &tokenizer::GgufTokenizer) -> Prompting {
+/// sets none, else `{{ .Prompt }}`; the spec's system prompt, else with a family template
+/// the one the model's own template writes (`defaults`, found by the worker).
+pub fn prompting(
+    spec: &PublishSpec,
+    tok: &tokenizer::GgufTokenizer,
+    defaults: &crate::chat::ChatDefaults,
+) -> Prompting {
     let family = tokenizer::chat_family(tok);
     let template = match (&spec.template, family) {
         (Some(t), _) => t.clone(),
@@ -246,9 +251,16 @@ pub fn prompting(spec: &PublishSpec, tok: &tokenizer::GgufTokenizer) -> Promptin
         s.push('\n');
         s
     });
+    // The family's Go template writes no system prompt of its own: the one the model's
+    // template writes (and trained with) becomes its SYSTEM.
+    let system = spec.system.clone().or_else(|| {
+        (spec.template.is_none() && family.is_some())
+            .then(|| defaults.default_system.clone())
+            .flatten()
+    });
     Prompting {
         template,
-        system: spec.system.clone(),
+        system,
         params,
         license: spec.license.clone(),
     }
@@ -303,10 +315,14 @@ pub fn publish(
             ),
             None => None,
         };
-        gguf::prepare(req.model_dir, spec.quantization)?
+        (
+            gguf::prepare(req.model_dir, spec.quantization)?,
+            crate::chat::ChatDefaults::read(req.model_dir),
+        )
     };
+    let (prepared, defaults) = prepared;
     let (model, tok) = (&prepared.model, &prepared.tokenizer);
-    let prompting = prompting(spec, tok);
+    let prompting = prompting(spec, tok, &defaults);
 
     progress(&format!(
         "exporting {} parameters as {} GGUF",

@@ -987,13 +987,19 @@ pub fn check_paths(spec: &JobSpec) -> Vec<Issue> {
         if let Some(e) = &d.eval_file {
             check("data.eval_file", e);
         }
-        if let Some(t) = &d.chat_template
-            && !t.is_file()
-        {
-            issues.push(Issue::new(
-                "data.chat_template",
-                format!("{} is not a file", t.display()),
-            ));
+        if let Some(t) = &d.chat_template {
+            if t.as_os_str().is_empty() {
+                issues.push(Issue::new(
+                    "data.chat_template",
+                    "is empty: name a Jinja template file, or leave the key out for the \
+                     model's own template",
+                ));
+            } else if !t.is_file() {
+                issues.push(Issue::new(
+                    "data.chat_template",
+                    format!("{} is not a file", t.display()),
+                ));
+            }
         }
     }
     if let Some(ResumeFrom::Path(p)) = spec.training.as_ref().map(|t| &t.resume_from_checkpoint)

@@ -121,16 +121,7 @@ pub fn load(
             chat,
         });
     }
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        let bytes = e.as_bytes();
-        let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
-        TrainError::Data {
-            path: path.to_path_buf(),
-            line: Some(line),
-            reason: format!("not UTF-8 text (byte {at} of the file); save it as UTF-8"),
-        }
-    })?;
+    let text = utf8(path, bytes)?;
     // A byte-order mark (Windows tools write one) is not part of the data.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let (examples, has_chat) = if jsonl {
@@ -158,6 +149,25 @@ pub fn load(
         examples,
         key,
         chat: has_chat,
+    })
+}
+
+/// Reads a data file as text; bytes that are not UTF-8 are an error naming their line.
+pub fn read_text(path: &Path) -> Result<String, TrainError> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    utf8(path, bytes)
+}
+
+fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String, TrainError> {
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        TrainError::Data {
+            path: path.to_path_buf(),
+            line: Some(line),
+            reason: format!("not UTF-8 text (byte {at} of the file); save it as UTF-8"),
+        }
     })
 }
 
@@ -195,6 +205,7 @@ fn tokenize_jsonl(
     let mut out = Vec::new();
     let (mut truncated, mut unlearnable, mut has_chat) = (0usize, 0usize, false);
     let mut last_only = 0usize;
+    let mut untrained: Vec<usize> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -252,6 +263,11 @@ fn tokenize_jsonl(
                 ));
             }
         };
+        if ex.labelled() == 0 {
+            // A conversation with no reply to train (none, or all of weight 0).
+            untrained.push(i + 1);
+            continue;
+        }
         truncated += ex.truncate(block) as usize;
         if ex.labelled() == 0 {
             unlearnable += 1;
@@ -270,6 +286,12 @@ fn tokenize_jsonl(
     if unlearnable > 0 {
         tracing::warn!(file = %path.display(), skipped = unlearnable,
             "examples skipped: no completion or reply token left within data.block_size");
+    }
+    if !untrained.is_empty() {
+        let first: Vec<String> = untrained.iter().take(10).map(|l| l.to_string()).collect();
+        tracing::warn!(file = %path.display(), skipped = untrained.len(),
+            lines = %format!("{}{}", first.join(", "), if untrained.len() > 10 { ", ..." } else { "" }),
+            "conversations skipped: no assistant reply to train (none, or all of weight 0)");
     }
     Ok((out, has_chat))
 }
@@ -638,7 +660,12 @@ mod tests {
             {"role": "user", "content": "hello world 3"},
             {"role": "assistant", "content": "hello"},
         ]});
-        std::fs::write(&f, format!("{conv}\n{{\"text\":\"hello\"}}\n")).unwrap();
+        // The third line has no reply to train: skipped, not an error.
+        let untrained = serde_json::json!({"messages": [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hi", "weight": 0},
+        ]});
+        std::fs::write(&f, format!("{conv}\n{{\"text\":\"hello\"}}\n{untrained}\n")).unwrap();
         let texts = (0..50).map(|i| format!("hello world {i}\nprompt => answer\n"));
         let t = crate::train::tokenizer::train_bpe_with(texts, 290, Path::new("t"), &CHATML_TOKENS)
             .unwrap();

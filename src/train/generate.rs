@@ -58,7 +58,8 @@ impl Generator {
 
     /// Greedy reply to one user `message`, rendered with the model's chat template and its
     /// generation prompt (as `apply_chat_template(..., add_generation_prompt=True)`); stops at
-    /// an eos id or the end of the assistant's turn (`<|im_end|>`, `<|eot_id|>`, ...).
+    /// an eos id or the end of the assistant's turn (`<|im_end|>`, `<|eot_id|>`, ...), as a
+    /// token or as text.
     pub fn chat(&self, message: &str, max_tokens: usize) -> Result<String, TrainError> {
         let source = self.chat_template.as_deref().ok_or_else(|| {
             TrainError::option(
@@ -85,7 +86,7 @@ impl Generator {
                 .filter_map(|t| self.tok.inner.token_to_id(t)),
         );
         let out = self.greedy(&ids, max_tokens, &stop)?;
-        self.decode(&out)
+        Ok(until_end_of_turn(&self.decode(&out)?).to_string())
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, TrainError> {
@@ -170,6 +171,17 @@ impl Generator {
     }
 }
 
+/// `text` up to the first end-of-turn marker: a tokenizer without the marker as one token
+/// spells it out, so the stop ids never see it.
+fn until_end_of_turn(text: &str) -> &str {
+    let end = END_OF_TURN_TOKENS
+        .iter()
+        .filter_map(|t| text.find(t))
+        .min()
+        .unwrap_or(text.len());
+    &text[..end]
+}
+
 /// Loads the model in `model_dir` and greedily continues `prompt`.
 pub fn generate(model_dir: &Path, prompt: &str, max_tokens: usize) -> Result<String, TrainError> {
     Generator::load(model_dir)?.generate(prompt, max_tokens)
@@ -205,6 +217,16 @@ mod tests {
             stop_ids: vec![0],
             chat_template: None,
         }
+    }
+
+    #[test]
+    fn a_reply_ends_at_an_end_of_turn_marker_spelled_out() {
+        assert_eq!(
+            until_end_of_turn("w w s s<|im_end|>\n<|im_start|>user"),
+            "w w s s"
+        );
+        assert_eq!(until_end_of_turn("a<|eot_id|>b<|im_end|>"), "a");
+        assert_eq!(until_end_of_turn("no marker"), "no marker");
     }
 
     /// `greedy_ids` (cached, one position per step) continues the prompt with the top-1 that

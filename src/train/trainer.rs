@@ -679,7 +679,7 @@ fn tokenizer_texts(
     format: DataFormat,
     chat: &ChatTemplate,
 ) -> Result<(Vec<String>, bool), TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let text = data::read_text(path)?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let jsonl = format.reads_jsonl(path);
     if !jsonl {
@@ -725,12 +725,17 @@ fn chat_template(s: &Sections<'_>, tok: Option<&Tok>) -> Result<Option<ChatTempl
         (Some(file), _) => {
             let bytes = crate::jobfs::read_linked_regular(file, crate::chat::MAX_TEMPLATE_FILE)
                 .map_err(|e| TrainError::io(file, e))?;
-            Some(String::from_utf8(bytes).map_err(|_| {
+            let text = String::from_utf8(bytes).map_err(|_| {
                 TrainError::option(
                     "data.chat_template",
                     format!("{} is not UTF-8 text", file.display()),
                 )
-            })?)
+            })?;
+            // An editor's byte-order mark is not part of the template.
+            Some(match text.strip_prefix('\u{feff}') {
+                Some(rest) => rest.to_string(),
+                None => text,
+            })
         }
         (None, Some(base)) => crate::chat::template_in_dir(base),
         (None, None) => Some(CHATML.to_string()),
@@ -997,8 +1002,10 @@ fn restore(
     };
     if saved.data_key != fresh.data_key {
         return Err(bad(
-            "the training data changed since this checkpoint was written; use a new checkpoint \
-             directory or resume_from_checkpoint = false"
+            "the training data changed since this checkpoint was written (a data file, \
+             data.block_size, data.format, the tokenizer, or data.chat_template's file): put \
+             it back as it was to go on from here, or start over (`jobctl resubmit`, or a job \
+             with resume_from_checkpoint = false)"
                 .into(),
         ));
     }
@@ -1214,6 +1221,23 @@ pub fn save_pretrained(
         }),
         chat_template.map(|t| ("chat_template", t)),
     )?;
+    // What rendering the model's template shows, for publishing (the daemon never renders
+    // a user's template).
+    let template = chat_template
+        .map(str::to_string)
+        .or_else(|| base.and_then(crate::chat::template_in_dir));
+    let defaults = template
+        .and_then(|t| {
+            ChatTemplate::new(&t, tok.bos_token.as_deref(), tok.eos_token.as_deref()).ok()
+        })
+        .map(|t| crate::chat::ChatDefaults::of(&t))
+        .unwrap_or_default();
+    let defaults_path = out.join(crate::chat::ChatDefaults::FILE);
+    if defaults == crate::chat::ChatDefaults::default() {
+        let _ = std::fs::remove_file(&defaults_path);
+    } else {
+        write_atomic(&defaults_path, &json(&serde_json::json!(defaults)))?;
+    }
     if let Some(b) = base {
         let p = b.join("special_tokens_map.json");
         if p.is_file() {
