@@ -165,29 +165,19 @@ pub fn open_linked_regular(path: &Path) -> io::Result<File> {
 
 /// Reads a whole file with [`open_linked_regular`]'s checks, if it holds at most `max` bytes.
 pub fn read_linked_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
-    use std::io::Read;
-    let file = open_linked_regular(path)?;
-    let len = file.metadata()?.len();
-    if len > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{} is {len} bytes, more than the {max} jobd reads of it",
-                path.display()
-            ),
-        ));
-    }
-    let mut bytes = Vec::with_capacity(len as usize);
-    file.take(max).read_to_end(&mut bytes)?;
-    Ok(bytes)
+    read_capped(open_linked_regular(path)?, path, max)
 }
 
 /// Reads a whole file with [`open_regular`]'s checks, if it holds at most `max` bytes: the
 /// files jobd reads from job directories are their owners', who could otherwise make the
 /// daemon read gigabytes (a sparse file costs them nothing).
 pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    read_capped(open_regular(path)?, path, max)
+}
+
+/// Reads `file` (opened from `path`) whole if it holds at most `max` bytes.
+fn read_capped(file: File, path: &Path, max: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
-    let file = open_regular(path)?;
     let len = file.metadata()?.len();
     if len > max {
         return Err(io::Error::new(

@@ -8,22 +8,13 @@ mod common;
 use jobd::chat::{CHATML, CHATML_TOKENS};
 use jobd::publish::tokenizer::ChatFamily;
 use jobd::publish::{self, PublishRequest, store};
-use jobd::train::{self, WorkerOutcome, metrics};
+use jobd::train;
 
 #[test]
 fn tiny_chat_job_learns_to_answer_held_out_conversations() {
+    let (spec, dir, recs) = common::train_demo("tiny-chat.toml");
     let jobs = common::repo().join("jobs");
-    let text = std::fs::read_to_string(jobs.join("tiny-chat.toml")).unwrap();
-    let spec = jobd::spec::job::parse_and_resolve("tiny-chat.toml", &text, &jobs).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let t0 = std::time::Instant::now();
-    let out = train::run(&spec, &common::ctx(dir.path())).unwrap();
-    let secs = t0.elapsed().as_secs_f64();
-    let planned = spec.training.as_ref().unwrap().max_steps as u64;
-    assert_eq!(out, WorkerOutcome::Completed { steps: planned });
-    let recs = metrics::read_metrics(dir.path()).unwrap();
     let evals: Vec<f64> = recs.iter().filter_map(|r| r.eval_loss).collect();
-    eprintln!("trained in {secs:.1}s; eval losses {evals:?}");
     let first = recs.first().unwrap().loss;
     assert!(
         *evals.last().unwrap() < 0.2 * first,

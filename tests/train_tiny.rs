@@ -2,41 +2,15 @@
 //! falls by a stated margin, the output directory loads back, and greedy generation answers
 //! held-out prompts correctly.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
 
-use jobd::train::{self, StopSignal, WorkerContext, WorkerOutcome, metrics};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn ctx(dir: &Path) -> WorkerContext {
-    WorkerContext {
-        job_dir: dir.to_path_buf(),
-        checkpoint_dir: dir.join("checkpoints"),
-        output_dir: dir.join("output"),
-        stop: Arc::new(StopSignal::default()),
-        grace: None,
-        threads: Some(2),
-        attempt: 1,
-    }
-}
+use jobd::train;
 
 #[test]
 fn tiny_job_learns_the_held_out_rule() {
-    let jobs = repo().join("jobs");
-    let text = std::fs::read_to_string(jobs.join("tiny.toml")).unwrap();
-    let spec = jobd::spec::job::parse_and_resolve("tiny.toml", &text, &jobs).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let t0 = std::time::Instant::now();
-    let out = train::run(&spec, &ctx(dir.path())).unwrap();
-    let secs = t0.elapsed().as_secs_f64();
-    let planned = spec.training.as_ref().unwrap().max_steps as u64;
-    assert_eq!(out, WorkerOutcome::Completed { steps: planned });
-    let recs = metrics::read_metrics(dir.path()).unwrap();
+    let (_, dir, recs) = common::train_demo("tiny.toml");
+    let jobs = common::repo().join("jobs");
     let evals: Vec<f64> = recs.iter().filter_map(|r| r.eval_loss).collect();
-    eprintln!("trained in {secs:.1}s; eval losses {evals:?}");
     for r in &recs {
         eprintln!("{}", serde_json::to_string(r).unwrap());
     }

@@ -88,3 +88,33 @@ pub fn write_base(dir: &Path, vocab: usize, max_pos: usize) -> BTreeMap<String, 
     .unwrap();
     w
 }
+
+/// Trains a demo job file of `jobs/` through the library to completion in a fresh
+/// directory, checking it ran its planned steps; returns the spec, the job directory and
+/// its metrics.
+pub fn train_demo(
+    file: &str,
+) -> (
+    jobd::spec::JobSpec,
+    tempfile::TempDir,
+    Vec<jobd::train::metrics::MetricsRecord>,
+) {
+    let jobs = repo().join("jobs");
+    let text = std::fs::read_to_string(jobs.join(file)).unwrap();
+    let spec = jobd::spec::job::parse_and_resolve(file, &text, &jobs).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = std::time::Instant::now();
+    let out = jobd::train::run(&spec, &ctx(dir.path())).unwrap();
+    let planned = spec.training.as_ref().unwrap().max_steps as u64;
+    assert_eq!(
+        out,
+        jobd::train::WorkerOutcome::Completed { steps: planned }
+    );
+    let recs = jobd::train::metrics::read_metrics(dir.path()).unwrap();
+    let evals: Vec<f64> = recs.iter().filter_map(|r| r.eval_loss).collect();
+    eprintln!(
+        "{file}: trained in {:.1}s; eval losses {evals:?}",
+        t0.elapsed().as_secs_f64()
+    );
+    (spec, dir, recs)
+}

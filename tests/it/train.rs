@@ -198,20 +198,20 @@ ollama_name = "jobd/tiny-lora:latest"
     // with the token user's rights.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let body = serde_json::json!({
-        "toml": std::fs::read_to_string(&odd_job).unwrap(),
-        "base_dir": dir.path(),
-    });
-    let (status, resp) = post_json(
-        d.addr(),
-        "/api/v1/jobs",
-        Some(TOKEN_DAEMON),
-        &body.to_string(),
-    );
-    assert!(
-        status == 400 && resp.contains("normalizer"),
-        "{status} {resp}"
-    );
+    let refused_by_daemon = |job: &Path, words: &str| {
+        let body = serde_json::json!({
+            "toml": std::fs::read_to_string(job).unwrap(),
+            "base_dir": dir.path(),
+        });
+        let (status, resp) = post_json(
+            d.addr(),
+            "/api/v1/jobs",
+            Some(TOKEN_DAEMON),
+            &body.to_string(),
+        );
+        assert!(status == 400 && resp.contains(words), "{status} {resp}");
+    };
+    refused_by_daemon(&odd_job, "normalizer");
     // Conversations need a chat template. The tiny model has none, so a chat job on it is
     // refused at submit, by jobctl and by the daemon, naming the data and the fix (a copy of
     // it the daemon's token user may read).
@@ -240,20 +240,7 @@ ollama_name = "jobd/tiny-lora:latest"
             "{cmd}: {err}"
         );
     }
-    let body = serde_json::json!({
-        "toml": std::fs::read_to_string(&chat_job).unwrap(),
-        "base_dir": dir.path(),
-    });
-    let (status, resp) = post_json(
-        d.addr(),
-        "/api/v1/jobs",
-        Some(TOKEN_DAEMON),
-        &body.to_string(),
-    );
-    assert!(
-        status == 400 && resp.contains("no chat_template"),
-        "{status} {resp}"
-    );
+    refused_by_daemon(&chat_job, "no chat_template");
     let template = dir.path().join("chatml.jinja");
     std::fs::write(&template, jobd::chat::CHATML).unwrap();
     let set = format!("data.chat_template=\"{}\"", template.display());
