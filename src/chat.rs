@@ -201,54 +201,36 @@ fn python_line_continuations(src: &str) -> String {
     out
 }
 
-/// Most characters of one tag (`{{ }}`, `{% %}`) outside its string literals; real templates'
-/// longest are under 200.
-const MAX_TAG: usize = 2048;
+/// Most tokens in one tag (`{{ }}`, `{% %}`); real templates' longest have under 100.
+const MAX_TAG_TOKENS: usize = 1024;
 
-/// Refuses a tag longer than [`MAX_TAG`] outside its strings. minijinja's parser recurses
-/// once per operator of an expression without a limit (`- - - ... 1`, `x.a.a.a...`), and a
-/// few thousand levels overflow a 2 MiB thread stack, which aborts the process: the daemon's
-/// at submit. Short tags keep every expression shallow.
+/// Refuses a tag of more than [`MAX_TAG_TOKENS`] tokens, counted with minijinja's own lexer
+/// (which loops, never recurses). minijinja's parser recurses once per operator of an
+/// expression without a limit (`- - - ... 1`, `x.a.a.a...`): a few thousand levels overflow
+/// a 2 MiB thread stack, which aborts the process (the daemon's, at submit), and long
+/// operator chains take time quadratic in their length. Short tags keep every expression
+/// shallow and quick.
 fn check_tag_lengths(src: &str) -> Result<(), String> {
-    let bytes = src.as_bytes();
-    let (mut i, mut line) = (0usize, 1usize);
-    while i + 1 < bytes.len() {
-        let (c, next) = (bytes[i], bytes[i + 1]);
-        if c == b'\n' {
-            line += 1;
-        }
-        if c != b'{' || !matches!(next, b'{' | b'%' | b'#') {
-            i += 1;
-            continue;
-        }
-        let close: &[u8] = match next {
-            b'{' => b"}}",
-            b'%' => b"%}",
-            _ => b"#}",
-        };
-        let (start_line, mut j, mut outside, mut quote) = (line, i + 2, 0usize, None::<u8>);
-        while j < bytes.len() && !(quote.is_none() && bytes[j..].starts_with(close)) {
-            let b = bytes[j];
-            line += (b == b'\n') as usize;
-            match quote {
-                Some(_) if b == b'\\' => {
-                    line += (bytes.get(j + 1) == Some(&b'\n')) as usize;
-                    j += 1;
-                }
-                Some(q) if b == q => quote = None,
-                Some(_) => {}
-                None if next != b'#' && matches!(b, b'\'' | b'"') => quote = Some(b),
-                None => outside += (next != b'#') as usize,
+    use minijinja::machinery::{Token, tokenize};
+    let mut open: Option<(usize, usize)> = None; // (line, tokens so far)
+    for item in tokenize(src, false, SyntaxConfig::default()) {
+        let (token, span) = item.map_err(|e| describe(&e))?;
+        match (token, &mut open) {
+            (Token::VariableStart | Token::BlockStart, _) => {
+                open = Some((span.start_line as usize, 0));
             }
-            j += 1;
+            (Token::VariableEnd | Token::BlockEnd, _) => open = None,
+            (_, Some((line, tokens))) => {
+                *tokens += 1;
+                if *tokens > MAX_TAG_TOKENS {
+                    return Err(format!(
+                        "chat template line {line}: a tag of more than {MAX_TAG_TOKENS} \
+                         tokens; no more are taken"
+                    ));
+                }
+            }
+            (_, None) => {}
         }
-        if outside > MAX_TAG {
-            return Err(format!(
-                "chat template line {start_line}: a tag of {outside} characters outside its \
-                 strings; at most {MAX_TAG} are taken"
-            ));
-        }
-        i = j + close.len();
     }
     Ok(())
 }
@@ -477,6 +459,28 @@ fn default_system(template: &ChatTemplate) -> Option<String> {
     let (before, after) = (&with[..at], &with[at + MARK.len()..]);
     let text = alone.strip_prefix(before)?.strip_suffix(after)?;
     (!text.trim().is_empty()).then(|| text.to_string())
+}
+
+/// The text `template` ends an assistant's turn with (`<|im_end|>`, `<|eot_id|>`, `### END`),
+/// without surrounding whitespace; `None` if it writes nothing after a reply.
+pub fn turn_end(template: &ChatTemplate) -> Option<String> {
+    const MARK: &str = "\u{E000}jobd-reply\u{E001}";
+    let messages = [
+        serde_json::json!({"role": "user", "content": "Hi"}),
+        serde_json::json!({"role": "assistant", "content": MARK}),
+    ];
+    let text = template.render(&messages, false).ok()?;
+    let after = text[text.find(MARK)? + MARK.len()..].trim();
+    // Only the first line: what follows may be the conversation's end (Phi's eos).
+    let end = after.lines().next().unwrap_or_default().trim();
+    (!end.is_empty()).then(|| end.to_string())
+}
+
+/// Whether a message calls tools.
+pub fn calls_tools(m: &Json) -> bool {
+    m.get("tool_calls")
+        .and_then(Json::as_array)
+        .is_some_and(|calls| !calls.is_empty())
 }
 
 /// Whether a (checked) message is trained on: the assistant's, without `"weight": 0`.
@@ -947,10 +951,14 @@ mod tests {
             format!("\n{{% if {}1 %}}{{% endif %}}", "not ".repeat(n)),
         ] {
             let e = check_syntax(&deep).unwrap_err();
-            assert!(e.contains("characters outside its strings"), "{e}");
+            assert!(e.contains("more than 1024 tokens"), "{e}");
         }
         let e = check_syntax(&format!("a\n\n{{{{ {}1 }}}}", "-".repeat(3000))).unwrap_err();
         assert!(e.starts_with("chat template line 3:"), "{e}");
+        // A `}}` inside a dict literal does not end the tag (as minijinja's lexer reads it).
+        let e =
+            check_syntax(&format!("{{{{ ({{'a': {{}}}}) ~ {}1 }}}}", "- ".repeat(n))).unwrap_err();
+        assert!(e.contains("more than 1024 tokens"), "{e}");
         // Long strings, comments and text are no depth.
         let long = "x".repeat(n);
         check_syntax(&format!("{long}{{{{ '{long}' }}}}{{# {long} #}}")).unwrap();
@@ -988,6 +996,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ChatDefaults::read(dir.path()), d);
+    }
+
+    #[test]
+    fn a_turns_end_is_found_by_rendering() {
+        let t = |src: &str| turn_end(&ChatTemplate::new(src, None, Some("<eos>")).unwrap());
+        assert_eq!(t(CHATML).as_deref(), Some("<|im_end|>"));
+        let custom = "{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + \
+                      '\\n### END\\n' }}{% endfor %}";
+        assert_eq!(t(custom).as_deref(), Some("### END"));
+        assert_eq!(
+            t("{% for m in messages %}{{ m.content }} {% endfor %}"),
+            None
+        );
     }
 
     #[test]

@@ -1183,6 +1183,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(exit.and_then(|e| e.signal), Some(Signal::SIGKILL as i32));
+        // The leader's end is seen first; under load the rest of the group (its `sleep`)
+        // may take a moment more to die of the same SIGKILL.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while group_alive(info.pgid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(!group_alive(info.pgid));
     }
 

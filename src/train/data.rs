@@ -206,6 +206,8 @@ fn tokenize_jsonl(
     let (mut truncated, mut unlearnable, mut has_chat) = (0usize, 0usize, false);
     let mut last_only = 0usize;
     let mut untrained: Vec<usize> = Vec::new();
+    // Conversations calling tools, with a template that never mentions them.
+    let mut tools_unrendered = 0usize;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -251,7 +253,20 @@ fn tokenize_jsonl(
                     )
                 })?;
                 has_chat = true;
-                let (ex, only_last) = conversation(chat, tok, m).map_err(bad)?;
+                let drops_tools = !chat.source().contains("tool_calls")
+                    && m.as_array()
+                        .is_some_and(|l| l.iter().any(crate::chat::calls_tools));
+                tools_unrendered += drops_tools as usize;
+                let (ex, only_last) = conversation(chat, tok, m).map_err(|e| {
+                    bad(if drops_tools {
+                        format!(
+                            "{e} (the conversation calls tools, which this chat template does \
+                             not render; set data.chat_template to one that does)"
+                        )
+                    } else {
+                        e
+                    })
+                })?;
                 last_only += only_last as usize;
                 ex
             }
@@ -286,6 +301,12 @@ fn tokenize_jsonl(
     if unlearnable > 0 {
         tracing::warn!(file = %path.display(), skipped = unlearnable,
             "examples skipped: no completion or reply token left within data.block_size");
+    }
+    if tools_unrendered > 0 {
+        tracing::warn!(file = %path.display(), conversations = tools_unrendered,
+            "conversations call tools (\"tool_calls\"), which the chat template does not render \
+             (the default ChatML does not): their calls are not trained; set \
+             data.chat_template to a template that renders them");
     }
     if !untrained.is_empty() {
         let first: Vec<String> = untrained.iter().take(10).map(|l| l.to_string()).collect();
@@ -722,6 +743,27 @@ mod tests {
         // Cut before any reply, the conversation teaches nothing and is skipped.
         let none = load(&f, DataFormat::Auto, &t, Some(&chat), 4, dir.path()).unwrap();
         assert_eq!(none.examples.len(), 1);
+    }
+
+    #[test]
+    fn a_template_that_cannot_render_tool_calls_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.jsonl");
+        let call =
+            serde_json::json!([{"type": "function", "function": {"name": "f", "arguments": "{}"}}]);
+        let line = serde_json::json!({"messages": [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": null, "tool_calls": call},
+        ]});
+        std::fs::write(&f, format!("{line}\n")).unwrap();
+        let chat = crate::chat::ChatTemplate::new(crate::chat::CHATML, None, None).unwrap();
+        let e = load(&f, DataFormat::Auto, &tok(), Some(&chat), 64, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.jsonl:1:") && e.contains("calls tools, which this chat template"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -86,7 +86,15 @@ impl Generator {
                 .filter_map(|t| self.tok.inner.token_to_id(t)),
         );
         let out = self.greedy(&ids, max_tokens, &stop)?;
-        Ok(until_end_of_turn(&self.decode(&out)?).to_string())
+        // The template's own end of turn too (`### END`), which no list of markers holds.
+        let text = self.decode(&out)?;
+        let mut reply = until_end_of_turn(&text);
+        if let Some(end) = crate::chat::turn_end(&template)
+            && let Some(at) = reply.find(&end)
+        {
+            reply = &reply[..at];
+        }
+        Ok(reply.trim_end().to_string())
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, TrainError> {
