@@ -241,6 +241,28 @@ ollama_name = "jobd/tiny-lora:latest"
         );
     }
     refused_by_daemon(&chat_job, "no chat_template");
+    // A template whose expression is deep enough to overflow a parser's stack (hidden after
+    // a `}}` in a dict literal) is refused, by jobctl and by the daemon, which lives on.
+    let deep = dir.path().join("deep.jinja");
+    std::fs::write(
+        &deep,
+        format!("{{{{ ({{'a': {{}}}}) ~ {}1 }}}}", "- ".repeat(100_000)),
+    )
+    .unwrap();
+    let deep_job = dir.path().join("deep.toml");
+    let with_deep = std::fs::read_to_string(&chat_job).unwrap().replace(
+        "[data]\n",
+        &format!("[data]\nchat_template = \"{}\"\n", deep.display()),
+    );
+    std::fs::write(&deep_job, with_deep).unwrap();
+    let out = d.jobctl(&["validate", deep_job.to_str().unwrap()]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("more than 1024 tokens"),
+        "{}",
+        stderr(&out)
+    );
+    refused_by_daemon(&deep_job, "more than 1024 tokens");
+    assert!(d.jobctl(&["list"]).status.success(), "the daemon lives on");
     let template = dir.path().join("chatml.jinja");
     std::fs::write(&template, jobd::chat::CHATML).unwrap();
     let set = format!("data.chat_template=\"{}\"", template.display());
