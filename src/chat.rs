@@ -139,21 +139,41 @@ impl serde_json::ser::Formatter for PythonSeparators {
     }
 }
 
-/// The template with each backslash-newline inside a string literal of a tag removed: Jinja
-/// reads string literals with Python's escapes, where that is a line continuation (Mistral
-/// Small 3.1's default system prompt is written so), while minijinja keeps both characters.
-/// Text outside tags, where a backslash is just text, is left alone.
+/// The template with each backslash-newline inside a string literal of a tag removed:
+/// Jinja reads string literals with Python's escapes, where that is a line continuation
+/// (Mistral Small 3.1's default system prompt is written so), while minijinja keeps both
+/// characters. The literals are found with minijinja's own lexer, so text, comments and raw
+/// blocks are left alone; a template the lexer refuses is returned as it is (compiling it
+/// reports the error).
 fn python_line_continuations(src: &str) -> String {
+    use minijinja::machinery::{Token, tokenize};
     if !src.contains("\\\n") && !src.contains("\\\r\n") {
         return src.to_string();
     }
+    let mut literals = Vec::new();
+    for item in tokenize(src, false, SyntaxConfig::default()) {
+        match item {
+            Ok((Token::Str(_) | Token::String(_), span)) => {
+                literals.push(span.start_offset as usize..span.end_offset as usize);
+            }
+            Ok(_) => {}
+            Err(_) => return src.to_string(),
+        }
+    }
     let mut out = String::with_capacity(src.len());
-    // In a tag (`{{ }}`, `{% %}`), and in a string literal there (its quote).
-    let (mut in_tag, mut quote) = (false, None::<char>);
-    let mut chars = src.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (in_tag, quote, c) {
-            (true, Some(_), '\\') => match chars.peek() {
+    let mut at = 0;
+    for lit in literals {
+        let Some(text) = src.get(lit.clone()) else {
+            return src.to_string();
+        };
+        out.push_str(&src[at..lit.start]);
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c != '\\' {
+                out.push(c);
+                continue;
+            }
+            match chars.peek() {
                 Some('\n') => {
                     chars.next();
                 }
@@ -167,37 +187,18 @@ fn python_line_continuations(src: &str) -> String {
                         out.push(c);
                     }
                 }
-                // Any other escape stays as it is, and its character cannot end the string.
+                // Any other escape stays as it is (an escaped backslash is no continuation).
                 Some(&d) => {
                     out.push(c);
                     out.push(d);
                     chars.next();
                 }
                 None => out.push(c),
-            },
-            (true, Some(q), _) => {
-                out.push(c);
-                if c == q {
-                    quote = None;
-                }
             }
-            (true, None, '\'' | '"') => {
-                out.push(c);
-                quote = Some(c);
-            }
-            (true, None, '}' | '%') if chars.peek() == Some(&'}') => {
-                out.push(c);
-                out.push(chars.next().expect("peeked"));
-                in_tag = false;
-            }
-            (false, _, '{') if matches!(chars.peek(), Some('{' | '%')) => {
-                out.push(c);
-                out.push(chars.next().expect("peeked"));
-                in_tag = true;
-            }
-            _ => out.push(c),
         }
+        at = lit.end;
     }
+    out.push_str(&src[at..]);
     out
 }
 
@@ -257,8 +258,10 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.set_fuel(Some(FUEL));
-        check_tag_lengths(source)?;
-        env.add_template_owned("chat_template", python_line_continuations(source))
+        // What is checked is what is compiled.
+        let compiled = python_line_continuations(source);
+        check_tag_lengths(&compiled)?;
+        env.add_template_owned("chat_template", compiled)
             .map_err(|e| describe(&e))?;
         Ok(ChatTemplate {
             env,
@@ -565,8 +568,8 @@ pub fn template_in_config(cfg: &Json) -> Option<String> {
     }
 }
 
-/// Most of a `tokenizer_config.json` read (real ones are kilobytes to a few megabytes).
-const MAX_TOKENIZER_CONFIG: u64 = 64 << 20;
+/// Most of a `tokenizer_config.json` read (real ones are kilobytes to about a megabyte).
+const MAX_TOKENIZER_CONFIG: u64 = 16 << 20;
 
 /// Most of a chat template file read (real templates are a few kilobytes).
 pub const MAX_TEMPLATE_FILE: u64 = 1 << 20;
@@ -574,9 +577,16 @@ pub const MAX_TEMPLATE_FILE: u64 = 1 << 20;
 /// The chat template in model directory `dir`'s `tokenizer_config.json`, if any. The file is
 /// read as a root daemon reads a user's files: never blocking on a FIFO, never gigabytes.
 pub fn template_in_dir(dir: &Path) -> Option<String> {
+    read_template_in_dir(dir).ok().flatten()
+}
+
+/// [`template_in_dir`], saying why a `tokenizer_config.json` could not be read.
+fn read_template_in_dir(dir: &Path) -> Result<Option<String>, String> {
     let path = dir.join("tokenizer_config.json");
-    let bytes = crate::jobfs::read_linked_regular(&path, MAX_TOKENIZER_CONFIG).ok()?;
-    template_in_config(&serde_json::from_slice(&bytes).ok()?)
+    let bytes = crate::jobfs::read_linked_regular(&path, MAX_TOKENIZER_CONFIG)
+        .map_err(|e| e.to_string())?;
+    let cfg: Json = serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))?;
+    Ok(template_in_config(&cfg))
 }
 
 /// Whether a data file's first example is a conversation (`{"messages": [...]}`).
@@ -603,18 +613,32 @@ pub fn job_issues(spec: &JobSpec) -> Vec<Issue> {
     let Some(data) = &spec.data else {
         return Vec::new();
     };
+    // One check at a time (a tokenizer_config.json parses into many times its size), and a
+    // sweep's jobs, which share their template file, have it parsed once.
+    static ONE_AT_A_TIME: std::sync::Mutex<Option<(TemplateFile, Result<(), String>)>> =
+        std::sync::Mutex::new(None);
+    let mut last = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(file) = &data.chat_template {
         let issue = |why: String| vec![Issue::new("data.chat_template", why)];
-        let text = crate::jobfs::read_linked_regular(file, MAX_TEMPLATE_FILE).and_then(|b| {
-            String::from_utf8(b)
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+        let opened = crate::jobfs::open_linked_regular(file).and_then(|f| {
+            let m = f.metadata()?;
+            Ok((f, TemplateFile::of(file, &m)))
         });
-        return match text {
+        let (f, key) = match opened {
+            Ok(o) => o,
+            Err(e) => return issue(format!("{}: {e}", file.display())),
+        };
+        let checked = match last.as_ref() {
+            Some((k, result)) if *k == key => result.clone(),
+            _ => {
+                let result = read_template(f).and_then(|src| check_syntax(&src));
+                *last = Some((key, result.clone()));
+                result
+            }
+        };
+        return match checked {
             Err(e) => issue(format!("{}: {e}", file.display())),
-            Ok(src) => match check_syntax(src.strip_prefix('\u{feff}').unwrap_or(&src)) {
-                Err(e) => issue(format!("{}: {e}", file.display())),
-                Ok(()) => Vec::new(),
-            },
+            Ok(()) => Vec::new(),
         };
     }
     let Some(base) = spec
@@ -628,23 +652,69 @@ pub fn job_issues(spec: &JobSpec) -> Vec<Issue> {
     let files = std::iter::once(("data.train_file", &data.train_file))
         .chain(data.eval_file.iter().map(|e| ("data.eval_file", e)));
     for (key, file) in files {
-        if data.format.reads_jsonl(file)
-            && starts_with_conversation(file)
-            && template_in_dir(base).is_none()
-        {
-            return vec![Issue::new(
-                key,
-                format!(
-                    "{} holds conversations (\"messages\"), but {} has no chat_template in \
-                     tokenizer_config.json: set data.chat_template to a Jinja template file \
-                     (e.g. the chat model's of the same family)",
-                    file.display(),
-                    base.display()
-                ),
-            )];
+        if !data.format.reads_jsonl(file) || !starts_with_conversation(file) {
+            continue;
         }
+        let problem = match read_template_in_dir(base) {
+            Ok(Some(_)) => return Vec::new(),
+            Ok(None) => "has no chat_template in tokenizer_config.json".to_string(),
+            Err(e) => format!("has no readable tokenizer_config.json ({e})"),
+        };
+        return vec![Issue::new(
+            key,
+            format!(
+                "{} holds conversations (\"messages\"), but {} {problem}: set \
+                 data.chat_template to a Jinja template file (e.g. the chat model's of the \
+                 same family)",
+                file.display(),
+                base.display()
+            ),
+        )];
     }
     Vec::new()
+}
+
+/// A template file as it was when checked: the same path, size and change time are taken
+/// for the same text (a sweep's jobs check the one file in turn).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TemplateFile {
+    path: std::path::PathBuf,
+    len: u64,
+    inode: u64,
+    changed: (i64, i64),
+}
+
+impl TemplateFile {
+    fn of(path: &Path, m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        TemplateFile {
+            path: path.to_path_buf(),
+            len: m.len(),
+            inode: m.ino(),
+            changed: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// A template file's text (opened with `jobfs`'s checks), at most [`MAX_TEMPLATE_FILE`]
+/// bytes, UTF-8, without a byte-order mark.
+fn read_template(file: std::fs::File) -> Result<String, String> {
+    use std::io::Read;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    if len > MAX_TEMPLATE_FILE {
+        return Err(format!(
+            "{len} bytes, more than the {MAX_TEMPLATE_FILE} jobd reads of a template"
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_TEMPLATE_FILE)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    })
 }
 
 /// Marks which tokens are trained: a token is when it ends within a trained range and
@@ -938,6 +1008,17 @@ mod tests {
         // In strings: the continuation goes, other escapes work; outside, text is text.
         assert_eq!(t.render(&[], false).unwrap(), "one.two \"q\" \n|a\\\nb|xy");
         assert_eq!(python_line_continuations("{{ 'a' }}"), "{{ 'a' }}");
+        // Comments and raw blocks are no strings: a quote there opens nothing (this one,
+        // read as a string, joined `{\<newline>{` into a tag no check had counted).
+        for src in [
+            "{# {{ ' #}{\\\n{ 1 }}",
+            "{% raw %}{{ '{% endraw %}{\\\n{ 1 }}",
+        ] {
+            assert_eq!(python_line_continuations(src), src);
+        }
+        let deep = format!("{{# {{{{ ' #}}{{\\\n{{ {}1 }}}}", "- ".repeat(20_000));
+        let t = ChatTemplate::new(&deep, None, None).unwrap();
+        assert!(t.render(&[], false).unwrap().starts_with("{\\\n{ - -"));
     }
 
     #[test]

@@ -83,11 +83,17 @@ pub(crate) fn open_model_file(path: &Path) -> std::io::Result<std::fs::File> {
     crate::jobfs::open_linked_regular(path)
 }
 
-/// Reads a text file of the model directory (see [`open_model_file`]).
+/// Most of a model directory's JSON file read: tokenizer.json files of the largest
+/// vocabularies are tens of megabytes, the others kilobytes. A root daemon reads these files
+/// of its users at submit; a sparse file of gigabytes costs its owner nothing.
+const MAX_MODEL_TEXT: u64 = 64 << 20;
+
+/// Reads a text file of the model directory (see [`open_model_file`]), at most
+/// [`MAX_MODEL_TEXT`] bytes.
 pub(crate) fn read_model_text(path: &Path) -> std::io::Result<String> {
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut open_model_file(path)?, &mut text)?;
-    Ok(text)
+    let bytes = crate::jobfs::read_linked_regular(path, MAX_MODEL_TEXT)?;
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 /// Problems that would make a train job's `[publish]` fail only after its training: the base
@@ -107,6 +113,10 @@ pub fn base_issues(spec: &crate::spec::JobSpec) -> Vec<crate::spec::toml_source:
     else {
         return Vec::new();
     };
+    // One check at a time: parsing a tokenizer.json takes many times its size in memory,
+    // and submits may come at once.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let after = "the job would train and then fail to publish: fix the base model or leave \
                  out [publish]";
     let config = match hf::LlamaConfig::read(&base.join("config.json")) {

@@ -125,12 +125,19 @@ impl DataFormat {
 /// would train on the JSON syntax itself, with no error).
 fn data_format_issue(path: &Path, format: DataFormat) -> Option<String> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut head = Vec::with_capacity(4096);
-    std::fs::File::open(path)
-        .ok()?
-        .take(64 * 1024)
-        .read_to_end(&mut head)
+    // The path was a file when checked, but may be swapped for a FIFO since: never block on
+    // its open (a daemon thread would wait for a writer for ever), and read only a file.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
         .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    file.take(64 * 1024).read_to_end(&mut head).ok()?;
     let text = String::from_utf8_lossy(&head);
     let text = text.trim_start_matches('\u{feff}');
     let first = text.lines().find(|l| !l.trim().is_empty())?.trim();
@@ -1367,6 +1374,10 @@ mod tests {
         // Plain text stays plain text.
         std::fs::write(dir.path().join("train.txt"), "{not json at all\nhello\n").unwrap();
         parse_and_resolve("job.toml", &job("train.txt", ""), dir.path()).unwrap();
+        // A path swapped for a FIFO after its check is not opened for ever.
+        let fifo = dir.path().join("fifo.jsonl");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert_eq!(data_format_issue(&fifo, DataFormat::Auto), None);
         // Conversations too are JSON lines.
         std::fs::write(
             dir.path().join("chat.txt"),
