@@ -572,7 +572,7 @@ pub fn template_in_config(cfg: &Json) -> Option<String> {
 const MAX_TOKENIZER_CONFIG: u64 = 16 << 20;
 
 /// Most of a chat template file read (real templates are a few kilobytes).
-pub const MAX_TEMPLATE_FILE: u64 = 1 << 20;
+const MAX_TEMPLATE_FILE: u64 = 1 << 20;
 
 /// The chat template in model directory `dir`'s `tokenizer_config.json`, if any. The file is
 /// read as a root daemon reads a user's files: never blocking on a FIFO, never gigabytes.
@@ -696,8 +696,14 @@ impl TemplateFile {
     }
 }
 
-/// A template file's text (opened with `jobfs`'s checks), at most [`MAX_TEMPLATE_FILE`]
-/// bytes, UTF-8, without a byte-order mark.
+/// A template file's text: a regular file (links followed, never blocking on a FIFO), at
+/// most [`MAX_TEMPLATE_FILE`] bytes, UTF-8, without a byte-order mark.
+pub fn read_template_file(path: &Path) -> Result<String, String> {
+    let file = crate::jobfs::open_linked_regular(path).map_err(|e| e.to_string())?;
+    read_template(file)
+}
+
+/// [`read_template_file`] of an opened file.
 fn read_template(file: std::fs::File) -> Result<String, String> {
     use std::io::Read;
     let len = file.metadata().map_err(|e| e.to_string())?.len();

@@ -722,21 +722,9 @@ fn tokenizer_texts(
 /// a template (conversations in its data are then an error naming the line).
 fn chat_template(s: &Sections<'_>, tok: Option<&Tok>) -> Result<Option<ChatTemplate>, TrainError> {
     let source = match (&s.data.chat_template, &s.model.base) {
-        (Some(file), _) => {
-            let bytes = crate::jobfs::read_linked_regular(file, crate::chat::MAX_TEMPLATE_FILE)
-                .map_err(|e| TrainError::io(file, e))?;
-            let text = String::from_utf8(bytes).map_err(|_| {
-                TrainError::option(
-                    "data.chat_template",
-                    format!("{} is not UTF-8 text", file.display()),
-                )
-            })?;
-            // An editor's byte-order mark is not part of the template.
-            Some(match text.strip_prefix('\u{feff}') {
-                Some(rest) => rest.to_string(),
-                None => text,
-            })
-        }
+        (Some(file), _) => Some(crate::chat::read_template_file(file).map_err(|e| {
+            TrainError::option("data.chat_template", format!("{}: {e}", file.display()))
+        })?),
         (None, Some(base)) => crate::chat::template_in_dir(base),
         (None, None) => Some(CHATML.to_string()),
     };
