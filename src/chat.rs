@@ -615,24 +615,28 @@ pub fn job_issues(spec: &JobSpec) -> Vec<Issue> {
     };
     // One check at a time (a tokenizer_config.json parses into many times its size), and a
     // sweep's jobs, which share their template file, have it parsed once.
-    static ONE_AT_A_TIME: std::sync::Mutex<Option<(TemplateFile, Result<(), String>)>> =
-        std::sync::Mutex::new(None);
+    type Checked = (
+        std::path::PathBuf,
+        crate::jobfs::FileStamp,
+        Result<(), String>,
+    );
+    static ONE_AT_A_TIME: std::sync::Mutex<Option<Checked>> = std::sync::Mutex::new(None);
     let mut last = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(file) = &data.chat_template {
         let issue = |why: String| vec![Issue::new("data.chat_template", why)];
         let opened = crate::jobfs::open_linked_regular(file).and_then(|f| {
-            let m = f.metadata()?;
-            Ok((f, TemplateFile::of(file, &m)))
+            let stamp = crate::jobfs::FileStamp::from_metadata(&f.metadata()?);
+            Ok((f, stamp))
         });
-        let (f, key) = match opened {
+        let (f, stamp) = match opened {
             Ok(o) => o,
             Err(e) => return issue(format!("{}: {e}", file.display())),
         };
         let checked = match last.as_ref() {
-            Some((k, result)) if *k == key => result.clone(),
+            Some((path, s, result)) if path == file && *s == stamp => result.clone(),
             _ => {
                 let result = read_template(f).and_then(|src| check_syntax(&src));
-                *last = Some((key, result.clone()));
+                *last = Some((file.clone(), stamp, result.clone()));
                 result
             }
         };
@@ -672,28 +676,6 @@ pub fn job_issues(spec: &JobSpec) -> Vec<Issue> {
         )];
     }
     Vec::new()
-}
-
-/// A template file as it was when checked: the same path, size and change time are taken
-/// for the same text (a sweep's jobs check the one file in turn).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct TemplateFile {
-    path: std::path::PathBuf,
-    len: u64,
-    inode: u64,
-    changed: (i64, i64),
-}
-
-impl TemplateFile {
-    fn of(path: &Path, m: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        TemplateFile {
-            path: path.to_path_buf(),
-            len: m.len(),
-            inode: m.ino(),
-            changed: (m.ctime(), m.ctime_nsec()),
-        }
-    }
 }
 
 /// A template file's text: a regular file (links followed, never blocking on a FIFO), at

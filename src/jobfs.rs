@@ -163,6 +163,34 @@ pub fn open_linked_regular(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// What a file was when read (size, inode, change time): a check of its contents may be
+/// reused while these stay the same (a sweep's jobs name the same files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    len: u64,
+    inode: u64,
+    changed: (i64, i64),
+}
+
+impl FileStamp {
+    /// The stamp of a file's metadata.
+    pub fn from_metadata(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            len: m.len(),
+            inode: m.ino(),
+            changed: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// The stamp of `path` (links followed), `None` if it cannot be seen.
+    pub fn of(path: &Path) -> Option<Self> {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| Self::from_metadata(&m))
+    }
+}
+
 /// Reads a whole file with [`open_linked_regular`]'s checks, if it holds at most `max` bytes.
 pub fn read_linked_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     read_capped(open_linked_regular(path)?, path, max)

@@ -1271,3 +1271,36 @@ fn crashed_publishes_staging_is_swept() {
     assert!(!crashed.exists(), "a crashed publish's staging is removed");
     assert!(fresh.exists() && held.exists());
 }
+
+/// The submit-time check of a base model for `[publish]`: a sweep's jobs name the same base,
+/// so its result is kept while the base's files stay as they were, and found again when one
+/// changes.
+#[test]
+fn base_checks_are_kept_while_the_base_is_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = build_model(&tmp.path().join("model"), Shape::tiny());
+    std::fs::write(tmp.path().join("t.txt"), "hello\n").unwrap();
+    let job = |q: &str| {
+        let text = format!(
+            "kind = \"train\"\n[model]\nbase = \"{}\"\n[data]\ntrain_file = \"t.txt\"\n\
+             [publish]\nollama_name = \"x/y\"\nquantization = \"{q}\"\n",
+            m.dir.display()
+        );
+        jobd::spec::job::parse_and_resolve("job.toml", &text, tmp.path()).unwrap()
+    };
+    assert!(publish::base_issues(&job("f16")).is_empty());
+    // The same base with another quantization: the kept dimensions decide it.
+    let issues = publish::base_issues(&job("q4_k"));
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert!(issues[0].message.contains("multiple of 256"), "{issues:?}");
+    let tok = m.dir.join("tokenizer.json");
+    let good = fs::read(&tok).unwrap();
+    fs::write(&tok, "{}").unwrap();
+    let issues = publish::base_issues(&job("f16"));
+    assert!(
+        issues.len() == 1 && issues[0].key == "model.base",
+        "a changed tokenizer.json is read again: {issues:?}"
+    );
+    fs::write(&tok, good).unwrap();
+    assert!(publish::base_issues(&job("f16")).is_empty());
+}

@@ -113,27 +113,39 @@ pub fn base_issues(spec: &crate::spec::JobSpec) -> Vec<crate::spec::toml_source:
     else {
         return Vec::new();
     };
-    // One check at a time: parsing a tokenizer.json takes many times its size in memory,
-    // and submits may come at once.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    // One check at a time (parsing a tokenizer.json takes many times its size in memory,
+    // and submits may come at once), and a sweep's jobs, which name the same base, have it
+    // read once: the result is kept while its files stay as they were.
+    type Stamps = [Option<crate::jobfs::FileStamp>; 3];
+    type Checked = (std::path::PathBuf, Stamps, Result<[u32; 3], String>);
+    static ONE_AT_A_TIME: std::sync::Mutex<Option<Checked>> = std::sync::Mutex::new(None);
+    let mut last = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let stamps: Stamps = ["config.json", "tokenizer.json", "tokenizer_config.json"]
+        .map(|f| crate::jobfs::FileStamp::of(&base.join(f)));
+    let dims = match last.as_ref() {
+        Some((dir, s, dims)) if dir == base && *s == stamps => dims.clone(),
+        _ => {
+            let dims = hf::LlamaConfig::read(&base.join("config.json"))
+                .and_then(|c| {
+                    tokenizer::read_tokenizer(base, &c)?;
+                    Ok([c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim])
+                })
+                .map_err(|e| e.to_string());
+            *last = Some((base.to_path_buf(), stamps, dims.clone()));
+            dims
+        }
+    };
     let after = "the job would train and then fail to publish: fix the base model or leave \
                  out [publish]";
-    let config = match hf::LlamaConfig::read(&base.join("config.json")) {
-        Ok(c) => c,
+    let [hidden, intermediate, attention] = match dims {
+        Ok(d) => d,
         Err(e) => return vec![Issue::new("model.base", format!("{e}; {after}"))],
     };
-    if let Err(e) = tokenizer::read_tokenizer(base, &config) {
-        return vec![Issue::new("model.base", format!("{e}; {after}"))];
-    }
     let block = publish.quantization.block_elements() as u32;
     let inputs = [
-        ("hidden_size", config.hidden_size),
-        ("intermediate_size", config.intermediate_size),
-        (
-            "num_attention_heads × head_dim",
-            config.num_heads * config.head_dim,
-        ),
+        ("hidden_size", hidden),
+        ("intermediate_size", intermediate),
+        ("num_attention_heads × head_dim", attention),
     ];
     inputs
         .into_iter()
