@@ -208,6 +208,7 @@ fn tokenize_jsonl(
     let mut untrained: Vec<usize> = Vec::new();
     // Conversations calling tools, with a template that never mentions them.
     let mut tools_unrendered = 0usize;
+    let renders_tools = chat.is_some_and(|c| c.source().contains("tool_calls"));
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -253,7 +254,7 @@ fn tokenize_jsonl(
                     )
                 })?;
                 has_chat = true;
-                let drops_tools = !chat.source().contains("tool_calls")
+                let drops_tools = !renders_tools
                     && m.as_array()
                         .is_some_and(|l| l.iter().any(crate::chat::calls_tools));
                 tools_unrendered += drops_tools as usize;

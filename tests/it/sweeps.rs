@@ -185,35 +185,28 @@ fn a_sweep_outlives_resubmits_and_cleaning() {
     d.wait_state(first, JobState::Succeeded, Duration::from_secs(20));
     d.wait_state(second, JobState::Running, Duration::from_secs(20));
 
-    let again: u64 = stdout(&d.jobctl(&["resubmit", &first.to_string()]))
-        .trim()
-        .parse()
-        .unwrap();
+    // `jobctl resubmit ID ARGS...`: the new job's id.
+    let resubmit = |args: &[&str]| -> u64 {
+        let id = first.to_string();
+        let mut all = vec!["resubmit", id.as_str()];
+        all.extend(args);
+        let out = d.jobctl(&all);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).trim().parse().unwrap()
+    };
+    let again = resubmit(&[]);
     d.wait_state(again, JobState::Succeeded, Duration::from_secs(20));
     assert_eq!(
         stdout(&d.jobctl(&["logs", &again.to_string()])),
         "task=1/2\n"
     );
     d.assert_said(again, &format!("as job 1 of sweep {first}"));
-    let moved: u64 =
-        stdout(&d.jobctl(&["resubmit", &first.to_string(), "--set", "command.env.S=0.1"]))
-            .trim()
-            .parse()
-            .unwrap();
+    let moved = resubmit(&["--set", "command.env.S=0.1"]);
     assert!(
         d.job(moved).record.sweep.is_none(),
         "another point: no sweep"
     );
-    let same: u64 = stdout(&d.jobctl(&[
-        "resubmit",
-        &first.to_string(),
-        "--set",
-        "command.env.S=0",
-        "--hold",
-    ]))
-    .trim()
-    .parse()
-    .unwrap();
+    let same = resubmit(&["--set", "command.env.S=0", "--hold"]);
     assert!(
         d.job(same).record.sweep.is_some(),
         "the same value: still the sweep's"
