@@ -367,6 +367,7 @@ fn vram_estimate(cfg: &LlamaConfig, a: &Args, batch: usize, seq: usize) -> u64 {
         vocab: cfg.vocab_size as u64,
         tied: cfg.tie_word_embeddings,
         qkv_bias: cfg.attention_bias == Some(true),
+        qk_norm: cfg.qk_norm(),
     };
     let tuning = match a.lora {
         Some(r) => Tuning::Lora {

@@ -14,7 +14,7 @@
 //!   (`train::direct_ops`; every GPU type) keeps 6·h + 2·kv + 3·ff (the norms' outputs,
 //!   rotated q and k, v, the attention output, the residual after attention, gate, up and
 //!   their SwiGLU), plus for LoRA each adapter's rank-r activation and, with dropout, its mask
-//!   (the projection's input width). With activation checkpointing just each layer's input
+//!   (the projection's input width), and for Qwen3 the queries and keys before their norms. With activation checkpointing just each layer's input
 //!   (h) is kept, plus one layer recomputed;
 //! - attention's working set for one layer: the fused kernels keep only row log-sum-exps
 //!   across layers, but the backward of one layer holds the scores and dP (f32) and P and dS
@@ -72,6 +72,9 @@ pub struct ModelShape {
     pub vocab: u64,
     pub tied: bool,
     pub qkv_bias: bool,
+    /// Qwen3's per-head query/key norms.
+    #[serde(default)]
+    pub qk_norm: bool,
 }
 
 /// How the model is trained.
@@ -142,7 +145,8 @@ impl ModelShape {
         );
         let q = self.heads * self.head_dim;
         let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 };
-        let per_layer = attn + 3 * h * ff + 2 * h;
+        let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let per_layer = attn + 3 * h * ff + 2 * h + qk_norm;
         let embed = self.vocab * h * if self.tied { 1 } else { 2 };
         self.layers * per_layer + embed + h
     }
@@ -178,16 +182,23 @@ impl ModelShape {
         if r.num_attention_heads == 0 {
             return Err(format!("{}: num_attention_heads is 0", path.display()));
         }
+        let qwen3 = r.model_type.as_deref() == Some("qwen3");
+        let default_head_dim = if qwen3 {
+            crate::spec::train::QWEN3_HEAD_DIM as u64
+        } else {
+            r.hidden_size / r.num_attention_heads
+        };
         Ok(ModelShape {
             hidden: r.hidden_size,
             intermediate: r.intermediate_size,
             layers: r.num_hidden_layers,
             heads: r.num_attention_heads,
             kv_heads: r.num_key_value_heads.unwrap_or(r.num_attention_heads),
-            head_dim: r.head_dim.unwrap_or(r.hidden_size / r.num_attention_heads),
+            head_dim: r.head_dim.unwrap_or(default_head_dim),
             vocab: r.vocab_size,
             tied: r.tie_word_embeddings,
             qkv_bias: r.attention_bias || r.model_type.as_deref() == Some("qwen2"),
+            qk_norm: qwen3,
         })
     }
 }
@@ -243,8 +254,13 @@ pub fn estimate_shape(
             .sum(),
     };
     // The trainer's hand-written step keeps these (no autograd graph, no T×T tensor across
-    // layers).
-    let per_token_layer = 6 * h + 2 * kv + 3 * ff + adapters;
+    // layers), and the queries and keys before Qwen3's norms.
+    let qk_raw = if shape.qk_norm {
+        (shape.heads + shape.kv_heads) * shape.head_dim
+    } else {
+        0
+    };
+    let per_token_layer = 6 * h + 2 * kv + 3 * ff + adapters + qk_raw;
     let tokens = batch * seq;
     let attention_working_set = attention_working_set(shape, batch, seq, dtype_bytes);
     let logits = tokens * shape.vocab * (8 + compute_copy);
@@ -298,6 +314,7 @@ pub fn job_shape(spec: &JobSpec) -> Result<ModelShape, String> {
         vocab: need(m.vocab_size, "vocab_size")?,
         tied: m.tie_word_embeddings.unwrap_or(false),
         qkv_bias: m.attention_bias.unwrap_or(false),
+        qk_norm: m.qk_norm.unwrap_or(false),
     })
 }
 
@@ -382,6 +399,7 @@ pub fn reference_shapes() -> Vec<(&'static str, ModelShape)> {
         vocab: 32000,
         tied: false,
         qkv_bias: false,
+        qk_norm: false,
     };
     vec![
         ("7B", llama(4096, 11008, 32, 32, 32)),
@@ -420,6 +438,7 @@ mod tests {
             vocab: 1024,
             tied: false,
             qkv_bias: false,
+            qk_norm: false,
         }
     }
 
@@ -481,6 +500,30 @@ mod tests {
             "{}",
             s70.params()
         );
+    }
+
+    /// Qwen3-0.6B's config.json (no head_dim: Qwen3's default of 128 applies, twice
+    /// hidden / heads) gives Hugging Face's parameter count, query/key norms included.
+    #[test]
+    fn qwen3_config_reads_with_its_head_width() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"model_type":"qwen3","hidden_size":1024,"intermediate_size":3072,
+            "num_hidden_layers":28,"num_attention_heads":16,"num_key_value_heads":8,
+            "vocab_size":151936,"tie_word_embeddings":true,"attention_bias":false}"#,
+        )
+        .unwrap();
+        let s = ModelShape::from_config_json(&path).unwrap();
+        assert_eq!((s.head_dim, s.qk_norm, s.qkv_bias), (128, true, false));
+        assert_eq!(s.params(), 596_049_920);
+        let without_norms = ModelShape {
+            qk_norm: false,
+            ..s
+        };
+        let full = |s: &ModelShape| estimate_shape(s, Tuning::Full, BF16, 4, 1024);
+        assert!(full(&s).activations > full(&without_norms).activations);
     }
 
     #[test]

@@ -131,6 +131,7 @@ fn shape(layers: usize) -> ModelShape {
         vocab: VOCAB as u64,
         tied: false,
         qkv_bias: false,
+        qk_norm: false,
     }
 }
 

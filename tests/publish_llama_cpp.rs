@@ -253,6 +253,37 @@ fn mistral_with_linear_rope_scaling_runs_in_llama_cpp() {
     check_model(&lcp, &m, "mistral-linear");
 }
 
+/// Qwen3 (per-head query/key norms, exported as llama.cpp's `qwen3` with unpermuted q/k
+/// rows) with Qwen3-0.6B's proportions: heads twice as wide as hidden / heads, tied
+/// embeddings, grouped-query attention. (Qwen2's pre-tokenizer is checked above; it is
+/// independent of the architecture.)
+#[test]
+fn qwen3_with_query_key_norms_runs_in_llama_cpp() {
+    let lcp = LlamaCpp::setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let shape = Shape {
+        model_type: Some("qwen3"),
+        head_dim: Some(32),
+        tied: true,
+        seed: 51,
+        ..Shape::tiny()
+    };
+    let m = build_model(&tmp.path().join("model"), shape);
+    let models = tmp.path().join("models");
+    publish(&m, &models, "local/arch:f32", Quantization::F32);
+    let mut f = fs::File::open(model_blob(&models, "local/arch:f32")).unwrap();
+    let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let meta = |k: &str| c.metadata[k].to_string().unwrap().clone();
+    assert_eq!(meta("general.architecture"), "qwen3");
+    assert_eq!(
+        c.metadata["qwen3.attention.key_length"].to_u32().unwrap(),
+        32
+    );
+    assert!(c.tensor_infos.contains_key("blk.1.attn_k_norm.weight"));
+    assert!(!c.metadata.keys().any(|k| k.starts_with("llama.")));
+    check_model(&lcp, &m, "qwen3");
+}
+
 /// Tokenizers with the pre-tokenizers of SmolLM, Llama 3 and Qwen2 (trained here with the
 /// same pre-tokenizer definitions) tokenize identically in llama.cpp under the exported
 /// `tokenizer.ggml.pre`, and the models run. (Swapping `llama-bpe` and `qwen2` fails this

@@ -1,7 +1,7 @@
 //! Fidelity: our model's logits and loss on a fixed batch match an independent numpy
 //! implementation of the Hugging Face llama forward (tests/fixtures/llama_ref.py, float64)
-//! within 1e-4 relative, for an untied and a tied grouped-query-attention llama and a Qwen2
-//! layout (q/k/v biases). The test installs numpy into a venv under target/ when the system
+//! within 1e-4 relative, for an untied and a tied grouped-query-attention llama, a Qwen2
+//! layout (q/k/v biases) and Qwen3 (query/key norms, a head_dim of its own or Qwen3's default). The test installs numpy into a venv under target/ when the system
 //! python lacks it; it is skipped (with a message) only when python3 itself is absent.
 
 use std::path::{Path, PathBuf};
@@ -177,8 +177,19 @@ fn logits_and_loss_match_the_numpy_reference() {
     tied["num_key_value_heads"] = 1.into();
     tied["rope_theta"] = 10000.0.into();
     check(&py, config(tied), 2);
-    let mut qwen = base;
+    let mut qwen = base.clone();
     qwen["model_type"] = "qwen2".into();
     qwen["tie_word_embeddings"] = true.into();
     check(&py, config(qwen), 3);
+    // Qwen3: per-head query/key norms, heads wider than hidden / heads (12, not 8)...
+    let mut qwen3 = base;
+    qwen3["model_type"] = "qwen3".into();
+    qwen3["head_dim"] = 12.into();
+    check(&py, config(qwen3.clone()), 4);
+    // ...and without head_dim, which Qwen3's configuration reads as 128.
+    qwen3.as_object_mut().unwrap().remove("head_dim");
+    qwen3["tie_word_embeddings"] = true.into();
+    let no_head_dim = config(qwen3);
+    assert_eq!(no_head_dim.head_dim(), 128);
+    check(&py, no_head_dim, 5);
 }

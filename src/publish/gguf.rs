@@ -1,11 +1,11 @@
-//! Writing a llama GGUF (version 3, little-endian) from a Hugging Face model directory.
+//! Writing a llama-family GGUF (version 3, little-endian) from a Hugging Face model directory.
 //!
 //! The file is streamed: every tensor's size is known from its shape and type, so the header
 //! with all offsets is written first and tensors follow one at a time (read from the memory
 //! map, permuted, quantized with candle's ggml-compatible quantizers, written, dropped). The
 //! sha256 is computed while writing, so the Ollama blob name costs no second pass.
-//! Metadata is exactly the keys llama.cpp reads for `llama` with the types it checks
-//! (u32 hyper-parameters, f32 eps/theta, i32 token types): nothing extra.
+//! Metadata is exactly the keys llama.cpp reads for `llama` (or `qwen3`) with the types it
+//! checks (u32 hyper-parameters, f32 eps/theta, i32 token types): nothing extra.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -80,42 +80,48 @@ fn ggml_type_id(t: GgmlDType) -> u32 {
     }
 }
 
-/// The metadata of a llama GGUF, in the order llama.cpp's converter writes it.
+/// The metadata of a llama (or qwen3) GGUF, in the order llama.cpp's converter writes it.
 pub fn metadata(
     model: &HfModel,
     tok: &GgufTokenizer,
     name: &str,
     quantization: Quantization,
-) -> Vec<(&'static str, Value)> {
+) -> Vec<(String, Value)> {
     let c = &model.config;
+    let arch = c.arch.name();
     let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
-    let mut kv = vec![
-        ("general.architecture", Value::String("llama".into())),
-        ("general.name", Value::String(name.to_string())),
-        ("general.file_type", Value::U32(file_type(quantization))),
-        ("llama.context_length", Value::U32(c.context_length)),
-        ("llama.embedding_length", Value::U32(c.hidden_size)),
-        ("llama.block_count", Value::U32(c.num_layers)),
-        ("llama.feed_forward_length", Value::U32(c.intermediate_size)),
-        ("llama.attention.head_count", Value::U32(c.num_heads)),
-        ("llama.attention.head_count_kv", Value::U32(c.num_kv_heads)),
-        ("llama.rope.dimension_count", Value::U32(c.head_dim)),
-        ("llama.rope.freq_base", Value::F32(c.rope_theta)),
+    // The architecture's own keys are named after it (`llama.block_count`, `qwen3.block_count`).
+    let own = |key: &str| format!("{arch}.{key}");
+    let mut kv: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.name".into(), Value::String(name.to_string())),
         (
-            "llama.attention.layer_norm_rms_epsilon",
+            "general.file_type".into(),
+            Value::U32(file_type(quantization)),
+        ),
+        (own("context_length"), Value::U32(c.context_length)),
+        (own("embedding_length"), Value::U32(c.hidden_size)),
+        (own("block_count"), Value::U32(c.num_layers)),
+        (own("feed_forward_length"), Value::U32(c.intermediate_size)),
+        (own("attention.head_count"), Value::U32(c.num_heads)),
+        (own("attention.head_count_kv"), Value::U32(c.num_kv_heads)),
+        (own("rope.dimension_count"), Value::U32(c.head_dim)),
+        (own("rope.freq_base"), Value::F32(c.rope_theta)),
+        (
+            own("attention.layer_norm_rms_epsilon"),
             Value::F32(c.rms_norm_eps),
         ),
-        ("llama.vocab_size", Value::U32(c.vocab_size)),
+        (own("vocab_size"), Value::U32(c.vocab_size)),
     ];
     if c.explicit_head_dim() {
-        kv.push(("llama.attention.key_length", Value::U32(c.head_dim)));
-        kv.push(("llama.attention.value_length", Value::U32(c.head_dim)));
+        kv.push((own("attention.key_length"), Value::U32(c.head_dim)));
+        kv.push((own("attention.value_length"), Value::U32(c.head_dim)));
     }
     if let RopeScaling::Linear { factor } = c.rope_scaling {
-        kv.push(("llama.rope.scaling.type", Value::String("linear".into())));
-        kv.push(("llama.rope.scaling.factor", Value::F32(factor)));
+        kv.push((own("rope.scaling.type"), Value::String("linear".into())));
+        kv.push((own("rope.scaling.factor"), Value::F32(factor)));
     }
-    kv.extend([
+    let tokenizer: [(&str, Value); 7] = [
         ("tokenizer.ggml.model", Value::String(tok.model.into())),
         ("tokenizer.ggml.pre", Value::String(tok.pre.into())),
         ("tokenizer.ggml.tokens", strings(&tok.tokens)),
@@ -126,20 +132,21 @@ pub fn metadata(
         ("tokenizer.ggml.merges", strings(&tok.merges)),
         ("tokenizer.ggml.bos_token_id", Value::U32(tok.bos_token_id)),
         ("tokenizer.ggml.eos_token_id", Value::U32(tok.eos_token_id)),
-    ]);
+    ];
+    kv.extend(tokenizer.map(|(k, v)| (k.to_string(), v)));
     if let Some(pad) = tok.padding_token_id {
-        kv.push(("tokenizer.ggml.padding_token_id", Value::U32(pad)));
+        kv.push(("tokenizer.ggml.padding_token_id".into(), Value::U32(pad)));
     }
     kv.push((
-        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.add_bos_token".into(),
         Value::Bool(tok.add_bos_token),
     ));
     kv.push((
-        "tokenizer.ggml.add_eos_token",
+        "tokenizer.ggml.add_eos_token".into(),
         Value::Bool(tok.add_eos_token),
     ));
     if let Some(t) = &tok.chat_template {
-        kv.push(("tokenizer.chat_template", Value::String(t.clone())));
+        kv.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
     }
     kv
 }
@@ -225,7 +232,7 @@ fn padded(n: u64) -> u64 {
 /// written and their sha256 (hex). `progress` hears about each tensor.
 pub(crate) fn write_gguf<W: Write>(
     model: &HfModel,
-    metadata: &[(&str, Value)],
+    metadata: &[(String, Value)],
     out: W,
     out_path: &Path,
     progress: &mut dyn FnMut(&str),

@@ -7,7 +7,8 @@
 //! reads it, and a mapped read past the new end is a SIGBUS that would end the daemon, where a
 //! positioned read is an error for this publish alone. Llama, Mistral
 //! (without an effective sliding window) and Qwen2 (q/k/v biases) map to llama.cpp's `llama`
-//! architecture, including an explicit `head_dim` and linear or Llama-3.1 RoPE scaling.
+//! architecture, including an explicit `head_dim` and linear or Llama-3.1 RoPE scaling;
+//! Qwen3 (per-head query/key norms) to its `qwen3`.
 //! Anything this module cannot map exactly (an unknown tensor, YaRN scaling, a sliding
 //! window, a non-SiLU MLP) is refused: a GGUF that loads but computes something else is worse
 //! than an error.
@@ -93,9 +94,32 @@ impl TokenIds {
     }
 }
 
+/// The llama.cpp architecture a model is written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `llama`: Llama, Mistral and Qwen2 (ggml's pairwise RoPE, so q and k rows are
+    /// permuted).
+    Llama,
+    /// `qwen3`: per-head query/key norms (`attn_q_norm`, `attn_k_norm`) and the rotate-half
+    /// RoPE Hugging Face uses (NEOX in ggml's terms), so nothing is permuted.
+    Qwen3,
+}
+
+impl Arch {
+    /// `general.architecture`, and the prefix of the model's own metadata keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+}
+
 /// The validated hyper-parameters of a llama-family model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// The llama.cpp architecture.
+    pub arch: Arch,
     /// `hidden_size` (`llama.embedding_length`).
     pub hidden_size: u32,
     /// `intermediate_size` (`llama.feed_forward_length`).
@@ -175,10 +199,22 @@ impl LlamaConfig {
 
     fn from_raw(raw: RawConfig) -> Result<LlamaConfig, String> {
         let model_type = raw.model_type.as_deref().unwrap_or("llama");
-        if !matches!(model_type, "llama" | "mistral" | "qwen2") {
+        if !matches!(model_type, "llama" | "mistral" | "qwen2" | "qwen3") {
             return Err(format!(
-                "model_type {model_type:?} is not exported (llama-family only: \"llama\", \"mistral\", \"qwen2\")"
+                "model_type {model_type:?} is not exported (llama-family only: \"llama\", \"mistral\", \"qwen2\", \"qwen3\")"
             ));
+        }
+        let arch = if model_type == "qwen3" {
+            Arch::Qwen3
+        } else {
+            Arch::Llama
+        };
+        if arch == Arch::Qwen3 && raw.attention_bias == Some(true) {
+            return Err(
+                "qwen3 with attention_bias = true: llama.cpp's qwen3 has no \
+                        attention biases"
+                    .into(),
+            );
         }
         if let Some(act) = raw.hidden_act.as_deref()
             && act != "silu"
@@ -193,7 +229,7 @@ impl LlamaConfig {
         // A sliding window that never takes effect within the context is plain attention;
         // llama.cpp's llama architecture has no window, so any other is refused.
         let window = match model_type {
-            "qwen2" if raw.use_sliding_window != Some(true) => None,
+            "qwen2" | "qwen3" if raw.use_sliding_window != Some(true) => None,
             _ => raw.sliding_window,
         };
         if let Some(w) = window
@@ -224,6 +260,8 @@ impl LlamaConfig {
         }
         let head_dim = match raw.head_dim {
             Some(hd) => u32_field("head_dim", hd)?,
+            // What transformers' Qwen3Config gives a config.json without head_dim.
+            None if arch == Arch::Qwen3 => crate::spec::train::QWEN3_HEAD_DIM as u32,
             None if hidden_size % num_heads != 0 => {
                 return Err(format!(
                     "hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}"
@@ -243,8 +281,16 @@ impl LlamaConfig {
         };
         let rope_theta = raw.rope_theta.unwrap_or(10_000.0);
         let rope_scaling = rope_scaling(raw.rope_scaling.as_ref(), rope_theta, head_dim)?;
+        if arch == Arch::Qwen3 && matches!(rope_scaling, RopeScaling::Llama3 { .. }) {
+            return Err(
+                "qwen3 with Llama 3.1's rope_scaling: llama.cpp's qwen3 has no \
+                        per-frequency factors"
+                    .into(),
+            );
+        }
         let attention_bias = raw.attention_bias == Some(true);
         Ok(LlamaConfig {
+            arch,
             hidden_size,
             intermediate_size: u32_field("intermediate_size", raw.intermediate_size)?,
             num_layers: u32_field("num_hidden_layers", raw.num_hidden_layers)?,
@@ -657,7 +703,14 @@ fn plan_tensors(
     for i in 0..c.num_layers {
         let hf = |s: &str| format!("model.layers.{i}.{s}");
         let gg = |s: &str| format!("blk.{i}.{s}");
-        let (nh, nkv) = (Some(c.num_heads as usize), Some(c.num_kv_heads as usize));
+        // ggml's llama RoPE pairs neighbouring dimensions, so llama's q and k rows are
+        // permuted; qwen3 rotates halves as Hugging Face does.
+        let (nh, nkv) = match c.arch {
+            Arch::Llama => (Some(c.num_heads as usize), Some(c.num_kv_heads as usize)),
+            Arch::Qwen3 => (None, None),
+        };
+        let qk_norm = c.arch == Arch::Qwen3;
+        let hd = c.head_dim as usize;
         let (bias, o_bias) = (c.qkv_bias, c.o_bias);
         want.extend([
             (
@@ -707,6 +760,20 @@ fn plan_tensors(
                 gg("attn_v.bias"),
                 vec![kv_rows],
                 bias,
+                None,
+            ),
+            (
+                hf("self_attn.q_norm.weight"),
+                gg("attn_q_norm.weight"),
+                vec![hd],
+                qk_norm,
+                None,
+            ),
+            (
+                hf("self_attn.k_norm.weight"),
+                gg("attn_k_norm.weight"),
+                vec![hd],
+                qk_norm,
                 None,
             ),
             (
@@ -843,7 +910,10 @@ fn plan_tensors(
         return Err(PublishError::Tensor {
             path: path.to_path_buf(),
             name: name.clone(),
-            reason: "not part of a llama model (llama.cpp refuses files with extra tensors)".into(),
+            reason: format!(
+                "not part of a {} model (llama.cpp refuses files with extra tensors)",
+                c.arch.name()
+            ),
         });
     }
     Ok(plans)
@@ -901,6 +971,17 @@ mod tests {
         assert_eq!(c.context_length, 256);
         let c = raw(&format!("{{{BASE},\"attention_bias\":true}}")).unwrap();
         assert!(c.qkv_bias && c.o_bias);
+        assert_eq!(c.arch, Arch::Llama);
+        // Qwen3: its own architecture, and Qwen3Config's head width when none is given.
+        let c = raw(&format!(
+            "{{{BASE},\"model_type\":\"qwen3\",\"attention_bias\":false,\"sliding_window\":null,\"use_sliding_window\":false}}"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.arch, c.arch.name(), c.head_dim),
+            (Arch::Qwen3, "qwen3", 128)
+        );
+        assert!(!c.qkv_bias && !c.o_bias && c.explicit_head_dim());
         let c = raw(&format!(
             "{{{BASE},\"rope_scaling\":{{\"type\":\"linear\",\"factor\":2.0}}}}"
         ))
@@ -930,6 +1011,18 @@ mod tests {
             (
                 r#""model_type":"qwen2","sliding_window":128,"use_sliding_window":true"#,
                 "sliding_window = 128",
+            ),
+            (
+                r#""model_type":"qwen3","sliding_window":128,"use_sliding_window":true"#,
+                "sliding_window = 128",
+            ),
+            (
+                r#""model_type":"qwen3","attention_bias":true"#,
+                "no attention biases",
+            ),
+            (
+                r#""model_type":"qwen3","rope_scaling":{"rope_type":"llama3","factor":8.0}"#,
+                "per-frequency",
             ),
         ] {
             let e = raw(&format!("{{{BASE},{extra}}}")).unwrap_err();

@@ -381,8 +381,8 @@ pub fn publish(
     }
     let config = store::ModelConfig {
         model_format: "gguf".into(),
-        model_family: "llama".into(),
-        model_families: vec!["llama".into()],
+        model_family: model.config.arch.name().into(),
+        model_families: vec![model.config.arch.name().into()],
         model_type: store::human_number(model.parameter_count()),
         file_type: file_type_label(spec.quantization).into(),
         architecture: "amd64".into(),

@@ -93,9 +93,9 @@ impl Manifest {
 pub struct ModelConfig {
     /// `"gguf"`.
     pub model_format: String,
-    /// `general.architecture`: `"llama"`.
+    /// `general.architecture`: `"llama"` or `"qwen3"`.
     pub model_family: String,
-    /// `["llama"]`.
+    /// `[model_family]`.
     pub model_families: Vec<String>,
     /// Parameter count for display, e.g. `"124K"`, `"135M"`.
     pub model_type: String,

@@ -615,6 +615,7 @@ mod tests {
 
     fn config(vocab: u32) -> LlamaConfig {
         LlamaConfig {
+            arch: crate::publish::hf::Arch::Llama,
             hidden_size: 8,
             intermediate_size: 8,
             num_layers: 1,

@@ -85,6 +85,10 @@ pub struct ModelSpec {
     /// Biases on the q/k/v projections, as Qwen2 has (scratch only); default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_bias: Option<bool>,
+    /// A per-head RMSNorm on queries and keys before the rotary embedding, as Qwen3 has
+    /// (scratch only; the model is then a `qwen3`); default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qk_norm: Option<bool>,
     /// Standard deviation of the initial weights (scratch only); default 0.02.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initializer_range: Option<f64>,
@@ -458,6 +462,10 @@ impl Default for LoraSpec {
     }
 }
 
+/// The head width transformers' `Qwen3Config` gives a `config.json` without `head_dim` (not
+/// `hidden_size / num_attention_heads`, as for the other architectures).
+pub const QWEN3_HEAD_DIM: usize = 128;
+
 /// The default `intermediate_size` for a fresh model of width `hidden`.
 pub fn default_intermediate_size(hidden: usize) -> usize {
     (8 * hidden).div_ceil(3).next_multiple_of(64)
@@ -506,7 +514,7 @@ fn validate_model(
     scheduled: bool,
     issues: &mut Vec<Issue>,
 ) {
-    let sizes: [(&str, bool); 12] = [
+    let sizes: [(&str, bool); 13] = [
         ("hidden_size", m.hidden_size.is_some()),
         ("intermediate_size", m.intermediate_size.is_some()),
         ("num_hidden_layers", m.num_hidden_layers.is_some()),
@@ -521,6 +529,7 @@ fn validate_model(
         ("rms_norm_eps", m.rms_norm_eps.is_some()),
         ("tie_word_embeddings", m.tie_word_embeddings.is_some()),
         ("attention_bias", m.attention_bias.is_some()),
+        ("qk_norm", m.qk_norm.is_some()),
         ("initializer_range", m.initializer_range.is_some()),
     ];
     match (&m.base, m.init) {
@@ -610,6 +619,13 @@ fn validate_model(
             }
             if m.intermediate_size == Some(0) {
                 issues.push(Issue::new("model.intermediate_size", "must be > 0"));
+            }
+            if m.qk_norm == Some(true) && m.attention_bias == Some(true) {
+                issues.push(Issue::new(
+                    "model.attention_bias",
+                    "cannot be combined with qk_norm = true (Qwen3's layout has no q/k/v \
+                     biases, and llama.cpp, which Ollama runs, would not load the model)",
+                ));
             }
             if let Some(v) = m.vocab_size
                 && v > 0
@@ -1131,6 +1147,18 @@ mod tests {
         }
         let e = err(&s("vocab_size = 320", "vocab_size = 320\nhidden_sise = 3"));
         assert!(e.contains("unknown field `hidden_sise`"), "{e}");
+        let e = err(&s(
+            "vocab_size = 320",
+            "vocab_size = 320\nqk_norm = true\nattention_bias = true",
+        ));
+        assert!(
+            e.contains("model.attention_bias: cannot be combined with qk_norm"),
+            "{e}"
+        );
+        let e = err(
+            "kind = \"train\"\n[model]\nbase = \"m\"\nqk_norm = true\n[data]\ntrain_file = \"x\"\n",
+        );
+        assert!(e.contains("model.qk_norm: only applies"), "{e}");
     }
 
     #[test]

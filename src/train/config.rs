@@ -1,5 +1,5 @@
 //! The model's architecture as Hugging Face writes it in `config.json`, for the llama family
-//! (Llama, TinyLlama, SmolLM, Mistral, Qwen2), and the one built for `init = "scratch"`.
+//! (Llama, TinyLlama, SmolLM, Mistral, Qwen2, Qwen3), and the one built for `init = "scratch"`.
 //!
 //! This module owns reading and writing `config.json` and deciding which architecture
 //! variants (biases, tied embeddings, rotary scaling) a checkpoint uses; it refuses variants
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::TrainError;
-use crate::spec::train::{ModelSpec, default_intermediate_size};
+use crate::spec::train::{ModelSpec, QWEN3_HEAD_DIM, default_intermediate_size};
 
 fn default_model_type() -> String {
     "llama".into()
@@ -36,7 +36,7 @@ fn default_init_range() -> f64 {
 /// `extra` and written back, so a fine-tuned model keeps its base's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `"llama"`, `"mistral"`, `"qwen2"`, ...
+    /// `"llama"`, `"mistral"`, `"qwen2"`, `"qwen3"`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
     /// Number of token ids the embedding has rows for.
@@ -70,7 +70,7 @@ pub struct LlamaConfig {
     /// The output projection reuses the input embedding.
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// Llama: biases on q, k, v and o. (Qwen2 always has q/k/v biases and no o bias.)
+    /// Llama, Qwen3: biases on q, k, v and o. (Qwen2 always has q/k/v biases and no o bias.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_bias: Option<bool>,
     /// Biases in the MLP (not implemented; must be false).
@@ -82,7 +82,7 @@ pub struct LlamaConfig {
     /// Mistral's sliding attention window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
-    /// Qwen2: whether `sliding_window` is used at all.
+    /// Qwen2, Qwen3: whether `sliding_window` is used at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_sliding_window: Option<bool>,
     /// Standard deviation of initial weights.
@@ -118,10 +118,18 @@ impl LlamaConfig {
     pub fn scratch(m: &ModelSpec, block_size: usize, vocab_size: usize) -> Self {
         let hidden = m.hidden_size.unwrap_or(64);
         let heads = m.num_attention_heads.unwrap_or(1);
-        let qwen = m.attention_bias == Some(true);
+        // Q/K/V biases are Qwen2's layout, normed queries and keys Qwen3's; writing the model
+        // as such lets other tools load it.
+        let model_type = if m.qk_norm == Some(true) {
+            "qwen3"
+        } else if m.attention_bias == Some(true) {
+            "qwen2"
+        } else {
+            "llama"
+        };
+        let qwen = model_type != "llama";
         LlamaConfig {
-            // Q/K/V biases are Qwen2's layout; writing it as such lets other tools load it.
-            model_type: if qwen { "qwen2" } else { "llama" }.into(),
+            model_type: model_type.into(),
             vocab_size,
             hidden_size: hidden,
             intermediate_size: m
@@ -130,13 +138,18 @@ impl LlamaConfig {
             num_hidden_layers: m.num_hidden_layers.unwrap_or(1),
             num_attention_heads: heads,
             num_key_value_heads: Some(m.num_key_value_heads.unwrap_or(heads)),
-            head_dim: None,
+            // Qwen3's configuration class defaults a missing head_dim to 128, so it is written.
+            head_dim: (model_type == "qwen3").then(|| hidden / heads.max(1)),
             max_position_embeddings: m.max_position_embeddings.unwrap_or(block_size),
             rms_norm_eps: m.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: m.rope_theta.unwrap_or(10000.0),
             rope_scaling: None,
             tie_word_embeddings: m.tie_word_embeddings.unwrap_or(false),
-            attention_bias: if qwen { None } else { Some(false) },
+            attention_bias: if model_type == "qwen2" {
+                None
+            } else {
+                Some(false)
+            },
             mlp_bias: None,
             hidden_act: "silu".into(),
             sliding_window: None,
@@ -150,7 +163,7 @@ impl LlamaConfig {
 
     /// Why this configuration cannot be trained by this model code, if it cannot.
     pub fn check(&self) -> Result<(), String> {
-        let supported = ["llama", "mistral", "qwen2"];
+        let supported = ["llama", "mistral", "qwen2", "qwen3"];
         if !supported.contains(&self.model_type.as_str()) {
             return Err(format!(
                 "model_type {:?} is not supported (supported: {})",
@@ -163,6 +176,16 @@ impl LlamaConfig {
         }
         if self.mlp_bias == Some(true) {
             return Err("mlp_bias = true is not supported".into());
+        }
+        if self.qk_norm() {
+            // No released Qwen3 has either, and llama.cpp's qwen3 (what Ollama runs) has
+            // neither: a model trained with them could not be published.
+            if self.attention_bias == Some(true) {
+                return Err("qwen3 with attention_bias = true is not supported".into());
+            }
+            if self.use_sliding_window == Some(true) {
+                return Err("qwen3 with use_sliding_window = true is not supported".into());
+            }
         }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
@@ -183,7 +206,10 @@ impl LlamaConfig {
                 self.num_attention_heads
             ));
         }
-        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.head_dim.is_none()
+            && !self.qk_norm()
+            && !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err("hidden_size must be a multiple of num_attention_heads".into());
         }
         if !self.head_dim().is_multiple_of(2) {
@@ -198,15 +224,25 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Width of one attention head.
+    /// Width of one attention head: `head_dim`, else `hidden_size / num_attention_heads`
+    /// (Qwen3: 128, as its configuration class defaults it).
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim.unwrap_or(if self.qk_norm() {
+            QWEN3_HEAD_DIM
+        } else {
+            self.hidden_size / self.num_attention_heads.max(1)
+        })
     }
 
     /// Whether q/k/v have biases.
     pub fn qkv_bias(&self) -> bool {
         self.model_type == "qwen2" || self.attention_bias == Some(true)
+    }
+
+    /// Whether queries and keys pass through a per-head RMSNorm before the rotary embedding
+    /// (Qwen3's `q_norm` and `k_norm`).
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == "qwen3"
     }
 
     /// Whether o_proj has a bias (Llama's `attention_bias`; never in Qwen2).
@@ -217,7 +253,7 @@ impl LlamaConfig {
     /// The attention window, if attention is limited to recent tokens.
     pub fn window(&self) -> Option<usize> {
         match self.model_type.as_str() {
-            "qwen2" if self.use_sliding_window != Some(true) => None,
+            "qwen2" | "qwen3" if self.use_sliding_window != Some(true) => None,
             _ => self.sliding_window,
         }
     }
@@ -286,7 +322,8 @@ impl LlamaConfig {
             attn += h;
         }
         let mlp = 3 * h * self.intermediate_size;
-        let layer = attn + mlp + 2 * h;
+        let qk_norm = if self.qk_norm() { 2 * hd } else { 0 };
+        let layer = attn + mlp + 2 * h + qk_norm;
         let emb = self.vocab_size * h;
         emb + self.num_hidden_layers * layer + h + if self.tie_word_embeddings { 0 } else { emb }
     }
@@ -301,6 +338,7 @@ impl LlamaConfig {
         let mut v = serde_json::to_value(self).expect("config serializes");
         let arch = match self.model_type.as_str() {
             "qwen2" => "Qwen2ForCausalLM",
+            "qwen3" => "Qwen3ForCausalLM",
             "mistral" => "MistralForCausalLM",
             _ => "LlamaForCausalLM",
         };
@@ -361,6 +399,32 @@ mod tests {
         assert_eq!(qwen.eos_ids(), vec![151645, 151643]);
         // Qwen2-0.5B: 494M parameters.
         assert_eq!(qwen.num_parameters(), 494_032_768);
+        // Qwen3-0.6B's config.json (trimmed): a head width of 128 over a 1024-wide stream.
+        let qwen3: LlamaConfig = serde_json::from_str(
+            r#"{"architectures":["Qwen3ForCausalLM"],"attention_bias":false,
+            "attention_dropout":0.0,"bos_token_id":151643,"eos_token_id":151645,"head_dim":128,
+            "hidden_act":"silu","hidden_size":1024,"initializer_range":0.02,
+            "intermediate_size":3072,"max_position_embeddings":40960,"max_window_layers":28,
+            "model_type":"qwen3","num_attention_heads":16,"num_hidden_layers":28,
+            "num_key_value_heads":8,"rms_norm_eps":1e-06,"rope_scaling":null,
+            "rope_theta":1000000,"sliding_window":null,"tie_word_embeddings":true,
+            "torch_dtype":"bfloat16","use_cache":true,"use_sliding_window":false,
+            "vocab_size":151936}"#,
+        )
+        .unwrap();
+        qwen3.check().unwrap();
+        assert!(qwen3.qk_norm() && !qwen3.qkv_bias() && !qwen3.o_bias());
+        assert!(qwen3.window().is_none() && !qwen.qk_norm() && !llama.qk_norm());
+        assert_eq!(qwen3.head_dim(), 128);
+        // 596,049,920 as Hugging Face counts Qwen3-0.6B's safetensors.
+        assert_eq!(qwen3.num_parameters(), 596_049_920);
+        assert_eq!(qwen3.to_json()["architectures"][0], "Qwen3ForCausalLM");
+        let mut biased = qwen3.clone();
+        biased.attention_bias = Some(true);
+        assert!(biased.check().unwrap_err().contains("attention_bias"));
+        let mut windowed = qwen3;
+        windowed.use_sliding_window = Some(true);
+        assert!(windowed.check().unwrap_err().contains("use_sliding_window"));
     }
 
     #[test]

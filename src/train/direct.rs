@@ -14,8 +14,8 @@
 //!
 //! Covers what full fine-tuning on the CPU uses: f32 weights on the CPU, tied or untied
 //! embeddings, q/k/v/o biases, grouped-query attention, sliding windows. Anything else (LoRA
-//! adapters, other devices or types) goes through Candle's autograd ([`supported`] says
-//! which).
+//! adapters, Qwen3's query/key norms, other devices or types) goes through
+//! [`super::direct_ops`] or Candle's autograd ([`supported`] says which).
 
 use std::collections::HashMap;
 
@@ -97,7 +97,10 @@ pub fn supported(model: &Llama) -> bool {
         && f32_cpu(&model.norm)
         && head_ok
         && model.layers.iter().all(|b| {
-            f32_cpu(&b.input_layernorm)
+            // Qwen3's per-head query/key norms are trained through `direct_ops` instead.
+            b.q_norm.is_none()
+                && b.k_norm.is_none()
+                && f32_cpu(&b.input_layernorm)
                 && f32_cpu(&b.post_attention_layernorm)
                 && b.linears().iter().all(|(_, l)| {
                     l.lora.is_none() && f32_cpu(&l.weight) && l.bias.as_ref().is_none_or(f32_cpu)
@@ -720,7 +723,8 @@ pub(crate) mod tests {
     use crate::train::model::{Lora, Pass, random_vars};
 
     /// A two-layer model of `kind` (`"llama"`: 4 heads; `"qwen2"`: 4 query heads over 2
-    /// key/value heads) with random trainable weights, and its variables.
+    /// key/value heads; `"qwen3"`: the same, 6 wide, with query/key norms) with random
+    /// trainable weights, and its variables.
     pub(crate) fn model(
         kind: &str,
         tied: bool,
@@ -731,11 +735,15 @@ pub(crate) mod tests {
         let mut c: LlamaConfig = serde_json::from_value(serde_json::json!({
             "model_type": kind, "vocab_size": 40, "hidden_size": 16,
             "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": if kind == "qwen2" { 2 } else { 4 },
+            "num_key_value_heads": if kind == "llama" { 4 } else { 2 },
             "max_position_embeddings": 16, "tie_word_embeddings": tied, "rms_norm_eps": 1e-5,
             "attention_bias": bias
         }))
         .unwrap();
+        if kind == "qwen3" {
+            // Heads wider than hidden_size / heads, as Qwen3-0.6B's (128 over 1024 / 16).
+            c.head_dim = Some(6);
+        }
         if let Some(w) = window {
             c.use_sliding_window = Some(true);
             c.sliding_window = Some(w);
@@ -916,5 +924,9 @@ pub(crate) mod tests {
         });
         assert!(!supported(&m));
         assert!(loss_and_grads(&m, &ids, &labels, &mask, 1.0, &mut ws).is_err());
+        // Qwen3's query/key norms are direct_ops' to train.
+        let (qwen3, _) = model("qwen3", true, false, None);
+        assert!(!supported(&qwen3));
+        assert!(crate::train::direct_ops::supported(&qwen3, DType::F32));
     }
 }

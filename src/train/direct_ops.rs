@@ -52,6 +52,8 @@ pub fn supported(model: &Llama, dtype: DType) -> bool {
         && model.layers.iter().all(|b| {
             f32(&b.input_layernorm)
                 && f32(&b.post_attention_layernorm)
+                && b.q_norm.as_ref().is_none_or(f32)
+                && b.k_norm.as_ref().is_none_or(f32)
                 && b.linears().iter().all(|(_, l)| {
                     weight(&l.weight)
                         && l.bias.as_ref().is_none_or(weight)
@@ -76,6 +78,9 @@ struct Setup {
 struct Saved {
     /// Input norm's output.
     h1: Tensor,
+    /// Queries and keys before Qwen3's per-head norms (`None` without them).
+    q_raw: Option<Tensor>,
+    k_raw: Option<Tensor>,
     /// Rotated queries and keys, values.
     q: Tensor,
     k: Tensor,
@@ -280,6 +285,41 @@ fn norm_bwd(
     need(dx, "norm input")
 }
 
+/// Qwen3's per-head norm of `x` `(B, T, heads · head_dim)` with the f32 weight `w`
+/// `(head_dim)`: the normed tensor, and `x` as the backward needs it (`x` itself and `None`
+/// without a weight).
+fn head_norm(
+    x: Tensor,
+    w: Option<&Tensor>,
+    heads: usize,
+    eps: f32,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let Some(w) = w else {
+        return Ok((x, None));
+    };
+    let (b, t, row) = x.dims3()?;
+    let x = x.reshape((b, t, heads, row / heads.max(1)))?.contiguous()?;
+    let y = norm(&x, w, eps)?.reshape((b, t, row))?;
+    Ok((y, Some(x)))
+}
+
+/// The backward of [`head_norm`]: stores the weight's gradient (when trainable), returns the
+/// gradient of the norm's input given `dy`, that of its output (`dy` itself without a norm).
+fn head_norm_bwd(
+    x: Option<Tensor>,
+    w: Option<&Tensor>,
+    dy: Tensor,
+    eps: f32,
+    grads: &mut HashMap<TensorId, Tensor>,
+) -> Result<Tensor> {
+    let (Some(x), Some(w)) = (x, w) else {
+        return Ok(dy);
+    };
+    let (b, t, h, d) = x.dims4()?;
+    let dx = norm_bwd(&x, w, &dy.reshape((b, t, h, d))?, eps, grads)?;
+    Ok(dx.reshape((b, t, h * d))?)
+}
+
 /// Rotary embedding (or, with `transpose`, its inverse: the backward).
 fn rotate(x: &Tensor, s: &Setup, transpose: bool) -> Result<Tensor> {
     let label = if transpose { "rope bwd" } else { "rope" };
@@ -302,6 +342,8 @@ fn layer_forward(
     let (q, aq) = project(&h1, &blk.q_proj, dt, &mut rng)?;
     let (k, ak) = project(&h1, &blk.k_proj, dt, &mut rng)?;
     let (v, av) = project(&h1, &blk.v_proj, dt, &mut rng)?;
+    let (q, q_raw) = head_norm(q, blk.q_norm.as_ref(), s.heads.0, s.eps)?;
+    let (k, k_raw) = head_norm(k, blk.k_norm.as_ref(), s.heads.1, s.eps)?;
     let q = rotate(&q, s, false)?;
     let k = rotate(&k, s, false)?;
     let v = v.contiguous()?;
@@ -317,6 +359,8 @@ fn layer_forward(
     let out = add(x1.clone(), down)?;
     let saved = Saved {
         h1,
+        q_raw,
+        k_raw,
         q,
         k,
         v,
@@ -344,6 +388,8 @@ fn layer_backward(
 ) -> Result<Tensor> {
     let Saved {
         h1,
+        q_raw,
+        k_raw,
         q,
         k,
         v,
@@ -378,6 +424,8 @@ fn layer_backward(
     drop((q, k, v, att, datt));
     let dq = rotate(&need(dq, "queries")?, s, true)?;
     let dk = rotate(&need(dk, "keys")?, s, true)?;
+    let dq = head_norm_bwd(q_raw, blk.q_norm.as_ref(), dq, s.eps, grads)?;
+    let dk = head_norm_bwd(k_raw, blk.k_norm.as_ref(), dk, s.eps, grads)?;
     let dh1 = add(
         add(
             project_bwd(&h1, &blk.q_proj, aq, &dq, grads)?,
@@ -606,7 +654,8 @@ mod tests {
 
     /// The step gives the loss and every weight's gradient that Candle's autograd over the same
     /// fused ops gives, with and without recomputing layers in the backward: untied multi-head
-    /// llama with q/k/v/o biases, tied grouped-query Qwen2 with biases and a sliding window.
+    /// llama with q/k/v/o biases, tied grouped-query Qwen2 with biases and a sliding window,
+    /// untied grouped-query Qwen3 (query/key norms, heads wider than hidden / heads).
     /// The fused CPU lm_head + loss, and the split one CUDA takes, in turn.
     fn both_heads(test: impl Fn(&str)) {
         for split in [false, true] {
@@ -626,6 +675,7 @@ mod tests {
         for (kind, tied, bias, window) in [
             ("llama", false, true, None),
             ("qwen2", true, false, Some(3)),
+            ("qwen3", false, false, None),
         ] {
             let (m, vars) = model(kind, tied, bias, window);
             assert!(supported(&m, DType::F32));
@@ -668,7 +718,11 @@ mod tests {
     fn lora_with_dropout_matches_autograd_with(head: &str) {
         use crate::train::model::Lora;
         let (ids, labels, mask) = batch();
-        for (kind, tied, bias) in [("llama", false, true), ("qwen2", true, false)] {
+        for (kind, tied, bias) in [
+            ("llama", false, true),
+            ("qwen2", true, false),
+            ("qwen3", true, false),
+        ] {
             let (frozen, _) = model(kind, tied, bias, None);
             // The base as the trainer holds it under LoRA: plain tensors, no gradients.
             let mut m = frozen.clone();
@@ -683,6 +737,10 @@ mod tests {
             for blk in &mut m.layers {
                 detach(&mut blk.input_layernorm);
                 detach(&mut blk.post_attention_layernorm);
+                blk.q_norm
+                    .iter_mut()
+                    .chain(blk.k_norm.iter_mut())
+                    .for_each(detach);
                 for (name, lin) in blk.linears_mut() {
                     detach(&mut lin.weight);
                     if let Some(b) = lin.bias.as_mut() {
@@ -738,6 +796,9 @@ mod tests {
                 assert!(got.get(&m.embed_tokens).is_none());
                 assert!(got.get(&m.layers[0].q_proj.weight).is_none());
                 assert!(got.get(&m.layers[1].post_attention_layernorm).is_none());
+                if let Some(w) = &m.layers[0].q_norm {
+                    assert!(got.get(w).is_none(), "a frozen query norm has no gradient");
+                }
             }
         }
     }

@@ -658,8 +658,9 @@ mod tests {
 
     #[test]
     fn rms_norm_kernels_match_the_cpu() {
-        // Rows shorter than the block, longer than it, and a last block of rows cut short.
-        for (rows, d) in [(10, 100), (9, 300), (4, 32)] {
+        // Rows shorter than the block, longer than it, and a last block of rows cut short;
+        // many short rows, as Qwen3's per-head query/key norms give (rows of head_dim).
+        for (rows, d) in [(10, 100), (9, 300), (4, 32), (601, 8), (257, 128)] {
             rms::<f32>(rows, d);
             rms::<u16>(rows, d);
             rms::<half::f16>(rows, d);
@@ -1211,6 +1212,7 @@ mod tests {
             vocab: 1,
             tied: false,
             qkv_bias: false,
+            qk_norm: false,
         };
         let estimate = attention_working_set(&shape, m.b as u64, m.t as u64, c as u64);
         assert_eq!(estimate, backward as u64, "{m:?}, {c}-byte type");

@@ -151,6 +151,23 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, pass: &Pass<'_>) -> Result<Te
     }
 }
 
+/// Qwen3's per-head norm of `x` `(B, T, heads · head_dim)` with `weight` `(head_dim)`: each
+/// head's row normalised on its own; `x` unchanged without a weight.
+fn head_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    heads: usize,
+    eps: f64,
+    pass: &Pass<'_>,
+) -> Result<Tensor> {
+    let Some(w) = weight else {
+        return Ok(x.clone());
+    };
+    let (b, t, row) = x.dims3()?;
+    let per_head = x.reshape((b, t, heads, row / heads.max(1)))?;
+    Ok(rms_norm(&per_head, w, eps, pass)?.reshape((b, t, row))?)
+}
+
 /// Rotary tables for every position, `(max_positions, head_dim)`, in f32.
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -209,6 +226,11 @@ pub struct Block {
     pub v_proj: Linear,
     /// Output projection.
     pub o_proj: Linear,
+    /// Qwen3's per-head RMSNorm of the queries and of the keys (`head_dim` weights each),
+    /// before the rotary embedding; `None` for the other architectures.
+    pub q_norm: Option<Tensor>,
+    /// See `q_norm`.
+    pub k_norm: Option<Tensor>,
     /// RMSNorm before the MLP.
     pub post_attention_layernorm: Tensor,
     /// SwiGLU gate.
@@ -304,6 +326,10 @@ pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
             out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
             out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+        }
+        if cfg.qk_norm() {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![cfg.head_dim()]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![cfg.head_dim()]));
         }
         out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
         if cfg.o_bias() {
@@ -434,6 +460,10 @@ impl Llama {
                 k_proj: linear(l, "k_proj"),
                 v_proj: linear(l, "v_proj"),
                 o_proj: linear(l, "o_proj"),
+                q_norm: opt(format!("model.layers.{l}.self_attn.q_norm.weight"))
+                    .filter(|_| cfg.qk_norm()),
+                k_norm: opt(format!("model.layers.{l}.self_attn.k_norm.weight"))
+                    .filter(|_| cfg.qk_norm()),
                 post_attention_layernorm: get(&format!(
                     "model.layers.{l}.post_attention_layernorm.weight"
                 )),
@@ -551,6 +581,8 @@ impl Llama {
             let q = blk.q_proj.forward(&h, pass)?;
             let k = blk.k_proj.forward(&h, pass)?;
             let v = blk.v_proj.forward(&h, pass)?;
+            let q = head_norm(&q, blk.q_norm.as_ref(), nh, cfg.rms_norm_eps, pass)?;
+            let k = head_norm(&k, blk.k_norm.as_ref(), nkv, cfg.rms_norm_eps, pass)?;
             let q = self.rope.apply(&q, start, pass)?;
             let mut k = self.rope.apply(&k, start, pass)?;
             let mut v = v;
@@ -598,6 +630,11 @@ impl Llama {
                 format!("{p}.post_attention_layernorm.weight"),
                 f32(&blk.post_attention_layernorm)?,
             );
+            for (name, w) in [("q_norm", &blk.q_norm), ("k_norm", &blk.k_norm)] {
+                if let Some(w) = w {
+                    out.insert(format!("{p}.self_attn.{name}.weight"), f32(w)?);
+                }
+            }
             for (m, lin) in blk.linears() {
                 let mp = module_path(l, m);
                 out.insert(format!("{mp}.weight"), lin.merged_weight()?);
@@ -640,13 +677,18 @@ mod tests {
     use candle_core::Var;
 
     fn cfg(model_type: &str, tied: bool) -> LlamaConfig {
-        serde_json::from_value(serde_json::json!({
+        let mut c: LlamaConfig = serde_json::from_value(serde_json::json!({
             "model_type": model_type, "vocab_size": 40, "hidden_size": 16,
             "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "max_position_embeddings": 16,
             "tie_word_embeddings": tied, "rms_norm_eps": 1e-5
         }))
-        .unwrap()
+        .unwrap();
+        if model_type == "qwen3" {
+            // Heads wider than hidden_size / heads, as Qwen3-0.6B's.
+            c.head_dim = Some(6);
+        }
+        c
     }
 
     fn ids(dev: &Device) -> Tensor {
@@ -654,11 +696,12 @@ mod tests {
     }
 
     /// Candle's fused ops silently drop gradients; this proves every weight of every layout
-    /// (untied llama, tied Qwen2 with q/k/v biases, and LoRA adapters) receives a non-zero one.
+    /// (untied llama, tied Qwen2 with q/k/v biases, tied Qwen3 with query/key norms, and LoRA
+    /// adapters) receives a non-zero one.
     #[test]
     fn every_parameter_gets_a_gradient() {
         let dev = Device::Cpu;
-        for (kind, tied) in [("llama", false), ("qwen2", true)] {
+        for (kind, tied) in [("llama", false), ("qwen2", true), ("qwen3", true)] {
             let c = cfg(kind, tied);
             let mut rng = Rng::new(1);
             let w = init_weights(&c, &mut rng, &dev).unwrap();
@@ -693,6 +736,10 @@ mod tests {
                 vars.contains_key("model.layers.0.self_attn.q_proj.bias"),
                 kind == "qwen2"
             );
+            assert_eq!(
+                vars.contains_key("model.layers.1.self_attn.k_norm.weight"),
+                kind == "qwen3"
+            );
             for (name, v) in &vars {
                 let gr = g
                     .get(v.as_tensor())
@@ -714,11 +761,15 @@ mod tests {
 
     /// The fused kernels compute what the plain ops do, for the whole model: logits, loss and
     /// every parameter's gradient (untied multi-head llama, tied grouped-query Qwen2 with
-    /// biases, a sliding window).
+    /// biases, a sliding window, untied Qwen3 with query/key norms).
     #[test]
     fn fused_model_matches_plain_ops() {
         let dev = Device::Cpu;
-        for (kind, tied, window) in [("llama", false, None), ("qwen2", true, Some(3))] {
+        for (kind, tied, window) in [
+            ("llama", false, None),
+            ("qwen2", true, Some(3)),
+            ("qwen3", false, None),
+        ] {
             let mut c = cfg(kind, tied);
             if kind == "llama" {
                 c.num_key_value_heads = Some(4);
@@ -988,47 +1039,20 @@ mod tests {
     #[test]
     fn kv_cache_matches_full_forward() {
         let dev = Device::Cpu;
+        let mut pass = Pass::new(DType::F32, None);
+        // Qwen3 caches keys after their norm.
+        let c = cfg("qwen3", true);
+        let vars = random_vars(&c, 3, &dev);
+        let w = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let m = Llama::new(c, &w, &dev).unwrap();
+        assert_cached_matches_full(&m, &mut pass);
         let c = cfg("llama", true);
         let w = init_weights(&c, &mut Rng::new(3), &dev).unwrap();
         let m = Llama::new(c, &w, &dev).unwrap();
-        let mut pass = Pass::new(DType::F32, None);
-        let all = Tensor::new(&[[1u32, 5, 7, 2, 39]], &dev).unwrap();
-        let full = m.forward(&all, 0, None, &mut pass).unwrap();
-        let mut cache = KvCache::default();
-        let head = m
-            .forward(
-                &all.narrow(1, 0, 3).unwrap(),
-                0,
-                Some(&mut cache),
-                &mut pass,
-            )
-            .unwrap();
-        let t3 = m
-            .forward(
-                &all.narrow(1, 3, 1).unwrap(),
-                3,
-                Some(&mut cache),
-                &mut pass,
-            )
-            .unwrap();
-        let t4 = m
-            .forward(
-                &all.narrow(1, 4, 1).unwrap(),
-                4,
-                Some(&mut cache),
-                &mut pass,
-            )
-            .unwrap();
-        let inc = Tensor::cat(&[head, t3, t4], 1).unwrap();
-        let diff = (full - inc)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-5, "{diff}");
+        let cache = assert_cached_matches_full(&m, &mut pass);
         assert_eq!(cache.len(), 5);
         let e = m.forward(
             &Tensor::zeros((1, 17), DType::U32, &dev).unwrap(),
@@ -1043,5 +1067,33 @@ mod tests {
                 max: 16
             })
         ));
+    }
+
+    /// Logits of 5 tokens in one forward and in three cached ones agree; the cache returned.
+    fn assert_cached_matches_full(m: &Llama, pass: &mut Pass<'_>) -> KvCache {
+        let dev = Device::Cpu;
+        let all = Tensor::new(&[[1u32, 5, 7, 2, 39]], &dev).unwrap();
+        let full = m.forward(&all, 0, None, pass).unwrap();
+        let mut cache = KvCache::default();
+        let head = m
+            .forward(&all.narrow(1, 0, 3).unwrap(), 0, Some(&mut cache), pass)
+            .unwrap();
+        let t3 = m
+            .forward(&all.narrow(1, 3, 1).unwrap(), 3, Some(&mut cache), pass)
+            .unwrap();
+        let t4 = m
+            .forward(&all.narrow(1, 4, 1).unwrap(), 4, Some(&mut cache), pass)
+            .unwrap();
+        let inc = Tensor::cat(&[head, t3, t4], 1).unwrap();
+        let diff = (full - inc)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{} {diff}", m.cfg.model_type);
+        cache
     }
 }

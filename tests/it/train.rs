@@ -1,5 +1,5 @@
 //! Train jobs through the real daemon: the tiny demo learns, publishes, answers held-out
-//! prompts and runs in llama.cpp as in Candle (`llama_cpp.rs`); interrupted runs (cancel +
+//! prompts and runs in llama.cpp as in Candle (`llama_cpp.rs`), as a llama and as a Qwen3; interrupted runs (cancel +
 //! requeue, kill -9 of the worker, kill -9 of jobd) end bit-identical to uninterrupted ones.
 
 use std::path::{Path, PathBuf};
@@ -90,6 +90,126 @@ fn tiny_job_learns_publishes_and_answers_held_out_prompts() {
     );
     crate::llama_cpp::published_tiny_runs_in_llama_cpp_like_candle(&d, id, models.path(), &repo());
     lora_on_the_trained_model(&d, &output, models.path());
+}
+
+/// Qwen3 through the daemon: the tiny demo with `model.qk_norm = true` (Qwen3's per-head
+/// query/key norms) trains through the op-level step that covers them, writes a `qwen3`
+/// checkpoint that answers held-out prompts, publishes a `qwen3` GGUF that llama.cpp runs as
+/// Candle does (see `llama_cpp.rs`); LoRA on it then trains adapters only, leaving the
+/// norms as they were.
+#[test]
+fn qwen3_learns_publishes_and_runs_in_llama_cpp() {
+    let models = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start(&[
+        "--gpus",
+        "none",
+        "--ollama-models",
+        models.path().to_str().unwrap(),
+    ]);
+    let tiny = repo().join("jobs/tiny.toml");
+    let out = d.jobctl(&[
+        "submit",
+        "--follow",
+        tiny.to_str().unwrap(),
+        "--set",
+        "model.qk_norm=true",
+        "--set",
+        "publish.ollama_name=\"jobd/tiny-qwen3:latest\"",
+    ]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let id = 1;
+    let output = d.state.join(format!("jobs/{id}/output"));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(output.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "qwen3");
+    assert_eq!(config["architectures"][0], "Qwen3ForCausalLM");
+    assert_eq!(
+        config["head_dim"], 16,
+        "written: Qwen3's own default is 128"
+    );
+    let log = std::fs::read_to_string(d.state.join(format!("jobs/{id}/stderr.log"))).unwrap();
+    assert!(log.contains("direct over ops"), "the worker's step:\n{log}");
+    let (right, total) = held_out_right(&output, 20);
+    assert!(
+        right * 10 >= total * 9,
+        "qwen3: {right} of {total} held-out prompts answered correctly"
+    );
+    let blob = crate::publish_support::model_blob(models.path(), "jobd/tiny-qwen3:latest");
+    let mut f = std::fs::File::open(&blob).unwrap();
+    let gguf = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    assert_eq!(
+        gguf.metadata["general.architecture"].to_string().unwrap(),
+        "qwen3"
+    );
+    assert!(gguf.tensor_infos.contains_key("blk.0.attn_q_norm.weight"));
+    crate::llama_cpp::published_tiny_runs_in_llama_cpp_like_candle(&d, id, models.path(), &repo());
+
+    // LoRA on the Qwen3 model: the norms are frozen, so the merged model keeps them.
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("lora.toml");
+    let data = repo().join("jobs/data");
+    std::fs::write(
+        &job,
+        format!(
+            r#"
+name = "qwen3-lora"
+kind = "train"
+[model]
+base = "{}"
+[data]
+train_file = "{}"
+block_size = 16
+[training]
+max_steps = 20
+per_device_train_batch_size = 16
+learning_rate = 5e-4
+seed = 3
+[lora]
+r = 4
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+[publish]
+ollama_name = "jobd/tiny-qwen3-lora:latest"
+"#,
+            output.display(),
+            data.join("tiny_train.jsonl").display(),
+        ),
+    )
+    .unwrap();
+    let out = d.jobctl(&["submit", "--follow", job.to_str().unwrap()]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let merged = d.state.join("jobs/2/output");
+    let load = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (base_w, merged_w) = (load(&output), load(&merged));
+    for name in [
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.1.self_attn.k_norm.weight",
+    ] {
+        let (a, b) = (&base_w[name], &merged_w[name]);
+        let same = a
+            .eq(b)
+            .unwrap()
+            .min_all()
+            .unwrap()
+            .to_scalar::<u8>()
+            .unwrap();
+        assert_eq!(same, 1, "{name}: frozen under LoRA");
+    }
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let moved = (&base_w[q] - &merged_w[q])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(
+        moved.to_scalar::<f32>().unwrap() > 0.0,
+        "the adapter is merged into q_proj"
+    );
+    let blob = crate::publish_support::model_blob(models.path(), "jobd/tiny-qwen3-lora:latest");
+    assert!(blob.exists(), "the merged model is published");
 }
 
 /// How many of the first `n` held-out prompts of the tiny task `jobd generate` answers right

@@ -75,7 +75,16 @@ impl Shape {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden / self.heads)
+        self.head_dim.unwrap_or(if self.qk_norm() {
+            128 // Qwen3Config's default
+        } else {
+            self.hidden / self.heads
+        })
+    }
+
+    /// Qwen3's per-head query/key norms (`model_type = "qwen3"`).
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == Some("qwen3")
     }
 
     /// Rotary frequencies as Hugging Face computes them (`rope_init_fn`), in f64.
@@ -317,6 +326,10 @@ pub fn random_weights(s: &Shape) -> Weights {
             p("self_attn.o_proj.weight"),
             lin(&mut rng, s.hidden, s.heads * hd),
         );
+        if s.qk_norm() {
+            w.insert(p("self_attn.q_norm.weight"), norm(&mut rng, hd));
+            w.insert(p("self_attn.k_norm.weight"), norm(&mut rng, hd));
+        }
         if s.bias || s.llama_bias {
             for (n, rows) in [
                 ("q", s.heads * hd),
@@ -419,6 +432,9 @@ pub fn build_model(dir: &Path, shape: Shape) -> TestModel {
     }
     if let Some(t) = shape.model_type {
         config["model_type"] = t.into();
+        if t == "qwen3" {
+            config["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]);
+        }
     }
     if let Some(hd) = shape.head_dim {
         config["head_dim"] = hd.into();
@@ -534,6 +550,13 @@ impl<'a> Reference<'a> {
                 &hn,
                 s.kv_heads * hd,
             );
+            if s.qk_norm() {
+                // Qwen3: each head normed on its own, before the rotation.
+                let qn = get(w, &p("self_attn.q_norm.weight"));
+                let kn = get(w, &p("self_attn.k_norm.weight"));
+                q = q.chunks(hd).flat_map(|c| rms_norm(c, qn, 1e-5)).collect();
+                k = k.chunks(hd).flat_map(|c| rms_norm(c, kn, 1e-5)).collect();
+            }
             q.chunks_mut(hd)
                 .for_each(|c| rope_rotate_half(c, pos, &self.inv_freq));
             k.chunks_mut(hd)
@@ -658,6 +681,8 @@ pub fn weights_from_gguf(path: &Path, m: &TestModel) -> Weights {
                     "attn_k.bias" => "self_attn.k_proj.bias",
                     "attn_v.bias" => "self_attn.v_proj.bias",
                     "attn_output.bias" => "self_attn.o_proj.bias",
+                    "attn_q_norm.weight" => "self_attn.q_norm.weight",
+                    "attn_k_norm.weight" => "self_attn.k_norm.weight",
                     "ffn_gate.weight" => "mlp.gate_proj.weight",
                     "ffn_up.weight" => "mlp.up_proj.weight",
                     "ffn_down.weight" => "mlp.down_proj.weight",
@@ -675,7 +700,9 @@ pub fn weights_from_gguf(path: &Path, m: &TestModel) -> Weights {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let permuted = name.contains("attn_q") || name.contains("attn_k");
+        // llama's q and k rows are permuted for ggml's pairwise RoPE; qwen3's are not.
+        let permuted =
+            !m.shape.qk_norm() && (name.contains(".attn_q.") || name.contains(".attn_k."));
         let data = if permuted {
             let cols = data.len() / shape[0];
             let mut hf_data = vec![0f32; data.len()];
