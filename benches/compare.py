@@ -93,6 +93,8 @@ def targets(best, device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="20m", choices=["tiny", "20m", "100m"])
+    ap.add_argument("--arch", default="llama", choices=["llama", "qwen3"],
+                    help="qwen3: the same sizes with Qwen3's query/key norms, in both trainers")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for both (default: all)")
@@ -130,7 +132,8 @@ def main():
     default = ("f32,eager,sdpa" if args.device == "cpu"
                else "f32,eager,bf16,pt-bf16,sdpa,candle-tf32,tf32")
     variants = (args.variants or default).split(",")
-    common = ["--config", args.config, "--seconds", str(args.seconds), "--json"]
+    common = ["--config", args.config, "--arch", args.arch, "--seconds", str(args.seconds),
+              "--json"]
     cthreads = ["--threads", str(threads)] if args.device == "cpu" else []
 
     # The variants run in the order named (a time-limited run lists what matters most first);
@@ -214,7 +217,7 @@ def main():
 
     refs = [r for n, r in best.items() if n.startswith("pytorch")]
     print()
-    print(f"config {args.config} on {args.device}"
+    print(f"config {args.config} ({args.arch}) on {args.device}"
           + (f", {threads} threads" if args.device == "cpu" else "")
           + f", best of {args.repeat}, {args.seconds:.0f} s each")
     head = (f"{'trainer':<20} {'dtype':>5} {'tokens/s':>10} {'step s':>7} {'data':>6} {'fwd':>6} "

@@ -118,6 +118,9 @@ def print_op_times(torch, step, device, steps=2):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="20m", choices=sorted(CONFIGS))
+    ap.add_argument("--arch", default="llama", choices=["llama", "qwen3"],
+                    help="qwen3: the same sizes as transformers' Qwen3ForCausalLM "
+                         "(per-head query/key norms)")
     ap.add_argument("--variant", default="eager", choices=["eager", "sdpa", "tf32", "bf16", "fp16"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seconds", type=float, default=30.0)
@@ -145,8 +148,14 @@ def main():
     torch.manual_seed(0)
     kw, batch, block = CONFIGS[args.config]
     attn = "eager" if args.variant == "eager" else "sdpa"
-    cfg = LlamaConfig(rms_norm_eps=1e-6, attn_implementation=attn, **kw)
-    model = LlamaForCausalLM(cfg).to(dev).train()
+    if args.arch == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        cfg = Qwen3Config(rms_norm_eps=1e-6, attn_implementation=attn,
+                          head_dim=kw["hidden_size"] // kw["num_attention_heads"], **kw)
+        model = Qwen3ForCausalLM(cfg).to(dev).train()
+    else:
+        cfg = LlamaConfig(rms_norm_eps=1e-6, attn_implementation=attn, **kw)
+        model = LlamaForCausalLM(cfg).to(dev).train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if "norm" in n]
@@ -157,7 +166,7 @@ def main():
     if args.device == "cpu" and not args.peak_tflops:
         peak = 0.0  # unknown: MFU not reported
     trainer = f"pytorch {args.variant}"
-    print(f"{trainer}: config {args.config} ({n_params} parameters), batch {batch} x {block}, "
+    print(f"{trainer}: config {args.config} ({args.arch}, {n_params} parameters), batch {batch} x {block}, "
           f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}",
           file=sys.stderr)
 

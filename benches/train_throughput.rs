@@ -11,7 +11,7 @@
 //! - `100m`: hidden 768, 14 layers, 12 heads, MLP 2048, vocab 1024, untied (100.7M); batch
 //!   16 × 512 (the GPU reference of issue 9).
 //!
-//! Run: `cargo bench --bench train_throughput -- --config 20m --seconds 60 [--threads 2]
+//! Run: `cargo bench --bench train_throughput -- --config 20m [--arch llama|qwen3] --seconds 60 [--threads 2]
 //! [--dtype f32|bf16|f16] [--device cpu|cuda] [--plain|--autograd|--ops-step] [--json]
 //! [--peak-tflops X] [--save] [--checkpointing] [--tf32] [--cuda-events]
 //! [--attention-block-rows N] [--batch N] [--seq N] [--op-times]`; `-- --check --device
@@ -31,7 +31,7 @@
 //! one JSON line for scripts. MFU counts 6·N + 12·L·T·d FLOPs per token (N: parameters less
 //! the input embedding) against `--peak-tflops`, by default on the CPU the rate this machine
 //! reaches in a 2048³ f32 matmul (measured first), on CUDA the H100/H200 dense peak of the
-//! compute type.
+//! compute type. `--arch qwen3` trains the same sizes as a Qwen3 (per-head query/key norms).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -49,6 +49,7 @@ use jobd::train::{direct, direct_ops};
 
 struct Args {
     config: String,
+    arch: String,
     seconds: f64,
     warmup: usize,
     max_steps: usize,
@@ -76,6 +77,7 @@ struct Args {
 fn parse_args() -> Args {
     let mut a = Args {
         config: "20m".into(),
+        arch: "llama".into(),
         seconds: 30.0,
         warmup: 1,
         max_steps: 10_000,
@@ -104,6 +106,7 @@ fn parse_args() -> Args {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--config" => a.config = val(),
+            "--arch" => a.arch = val(),
             "--seconds" => a.seconds = val().parse().expect("--seconds N"),
             "--warmup" => a.warmup = val().parse().expect("--warmup N"),
             "--max-steps" => a.max_steps = val().parse().expect("--max-steps N"),
@@ -406,6 +409,15 @@ fn bench(a: &Args) {
         device(&a.device)
     };
     let (mut cfg, batch, block) = reference(&a.config);
+    match a.arch.as_str() {
+        "llama" => {}
+        // The same sizes with Qwen3's per-head query/key norms (head width hidden / heads).
+        "qwen3" => {
+            cfg.head_dim = Some(cfg.head_dim());
+            cfg.model_type = "qwen3".into();
+        }
+        other => panic!("--arch {other}: llama or qwen3"),
+    }
     let (batch, block) = (a.batch.unwrap_or(batch), a.seq.unwrap_or(block));
     cfg.max_position_embeddings = cfg.max_position_embeddings.max(block);
     let threads = rayon::current_num_threads();
@@ -461,9 +473,10 @@ fn bench(a: &Args) {
         None => kernels.to_string(),
     };
     eprintln!(
-        "candle: config {} ({} parameters), batch {batch} x {block}, {dtype_name}, {kernels}, \
-         {:?}, {threads} threads, peak {peak_tflops:.2} TFLOP/s",
+        "candle: config {} ({}, {} parameters), batch {batch} x {block}, {dtype_name}, \
+         {kernels}, {:?}, {threads} threads, peak {peak_tflops:.2} TFLOP/s",
         a.config,
+        cfg.model_type,
         cfg.num_parameters(),
         dev
     );

@@ -182,12 +182,10 @@ impl ModelShape {
         if r.num_attention_heads == 0 {
             return Err(format!("{}: num_attention_heads is 0", path.display()));
         }
-        let qwen3 = r.model_type.as_deref() == Some("qwen3");
-        let default_head_dim = if qwen3 {
-            crate::spec::train::QWEN3_HEAD_DIM as u64
-        } else {
-            r.hidden_size / r.num_attention_heads
-        };
+        let model_type = r.model_type.as_deref().unwrap_or("llama");
+        let qwen3 = model_type == "qwen3";
+        let default_head_dim =
+            crate::hf_config::default_head_dim(model_type, r.hidden_size, r.num_attention_heads);
         Ok(ModelShape {
             hidden: r.hidden_size,
             intermediate: r.intermediate_size,

@@ -2,6 +2,8 @@
 //!
 //! Layers (a module uses only modules of lower layers; see ARCHITECTURE.md):
 //! - L0 [`spec`]: job files, states, records, API types, the worker contract. No IO.
+//!   [`jobfs`]: files in users' directories. [`hf_config`]: Hugging Face `config.json`
+//!   conventions.
 //! - L1 [`store`] (sled), [`gpu`] (inventory), [`proc`] (child processes), [`config`].
 //! - L2 [`sched`] (the single writer of job state), [`train`] (Candle, worker only),
 //!   [`publish`] (GGUF + Ollama store).
@@ -17,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod estimate;
 pub mod gpu;
+pub mod hf_config;
 pub mod jobfs;
 pub mod proc;
 pub mod publish;

@@ -186,6 +186,11 @@ fn logits_and_loss_match_the_numpy_reference() {
     qwen3["model_type"] = "qwen3".into();
     qwen3["head_dim"] = 12.into();
     check(&py, config(qwen3.clone()), 4);
+    // ...its base as transformers 5 writes it, inside rope_parameters...
+    let mut v5 = qwen3.clone();
+    v5.as_object_mut().unwrap().remove("rope_theta");
+    v5["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 1e6});
+    check(&py, config(v5), 6);
     // ...and without head_dim, which Qwen3's configuration reads as 128.
     qwen3.as_object_mut().unwrap().remove("head_dim");
     qwen3["tie_word_embeddings"] = true.into();

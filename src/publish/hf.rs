@@ -58,6 +58,8 @@ struct RawConfig {
     #[serde(default)]
     rope_scaling: Option<serde_json::Value>,
     #[serde(default)]
+    rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
     head_dim: Option<u64>,
     #[serde(default)]
     hidden_act: Option<String>,
@@ -261,7 +263,7 @@ impl LlamaConfig {
         let head_dim = match raw.head_dim {
             Some(hd) => u32_field("head_dim", hd)?,
             // What transformers' Qwen3Config gives a config.json without head_dim.
-            None if arch == Arch::Qwen3 => crate::spec::train::QWEN3_HEAD_DIM as u32,
+            None if arch == Arch::Qwen3 => crate::hf_config::QWEN3_HEAD_DIM as u32,
             None if hidden_size % num_heads != 0 => {
                 return Err(format!(
                     "hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}"
@@ -279,8 +281,13 @@ impl LlamaConfig {
                 Err(format!("{name} must be a positive number"))
             }
         };
-        let rope_theta = raw.rope_theta.unwrap_or(10_000.0);
-        let rope_scaling = rope_scaling(raw.rope_scaling.as_ref(), rope_theta, head_dim)?;
+        let rope = crate::hf_config::rope(
+            raw.rope_theta,
+            raw.rope_scaling.as_ref(),
+            raw.rope_parameters.as_ref(),
+        )?;
+        let rope_theta = rope.theta.unwrap_or(10_000.0);
+        let rope_scaling = rope_scaling(rope.scaling.as_ref(), rope_theta, head_dim)?;
         if arch == Arch::Qwen3 && matches!(rope_scaling, RopeScaling::Llama3 { .. }) {
             return Err(
                 "qwen3 with Llama 3.1's rope_scaling: llama.cpp's qwen3 has no \
@@ -982,6 +989,13 @@ mod tests {
             (Arch::Qwen3, "qwen3", 128)
         );
         assert!(!c.qkv_bias && !c.o_bias && c.explicit_head_dim());
+        // transformers 5's rope_parameters: its base and scaling are the ones exported.
+        let c = raw(&format!(
+            "{{{BASE},\"rope_theta\":10000.0,\"rope_parameters\":{{\"rope_theta\":500000.0,\"rope_type\":\"linear\",\"factor\":4.0}}}}"
+        ))
+        .unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 4.0 });
         let c = raw(&format!(
             "{{{BASE},\"rope_scaling\":{{\"type\":\"linear\",\"factor\":2.0}}}}"
         ))

@@ -462,10 +462,6 @@ impl Default for LoraSpec {
     }
 }
 
-/// The head width transformers' `Qwen3Config` gives a `config.json` without `head_dim` (not
-/// `hidden_size / num_attention_heads`, as for the other architectures).
-pub const QWEN3_HEAD_DIM: usize = 128;
-
 /// The default `intermediate_size` for a fresh model of width `hidden`.
 pub fn default_intermediate_size(hidden: usize) -> usize {
     (8 * hidden).div_ceil(3).next_multiple_of(64)

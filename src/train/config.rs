@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::TrainError;
-use crate::spec::train::{ModelSpec, QWEN3_HEAD_DIM, default_intermediate_size};
+use crate::hf_config;
+use crate::spec::train::{ModelSpec, default_intermediate_size};
 
 fn default_model_type() -> String {
     "llama".into()
@@ -67,6 +68,10 @@ pub struct LlamaConfig {
     /// Rotary scaling (`"linear"` and `"llama3"` are implemented).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<Value>,
+    /// transformers 5's form of `rope_theta` and `rope_scaling` together (see
+    /// [`hf_config::rope`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Value>,
     /// The output projection reuses the input embedding.
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -144,6 +149,7 @@ impl LlamaConfig {
             rms_norm_eps: m.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: m.rope_theta.unwrap_or(10000.0),
             rope_scaling: None,
+            rope_parameters: None,
             tie_word_embeddings: m.tie_word_embeddings.unwrap_or(false),
             attention_bias: if model_type == "qwen2" {
                 None
@@ -227,10 +233,12 @@ impl LlamaConfig {
     /// Width of one attention head: `head_dim`, else `hidden_size / num_attention_heads`
     /// (Qwen3: 128, as its configuration class defaults it).
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(if self.qk_norm() {
-            QWEN3_HEAD_DIM
-        } else {
-            self.hidden_size / self.num_attention_heads.max(1)
+        self.head_dim.unwrap_or_else(|| {
+            hf_config::default_head_dim(
+                &self.model_type,
+                self.hidden_size as u64,
+                self.num_attention_heads as u64,
+            ) as usize
         })
     }
 
@@ -258,18 +266,22 @@ impl LlamaConfig {
         }
     }
 
-    /// The rotary frequencies, with any supported `rope_scaling` applied.
+    /// The rotary frequencies, with any supported scaling applied (`rope_theta` and
+    /// `rope_scaling`, or transformers 5's `rope_parameters`).
     pub fn rope_inv_freq(&self) -> Result<Vec<f64>, String> {
         let d = self.head_dim();
+        let rope = hf_config::rope(
+            Some(self.rope_theta),
+            self.rope_scaling.as_ref(),
+            self.rope_parameters.as_ref(),
+        )?;
+        let theta = rope.theta.unwrap_or(self.rope_theta);
         let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
             .collect();
-        let Some(scaling) = &self.rope_scaling else {
+        let Some(scaling) = &rope.scaling else {
             return Ok(base);
         };
-        if scaling.is_null() {
-            return Ok(base);
-        }
         let kind = scaling
             .get("rope_type")
             .or_else(|| scaling.get("type"))
@@ -333,9 +345,27 @@ impl LlamaConfig {
         ids_of(self.eos_token_id.as_ref())
     }
 
-    /// The file `save_pretrained` would write, with `architectures` and `torch_dtype` set.
+    /// The file `save_pretrained` would write, with `architectures` and `torch_dtype` set. A
+    /// configuration with transformers 5's `rope_parameters` also gets the `rope_theta` and
+    /// `rope_scaling` they stand for, so that transformers 4 reads the model as 5 does.
     pub fn to_json(&self) -> Value {
-        let mut v = serde_json::to_value(self).expect("config serializes");
+        let mut cfg = self.clone();
+        if cfg.rope_parameters.is_some()
+            && let Ok(rope) = hf_config::rope(
+                Some(cfg.rope_theta),
+                cfg.rope_scaling.as_ref(),
+                cfg.rope_parameters.as_ref(),
+            )
+        {
+            cfg.rope_theta = rope.theta.unwrap_or(cfg.rope_theta);
+            cfg.rope_scaling = rope.scaling.map(|mut s| {
+                if let Value::Object(m) = &mut s {
+                    m.remove("rope_theta");
+                }
+                s
+            });
+        }
+        let mut v = serde_json::to_value(&cfg).expect("config serializes");
         let arch = match self.model_type.as_str() {
             "qwen2" => "Qwen2ForCausalLM",
             "qwen3" => "Qwen3ForCausalLM",
@@ -422,9 +452,26 @@ mod tests {
         let mut biased = qwen3.clone();
         biased.attention_bias = Some(true);
         assert!(biased.check().unwrap_err().contains("attention_bias"));
-        let mut windowed = qwen3;
+        let mut windowed = qwen3.clone();
         windowed.use_sliding_window = Some(true);
         assert!(windowed.check().unwrap_err().contains("use_sliding_window"));
+        // transformers 5 writes the rotary base and scaling as one object: it is what counts,
+        // and the file written back also says it as transformers 4 reads it.
+        let mut v5 = qwen3;
+        v5.rope_theta = default_theta();
+        v5.rope_parameters = Some(serde_json::json!({"rope_theta": 1e6, "rope_type": "linear",
+            "factor": 2.0}));
+        let want: Vec<f64> = (0..64)
+            .map(|i| 1.0 / 1e6f64.powf((2 * i) as f64 / 128.0) / 2.0)
+            .collect();
+        assert_eq!(v5.rope_inv_freq().unwrap(), want);
+        let written = v5.to_json();
+        assert_eq!(written["rope_theta"], 1e6);
+        assert_eq!(
+            written["rope_scaling"],
+            serde_json::json!({"rope_type": "linear", "factor": 2.0})
+        );
+        assert_eq!(written["rope_parameters"]["rope_theta"], 1e6);
     }
 
     #[test]

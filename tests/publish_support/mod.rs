@@ -43,6 +43,11 @@ pub struct Shape {
     pub rope_scaling: Option<serde_json::Value>,
     /// `model_type` (default "llama", "qwen2" when `bias`).
     pub model_type: Option<&'static str>,
+    /// The rotary base.
+    pub rope_theta: f64,
+    /// Write the rotary base and scaling as transformers 5 does: one `rope_parameters`
+    /// object instead of `rope_theta` and `rope_scaling`.
+    pub rope_parameters: bool,
     pub seed: u64,
     /// Write a ChatML `chat_template` in tokenizer_config.json.
     pub chat_template: bool,
@@ -68,6 +73,8 @@ impl Shape {
             head_dim: None,
             rope_scaling: None,
             model_type: None,
+            rope_theta: 10000.0,
+            rope_parameters: false,
             seed: 7,
             chat_template: true,
             pre: "gpt-2",
@@ -91,7 +98,7 @@ impl Shape {
     pub fn inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim();
         let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / 10000f64.powf((2 * i) as f64 / d as f64))
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
             .collect();
         let Some(sc) = &self.rope_scaling else {
             return base;
@@ -417,7 +424,7 @@ pub fn build_model(dir: &Path, shape: Shape) -> TestModel {
         "vocab_size": shape.vocab,
         "max_position_embeddings": shape.ctx,
         "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
+        "rope_theta": shape.rope_theta,
         "hidden_act": "silu",
         "tie_word_embeddings": shape.tied,
         "bos_token_id": 0,
@@ -441,6 +448,17 @@ pub fn build_model(dir: &Path, shape: Shape) -> TestModel {
     }
     if let Some(sc) = &shape.rope_scaling {
         config["rope_scaling"] = sc.clone();
+    }
+    if shape.rope_parameters {
+        let mut p = shape
+            .rope_scaling
+            .clone()
+            .unwrap_or_else(|| serde_json::json!({"rope_type": "default"}));
+        p["rope_theta"] = shape.rope_theta.into();
+        let c = config.as_object_mut().unwrap();
+        c.remove("rope_theta");
+        c.remove("rope_scaling");
+        c.insert("rope_parameters".into(), p);
     }
     std::fs::write(
         dir.join("config.json"),

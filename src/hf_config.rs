@@ -1,0 +1,120 @@
+//! L0: how Hugging Face's transformers reads the `config.json` fields that the estimate, the
+//! trainer and the GGUF exporter must all read the same way: defaults that depend on the
+//! model type (Qwen3's head width) and the rotary parameters, which transformers 5 writes as
+//! one `rope_parameters` object instead of `rope_theta` and `rope_scaling`.
+
+use serde_json::Value;
+
+/// The head width transformers' `Qwen3Config` gives a `config.json` without `head_dim` (not
+/// `hidden_size / num_attention_heads`, as for the other architectures).
+pub const QWEN3_HEAD_DIM: u64 = 128;
+
+/// The head width of a configuration without `head_dim`.
+pub fn default_head_dim(model_type: &str, hidden_size: u64, num_attention_heads: u64) -> u64 {
+    if model_type == "qwen3" {
+        QWEN3_HEAD_DIM
+    } else {
+        hidden_size / num_attention_heads.max(1)
+    }
+}
+
+/// The rotary embedding a configuration asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    /// The base; `None`: the configuration class's default (10000 for the llama family).
+    pub theta: Option<f64>,
+    /// The scaling object (`rope_type` or `type`, `factor`, ...); `None` for plain RoPE.
+    pub scaling: Option<Value>,
+}
+
+/// The rotary parameters as transformers resolves them (`convert_rope_params_to_dict`): a
+/// legacy `rope_scaling` object, when given, replaces `rope_parameters`; the base is the
+/// object's `rope_theta`, else the top-level `rope_theta`. `rope_parameters` nested by layer
+/// type (`{"full_attention": {...}, "sliding_attention": {...}}`) must say the same for
+/// every type: these models use one rotary embedding in every layer.
+pub fn rope(
+    rope_theta: Option<f64>,
+    rope_scaling: Option<&Value>,
+    rope_parameters: Option<&Value>,
+) -> Result<Rope, String> {
+    let present = |v: Option<&Value>| v.filter(|v| !v.is_null()).cloned();
+    let Some(params) = present(rope_scaling).or_else(|| present(rope_parameters)) else {
+        return Ok(Rope {
+            theta: rope_theta,
+            scaling: None,
+        });
+    };
+    let Value::Object(map) = &params else {
+        return Err(format!("rope parameters must be an object, not {params}"));
+    };
+    let own_keys = ["rope_type", "type", "rope_theta", "factor"];
+    let nested = !map.is_empty()
+        && !map.keys().any(|k| own_keys.contains(&k.as_str()))
+        && map.values().all(|v| v.is_object() || v.is_null());
+    let params = if nested {
+        let mut kinds = map.values().filter(|v| !v.is_null());
+        let first = kinds.next().cloned().unwrap_or(Value::Null);
+        if kinds.any(|v| *v != first) {
+            return Err(format!(
+                "rope_parameters differ between layer types ({}): not supported",
+                map.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        first
+    } else {
+        params
+    };
+    let theta = match params.get("rope_theta") {
+        None | Some(Value::Null) => rope_theta,
+        Some(v) => Some(
+            v.as_f64()
+                .filter(|t| t.is_finite() && *t > 0.0)
+                .ok_or_else(|| format!("rope_theta {v} must be a positive number"))?,
+        ),
+    };
+    let kind = params
+        .get("rope_type")
+        .or_else(|| params.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    Ok(Rope {
+        theta,
+        scaling: (kind != "default" && !params.is_null()).then_some(params),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rotary_parameters_resolve_as_in_transformers() {
+        // transformers 4: top-level fields.
+        let r = rope(Some(5e5), Some(&Value::Null), None).unwrap();
+        assert_eq!((r.theta, r.scaling), (Some(5e5), None));
+        // transformers 5: one object, which wins over a top-level base.
+        let p = json!({"rope_theta": 1e6, "rope_type": "default"});
+        let r = rope(Some(1e4), None, Some(&p)).unwrap();
+        assert_eq!((r.theta, r.scaling), (Some(1e6), None));
+        let p = json!({"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0});
+        let r = rope(None, None, Some(&p)).unwrap();
+        assert_eq!((r.theta, r.scaling), (Some(5e5), Some(p.clone())));
+        // A legacy rope_scaling replaces rope_parameters.
+        let legacy = json!({"type": "linear", "factor": 2.0});
+        let r = rope(Some(1e4), Some(&legacy), Some(&p)).unwrap();
+        assert_eq!((r.theta, r.scaling), (Some(1e4), Some(legacy)));
+        // Nested by layer type: the same for every type, or refused.
+        let same = json!({"full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+            "sliding_attention": {"rope_theta": 1e6, "rope_type": "default"}});
+        assert_eq!(rope(None, None, Some(&same)).unwrap().theta, Some(1e6));
+        let differ = json!({"full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+            "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}});
+        let e = rope(None, None, Some(&differ)).unwrap_err();
+        assert!(e.contains("full_attention, sliding_attention"), "{e}");
+        assert!(rope(None, None, Some(&json!({"rope_theta": -1.0}))).is_err());
+        assert!(rope(None, None, Some(&json!([1]))).is_err());
+        assert_eq!(default_head_dim("qwen3", 1024, 16), 128);
+        assert_eq!(default_head_dim("qwen2", 896, 14), 64);
+    }
+}
