@@ -13,8 +13,8 @@
 //! order of some additions differs.
 //!
 //! Covers what full fine-tuning on the CPU uses: f32 weights on the CPU, tied or untied
-//! embeddings, q/k/v/o biases, grouped-query attention, sliding windows. Anything else (LoRA
-//! adapters, Qwen3's query/key norms, other devices or types) goes through
+//! embeddings, q/k/v/o biases, Qwen3's per-head query/key norms, grouped-query attention,
+//! sliding windows. Anything else (LoRA adapters, other devices or types) goes through
 //! [`super::direct_ops`] or Candle's autograd ([`supported`] says which).
 
 use std::collections::HashMap;
@@ -97,11 +97,10 @@ pub fn supported(model: &Llama) -> bool {
         && f32_cpu(&model.norm)
         && head_ok
         && model.layers.iter().all(|b| {
-            // Qwen3's per-head query/key norms are trained through `direct_ops` instead.
-            b.q_norm.is_none()
-                && b.k_norm.is_none()
-                && f32_cpu(&b.input_layernorm)
+            f32_cpu(&b.input_layernorm)
                 && f32_cpu(&b.post_attention_layernorm)
+                && b.q_norm.as_ref().is_none_or(f32_cpu)
+                && b.k_norm.as_ref().is_none_or(f32_cpu)
                 && b.linears().iter().all(|(_, l)| {
                     l.lora.is_none() && f32_cpu(&l.weight) && l.bias.as_ref().is_none_or(f32_cpu)
                 })
@@ -136,6 +135,9 @@ struct LayerWeights<'a> {
     k_bias: Option<&'a [f32]>,
     v_bias: Option<&'a [f32]>,
     o_bias: Option<&'a [f32]>,
+    /// Qwen3's per-head query and key norms (`head_dim` weights each).
+    q_norm: Option<&'a [f32]>,
+    k_norm: Option<&'a [f32]>,
     post_norm: &'a [f32],
     gate: &'a [f32],
     up: &'a [f32],
@@ -147,6 +149,9 @@ struct LayerWeights<'a> {
 struct Saved {
     /// Input norm's output.
     h1: Vec<f32>,
+    /// Queries and keys before Qwen3's per-head norms (`None` without them).
+    q_raw: Option<Vec<f32>>,
+    k_raw: Option<Vec<f32>>,
     /// Rotated queries and keys, values.
     q: Vec<f32>,
     k: Vec<f32>,
@@ -171,6 +176,8 @@ impl Saved {
     fn release(self, ws: &mut Workspace) {
         let Saved {
             h1,
+            q_raw,
+            k_raw,
             q,
             k,
             v,
@@ -182,7 +189,11 @@ impl Saved {
             gu,
             a,
         } = self;
-        for buf in [h1, q, k, v, att, lse, x1, h2, gate_up, gu, a] {
+        for buf in [h1, q, k, v, att, lse, x1, h2, gate_up, gu, a]
+            .into_iter()
+            .chain(q_raw)
+            .chain(k_raw)
+        {
             ws.give(buf);
         }
     }
@@ -239,6 +250,8 @@ impl<'a> Weights<'a> {
         for blk in &model.layers {
             tensors.push(&blk.input_layernorm);
             tensors.push(&blk.post_attention_layernorm);
+            tensors.extend(blk.q_norm.as_ref());
+            tensors.extend(blk.k_norm.as_ref());
             for (_, l) in blk.linears() {
                 tensors.push(&l.weight);
                 tensors.extend(l.bias.as_ref());
@@ -279,6 +292,8 @@ impl<'a> Weights<'a> {
                     k_bias: blk.k_proj.bias.as_ref().map(s),
                     v_bias: blk.v_proj.bias.as_ref().map(s),
                     o_bias: blk.o_proj.bias.as_ref().map(s),
+                    q_norm: blk.q_norm.as_ref().map(s),
+                    k_norm: blk.k_norm.as_ref().map(s),
                     post_norm: s(&blk.post_attention_layernorm),
                     gate: s(&blk.gate_proj.weight),
                     up: s(&blk.up_proj.weight),
@@ -493,6 +508,8 @@ impl Forward {
                 (&blk.k_proj.bias, g.k_bias),
                 (&blk.v_proj.bias, g.v_bias),
                 (&blk.o_proj.bias, g.o_bias),
+                (&blk.q_norm, g.q_norm),
+                (&blk.k_norm, g.k_norm),
             ] {
                 if let (Some(bias), Some(gb)) = (bias, gb) {
                     put(bias, gb)?;
@@ -563,9 +580,20 @@ fn layer_forward(
         }
         y
     };
-    let mut q = project(ws, w.q, w.q_bias, q_dim);
-    let mut k = project(ws, w.k, w.k_bias, kv_dim);
+    let q = project(ws, w.q, w.q_bias, q_dim);
+    let k = project(ws, w.k, w.k_bias, kv_dim);
     let v = project(ws, w.v, w.v_bias, kv_dim);
+    // Qwen3: each head's query and key normed on its own (rows of head_dim), before RoPE.
+    let mut head_norm = |raw: Vec<f32>, norm: Option<&[f32]>| match norm {
+        Some(nw) => {
+            let mut y = ws.take(raw.len());
+            kernels::rms_norm_fwd(&raw, nw, eps, &mut y);
+            (y, Some(raw))
+        }
+        None => (raw, None),
+    };
+    let (mut q, q_raw) = head_norm(q, w.q_norm);
+    let (mut k, k_raw) = head_norm(k, w.k_norm);
     kernels::rope_in_place(&mut q, cos, sin, (dm.t, dm.h, dm.d), false);
     kernels::rope_in_place(&mut k, cos, sin, (dm.t, dm.kv, dm.d), false);
     let mut att = ws.take(n * q_dim);
@@ -596,6 +624,8 @@ fn layer_forward(
     kernels::linear_into(&a, w.down, &mut out, (n, ff, d), true);
     let saved = Saved {
         h1,
+        q_raw,
+        k_raw,
         q,
         k,
         v,
@@ -621,6 +651,8 @@ struct LayerGrads {
     k_bias: Option<Vec<f32>>,
     v_bias: Option<Vec<f32>>,
     o_bias: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
     post_norm: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
@@ -682,6 +714,19 @@ fn layer_backward(
     let (dk, dv) = dkv.split_at_mut(n * kv_dim);
     kernels::rope_in_place(dq, cos, sin, (dm.t, dm.h, dm.d), true);
     kernels::rope_in_place(dk, cos, sin, (dm.t, dm.kv, dm.d), true);
+    // Through Qwen3's per-head norms: the gradients of the projections' outputs replace
+    // those of the norms' outputs.
+    let mut head_norm_bwd = |raw: Option<Vec<f32>>, norm: Option<&[f32]>, dy: &mut [f32]| {
+        let (raw, nw) = (raw?, norm?);
+        let mut dx = ws.take(dy.len());
+        let dw = kernels::rms_norm_bwd(&raw, nw, dy, eps, &mut dx, false);
+        copy(&dx, dy);
+        ws.give(dx);
+        ws.give(raw);
+        Some(dw)
+    };
+    let q_norm = head_norm_bwd(sv.q_raw, w.q_norm, dq);
+    let k_norm = head_norm_bwd(sv.k_raw, w.k_norm, dk);
     let q = linear_dw(dq, &sv.h1, (n, d, q_dim));
     let k = linear_dw(dk, &sv.h1, (n, d, kv_dim));
     let v = linear_dw(dv, &sv.h1, (n, d, kv_dim));
@@ -705,6 +750,8 @@ fn layer_backward(
         k_bias,
         v_bias,
         o_bias,
+        q_norm,
+        k_norm,
         post_norm,
         gate,
         up,
@@ -808,7 +855,8 @@ pub(crate) mod tests {
 
     /// The hand-written backward gives the loss and every weight's gradient that Candle's
     /// autograd over the plain ops gives: untied multi-head llama with o/q/k/v biases, tied
-    /// grouped-query Qwen2 with biases and a sliding window, plain llama.
+    /// grouped-query Qwen2 with biases and a sliding window, plain llama, untied and tied
+    /// Qwen3 (per-head query/key norms, heads wider than hidden / heads).
     #[test]
     fn matches_autograd_over_plain_ops() {
         let (ids, labels, mask) = batch();
@@ -816,6 +864,8 @@ pub(crate) mod tests {
             ("llama", false, true, None),
             ("qwen2", true, false, Some(3)),
             ("llama", true, false, None),
+            ("qwen3", false, false, None),
+            ("qwen3", true, false, None),
         ] {
             let (m, vars) = model(kind, tied, bias, window);
             assert!(supported(&m));
@@ -851,8 +901,14 @@ pub(crate) mod tests {
     /// less memory held at the peak (the workspace ends a step holding its peak's buffers).
     #[test]
     fn checkpointing_gives_the_same_bits_with_less_memory() {
+        for kind in ["qwen2", "qwen3"] {
+            checkpointing_gives_the_same_bits_with_less_memory_for(kind);
+        }
+    }
+
+    fn checkpointing_gives_the_same_bits_with_less_memory_for(kind: &str) {
         let (ids, labels, mask) = batch();
-        let (m, vars) = model("qwen2", false, true, None);
+        let (m, vars) = model(kind, false, kind == "qwen2", None);
         let run = |checkpointing: bool| {
             let mut ws = Workspace::default();
             let f = forward(&m, &ids, &labels, &mask, 0.5, checkpointing, &mut ws).unwrap();
@@ -924,9 +980,5 @@ pub(crate) mod tests {
         });
         assert!(!supported(&m));
         assert!(loss_and_grads(&m, &ids, &labels, &mask, 1.0, &mut ws).is_err());
-        // Qwen3's query/key norms are direct_ops' to train.
-        let (qwen3, _) = model("qwen3", true, false, None);
-        assert!(!supported(&qwen3));
-        assert!(crate::train::direct_ops::supported(&qwen3, DType::F32));
     }
 }

@@ -93,7 +93,7 @@ fn tiny_job_learns_publishes_and_answers_held_out_prompts() {
 }
 
 /// Qwen3 through the daemon: the tiny demo with `model.qk_norm = true` (Qwen3's per-head
-/// query/key norms) trains through the op-level step that covers them, writes a `qwen3`
+/// query/key norms) trains through the CPU's hand-written step, writes a `qwen3`
 /// checkpoint that answers held-out prompts, publishes a `qwen3` GGUF that llama.cpp runs as
 /// Candle does (see `llama_cpp.rs`); LoRA on it then trains adapters only, leaving the
 /// norms as they were.
@@ -128,7 +128,10 @@ fn qwen3_learns_publishes_and_runs_in_llama_cpp() {
         "written: Qwen3's own default is 128"
     );
     let log = std::fs::read_to_string(d.state.join(format!("jobs/{id}/stderr.log"))).unwrap();
-    assert!(log.contains("direct over ops"), "the worker's step:\n{log}");
+    assert!(
+        log.contains("backward=\"direct\""),
+        "the worker's step:\n{log}"
+    );
     let (right, total) = held_out_right(&output, 20);
     assert!(
         right * 10 >= total * 9,
