@@ -18,7 +18,7 @@
 #   4. when jobd and jobctl were carried too (E2E=0 skips it): the NVML inventory (`jobd gpus`)
 #      and jobs/tiny.toml end to end on the GPU through the daemon (placement, CUDA worker,
 #      publish, held-out answers), then LoRA in bf16 with checkpointing on its output, then the
-#      tiny job again in f16 with checkpointing;
+#      tiny job again in f16 with checkpointing, and as a Qwen3 (query/key norms) in bf16;
 #   5. long context: LoRA at batch 2 x 4096 with and without causal blocks (peak memory).
 # The run keeps to BUDGET_S seconds (default 450): compare.py starts no trainer that would end
 # past its share, a section that no longer fits says so and is skipped, and every command has
@@ -135,11 +135,23 @@ EOF
   grep -h "training step\|overflowed\|device=" "$S/jobs/$FID/stderr.log" 2>/dev/null | head -4
   echo "f16 model, held-out prompts right: $(held_out "$S/jobs/$FID/output")"
   cp "$S/jobs/$FID/stderr.log" "$LOGS/worker-f16.log" 2>/dev/null
-  "$J/jobctl" models 2>&1 | head -5
+  # The tiny job as a Qwen3 (per-head query/key norms, on the GPU's RMSNorm kernels in rows
+  # of head_dim) in bf16: trained, published as llama.cpp's qwen3, answering.
+  echo "== end to end: the tiny job as a Qwen3 in bf16, on the GPU"
+  sed -e 's/^name = "tiny-shift"/name = "tiny-shift-qwen3"/' \
+      -e 's/^\[model\]/[model]\nqk_norm = true/' \
+      -e 's/^\[training\]/[training]\ndtype = "bf16"/' \
+      -e 's#jobd/tiny-shift:latest#jobd/tiny-shift-qwen3:latest#' jobs/tiny-gpu.toml > jobs/tiny-qwen3-gpu.toml
+  timeout "$(cap 60)" "$J/jobctl" submit --follow jobs/tiny-qwen3-gpu.toml 2>&1 | tail -4
+  QID=$((ID + 3))
+  grep -h "training step\|device=" "$S/jobs/$QID/stderr.log" 2>/dev/null | head -3
+  echo "qwen3 model, held-out prompts right: $(held_out "$S/jobs/$QID/output")"
+  cp "$S/jobs/$QID/stderr.log" "$LOGS/worker-qwen3.log" 2>/dev/null
+  "$J/jobctl" models 2>&1 | head -6
   cp "$S/jobd.log" "$LOGS/jobd.log" 2>/dev/null; cp "$S/jobs/$ID/stderr.log" "$LOGS/worker.log" 2>/dev/null
   kill $DAEMON 2>/dev/null; wait $DAEMON 2>/dev/null
   rm -f /etc/ld.so.conf.d/jobd-gpu-check.conf jobs/tiny-gpu.toml jobs/tiny-lora-gpu.toml \
-    jobs/tiny-f16-gpu.toml; ldconfig
+    jobs/tiny-f16-gpu.toml jobs/tiny-qwen3-gpu.toml; ldconfig
 }
 
 echo "== 1. fused CUDA ops and one model step against the CPU's plain ops"
@@ -167,7 +179,7 @@ if section "3. op times per step, 100m f32: Candle, then PyTorch eager" 45; then
 fi
 
 if [ "${E2E:-1}" = 1 ] && [ -x target/gpu-bench/jobd ] && [ -x target/gpu-bench/jobctl ] \
-  && section "4. end to end: jobd + jobctl, the tiny job on the GPU" 90; then
+  && section "4. end to end: jobd + jobctl, the tiny job on the GPU" 105; then
   end_to_end
 fi
 
