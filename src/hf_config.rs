@@ -18,6 +18,63 @@ pub fn default_head_dim(model_type: &str, hidden_size: u64, num_attention_heads:
     }
 }
 
+/// The `model_type`s the trainer implements (the llama family).
+pub const MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+
+/// Why the trainer cannot train the model a `config.json` describes, if it cannot: a model
+/// type outside [`MODEL_TYPES`], an MLP that is not SiLU-gated or has biases, what Qwen3's
+/// layout has not (attention biases, a sliding window), or rotary parameters other than
+/// plain, linear or Llama 3.1's. Read as transformers reads the file (a missing `model_type`
+/// is a llama, a missing `hidden_act` SiLU). The checks of sizes are the trainer's own.
+pub fn unsupported(config: &Value) -> Option<String> {
+    let Value::Object(c) = config else {
+        return Some("config.json is not a JSON object".into());
+    };
+    let text = |k: &str| c.get(k).and_then(Value::as_str);
+    let model_type = text("model_type").unwrap_or("llama");
+    if !MODEL_TYPES.contains(&model_type) {
+        return Some(format!(
+            "model_type {model_type:?} is not supported (supported: {})",
+            MODEL_TYPES.join(", ")
+        ));
+    }
+    if let Some(act) = text("hidden_act").filter(|a| *a != "silu") {
+        return Some(format!(
+            "hidden_act {act:?} is not supported (only \"silu\")"
+        ));
+    }
+    let yes = |k: &str| c.get(k) == Some(&Value::Bool(true));
+    if yes("mlp_bias") {
+        return Some("mlp_bias = true is not supported".into());
+    }
+    if model_type == "qwen3" {
+        // No released Qwen3 has either, and llama.cpp's qwen3 (what Ollama runs) has
+        // neither: a model trained with them could not be published.
+        if yes("attention_bias") {
+            return Some("qwen3 with attention_bias = true is not supported".into());
+        }
+        if yes("use_sliding_window") {
+            return Some("qwen3 with use_sliding_window = true is not supported".into());
+        }
+    }
+    let theta = c.get("rope_theta").and_then(Value::as_f64);
+    match rope(theta, c.get("rope_scaling"), c.get("rope_parameters")) {
+        Err(e) => Some(e),
+        Ok(Rope {
+            scaling: Some(s), ..
+        }) => {
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            (!matches!(kind, "linear" | "llama3"))
+                .then(|| format!("rope_scaling type {kind:?} is not supported"))
+        }
+        Ok(_) => None,
+    }
+}
+
 /// The rotary embedding a configuration asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
@@ -115,6 +172,55 @@ mod tests {
         assert!(rope(None, None, Some(&json!({"rope_theta": -1.0}))).is_err());
         assert!(rope(None, None, Some(&json!([1]))).is_err());
         assert_eq!(default_head_dim("qwen3", 1024, 16), 128);
+    }
+
+    #[test]
+    fn architectures_the_trainer_cannot_train_are_named() {
+        let ok = json!({"model_type": "qwen3", "hidden_act": "silu", "attention_bias": false,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}});
+        assert_eq!(unsupported(&ok), None);
+        assert_eq!(
+            unsupported(&json!({"hidden_size": 8})),
+            None,
+            "a llama by default"
+        );
+        for (config, why) in [
+            (
+                json!({"model_type": "gemma3_text"}),
+                "\"gemma3_text\" is not supported",
+            ),
+            (
+                json!({"model_type": "qwen3_moe"}),
+                "\"qwen3_moe\" is not supported",
+            ),
+            (json!({"hidden_act": "gelu_pytorch_tanh"}), "hidden_act"),
+            (json!({"mlp_bias": true}), "mlp_bias"),
+            (
+                json!({"model_type": "qwen3", "attention_bias": true}),
+                "attention_bias",
+            ),
+            (
+                json!({"model_type": "qwen3", "use_sliding_window": true}),
+                "use_sliding_window",
+            ),
+            (
+                json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+                "\"yarn\"",
+            ),
+            (
+                json!({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}),
+                "\"dynamic\"",
+            ),
+            (
+                json!({"rope_parameters": {"full_attention": {"rope_theta": 1e6},
+                    "sliding_attention": {"rope_theta": 1e4}}}),
+                "differ between layer types",
+            ),
+            (json!([]), "not a JSON object"),
+        ] {
+            let e = unsupported(&config).unwrap_or_else(|| panic!("{config} accepted"));
+            assert!(e.contains(why), "{config}: {e}");
+        }
         assert_eq!(default_head_dim("qwen2", 896, 14), 64);
     }
 }

@@ -1304,3 +1304,74 @@ fn base_checks_are_kept_while_the_base_is_unchanged() {
     fs::write(&tok, good).unwrap();
     assert!(publish::base_issues(&job("f16")).is_empty());
 }
+
+/// A base the trainer does not implement is refused at submit, with or without `[publish]`,
+/// naming the reason; so is a schedule's `first_base`. (It used to be accepted, and its
+/// worker failed.)
+#[test]
+fn bases_the_trainer_cannot_train_are_refused_at_submit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = build_model(&tmp.path().join("model"), Shape::tiny());
+    std::fs::write(tmp.path().join("t.txt"), "hello\n").unwrap();
+    let job = |publish: bool| {
+        let text = format!(
+            "kind = \"train\"\n[model]\nbase = \"{}\"\n[data]\ntrain_file = \"t.txt\"\n{}",
+            m.dir.display(),
+            if publish {
+                "[publish]\nollama_name = \"x/y\"\n"
+            } else {
+                ""
+            }
+        );
+        jobd::spec::job::parse_and_resolve("job.toml", &text, tmp.path()).unwrap()
+    };
+    assert!(publish::base_issues(&job(false)).is_empty());
+    let path = m.dir.join("config.json");
+    let good: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    for (change, why) in [
+        (
+            serde_json::json!({"model_type": "gemma3_text"}),
+            "model_type \"gemma3_text\" is not supported (supported: llama, mistral, qwen2, qwen3)",
+        ),
+        (
+            serde_json::json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}),
+            "rope_scaling type \"yarn\" is not supported",
+        ),
+    ] {
+        let mut bad = good.clone();
+        bad.as_object_mut()
+            .unwrap()
+            .extend(change.as_object().unwrap().clone());
+        fs::write(&path, bad.to_string()).unwrap();
+        for publish in [false, true] {
+            let issues = publish::base_issues(&job(publish));
+            assert!(
+                issues.len() == 1
+                    && issues[0].key == "model.base"
+                    && issues[0].message.contains(why),
+                "publish={publish}: {issues:?}"
+            );
+        }
+    }
+    fs::write(&path, "{not json").unwrap();
+    let issues = publish::base_issues(&job(false));
+    assert!(
+        issues[0]
+            .message
+            .contains("config.json: key must be a string"),
+        "{issues:?}"
+    );
+    // A schedule's first base is checked as its base is.
+    fs::write(&path, serde_json::json!({"model_type": "phi3"}).to_string()).unwrap();
+    let text = format!(
+        "kind = \"train\"\nschedule = \"@daily\"\n[model]\nbase = \"@previous\"\nfirst_base = \"{}\"\n\
+         [data]\ntrain_file = \"t.txt\"\n",
+        m.dir.display()
+    );
+    let spec = jobd::spec::job::parse_and_resolve("job.toml", &text, tmp.path()).unwrap();
+    let issues = publish::base_issues(&spec);
+    assert!(
+        issues.len() == 1 && issues[0].key == "model.first_base",
+        "{issues:?}"
+    );
+}

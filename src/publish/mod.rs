@@ -96,14 +96,31 @@ pub(crate) fn read_model_text(path: &Path) -> std::io::Result<String> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
-/// Problems that would make a train job's `[publish]` fail only after its training: the base
-/// model's `config.json` or `tokenizer.json` cannot be represented in GGUF, or its weights'
-/// dimensions do not fit the chosen quantization. The trained model keeps the base's config
-/// and tokenizer, so these are known at submit time. Paths must be resolved and checked
-/// (`JobSpec::check_paths`) first.
+/// Problems of a train job's base model that would otherwise show only once the job runs: an
+/// architecture the trainer does not implement (`hf_config::unsupported`, for `base` and a
+/// schedule's `first_base`), and for `[publish]` a `config.json` or `tokenizer.json` that
+/// GGUF cannot represent, or weights whose dimensions do not fit the chosen quantization
+/// (the trained model keeps the base's config and tokenizer, so these are known at submit
+/// time too). Paths must be resolved and checked (`JobSpec::check_paths`) first.
 pub fn base_issues(spec: &crate::spec::JobSpec) -> Vec<crate::spec::toml_source::Issue> {
     use crate::spec::toml_source::Issue;
-    let (Some(publish), Some(model)) = (&spec.publish, &spec.model) else {
+    let Some(model) = &spec.model else {
+        return Vec::new();
+    };
+    let trainable: Vec<Issue> = [
+        ("model.base", model.base.as_deref()),
+        ("model.first_base", model.first_base.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(key, dir)| {
+        let dir = dir.filter(|b| !crate::spec::train::is_previous(b))?;
+        untrainable(dir).map(|why| Issue::new(key, why))
+    })
+    .collect();
+    if !trainable.is_empty() {
+        return trainable;
+    }
+    let Some(publish) = &spec.publish else {
         return Vec::new();
     };
     let Some(base) = model
@@ -163,6 +180,20 @@ pub fn base_issues(spec: &crate::spec::JobSpec) -> Vec<crate::spec::toml_source:
         })
         .into_iter()
         .collect()
+}
+
+/// Why the trainer could not train the model in `dir`, judged from its `config.json`
+/// (read as a user's file: capped, no FIFO), if it could not.
+fn untrainable(dir: &Path) -> Option<String> {
+    let path = dir.join("config.json");
+    let config: serde_json::Value = match read_model_text(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => return Some(format!("{}: {e}", path.display())),
+    };
+    crate::hf_config::unsupported(&config).map(|why| format!("{}: {why}", path.display()))
 }
 
 /// What to publish and where.

@@ -169,29 +169,10 @@ impl LlamaConfig {
 
     /// Why this configuration cannot be trained by this model code, if it cannot.
     pub fn check(&self) -> Result<(), String> {
-        let supported = ["llama", "mistral", "qwen2", "qwen3"];
-        if !supported.contains(&self.model_type.as_str()) {
-            return Err(format!(
-                "model_type {:?} is not supported (supported: {})",
-                self.model_type,
-                supported.join(", ")
-            ));
-        }
-        if self.hidden_act != "silu" {
-            return Err(format!("hidden_act {:?} is not supported", self.hidden_act));
-        }
-        if self.mlp_bias == Some(true) {
-            return Err("mlp_bias = true is not supported".into());
-        }
-        if self.qk_norm() {
-            // No released Qwen3 has either, and llama.cpp's qwen3 (what Ollama runs) has
-            // neither: a model trained with them could not be published.
-            if self.attention_bias == Some(true) {
-                return Err("qwen3 with attention_bias = true is not supported".into());
-            }
-            if self.use_sliding_window == Some(true) {
-                return Err("qwen3 with use_sliding_window = true is not supported".into());
-            }
+        // The architecture (what the daemon also checks at submit), then the sizes.
+        let json = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        if let Some(why) = hf_config::unsupported(&json) {
+            return Err(why);
         }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
