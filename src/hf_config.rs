@@ -61,7 +61,9 @@ pub fn unsupported(config: &Value) -> Option<String> {
     match rope(theta, c.get("rope_scaling"), c.get("rope_parameters")) {
         Err(e) => Some(e),
         Ok(Rope {
-            scaling: Some(s), ..
+            scaling: Some(s),
+            field,
+            ..
         }) => {
             let kind = s
                 .get("rope_type")
@@ -69,7 +71,7 @@ pub fn unsupported(config: &Value) -> Option<String> {
                 .and_then(Value::as_str)
                 .unwrap_or("");
             (!matches!(kind, "linear" | "llama3"))
-                .then(|| format!("rope_scaling type {kind:?} is not supported"))
+                .then(|| format!("{field} type {kind:?} is not supported"))
         }
         Ok(_) => None,
     }
@@ -82,6 +84,8 @@ pub struct Rope {
     pub theta: Option<f64>,
     /// The scaling object (`rope_type` or `type`, `factor`, ...); `None` for plain RoPE.
     pub scaling: Option<Value>,
+    /// The field it came from, for messages: `"rope_scaling"` or `"rope_parameters"`.
+    pub field: &'static str,
 }
 
 /// The rotary parameters as transformers resolves them (`convert_rope_params_to_dict`): a
@@ -95,14 +99,19 @@ pub fn rope(
     rope_parameters: Option<&Value>,
 ) -> Result<Rope, String> {
     let present = |v: Option<&Value>| v.filter(|v| !v.is_null()).cloned();
-    let Some(params) = present(rope_scaling).or_else(|| present(rope_parameters)) else {
-        return Ok(Rope {
-            theta: rope_theta,
-            scaling: None,
-        });
+    let (params, field) = match (present(rope_scaling), present(rope_parameters)) {
+        (Some(p), _) => (p, "rope_scaling"),
+        (None, Some(p)) => (p, "rope_parameters"),
+        (None, None) => {
+            return Ok(Rope {
+                theta: rope_theta,
+                scaling: None,
+                field: "rope_scaling",
+            });
+        }
     };
     let Value::Object(map) = &params else {
-        return Err(format!("rope parameters must be an object, not {params}"));
+        return Err(format!("{field} must be an object, not {params}"));
     };
     let own_keys = ["rope_type", "type", "rope_theta", "factor"];
     let nested = !map.is_empty()
@@ -113,7 +122,7 @@ pub fn rope(
         let first = kinds.next().cloned().unwrap_or(Value::Null);
         if kinds.any(|v| *v != first) {
             return Err(format!(
-                "rope_parameters differ between layer types ({}): not supported",
+                "{field} differ between layer types ({}): not supported",
                 map.keys().cloned().collect::<Vec<_>>().join(", ")
             ));
         }
@@ -126,7 +135,7 @@ pub fn rope(
         Some(v) => Some(
             v.as_f64()
                 .filter(|t| t.is_finite() && *t > 0.0)
-                .ok_or_else(|| format!("rope_theta {v} must be a positive number"))?,
+                .ok_or_else(|| format!("{field}.rope_theta {v} must be a positive number"))?,
         ),
     };
     let kind = params
@@ -136,7 +145,8 @@ pub fn rope(
         .unwrap_or("default");
     Ok(Rope {
         theta,
-        scaling: (kind != "default" && !params.is_null()).then_some(params),
+        scaling: (kind != "default").then_some(params),
+        field,
     })
 }
 
@@ -209,7 +219,7 @@ mod tests {
             ),
             (
                 json!({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}),
-                "\"dynamic\"",
+                "rope_parameters type \"dynamic\"",
             ),
             (
                 json!({"rope_parameters": {"full_attention": {"rope_theta": 1e6},

@@ -285,7 +285,8 @@ fn qwen3_with_query_key_norms_runs_in_llama_cpp() {
 }
 
 /// Tokenizers with the pre-tokenizers of SmolLM, Llama 3 and Qwen2 (trained here with the
-/// same pre-tokenizer definitions) tokenize identically in llama.cpp under the exported
+/// same pre-tokenizer definitions; Qwen2's with the NFC normalizer every Qwen tokenizer has,
+/// which the GGUF leaves out) tokenize identically in llama.cpp under the exported
 /// `tokenizer.ggml.pre`, and the models run. (Swapping `llama-bpe` and `qwen2` fails this
 /// test on digit runs.)
 #[test]
@@ -306,12 +307,19 @@ fn smollm_llama3_and_qwen2_pre_tokenizers_match_llama_cpp() {
         let mut f = fs::File::open(&blob).unwrap();
         let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
         assert_eq!(c.metadata["tokenizer.ggml.pre"].to_string().unwrap(), pre);
+        let normalizer = &serde_json::from_slice::<serde_json::Value>(
+            &fs::read(m.dir.join("tokenizer.json")).unwrap(),
+        )
+        .unwrap()["normalizer"];
+        assert_eq!(normalizer["type"] == "NFC", pre == "qwen2", "{normalizer}");
         // The samples, plus a corpus stressing what these regexes treat differently: digit
         // runs, contractions in both cases, punctuation runs with newlines, CR/LF mixes.
         let mut texts: Vec<String> = SAMPLES.iter().map(|s| s.to_string()).collect();
         texts.push("1234567 12 3.14159 2026-11-28 0x1F 1,000,000 123abc abc123".into());
         texts.push("DON'T I'M YOU'LL we'd they've She'S ''quoted'' 'tis".into());
         texts.push("end.\n\n\n  \r\n\tindent\n...!!!???\n---\n  \n".into());
+        // Composed (NFC) accents, as typed text has them: the same with or without NFC.
+        texts.push("café naïve Ångström résumé über façade".into());
         texts.push(publish_support::synthetic_text(seed + 100, 1500));
         let ops: Vec<serde_json::Value> = texts
             .iter()

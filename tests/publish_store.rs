@@ -725,8 +725,8 @@ fn bad_names_unwritable_dirs_and_unsupported_tokenizers_fail_cleanly() {
         ("pre-tokenizer ByteLevel", |j| {
             j["pre_tokenizer"]["add_prefix_space"] = true.into()
         }),
-        ("normalizer", |j| {
-            j["normalizer"] = serde_json::json!({"type": "NFC"})
+        ("normalizer (NFKC", |j| {
+            j["normalizer"] = serde_json::json!({"type": "NFKC"})
         }),
         ("pre-tokenizer Sequence", |j| {
             j["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
@@ -1306,8 +1306,8 @@ fn base_checks_are_kept_while_the_base_is_unchanged() {
 }
 
 /// A base the trainer does not implement is refused at submit, with or without `[publish]`,
-/// naming the reason; so is a schedule's `first_base`. (It used to be accepted, and its
-/// worker failed.)
+/// naming the reason; so is a schedule's `first_base`, and a block size beyond the base's
+/// context. (They used to be accepted, and their workers failed.)
 #[test]
 fn bases_the_trainer_cannot_train_are_refused_at_submit() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1335,7 +1335,7 @@ fn bases_the_trainer_cannot_train_are_refused_at_submit() {
         ),
         (
             serde_json::json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}),
-            "rope_scaling type \"yarn\" is not supported",
+            "rope_parameters type \"yarn\" is not supported",
         ),
     ] {
         let mut bad = good.clone();
@@ -1353,6 +1353,22 @@ fn bases_the_trainer_cannot_train_are_refused_at_submit() {
             );
         }
     }
+    // Examples longer than the base's context are refused too, naming the block size.
+    fs::write(&path, good.to_string()).unwrap();
+    let context = good["max_position_embeddings"].as_u64().unwrap();
+    let mut long = job(false);
+    long.data.as_mut().unwrap().block_size = Some(context as usize + 1);
+    let issues = publish::base_issues(&long);
+    assert!(
+        issues.len() == 1
+            && issues[0].key == "data.block_size"
+            && issues[0]
+                .message
+                .contains("exceeds the base model's context"),
+        "{issues:?}"
+    );
+    long.data.as_mut().unwrap().block_size = Some(context as usize);
+    assert!(publish::base_issues(&long).is_empty());
     fs::write(&path, "{not json").unwrap();
     let issues = publish::base_issues(&job(false));
     assert!(

@@ -132,11 +132,15 @@ enum Command {
 }
 
 fn init_logging(verbose: u8) {
-    let default = match verbose {
+    init_logging_from(match verbose {
         0 => "info",
         1 => "debug",
         _ => "trace",
-    };
+    });
+}
+
+/// Logging to stderr at `default` level unless `JOBD_LOG`/`RUST_LOG` say otherwise.
+fn init_logging_from(default: &str) {
     let filter = std::env::var("JOBD_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .ok()
@@ -187,20 +191,25 @@ fn main() -> ExitCode {
             prompt,
             chat,
             max_tokens,
-        }) => match match chat {
-            Some(message) => jobd::train::generate::chat(&model, &message, max_tokens),
-            // clap requires one of --prompt and --chat.
-            None => jobd::train::generate(&model, &prompt.unwrap_or_default(), max_tokens),
-        } {
-            Ok(text) => {
-                outln!("{text}");
-                ExitCode::SUCCESS
+        }) => {
+            // Warnings only (a checkpoint's tensors the model leaves out): stdout is the text.
+            init_logging_from("warn");
+            let text = match chat {
+                Some(message) => jobd::train::generate::chat(&model, &message, max_tokens),
+                // clap requires one of --prompt and --chat.
+                None => jobd::train::generate(&model, &prompt.unwrap_or_default(), max_tokens),
+            };
+            match text {
+                Ok(text) => {
+                    outln!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("jobd: {e}");
+                    ExitCode::from(1)
+                }
             }
-            Err(e) => {
-                eprintln!("jobd: {e}");
-                ExitCode::from(1)
-            }
-        },
+        }
         Some(Command::Token { user }) => {
             if user.trim().is_empty() || user.chars().any(char::is_control) {
                 eprintln!("jobd: --user must name a Unix user");

@@ -113,8 +113,14 @@ pub async fn export(client: &Client, args: &ExportArgs, out: &Output) -> anyhow:
     let summary =
         tokio::task::spawn_blocking(move || crate::publish::export_gguf(&dir, q, &gguf)).await??;
     if out.json {
-        out.print_json(&serde_json::json!({"file": args.gguf, "bytes": summary.bytes, "sha256": summary.sha256}))?;
+        out.print_json(
+            &serde_json::json!({"file": args.gguf, "bytes": summary.bytes,
+            "sha256": summary.sha256, "not_exported": summary.dropped}),
+        )?;
     } else {
+        if let Some(dropped) = summary.dropped {
+            eprintln!("jobctl: note: not in the GGUF: {dropped}");
+        }
         outln!(
             "wrote {} ({}, {})",
             args.gguf.display(),

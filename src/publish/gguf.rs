@@ -45,6 +45,8 @@ pub struct GgufSummary {
     pub context_length: u32,
     /// Wall time of the export.
     pub seconds: f64,
+    /// What of the model the GGUF does not carry ([`GgufTokenizer::dropped`]).
+    pub dropped: Option<&'static str>,
 }
 
 /// llama.cpp's `llama_ftype` for a file whose 2-D weights all have one type.
@@ -374,6 +376,7 @@ pub fn export_gguf(
         parameter_count: p.model.parameter_count(),
         context_length: p.model.config.context_length,
         seconds: started.elapsed().as_secs_f64(),
+        dropped: p.tokenizer.dropped,
     };
     tracing::info!(
         target: "publish",

@@ -287,13 +287,13 @@ impl LlamaConfig {
             raw.rope_parameters.as_ref(),
         )?;
         let rope_theta = rope.theta.unwrap_or(10_000.0);
-        let rope_scaling = rope_scaling(rope.scaling.as_ref(), rope_theta, head_dim)?;
+        let rope_scaling = rope_scaling(rope.scaling.as_ref(), rope_theta, head_dim)
+            .map_err(|e| e.replacen("rope_scaling", rope.field, 1))?;
         if arch == Arch::Qwen3 && matches!(rope_scaling, RopeScaling::Llama3 { .. }) {
-            return Err(
-                "qwen3 with Llama 3.1's rope_scaling: llama.cpp's qwen3 has no \
-                        per-frequency factors"
-                    .into(),
-            );
+            return Err(format!(
+                "qwen3 with Llama 3.1's {}: llama.cpp's qwen3 has no per-frequency factors",
+                rope.field
+            ));
         }
         let attention_bias = raw.attention_bias == Some(true);
         Ok(LlamaConfig {

@@ -107,6 +107,7 @@ pub fn base_issues(spec: &crate::spec::JobSpec) -> Vec<crate::spec::toml_source:
     let Some(model) = &spec.model else {
         return Vec::new();
     };
+    let block_size = spec.data.as_ref().and_then(|d| d.block_size);
     let trainable: Vec<Issue> = [
         ("model.base", model.base.as_deref()),
         ("model.first_base", model.first_base.as_deref()),
@@ -114,7 +115,7 @@ pub fn base_issues(spec: &crate::spec::JobSpec) -> Vec<crate::spec::toml_source:
     .into_iter()
     .filter_map(|(key, dir)| {
         let dir = dir.filter(|b| !crate::spec::train::is_previous(b))?;
-        untrainable(dir).map(|why| Issue::new(key, why))
+        untrainable(dir, block_size).map(|(field, why)| Issue::new(field.unwrap_or(key), why))
     })
     .collect();
     if !trainable.is_empty() {
@@ -182,18 +183,33 @@ pub fn base_issues(spec: &crate::spec::JobSpec) -> Vec<crate::spec::toml_source:
         .collect()
 }
 
-/// Why the trainer could not train the model in `dir`, judged from its `config.json`
-/// (read as a user's file: capped, no FIFO), if it could not.
-fn untrainable(dir: &Path) -> Option<String> {
+/// Why the trainer could not train the model in `dir` on examples of `block_size` tokens,
+/// judged from its `config.json` (read as a user's file: capped, no FIFO), if it could not:
+/// the reason, and the job file's field at fault when it is not the base itself.
+fn untrainable(dir: &Path, block_size: Option<usize>) -> Option<(Option<&'static str>, String)> {
     let path = dir.join("config.json");
     let config: serde_json::Value = match read_model_text(&path)
         .map_err(|e| e.to_string())
         .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
     {
         Ok(c) => c,
-        Err(e) => return Some(format!("{}: {e}", path.display())),
+        Err(e) => return Some((None, format!("{}: {e}", path.display()))),
     };
-    crate::hf_config::unsupported(&config).map(|why| format!("{}: {why}", path.display()))
+    if let Some(why) = crate::hf_config::unsupported(&config) {
+        return Some((None, format!("{}: {why}", path.display())));
+    }
+    let context = config
+        .get("max_position_embeddings")
+        .and_then(serde_json::Value::as_u64)?;
+    let block = block_size.filter(|b| *b as u64 > context)?;
+    Some((
+        Some("data.block_size"),
+        format!(
+            "{block} exceeds the base model's context of {context} tokens \
+             (max_position_embeddings in {})",
+            path.display()
+        ),
+    ))
 }
 
 /// What to publish and where.
@@ -376,6 +392,10 @@ pub fn publish(
     let (prepared, defaults) = prepared;
     let (model, tok) = (&prepared.model, &prepared.tokenizer);
     let prompting = prompting(spec, tok, &defaults);
+    if let Some(dropped) = tok.dropped {
+        tracing::info!(target: "publish", model = %name.display_shortest(), "not in the GGUF: {dropped}");
+        progress(&format!("note: not in the GGUF: {dropped}"));
+    }
 
     progress(&format!(
         "exporting {} parameters as {} GGUF",

@@ -5,7 +5,10 @@
 //! pre-tokenizer is one llama.cpp has by name (GPT-2's, SmolLM's, Llama 3's, Qwen2's; see
 //! [`pre_tokenizer_family`]), no normalizer, plain added tokens. llama.cpp selects its pre-tokenizer regex by the `tokenizer.ggml.pre` name,
 //! so anything else would load and silently tokenize differently from training; it is refused
-//! with the feature at fault named instead.
+//! with the feature at fault named instead. One exception: Qwen's tokenizers (Qwen2, 2.5, 3)
+//! all apply Unicode NFC, which GGUF cannot say; llama.cpp's own converter drops it (so do
+//! Ollama's Qwen models), and so does this one, saying so ([`GgufTokenizer::dropped`]):
+//! text already in NFC, as typed text is, tokenizes the same.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -53,6 +56,10 @@ pub struct GgufTokenizer {
     pub add_eos_token: bool,
     /// `tokenizer_config.json`'s Jinja `chat_template`, if any.
     pub chat_template: Option<String>,
+    /// What of the tokenizer GGUF does not carry: `Some` for the NFC normalizer of Qwen's
+    /// tokenizers (text not in NFC, such as decomposed accents, may tokenize differently in
+    /// llama.cpp and Ollama than in training).
+    pub dropped: Option<&'static str>,
 }
 
 /// GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to U+0100.. in
@@ -271,12 +278,24 @@ fn convert(
             "byte_fallback (a SentencePiece-style BPE)",
         ));
     }
-    if !is_null_or(json.get("normalizer"), |_| false) {
-        return Err(unsupported(
-            path,
-            "a normalizer (llama.cpp's BPE applies none)",
-        ));
-    }
+    // NFC is what every Qwen tokenizer has: dropped as llama.cpp's converter drops it.
+    let nfc = |v: &Json| v.get("type").and_then(Json::as_str) == Some("NFC");
+    let dropped = match json.get("normalizer") {
+        Some(n) if !n.is_null() && nfc(n) => Some(
+            "the tokenizer's NFC normalizer (GGUF has none; as in llama.cpp's own conversions \
+             of Qwen models, text not already in NFC may tokenize differently than in training)",
+        ),
+        Some(n) if !n.is_null() => {
+            return Err(unsupported(
+                path,
+                format!(
+                    "a normalizer ({}; llama.cpp's BPE applies none)",
+                    n.get("type").and_then(Json::as_str).unwrap_or("?")
+                ),
+            ));
+        }
+        _ => None,
+    };
     let pre = match json.get("pre_tokenizer") {
         Some(p) if !p.is_null() => pre_tokenizer_family(p).ok_or_else(|| {
             unsupported(
@@ -509,6 +528,7 @@ fn convert(
         add_bos_token,
         add_eos_token,
         chat_template,
+        dropped,
     })
 }
 
@@ -722,7 +742,16 @@ mod tests {
         let e = convert(p, &j, &Json::Null, &config(5))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("normalizer"), "{e}");
+        assert!(e.contains("normalizer (NFKC"), "{e}");
+        // Qwen's NFC is left out, as llama.cpp's converter leaves it out, and said so.
+        j["normalizer"] = serde_json::json!({"type": "NFC"});
+        let t = convert(p, &j, &Json::Null, &config(5)).unwrap();
+        assert!(t.dropped.is_some_and(|d| d.contains("NFC")));
+        j["normalizer"] = Json::Null;
+        assert_eq!(
+            convert(p, &j, &Json::Null, &config(5)).unwrap().dropped,
+            None
+        );
         let mut j = tokenizer_json(gpt2_pre(), Json::Null);
         j["model"]["type"] = "Unigram".into();
         let e = convert(p, &j, &Json::Null, &config(5))

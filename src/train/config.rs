@@ -272,11 +272,11 @@ impl LlamaConfig {
         match kind {
             "default" => Ok(base),
             "linear" => {
-                let f = num("factor").ok_or("rope_scaling.factor is missing")?;
+                let f = num("factor").ok_or(format!("{}.factor is missing", rope.field))?;
                 Ok(base.into_iter().map(|x| x / f).collect())
             }
             "llama3" => {
-                let f = num("factor").ok_or("rope_scaling.factor is missing")?;
+                let f = num("factor").ok_or(format!("{}.factor is missing", rope.field))?;
                 let low = num("low_freq_factor").unwrap_or(1.0);
                 let high = num("high_freq_factor").unwrap_or(4.0);
                 let old = num("original_max_position_embeddings").unwrap_or(8192.0);
@@ -297,7 +297,7 @@ impl LlamaConfig {
                     })
                     .collect())
             }
-            other => Err(format!("rope_scaling type {other:?} is not supported")),
+            other => Err(format!("{} type {other:?} is not supported", rope.field)),
         }
     }
 

@@ -13,6 +13,7 @@
 //! where their weights are, and host-side helpers (masks, dropout) are uploaded to that device.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -345,6 +346,37 @@ pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
     }
     out
+}
+
+/// Tensors of a checkpoint that a model of `cfg` does not read (transformers calls them
+/// UNEXPECTED): a sign that `config.json` names another architecture than the weights'
+/// (a Qwen3 labelled `llama` loses its query/key norms). Rotary buffers of old checkpoints
+/// and a tied model's copy of its embeddings are expected and not listed.
+pub fn unused_tensors(cfg: &LlamaConfig, weights: &BTreeMap<String, Tensor>) -> Vec<String> {
+    let used: std::collections::HashSet<String> =
+        parameter_shapes(cfg).into_iter().map(|(n, _)| n).collect();
+    weights
+        .keys()
+        .filter(|n| !used.contains(*n))
+        .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+        .filter(|n| !(cfg.tie_word_embeddings && n.as_str() == "lm_head.weight"))
+        .cloned()
+        .collect()
+}
+
+/// Logs a warning naming [`unused_tensors`], if there are any.
+pub fn warn_unused_tensors(cfg: &LlamaConfig, weights: &BTreeMap<String, Tensor>, dir: &Path) {
+    let unused = unused_tensors(cfg, weights);
+    if let Some(first) = unused.first() {
+        tracing::warn!(
+            model = %dir.display(),
+            "{} tensors of the checkpoint are not part of a {:?} model and are left out \
+             (the first: {first}); if config.json's model_type is not the checkpoint's \
+             architecture, the model trains and answers without them",
+            unused.len(),
+            cfg.model_type
+        );
+    }
 }
 
 /// The module path of a projection (`model.layers.3.self_attn.q_proj`).
@@ -1033,6 +1065,34 @@ mod tests {
         assert_eq!(rng, seq);
         let dropped = got.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
         assert!((dropped - p).abs() < 0.01, "{dropped}");
+    }
+
+    /// A Qwen3 checkpoint read as a llama leaves its query/key norms out, and they are
+    /// named; a tied model's copy of its embeddings and old rotary buffers are not.
+    #[test]
+    fn tensors_a_model_does_not_read_are_named() {
+        let dev = Device::Cpu;
+        let qwen3 = cfg("qwen3", true);
+        let mut w = init_weights(&qwen3, &mut Rng::new(1), &dev).unwrap();
+        assert!(unused_tensors(&qwen3, &w).is_empty());
+        w.insert(
+            "lm_head.weight".into(),
+            w["model.embed_tokens.weight"].clone(),
+        );
+        let inv = Tensor::zeros(3, DType::F32, &dev).unwrap();
+        w.insert("model.layers.0.self_attn.rotary_emb.inv_freq".into(), inv);
+        assert!(unused_tensors(&qwen3, &w).is_empty());
+        let mut as_llama = qwen3.clone();
+        as_llama.model_type = "llama".into();
+        assert_eq!(
+            unused_tensors(&as_llama, &w),
+            [
+                "model.layers.0.self_attn.k_norm.weight",
+                "model.layers.0.self_attn.q_norm.weight",
+                "model.layers.1.self_attn.k_norm.weight",
+                "model.layers.1.self_attn.q_norm.weight",
+            ]
+        );
     }
 
     /// Generation's cached path computes what the full forward does.

@@ -856,7 +856,9 @@ fn build_session(
         (Some(l), None, _) => l.weights.clone(),
         (_, _, Some(base)) => {
             early_stage(&ctx.job_dir, "loading model")?;
-            load_hf_weights(base, device)?
+            let weights = load_hf_weights(base, device)?;
+            model::warn_unused_tensors(&cfg, &weights, base);
+            weights
         }
         (_, _, None) => {
             let mut rng = Rng::derive(args.seed, "init", 0);

@@ -296,7 +296,7 @@ ollama_name = "jobd/tiny-lora:latest"
     let tok_path = odd.join("tokenizer.json");
     let mut tok: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&tok_path).unwrap()).unwrap();
-    tok["normalizer"] = serde_json::json!({"type": "NFC"});
+    tok["normalizer"] = serde_json::json!({"type": "NFKC"});
     std::fs::write(&tok_path, tok.to_string()).unwrap();
     let odd_job = dir.path().join("odd.toml");
     std::fs::write(

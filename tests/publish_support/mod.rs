@@ -230,7 +230,8 @@ pub fn train_tokenizer(dir: &Path, vocab: usize, seed: u64, pre: &str) -> Tokeni
         DecoderWrapper,
     >::new()
     .with_model(BPE::default())
-    .with_normalizer(None)
+    // Qwen's tokenizers apply NFC, which the exporter leaves out as llama.cpp's does.
+    .with_normalizer((pre == "qwen2").then(|| tokenizers::normalizers::NFC.into()))
     .with_pre_tokenizer(Some(pre_tokenizer(pre)))
     .with_post_processor(Some(ByteLevelProcessor::new(false, true, true).into()))
     .with_decoder(Some(ByteLevelDecoder::default().into()))
