@@ -50,14 +50,21 @@ async function errorOf(res) {
 
 /** A JSON request to `/api/v1{path}`; throws ApiError on a 4xx/5xx answer. */
 export async function api(path, { method = 'GET', body, tok } = {}) {
-  const init = { method, cache: 'no-store', headers: headers({}, tok ?? token()) };
+  const sent = tok ?? token();
+  const init = { method, cache: 'no-store', headers: headers({}, sent) };
   if (body !== undefined) {
     init.headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(body);
   }
   const res = await fetch(PREFIX + path, init);
   if (res.status === 401 && tok === undefined && token()) tokenRejected();
-  if (!res.ok) throw await errorOf(res);
+  if (!res.ok) {
+    const err = await errorOf(res);
+    // Whether the request carried the saved token: a 401 for it is the page's to handle
+    // once, even when another request's 401 has already forgotten the token.
+    err.savedToken = tok === undefined && Boolean(sent);
+    throw err;
+  }
   return res.status === 204 ? null : res.json();
 }
 

@@ -2,7 +2,7 @@
 // hash), fetched again when the server pushes "the queue changed"; progress pushes update
 // their rows in place.
 
-import { api, token } from './api.js';
+import { api } from './api.js';
 import { bytes, coalesced, duration, el, Eta, num, stateBadge } from './util.js';
 
 const PAGE = 50;
@@ -97,7 +97,7 @@ export class QueueView {
       // What is on screen may no longer be true (the daemon is stopping, say): say so.
       this.table.classList.add('stale');
       // A refused saved token is handled once for the whole page (main.js).
-      if (!(e.status === 401 && token())) {
+      if (!(e.status === 401 && e.savedToken)) {
         console.error(e);
         this.ctx.toast(`Cannot load the queue: ${e.message}`, true);
       }
