@@ -170,12 +170,7 @@ pub fn tiny_publishing_as(d: &TestDaemon, name: &str) -> std::path::PathBuf {
 #[test]
 fn a_shared_model_name_is_its_publishers() {
     let models = tempfile::tempdir().unwrap();
-    let d = TestDaemon::start(&[
-        "--gpus",
-        "none",
-        "--ollama-models",
-        models.path().to_str().unwrap(),
-    ]);
+    let d = TestDaemon::publishing_to(models.path());
     let pulled = models
         .path()
         .join("manifests/registry.ollama.ai/library/llama3");

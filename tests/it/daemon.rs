@@ -47,6 +47,16 @@ impl TestDaemon {
         Self::start_with_config(extra, "")
     }
 
+    /// A daemon without GPUs whose Ollama store is `models`.
+    pub fn publishing_to(models: &std::path::Path) -> TestDaemon {
+        Self::start(&[
+            "--gpus",
+            "none",
+            "--ollama-models",
+            models.to_str().unwrap(),
+        ])
+    }
+
     pub fn start_with_config(extra: &[&str], config_extra: &str) -> TestDaemon {
         Self::start_full(extra, config_extra, &[])
     }

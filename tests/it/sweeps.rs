@@ -326,12 +326,7 @@ fn a_sweep_is_queued_all_or_none() {
 #[test]
 fn a_train_sweep_compares_losses_and_keeps_each_model() {
     let models = tempfile::tempdir().unwrap();
-    let d = TestDaemon::start(&[
-        "--gpus",
-        "none",
-        "--ollama-models",
-        models.path().to_str().unwrap(),
-    ]);
+    let d = TestDaemon::publishing_to(models.path());
     let tiny = crate::train::repo().join("jobs/tiny.toml");
     let out = d.jobctl(&[
         "submit",

@@ -29,12 +29,7 @@ fn metrics(d: &TestDaemon, id: u64) -> Vec<serde_json::Value> {
 #[test]
 fn tiny_job_learns_publishes_and_answers_held_out_prompts() {
     let models = tempfile::tempdir().unwrap();
-    let d = TestDaemon::start(&[
-        "--gpus",
-        "none",
-        "--ollama-models",
-        models.path().to_str().unwrap(),
-    ]);
+    let d = TestDaemon::publishing_to(models.path());
     let tiny = repo().join("jobs/tiny.toml");
     let out = d.jobctl(&["submit", "--follow", tiny.to_str().unwrap()]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
@@ -100,12 +95,7 @@ fn tiny_job_learns_publishes_and_answers_held_out_prompts() {
 #[test]
 fn qwen3_learns_publishes_and_runs_in_llama_cpp() {
     let models = tempfile::tempdir().unwrap();
-    let d = TestDaemon::start(&[
-        "--gpus",
-        "none",
-        "--ollama-models",
-        models.path().to_str().unwrap(),
-    ]);
+    let d = TestDaemon::publishing_to(models.path());
     let tiny = repo().join("jobs/tiny.toml");
     let out = d.jobctl(&[
         "submit",
@@ -613,12 +603,7 @@ fn a_failed_publish_can_be_done_again_by_hand() {
     let tmp = tempfile::tempdir().unwrap();
     let models = tmp.path().join("models");
     std::fs::create_dir(&models).unwrap();
-    let d = TestDaemon::start(&[
-        "--gpus",
-        "none",
-        "--ollama-models",
-        models.to_str().unwrap(),
-    ]);
+    let d = TestDaemon::publishing_to(&models);
     let text = tiny_four_steps();
     assert!(text.contains("max_steps = 4\n") && text.contains("warmup_steps = 1\n"));
     // q4_k needs rows of 256; the tiny model's are 64 wide: refused before any training.
