@@ -18,6 +18,23 @@ pub fn default_head_dim(model_type: &str, hidden_size: u64, num_attention_heads:
     }
 }
 
+/// How many of a Qwen2 model's layers use its sliding window when `use_sliding_window` is
+/// on, as transformers decides: those `layer_types` marks `"sliding_attention"` or, without
+/// it, those from `max_window_layers` (default 28) on. (Mistral's window is on every layer.)
+pub fn qwen2_sliding_layers(
+    num_hidden_layers: u64,
+    max_window_layers: Option<u64>,
+    layer_types: Option<&Value>,
+) -> u64 {
+    match layer_types.and_then(Value::as_array) {
+        Some(types) => types
+            .iter()
+            .filter(|t| t.as_str() == Some("sliding_attention"))
+            .count() as u64,
+        None => num_hidden_layers.saturating_sub(max_window_layers.unwrap_or(28)),
+    }
+}
+
 /// The `model_type`s the trainer implements (the llama family).
 pub const MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
@@ -47,6 +64,26 @@ pub fn unsupported(config: &Value) -> Option<String> {
     if yes("mlp_bias") {
         return Some("mlp_bias = true is not supported".into());
     }
+    if model_type == "qwen2"
+        && yes("use_sliding_window")
+        && c.get("sliding_window").is_some_and(|w| !w.is_null())
+    {
+        let layers = c
+            .get("num_hidden_layers")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let sliding = qwen2_sliding_layers(
+            layers,
+            c.get("max_window_layers").and_then(Value::as_u64),
+            c.get("layer_types"),
+        );
+        if sliding > 0 && sliding < layers {
+            return Some(format!(
+                "qwen2 with its sliding window on {sliding} of its {layers} layers \
+                 (max_window_layers, layer_types) is not supported: only on all or none"
+            ));
+        }
+    }
     if model_type == "qwen3" {
         // No released Qwen3 has either, and llama.cpp's qwen3 (what Ollama runs) has
         // neither: a model trained with them could not be published.
@@ -58,6 +95,11 @@ pub fn unsupported(config: &Value) -> Option<String> {
         }
     }
     let theta = c.get("rope_theta").and_then(Value::as_f64);
+    let factor_ok = |s: &Value| {
+        s.get("factor")
+            .and_then(Value::as_f64)
+            .is_some_and(|f| f.is_finite() && f > 0.0)
+    };
     match rope(theta, c.get("rope_scaling"), c.get("rope_parameters")) {
         Err(e) => Some(e),
         Ok(Rope {
@@ -70,8 +112,13 @@ pub fn unsupported(config: &Value) -> Option<String> {
                 .or_else(|| s.get("type"))
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            (!matches!(kind, "linear" | "llama3"))
-                .then(|| format!("{field} type {kind:?} is not supported"))
+            if !matches!(kind, "linear" | "llama3") {
+                Some(format!("{field} type {kind:?} is not supported"))
+            } else if !factor_ok(&s) {
+                Some(format!("{field} of type {kind:?} needs a positive factor"))
+            } else {
+                None
+            }
         }
         Ok(_) => None,
     }
@@ -194,6 +241,16 @@ mod tests {
             None,
             "a llama by default"
         );
+        // A Qwen2 window on every layer, or on none (transformers' default max_window_layers
+        // of 28 leaves a 24-layer model without one), is fine.
+        for (layers, from) in [(4, 0), (24, 28)] {
+            let c = json!({"model_type": "qwen2", "num_hidden_layers": layers,
+                "use_sliding_window": true, "sliding_window": 8, "max_window_layers": from});
+            assert_eq!(unsupported(&c), None);
+        }
+        assert_eq!(qwen2_sliding_layers(24, None, None), 0);
+        assert_eq!(qwen2_sliding_layers(30, None, None), 2);
+        assert_eq!(qwen2_sliding_layers(4, Some(0), None), 4);
         for (config, why) in [
             (
                 json!({"model_type": "gemma3_text"}),
@@ -227,6 +284,20 @@ mod tests {
                 "differ between layer types",
             ),
             (json!([]), "not a JSON object"),
+            (
+                json!({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6}}),
+                "rope_parameters of type \"linear\" needs a positive factor",
+            ),
+            (
+                json!({"model_type": "qwen2", "num_hidden_layers": 4, "use_sliding_window": true,
+                    "sliding_window": 8, "max_window_layers": 2}),
+                "sliding window on 2 of its 4 layers",
+            ),
+            (
+                json!({"model_type": "qwen2", "num_hidden_layers": 2, "use_sliding_window": true,
+                    "sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}),
+                "sliding window on 1 of its 2 layers",
+            ),
         ] {
             let e = unsupported(&config).unwrap_or_else(|| panic!("{config} accepted"));
             assert!(e.contains(why), "{config}: {e}");

@@ -302,7 +302,12 @@ fn smollm_llama3_and_qwen2_pre_tokenizers_match_llama_cpp() {
         let m = build_model(&tmp.path().join("model"), shape);
         let models = tmp.path().join("models");
         let name = format!("local/{pre}:f32");
-        publish(&m, &models, &name, Quantization::F32);
+        let published = publish(&m, &models, &name, Quantization::F32);
+        assert_eq!(
+            published.not_exported.is_some_and(|n| n.contains("NFC")),
+            pre == "qwen2",
+            "the publish says what the GGUF leaves out"
+        );
         let blob = model_blob(&models, &name);
         let mut f = fs::File::open(&blob).unwrap();
         let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();

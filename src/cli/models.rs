@@ -67,6 +67,9 @@ pub async fn publish(client: &Client, args: &PublishArgs, out: &Output) -> anyho
             bytes(m.gguf_bytes),
             m.run_command
         );
+        if let Some(note) = &m.not_exported {
+            eprintln!("jobctl: note: not in the GGUF: {note}");
+        }
     }
     Ok(true)
 }

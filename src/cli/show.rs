@@ -201,6 +201,9 @@ pub async fn show(client: &Client, args: &ShowArgs, out: &Output) -> anyhow::Res
             format!("{} ({}, {})", m.name, m.quantization, bytes(m.gguf_bytes)),
         ));
         lines.push(("run it", m.run_command.clone()));
+        if let Some(note) = &m.not_exported {
+            lines.push(("not in GGUF", note.clone()));
+        }
     }
     if r.kind == crate::spec::JobKind::Train {
         if let Ok(metrics) = client

@@ -69,6 +69,10 @@ struct RawConfig {
     use_sliding_window: Option<bool>,
     #[serde(default)]
     sliding_window: Option<u64>,
+    #[serde(default)]
+    max_window_layers: Option<u64>,
+    #[serde(default)]
+    layer_types: Option<serde_json::Value>,
 }
 
 // Hugging Face's LlamaConfig defaults, which the trainer uses too.
@@ -232,6 +236,17 @@ impl LlamaConfig {
         // llama.cpp's llama architecture has no window, so any other is refused.
         let window = match model_type {
             "qwen2" | "qwen3" if raw.use_sliding_window != Some(true) => None,
+            // Qwen2's window is on the layers from max_window_layers on (or as layer_types
+            // says): on none of them, it is plain attention.
+            "qwen2"
+                if crate::hf_config::qwen2_sliding_layers(
+                    raw.num_hidden_layers,
+                    raw.max_window_layers,
+                    raw.layer_types.as_ref(),
+                ) == 0 =>
+            {
+                None
+            }
             _ => raw.sliding_window,
         };
         if let Some(w) = window
@@ -970,6 +985,12 @@ mod tests {
             "{{{BASE},\"model_type\":\"qwen2\",\"sliding_window\":32,\"use_sliding_window\":false}}"
         ))
         .unwrap();
+        // A Qwen2 window on no layer (transformers' max_window_layers defaults to 28) is
+        // plain attention.
+        raw(&format!(
+            "{{{BASE},\"model_type\":\"qwen2\",\"sliding_window\":32,\"use_sliding_window\":true}}"
+        ))
+        .unwrap();
         assert!(c.qkv_bias && !c.o_bias, "Qwen2 always has q/k/v biases");
         let c = raw(&format!(
             "{{{BASE},\"model_type\":\"mistral\",\"sliding_window\":4096}}"
@@ -1023,7 +1044,7 @@ mod tests {
                 "sliding_window = 128",
             ),
             (
-                r#""model_type":"qwen2","sliding_window":128,"use_sliding_window":true"#,
+                r#""model_type":"qwen2","sliding_window":128,"use_sliding_window":true,"max_window_layers":0"#,
                 "sliding_window = 128",
             ),
             (

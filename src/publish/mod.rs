@@ -263,6 +263,8 @@ pub struct Published {
     pub parameter_count: u64,
     /// Wall time of the whole publish.
     pub seconds: f64,
+    /// What of the model the GGUF does not carry ([`tokenizer::GgufTokenizer::dropped`]).
+    pub not_exported: Option<&'static str>,
 }
 
 /// The `ollama run` line for a published name.
@@ -460,6 +462,7 @@ pub fn publish(
         quantization: spec.quantization,
         parameter_count: model.parameter_count(),
         seconds: started.elapsed().as_secs_f64(),
+        not_exported: tok.dropped,
     };
     tracing::info!(
         target: "publish",

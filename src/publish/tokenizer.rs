@@ -89,6 +89,25 @@ fn unsupported(path: &Path, feature: impl Into<String>) -> PublishError {
     }
 }
 
+/// The normalizers `n` applies in order, `Sequence`s flattened (none for null or an empty
+/// one).
+fn normalizer_steps<'a>(n: Option<&'a Json>, out: &mut Vec<&'a Json>) {
+    match n {
+        None | Some(Json::Null) => {}
+        Some(n) if n.get("type").and_then(Json::as_str) == Some("Sequence") => {
+            for step in n
+                .get("normalizers")
+                .and_then(Json::as_array)
+                .into_iter()
+                .flatten()
+            {
+                normalizer_steps(Some(step), out);
+            }
+        }
+        Some(n) => out.push(n),
+    }
+}
+
 fn is_null_or(v: Option<&Json>, ok: impl Fn(&Json) -> bool) -> bool {
     v.is_none_or(|v| v.is_null() || ok(v))
 }
@@ -278,24 +297,29 @@ fn convert(
             "byte_fallback (a SentencePiece-style BPE)",
         ));
     }
-    // NFC is what every Qwen tokenizer has: dropped as llama.cpp's converter drops it.
-    let nfc = |v: &Json| v.get("type").and_then(Json::as_str) == Some("NFC");
-    let dropped = match json.get("normalizer") {
-        Some(n) if !n.is_null() && nfc(n) => Some(
-            "the tokenizer's NFC normalizer (GGUF has none; as in llama.cpp's own conversions \
-             of Qwen models, text not already in NFC may tokenize differently than in training)",
-        ),
-        Some(n) if !n.is_null() => {
-            return Err(unsupported(
-                path,
-                format!(
-                    "a normalizer ({}; llama.cpp's BPE applies none)",
-                    n.get("type").and_then(Json::as_str).unwrap_or("?")
-                ),
-            ));
-        }
-        _ => None,
+    // NFC is what every Qwen tokenizer has: dropped as llama.cpp's converter drops it. A
+    // Sequence counts as its steps.
+    let mut steps = Vec::new();
+    normalizer_steps(json.get("normalizer"), &mut steps);
+    let kind = |v: &Json| {
+        v.get("type")
+            .and_then(Json::as_str)
+            .unwrap_or("?")
+            .to_string()
     };
+    if let Some(other) = steps.iter().find(|n| kind(n) != "NFC") {
+        return Err(unsupported(
+            path,
+            format!(
+                "a normalizer ({}; llama.cpp's BPE applies none)",
+                kind(other)
+            ),
+        ));
+    }
+    let dropped = (!steps.is_empty()).then_some(
+        "the tokenizer's NFC normalizer (GGUF has none; as in llama.cpp's own conversions of \
+         Qwen models, text not already in NFC may tokenize differently than in training)",
+    );
     let pre = match json.get("pre_tokenizer") {
         Some(p) if !p.is_null() => pre_tokenizer_family(p).ok_or_else(|| {
             unsupported(
@@ -752,6 +776,24 @@ mod tests {
             convert(p, &j, &Json::Null, &config(5)).unwrap().dropped,
             None
         );
+        // Sequences count as their steps: NFC alone (nested or twice) is NFC, an empty one
+        // nothing, and the step at fault is named.
+        let nfc = serde_json::json!({"type": "NFC"});
+        let seq = |steps: Vec<Json>| serde_json::json!({"type": "Sequence", "normalizers": steps});
+        for (n, dropped) in [
+            (seq(vec![nfc.clone()]), true),
+            (seq(vec![nfc.clone(), seq(vec![nfc.clone()])]), true),
+            (seq(vec![]), false),
+        ] {
+            j["normalizer"] = n;
+            let t = convert(p, &j, &Json::Null, &config(5)).unwrap();
+            assert_eq!(t.dropped.is_some(), dropped);
+        }
+        j["normalizer"] = seq(vec![nfc, serde_json::json!({"type": "Lowercase"})]);
+        let e = convert(p, &j, &Json::Null, &config(5))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("normalizer (Lowercase"), "{e}");
         let mut j = tokenizer_json(gpt2_pre(), Json::Null);
         j["model"]["type"] = "Unigram".into();
         let e = convert(p, &j, &Json::Null, &config(5))

@@ -2083,6 +2083,7 @@ impl Scheduler {
                     gguf_bytes: p.gguf_bytes,
                     quantization: format!("{:?}", p.quantization).to_lowercase(),
                     models_dir,
+                    not_exported: p.not_exported.map(str::to_string),
                 })
             })();
             let _ = tx.blocking_send(Msg::Published {

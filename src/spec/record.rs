@@ -141,6 +141,9 @@ pub struct PublishedModel {
     pub gguf_bytes: u64,
     pub quantization: String,
     pub models_dir: PathBuf,
+    /// What of the model the GGUF does not carry (Qwen's NFC normalizer), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_exported: Option<String>,
 }
 
 /// Resources given to a run.

@@ -243,6 +243,16 @@ impl LlamaConfig {
     pub fn window(&self) -> Option<usize> {
         match self.model_type.as_str() {
             "qwen2" | "qwen3" if self.use_sliding_window != Some(true) => None,
+            // On all of its layers or on none (the check refuses some).
+            "qwen2"
+                if hf_config::qwen2_sliding_layers(
+                    self.num_hidden_layers as u64,
+                    self.extra.get("max_window_layers").and_then(Value::as_u64),
+                    self.extra.get("layer_types"),
+                ) == 0 =>
+            {
+                None
+            }
             _ => self.sliding_window,
         }
     }

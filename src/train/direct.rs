@@ -794,6 +794,8 @@ pub(crate) mod tests {
         if let Some(w) = window {
             c.use_sliding_window = Some(true);
             c.sliding_window = Some(w);
+            // On every layer (transformers' Qwen2 default starts at layer 28).
+            c.extra.insert("max_window_layers".into(), 0.into());
         }
         assert_eq!(c.window(), window);
         let named = random_vars(&c, 11, &dev);

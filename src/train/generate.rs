@@ -47,7 +47,7 @@ impl Generator {
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let weights = load_hf_weights(dir, &device)?;
-        super::model::warn_unused_tensors(&cfg, &weights, dir);
+        super::model::check_checkpoint(&cfg, &weights, dir)?;
         let model = Llama::new(cfg, &weights, &device)?;
         Ok(Generator {
             model,

@@ -364,8 +364,37 @@ pub fn unused_tensors(cfg: &LlamaConfig, weights: &BTreeMap<String, Tensor>) -> 
         .collect()
 }
 
+/// Checks a model directory's weights against its configuration: a tensor the model needs
+/// and the checkpoint lacks is an error naming the directory and the likely cause (a
+/// `model_type` that is not the checkpoint's architecture); tensors it leaves out are a
+/// warning ([`unused_tensors`]).
+pub fn check_checkpoint(
+    cfg: &LlamaConfig,
+    weights: &BTreeMap<String, Tensor>,
+    dir: &Path,
+) -> Result<()> {
+    let missing: Vec<String> = parameter_shapes(cfg)
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| !weights.contains_key(n))
+        .collect();
+    if let Some(first) = missing.first() {
+        return Err(TrainError::BadModel {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "the checkpoint lacks {} tensors a {:?} model of this config.json needs (the \
+                 first: {first}); is model_type (or tie_word_embeddings) the checkpoint's own?",
+                missing.len(),
+                cfg.model_type
+            ),
+        });
+    }
+    warn_unused_tensors(cfg, weights, dir);
+    Ok(())
+}
+
 /// Logs a warning naming [`unused_tensors`], if there are any.
-pub fn warn_unused_tensors(cfg: &LlamaConfig, weights: &BTreeMap<String, Tensor>, dir: &Path) {
+fn warn_unused_tensors(cfg: &LlamaConfig, weights: &BTreeMap<String, Tensor>, dir: &Path) {
     let unused = unused_tensors(cfg, weights);
     if let Some(first) = unused.first() {
         tracing::warn!(
@@ -809,6 +838,8 @@ mod tests {
             if let Some(w) = window {
                 c.use_sliding_window = Some(true);
                 c.sliding_window = Some(w);
+                // On every layer (transformers' Qwen2 default starts at layer 28).
+                c.extra.insert("max_window_layers".into(), 0.into());
             }
             assert_eq!(c.window(), window, "{kind}: window configured");
             let vars = random_vars(&c, 7, &dev);
@@ -1092,6 +1123,19 @@ mod tests {
                 "model.layers.1.self_attn.k_norm.weight",
                 "model.layers.1.self_attn.q_norm.weight",
             ]
+        );
+        check_checkpoint(&as_llama, &w, Path::new("m")).unwrap();
+        // The other way round: a llama checkpoint labelled qwen3 lacks the norms.
+        let llama = init_weights(&as_llama, &mut Rng::new(1), &dev).unwrap();
+        let e = check_checkpoint(&qwen3, &llama, Path::new("m"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m")
+                && e.contains("lacks 4 tensors a \"qwen3\" model")
+                && e.contains("model.layers.0.self_attn.q_norm.weight")
+                && e.contains("model_type"),
+            "{e}"
         );
     }
 

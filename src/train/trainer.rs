@@ -857,7 +857,7 @@ fn build_session(
         (_, _, Some(base)) => {
             early_stage(&ctx.job_dir, "loading model")?;
             let weights = load_hf_weights(base, device)?;
-            model::warn_unused_tensors(&cfg, &weights, base);
+            model::check_checkpoint(&cfg, &weights, base)?;
             weights
         }
         (_, _, None) => {

@@ -310,7 +310,8 @@ export class JobPage {
     this.published.replaceChildren(
       el('p', {}, el('strong', {}, m.name), ` · ${m.quantization} · ${bytes(m.gguf_bytes)}`),
       el('p', { class: 'run' }, cmd, ' ', copy),
-      el('p', { class: 'muted' }, `in ${m.models_dir}`));
+      el('p', { class: 'muted' }, `in ${m.models_dir}`),
+      ...(m.not_exported ? [el('p', { class: 'muted' }, `Not in the GGUF: ${m.not_exported}`)] : []));
   }
 
   onEvent(e) {
