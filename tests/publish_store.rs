@@ -1391,3 +1391,52 @@ fn bases_the_trainer_cannot_train_are_refused_at_submit() {
         "{issues:?}"
     );
 }
+
+/// A model whose `generation_config.json` samples (Qwen3's: temperature 0.6, top_k 20,
+/// top_p 0.95) is published with those as Ollama parameters, as Ollama's own Qwen3 carries
+/// them; `[publish.parameters]` wins; a greedy `generation_config.json` adds nothing.
+#[test]
+fn a_models_recommended_sampling_becomes_its_ollama_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = build_model(&tmp.path().join("model"), Shape::tiny());
+    let models = tmp.path().join("models");
+    fs::create_dir_all(&models).unwrap();
+    let params = |sp: &PublishSpec| {
+        publish_to(&m.dir, &models, sp).unwrap();
+        let manifest = check_store(&models, &sp.ollama_name);
+        let layer = manifest
+            .layers
+            .iter()
+            .find(|l| l.media_type.ends_with(".params"))
+            .expect("a params layer");
+        let text = fs::read(store::blob_path(&models, &layer.digest).unwrap()).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&text).unwrap()
+    };
+    let gen_path = m.dir.join("generation_config.json");
+    fs::write(
+        &gen_path,
+        r#"{"bos_token_id": 0, "do_sample": true, "eos_token_id": [0, 1],
+            "temperature": 0.6, "top_k": 20, "top_p": 0.95, "repetition_penalty": 1.0,
+            "min_p": 0.0}"#,
+    )
+    .unwrap();
+    let v = params(&spec("q/sampled", Quantization::F16));
+    assert_eq!(
+        (&v["temperature"], &v["top_k"], &v["top_p"], &v["repeat_penalty"], &v["min_p"]),
+        (
+            &serde_json::json!(0.6),
+            &serde_json::json!(20),
+            &serde_json::json!(0.95),
+            &serde_json::json!(1.0),
+            &serde_json::json!(0.0)
+        ),
+        "{v}"
+    );
+    assert!(v["stop"].is_array(), "the family's stops stay: {v}");
+    let mut mine = spec("q/mine", Quantization::F16);
+    mine.parameters.temperature = Some(0.2);
+    assert_eq!(params(&mine)["temperature"], 0.2);
+    fs::write(&gen_path, r#"{"do_sample": false, "temperature": 0.6}"#).unwrap();
+    let v = params(&spec("q/greedy", Quantization::F16));
+    assert!(v.get("temperature").is_none() && v.get("top_k").is_none(), "{v}");
+}

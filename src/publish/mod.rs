@@ -298,6 +298,7 @@ pub fn prompting(
     spec: &PublishSpec,
     tok: &tokenizer::GgufTokenizer,
     defaults: &crate::chat::ChatDefaults,
+    sampling: &Sampling,
 ) -> Prompting {
     let family = tokenizer::chat_family(tok);
     let template = match (&spec.template, family) {
@@ -306,6 +307,13 @@ pub fn prompting(
         (None, None) => "{{ .Prompt }}".to_string(),
     };
     let mut params = spec.parameters.clone();
+    // The base's recommended sampling (Qwen3's temperature 0.6, top_k 20, ...), as Ollama's
+    // own library models carry theirs; `[publish.parameters]` wins.
+    params.temperature = params.temperature.or(sampling.temperature);
+    params.top_p = params.top_p.or(sampling.top_p);
+    params.top_k = params.top_k.or(sampling.top_k);
+    params.min_p = params.min_p.or(sampling.min_p);
+    params.repeat_penalty = params.repeat_penalty.or(sampling.repeat_penalty);
     if params.stop.is_none()
         && spec.template.is_none()
         && let Some(f) = family
@@ -334,6 +342,54 @@ pub fn prompting(
         system,
         params,
         license: spec.license.clone(),
+    }
+}
+
+/// The sampling a model's `generation_config.json` recommends, in Ollama's parameter names;
+/// empty unless it samples (`do_sample: true`): greedy decoding is no setting of Ollama's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sampling {
+    /// `temperature`.
+    pub temperature: Option<f64>,
+    /// `top_p`.
+    pub top_p: Option<f64>,
+    /// `top_k`.
+    pub top_k: Option<i32>,
+    /// `min_p`.
+    pub min_p: Option<f64>,
+    /// `repetition_penalty` (Ollama's `repeat_penalty`).
+    pub repeat_penalty: Option<f64>,
+}
+
+impl Sampling {
+    /// From `dir/generation_config.json` (read as a user's file: capped, no FIFO); empty when
+    /// it is missing, unreadable or not sampling. Values outside their ranges are left out.
+    pub fn read(dir: &Path) -> Self {
+        let Some(g) =
+            crate::jobfs::read_linked_regular(&dir.join("generation_config.json"), 1 << 20)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        else {
+            return Sampling::default();
+        };
+        if g.get("do_sample").and_then(serde_json::Value::as_bool) != Some(true) {
+            return Sampling::default();
+        }
+        let num = |k: &str, ok: fn(f64) -> bool| {
+            g.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .filter(|v| v.is_finite() && ok(*v))
+        };
+        Sampling {
+            temperature: num("temperature", |v| v >= 0.0),
+            top_p: num("top_p", |v| v > 0.0 && v <= 1.0),
+            top_k: num("top_k", |v| {
+                v >= 1.0 && v <= i32::MAX as f64 && v.fract() == 0.0
+            })
+            .map(|v| v as i32),
+            min_p: num("min_p", |v| (0.0..=1.0).contains(&v)),
+            repeat_penalty: num("repetition_penalty", |v| v > 0.0),
+        }
     }
 }
 
@@ -389,11 +445,12 @@ pub fn publish(
         (
             gguf::prepare(req.model_dir, spec.quantization)?,
             crate::chat::ChatDefaults::read(req.model_dir),
+            Sampling::read(req.model_dir),
         )
     };
-    let (prepared, defaults) = prepared;
+    let (prepared, defaults, sampling) = prepared;
     let (model, tok) = (&prepared.model, &prepared.tokenizer);
-    let prompting = prompting(spec, tok, &defaults);
+    let prompting = prompting(spec, tok, &defaults, &sampling);
     if let Some(dropped) = tok.dropped {
         tracing::info!(target: "publish", model = %name.display_shortest(), "not in the GGUF: {dropped}");
         progress(&format!("note: not in the GGUF: {dropped}"));
