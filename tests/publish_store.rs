@@ -1422,7 +1422,13 @@ fn a_models_recommended_sampling_becomes_its_ollama_parameters() {
     .unwrap();
     let v = params(&spec("q/sampled", Quantization::F16));
     assert_eq!(
-        (&v["temperature"], &v["top_k"], &v["top_p"], &v["repeat_penalty"], &v["min_p"]),
+        (
+            &v["temperature"],
+            &v["top_k"],
+            &v["top_p"],
+            &v["repeat_penalty"],
+            &v["min_p"]
+        ),
         (
             &serde_json::json!(0.6),
             &serde_json::json!(20),
@@ -1438,5 +1444,8 @@ fn a_models_recommended_sampling_becomes_its_ollama_parameters() {
     assert_eq!(params(&mine)["temperature"], 0.2);
     fs::write(&gen_path, r#"{"do_sample": false, "temperature": 0.6}"#).unwrap();
     let v = params(&spec("q/greedy", Quantization::F16));
-    assert!(v.get("temperature").is_none() && v.get("top_k").is_none(), "{v}");
+    assert!(
+        v.get("temperature").is_none() && v.get("top_k").is_none(),
+        "{v}"
+    );
 }
