@@ -90,6 +90,15 @@ def targets(best, device):
     ]
 
 
+def best_of(runs, repeat):
+    """How many runs each row is the best of: "2", or "1-2" when a budget cut some short."""
+    counts = sorted(set(runs.values())) or [0]
+    if counts == [repeat]:
+        return str(repeat)
+    lo, hi = counts[0], counts[-1]
+    return (f"{lo}" if lo == hi else f"{lo}-{hi}") + f" (of {repeat} asked; the budget cut the rest)"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="20m", choices=["tiny", "20m", "100m"])
@@ -182,6 +191,7 @@ def main():
     started = time.monotonic()
     longest = 0.0
     skipped = []
+    runs = {}  # name -> runs that finished (a budget can cut later repetitions)
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         for _ in range(args.repeat):
@@ -200,6 +210,7 @@ def main():
                 if name.startswith("candle") and args.device == "cpu" and peak_tflops is None:
                     # Candle measured this CPU's matmul peak; use it for PyTorch's MFU too.
                     peak_tflops = r["peak_tflops"]
+                runs[name] = runs.get(name, 0) + 1
                 if name not in best or r["tokens_per_s"] > best[name]["tokens_per_s"]:
                     best[name] = r
             # Later Candle runs use the first run's peak too, so MFUs compare.
@@ -219,7 +230,7 @@ def main():
     print()
     print(f"config {args.config} ({args.arch}) on {args.device}"
           + (f", {threads} threads" if args.device == "cpu" else "")
-          + f", best of {args.repeat}, {args.seconds:.0f} s each")
+          + f", best of {best_of(runs, args.repeat)}, {args.seconds:.0f} s each")
     head = (f"{'trainer':<20} {'dtype':>5} {'tokens/s':>10} {'step s':>7} {'data':>6} {'fwd':>6} "
             f"{'bwd':>6} {'opt':>6} {'peak GiB':>9} {'est GiB':>8} {'MFU':>6}")
     head += "".join(f" {'÷ ' + r['trainer'].split()[-1]:>12}" for r in refs)

@@ -174,7 +174,7 @@ fi
 if section "3. op times per step, 100m f32: Candle, then PyTorch eager" 45; then
   timeout "$(cap 60)" "$BIN" --bench --config 100m --dtype f32 --device cuda --seconds 3 --op-times 2>&1 \
     | grep -v "^step "
-  PYTHONUNBUFFERED=1 timeout "$(cap 90)" "$TORCH_PY" benches/pytorch_train.py --config 100m \
+  JOBD_BENCH_PYTHON="$TORCH_PY" PYTHONUNBUFFERED=1 timeout "$(cap 90)" "$TORCH_PY" benches/pytorch_train.py --config 100m \
     --variant eager --device cuda --seconds 3 --op-times 2>&1 | grep -v "^step "
 fi
 

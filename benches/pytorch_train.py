@@ -45,6 +45,12 @@ def ensure_torch():
     if os.environ.get("JOBD_BENCH_IN_VENV") == "1":
         return
     want = os.environ.get("JOBD_BENCH_PYTHON")
+    if not want:
+        try:  # Already in a python with both (e.g. the GPU machine's /opt/torch/.venv).
+            import torch, transformers  # noqa: F401
+            return
+        except ImportError:
+            pass
     if want:
         py = want
     else:

@@ -393,9 +393,11 @@ fn vram_estimate(cfg: &LlamaConfig, a: &Args, batch: usize, seq: usize) -> u64 {
     }
 }
 
-/// Dense peak of an H100/H200 SXM for the compute type, in TFLOP/s.
-fn gpu_peak_tflops(dtype: DType) -> f64 {
+/// Dense peak of an H100/H200 SXM for the compute type, in TFLOP/s (TF32 products: the
+/// tensor cores' TF32 rate, as `pytorch_train.py` uses for its TF32 variant).
+fn gpu_peak_tflops(dtype: DType, tf32: bool) -> f64 {
     match dtype {
+        DType::F32 if tf32 => 495.0,
         DType::F32 => 67.0,
         _ => 989.0,
     }
@@ -423,7 +425,7 @@ fn bench(a: &Args) {
     let threads = rayon::current_num_threads();
     let peak_tflops = a.peak_tflops.unwrap_or_else(|| {
         if dev.is_cuda() {
-            gpu_peak_tflops(a.dtype)
+            gpu_peak_tflops(a.dtype, a.tf32)
         } else {
             cpu_peak_tflops()
         }
