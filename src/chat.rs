@@ -288,6 +288,17 @@ impl ChatTemplate {
 
     /// Renders `messages`; `add_generation_prompt` appends the start of an assistant turn.
     pub fn render(&self, messages: &[Json], add_generation_prompt: bool) -> Result<String, String> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`ChatTemplate::render`] with more variables for the template, as the keyword
+    /// arguments of `apply_chat_template` give them (`enable_thinking`, `tools`).
+    pub fn render_with(
+        &self,
+        messages: &[Json],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, Json>,
+    ) -> Result<String, String> {
         let tmpl = self
             .env
             .get_template("chat_template")
@@ -297,6 +308,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
+            ..Value::from(Serde(extra))
         })
         .map_err(|e| describe(&e))
     }

@@ -556,9 +556,80 @@ fn convert(
     })
 }
 
+/// Qwen3's chat template as an Ollama Go template (see [`ChatFamily::Qwen3`]). Ollama has no
+/// arithmetic in templates, so the last user message's index is found in a first pass, and a
+/// tool message looks back through `$prev` and ahead through `slice`.
+const QWEN3_TEMPLATE: &str = r#"{{- $lastQuery := len .Messages }}
+{{- range $i, $_ := .Messages }}{{ if eq .Role "user" }}{{ $lastQuery = $i }}{{ end }}{{ end }}
+{{- if .Tools }}<|im_start|>system
+{{ if .System }}{{ .System }}
+
+{{ end }}# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{{- range .Tools }}
+{{ json . }}
+{{- end }}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{{ else if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- $prev := "" }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{ if and (gt $i $lastQuery) (or $last .Thinking) }}<think>
+{{ .Thinking }}
+</think>
+
+{{ end }}{{ .Content }}
+{{- $content := .Content }}
+{{- range $j, $_ := .ToolCalls }}{{ if or $j $content }}
+{{ end }}<tool_call>
+{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}
+</tool_call>
+{{- end }}
+{{- if not $last }}<|im_end|>
+{{ end }}
+{{- else if eq .Role "tool" }}
+{{- if ne $prev "tool" }}<|im_start|>user{{ end }}
+<tool_response>
+{{ .Content }}
+</tool_response>
+{{- if or $last (ne (index (slice $.Messages $i) 1).Role "tool") }}<|im_end|>
+{{ end }}
+{{- end }}
+{{- $prev = .Role }}
+{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
+{{ if and $.IsThinkSet (not $.Think) }}<think>
+
+</think>
+
+{{ end }}
+{{- end }}
+{{- end }}"#;
+
 /// A chat-template family Ollama has a Go template for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChatFamily {
+    /// ChatML with `<think>` reasoning blocks (Qwen3, QwQ...). Its Go template mirrors
+    /// Qwen3's Jinja: the empty `<think>\n\n</think>\n\n` before a reply when thinking is
+    /// off (`think: false`), reasoning kept only for replies after the last user message,
+    /// tool calls and grouped `<tool_response>`s. `{{ .Thinking }}` between `<think>` and
+    /// `</think>` in its range over `.Messages` is how Ollama learns the model thinks: it
+    /// then parses reasoning out of replies instead of showing it, and prefers this template
+    /// to the GGUF's Jinja one.
+    Qwen3,
     /// `<|im_start|>role\n...<|im_end|>` (Qwen, SmolLM, many fine-tunes).
     ChatMl,
     /// `<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>`.
@@ -573,7 +644,8 @@ pub enum ChatFamily {
 
 impl ChatFamily {
     /// Every family, in the order they are recognised.
-    pub const ALL: [ChatFamily; 5] = [
+    pub const ALL: [ChatFamily; 6] = [
+        ChatFamily::Qwen3,
         ChatFamily::ChatMl,
         ChatFamily::Llama3,
         ChatFamily::Gemma,
@@ -581,9 +653,11 @@ impl ChatFamily {
         ChatFamily::Mistral,
     ];
 
-    /// Ollama's Go template for the family (as in Ollama's `template/*.gotmpl`).
+    /// Ollama's Go template for the family (as in Ollama's `template/*.gotmpl`; Qwen3's is
+    /// jobd's own, Ollama's library keeps its in the registry).
     pub fn template(self) -> &'static str {
         match self {
+            ChatFamily::Qwen3 => QWEN3_TEMPLATE,
             ChatFamily::ChatMl => {
                 "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
             }
@@ -591,13 +665,13 @@ impl ChatFamily {
                 "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
             }
             ChatFamily::Gemma => {
-                "{{- $system := .System }}\n{{- range $i, $_ := .Messages }}\n{{- $last := eq (len (slice $.Messages $i)) 1 }}\n{{- if eq .Role \"user\" }}<start_of_turn>user\n{{- if and (eq $i 1) $system }}\n{{ $system }}\n{{- end }}\n{{ .Content }}<end_of_turn>\n{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n{{ end }}\n{{- if $last }}<start_of_turn>model\n{{ end }}\n{{- end }}\n"
+                "{{- $system := .System }}\n{{- range $i, $_ := .Messages }}\n{{- $last := eq (len (slice $.Messages $i)) 1 }}\n{{- if eq .Role \"user\" }}<start_of_turn>user\n{{- if and (eq $i 1) $system }}\n{{ $system }}\n{{ end }}\n{{ .Content }}<end_of_turn>\n{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n{{ end }}\n{{- if $last }}<start_of_turn>model\n{{ end }}\n{{- end }}"
             }
             ChatFamily::Phi3 => {
-                "{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}{{ if .Prompt }}<|user|>\n{{ .Prompt }}<|end|>\n{{ end }}<|assistant|>\n{{ .Response }}<|end|>"
+                "{{- range .Messages }}{{ if or (eq .Role \"user\" \"assistant\") (and (eq .Role \"system\") .Content) }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}{{ end }}<|assistant|>\n"
             }
             ChatFamily::Mistral => {
-                "{{- if .Messages }}\n{{- range $index, $_ := .Messages }}\n{{- if eq .Role \"user\" }}[INST] {{ if and $.System (eq (len (slice $.Messages $index)) 1) }}{{ $.System }}\n{{ end }}{{ .Content }}\n{{- else if eq .Role \"assistant\" }}[/INST] {{ .Content }}</s>\n{{- end }}\n{{- end }}[/INST]\n{{- else -}}\n[INST] {{ if .System }}{{ .System }} {{ end }}{{ .Prompt }}[/INST] {{ .Response }}</s>\n{{- end -}}"
+                "{{- if .Messages }}\n{{- range $index, $_ := .Messages }}\n{{- if eq .Role \"user\" }}[INST] {{ if and $.System (eq (len (slice $.Messages $index)) 1) }}{{ $.System }}\n\n{{ end }}{{ .Content }}\n{{- else if eq .Role \"assistant\" }}[/INST] {{ .Content }}</s>\n{{- end }}\n{{- end }}[/INST]\n{{- else -}}\n[INST] {{ if .System }}{{ .System }} {{ end }}{{ .Prompt }}[/INST] {{ .Response }}</s>\n{{- end -}}"
             }
         }
     }
@@ -605,7 +679,7 @@ impl ChatFamily {
     /// Stop sequences that end a turn in the family.
     pub fn stop(self) -> &'static [&'static str] {
         match self {
-            ChatFamily::ChatMl => &["<|im_start|>", "<|im_end|>"],
+            ChatFamily::Qwen3 | ChatFamily::ChatMl => &["<|im_start|>", "<|im_end|>"],
             ChatFamily::Llama3 => &["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
             ChatFamily::Gemma => &["<end_of_turn>"],
             ChatFamily::Phi3 => &["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"],
@@ -616,7 +690,7 @@ impl ChatFamily {
     /// The family's control token, as a vocabulary or a template holds it.
     fn marker(self) -> &'static str {
         match self {
-            ChatFamily::ChatMl => "<|im_start|>",
+            ChatFamily::Qwen3 | ChatFamily::ChatMl => "<|im_start|>",
             ChatFamily::Llama3 => "<|start_header_id|>",
             ChatFamily::Gemma => "<start_of_turn>",
             ChatFamily::Phi3 => "<|assistant|>",
@@ -629,6 +703,8 @@ impl ChatFamily {
     /// Phi-3 template would give it one).
     fn in_template(self, source: &str) -> bool {
         match self {
+            // Reasoning blocks in a ChatML template: Qwen3 (also QwQ's).
+            ChatFamily::Qwen3 => source.contains("<|im_start|>") && source.contains("</think>"),
             ChatFamily::Phi3 => {
                 source.contains("<|end|>")
                     && (source.contains("<|assistant|>\n") || source.contains("<|assistant|>\\n"))
@@ -886,6 +962,20 @@ mod tests {
             )
         };
         assert_eq!(family(crate::chat::CHATML), Some(ChatFamily::ChatMl));
+        // The real templates: Qwen3's reasoning blocks make it Qwen3, Qwen2.5's is ChatML.
+        let fixture = |name: &str| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/chat_templates")
+                .join(name);
+            std::fs::read_to_string(path).unwrap()
+        };
+        assert_eq!(family(&fixture("qwen3.jinja")), Some(ChatFamily::Qwen3));
+        assert_eq!(family(&fixture("qwen2.5.jinja")), Some(ChatFamily::ChatMl));
+        assert_eq!(family(&fixture("llama3.1.jinja")), Some(ChatFamily::Llama3));
+        assert_eq!(family(&fixture("gemma2.jinja")), Some(ChatFamily::Gemma));
+        assert_eq!(family(&fixture("gemma3.jinja")), Some(ChatFamily::Gemma));
+        assert_eq!(family(&fixture("phi3.5.jinja")), Some(ChatFamily::Phi3));
+        assert_eq!(family(&fixture("mistral.jinja")), Some(ChatFamily::Mistral));
         assert_eq!(
             family(&role_turns("<start_of_turn>", "<end_of_turn>\n", "model")),
             Some(ChatFamily::Gemma)
