@@ -25,7 +25,8 @@
 # a timeout. SECONDS_EACH (default 8) is each compared run's measured time, REPEAT (default 1)
 # how many times each runs. VARIANTS=...,f16,pt-f16 adds Candle and PyTorch (autocast +
 # GradScaler) in f16; VARIANTS=...,candle-lora adds Candle LoRA r16 in bf16 (direct and, with
-# AUTOGRAD=1, autograd). Logs go to $OUT when the device tool sets it (gpu.log: all output). It
+# AUTOGRAD=1, autograd). ARCH=qwen3 runs sections 2-3 at the same sizes as a Qwen3 (per-head
+# query/key norms; PyTorch's Qwen3ForCausalLM). Logs go to $OUT when the device tool sets it (gpu.log: all output). It
 # ends with a summary: the check's verdict, the table, the targets, the end-to-end answers,
 # the long-context peaks and what was skipped (the device tool returns only the output's tail).
 # With the device tool:  run(command="bash benches/gpu.sh", carry=["target/gpu-bench"],
@@ -33,6 +34,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${SECONDS_EACH:-8}
+ARCH=${ARCH:-llama}
 BUDGET_S=${BUDGET_S:-450}
 T0=$SECONDS
 left() { echo $((BUDGET_S - (SECONDS - T0))); }
@@ -162,7 +164,7 @@ echo "check exit: ${PIPESTATUS[0]}"
 # it under 80 s, the targets come first and it gets all that is left.
 if section "2. training throughput, ~100M config" 60; then
   CB=$(($(left) - 170)); [ "$CB" -lt 80 ] && CB=$(left)
-  PYTHONUNBUFFERED=1 timeout "$(cap 420)" "$TORCH_PY" benches/compare.py --device cuda --config 100m \
+  PYTHONUNBUFFERED=1 timeout "$(cap 420)" "$TORCH_PY" benches/compare.py --device cuda --config 100m --arch "$ARCH" \
     --seconds "$SECONDS_EACH" --repeat "${REPEAT:-1}" --candle-bin "$BIN" --python "$TORCH_PY" \
     --budget "$CB" $([ "${AUTOGRAD:-1}" = 1 ] && echo --autograd) \
     --variants "${VARIANTS:-f32,eager,bf16,pt-bf16,sdpa,candle-tf32,tf32,candle-unblocked}" 2>&1 \
@@ -172,9 +174,9 @@ fi
 # Where a step's time goes, op by op: Candle's op-level step (CUDA events around each op) and
 # PyTorch eager (torch.profiler), both f32, the pair whose ratio is issue 9's open target.
 if section "3. op times per step, 100m f32: Candle, then PyTorch eager" 45; then
-  timeout "$(cap 60)" "$BIN" --bench --config 100m --dtype f32 --device cuda --seconds 3 --op-times 2>&1 \
+  timeout "$(cap 60)" "$BIN" --bench --config 100m --arch "$ARCH" --dtype f32 --device cuda --seconds 3 --op-times 2>&1 \
     | grep -v "^step "
-  JOBD_BENCH_PYTHON="$TORCH_PY" PYTHONUNBUFFERED=1 timeout "$(cap 90)" "$TORCH_PY" benches/pytorch_train.py --config 100m \
+  JOBD_BENCH_PYTHON="$TORCH_PY" PYTHONUNBUFFERED=1 timeout "$(cap 90)" "$TORCH_PY" benches/pytorch_train.py --config 100m --arch "$ARCH" \
     --variant eager --device cuda --seconds 3 --op-times 2>&1 | grep -v "^step "
 fi
 

@@ -1008,8 +1008,13 @@ mod check {
                 Step::DirectOps(true),
             ] {
                 for lora in [false, true] {
-                    ok &= model_step(dev, dtype, step, lora, tol * 2.0);
+                    ok &= model_step(dev, dtype, step, lora, false, tol * 2.0);
                 }
+            }
+            // Qwen3's per-head query/key norms (the RMSNorm kernels over rows of head_dim),
+            // full fine-tuning's step and LoRA's.
+            for (step, lora) in [(Step::DirectOps(false), false), (Step::Autograd, true)] {
+                ok &= model_step(dev, dtype, step, lora, true, tol * 2.0);
             }
             jobd::train::attention_blocks::set_block_rows(None);
         }
@@ -1067,10 +1072,22 @@ mod check {
     /// ops in f32, then (f32) the parameters after one AdamW update with clipping.
     /// With `lora`, the base is frozen (in the compute type but for the norms, as the
     /// trainer holds it) and adapters with dropout on every projection are trained; the
-    /// dropout masks are the same on every device (the same generator draws).
-    fn model_step(dev: &Device, dtype: DType, step: Step, lora: bool, tol: f64) -> bool {
+    /// dropout masks are the same on every device (the same generator draws). With `qwen3`
+    /// the model is a Qwen3 (per-head query/key norms).
+    fn model_step(
+        dev: &Device,
+        dtype: DType,
+        step: Step,
+        lora: bool,
+        qwen3: bool,
+        tol: f64,
+    ) -> bool {
         let (mut cfg, _, _) = reference("tiny");
         cfg.tie_word_embeddings = false;
+        if qwen3 {
+            cfg.head_dim = Some(cfg.head_dim());
+            cfg.model_type = "qwen3".into();
+        }
         let (batch, block) = (4, 32);
         let run = |device: &Device, dtype: DType, step: Step| {
             let w = init_weights(&cfg, &mut Rng::new(3), &Device::Cpu).unwrap();
@@ -1198,6 +1215,8 @@ mod check {
             "{:<34} {:<5} loss {loss_err:.2e}  worst grad {grad_err:.2e}  norm {norm_err:.2e}  \
              params after AdamW {param_err:.2e}  {}",
             match (lora, step) {
+                _ if qwen3 && lora => "Qwen3 LoRA step, autograd",
+                _ if qwen3 => "Qwen3 model step, direct ops",
                 (false, Step::DirectOps(false)) => "model step (tiny, GQA), direct ops",
                 (false, Step::DirectOps(true)) => "model step, direct ops, recompute",
                 (false, _) => "model step (tiny, GQA), autograd",
