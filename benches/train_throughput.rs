@@ -530,6 +530,9 @@ fn bench(a: &Args) {
                 Some(&mut drop_rng),
             )
             .unwrap();
+            // The forward is only queued so far: wait for it, so that the fwd / bwd columns
+            // split the step where the device does (one wait, microseconds of idle device).
+            sync();
             let _ = peak_memory_bytes(&dev);
             let t_fwd = t0.elapsed().as_secs_f64() - t_data;
             // Returns once the loss is read back, i.e. when the device has done the backward.
