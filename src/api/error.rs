@@ -81,6 +81,8 @@ impl From<SchedError> for ApiError {
             SchedError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_job"),
             SchedError::Infeasible(_) => (StatusCode::UNPROCESSABLE_ENTITY, "never_fits"),
             SchedError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            // Not 422 `never_fits`: the same request succeeds once some of the user's jobs end.
+            SchedError::TooManyJobs(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_jobs"),
             SchedError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             SchedError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
         };
@@ -136,5 +138,36 @@ impl From<JsonRejection> for ApiError {
 impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_query", r.body_text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LimitSource, SubmitLimit};
+    use crate::sched::LimitReached;
+
+    /// A user at `max_submitted` gets 429 with its own code (a client can tell it from a job
+    /// that never fits, 422, and retry later), and the whole message.
+    #[test]
+    fn the_submit_limit_is_429_too_many_jobs() {
+        let e = ApiError::from(SchedError::TooManyJobs(LimitReached {
+            user: "alice".into(),
+            unfinished: 3,
+            adding: 1,
+            limit: SubmitLimit {
+                max: 3,
+                source: LimitSource::Default,
+            },
+        }));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::TOO_MANY_REQUESTS, "too_many_jobs")
+        );
+        assert_eq!(
+            e.message,
+            "alice has 3 unfinished jobs; [scheduler.limits.default] max_submitted allows 3: \
+             wait for some to finish or cancel some"
+        );
     }
 }

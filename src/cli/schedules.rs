@@ -74,6 +74,12 @@ pub async fn list(client: &Client, out: &Output) -> anyhow::Result<bool> {
             rows
         )
     );
+    // Below the table: a reason is a sentence, too long for a column.
+    for s in &r.schedules {
+        if let Some(why) = &s.record.last_skip {
+            outln!("schedule {}: {why}", s.record.id);
+        }
+    }
     Ok(true)
 }
 

@@ -114,6 +114,48 @@ pub struct UserLimits {
     pub max_vram: Option<ByteSize>,
     /// Most GPUs held at once.
     pub max_gpus: Option<u32>,
+    /// Most unfinished jobs (queued, held, waiting, starting, running, publishing) at once: a
+    /// submit past it is refused, so that a flood of submits cannot fill the store. Unlike the
+    /// keys above, a user's entry without it falls back to the default entry's, then to
+    /// [`DEFAULT_MAX_SUBMITTED`].
+    pub max_submitted: Option<u32>,
+}
+
+/// The most unfinished jobs a user may have when neither their `[scheduler.limits.<user>]`
+/// nor `[scheduler.limits.default]` sets `max_submitted`: far above any real queue, but it
+/// bounds a runaway submit loop out of the box.
+pub const DEFAULT_MAX_SUBMITTED: u32 = 10_000;
+
+/// A user's `max_submitted` and where it was set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmitLimit {
+    pub max: u32,
+    pub source: LimitSource,
+}
+
+/// Where a limit's value comes from, for error messages that tell users whom to ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitSource {
+    /// `[scheduler.limits.<user>]`.
+    User(String),
+    /// `[scheduler.limits.default]`.
+    Default,
+    /// Not configured: jobd's built-in value.
+    BuiltIn,
+}
+
+/// The setting as an error message names it: `[scheduler.limits.alice] max_submitted`.
+impl std::fmt::Display for LimitSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitSource::User(u) => write!(f, "[scheduler.limits.{u}] max_submitted"),
+            LimitSource::Default => f.write_str("[scheduler.limits.default] max_submitted"),
+            LimitSource::BuiltIn => f.write_str(
+                "max_submitted (jobd's built-in default; an admin may set it in \
+                 [scheduler.limits.default])",
+            ),
+        }
+    }
 }
 
 /// Where the GPU inventory comes from.
@@ -270,6 +312,27 @@ impl SchedulerConfig {
             .get(user)
             .copied()
             .unwrap_or(self.default_limits)
+    }
+
+    /// The most unfinished jobs `user` may have, and where that number is set: their own
+    /// entry, else the default entry, else [`DEFAULT_MAX_SUBMITTED`].
+    pub fn submit_limit(&self, user: &str) -> SubmitLimit {
+        if let Some(max) = self.user_limits.get(user).and_then(|l| l.max_submitted) {
+            return SubmitLimit {
+                max,
+                source: LimitSource::User(user.to_string()),
+            };
+        }
+        match self.default_limits.max_submitted {
+            Some(max) => SubmitLimit {
+                max,
+                source: LimitSource::Default,
+            },
+            None => SubmitLimit {
+                max: DEFAULT_MAX_SUBMITTED,
+                source: LimitSource::BuiltIn,
+            },
+        }
     }
 }
 
@@ -556,6 +619,19 @@ impl ConfigFile {
         if self.max_connections == Some(0) {
             issues.push(Issue::new("max_connections", "must be at least 1"));
         }
+        // Zero would refuse every submit while looking like a limit; who may submit at all is
+        // said by trusted_users (or accounts, for a root daemon).
+        for (user, l) in &self.scheduler.limits {
+            if l.max_submitted == Some(0) {
+                issues.push(Issue::new(
+                    format!("scheduler.limits.{user}.max_submitted"),
+                    format!(
+                        "must be at least 1 (it bounds unfinished jobs; leave it out for the \
+                         built-in {DEFAULT_MAX_SUBMITTED})"
+                    ),
+                ));
+            }
+        }
         if let Some(i) = self.allowed_hosts.iter().position(|h| {
             h.is_empty() || h.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
         }) {
@@ -664,6 +740,60 @@ mod tests {
         assert_eq!(cfg.scheduler.limits_for("bob").max_gpus, Some(1));
     }
 
+    /// `max_submitted` falls back key by key: the user's entry, the default entry, then the
+    /// built-in value, each named as where the limit is set.
+    #[test]
+    fn max_submitted_falls_back_to_the_default_then_the_built_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobd.toml");
+        std::fs::write(
+            &path,
+            "[scheduler.limits.default]\nmax_submitted = 50\n\
+             [scheduler.limits.alice]\nmax_submitted = 2\n\
+             [scheduler.limits.bob]\nmax_gpus = 1\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&path), Overrides::default()).unwrap();
+        let s = &cfg.scheduler;
+        assert_eq!(
+            s.submit_limit("alice"),
+            SubmitLimit {
+                max: 2,
+                source: LimitSource::User("alice".into())
+            }
+        );
+        for user in ["bob", "carol"] {
+            assert_eq!(
+                s.submit_limit(user),
+                SubmitLimit {
+                    max: 50,
+                    source: LimitSource::Default
+                },
+                "{user}"
+            );
+        }
+        assert_eq!(
+            s.submit_limit("alice").source.to_string(),
+            "[scheduler.limits.alice] max_submitted"
+        );
+        std::fs::write(&path, "[scheduler.limits.bob]\nmax_running = 1\n").unwrap();
+        let cfg = Config::load(Some(&path), Overrides::default()).unwrap();
+        for user in ["bob", "carol"] {
+            assert_eq!(
+                cfg.scheduler.submit_limit(user),
+                SubmitLimit {
+                    max: DEFAULT_MAX_SUBMITTED,
+                    source: LimitSource::BuiltIn
+                },
+                "{user}"
+            );
+        }
+        assert_eq!(
+            DEFAULT_MAX_SUBMITTED, 10_000,
+            "the documented built-in value"
+        );
+    }
+
     /// The README's config example and `dist/jobd.toml` load as shown (with a real token
     /// hash where they show a placeholder), and set what they say they set.
     #[test]
@@ -740,6 +870,25 @@ mod tests {
             (
                 "header_read_timeout = \"0s\"\n",
                 "header_read_timeout: must be between",
+            ),
+            (
+                "[scheduler.limits.alice]\nmax_submitted = 0\n",
+                "jobd.toml:2:17: scheduler.limits.alice.max_submitted: must be at least 1",
+            ),
+            (
+                "[scheduler.limits.default]\nmax_submitted = 0\n",
+                "scheduler.limits.default.max_submitted: must be at least 1 (it bounds \
+                 unfinished jobs; leave it out for the built-in 10000)",
+            ),
+            (
+                "[scheduler.limits.default]\nmax_submitted = -5\n",
+                "jobd.toml:2:17: scheduler.limits.default.max_submitted: invalid value: \
+                 integer `-5`, expected u32",
+            ),
+            (
+                "[scheduler.limits.default]\nmax_submitted = \"lots\"\n",
+                "jobd.toml:2:17: scheduler.limits.default.max_submitted: invalid type: string \
+                 \"lots\", expected u32",
             ),
         ] {
             std::fs::write(&path, text).unwrap();

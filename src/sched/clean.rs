@@ -124,6 +124,7 @@ impl Scheduler {
         let mut dirs = Vec::new();
         for id in &report.removed {
             if let Some(j) = self.jobs.remove(id) {
+                self.unfinished.remove(&j);
                 dirs.push(j.dir(&self.settings.jobs_dir));
             }
             self.waiting.remove(id);

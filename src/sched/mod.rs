@@ -16,6 +16,7 @@ mod notify;
 pub mod plan;
 mod recovery;
 mod schedules;
+mod submit_limit;
 mod usage;
 mod worker_env;
 
@@ -44,6 +45,7 @@ use crate::store::{Change, Store, StoreError};
 pub use notify::notification_pending;
 pub use plan::{Need, Wait, Waiting};
 pub use schedules::ScheduleAction;
+pub use submit_limit::LimitReached;
 
 /// What the scheduler needs to know about its surroundings.
 #[derive(Debug, Clone)]
@@ -94,6 +96,9 @@ pub enum SchedError {
     Infeasible(String),
     #[error("{0}")]
     Conflict(String),
+    /// The owner is at `max_submitted` (a limit the user can wait out, unlike `Infeasible`).
+    #[error("{0}")]
+    TooManyJobs(LimitReached),
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -651,6 +656,8 @@ pub struct Scheduler {
     /// The state file system filled up: no job starts until it has room.
     disk_full: bool,
     schedules: BTreeMap<u64, ScheduleRecord>,
+    /// Unfinished jobs per owner, for `max_submitted`; kept in step with `jobs`.
+    unfinished: submit_limit::Unfinished,
     /// When this daemon started: schedule firings due before it were missed.
     started_at: Millis,
     /// A schedule changed in this batch (the view's copy must be rebuilt).
@@ -682,12 +689,14 @@ impl Scheduler {
             revision: watch::Sender::new(0),
         });
         let gpus = inventory.snapshot(&|_| false);
+        let jobs: BTreeMap<JobId, JobRecord> = records.into_iter().map(|r| (r.id, r)).collect();
         let mut s = Scheduler {
             store,
             inventory,
             usage: usage::Ledger::new(settings.policy.fair_share_half_life),
             settings,
-            jobs: records.into_iter().map(|r| (r.id, r)).collect(),
+            unfinished: submit_limit::Unfinished::count(&jobs),
+            jobs,
             children: HashMap::new(),
             rx,
             tx: tx.clone(),
@@ -1176,7 +1185,8 @@ impl Scheduler {
         }
         // In the map first: whether a notification is due may depend on the other jobs of
         // its sweep, this one as it is now among them.
-        self.jobs.insert(rec.id, rec.clone());
+        let old = self.jobs.insert(rec.id, rec.clone());
+        self.unfinished.replace(old.as_ref(), &rec);
         self.queue_notification(&rec);
         self.pending.push(JobChange {
             job: crate::spec::api::JobView {
@@ -1197,6 +1207,8 @@ impl Scheduler {
         sub: Submission,
     ) -> Result<JobRecord, SchedError> {
         self.check_submitter(caller)?;
+        // Before the other checks: a flood is refused at the cost of a lookup.
+        self.check_submit_limit(&owner.user, 1)?;
         let (rec, reason) = self.checked_job(caller, owner, sub)?;
         let (rec, event) = self
             .store
@@ -1216,6 +1228,7 @@ impl Scheduler {
     ) -> Result<Vec<JobRecord>, SchedError> {
         self.check_submitter(caller)?;
         let size = members.len();
+        self.check_submit_limit(&owner.user, size)?;
         let mut checked = Vec::with_capacity(size);
         for (i, (sub, values)) in members.into_iter().enumerate() {
             let label = crate::spec::sweep::label(&values);
@@ -1521,6 +1534,9 @@ impl Scheduler {
                 state_phrase(rec.state)
             )));
         }
+        // A requeued job is unfinished again: without this, cancelling and requeueing would
+        // go round the limit.
+        self.check_submit_limit(&rec.owner.user, 1)?;
         let by = caller.user.clone().unwrap_or_default();
         Ok(self.apply(
             id,

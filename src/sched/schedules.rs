@@ -1,9 +1,11 @@
 //! Recurring jobs: schedules live in the store and in the scheduler's memory; the event loop
 //! wakes at the earliest `next_fire` and fires what is due. A firing queues an ordinary job
 //! linked to its schedule (`schedule_id`) — or is skipped while the previous run is still
-//! queued or running (`overlap = "skip"`). After downtime a missed firing runs once at start-up
-//! (`catch_up = true`), never a burst: the next firing is always computed from *now*. A
-//! firing counts as missed when its time lies before this daemon process started.
+//! queued or running (`overlap = "skip"`), or when the job is refused (its owner at
+//! `max_submitted`, a check it no longer passes); the schedule keeps why (`last_skip`).
+//! After downtime a missed firing runs once at start-up (`catch_up = true`), never a burst:
+//! the next firing is always computed from *now*. A firing counts as missed when its time
+//! lies before this daemon process started.
 
 use tracing::{info, warn};
 
@@ -59,6 +61,7 @@ impl Scheduler {
             last_job: None,
             runs: 0,
             skipped: 0,
+            last_skip: None,
         })?;
         info!(schedule_id = rec.id, expr = %expr, "schedule created");
         self.schedules.insert(rec.id, rec.clone());
@@ -173,7 +176,8 @@ impl Scheduler {
             .find(|j| j.schedule_id == Some(id) && !j.state.is_terminal())
             .map(|j| j.id);
         if let (Some(run), Overlap::Skip, false) = (active, upd.overlap(), force) {
-            let (s, _) = self.store.fire(&upd, why, None)?;
+            let skip = format!("{why}: skipped, its previous run (job {run}) is still active");
+            let (s, _) = self.store.fire(&upd, &skip, None)?;
             info!(
                 schedule_id = id,
                 active = run,
@@ -203,11 +207,17 @@ impl Scheduler {
             copy_of: None,
             sweep: None,
         };
-        let mut rec = match self.prepare_job(upd.owner.clone(), sub, now_ms()) {
+        let prepared = self
+            .check_submit_limit(&upd.owner.user, 1)
+            .and_then(|()| self.prepare_job(upd.owner.clone(), sub, now_ms()));
+        let mut rec = match prepared {
             Ok(r) => r,
             Err(e) => {
-                // The schedule stays; this firing is recorded as skipped with the reason logged.
-                let (s, _) = self.store.fire(&upd, why, None)?;
+                // The schedule stays; this firing is recorded as skipped, with the reason in
+                // the schedule (`last_skip`) and the log.
+                let (s, _) = self
+                    .store
+                    .fire(&upd, &format!("{why}: skipped, {e}"), None)?;
                 self.schedules.insert(id, s);
                 self.schedules_changed = true;
                 return Err(e);

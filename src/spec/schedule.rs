@@ -241,9 +241,14 @@ pub struct ScheduleRecord {
     /// Jobs queued so far.
     #[serde(default)]
     pub runs: u64,
-    /// Firings skipped because the previous run was still active.
+    /// Firings that queued no job: the previous run was still active, or the job was
+    /// refused (its owner at `max_submitted`, a check it no longer passes).
     #[serde(default)]
     pub skipped: u64,
+    /// Why the last firing queued no job; cleared by the next firing that queues one, so
+    /// `jobctl schedules` can say what keeps a schedule from running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_skip: Option<String>,
 }
 
 impl ScheduleRecord {

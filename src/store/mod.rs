@@ -463,6 +463,7 @@ impl Store {
 
     /// One firing of a schedule, in one transaction: the schedule's new record and, unless
     /// the firing is skipped (`make_job` is `None`), the job it queues with its first event.
+    /// `reason` is that event's reason, or for a skipped firing why (kept in `last_skip`).
     pub fn fire(
         &self,
         schedule: &ScheduleRecord,
@@ -491,9 +492,11 @@ impl Store {
                     events.insert(&event_key(id, 0), encode(&event))?;
                     sched.last_job = Some(id);
                     sched.runs += 1;
+                    sched.last_skip = None;
                     created = Some((record, event));
                 } else {
                     sched.skipped += 1;
+                    sched.last_skip = Some(reason.to_string());
                 }
                 schedules.insert(&sched.id.to_be_bytes(), encode(&sched))?;
                 Ok((sched, created))

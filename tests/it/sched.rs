@@ -254,6 +254,57 @@ fn explain_names_limits_and_slots() {
     );
 }
 
+/// `max_submitted` through the real daemon and jobctl: a submit (or a schedule's run) past it
+/// fails with the limit and where it is set, and a cancel makes room again.
+#[test]
+fn submits_past_max_submitted_are_refused_until_one_is_cancelled() {
+    let d = TestDaemon::start_with_config(
+        &["--gpus", "none", "--max-cpu-jobs", "1"],
+        "[scheduler.limits.default]\nmax_submitted = 2\n",
+    );
+    let file = d.write("s.toml", &command_job("sleep 30", ""));
+    let a = d.submit(&file);
+    let b = d.submit(&file);
+    d.wait_state(a, JobState::Running, Duration::from_secs(10));
+    assert_eq!(d.state(b), JobState::Queued);
+    let refused = d.jobctl(&["submit", file.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    let err = stderr(&refused);
+    assert!(
+        err.contains(
+            "has 2 unfinished jobs; [scheduler.limits.default] max_submitted allows 2: \
+                      wait for some to finish or cancel some"
+        ),
+        "{err}"
+    );
+    assert_eq!(d.all_jobs().len(), 2, "the refused submit queued nothing");
+    // A schedule's run is refused the same way, and `jobctl schedules` says why it queued
+    // nothing.
+    let yearly = d.write(
+        "yearly.toml",
+        &command_job("true", "schedule = \"0 0 1 1 *\""),
+    );
+    let sid = schedule_id(&d.jobctl(&["submit", yearly.to_str().unwrap()]));
+    let run = d.jobctl(&["schedule", "run-now", &sid.to_string()]);
+    assert_eq!(run.status.code(), Some(1), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("max_submitted allows 2"),
+        "{}",
+        stderr(&run)
+    );
+    let listed = stdout(&d.jobctl(&["schedules"]));
+    assert!(
+        listed.contains(&format!("schedule {sid}: run now by "))
+            && listed.contains("skipped, ")
+            && listed.contains("has 2 unfinished jobs"),
+        "{listed}"
+    );
+    assert_eq!(d.all_jobs().len(), 2, "the refused run queued nothing");
+    assert!(d.jobctl(&["cancel", &b.to_string()]).status.success());
+    let c = d.submit(&file);
+    assert_eq!(d.state(c), JobState::Queued);
+}
+
 /// Memory used by processes jobd does not own (simulated with a fake inventory file that the
 /// daemon re-reads) is respected, and explain shows it; a job that needs more GPUs than exist
 /// is refused at submit; a preempting job explains what it waits for.

@@ -59,7 +59,12 @@ export class SchedulesView {
       el('td', { 'data-label': 'Schedule' }, el('code', {}, cronText)),
       el('td', { class: 'next', 'data-label': 'Next run' }, next),
       el('td', { 'data-label': 'Last run' }, last),
-      el('td', { class: 'num', 'data-label': 'Runs', title: `${s.skipped} firing(s) skipped while a run was active` },
+      el('td', {
+        class: 'num',
+        'data-label': 'Runs',
+        // Why the last firing queued nothing (a run still active, the owner at max_submitted).
+        title: s.last_skip ? `${s.skipped} firing(s) skipped; the last: ${s.last_skip}` : `${s.skipped} firing(s) skipped`,
+      },
         s.skipped ? `${s.runs} (+${s.skipped} skipped)` : s.runs),
       actions);
   }
