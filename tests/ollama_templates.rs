@@ -186,6 +186,26 @@ fn qwen3_is_a_thinking_template_with_qwen3s_prompts() {
 }
 
 #[test]
+fn qwen3_thinking_models_start_the_reply_inside_the_think_block() {
+    // Qwen3's Thinking-2507 models (and QwQ) always open `<think>` in the generation prompt;
+    // the plain Qwen3 template would leave it out, a prompt the model never saw in training.
+    let t = fixture("qwen3-thinking.jinja", "<|im_end|>");
+    let f = ChatFamily::Qwen3Thinking;
+    for conversation in [user_only(), system_user(), multi_turn()] {
+        for think in [None, Some(true)] {
+            let o = ollama(f, &conversation, None, think, None);
+            assert_eq!(o.prompt, jinja(&t, &conversation, None), "think {think:?}");
+            assert!(o.prompt.ends_with("<|im_start|>assistant\n<think>\n"));
+            // Ollama primes its parser with the opening tag the prompt ends with.
+            assert_eq!(o.thinking_tags, Some(("<think>".into(), "</think>".into())));
+        }
+        // Thinking off, which these templates cannot say: the empty block, as Qwen3's.
+        let off = ollama(f, &conversation, None, Some(false), None).prompt;
+        assert!(off.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"));
+    }
+}
+
+#[test]
 fn qwen3_reasoning_of_earlier_replies_is_dropped_and_of_the_current_one_kept() {
     let t = fixture("qwen3.jinja", "<|im_end|>");
     let f = ChatFamily::Qwen3;

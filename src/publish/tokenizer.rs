@@ -556,10 +556,13 @@ fn convert(
     })
 }
 
-/// Qwen3's chat template as an Ollama Go template (see [`ChatFamily::Qwen3`]). Ollama has no
-/// arithmetic in templates, so the last user message's index is found in a first pass, and a
-/// tool message looks back through `$prev` and ahead through `slice`.
-const QWEN3_TEMPLATE: &str = r#"{{- $lastQuery := len .Messages }}
+/// Qwen3's chat template as an Ollama Go template up to its generation prompt (see
+/// [`ChatFamily::Qwen3`]); each variant ends it its own way. Ollama has no arithmetic in
+/// templates, so the last user message's index is found in a first pass, and a tool message
+/// looks back through `$prev` and ahead through `slice`.
+macro_rules! qwen3_conversation {
+    () => {
+        r#"{{- $lastQuery := len .Messages }}
 {{- range $i, $_ := .Messages }}{{ if eq .Role "user" }}{{ $lastQuery = $i }}{{ end }}{{ end }}
 {{- if .Tools }}<|im_start|>system
 {{ if .System }}{{ .System }}
@@ -611,13 +614,36 @@ For each function call, return a json object with function name and arguments wi
 {{- end }}
 {{- $prev = .Role }}
 {{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
-{{ if and $.IsThinkSet (not $.Think) }}<think>
+"#
+    };
+}
+
+/// [`ChatFamily::Qwen3`]'s Go template: the reply starts as it is, or with the empty think
+/// block when thinking is off (`think: false`, Qwen3's `enable_thinking=False`).
+const QWEN3_TEMPLATE: &str = concat!(
+    qwen3_conversation!(),
+    r#"{{ if and $.IsThinkSet (not $.Think) }}<think>
 
 </think>
 
 {{ end }}
 {{- end }}
-{{- end }}"#;
+{{- end }}"#
+);
+
+/// [`ChatFamily::Qwen3Thinking`]'s Go template: the reply opens the think block, as the
+/// template's generation prompt does (with thinking off, the empty block instead).
+const QWEN3_THINKING_TEMPLATE: &str = concat!(
+    qwen3_conversation!(),
+    r#"{{ if and $.IsThinkSet (not $.Think) }}<think>
+
+</think>
+
+{{ else }}<think>
+{{ end }}
+{{- end }}
+{{- end }}"#
+);
 
 /// A chat-template family Ollama has a Go template for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -630,6 +656,10 @@ pub enum ChatFamily {
     /// then parses reasoning out of replies instead of showing it, and prefers this template
     /// to the GGUF's Jinja one.
     Qwen3,
+    /// Qwen3's template whose generation prompt always opens the think block
+    /// (`<|im_start|>assistant\n<think>\n`: Qwen3's Thinking-2507 models, QwQ): as
+    /// [`ChatFamily::Qwen3`], but the reply starts inside `<think>`, as the model was trained.
+    Qwen3Thinking,
     /// `<|im_start|>role\n...<|im_end|>` (Qwen, SmolLM, many fine-tunes).
     ChatMl,
     /// `<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>`.
@@ -644,7 +674,8 @@ pub enum ChatFamily {
 
 impl ChatFamily {
     /// Every family, in the order they are recognised.
-    pub const ALL: [ChatFamily; 6] = [
+    pub const ALL: [ChatFamily; 7] = [
+        ChatFamily::Qwen3Thinking,
         ChatFamily::Qwen3,
         ChatFamily::ChatMl,
         ChatFamily::Llama3,
@@ -658,6 +689,7 @@ impl ChatFamily {
     pub fn template(self) -> &'static str {
         match self {
             ChatFamily::Qwen3 => QWEN3_TEMPLATE,
+            ChatFamily::Qwen3Thinking => QWEN3_THINKING_TEMPLATE,
             ChatFamily::ChatMl => {
                 "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
             }
@@ -679,7 +711,9 @@ impl ChatFamily {
     /// Stop sequences that end a turn in the family.
     pub fn stop(self) -> &'static [&'static str] {
         match self {
-            ChatFamily::Qwen3 | ChatFamily::ChatMl => &["<|im_start|>", "<|im_end|>"],
+            ChatFamily::Qwen3 | ChatFamily::Qwen3Thinking | ChatFamily::ChatMl => {
+                &["<|im_start|>", "<|im_end|>"]
+            }
             ChatFamily::Llama3 => &["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
             ChatFamily::Gemma => &["<end_of_turn>"],
             ChatFamily::Phi3 => &["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"],
@@ -690,7 +724,7 @@ impl ChatFamily {
     /// The family's control token, as a vocabulary or a template holds it.
     fn marker(self) -> &'static str {
         match self {
-            ChatFamily::Qwen3 | ChatFamily::ChatMl => "<|im_start|>",
+            ChatFamily::Qwen3 | ChatFamily::Qwen3Thinking | ChatFamily::ChatMl => "<|im_start|>",
             ChatFamily::Llama3 => "<|start_header_id|>",
             ChatFamily::Gemma => "<start_of_turn>",
             ChatFamily::Phi3 => "<|assistant|>",
@@ -703,8 +737,14 @@ impl ChatFamily {
     /// Phi-3 template would give it one).
     fn in_template(self, source: &str) -> bool {
         match self {
-            // Reasoning blocks in a ChatML template: Qwen3 (also QwQ's).
+            // Reasoning blocks in a ChatML template: Qwen3 (also QwQ's); a generation prompt
+            // that opens the block (as a Jinja string literal, or written out).
             ChatFamily::Qwen3 => source.contains("<|im_start|>") && source.contains("</think>"),
+            ChatFamily::Qwen3Thinking => {
+                ChatFamily::Qwen3.in_template(source)
+                    && (source.contains("<|im_start|>assistant\\n<think>\\n'")
+                        || source.contains("<|im_start|>assistant\n<think>\n'"))
+            }
             ChatFamily::Phi3 => {
                 source.contains("<|end|>")
                     && (source.contains("<|assistant|>\n") || source.contains("<|assistant|>\\n"))
@@ -970,6 +1010,10 @@ mod tests {
             std::fs::read_to_string(path).unwrap()
         };
         assert_eq!(family(&fixture("qwen3.jinja")), Some(ChatFamily::Qwen3));
+        assert_eq!(
+            family(&fixture("qwen3-thinking.jinja")),
+            Some(ChatFamily::Qwen3Thinking)
+        );
         assert_eq!(family(&fixture("qwen2.5.jinja")), Some(ChatFamily::ChatMl));
         assert_eq!(family(&fixture("llama3.1.jinja")), Some(ChatFamily::Llama3));
         assert_eq!(family(&fixture("gemma2.jinja")), Some(ChatFamily::Gemma));
