@@ -43,7 +43,7 @@ fn tiny_chat_job_learns_to_answer_held_out_conversations() {
             m[m.len() - 4]["content"].as_str().unwrap(),
             m[m.len() - 3]["content"].as_str().unwrap(),
         );
-        let got = g.chat(ask, 12).unwrap();
+        let got = g.chat(ask, 12).unwrap().answer;
         eprintln!("{ask:?} -> {got:?} (want {want:?})");
         right += (got == want) as usize;
     }

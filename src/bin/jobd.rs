@@ -102,10 +102,11 @@ enum Command {
         #[arg(long)]
         prompt: Option<String>,
         /// A user message: rendered with the model's chat template (its
-        /// tokenizer_config.json's), the reply ends with the assistant's turn.
+        /// tokenizer_config.json's), the reply ends with the assistant's turn. A `<think>`
+        /// block's reasoning goes to stderr ("thinking: ..."), the answer to stdout.
         #[arg(long, value_name = "MESSAGE")]
         chat: Option<String>,
-        /// Tokens to generate.
+        /// Tokens to generate (reasoning included).
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
     },
@@ -195,7 +196,21 @@ fn main() -> ExitCode {
             // Warnings only (a checkpoint's tensors the model leaves out): stdout is the text.
             init_logging_from("warn");
             let text = match chat {
-                Some(message) => jobd::train::generate::chat(&model, &message, max_tokens),
+                // The answer on stdout; reasoning, if the reply has any, on stderr.
+                Some(message) => {
+                    jobd::train::generate::chat(&model, &message, max_tokens).map(|reply| {
+                        if let Some(thinking) = reply.thinking.filter(|t| !t.is_empty()) {
+                            eprintln!("thinking: {thinking}");
+                        }
+                        if reply.unfinished_thinking {
+                            eprintln!(
+                                "jobd: the reply stopped inside its reasoning: --max-tokens \
+                                 ({max_tokens}) counts the reasoning too"
+                            );
+                        }
+                        reply.answer
+                    })
+                }
                 // clap requires one of --prompt and --chat.
                 None => jobd::train::generate(&model, &prompt.unwrap_or_default(), max_tokens),
             };

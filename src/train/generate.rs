@@ -60,8 +60,9 @@ impl Generator {
     /// Greedy reply to one user `message`, rendered with the model's chat template and its
     /// generation prompt (as `apply_chat_template(..., add_generation_prompt=True)`); stops at
     /// an eos id or the end of the assistant's turn (`<|im_end|>`, `<|eot_id|>`, ...), as a
-    /// token or as text.
-    pub fn chat(&self, message: &str, max_tokens: usize) -> Result<String, TrainError> {
+    /// token or as text. A `<think>` block the reply opens (or the prompt opened) is its
+    /// reasoning, apart from the answer, as Ollama parses it; `max_tokens` counts both.
+    pub fn chat(&self, message: &str, max_tokens: usize) -> Result<ChatReply, TrainError> {
         let source = self.chat_template.as_deref().ok_or_else(|| {
             TrainError::option(
                 "chat_template",
@@ -88,14 +89,14 @@ impl Generator {
         );
         let out = self.greedy(&ids, max_tokens, &stop)?;
         // The template's own end of turn too (`### END`), which no list of markers holds.
-        let text = self.decode(&out)?;
-        let mut reply = until_end_of_turn(&text);
+        let decoded = self.decode(&out)?;
+        let mut reply = until_end_of_turn(&decoded);
         if let Some(end) = crate::chat::turn_end(&template)
             && let Some(at) = reply.find(&end)
         {
             reply = &reply[..at];
         }
-        Ok(reply.trim_end().to_string())
+        Ok(ChatReply::split(&text, reply.trim_end()))
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, TrainError> {
@@ -182,6 +183,47 @@ impl Generator {
 
 /// `text` up to the first end-of-turn marker: a tokenizer without the marker as one token
 /// spells it out, so the stop ids never see it.
+/// A chat reply: the answer, and the reasoning of a `<think>` block before it, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatReply {
+    /// The reasoning (`None` without a think block; empty for Qwen3's empty one).
+    pub thinking: Option<String>,
+    /// What follows the reasoning; empty when the reply stopped inside it.
+    pub answer: String,
+    /// The reply stopped inside its think block (`max_tokens` ran out there).
+    pub unfinished_thinking: bool,
+}
+
+impl ChatReply {
+    /// Splits `reply` after `prompt`: a think block the prompt opens (Qwen3's Thinking
+    /// models, QwQ) or the reply opens (Qwen3's own, often the empty
+    /// `<think>\n\n</think>\n\n` its template trains) is reasoning up to `</think>`.
+    pub fn split(prompt: &str, reply: &str) -> Self {
+        const OPEN: &str = "<think>";
+        const CLOSE: &str = "</think>";
+        let body = if prompt.trim_end().ends_with(OPEN) {
+            reply
+        } else if let Some(rest) = reply.trim_start().strip_prefix(OPEN) {
+            rest
+        } else {
+            return ChatReply {
+                thinking: None,
+                answer: reply.to_string(),
+                unfinished_thinking: false,
+            };
+        };
+        let (thinking, answer, unfinished) = match body.find(CLOSE) {
+            Some(at) => (&body[..at], &body[at + CLOSE.len()..], false),
+            None => (body, "", true),
+        };
+        ChatReply {
+            thinking: Some(thinking.trim().to_string()),
+            answer: answer.trim_start().to_string(),
+            unfinished_thinking: unfinished,
+        }
+    }
+}
+
 fn until_end_of_turn(text: &str) -> &str {
     let end = END_OF_TURN_TOKENS
         .iter()
@@ -197,7 +239,7 @@ pub fn generate(model_dir: &Path, prompt: &str, max_tokens: usize) -> Result<Str
 }
 
 /// Loads the model in `model_dir` and greedily replies to the user message `message`.
-pub fn chat(model_dir: &Path, message: &str, max_tokens: usize) -> Result<String, TrainError> {
+pub fn chat(model_dir: &Path, message: &str, max_tokens: usize) -> Result<ChatReply, TrainError> {
     Generator::load(model_dir)?.chat(message, max_tokens)
 }
 
@@ -206,6 +248,43 @@ mod tests {
     use super::*;
     use crate::train::model::init_weights;
     use crate::train::rng::Rng;
+
+    #[test]
+    fn a_think_block_is_split_from_the_answer() {
+        let split = |prompt: &str, reply: &str| {
+            let r = ChatReply::split(prompt, reply);
+            (r.thinking, r.answer, r.unfinished_thinking)
+        };
+        let asked = "<|im_start|>assistant\n";
+        // Qwen3's empty block (what its template trains non-reasoning replies with).
+        assert_eq!(
+            split(asked, "<think>\n\n</think>\n\nb c d e"),
+            (Some(String::new()), "b c d e".into(), false)
+        );
+        assert_eq!(
+            split(asked, "<think>\nShift by one.\n</think>\n\nb c d e"),
+            (Some("Shift by one.".into()), "b c d e".into(), false)
+        );
+        // The prompt opened it (Thinking-2507, QwQ): the reply starts inside.
+        assert_eq!(
+            split(
+                "<|im_start|>assistant\n<think>\n",
+                "\nShift.\n</think>\n\nb c"
+            ),
+            (Some("Shift.".into()), "b c".into(), false)
+        );
+        // Stopped inside the reasoning: no answer yet, and said so.
+        assert_eq!(
+            split(asked, "<think>\nShift by"),
+            (Some("Shift by".into()), String::new(), true)
+        );
+        // No block: the reply is the answer, a `<think>` later in it included.
+        assert_eq!(split(asked, "b c d e"), (None, "b c d e".into(), false));
+        assert_eq!(
+            split(asked, "say <think> </think>"),
+            (None, "say <think> </think>".into(), false)
+        );
+    }
 
     /// A random 2-layer model (weights of std 0.5, so logits are far apart and argmaxes are
     /// not decided by rounding) with a byte-level tokenizer; eos is id 0.
