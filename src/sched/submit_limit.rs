@@ -78,7 +78,15 @@ impl std::fmt::Display for LimitReached {
             limit,
         } = self;
         let jobs = |n: u32| if n == 1 { "job" } else { "jobs" };
-        if *unfinished < limit.max {
+        if *adding > limit.max {
+            // No wait or cancel makes room for it: only a smaller request can pass.
+            write!(
+                f,
+                "a sweep of {adding} jobs is more than {} allows {user} at once ({}): split it \
+                 into sweeps of at most {} jobs",
+                limit.source, limit.max, limit.max
+            )
+        } else if *unfinished < limit.max {
             // Only a request of several jobs can fail while there is still room for one.
             write!(
                 f,
@@ -288,6 +296,12 @@ mod tests {
              for some to finish or cancel some"
         );
         assert_eq!(s.jobs.len(), 2, "none of the sweep's jobs was queued");
+        // A sweep larger than the limit could never pass: it is told to split, not to wait.
+        assert_eq!(
+            message(sweep(&mut s, "alice", 6)),
+            "a sweep of 6 jobs is more than [scheduler.limits.default] max_submitted allows \
+             alice at once (5): split it into sweeps of at most 5 jobs"
+        );
         assert_eq!(sweep(&mut s, "alice", 3).unwrap().len(), 3);
         assert_eq!(s.unfinished.of("alice"), 5);
         message(submit(&mut s, "alice"));

@@ -32,10 +32,21 @@ export class SchedulesView {
 
   row(s) {
     const cronText = s.spec.schedule || '';
-    const last = s.last_job
-      ? el('span', {}, el('a', { href: `#/job/${s.last_job}` }, `job ${s.last_job}`), ' ',
-        s.last_state ? stateBadge(s.last_state) : '', ' ', el('span', { class: 'muted' }, time(s.last_fire)))
-      : el('span', { class: 'muted' }, s.last_fire ? `skipped ${time(s.last_fire)}` : 'not yet');
+    // last_fire is the last firing's time, which queued last_job unless it was skipped
+    // (last_skip says why): then it is the skip's time, shown as such, with its reason.
+    const job = s.last_job
+      ? [el('a', { href: `#/job/${s.last_job}` }, `job ${s.last_job}`), ' ',
+        s.last_state ? stateBadge(s.last_state) : '']
+      : [];
+    let last;
+    if (s.last_skip) {
+      last = el('span', {}, ...job, job.length ? el('br') : '',
+        el('span', { class: 'muted sched-skip' }, `skipped ${time(s.last_fire)}: ${s.last_skip}`));
+    } else if (s.last_job) {
+      last = el('span', {}, ...job, ' ', el('span', { class: 'muted' }, time(s.last_fire)));
+    } else {
+      last = el('span', { class: 'muted' }, s.last_fire ? `skipped ${time(s.last_fire)}` : 'not yet');
+    }
     const next = s.paused ? el('span', { class: 'state state-interrupted' }, 'paused') : time(s.next_fire);
     const actions = el('td', { class: 'actions' });
     if (this.ctx.user) {
