@@ -173,13 +173,47 @@ async fn health(State(st): State<AppState>) -> Json<Health> {
     })
 }
 
-async fn whoami(axum::Extension(caller): axum::Extension<Caller>) -> Json<Whoami> {
+async fn whoami(
+    State(st): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Json<Whoami> {
+    let limits = caller.user.as_deref().map(|user| limits_of(&st, user));
     Json(Whoami {
         user: caller.user.clone(),
         uid: caller.uid,
         admin: caller.admin,
         can_submit: caller.can_submit,
+        limits,
     })
+}
+
+/// `user`'s limits and their jobs counted against them, from the current view (one pass over
+/// it: `whoami` is asked rarely).
+fn limits_of(st: &AppState, user: &str) -> crate::spec::api::LimitsView {
+    use crate::config::LimitSource;
+    let policy = st.sched.policy();
+    let l = policy.limits_for(user);
+    let submit = policy.submit_limit(user);
+    let view = st.sched.view();
+    let mine = view.jobs.values().filter(|j| j.owner.user == user);
+    let (mut unfinished, mut running) = (0u32, 0u32);
+    for j in mine {
+        unfinished += u32::from(!j.state.is_terminal());
+        running += u32::from(matches!(j.state, JobState::Starting | JobState::Running));
+    }
+    crate::spec::api::LimitsView {
+        max_running: l.max_running,
+        max_gpus: l.max_gpus,
+        max_vram: l.max_vram.map(|b| b.0),
+        max_submitted: submit.max,
+        max_submitted_set_in: match submit.source {
+            LimitSource::User(u) => format!("[scheduler.limits.{u}]"),
+            LimitSource::Default => "[scheduler.limits.default]".into(),
+            LimitSource::BuiltIn => "built-in".into(),
+        },
+        unfinished,
+        running,
+    }
 }
 
 /// How [`serve`] protects a listener from clients that hold connections without using them.

@@ -461,6 +461,33 @@ pub async fn whoami(client: &Client, out: &Output) -> anyhow::Result<bool> {
                 ", may not submit"
             }
         );
+        if let Some(l) = &w.limits {
+            let set_in = if l.max_submitted_set_in == "built-in" {
+                "jobd's built-in default".to_string()
+            } else {
+                format!("max_submitted in {}", l.max_submitted_set_in)
+            };
+            outln!(
+                "unfinished jobs: {} of at most {} ({set_in})",
+                l.unfinished,
+                l.max_submitted
+            );
+            let mut caps = Vec::new();
+            if let Some(n) = l.max_running {
+                caps.push(format!("{n} job{}", if n == 1 { "" } else { "s" }));
+            }
+            if let Some(n) = l.max_gpus {
+                caps.push(format!("{n} GPU{}", if n == 1 { "" } else { "s" }));
+            }
+            if let Some(b) = l.max_vram {
+                caps.push(format!("{} of VRAM", super::bytes(b)));
+            }
+            if caps.is_empty() {
+                outln!("running: {} (no limit on jobs, GPUs or VRAM)", l.running);
+            } else {
+                outln!("running: {} (at most {})", l.running, caps.join(", "));
+            }
+        }
     }
     Ok(true)
 }

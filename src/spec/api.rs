@@ -561,6 +561,30 @@ pub struct Whoami {
     pub uid: Option<u32>,
     pub admin: bool,
     pub can_submit: bool,
+    /// The caller's limits and where they stand (none for an anonymous caller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsView>,
+}
+
+/// A user's `[scheduler.limits]` and their use of them, so they need not be refused to learn
+/// them (Slurm users read theirs with `sacctmgr show assoc`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsView {
+    /// Most jobs running at once (none: no limit).
+    pub max_running: Option<u32>,
+    /// Most GPUs held at once.
+    pub max_gpus: Option<u32>,
+    /// Most VRAM reserved at once, in bytes.
+    pub max_vram: Option<u64>,
+    /// Most unfinished jobs at once.
+    pub max_submitted: u32,
+    /// Where `max_submitted` is set: `[scheduler.limits.USER]`, `[scheduler.limits.default]`
+    /// or `built-in`.
+    pub max_submitted_set_in: String,
+    /// The user's unfinished jobs now (every state but succeeded, failed and cancelled).
+    pub unfinished: u32,
+    /// The user's jobs starting or running now.
+    pub running: u32,
 }
 
 /// Error body of every 4xx/5xx answer: `{"error": {"code": .., "message": ..}}`.

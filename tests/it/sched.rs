@@ -278,6 +278,18 @@ fn submits_past_max_submitted_are_refused_until_one_is_cancelled() {
         "{err}"
     );
     assert_eq!(d.all_jobs().len(), 2, "the refused submit queued nothing");
+    // `whoami` tells a user their limits and where they stand, before a refusal does.
+    let who = stdout(&d.jobctl(&["whoami"]));
+    assert!(
+        who.contains(
+            "unfinished jobs: 2 of at most 2 (max_submitted in [scheduler.limits.default])"
+        ) && who.contains("running: 1 (no limit on jobs, GPUs or VRAM)"),
+        "{who}"
+    );
+    let who: serde_json::Value =
+        serde_json::from_str(&stdout(&d.jobctl(&["whoami", "--json"]))).unwrap();
+    assert_eq!(who["limits"]["unfinished"], 2, "{who}");
+    assert_eq!(who["limits"]["max_submitted"], 2, "{who}");
     // A schedule's run is refused the same way, and `jobctl schedules` says why it queued
     // nothing.
     let yearly = d.write(
