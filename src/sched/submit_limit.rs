@@ -348,19 +348,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = scheduler(dir.path(), SchedulerConfig::default()).await;
         let n = DEFAULT_MAX_SUBMITTED as usize;
-        let members = (0..n)
-            .map(|i| {
-                (
-                    submission(false),
-                    vec![SweepValue {
-                        key: "command.argv".into(),
-                        value: i.to_string(),
-                    }],
-                )
-            })
-            .collect();
-        s.submit_sweep(&caller("alice"), owner("alice"), members)
-            .unwrap();
+        sweep(&mut s, "alice", n).unwrap();
         let err = s.check_submit_limit("alice", 1).unwrap_err();
         match &err {
             SchedError::TooManyJobs(r) => assert_eq!(r.limit.source, LimitSource::BuiltIn),
