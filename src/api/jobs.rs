@@ -994,21 +994,7 @@ pub async fn models(
                 e.to_string(),
             )
         })?;
-    let models = entries
-        .into_iter()
-        .map(|e| crate::spec::api::ModelView {
-            name: e.name,
-            id: e.id,
-            size: e.size,
-            modified: e
-                .modified
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0),
-            parameter_size: e.parameter_size,
-            quantization: e.quantization,
-        })
-        .collect();
+    let models = entries.into_iter().map(Into::into).collect();
     Ok(Json(crate::spec::api::ModelsResponse {
         models_dir: Some(dir),
         models,

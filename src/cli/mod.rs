@@ -122,7 +122,12 @@ pub enum Command {
     /// Write a train job's model as a GGUF file (for llama.cpp, LM Studio, ...).
     Export(models::ExportArgs),
     /// List the models in the daemon's Ollama store, as `ollama list` would.
-    Models,
+    Models {
+        /// List this Ollama models directory instead (one a job's `[publish] models_dir` or
+        /// `jobctl publish --models-dir` named), read by jobctl itself.
+        #[arg(long, value_name = "DIR")]
+        models_dir: Option<std::path::PathBuf>,
+    },
     /// List recurring schedules with their next run.
     Schedules,
     /// Pause, resume, delete or run a schedule now.
@@ -261,7 +266,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<bool> {
         Command::Estimate(args) => estimate::estimate(&client, &args, &out).await,
         Command::Publish(args) => models::publish(&client, &args, &out).await,
         Command::Export(args) => models::export(&client, &args, &out).await,
-        Command::Models => models::models(&client, &out).await,
+        Command::Models { models_dir } => models::models(&client, models_dir, &out).await,
         Command::Schedules => schedules::list(&client, &out).await,
         Command::Schedule(args) => schedules::action(&client, &args, &out).await,
         Command::Sweep(args) => sweep::show(&client, &args, &out).await,

@@ -134,8 +134,30 @@ pub async fn export(client: &Client, args: &ExportArgs, out: &Output) -> anyhow:
     Ok(true)
 }
 
-pub async fn models(client: &Client, out: &Output) -> anyhow::Result<bool> {
-    let m: ModelsResponse = client.get("/models").await?;
+pub async fn models(
+    client: &Client,
+    models_dir: Option<PathBuf>,
+    out: &Output,
+) -> anyhow::Result<bool> {
+    let m: ModelsResponse = match models_dir {
+        // The user's own directory, read with the user's rights (the daemon may not see it).
+        Some(dir) => {
+            // A store that is not there is a mistake here, not an empty store.
+            match std::fs::metadata(&dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => anyhow::bail!("--models-dir {}: is not a directory", dir.display()),
+                Err(e) => anyhow::bail!("--models-dir {}: {e}", dir.display()),
+            }
+            let d = dir.clone();
+            let entries =
+                tokio::task::spawn_blocking(move || crate::publish::list_models(&d)).await??;
+            ModelsResponse {
+                models_dir: Some(dir),
+                models: entries.into_iter().map(Into::into).collect(),
+            }
+        }
+        None => client.get("/models").await?,
+    };
     if out.json {
         out.print_json(&m)?;
         return Ok(true);

@@ -675,6 +675,24 @@ pub struct ModelEntry {
     pub quantization: Option<String>,
 }
 
+/// A listed model as the API and `jobctl models` show it.
+impl From<ModelEntry> for crate::spec::api::ModelView {
+    fn from(e: ModelEntry) -> Self {
+        crate::spec::api::ModelView {
+            name: e.name,
+            id: e.id,
+            size: e.size,
+            modified: e
+                .modified
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            parameter_size: e.parameter_size,
+            quantization: e.quantization,
+        }
+    }
+}
+
 /// The models in a store, newest first, as `ollama list` shows them. Unreadable manifests are
 /// skipped with a warning, as Ollama does.
 pub fn list_models(root: &Path) -> Result<Vec<ModelEntry>, PublishError> {

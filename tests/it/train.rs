@@ -693,6 +693,35 @@ fn a_failed_publish_can_be_done_again_by_hand() {
         );
     }
     assert!(d.jobctl(&["wait", &id.to_string()]).status.success());
+    // A models directory of the user's own: `publish --models-dir` writes there and
+    // `models --models-dir` lists it; the daemon's listing is of its own directory.
+    let own = tmp.path().join("own-models");
+    std::fs::create_dir(&own).unwrap();
+    let own_dir = own.to_str().unwrap();
+    let out = d.jobctl(&[
+        "publish",
+        &job,
+        "--models-dir",
+        own_dir,
+        "--name",
+        "jobd/own:v1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = d.jobctl(&["models", "--models-dir", own_dir]);
+    assert!(
+        stdout(&listed).contains("jobd/own:v1") && stderr(&listed).contains(own_dir),
+        "{}{}",
+        stdout(&listed),
+        stderr(&listed)
+    );
+    assert!(!stdout(&d.jobctl(&["models"])).contains("jobd/own:v1"));
+    let missing = d.jobctl(&["models", "--models-dir", "/no/such/models"]);
+    assert!(
+        missing.status.code() == Some(1)
+            && stderr(&missing).contains("--models-dir /no/such/models: No such file"),
+        "{}",
+        stderr(&missing)
+    );
     // A job that never finished training has nothing to publish.
     let never = d.write("never.toml", &command_job("exit 3", ""));
     let cmd = d.submit(&never);
