@@ -81,6 +81,30 @@ pub struct SchedSettings {
     pub stop_asked: tokio_util::sync::CancellationToken,
 }
 
+#[cfg(test)]
+impl SchedSettings {
+    /// Settings for unit tests: jobs and store under `dir`, one CPU slot, `/usr/bin/jobd` as
+    /// the worker, nothing run as another user.
+    pub(crate) fn for_tests(dir: &std::path::Path, policy: SchedulerConfig) -> Self {
+        SchedSettings {
+            jobs_dir: dir.join("jobs"),
+            store_dir: dir.join("store"),
+            grace: Duration::from_secs(1),
+            max_cpu_jobs: 1,
+            policy,
+            worker_exe: "/usr/bin/jobd".into(),
+            worker_exe_link: None,
+            worker_library_path: None,
+            run_as_owner: false,
+            ollama_models: None,
+            schedule_tz: Default::default(),
+            admins: Default::default(),
+            restarted_in_place: false,
+            stop_asked: Default::default(),
+        }
+    }
+}
+
 /// Errors answered to callers.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedError {

@@ -149,22 +149,7 @@ mod tests {
     /// the calls below put them.
     async fn scheduler(dir: &std::path::Path, policy: SchedulerConfig) -> Scheduler {
         let store = Store::open(&dir.join("store")).unwrap();
-        let settings = SchedSettings {
-            jobs_dir: dir.join("jobs"),
-            store_dir: dir.join("store"),
-            grace: std::time::Duration::from_secs(1),
-            max_cpu_jobs: 1,
-            policy,
-            worker_exe: "/usr/bin/jobd".into(),
-            worker_exe_link: None,
-            worker_library_path: None,
-            run_as_owner: false,
-            ollama_models: None,
-            schedule_tz: Default::default(),
-            admins: Default::default(),
-            restarted_in_place: false,
-            stop_asked: Default::default(),
-        };
+        let settings = SchedSettings::for_tests(dir, policy);
         let (s, _handle) = Scheduler::start(store, Inventory::open(&GpuSource::None), settings)
             .await
             .unwrap();

@@ -243,19 +243,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let settings = SchedSettings {
             jobs_dir: tmp.path().to_path_buf(),
-            store_dir: tmp.path().join("store"),
-            grace: std::time::Duration::from_secs(5),
-            max_cpu_jobs: 1,
-            policy: Default::default(),
-            worker_exe: "/usr/bin/jobd".into(),
-            worker_exe_link: None,
             worker_library_path: Some("/opt/cuda/lib64".into()),
-            run_as_owner: false,
-            ollama_models: None,
-            schedule_tz: Default::default(),
-            admins: Default::default(),
-            restarted_in_place: false,
-            stop_asked: Default::default(),
+            ..SchedSettings::for_tests(tmp.path(), Default::default())
         };
         let train = record(include_str!("../../jobs/tiny.toml"));
         let req = prepare(&train, &settings, false).unwrap();
